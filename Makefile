@@ -1,0 +1,47 @@
+# The README's two commands: `make demo` and `make test`. Everything installs into .venv.
+PYTHON ?= python3
+VENV ?= .venv
+# CPU wheels by default (local here); a GPU user passes TORCH= (keep their CUDA torch) or a spec.
+TORCH ?= torch==2.13.0
+TRITON ?= triton==3.8.0
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+STAMP := $(VENV)/.antdiff-installed
+
+.PHONY: all venv build demo test test-gpu bench bench-quick lint clean
+
+all: build
+
+$(STAMP): pyproject.toml setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	@if [ -n "$(TORCH)" ]; then $(PY) -m pip install -q "$(TORCH)"; fi
+	@if [ -n "$(TRITON)" ]; then $(PY) -m pip install -q "$(TRITON)"; fi
+	$(PY) -m pip install -q pybind11 cmake ninja
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+build: $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+demo: build
+	$(BIN)/antdiff cluster --schedule linear --T 1000 --k 5 --objective snr \
+		--json demo_out/clusters.json --plot demo_out/clusters.png
+
+test: build
+	ANT_REQUIRE_CPP=1 TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+	ANT_REQUIRE_CPP=1 $(PY) -m pytest -q benchmarks --quick --benchmark-disable
+
+test-gpu: build
+	ANT_REQUIRE_CPP=1 $(PY) -m pytest -q tests -m "gpu or not interpret"
+
+bench: build
+	$(PY) -m pytest benchmarks -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check python ant_kernels tests benchmarks setup.py
+
+clean:
+	rm -rf build python/antdiff/_C*.so demo_out .pytest_cache

@@ -1,0 +1,42 @@
+"""The ``antdiff`` command line: one sub-command per module in this package."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# sub-command -> module (each module defines add_arguments(parser) and run(args) -> int)
+COMMANDS = {
+    "cluster": ("antdiff.cli.cluster", "cluster the T timesteps into k intervals (exact DP)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="antdiff",
+        description="ANT for diffusion training: clustering, training, evaluation, analyses.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(module.run(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"antdiff {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

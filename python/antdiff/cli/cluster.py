@@ -1,0 +1,116 @@
+"""``antdiff cluster``: exact interval clustering of the timesteps, printed, saved, plotted."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..clustering import cluster_timesteps, plot_clusters
+from ..schedules import Schedule, make_schedule
+from ..utils import atomic_write_text
+
+
+def _limit(s: str) -> int | str | None:
+    if s in ("none", "None"):
+        return None
+    if s == "default":
+        return s
+    try:
+        return int(s)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer, 'default' or 'none', got {s!r}"
+        ) from exc
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--schedule", default="linear", help="linear | cosine | PATH.npy (alphas_cumprod)"
+    )
+    p.add_argument("--T", type=int, default=1000, help="number of timesteps (named schedules)")
+    p.add_argument("--k", type=int, default=5, help="number of clusters")
+    p.add_argument("--objective", default="snr", choices=["timestep", "snr", "gradient"])
+    p.add_argument("--snr", default="log", choices=["log", "raw"], help="SNR scale for 'snr'")
+    p.add_argument(
+        "--min-size",
+        type=_limit,
+        default="default",
+        help="smallest cluster (timesteps); 'default' = T/(2k), 'none' = no limit",
+    )
+    p.add_argument(
+        "--max-size",
+        type=_limit,
+        default="default",
+        help="largest cluster (timesteps); 'default' = 2T/k, 'none' = no limit",
+    )
+    p.add_argument(
+        "--affinity",
+        type=Path,
+        default=None,
+        help="task-affinity .npy ([T,T], or [nb,nb] with a sibling *_edges.npy or an "
+        ".npz holding 'affinity' and 'bin_edges') for --objective gradient",
+    )
+    p.add_argument("--backend", default="auto", choices=["auto", "cpp", "numpy"])
+    p.add_argument("--json", type=Path, default=None, help="write the clusters as JSON here")
+    p.add_argument("--plot", type=Path, default=None, help="write a PNG of log-SNR with the bounds")
+
+
+def load_schedule(name: str, T: int) -> Schedule:  # noqa: N803
+    path = Path(name)
+    if path.suffix == ".npy":
+        if not path.is_file():
+            raise FileNotFoundError(f"schedule file {path} does not exist")
+        return Schedule(np.load(path), name=path.stem)
+    return make_schedule(name, T)
+
+
+def load_affinity(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """Affinity matrix and optional bin edges from .npz or .npy (+ '<stem>_edges.npy')."""
+    if not path.is_file():
+        raise FileNotFoundError(f"affinity file {path} does not exist (make one: antdiff affinity)")
+    if path.suffix == ".npz":
+        with np.load(path) as z:
+            if "affinity" not in z:
+                raise ValueError(f"{path} has no 'affinity' array (keys: {sorted(z.files)})")
+            return z["affinity"], (z["bin_edges"] if "bin_edges" in z else None)
+    edges_path = path.with_name(path.stem + "_edges.npy")
+    return np.load(path), (np.load(edges_path) if edges_path.is_file() else None)
+
+
+def run(args: argparse.Namespace) -> int:
+    sched = load_schedule(args.schedule, args.T)
+    affinity = edges = None
+    if args.objective == "gradient":
+        if args.affinity is None:
+            raise ValueError("--objective gradient needs --affinity FILE (from `antdiff affinity`)")
+        affinity, edges = load_affinity(args.affinity)
+    clusters = cluster_timesteps(
+        sched,
+        args.k,
+        args.objective,
+        snr=args.snr,
+        affinity=affinity,
+        bin_edges=edges,
+        min_size=args.min_size,
+        max_size=args.max_size,
+        backend=args.backend,
+    )
+    print(clusters)
+    for i, (l, r) in enumerate(clusters.intervals):
+        ls = sched.log_snr
+        print(
+            f"  I{i + 1}: t in [{l}, {r})  size {r - l:5d}  "
+            f"log-SNR {ls[l]:+.2f} .. {ls[r - 1]:+.2f}"
+        )
+    if args.json is not None:
+        atomic_write_text(args.json, clusters.to_json())
+        print(f"wrote {args.json}")
+    if args.plot is not None:
+        plot_clusters(clusters, sched, args.plot)
+        print(f"wrote {args.plot}")
+    if args.json is None and args.plot is None:
+        print(json.dumps({"bounds": list(clusters.bounds), "cost": clusters.cost}))
+    return 0

@@ -1,0 +1,40 @@
+"""Cutting a batch (tensor, tuple/list or dict of tensors) along its leading dimension."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def batch_size(batch: Any) -> int | None:
+    """Leading size of the first tensor in ``batch`` (None if it holds no tensor)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() > 0 else None
+    items = batch.values() if isinstance(batch, dict) else batch
+    if isinstance(batch, (dict, list, tuple)):
+        for v in items:
+            n = batch_size(v)
+            if n is not None:
+                return n
+    return None
+
+
+def map_batch(batch: Any, fn) -> Any:
+    """Apply ``fn`` to every tensor with a leading batch dimension; keep everything else."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch) if batch.dim() > 0 else batch
+    if isinstance(batch, dict):
+        return {k: map_batch(v, fn) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        out = [map_batch(v, fn) for v in batch]
+        return type(batch)(out) if isinstance(batch, list) else tuple(out)
+    return batch
+
+
+def slice_batch(batch: Any, start: int, stop: int) -> Any:
+    return map_batch(batch, lambda x: x[start:stop])
+
+
+def take_batch(batch: Any, index: torch.Tensor) -> Any:
+    return map_batch(batch, lambda x: x.index_select(0, index.to(x.device)))

@@ -1,0 +1,58 @@
+"""One flat [k, P] buffer that autograd writes the per-cluster gradients into, in place.
+
+Every trainable parameter's ``.grad`` is pointed at a view of row i of ``J`` before cluster i's
+backward pass; autograd then accumulates straight into that row (no copies, no concatenation).
+After the weights are known, ``w @ J`` is written into row 0 and the ``.grad`` tensors are left
+pointing at row 0, which the optimiser reads as usual.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+class GradBuffer:
+    """J: [k, P] over the trainable parameters of a model, with per-row ``.grad`` views."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], k: int) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters (requires_grad=True)")
+        dtypes = {p.dtype for p in self.params}
+        devices = {p.device for p in self.params}
+        if len(dtypes) != 1 or len(devices) != 1:
+            raise ValueError(
+                "all trainable parameters must share one dtype and device for the per-cluster "
+                f"gradient buffer; got dtypes {sorted(map(str, dtypes))}, devices "
+                f"{sorted(map(str, devices))}. Keep master weights in fp32 and use autocast."
+            )
+        self.k = k
+        self.numels = [p.numel() for p in self.params]
+        self.P = sum(self.numels)
+        self.J = torch.zeros(k, self.P, dtype=dtypes.pop(), device=devices.pop())
+        self._views = [self._row_views(i) for i in range(k)]
+
+    def _row_views(self, i: int) -> list[torch.Tensor]:
+        out, o = [], 0
+        for p, n in zip(self.params, self.numels):
+            out.append(self.J[i, o : o + n].view_as(p))
+            o += n
+        return out
+
+    def point_grads_at(self, i: int, zero: bool = True) -> None:
+        """Make every ``p.grad`` a view of row i (zeroed first unless ``zero`` is False)."""
+        if zero:
+            self.J[i].zero_()
+        for p, v in zip(self.params, self._views[i]):
+            p.grad = v
+
+    def matches(self, params: Iterable[torch.nn.Parameter]) -> bool:
+        ps = [p for p in params if p.requires_grad]
+        return len(ps) == len(self.params) and all(a is b for a, b in zip(ps, self.params))
+
+    def detach_grads(self) -> None:
+        """Give every parameter its own gradient tensor again (a copy of the current row 0)."""
+        for p, v in zip(self.params, self._views[0]):
+            p.grad = v.clone()

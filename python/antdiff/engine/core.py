@@ -1,0 +1,538 @@
+"""The ANT engine: cluster-aware timestep sampling, loss reduction and per-cluster gradients.
+
+Two entry points cover every method (METHOD.md sections 3-4):
+
+- ``loss = ant.reduce(per_sample_loss, t)``; ``loss.backward()``: loss-space methods (UW, RLW,
+  DWA, FAMO, LS) and vanilla, at the cost of a vanilla step.
+- ``ant.backward(loss_fn, batch, t)``: gradient methods (PCGrad, Nash-MTL, IMTL-G, MGDA, CAGrad,
+  GradDrop, and compositions such as UW + PCGrad). The batch arrives sorted by cluster, so one
+  forward + backward per cluster sub-batch writes the exact per-cluster gradients J [k, P] into
+  one flat buffer (about vanilla FLOPs, 1/k of the activations). Then G = J J^T, a k x k solve
+  for the weights, and w @ J straight into the parameters' ``.grad``.
+
+Loss-space transforms T_i(L) act elementwise on the cluster losses, so with c_i = dT_i/dL_i the
+rows of the transformed J are c_i J_i: the engine never rescales J, it uses G * c c^T and w * c.
+
+Cluster losses are ``local_sum_i / N_i`` with N_i the global count of cluster i, which makes the
+multi-process result equal to the single-process one on the global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import mtl
+from ..clustering import Clusters, cluster_timesteps
+from ..schedules import as_schedule
+from .batch import batch_size, slice_batch, take_batch
+from .buffer import GradBuffer
+from .distributed import Comm
+from .telemetry import Telemetry
+from .timesteps import TimestepSampler, to_device
+
+MODES = ("micro", "retain_graph")
+
+
+@dataclass
+class StepOutput:
+    """What one engine step produced (all device tensors; reading them is a host sync)."""
+
+    loss: torch.Tensor  # 0-d: the method's total loss (global)
+    cluster_losses: torch.Tensor  # [k] global cluster means (0 where absent)
+    weights: torch.Tensor  # [k] effective weights of the raw cluster gradients
+    present: torch.Tensor  # [k] bool
+    finite: torch.Tensor  # 0-d bool: losses and gradients were finite
+
+
+class ANT:
+    """ANT backend for any diffusion trainer.
+
+    Args:
+        schedule: a Schedule, "linear"/"cosine", or an alphas_cumprod array [T].
+        k: number of timestep clusters.
+        clustering: "snr", "timestep" or "gradient" (needs ``affinity``), or a Clusters object.
+        method: an MTL method name ("vanilla", "uw", "pcgrad", "nash", "uw+pcgrad", ...).
+        sampling: "proportional" (default; uniform marginal over t), "equal" or "uniform".
+        mode: "micro" (one forward/backward per cluster sub-batch) or "retain_graph" (one forward,
+            k backward passes; for models that couple samples, e.g. BatchNorm).
+        update_every: recompute gradient-method weights every N steps (Nash default: 25);
+            other steps take one backward of the weighted loss with the last weights.
+        model: the model whose parameters get the gradients (or call ``attach`` later).
+        seed: seeds the sampler's host RNG and the methods' generators. Keep it equal on all ranks.
+        distributed: "auto" (use torch.distributed when initialised), True or False.
+        method_kwargs: hyper-parameters passed to the method(s).
+    """
+
+    def __init__(
+        self,
+        schedule: Any,
+        k: int = 5,
+        clustering: str | Clusters = "snr",
+        method: str = "uw",
+        *,
+        sampling: str = "proportional",
+        mode: str = "micro",
+        update_every: int | None = None,
+        model: nn.Module | None = None,
+        seed: int = 0,
+        distributed: bool | str = "auto",
+        process_group: Any = None,
+        affinity: Any = None,
+        bin_edges: Any = None,
+        min_size: Any = "default",
+        max_size: Any = "default",
+        method_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.schedule = as_schedule(schedule)
+        if isinstance(clustering, Clusters):
+            if clustering.T != self.schedule.T:
+                raise ValueError(
+                    f"clusters cover T={clustering.T}, schedule has T={self.schedule.T}"
+                )
+            self.clusters = clustering
+        else:
+            self.clusters = cluster_timesteps(
+                self.schedule,
+                k,
+                clustering,
+                affinity=affinity,
+                bin_edges=bin_edges,
+                min_size=min_size,
+                max_size=max_size,
+            )
+        self.k = self.clusters.k
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        self.method = _make_method(method, self.k, seed, method_kwargs or {})
+        self.method_name = self.method.name
+        if update_every is not None and self.method.grad is not None:
+            self.method.grad.update_every = int(update_every)
+        self.sampler = TimestepSampler(self.clusters, sampling, seed)
+        self.comm = Comm(distributed, process_group)
+        self.telemetry = Telemetry(self.k)
+        self.step_count = 0
+        self._w: torch.Tensor | None = None  # last gradient-method weights (before c)
+        self._buffer: GradBuffer | None = None
+        self._model: nn.Module | None = None
+        self._warned_sync = False
+        self.last: StepOutput | None = None
+        if model is not None:
+            self.attach(model)
+
+    # -- setup -----------------------------------------------------------------------------------
+    @property
+    def T(self) -> int:  # noqa: N802
+        return self.clusters.T
+
+    @property
+    def needs_gradients(self) -> bool:
+        return self.method.grad is not None
+
+    def attach(self, model: nn.Module) -> ANT:
+        """Use ``model``'s trainable parameters for the per-cluster gradients."""
+        if self.mode == "micro" and self.needs_gradients:
+            bn = [
+                n
+                for n, m in model.named_modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            ]
+            if bn:
+                raise ValueError(
+                    f"the model has BatchNorm layers ({', '.join(bn[:3])}...), which couple the "
+                    "samples of a batch, so per-cluster sub-batches would not give the exact "
+                    "per-cluster gradients. Use ANT(..., mode='retain_graph') or GroupNorm."
+                )
+        self._model = model
+        self._buffer = None
+        return self
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimiser parameter groups of the method itself (UW's log-variances), or []."""
+        return self.method.loss.param_groups() if self.method.loss is not None else []
+
+    def to(self, device: Any) -> ANT:
+        if self.method.loss is not None:
+            self.method.loss.to(device)
+        return self
+
+    # -- sampling and reduction ------------------------------------------------------------------
+    def sample_timesteps(
+        self,
+        B: int,
+        device: Any = None,
+        generator: torch.Generator | None = None,  # noqa: N803
+    ) -> torch.Tensor:
+        """[B] int64 timesteps sorted by cluster (per-cluster counts known on the host)."""
+        if self.sampler.mode != "uniform" and isinstance(B, int) and B < self.k:
+            raise ValueError(
+                f"batch size {B} is smaller than k={self.k}: stratified sampling needs at least "
+                "one sample per cluster. Use a batch >= k, fewer clusters, or sampling='uniform'."
+            )
+        return self.sampler.sample(B, device, generator)[0]
+
+    def _check_t(self, t: torch.Tensor, n: int | None = None) -> None:
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype.is_floating_point:
+            raise ValueError(f"t must be a 1-D integer tensor of timesteps, got {_describe(t)}")
+        if n is not None and t.shape[0] != n:
+            raise ValueError(f"t has {t.shape[0]} entries but the batch/loss has {n} samples")
+        ok = (t >= 0) & (t < self.T)
+        if t.device.type == "cpu":
+            if not bool(ok.all()):
+                bad = t[~ok][:5].tolist()
+                raise ValueError(f"timesteps must lie in [0, T={self.T}), got e.g. {bad}")
+        else:  # a device-side assert: no host sync
+            torch._assert_async(ok.all(), f"timesteps must lie in [0, T={self.T})")
+
+    def _cluster_sums(self, per_sample: torch.Tensor, t: torch.Tensor):
+        cid = self.clusters.cluster_of(t)
+        k, dev = self.k, per_sample.device
+        sums = torch.zeros(k, device=dev, dtype=torch.float32).index_add(0, cid, per_sample.float())
+        counts = torch.zeros(k, device=dev, dtype=torch.float32).index_add(
+            0, cid, torch.ones_like(per_sample, dtype=torch.float32)
+        )
+        return sums, counts
+
+    def _globalise(self, sums: torch.Tensor, counts: torch.Tensor):
+        """Attached local cluster losses, detached global ones, global counts and presence."""
+        N = self.comm.sum_(counts.detach().clone())  # noqa: N806
+        L_global = self.comm.sum_(sums.detach().clone()) / N.clamp(min=1)  # noqa: N806
+        L_local = sums / N.clamp(min=1)  # noqa: N806
+        # value = global cluster mean; gradient = world * d(local part) (DDP then averages)
+        L_eff = L_global + self.comm.world * (L_local - L_local.detach())  # noqa: N806
+        return L_eff, L_global, N > 0
+
+    def reduce(self, per_sample_loss: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Total training loss of a loss-space method; call ``.backward()`` on it.
+
+        Args:
+            per_sample_loss: [B] loss of every sample (already weighted, e.g. P2 / Min-SNR).
+            t: [B] timesteps of those samples.
+        """
+        if self.needs_gradients:
+            raise ValueError(
+                f"method {self.method_name!r} acts on per-cluster gradients; use "
+                "ant.backward(loss_fn, batch, t) instead of ant.reduce"
+            )
+        per = _check_per_sample(
+            per_sample_loss, t.shape[0] if isinstance(t, torch.Tensor) else None
+        )
+        self._check_t(t, per.shape[0])
+        if self.method.loss is None:  # vanilla: the plain batch mean
+            sums, counts = self._cluster_sums(per.detach(), t)
+            _, L_global, present = self._globalise(sums, counts)  # noqa: N806
+            total = per.mean()
+            self._record(
+                total.detach(), L_global, torch.ones_like(L_global) / self.k, present, None
+            )
+            return total
+        sums, counts = self._cluster_sums(per, t)
+        L_eff, L_global, present = self._globalise(sums, counts)  # noqa: N806
+        terms = self.method.loss.transform(L_eff, present)
+        total = terms.sum()
+        c = _term_slopes(self.method.loss, L_global, present)
+        self._record(total.detach(), L_global, c, present, None)
+        return total
+
+    # -- gradient methods ------------------------------------------------------------------------
+    def backward(
+        self,
+        loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
+        batch: Any,
+        t: torch.Tensor,
+        *,
+        model: nn.Module | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> StepOutput:
+        """Compute the method's update and write it into the parameters' ``.grad``.
+
+        Args:
+            loss_fn: ``loss_fn(sub_batch, sub_t) -> [b]`` per-sample losses.
+            batch: tensor, tuple/list or dict of tensors with leading dimension B.
+            t: [B] timesteps; from ``sample_timesteps`` the step has no host sync, other
+                tensors cost one sync to count the clusters.
+            model: the model (if not attached); may be DDP-wrapped.
+            scaler: a GradScaler for fp16; weights come from the unscaled Gram.
+        """
+        if model is not None and model is not self._model:
+            self.attach(model)
+        if self._model is None:
+            raise ValueError("no model: call ant.attach(model) or pass model= to ant.backward")
+        n = batch_size(batch)
+        self._check_t(t, n)
+        batch, t, counts = self._sorted(batch, t)
+        grad = self.method.grad
+        on_step = grad is not None and (self._w is None or self.step_count % grad.update_every == 0)
+        if on_step:
+            out = self._gradient_step(loss_fn, batch, t, counts, scaler)
+        else:
+            out = self._weighted_step(loss_fn, batch, t, scaler)
+        self.step_count += 1
+        return out
+
+    def _sorted(self, batch: Any, t: torch.Tensor):
+        counts = self.sampler.counts_for(t)
+        if counts is not None:
+            return batch, t, counts
+        if not self._warned_sync and t.device.type != "cpu":
+            warnings.warn(
+                "timesteps not drawn by ant.sample_timesteps: counting clusters costs one host "
+                "sync per step",
+                stacklevel=3,
+            )
+            self._warned_sync = True
+        cid = self.clusters.cluster_of(t)
+        order = torch.argsort(cid, stable=True)
+        counts = torch.bincount(cid, minlength=self.k).cpu().numpy()
+        return take_batch(batch, order), t.index_select(0, order), counts
+
+    def _weighted_step(self, loss_fn, batch, t, scaler) -> StepOutput:
+        """One forward/backward of sum_i w_i T_i(L) with the cached weights (or w = 1)."""
+        per = _check_per_sample(loss_fn(batch, t), t.shape[0])
+        sums, counts = self._cluster_sums(per, t)
+        L_eff, L_global, present = self._globalise(sums, counts)  # noqa: N806
+        w = self._w if self._w is not None else torch.ones(self.k, device=per.device)
+        w = w.to(per.device)
+        loss_m = self.method.loss
+        if loss_m is None:
+            terms_model, terms_state = L_eff, L_global
+        else:
+            terms_model = loss_m.transform(L_eff, present)
+            terms_state = loss_m.transform(L_global, present)
+        # model gradient: sum_i w_i c_i dL_i; the method's own parameters get the unweighted one
+        total = (w * terms_model).sum() + ((1.0 - w) * terms_state).sum()
+        (scaler.scale(total) if scaler is not None else total).backward()
+        c = torch.ones_like(L_global) if loss_m is None else _term_slopes(loss_m, L_global, present)
+        return self._record(total.detach(), L_global, w * c, present, None)
+
+    def _gradient_step(self, loss_fn, batch, t, counts: np.ndarray, scaler) -> StepOutput:
+        buf = self._grad_buffer()
+        sums, N = self._fill_J(buf, loss_fn, batch, t, counts, scaler)  # noqa: N806
+        J = self.comm.sum_(buf.J)  # noqa: N806
+        L_global = self.comm.sum_(sums) / N.clamp(min=1)  # noqa: N806
+        present = N > 0
+        from ant_kernels import combine, gram
+
+        G, finite = gram(J)  # noqa: N806
+        if scaler is not None:
+            inv = 1.0 / scaler._scale.to(G.device).float().reshape(())  # device tensor: no sync
+            G = G * inv * inv  # noqa: N806
+        finite = finite & torch.isfinite(L_global).all()
+        c = self._loss_stage(L_global, present, scaler)
+        Gc = G * (c[:, None] * c[None, :])  # noqa: N806
+        grad = self.method.grad
+        if grad.needs == "grads":
+            J.mul_(c[:, None].to(J.dtype))
+            J[0].copy_(grad.combine_grads(J, present))
+            w_eff = c
+        else:
+            w = grad.weights(torch.where(finite, Gc, torch.zeros_like(Gc)), present)
+            w = torch.where(finite, w, self._w if self._w is not None else torch.zeros_like(w))
+            self._w = w
+            w_eff = w * c
+            combine(w_eff.to(torch.float32), J, out=J[0])
+        J[0].copy_(torch.where(finite, J[0], torch.zeros((), dtype=J.dtype, device=J.device)))
+        buf.point_grads_at(0, zero=False)
+        L_sum = torch.where(present, L_global, 0.0)  # noqa: N806
+        total = (
+            self.method.loss.transform(L_global, present).sum()
+            if self.method.loss is not None
+            else L_sum.sum() / present.sum().clamp(min=1)
+        )
+        return self._record(total.detach(), L_global, w_eff, present, Gc, finite)
+
+    def _fill_J(self, buf: GradBuffer, loss_fn, batch, t, counts, scaler):  # noqa: N802
+        """Rows of J: gradients of the raw cluster losses local_sum_i / N_i."""
+        dev = buf.J.device
+        N = to_device(torch.as_tensor(counts, dtype=torch.float32), dev)  # noqa: N806
+        if self.comm.active:
+            N = self.comm.sum_(N)  # noqa: N806
+            divisors = [N[i] for i in range(self.k)]
+        else:
+            divisors = [max(int(c), 1) for c in counts]
+        sums = torch.zeros(self.k, device=dev, dtype=torch.float32)
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        no_sync = getattr(self._model, "no_sync", None)
+        if self.mode == "retain_graph":
+            per = _check_per_sample(loss_fn(batch, t), t.shape[0])
+            sums_all, _ = self._cluster_sums(per, t)
+        live = [i for i in range(self.k) if counts[i] > 0]
+        for i in range(self.k):
+            if counts[i] == 0:
+                buf.J[i].zero_()
+                continue
+            buf.point_grads_at(i)
+            # DDP must not all-reduce these: J is reduced once, after all clusters
+            with no_sync() if no_sync is not None else contextlib.nullcontext():
+                if self.mode == "retain_graph":
+                    s_i = sums_all[i]
+                else:
+                    a, b = int(bounds[i]), int(bounds[i + 1])
+                    per = _check_per_sample(loss_fn(slice_batch(batch, a, b), t[a:b]), b - a)
+                    s_i = per.float().sum()
+                loss_i = s_i / divisors[i]
+                if scaler is not None:
+                    loss_i = scaler.scale(loss_i)
+                loss_i.backward(retain_graph=self.mode == "retain_graph" and i != live[-1])
+            sums[i] = s_i.detach()
+        return sums, N
+
+    def _loss_stage(self, L_global, present, scaler) -> torch.Tensor:  # noqa: N803
+        """c = dT/dL [k], and the loss method's own parameter gradients (e.g. UW's s)."""
+        loss_m = self.method.loss
+        if loss_m is None:
+            return torch.ones_like(L_global)
+        params = [p for p in loss_m.parameters() if p.requires_grad]
+        Lr = L_global.detach().clone().requires_grad_(True)  # noqa: N806
+        terms = loss_m.transform(Lr, present)
+        grads = torch.autograd.grad(terms.sum(), [Lr, *params], allow_unused=True)
+        scale = scaler._scale.reshape(()) if scaler is not None else None
+        for p, g in zip(params, grads[1:]):
+            if g is None:
+                continue
+            g = g * scale if scale is not None else g
+            p.grad = g if p.grad is None else p.grad + g
+        c = grads[0]
+        return torch.zeros_like(L_global) if c is None else c.detach()
+
+    def _grad_buffer(self) -> GradBuffer:
+        model = self._model
+        inner = getattr(model, "module", model)
+        if self._buffer is None or not self._buffer.matches(inner.parameters()):
+            self._buffer = GradBuffer(inner.parameters(), self.k)
+        return self._buffer
+
+    def _record(self, total, L_global, w, present, G, finite=None) -> StepOutput:  # noqa: N803
+        if finite is None:
+            finite = torch.isfinite(L_global).all() & torch.isfinite(total)
+        self.telemetry.update(L_global, w, present, finite, G)
+        if self.method.loss is not None:
+            self.method.loss.observe(torch.where(finite, L_global, 0.0), present & finite)
+        out = StepOutput(total, L_global, w, present, finite)
+        self.last = out
+        return out
+
+    # -- optimiser step, state, stats ------------------------------------------------------------
+    def step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler | None = None,
+        skip_nonfinite: bool = True,
+    ) -> bool:
+        """optimizer.step() unless the last engine step was non-finite.
+
+        The check reads one flag from the device (a host sync after the step's work is queued,
+        like GradScaler). With ``skip_nonfinite=False`` nothing is read: the engine has already
+        zeroed a non-finite gradient method update, and loss-space steps go through as computed.
+        """
+        if skip_nonfinite and self.last is not None and not bool(self.last.finite):
+            warnings.warn(
+                f"step {self.step_count}: non-finite cluster losses or gradients; the optimiser "
+                "step was skipped and the method state left unchanged",
+                stacklevel=2,
+            )
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.update(scaler.get_scale() / 2.0)
+            return False
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        return True
+
+    def stats(self) -> dict[str, Any]:
+        """Telemetry for logging: last and running per-cluster losses, weights, cosines,
+        conflict rates; plus the clusters. Copies to the host: call it outside the step."""
+        out = self.telemetry.snapshot()
+        out["bounds"] = list(self.clusters.bounds)
+        out["method"] = self.method_name
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        loss_m, grad = self.method.loss, self.method.grad
+        return {
+            "clusters": self.clusters.to_dict(),
+            "method": self.method_name,
+            "step": self.step_count,
+            "w": None if self._w is None else self._w.detach().cpu(),
+            "loss_method": None if loss_m is None else loss_m.state_dict(),
+            "grad_method": None if grad is None else grad.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "telemetry": self.telemetry.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        theirs = Clusters.from_dict(state["clusters"])
+        if theirs.bounds != self.clusters.bounds:
+            raise ValueError(
+                f"checkpoint clusters {list(theirs.bounds)} differ from this engine's "
+                f"{list(self.clusters.bounds)}; build ANT with the same schedule, k and clustering"
+            )
+        if state["method"] != self.method_name:
+            raise ValueError(
+                f"checkpoint was trained with method {state['method']!r}, this engine uses "
+                f"{self.method_name!r}"
+            )
+        self.step_count = int(state["step"])
+        self._w = state["w"]
+        if self.method.loss is not None:
+            self.method.loss.load_state_dict(state["loss_method"])
+        if self.method.grad is not None:
+            self.method.grad.load_state_dict(state["grad_method"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.telemetry.load_state_dict(state["telemetry"])
+
+    def __repr__(self) -> str:
+        return (
+            f"ANT(method={self.method_name!r}, sampling={self.sampler.mode!r}, "
+            f"mode={self.mode!r}, {self.clusters!r})"
+        )
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"tensor of shape {list(x.shape)} and dtype {x.dtype}"
+    return type(x).__name__
+
+
+def _check_per_sample(per: Any, n: int | None) -> torch.Tensor:
+    if not isinstance(per, torch.Tensor) or per.dim() != 1 or not per.is_floating_point():
+        raise ValueError(
+            f"the loss must be PER SAMPLE: a 1-D float tensor [B], got {_describe(per)}. "
+            "Reduce over every dimension but the batch (e.g. mean over C, H, W), not over B."
+        )
+    if n is not None and per.shape[0] != n:
+        raise ValueError(f"per-sample loss has {per.shape[0]} entries but there are {n} timesteps")
+    return per
+
+
+def _term_slopes(loss_m: mtl.LossMethod, L: torch.Tensor, present: torch.Tensor) -> torch.Tensor:  # noqa: N803
+    """dT_i/dL_i at L (the transforms are elementwise in L)."""
+    with torch.enable_grad():
+        Lr = L.detach().clone().requires_grad_(True)  # noqa: N806
+        (c,) = torch.autograd.grad(loss_m.transform(Lr, present).sum(), Lr, allow_unused=True)
+    return torch.zeros_like(L) if c is None else c.detach()
+
+
+def _make_method(name: str, k: int, seed: int, kwargs: dict[str, Any]) -> mtl.Composite:
+    """make_method, passing the engine's seed to every part that draws random numbers."""
+    from ..mtl.registry import _hparam_names
+
+    method = mtl.make_method(name, k, **kwargs)
+    if "seed" in kwargs:
+        return method
+    takes_seed = any(
+        part is not None and "seed" in _hparam_names(type(part))
+        for part in (method.loss, method.grad)
+    )
+    return mtl.make_method(name, k, seed=seed, **kwargs) if takes_seed else method

@@ -1,0 +1,34 @@
+"""The few collectives the engine needs under torch.distributed (none when single-process).
+
+Cluster losses are formed as ``local_sum_i / N_i`` with N_i the GLOBAL sample count of cluster
+i, so summing any per-rank quantity across ranks yields the global-batch value exactly:
+per-cluster gradients (J), loss sums and counts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class Comm:
+    """Sum-reductions over a process group, or the identity in a single process."""
+
+    def __init__(self, enabled: bool | str = "auto", group: object = None) -> None:
+        if enabled not in ("auto", True, False):
+            raise ValueError(f"distributed must be 'auto', True or False, got {enabled!r}")
+        active = dist.is_available() and dist.is_initialized()
+        if enabled is True and not active:
+            raise ValueError(
+                "distributed=True but torch.distributed is not initialised; call "
+                "torch.distributed.init_process_group() first (torchrun does the rendezvous)"
+            )
+        self.active = bool(active and enabled in ("auto", True))
+        self.group = group
+        self.world = dist.get_world_size(group) if self.active else 1
+
+    def sum_(self, x: torch.Tensor) -> torch.Tensor:
+        """All-reduce (sum) in place; returns x."""
+        if self.active:
+            dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.group)
+        return x

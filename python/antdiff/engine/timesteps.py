@@ -1,0 +1,108 @@
+"""Timestep sampling that knows, on the host, how many samples each cluster gets.
+
+Every mode first decides the per-cluster counts n [k] on the host (from B and the cluster sizes,
+plus a host RNG where randomness is needed), then draws t uniformly inside each cluster on the
+device. The batch comes back sorted by cluster, so the engine can cut the cluster sub-batches
+with Python slices and never has to read a count back from the device.
+
+Modes:
+    "proportional": n_i ~ B * |I_i| / T, remainders assigned by systematic sampling so that
+        E[n_i] = B |I_i| / T exactly: the marginal of t is uniform over [0, T) (the default).
+    "equal": n_i ~ B / k (stratified like the paper's code, but any B works).
+    "uniform": n ~ Multinomial(B, |I_i| / T): the same law as B i.i.d. uniform timesteps; a
+        cluster may get no sample in a step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..clustering import Clusters
+
+MODES = ("proportional", "equal", "uniform")
+
+
+def allocate(B: int, shares: np.ndarray, mode: str, rng: np.random.Generator) -> np.ndarray:  # noqa: N803
+    """Per-cluster sample counts [k] (int64, sum B) for one step."""
+    if mode == "uniform":
+        return rng.multinomial(B, shares).astype(np.int64)
+    if mode == "equal":
+        shares = np.full_like(shares, 1.0 / shares.size)
+    quota = B * shares
+    counts = np.floor(quota).astype(np.int64)
+    frac = quota - counts
+    extra = int(B - counts.sum())
+    if extra > 0:
+        # systematic sampling: inclusion probability of cluster i is exactly frac_i
+        points = rng.random() + np.arange(extra)
+        edges = np.cumsum(frac)
+        picks = np.searchsorted(edges, points, side="right")
+        counts += np.bincount(np.minimum(picks, shares.size - 1), minlength=shares.size)
+    return counts
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> device; on CUDA through pinned memory with non_blocking (no stream sync)."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+class TimestepSampler:
+    """Draws cluster-sorted timesteps and remembers the host-side counts of the last draw."""
+
+    def __init__(self, clusters: Clusters, mode: str = "proportional", seed: int = 0) -> None:
+        if mode not in MODES:
+            raise ValueError(f"sampling must be one of {MODES}, got {mode!r}")
+        self.clusters = clusters
+        self.mode = mode
+        self.rng = np.random.default_rng(seed)
+        self.shares = clusters.sizes / clusters.T
+        self._device_consts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.last: tuple[torch.Tensor, np.ndarray] | None = None
+
+    def _consts(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = str(device)
+        if key not in self._device_consts:
+            b = torch.tensor(self.clusters.bounds, dtype=torch.int64)
+            self._device_consts[key] = (b[:-1].to(device), (b[1:] - b[:-1]).to(device))
+        return self._device_consts[key]
+
+    def sample(
+        self,
+        B: int,
+        device: Any = None,
+        generator: torch.Generator | None = None,  # noqa: N803
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """t: [B] int64 on ``device`` sorted by cluster; counts: [k] host int64."""
+        if isinstance(B, bool) or not isinstance(B, (int, np.integer)) or B < 1:
+            raise ValueError(f"batch size B must be a positive integer, got {B!r}")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        counts = allocate(int(B), self.shares, self.mode, self.rng)
+        cid = to_device(torch.from_numpy(np.repeat(np.arange(counts.size), counts)), device)
+        lo, size = self._consts(device)
+        u = torch.rand(int(B), device=device, generator=generator, dtype=torch.float64)
+        offset = torch.minimum((u * size[cid]).long(), size[cid] - 1)
+        t = lo[cid] + offset
+        self.last = (t, counts)
+        return t, counts
+
+    def counts_for(self, t: torch.Tensor) -> np.ndarray | None:
+        """The host counts of ``t`` if it is the tensor this sampler produced last."""
+        if self.last is not None and self.last[0] is t:
+            return self.last[1]
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("mode") != self.mode:
+            raise ValueError(
+                f"checkpoint sampled timesteps with mode {state.get('mode')!r}, this engine uses "
+                f"{self.mode!r}; construct ANT(..., sampling={state.get('mode')!r})"
+            )
+        self.rng.bit_generator.state = state["rng"]

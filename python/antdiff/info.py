@@ -1,0 +1,68 @@
+"""``python -m antdiff.info``: versions, the C++ extension, Triton / CUDA, ANT_* settings."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import sys
+
+# Every environment variable antdiff reads, with its meaning (also listed in the README).
+ENV_VARS = {
+    "ANT_REQUIRE_CPP": "1 = error instead of the numpy DP fallback when antdiff._C is missing",
+    "ANT_KERNELS_BACKEND": "auto | triton | torch: which implementation serves the kernels",
+    "ANT_INCEPTION": "path of the FID Inception TorchScript file",
+    "ANT_PEAK_BW": "the GPU's peak memory bandwidth in B/s for bench_kernels.py",
+    "TRITON_INTERPRET": "1 = run Triton kernels on CPU tensors through the interpreter (tests)",
+}
+
+
+def _version(mod: str) -> str:
+    try:
+        m = importlib.import_module(mod)
+    except Exception as exc:  # noqa: BLE001 - report any import failure as text
+        return f"not available ({type(exc).__name__}: {exc})"
+    return getattr(m, "__version__", "installed")
+
+
+def collect() -> dict[str, str]:
+    import antdiff
+
+    info = {
+        "antdiff": antdiff.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "numpy": _version("numpy"),
+        "torch": _version("torch"),
+        "triton": _version("triton"),
+    }
+    try:
+        from antdiff import _C
+
+        info["antdiff._C"] = f"built ({_C.__file__})"
+    except ImportError as exc:
+        info["antdiff._C"] = f"NOT built ({exc}); run `make build`"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            info["cuda"] = f"{torch.version.cuda}, devices: {', '.join(names)}"
+        else:
+            info["cuda"] = "no CUDA device (kernels use the torch reference path)"
+    except ImportError:
+        pass
+    for k in ENV_VARS:
+        info[k] = os.environ.get(k, "(unset)")
+    return info
+
+
+def main() -> None:
+    info = collect()
+    width = max(map(len, info))
+    for k, v in info.items():
+        print(f"{k:<{width}}  {v}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from antdiff.clustering import Clusters, cluster_timesteps, default_limits, plot_clusters
+from antdiff.interval_dp import interval_cost
+from antdiff.schedules import cosine_schedule, linear_schedule
+
+
+def test_timestep_objective_is_uniform_split():
+    c = cluster_timesteps(linear_schedule(1000), 5, "timestep")
+    assert c.bounds == (0, 200, 400, 600, 800, 1000)
+    c = cluster_timesteps(linear_schedule(1000), 5, "timestep", min_size=None, max_size=None)
+    assert c.bounds == (0, 200, 400, 600, 800, 1000)
+
+
+def test_snr_golden_linear_schedule():
+    c = cluster_timesteps(linear_schedule(1000), 5, "snr", min_size=None, max_size=None)
+    assert c.bounds == (0, 153, 394, 624, 823, 1000)
+    assert c.cost == pytest.approx(781.7405, abs=1e-4)
+    # the default limits [100, 400] do not bind here
+    assert cluster_timesteps(linear_schedule(1000), 5, "snr").bounds == c.bounds
+
+
+def test_snr_cost_is_the_l1_cost_of_log_snr():
+    s = cosine_schedule(400)
+    c = cluster_timesteps(s, 4, "snr")
+    assert c.cost == pytest.approx(interval_cost("l1", c.bounds, values=s.log_snr), rel=1e-12)
+    lo, hi = default_limits(400, 4)
+    assert lo <= c.sizes.min() and c.sizes.max() <= hi
+
+
+def test_raw_snr_option_differs_and_is_degenerate_free_with_limits():
+    s = linear_schedule(1000)
+    raw = cluster_timesteps(s, 5, "snr", snr="raw")
+    log = cluster_timesteps(s, 5, "snr")
+    assert raw.bounds != log.bounds
+    assert raw.sizes.min() >= 100  # the default limits prevent [0],[1-2],... clusters
+    assert raw.meta["snr"] == "raw"
+
+
+def test_gradient_objective_full_and_binned_agree_on_block_affinity():
+    T, k = 200, 4
+    # block-structured affinity: 1 inside each block of 50, 0.1 outside
+    blocks = np.arange(T) // 50
+    A = np.where(blocks[:, None] == blocks[None, :], 1.0, 0.1)
+    full = cluster_timesteps(linear_schedule(T), k, "gradient", affinity=A)
+    assert full.bounds == (0, 50, 100, 150, 200)
+    edges = np.arange(0, T + 1, 10)
+    Ab = A[::10, ::10]
+    binned = cluster_timesteps(linear_schedule(T), k, "gradient", affinity=Ab, bin_edges=edges)
+    assert binned.bounds == full.bounds
+    assert binned.meta["binned"] is True
+
+
+def test_binned_gradient_respects_limits():
+    T, k = 100, 2
+    A = np.eye(10)  # every bin only likes itself: limits decide
+    edges = np.arange(0, T + 1, 10)
+    c = cluster_timesteps(linear_schedule(T), k, "gradient", affinity=A, bin_edges=edges,
+                          min_size=40, max_size=60)
+    assert 40 <= c.sizes.min() and c.sizes.max() <= 60
+    with pytest.raises(ValueError, match="size limits"):
+        cluster_timesteps(linear_schedule(T), k, "gradient", affinity=np.eye(2),
+                          bin_edges=np.array([0, 5, 100]), min_size=40, max_size=60)
+
+
+def test_cluster_of_numpy_torch_int():
+    c = Clusters((0, 3, 7, 10), "custom")
+    t = np.arange(10)
+    expect = np.array([0, 0, 0, 1, 1, 1, 1, 2, 2, 2])
+    np.testing.assert_array_equal(c.cluster_of(t), expect)
+    got = c.cluster_of(torch.arange(10))
+    assert got.dtype == torch.int64 and got.tolist() == expect.tolist()
+    assert c.cluster_of(6) == 1 and c.cluster_of(7) == 2
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        c.cluster_of(np.array([10]))
+
+
+def test_json_round_trip_and_repr():
+    c = cluster_timesteps(linear_schedule(1000), 5, "snr")
+    d = json.loads(c.to_json())
+    assert d["bounds"] == list(c.bounds) and d["sizes"] == c.sizes.tolist()
+    back = Clusters.from_json(c.to_json())
+    assert back == c and back.cost == c.cost and back.meta == c.meta
+    r = repr(c)
+    assert "k=5" in r and "[0,153)" in r and "snr" in r
+
+
+def test_uniform_constructor():
+    assert Clusters.uniform(10, 3).bounds == (0, 3, 6, 10)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(k=0), "k must be"),
+        (dict(k=1001), "k must be"),
+        (dict(k=5, objective="loss"), "objective must be"),
+        (dict(k=5, objective="gradient"), "affinity"),
+        (dict(k=5, objective="gradient", affinity=np.zeros((3, 3))), r"\[T, T\]"),
+        (dict(k=5, min_size=300), "min_size"),
+        (dict(k=5, max_size=100), "max_size"),
+        (dict(k=5, min_size=-1), "min_size"),
+        (dict(k=5, snr="ln"), "snr must be"),
+    ],
+)
+def test_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cluster_timesteps(linear_schedule(1000), **kwargs)
+
+
+def test_bad_bounds():
+    with pytest.raises(ValueError, match="increasing"):
+        Clusters((0, 5, 5, 10))
+    with pytest.raises(ValueError, match=r"bounds\[0\]"):
+        Clusters((1, 5, 10))
+
+
+def test_plot_writes_png(tmp_path):
+    s = linear_schedule(1000)
+    out = plot_clusters(cluster_timesteps(s, 5, "snr"), s, tmp_path / "c.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from antdiff.schedules import Schedule, as_schedule, cosine_schedule, linear_schedule, make_schedule
+
+
+def test_linear_matches_ddpm_definition():
+    s = linear_schedule(1000)
+    betas = np.linspace(1e-4, 0.02, 1000)
+    np.testing.assert_allclose(s.alphas_cumprod, np.cumprod(1 - betas), rtol=1e-12)
+    np.testing.assert_allclose(s.betas, betas, rtol=1e-9, atol=1e-15)
+    assert s.T == 1000 and len(s) == 1000
+
+
+def test_cosine_matches_formula():
+    T, off = 1000, 0.008
+    f = np.cos((np.arange(T + 1) / T + off) / (1 + off) * np.pi / 2) ** 2
+    betas = np.minimum(1 - f[1:] / f[:-1], 0.999)
+    np.testing.assert_allclose(cosine_schedule(T).alphas_cumprod, np.cumprod(1 - betas), rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_snr_and_log_snr_consistent_and_decreasing(name):
+    s = make_schedule(name, 500)
+    a = s.alphas_cumprod
+    np.testing.assert_allclose(s.snr, a / (1 - a), rtol=1e-12)
+    np.testing.assert_allclose(np.exp(s.log_snr), s.snr, rtol=1e-9)
+    assert np.all(np.diff(s.log_snr) < 0)
+
+
+def test_any_alphas_cumprod_plugs_in():
+    a = torch.linspace(0.999, 0.01, 50, dtype=torch.float64)
+    s = as_schedule(a)
+    assert s.T == 50
+    np.testing.assert_allclose(s.alphas_cumprod, a.numpy())
+    assert Schedule.from_dict(s.to_dict()).alphas_cumprod.tolist() == s.alphas_cumprod.tolist()
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ([0.9, 0.95], "decreasing"),
+        ([1.0, 0.5], r"\(0, 1\)"),
+        ([0.5, float("nan")], "NaN"),
+        ([[0.5]], "1-D"),
+    ],
+)
+def test_bad_alphas_cumprod(bad, match):
+    with pytest.raises(ValueError, match=match):
+        Schedule(np.asarray(bad))
+
+
+def test_bad_names_and_T():
+    with pytest.raises(ValueError, match="unknown schedule"):
+        make_schedule("quadratic")
+    with pytest.raises(ValueError, match="T must be"):
+        linear_schedule(0)
