@@ -1,0 +1,338 @@
+"""Engine tests: exact per-cluster gradients, every method's update, sampling, state, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from antdiff import ANT
+from antdiff.clustering import Clusters
+from antdiff.engine.timesteps import allocate
+from antdiff.mtl import make_method
+from antdiff.schedules import linear_schedule
+
+T = 100
+
+
+@pytest.fixture(autouse=True)
+def reference_kernels(monkeypatch, request):
+    """Engine tests use the torch reference kernels (the Triton ones have their own tests);
+    tests marked ``interpret`` run the whole step through the Triton interpreter instead."""
+    if "interpret" not in request.keywords:
+        monkeypatch.setenv("ANT_KERNELS_BACKEND", "torch")
+
+
+class TinyNet(nn.Module):
+    """Per-sample independent (GroupNorm) conv net conditioned on t."""
+
+    def __init__(self, ch: int = 8) -> None:
+        super().__init__()
+        self.inp = nn.Conv2d(1, ch, 3, padding=1)
+        self.emb = nn.Embedding(T, ch)
+        self.norm = nn.GroupNorm(2, ch)
+        self.out = nn.Conv2d(ch, 1, 3, padding=1)
+
+    def forward(self, x, t):
+        h = self.inp(x) + self.emb(t)[:, :, None, None]
+        return self.out(torch.nn.functional.silu(self.norm(h)))
+
+
+def per_sample_loss(model):
+    def fn(x, t):
+        target = torch.sin(x * (1 + t[:, None, None, None] / T))
+        return ((model(x, t) - target) ** 2).mean(dim=(1, 2, 3))
+
+    return fn
+
+
+def flat_grad(model):
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+def explicit_J(model, x, t, clusters, k):
+    """[k, P] float64: gradient of each cluster's mean loss, one autograd.grad per cluster."""
+    params = list(model.parameters())
+    per = per_sample_loss(model)(x, t)
+    cid = clusters.cluster_of(t)
+    rows = []
+    for i in range(k):
+        m = cid == i
+        if not bool(m.any()):
+            rows.append(torch.zeros(sum(p.numel() for p in params), dtype=torch.float64))
+            continue
+        g = torch.autograd.grad(per[m].mean(), params, retain_graph=True)
+        rows.append(torch.cat([x.reshape(-1) for x in g]).double())
+    return torch.stack(rows), per.detach()
+
+
+def setup(method, k=4, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = TinyNet()
+    ant = ANT(linear_schedule(T), k=k, method=method, model=model, seed=seed, **kw)
+    return model, ant
+
+
+@pytest.mark.parametrize("mode", ["micro", "retain_graph"])
+def test_J_matches_explicit_per_cluster_gradients(mode):
+    model, ant = setup("pcgrad", mode=mode)
+    x = torch.randn(13, 1, 6, 6)
+    t = ant.sample_timesteps(13)
+    J_ref, _ = explicit_J(model, x, t, ant.clusters, ant.k)
+    buf = ant._grad_buffer()
+    counts = ant.sampler.counts_for(t)
+    sums, N = ant._fill_J(buf, per_sample_loss(model), x, t, counts, None)
+    torch.testing.assert_close(buf.J.double(), J_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["pcgrad", "nash", "imtl", "mgda", "cagrad", "uw+pcgrad",
+     pytest.param("uw+nash", marks=pytest.mark.interpret)],
+)
+def test_update_is_weights_times_explicit_J(method):
+    model, ant = setup(method)
+    x = torch.randn(16, 1, 6, 6)
+    t = ant.sample_timesteps(16)
+    J_ref, per = explicit_J(model, x, t, ant.clusters, ant.k)
+    out = ant.backward(per_sample_loss(model), x, t)
+    torch.testing.assert_close(flat_grad(model).double(), out.weights.double() @ J_ref,
+                               rtol=1e-5, atol=1e-6)
+    # the weights are the method's weights on the explicit Gram (same seed -> same PCGrad orders)
+    fresh = make_method(method, ant.k, **({"seed": 0} if "pcgrad" in method else {}))
+    cid = ant.clusters.cluster_of(t)
+    present = torch.bincount(cid, minlength=ant.k) > 0
+    L = torch.zeros(ant.k, dtype=torch.float64).index_add(0, cid, per.double())
+    L = L / torch.bincount(cid, minlength=ant.k).clamp(min=1)
+    c = torch.ones(ant.k, dtype=torch.float64)
+    if fresh.loss is not None:  # UW at s = 0: dT_i/dL_i = 0.5 / k
+        c = c * 0.5 / ant.k
+    G = (J_ref @ J_ref.T) * (c[:, None] * c[None, :])
+    w = fresh.weights(G, present).double() * c
+    torch.testing.assert_close(out.weights.double(), w, rtol=1e-4, atol=1e-7)
+
+
+def test_uw_reduce_matches_closed_form():
+    model, ant = setup("uw")
+    s = ant.method.loss.s if hasattr(ant.method.loss, "s") else next(ant.method.loss.parameters())
+    with torch.no_grad():
+        s.copy_(torch.tensor([0.3, -0.2, 0.1, 0.0]))
+    x = torch.randn(16, 1, 6, 6)
+    t = ant.sample_timesteps(16)
+    J_ref, per = explicit_J(model, x, t, ant.clusters, ant.k)
+    cid = ant.clusters.cluster_of(t)
+    L = torch.zeros(4, dtype=torch.float64).index_add(0, cid, per.double()) / torch.bincount(cid)
+    loss = ant.reduce(per_sample_loss(model)(x, t), t)
+    loss.backward()
+    s64 = s.detach().double()
+    expect_total = (0.5 * (torch.exp(-s64) * L / 4 + s64)).sum()
+    assert float(loss.detach()) == pytest.approx(float(expect_total), rel=1e-5)
+    torch.testing.assert_close(flat_grad(model).double(), (0.5 * torch.exp(-s64) / 4) @ J_ref,
+                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(s.grad.double(), 0.5 * (1 - torch.exp(-s64) * L / 4),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_uw_backward_equals_reduce():
+    grads = []
+    for use_backward in (False, True):
+        model, ant = setup("uw")
+        x = torch.randn(16, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+        t = ant.sample_timesteps(16)
+        if use_backward:
+            ant.backward(per_sample_loss(model), x, t)
+        else:
+            ant.reduce(per_sample_loss(model)(x, t), t).backward()
+        s = next(ant.method.loss.parameters())
+        grads.append((flat_grad(model), s.grad.clone()))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-7)
+
+
+def test_nash_off_steps_reuse_weights_with_one_backward():
+    model, ant = setup("nash", update_every=3)
+    lf = per_sample_loss(model)
+    x = torch.randn(16, 1, 6, 6)
+    t = ant.sample_timesteps(16)
+    first = ant.backward(lf, x, t)
+    calls = {"n": 0}
+
+    def counting(xb, tb):
+        calls["n"] += 1
+        return lf(xb, tb)
+
+    for p in model.parameters():
+        p.grad = None
+    t2 = ant.sample_timesteps(16)
+    J_ref, _ = explicit_J(model, x, t2, ant.clusters, ant.k)
+    second = ant.backward(counting, x, t2)
+    assert calls["n"] == 1  # one forward over the whole batch
+    torch.testing.assert_close(second.weights, first.weights)
+    torch.testing.assert_close(flat_grad(model).double(), second.weights.double() @ J_ref,
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_timesteps_sorted_inside_clusters_and_counts_known():
+    ant = ANT(linear_schedule(1000), k=5, method="vanilla")
+    for B in (5, 7, 64, 241):
+        t = ant.sample_timesteps(B)
+        counts = ant.sampler.counts_for(t)
+        assert counts.sum() == B
+        cid = ant.clusters.cluster_of(t)
+        assert torch.all(cid[1:] >= cid[:-1])
+        assert torch.bincount(cid, minlength=5).tolist() == counts.tolist()
+
+
+@pytest.mark.parametrize("mode", ["proportional", "uniform"])
+def test_marginal_over_t_is_uniform(mode):
+    clusters = Clusters((0, 10, 40, 50, 100))
+    rng = np.random.default_rng(0)
+    shares = clusters.sizes / 100
+    B, n = 7, 20000
+    total = np.zeros(4)
+    for _ in range(n):
+        total += allocate(B, shares, mode, rng)
+    np.testing.assert_allclose(total / (n * B), shares, atol=0.006)
+
+
+def test_equal_mode_is_stratified():
+    rng = np.random.default_rng(0)
+    counts = allocate(12, np.array([0.1, 0.2, 0.3, 0.4]), "equal", rng)
+    assert counts.tolist() == [3, 3, 3, 3]
+    c = allocate(7, np.array([0.1, 0.2, 0.3, 0.4]), "equal", rng)
+    assert sorted(c.tolist()) == [1, 2, 2, 2]
+
+
+def test_uniform_sampling_may_leave_clusters_empty_and_weights_zero():
+    model, ant = setup("pcgrad", sampling="uniform")
+    x = torch.randn(2, 1, 6, 6)
+    t = ant.sample_timesteps(2)  # 2 samples, 4 clusters
+    out = ant.backward(per_sample_loss(model), x, t)
+    assert int(out.present.sum()) <= 2
+    assert torch.all(out.weights[~out.present] == 0)
+    assert torch.isfinite(flat_grad(model)).all()
+
+
+def test_state_dict_round_trip_gives_identical_next_step():
+    model, ant = setup("uw+pcgrad")
+    opt = torch.optim.SGD(list(model.parameters()) + [next(ant.method.loss.parameters())], lr=0.1)
+    x = torch.randn(16, 1, 6, 6)
+    for _ in range(3):
+        opt.zero_grad()
+        ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16))
+        ant.step(opt)
+    state = ant.state_dict()
+    model_state = {k: v.clone() for k, v in model.state_dict().items()}
+    uw_state = {k: v.clone() for k, v in ant.method.loss.state_dict().items()}
+    rng = torch.get_rng_state()  # within-cluster draws use torch's RNG (the trainer saves it)
+    ref = ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16))
+    model2, ant2 = setup("uw+pcgrad", seed=5)
+    model2.load_state_dict(model_state)
+    ant2.load_state_dict(state)
+    ant2.method.loss.load_state_dict(uw_state)
+    torch.set_rng_state(rng)
+    out = ant2.backward(per_sample_loss(model2), x, ant2.sample_timesteps(16))
+    torch.testing.assert_close(out.weights, ref.weights)
+    torch.testing.assert_close(flat_grad(model2), flat_grad(model))
+
+
+def test_nonfinite_step_is_skipped_with_warning_and_state_untouched():
+    model, ant = setup("uw+nash")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(16, 1, 6, 6)
+    ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16))
+    ant.step(opt)
+    w_before = ant._w.clone()
+    params_before = [p.detach().clone() for p in model.parameters()]
+
+    def bad(xb, tb):
+        return per_sample_loss(model)(xb, tb) * float("nan")
+
+    ant.step_count = 0  # force an on-step
+    ant.backward(bad, x, ant.sample_timesteps(16))
+    assert not bool(ant.last.finite)
+    with pytest.warns(UserWarning, match="non-finite"):
+        assert ant.step(opt) is False
+    torch.testing.assert_close(ant._w, w_before)
+    for p, q in zip(model.parameters(), params_before):
+        torch.testing.assert_close(p.detach(), q)
+
+
+def test_stats_report_conflicts_and_cosines():
+    model, ant = setup("pcgrad")
+    x = torch.randn(16, 1, 6, 6)
+    for _ in range(2):
+        ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16))
+    st = ant.stats()
+    assert st["steps"] == 2 and len(st["conflict_rate"]) == 4
+    cos = np.array(st["cosine"])
+    np.testing.assert_allclose(np.diag(cos), 1.0, atol=1e-5)
+    assert np.all((np.array(st["conflict_rate"]) >= 0) & (np.array(st["conflict_rate"]) <= 1))
+
+
+def test_bad_input_messages():
+    model, ant = setup("pcgrad")
+    x = torch.randn(8, 1, 6, 6)
+    t = ant.sample_timesteps(8)
+    with pytest.raises(ValueError, match="PER SAMPLE"):
+        ant.backward(lambda xb, tb: per_sample_loss(model)(xb, tb).mean(), x, t)
+    with pytest.raises(ValueError, match=r"\[0, T=100\)"):
+        ant.backward(per_sample_loss(model), x, torch.full((8,), 100))
+    with pytest.raises(ValueError, match="8 entries"):
+        ant.backward(per_sample_loss(model), x[:4], t)
+    with pytest.raises(ValueError, match="smaller than k"):
+        ant.sample_timesteps(3)
+    with pytest.raises(ValueError, match="ant.backward"):
+        ant.reduce(torch.ones(8), t)
+    with pytest.raises(ValueError, match="unknown MTL method"):
+        ANT(linear_schedule(T), k=4, method="pcgard")
+    bn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    with pytest.raises(ValueError, match="retain_graph"):
+        ANT(linear_schedule(T), k=4, method="pcgrad", model=bn)
+    ANT(linear_schedule(T), k=4, method="pcgrad", model=bn, mode="retain_graph")  # allowed
+    _, uw = setup("uw")
+    with pytest.raises(ValueError, match="PER SAMPLE"):
+        uw.reduce(torch.ones(8, 2), t)
+
+
+def test_user_timesteps_not_sorted_still_exact():
+    model, ant = setup("pcgrad")
+    x = torch.randn(12, 1, 6, 6)
+    t = torch.randint(0, T, (12,))
+    J_ref, _ = explicit_J(model, x, t, ant.clusters, ant.k)
+    out = ant.backward(per_sample_loss(model), x, t)
+    torch.testing.assert_close(flat_grad(model).double(), out.weights.double() @ J_ref,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_gradscaler_weights_from_unscaled_gram():
+    outs = []
+    for scale in (None, 1024.0):
+        model, ant = setup("nash")
+        x = torch.randn(16, 1, 6, 6, generator=torch.Generator().manual_seed(3))
+        t = ant.sample_timesteps(16)
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale else None
+        out = ant.backward(per_sample_loss(model), x, t, scaler=scaler)
+        g = flat_grad(model) / (scale or 1.0)
+        outs.append((out.weights, g))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["pcgrad", "nash", "uw+pcgrad"])
+def test_gpu_step_has_no_host_sync(method):
+    torch.manual_seed(0)
+    model = TinyNet().cuda()
+    ant = ANT(linear_schedule(T), k=4, method=method, model=model)
+    x = torch.randn(16, 1, 6, 6, device="cuda")
+    ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16, device="cuda"))  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        t = ant.sample_timesteps(16, device="cuda")
+        ant.backward(per_sample_loss(model), x, t)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
