@@ -1,0 +1,70 @@
+"""Model registry: every family's named sizes behind one `create_model(name, **overrides)`.
+
+Families (one file each): ADM UNet ("adm-light", "adm-tiny", "adm-small"), LDM UNet on latents
+("ldm-ffhq", "ldm-tiny"; the ADM UNet class in another configuration) and DiT ("DiT-S/2" ...
+"DiT-XL/8", "dit-tiny"). Build big sizes on the meta device to count parameters for free:
+``with torch.device("meta"): create_model("DiT-XL/2")``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from antdiff.models.adm import ADM_SIZES, UNetModel
+from antdiff.models.autoencoder import (
+    DiffusersVAE,
+    LatentCodec,
+    PrecomputedLatents,
+    TinyAutoencoder,
+    train_autoencoder,
+)
+from antdiff.models.dit import DIT_SIZES, DiT
+from antdiff.models.ldm import LDM_SIZES
+
+__all__ = [
+    "DiT",
+    "DiffusersVAE",
+    "LatentCodec",
+    "PrecomputedLatents",
+    "TinyAutoencoder",
+    "UNetModel",
+    "available_models",
+    "create_model",
+    "model_config",
+    "train_autoencoder",
+]
+
+_REGISTRY: dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]] = {
+    **{name: (UNetModel, cfg) for name, cfg in ADM_SIZES.items()},
+    **{name: (UNetModel, cfg) for name, cfg in LDM_SIZES.items()},
+    **{name: (DiT, cfg) for name, cfg in DIT_SIZES.items()},
+}
+
+
+def available_models() -> list[str]:
+    """Every registered size name."""
+    return sorted(_REGISTRY)
+
+
+def model_config(name: str, **overrides: Any) -> dict[str, Any]:
+    """The constructor arguments of size `name` with `overrides` applied."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {available_models()}")
+    cls, cfg = _REGISTRY[name]
+    valid = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    bad = sorted(set(overrides) - valid)
+    if bad:
+        raise ValueError(
+            f"unknown override(s) {bad} for {name!r} ({cls.__name__}); valid: {sorted(valid)}"
+        )
+    return {**cfg, **overrides}
+
+
+def create_model(name: str, **overrides: Any) -> nn.Module:
+    """Build the named size, e.g. create_model("DiT-S/2", num_classes=10, input_size=8)."""
+    cfg = model_config(name, **overrides)
+    return _REGISTRY[name][0](**cfg)

@@ -1,0 +1,289 @@
+"""Latent codecs for latent diffusion: a trainable tiny autoencoder, a local diffusers VAE, and
+latents precomputed to a file.
+
+Every codec follows :class:`LatentCodec`: ``encode(x) -> z`` returns latents already multiplied
+by ``scale_factor`` (so they have roughly unit variance, the scale diffusion expects) and
+``decode(z)`` undoes that scaling before decoding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+__all__ = [
+    "DiffusersVAE",
+    "LatentCodec",
+    "PrecomputedLatents",
+    "TinyAutoencoder",
+    "train_autoencoder",
+]
+
+
+class LatentCodec:
+    """Interface: encode(x [B, C, H, W]) -> z [B, c, h, w]; decode(z) -> x; latent_shape."""
+
+    scale_factor: float = 1.0
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def latent_shape(self, image_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Latent shape for an image shape (C, H, W) or (B, C, H, W); same rank returned."""
+        raise NotImplementedError
+
+
+def _split_shape(image_shape: tuple[int, ...]) -> tuple[tuple[int, ...], int, int, int]:
+    if len(image_shape) not in (3, 4):
+        raise ValueError(f"image_shape must be (C, H, W) or (B, C, H, W), got {image_shape}")
+    *lead, c, h, w = image_shape
+    return tuple(lead), c, h, w
+
+
+class TinyAutoencoder(nn.Module, LatentCodec):
+    """Small conv autoencoder with a 2^n_down spatial reduction (8x8 digits -> 4x4x4 by default).
+
+    Args:
+        in_channels: image channels.
+        latent_channels: c of the latent.
+        hidden: conv width.
+        n_down: number of stride-2 stages.
+    """
+
+    def __init__(
+        self, in_channels: int = 1, latent_channels: int = 4, hidden: int = 32, n_down: int = 1
+    ) -> None:
+        super().__init__()
+        self.in_channels, self.latent_channels, self.n_down = in_channels, latent_channels, n_down
+        enc: list[nn.Module] = [nn.Conv2d(in_channels, hidden, 3, padding=1), nn.SiLU()]
+        dec: list[nn.Module] = [nn.Conv2d(latent_channels, hidden, 3, padding=1), nn.SiLU()]
+        for _ in range(n_down):
+            enc += [nn.Conv2d(hidden, hidden, 3, stride=2, padding=1), nn.SiLU()]
+            dec += [
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(hidden, hidden, 3, padding=1),
+                nn.SiLU(),
+            ]
+        self.encoder = nn.Sequential(*enc, nn.Conv2d(hidden, latent_channels, 3, padding=1))
+        self.decoder = nn.Sequential(*dec, nn.Conv2d(hidden, in_channels, 3, padding=1))
+        self.register_buffer("_scale", torch.ones(()))
+
+    @property
+    def scale_factor(self) -> float:  # type: ignore[override]
+        return float(self._scale)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x) * self._scale
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z / self._scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction without latent scaling. x: [B, C, H, W] -> [B, C, H, W]."""
+        return self.decoder(self.encoder(x))
+
+    def latent_shape(self, image_shape: tuple[int, ...]) -> tuple[int, ...]:
+        lead, _, h, w = _split_shape(tuple(image_shape))
+        f = 2**self.n_down
+        if h % f or w % f:
+            raise ValueError(f"image H, W = {h}, {w} must be divisible by {f}")
+        return (*lead, self.latent_channels, h // f, w // f)
+
+
+def train_autoencoder(
+    data: torch.Tensor,
+    steps: int = 300,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    model: TinyAutoencoder | None = None,
+    seed: int = 0,
+    **model_kwargs: Any,
+) -> tuple[TinyAutoencoder, torch.Tensor]:
+    """Train a TinyAutoencoder by MSE on `data` [N, C, H, W] (in [-1, 1]); set its scale_factor.
+
+    Returns:
+        (model in eval mode, losses [steps] float32 on CPU). scale_factor = 1 / std of the
+        unscaled latents of `data`, as in latent diffusion.
+    """
+    if data.ndim != 4:
+        raise ValueError(f"data must be [N, C, H, W], got shape {tuple(data.shape)}")
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    if model is None:
+        torch.manual_seed(seed)
+        model = TinyAutoencoder(in_channels=data.shape[1], **model_kwargs)
+    model = model.to(data.device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, data.shape[0], (min(batch_size, data.shape[0]),), generator=gen)
+        x = data[idx.to(data.device)]
+        loss = F.mse_loss(model(x), x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    model.eval()
+    with torch.no_grad():
+        model._scale.fill_(1.0)
+        std = model.encoder(data).std()
+        model._scale.copy_(1.0 / std.clamp(min=1e-8))
+    return model, torch.stack(losses).float().cpu()
+
+
+def _local_dir(path: str | Path) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"VAE directory {str(p)!r} does not exist")
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{str(p)!r} has no config.json; expected a diffusers AutoencoderKL directory "
+            "written by save_pretrained"
+        )
+    return p
+
+
+class DiffusersVAE(LatentCodec):
+    """A diffusers AutoencoderKL loaded from a local directory (never from the hub).
+
+    encode draws z ~ q(z|x) (or takes its mode with sample=False) and multiplies by
+    scale_factor (the config's scaling_factor unless given, e.g. 0.18215 for SD's VAE).
+    """
+
+    def __init__(self, vae: Any, scale_factor: float | None = None) -> None:
+        self.vae = vae
+        cfg = vae.config
+        self.scale_factor = float(
+            scale_factor if scale_factor is not None else getattr(cfg, "scaling_factor", 1.0)
+        )
+        self.latent_channels = int(cfg.latent_channels)
+        self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
+
+    @classmethod
+    def from_local(
+        cls,
+        path: str | Path,
+        scale_factor: float | None = None,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> DiffusersVAE:
+        """Load `path` (a directory holding config.json and the weights)."""
+        p = _local_dir(path)
+        try:
+            from diffusers import AutoencoderKL
+        except ImportError as e:
+            raise ImportError(
+                "DiffusersVAE needs the `diffusers` package: pip install diffusers"
+            ) from e
+        vae = AutoencoderKL.from_pretrained(str(p), local_files_only=True)
+        vae = vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        return cls(vae, scale_factor)
+
+    @torch.no_grad()
+    def encode(
+        self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        dist = self.vae.encode(x).latent_dist
+        z = dist.sample(generator=generator) if sample else dist.mode()
+        return z * self.scale_factor
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z / self.scale_factor).sample
+
+    def latent_shape(self, image_shape: tuple[int, ...]) -> tuple[int, ...]:
+        lead, _, h, w = _split_shape(tuple(image_shape))
+        f = self.downsample
+        if h % f or w % f:
+            raise ValueError(f"image H, W = {h}, {w} must be divisible by {f}")
+        return (*lead, self.latent_channels, h // f, w // f)
+
+
+class PrecomputedLatents(LatentCodec):
+    """Latents [N, c, h, w] stored in a .pt (tensor, or dict with "latents" and optional
+    "labels") or .npy file. encode(idx [B] int64) looks latents up by dataset index.
+
+    Args:
+        path: the file.
+        expected_shape: per-sample (c, h, w) to check against, or None.
+        scale_factor: multiplies the stored latents to give diffusion-space latents (1 if the
+            file already holds scaled latents).
+        decoder: a codec that can decode these latents. The stored latents are taken to be
+            `decoder`'s raw (unscaled) latents when scale_factor != 1, and its scaled
+            latents when scale_factor == 1.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        expected_shape: tuple[int, ...] | None = None,
+        scale_factor: float = 1.0,
+        decoder: LatentCodec | None = None,
+    ) -> None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"latent file {str(p)!r} does not exist")
+        self.labels: torch.Tensor | None = None
+        if p.suffix == ".npy":
+            z = torch.from_numpy(np.load(p, allow_pickle=False))
+        elif p.suffix == ".pt":
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+            if isinstance(obj, dict):
+                if "latents" not in obj:
+                    raise ValueError(
+                        f"{str(p)!r} holds a dict without a 'latents' key: keys {sorted(obj)}"
+                    )
+                z, self.labels = obj["latents"], obj.get("labels")
+            else:
+                z = obj
+        else:
+            raise ValueError(f"latent file must end in .pt or .npy, got {p.name!r}")
+        if not isinstance(z, torch.Tensor) or z.ndim != 4:
+            shape = tuple(z.shape) if hasattr(z, "shape") else type(z).__name__
+            raise ValueError(f"latents in {str(p)!r} must be a [N, c, h, w] tensor, got {shape}")
+        if expected_shape is not None and tuple(z.shape[1:]) != tuple(expected_shape):
+            raise ValueError(
+                f"latents in {str(p)!r} have per-sample shape "
+                f"{tuple(z.shape[1:])}, expected {tuple(expected_shape)}"
+            )
+        if self.labels is not None and self.labels.shape != (z.shape[0],):
+            raise ValueError(
+                f"labels must have shape [{z.shape[0]}], got {tuple(self.labels.shape)}"
+            )
+        self.latents = z.float() * scale_factor
+        self.scale_factor = float(scale_factor)
+        self.decoder = decoder
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def to(self, device: Any) -> PrecomputedLatents:
+        """Move the stored latents (and labels) to `device`, so encode() never copies."""
+        self.latents = self.latents.to(device)
+        if self.labels is not None:
+            self.labels = self.labels.to(device)
+        return self
+
+    def encode(self, idx: torch.Tensor) -> torch.Tensor:
+        """Latents of dataset items idx [B] int64 -> [B, c, h, w] on the latents' device."""
+        return self.latents[idx.to(self.latents.device)]
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        if self.decoder is None:
+            raise ValueError("PrecomputedLatents has no decoder: pass decoder=<a LatentCodec>")
+        if self.scale_factor != 1.0:
+            z = z / self.scale_factor * self.decoder.scale_factor
+        return self.decoder.decode(z)
+
+    def latent_shape(self, image_shape: tuple[int, ...] | None = None) -> tuple[int, ...]:
+        """The stored per-sample shape (c, h, w); image_shape is accepted and ignored."""
+        return tuple(self.latents.shape[1:])

@@ -1,0 +1,230 @@
+"""Samplers: DDPM ancestral sampling and DDIM, both on a respaced subsequence of timesteps.
+
+Respacing keeps `steps` of the T training timesteps, tau_0 < ... < tau_{S-1}, and builds a new
+S-step diffusion whose alphas_cumprod are a[tau_i] (so its betas are 1 - a[tau_i] / a[tau_{i-1}]).
+The network still sees the ORIGINAL indices tau_i. Spacings (:func:`space_timesteps`):
+
+- "linspace" (default): round(linspace(0, T-1, S)); always keeps t = 0 and t = T-1.
+- "trailing": T-1, T-1-T/S, ... (rounded); keeps t = T-1, spreads evenly from the noisy end.
+- "leading": 0, T//S, 2T//S, ... (the original DDIM spacing; never reaches t = T-1).
+
+Classifier-free guidance: the conditional and unconditional (y = null class) inputs go through
+one batched forward, and the mean channels become u + s * (c - u). A learned variance (second
+half of the channels) is taken from the conditional half; DDPM uses it, DDIM ignores it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from antdiff.diffusion import GaussianDiffusion
+from antdiff.schedules import Schedule
+
+__all__ = ["guided_output", "respace", "sample", "space_timesteps"]
+
+_SPACINGS = ("linspace", "trailing", "leading")
+_SAMPLERS = ("ddim", "ddpm")
+
+
+def space_timesteps(T: int, steps: int, spacing: str = "linspace") -> np.ndarray:  # noqa: N803
+    """Choose `steps` of the T timesteps. Returns [steps] int64, strictly increasing."""
+    if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
+        raise ValueError(f"steps must be an integer in [1, T={T}], got {steps!r}")
+    if spacing not in _SPACINGS:
+        raise ValueError(f"spacing={spacing!r} is not valid; use one of {_SPACINGS}")
+    if spacing == "linspace":
+        # floor(x + 0.5) rather than np.round: banker's rounding can merge neighbours.
+        ts = np.floor(np.linspace(0.0, T - 1.0, steps) + 0.5)
+    elif spacing == "trailing":
+        ts = np.floor(np.arange(T, 0, -T / steps)[:steps] + 0.5)[::-1] - 1.0
+    else:
+        ts = np.arange(steps, dtype=np.float64) * (T // steps)
+    out = ts.astype(np.int64)
+    if np.any(np.diff(out) <= 0) or out[0] < 0 or out[-1] > T - 1:
+        raise AssertionError(f"internal error: bad spacing {out}")
+    return out
+
+
+def respace(
+    diffusion: GaussianDiffusion, timesteps: np.ndarray
+) -> tuple[GaussianDiffusion, np.ndarray]:
+    """A diffusion over the kept timesteps, and the map from its indices to the original ones.
+
+    Args:
+        diffusion: the training diffusion (T steps).
+        timesteps: [S] strictly increasing original indices to keep.
+
+    Returns:
+        (respaced diffusion with S steps, timestep_map [S] int64).
+    """
+    ts = np.asarray(timesteps, dtype=np.int64)
+    if ts.ndim != 1 or ts.size == 0 or np.any(np.diff(ts) <= 0):
+        raise ValueError(f"timesteps must be a non-empty increasing 1-D array, got {ts}")
+    if ts[0] < 0 or ts[-1] >= diffusion.T:
+        raise ValueError(f"timesteps must lie in [0, {diffusion.T - 1}], got {ts[0]}..{ts[-1]}")
+    ab = diffusion.schedule.alphas_cumprod[ts]
+    sched = Schedule(ab, name=f"{diffusion.schedule.name}[respaced {ts.size}]")
+    new = GaussianDiffusion(
+        sched,
+        prediction=diffusion.prediction,
+        learn_sigma=diffusion.learn_sigma,
+        fixed_variance=diffusion.fixed_variance,
+    )
+    return new, ts
+
+
+def guided_output(
+    model: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    t: torch.Tensor,
+    y: torch.Tensor,
+    cfg_scale: float,
+    null_class: int,
+    channels: int,
+) -> torch.Tensor:
+    """Classifier-free guided model output from one batched cond + uncond forward.
+
+    Args:
+        x: [B, C, ...]; t: [B] int64 original timesteps; y: [B] int64 labels.
+        null_class: the label index meaning "no class".
+        channels: C, the number of mean channels (extra channels = learned variance).
+
+    Returns:
+        [B, C_out, ...]: mean channels u + s (c - u), other channels from the cond half.
+    """
+    b = x.shape[0]
+    out = model(
+        torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, torch.full_like(y, null_class)])
+    )
+    cond, uncond = out[:b], out[b:]
+    mean = uncond[:, :channels] + cfg_scale * (cond[:, :channels] - uncond[:, :channels])
+    return torch.cat([mean, cond[:, channels:]], dim=1)
+
+
+def _default_device(model: Any) -> torch.device:
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            return p.device
+    return torch.device("cpu")
+
+
+def _null_class(model: Any, null_class: int | None) -> int:
+    if null_class is not None:
+        return int(null_class)
+    num = getattr(model, "num_classes", None)
+    if num is None:
+        raise ValueError(
+            "cfg_scale != 1 needs a null class: pass null_class=... or use a model with a "
+            "`num_classes` attribute (the null class is num_classes)"
+        )
+    return int(num)
+
+
+@torch.no_grad()
+def sample(
+    model: Callable[..., torch.Tensor],
+    diffusion: GaussianDiffusion,
+    shape: tuple[int, ...],
+    *,
+    sampler: str = "ddim",
+    steps: int = 50,
+    eta: float = 0.0,
+    y: torch.Tensor | None = None,
+    cfg_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    clip_denoised: bool = True,
+    spacing: str = "linspace",
+    null_class: int | None = None,
+) -> torch.Tensor:
+    """Draw samples [B, C, ...] = `shape` from the model.
+
+    Args:
+        model: called as model(x_t, t, **kw) with t the ORIGINAL timestep indices [B].
+        diffusion: the training diffusion (its schedule, prediction and learn_sigma).
+        sampler: "ddim" or "ddpm" (ancestral; uses the learned variance when learn_sigma).
+        steps: number of sampling steps S (<= T), chosen by `spacing`.
+        eta: DDIM stochasticity (0 = deterministic DDIM, 1 = DDPM-like variance).
+        y: [B] int64 class labels for class-conditional models, or None.
+        cfg_scale: classifier-free guidance scale; 1 means plain conditional sampling.
+        generator: makes the run deterministic; must live on `device`.
+        device: defaults to the model's parameters' device.
+        clip_denoised: clamp predicted x0 to [-1, 1] (turn off for latents).
+        null_class: the unconditional label (defaults to model.num_classes).
+    """
+    if sampler not in _SAMPLERS:
+        raise ValueError(f"sampler={sampler!r} is not valid; use one of {_SAMPLERS}")
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    device = torch.device(device) if device is not None else _default_device(model)
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device} but sampling runs on {device}")
+    resp, tmap = respace(diffusion, space_timesteps(diffusion.T, steps, spacing))
+    tmap_t = torch.as_tensor(tmap, device=device)
+    b, c = shape[0], shape[1]
+    if y is not None:
+        y = y.to(device=device, dtype=torch.long)
+        if y.shape != (b,):
+            raise ValueError(f"y must have shape [B] = [{b}], got {tuple(y.shape)}")
+    guided = y is not None and cfg_scale != 1.0
+    null = _null_class(model, null_class) if guided else -1
+
+    def forward(x: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        t = tmap_t[i]
+        if guided:
+            return guided_output(model, x, t, y, cfg_scale, null, c)
+        return model(x, t) if y is None else model(x, t, y=y)
+
+    was_training = isinstance(model, torch.nn.Module) and model.training
+    if was_training:
+        model.eval()  # label dropout / dropout must be off while sampling
+    try:
+        x = torch.randn(shape, generator=generator, device=device)
+        order = range(resp.T - 1, -1, -1)
+        if progress:
+            from tqdm.auto import tqdm
+
+            order = tqdm(order, desc=f"{sampler}-{steps}")
+        for k in order:
+            i = torch.full((b,), k, dtype=torch.long, device=device)
+            p = resp.p_mean_variance(forward(x, i), x, i, clip_denoised=clip_denoised)
+            noise = torch.randn(shape, generator=generator, device=device)
+            x = (
+                _ddpm_step(p, x, i, noise)
+                if sampler == "ddpm"
+                else _ddim_step(resp, p, x, i, noise, eta)
+            )
+    finally:
+        if was_training:
+            model.train()
+    return x
+
+
+def _ddpm_step(
+    p: dict[str, torch.Tensor], x: torch.Tensor, i: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
+    nonzero = (i > 0).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+    return p["mean"] + nonzero * torch.exp(0.5 * p["log_variance"]) * noise
+
+
+def _ddim_step(
+    resp: GaussianDiffusion,
+    p: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    i: torch.Tensor,
+    noise: torch.Tensor,
+    eta: float,
+) -> torch.Tensor:
+    ab = resp._gather("ab", i, x)
+    ab_prev = resp._gather("ab_prev", i, x)
+    sigma = eta * torch.sqrt((1.0 - ab_prev) / (1.0 - ab) * (1.0 - ab / ab_prev))
+    eps = p["pred_eps"]
+    mean = (
+        ab_prev.sqrt() * p["pred_x0"] + torch.sqrt((1.0 - ab_prev - sigma**2).clamp(min=0.0)) * eps
+    )
+    return mean + sigma * noise

@@ -1,0 +1,200 @@
+"""GaussianDiffusion against float64 closed forms computed independently here."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from antdiff.diffusion import GaussianDiffusion
+from antdiff.schedules import cosine_schedule, linear_schedule
+
+
+def _ref_alphas_cumprod(T: int = 1000) -> np.ndarray:  # noqa: N803
+    betas = np.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T)
+    return np.cumprod(1.0 - betas)
+
+
+class ConstModel(nn.Module):
+    """Returns a learnable constant [B, C_out, H, W]; gradients show which channels train."""
+
+    def __init__(self, out: torch.Tensor) -> None:
+        super().__init__()
+        self.out = nn.Parameter(out.clone())
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.out * 1.0
+
+
+class Oracle(nn.Module):
+    """Outputs the true eps (mean channels) and a fixed variance value v (extra channels)."""
+
+    def __init__(self, noise: torch.Tensor, v: float | None) -> None:
+        super().__init__()
+        self.noise, self.v = noise, v
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.v is None:
+            return self.noise
+        return torch.cat([self.noise, torch.full_like(self.noise, self.v)], dim=1)
+
+
+def test_q_sample_closed_form_and_statistics():
+    torch.manual_seed(0)
+    diff = GaussianDiffusion(linear_schedule(1000))
+    ab = _ref_alphas_cumprod()
+    x0 = torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    noise = torch.randn_like(x0)
+    t = torch.tensor([0, 17, 500, 999])
+    want = (
+        np.sqrt(ab[t.numpy()])[:, None, None, None] * x0.numpy()
+        + np.sqrt(1 - ab[t.numpy()])[:, None, None, None] * noise.numpy()
+    )
+    np.testing.assert_allclose(diff.q_sample(x0, t, noise).numpy(), want, rtol=1e-12, atol=1e-12)
+    # Monte Carlo: x0 = 0.7, t = 300 -> mean sqrt(ab) * 0.7, variance 1 - ab.
+    n = 200_000
+    xs = diff.q_sample(torch.full((n, 1), 0.7), torch.full((n,), 300), torch.randn(n, 1))
+    assert abs(xs.mean().item() - math.sqrt(ab[300]) * 0.7) < 0.01
+    assert abs(xs.var().item() - (1 - ab[300])) < 0.01
+
+
+def test_float32_inputs_stay_float32_and_float64_stays_float64():
+    diff = GaussianDiffusion("cosine")
+    t = torch.tensor([3, 900])
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(2, 1, 2, 2, dtype=dtype)
+        assert diff.q_sample(x, t, x).dtype == dtype
+        assert diff.predict_x0(x, x, t).dtype == dtype
+
+
+def test_posterior_matches_bayes_rule():
+    diff = GaussianDiffusion(linear_schedule(1000))
+    ab = _ref_alphas_cumprod()
+    ab_prev = np.concatenate([[1.0], ab[:-1]])
+    alpha = ab / ab_prev
+    beta = 1 - alpha
+    t = torch.tensor([1, 2, 50, 999])
+    x0 = torch.randn(4, 3, dtype=torch.float64)
+    xt = torch.randn(4, 3, dtype=torch.float64)
+    mean, var, _ = diff.posterior_mean_variance(x0, xt, t)
+    tn = t.numpy()
+    prec = alpha[tn] / beta[tn] + 1.0 / (1.0 - ab_prev[tn])
+    ref_var = 1.0 / prec
+    ref_mean = ref_var[:, None] * (
+        np.sqrt(alpha[tn] / beta[tn] ** 2)[:, None] * xt.numpy()
+        + (np.sqrt(ab_prev[tn]) / (1.0 - ab_prev[tn]))[:, None] * x0.numpy()
+    )
+    np.testing.assert_allclose(var.reshape(-1).numpy(), ref_var, rtol=1e-10)
+    np.testing.assert_allclose(mean.numpy(), ref_mean, rtol=1e-9, atol=1e-12)
+    # t = 0: x_{-1} is x0 itself.
+    m0, v0, _ = diff.posterior_mean_variance(x0[:1], xt[:1], torch.tensor([0]))
+    np.testing.assert_allclose(m0.numpy(), x0[:1].numpy(), atol=1e-12)
+    assert v0.item() == 0.0
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_parameterisations_round_trip_float64(prediction):
+    torch.manual_seed(1)
+    diff = GaussianDiffusion(cosine_schedule(1000), prediction=prediction)
+    ab = torch.tensor(np.array(cosine_schedule(1000).alphas_cumprod))
+    t = torch.tensor([0, 1, 250, 700, 999])
+    x0 = torch.randn(5, 2, 4, dtype=torch.float64)
+    eps = torch.randn_like(x0)
+    a = ab[t].reshape(-1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    target = {"eps": eps, "x0": x0, "v": a.sqrt() * eps - (1 - a).sqrt() * x0}[prediction]
+    torch.testing.assert_close(diff.predict_x0(target, xt, t), x0, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(diff.predict_eps(target, xt, t), eps, rtol=1e-9, atol=1e-8)
+
+
+def test_training_losses_shape_mse_and_per_sample_independence():
+    torch.manual_seed(2)
+    diff = GaussianDiffusion("linear")
+    net = nn.Sequential(
+        nn.Conv2d(2, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.SiLU(), nn.Conv2d(8, 2, 3, padding=1)
+    )
+
+    def model(x, t):
+        return net(x) * (1.0 + t.float()[:, None, None, None] / 1000.0)
+
+    x0 = torch.randn(6, 2, 5, 5)
+    noise = torch.randn_like(x0)
+    t = torch.tensor([0, 10, 200, 400, 800, 999])
+    out = diff.training_losses(model, x0, t, noise)
+    assert out["loss"].shape == (6,) and out["mse"].shape == (6,)
+    with torch.no_grad():
+        ref = ((model(diff.q_sample(x0, t, noise), t) - noise) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(out["mse"], ref)
+    torch.testing.assert_close(out["loss"], out["mse"])
+    x0b = x0.clone()
+    x0b[3] += 5.0
+    out_b = diff.training_losses(model, x0b, t, noise)
+    changed = (out_b["loss"] - out["loss"]).abs() > 1e-6
+    assert changed.tolist() == [False, False, False, True, False, False]
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_loss_weights_match_formulas(prediction):
+    sched = linear_schedule(1000)
+    ab = _ref_alphas_cumprod()
+    snr = ab / (1 - ab)
+    t = torch.arange(0, 1000, 37)
+    s = snr[t.numpy()]
+    p2 = GaussianDiffusion(sched, prediction, loss_weighting="p2", p2_gamma=0.5, p2_k=2.0)
+    np.testing.assert_allclose(p2.per_sample_weight(t).numpy(), (2.0 + s) ** -0.5, rtol=1e-6)
+    ms = GaussianDiffusion(sched, prediction, loss_weighting="min_snr", min_snr_gamma=5.0)
+    denom = {"eps": s, "x0": np.ones_like(s), "v": s + 1.0}[prediction]
+    np.testing.assert_allclose(
+        ms.per_sample_weight(t).numpy(), np.minimum(s, 5.0) / denom, rtol=1e-6
+    )
+    plain = GaussianDiffusion(sched, prediction)
+    assert torch.equal(plain.per_sample_weight(t), torch.ones(len(t)))
+    x0 = torch.randn(len(t), 1, 2, 2)
+    out = ms.training_losses(ConstModel(torch.zeros_like(x0)), x0, t)
+    torch.testing.assert_close(out["loss"], out["mse"] * ms.per_sample_weight(t))
+
+
+def test_hybrid_vb_closed_forms_and_stop_gradient():
+    torch.manual_seed(3)
+    T = 200  # noqa: N806 - vb is scaled by T / 1000
+    diff = GaussianDiffusion(linear_schedule(T), learn_sigma=True)
+    ab = _ref_alphas_cumprod(T)
+    ab_prev = np.concatenate([[1.0], ab[:-1]])
+    beta = 1 - ab / ab_prev
+    bt = beta * (1 - ab_prev) / (1 - ab)
+    t = torch.tensor([1, 5, 60, 199])
+    x0 = torch.rand(4, 1, 3, 3) * 2 - 1
+    noise = torch.randn_like(x0)
+    # True eps + v = -1 (posterior variance): KL = 0. v = +1 (beta): closed-form Gaussian KL.
+    vb = diff.training_losses(Oracle(noise, -1.0), x0, t, noise)["vb"]
+    torch.testing.assert_close(vb, torch.zeros(4), atol=1e-5, rtol=0)
+    vb = diff.training_losses(Oracle(noise, 1.0), x0, t, noise)["vb"]
+    tn = t.numpy()
+    kl = 0.5 * (np.log(beta[tn] / bt[tn]) + bt[tn] / beta[tn] - 1.0) / math.log(2.0)
+    np.testing.assert_allclose(vb.numpy(), kl * T / 1000, rtol=1e-4, atol=1e-7)
+    # Random outputs, all t including 0: finite, >= 0, gradient reaches the variance only.
+    tt = torch.tensor([0, 0, 3, 100, 199, 150])
+    x0 = torch.rand(6, 2, 4, 4) * 2 - 1
+    model = ConstModel(torch.randn(6, 4, 4, 4) * 0.5)
+    out = diff.training_losses(model, x0, tt)
+    assert torch.isfinite(out["vb"]).all() and (out["vb"] >= 0).all()
+    torch.testing.assert_close(out["loss"], out["mse"] + out["vb"])
+    out["vb"].sum().backward()
+    assert torch.all(model.out.grad[:, :2] == 0)
+    assert torch.all(model.out.grad[:, 2:].abs().sum(dim=(1, 2, 3)) > 0)
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="prediction"):
+        GaussianDiffusion("linear", prediction="score")
+    with pytest.raises(ValueError, match="loss_weighting"):
+        GaussianDiffusion("linear", loss_weighting="snr")
+    diff = GaussianDiffusion("linear", learn_sigma=True)
+    x0 = torch.zeros(2, 3, 2, 2)
+    with pytest.raises(ValueError, match="2\\*C"):
+        diff.training_losses(ConstModel(torch.zeros(2, 3, 2, 2)), x0, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="shape \\[B\\]"):
+        diff.training_losses(ConstModel(torch.zeros(2, 6, 2, 2)), x0, torch.tensor([1]))

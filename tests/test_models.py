@@ -1,0 +1,281 @@
+"""Model registry, ADM/LDM/DiT networks and the latent codecs."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from antdiff.diffusion import GaussianDiffusion
+from antdiff.models import (
+    DiffusersVAE,
+    PrecomputedLatents,
+    TinyAutoencoder,
+    available_models,
+    create_model,
+    train_autoencoder,
+)
+from antdiff.models.adm import timestep_embedding
+
+CPU_SIZES = {  # name -> (input shape per sample, overrides)
+    "adm-tiny": ((1, 8, 8), {}),
+    "adm-tiny+cls+sigma": ((1, 8, 8), {"num_classes": 10, "learn_sigma": True, "dropout": 0.1}),
+    "adm-small": ((1, 16, 16), {}),
+    "ldm-tiny": ((4, 4, 4), {}),
+    "dit-tiny": ((1, 8, 8), {}),
+    "dit-tiny+sigma": ((1, 8, 8), {"learn_sigma": True, "num_classes": None}),
+}
+
+
+def _build(key: str) -> tuple[nn.Module, tuple[int, ...]]:
+    name = key.split("+")[0]
+    shape, overrides = CPU_SIZES[key]
+    torch.manual_seed(0)
+    model = create_model(name, **overrides)
+    # Zero-initialised layers would make every gradient below trivially zero.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model, shape
+
+
+def _labels(model: nn.Module, b: int) -> dict:
+    return {"y": torch.arange(b) % model.num_classes} if model.num_classes else {}
+
+
+@pytest.mark.parametrize("key", sorted(CPU_SIZES))
+def test_cpu_sizes_train_step(key):
+    model, shape = _build(key)
+    diff = GaussianDiffusion("linear", learn_sigma=model.learn_sigma)
+    x0 = torch.randn(3, *shape)
+    t = torch.tensor([0, 400, 999])
+    out = diff.training_losses(model, x0, t, model_kwargs=_labels(model, 3))
+    assert out["loss"].shape == (3,) and torch.isfinite(out["loss"]).all()
+    out["loss"].mean().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert model(x0, t, **_labels(model, 3)).shape == (
+        3,
+        shape[0] * (1 + model.learn_sigma),
+        *shape[1:],
+    )
+
+
+@pytest.mark.parametrize("key", sorted(CPU_SIZES))
+def test_no_cross_sample_coupling(key):
+    model, shape = _build(key)
+    model.eval()
+    x = torch.randn(4, *shape, requires_grad=True)
+    t = torch.tensor([3, 250, 600, 990])
+    model(x, t, **_labels(model, 4))[1].sum().backward()
+    g = x.grad
+    assert g[1].abs().sum() > 0
+    assert torch.all(g[[0, 2, 3]] == 0), "output of sample 1 depends on other samples"
+
+
+def test_paper_sizes_param_counts_on_meta():
+    known = {
+        "DiT-XL/2": 675e6,
+        "DiT-S/2": 33e6,
+        "DiT-B/2": 130e6,
+        "DiT-L/2": 458e6,
+        "ldm-ffhq": 274e6,
+    }
+    for name, want in known.items():
+        with torch.device("meta"):
+            model = create_model(name)
+        params = list(model.parameters())
+        assert all(p.is_meta for p in params)
+        n = sum(p.numel() for p in params)
+        assert abs(n - want) / want < 0.10, (name, n)
+    with torch.device("meta"):
+        adm = create_model("adm-light")
+    assert adm.out_channels == 6 and adm.model_channels == 128
+
+
+def test_registry_names_and_errors():
+    names = available_models()
+    for n in [
+        "adm-light",
+        "adm-tiny",
+        "adm-small",
+        "ldm-ffhq",
+        "ldm-tiny",
+        "dit-tiny",
+        "DiT-S/2",
+        "DiT-B/4",
+        "DiT-L/2",
+        "DiT-XL/2",
+        "DiT-XL/8",
+    ]:
+        assert n in names
+    with pytest.raises(ValueError, match="unknown model"):
+        create_model("DiT-M/2")
+    with pytest.raises(ValueError, match="unknown override"):
+        create_model("dit-tiny", hidden=3)
+    m = create_model("DiT-S/2", input_size=8, in_channels=1, depth=1, num_classes=3)
+    assert len(m.blocks) == 1 and m.num_classes == 3
+    with pytest.raises(ValueError, match="attention_resolutions"):
+        create_model("adm-tiny", attention_resolutions=(3,))
+
+
+def test_timestep_embedding_formula():
+    t = torch.tensor([0, 1, 17, 999])
+    emb = timestep_embedding(t, 6).double().numpy()
+    freqs = np.exp(-math.log(10000.0) * np.arange(3) / 3)
+    ang = t.numpy()[:, None] * freqs[None]
+    np.testing.assert_allclose(emb, np.concatenate([np.cos(ang), np.sin(ang)], 1), atol=1e-4)
+
+
+def test_dit_adaln_zero_init_patch_layout_and_pos_embed():
+    torch.manual_seed(0)
+    model = create_model("dit-tiny").eval()
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([1, 2]), torch.tensor([0, 10])
+    assert torch.equal(model(x, t, y=y), torch.zeros(2, 1, 8, 8))  # zero final layer
+    h = torch.randn(2, 16, 64)
+    assert torch.equal(model.blocks[0](h, torch.randn(2, 64)), h)  # zero gates
+    # unpatchify inverts a row-major patchify with (i, j, c) order inside each patch.
+    m2 = create_model("dit-tiny", in_channels=3)
+    img = torch.randn(2, 3, 8, 8)
+    tokens = img.reshape(2, 3, 4, 2, 4, 2).permute(0, 2, 4, 3, 5, 1).reshape(2, 16, 12)
+    assert torch.equal(m2.unpatchify(tokens), img)
+    assert "pos_embed" not in dict(model.named_parameters())
+    pe = model.pos_embed[0]
+    assert pe.shape == (16, 64) and torch.cdist(pe, pe).add(torch.eye(16)).min() > 0.1
+
+
+def test_label_dropout_only_in_training_mode():
+    model, _ = _build("dit-tiny")
+    x = torch.randn(200, 1, 8, 8)
+    t = torch.full((200,), 100)
+    y = torch.full((200,), 3)
+    with torch.no_grad():
+        cond = model.eval()(x, t, y=y)
+        null = model(x, t, y=torch.full_like(y, 10))
+        assert torch.equal(model(x, t, y=y), cond)
+        out = model.train()(x, t, y=y)
+    dropped = (out - null).abs().amax(dim=(1, 2, 3)) < 1e-6
+    kept = (out - cond).abs().amax(dim=(1, 2, 3)) < 1e-6
+    assert torch.all(dropped ^ kept)
+    assert 5 <= int(dropped.sum()) <= 40  # p = 0.1 of 200
+
+
+def test_conditioning_errors():
+    with pytest.raises(ValueError, match="class-conditional"):
+        create_model("dit-tiny")(torch.randn(1, 1, 8, 8), torch.tensor([1]))
+    with pytest.raises(ValueError, match="unconditional"):
+        create_model("adm-tiny")(torch.randn(1, 1, 8, 8), torch.tensor([1]), y=torch.tensor([0]))
+
+
+# ----------------------------------------------------------------------------- autoencoders
+def _digits() -> torch.Tensor:
+    from sklearn.datasets import load_digits
+
+    x = load_digits().images.astype(np.float32) / 16.0 * 2.0 - 1.0
+    return torch.from_numpy(x)[:, None]
+
+
+def test_tiny_autoencoder_shapes_and_training():
+    data = _digits()[:512]
+    ae = TinyAutoencoder(hidden=16)
+    assert ae.latent_shape((1, 8, 8)) == (4, 4, 4)
+    assert ae.latent_shape((5, 1, 8, 8)) == (5, 4, 4, 4)
+    with torch.no_grad():
+        before = nn.functional.mse_loss(ae(data), data).item()
+    ae, losses = train_autoencoder(data, steps=40, batch_size=32, lr=5e-3, seed=0, hidden=16)
+    with torch.no_grad():
+        after = nn.functional.mse_loss(ae(data), data).item()
+        z = ae.encode(data[:32])
+        rec = ae.decode(z)
+        z_all = ae.encode(data)
+    assert losses.shape == (40,)
+    assert after < 0.5 * before, (before, after)
+    assert z.shape == (32, 4, 4, 4) and rec.shape == (32, 1, 8, 8)
+    assert abs(z_all.std().item() - 1.0) < 1e-3  # scale_factor makes latents unit-variance
+    torch.testing.assert_close(rec, ae(data[:32]))
+
+
+def test_diffusers_vae_missing_paths(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        DiffusersVAE.from_local(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        DiffusersVAE.from_local(tmp_path)
+
+
+def test_diffusers_vae_without_diffusers(tmp_path, monkeypatch):
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    with pytest.raises(ImportError, match="pip install diffusers"):
+        DiffusersVAE.from_local(tmp_path)
+
+
+def test_diffusers_vae_round_trip(tmp_path):
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:  # without diffusers the loader must say how to get it
+        (tmp_path / "config.json").write_text("{}")
+        with pytest.raises(ImportError, match="pip install diffusers"):
+            DiffusersVAE.from_local(tmp_path)
+        return
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=16,
+        scaling_factor=0.5,
+    )
+    vae.save_pretrained(tmp_path / "vae")
+    codec = DiffusersVAE.from_local(tmp_path / "vae")
+    assert codec.scale_factor == 0.5
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    z = codec.encode(x, sample=False)
+    assert z.shape == codec.latent_shape(x.shape) == (2, 4, 8, 8)
+    with torch.no_grad():
+        want = vae.encode(x).latent_dist.mode() * 0.5
+        torch.testing.assert_close(z, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            codec.decode(z), vae.decode(want / 0.5).sample, atol=1e-5, rtol=1e-5
+        )
+
+
+def test_precomputed_latents(tmp_path):
+    z = torch.randn(6, 4, 2, 2)
+    torch.save(z, tmp_path / "a.pt")
+    torch.save({"latents": z, "labels": torch.arange(6)}, tmp_path / "b.pt")
+    np.save(tmp_path / "c.npy", z.numpy())
+    a = PrecomputedLatents(tmp_path / "a.pt", expected_shape=(4, 2, 2), scale_factor=2.0)
+    torch.testing.assert_close(a.encode(torch.tensor([4, 1])), z[[4, 1]] * 2.0)
+    assert len(a) == 6 and a.latent_shape() == (4, 2, 2)
+    b = PrecomputedLatents(tmp_path / "b.pt")
+    assert torch.equal(b.labels, torch.arange(6))
+    assert torch.equal(PrecomputedLatents(tmp_path / "c.npy").latents, z)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        PrecomputedLatents(tmp_path / "missing.pt")
+    (tmp_path / "d.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"\.pt or \.npy"):
+        PrecomputedLatents(tmp_path / "d.txt")
+    with pytest.raises(ValueError, match="per-sample shape"):
+        PrecomputedLatents(tmp_path / "a.pt", expected_shape=(3, 2, 2))
+    torch.save(torch.randn(6, 4), tmp_path / "e.pt")
+    with pytest.raises(ValueError, match=r"\[N, c, h, w\]"):
+        PrecomputedLatents(tmp_path / "e.pt")
+    torch.save({"z": z}, tmp_path / "f.pt")
+    with pytest.raises(ValueError, match="'latents'"):
+        PrecomputedLatents(tmp_path / "f.pt")
+    with pytest.raises(ValueError, match="no decoder"):
+        a.decode(z)
+    ae = TinyAutoencoder()
+    ae._scale.fill_(0.25)
+    dec = PrecomputedLatents(tmp_path / "a.pt", scale_factor=2.0, decoder=ae)
+    with torch.no_grad():  # stored latents are the decoder's raw latents
+        torch.testing.assert_close(dec.decode(dec.encode(torch.arange(6))), ae.decoder(z))

@@ -1,0 +1,205 @@
+"""Samplers: respacing, oracle recovery, DDIM(eta=1) == DDPM, classifier-free guidance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from antdiff.diffusion import GaussianDiffusion
+from antdiff.models import create_model
+from antdiff.sampling import guided_output, respace, sample, space_timesteps
+from antdiff.schedules import cosine_schedule, linear_schedule
+
+
+class PointOracle(nn.Module):
+    """Exact denoiser for the one-point data distribution x0 = c, in any parameterisation.
+
+    Uses its own float64 alphas_cumprod at the ORIGINAL timestep index, so a wrong timestep
+    map in the sampler gives a wrong answer.
+    """
+
+    def __init__(self, c: torch.Tensor, ab: np.ndarray, prediction: str, learn_sigma: bool):
+        super().__init__()
+        self.c, self.ab, self.prediction, self.learn_sigma = c, ab, prediction, learn_sigma
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = torch.tensor(self.ab)[t.cpu()].reshape(-1, 1, 1, 1)
+        xd = x.double()
+        eps = (xd - a.sqrt() * self.c) / (1 - a).sqrt()
+        out = {
+            "eps": eps,
+            "x0": self.c.expand_as(xd),
+            "v": a.sqrt() * eps - (1 - a).sqrt() * self.c,
+        }
+        out = out[self.prediction].float()
+        return torch.cat([out, torch.zeros_like(out)], 1) if self.learn_sigma else out
+
+
+class Wavy(nn.Module):
+    """A smooth, timestep-dependent stand-in for a trained network (no parameters)."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None):
+        s = (t.float() / 1000.0).reshape(-1, 1, 1, 1)
+        return 0.8 * torch.tanh(x) * (1 - s) + 0.3 * torch.sin(2 * x) * s
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "trailing", "leading"])
+def test_space_timesteps(spacing):
+    for T, S in [(1000, 50), (1000, 250), (1000, 7), (97, 13), (10, 10), (5, 1)]:  # noqa: N806
+        ts = space_timesteps(T, S, spacing)
+        assert ts.shape == (S,) and ts.dtype == np.int64
+        assert np.all(np.diff(ts) > 0) and ts[0] >= 0 and ts[-1] <= T - 1
+        if S == T:
+            assert np.array_equal(ts, np.arange(T))
+    assert space_timesteps(1000, 50, "linspace")[[0, -1]].tolist() == [0, 999]
+    assert space_timesteps(1000, 50, "trailing").tolist()[-2:] == [979, 999]
+    assert space_timesteps(1000, 50, "leading").tolist()[:2] == [0, 20]
+    with pytest.raises(ValueError, match="steps"):
+        space_timesteps(10, 11, spacing)
+    with pytest.raises(ValueError, match="spacing"):
+        space_timesteps(10, 5, "uniform")
+
+
+def test_respaced_schedule_consistent_with_original():
+    diff = GaussianDiffusion(linear_schedule(1000), learn_sigma=True)
+    ab = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+    kept = space_timesteps(1000, 250)
+    resp, tmap = respace(diff, kept)
+    assert resp.T == 250 and np.array_equal(tmap, kept)
+    np.testing.assert_allclose(resp.schedule.alphas_cumprod, ab[kept], rtol=1e-12)
+    prev = np.concatenate([[1.0], ab[kept][:-1]])
+    np.testing.assert_allclose(resp.schedule.betas, 1 - ab[kept] / prev, rtol=1e-10)
+    assert resp.learn_sigma and resp.prediction == "eps"
+
+
+@pytest.mark.parametrize(
+    "sampler,prediction,learn_sigma,steps,sched,spacing",
+    [
+        ("ddim", "eps", False, 50, "linear", "linspace"),
+        ("ddim", "eps", False, 50, "linear", "trailing"),
+        ("ddim", "v", True, 20, "cosine", "trailing"),
+        ("ddim", "x0", False, 13, "linear", "leading"),
+        ("ddpm", "eps", True, 250, "cosine", "linspace"),
+        ("ddpm", "eps", False, 40, "linear", "trailing"),
+        ("ddpm", "v", False, 40, "linear", "trailing"),
+    ],
+)
+def test_oracle_recovers_the_data_point(sampler, prediction, learn_sigma, steps, sched, spacing):
+    schedule = linear_schedule(1000) if sched == "linear" else cosine_schedule(1000)
+    diff = GaussianDiffusion(schedule, prediction=prediction, learn_sigma=learn_sigma)
+    c = torch.tensor([0.5, -0.25, 0.9], dtype=torch.float64).reshape(1, 3, 1, 1)
+    oracle = PointOracle(c, np.array(schedule.alphas_cumprod), prediction, learn_sigma)
+    g = torch.Generator().manual_seed(0)
+    x = sample(
+        oracle, diff, (4, 3, 2, 2), sampler=sampler, steps=steps, generator=g, spacing=spacing
+    )
+    torch.testing.assert_close(x, c.float().expand(4, 3, 2, 2), atol=2e-4, rtol=0)
+
+
+def test_model_sees_original_timesteps_in_descending_order():
+    seen = []
+
+    def model(x, t):
+        seen.append(t.clone())
+        return torch.zeros_like(x)
+
+    diff = GaussianDiffusion("linear")
+    for spacing in ("linspace", "trailing"):
+        seen.clear()
+        sample(model, diff, (2, 1, 2, 2), steps=7, spacing=spacing)
+        want = space_timesteps(1000, 7, spacing)[::-1]
+        assert [s.tolist() for s in seen] == [[int(v), int(v)] for v in want]
+        assert all(s.dtype == torch.int64 for s in seen)
+
+
+def test_ddim_eta0_deterministic_and_seeded():
+    diff = GaussianDiffusion("linear")
+    shape = (3, 2, 4, 4)
+    a = sample(Wavy(), diff, shape, steps=10, generator=torch.Generator().manual_seed(1))
+    b = sample(Wavy(), diff, shape, steps=10, generator=torch.Generator().manual_seed(1))
+    c = sample(Wavy(), diff, shape, steps=10, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    assert torch.isfinite(a).all()
+
+
+def test_ddim_eta1_equals_ddpm_with_posterior_variance():
+    # DDIM's eta = 1 variance is exactly beta_tilde and its mean the q(x_{t-1}|x_t, x0) mean.
+    diff = GaussianDiffusion("cosine", fixed_variance="small")
+    shape = (2, 1, 3, 3)
+    kw = dict(steps=25, clip_denoised=True)
+    ddim = sample(
+        Wavy(),
+        diff,
+        shape,
+        sampler="ddim",
+        eta=1.0,
+        generator=torch.Generator().manual_seed(5),
+        **kw,
+    )
+    ddpm = sample(
+        Wavy(), diff, shape, sampler="ddpm", generator=torch.Generator().manual_seed(5), **kw
+    )
+    torch.testing.assert_close(ddim, ddpm, atol=1e-4, rtol=1e-4)
+
+
+def _randomised(model: nn.Module) -> nn.Module:
+    """Re-draw zero-initialised weights so outputs depend on the class label."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def test_cfg_formula_and_scale_one_equals_conditional():
+    model = _randomised(create_model("dit-tiny"))
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([5, 500, 999])
+    y = torch.tensor([1, 7, 3])
+    with torch.no_grad():
+        cond = model(x, t, y=y)
+        uncond = model(x, t, y=torch.full_like(y, 10))
+        g1 = guided_output(model, x, t, y, 1.0, 10, channels=1)
+        g4 = guided_output(model, x, t, y, 4.0, 10, channels=1)
+    assert not torch.allclose(cond, uncond)
+    torch.testing.assert_close(g1, cond, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g4, uncond + 4.0 * (cond - uncond), atol=1e-5, rtol=1e-5)
+
+
+def test_cfg_learned_variance_taken_from_conditional_half():
+    model = _randomised(create_model("dit-tiny", learn_sigma=True))
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 700]), torch.tensor([2, 9])
+    with torch.no_grad():
+        g = guided_output(model, x, t, y, 3.0, 10, channels=1)
+        cond = model(x, t, y=y)
+    assert g.shape == (2, 2, 8, 8)
+    torch.testing.assert_close(g[:, 1:], cond[:, 1:], atol=1e-5, rtol=1e-5)
+
+
+def test_cfg_sampling_runs_and_restores_training_mode():
+    model = _randomised(create_model("dit-tiny", learn_sigma=True)).train()
+    diff = GaussianDiffusion("cosine", learn_sigma=True)
+    y = torch.tensor([0, 4, 9])
+    kw = dict(steps=8, y=y, generator=None)
+    for sampler in ("ddim", "ddpm"):
+        x1 = sample(model, diff, (3, 1, 8, 8), sampler=sampler, cfg_scale=1.0, **kw)
+        g = torch.Generator().manual_seed(0)
+        x4 = sample(
+            model, diff, (3, 1, 8, 8), sampler=sampler, cfg_scale=4.0, **{**kw, "generator": g}
+        )
+        assert x1.shape == x4.shape == (3, 1, 8, 8)
+        assert torch.isfinite(x4).all()
+    assert model.training  # sample() switched to eval for label dropout, then back
+
+
+def test_sample_bad_arguments():
+    diff = GaussianDiffusion("linear")
+    with pytest.raises(ValueError, match="sampler"):
+        sample(Wavy(), diff, (1, 1, 2, 2), sampler="euler")
+    with pytest.raises(ValueError, match="steps"):
+        sample(Wavy(), diff, (1, 1, 2, 2), steps=1001)
+    with pytest.raises(ValueError, match="y must have shape"):
+        sample(Wavy(), diff, (2, 1, 2, 2), y=torch.tensor([1]))
+    with pytest.raises(ValueError, match="null class"):
+        sample(Wavy(), diff, (1, 1, 2, 2), y=torch.tensor([1]), cfg_scale=2.0)
