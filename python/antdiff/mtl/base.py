@@ -1,0 +1,277 @@
+"""Base classes and shared helpers of the MTL methods.
+
+Two families act on the k cluster losses L: [k] of one training step:
+
+- ``LossMethod`` (loss space): maps L to k transformed terms whose sum is the training loss.
+- ``GramMethod`` (gradient space): maps the Gram matrix G = J J^T: [k, k] of the per-cluster
+  gradients J: [k, P] to weights w: [k]; the engine writes the update w @ J. The engine alone
+  computes J and G and applies w (TorchJD's "Gram -> weights" split).
+
+Scaling conventions (every method):
+
+- The equal-weight baseline is the mean over PRESENT clusters: total = sum_i L_i / k_present.
+  An empty cluster just drops out; with every cluster present this is METHOD.md's
+  "cluster losses pre-divided by k".
+- A ``GramMethod`` with ``reduction="mean"`` (the default when it stands alone) expects the rows
+  of J to be gradients of the raw cluster losses L_i; its weights are on the scale of
+  1 / k_present (equal weights give the mean). With ``reduction="sum"`` (what ``make_method``
+  sets after a loss method, e.g. "uw+pcgrad") the rows are gradients of the transformed terms,
+  which already carry the 1/k, and equal weights are 1 (the update is a sum, METHOD.md's
+  "update = sum_i g_i'"). Each method states its native convention; the base class rescales.
+- Absent clusters get weight exactly 0. So do clusters whose gradient is exactly zero
+  (G[i, i] == 0), which the gradient methods cannot place.
+
+Nothing here synchronises with the host: no ``.item()``, no Python branch on a tensor value.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+_REDUCTIONS = ("mean", "sum")
+
+
+def check_k(k: Any) -> int:
+    """Return ``k`` as an int, or raise if it is not an integer >= 1."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    return k
+
+
+def check_losses(L: Tensor, present: Tensor, k: int) -> None:
+    """Raise unless ``L: [k]`` is a float tensor and ``present: [k]`` a bool tensor."""
+    if not isinstance(L, Tensor) or L.shape != (k,) or not L.is_floating_point():
+        got = f"{tuple(L.shape)} {L.dtype}" if isinstance(L, Tensor) else type(L).__name__
+        raise ValueError(f"L must be a float tensor of shape [k]=[{k}], got {got}")
+    check_present(present, k, L.device)
+
+
+def check_present(present: Tensor, k: int, device: torch.device) -> None:
+    """Raise unless ``present`` is a bool [k] tensor on ``device``."""
+    if not isinstance(present, Tensor) or present.shape != (k,) or present.dtype != torch.bool:
+        got = (
+            f"{tuple(present.shape)} {present.dtype}"
+            if isinstance(present, Tensor)
+            else type(present).__name__
+        )
+        raise ValueError(f"present must be a bool tensor of shape [k]=[{k}], got {got}")
+    if present.device != device:
+        raise ValueError(f"present is on {present.device} but the losses/Gram on {device}")
+
+
+def check_gram(G: Tensor, present: Tensor, k: int) -> None:
+    """Raise unless ``G: [k, k]`` is a float tensor and ``present: [k]`` a bool tensor."""
+    if not isinstance(G, Tensor) or G.shape != (k, k) or not G.is_floating_point():
+        got = f"{tuple(G.shape)} {G.dtype}" if isinstance(G, Tensor) else type(G).__name__
+        raise ValueError(f"G must be a float tensor of shape [k, k]=[{k}, {k}], got {got}")
+    check_present(present, k, G.device)
+
+
+def n_present(present: Tensor, dtype: torch.dtype) -> Tensor:
+    """Number of present clusters as a 0-d tensor, at least 1 (so dividing by it is safe)."""
+    return present.sum().clamp(min=1).to(dtype)
+
+
+def masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:
+    """Softmax over the entries where ``mask`` is True; exactly 0 elsewhere (0 if none)."""
+    top = torch.where(mask, logits, float("-inf")).amax()
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    e = torch.where(mask, torch.exp(torch.where(mask, logits - top, 0.0)), 0.0)
+    return e / e.sum().clamp(min=torch.finfo(e.dtype).tiny)
+
+
+class DeviceRNG:
+    """A seeded ``torch.Generator`` created on the device of first use, with a state round trip.
+
+    Random draws must come from a generator on the tensors' device: drawing on the CPU and
+    copying to a GPU would synchronise. The state saved on one device type restores exactly on
+    the same device type; on another one the stream restarts from the seed (with a warning).
+    """
+
+    def __init__(self, seed: int) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        self.seed = seed
+        self._gen: torch.Generator | None = None
+        self._pending: tuple[str, Tensor] | None = None
+
+    def get(self, device: torch.device) -> torch.Generator:
+        """The generator on ``device`` (created, or moved with its state, on first use there)."""
+        gen = self._gen
+        if gen is not None and gen.device == device:
+            return gen
+        new = torch.Generator(device=device)
+        new.manual_seed(self.seed)
+        carried = self._pending if gen is None else (gen.device.type, gen.get_state())
+        if carried is not None:
+            if carried[0] == device.type:
+                new.set_state(carried[1])
+            else:
+                warnings.warn(
+                    f"random state saved on {carried[0]} cannot continue on {device.type}; "
+                    f"restarting the stream from seed {self.seed}",
+                    stacklevel=3,
+                )
+        self._gen, self._pending = new, None
+        return new
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._gen is not None:
+            saved: tuple[str, Tensor] | None = (self._gen.device.type, self._gen.get_state())
+        else:
+            saved = self._pending
+        return {
+            "seed": self.seed,
+            "device_type": None if saved is None else saved[0],
+            "state": None if saved is None else saved[1].clone(),
+        }
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.seed = int(d["seed"])
+        self._gen = None
+        state = d.get("state")
+        self._pending = None if state is None else (str(d["device_type"]), state.clone())
+
+
+class LossMethod(torch.nn.Module):
+    """Loss-space method: k cluster losses -> k transformed terms whose sum is the total loss.
+
+    Subclasses implement ``transform``; stateful ones also ``observe``. ``transform`` is a pure
+    function of (L, present, state): the state moves only in ``observe``, which the engine calls
+    once per completed (finite) step, so calling ``transform`` twice in a step is harmless.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = check_k(k)
+
+    def transform(self, L: Tensor, present: Tensor) -> Tensor:
+        """Transformed per-cluster terms.
+
+        Args:
+            L: [k] mean per-sample loss of each cluster (0 where absent).
+            present: [k] bool, which clusters have samples this step.
+
+        Returns:
+            [k] terms; their sum is the total loss; absent clusters give exactly 0 and no
+            gradient to anything.
+        """
+        raise NotImplementedError
+
+    def forward(self, L: Tensor, present: Tensor) -> Tensor:
+        """Total loss: ``transform(L, present).sum()``."""
+        return self.transform(L, present).sum()
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimiser groups for learnable parameters ([] when there are none)."""
+        return []
+
+    def observe(self, L: Tensor, present: Tensor) -> None:
+        """Update the state after a completed step (``L`` detached). Default: stateless."""
+        check_losses(L, present, self.k)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}"
+
+
+class GramMethod:
+    """Gradient-space method: Gram [k, k] -> weights [k] (the update is w @ J).
+
+    Subclasses set ``native`` ("mean" when their raw weights sum to ~1, "sum" when equal weights
+    are 1) and implement ``_weights`` on a float64 Gram with inactive rows and columns zeroed.
+    """
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[str] = "gram"
+    native: ClassVar[str] = "mean"
+
+    def __init__(self, k: int, *, reduction: str = "mean", update_every: int = 1) -> None:
+        self.k = check_k(k)
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+            raise ValueError(f"update_every must be an integer >= 1, got {update_every!r}")
+        self.reduction = reduction
+        self.update_every = update_every
+        # what the engine reuses between recomputations; saved so a resume mid-interval is exact
+        self.last_weights: Tensor | None = None
+
+    def weights(self, G: Tensor, present: Tensor) -> Tensor:
+        """Weights of the per-cluster gradients.
+
+        Args:
+            G: [k, k] fp32 or fp64 Gram matrix of the rows of J.
+            present: [k] bool on G's device.
+
+        Returns:
+            w: [k] float32 on G's device; the update is w @ J; 0 for absent clusters.
+        """
+        check_gram(G, present, self.k)
+        G64 = G.detach().to(torch.float64)
+        G64 = 0.5 * (G64 + G64.T)
+        active = present & (G64.diagonal() > 0)
+        both = active[:, None] & active[None, :]
+        w = self._weights(torch.where(both, G64, 0.0), active, present)
+        w = torch.where(active, w, 0.0) * self._scale(present)
+        self.last_weights = w.to(torch.float32)
+        return self.last_weights
+
+    def _weights(self, G: Tensor, active: Tensor, present: Tensor) -> Tensor:
+        """Native float64 weights [k] from the masked Gram (inactive rows/cols are 0)."""
+        raise NotImplementedError
+
+    def _scale(self, present: Tensor) -> Tensor | float:
+        if self.native == self.reduction:
+            return 1.0
+        kp = n_present(present, torch.float64)
+        return 1.0 / kp if self.reduction == "mean" else kp
+
+    def state_dict(self) -> dict[str, Any]:
+        """The last weights returned (None before the first call); subclasses add theirs."""
+        last = None if self.last_weights is None else self.last_weights.clone()
+        return {"last_weights": last}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        if "last_weights" not in d:
+            raise ValueError(f"{self.name} state needs 'last_weights', got keys {sorted(d)}")
+        last = d["last_weights"]
+        self.last_weights = None if last is None else last.clone()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(k={self.k}, reduction={self.reduction!r})"
+
+
+def subset_masks(k: int, device: torch.device) -> Tensor:
+    """All 2^k - 1 non-empty subsets of the k clusters as a bool [2^k - 1, k] tensor."""
+    codes = torch.arange(1, 1 << k, device=device)
+    return ((codes[:, None] >> torch.arange(k, device=device)) & 1).bool()
+
+
+def subset_solve(G: Tensor, masks: Tensor, rhs: Tensor, ridge: float) -> Tensor:
+    """Solve G_SS x_S = rhs_S on every support S at once (x = 0 off S).
+
+    The matrix is G restricted to S, identity off S, plus ``ridge`` times the identity, so it
+    is symmetric positive definite for any PSD G and the solve never fails.
+
+    Args:
+        G: [k, k] float64 PSD. masks: [n, k] bool supports. rhs: [n, k, m].
+
+    Returns:
+        x: [n, k, m].
+    """
+    m = masks.to(G.dtype)
+    eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    A = G * (m[:, :, None] * m[:, None, :]) + torch.diag_embed(1.0 - m) + ridge * eye
+    x, _ = torch.linalg.solve_ex(A, rhs * m[:, :, None])
+    return x * m[:, :, None]
+
+
+def pick_rows(values: Tensor, index: Tensor) -> Tensor:
+    """``values[index]`` for a 0-d device index without a host sync (-> values.shape[1:])."""
+    return values.index_select(0, index.reshape(1))[0]

@@ -1,0 +1,240 @@
+"""Gradient-space MTL methods: Gram G [k, k] -> weights w [k], update = w @ J.
+
+Every method here works from the k x k Gram alone, in float64, with a fixed amount of work
+(no data-dependent loop, no host sync). Inactive clusters (absent, or with an exactly zero
+gradient) have their rows and columns of G zeroed before the method sees it and get weight 0.
+Scaling: see ``antdiff.mtl.base`` (``reduction`` "mean" on raw cluster-loss gradients,
+"sum" on gradients of terms that already carry the 1/k).
+
+- ``MeanGram`` ("mean"): equal weights 1/k_present.
+- ``PCGrad`` ("pcgrad", Yu et al. 2020): native "sum": w = C.sum(0) where row i of C expresses
+  the projected g_i' in the basis of the original g's (``ant_kernels.pcgrad_weights``).
+- ``NashMTL`` ("nash", Navon et al. 2022): native "sum": alpha > 0 with alpha * (G_n alpha) = 1
+  on G_n = G / ||G||_F (``ant_kernels.nash_weights``). The engine recomputes w every
+  ``update_every`` (25) steps and reuses it in between, so on- and off-steps both apply
+  ``alpha_i / k_present`` to the raw cluster losses (METHOD.md's sum_i alpha_i L_i / k).
+- ``IMTLG`` ("imtl", Liu et al. 2021): native "mean": sum w = 1 and the update has the same
+  projection onto every unit gradient u_i, i.e. G w = c * sqrt(diag G): w ∝ G^{-1} sqrt(diag G).
+- ``MGDA`` ("mgda", Sener & Koltun 2018): native "mean": the min-norm point of the convex hull,
+  w = argmin_{w in simplex} w^T G w, solved exactly by trying every support (k <= 12).
+- ``CAGrad`` ("cagrad", Liu et al. 2021): native "mean": d = g0 + (c |g0| / |g_w|) g_w with
+  w = argmin_{w in simplex} g_w . g0 + c |g0| |g_w| (the dual), solved exactly per support;
+  the update is divided by 1 + c^2 (``rescale=1``), 1 + c (2) or not at all (0).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import ant_kernels
+
+from .base import DeviceRNG, GramMethod, n_present, pick_rows, subset_masks, subset_solve
+
+MAX_SUBSET_K = 12  # 2^k - 1 supports of k x k systems: 4095 tiny solves at k = 12
+_RIDGE = 1e-12  # relative to the mean active diagonal: keeps every support's system definite
+_FEAS_TOL = 1e-9
+
+
+def _normalised(G: Tensor, active: Tensor) -> Tensor:
+    """G divided by its mean active diagonal (all these methods are invariant to that scale)."""
+    scale = G.diagonal().sum() / active.sum().clamp(min=1)
+    return G / scale.clamp(min=torch.finfo(G.dtype).tiny)
+
+
+def _check_subset_k(name: str, k: int) -> None:
+    if k > MAX_SUBSET_K:
+        raise ValueError(
+            f"{name} solves its simplex problem exactly over all supports and supports "
+            f"k <= {MAX_SUBSET_K}, got k={k}"
+        )
+
+
+class MeanGram(GramMethod):
+    """Equal weights over present clusters (the loss-space LS, in gradient space)."""
+
+    name = "mean"
+    native = "mean"
+
+    def _weights(self, G: Tensor, active: Tensor, present: Tensor) -> Tensor:
+        return present.to(G.dtype) / n_present(present, G.dtype)
+
+
+class PCGrad(GramMethod):
+    """PCGrad in Gram space with random projection orders drawn on G's device.
+
+    Args:
+        k: number of clusters.
+        reduction: "mean" (w = sum_i C[i] / k_present) or "sum" (w = sum_i C[i]).
+        seed: seed of the generator that draws the orders (its state is in ``state_dict``).
+    """
+
+    name = "pcgrad"
+    native = "sum"
+
+    def __init__(self, k: int, *, reduction: str = "mean", seed: int = 2) -> None:
+        super().__init__(k, reduction=reduction)
+        self.rng = DeviceRNG(seed)
+        self.last_orders: Tensor | None = None
+
+    def _weights(self, G: Tensor, active: Tensor, present: Tensor) -> Tensor:
+        gen = self.rng.get(G.device)
+        draws = torch.rand(self.k, self.k, generator=gen, device=G.device)
+        # row i: the order in which g_i' is projected against all clusters (itself included)
+        self.last_orders = torch.argsort(draws, dim=1)
+        return ant_kernels.pcgrad_weights(G, self.last_orders).to(torch.float64)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "rng": self.rng.state_dict()}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        super().load_state_dict(d)
+        self.rng.load_state_dict(d["rng"])
+
+
+class NashMTL(GramMethod):
+    """Nash-MTL bargaining weights, recomputed every ``update_every`` steps by the engine.
+
+    Args:
+        k: number of clusters.
+        reduction: "mean" (w = alpha / k_present) or "sum" (w = alpha).
+        update_every: steps between recomputations (25, as in the paper's experiments).
+        iters: Newton iterations of the solver.
+    """
+
+    name = "nash"
+    native = "sum"
+
+    def __init__(
+        self, k: int, *, reduction: str = "mean", update_every: int = 25, iters: int = 20
+    ) -> None:
+        super().__init__(k, reduction=reduction, update_every=update_every)
+        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+            raise ValueError(f"iters must be an integer >= 1, got {iters!r}")
+        self.iters = iters
+        self.last_alpha: Tensor | None = None
+
+    def _weights(self, G: Tensor, active: Tensor, present: Tensor) -> Tensor:
+        alpha = ant_kernels.nash_weights(G, iters=self.iters, normalize=True)
+        self.last_alpha = alpha.to(torch.float64)
+        return self.last_alpha
+
+    def state_dict(self) -> dict[str, Any]:
+        alpha = None if self.last_alpha is None else self.last_alpha.clone()
+        return {**super().state_dict(), "last_alpha": alpha}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        super().load_state_dict(d)
+        alpha = d["last_alpha"]
+        self.last_alpha = None if alpha is None else alpha.clone()
+
+
+class IMTLG(GramMethod):
+    """IMTL-G: the weights (sum 1) whose update projects equally onto every unit gradient."""
+
+    name = "imtl"
+    native = "mean"
+
+    def _weights(self, G: Tensor, active: Tensor, present: Tensor) -> Tensor:
+        Gn = _normalised(G, active)
+        norms = Gn.diagonal().clamp(min=0).sqrt()
+        eye = torch.eye(self.k, dtype=G.dtype, device=G.device)
+        # identity on inactive rows keeps the system definite and their weight 0
+        A = Gn + torch.diag((~active).to(G.dtype)) + _RIDGE * eye
+        v, _ = torch.linalg.solve_ex(A, norms[:, None])
+        v = v[:, 0]
+        s = v.sum()
+        return v / torch.where(s.abs() > torch.finfo(G.dtype).tiny, s, 1.0)
+
+
+class MGDA(GramMethod):
+    """MGDA-UB: the min-norm convex combination of the cluster gradients (exact, k <= 12)."""
+
+    name = "mgda"
+    native = "mean"
+
+    def __init__(self, k: int, *, reduction: str = "mean") -> None:
+        super().__init__(k, reduction=reduction)
+        _check_subset_k(self.name, self.k)
+
+    def _weights(self, G: Tensor, active: Tensor, present: Tensor) -> Tensor:
+        Gn = _normalised(G, active)
+        masks = subset_masks(self.k, G.device)
+        # on support S the KKT system G_SS w_S = lambda 1 gives w_S ∝ G_SS^{-1} 1
+        u = subset_solve(Gn, masks, masks.to(G.dtype)[:, :, None], _RIDGE)[:, :, 0]
+        s = u.sum(1)
+        w = u / torch.where(s > 0, s, 1.0)[:, None]
+        ok = ~(masks & ~active).any(1) & (s > 0) & (w >= -_FEAS_TOL).all(1)
+        obj = torch.einsum("nk,kl,nl->n", w, Gn, w)
+        # every feasible candidate lies in the simplex, so the smallest objective is optimal
+        best = torch.where(ok, obj, float("inf")).argmin()
+        w = pick_rows(w, best).clamp(min=0)
+        return w / w.sum().clamp(min=torch.finfo(G.dtype).tiny)
+
+
+class CAGrad(GramMethod):
+    """CAGrad: conflict-averse update within a ball of radius c |g0| around the mean gradient.
+
+    Args:
+        k: number of clusters (<= 12).
+        reduction: "mean" or "sum" (see ``antdiff.mtl.base``).
+        c: radius of the ball relative to |g0| (0.4).
+        rescale: 0 none, 1 divide the update by 1 + c^2 (default), 2 by 1 + c.
+    """
+
+    name = "cagrad"
+    native = "mean"
+
+    def __init__(self, k: int, *, reduction: str = "mean", c: float = 0.4, rescale: int = 1):
+        super().__init__(k, reduction=reduction)
+        _check_subset_k(self.name, self.k)
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not c >= 0:
+            raise ValueError(f"c must be a number >= 0, got {c!r}")
+        if rescale not in (0, 1, 2):
+            raise ValueError(f"rescale must be 0, 1 or 2, got {rescale!r}")
+        self.c = float(c)
+        self.rescale = rescale
+
+    def dual_weights(self, Gn: Tensor, b: Tensor, active: Tensor) -> Tensor:
+        """argmin over the simplex (on active clusters) of w^T Gn b + c |g0| sqrt(w^T Gn w).
+
+        On a support S the stationarity conditions reduce to one quadratic in the multiplier:
+        with u = G_SS^{-1} 1, v = G_SS^{-1} (G b)_S, a = sum u, beta = sum v,
+        gamma = v . (G b)_S and disc = beta^2 - a (gamma - c^2 |g0|^2), the solution is
+        w_S = (lambda u - v) / sqrt(disc) with lambda = (beta + sqrt(disc)) / a.
+        """
+        tiny = torch.finfo(Gn.dtype).tiny
+        Gb = Gn @ b
+        cn = self.c * (b @ Gb).clamp(min=0).sqrt()
+        masks = subset_masks(self.k, Gn.device)
+        m = masks.to(Gn.dtype)
+        rhs = torch.stack([m, m * Gb], dim=2)
+        uv = subset_solve(Gn, masks, rhs, _RIDGE)
+        u, v = uv[:, :, 0], uv[:, :, 1]
+        a, beta, gamma = u.sum(1), v.sum(1), (v * Gb).sum(1)
+        disc = beta * beta - a * (gamma - cn * cn)
+        sd = disc.clamp(min=tiny).sqrt()
+        lam = (beta + sd) / torch.where(a > 0, a, 1.0)
+        w = (lam[:, None] * u - v) / sd[:, None]
+        ok = ~(masks & ~active).any(1) & (disc > 0) & (a > 0) & (w >= -_FEAS_TOL).all(1)
+        w = torch.where(ok[:, None], w, 0.0)
+        quad = torch.einsum("nk,kl,nl->n", w, Gn, w).clamp(min=0)
+        obj = w @ Gb + cn * quad.sqrt()
+        best = torch.where(ok, obj, float("inf")).argmin()
+        w = pick_rows(w, best).clamp(min=0)
+        return w / w.sum().clamp(min=tiny)
+
+    def _weights(self, G: Tensor, active: Tensor, present: Tensor) -> Tensor:
+        b = present.to(G.dtype) / n_present(present, G.dtype)
+        if self.c == 0.0:
+            return b
+        Gn = _normalised(G, active)
+        w = self.dual_weights(Gn, b, active)
+        gw = (w @ Gn @ w).clamp(min=0).sqrt()
+        cn = self.c * (b @ Gn @ b).clamp(min=0).sqrt()
+        lam = cn / gw.clamp(min=torch.finfo(G.dtype).tiny)
+        d = b + lam * w
+        div = {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
+        return d / div

@@ -1,0 +1,218 @@
+"""Loss-space MTL methods: k cluster losses L [k] -> k terms whose sum is the training loss.
+
+Scaling (see ``antdiff.mtl.base``): the equal-weight baseline is sum_i L_i / k_present, so every
+method's effective weights d(total)/dL_i sum to 1 over present clusters, except UW, which is
+exactly METHOD.md's formula with the fixed k.
+
+- ``LS`` ("ls", "mean"): L_i / k_present.
+- ``UW`` ("uw", Kendall et al. 2018): 0.5 * (exp(-s_i) L_i / k + s_i), s_i learnable (init 0),
+  own optimiser group (AdamW lr 0.025, weight decay 0). The total may be negative.
+- ``RLW`` ("rlw", Lin et al. 2021): softmax over present clusters of standard normal draws,
+  times L_i. The draw for the next step is made in ``observe`` (so ``transform`` is pure).
+- ``DWA`` ("dwa", Liu et al. 2019): softmax over present clusters of r_i / T with
+  r_i = L_i(t-1) / L_i(t-2) (the last two observed losses of cluster i; 1 until it has two),
+  T = 2. The paper's weights sum to K on a summed loss; ours sum to 1 on the same losses.
+- ``FAMO`` ("famo", Liu et al. 2023): z = softmax(xi) over present clusters, term
+  z_i log(L_i - min_i + eps) / c with c = sum_j z_j / (L_j - min_j + eps) held constant, so the
+  effective weights z_i / (c (L_i - min_i + eps)) sum to 1. ``observe`` moves xi by Adam
+  (lr 0.025, L2 decay 0.01) on the gradient of z . (log D_prev - log D_now): the decrease of
+  each cluster's log loss between consecutive observed steps (different batches, unlike the
+  paper's re-evaluation of the same batch, which would cost a second forward pass).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import DeviceRNG, LossMethod, check_losses, masked_softmax, n_present
+
+
+def _check_positive(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    return float(value)
+
+
+class LS(LossMethod):
+    """Linear scalarisation: the mean of the present clusters' losses."""
+
+    name = "ls"
+
+    def transform(self, L: Tensor, present: Tensor) -> Tensor:
+        check_losses(L, present, self.k)
+        return torch.where(present, L, 0.0) / n_present(present, L.dtype)
+
+
+class UW(LossMethod):
+    """Uncertainty weighting with one learnable log-variance s_i per cluster.
+
+    Args:
+        k: number of clusters.
+        lr: learning rate of the s group (AdamW, weight decay 0).
+    """
+
+    name = "uw"
+
+    def __init__(self, k: int, *, lr: float = 0.025) -> None:
+        super().__init__(k)
+        self.lr = _check_positive("lr", lr)
+        self.s = torch.nn.Parameter(torch.zeros(self.k))
+
+    def transform(self, L: Tensor, present: Tensor) -> Tensor:
+        check_losses(L, present, self.k)
+        s = self.s.to(L.dtype)
+        term = 0.5 * (torch.exp(-s) * torch.where(present, L, 0.0) / self.k + s)
+        return torch.where(present, term, 0.0)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": [self.s], "lr": self.lr, "weight_decay": 0.0}]
+
+
+class RLW(LossMethod):
+    """Random loss weighting: fresh softmax-of-normal weights every step.
+
+    Args:
+        k: number of clusters.
+        seed: seed of the generator (its state is saved as the module's extra state).
+    """
+
+    name = "rlw"
+
+    def __init__(self, k: int, *, seed: int = 1) -> None:
+        super().__init__(k)
+        self.rng = DeviceRNG(seed)
+        gen = torch.Generator().manual_seed(seed)
+        self.register_buffer("draw", torch.randn(self.k, generator=gen, dtype=torch.float64))
+
+    def transform(self, L: Tensor, present: Tensor) -> Tensor:
+        check_losses(L, present, self.k)
+        w = masked_softmax(self.draw, present).to(L.dtype)
+        return w * torch.where(present, L, 0.0)
+
+    def observe(self, L: Tensor, present: Tensor) -> None:
+        check_losses(L, present, self.k)
+        gen = self.rng.get(self.draw.device)
+        self.draw.copy_(
+            torch.randn(self.k, generator=gen, device=self.draw.device, dtype=self.draw.dtype)
+        )
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"rng": self.rng.state_dict()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.rng.load_state_dict(state["rng"])
+
+
+class DWA(LossMethod):
+    """Dynamic weight average over the last two observed losses of each cluster.
+
+    Args:
+        k: number of clusters.
+        temperature: softmax temperature T (2).
+    """
+
+    name = "dwa"
+
+    def __init__(self, k: int, *, temperature: float = 2.0) -> None:
+        super().__init__(k)
+        self.temperature = _check_positive("temperature", temperature)
+        self.register_buffer("last", torch.zeros(self.k, dtype=torch.float64))
+        self.register_buffer("prev", torch.zeros(self.k, dtype=torch.float64))
+        self.register_buffer("count", torch.zeros(self.k, dtype=torch.int64))
+
+    def cluster_weights(self, present: Tensor) -> Tensor:
+        """[k] float64 weights (sum 1 over present clusters) for the next step."""
+        known = (self.count >= 2) & (self.prev > 0)
+        ratio = torch.where(known, self.last / torch.where(known, self.prev, 1.0), 1.0)
+        return masked_softmax(ratio / self.temperature, present)
+
+    def transform(self, L: Tensor, present: Tensor) -> Tensor:
+        check_losses(L, present, self.k)
+        w = self.cluster_weights(present).to(L.dtype)
+        return w * torch.where(present, L, 0.0)
+
+    def observe(self, L: Tensor, present: Tensor) -> None:
+        check_losses(L, present, self.k)
+        L = L.detach().to(self.last)
+        self.prev.copy_(torch.where(present, self.last, self.prev))
+        self.last.copy_(torch.where(present, L, self.last))
+        self.count.add_(present.to(self.count.dtype))
+
+
+class FAMO(LossMethod):
+    """Fast adaptive multitask optimisation on the cluster losses.
+
+    Args:
+        k: number of clusters.
+        lr: Adam learning rate of the logits xi (0.025).
+        gamma: L2 decay of the logits, added to their gradient as in Adam (0.01).
+        eps: added to L_i - min_i before the log (1e-8).
+        min_loss: lower bound of every cluster loss (0 for the diffusion loss).
+    """
+
+    name = "famo"
+    _BETAS = (0.9, 0.999)
+    _ADAM_EPS = 1e-8
+
+    def __init__(
+        self,
+        k: int,
+        *,
+        lr: float = 0.025,
+        gamma: float = 0.01,
+        eps: float = 1e-8,
+        min_loss: float = 0.0,
+    ) -> None:
+        super().__init__(k)
+        self.lr = _check_positive("lr", lr)
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma >= 0:
+            raise ValueError(f"gamma must be a number >= 0, got {gamma!r}")
+        self.gamma = float(gamma)
+        self.eps = _check_positive("eps", eps)
+        self.min_loss = float(min_loss)
+        for name in ("xi", "exp_avg", "exp_avg_sq", "prev_log"):
+            self.register_buffer(name, torch.zeros(self.k, dtype=torch.float64))
+        self.register_buffer("steps", torch.zeros(self.k, dtype=torch.float64))
+        self.register_buffer("has_prev", torch.zeros(self.k, dtype=torch.bool))
+
+    def _shifted(self, L: Tensor, present: Tensor) -> Tensor:
+        return torch.where(present, L - self.min_loss, 1.0) + self.eps
+
+    def transform(self, L: Tensor, present: Tensor) -> Tensor:
+        check_losses(L, present, self.k)
+        z = masked_softmax(self.xi, present).to(L.dtype)
+        D = self._shifted(L, present)
+        c = (z / D).sum().detach().clamp(min=torch.finfo(D.dtype).tiny)  # 0 if none present
+        return torch.where(present, z * torch.log(D), 0.0) / c
+
+    def observe(self, L: Tensor, present: Tensor) -> None:
+        check_losses(L, present, self.k)
+        log_now = torch.log(self._shifted(L.detach().to(self.xi), present))
+        both = present & self.has_prev
+        delta = torch.where(both, self.prev_log - log_now, 0.0)
+        z = masked_softmax(self.xi, both)
+        grad = z * (delta - (z * delta).sum()) + self.gamma * self.xi
+        self._adam(grad, both)
+        self.prev_log.copy_(torch.where(present, log_now, self.prev_log))
+        self.has_prev.logical_or_(present)
+
+    def _adam(self, grad: Tensor, mask: Tensor) -> None:
+        """One Adam step on the logits where ``mask`` holds (per-entry step counts)."""
+        b1, b2 = self._BETAS
+        steps = self.steps + mask.to(self.steps.dtype)
+        m = b1 * self.exp_avg + (1 - b1) * grad
+        v = b2 * self.exp_avg_sq + (1 - b2) * grad * grad
+        safe = steps.clamp(min=1)
+        denom = (v / (1 - b2**safe)).sqrt() + self._ADAM_EPS
+        xi = self.xi - self.lr * (m / (1 - b1**safe)) / denom
+        self.xi.copy_(torch.where(mask, xi, self.xi))
+        self.exp_avg.copy_(torch.where(mask, m, self.exp_avg))
+        self.exp_avg_sq.copy_(torch.where(mask, v, self.exp_avg_sq))
+        self.steps.copy_(steps)
+
+    def cluster_weights(self, present: Tensor) -> Tensor:
+        """[k] float64 softmax weights z over present clusters."""
+        return masked_softmax(self.xi, present)

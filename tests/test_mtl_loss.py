@@ -1,0 +1,218 @@
+"""Loss-space MTL methods (LS, UW, RLW, DWA, FAMO) against closed forms and float64 references."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from antdiff.mtl import DWA, FAMO, LOSS_METHODS, LS, RLW, UW, make_method
+
+LOSS_CLASSES = [LS, UW, RLW, DWA, FAMO]
+
+
+def _present(k: int, absent: tuple[int, ...] = ()) -> torch.Tensor:
+    p = torch.ones(k, dtype=torch.bool)
+    p[list(absent)] = False
+    return p
+
+
+def _losses(k: int, seed: int, present: torch.Tensor) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    L = torch.rand(k, generator=g, dtype=torch.float64) * 2 + 0.05
+    return torch.where(present, L, 0.0)
+
+
+def _dloss(m, L: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """d total / d L_i via autograd (the effective per-cluster weights)."""
+    L = L.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(m(L, present), L)
+    return g
+
+
+def _roundtrip(sd: dict) -> dict:
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+# ---------------------------------------------------------------- UW
+def test_uw_gradients_match_closed_form():
+    k, P = 4, 6
+    present = _present(k, (2,))
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(k, 3, P, generator=gen, dtype=torch.float64)
+    y = torch.randn(k, 3, generator=gen, dtype=torch.float64)
+    theta = torch.randn(P, generator=gen, dtype=torch.float64, requires_grad=True)
+    m = UW(k).double()
+    with torch.no_grad():
+        m.s.copy_(torch.tensor([0.3, -0.7, 1.1, 0.0]))
+    r = A @ theta - y  # [k, 3]
+    L = torch.where(present, (r * r).mean(1), 0.0)  # the engine's cluster losses
+    m(L, present).backward()
+    s, Ld = m.s.detach(), L.detach()
+    ds = torch.where(present, 0.5 * (1 - torch.exp(-s) * Ld / k), 0.0)
+    torch.testing.assert_close(m.s.grad, ds)
+    # closed form of the model gradient: sum_i 0.5 exp(-s_i) / k * (2/3) A_i^T r_i
+    rd = r.detach()
+    coef = torch.where(present, 0.5 * torch.exp(-s) / k, 0.0)
+    dtheta = torch.einsum("i,ijp,ij->p", coef * 2 / 3, A, rd)
+    torch.testing.assert_close(theta.grad, dtheta)
+    total = torch.where(present, 0.5 * (torch.exp(-s) * Ld / k + s), 0.0).sum()
+    torch.testing.assert_close(m(Ld, present), total)
+    assert m.param_groups() == [{"params": [m.s], "lr": 0.025, "weight_decay": 0.0}]
+
+
+def test_uw_absent_cluster_gets_no_gradient_even_if_nan():
+    m = UW(3)
+    L = torch.tensor([1.0, float("nan"), 2.0], requires_grad=True)
+    present = _present(3, (1,))
+    out = m(L, present)
+    out.backward()
+    assert torch.isfinite(out) and torch.isfinite(m.s.grad).all() and m.s.grad[1] == 0
+    assert L.grad[1] == 0
+
+
+# ---------------------------------------------------------------- LS, RLW
+def test_ls_is_mean_over_present():
+    k = 5
+    present = _present(k, (0, 3))
+    L = _losses(k, 1, present)
+    m = make_method("ls", k).loss
+    torch.testing.assert_close(m(L, present), L[present].mean())
+    w = _dloss(m, L, present)
+    torch.testing.assert_close(w, torch.where(present, 1 / 3, 0.0).double())
+
+
+def test_rlw_weights_softmax_of_normals():
+    k = 5
+    present = _present(k, (4,))
+    L = _losses(k, 2, present)
+    m = RLW(k, seed=3).double()
+    seen = []
+    for _ in range(400):
+        w = _dloss(m, L, present)
+        # transform is pure: same weights until observe draws new ones
+        torch.testing.assert_close(_dloss(m, L, present), w)
+        z = m.draw[present]
+        torch.testing.assert_close(w[present], torch.softmax(z, 0))
+        assert w[4] == 0 and abs(w.sum() - 1) < 1e-12
+        seen.append(w)
+        m.observe(L, present)
+    mean = torch.stack(seen).mean(0)
+    assert (mean[present] - 0.25).abs().max() < 0.03  # E[w] = 1/k_present
+    draws = torch.stack(seen)[:, :4]
+    assert draws.std(0).min() > 0.05  # really random per step
+
+
+# ---------------------------------------------------------------- DWA
+def test_dwa_matches_definition():
+    k, T = 4, 2.0
+    m = DWA(k, temperature=T)
+    hist: list[tuple[torch.Tensor, torch.Tensor]] = []
+    masks = [(), (), (1,), (), (3,), (), ()]
+    for step, absent in enumerate(masks):
+        present = _present(k, absent)
+        L = _losses(k, 10 + step, present)
+        w = _dloss(m, L, present)
+        # reference: last two observed losses of each cluster, equal weights until known
+        ratio = torch.ones(k, dtype=torch.float64)
+        for i in range(k):
+            obs = [Lh[i] for Lh, ph in hist if ph[i]]
+            if len(obs) >= 2:
+                ratio[i] = obs[-1] / obs[-2]
+        ref = torch.zeros(k, dtype=torch.float64)
+        ref[present] = torch.softmax(ratio[present] / T, 0)
+        torch.testing.assert_close(w, ref)
+        if step < 2:
+            torch.testing.assert_close(w[present], torch.full((int(present.sum()),), 0.25).double())
+        m.observe(L, present)
+        hist.append((L, present))
+
+
+# ---------------------------------------------------------------- FAMO
+def test_famo_transform_weights_sum_to_one():
+    k = 5
+    present = _present(k, (2,))
+    m = FAMO(k)
+    m.xi.copy_(torch.tensor([0.2, -0.4, 3.0, 0.1, 0.5]))
+    L = _losses(k, 4, present)
+    w = _dloss(m, L, present)
+    z = torch.zeros(k, dtype=torch.float64)
+    z[present] = torch.softmax(m.xi[present], 0)
+    D = L + 1e-8
+    ref = torch.where(present, z / D, 0.0) / torch.where(present, z / D, 0.0).sum()
+    torch.testing.assert_close(w, ref)
+    assert w[2] == 0 and abs(w.sum() - 1) < 1e-12
+
+
+def test_famo_update_matches_reference_optimizer():
+    """Logit updates == autograd of softmax(xi) . delta stepped by torch.optim.Adam."""
+    k, lr, gamma = 4, 0.025, 0.01
+    m = FAMO(k, lr=lr, gamma=gamma)
+    xi = torch.zeros(k, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([xi], lr=lr, weight_decay=gamma)
+    present = _present(k)
+    prev = None
+    for step in range(8):
+        L = _losses(k, 30 + step, present)
+        m.observe(L, present)
+        if prev is not None:
+            delta = torch.log(prev + 1e-8) - torch.log(L + 1e-8)
+            (g,) = torch.autograd.grad(torch.softmax(xi, 0), xi, grad_outputs=delta)
+            xi.grad = g
+            opt.step()
+        prev = L
+        torch.testing.assert_close(m.xi, xi.detach(), rtol=1e-12, atol=1e-14)
+    assert (m.xi.abs() > 1e-4).all()
+
+
+# ---------------------------------------------------------------- all loss methods
+@pytest.mark.parametrize("cls", LOSS_CLASSES, ids=lambda c: c.name)
+@pytest.mark.parametrize("absent", [(), (1,), (0, 2, 3), (0, 1, 2, 3)])
+def test_absent_terms_are_zero_and_finite(cls, absent):
+    k = 4
+    present = _present(k, absent)
+    m = cls(k).double()
+    for step in range(3):
+        L = _losses(k, step, present).requires_grad_(True)
+        terms = m.transform(L, present)
+        assert terms.shape == (k,) and torch.isfinite(terms).all()
+        assert (terms[~present] == 0).all()
+        torch.testing.assert_close(m(L, present), terms.sum())
+        (g,) = torch.autograd.grad(terms.sum(), L)
+        assert torch.isfinite(g).all() and (g[~present] == 0).all()
+        m.observe(L.detach(), present)
+    for buf in m.buffers():
+        assert torch.isfinite(buf.double()).all()
+
+
+@pytest.mark.parametrize("name", ["uw", "rlw", "dwa", "famo"])
+def test_state_dict_round_trip(name):
+    k = 5
+    a = make_method(name, k).loss.double()
+    masks = [_present(k), _present(k, (1,)), _present(k), _present(k, (0, 4))]
+    for i, p in enumerate(masks):
+        a.observe(_losses(k, i, p), p)
+    if name == "uw":
+        with torch.no_grad():
+            a.s.add_(torch.linspace(-1, 1, k))
+    b = make_method(name, k).loss.double()
+    b.load_state_dict(_roundtrip(a.state_dict()))
+    for i in range(4):
+        p = masks[i % 4]
+        L = _losses(k, 50 + i, p)
+        assert torch.equal(a.transform(L, p), b.transform(L, p))
+        a.observe(L, p), b.observe(L, p)
+
+
+def test_registry_covers_loss_methods():
+    assert set(LOSS_METHODS) == {"ls", "mean", "uw", "rlw", "dwa", "famo"}
+    with pytest.raises(ValueError, match="L must"):
+        LS(3).transform(torch.ones(4), _present(3))
+    with pytest.raises(ValueError, match="present must"):
+        UW(3).transform(torch.ones(3), torch.ones(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="temperature"):
+        DWA(3, temperature=0)
