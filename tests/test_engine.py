@@ -16,14 +16,6 @@ from antdiff.schedules import linear_schedule
 T = 100
 
 
-@pytest.fixture(autouse=True)
-def reference_kernels(monkeypatch, request):
-    """Engine tests use the torch reference kernels (the Triton ones have their own tests);
-    tests marked ``interpret`` run the whole step through the Triton interpreter instead."""
-    if "interpret" not in request.keywords:
-        monkeypatch.setenv("ANT_KERNELS_BACKEND", "torch")
-
-
 class TinyNet(nn.Module):
     """Per-sample independent (GroupNorm) conv net conditioned on t."""
 

@@ -16,11 +16,6 @@ from antdiff.models import create_model
 from antdiff.schedules import linear_schedule
 
 
-@pytest.fixture(autouse=True)
-def reference_kernels(monkeypatch):
-    monkeypatch.setenv("ANT_KERNELS_BACKEND", "torch")
-
-
 def _randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Zero-initialised layers (adaLN-Zero, output convs) would give trivial gradients."""
     g = torch.Generator().manual_seed(seed)

@@ -26,14 +26,6 @@ from antdiff.mtl import (
 GRAM_CLASSES = [MeanGram, PCGrad, NashMTL, IMTLG, MGDA, CAGrad]
 
 
-@pytest.fixture(autouse=True)
-def _torch_kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The kernels' own tests cover Triton; here the (fast) references serve them on CPU,
-    except in tests marked ``interpret``, which keep the default dispatch end to end."""
-    if request.node.get_closest_marker("interpret") is None:
-        monkeypatch.setenv("ANT_KERNELS_BACKEND", "torch")
-
-
 def _J(k: int, P: int, seed: int, parallel: float = 0.0) -> torch.Tensor:
     """[k, P] float64 gradients; ``parallel`` > 0 adds a shared direction (diffusion-like)."""
     g = torch.Generator().manual_seed(seed)

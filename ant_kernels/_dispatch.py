@@ -1,0 +1,116 @@
+"""Backend choice for ant_kernels: Triton kernel or pure-torch reference.
+
+``ANT_KERNELS_BACKEND`` selects the policy (read at call time, never cached):
+
+- ``auto`` (default): Triton when it can serve the tensors, else the reference;
+- ``triton``: Triton or a RuntimeError that lists every reason it cannot;
+- ``torch``: always the reference.
+
+Triton serves CUDA tensors, and CPU tensors only under the interpreter (``TRITON_INTERPRET=1``
+set before triton was imported, because ``triton.jit`` picks interpreter or compiler when a
+kernel is decorated). Nothing here queries CUDA: ``Tensor.is_cuda`` is a property of the tensor.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+try:
+    import triton
+except ImportError:  # triton is an optional dependency
+    triton = None
+
+HAS_TRITON = triton is not None
+BACKENDS = ("auto", "triton", "torch")
+
+# Largest k each Triton kernel is built for (register tiles are [BK, BK] or [BK, BP]).
+MAX_K = {"gram": 64, "combine": 64, "pcgrad": 64, "nash": 32}
+# dtypes each op's Triton kernel reads; other dtypes go to the reference.
+DTYPES = {
+    "gram": (torch.float32, torch.bfloat16, torch.float16),
+    "combine": (torch.float32, torch.bfloat16, torch.float16),
+    "pcgrad": (torch.float32, torch.float64),
+    "nash": (torch.float32, torch.float64),
+}
+
+# Whether the kernels were decorated under the interpreter (set by `jit` below).
+_jit_interpreted: set[bool] = set()
+
+
+def jit(fn: Callable) -> Callable:
+    """``triton.jit`` that records the interpreter mode; identity when triton is missing."""
+    if triton is None:
+        return fn
+    _jit_interpreted.add(os.environ.get("TRITON_INTERPRET", "0") == "1")
+    return triton.jit(fn)
+
+
+def backend() -> str:
+    """The policy from ``ANT_KERNELS_BACKEND`` (default ``auto``)."""
+    value = os.environ.get("ANT_KERNELS_BACKEND", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"ANT_KERNELS_BACKEND={value!r} is not valid; use one of {BACKENDS}")
+    return value
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run under the CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def backend_reasons(op: str, *tensors: torch.Tensor, k: int | None = None) -> list[str]:
+    """Every reason the Triton kernel of ``op`` cannot serve ``tensors``; empty if it can.
+
+    Args:
+        op: one of ``gram``, ``combine``, ``pcgrad``, ``nash``.
+        *tensors: the op's tensor inputs (and ``out``); the first one's dtype is checked.
+        k: number of clusters, checked against the kernel's largest tile.
+
+    Returns:
+        Human-readable reasons, in a fixed order.
+    """
+    if op not in MAX_K:
+        raise ValueError(f"op={op!r} is not valid; use one of {tuple(MAX_K)}")
+    reasons = []
+    if backend() == "torch":
+        reasons.append("ANT_KERNELS_BACKEND=torch forces the reference")
+    if not HAS_TRITON:
+        reasons.append("triton is not installed")
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        reasons.append(f"tensors are on several devices: {sorted(map(str, devices))}")
+    if any(not t.is_cuda for t in tensors):
+        if not interpreting():
+            reasons.append("tensors are not on CUDA and TRITON_INTERPRET!=1")
+        elif HAS_TRITON and True not in _jit_interpreted:
+            reasons.append(
+                "kernels were built without the interpreter: set TRITON_INTERPRET=1 "
+                "before importing ant_kernels"
+            )
+    if tensors and tensors[0].dtype not in DTYPES[op]:
+        names = ", ".join(str(d) for d in DTYPES[op])
+        reasons.append(f"{op}: dtype {tensors[0].dtype} is not supported (supported: {names})")
+    if k is not None and k > MAX_K[op]:
+        reasons.append(f"{op}: k={k} exceeds the kernel's limit {MAX_K[op]}")
+    return reasons
+
+
+def use_triton(op: str, *tensors: torch.Tensor, k: int | None = None) -> bool:
+    """Apply the policy: True for Triton, False for the reference, or raise if forced."""
+    reasons = backend_reasons(op, *tensors, k=k)
+    if not reasons:
+        return True
+    if backend() == "triton":
+        raise RuntimeError(
+            f"ANT_KERNELS_BACKEND=triton but Triton cannot run {op}: " + "; ".join(reasons)
+        )
+    return False
+
+
+def next_pow2(n: int, floor: int = 1) -> int:
+    """Smallest power of two >= max(n, floor)."""
+    n = max(int(n), floor)
+    return 1 << (n - 1).bit_length()

@@ -1,0 +1,98 @@
+"""out = w @ J: the weighted sum of the per-cluster gradients, written in place.
+
+Maths: out[p] = sum_i w[i] J[i, p], accumulated in float32 and cast to out's dtype once.
+
+Tiling: the grid runs over P in blocks of BLOCK_P columns. A program keeps a [BLOCK_P] float32
+accumulator and adds the k rows one after the other (the row loop is unrolled, k being a
+constexpr, so all k loads can be in flight); each w[i] is one scalar load. Every column is read
+and written by the same program, and all of its loads come before its store, so ``out`` may
+be one of J's rows (e.g. the flat buffer the parameters' ``.grad`` tensors alias).
+
+Determinism: no reduction crosses programs and the row order is fixed, so the result is
+bit-identical between runs (and equals a sequential float32 sum over the clusters).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._dispatch import interpreting, jit, use_triton
+from .reference import check_combine, combine_ref
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the reference serves everything then
+    triton = tl = None
+
+__all__ = ["combine"]
+
+
+@jit
+def _combine_kernel(
+    p_w,
+    p_J,
+    p_out,
+    P,
+    s_w,
+    s_k,
+    s_p,
+    s_o,
+    K: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    i_p = tl.program_id(0)
+    o_p = i_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    m_p = o_p < P
+    # [BLOCK_P]
+    b_acc = tl.zeros([BLOCK_P], dtype=tl.float32)
+    p_row = p_J + o_p * s_p
+    for i_k in tl.static_range(K):
+        b_w = tl.load(p_w + i_k * s_w).to(tl.float32)
+        # [BLOCK_P]
+        b_j = tl.load(p_row, mask=m_p, other=0.0)
+        b_acc += b_w * b_j.to(tl.float32)
+        p_row += s_k  # pointer steps are 64-bit: no overflow when k * P > 2**31
+    tl.store(p_out + o_p * s_o, b_acc.to(p_out.dtype.element_ty), mask=m_p)
+
+
+def _config() -> tuple[int, int]:
+    """(BLOCK_P, num_warps): fixed, no autotune (also under the interpreter)."""
+    if interpreting():
+        return 32768, 4  # few, large blocks: the interpreter's cost is per program
+    return 2048, 4
+
+
+def combine_triton(
+    w: torch.Tensor, J: torch.Tensor, out: torch.Tensor, block_p: int | None = None
+) -> torch.Tensor:
+    """Launch the Triton kernel (no dispatch). ``block_p`` overrides the tiling."""
+    k, P = J.shape
+    bp, warps = _config()
+    bp = block_p or bp
+    grid = (triton.cdiv(P, bp),)
+    _combine_kernel[grid](
+        w, J, out, P, w.stride(0), J.stride(0), J.stride(1), out.stride(0),
+        K=k, BLOCK_P=bp, num_warps=warps,
+    )  # fmt: skip
+    return out
+
+
+def combine(w: torch.Tensor, J: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted sum of the cluster gradients, ``out = w @ J``.
+
+    Args:
+        w: [k] weights (float32; other float dtypes are read and cast to float32).
+        J: [k, P] float32/bf16/fp16, any strides.
+        out: [P] any float dtype, any stride; may be one of J's rows. None: a new float32
+            tensor (float64 for a float64 J, which always takes the reference path).
+
+    Returns:
+        ``out``, holding w @ J accumulated in float32. No host sync.
+    """
+    check_combine(w, J, out)
+    if use_triton("combine", J, w, *(() if out is None else (out,)), k=J.shape[0]):
+        if out is None:
+            out = torch.empty(J.shape[1], dtype=torch.float32, device=J.device)
+        return combine_triton(w, J, out)
+    return combine_ref(w, J, out)

@@ -1,0 +1,194 @@
+"""Pure-torch references for every ant_kernels op; they double as the CPU path.
+
+They run on any device, never synchronise with the host (no ``.item()``, no Python branch on a
+tensor value) and define the semantics the Triton kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_J(J: torch.Tensor) -> None:
+    """Raise unless ``J`` is a floating [k, P] tensor with k, P >= 1."""
+    if not isinstance(J, torch.Tensor):
+        raise TypeError(f"J must be a torch.Tensor, got {type(J).__name__}")
+    if J.dim() != 2 or J.shape[0] < 1 or J.shape[1] < 1:
+        raise ValueError(f"J must have shape [k, P] with k, P >= 1, got {tuple(J.shape)}")
+    if J.dtype not in _FLOATS:
+        raise ValueError(f"J must be a float tensor (fp16/bf16/fp32/fp64), got {J.dtype}")
+
+
+def check_G(G: torch.Tensor) -> None:
+    """Raise unless ``G`` is a floating [k, k] tensor with k >= 1."""
+    if not isinstance(G, torch.Tensor):
+        raise TypeError(f"G must be a torch.Tensor, got {type(G).__name__}")
+    if G.dim() != 2 or G.shape[0] != G.shape[1] or G.shape[0] < 1:
+        raise ValueError(f"G must have shape [k, k] with k >= 1, got {tuple(G.shape)}")
+    if G.dtype not in _FLOATS:
+        raise ValueError(f"G must be a float tensor, got {G.dtype}")
+
+
+def check_combine(w: torch.Tensor, J: torch.Tensor, out: torch.Tensor | None) -> None:
+    """Raise unless ``w: [k]``, ``J: [k, P]`` and ``out: [P]`` (or None) fit together."""
+    check_J(J)
+    k, P = J.shape
+    if not isinstance(w, torch.Tensor) or w.shape != (k,) or w.dtype not in _FLOATS:
+        got = f"{tuple(w.shape)} {w.dtype}" if isinstance(w, torch.Tensor) else type(w).__name__
+        raise ValueError(f"w must be a float tensor of shape [k]=[{k}], got {got}")
+    if out is not None:
+        if not isinstance(out, torch.Tensor) or out.shape != (P,) or out.dtype not in _FLOATS:
+            got = (
+                f"{tuple(out.shape)} {out.dtype}"
+                if isinstance(out, torch.Tensor)
+                else type(out).__name__
+            )
+            raise ValueError(f"out must be a float tensor of shape [P]=[{P}], got {got}")
+    devices = {t.device for t in (w, J, out) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"w, J and out must share one device, got {sorted(map(str, devices))}")
+
+
+def check_orders(G: torch.Tensor, orders: torch.Tensor) -> None:
+    """Raise unless ``orders`` is an integer [k, k] tensor on G's device."""
+    k = G.shape[0]
+    if not isinstance(orders, torch.Tensor):
+        raise TypeError(f"orders must be a torch.Tensor, got {type(orders).__name__}")
+    if orders.shape != (k, k) or orders.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            f"orders must be an int64 tensor of shape [k, k]=[{k}, {k}], "
+            f"got {tuple(orders.shape)} {orders.dtype}"
+        )
+    if orders.device != G.device:
+        raise ValueError(f"orders is on {orders.device} but G is on {G.device}")
+
+
+def gram_ref(J: torch.Tensor, upcast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gram matrix of the cluster gradients and a finiteness flag.
+
+    Args:
+        J: [k, P] per-cluster gradients, any float dtype, any strides.
+        upcast: compute in float64 (test oracle) instead of float32.
+
+    Returns:
+        G: [k, k] = J J^T (float32, or float64 with ``upcast``), exactly symmetric.
+        finite: 0-d bool, False if J has a NaN/inf entry (or a squared row norm overflows
+            float32, which makes G unusable too).
+    """
+    check_J(J)
+    Jf = J.to(torch.float64 if upcast else torch.float32)
+    G = Jf @ Jf.T
+    G = (G + G.T) * 0.5
+    # a NaN/inf in row i makes the sum of squares G[i, i] NaN/inf: no second pass over J
+    return G, torch.isfinite(G.diagonal()).all()
+
+
+def combine_ref(w: torch.Tensor, J: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``out = w @ J`` accumulated in float32 (float64 for float64 J).
+
+    Args:
+        w: [k] weights. J: [k, P]. out: [P] any float dtype, may be one of J's rows.
+
+    Returns:
+        ``out`` (written in place) or, when None, a new [P] tensor of the accumulation dtype.
+    """
+    check_combine(w, J, out)
+    acc = torch.float64 if J.dtype == torch.float64 else torch.float32
+    res = w.to(acc) @ J.to(acc)  # a temporary, so `out` may alias a row of J
+    if out is None:
+        return res
+    return out.copy_(res)
+
+
+def pcgrad_weights_ref(G: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
+    """Gram-space PCGrad: weights w [k] with ``w @ J = sum_i g_i'``.
+
+    Row i of C holds g_i' in the basis of the original g's. For t = 0..k-1 and
+    j = orders[i, t]: d = C[i] . G[:, j]; if d < 0 and G[j, j] != 0, C[i, j] -= d / G[j, j].
+    All rows advance together (they are independent), so there are k vectorised steps.
+
+    Args:
+        G: [k, k] Gram matrix (fp32 or fp64). orders: [k, k] int, each row a permutation.
+
+    Returns:
+        w = C.sum(0): [k] in G's dtype.
+    """
+    check_G(G)
+    check_orders(G, orders)
+    k = G.shape[0]
+    orders = orders.long()
+    C = torch.eye(k, dtype=G.dtype, device=G.device)
+    diag = G.diagonal()
+    for t in range(k):
+        j = orders[:, t]  # [k]: the cluster each row projects against at step t
+        cols = G.index_select(1, j)  # [k, k]: column i is G[:, j_i]
+        d = (C * cols.T).sum(1)  # [k]
+        g_jj = diag.index_select(0, j)
+        hit = (d < 0) & (g_jj != 0)
+        coef = torch.where(hit, d / torch.where(g_jj != 0, g_jj, torch.ones_like(g_jj)), 0.0)
+        C.scatter_add_(1, j[:, None], -coef[:, None])
+    return C.sum(0)
+
+
+def nash_start(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Active-cluster mask, masked Gram and the Newton start point (all float64).
+
+    Inactive clusters (G[i, i] <= 0) get an identity row/column in ``Gt`` and a = 1, so they
+    have zero gradient and a zero Newton step without any masking inside the loop. The start
+    is a_i = s / sqrt(G_ii) with the scale s that is optimal along that direction; it is the
+    exact solution for orthogonal and for parallel gradients.
+    """
+    k = G.shape[0]
+    diag = G.diagonal()
+    act = diag > 0
+    both = act[:, None] & act[None, :]
+    eye = torch.eye(k, dtype=torch.bool, device=G.device)
+    Gt = torch.where(both, G, eye.to(G.dtype))
+    u = torch.where(act, torch.where(act, diag, 1.0).rsqrt(), 0.0)
+    q = u @ (Gt @ u)
+    n = act.to(G.dtype).sum()
+    s = (n / torch.where(q > 0, q, 1.0)).sqrt()
+    return act, Gt, torch.where(act, s * u, 1.0)
+
+
+def nash_weights_ref(G: torch.Tensor, iters: int = 20, normalize: bool = True) -> torch.Tensor:
+    """Nash-MTL weights: alpha > 0 with alpha * (G alpha) = 1, solved in float64.
+
+    alpha minimises f(a) = 0.5 a^T G a - sum_i log a_i (self-concordant). Each iteration takes
+    the Newton step dx = -H^{-1} grad (H = G + diag(1/a^2)) scaled by 1/(1+lambda) while the
+    Newton decrement lambda = sqrt(grad . H^{-1} grad) >= 1/4 (this keeps a > 0 and decreases f
+    by a fixed amount), and a full step once lambda < 1/4 (quadratic convergence).
+
+    Degenerate input: a cluster with G[i, i] <= 0 (no samples, zero gradient) gets weight 0 and
+    is left out of the solve. A non-finite G gives an all-NaN result. If the active clusters
+    admit a > 0 with G a = 0 (exactly opposing gradients) no solution exists; the result then
+    stays finite but is meaningless.
+
+    Args:
+        G: [k, k] Gram matrix. iters: fixed number of Newton steps (no early exit).
+        normalize: divide G by its Frobenius norm first.
+
+    Returns:
+        alpha: [k] float64.
+    """
+    check_G(G)
+    if iters < 0:
+        raise ValueError(f"iters must be >= 0, got {iters}")
+    G64 = G.to(torch.float64)
+    ok = torch.isfinite(G64).all()
+    if normalize:
+        nrm = torch.linalg.matrix_norm(G64)
+        G64 = G64 / torch.where(nrm > 0, nrm, 1.0)
+    act, Gt, a = nash_start(G64)
+    H = torch.empty_like(Gt)
+    for _ in range(iters):
+        r = a.reciprocal()
+        grad = torch.mv(Gt, a).sub_(r)
+        H.copy_(Gt).diagonal().addcmul_(r, r)  # H = G + diag(1/a^2)
+        x = torch.linalg.solve_ex(H, grad)[0]  # solve_ex: no error check, so no host sync
+        lam = torch.dot(grad, x).clamp_min_(0.0).sqrt_()
+        step = torch.where(lam < 0.25, 1.0, (1.0 + lam).reciprocal())
+        a = a - step * x
+    return torch.where(ok & act, a, torch.where(ok, 0.0, torch.nan))

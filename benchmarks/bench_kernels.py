@@ -1,0 +1,112 @@
+"""ant_kernels benchmarks: gram / combine vs torch on CUDA, the Nash solve on CPU.
+
+On CUDA, k = 5 and P in {1e6, 1e7, 1e8}: ``gram`` against ``J @ J.T`` and ``combine`` against
+``torch.mv`` into the same buffer, side by side in one run; extra_info holds the achieved
+bandwidth (bytes read + written / mean time) and its fraction of the card's peak
+(``ANT_PEAK_BW`` in B/s overrides the table). On CPU only the reference paths run, on tiny
+sizes (the cases marked ``quick``), so ``--quick`` in CI keeps this file alive.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import pytest
+import torch
+
+from ant_kernels import combine, gram
+from ant_kernels.reference import combine_ref, gram_ref, nash_weights_ref
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
+
+# Peak DRAM bandwidth in B/s by device-name fragment (first match wins).
+PEAK_BW = (
+    ("H100 PCIe", 2.0e12),
+    ("H100", 3.35e12),
+    ("H200", 4.8e12),
+    ("A100 80GB", 2.0e12),
+    ("A100-SXM4-80GB", 2.0e12),
+)
+K = 5
+SIZES = [10**6, 10**7, 10**8]
+
+
+def _environment() -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
+    return {"kernel_device": name, "torch_runtime": torch.__version__, "triton": triton_version}
+
+
+def _peak_bw(name: str) -> float | None:
+    if "ANT_PEAK_BW" in os.environ:
+        return float(os.environ["ANT_PEAK_BW"])
+    return next((bw for key, bw in PEAK_BW if key in name), None)
+
+
+def _run_cuda(benchmark, fn, nbytes: int) -> None:
+    """Time ``fn`` with a device sync per call; record achieved and peak-relative bandwidth."""
+
+    def timed():
+        fn()
+        torch.cuda.synchronize()
+
+    timed()  # compile and warm up
+    benchmark.pedantic(timed, rounds=20, warmup_rounds=3, iterations=1)
+    env = _environment()
+    bw = nbytes / benchmark.stats.stats.mean
+    peak = _peak_bw(env["kernel_device"])
+    benchmark.extra_info.update(env)
+    benchmark.extra_info.update(
+        {"bytes": nbytes, "GB/s": bw / 1e9, "peak_fraction": bw / peak if peak else None}
+    )
+
+
+@needs_gpu
+@pytest.mark.parametrize("impl", ["ant", "torch"])
+@pytest.mark.parametrize("P", SIZES, ids=[f"P{p:.0e}" for p in SIZES])
+def test_gram_cuda(bench, impl, P):
+    J = torch.randn(K, P, device="cuda")
+    bench.group = f"gram-k{K}-P{P:.0e}"
+    fn = (lambda: gram(J)) if impl == "ant" else (lambda: (J @ J.T, torch.isfinite(J).all()))
+    _run_cuda(bench, fn, J.numel() * J.element_size())
+
+
+@needs_gpu
+@pytest.mark.parametrize("impl", ["ant", "torch"])
+@pytest.mark.parametrize("P", SIZES, ids=[f"P{p:.0e}" for p in SIZES])
+def test_combine_cuda(bench, impl, P):
+    J = torch.randn(K, P, device="cuda")
+    w = torch.randn(K, device="cuda")
+    out = torch.empty(P, device="cuda")
+    bench.group = f"combine-k{K}-P{P:.0e}"
+    fn = (lambda: combine(w, J, out)) if impl == "ant" else (lambda: torch.mv(J.T, w, out=out))
+    _run_cuda(bench, fn, J.numel() * J.element_size() + out.numel() * out.element_size())
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("k", [2, 5, 8, 16])
+def test_nash_ref_cpu(bench, k):
+    J = torch.randn(k, 64, dtype=torch.float64)
+    G = J @ J.T
+    bench.group = "nash-ref-cpu"
+    a = bench(nash_weights_ref, G)
+    assert torch.isfinite(a).all()
+    bench.extra_info.update({"k": k, "ms_per_solve": bench.stats.stats.median * 1e3})
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("op", ["gram_ref", "combine_ref"])
+def test_reference_cpu_tiny(bench, op):
+    J = torch.randn(K, 10**5)
+    w = torch.randn(K)
+    out = torch.empty(10**5)
+    bench.group = "reference-cpu"
+    fn = (lambda: gram_ref(J)) if op == "gram_ref" else (lambda: combine_ref(w, J, out))
+    bench(fn)
+    bench.extra_info["GB/s"] = J.numel() * 4 / bench.stats.stats.median / 1e9

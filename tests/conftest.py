@@ -1,0 +1,46 @@
+"""Shared test setup: the Triton interpreter on CPU-only machines, and per-test seeding.
+
+The markers gpu / interpret / slow are registered in pyproject.toml, not here.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Must happen before anything imports triton: triton.jit picks interpreter or compiler
+    # when a kernel is decorated, i.e. when ant_kernels is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything() -> None:
+    """Every test starts from the same seeds, whatever ran before it."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _reference_kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside the kernels' own tests the (fast) torch references serve the kernels on CPU;
+    tests marked ``interpret`` keep the default dispatch (Triton through the interpreter)."""
+    if request.node.get_closest_marker("interpret") is None:
+        monkeypatch.setenv("ANT_KERNELS_BACKEND", "torch")
+
+
+@pytest.fixture
+def kernel_device() -> torch.device:
+    """Where Triton kernels run: CUDA when present, else the CPU under the interpreter."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def force_triton(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Force the Triton backend, so a test fails rather than fall back to the reference."""
+    monkeypatch.setenv("ANT_KERNELS_BACKEND", "triton")

@@ -1,0 +1,174 @@
+"""gram: Triton kernel vs same-dtype reference vs float64, plus the backend dispatch rules."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import ant_kernels
+from ant_kernels import backend_reasons, gram, gram_ref
+from ant_kernels.gram import gram_triton
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EPS32 = torch.finfo(torch.float32).eps
+CASES = [(k, P, d) for k in (1, 2, 3, 5, 8) for P in (1, 7, 4099, 65539) for d in DTYPES]
+
+
+def _check(G: torch.Tensor, J: torch.Tensor) -> None:
+    """Rule: |G - G64| <= 2 |same-dtype ref - G64| + an fp32 summation-noise atol."""
+    G64, _ = gram_ref(J.cpu(), upcast=True)
+    G32, _ = gram_ref(J.cpu())
+    err = (G.cpu().double() - G64).abs().max().item()
+    err_ref = (G32.double() - G64).abs().max().item()
+    # 16 ulps of the largest entry: fp32 summation noise in any order, far below TF32's error
+    atol = 16 * EPS32 * G64.abs().max().item() + 1e-30
+    assert err <= 2 * err_ref + atol, (
+        f"kernel err {err:.3e}, ref err {err_ref:.3e}, atol {atol:.3e}"
+    )
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("k,P,dt", CASES, ids=[f"k{k}-P{P}-{d}" for k, P, d in CASES])
+def test_gram_matches_reference(k, P, dt, kernel_device, force_triton):
+    J = torch.randn(k, P, device=kernel_device).to(DTYPES[dt])
+    G, finite = gram(J)
+    assert G.shape == (k, k) and G.dtype == torch.float32 and G.device == J.device
+    assert finite.dim() == 0 and finite.dtype == torch.bool and bool(finite)
+    assert torch.equal(G, G.T)
+    _check(G, J)
+    # small integers: every partial sum is exact in fp32 (< 2**24), so any dropped, doubled or
+    # misplaced column shows up as an exact mismatch
+    Ji = torch.randint(-8, 9, (k, P), device=kernel_device)
+    Gi, _ = gram(Ji.to(DTYPES[dt]))
+    assert torch.equal(Gi.cpu(), (Ji @ Ji.T).float().cpu())
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("view", ["row-slice", "col-stride3", "transposed", "offset"])
+def test_gram_strided_views(view, kernel_device, force_triton):
+    make = {
+        "row-slice": lambda b: b[1::2, 5:2900],  # row stride 2 * 3001
+        "col-stride3": lambda b: b[:5, ::3],  # column stride 3
+        "transposed": lambda b: b.view(-1)[: 5 * 4099].view(4099, 5).T,  # column stride 5
+        "offset": lambda b: b.view(-1)[17 : 17 + 4 * 5000].view(4, 5000),
+    }[view]
+    base = torch.randn(9, 3001, device=kernel_device)
+    J = make(base)
+    assert not J.is_contiguous() or view == "offset"
+    G, finite = gram(J)
+    assert bool(finite)
+    _check(G, J)
+    Ji = make(base.round().clamp(-8, 8))  # same strides, small integer values: exact
+    assert torch.equal(gram(Ji)[0].cpu(), (Ji.double() @ Ji.double().T).float().cpu())
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dt", list(DTYPES))
+def test_gram_many_blocks_reduction(dt, kernel_device):
+    # small tiles: 33 programs x 2 chunks exercise the two-stage sum and the tail masks
+    J = torch.randn(5, 4099, device=kernel_device).to(DTYPES[dt])
+    G, finite = gram_triton(J, block_p=64, chunks=2)
+    assert bool(finite)
+    _check(G, J)
+    G2, _ = gram_triton(J, block_p=64, chunks=2)
+    assert torch.equal(G, G2), "two runs must be bit-identical"
+
+
+@pytest.mark.interpret
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", ["first", "last", "middle-row"])
+def test_gram_nonfinite_flag(bad, where, kernel_device, force_triton):
+    J = torch.randn(5, 4099, device=kernel_device)
+    row, col = {"first": (0, 0), "last": (4, 4098), "middle-row": (2, 2049)}[where]
+    J[row, col] = float(bad)
+    _, finite = gram(J)
+    _, finite_small = gram_triton(J, block_p=64, chunks=2)
+    assert not bool(finite) and not bool(finite_small)
+    assert not bool(gram_ref(J.cpu())[1])
+
+
+def test_gram_ref_upcast_is_exact_on_integers():
+    # small integers: every fp64 partial sum is exact, so G must equal the integer product
+    Ji = torch.randint(-50, 50, (4, 777))
+    G, finite = gram_ref(Ji.double(), upcast=True)
+    assert G.dtype == torch.float64 and bool(finite)
+    assert torch.equal(G, (Ji @ Ji.T).double())
+
+
+@pytest.mark.parametrize(
+    "J,match",
+    [
+        (torch.zeros(5), "shape"),
+        (torch.zeros(2, 3, 4), "shape"),
+        (torch.zeros(0, 4), "shape"),
+        (torch.zeros(3, 4, dtype=torch.int32), "float"),
+    ],
+    ids=["1d", "3d", "k0", "int"],
+)
+def test_gram_bad_input(J, match):
+    with pytest.raises(ValueError, match=match):
+        gram(J)
+
+
+def test_backend_torch_forces_reference(monkeypatch):
+    monkeypatch.setenv("ANT_KERNELS_BACKEND", "torch")
+    J = torch.randn(3, 100)
+    assert any("forces the reference" in r for r in backend_reasons("gram", J, k=3))
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the Triton launcher must not run")
+
+    # ant_kernels.gram is the function; the module is only reachable through sys.modules
+    monkeypatch.setattr(sys.modules["ant_kernels.gram"], "gram_triton", fail)
+    G, _ = gram(J)
+    torch.testing.assert_close(G, gram_ref(J)[0])
+
+
+def test_forced_triton_without_interpreter_raises(monkeypatch):
+    monkeypatch.setenv("ANT_KERNELS_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    J = torch.randn(3, 100)
+    reasons = backend_reasons("gram", J, k=3)
+    assert any("not on CUDA and TRITON_INTERPRET!=1" in r for r in reasons)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        gram(J)
+
+
+def test_forced_triton_lists_every_reason(monkeypatch):
+    monkeypatch.setenv("ANT_KERNELS_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    J = torch.randn(70, 10, dtype=torch.float64)
+    with pytest.raises(RuntimeError) as info:
+        gram(J)
+    msg = str(info.value)
+    assert "TRITON_INTERPRET" in msg and "float64" in msg and "k=70" in msg
+
+
+def test_auto_falls_back_and_bad_backend_value(monkeypatch):
+    monkeypatch.setenv("ANT_KERNELS_BACKEND", "auto")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    J = torch.randn(3, 50)
+    torch.testing.assert_close(gram(J)[0], gram_ref(J)[0])
+    monkeypatch.setenv("ANT_KERNELS_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="ANT_KERNELS_BACKEND"):
+        backend_reasons("gram", J)
+    with pytest.raises(ValueError, match="op="):
+        ant_kernels.backend_reasons("matmul", J)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
+@pytest.mark.parametrize("dt", list(DTYPES))
+def test_gram_cuda_no_host_sync(dt, force_triton):
+    J = torch.randn(5, 1_000_003, device="cuda").to(DTYPES[dt])
+    gram(J)  # compile outside the sync check
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        G, finite = gram(J)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert bool(finite)
+    _check(G, J)

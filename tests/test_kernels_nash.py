@@ -1,0 +1,176 @@
+"""nash_weights: residual of alpha * (G alpha) = 1, kernel == reference, independent solver."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ant_kernels import backend_reasons, nash_weights, nash_weights_ref
+
+KINDS = ("random", "scaled", "cos0.999", "near-parallel")
+# the interpreter runs each of the ~20 * k pivot steps op by op: keep k = 16 and 32 cases few
+CASES = [(k, kind) for k in (2, 5, 8) for kind in KINDS] + [
+    (16, "random"),
+    (16, "cos0.999"),
+    (16, "near-parallel"),
+    (32, "scaled"),
+]
+
+
+def _make_G(k: int, kind: str, P: int = 200) -> torch.Tensor:
+    """[k, k] float64 Gram matrix of k cluster gradients of the requested flavour."""
+    f64 = torch.float64
+    if kind in ("random", "scaled"):
+        J = torch.randn(k, P, dtype=f64)
+    elif kind == "cos0.999":
+        # cosine exactly 0.999 between every pair: sqrt(.999) c + sqrt(.001) e_i, orthonormal
+        Q = torch.linalg.qr(torch.randn(P, k + 1, dtype=f64))[0]
+        J = math.sqrt(0.999) * Q[:, k][None, :] + math.sqrt(0.001) * Q[:, :k].T
+    else:
+        # a shared direction plus unequal noise: pairwise cosines between ~0.99 and 0.9999
+        J = torch.randn(P, dtype=f64)[None, :] + 0.02 * torch.rand(k, 1, dtype=f64) * torch.randn(
+            k, P, dtype=f64
+        )
+    spread = 3.0 if kind == "scaled" else 1.0
+    J = J * torch.exp(spread * torch.randn(k, 1, dtype=f64))
+    return J @ J.T
+
+
+def _residual(G: torch.Tensor, a: torch.Tensor) -> float:
+    Gn = G / torch.linalg.matrix_norm(G)
+    return (a * (Gn @ a) - 1).abs().max().item()
+
+
+def _independent_solve(G: torch.Tensor) -> torch.Tensor:
+    """Newton with Armijo backtracking from a = 1, run to convergence (test oracle)."""
+    G = G / torch.linalg.matrix_norm(G)
+    a = torch.ones(G.shape[0], dtype=torch.float64)
+
+    def f(x: torch.Tensor) -> float:
+        return (0.5 * x @ G @ x - x.log().sum()).item()
+
+    for _ in range(500):
+        g = G @ a - 1 / a
+        if (a * (G @ a) - 1).abs().max() < 1e-14:
+            break
+        dx = -torch.linalg.solve(G + torch.diag(1 / a**2), g)
+        t = 1.0
+        # backtrack while far away; near the optimum f's rounding noise would stall Armijo
+        while -(g @ dx) > 1e-8 and (
+            (a + t * dx).min() <= 0 or f(a + t * dx) > f(a) + 0.25 * t * (g @ dx).item()
+        ):
+            t *= 0.5
+        a = a + t * dx
+    return a
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("k,kind", CASES, ids=[f"k{k}-{kind}" for k, kind in CASES])
+def test_nash_kernel_solves_and_matches(k, kind, kernel_device, force_triton):
+    G = _make_G(k, kind)
+    a = nash_weights(G.to(kernel_device)).cpu()
+    assert a.dtype == torch.float64 and a.shape == (k,)
+    assert (a > 0).all()
+    assert _residual(G, a) < 1e-10
+    ref = nash_weights_ref(G)
+    assert _residual(G, ref) < 1e-10
+    torch.testing.assert_close(a, ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(a, _independent_solve(G), rtol=1e-10, atol=0)
+    if k <= 8:  # a float32 G is read and solved in float64 too
+        a32 = nash_weights(G.float().to(kernel_device)).cpu()
+        assert _residual(G.float().double(), a32) < 1e-10
+
+
+@pytest.mark.parametrize("k", [2, 5, 8, 16, 32])
+@pytest.mark.parametrize("kind", KINDS)
+def test_nash_reference_residual_many_draws(k, kind):
+    for _ in range(10):
+        G = _make_G(k, kind)
+        assert _residual(G, nash_weights_ref(G)) < 1e-10
+
+
+def test_nash_iteration_budget_has_margin():
+    # the default of 20 steps: the worst draw below needs well under half of it
+    worst = 0
+    for k in (2, 5, 8, 16):
+        for kind in KINDS:
+            for _ in range(5):
+                G = _make_G(k, kind)
+                need = next(i for i in range(21) if _residual(G, nash_weights_ref(G, i)) < 1e-10)
+                worst = max(worst, need)
+    assert worst <= 10, f"needed {worst} Newton steps"
+
+
+def test_nash_closed_forms():
+    # orthogonal gradients: a_i^2 G_ii / |G| = 1; parallel ones: a_i = 1 / (|g_i| sqrt(k))
+    d = torch.tensor([1.0, 4.0, 9.0], dtype=torch.float64)
+    a = nash_weights(torch.diag(d))
+    torch.testing.assert_close(a, (d.norm() / d).sqrt(), rtol=1e-14, atol=0)
+    g = torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64)
+    G = torch.outer(g, g)
+    a = nash_weights(G, normalize=False)
+    torch.testing.assert_close(a, 1 / (g * math.sqrt(3)), rtol=1e-12, atol=0)
+
+
+@pytest.mark.interpret
+def test_nash_scaling(kernel_device, force_triton):
+    G = _make_G(3, "random").to(kernel_device)
+    a = nash_weights(G)
+    torch.testing.assert_close(nash_weights(1e6 * G), a, rtol=1e-12, atol=0)
+    a_raw = nash_weights(G, normalize=False)
+    torch.testing.assert_close(nash_weights(4 * G, normalize=False), a_raw / 2, rtol=1e-12, atol=0)
+    assert (a_raw * (G.double() @ a_raw) - 1).abs().max() < 1e-10
+
+
+@pytest.mark.interpret
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_nash_degenerate_inputs(backend, kernel_device, monkeypatch):
+    monkeypatch.setenv("ANT_KERNELS_BACKEND", backend)
+    G = _make_G(5, "random")
+    G[2], G[:, 2] = 0.0, 0.0  # an empty cluster
+    a = nash_weights(G.to(kernel_device)).cpu()
+    assert a[2] == 0 and torch.isfinite(a).all()
+    keep = [0, 1, 3, 4]
+    sub = G[keep][:, keep]
+    # the other four solve their own problem (normalised by the same norm: zeros add nothing)
+    torch.testing.assert_close(a[keep], nash_weights_ref(sub), rtol=1e-12, atol=0)
+    assert torch.equal(
+        nash_weights(torch.zeros(3, 3, device=kernel_device)).cpu(),
+        torch.zeros(3, dtype=torch.float64),
+    )
+    for bad in (float("nan"), float("inf")):
+        Gb = G.clone()
+        Gb[1, 3] = bad
+        assert torch.isnan(nash_weights(Gb.to(kernel_device))).all()
+
+
+def test_nash_k_limit_and_bad_input(monkeypatch):
+    G = _make_G(33, "random")
+    monkeypatch.setenv("ANT_KERNELS_BACKEND", "auto")
+    assert any("k=33" in r for r in backend_reasons("nash", G, k=33))
+    assert _residual(G, nash_weights(G)) < 1e-10  # auto: the reference serves k > 32
+    monkeypatch.setenv("ANT_KERNELS_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="k=33"):
+        nash_weights(G)
+    with pytest.raises(ValueError, match="iters"):
+        nash_weights(G[:3, :3], iters=-1)
+    with pytest.raises(ValueError, match="G must"):
+        nash_weights(torch.ones(2, 3))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
+@pytest.mark.parametrize("kind", KINDS)
+def test_nash_cuda_no_host_sync(kind, force_triton):
+    G = _make_G(8, kind)
+    Gc = G.cuda()
+    nash_weights(Gc)  # compile outside the sync check
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        a = nash_weights(Gc)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(a.cpu(), nash_weights_ref(G), rtol=1e-12, atol=0)

@@ -1,0 +1,139 @@
+"""pcgrad_weights: Gram-space PCGrad == explicit P-space projection in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ant_kernels import backend_reasons, pcgrad_weights, pcgrad_weights_ref
+
+KINDS = ("random", "conflicts", "zero-row")
+CASES = [(k, kind) for k in (1, 2, 3, 5, 8, 16) for kind in KINDS] + [(32, "conflicts")]
+
+
+def _make_J(k: int, kind: str, P: int = 97) -> torch.Tensor:
+    """[k, P] float64 cluster gradients of the requested flavour."""
+    J = torch.randn(k, P, dtype=torch.float64)
+    if kind == "conflicts":
+        # shared direction with random signs: about half of all pairs conflict strongly
+        sign = torch.where(torch.rand(k) < 0.5, -1.0, 1.0).double()
+        J = sign[:, None] * torch.randn(P, dtype=torch.float64) + 0.3 * J
+    if kind == "zero-row":
+        J[k // 2] = 0.0  # an empty cluster: G[j, j] == 0, never projected against
+    return J * torch.exp(torch.randn(k, 1, dtype=torch.float64))
+
+
+def _orders(k: int) -> torch.Tensor:
+    return torch.stack([torch.randperm(k) for _ in range(k)])
+
+
+def _pspace(J: torch.Tensor, orders: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """PCGrad done the expensive way: project P-length vectors, float64."""
+    projected = []
+    for i in range(J.shape[0]):
+        g = J[i].clone()
+        for j in orders[i].tolist():
+            d, n2 = g @ J[j], J[j] @ J[j]
+            if d < 0 and n2 != 0:
+                g = g - (d / n2) * J[j]
+        projected.append(g)
+    return torch.stack(projected).sum(0), projected
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("k,kind", CASES, ids=[f"k{k}-{kind}" for k, kind in CASES])
+def test_pcgrad_gram_space_equals_p_space(k, kind, kernel_device, force_triton):
+    J = _make_J(k, kind)
+    orders = _orders(k)
+    expected, _ = _pspace(J, orders)
+    G = J @ J.T
+    w = pcgrad_weights(G.to(kernel_device), orders.to(kernel_device)).cpu()
+    assert w.dtype == torch.float64 and w.shape == (k,)
+    scale = J.abs().sum(0).max().item() * w.abs().max().item()
+    torch.testing.assert_close(w @ J, expected, rtol=0, atol=1e-10 * scale)
+    torch.testing.assert_close(w, pcgrad_weights_ref(G, orders), rtol=1e-12, atol=1e-12)
+    # float32 G: the kernel and the float32 reference agree to float32 accuracy
+    w32 = pcgrad_weights(G.float().to(kernel_device), orders.to(kernel_device)).cpu()
+    assert w32.dtype == torch.float32
+    w32_ref = pcgrad_weights_ref(G.float(), orders)
+    torch.testing.assert_close(w32, w32_ref, rtol=1e-4, atol=1e-4 * w32_ref.abs().max().item())
+
+
+@pytest.mark.interpret
+def test_pcgrad_many_conflicts_are_projected(kernel_device, force_triton):
+    # g_2 = -g_1 + small: every cross pair conflicts; the answer must differ from plain sum
+    J = _make_J(4, "conflicts", P=50)
+    J[1] = -J[0] + 0.01 * torch.randn(50, dtype=torch.float64)
+    orders = _orders(4)
+    w = pcgrad_weights((J @ J.T).to(kernel_device), orders.to(kernel_device)).cpu()
+    assert not torch.allclose(w, torch.ones(4, dtype=torch.float64))
+    torch.testing.assert_close(w @ J, _pspace(J, orders)[0], rtol=0, atol=1e-9)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("trial", range(6))
+def test_pcgrad_k2_leaves_no_conflict(trial, kernel_device, force_triton):
+    J = _make_J(2, "conflicts")
+    orders = _orders(2)
+    G = J @ J.T
+    _, projected = _pspace(J, orders)
+    for i in range(2):
+        for j in range(2):
+            # g_i' . g_j >= 0 for every pair: self-projection never triggers (Cauchy-Schwarz)
+            assert projected[i] @ J[j] >= -1e-9 * G.abs().max()
+    w = pcgrad_weights(G.to(kernel_device), orders.to(kernel_device)).cpu()
+    torch.testing.assert_close(w @ J, projected[0] + projected[1], rtol=0, atol=1e-9)
+
+
+def test_pcgrad_closed_form_k2():
+    # g1 = (1, 0), g2 = (-1, 1): g1' = g1 - (-1/2) g2 = (1/2, 1/2); g2' = g2 - (-1) g1 = (0, 1)
+    J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
+    orders = torch.tensor([[1, 0], [0, 1]])
+    w = pcgrad_weights(J @ J.T, orders)
+    torch.testing.assert_close(w @ J, torch.tensor([0.5, 1.5], dtype=torch.float64))
+    torch.testing.assert_close(w, torch.tensor([2.0, 1.5], dtype=torch.float64))
+
+
+def test_pcgrad_no_conflict_is_plain_sum():
+    J = torch.rand(5, 40, dtype=torch.float64)  # all entries >= 0: no pair conflicts
+    w = pcgrad_weights(J @ J.T, _orders(5))
+    torch.testing.assert_close(w, torch.ones(5, dtype=torch.float64), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "G,orders,match",
+    [
+        (torch.eye(3), torch.zeros(3, 2, dtype=torch.int64), "orders must"),
+        (torch.eye(3), torch.zeros(3, 3), "orders must"),
+        (torch.ones(3, 2), torch.zeros(3, 3, dtype=torch.int64), "G must"),
+    ],
+    ids=["orders-shape", "orders-float", "G-shape"],
+)
+def test_pcgrad_bad_input(G, orders, match):
+    with pytest.raises(ValueError, match=match):
+        pcgrad_weights(G, orders)
+
+
+def test_pcgrad_dispatch_reasons(monkeypatch):
+    monkeypatch.setenv("ANT_KERNELS_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    G, orders = torch.eye(65), _orders(65)
+    reasons = backend_reasons("pcgrad", G, orders, k=65)
+    assert any("k=65" in r for r in reasons) and any("TRITON_INTERPRET" in r for r in reasons)
+    with pytest.raises(RuntimeError, match="k=65"):
+        pcgrad_weights(G, orders)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
+def test_pcgrad_cuda_no_host_sync(force_triton):
+    J = _make_J(5, "conflicts")
+    orders = _orders(5)
+    G, o = (J @ J.T).cuda(), orders.cuda()
+    pcgrad_weights(G, o)  # compile outside the sync check
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        w = pcgrad_weights(G, o)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(w.cpu() @ J, _pspace(J, orders)[0], rtol=0, atol=1e-9)
