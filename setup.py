@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,17 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+
+
+def _tool(name: str) -> str:
+    """A build tool from this Python's environment (pip's cmake / ninja) or else from PATH."""
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"{name} not found: `pip install {name}` (or install it system-wide)")
+    return found
 
 
 class CMakeExtension(Extension):
@@ -26,11 +38,13 @@ class CMakeBuild(build_ext):
         build_dir = Path(self.build_temp).resolve() / ext.name
         build_dir.mkdir(parents=True, exist_ok=True)
         cfg = "Debug" if self.debug else "Release"
+        cmake = _tool("cmake")
         configure = [
-            "cmake",
+            cmake,
             str(ROOT),
             "-G",
             "Ninja",
+            f"-DCMAKE_MAKE_PROGRAM={_tool('ninja')}",
             f"-DCMAKE_BUILD_TYPE={cfg}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
@@ -43,7 +57,7 @@ class CMakeBuild(build_ext):
             pass
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 1))
         subprocess.run(configure, cwd=build_dir, check=True)
-        subprocess.run(["cmake", "--build", ".", "-j", jobs], cwd=build_dir, check=True)
+        subprocess.run([cmake, "--build", ".", "-j", jobs], cwd=build_dir, check=True)
 
 
 setup(
