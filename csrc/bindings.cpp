@@ -1,0 +1,62 @@
+// The only file that knows pybind11: exposes the pure C++ core as antdiff._C.
+// std::invalid_argument from the core becomes ValueError (pybind11's default translation).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "interval_dp.h"
+
+namespace py = pybind11;
+
+namespace {
+
+using DoubleArray = py::array_t<double, py::array::c_style | py::array::forcecast>;
+
+py::tuple SolveIntervals(const std::string& cost, const DoubleArray& data, int64_t k,
+                         std::optional<int64_t> min_size, std::optional<int64_t> max_size,
+                         const std::string& algorithm) {
+  const ant::CostKind kind = ant::ParseCostKind(cost);
+  const ant::Algorithm algo = ant::ParseAlgorithm(algorithm);
+  std::vector<int64_t> shape(data.shape(), data.shape() + data.ndim());
+  const ant::CostInput input{kind, data.data(), std::move(shape)};
+  ant::IntervalSplit split;
+  {
+    // `data` keeps the buffer alive; the solve touches no Python object.
+    py::gil_scoped_release release;
+    split = ant::SolveIntervals(input, k, min_size, max_size, algo);
+  }
+  py::array_t<int64_t> bounds(static_cast<py::ssize_t>(split.bounds.size()));
+  std::copy(split.bounds.begin(), split.bounds.end(), bounds.mutable_data());
+  return py::make_tuple(bounds, split.cost);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "antdiff C++ core: exact constrained interval clustering (see csrc/interval_dp.h).";
+  m.attr("AUTO_DC_MIN_T") = ant::kAutoDcMinT;
+  m.def("solve_intervals", &SolveIntervals, py::arg("cost"), py::arg("data"), py::arg("k"),
+        py::arg("min_size") = py::none(), py::arg("max_size") = py::none(),
+        py::arg("algorithm") = "auto",
+        R"doc(Split T timesteps into k contiguous clusters minimising the summed interval cost.
+
+Args:
+    cost: "l1" | "l2" (data: values [T]) or "affinity" | "matrix" (data: [T, T]).
+    data: float64 array (other dtypes are cast; a C-contiguous float64 array is not copied).
+    k: number of clusters, 1 <= k <= T.
+    min_size, max_size: cluster-size limits, None = no limit.
+    algorithm: "auto" | "quadratic" | "dc".
+
+Returns:
+    (bounds int64 [k + 1], total cost). Ties go to the smallest split index. Releases the GIL.
+
+Raises:
+    ValueError: naming the bad argument, its value and what is valid.
+)doc");
+}

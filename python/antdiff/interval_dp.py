@@ -1,0 +1,290 @@
+"""Exact constrained interval clustering: split T timesteps into k contiguous clusters.
+
+Minimises sum_m cost([b_m, b_{m+1})) over bounds 0 = b_0 < b_1 < ... < b_k = T (half-open
+intervals), optionally with min_size <= b_{m+1} - b_m <= max_size. With c = l + (r - l - 1) // 2
+(the middle index of [l, r)) the costs are:
+
+- "l1": values v [T], monotone: sum_{t in [l, r)} |v_t - v_c| (v_c is a median of sorted v).
+- "l2": values v [T], any order: sum of squared deviations from the interval mean.
+- "affinity": matrix A [T, T]: -sum_{t in [l, r)} A[c, t].
+- "matrix": matrix C [T, T]: C[l, r - 1] (inclusive indices; only the upper triangle is read).
+
+Each is O(1) per interval after prefix sums, so the DP is O(k T^2) ("quadratic"), less inside
+the size window; "dc" (divide and conquer over monotone argmins, O(k T log T)) serves the costs
+with the quadrangle inequality: "l1", and "l2" on monotone values. Ties go to the smallest split
+index: at each (m, i) the smallest j among the minimisers, so the returned optimum is the one
+whose split points, read from the last backwards, are lexicographically smallest.
+
+Backends: the C++ extension antdiff._C (GIL released), its numpy twin (bit-identical tables)
+and the naive O(k T^3) reference. A missing extension falls back to numpy with one warning;
+ANT_REQUIRE_CPP=1 makes that an error.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import warnings
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from antdiff import _dp_numpy
+
+__all__ = ["COSTS", "cpp_available", "interval_cost", "solve_intervals"]
+
+COSTS = ("l1", "l2", "affinity", "matrix")
+BACKENDS = ("auto", "cpp", "numpy", "naive")
+ALGORITHMS = ("auto", "quadratic", "dc")
+AUTO_DC_MIN_T = 4096  # "auto" uses "dc" when it is valid and T > this (as the C++ does)
+BUILD_HINT = (
+    "build it with `make build` or `python setup.py build_ext --inplace` from the repository root"
+)
+
+_cpp: dict[str, Any] = {"tried": False, "module": None, "error": None, "warned": False}
+
+
+def _import_extension() -> ModuleType:
+    from antdiff import _C
+
+    return _C
+
+
+def _load_cpp() -> ModuleType | None:
+    if not _cpp["tried"]:
+        _cpp["tried"] = True
+        try:
+            _cpp["module"] = _import_extension()
+        except ImportError as exc:
+            _cpp["error"] = exc
+    return _cpp["module"]
+
+
+def cpp_available() -> bool:
+    """Whether the compiled extension antdiff._C can be imported."""
+    return _load_cpp() is not None
+
+
+def _require_cpp() -> ModuleType:
+    module = _load_cpp()
+    if module is None:
+        raise ImportError(
+            f"the C++ extension antdiff._C is missing ({_cpp['error']}); {BUILD_HINT}"
+        )
+    return module
+
+
+def _pick_backend(backend: str) -> str:
+    if backend in ("numpy", "naive"):
+        return backend
+    if backend == "cpp" or os.environ.get("ANT_REQUIRE_CPP", "0") == "1":
+        _require_cpp()
+        return "cpp"
+    if _load_cpp() is not None:
+        return "cpp"
+    if not _cpp["warned"]:
+        _cpp["warned"] = True
+        warnings.warn(
+            "antdiff._C (the C++ interval DP) is missing, using the slower numpy DP; "
+            f"{BUILD_HINT} (set ANT_REQUIRE_CPP=1 to make this an error)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return "numpy"
+
+
+def _check_choice(name: str, value: Any, valid: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in valid:
+        shown = f"'{value}'" if isinstance(value, str) else repr(value)
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, valid))}; got {shown}")
+    return value
+
+
+def _monotone_direction(v: np.ndarray) -> tuple[int, int, int]:
+    """(+1 non-decreasing | -1 non-increasing, not constant | 0, first rise t, first fall t)."""
+    dv = np.diff(v)
+    up, down = np.flatnonzero(dv > 0), np.flatnonzero(dv < 0)
+    first_up, first_down = (int(up[0]) if up.size else -1), (int(down[0]) if down.size else -1)
+    direction = 1 if first_down < 0 else (-1 if first_up < 0 else 0)
+    return direction, first_up, first_down
+
+
+def _validate_data(cost: str, values: Any, matrix: Any) -> tuple[np.ndarray, int]:
+    """Returns (C-contiguous float64 data, monotone direction); the C++ checks the same.
+
+    A matrix is not yet checked for NaN/inf: that O(T^2) pass is left to the caller.
+    """
+    _check_choice("cost", cost, COSTS)
+    one_d = cost in ("l1", "l2")
+    name, given, other, other_name = (
+        ("values", values, matrix, "matrix") if one_d else ("matrix", matrix, values, "values")
+    )
+    if other is not None:
+        raise ValueError(f"cost='{cost}' reads {name}=, not {other_name}=; got {other_name} too")
+    if given is None:
+        shape = "[T]" if one_d else "[T, T]"
+        raise ValueError(f"cost='{cost}' needs {name}={shape}; got {name}=None")
+    if hasattr(given, "detach"):  # a torch tensor, without importing torch
+        given = given.detach().cpu().double().numpy()
+    data = np.ascontiguousarray(np.asarray(given, dtype=np.float64))
+    if one_d and (data.ndim != 1 or data.shape[0] < 1):
+        raise ValueError(f"values must be a 1-D array [T] with T >= 1; got shape {data.shape}")
+    if not one_d and (data.ndim != 2 or data.shape[0] != data.shape[1] or data.shape[0] < 1):
+        raise ValueError(
+            f"matrix must be a square 2-D array [T, T] with T >= 1; got shape {data.shape}"
+        )
+    direction = 0
+    if one_d:
+        _check_finite(cost, data)
+        direction, up, down = _monotone_direction(data)
+        if cost == "l1" and direction == 0:
+            raise ValueError(
+                "values must be monotone (non-decreasing or non-increasing) for cost='l1': "
+                f"values[{up + 1}] > values[{up}] but values[{down + 1}] < values[{down}]; "
+                "sort them or use cost='l2'"
+            )
+    return data, direction
+
+
+def _check_finite(cost: str, data: np.ndarray) -> None:
+    if np.isfinite(data).all():
+        return
+    bad = ~np.isfinite(data)
+    if cost == "matrix":  # only the upper triangle is read, so only it must be finite
+        bad = np.triu(bad)
+        if not bad.any():
+            return
+    where = np.argwhere(bad)[0]
+    if data.ndim == 1:
+        raise ValueError(
+            f"values contains NaN or inf at index {where[0]}; every entry must be finite"
+        )
+    raise ValueError(
+        f"matrix contains NaN or inf at [{where[0]}, {where[1]}]; every entry must be finite"
+    )
+
+
+def _validate_sizes(T: int, k: Any, min_size: Any, max_size: Any) -> tuple[int, int, int]:
+    """Returns (k, resolved min size, resolved max size <= T)."""
+    k = _as_int("k", k)
+    if k < 1:
+        raise ValueError(f"k must be >= 1; got {k}")
+    if k > T:
+        raise ValueError(f"k must be <= T = {T} (at least one timestep per cluster); got {k}")
+    lo = None if min_size is None else _as_int("min_size", min_size)
+    hi = None if max_size is None else _as_int("max_size", max_size)
+    for name, size in (("min_size", lo), ("max_size", hi)):
+        if size is not None and size < 1:
+            raise ValueError(f"{name} must be >= 1 or None (no limit); got {size}")
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"min_size ({lo}) must be <= max_size ({hi})")
+    where = f"is infeasible for k={k}, T={T}"
+    if lo is not None and lo > T // k:
+        raise ValueError(
+            f"min_size={lo} {where} (k * min_size > T); use min_size <= T // k = {T // k} or None"
+        )
+    ceil_t_k = -(-T // k)
+    if hi is not None and hi < ceil_t_k:
+        raise ValueError(
+            f"max_size={hi} {where} (k * max_size < T); use max_size >= ceil(T / k) = "
+            f"{ceil_t_k} or None"
+        )
+    return k, 1 if lo is None else lo, T if hi is None else min(hi, T)
+
+
+def _as_int(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int; got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int; got {value!r}") from None
+
+
+def _resolve_algorithm(algorithm: Any, cost: str, direction: int, T: int) -> bool:
+    """True for divide and conquer."""
+    _check_choice("algorithm", algorithm, ALGORITHMS)
+    monge = cost == "l1" or (cost == "l2" and direction != 0)
+    if algorithm == "dc" and not monge:
+        got = "cost='l2' with non-monotone values" if cost == "l2" else f"cost='{cost}'"
+        raise ValueError(
+            "algorithm='dc' needs the quadrangle inequality: cost='l1', or cost='l2' with "
+            f"monotone values; got {got}"
+        )
+    return algorithm == "dc" or (algorithm == "auto" and monge and T > AUTO_DC_MIN_T)
+
+
+def solve_intervals(
+    cost: str,
+    k: int,
+    *,
+    values: Any = None,
+    matrix: Any = None,
+    min_size: int | None = None,
+    max_size: int | None = None,
+    backend: str = "auto",
+    algorithm: str = "auto",
+) -> tuple[np.ndarray, float]:
+    """Optimal split of T timesteps into k contiguous clusters.
+
+    Args:
+        cost: "l1" | "l2" (give values) or "affinity" | "matrix" (give matrix).
+        k: number of clusters, 1 <= k <= T.
+        values: [T] array for "l1" (monotone) and "l2".
+        matrix: [T, T] array: the affinity A, or the cost matrix C[l, r] of timesteps l..r.
+        min_size, max_size: cluster-size limits (None = no limit).
+        backend: "auto" (C++ if built, else numpy), "cpp", "numpy", "naive" (O(k T^3)).
+        algorithm: "auto" ("dc" where valid and T > 4096), "quadratic", "dc".
+
+    Returns:
+        bounds: int64 [k + 1], bounds[0] = 0, bounds[k] = T; cluster m is [bounds[m], bounds[m+1]).
+        total: the optimal summed cost (float).
+
+    Raises:
+        ValueError: bad input, naming the argument, the value and what is valid.
+        ImportError: backend="cpp" (or ANT_REQUIRE_CPP=1) and the extension is not built.
+    """
+    _check_choice("backend", backend, BACKENDS)
+    data, direction = _validate_data(cost, values, matrix)
+    T = data.shape[0]
+    k, lo, hi = _validate_sizes(T, k, min_size, max_size)
+    dc = _resolve_algorithm(algorithm, cost, direction, T)
+    chosen = _pick_backend(backend)
+    if data.ndim == 2 and chosen != "cpp":  # the C++ makes this check itself, as fast
+        _check_finite(cost, data)
+    if chosen == "cpp":
+        algo = "dc" if dc else "quadratic"
+        bounds, total = _require_cpp().solve_intervals(cost, data, k, lo, hi, algo)
+    elif chosen == "numpy":
+        bounds, total = _dp_numpy.solve_numpy(cost, data, k, lo, hi, direction, dc)
+    else:
+        bounds, total = _dp_numpy.solve_naive(cost, data, k, lo, hi)
+    return np.asarray(bounds, dtype=np.int64), float(total)
+
+
+def interval_cost(cost: str, bounds: Any, *, values: Any = None, matrix: Any = None) -> float:
+    """Total cost of a given split, each interval recomputed from the definition.
+
+    Args:
+        cost, values, matrix: as for :func:`solve_intervals`.
+        bounds: int [k + 1], 0 = bounds[0] < bounds[1] < ... < bounds[k] = T.
+
+    Returns:
+        sum over clusters of cost([bounds[m], bounds[m+1])).
+    """
+    data, _ = _validate_data(cost, values, matrix)
+    if data.ndim == 2:
+        _check_finite(cost, data)
+    T = data.shape[0]
+    b = np.asarray(bounds)
+    if b.ndim != 1 or b.size < 2 or not np.issubdtype(b.dtype, np.integer):
+        raise ValueError(f"bounds must be a 1-D int array [k + 1] with k >= 1; got {bounds!r}")
+    if b[0] != 0 or b[-1] != T or np.any(np.diff(b) <= 0):
+        raise ValueError(f"bounds must increase strictly from 0 to T = {T}; got {b.tolist()}")
+    return float(
+        sum(
+            _dp_numpy.direct_cost(cost, data, int(l), int(r))
+            for l, r in zip(b[:-1], b[1:], strict=True)
+        )
+    )

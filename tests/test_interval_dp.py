@@ -1,0 +1,323 @@
+"""Tests for antdiff.interval_dp: C++ == numpy, both == brute force, dc == quadratic, goldens.
+
+The extension must be built (`python setup.py build_ext --inplace`): importing antdiff._C
+below fails loudly on purpose (CI sets ANT_REQUIRE_CPP=1, so a broken build cannot hide).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from antdiff import _C, interval_dp
+from antdiff.interval_dp import interval_cost, solve_intervals
+
+KINDS = ("l1", "l2", "affinity", "matrix")
+
+
+def _data(kind: str, T: int, rng: np.random.Generator, integer: bool = False) -> dict:
+    """Random input; integer=True gives small integers (exact sums, so many exact ties)."""
+    if kind in ("l1", "l2"):
+        v = rng.integers(-3, 4, size=T).astype(float) if integer else rng.normal(size=T)
+        if kind == "l1":
+            v = np.sort(v)[:: rng.choice([-1, 1])]
+        return {"values": v}
+    m = rng.integers(-3, 4, size=(T, T)).astype(float) if integer else rng.normal(size=(T, T))
+    if kind == "matrix":
+        m = np.abs(m)
+        m[np.tril_indices(T, -1)] = np.nan  # never read: a NaN there would poison the result
+    return {"matrix": m}
+
+
+def _ref_cost(kind: str, x: np.ndarray, l: int, r: int) -> float:
+    """Cost of [l, r) from its definition with plain Python sums (exact on small integers)."""
+    c = l + (r - l - 1) // 2
+    if kind == "l1":
+        return sum(abs(float(x[t]) - float(x[c])) for t in range(l, r))
+    if kind == "l2":
+        mean = sum(float(x[t]) for t in range(l, r)) / (r - l)
+        return sum((float(x[t]) - mean) ** 2 for t in range(l, r))
+    if kind == "affinity":
+        return -sum(float(x[c, t]) for t in range(l, r))
+    return float(x[l, r - 1])
+
+
+def _brute_force(kind: str, x: np.ndarray, k: int, lo: int | None, hi: int | None):
+    """Min over all splits of (total, split points read backwards): the documented tie rule."""
+    T = x.shape[0]
+    best = None
+    for splits in itertools.combinations(range(1, T), k - 1):
+        b = (0, *splits, T)
+        sizes = np.diff(b)
+        if (lo is not None and sizes.min() < lo) or (hi is not None and sizes.max() > hi):
+            continue
+        total = 0.0
+        for l, r in zip(b[:-1], b[1:], strict=True):
+            total += _ref_cost(kind, x, l, r)
+        key = (total, tuple(reversed(splits)), b)
+        best = key if best is None or key[:2] < best[:2] else best
+    return best
+
+
+def _default_limits(T: int, k: int) -> tuple[int, int]:
+    return max(1, T // (2 * k)), max(math.ceil(T / k), 2 * T // k)
+
+
+def _runs(kind: str, data: dict) -> list[tuple[str, str]]:
+    """(backend, algorithm) pairs valid for this input."""
+    runs = [("cpp", "quadratic"), ("numpy", "quadratic"), ("naive", "quadratic")]
+    v = data.get("values")
+    monotone = v is not None and (np.all(np.diff(v) >= 0) or np.all(np.diff(v) <= 0))
+    if kind == "l1" or (kind == "l2" and monotone):
+        runs += [("cpp", "dc"), ("numpy", "dc")]
+    return runs
+
+
+@pytest.mark.parametrize("limits", [(None, None), (2, None), (None, 4), (2, 5), (3, 3)])
+@pytest.mark.parametrize("kind", ["l1", "l2", "l2-sorted", "affinity", "matrix"])
+def test_matches_brute_force(kind: str, limits: tuple) -> None:
+    rng = np.random.default_rng(zlib.crc32(repr((kind, limits)).encode()))
+    base = kind.split("-")[0]
+    lo, hi = limits
+    for T in range(1, 13):
+        # Integer data makes exact ties common, so the tie rule is exercised; l2 divides by n,
+        # which is not exact, so it uses continuous values (unique optima) instead.
+        data = _data(base, T, rng, integer=base != "l2")
+        if kind == "l2-sorted":
+            data["values"] = np.sort(data["values"])
+        x = next(iter(data.values()))
+        for k in range(1, min(4, T) + 1):
+            expected = _brute_force(base, x, k, lo, hi)
+            for backend, algorithm in _runs(base, data):
+                args = dict(min_size=lo, max_size=hi, backend=backend, algorithm=algorithm)
+                where = f"{kind} T={T} k={k} limits={limits} {backend}/{algorithm}"
+                if expected is None:
+                    with pytest.raises(ValueError, match="infeasible"):
+                        solve_intervals(base, k, **data, **args)
+                    continue
+                bounds, total = solve_intervals(base, k, **data, **args)
+                assert bounds.tolist() == list(expected[2]), f"{where}: {bounds} vs {expected}"
+                assert total == pytest.approx(expected[0], rel=1e-9, abs=1e-9), where
+
+
+@pytest.mark.parametrize("algorithm", ["quadratic", "dc"])
+@pytest.mark.parametrize("limited", [False, True], ids=["free", "limits"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_cpp_matches_numpy(kind: str, limited: bool, algorithm: str) -> None:
+    if algorithm == "dc" and kind not in ("l1", "l2"):
+        pytest.raises(ValueError, solve_intervals, kind, 1, matrix=np.eye(3), algorithm="dc")
+        return
+    rng = np.random.default_rng(7)
+    for T, k, integer in itertools.product((1, 2, 7, 31, 97, 211), (1, 2, 3, 5, 8), (0, 1)):
+        if k > T:
+            continue
+        data = _data(kind, T, rng, integer=bool(integer))
+        if algorithm == "dc" and kind == "l2":
+            data["values"] = np.sort(data["values"])
+        lo, hi = _default_limits(T, k) if limited else (None, None)
+        args = dict(min_size=lo, max_size=hi, algorithm=algorithm)
+        b_cpp, c_cpp = solve_intervals(kind, k, **data, backend="cpp", **args)
+        b_np, c_np = solve_intervals(kind, k, **data, backend="numpy", **args)
+        assert b_cpp.tolist() == b_np.tolist(), f"T={T} k={k} int={integer}"
+        assert c_cpp == pytest.approx(c_np, rel=1e-9, abs=1e-12)
+        assert c_cpp == pytest.approx(interval_cost(kind, b_cpp, **data), rel=1e-9, abs=1e-9)
+        sizes = np.diff(b_cpp)
+        assert b_cpp[0] == 0 and b_cpp[-1] == T and sizes.min() >= (lo or 1)
+        assert sizes.max() <= (hi or T)
+
+
+@pytest.mark.parametrize("limited", [False, True], ids=["free", "limits"])
+@pytest.mark.parametrize("kind", ["l1", "l2"])
+def test_dc_matches_quadratic(kind: str, limited: bool) -> None:
+    rng = np.random.default_rng(11)
+    for T, k, shape in itertools.product((2, 17, 500, 1999), (1, 2, 5, 8), ("normal", "ties")):
+        if k > T:
+            continue
+        v = rng.normal(size=T) if shape == "normal" else rng.integers(0, 6, size=T).astype(float)
+        v = np.sort(v)[:: rng.choice([-1, 1])]
+        lo, hi = _default_limits(T, k) if limited else (None, None)
+        args = dict(values=v, min_size=lo, max_size=hi)
+        b_q, c_q = solve_intervals(kind, k, backend="cpp", algorithm="quadratic", **args)
+        b_dc, c_dc = solve_intervals(kind, k, backend="cpp", algorithm="dc", **args)
+        assert b_dc.tolist() == b_q.tolist(), f"T={T} k={k} {shape}"
+        assert c_dc == c_q
+        if T <= 500:
+            b_ndc, _ = solve_intervals(kind, k, backend="numpy", algorithm="dc", **args)
+            assert b_ndc.tolist() == b_q.tolist(), f"numpy dc T={T} k={k} {shape}"
+
+
+def _linear_log_snr(T: int = 1000) -> np.ndarray:
+    a = np.cumprod(1.0 - np.linspace(1e-4, 0.02, T))
+    return np.log(a) - np.log1p(-a)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "numpy"])
+@pytest.mark.parametrize("algorithm", ["quadratic", "dc"])
+def test_golden_log_snr_l1(backend: str, algorithm: str) -> None:
+    v = _linear_log_snr()
+    bounds, total = solve_intervals("l1", 5, values=v, backend=backend, algorithm=algorithm)
+    assert bounds.tolist() == [0, 153, 394, 624, 823, 1000]
+    assert total == pytest.approx(781.7405, abs=1e-4)
+    assert total == pytest.approx(interval_cost("l1", bounds, values=v), rel=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "numpy"])
+@pytest.mark.parametrize("limits", [(None, None), (100, 400)])
+def test_golden_timestep_l2(backend: str, limits: tuple) -> None:
+    v = np.arange(1000.0)
+    lo, hi = limits
+    bounds, total = solve_intervals("l2", 5, values=v, min_size=lo, max_size=hi, backend=backend)
+    assert bounds.tolist() == [0, 200, 400, 600, 800, 1000]
+    assert total == pytest.approx(5 * (200**3 - 200) / 12, rel=1e-12)  # 5 * n (n^2 - 1) / 12
+
+
+def test_timestep_l1_ties_reach_uniform_cost() -> None:
+    v = np.arange(1000.0)
+    uniform = interval_cost("l1", [0, 200, 400, 600, 800, 1000], values=v)
+    for backend in ("cpp", "numpy"):
+        bounds, total = solve_intervals("l1", 5, values=v, backend=backend)
+        assert total == uniform == 5 * (4950 + 5050)
+        assert interval_cost("l1", bounds, values=v) == total
+
+
+def test_all_zero_costs_pick_smallest_splits() -> None:
+    zero = np.zeros((10, 10))
+    for backend in ("cpp", "numpy", "naive"):
+        assert solve_intervals("matrix", 3, matrix=zero, backend=backend)[0].tolist() == [
+            0,
+            1,
+            2,
+            10,
+        ]
+        got = solve_intervals("matrix", 3, matrix=zero, min_size=2, backend=backend)[0]
+        assert got.tolist() == [0, 2, 4, 10]
+        got = solve_intervals("matrix", 3, matrix=zero, min_size=2, max_size=4, backend=backend)[0]
+        assert got.tolist() == [0, 2, 6, 10]
+
+
+V5 = np.arange(5.0)
+# (arguments, the name the message must contain, whether antdiff._C can be handed the same case)
+BAD_INPUTS = [
+    (dict(cost="l3", k=2, values=V5), "cost", True),
+    (dict(cost="l1", k=0, values=V5), "k", True),
+    (dict(cost="l1", k=6, values=V5), "k", True),
+    (dict(cost="l1", k=2, values=V5, min_size=0), "min_size", True),
+    (dict(cost="l1", k=2, values=V5, max_size=0), "max_size", True),
+    (dict(cost="l1", k=2, values=V5, min_size=3, max_size=2), "min_size", True),
+    (dict(cost="l1", k=2, values=V5, min_size=3), "min_size", True),
+    (dict(cost="l1", k=2, values=V5, max_size=2), "max_size", True),
+    (dict(cost="l1", k=2, values=np.array([0.0, 2.0, 1.0])), "values", True),
+    (dict(cost="l1", k=2, values=np.array([0.0, np.nan, 1.0])), "values", True),
+    (dict(cost="l2", k=2, values=np.array([0.0, np.inf, 1.0])), "values", True),
+    (dict(cost="l2", k=2, values=np.ones((3, 3))), "values", True),
+    (dict(cost="l2", k=1, values=np.ones(0)), "values", True),
+    (dict(cost="l2", k=1, values=None), "values", False),
+    (dict(cost="l2", k=1, values=V5, matrix=np.eye(5)), "matrix", False),
+    (dict(cost="affinity", k=2, matrix=np.ones((3, 4))), "matrix", True),
+    (dict(cost="matrix", k=2, matrix=np.ones(3)), "matrix", True),
+    (dict(cost="affinity", k=2, matrix=np.tril(np.full((3, 3), np.nan), -1)), "matrix", True),
+    (dict(cost="matrix", k=2, matrix=np.triu(np.full((3, 3), np.inf))), "matrix", True),
+    (dict(cost="affinity", k=2, values=V5), "matrix", False),
+    (dict(cost="l1", k=2, values=V5, algorithm="fast"), "algorithm", True),
+    (dict(cost="affinity", k=2, matrix=np.eye(3), algorithm="dc"), "algorithm", True),
+    (dict(cost="l2", k=2, values=np.array([0.0, 2.0, 1.0]), algorithm="dc"), "algorithm", True),
+    (dict(cost="l1", k=2, values=V5, backend="gpu"), "backend", False),
+]
+BAD_IDS = [f"{i}-{name}" for i, (_, name, _) in enumerate(BAD_INPUTS)]
+
+
+@pytest.mark.parametrize("backend", ["cpp", "numpy"])
+@pytest.mark.parametrize(("kwargs", "name", "cpp_ok"), BAD_INPUTS, ids=BAD_IDS)
+def test_bad_input_raises(kwargs: dict, name: str, cpp_ok: bool, backend: str) -> None:
+    kwargs = {"backend": backend, **kwargs}
+    cost, k = kwargs.pop("cost"), kwargs.pop("k")
+    with pytest.raises(ValueError, match=name) as info:
+        solve_intervals(cost, k, **kwargs)
+    if not cpp_ok:
+        return
+    # The C++ core checks the same things on its own and says so in the same words.
+    data = kwargs["values"] if "values" in kwargs else kwargs["matrix"]
+    with pytest.raises(ValueError) as cpp_info:
+        _C.solve_intervals(
+            cost,
+            data,
+            k,
+            kwargs.get("min_size"),
+            kwargs.get("max_size"),
+            kwargs.get("algorithm", "auto"),
+        )
+    assert str(cpp_info.value) == str(info.value)
+
+
+def test_non_integer_k_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="k"):
+        solve_intervals("l1", 2.0, values=V5)
+    with pytest.raises(TypeError, match="min_size"):
+        solve_intervals("l1", 2, values=V5, min_size=1.5)
+
+
+def test_interval_cost_checks_bounds() -> None:
+    with pytest.raises(ValueError, match="bounds"):
+        interval_cost("l1", [0, 3, 2, 5], values=V5)
+    with pytest.raises(ValueError, match="bounds"):
+        interval_cost("l1", [0, 4], values=V5)
+    assert interval_cost("l1", [0, 2, 5], values=V5) == 1.0 + 2.0
+
+
+@pytest.mark.parametrize("kind", ["l1", "l2"])
+def test_large_T(kind: str) -> None:
+    T = 100_000
+    v = np.sort(np.random.default_rng(3).normal(size=T))
+    bounds, total = solve_intervals(kind, 5, values=v, backend="cpp")  # auto -> dc
+    assert bounds[0] == 0 and bounds[-1] == T and np.all(np.diff(bounds) > 0)
+    assert total == pytest.approx(interval_cost(kind, bounds, values=v), rel=1e-9)
+    # Independent local check: moving any one split point by a step never lowers the total.
+    for m, step in itertools.product(range(1, 5), (-1, 1, -50, 50)):
+        moved = bounds.copy()
+        moved[m] += step
+        assert interval_cost(kind, moved, values=v) >= total * (1 - 1e-12)
+    b_np, _ = solve_intervals(kind, 5, values=v, backend="numpy")
+    assert b_np.tolist() == bounds.tolist()
+
+
+def test_threads_solve_concurrently() -> None:
+    rng = np.random.default_rng(5)
+    jobs = [np.sort(rng.normal(size=3000)) for _ in range(4)]
+
+    def solve(v: np.ndarray) -> list[int]:
+        return solve_intervals("l1", 5, values=v, backend="cpp", algorithm="quadratic")[0].tolist()
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        parallel = list(pool.map(solve, jobs))
+    assert parallel == [solve(v) for v in jobs]
+
+
+def test_missing_extension_falls_back_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    state = {"tried": True, "module": None, "error": ImportError("no _C"), "warned": False}
+    for key, value in state.items():
+        monkeypatch.setitem(interval_dp._cpp, key, value)
+    monkeypatch.delenv("ANT_REQUIRE_CPP", raising=False)
+    assert not interval_dp.cpp_available()
+    v = np.array([0.0, 1.0, 2.0, 10.0, 11.0])
+    with pytest.warns(RuntimeWarning, match="build_ext --inplace"):
+        bounds, _ = solve_intervals("l2", 2, values=v)
+    assert bounds.tolist() == [0, 3, 5]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        solve_intervals("l2", 2, values=V5)  # second call: silent
+    with pytest.raises(ImportError, match="build_ext --inplace"):
+        solve_intervals("l2", 2, values=V5, backend="cpp")
+    monkeypatch.setenv("ANT_REQUIRE_CPP", "1")
+    with pytest.raises(ImportError, match="make build"):
+        solve_intervals("l2", 2, values=V5)
+    assert solve_intervals("l2", 2, values=V5, backend="numpy")[0][0] == 0
+
+
+def test_cpp_available() -> None:
+    assert interval_dp.cpp_available()
