@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from antdiff import info
+from antdiff.cli import main
+
+
+def test_cluster_cli_json_and_plot(tmp_path, capsys):
+    out_json, out_png = tmp_path / "c.json", tmp_path / "c.png"
+    rc = main(["cluster", "--schedule", "linear", "--T", "1000", "--k", "5", "--objective", "snr",
+               "--min-size", "none", "--max-size", "none", "--json", str(out_json),
+               "--plot", str(out_png)])
+    assert rc == 0
+    d = json.loads(out_json.read_text())
+    assert d["bounds"] == [0, 153, 394, 624, 823, 1000]
+    assert abs(d["cost"] - 781.7405) < 1e-4
+    assert out_png.read_bytes()[:4] == b"\x89PNG"
+    text = capsys.readouterr().out
+    assert "I1: t in [0, 153)" in text and "[823,1000)" in text
+
+
+def test_cluster_cli_gradient_from_npz(tmp_path, capsys):
+    T = 100
+    blocks = np.arange(T) // 25
+    A = np.where(blocks[:, None] == blocks[None, :], 1.0, 0.0)
+    np.savez(tmp_path / "aff.npz", affinity=A[::5, ::5], bin_edges=np.arange(0, T + 1, 5))
+    rc = main(["cluster", "--T", str(T), "--k", "4", "--objective", "gradient",
+               "--affinity", str(tmp_path / "aff.npz")])
+    assert rc == 0
+    assert '"bounds": [0, 25, 50, 75, 100]' in capsys.readouterr().out
+
+
+def test_cluster_cli_schedule_file(tmp_path, capsys):
+    a = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+    np.save(tmp_path / "ac.npy", a)
+    assert main(["cluster", "--schedule", str(tmp_path / "ac.npy"), "--objective",
+                 "timestep"]) == 0
+    assert '"bounds": [0, 200, 400, 600, 800, 1000]' in capsys.readouterr().out
+
+
+def test_cluster_cli_errors_are_messages_not_tracebacks(tmp_path, capsys):
+    assert main(["cluster", "--k", "0"]) == 2
+    assert "k must be" in capsys.readouterr().err
+    assert main(["cluster", "--objective", "gradient"]) == 2
+    assert "--affinity" in capsys.readouterr().err
+    assert main(["cluster", "--objective", "gradient", "--affinity",
+                 str(tmp_path / "missing.npy")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["cluster", "--k", "5", "--min-size", "300"]) == 2
+    assert "min_size" in capsys.readouterr().err
+
+
+def test_info_reports_extension_and_env(capsys):
+    d = info.collect()
+    assert d["antdiff._C"].startswith("built")
+    assert "ANT_REQUIRE_CPP" in d and "torch" in d and "triton" in d
+    info.main()
+    assert "antdiff._C" in capsys.readouterr().out
