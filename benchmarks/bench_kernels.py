@@ -89,15 +89,32 @@ def test_combine_cuda(bench, impl, P):
     _run_cuda(bench, fn, J.numel() * J.element_size() + out.numel() * out.element_size())
 
 
+def _gram_with_cosine(k: int, cosine: float | None) -> torch.Tensor:
+    """Random float64 Gram; with ``cosine``, every pair of rows has that cosine similarity."""
+    g = torch.Generator().manual_seed(k)
+    if cosine is None:
+        J = torch.randn(k, 64, dtype=torch.float64, generator=g)
+        return J @ J.T
+    norms = torch.rand(k, dtype=torch.float64, generator=g) + 0.5
+    C = torch.full((k, k), cosine, dtype=torch.float64).fill_diagonal_(1.0)
+    return C * norms[:, None] * norms[None, :]
+
+
 @pytest.mark.quick
+@pytest.mark.parametrize("cosine", [None, 0.999], ids=["random", "cos0.999"])
 @pytest.mark.parametrize("k", [2, 5, 8, 16])
-def test_nash_ref_cpu(bench, k):
-    J = torch.randn(k, 64, dtype=torch.float64)
-    G = J @ J.T
+def test_nash_ref_cpu(bench, k, cosine):
+    """Nash-MTL solve time and exactness, also for nearly parallel clusters (cosine 0.999)."""
+    G = _gram_with_cosine(k, cosine)
     bench.group = "nash-ref-cpu"
     a = bench(nash_weights_ref, G)
-    assert torch.isfinite(a).all()
-    bench.extra_info.update({"k": k, "ms_per_solve": bench.stats.stats.median * 1e3})
+    Gn = G / torch.linalg.matrix_norm(G)
+    residual = float((a * (Gn @ a) - 1).abs().max())
+    assert residual < 1e-10
+    bench.extra_info.update(
+        {"k": k, "cosine": cosine, "ms_per_solve": bench.stats.stats.median * 1e3,
+         "residual": residual}
+    )
 
 
 @pytest.mark.quick
