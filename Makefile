@@ -32,9 +32,14 @@ demo: build
 	$(BIN)/antdiff cluster --schedule linear --T 1000 --k 5 --objective snr \
 		--json demo_out/clusters.json --plot demo_out/clusters.png
 
+# every test, then the CI-sized benchmark cases (so the benchmarks cannot rot)
 test: build
 	ANT_REQUIRE_CPP=1 TRITON_INTERPRET=1 $(PY) -m pytest -q tests
-	ANT_REQUIRE_CPP=1 $(PY) -m pytest -q benchmarks --quick --benchmark-disable
+	$(MAKE) bench-quick
+
+bench-quick: build
+	ANT_REQUIRE_CPP=1 $(PY) -m pytest -q benchmarks --quick --benchmark-min-rounds=1 \
+		--benchmark-max-time=0.1
 
 test-gpu: build
 	ANT_REQUIRE_CPP=1 $(PY) -m pytest -q tests -m "gpu or not interpret"
