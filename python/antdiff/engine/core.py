@@ -309,6 +309,8 @@ class ANT:
             terms_state = loss_m.transform(L_global, present)
         # model gradient: sum_i w_i c_i dL_i; the method's own parameters get the unweighted one
         total = (w * terms_model).sum() + ((1.0 - w) * terms_state).sum()
+        if self._buffer is not None:  # accumulate into row 0 of J: no new P-sized gradient
+            self._grad_buffer().point_grads_at(0)
         (scaler.scale(total) if scaler is not None else total).backward()
         c = torch.ones_like(L_global) if loss_m is None else _term_slopes(loss_m, L_global, present)
         return self._record(total.detach(), L_global, w * c, present, None)
