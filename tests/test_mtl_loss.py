@@ -216,3 +216,17 @@ def test_registry_covers_loss_methods():
         UW(3).transform(torch.ones(3), torch.ones(3, dtype=torch.int64))
     with pytest.raises(ValueError, match="temperature"):
         DWA(3, temperature=0)
+
+
+def test_rlw_first_steps_differ_and_nonfinite_step_keeps_the_draw():
+    from antdiff.mtl import make_method
+
+    rlw = make_method("rlw", 4).loss
+    present = torch.ones(4, dtype=torch.bool)
+    L = torch.ones(4)
+    w0 = rlw.transform(L, present).clone()
+    rlw.observe(L, present)
+    w1 = rlw.transform(L, present).clone()
+    assert not torch.allclose(w0, w1)
+    rlw.observe(L, torch.zeros(4, dtype=torch.bool))  # a non-finite step: nothing present
+    torch.testing.assert_close(rlw.transform(L, present), w1)

@@ -201,26 +201,31 @@ class GramMethod:
         self.update_every = update_every
         # what the engine reuses between recomputations; saved so a resume mid-interval is exact
         self.last_weights: Tensor | None = None
+        self._valid: Tensor | None = None  # the current weights() call's validity flag
 
-    def weights(self, G: Tensor, present: Tensor) -> Tensor:
+    def weights(self, G: Tensor, present: Tensor, valid: Tensor | None = None) -> Tensor:
         """Weights of the per-cluster gradients.
 
         Args:
             G: [k, k] fp32 or fp64 Gram matrix of the rows of J.
             present: [k] bool on G's device.
+            valid: optional 0-d bool tensor; where False (a non-finite step) the method's saved
+                state keeps its previous value (random streams still advance). No host sync.
 
         Returns:
             w: [k] float32 on G's device; the update is w @ J; 0 for absent clusters.
         """
         check_gram(G, present, self.k)
+        self._valid = valid
         G64 = G.detach().to(torch.float64)
         G64 = 0.5 * (G64 + G64.T)
         active = present & (G64.diagonal() > 0)
         both = active[:, None] & active[None, :]
         w = self._weights(torch.where(both, G64, 0.0), active, present)
         w = torch.where(active, w, 0.0) * self._scale(present)
-        self.last_weights = w.to(torch.float32)
-        return self.last_weights
+        w = w.to(torch.float32)
+        self.last_weights = commit(self.last_weights, w, valid)
+        return w
 
     def _weights(self, G: Tensor, active: Tensor, present: Tensor) -> Tensor:
         """Native float64 weights [k] from the masked Gram (inactive rows/cols are 0)."""
@@ -245,6 +250,13 @@ class GramMethod:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(k={self.k}, reduction={self.reduction!r})"
+
+
+def commit(old: Tensor | None, new: Tensor, valid: Tensor | None) -> Tensor:
+    """``new``, or ``old`` where the 0-d ``valid`` is False (no host sync)."""
+    if valid is None or old is None:
+        return new
+    return torch.where(valid.to(new.device), new, old.to(new.device))
 
 
 def subset_masks(k: int, device: torch.device) -> Tensor:

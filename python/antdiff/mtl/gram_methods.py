@@ -31,7 +31,7 @@ from torch import Tensor
 
 import ant_kernels
 
-from .base import DeviceRNG, GramMethod, n_present, pick_rows, subset_masks, subset_solve
+from .base import DeviceRNG, GramMethod, commit, n_present, pick_rows, subset_masks, subset_solve
 
 MAX_SUBSET_K = 12  # 2^k - 1 supports of k x k systems: 4095 tiny solves at k = 12
 _RIDGE = 1e-12  # relative to the mean active diagonal: keeps every support's system definite
@@ -118,8 +118,9 @@ class NashMTL(GramMethod):
 
     def _weights(self, G: Tensor, active: Tensor, present: Tensor) -> Tensor:
         alpha = ant_kernels.nash_weights(G, iters=self.iters, normalize=True)
-        self.last_alpha = alpha.to(torch.float64)
-        return self.last_alpha
+        alpha = alpha.to(torch.float64)
+        self.last_alpha = commit(self.last_alpha, alpha, self._valid)
+        return alpha
 
     def state_dict(self) -> dict[str, Any]:
         alpha = None if self.last_alpha is None else self.last_alpha.clone()

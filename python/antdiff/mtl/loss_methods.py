@@ -84,8 +84,9 @@ class RLW(LossMethod):
     def __init__(self, k: int, *, seed: int = 1) -> None:
         super().__init__(k)
         self.rng = DeviceRNG(seed)
-        gen = torch.Generator().manual_seed(seed)
-        self.register_buffer("draw", torch.randn(self.k, generator=gen, dtype=torch.float64))
+        # the first step's draw comes from a stream independent of the per-step one
+        init = torch.Generator().manual_seed(seed ^ 0x5EED_F1E7)
+        self.register_buffer("draw", torch.randn(self.k, generator=init, dtype=torch.float64))
 
     def transform(self, L: Tensor, present: Tensor) -> Tensor:
         check_losses(L, present, self.k)
@@ -95,9 +96,9 @@ class RLW(LossMethod):
     def observe(self, L: Tensor, present: Tensor) -> None:
         check_losses(L, present, self.k)
         gen = self.rng.get(self.draw.device)
-        self.draw.copy_(
-            torch.randn(self.k, generator=gen, device=self.draw.device, dtype=self.draw.dtype)
-        )
+        new = torch.randn(self.k, generator=gen, device=self.draw.device, dtype=self.draw.dtype)
+        # a step with no (finite) cluster keeps the current draw
+        self.draw.copy_(torch.where(present.any(), new, self.draw))
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"rng": self.rng.state_dict()}
