@@ -68,7 +68,8 @@ MODELS = {
 }
 SCENARIOS = (
     "vanilla", "ours-uw", "ours-pcgrad", "ours-pcgrad-retain", "ours-nash", "ours-nash25",
-    "ours-uw+pcgrad", "libmtl-pcgrad", "libmtl-uw", "libmtl-imtl", "libmtl-mgda",
+    "ours-uw+pcgrad", "ours-pcgrad-onepass", "ours-nash-onepass", "ours-uw+pcgrad-onepass",
+    "libmtl-pcgrad", "libmtl-uw", "libmtl-imtl", "libmtl-mgda",
     "torchjd-pcgrad", "torchjd-nash", "torchjd-nash25",
 )  # fmt: skip
 QUICK_MEMORY = ("vanilla", "ours-pcgrad", "libmtl-pcgrad", "torchjd-pcgrad")
@@ -118,8 +119,8 @@ def make_step(scenario: str, s: Setup) -> Callable[[], None]:
             opt.step()
 
         return vanilla
-    mode = "retain_graph" if method.endswith("-retain") else "micro"
-    name = method.removesuffix("-retain").removesuffix("25")
+    mode = {"retain": "retain_graph", "onepass": "onepass"}.get(method.rpartition("-")[2], "micro")
+    name = method.removesuffix("-retain").removesuffix("-onepass").removesuffix("25")
     every = CYCLE if method.endswith("25") else (1 if name == "nash" else None)
     ant = ANT("linear", k=K, clustering=s.clusters, method=name, mode=mode, update_every=every)
     ant.attach(s.model).to(s.device)
@@ -139,12 +140,18 @@ def make_step(scenario: str, s: Setup) -> Callable[[], None]:
 
 
 class PassCounter:
-    """Counts backward passes through the model (and their cotangent rows) with a tensor hook."""
+    """Counts backward passes through the model (and their cotangent rows) with a tensor hook.
+
+    The hook sits on every output of the model's forward (onepass gives the parameters no .grad).
+    """
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.passes = self.rows = 0
-        param = next(p for p in model.parameters() if p.requires_grad)
-        self.handle = param.register_hook(self._hook)
+        self.handle = model.register_forward_hook(self._on_forward)
+
+    def _on_forward(self, module: torch.nn.Module, args: Any, out: torch.Tensor) -> None:
+        if out.requires_grad:
+            out.register_hook(self._hook)
 
     def _hook(self, grad: torch.Tensor) -> None:
         from torch._C import _functorch
@@ -435,6 +442,7 @@ def summarize(raw_json: str, out_stem: str) -> dict[str, Any]:
 
 TARGETS = {
     "ours-pcgrad": 1.25, "ours-uw+pcgrad": 1.25, "ours-nash": 1.3, "ours-uw": 1.03,
+    "ours-pcgrad-onepass": 1.25, "ours-uw+pcgrad-onepass": 1.25, "ours-nash-onepass": 1.3,
     "memory": "peak(gradient method) <= peak(vanilla) + 1.1 * k * P * 4 bytes",
 }  # fmt: skip
 

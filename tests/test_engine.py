@@ -328,3 +328,84 @@ def test_gpu_step_has_no_host_sync(method):
         ant.backward(per_sample_loss(model), x, t)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def _nan_loss(model):
+    def fn(xb, tb):
+        return per_sample_loss(model)(xb, tb) * float("nan")
+
+    return fn
+
+
+def test_nan_first_update_falls_back_to_equal_weights_not_zero():
+    model, ant = setup("nash", update_every=3)
+    x = torch.randn(16, 1, 6, 6)
+    ant.backward(_nan_loss(model), x, ant.sample_timesteps(16))
+    assert not bool(ant.last.finite)
+    out = ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16))  # an off-step
+    torch.testing.assert_close(out.weights, torch.full((4,), 0.25))
+    assert flat_grad(model).abs().sum() > 0
+
+
+def test_nan_step_leaves_method_state_and_uw_untouched():
+    model, ant = setup("uw+nash")
+    x = torch.randn(16, 1, 6, 6)
+    ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16))
+    nash = ant.method.grad
+    alpha, last = nash.last_alpha.clone(), nash.last_weights.clone()
+    s = next(ant.method.loss.parameters())
+    s.grad = None
+    ant.step_count = 0  # force an on-step
+    ant.backward(_nan_loss(model), x, ant.sample_timesteps(16))
+    torch.testing.assert_close(nash.last_alpha, alpha)
+    torch.testing.assert_close(nash.last_weights, last)
+    assert torch.all(s.grad == 0)
+    assert torch.all(flat_grad(model) == 0)
+
+
+def test_vanilla_backward_is_the_batch_mean():
+    grads = []
+    for use_backward in (False, True):
+        model, ant = setup("vanilla")
+        x = torch.randn(16, 1, 6, 6, generator=torch.Generator().manual_seed(2))
+        t = ant.sample_timesteps(16)
+        if use_backward:
+            ant.backward(per_sample_loss(model), x, t)
+        else:
+            ant.reduce(per_sample_loss(model)(x, t), t).backward()
+        grads.append(flat_grad(model))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_off_steps_weight_clusters_absent_at_the_update():
+    model, ant = setup("pcgrad", sampling="uniform", update_every=10)
+    x = torch.randn(16, 1, 6, 6)
+    ant.backward(per_sample_loss(model), x[:2], ant.sample_timesteps(2))  # <= 2 clusters
+    seen = ant._w_present.clone()
+    assert not bool(seen.all())
+    out = ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16))
+    w = out.weights
+    assert torch.all(w[~seen] > 0)
+    torch.testing.assert_close(w[~seen], torch.full_like(w[~seen], float(w[seen].mean())))
+
+
+def test_disabled_gradscaler_is_a_no_op():
+    model, ant = setup("nash")
+    x = torch.randn(16, 1, 6, 6)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    out = ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16), scaler=scaler)
+    assert bool(out.finite)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert ant.step(opt, scaler) is True
+
+
+def test_more_bad_input():
+    with pytest.raises(ValueError, match="update_every must be"):
+        ANT(linear_schedule(T), k=4, method="nash", update_every=0)
+    with pytest.raises(ValueError, match="gradient methods"):
+        ANT(linear_schedule(T), k=4, method="uw", update_every=5)
+    model, ant = setup("pcgrad")
+    x = torch.randn(8, 1, 6, 6)
+    with pytest.raises(ValueError, match="leading dimension B=8"):
+        ant.backward(lambda b, tb: per_sample_loss(model)(b["x"], tb),
+                     {"x": x, "shared": torch.ones(1, 3)}, ant.sample_timesteps(8))

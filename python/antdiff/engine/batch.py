@@ -32,6 +32,21 @@ def map_batch(batch: Any, fn) -> Any:
     return batch
 
 
+def check_batch(batch: Any, n: int) -> None:
+    """Every tensor with a batch dimension must have ``n`` rows (they are cut by cluster)."""
+
+    def check(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != n:
+            raise ValueError(
+                f"every tensor in the batch needs leading dimension B={n} (it is split by "
+                f"cluster), got one of shape {list(x.shape)}; pass shared tensors through the "
+                "closure of loss_fn instead"
+            )
+        return x
+
+    map_batch(batch, check)
+
+
 def slice_batch(batch: Any, start: int, stop: int) -> Any:
     return map_batch(batch, lambda x: x[start:stop])
 

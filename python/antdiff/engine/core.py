@@ -32,13 +32,14 @@ from torch import nn
 from .. import mtl
 from ..clustering import Clusters, cluster_timesteps
 from ..schedules import as_schedule
-from .batch import batch_size, slice_batch, take_batch
+from .batch import batch_size, check_batch, slice_batch, take_batch
 from .buffer import GradBuffer
 from .distributed import Comm
+from .onepass import NotServable, OnePass
 from .telemetry import Telemetry
 from .timesteps import TimestepSampler, to_device
 
-MODES = ("micro", "retain_graph")
+MODES = ("auto", "micro", "onepass", "retain_graph")
 
 
 @dataclass
@@ -61,8 +62,11 @@ class ANT:
         clustering: "snr", "timestep" or "gradient" (needs ``affinity``), or a Clusters object.
         method: an MTL method name ("vanilla", "uw", "pcgrad", "nash", "uw+pcgrad", ...).
         sampling: "proportional" (default; uniform marginal over t), "equal" or "uniform".
-        mode: "micro" (one forward/backward per cluster sub-batch) or "retain_graph" (one forward,
-            k backward passes; for models that couple samples, e.g. BatchNorm).
+        mode: "onepass" (one forward/backward for all of J, per-cluster weight gradients from
+            layer hooks; needs every trainable parameter in a Linear/Conv/GroupNorm/LayerNorm/
+            Embedding), "micro" (one forward/backward per cluster sub-batch), "auto" (default:
+            onepass when the model allows it, else micro; decided at attach, shown in repr) or
+            "retain_graph" (one forward, k backward passes; for models that couple samples).
         update_every: recompute gradient-method weights every N steps (Nash default: 25);
             other steps take one backward of the weighted loss with the last weights.
         model: the model whose parameters get the gradients (or call ``attach`` later).
@@ -79,7 +83,7 @@ class ANT:
         method: str = "uw",
         *,
         sampling: str = "proportional",
-        mode: str = "micro",
+        mode: str = "auto",
         update_every: int | None = None,
         model: nn.Module | None = None,
         seed: int = 0,
@@ -114,14 +118,26 @@ class ANT:
         self.mode = mode
         self.method = _make_method(method, self.k, seed, method_kwargs or {})
         self.method_name = self.method.name
-        if update_every is not None and self.method.grad is not None:
-            self.method.grad.update_every = int(update_every)
+        if update_every is not None:
+            if self.method.grad is None:
+                raise ValueError(
+                    f"update_every applies to gradient methods; {self.method_name!r} has none"
+                )
+            if (
+                isinstance(update_every, bool)
+                or not isinstance(update_every, int)
+                or update_every < 1
+            ):
+                raise ValueError(f"update_every must be an integer >= 1, got {update_every!r}")
+            self.method.grad.update_every = update_every
         self.sampler = TimestepSampler(self.clusters, sampling, seed)
         self.comm = Comm(distributed, process_group)
         self.telemetry = Telemetry(self.k)
         self.step_count = 0
         self._w: torch.Tensor | None = None  # last gradient-method weights (before c)
+        self._w_present: torch.Tensor | None = None  # clusters present when _w was computed
         self._buffer: GradBuffer | None = None
+        self._onepass: OnePass | None = None  # hook plan when onepass serves the model
         self._model: nn.Module | None = None
         self._warned_sync = False
         self.last: StepOutput | None = None
@@ -139,7 +155,7 @@ class ANT:
 
     def attach(self, model: nn.Module) -> ANT:
         """Use ``model``'s trainable parameters for the per-cluster gradients."""
-        if self.mode == "micro" and self.needs_gradients:
+        if self.mode != "retain_graph" and self.needs_gradients:
             bn = [
                 n
                 for n, m in model.named_modules()
@@ -151,8 +167,29 @@ class ANT:
                     "samples of a batch, so per-cluster sub-batches would not give the exact "
                     "per-cluster gradients. Use ANT(..., mode='retain_graph') or GroupNorm."
                 )
+        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        if (
+            ddp
+            and self.needs_gradients
+            and self.mode != "retain_graph"
+            and getattr(model, "broadcast_buffers", False)
+            and any(True for _ in model.buffers())
+        ):
+            raise ValueError(
+                "DDP(..., broadcast_buffers=True) with module buffers: the per-cluster passes may "
+                "differ in number between ranks and the buffer broadcasts would deadlock. Wrap the "
+                "model with DDP(model, broadcast_buffers=False) (GroupNorm/LayerNorm models keep "
+                "no running statistics to broadcast)."
+            )
         self._model = model
         self._buffer = None
+        self._onepass = None
+        if self.mode in ("auto", "onepass") and self.needs_gradients:
+            try:
+                self._onepass = OnePass(model)
+            except NotServable:
+                if self.mode == "onepass":
+                    raise
         return self
 
     def param_groups(self) -> list[dict[str, Any]]:
@@ -172,7 +209,7 @@ class ANT:
         generator: torch.Generator | None = None,  # noqa: N803
     ) -> torch.Tensor:
         """[B] int64 timesteps sorted by cluster (per-cluster counts known on the host)."""
-        if self.sampler.mode != "uniform" and isinstance(B, int) and B < self.k:
+        if self.sampler.mode != "uniform" and isinstance(B, (int, np.integer)) and B < self.k:
             raise ValueError(
                 f"batch size {B} is smaller than k={self.k}: stratified sampling needs at least "
                 "one sample per cluster. Use a batch >= k, fewer clusters, or sampling='uniform'."
@@ -254,6 +291,10 @@ class ANT:
     ) -> StepOutput:
         """Compute the method's update and write it into the parameters' ``.grad``.
 
+        The ``.grad`` tensors are overwritten, not accumulated: call it once per optimiser step
+        (for gradient accumulation, use a larger batch: the per-cluster passes already bound
+        the activation memory to one cluster's sub-batch).
+
         Args:
             loss_fn: ``loss_fn(sub_batch, sub_t) -> [b]`` per-sample losses.
             batch: tensor, tuple/list or dict of tensors with leading dimension B.
@@ -268,6 +309,7 @@ class ANT:
             raise ValueError("no model: call ant.attach(model) or pass model= to ant.backward")
         n = batch_size(batch)
         self._check_t(t, n)
+        check_batch(batch, t.shape[0])
         batch, t, counts = self._sorted(batch, t)
         grad = self.method.grad
         on_step = grad is not None and (self._w is None or self.step_count % grad.update_every == 0)
@@ -299,8 +341,15 @@ class ANT:
         per = _check_per_sample(loss_fn(batch, t), t.shape[0])
         sums, counts = self._cluster_sums(per, t)
         L_eff, L_global, present = self._globalise(sums, counts)  # noqa: N806
-        w = self._w if self._w is not None else torch.ones(self.k, device=per.device)
-        w = w.to(per.device)
+        if self.method.is_vanilla:  # the plain batch mean, exactly as ant.reduce
+            total = per.mean()
+            self._scaled(total, scaler).backward()
+            return self._record(total.detach(), L_global, present / self.k, present, None)
+        w = (
+            torch.ones(self.k, device=per.device)
+            if self._w is None
+            else self._off_weights(per.device)
+        )
         loss_m = self.method.loss
         if loss_m is None:
             terms_model, terms_state = L_eff, L_global
@@ -311,9 +360,34 @@ class ANT:
         total = (w * terms_model).sum() + ((1.0 - w) * terms_state).sum()
         if self._buffer is not None:  # accumulate into row 0 of J: no new P-sized gradient
             self._grad_buffer().point_grads_at(0)
-        (scaler.scale(total) if scaler is not None else total).backward()
+        self._scaled(total, scaler).backward()
         c = torch.ones_like(L_global) if loss_m is None else _term_slopes(loss_m, L_global, present)
-        return self._record(total.detach(), L_global, w * c, present, None)
+        finite = torch.isfinite(L_global).all() & torch.isfinite(total)
+        if self._buffer is not None:  # the gradient is row 0 of J: check it in the same pass
+            finite = finite & torch.isfinite(self._buffer.J[0].sum())
+            if not _scaling(scaler):
+                self._buffer.J[0].masked_fill_(~finite, 0.0)
+        return self._record(total.detach(), L_global, w * c, present, None, finite)
+
+    def _scaled(self, loss: torch.Tensor, scaler) -> torch.Tensor:
+        return scaler.scale(loss) if _scaling(scaler) else loss
+
+    def _cached_w(self, device: torch.device) -> torch.Tensor:
+        if self._w.device != device:  # once, after a resume: checkpoints load on the CPU
+            self._w = self._w.to(device)
+            self._w_present = self._w_present.to(device)
+        return self._w
+
+    def _equal_weights(self, present: torch.Tensor) -> torch.Tensor:
+        """The equal-weight fallback in the gradient method's scale (mean or sum)."""
+        w = present.float()
+        return w / present.sum().clamp(min=1) if self.method.grad.reduction == "mean" else w
+
+    def _off_weights(self, device: torch.device) -> torch.Tensor:
+        """Cached weights; clusters absent at the last update get the mean present weight."""
+        w, seen = self._cached_w(device), self._w_present
+        mean = (w * seen).sum() / seen.sum().clamp(min=1)
+        return torch.where(seen, w, mean)
 
     def _gradient_step(self, loss_fn, batch, t, counts: np.ndarray, scaler) -> StepOutput:
         buf = self._grad_buffer()
@@ -324,11 +398,11 @@ class ANT:
         from ant_kernels import combine, gram
 
         G, finite = gram(J)  # noqa: N806
-        if scaler is not None:
+        if _scaling(scaler):
             inv = 1.0 / scaler._scale.to(G.device).float().reshape(())  # device tensor: no sync
             G = G * inv * inv  # noqa: N806
         finite = finite & torch.isfinite(L_global).all()
-        c = self._loss_stage(L_global, present, scaler)
+        c = self._loss_stage(L_global, present, scaler, finite)
         Gc = G * (c[:, None] * c[None, :])  # noqa: N806
         grad = self.method.grad
         if grad.needs == "grads":
@@ -336,12 +410,15 @@ class ANT:
             J[0].copy_(grad.combine_grads(J, present))
             w_eff = c
         else:
-            w = grad.weights(torch.where(finite, Gc, torch.zeros_like(Gc)), present)
-            w = torch.where(finite, w, self._w if self._w is not None else torch.zeros_like(w))
-            self._w = w
-            w_eff = w * c
+            w = grad.weights(torch.where(finite, Gc, torch.zeros_like(Gc)), present, finite)
+            prev = self._cached_w(w.device) if self._w is not None else self._equal_weights(present)
+            self._w = torch.where(finite, w, prev)
+            seen = present if self._w_present is None else self._w_present.to(present.device)
+            self._w_present = torch.where(finite, present, seen)
+            w_eff = self._w * c
             combine(w_eff.to(torch.float32), J, out=J[0])
-        J[0].copy_(torch.where(finite, J[0], torch.zeros((), dtype=J.dtype, device=J.device)))
+        if not _scaling(scaler):  # with a GradScaler the inf/NaN must reach scaler.step
+            J[0].masked_fill_(~finite, 0.0)
         buf.point_grads_at(0, zero=False)
         L_sum = torch.where(present, L_global, 0.0)  # noqa: N806
         total = (
@@ -363,6 +440,10 @@ class ANT:
         sums = torch.zeros(self.k, device=dev, dtype=torch.float32)
         bounds = np.concatenate([[0], np.cumsum(counts)])
         no_sync = getattr(self._model, "no_sync", None)
+        if self.mode in ("auto", "onepass"):
+            got = self._fill_J_onepass(buf, loss_fn, batch, t, counts, N, scaler, no_sync)
+            if got is not None:
+                return got, N
         if self.mode == "retain_graph":
             per = _check_per_sample(loss_fn(batch, t), t.shape[0])
             sums_all, _ = self._cluster_sums(per, t)
@@ -381,13 +462,32 @@ class ANT:
                     per = _check_per_sample(loss_fn(slice_batch(batch, a, b), t[a:b]), b - a)
                     s_i = per.float().sum()
                 loss_i = s_i / divisors[i]
-                if scaler is not None:
+                if _scaling(scaler):
                     loss_i = scaler.scale(loss_i)
                 loss_i.backward(retain_graph=self.mode == "retain_graph" and i != live[-1])
             sums[i] = s_i.detach()
         return sums, N
 
-    def _loss_stage(self, L_global, present, scaler) -> torch.Tensor:  # noqa: N803
+    def _fill_J_onepass(self, buf, loss_fn, batch, t, counts, N, scaler, no_sync):  # noqa: N802, N803
+        """Cluster sums after one forward + backward wrote J (None: micro serves the model)."""
+        if self.mode == "onepass" and self._onepass is None:  # mode set after attach
+            self._onepass = OnePass(self._model)
+        if self._onepass is None:
+            return None
+        try:
+            with no_sync() if no_sync is not None else contextlib.nullcontext():
+                return self._onepass.fill(
+                    buf, lambda: _check_per_sample(loss_fn(batch, t), t.shape[0]),
+                    self.clusters.cluster_of(t), counts, N, scaler if _scaling(scaler) else None,
+                )  # fmt: skip
+        except NotServable as e:  # seen only in the forward, e.g. a layer off the batch dim
+            if self.mode == "onepass":
+                raise
+            warnings.warn(f"{e}; mode='auto' uses 'micro' from now on", stacklevel=4)
+            self._onepass = None
+            return None
+
+    def _loss_stage(self, L_global, present, scaler, finite) -> torch.Tensor:  # noqa: N803
         """c = dT/dL [k], and the loss method's own parameter gradients (e.g. UW's s)."""
         loss_m = self.method.loss
         if loss_m is None:
@@ -396,10 +496,11 @@ class ANT:
         Lr = L_global.detach().clone().requires_grad_(True)  # noqa: N806
         terms = loss_m.transform(Lr, present)
         grads = torch.autograd.grad(terms.sum(), [Lr, *params], allow_unused=True)
-        scale = scaler._scale.reshape(()) if scaler is not None else None
+        scale = scaler._scale.reshape(()) if _scaling(scaler) else None
         for p, g in zip(params, grads[1:]):
             if g is None:
                 continue
+            g = torch.where(finite, g, 0.0)  # a non-finite step leaves the method untouched
             g = g * scale if scale is not None else g
             p.grad = g if p.grad is None else p.grad + g
         c = grads[0]
@@ -467,6 +568,7 @@ class ANT:
             "method": self.method_name,
             "step": self.step_count,
             "w": None if self._w is None else self._w.detach().cpu(),
+            "w_present": None if self._w_present is None else self._w_present.cpu(),
             "loss_method": None if loss_m is None else loss_m.state_dict(),
             "grad_method": None if grad is None else grad.state_dict(),
             "sampler": self.sampler.state_dict(),
@@ -487,6 +589,9 @@ class ANT:
             )
         self.step_count = int(state["step"])
         self._w = state["w"]
+        self._w_present = state.get("w_present")
+        if self._w is not None and self._w_present is None:
+            self._w_present = torch.ones(self.k, dtype=torch.bool)
         if self.method.loss is not None:
             self.method.loss.load_state_dict(state["loss_method"])
         if self.method.grad is not None:
@@ -494,11 +599,21 @@ class ANT:
         self.sampler.load_state_dict(state["sampler"])
         self.telemetry.load_state_dict(state["telemetry"])
 
+    def _auto_choice(self) -> str:
+        if self.mode != "auto":
+            return ""
+        return " (onepass)" if self._onepass is not None else " (micro)"
+
     def __repr__(self) -> str:
         return (
             f"ANT(method={self.method_name!r}, sampling={self.sampler.mode!r}, "
-            f"mode={self.mode!r}, {self.clusters!r})"
+            f"mode={self.mode!r}{self._auto_choice()}, {self.clusters!r})"
         )
+
+
+def _scaling(scaler: Any) -> bool:
+    """True for an enabled GradScaler (a disabled one, GradScaler(enabled=False), is a no-op)."""
+    return scaler is not None and scaler.is_enabled()
 
 
 def _describe(x: Any) -> str:

@@ -21,7 +21,8 @@ class Telemetry:
 
     def _acc(self, name: str, value: torch.Tensor) -> None:
         prev = self.t.get(name)
-        self.t[name] = value if prev is None else prev + value
+        # a resumed run loads its running sums on the CPU: move them once
+        self.t[name] = value if prev is None else prev.to(value.device) + value
 
     def update(
         self,

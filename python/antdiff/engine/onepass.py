@@ -1,0 +1,298 @@
+"""All k rows of J from ONE forward and ONE backward over the cluster-sorted batch.
+
+The parameters of the served layers (Linear, Conv1d/2d, GroupNorm, LayerNorm, Embedding) stop
+requiring grad during the forward, so autograd computes only activation gradients. A forward hook
+keeps each layer call's input (what autograd keeps for a weight gradient anyway) and hooks its
+output; in the backward that hook gets grad_output and forms the weight and bias gradients per
+cluster, slicing the batch at the host-known cluster bounds, into the rows of J [k, P]. The
+backpropagated scalar is sum_i local_sum_i / N_i: each sample's grad_output carries 1 / N of its
+cluster, so cluster i's slice gives exactly row i. A layer whose output would not require grad
+(stem conv, time-embedding MLP, Embedding) gets an identity node tied to a grad-requiring anchor.
+
+Limits: every trainable parameter must belong to a supported layer and be used only through that
+layer's forward, on batch-major tensors (leading dimension B); other models use mode "micro".
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from .buffer import GradBuffer
+
+# exact types only: a subclass may use its parameters in its own way
+_KINDS = {nn.Linear: "linear", nn.Conv1d: "conv", nn.Conv2d: "conv", nn.GroupNorm: "norm",
+          nn.LayerNorm: "norm", nn.Embedding: "embedding"}  # fmt: skip
+
+
+class NotServable(ValueError):
+    """The model cannot be served by mode "onepass" (raised at attach time or in the forward)."""
+
+
+def _served(m: nn.Module) -> bool:
+    """A layer of a served type in a configuration the gradient formulas cover."""
+    if isinstance(m, nn.Embedding):
+        return not (m.sparse or m.scale_grad_by_freq)
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)):  # 'same' must pad symmetrically
+        odd = any(d * (s - 1) % 2 for d, s in zip(m.dilation, m.kernel_size))
+        return m.padding_mode == "zeros" and not (m.padding == "same" and odd)
+    return True
+
+
+def unsupported_parameters(model: nn.Module) -> list[str]:
+    """Names of the trainable parameters that mode "onepass" cannot give per-cluster rows."""
+    owned: set[int] = set()
+    for m in model.modules():
+        if type(m) in _KINDS and _served(m):
+            owned.update(id(p) for p in m.parameters(recurse=False))
+    return [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in owned]
+
+
+class _Root(torch.autograd.Function):
+    """Identity on x that makes the output require grad through ``anchor`` (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
+        return x.clone()  # a fresh non-leaf tensor: in-place ops on the layer output stay legal
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # noqa: ARG004
+        return None, None
+
+
+class _Slot:
+    """One parameter's columns of J: ``cols`` [k, n] and per-row views shaped like it."""
+
+    def __init__(self, J: torch.Tensor, offset: int, p: torch.Tensor) -> None:  # noqa: N803
+        n = p.numel()
+        self.cols = J[:, offset : offset + n]
+        self.rows = [J[i, offset : offset + n].view_as(p) for i in range(J.shape[0])]
+        self.fresh = True  # not yet written in this step: the first write sets every row
+
+    def put_rows(self, st: _Step, value_of: Callable[[int, int, int], torch.Tensor]) -> None:
+        """Row i := (or +=) value_of(i, a, b) for the live clusters (batch rows a:b)."""
+        for i, row in enumerate(self.rows):
+            a, b = st.bounds[i], st.bounds[i + 1]
+            if a < b:
+                v = value_of(i, a, b)
+                row.copy_(v) if self.fresh else row.add_(v)
+            elif self.fresh:
+                row.zero_()
+        self.fresh = False
+
+    def put_all(self, value: torch.Tensor) -> None:
+        """All rows := (or +=) value [k, n]."""
+        self.cols.copy_(value) if self.fresh else self.cols.add_(value)
+        self.fresh = False
+
+
+class _Step:
+    """Host bounds and device one-hot of the clusters for the step in progress."""
+
+    def __init__(self, cid: torch.Tensor, counts, k: int, dtype: torch.dtype) -> None:
+        self.bounds = [0, *itertools.accumulate(int(c) for c in counts)]
+        self.B = self.bounds[-1]
+        self.M = (cid[None, :] == torch.arange(k, device=cid.device)[:, None]).to(dtype)  # [k, B]
+        self.cid = cid
+        self.anchor = torch.zeros((), device=cid.device, requires_grad=True)
+
+
+def _seg(st: _Step, s: torch.Tensor) -> torch.Tensor:
+    """[B, n] per-sample sums -> [k, n] per-cluster sums."""
+    return st.M @ s.to(st.M.dtype)
+
+
+def _linear(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor) -> None:
+    w, b = slots
+    g2 = g.reshape(st.B, -1, g.shape[-1])
+    if w is not None:
+        x2 = x.to(g.dtype).reshape(st.B, -1, x.shape[-1])
+        w.put_rows(st, lambda i, a, c: g2[a:c].flatten(0, 1).t() @ x2[a:c].flatten(0, 1))
+    if b is not None:
+        b.put_all(_seg(st, g2.sum(1)))
+
+
+def _conv(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor) -> None:
+    w, b = slots
+    one = all(v == 1 for v in (*m.kernel_size, *m.stride, m.groups))
+    if w is not None and one and m.padding in ("valid", "same", (0,), (0, 0)):
+        # 1x1 (attention qkv, skips): one matmul per cluster beats convolution_backward on CPU
+        gt = g.reshape(st.B, g.shape[1], -1).transpose(0, 1).flatten(1)  # [Cout, B*L]
+        xt = x.to(g.dtype).reshape(st.B, x.shape[1], -1).transpose(0, 1).flatten(1)
+        n = gt.shape[1] // st.B
+        w.put_rows(
+            st, lambda i, a, c: (gt[:, a * n : c * n] @ xt[:, a * n : c * n].t()).view_as(m.weight)
+        )
+    elif w is not None:
+        x = x.to(g.dtype)
+        d = len(m.kernel_size)
+        if isinstance(m.padding, str):
+            same = [dl * (k_ - 1) // 2 for k_, dl in zip(m.kernel_size, m.dilation)]
+            pad = [0] * d if m.padding == "valid" else same
+        else:
+            pad = list(m.padding)
+        weight = m.weight.detach()
+
+        def value_of(i: int, a: int, c: int) -> torch.Tensor:
+            return torch.ops.aten.convolution_backward(
+                g[a:c], x[a:c], weight.to(g.dtype), None, list(m.stride), pad,
+                list(m.dilation), False, [0] * d, m.groups, [False, True, False],
+            )[1]  # fmt: skip
+
+        w.put_rows(st, value_of)
+    if b is not None:
+        b.put_all(_seg(st, g.reshape(st.B, g.shape[1], -1).sum(-1)))
+
+
+def _norm(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor) -> None:
+    w, b = slots
+    dt = torch.promote_types(g.dtype, torch.float32)  # half precision: normalise in fp32
+    g, x = g.to(dt), x.to(dt)
+    if isinstance(m, nn.GroupNorm):
+        n = m.num_channels
+        g3 = g.reshape(st.B, n, -1)  # [B, C, spatial]: reduce the last dim
+        yh = F.group_norm(x, m.num_groups, eps=m.eps) if w is not None else None
+        red = -1
+    else:
+        n = math.prod(m.normalized_shape)
+        g3 = g.reshape(st.B, -1, n)  # [B, tokens, n]: reduce the middle dim
+        yh = F.layer_norm(x, m.normalized_shape, eps=m.eps) if w is not None else None
+        red = 1
+    if w is not None:
+        w.put_all(_seg(st, (g3 * yh.reshape(g3.shape)).sum(red)))
+    if b is not None:
+        b.put_all(_seg(st, g3.sum(red)))
+
+
+def _embedding(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor) -> None:
+    w, d, idx = slots[0], g.shape[-1], x.reshape(-1)
+    if w is None:
+        return
+    g2 = g.reshape(-1, d)
+    if m.padding_idx is not None:  # no gradient flows to the padding row
+        g2 = g2.masked_fill((idx == m.padding_idx)[:, None], 0.0)
+    cid = st.cid.view(st.B, *[1] * (x.dim() - 1)).expand_as(x).reshape(-1)
+    table = w.cols.view(len(w.rows), m.num_embeddings, d)
+    if w.fresh:
+        table.zero_()
+        w.fresh = False
+    table.index_put_((cid, idx), g2.to(table.dtype), accumulate=True)
+
+
+_GRADS = {"linear": _linear, "conv": _conv, "norm": _norm, "embedding": _embedding}
+
+
+class OnePass:
+    """Hook plan for ``model`` (may be DDP-wrapped): the served layers and their J slots.
+
+    Raises NotServable naming the first trainable parameters that no served layer owns.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        inner = getattr(model, "module", model)
+        bad = unsupported_parameters(inner)
+        if bad:
+            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+            raise NotServable(
+                "mode='onepass' needs every trainable parameter to belong to an nn.Linear, "
+                "Conv1d, Conv2d, GroupNorm, LayerNorm or Embedding; these do not: "
+                f"{', '.join(bad[:5])}{more}. Use mode='micro' (or 'auto')."
+            )
+        self.layers = [
+            (name, m, _GRADS[_KINDS[type(m)]])
+            for name, m in inner.named_modules()
+            if type(m) in _KINDS and any(p.requires_grad for p in m.parameters(recurse=False))
+        ]
+        self._buf: GradBuffer | None = None
+        self._slots: list[tuple[_Slot | None, ...]] = []
+        self._st: _Step | None = None
+
+    def _bind(self, buf: GradBuffer) -> None:
+        """Slots of every layer's (weight, bias) in ``buf.J`` (None: frozen or absent)."""
+        starts = itertools.accumulate(buf.numels[:-1], initial=0)
+        offsets = {id(p): o for p, o in zip(buf.params, starts)}
+        self._slots = []
+        for _, m, _ in self.layers:
+            pair: list[_Slot | None] = []
+            for p in (getattr(m, "weight", None), getattr(m, "bias", None)):
+                ok = isinstance(p, torch.Tensor) and id(p) in offsets
+                pair.append(_Slot(buf.J, offsets[id(p)], p) if ok else None)
+            self._slots.append(tuple(pair))
+        self._buf = buf
+
+    def fill(
+        self,
+        buf: GradBuffer,
+        per_sample: Callable[[], torch.Tensor],
+        cid: torch.Tensor,
+        counts,
+        N: torch.Tensor,  # noqa: N803
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> torch.Tensor:
+        """Write J [k, P] into ``buf.J``; return the local cluster loss sums [k].
+
+        Args:
+            buf: the engine's gradient buffer (built while the parameters require grad).
+            per_sample: runs the forward on the cluster-sorted batch -> per-sample losses [B].
+            cid: [B] cluster of every sample; counts: [k] host ints (the same partition).
+            N: [k] cluster divisors (global counts under DDP); scaler: an enabled GradScaler.
+        """
+        if self._buf is not buf:
+            self._bind(buf)
+        k = buf.J.shape[0]
+        self._st = _Step(cid, counts, k, buf.J.dtype)
+        off = [p for p in buf.params if p.requires_grad]
+        handles = []
+        try:
+            for p in off:  # the layers' weight gradients come from the hooks, per cluster
+                p.requires_grad_(False)
+            for j, (_, m, _) in enumerate(self.layers):
+                hook = functools.partial(self._forward_hook, j)
+                handles.append(m.register_forward_hook(hook, with_kwargs=True))
+            per = per_sample()
+        finally:
+            for h in handles:
+                h.remove()
+            for p in off:  # the graph's edges are fixed: the backward still skips them
+                p.requires_grad_(True)
+        try:
+            per = per.to(torch.promote_types(per.dtype, torch.float32))
+            sums = torch.zeros(k, device=per.device).index_add_(0, cid, per.detach().float())
+            total = (per / N.clamp(min=1).to(per)[cid]).sum()
+            if scaler is not None:
+                total = scaler.scale(total)
+            slots = [s for pair in self._slots for s in pair if s is not None]
+            for s in slots:
+                s.fresh = True  # the first write in this step sets all k rows
+            if total.requires_grad:
+                total.backward()
+            for s in slots:  # layers the loss never reached: zero rows, as in micro
+                if s.fresh:
+                    s.cols.zero_()
+        finally:
+            self._st = None
+        return sums
+
+    def _forward_hook(self, j: int, m: nn.Module, args, kwargs, out):
+        if not torch.is_grad_enabled() or self._st is None:
+            return None
+        st = self._st
+        x = args[0] if args else next(iter(kwargs.values()))
+        if not isinstance(out, torch.Tensor) or min(x.dim(), out.dim()) == 0 or (
+            x.shape[0], out.shape[0]) != (st.B, st.B):  # fmt: skip
+            raise NotServable(
+                f"mode='onepass': layer {self.layers[j][0]!r} ({type(m).__name__}) was called "
+                f"on a tensor of shape {list(x.shape)}, not batch-major with B={st.B}"
+            )
+        new = None
+        if not out.requires_grad:
+            new = out = _Root.apply(out, st.anchor)
+        grad_fn, slots = self.layers[j][2], self._slots[j]
+        out.register_hook(lambda g: grad_fn(st, m, slots, x, g))
+        return new

@@ -1,0 +1,323 @@
+"""Mode "onepass": J from one forward + one backward equals per-cluster autograd, on every layer
+type it serves and on the registry's models; state is restored; unsupported models fall back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from antdiff import ANT
+from antdiff.diffusion import GaussianDiffusion
+from antdiff.engine.onepass import unsupported_parameters
+from antdiff.models import create_model
+from antdiff.schedules import linear_schedule
+
+T = 100
+
+
+class Toy(nn.Module):
+    """Every served layer type: strided/grouped/dilated/'same' convs, 1x1 and strided Conv1d,
+    GroupNorm, Linear on [B, N, D], LayerNorm, Embeddings (one with padding_idx), a layer called
+    twice, a layer used only under no_grad and a Linear with a frozen bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 8, 3, stride=2, padding=1)
+        self.emb = nn.Embedding(T, 8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2)
+        self.c3 = nn.Conv2d(8, 8, 3, padding="same")
+        self.c4 = nn.Conv2d(8, 8, 1, stride=2)
+        self.gn = nn.GroupNorm(4, 8)
+        self.pw = nn.Conv1d(8, 8, 1)
+        self.c1d = nn.Conv1d(8, 8, 3, stride=2, padding=1)
+        self.tok = nn.Embedding(7, 8, padding_idx=0)
+        self.lin = nn.Linear(8, 8)
+        self.ln = nn.LayerNorm(8)
+        self.shared = nn.Linear(8, 8)
+        self.aux = nn.Linear(8, 8)
+        self.frozen = nn.Linear(8, 8)
+        self.frozen.bias.requires_grad_(False)
+        self.out = nn.Linear(8, 1)
+
+    def forward(self, x, t, tok):
+        h = self.c1(x) + self.emb(t)[:, :, None, None]  # [B, 8, 4, 4]
+        h = self.gn(self.c3(F.silu(self.c2(h))) + h)
+        s = self.c1d(self.pw(h.flatten(2))) + self.c4(h).flatten(2).repeat(1, 1, 2)  # [B, 8, 8]
+        z = s.transpose(1, 2) + self.tok(tok)  # [B, 8 tokens, 8]
+        z = self.ln(torch.tanh(self.lin(z)))
+        z = self.shared(torch.tanh(self.shared(z)))
+        with torch.no_grad():
+            gate = torch.tanh(self.aux(z))
+        z = self.frozen(z * (1.0 + 0.1 * gate))
+        return self.out(z).squeeze(-1)  # [B, 8]
+
+
+def toy_batch(B: int, dtype=torch.float32, seed: int = 1):  # noqa: N803
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, 2, 8, 8, generator=g, dtype=dtype)
+    tok = torch.randint(0, 7, (B, 8), generator=g)
+    target = torch.randn(B, 8, generator=g, dtype=dtype)
+    return {"x": x, "tok": tok, "target": target}
+
+
+def toy_loss(model):
+    def fn(b, t):
+        return ((model(b["x"], t, b["tok"]) - b["target"]) ** 2).mean(dim=1)
+
+    return fn
+
+
+def fill(ant, loss_fn, batch, t, mode, scaler=None, counts=None):
+    """J [k, P] of the engine in ``mode`` (the rows before any method touches them)."""
+    ant.mode = mode
+    buf = ant._grad_buffer()
+    counts = ant.sampler.counts_for(t) if counts is None else counts
+    ant._fill_J(buf, loss_fn, batch, t, counts, scaler)
+    return buf.J.clone()
+
+
+def reference_J(model, loss_fn, batch, t, clusters, k):  # noqa: N802
+    """[k, P]: autograd.grad of each cluster's mean loss, one call per cluster."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    per = loss_fn(batch, t)
+    cid = clusters.cluster_of(t)
+    rows = []
+    for i in range(k):
+        m = cid == i
+        if not bool(m.any()):
+            rows.append(torch.zeros(sum(p.numel() for p in params), dtype=per.dtype))
+            continue
+        g = torch.autograd.grad(per[m].mean(), params, retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([(z if z is not None else torch.zeros_like(p)).reshape(-1)
+                               for z, p in zip(g, params)]))  # fmt: skip
+    return torch.stack(rows)
+
+
+def close(a, b, rtol=1e-5, atol=1e-6):
+    """Equal up to rtol and atol relative to the scale of b."""
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol * float(b.abs().max()))
+
+
+def test_toy_float64_equals_per_cluster_autograd():
+    torch.manual_seed(0)
+    model = Toy().double()
+    ant = ANT(linear_schedule(T), k=4, method="pcgrad", model=model, mode="onepass")
+    batch = toy_batch(13, torch.float64)
+    t = ant.sample_timesteps(13)
+    J = fill(ant, toy_loss(model), batch, t, "onepass")  # noqa: N806
+    ref = reference_J(model, toy_loss(model), batch, t, ant.clusters, ant.k)
+    assert ref.abs().sum(1).min() > 0
+    torch.testing.assert_close(J, ref, rtol=1e-10, atol=1e-12)
+    assert all(p.requires_grad for n, p in model.named_parameters() if n != "frozen.bias")
+    assert not model.frozen.bias.requires_grad
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_toy_float32_and_scaled_equal_micro():
+    torch.manual_seed(0)
+    model = Toy()
+    ant = ANT(linear_schedule(T), k=4, method="pcgrad", model=model)
+    batch = toy_batch(16)
+    t = ant.sample_timesteps(16)
+    close(fill(ant, toy_loss(model), batch, t, "onepass"),
+          fill(ant, toy_loss(model), batch, t, "micro"))  # fmt: skip
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    close(fill(ant, toy_loss(model), batch, t, "onepass", scaler),
+          fill(ant, toy_loss(model), batch, t, "micro", scaler))  # fmt: skip
+
+
+def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Zero-initialised layers (adaLN-Zero, output convs) would give trivial rows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("name", ["adm-tiny", "dit-tiny", "ldm-tiny"])
+def test_registry_models_equal_micro(name):
+    torch.manual_seed(0)
+    model = _randomise(create_model(name))
+    if name.startswith("dit"):
+        model.class_dropout_prob = 0.0  # label dropout draws random numbers per forward
+    diffusion = GaussianDiffusion(linear_schedule(1000))
+    ant = ANT(linear_schedule(1000), k=5, method="pcgrad", model=model)
+    assert ant._onepass is not None and "mode='auto' (onepass)" in repr(ant)
+    B, size = 11, (4 if name == "ldm-tiny" else 8)  # noqa: N806
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, model.in_channels, size, size, generator=g)
+    batch = {"x": x, "noise": torch.randn(x.shape, generator=g), "y": torch.randint(0, 10, (B,))}
+    cond = name.startswith("dit")
+
+    def loss_fn(b, tb):
+        kw = {"y": b["y"]} if cond else None
+        return diffusion.training_losses(model, b["x"], tb, noise=b["noise"], model_kwargs=kw)[
+            "loss"
+        ]
+
+    t = ant.sample_timesteps(B)
+    micro = fill(ant, loss_fn, batch, t, "micro")
+    assert micro.abs().sum(1).min() > 0
+    close(fill(ant, loss_fn, batch, t, "onepass"), micro, atol=2e-6)
+
+
+def test_diffusers_unet_equals_micro():
+    import diffusers
+
+    torch.manual_seed(0)
+    unet = _randomise(diffusers.UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+        block_out_channels=(16, 32), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
+    ))  # fmt: skip
+    ant = ANT(linear_schedule(1000), k=5, method="pcgrad", model=unet)
+    assert unsupported_parameters(unet) == [] and ant._onepass is not None
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(10, 1, 8, 8, generator=g), torch.randn(10, 1, 8, 8, generator=g))
+
+    def loss_fn(b, tb):
+        return ((unet(b[0], tb).sample - b[1]) ** 2).mean(dim=(1, 2, 3))
+
+    t = ant.sample_timesteps(10)
+    close(fill(ant, loss_fn, batch, t, "onepass"), fill(ant, loss_fn, batch, t, "micro"))
+
+
+@pytest.mark.parametrize("method", ["pcgrad", "uw+pcgrad", "nash"])
+def test_engine_step_equals_micro(method):
+    grads = {}
+    for mode in ("micro", "onepass"):
+        torch.manual_seed(0)
+        model = Toy()
+        ant = ANT(linear_schedule(T), k=4, method=method, model=model, mode=mode, seed=3)
+        batch = toy_batch(16)
+        t = ant.sample_timesteps(16)
+        out = ant.backward(toy_loss(model), batch, t)
+        flat = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
+        grads[mode] = (flat, out.weights)
+    close(grads["onepass"][0], grads["micro"][0])
+    torch.testing.assert_close(grads["onepass"][1], grads["micro"][1], rtol=1e-4, atol=1e-6)
+
+
+def test_empty_clusters_give_zero_rows():
+    torch.manual_seed(0)
+    model = Toy()
+    ant = ANT(linear_schedule(T), k=5, method="pcgrad", model=model, sampling="uniform")
+    batch = toy_batch(3)
+    t = torch.tensor([5, 7, 90])  # clusters 0 and 4 only (sorted below by the engine)
+    fill(ant, toy_loss(model), toy_batch(20), ant.sample_timesteps(20), "onepass")  # dirty J
+    counts = ant.sampler.counts_for(t)
+    assert counts is None  # not drawn by the sampler: the engine counts and sorts itself
+    b2, t2, counts = ant._sorted(batch, t)
+    J = fill(ant, toy_loss(model), b2, t2, "onepass", counts=counts)  # noqa: N806
+    empty = torch.as_tensor(counts) == 0
+    assert empty.sum() >= 2 and J[empty].abs().max() == 0 and J[~empty].abs().sum(1).min() > 0
+    close(J, fill(ant, toy_loss(model), b2, t2, "micro", counts=counts))
+
+
+def test_exception_in_loss_restores_model():
+    torch.manual_seed(0)
+    model = Toy()
+    ant = ANT(linear_schedule(T), k=4, method="pcgrad", model=model, mode="onepass")
+    batch = toy_batch(8)
+    t = ant.sample_timesteps(8)
+
+    def broken(b, tb):
+        model(b["x"], tb, b["tok"])
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        ant.backward(broken, batch, t)
+    assert all(p.requires_grad for n, p in model.named_parameters() if n != "frozen.bias")
+    assert all(not m._forward_hooks for m in model.modules())
+    model.zero_grad(set_to_none=True)  # normal use: summed gradients on every parameter
+    toy_loss(model)(batch, t).mean().backward()
+    used = [p for n, p in model.named_parameters() if n != "frozen.bias" and "aux" not in n]
+    assert all(p.grad is not None for p in used)
+    with torch.no_grad():  # sampling between steps: no graph, no hooks
+        assert not model(batch["x"], t, batch["tok"]).requires_grad
+
+
+class WithBare(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.scale = nn.Parameter(torch.ones(4))
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+
+    def forward(self, x, t):
+        h = self.lin(x) * self.scale
+        return self.attn(h, h, h)[0].mean(dim=(1, 2))
+
+
+def test_unsupported_parameters_fall_back_or_raise():
+    model = WithBare()
+    bad = unsupported_parameters(model)
+    assert bad[:2] == ["scale", "attn.in_proj_weight"] and "attn.out_proj.weight" in bad
+    ant = ANT(linear_schedule(T), k=4, method="pcgrad", model=model)
+    assert ant._onepass is None and "mode='auto' (micro)" in repr(ant)
+    x = torch.randn(6, 3, 4)
+    t = ant.sample_timesteps(6)
+    ant.backward(lambda b, tb: model(b, tb), x, t)  # micro serves it
+    with pytest.raises(ValueError, match="scale, attn.in_proj_weight"):
+        ANT(linear_schedule(T), k=4, method="pcgrad", model=model, mode="onepass")
+    with pytest.raises(ValueError, match="BatchNorm"):
+        ANT(linear_schedule(T), k=4, method="pcgrad", model=nn.BatchNorm1d(3), mode="onepass")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ANT(linear_schedule(T), k=4, method="pcgrad", mode="one-pass")
+
+
+class OffBatch(nn.Module):
+    """A Linear on a table shared by all samples: not batch-major, so onepass cannot split it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Embedding(5, 4)
+        self.proj = nn.Linear(4, 4)
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, t):
+        shared = self.proj(self.table.weight[:3] * 0 + torch.ones(3, 4))  # [3, 4]
+        return (self.lin(x) @ shared.t()).pow(2).mean(1) + self.table(t % 5).sum(1)
+
+
+def test_layer_off_the_batch_dim_falls_back_at_runtime():
+    torch.manual_seed(0)
+    model = OffBatch()
+    ant = ANT(linear_schedule(T), k=2, method="pcgrad", model=model)
+    x = torch.randn(6, 4)
+    t = ant.sample_timesteps(6)
+    assert ant._onepass is not None  # every parameter sits in a served layer
+    with pytest.warns(UserWarning, match="uses 'micro' from now on"):
+        J = fill(ant, lambda b, tb: model(b, tb), x, t, "auto")  # noqa: N806
+    assert ant._onepass is None and all(p.requires_grad for p in model.parameters())
+    close(J, fill(ant, lambda b, tb: model(b, tb), x, t, "micro"))
+    with pytest.raises(ValueError, match="'proj'.*not batch-major"):
+        fill(ant, lambda b, tb: model(b, tb), x, t, "onepass")
+
+
+def test_ddp_single_process_gloo(tmp_path):
+    """DDP(model) under onepass: no reducer wait, J all-reduced once, same update as micro."""
+    torch.manual_seed(0)
+    ref = Toy()
+    ant = ANT(linear_schedule(T), k=4, method="pcgrad", model=ref, mode="micro", seed=0)
+    batch = toy_batch(12)
+    ant.backward(toy_loss(ref), batch, ant.sample_timesteps(12))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0,
+                            world_size=1)  # fmt: skip
+    try:
+        torch.manual_seed(0)
+        model = nn.parallel.DistributedDataParallel(Toy())
+        ant2 = ANT(linear_schedule(T), k=4, method="pcgrad", model=model, seed=0)
+        assert ant2.comm.active and ant2._onepass is not None
+        ant2.backward(toy_loss(model), batch, ant2.sample_timesteps(12))
+        got = [p.grad.clone() for p in model.module.parameters() if p.requires_grad]
+        model.module.zero_grad(set_to_none=True)  # a plain DDP step still works afterwards
+        toy_loss(model)(batch, ant2.sample_timesteps(12)).mean().backward()
+    finally:
+        dist.destroy_process_group()
+    want = [p.grad for p in ref.parameters() if p.requires_grad]
+    close(torch.cat([g.reshape(-1) for g in got]), torch.cat([g.reshape(-1) for g in want]))
