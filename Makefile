@@ -31,8 +31,7 @@ build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
 demo: build
-	$(BIN)/antdiff cluster --schedule linear --T 1000 --k 5 --objective snr \
-		--json demo_out/clusters.json --plot demo_out/clusters.png
+	$(BIN)/antdiff demo --out demo_out
 
 # every test, then the CI-sized benchmark cases (so the benchmarks cannot rot)
 test: build

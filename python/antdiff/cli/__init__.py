@@ -9,6 +9,11 @@ import sys
 # sub-command -> module (each module defines add_arguments(parser) and run(args) -> int)
 COMMANDS = {
     "cluster": ("antdiff.cli.cluster", "cluster the T timesteps into k intervals (exact DP)"),
+    "affinity": ("antdiff.cli.affinity", "task affinity of timestep bins from checkpoints"),
+    "train": ("antdiff.cli.train", "train a diffusion model with ANT (presets, --a.b overrides)"),
+    "sample": ("antdiff.cli.sample", "draw samples from a checkpoint (EMA) -> PNG grid + .npy"),
+    "eval": ("antdiff.cli.eval", "FID / precision / recall of a checkpoint's samples -> JSON"),
+    "demo": ("antdiff.demo", "ANT vs vanilla on digits in a few CPU minutes -> demo_out/"),
 }
 
 

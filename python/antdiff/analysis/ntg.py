@@ -1,0 +1,385 @@
+"""Negative transfer gap (the paper's observation O2, Eq. 3 and Fig. 2).
+
+For a timestep interval [t1, t2) a *specialist* is trained on the tasks t1 <= t < t2 only
+(``train.t_range``, vanilla loss, same data / model / diffusion as the full model). Samples are
+then drawn twice with the same sampler and the same noise: once with the full model, once with
+:class:`IntervalRouter`, which hands every denoising step whose timestep lies in [t1, t2) to the
+specialist and every other step to the full model. With a metric P where lower is better (FID):
+
+    NTG([t1, t2)) = P(samples with the specialist inside [t1, t2)) - P(samples of the full model)
+
+NTG < 0 means the specialist denoises its interval better than the jointly trained model: the
+interval suffers negative transfer from the other tasks. Both runs share their Gaussian noise
+(one generator seed per batch), so the difference comes from the models, not from the draws;
+``seed_gap`` (the full model's FID change under another noise seed) shows the size of a gap the
+sampling noise alone produces. Intervals are 0-based and half-open: the paper's [1, 200] is
+[0, 200) here.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..utils import atomic_write, atomic_write_text
+
+__all__ = [
+    "IntervalRouter",
+    "check_intervals",
+    "interval_label",
+    "negative_transfer_gap",
+    "load_run",
+    "plot_ntg",
+    "run_ntg",
+    "sample_images",
+    "specialist_config",
+    "uniform_intervals",
+    "write_ntg",
+]
+
+DEFINITION = (
+    "NTG = FID(full model with the specialist inside [t1, t2)) - FID(full model); NTG < 0: the "
+    "interval suffers negative transfer"
+)
+
+
+def check_intervals(intervals: Any, T: int) -> list[tuple[int, int]]:  # noqa: N803
+    """Validate ``[(t1, t2), ...]`` (0-based, half-open) against [0, T); return int pairs."""
+    out = []
+    for iv in intervals:
+        if len(iv) != 2 or any(isinstance(v, bool) or int(v) != v for v in iv):
+            raise ValueError(f"intervals: each must be a pair of integers (t1, t2), got {iv!r}")
+        t1, t2 = int(iv[0]), int(iv[1])
+        if not 0 <= t1 < t2 <= T:
+            raise ValueError(
+                f"intervals: [{t1}, {t2}) is empty or outside [0, T={T}); valid intervals are "
+                f"half-open [t1, t2) with 0 <= t1 < t2 <= {T}"
+            )
+        out.append((t1, t2))
+    if not out:
+        raise ValueError("intervals: need at least one (t1, t2) pair")
+    return out
+
+
+def uniform_intervals(T: int, k: int) -> list[tuple[int, int]]:  # noqa: N803
+    """The k equal intervals [i T / k, (i + 1) T / k) (Fig. 2 uses k = 5, T = 1000)."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= T:
+        raise ValueError(f"k must be an integer in [1, T={T}], got {k!r}")
+    return [(i * T // k, (i + 1) * T // k) for i in range(k)]
+
+
+def interval_label(t1: int, t2: int) -> str:
+    return f"[{t1}, {t2})"
+
+
+class IntervalRouter(nn.Module):
+    """``full`` everywhere except timesteps t1 <= t < t2, which go to ``specialist``.
+
+    Routing is per sample (the batch is split by mask), so mixed timesteps are served exactly;
+    samplers pass one timestep per step, which sends the whole batch to one model.
+    """
+
+    def __init__(self, full: nn.Module, specialist: nn.Module, t1: int, t2: int) -> None:
+        super().__init__()
+        if not 0 <= t1 < t2:
+            raise ValueError(f"IntervalRouter: need 0 <= t1 < t2, got [{t1}, {t2})")
+        self.full, self.specialist, self.t1, self.t2 = full, specialist, int(t1), int(t2)
+        self.num_classes = getattr(full, "num_classes", None)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """x: [B, C, H, W]; t: [B] original timesteps; kwargs (e.g. y [B]) follow the split."""
+        inside = (t >= self.t1) & (t < self.t2)
+        n_in = int(inside.sum())  # sampling, not training: a host read is fine here
+        if n_in == t.shape[0]:
+            return self.specialist(x, t, **kwargs)
+        if n_in == 0:
+            return self.full(x, t, **kwargs)
+
+        def part(m: torch.Tensor) -> dict[str, Any]:
+            return {
+                k: v[m] if isinstance(v, torch.Tensor) and v.shape[:1] == t.shape else v
+                for k, v in kwargs.items()
+            }
+
+        a = self.specialist(x[inside], t[inside], **part(inside))
+        b = self.full(x[~inside], t[~inside], **part(~inside))
+        out = a.new_empty((t.shape[0], *a.shape[1:]))
+        out[inside], out[~inside] = a, b
+        return out
+
+
+def specialist_config(cfg: Any, t1: int, t2: int, steps: int, out_dir: str | Path) -> Any:
+    """The full model's config restricted to [t1, t2): vanilla loss, ``steps`` steps."""
+    from ..config import config_from_dict
+
+    d = cfg.to_dict()
+    d["name"] = f"{cfg.name}-specialist-{t1}-{t2}"
+    d["ant"].update(method="vanilla", method_kwargs={}, update_every=None)
+    d["train"].update(t_range=[int(t1), int(t2)], steps=int(steps), out_dir=str(out_dir))
+    return config_from_dict(d)
+
+
+def sample_images(
+    model: nn.Module,
+    diffusion: Any,
+    n: int,
+    shape: tuple[int, ...],
+    *,
+    seed: int,
+    sampler: str = "ddim",
+    steps: int = 50,
+    batch: int = 500,
+    num_classes: int | None = None,
+    cfg_scale: float = 1.0,
+    clip_denoised: bool = True,
+) -> torch.Tensor:
+    """``n`` samples [n, *shape]; batch j draws its noise from a generator seeded seed + j,
+    so two models sampled with the same arguments see identical noise."""
+    from ..sampling import sample
+
+    device = next(model.parameters()).device
+    out = []
+    for j, lo in enumerate(range(0, n, batch)):
+        b = min(batch, n - lo)
+        gen = torch.Generator(device).manual_seed(seed + j)
+        y = None if num_classes is None else (torch.arange(lo, lo + b, device=device) % num_classes)
+        x = sample(
+            model, diffusion, (b, *shape), sampler=sampler, steps=steps, y=y,
+            cfg_scale=cfg_scale, generator=gen, clip_denoised=clip_denoised,
+        )  # fmt: skip
+        out.append(x.cpu())
+    return torch.cat(out)
+
+
+def _quality(real_feats: np.ndarray, images: torch.Tensor, extractor: Any) -> dict[str, float]:
+    from ..metrics import fid_from_features, precision_recall
+
+    fake = extractor(images)
+    pr = precision_recall(real_feats, fake, k=3, features=extractor.name)
+    fid = fid_from_features(real_feats, fake, allow_rank_deficient=True)
+    return {"fid": float(fid), "precision": float(pr["precision"]), "recall": float(pr["recall"])}
+
+
+def negative_transfer_gap(
+    full: nn.Module,
+    specialists: dict[tuple[int, int], nn.Module],
+    diffusion: Any,
+    real_images: torch.Tensor,
+    extractor: Any,
+    *,
+    n_samples: int,
+    shape: tuple[int, ...],
+    seed: int = 0,
+    sampler: str = "ddim",
+    steps: int = 50,
+    batch: int = 500,
+    num_classes: int | None = None,
+    cfg_scale: float = 1.0,
+    clip_denoised: bool = True,
+    decode: Any = None,
+    seed_gap: bool = True,
+) -> dict[str, Any]:
+    """NTG of every interval: specialists keyed by (t1, t2), all sampled with the same noise.
+
+    Args:
+        full: the model trained on all T tasks (EMA weights, eval mode).
+        specialists: {(t1, t2): model trained on t1 <= t < t2}.
+        diffusion: the training GaussianDiffusion (T, schedule, prediction).
+        real_images: [N, C, H, W] reference images in [-1, 1].
+        extractor: a FeatureExtractor (DigitsFeatures for digits: domain features).
+        n_samples / shape / seed / sampler / steps / batch / num_classes / cfg_scale /
+            clip_denoised: see :func:`sample_images`.
+        decode: maps samples to images (latent models), or None.
+        seed_gap: also sample the full model with seed + 10**6 (the noise-only FID change).
+
+    Returns:
+        {"definition", "metric", "features", "full": {fid, precision, recall}, "seed_gap",
+        "intervals": [{"t_range", "label", "steps_inside", "fid", "precision", "recall",
+        "ntg"}, ...], plus the sampling settings}.
+    """
+    from ..sampling import space_timesteps
+
+    intervals = check_intervals(list(specialists), diffusion.T)
+    ts = space_timesteps(diffusion.T, steps)
+    for t1, t2 in intervals:
+        if not ((ts >= t1) & (ts < t2)).any():
+            raise ValueError(
+                f"intervals: no step of the {steps}-step {sampler} sampler falls in "
+                f"{interval_label(t1, t2)}, so the specialist would never run; use more steps"
+            )
+    kw = dict(
+        shape=shape, sampler=sampler, steps=steps, batch=batch, num_classes=num_classes,
+        cfg_scale=cfg_scale, clip_denoised=clip_denoised,
+    )  # fmt: skip
+    real_feats = extractor(real_images)
+
+    def quality(model: nn.Module, s: int) -> dict[str, float]:
+        x = sample_images(model, diffusion, n_samples, seed=s, **kw)
+        if decode is not None:
+            with torch.no_grad():
+                x = decode(x)
+        return _quality(real_feats, x, extractor)
+
+    base = quality(full, seed)
+    gap = abs(quality(full, seed + 10**6)["fid"] - base["fid"]) if seed_gap else None
+    rows = []
+    for t1, t2 in intervals:
+        q = quality(IntervalRouter(full, specialists[(t1, t2)], t1, t2), seed)
+        inside = int(((ts >= t1) & (ts < t2)).sum())
+        rows.append(
+            {"t_range": [t1, t2], "label": interval_label(t1, t2), "steps_inside": inside,
+             **q, "ntg": q["fid"] - base["fid"]}
+        )  # fmt: skip
+    return {
+        "definition": DEFINITION,
+        "metric": "FID",
+        "features": extractor.name,
+        "T": diffusion.T,
+        "n_samples": n_samples,
+        "n_real": int(real_images.shape[0]),
+        "sampler": sampler,
+        "sampling_steps": steps,
+        "seed": seed,
+        "full": base,
+        "seed_gap": gap,
+        "intervals": rows,
+    }
+
+
+def plot_ntg(result: dict[str, Any], path: str | Path, title: str | None = None) -> Path:
+    """Bar chart of NTG per interval (Fig. 2 style); bars below 0 mark negative transfer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["intervals"]
+    ntg = np.array([r["ntg"] for r in rows], dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(1.3 * len(rows) + 2.6, 3.8), dpi=120)
+    colors = ["tab:red" if v < 0 else "tab:blue" for v in ntg]
+    x = np.arange(len(rows))
+    ax.bar(x, ntg, color=colors, width=0.6)
+    gap = result.get("seed_gap")
+    if gap is not None and math.isfinite(gap):
+        ax.axhspan(-gap, gap, color="0.85", zorder=0, label=f"noise-seed FID change ({gap:.3g})")
+        ax.legend(loc="best", fontsize=8)
+    ax.axhline(0.0, color="black", lw=0.8)
+    for xi, v in zip(x, ntg):
+        up = v >= 0
+        ax.annotate(f"{v:+.3g}", (xi, v), xytext=(0, 2 if up else -2), textcoords="offset points",
+                    ha="center", va="bottom" if up else "top", fontsize=8)  # fmt: skip
+    ax.set_xticks(x, [r["label"] for r in rows])
+    ax.set_xlabel("denoising tasks D[t1, t2) (0-based timesteps)")
+    ax.set_ylabel("NTG (FID difference)")
+    lo, hi = min(0.0, ntg.min()), max(0.0, ntg.max())
+    pad = 0.15 * max(hi - lo, gap or 0.0, 1e-9)
+    ax.set_ylim(lo - pad, hi + pad)
+    feats = result.get("features", "")
+    short = "domain (digits classifier) features" if "digits" in feats else feats
+    ax.set_title(
+        title or f"negative transfer gap, FID on {short}\n(red: NTG < 0, negative transfer)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    try:
+        return atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)
+
+
+def write_ntg(result: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    """``ntg.json`` and ``ntg.png`` in ``out_dir``, both written atomically."""
+    import json
+
+    out = Path(out_dir)
+    js = atomic_write_text(out / "ntg.json", json.dumps(result, indent=2) + "\n")
+    return js, plot_ntg(result, out / "ntg.png")
+
+
+# ------------------------------------------------------------------ training the models
+def load_run(path: str | Path) -> Any:
+    """A trained antdiff.train.Run from a checkpoint file or run directory (no training)."""
+    from ..checkpoint import load_checkpoint
+    from ..config import config_from_dict
+    from ..train import build_run, restore
+
+    state, _ = load_checkpoint(path)
+    run = build_run(config_from_dict(state["config"]), state.get("codec"))
+    restore(run, state)
+    return run
+
+
+def _trained(cfg: Any) -> Any:
+    """Train ``cfg``, resuming from its out_dir's newest checkpoint when there is one (a run
+    already at train.steps just loads)."""
+    from ..checkpoint import list_checkpoints
+    from ..train import train
+
+    return train(cfg, resume=True if list_checkpoints(cfg.train.out_dir) else None)["run"]
+
+
+def run_ntg(
+    cfg: Any,
+    intervals: list[tuple[int, int]],
+    *,
+    specialist_steps: int,
+    out_dir: str | Path,
+    full: str | Path | None = None,
+    n_samples: int = 1000,
+    seed: int = 0,
+    batch: int = 500,
+    extractor: Any = None,
+) -> dict[str, Any]:
+    """Train (or reuse) the full model and one specialist per interval, measure NTG, and write
+    ``ntg.json`` / ``ntg.png`` in ``out_dir``.
+
+    Args:
+        cfg: the full model's Config (ignored when ``full`` is given: its checkpoint's is used).
+        intervals: [(t1, t2), ...], 0-based half-open, inside [0, T).
+        specialist_steps: training steps of each specialist.
+        out_dir: results; the full model trains in ``full/``, specialists in
+            ``specialist_<t1>_<t2>/`` (their checkpoints are reused by a later call).
+        full: a trained run directory or checkpoint to use as the full model.
+        n_samples, seed, batch: sampling (cfg.sample gives sampler, steps and guidance).
+        extractor: feature network; default DigitsFeatures for digits (domain features, not
+            comparable to published FIDs), else the Inception TorchScript network.
+    """
+    from ..config import config_from_dict
+
+    out = Path(out_dir)
+    if full is None:
+        d = cfg.to_dict()
+        d["train"]["out_dir"] = str(out / "full")
+        full_run = _trained(config_from_dict(d))
+    else:
+        full_run = load_run(full)
+    fc, data = full_run.cfg, full_run.data
+    intervals = check_intervals(intervals, fc.diffusion.T)
+    specialists = {}
+    for t1, t2 in intervals:
+        scfg = specialist_config(fc, t1, t2, specialist_steps, out / f"specialist_{t1}_{t2}")
+        specialists[(t1, t2)] = _trained(scfg).ema.model
+    if extractor is None:
+        from ..metrics import DigitsFeatures, InceptionTorchScript
+
+        extractor = DigitsFeatures() if fc.data.source == "digits" else InceptionTorchScript()
+    decode = data.codec.decode if data.codec is not None else None
+    with torch.no_grad():  # latent data: the reference is the decoded training set
+        real = (data.x if decode is None else decode(data.x)).cpu()
+    latents = fc.data.source == "latents" or decode is not None
+    result = negative_transfer_gap(
+        full_run.ema.model, specialists, full_run.diffusion, real, extractor,
+        n_samples=n_samples, shape=tuple(data.shape), seed=seed, sampler=fc.sample.sampler,
+        steps=fc.sample.steps, batch=batch, cfg_scale=fc.sample.cfg_scale,
+        num_classes=data.num_classes if fc.data.class_conditional else None,
+        clip_denoised=not latents, decode=decode,
+    )  # fmt: skip
+    result["full_model"] = {"run": str(full or out / "full"), "steps": full_run.step}
+    result["specialist_steps"] = specialist_steps
+    write_ntg(result, out)
+    return result

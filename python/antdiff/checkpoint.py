@@ -1,0 +1,259 @@
+"""Training checkpoints: atomic writes, a "latest" pointer, weights-only loading, RNG states.
+
+Layout under ``<out_dir>/checkpoints/``: ``ckpt_00001000.pt`` ... (the last ``keep`` of them)
+and ``latest`` (a text file naming the newest complete one). Each file is written to a temp file,
+fsynced and renamed (:func:`antdiff.utils.atomic_write`), so a run killed at any moment leaves
+complete checkpoints only; a file damaged afterwards (truncated copy, full disk) is detected on
+load and, when loading from a directory, skipped in favour of the previous complete one.
+
+Everything stored is loadable with ``torch.load(weights_only=True)``: tensors, dicts, lists,
+numbers and strings (the Python and numpy RNG states are stored as JSON strings).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import random
+import re
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import config_diff, resume_conflicts
+from .utils import atomic_write, atomic_write_text
+
+FORMAT = "antdiff-train-v1"
+_NAME = re.compile(r"^ckpt_(\d+)\.pt$")
+
+
+def checkpoint_dir(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Checkpoint files in ``directory`` (a run dir or its checkpoints/ dir), oldest first."""
+    d = Path(directory)
+    if (d / "checkpoints").is_dir():
+        d = d / "checkpoints"
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write checkpoint ``step`` atomically, point "latest" at it, keep the last ``keep``."""
+    d = checkpoint_dir(out_dir)
+    path = d / f"ckpt_{step:08d}.pt"
+    atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write_text(d / "latest", path.name + "\n")
+    for old in list_checkpoints(d)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def _load_file(path: Path, map_location: Any) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise ValueError(
+                f"{str(path)!r} holds Python objects that weights-only loading refuses; it was "
+                "not written by antdiff train"
+            ) from exc
+        raise _Corrupted(str(exc)) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise _Corrupted(str(exc)) from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{str(path)!r} is not an antdiff training checkpoint ({FORMAT})")
+    return state
+
+
+class _Corrupted(Exception):
+    pass
+
+
+def _candidates(directory: Path) -> list[Path]:
+    """Newest first: the "latest" pointer's target, then every other checkpoint by step."""
+    files = list_checkpoints(directory)[::-1]
+    d = files[0].parent if files else directory
+    pointer = d / "latest"
+    if pointer.is_file():
+        named = d / pointer.read_text().strip()
+        if named in files:
+            files.remove(named)
+            files.insert(0, named)
+    return files
+
+
+log = logging.getLogger("antdiff.train")
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> tuple[dict[str, Any], Path]:
+    """Load a checkpoint file, or the newest complete one in a run / checkpoints directory.
+
+    Returns:
+        (state, the file it came from).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint path {str(p)!r} does not exist")
+    if p.is_dir():
+        files = _candidates(p)
+        if not files:
+            raise FileNotFoundError(f"no checkpoints (ckpt_*.pt) in {str(p)!r}")
+        for f in files:
+            try:
+                state = _load_file(f, map_location)
+            except _Corrupted as exc:
+                warnings.warn(
+                    f"checkpoint {str(f)!r} is corrupted ({exc}); falling back to the previous one",
+                    stacklevel=2,
+                )
+                continue
+            return state, f
+        raise ValueError(f"every checkpoint in {str(p)!r} is corrupted: {[str(f) for f in files]}")
+    try:
+        return _load_file(p, map_location), p
+    except _Corrupted as exc:
+        others = [f for f in _candidates(p.parent) if f != p]
+        good = next((f for f in others if _loads(f)), None)
+        hint = f"; use {str(good)!r} instead" if good else "; no other complete checkpoint found"
+        raise ValueError(
+            f"checkpoint {str(p)!r} is corrupted (truncated or not a torch file: {exc}){hint}"
+        ) from None
+
+
+def _loads(path: Path) -> bool:
+    try:
+        _load_file(path, "cpu")
+        return True
+    except (_Corrupted, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------------------- RNG states
+def capture_rng() -> dict[str, Any]:
+    """Python, numpy and torch (CPU + CUDA) global RNG states, weights-only loadable."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": json.dumps([version, list(internal), gauss]),
+        "numpy": json.dumps([name, keys.tolist(), int(pos), int(has_gauss), float(cached)]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, internal, gauss = json.loads(state["python"])
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = json.loads(state["numpy"])
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------- model weights
+def load_model_state(
+    model: nn.Module, sd: dict[str, torch.Tensor], ckpt: dict[str, Any], what: str = "model"
+) -> None:
+    """``model.load_state_dict(sd)`` with an error that says which model the checkpoint holds."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [
+        f"{k}: checkpoint {list(sd[k].shape)} vs model {list(own[k].shape)}"
+        for k in own
+        if k in sd and sd[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        mcfg = ckpt.get("config", {}).get("model", {})
+        held = f"{mcfg.get('name', '?')!r} (overrides {mcfg.get('overrides', {})})"
+        details = "; ".join(
+            part
+            for part in (
+                f"missing keys {missing[:3]}" if missing else "",
+                f"unexpected keys {unexpected[:3]}" if unexpected else "",
+                f"shape mismatches {shapes[:3]}" if shapes else "",
+            )
+            if part
+        )
+        raise ValueError(
+            f"the checkpoint's {what} weights are for model {held}, which does not match the "
+            f"model built here ({details}). Use the checkpoint's model config "
+            "(--model.name / --model.overrides.*) or another checkpoint"
+        )
+    model.load_state_dict(sd)
+
+
+def model_from_state(
+    state: dict[str, Any], data: Any = None, weights: str = "model"
+) -> tuple[nn.Module, Any, Any]:
+    """Rebuild the model a trainer checkpoint ``state`` holds (on the CPU, train mode).
+
+    Args:
+        state: a loaded ``antdiff train`` checkpoint (:func:`load_checkpoint`).
+        data: the run's :class:`~antdiff.data.Dataset`; None loads it from the config (the
+            model's input shape and classes depend on it; a latent run's codec comes from
+            ``state["codec"]``).
+        weights: "model" (raw weights) or "ema".
+
+    Returns:
+        (model, the validated Config, the Dataset).
+    """
+    from .config import config_from_dict
+    from .data import load_dataset
+    from .models import create_model
+    from .train import model_kwargs
+
+    if weights not in ("model", "ema"):
+        raise ValueError(f"weights must be 'model' or 'ema', got {weights!r}")
+    cfg = config_from_dict(state["config"])
+    if data is None:
+        data = load_dataset(cfg.data, cfg.train.seed, 0, state.get("codec"))
+    model = create_model(cfg.model.name, **model_kwargs(cfg, data))
+    load_model_state(model, state[weights], state, "EMA" if weights == "ema" else "model")
+    return model, cfg, data
+
+
+# ---------------------------------------------------------------------------- resuming
+def resume_state(cfg: Any, resume: str | Path | bool, allow_change: bool) -> dict[str, Any]:
+    """The checkpoint to resume ``cfg`` (a Config) from, after checking the configs agree.
+
+    ``resume``: True or "" for the newest complete checkpoint in cfg.train.out_dir, else a
+    checkpoint file or directory.
+    """
+    where = cfg.train.out_dir if resume in (True, "", None) else resume
+    state, path = load_checkpoint(where)
+    bad = resume_conflicts(state["config"], cfg.to_dict())
+    if bad and not allow_change:
+        old, new = _flat(state["config"]), _flat(cfg.to_dict())
+        lines = "\n".join(f"  {k}: checkpoint {old.get(k)!r} -> now {new.get(k)!r}" for k in bad)
+        raise ValueError(
+            f"the config differs from the one checkpoint {str(path)!r} was trained with:\n{lines}\n"
+            "Only train.steps and logging settings may change on resume; pass "
+            "--allow-config-change to resume anyway"
+        )
+    log.info("resuming from %s (step %d)", path, state["step"])
+    return state
+
+
+def _flat(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _get(d, k) for k in config_diff(d, {})}
+
+
+def _get(d: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d

@@ -1,0 +1,165 @@
+"""``antdiff affinity``: task affinity of timestep bins from checkpoints, saved and plotted.
+
+    antdiff affinity run/ckpt_10000.pt run/ckpt_20000.pt --bins 50 --n-samples 512 \
+        --out affinity.npz
+    antdiff cluster --objective gradient --affinity affinity.npz --k 5
+
+Writes ``--out`` (.npz with affinity, bin_edges, n_samples, checkpoints; or .npy plus
+``<stem>_edges.npy``) and, unless ``--no-plot``, ``<stem>_timestep.png`` and
+``<stem>_logsnr.png``. The diffusion (schedule, T, prediction, ...) comes from the first
+checkpoint's config when it has one, else from ``--schedule`` / ``--T``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..analysis import load_affinity_checkpoint, plot_affinity_figures, task_affinity
+from ..diffusion import GaussianDiffusion
+from ..schedules import make_schedule
+
+_DIFFUSION_KEYS = (
+    "prediction",
+    "learn_sigma",
+    "loss_weighting",
+    "p2_gamma",
+    "p2_k",
+    "min_snr_gamma",
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "checkpoints", nargs="+", type=Path, help="checkpoint files (or run dirs) of ONE model"
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="'digits' (sklearn 8x8, in [-1, 1]) or a .npy / .pt file of x0 [N, C, H, W]; "
+        "default: the trainer checkpoint's data set, else digits",
+    )
+    p.add_argument("--image-size", type=int, default=None, help="resize digits to this size")
+    p.add_argument("--bins", type=int, default=50, help="number of near-equal timestep bins")
+    p.add_argument(
+        "--bin-edges", type=Path, default=None, help=".npy of [nb + 1] edges (overrides --bins)"
+    )
+    p.add_argument("--n-samples", type=int, default=512, help="data points per bin")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--block-rows", type=int, default=None, help="rows of J in memory (>= 2)")
+    p.add_argument("--max-bytes", type=int, default=None, help="memory budget for J in bytes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if any)")
+    p.add_argument("--schedule", default=None, help="linear | cosine (if not in the checkpoint)")
+    p.add_argument("--T", type=int, default=None, help="timesteps (if not in the checkpoint)")
+    p.add_argument("--out", type=Path, default=Path("affinity.npz"), help=".npz or .npy")
+    p.add_argument("--no-plot", action="store_true", help="skip the two PNG heat maps")
+
+
+class CheckpointLoader:
+    """``loader(path, device) -> (model, config)`` for ``antdiff train`` checkpoints (a file or a
+    run directory: its newest complete checkpoint; the raw, non-EMA weights) and for the minimal
+    format ``{"model": state_dict, "config": {"model": {"name", "overrides"}}}``.
+
+    A trainer checkpoint's model shape depends on its data, so the data set of its config is
+    loaded (once per config) and kept in ``self.data`` for the affinity pass.
+    """
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+
+    def __call__(self, path: Any, device: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
+        from ..checkpoint import FORMAT, load_checkpoint, model_from_state
+        from ..config import config_from_dict
+
+        p = Path(path)
+        if p.is_file():
+            raw = torch.load(p, map_location="cpu", weights_only=True)
+            if not (isinstance(raw, dict) and raw.get("format") == FORMAT):
+                return load_affinity_checkpoint(p, device)
+        state, _ = load_checkpoint(p, "cpu")
+        data = self.dataset(config_from_dict(state["config"]), state)
+        model, _, _ = model_from_state(state, data)
+        return model.to(device or "cpu"), state["config"]
+
+    def dataset(self, cfg: Any, state: dict[str, Any]) -> Any:
+        from ..data import load_dataset
+
+        key = json.dumps(state["config"].get("data"), sort_keys=True)
+        if key not in self.data:
+            self.data[key] = load_dataset(cfg.data, cfg.train.seed, 0, state.get("codec"))
+        return self.data[key]
+
+
+def _diffusion(cfg: dict[str, Any], args: argparse.Namespace) -> GaussianDiffusion:
+    dcfg = dict(cfg.get("diffusion") or {})
+    name = args.schedule or dcfg.get("schedule", "linear")
+    T = args.T or dcfg.get("T", 1000)  # noqa: N806
+    kwargs = {k: dcfg[k] for k in _DIFFUSION_KEYS if k in dcfg}
+    return GaussianDiffusion(make_schedule(name, T), **kwargs)
+
+
+def _data(args: argparse.Namespace, load: CheckpointLoader) -> tuple[torch.Tensor, Any]:
+    """x0 [N, C, H, W] and labels [N] (or None): --data, else the trainer checkpoint's data."""
+    if args.data is None and load.data:
+        ds = next(iter(load.data.values()))
+        return ds.x, ds.y
+    if args.data in (None, "digits"):
+        from ..data import load_digits_tensor
+
+        return load_digits_tensor(args.image_size)
+    path = Path(args.data)
+    if not path.is_file():
+        raise FileNotFoundError(f"--data {path} does not exist (use 'digits' or a .npy/.pt file)")
+    if path.suffix == ".npy":
+        return torch.from_numpy(np.load(path)).float(), None
+    x = torch.load(path, map_location="cpu", weights_only=True)
+    return (x["x"] if isinstance(x, dict) else x), None
+
+
+def run(args: argparse.Namespace) -> int:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    load = CheckpointLoader()
+    model, cfg = load(args.checkpoints[0], device)
+    diffusion = _diffusion(cfg, args)
+    x, y = _data(args, load)
+    kwargs = {}
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes:  # class-conditional: true labels when known, else the null class
+        kwargs["y"] = y if y is not None else torch.full((len(x),), num_classes, dtype=torch.long)
+    edges = np.load(args.bin_edges) if args.bin_edges is not None else None
+    del model
+    start = time.perf_counter()
+    result = task_affinity(
+        [str(c) for c in args.checkpoints],
+        diffusion,
+        x,
+        bins=None if edges is not None else args.bins,
+        bin_edges=edges,
+        n_samples=args.n_samples,
+        batch_size=args.batch_size,
+        block_rows=args.block_rows,
+        max_bytes=args.max_bytes,
+        seed=args.seed,
+        device=device,
+        model_kwargs=kwargs,
+        loader=load,
+    )
+    seconds = time.perf_counter() - start
+    result.meta["seconds"] = round(seconds, 3)
+    out = result.save(args.out)
+    print(
+        f"affinity [{result.nb}, {result.nb}] over {result.n_checkpoints} checkpoint(s), "
+        f"{result.n_samples} samples/bin, {seconds:.1f} s; wrote {out}"
+    )
+    if not args.no_plot:
+        for p in plot_affinity_figures(result, diffusion.schedule, args.out.with_suffix("")):
+            print(f"wrote {p}")
+    print(f"next: antdiff cluster --objective gradient --affinity {out} --T {diffusion.T}")
+    return 0

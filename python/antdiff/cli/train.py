@@ -1,0 +1,81 @@
+"""``antdiff train``: train a preset or YAML config, with dotted overrides, resumable.
+
+antdiff train --config digits_adm --ant.method pcgrad --train.steps 500
+antdiff train --config digits_adm --resume                # newest checkpoint in out_dir
+antdiff train --config my.yaml --resume runs/x/checkpoints/ckpt_00001000.pt
+torchrun --nproc_per_node 4 -m antdiff train --config digits_adm   # 4 GPUs, global batch
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+
+from ..config import available_presets, load_config
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        required=True,
+        help=f"a preset ({', '.join(available_presets())}) or the path of a YAML file",
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="PATH",
+        help="continue from the newest complete checkpoint in train.out_dir, or from PATH "
+        "(a checkpoint file or directory)",
+    )
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even if the config differs in more than train.steps / logging settings",
+    )
+    p.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
+    p.epilog = (
+        "Any config key can be overridden as --section.key VALUE (VALUE parsed as YAML), e.g. "
+        "--ant.method nash --train.batch_size 32 --model.overrides.dropout 0.1"
+    )
+    p.allow_abbrev = False
+    _collect_overrides(p)
+
+
+def _collect_overrides(p: argparse.ArgumentParser) -> None:
+    """Let this sub-parser keep the unknown --section.key VALUE pairs as ``args.overrides``.
+
+    The top-level parser calls the sub-parser's parse_known_args and rejects what it returns
+    unparsed, so the dotted overrides are moved into the namespace here instead.
+    """
+    original = p.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):  # type: ignore[no-untyped-def]
+        ns, extras = original(args, namespace)
+        ns.overrides = list(getattr(ns, "overrides", None) or []) + list(extras)
+        return ns, []
+
+    p.parse_known_args = parse_known_args  # type: ignore[method-assign]
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import dump_config
+    from ..train import train
+
+    cfg = load_config(args.config, getattr(args, "overrides", []))
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    quiet = os.environ.get("RANK", "0") != "0"  # under torchrun rank 0 alone reports
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    summary = train(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
+    run_ = summary.pop("run", None)
+    if run_ is not None and run_.dist is not None and not run_.dist.is_main:
+        return 0
+    stats = summary.pop("stats", {})
+    summary["cluster_weights"] = stats.get("weight")
+    print(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,426 @@
+"""Training configuration: nested dataclasses, YAML presets in the package, dotted overrides.
+
+``load_config("digits_adm", ["--ant.method", "nash", "--train.steps", "200"])`` reads the preset
+``antdiff/presets/digits_adm.yaml`` (or any YAML path), applies the overrides (each value parsed
+with ``yaml.safe_load``, so ``--train.betas [0.9,0.99]`` and ``--ant.update_every null`` work)
+and validates every section in its ``__post_init__``. Keys missing from a YAML file keep their
+defaults; an unknown key is an error that lists the section's valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+SOURCES = ("digits", "folder", "latents")
+SCHEDULES = ("linear", "cosine")
+PREDICTIONS = ("eps", "x0", "v")
+WEIGHTINGS = (None, "p2", "min_snr")
+CLUSTERINGS = ("snr", "timestep", "gradient")
+SAMPLINGS = ("proportional", "equal", "uniform")
+SAMPLERS = ("ddim", "ddpm")
+# keys a resumed run may change without --allow-config-change (they never touch the numbers)
+RESUME_FREE = (
+    "name",
+    "train.steps",
+    "train.log_every",
+    "train.sample_every",
+    "train.ckpt_every",
+    "train.keep_ckpts",
+    "train.out_dir",
+    "train.num_workers",
+    "train.progress",
+    "sample.",
+)
+
+
+def _choice(section: str, key: str, value: Any, valid: tuple) -> None:
+    if value not in valid:
+        raise ValueError(f"{section}.{key} must be one of {list(valid)}, got {value!r}")
+
+
+def _positive(section: str, key: str, value: Any, zero_ok: bool = False) -> None:
+    if value is None or value < 0 or (value == 0 and not zero_ok):
+        bound = ">= 0" if zero_ok else "> 0"
+        raise ValueError(f"{section}.{key} must be {bound}, got {value!r}")
+
+
+@dataclass
+class DataConfig:
+    """Where the images (or latents) come from. Images are scaled to [-1, 1]."""
+
+    source: str = "digits"  # digits (sklearn, 8x8) | folder (image files) | latents (.pt/.npy)
+    path: str | None = None  # folder or latent file
+    image_size: int | None = None  # resize on load; None keeps the native size (8 for digits)
+    channels: int = 1  # 1 (grey) or 3 (RGB) for images; latents: checked against the file
+    class_conditional: bool = False  # labels: digits 0-9, folder sub-directories, latent labels
+    num_classes: int | None = None  # None: inferred from the data
+    latent_scale: float = 1.0  # multiplies stored latents (1 when the file holds scaled ones)
+    autoencoder: str | None = None  # "tiny": train a TinyAutoencoder, diffuse its latents
+    autoencoder_steps: int = 300
+
+    def __post_init__(self) -> None:
+        _choice("data", "source", self.source, SOURCES)
+        if self.source != "digits" and not self.path:
+            raise ValueError(f"data.path is required for data.source={self.source!r}")
+        if self.image_size is not None:
+            _positive("data", "image_size", self.image_size)
+        if self.source != "latents":
+            _choice("data", "channels", self.channels, (1, 3))
+        _positive("data", "channels", self.channels)
+        if self.num_classes is not None:
+            _positive("data", "num_classes", self.num_classes)
+        _choice("data", "autoencoder", self.autoencoder, (None, "tiny"))
+        if self.autoencoder and self.source == "latents":
+            raise ValueError("data.autoencoder encodes images; data.source='latents' has none")
+        _positive("data", "autoencoder_steps", self.autoencoder_steps)
+        _positive("data", "latent_scale", self.latent_scale)
+
+
+@dataclass
+class ModelConfig:
+    """A registered model size (antdiff.models.available_models()) plus constructor overrides.
+
+    Input size, channels, classes and learn_sigma are filled in from data / diffusion."""
+
+    name: str = "adm-tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from .models import available_models
+
+        if self.name not in available_models():
+            close = difflib.get_close_matches(self.name, available_models(), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(
+                f"model.name {self.name!r} is not a registered model{hint}; "
+                f"available: {available_models()}"
+            )
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "linear"
+    T: int = 1000
+    prediction: str = "eps"
+    learn_sigma: bool = False
+    loss_weighting: str | None = None  # None | p2 | min_snr
+    p2_gamma: float = 1.0
+    p2_k: float = 1.0
+    min_snr_gamma: float = 5.0
+
+    def __post_init__(self) -> None:
+        _choice("diffusion", "schedule", self.schedule, SCHEDULES)
+        _positive("diffusion", "T", self.T)
+        _choice("diffusion", "prediction", self.prediction, PREDICTIONS)
+        _choice("diffusion", "loss_weighting", self.loss_weighting, WEIGHTINGS)
+        _positive("diffusion", "min_snr_gamma", self.min_snr_gamma)
+
+
+@dataclass
+class AntConfig:
+    """ANT: k timestep clusters and the MTL method on them ("vanilla" = plain training)."""
+
+    k: int = 5
+    clustering: str = "snr"  # snr | timestep | gradient (needs affinity)
+    affinity: str | None = None  # .npy/.pt [T, T] task-affinity matrix for "gradient"
+    method: str = "uw"
+    sampling: str = "proportional"  # proportional | equal | uniform
+    mode: str = "micro"  # micro | retain_graph
+    update_every: int | None = None
+    min_size: int | str | None = "default"
+    max_size: int | str | None = "default"
+    method_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from .mtl import make_method
+
+        _positive("ant", "k", self.k)
+        _choice("ant", "clustering", self.clustering, CLUSTERINGS)
+        if self.clustering == "gradient" and not self.affinity:
+            raise ValueError("ant.clustering='gradient' needs ant.affinity=<path to [T, T] .npy>")
+        _choice("ant", "sampling", self.sampling, SAMPLINGS)
+        _choice("ant", "mode", self.mode, ("micro", "retain_graph"))
+        if self.update_every is not None:
+            _positive("ant", "update_every", self.update_every)
+        for key in ("min_size", "max_size"):
+            v = getattr(self, key)
+            if isinstance(v, str) and v != "default":
+                raise ValueError(f"ant.{key} must be an int, null or 'default', got {v!r}")
+        try:
+            method = make_method(self.method, self.k, **self.method_kwargs)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"ant.method / ant.method_kwargs: {exc}") from None
+        if self.update_every is not None and method.grad is None:
+            raise ValueError(
+                f"ant.update_every applies to gradient methods; {self.method!r} has none "
+                "(set it to null)"
+            )
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    ema_decay: float = 0.9999
+    grad_clip: float | None = 1.0  # None or 0: no clipping
+    bf16: bool = False  # bf16 autocast (CPU or CUDA)
+    compile: bool = False
+    seed: int = 0
+    log_every: int = 50
+    sample_every: int = 0  # 0: only at the end
+    ckpt_every: int = 1000  # 0: never write checkpoints (not even the final one)
+    keep_ckpts: int = 2  # the last N checkpoints stay (a corrupted last one falls back)
+    out_dir: str = "runs/default"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_workers: int = 0  # threads decoding an image folder
+    threads: int = 0  # torch intra-op threads (0: torch's default)
+    progress: bool = True
+    t_range: list[int] | None = None  # [t1, t2): train only on t1 <= t < t2 (NTG specialists)
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "lr", "log_every", "keep_ckpts"):
+            _positive("train", key, getattr(self, key))
+        for key in ("weight_decay", "sample_every", "ckpt_every", "num_workers", "seed", "threads"):
+            _positive("train", key, getattr(self, key), zero_ok=True)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"train.betas must be two numbers in [0, 1), got {self.betas!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        if self.grad_clip is not None:
+            _positive("train", "grad_clip", self.grad_clip, zero_ok=True)
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        tr = self.t_range
+        if tr is not None and (len(tr) != 2 or not 0 <= tr[0] < tr[1]):
+            raise ValueError(f"train.t_range must be [t1, t2] with 0 <= t1 < t2, got {tr!r}")
+
+
+@dataclass
+class SampleConfig:
+    """Preview grids written during training (EMA weights)."""
+
+    sampler: str = "ddim"
+    steps: int = 50
+    cfg_scale: float = 1.0
+    n: int = 16
+
+    def __post_init__(self) -> None:
+        _choice("sample", "sampler", self.sampler, SAMPLERS)
+        _positive("sample", "steps", self.steps)
+        _positive("sample", "n", self.n)
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    ant: AntConfig = field(default_factory=AntConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self) -> None:
+        if self.ant.sampling != "uniform" and self.train.batch_size < self.ant.k:
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} is smaller than ant.k={self.ant.k}: "
+                "stratified sampling needs one sample per cluster; raise the batch size, lower "
+                "k, or set ant.sampling=uniform"
+            )
+        t_range = self.train.t_range
+        if t_range is not None and not 0 <= t_range[0] < t_range[1] <= self.diffusion.T:
+            raise ValueError(
+                f"train.t_range={t_range!r} must satisfy 0 <= t1 < t2 <= diffusion.T="
+                f"{self.diffusion.T} (half-open [t1, t2), 0-based)"
+            )
+        if self.sample.steps > self.diffusion.T:
+            raise ValueError(
+                f"sample.steps={self.sample.steps} exceeds diffusion.T={self.diffusion.T}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------ building from dicts
+def _unknown_key(where: str, key: str, valid: list[str]) -> ValueError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    full = f"{where}.{key}" if where else key
+    section = f" of {where!r}" if where else ""
+    return ValueError(f"unknown config key {full!r}.{hint} Valid keys{section}: {sorted(valid)}")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if type(None) in args and (value is None or value in ("none", "None")):
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except ValueError:
+                continue
+        raise ValueError(f"{where} must be {tp}, got {value!r}")
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is float and not isinstance(value, bool):
+        try:
+            return float(value)  # "1e-4" arrives as a string from YAML 1.1
+        except (TypeError, ValueError):
+            pass
+    if tp is str and isinstance(value, str):
+        return value
+    if origin is list and isinstance(value, (list, tuple)):
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict and isinstance(value, dict):
+        return dict(value)
+    if tp is Any:
+        return value
+    raise ValueError(f"{where} must be {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _build(cls: type, d: Any, where: str) -> Any:
+    if not isinstance(d, dict):
+        raise ValueError(f"config section {where or 'top level'} must be a mapping, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in d.items():
+        if key not in names:
+            raise _unknown_key(where, str(key), names)
+        tp = hints[key]
+        sub = f"{where}.{key}" if where else key
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, sub)
+        else:
+            kwargs[key] = _coerce(value, tp, sub)
+    return cls(**kwargs)
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """Build and validate a Config from a (possibly partial) nested dict."""
+    return _build(Config, d, "")
+
+
+# ------------------------------------------------------------------ presets and overrides
+def available_presets() -> list[str]:
+    root = resources.files("antdiff") / "presets"
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(name_or_path: str | Path) -> tuple[dict[str, Any], str]:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.is_file():
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {str(p)!r} does not exist")
+        text, name = p.read_text(), p.stem
+    else:
+        res = resources.files("antdiff") / "presets" / f"{name_or_path}.yaml"
+        if not res.is_file():
+            close = difflib.get_close_matches(str(name_or_path), available_presets(), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(
+                f"unknown preset {str(name_or_path)!r}.{hint} Available presets: "
+                f"{', '.join(available_presets())}; or pass the path of a YAML file"
+            )
+        text, name = res.read_text(), str(name_or_path)
+    d = yaml.safe_load(text) or {}
+    if not isinstance(d, dict):
+        raise ValueError(f"config {str(name_or_path)!r} must hold a YAML mapping")
+    d.setdefault("name", name)
+    return d, name
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
+    """["--a.b", "1", "--c.d=x"] -> [("a.b", 1), ("c.d", "x")]; values via yaml.safe_load."""
+    out, i = [], 0
+    while i < len(args):
+        tok = args[i]
+        if not tok.startswith("--") or len(tok) < 3:
+            raise ValueError(f"expected a --section.key override, got {tok!r}")
+        key, eq, raw = tok[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ValueError(f"override --{key} needs a value (--{key} VALUE)")
+            raw, i = args[i + 1], i + 1
+        out.append((key, yaml.safe_load(raw) if raw.strip() else raw))
+        i += 1
+    return out
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Set dotted keys in the nested dict ``d`` (checked against the dataclass fields)."""
+    hints_of = {f.name: f.type for f in dataclasses.fields(Config)}
+    for key, value in overrides:
+        parts = key.split(".")
+        if parts[0] not in hints_of:
+            raise _unknown_key("", parts[0], list(hints_of))
+        section_cls = typing.get_type_hints(Config)[parts[0]]
+        if not dataclasses.is_dataclass(section_cls):
+            if len(parts) > 1:
+                raise ValueError(f"config key {parts[0]!r} has no sub-keys (got {key!r})")
+            d[parts[0]] = value
+            continue
+        if len(parts) < 2:
+            raise ValueError(f"override --{key} names a section; use --{key}.<key>")
+        fields = [f.name for f in dataclasses.fields(section_cls)]
+        if parts[1] not in fields:
+            raise _unknown_key(parts[0], parts[1], fields)
+        section = d.setdefault(parts[0], {}) or {}
+        d[parts[0]] = section
+        if len(parts) == 2:
+            section[parts[1]] = value
+        elif typing.get_origin(typing.get_type_hints(section_cls)[parts[1]]) is dict:
+            node = section.setdefault(parts[1], {})
+            for p in parts[2:-1]:
+                node = node.setdefault(p, {})
+            node[parts[-1]] = value
+        else:
+            raise ValueError(f"{parts[0]}.{parts[1]} is not a mapping; cannot set {key!r}")
+    return d
+
+
+def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Preset name or YAML path, plus ``--section.key value`` overrides -> validated Config."""
+    d, _ = _read_yaml(name_or_path)
+    return config_from_dict(apply_overrides(d, parse_overrides(list(overrides or []))))
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ (leaves of nested dicts)."""
+
+    def flat(x: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(x, dict):  # an empty mapping adds no keys: {} vs {"a": 1} differs at .a
+            return {k: v for key, val in x.items() for k, v in flat(val, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: x}
+
+    a, b = flat(old), flat(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>"))
+
+
+def resume_conflicts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The differing keys a resume may not change silently (everything but steps / logging)."""
+    return [
+        k
+        for k in config_diff(old, new)
+        if not any(k == free or (free.endswith(".") and k.startswith(free)) for free in RESUME_FREE)
+    ]
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,252 @@
+"""Training data held in memory, and a seeded, resumable infinite batch iterator.
+
+Sources (``DataConfig.source``):
+    "digits": sklearn's 1797 8x8 digits, values 0..16 -> [-1, 1], labels 0..9; resized with
+        bilinear interpolation when ``image_size`` is set.
+    "folder": image files under ``path`` (PIL). All images must share one size unless
+        ``image_size`` is set (then each is centre-cropped to a square and resized). With
+        ``class_conditional`` the labels are the sub-directory names, sorted.
+    "latents": a .pt / .npy file with latents [N, C, H, W] (and optional labels, see
+        :class:`antdiff.models.PrecomputedLatents`).
+
+With ``autoencoder: tiny`` the images are encoded once by a freshly trained
+:class:`~antdiff.models.TinyAutoencoder` and the model learns the latents.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from .config import DataConfig
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+
+
+@dataclass
+class Dataset:
+    """x: [N, C, H, W] float32 (images in [-1, 1], or latents); y: [N] int64 or None."""
+
+    x: torch.Tensor
+    y: torch.Tensor | None
+    num_classes: int | None
+    codec: Any = None  # decodes x to images (TinyAutoencoder), or None
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.x.shape[1:])
+
+    def to(self, device: Any) -> Dataset:
+        y = None if self.y is None else self.y.to(device)
+        codec = self.codec.to(device) if self.codec is not None else None
+        return Dataset(self.x.to(device), y, self.num_classes, codec)
+
+
+def load_digits_tensor(image_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """sklearn digits: x [1797, 1, S, S] in [-1, 1] (S = 8 or image_size), y [1797] int64."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images.astype(np.float32) / 8.0 - 1.0)[:, None]
+    if image_size is not None and image_size != 8:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    return x.contiguous(), torch.from_numpy(d.target.astype(np.int64))
+
+
+def _list_images(root: Path, class_conditional: bool) -> tuple[list[Path], list[int], int | None]:
+    if not root.exists():
+        raise FileNotFoundError(f"data.path {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise ValueError(f"data.path {str(root)!r} is not a directory (data.source='folder')")
+    try:
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    except OSError as exc:
+        raise ValueError(f"cannot read the image folder {str(root)!r}: {exc}") from exc
+    if not files:
+        raise ValueError(
+            f"no images ({', '.join(IMAGE_SUFFIXES)}) found under data.path {str(root)!r}"
+        )
+    if not class_conditional:
+        return files, [], None
+    classes = sorted({p.relative_to(root).parts[0] for p in files if p.parent != root})
+    loose = [p for p in files if p.parent == root]
+    if loose or not classes:
+        raise ValueError(
+            f"data.class_conditional needs one sub-directory per class under {str(root)!r}; "
+            f"found images directly in it (e.g. {loose[0].name if loose else '-'})"
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    return files, [index[p.relative_to(root).parts[0]] for p in files], len(classes)
+
+
+def _read_image(path: Path, channels: int, size: int | None) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB" if channels == 3 else "L")
+            if size is not None:
+                w, h = im.size
+                s = min(w, h)
+                box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
+                im = im.resize((size, size), Image.BICUBIC, box=box)
+            a = np.asarray(im, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise ValueError(f"cannot read image {str(path)!r}: {exc}") from exc
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
+def load_image_folder(cfg: DataConfig, num_workers: int = 0) -> Dataset:
+    """Every image under cfg.path -> [N, C, H, W] in [-1, 1] (+ labels from sub-directories)."""
+    try:
+        import PIL  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(
+            "data.source='folder' needs Pillow to read images: pip install pillow"
+        ) from exc
+    files, labels, n_cls = _list_images(Path(cfg.path), cfg.class_conditional)
+    if cfg.image_size is None:
+        from PIL import Image
+
+        sizes: dict[tuple[int, int], Path] = {}
+        for p in files:
+            try:
+                with Image.open(p) as im:
+                    sizes.setdefault(im.size, p)
+            except OSError as exc:
+                raise ValueError(f"cannot read image {str(p)!r}: {exc}") from exc
+            if len(sizes) > 1:
+                (s1, f1), (s2, f2) = list(sizes.items())[:2]
+                raise ValueError(
+                    f"images of different sizes in {cfg.path!r}: {str(f1)!r} is {s1[0]}x{s1[1]} "
+                    f"but {str(f2)!r} is {s2[0]}x{s2[1]}. Resize them to one size, or set "
+                    "data.image_size (e.g. --data.image_size 64) to resize on load"
+                )
+
+    def read(p: Path) -> np.ndarray:
+        return _read_image(p, cfg.channels, cfg.image_size)
+
+    if num_workers > 0:
+        with ThreadPoolExecutor(num_workers) as pool:
+            arrays = list(pool.map(read, files))
+    else:
+        arrays = [read(p) for p in files]
+    x = torch.from_numpy(np.stack(arrays)).float() / 127.5 - 1.0
+    y = torch.tensor(labels, dtype=torch.int64) if cfg.class_conditional else None
+    return Dataset(x, y, cfg.num_classes or n_cls)
+
+
+def load_latent_file(cfg: DataConfig) -> Dataset:
+    from .models import PrecomputedLatents
+
+    lat = PrecomputedLatents(cfg.path, scale_factor=cfg.latent_scale)
+    if lat.latents.shape[1] != cfg.channels:
+        raise ValueError(
+            f"latents in {cfg.path!r} have {lat.latents.shape[1]} channels but data.channels="
+            f"{cfg.channels}; set --data.channels {lat.latents.shape[1]}"
+        )
+    if cfg.class_conditional and lat.labels is None:
+        raise ValueError(
+            f"data.class_conditional needs labels, but {cfg.path!r} holds none: save a .pt "
+            'dict {"latents": [N, C, H, W], "labels": [N]}'
+        )
+    y = lat.labels.long() if cfg.class_conditional else None
+    n_cls = cfg.num_classes or (int(y.max()) + 1 if y is not None else None)
+    return Dataset(lat.latents.contiguous(), y, n_cls)
+
+
+def load_dataset(cfg: DataConfig, seed: int = 0, num_workers: int = 0, codec_state=None) -> Dataset:
+    """Build the dataset of ``cfg``; ``codec_state`` restores a saved TinyAutoencoder."""
+    if cfg.source == "digits":
+        x, y = load_digits_tensor(cfg.image_size)
+        ds = Dataset(x, y if cfg.class_conditional else None, cfg.num_classes or 10)
+    elif cfg.source == "folder":
+        ds = load_image_folder(cfg, num_workers)
+    else:
+        return load_latent_file(cfg)
+    if ds.x.shape[1] != cfg.channels:
+        raise ValueError(f"images have {ds.x.shape[1]} channels but data.channels={cfg.channels}")
+    if not cfg.class_conditional:
+        ds.num_classes = None
+    if cfg.autoencoder == "tiny":
+        ds = _encode_tiny(ds, cfg, seed, codec_state)
+    return ds
+
+
+def _encode_tiny(ds: Dataset, cfg: DataConfig, seed: int, state: dict | None) -> Dataset:
+    from .models import TinyAutoencoder, train_autoencoder
+
+    if state is not None:
+        codec = TinyAutoencoder(in_channels=ds.x.shape[1])
+        codec.load_state_dict(state)
+        codec.eval()
+    else:
+        codec, _ = train_autoencoder(ds.x, steps=cfg.autoencoder_steps, seed=seed)
+    codec.requires_grad_(False)
+    with torch.no_grad():
+        z = torch.cat([codec.encode(ds.x[i : i + 512]) for i in range(0, len(ds), 512)])
+    return Dataset(z, ds.y, ds.num_classes, codec)
+
+
+class BatchIterator:
+    """Infinite shuffled index batches; epoch e uses the permutation seeded by (seed, e).
+
+    The whole state is (epoch, position), so a checkpoint resumes the exact batch sequence.
+    A batch may span two epochs; any batch size works (also larger than the dataset).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0) -> None:
+        if n < 1:
+            raise ValueError(f"the dataset is empty (n={n})")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.epoch, self.pos = 0, 0
+        self._perm = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (2**63))
+        return torch.randperm(self.n, generator=g)
+
+    def next_indices(self) -> torch.Tensor:
+        """[batch_size] int64 dataset indices."""
+        parts, need = [], self.batch_size
+        while need > 0:
+            take = min(need, self.n - self.pos)
+            parts.append(self._perm[self.pos : self.pos + take])
+            self.pos += take
+            need -= take
+            if self.pos == self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._perm = self._permutation(self.epoch)
+        return torch.cat(parts)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos, "n": self.n, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if int(state["n"]) != self.n:
+            raise ValueError(
+                f"the checkpoint's data iterator covers {state['n']} samples, this dataset has "
+                f"{self.n}: the data changed since the checkpoint"
+            )
+        self.seed, self.epoch, self.pos = int(state["seed"]), int(state["epoch"]), int(state["pos"])
+        self._perm = self._permutation(self.epoch)
+
+
+def get_batch(ds: Dataset, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{"x": [B, C, H, W], "y": [B]} (y only for class-conditional data) on ds's device."""
+    idx = idx.to(ds.x.device)
+    out = {"x": ds.x.index_select(0, idx)}
+    if ds.y is not None:
+        out["y"] = ds.y.index_select(0, idx)
+    return out

@@ -1,0 +1,200 @@
+"""Training logs: a CSV file, TensorBoard (when installed), a tqdm bar, and PNG sample grids.
+
+``telemetry.jsonl`` beside ``metrics.csv`` holds one ``{"step": s, **ant.stats()}`` object per
+logged step (cosine and PCGrad conflict-rate matrices included) for ``antdiff plot``.
+
+The logger only sees host numbers that the trainer read from ``ant.stats()`` every ``log_every``
+steps, so it never adds a device sync to a training step.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .utils import atomic_write
+
+log = logging.getLogger("antdiff.train")
+
+
+def csv_columns(k: int) -> list[str]:
+    return [
+        "step",
+        "loss",
+        *[f"loss_c{i + 1}" for i in range(k)],
+        *[f"weight_c{i + 1}" for i in range(k)],
+        "lr",
+        "sec_per_step",
+    ]
+
+
+class RunLogger:
+    """metrics.csv (+ TensorBoard events) in ``out_dir`` and an optional progress bar.
+
+    Args:
+        out_dir: the run directory.
+        k: number of clusters (CSV columns).
+        start: the first step of this process (a resumed run drops CSV rows after it).
+        total: the final step, for the progress bar.
+        progress: show a tqdm bar.
+    """
+
+    def __init__(self, out_dir: Path, k: int, start: int, total: int, progress: bool) -> None:
+        self.k, self.columns = k, csv_columns(k)
+        self.path = Path(out_dir) / "metrics.csv"
+        rows = [self.columns, *self._kept_rows(start)]
+        atomic_write(self.path, lambda f: csv.writer(f).writerows(rows), mode="w")
+        self._file = open(self.path, "a", newline="")  # noqa: SIM115 - closed in close()
+        self._csv = csv.writer(self._file)
+        self.jsonl = Path(out_dir) / "telemetry.jsonl"
+        kept = self._kept_lines(start)
+        atomic_write(self.jsonl, lambda f: f.writelines(kept), mode="w")
+        self._jsonl = open(self.jsonl, "a")  # noqa: SIM115 - closed in close()
+        self._tb = _tensorboard(Path(out_dir) / "tb", start)
+        self._bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+
+    def _kept_rows(self, start: int) -> list[list[str]]:
+        """Rows of an earlier process up to ``start`` (a crash may have logged past its ckpt)."""
+        if start == 0 or not self.path.is_file():
+            return []
+        with open(self.path, newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows or rows[0] != self.columns:
+            return []
+        return [r for r in rows[1:] if r and int(r[0]) <= start]
+
+    def _kept_lines(self, start: int) -> list[str]:
+        if start == 0 or not self.jsonl.is_file():
+            return []
+        kept = []
+        with open(self.jsonl) as f:
+            for ln in f:
+                try:  # a crash may have cut the last line short
+                    step = json.loads(ln).get("step")
+                except ValueError:
+                    continue
+                if isinstance(step, int) and step <= start:
+                    kept.append(ln if ln.endswith("\n") else ln + "\n")
+        return kept
+
+    def log(self, step: int, loss: float, stats: dict[str, Any], lr: float, sec: float) -> None:
+        losses = stats.get("loss", [math.nan] * self.k)
+        weights = stats.get("weight", [math.nan] * self.k)
+        row = [step, f"{loss:.6g}", *(f"{v:.6g}" for v in losses)]
+        row += [*(f"{v:.6g}" for v in weights), f"{lr:.6g}", f"{sec:.4g}"]
+        self._csv.writerow(row)
+        self._file.flush()
+        self._jsonl.write(json.dumps({"step": step, **stats}, default=_plain) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            self._tb.add_scalar("loss", loss, step)
+            self._tb.add_scalar("lr", lr, step)
+            self._tb.add_scalar("sec_per_step", sec, step)
+            for i, (lo, w) in enumerate(zip(losses, weights)):
+                self._tb.add_scalar(f"cluster_loss/c{i + 1}", lo, step)
+                self._tb.add_scalar(f"cluster_weight/c{i + 1}", w, step)
+        if self._bar is not None:
+            self._bar.set_postfix_str(f"loss {loss:.4f} w " + " ".join(f"{w:.2f}" for w in weights))
+
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        self._file.close()
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _plain(x: Any) -> Any:
+    """JSON fallback for numpy / torch scalars and arrays in a stats snapshot."""
+    return x.tolist() if hasattr(x, "tolist") else str(x)
+
+
+def _tensorboard(path: Path, start: int) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.info("tensorboard is not installed: logging to metrics.csv only")
+        return None
+    return SummaryWriter(str(path), purge_step=start if start > 0 else None)
+
+
+def image_grid(x: torch.Tensor, nrow: int | None = None) -> np.ndarray:
+    """[N, C, H, W] in [-1, 1] -> [rows*(H+1)+1, cols*(W+1)+1, 3] uint8 with 1px borders.
+
+    More than 3 channels (latents without a decoder) show their first three, each rescaled to
+    its own range.
+    """
+    x = x.detach().float().cpu()
+    n, c, h, w = x.shape
+    if c > 3:
+        x = x[:, :3]
+        lo = x.amin(dim=(0, 2, 3), keepdim=True)
+        hi = x.amax(dim=(0, 2, 3), keepdim=True)
+        x = (x - lo) / (hi - lo).clamp(min=1e-8) * 2 - 1
+    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    if x.shape[1] == 2:
+        x = torch.cat([x, x[:, :1]], dim=1)
+    cols = nrow or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / cols)
+    grid = torch.ones(3, rows * (h + 1) + 1, cols * (w + 1) + 1)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        grid[:, 1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + q * (w + 1) : 1 + q * (w + 1) + w] = x[i]
+    img = ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return img.permute(1, 2, 0).numpy()
+
+
+def save_png(img: np.ndarray, path: str | Path, scale: int = 1) -> Path:
+    """Write an [H, W, 3] uint8 image as PNG (nearest-neighbour upscaled by ``scale``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import image as mpimg
+
+    if scale > 1:
+        img = img.repeat(scale, axis=0).repeat(scale, axis=1)
+    return atomic_write(path, lambda f: mpimg.imsave(f, img, format="png"))
+
+
+def write_samples(run: Any, path: Path) -> Path:
+    """Grid of cfg.sample.n samples of the EMA model (``run``: antdiff.train.Run); its own
+    generator leaves the training RNG untouched."""
+    from .sampling import sample
+
+    sc, data = run.cfg.sample, run.data
+    gen = torch.Generator(run.device).manual_seed(run.cfg.train.seed)
+    y = None
+    if data.num_classes and run.cfg.data.class_conditional:
+        y = torch.arange(sc.n, device=run.device) % data.num_classes
+    latents = run.cfg.data.source == "latents" or data.codec is not None
+    x = sample(
+        run.ema.model,
+        run.diffusion,
+        (sc.n, *data.shape),
+        sampler=sc.sampler,
+        steps=sc.steps,
+        y=y,
+        cfg_scale=sc.cfg_scale,
+        generator=gen,
+        clip_denoised=not latents,
+    )
+    if data.codec is not None:
+        with torch.no_grad():
+            x = data.codec.decode(x)
+    return save_png(image_grid(x), path, scale=max(1, 64 // x.shape[-1]))

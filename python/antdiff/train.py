@@ -1,0 +1,353 @@
+"""The antdiff trainer: any registered model + GaussianDiffusion + the ANT engine, resumable.
+
+``train(load_config("digits_adm", ["--ant.method", "pcgrad"]))`` or
+``antdiff train --config digits_adm --ant.method pcgrad [--resume [PATH]]``.
+
+One step: t = ant.sample_timesteps(B); gradient methods call ant.backward(loss_fn, batch, t)
+(the batch dict carries the labels, so the engine slices them with the images), loss-space
+methods and vanilla call ant.reduce(per_sample_loss, t).backward(); then grad-norm clipping,
+ant.step(optimizer) (skips non-finite steps) and the EMA update. A resumed run continues the
+exact sequence of batches, timesteps, noise and method states (bit-for-bit on CPU). Timesteps
+and noise come from the run's own generator, drawn for the whole (global) batch.
+
+Under torchrun (``torchrun --nproc_per_node N -m antdiff train ...``) the same code trains on N
+processes with DDP and gives the single-process result: see :mod:`antdiff.train_dist`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import (
+    FORMAT,
+    capture_rng,
+    load_model_state,
+    restore_rng,
+    resume_state,
+    save_checkpoint,
+)
+from .config import Config, dump_config
+from .data import BatchIterator, Dataset, get_batch, load_dataset
+from .diffusion import GaussianDiffusion
+from .engine import ANT
+from .logging_utils import RunLogger, write_samples
+from .schedules import make_schedule
+from .train_dist import DistContext, QuietLogger, init_distributed
+from .utils import atomic_write_text, seed_everything
+
+log = logging.getLogger("antdiff.train")
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (buffers are copied)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self._ema = list(self.model.parameters())
+        self._src = list(model.parameters())
+        self._ema_buf, self._src_buf = list(self.model.buffers()), list(model.buffers())
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self._ema, self._src, 1.0 - self.decay)
+        for e, s in zip(self._ema_buf, self._src_buf):
+            e.copy_(s)
+
+
+@dataclass
+class Run:
+    """Everything a training process holds."""
+
+    cfg: Config
+    device: torch.device
+    data: Dataset
+    batches: BatchIterator
+    model: nn.Module
+    forward: nn.Module  # the model (DDP-wrapped under torchrun), or its torch.compile wrapper
+    ema: EMA | None  # None on ranks other than 0
+    diffusion: GaussianDiffusion
+    ant: ANT
+    opt: torch.optim.Optimizer
+    gen: torch.Generator  # the timesteps and noise of every step (same on every rank)
+    dist: DistContext | None = None  # None in a single process
+    step: int = 0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but CUDA is not available; use cpu or auto")
+    return torch.device(name)
+
+
+def model_kwargs(cfg: Config, data: Dataset) -> dict[str, Any]:
+    """cfg.model.overrides plus the input shape, classes and learn_sigma the data/diffusion fix."""
+    from .models import model_config
+
+    c, h, w = data.shape
+    if h != w:
+        raise ValueError(f"the models need square inputs, the data are {h}x{w}")
+    base = model_config(cfg.model.name)
+    derived = {
+        ("input_size" if "input_size" in base else "image_size"): h,
+        "in_channels": c,
+        "learn_sigma": cfg.diffusion.learn_sigma,
+        "num_classes": data.num_classes if cfg.data.class_conditional else None,
+    }
+    for key, value in derived.items():
+        given = cfg.model.overrides.get(key, value)
+        if given != value:
+            raise ValueError(
+                f"model.overrides.{key}={given!r} contradicts the data/diffusion config, which "
+                f"gives {value!r}; drop the override (it is derived automatically)"
+            )
+    return {**cfg.model.overrides, **derived}
+
+
+def build_run(cfg: Config, codec_state: dict | None = None, dist: DistContext | None = None) -> Run:
+    """Data, model, EMA, diffusion, engine and optimiser, seeded from cfg.train.seed.
+
+    With ``dist`` (see :func:`antdiff.train_dist.init_distributed`) the engine and the forward
+    pass get the model wrapped in DDP; ``run.model`` stays the plain model.
+    """
+    from .models import create_model
+
+    tc, ac = cfg.train, cfg.ant
+    if dist is not None:
+        dist.check_batch(tc.batch_size)
+    device = resolve_device(tc.device) if dist is None else dist.device
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    seed_everything(tc.seed)
+    data = load_dataset(cfg.data, tc.seed, tc.num_workers, codec_state).to(device)
+    seed_everything(tc.seed)
+    model = create_model(cfg.model.name, **model_kwargs(cfg, data)).to(device).train()
+    dc = cfg.diffusion
+    diffusion = GaussianDiffusion(
+        make_schedule(dc.schedule, dc.T),
+        dc.prediction,
+        dc.learn_sigma,
+        dc.loss_weighting,
+        dc.p2_gamma,
+        dc.p2_k,
+        dc.min_snr_gamma,
+    )
+    affinity = _load_affinity(ac.affinity) if ac.clustering == "gradient" else None
+    wrapped = model if dist is None else dist.wrap(model)
+    ant = ANT(
+        diffusion.schedule,
+        ac.k,
+        ac.clustering,
+        ac.method,
+        sampling=ac.sampling,
+        mode=ac.mode,
+        update_every=ac.update_every,
+        model=wrapped,
+        seed=tc.seed,
+        affinity=affinity,
+        min_size=ac.min_size,
+        max_size=ac.max_size,
+        method_kwargs=ac.method_kwargs,
+    ).to(device)
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}, *ant.param_groups()]
+    opt = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    forward = torch.compile(wrapped, dynamic=True) if tc.compile else wrapped
+    batches = BatchIterator(len(data), tc.batch_size, tc.seed)
+    ema = EMA(model, tc.ema_decay) if dist is None or dist.is_main else None
+    gen = torch.Generator(device).manual_seed(_derived_seed(tc.seed))
+    return Run(cfg, device, data, batches, model, forward, ema, diffusion, ant, opt, gen, dist)
+
+
+def _derived_seed(seed: int) -> int:
+    """A seed for the step generator unrelated to the data order's seeds (seed, epoch)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence((seed, 0x57E9)).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _load_affinity(path: str) -> Any:
+    import numpy as np
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"ant.affinity file {path!r} does not exist")
+    if p.suffix == ".npy":
+        return np.load(p, allow_pickle=False)
+    return torch.load(p, map_location="cpu", weights_only=True)
+
+
+def engine_step(run: Run, batch: dict[str, torch.Tensor]) -> bool:
+    """Timesteps, loss, backward, clipping, optimiser step; True if the step was taken.
+
+    No host sync here except the engine's non-finite check in ant.step().
+    """
+    cfg, ant, model = run.cfg, run.ant, run.model
+    autocast = (
+        torch.autocast(run.device.type, dtype=torch.bfloat16)
+        if cfg.train.bf16
+        else contextlib.nullcontext()
+    )
+
+    def loss_fn(b: dict[str, torch.Tensor], t: torch.Tensor) -> torch.Tensor:
+        kw = {"y": b["y"]} if "y" in b else None
+        with autocast:
+            out = run.diffusion.training_losses(
+                run.forward, b["x"], t, noise=b["noise"], model_kwargs=kw
+            )
+        return out["loss"].float()
+
+    B, t_range, gen = batch["x"].shape[0], cfg.train.t_range, run.gen
+    if t_range is None:
+        t = ant.sample_timesteps(B, run.device, generator=gen)
+    else:  # an interval specialist (NTG): only the tasks t1 <= t < t2, uniformly
+        t = torch.randint(t_range[0], t_range[1], (B,), device=run.device, generator=gen)
+    # noise of the whole batch up front: it stays with its sample whatever the slicing
+    noise = torch.randn(batch["x"].shape, dtype=batch["x"].dtype, device=run.device, generator=gen)
+    batch = {**batch, "noise": noise}
+    if run.dist is not None:  # this rank's slice of the global batch
+        batch, t = run.dist.shard(batch, t, ant.sampler)
+    run.opt.zero_grad(set_to_none=True)
+    if ant.needs_gradients:
+        ant.backward(loss_fn, batch, t)
+    else:
+        ant.reduce(loss_fn(batch, t), t).backward()
+    if cfg.train.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip, foreach=True)
+    return ant.step(run.opt)
+
+
+def train_step(run: Run, batch: dict[str, torch.Tensor]) -> None:
+    """engine_step, then the EMA update after every optimiser step that was taken."""
+    if engine_step(run, batch) and run.ema is not None:
+        run.ema.update()
+    run.step += 1
+
+
+def checkpoint_state(run: Run) -> dict[str, Any]:
+    codec = run.data.codec
+    return {
+        "format": FORMAT,
+        "step": run.step,
+        "config": run.cfg.to_dict(),
+        "model": run.model.state_dict(),
+        "ema": run.ema.model.state_dict(),
+        "optimizer": run.opt.state_dict(),
+        "ant": run.ant.state_dict(),
+        "data": run.batches.state_dict(),
+        "rng": capture_rng(),
+        "gen": run.gen.get_state(),
+        "codec": None if codec is None else codec.state_dict(),
+    }
+
+
+def restore(run: Run, state: dict[str, Any]) -> None:
+    load_model_state(run.model, state["model"], state, "model")
+    if run.ema is not None:
+        load_model_state(run.ema.model, state["ema"], state, "EMA")
+    run.opt.load_state_dict(state["optimizer"])
+    run.ant.load_state_dict(state["ant"])
+    run.batches.load_state_dict(state["data"])
+    run.step = int(state["step"])
+    restore_rng(state["rng"])
+    if "gen" in state:  # absent from checkpoints of older versions
+        run.gen.set_state(state["gen"])
+
+
+def train(
+    cfg: Config,
+    resume: str | Path | bool | None = None,
+    allow_config_change: bool = False,
+) -> dict[str, Any]:
+    """Train (or resume) the run ``cfg`` describes; returns a summary of the final step.
+
+    Args:
+        cfg: the validated config.
+        resume: None (fresh run), True/"" (newest complete checkpoint in cfg.train.out_dir) or a
+            checkpoint file / directory.
+        allow_config_change: resume even if the config differs in more than steps / logging.
+
+    Under torchrun every process calls it with the same arguments (antdiff.train_dist).
+    """
+    dist = init_distributed(cfg.train.device)
+    try:
+        return _train(cfg, resume, allow_config_change, dist)
+    finally:
+        if dist is not None:
+            dist.close()
+
+
+def _train(
+    cfg: Config, resume: Any, allow_config_change: bool, dist: DistContext | None
+) -> dict[str, Any]:
+    state = (
+        None
+        if resume is None or resume is False
+        else resume_state(cfg, resume, allow_config_change)
+    )
+    run = build_run(cfg, None if state is None else state.get("codec"), dist)
+    if state is not None:
+        restore(run, state)
+        del state
+    tc, out = cfg.train, Path(cfg.train.out_dir)
+    main = dist is None or dist.is_main  # rank 0 alone writes files
+    if dist is not None:
+        dist.seed_model_rng(tc.seed, run.step)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", dump_config(cfg))
+    logger = RunLogger(out, run.ant.k, run.step, tc.steps, tc.progress) if main else QuietLogger()
+    ckpt, t_last, s_last, t0, s0 = (
+        None,
+        time.perf_counter(),
+        run.step,
+        time.perf_counter(),
+        run.step,
+    )
+    try:
+        while run.step < tc.steps:
+            train_step(run, get_batch(run.data, run.batches.next_indices()))
+            logger.advance()
+            if run.step % tc.log_every == 0 or run.step == tc.steps:
+                now = time.perf_counter()
+                logger.log(
+                    run.step,
+                    float(run.ant.last.loss),
+                    run.ant.stats(),
+                    run.opt.param_groups[0]["lr"],
+                    (now - t_last) / (run.step - s_last),
+                )
+                t_last, s_last = now, run.step
+            if main and tc.sample_every and run.step % tc.sample_every == 0 and run.step < tc.steps:
+                write_samples(run, out / "samples" / f"step_{run.step:08d}.png")
+            if tc.ckpt_every and (run.step % tc.ckpt_every == 0 or run.step == tc.steps):
+                if main:
+                    ckpt = save_checkpoint(out, run.step, checkpoint_state(run), tc.keep_ckpts)
+                if dist is not None:  # the checkpoint is complete before any rank goes on
+                    dist.barrier()
+    finally:
+        logger.close()
+    seconds = time.perf_counter() - t0
+    samples = write_samples(run, out / "samples" / f"step_{run.step:08d}.png") if main else None
+    last = run.ant.last
+    return {
+        "step": run.step,
+        "loss": None if last is None else float(last.loss),
+        "stats": run.ant.stats(),
+        "out_dir": str(out),
+        "checkpoint": None if ckpt is None else str(ckpt),
+        "samples": None if samples is None else str(samples),
+        "seconds": seconds,
+        "sec_per_step": seconds / max(1, run.step - s0),
+        "run": run,
+    }

@@ -1,0 +1,114 @@
+"""Checkpoints: atomic writes, pruning, weights-only loading, corruption and crash recovery."""
+
+from __future__ import annotations
+
+import io
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import antdiff.checkpoint as ck
+from antdiff.checkpoint import (
+    FORMAT,
+    capture_rng,
+    list_checkpoints,
+    load_checkpoint,
+    load_model_state,
+    restore_rng,
+    save_checkpoint,
+)
+
+
+def _state(step: int) -> dict:
+    return {
+        "format": FORMAT,
+        "step": step,
+        "w": torch.full((3,), float(step)),
+        "config": {"model": {"name": "adm-tiny", "overrides": {}}},
+        "rng": capture_rng(),
+    }
+
+
+def test_save_prune_latest_and_weights_only(tmp_path):
+    for s in (10, 20, 30):
+        save_checkpoint(tmp_path, s, _state(s), keep=2)
+    files = list_checkpoints(tmp_path)
+    assert [f.name for f in files] == ["ckpt_00000020.pt", "ckpt_00000030.pt"]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "ckpt_00000030.pt"
+    state, path = load_checkpoint(tmp_path)
+    assert (
+        path == files[-1]
+        and state["step"] == 30
+        and torch.equal(state["w"], torch.full((3,), 30.0))
+    )
+    torch.load(files[0], weights_only=True)  # loadable without trusting pickled code
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+def test_rng_round_trip():
+    state = capture_rng()
+    want = (random.random(), np.random.rand(), torch.rand(2))
+    random.random(), np.random.rand(), torch.rand(5)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    restore_rng(torch.load(buf, weights_only=True))
+    got = (random.random(), np.random.rand(), torch.rand(2))
+    assert got[0] == want[0] and got[1] == want[1] and torch.equal(got[2], want[2])
+
+
+def test_truncated_checkpoint_falls_back_when_loading_a_directory(tmp_path):
+    save_checkpoint(tmp_path, 1, _state(1))
+    last = save_checkpoint(tmp_path, 2, _state(2))
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])  # e.g. a copy cut short
+    with pytest.warns(UserWarning, match="ckpt_00000002.pt.*corrupted"):
+        state, path = load_checkpoint(tmp_path)
+    assert state["step"] == 1 and path.name == "ckpt_00000001.pt"
+    with pytest.raises(ValueError, match=r"ckpt_00000002.pt.*is corrupted.*use .*ckpt_00000001"):
+        load_checkpoint(last)
+
+
+def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, 5, _state(5))
+    real_save = torch.save
+
+    def half_then_crash(obj, f):
+        buf = io.BytesIO()
+        real_save(obj, buf)
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(ck.torch, "save", half_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 6, _state(6))
+    monkeypatch.undo()
+    d = tmp_path / "checkpoints"
+    assert sorted(p.name for p in d.iterdir()) == ["ckpt_00000005.pt", "latest"]  # no partial
+    state, path = load_checkpoint(tmp_path)
+    assert state["step"] == 5 and path.name == "ckpt_00000005.pt"
+
+
+def test_not_a_checkpoint_and_missing(tmp_path):
+    torch.save({"hello": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not an antdiff training checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no checkpoints"):
+        load_checkpoint(tmp_path / "empty")
+
+
+def test_model_mismatch_says_which_model_the_checkpoint_holds():
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(4, 2)
+    ckpt = {"config": {"model": {"name": "adm-tiny", "overrides": {"dropout": 0.1}}}}
+    with pytest.raises(ValueError, match=r"model 'adm-tiny'.*shape mismatches.*weight"):
+        load_model_state(b, a.state_dict(), ckpt)
+    with pytest.raises(ValueError, match="missing keys"):
+        load_model_state(torch.nn.Sequential(a), a.state_dict(), ckpt)
+    c = torch.nn.Linear(3, 2)
+    load_model_state(c, a.state_dict(), ckpt)
+    assert torch.equal(c.weight, a.weight)

@@ -1,0 +1,169 @@
+"""Config: presets, dotted overrides, validation messages, resume comparisons."""
+
+from __future__ import annotations
+
+import pytest
+
+from antdiff.cli import main as cli_main
+from antdiff.config import (
+    Config,
+    available_presets,
+    config_from_dict,
+    load_config,
+    parse_overrides,
+    resume_conflicts,
+)
+
+PAPER = ("adm_light_ffhq256", "ldm_ffhq256", "dit_s2_imagenet256", "dit_l2_imagenet256")
+
+
+def test_every_preset_loads_and_validates():
+    names = available_presets()
+    assert set(PAPER) <= set(names)
+    assert {"digits_adm", "digits_ldm", "digits_dit", "digits_adm_uw_pcgrad"} <= set(names)
+    for name in names:
+        cfg = load_config(name)
+        assert isinstance(cfg, Config) and cfg.name == name
+
+
+@pytest.mark.parametrize(
+    "name, model, batch, steps, schedule, sampler, learn_sigma",
+    [  # METHOD.md section 6 and the paper's Appendix E
+        ("adm_light_ffhq256", "adm-light", 8, 1_000_000, "linear", "ddim", True),
+        ("ldm_ffhq256", "ldm-ffhq", 30, 400_000, "linear", "ddim", False),
+        ("dit_s2_imagenet256", "DiT-S/2", 50, 800_000, "cosine", "ddpm", True),
+        ("dit_l2_imagenet256", "DiT-L/2", 256, 400_000, "cosine", "ddpm", True),
+    ],
+)
+def test_paper_presets_hold_the_paper_settings(
+    name, model, batch, steps, schedule, sampler, learn_sigma
+):
+    cfg = load_config(name)
+    assert cfg.model.name == model and cfg.model.overrides == {}
+    assert (cfg.train.batch_size, cfg.train.steps, cfg.train.lr) == (batch, steps, 1e-4)
+    assert (cfg.diffusion.schedule, cfg.diffusion.T) == (schedule, 1000)
+    assert cfg.diffusion.learn_sigma is learn_sigma
+    assert cfg.ant.k == 5 and cfg.sample.sampler == sampler
+    if name.startswith("dit"):
+        assert cfg.data.class_conditional and cfg.data.num_classes == 1000
+        assert cfg.sample.steps == 250
+    if name == "dit_l2_imagenet256":
+        assert cfg.sample.cfg_scale == 1.5
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(
+        "digits_adm",
+        [
+            "--ant.method", "nash",
+            "--train.lr", "1e-3",  # YAML 1.1 reads this as a string: coerced to float
+            "--train.betas", "[0.8, 0.95]",
+            "--train.steps=7",
+            "--ant.update_every", "null",
+            "--ant.max_size", "none",
+            "--model.overrides.dropout", "0.1",
+            "--ant.method_kwargs.update_every", "3",
+            "--train.grad_clip", "2",
+        ],
+    )  # fmt: skip
+    assert cfg.ant.method == "nash" and cfg.train.lr == 1e-3 and cfg.train.steps == 7
+    assert cfg.train.betas == [0.8, 0.95] and cfg.train.grad_clip == 2.0
+    assert cfg.ant.update_every is None and cfg.ant.max_size is None
+    assert cfg.model.overrides == {"dropout": 0.1}
+    assert cfg.ant.method_kwargs == {"update_every": 3}
+
+
+def test_parse_overrides_forms():
+    assert parse_overrides(["--a.b", "1", "--c.d=x y", "--e.f", "[1, 2]"]) == [
+        ("a.b", 1),
+        ("c.d", "x y"),
+        ("e.f", [1, 2]),
+    ]
+    with pytest.raises(ValueError, match="needs a value"):
+        parse_overrides(["--a.b"])
+    with pytest.raises(ValueError, match="needs a value"):
+        parse_overrides(["--a.b", "--c.d", "1"])
+    with pytest.raises(ValueError, match="expected a --section.key"):
+        parse_overrides(["a.b", "1"])
+
+
+def test_unknown_key_names_it_lists_valid_keys_and_suggests():
+    with pytest.raises(ValueError) as e:
+        load_config("digits_adm", ["--train.batchsize", "3"])
+    msg = str(e.value)
+    assert "'train.batchsize'" in msg and "'batch_size'" in msg and "Did you mean" in msg
+    assert "ema_decay" in msg  # the section's valid keys are listed
+    with pytest.raises(ValueError, match="unknown config key 'trian'.*'train'"):
+        load_config("digits_adm", ["--trian.steps", "3"])
+
+
+def test_unknown_key_in_a_yaml_file(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("ant:\n  methdo: uw\n")
+    with pytest.raises(ValueError, match="'ant.methdo'.*Did you mean 'method'"):
+        load_config(p)
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ValueError) as e:
+        load_config("digits_admm")
+    msg = str(e.value)
+    assert "unknown preset 'digits_admm'" in msg and "Did you mean 'digits_adm'" in msg
+    for name in PAPER:
+        assert name in msg
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["--ant.method", "pcgard"], "unknown MTL method 'pcgard'"),
+        (["--train.batch_size", "3"], "batch_size=3 is smaller than ant.k=5"),
+        (["--data.source", "web"], r"data.source must be one of \['digits'"),
+        (["--data.source", "folder"], "data.path is required"),
+        (["--train.ema_decay", "1.0"], "ema_decay must be in"),
+        (["--train.steps", "0"], "train.steps must be > 0"),
+        (["--train.steps", "ten"], "train.steps must be int, got 'ten'"),
+        (["--model.name", "adm-tinny"], "did you mean 'adm-tiny'"),
+        (["--ant.clustering", "gradient"], "needs ant.affinity"),
+        (["--diffusion.prediction", "noise"], "diffusion.prediction must be one of"),
+        (["--train.device", "tpu"], "train.device must be"),
+        (["--sample.steps", "2000"], "exceeds diffusion.T"),
+        (["--ant.update_every", "5"], "update_every applies to gradient methods"),
+    ],
+)
+def test_validation_messages(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        load_config("digits_adm", overrides)
+
+
+def test_uniform_sampling_allows_batches_below_k():
+    cfg = load_config("digits_adm", ["--train.batch_size", "3", "--ant.sampling", "uniform"])
+    assert cfg.train.batch_size == 3
+
+
+def test_round_trip_through_dict():
+    cfg = load_config("digits_dit", ["--ant.method", "uw+pcgrad"])
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_resume_conflicts_ignore_steps_and_logging_only():
+    a = load_config("digits_adm").to_dict()
+    b = load_config(
+        "digits_adm",
+        ["--train.steps", "9", "--train.log_every", "3", "--sample.n", "4", "--train.lr", "1e-3"],
+    ).to_dict()
+    assert resume_conflicts(a, b) == ["train.lr"]
+    c = load_config("digits_adm", ["--ant.method", "nash", "--model.overrides.dropout", "0.1"])
+    assert resume_conflicts(a, c.to_dict()) == ["ant.method", "model.overrides.dropout"]
+
+
+def test_cli_print_config_and_errors(capsys):
+    assert cli_main(["train", "--config", "digits_adm", "--ant.k", "3", "--print-config"]) == 0
+    assert "k: 3" in capsys.readouterr().out
+    assert cli_main(["train", "--config", "digits_adm", "--ant.kk", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'ant.kk'" in err
+    assert cli_main(["train", "--config", "nope"]) == 2
+    assert "Available presets" in capsys.readouterr().err

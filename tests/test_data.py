@@ -1,0 +1,167 @@
+"""Data: digits, image folders (and their bad inputs), latent files, the resumable iterator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from antdiff.config import DataConfig
+from antdiff.data import BatchIterator, get_batch, load_dataset
+
+
+def _png(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def test_digits_scaling_and_labels():
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    ds = load_dataset(DataConfig(source="digits", class_conditional=True))
+    assert ds.x.shape == (1797, 1, 8, 8) and ds.y.shape == (1797,)
+    ref = torch.from_numpy(raw.images).double() / 16.0 * 2.0 - 1.0  # 0..16 -> [-1, 1]
+    torch.testing.assert_close(ds.x[:, 0].double(), ref, rtol=0, atol=1e-7)
+    assert ds.x.min() == -1.0 and ds.x.max() == 1.0
+    assert torch.equal(ds.y, torch.from_numpy(raw.target).long()) and ds.num_classes == 10
+    assert load_dataset(DataConfig(source="digits")).y is None
+
+
+def test_digits_resize():
+    ds = load_dataset(DataConfig(source="digits", image_size=16))
+    assert ds.x.shape == (1797, 1, 16, 16)
+    # bilinear upsampling of a constant image stays constant: the mean is roughly preserved
+    small = load_dataset(DataConfig(source="digits")).x
+    torch.testing.assert_close(
+        ds.x.mean(dim=(1, 2, 3)), small.mean(dim=(1, 2, 3)), atol=0.05, rtol=0
+    )
+
+
+def test_image_folder_values(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (6, 6, 3), dtype=np.uint8) for _ in range(3)]
+    for i, a in enumerate(arrays):
+        _png(tmp_path / f"im{i}.png", a)
+    ds = load_dataset(DataConfig(source="folder", path=str(tmp_path), channels=3))
+    ref = np.stack([a.transpose(2, 0, 1) for a in arrays]).astype(np.float64) / 127.5 - 1.0
+    np.testing.assert_allclose(ds.x.double().numpy(), ref, atol=1e-6)
+    grey = load_dataset(DataConfig(source="folder", path=str(tmp_path), channels=1), num_workers=2)
+    assert grey.x.shape == (3, 1, 6, 6)
+
+
+def test_image_folder_mixed_sizes_is_an_error_naming_two_files(tmp_path):
+    _png(tmp_path / "a.png", np.zeros((8, 8, 3), np.uint8))
+    _png(tmp_path / "b.png", np.zeros((8, 10, 3), np.uint8))
+    with pytest.raises(ValueError) as e:
+        load_dataset(DataConfig(source="folder", path=str(tmp_path), channels=3))
+    msg = str(e.value)
+    assert "a.png" in msg and "b.png" in msg and "data.image_size" in msg and "8x8" in msg
+    ds = load_dataset(DataConfig(source="folder", path=str(tmp_path), channels=3, image_size=4))
+    assert ds.x.shape == (2, 3, 4, 4)
+
+
+def test_image_folder_bad_paths(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_dataset(DataConfig(source="folder", path=str(tmp_path / "nowhere")))
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ValueError, match="is not a directory"):
+        load_dataset(DataConfig(source="folder", path=str(tmp_path / "file.txt")))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        load_dataset(DataConfig(source="folder", path=str(empty)))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.png").write_bytes(b"not a png at all")
+    with pytest.raises(ValueError, match="broken.png"):
+        load_dataset(DataConfig(source="folder", path=str(bad), image_size=4))
+    with pytest.raises(ValueError, match="broken.png"):
+        load_dataset(DataConfig(source="folder", path=str(bad)))
+
+
+def test_image_folder_class_labels_from_subdirectories(tmp_path):
+    for cls, n in (("cat", 2), ("dog", 3)):
+        for i in range(n):
+            _png(tmp_path / cls / f"{i}.png", np.full((4, 4), 10 * i, np.uint8))
+    ds = load_dataset(
+        DataConfig(source="folder", path=str(tmp_path), channels=1, class_conditional=True)
+    )
+    assert ds.y.tolist() == [0, 0, 1, 1, 1] and ds.num_classes == 2
+    _png(tmp_path / "loose.png", np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError, match="sub-directory per class"):
+        load_dataset(
+            DataConfig(source="folder", path=str(tmp_path), channels=1, class_conditional=True)
+        )
+
+
+def test_latent_files(tmp_path):
+    z, y = torch.randn(5, 4, 2, 2), torch.tensor([0, 3, 1, 2, 3])
+    torch.save({"latents": z, "labels": y}, tmp_path / "z.pt")
+    ds = load_dataset(
+        DataConfig(
+            source="latents",
+            path=str(tmp_path / "z.pt"),
+            channels=4,
+            class_conditional=True,
+            latent_scale=0.5,
+        )
+    )
+    torch.testing.assert_close(ds.x, z * 0.5)
+    assert torch.equal(ds.y, y) and ds.num_classes == 4
+    np.save(tmp_path / "z.npy", z.numpy())
+    ds = load_dataset(DataConfig(source="latents", path=str(tmp_path / "z.npy"), channels=4))
+    assert torch.equal(ds.x, z) and ds.y is None
+    with pytest.raises(ValueError, match="4 channels but data.channels=3"):
+        load_dataset(DataConfig(source="latents", path=str(tmp_path / "z.npy"), channels=3))
+    with pytest.raises(ValueError, match="needs labels"):
+        load_dataset(
+            DataConfig(
+                source="latents", path=str(tmp_path / "z.npy"), channels=4, class_conditional=True
+            )
+        )
+
+
+def test_tiny_autoencoder_latents():
+    ds = load_dataset(DataConfig(source="digits", autoencoder="tiny", autoencoder_steps=3))
+    assert ds.x.shape == (1797, 4, 4, 4) and ds.codec is not None
+    again = load_dataset(
+        DataConfig(source="digits", autoencoder="tiny"), codec_state=ds.codec.state_dict()
+    )
+    assert torch.equal(again.x, ds.x)  # restored codec -> identical latents, no retraining
+
+
+@pytest.mark.parametrize("n, batch", [(10, 3), (10, 10), (7, 16), (1, 2)])
+def test_iterator_covers_each_epoch_exactly_once(n, batch):
+    it = BatchIterator(n, batch, seed=3)
+    flat = torch.cat([it.next_indices() for _ in range(12)])
+    assert all(len(b) == batch for b in flat.split(batch))
+    epochs = flat[: (len(flat) // n) * n].view(-1, n)
+    for e in epochs:
+        assert sorted(e.tolist()) == list(range(n))
+    if n > 1:
+        assert not torch.equal(epochs[0], epochs[1]) or n < 3
+
+
+def test_iterator_state_resumes_the_exact_sequence():
+    a = BatchIterator(13, 5, seed=7)
+    for _ in range(4):
+        a.next_indices()
+    state = a.state_dict()
+    want = [a.next_indices() for _ in range(6)]
+    b = BatchIterator(13, 5, seed=0)
+    b.load_state_dict(state)
+    assert all(torch.equal(x, y) for x, y in zip(want, [b.next_indices() for _ in range(6)]))
+    with pytest.raises(ValueError, match="data changed"):
+        BatchIterator(12, 5).load_state_dict(state)
+    assert not torch.equal(
+        BatchIterator(13, 13, 1).next_indices(), BatchIterator(13, 13, 2).next_indices()
+    )
+
+
+def test_get_batch_keeps_labels_aligned():
+    ds = load_dataset(DataConfig(source="digits", class_conditional=True))
+    idx = torch.tensor([5, 0, 1796])
+    b = get_batch(ds, idx)
+    assert torch.equal(b["x"], ds.x[idx]) and torch.equal(b["y"], ds.y[idx])

@@ -1,0 +1,293 @@
+"""Trainer: every family and method for a few CPU steps, exact resume, crashes, bad input,
+and the paper presets (real model configs, reduced inputs) for two steps."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import antdiff.checkpoint as ck
+from antdiff.cli import main as cli_main
+from antdiff.config import load_config
+from antdiff.train import build_run, train, train_step
+
+METHODS = (
+    "vanilla",
+    "uw",
+    "rlw",
+    "dwa",
+    "famo",
+    "pcgrad",
+    "nash",
+    "imtl",
+    "mgda",
+    "cagrad",
+    "graddrop",
+    "uw+pcgrad",
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: one thread avoids oversubscription when the cores are shared.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cfg(preset, tmp_path, *extra, steps=2):
+    return load_config(
+        preset,
+        ["--train.steps", str(steps), "--train.batch_size", "10", "--train.log_every", "1",
+         "--train.ckpt_every", "0", "--train.progress", "false", "--sample.steps", "2",
+         "--sample.n", "4", "--data.autoencoder_steps", "3", "--train.out_dir", str(tmp_path),
+         *extra],
+    )  # fmt: skip
+
+
+def _every(method):
+    """Gradient methods recompute their weights every 2nd step (exercises both step kinds)."""
+    grad = any(g in method for g in ("pcgrad", "nash", "imtl", "mgda", "cagrad", "graddrop"))
+    return ["--ant.update_every", "2"] if grad else []
+
+
+def _params(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains(method, tmp_path):
+    s = train(_cfg("digits_adm", tmp_path, "--ant.method", method, *_every(method), steps=3))
+    run = s["run"]
+    assert s["step"] == 3 and np.isfinite(s["loss"])
+    assert run.ant.method_name == method
+    init = _params(build_run(run.cfg).model)
+    assert not torch.equal(_params(run.model), init)  # the optimiser moved the weights
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert all(np.isfinite(float(r[f"weight_c{i}"])) for r in rows for i in range(1, 6))
+    assert (tmp_path / "samples" / "step_00000003.png").is_file()
+
+
+@pytest.mark.parametrize("preset", ["digits_adm", "digits_ldm", "digits_dit"])
+@pytest.mark.parametrize("method", ["uw", "uw+pcgrad"])
+def test_every_family_trains(preset, method, tmp_path):
+    s = train(_cfg(preset, tmp_path, "--ant.method", method))
+    assert s["step"] == 2 and np.isfinite(s["loss"])
+    img = np.asarray(Image.open(s["samples"]))
+    assert img.ndim == 3 and img.shape[2] in (3, 4)
+
+
+def test_ema_follows_every_optimiser_step(tmp_path):
+    cfg = _cfg("digits_adm", tmp_path, "--ant.method", "pcgrad", "--train.ema_decay", "0.75")
+    run = build_run(cfg)
+    ema_prev = [p.detach().double().clone() for p in run.ema.model.parameters()]
+    for _ in range(2):
+        idx = run.batches.next_indices()
+        train_step(run, {"x": run.data.x[idx]})
+        for e, p, prev in zip(run.ema.model.parameters(), run.model.parameters(), ema_prev):
+            ref = 0.75 * prev + 0.25 * p.detach().double()  # float64 reference of the EMA rule
+            torch.testing.assert_close(e.double(), ref, rtol=1e-6, atol=1e-7)
+        ema_prev = [p.detach().double().clone() for p in run.ema.model.parameters()]
+
+
+@pytest.mark.parametrize(
+    "batch, extra", [(7, []), (11, ["--ant.sampling", "equal"]), (3, ["--ant.sampling", "uniform"])]
+)
+def test_any_batch_size(batch, extra, tmp_path):
+    s = train(
+        _cfg(
+            "digits_adm",
+            tmp_path,
+            "--ant.method",
+            "pcgrad",
+            "--train.batch_size",
+            str(batch),
+            *extra,
+        )
+    )
+    assert np.isfinite(s["loss"])
+
+
+def test_labels_travel_with_their_images(tmp_path, monkeypatch):
+    cfg = _cfg("digits_dit", tmp_path, "--ant.method", "pcgrad")
+    run = build_run(cfg)
+    seen = []
+    real = run.diffusion.training_losses
+
+    def check(model, x0, t, noise=None, model_kwargs=None):
+        # each image's label must be the dataset label of that very image
+        hits = (x0[:, None] == run.data.x[None]).flatten(2).all(-1)  # [b, N]
+        seen.append(bool((run.data.y[hits.float().argmax(1)] == model_kwargs["y"]).all()))
+        return real(model, x0, t, noise, model_kwargs)
+
+    monkeypatch.setattr(run.diffusion, "training_losses", check)
+    idx = run.batches.next_indices()
+    train_step(run, {"x": run.data.x[idx], "y": run.data.y[idx]})
+    assert len(seen) > 1 and all(seen)  # one call per cluster sub-batch, all aligned
+
+
+def test_bf16_autocast_step(tmp_path):
+    s = train(_cfg("digits_adm", tmp_path, "--train.bf16", "true", "--ant.method", "uw+pcgrad"))
+    assert np.isfinite(s["loss"])
+
+
+def _states_equal(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize(
+    "preset, method", [("digits_adm", "uw+pcgrad"), ("digits_dit", "nash"), ("digits_ldm", "rlw")]
+)
+def test_resume_is_bit_exact(preset, method, tmp_path):
+    extra = ["--ant.method", method, *_every(method), "--train.ckpt_every", "2"]
+    full = train(_cfg(preset, tmp_path / "full", *extra, steps=4))["run"]
+    train(_cfg(preset, tmp_path / "split", *extra, steps=2))
+    split = train(_cfg(preset, tmp_path / "split", *extra, steps=4), resume=True)["run"]
+    assert _states_equal(full.model, split.model) and _states_equal(full.ema.model, split.ema.model)
+    assert full.ant.stats()["weight"] == split.ant.stats()["weight"]
+    rows = [
+        list(csv.reader(open(d / "metrics.csv"))) for d in (tmp_path / "full", tmp_path / "split")
+    ]
+    assert rows[0] == [r[:-1] + [r0[-1]] for r, r0 in zip(rows[1], rows[0])]  # all but timing
+
+
+def test_crash_mid_checkpoint_resumes_from_the_last_complete_one(tmp_path, monkeypatch):
+    extra = ["--ant.method", "uw", "--train.ckpt_every", "2"]
+    full = train(_cfg("digits_adm", tmp_path / "full", *extra, steps=6))["run"]
+    real_save, calls = torch.save, []
+
+    def crash_on_second(obj, f):
+        calls.append(1)
+        if len(calls) == 2:  # the step-4 checkpoint: half written, then the process dies
+            buf = io.BytesIO()
+            real_save(obj, buf)
+            f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+            raise KeyboardInterrupt("killed")
+        real_save(obj, f)
+
+    monkeypatch.setattr(ck.torch, "save", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg("digits_adm", tmp_path / "crash", *extra, steps=6))
+    monkeypatch.undo()
+    assert [p.name for p in ck.list_checkpoints(tmp_path / "crash")] == ["ckpt_00000002.pt"]
+    resumed = train(_cfg("digits_adm", tmp_path / "crash", *extra, steps=6), resume=True)["run"]
+    assert _states_equal(full.model, resumed.model)
+
+
+def test_resume_with_a_different_config_lists_the_keys(tmp_path):
+    train(_cfg("digits_adm", tmp_path, "--train.ckpt_every", "2"))
+    with pytest.raises(ValueError) as e:
+        train(
+            _cfg("digits_adm", tmp_path, "--train.ckpt_every", "2", "--train.lr", "0.5", steps=4),
+            resume=True,
+        )
+    assert "train.lr: checkpoint 0.0002 -> now 0.5" in str(e.value)
+    assert "--allow-config-change" in str(e.value)
+    s = train(
+        _cfg("digits_adm", tmp_path, "--train.ckpt_every", "2", "--train.lr", "0.5", steps=3),
+        resume=True,
+        allow_config_change=True,
+    )
+    assert s["step"] == 3
+
+
+def test_checkpoint_from_another_model(tmp_path):
+    train(_cfg("digits_adm", tmp_path, "--train.ckpt_every", "2"))
+    with pytest.raises(ValueError, match="weights are for model 'adm-tiny'"):
+        train(
+            _cfg(
+                "digits_adm",
+                tmp_path,
+                "--train.ckpt_every",
+                "2",
+                "--model.name",
+                "adm-small",
+                steps=4,
+            ),
+            resume=True,
+            allow_config_change=True,
+        )
+
+
+def test_cli_train_and_resume(tmp_path, capsys):
+    args = [
+        "train",
+        "--config",
+        "digits_adm",
+        "--train.batch_size",
+        "10",
+        "--train.ckpt_every",
+        "1",
+        "--train.out_dir",
+        str(tmp_path),
+        "--sample.steps",
+        "2",
+        "--sample.n",
+        "4",
+        "--train.progress",
+        "false",
+    ]
+    assert cli_main([*args, "--train.steps", "1"]) == 0
+    assert cli_main([*args, "--train.steps", "2", "--resume"]) == 0
+    assert '"step": 2' in capsys.readouterr().out
+    ckpt = tmp_path / "checkpoints" / "ckpt_00000002.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    assert cli_main([*args, "--train.steps", "3", "--resume", str(ckpt)]) == 2
+    assert "is corrupted" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="corrupted"):
+        assert cli_main([*args, "--train.steps", "3", "--resume"]) == 0  # falls back to step 1
+
+
+def test_missing_data_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no_such_dir"):
+        train(load_config("adm_light_ffhq256", ["--data.path", str(tmp_path / "no_such_dir")]))
+
+
+# ---------------------------------------------------------------- the paper's presets
+def _paper_data(tmp_path, preset):
+    rng = np.random.default_rng(0)
+    if preset == "adm_light_ffhq256":
+        for i in range(4):  # mixed sizes on purpose: data.image_size resizes on load
+            side = 40 + 8 * i
+            Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(
+                tmp_path / f"{i}.png"
+            )
+        return str(tmp_path)
+    size = {"ldm_ffhq256": 32, "dit_s2_imagenet256": 32, "dit_l2_imagenet256": 4}[preset]
+    c = 3 if preset == "ldm_ffhq256" else 4
+    obj = {"latents": torch.randn(4, c, size, size), "labels": torch.tensor([0, 999, 5, 7])}
+    torch.save(obj, tmp_path / "latents.pt")
+    return str(tmp_path / "latents.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "preset, extra",
+    [  # 256 px / 64x64 / 32x32 inputs take minutes per CPU step; the model configs are real
+        ("adm_light_ffhq256", ["--data.image_size", "32"]),
+        ("ldm_ffhq256", []),  # latents 32x32x3: the smallest with attention at 32/16/8
+        ("dit_s2_imagenet256", []),  # the real 32x32x4 latents
+        ("dit_l2_imagenet256", []),  # latents 4x4x4
+    ],
+)
+def test_paper_presets_run_two_steps(preset, extra, tmp_path):
+    path = _paper_data(tmp_path, preset)
+    cfg = load_config(
+        preset,
+        ["--data.path", path, "--train.batch_size", "2", "--ant.sampling", "uniform",
+         "--train.steps", "2", "--train.ckpt_every", "0", "--train.progress", "false",
+         "--train.out_dir", str(tmp_path / "run"), "--sample.steps", "1", "--sample.n", "1",
+         *extra],
+    )  # fmt: skip
+    ref = load_config(preset)
+    assert cfg.model == ref.model and cfg.diffusion == ref.diffusion
+    s = train(cfg)
+    assert s["step"] == 2 and np.isfinite(s["loss"])
