@@ -116,7 +116,8 @@ def test_any_batch_size(batch, extra, tmp_path):
 
 
 def test_labels_travel_with_their_images(tmp_path, monkeypatch):
-    cfg = _cfg("digits_dit", tmp_path, "--ant.method", "pcgrad")
+    # micro mode: one loss call per cluster sub-batch, each of which must keep its labels
+    cfg = _cfg("digits_dit", tmp_path, "--ant.method", "pcgrad", "--ant.mode", "micro")
     run = build_run(cfg)
     seen = []
     real = run.diffusion.training_losses
@@ -291,3 +292,16 @@ def test_paper_presets_run_two_steps(preset, extra, tmp_path):
     assert cfg.model == ref.model and cfg.diffusion == ref.diffusion
     s = train(cfg)
     assert s["step"] == 2 and np.isfinite(s["loss"])
+
+
+def test_gradient_clustering_from_a_binned_affinity_file(tmp_path):
+    """The .npz that `antdiff affinity` writes (affinity + bin edges) drives the clusters."""
+    T, nb = 1000, 20
+    blocks = np.arange(nb) // 4  # 5 blocks of 4 bins = 5 clusters of 200 timesteps
+    A = np.where(blocks[:, None] == blocks[None, :], 1.0, 0.0)
+    np.savez(tmp_path / "aff.npz", affinity=A, bin_edges=np.linspace(0, T, nb + 1).astype(int))
+    cfg = _cfg("digits_adm", tmp_path, "--ant.clustering", "gradient",
+               "--ant.affinity", str(tmp_path / "aff.npz"), "--ant.method", "pcgrad")
+    run = build_run(cfg)
+    assert run.ant.clusters.bounds == (0, 200, 400, 600, 800, 1000)
+    assert run.ant.clusters.objective == "gradient"

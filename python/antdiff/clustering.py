@@ -27,7 +27,7 @@ from .interval_dp import solve_intervals
 from .schedules import Schedule, as_schedule
 from .utils import atomic_write
 
-__all__ = ["Clusters", "cluster_timesteps", "default_limits", "plot_clusters"]
+__all__ = ["Clusters", "cluster_timesteps", "default_limits", "load_affinity", "plot_clusters"]
 
 OBJECTIVES = ("timestep", "snr", "gradient")
 _DEFAULT = "default"
@@ -293,6 +293,29 @@ def _binned_cost_matrix(A, edges, lo, hi):  # noqa: N803
     penalty = 1e6 * (1.0 + np.abs(C).sum())
     C[l_idx[bad], r_idx[bad]] = penalty
     return C
+
+
+def load_affinity(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """Affinity matrix and its bin edges (None when per timestep) from a file.
+
+    Accepts the .npz that ``antdiff affinity`` writes ('affinity' + 'bin_edges'), a .npy (with an
+    optional sibling '<stem>_edges.npy'), or a .pt tensor.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"affinity file {path} does not exist (make one: antdiff affinity)")
+    if path.suffix == ".npz":
+        with np.load(path) as z:
+            if "affinity" not in z:
+                raise ValueError(f"{path} has no 'affinity' array (keys: {sorted(z.files)})")
+            return z["affinity"], (z["bin_edges"] if "bin_edges" in z else None)
+    if path.suffix == ".pt":
+        import torch
+
+        return torch.load(path, map_location="cpu", weights_only=True).numpy(), None
+    edges_path = path.with_name(path.stem + "_edges.npy")
+    edges = np.load(edges_path) if edges_path.is_file() else None
+    return np.load(path, allow_pickle=False), edges
 
 
 def plot_clusters(clusters: Clusters, schedule: Schedule | Any, path: str | Path) -> Path:

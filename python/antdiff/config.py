@@ -134,7 +134,9 @@ class AntConfig:
     affinity: str | None = None  # .npy/.pt [T, T] task-affinity matrix for "gradient"
     method: str = "uw"
     sampling: str = "proportional"  # proportional | equal | uniform
-    mode: str = "micro"  # micro | retain_graph
+    mode: str = (
+        "auto"  # auto (onepass if the model allows, else micro) | onepass | micro | retain_graph
+    )
     update_every: int | None = None
     min_size: int | str | None = "default"
     max_size: int | str | None = "default"
@@ -146,9 +148,11 @@ class AntConfig:
         _positive("ant", "k", self.k)
         _choice("ant", "clustering", self.clustering, CLUSTERINGS)
         if self.clustering == "gradient" and not self.affinity:
-            raise ValueError("ant.clustering='gradient' needs ant.affinity=<path to [T, T] .npy>")
+            raise ValueError(
+                "ant.clustering='gradient' needs ant.affinity=<file from `antdiff affinity`>"
+            )
         _choice("ant", "sampling", self.sampling, SAMPLINGS)
-        _choice("ant", "mode", self.mode, ("micro", "retain_graph"))
+        _choice("ant", "mode", self.mode, ("auto", "onepass", "micro", "retain_graph"))
         if self.update_every is not None:
             _positive("ant", "update_every", self.update_every)
         for key in ("min_size", "max_size"):

@@ -35,6 +35,7 @@ from .checkpoint import (
     resume_state,
     save_checkpoint,
 )
+from .clustering import load_affinity
 from .config import Config, dump_config
 from .data import BatchIterator, Dataset, get_batch, load_dataset
 from .diffusion import GaussianDiffusion
@@ -143,7 +144,11 @@ def build_run(cfg: Config, codec_state: dict | None = None, dist: DistContext | 
         dc.p2_k,
         dc.min_snr_gamma,
     )
-    affinity = _load_affinity(ac.affinity) if ac.clustering == "gradient" else None
+    affinity = bin_edges = None
+    if ac.clustering == "gradient":
+        affinity, bin_edges = load_affinity(ac.affinity)
+    # the one-pass mode's per-step hooks would make torch.compile retrace: compile uses micro
+    mode = "micro" if tc.compile and ac.mode == "auto" else ac.mode
     wrapped = model if dist is None else dist.wrap(model)
     ant = ANT(
         diffusion.schedule,
@@ -151,11 +156,12 @@ def build_run(cfg: Config, codec_state: dict | None = None, dist: DistContext | 
         ac.clustering,
         ac.method,
         sampling=ac.sampling,
-        mode=ac.mode,
+        mode=mode,
         update_every=ac.update_every,
         model=wrapped,
         seed=tc.seed,
         affinity=affinity,
+        bin_edges=bin_edges,
         min_size=ac.min_size,
         max_size=ac.max_size,
         method_kwargs=ac.method_kwargs,
@@ -174,17 +180,6 @@ def _derived_seed(seed: int) -> int:
     import numpy as np
 
     return int(np.random.SeedSequence((seed, 0x57E9)).generate_state(1, np.uint64)[0] >> 1)
-
-
-def _load_affinity(path: str) -> Any:
-    import numpy as np
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"ant.affinity file {path!r} does not exist")
-    if p.suffix == ".npy":
-        return np.load(p, allow_pickle=False)
-    return torch.load(p, map_location="cpu", weights_only=True)
 
 
 def engine_step(run: Run, batch: dict[str, torch.Tensor]) -> bool:

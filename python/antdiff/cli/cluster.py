@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..clustering import cluster_timesteps, plot_clusters
+from ..clustering import cluster_timesteps, load_affinity, plot_clusters
 from ..schedules import Schedule, make_schedule
 from ..utils import atomic_write_text
 
@@ -65,19 +65,6 @@ def load_schedule(name: str, T: int) -> Schedule:  # noqa: N803
             raise FileNotFoundError(f"schedule file {path} does not exist")
         return Schedule(np.load(path), name=path.stem)
     return make_schedule(name, T)
-
-
-def load_affinity(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """Affinity matrix and optional bin edges from .npz or .npy (+ '<stem>_edges.npy')."""
-    if not path.is_file():
-        raise FileNotFoundError(f"affinity file {path} does not exist (make one: antdiff affinity)")
-    if path.suffix == ".npz":
-        with np.load(path) as z:
-            if "affinity" not in z:
-                raise ValueError(f"{path} has no 'affinity' array (keys: {sorted(z.files)})")
-            return z["affinity"], (z["bin_edges"] if "bin_edges" in z else None)
-    edges_path = path.with_name(path.stem + "_edges.npy")
-    return np.load(path), (np.load(edges_path) if edges_path.is_file() else None)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,5 @@
+import sys
+
+from antdiff.cli import main
+
+sys.exit(main())

@@ -1,0 +1,168 @@
+"""The trainer under torch.distributed (2 processes, gloo, CPU) equals one process on the global
+batch: same final weights on every rank and in the checkpoint, same logged cluster weights.
+
+The workers set the environment torchrun sets (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
+MASTER_PORT), so train() takes the same init path as under
+``torchrun --nproc_per_node 2 -m antdiff train ...``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from antdiff.clustering import cluster_timesteps
+from antdiff.config import load_config
+from antdiff.engine.timesteps import TimestepSampler
+from antdiff.schedules import linear_schedule
+from antdiff.train import train
+from antdiff.train_dist import DistContext, init_distributed, rank_device
+
+WORLD, STEPS, BATCH = 2, 3, 8
+# update_every 2: the gradient methods also take their cached-weight steps (synced by DDP)
+METHODS = {
+    "uw": [],
+    "pcgrad": ["--ant.update_every", "2"],
+    "nash": [],  # update_every 25: steps 2 and 3 reuse the step-1 weights
+    "uw+pcgrad": ["--ant.update_every", "2"],
+}
+
+
+def _cfg(out, method):
+    return load_config(
+        "digits_adm",
+        ["--ant.method", method, *METHODS[method], "--train.steps", str(STEPS),
+         "--train.batch_size", str(BATCH), "--train.log_every", "1", "--train.ckpt_every",
+         str(STEPS), "--train.progress", "false", "--train.device", "cpu", "--sample.steps", "1",
+         "--sample.n", "1", "--train.out_dir", str(out)],
+    )  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, root: str, ports: list[int]) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1"
+    )
+    for method, port in zip(METHODS, ports):
+        os.environ["MASTER_PORT"] = str(port)
+        s = train(_cfg(f"{root}/dist_{method}", method))
+        final = {k: v.clone() for k, v in s["run"].model.state_dict().items()}
+        torch.save(final, f"{root}/rank{rank}_{method}.pt")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_dist")
+    ports = [_free_port() for _ in METHODS]
+    mp.spawn(_worker, args=(str(root), ports), nprocs=WORLD)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for method in METHODS:  # the reference: one process, the same global batch and seed
+            train(_cfg(root / f"single_{method}", method))
+    finally:
+        torch.set_num_threads(n)
+    return root
+
+
+def _ckpt(run_dir):
+    files = sorted((run_dir / "checkpoints").glob("ckpt_*.pt"))
+    assert [f.name for f in files] == [f"ckpt_{STEPS:08d}.pt"]
+    return torch.load(files[0], weights_only=True)
+
+
+def _weights(run_dir):
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == list(range(1, STEPS + 1))
+    return np.array([[float(r[f"weight_c{i}"]) for i in range(1, 6)] for r in rows])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(METHODS))
+def test_two_processes_equal_one_process(runs, method):
+    dist_ck, single_ck = _ckpt(runs / f"dist_{method}"), _ckpt(runs / f"single_{method}")
+    assert dist_ck["step"] == single_ck["step"] == STEPS
+    # the weights moved away from the EMA's start (not a comparison of two initialisations)
+    assert any(not torch.equal(v, single_ck["ema"][k]) for k, v in single_ck["model"].items())
+    # Equal up to float rounding (the rank partial sums add in another order). AdamW divides
+    # each coordinate by its own RMS, so in a coordinate whose gradient nearly cancels the
+    # rounding becomes a weight difference of order lr * rounding / |g|: a few coordinates in
+    # 10^5 may differ by ~1e-6, where a wrong batch, timestep or noise shifts them by ~lr.
+    lr = dist_ck["config"]["train"]["lr"]
+    for part in ("model", "ema"):
+        diff = torch.cat(
+            [(dist_ck[part][k] - v).abs().flatten() for k, v in single_ck[part].items()]
+        )
+        assert diff.max() <= 0.02 * lr, (part, diff.max())
+        assert (diff > 1e-6).sum() <= 10, (part, (diff > 1e-6).sum())
+    # every rank ends with bit-identical weights (same all-reduced gradients, same steps)
+    r0, r1 = (torch.load(runs / f"rank{r}_{method}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    assert all(torch.equal(r0[k], dist_ck["model"][k]) for k in r0)
+    # the same cluster weights were logged (CSV keeps 6 significant digits)
+    np.testing.assert_allclose(
+        _weights(runs / f"dist_{method}"), _weights(runs / f"single_{method}"), rtol=2e-5
+    )
+    # the engine's method state (UW log-variances, Nash weights, sampler) matches too
+    a, b = dist_ck["ant"], single_ck["ant"]
+    assert a["sampler"] == b["sampler"] and a["step"] == b["step"]
+    if b["w"] is not None:
+        torch.testing.assert_close(a["w"], b["w"], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- helpers, no process group
+def _ctx(rank: int, world: int) -> DistContext:
+    return DistContext(rank, world, rank, torch.device("cpu"), owns_group=False)
+
+
+def test_shards_partition_the_cluster_sorted_global_batch():
+    clusters = cluster_timesteps(linear_schedule(1000), 5, "snr")
+    sampler = TimestepSampler(clusters, "proportional", seed=3)
+    B, world = 12, 3  # noqa: N806
+    t, counts = sampler.sample(B)
+    batch = {"x": torch.arange(B * 2).reshape(B, 2), "noise": torch.randn(B, 2)}
+    got_t, got_x = [], []
+    for rank in range(world):
+        sampler.last = (t, counts)  # each rank sees the same global draw
+        local, lt = _ctx(rank, world).shard(batch, t, sampler)
+        assert lt.shape[0] == local["x"].shape[0] == local["noise"].shape[0] == B // world
+        # the host counts handed to the engine are the slice's true cluster counts
+        ref = np.bincount(clusters.cluster_of(lt).numpy(), minlength=5)
+        assert sampler.counts_for(lt).tolist() == ref.tolist()
+        got_t.append(lt)
+        got_x.append(local["x"])
+    assert torch.equal(torch.cat(got_t), t) and torch.equal(torch.cat(got_x), batch["x"])
+
+
+def test_global_batch_must_divide_among_the_processes():
+    with pytest.raises(ValueError, match=r"train.batch_size=10 is the GLOBAL batch.*\(4\)"):
+        _ctx(0, 4).check_batch(10)
+    _ctx(0, 4).check_batch(12)
+
+
+def test_device_per_process():
+    with pytest.raises(ValueError, match="cuda:LOCAL_RANK"):
+        rank_device("cuda:1", 0)
+    assert rank_device("cpu", 1) == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            rank_device("cuda", 0)
+
+
+def test_single_process_without_torchrun(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert init_distributed("auto") is None
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert init_distributed("auto") is None
