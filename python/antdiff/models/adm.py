@@ -23,6 +23,26 @@ from torch import nn
 __all__ = ["ADM_SIZES", "UNetModel", "timestep_embedding"]
 
 
+def label_embedding(model: nn.Module, embed: nn.Embedding | None, y: torch.Tensor | None):
+    """Class embedding of y (0 for unconditional models), with label dropout in training.
+
+    Dropped labels become the null class ``model.num_classes`` (classifier-free guidance).
+    """
+    if embed is None:
+        if y is not None:
+            raise ValueError("y was given but this model is unconditional (num_classes=None)")
+        return 0.0
+    if y is None:
+        raise ValueError(
+            f"this model is class-conditional: pass y (null class = {model.num_classes} for "
+            "unconditional)"
+        )
+    if model.training and model.class_dropout_prob > 0:
+        drop = torch.rand(y.shape, device=y.device) < model.class_dropout_prob
+        y = torch.where(drop, torch.full_like(y, model.num_classes), y)
+    return embed(y)
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of integer timesteps. t: [B] -> [B, dim] (cos half, sin half)."""
     half = dim // 2
@@ -241,18 +261,7 @@ class UNetModel(nn.Module):
     ) -> torch.Tensor:
         """x: [B, C, H, W], t: [B] int64, y: [B] int64 -> [B, C or 2C, H, W]."""
         emb = self.time_embed(timestep_embedding(t, self.model_channels))
-        if self.label_emb is not None:
-            if y is None:
-                raise ValueError(
-                    "this model is class-conditional: pass y (null class = "
-                    f"{self.num_classes} for unconditional)"
-                )
-            if self.training and self.class_dropout_prob > 0:
-                drop = torch.rand(y.shape, device=y.device) < self.class_dropout_prob
-                y = torch.where(drop, torch.full_like(y, self.num_classes), y)
-            emb = emb + self.label_emb(y)
-        elif y is not None:
-            raise ValueError("y was given but this model is unconditional (num_classes=None)")
+        emb = emb + label_embedding(self, self.label_emb, y)
         hs, h = [], x
         for stage in self.input_blocks:
             h = stage(h, emb)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from antdiff.models.adm import timestep_embedding
+from antdiff.models.adm import label_embedding, timestep_embedding
 
 __all__ = ["DIT_SIZES", "DiT", "sincos_pos_embed_2d"]
 
@@ -163,18 +163,7 @@ class DiT(nn.Module):
             )
         h = self.patch(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, N, D]
         c = self.t_embed(timestep_embedding(t, self.freq_dim))
-        if self.y_embed is not None:
-            if y is None:
-                raise ValueError(
-                    "this model is class-conditional: pass y (null class = "
-                    f"{self.num_classes} for unconditional)"
-                )
-            if self.training and self.class_dropout_prob > 0:
-                drop = torch.rand(y.shape, device=y.device) < self.class_dropout_prob
-                y = torch.where(drop, torch.full_like(y, self.num_classes), y)
-            c = c + self.y_embed(y)
-        elif y is not None:
-            raise ValueError("y was given but this model is unconditional (num_classes=None)")
+        c = c + label_embedding(self, self.y_embed, y)
         for block in self.blocks:
             h = block(h, c)
         shift, scale = self.final_ada(c).chunk(2, dim=1)
