@@ -13,6 +13,8 @@ COMMANDS = {
     "train": ("antdiff.cli.train", "train a diffusion model with ANT (presets, --a.b overrides)"),
     "sample": ("antdiff.cli.sample", "draw samples from a checkpoint (EMA) -> PNG grid + .npy"),
     "eval": ("antdiff.cli.eval", "FID / precision / recall of a checkpoint's samples -> JSON"),
+    "ntg": ("antdiff.cli.ntg", "negative transfer gap per timestep interval -> JSON + PNG"),
+    "plot": ("antdiff.cli.plot", "figures of a run's logs: cluster losses, weights, conflicts"),
     "demo": ("antdiff.demo", "ANT vs vanilla on digits in a few CPU minutes -> demo_out/"),
 }
 

@@ -1,0 +1,288 @@
+"""Sampling from trainer checkpoints and scoring the samples: FID, precision and recall.
+
+``load_for_sampling(ckpt)`` rebuilds a run's model (EMA weights by default) with its diffusion
+and dataset (which holds the latent codec of a latent run); ``generate(...)`` draws samples in
+batches, decoding latents to images; ``evaluate_checkpoint(...)`` scores them against reference
+statistics of a data set with a named feature network (the result says which one, because FIDs
+from different networks are not comparable).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "FEATURES",
+    "Loaded",
+    "evaluate_checkpoint",
+    "generate",
+    "load_for_sampling",
+    "make_extractor",
+    "reference_images",
+]
+
+FEATURES = ("digits", "inception", "fid-helper")
+
+
+@dataclass
+class Loaded:
+    """A checkpoint made ready to sample: model in eval mode, its diffusion, config and data."""
+
+    model: nn.Module
+    diffusion: Any  # GaussianDiffusion
+    cfg: Any  # Config
+    data: Any  # Dataset: shape, num_classes, codec (latent runs)
+    step: int
+    path: Path
+    ema: bool
+
+    @property
+    def latent(self) -> bool:
+        return self.cfg.data.source == "latents" or self.data.codec is not None
+
+
+def load_for_sampling(
+    ckpt: str | Path, ema: bool = True, device: str | torch.device = "cpu"
+) -> Loaded:
+    """Model, diffusion, config and dataset of a trainer checkpoint file or run directory.
+
+    Args:
+        ckpt: a ``ckpt_*.pt`` file, or a run / checkpoints directory (its newest complete one).
+        ema: load the EMA weights (default) instead of the raw ones.
+        device: where the model (and the codec) go.
+    """
+    from .checkpoint import load_checkpoint, model_from_state
+    from .diffusion import GaussianDiffusion
+    from .schedules import make_schedule
+
+    state, path = load_checkpoint(ckpt, "cpu")
+    model, cfg, data = model_from_state(state, weights="ema" if ema else "model")
+    dc = cfg.diffusion
+    diffusion = GaussianDiffusion(
+        make_schedule(dc.schedule, dc.T), dc.prediction, dc.learn_sigma, dc.loss_weighting
+    )
+    model = model.to(device).eval().requires_grad_(False)
+    if data.codec is not None:
+        data = data.to(device)
+    return Loaded(model, diffusion, cfg, data, int(state["step"]), path, ema)
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def generate(
+    loaded: Loaded,
+    num: int,
+    *,
+    sampler: str = "ddim",
+    steps: int = 50,
+    cfg_scale: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 500,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Draw ``num`` images from a loaded checkpoint, batch by batch, with a tqdm bar.
+
+    One generator seeded with ``seed`` drives all batches, so (seed, batch_size) fix the output.
+    Class-conditional models get balanced labels ``i % num_classes``. Latents are sampled
+    unclipped and decoded through the run's codec.
+
+    Returns:
+        (images [num, C, H, W] float32 in [-1, 1] on the CPU, labels [num] int64 or None).
+    """
+    from .sampling import sample
+
+    _check_int("num", num, 1)
+    _check_int("batch_size", batch_size, 1)
+    _check_int("steps", steps, 1)
+    device = next(loaded.model.parameters()).device
+    gen = torch.Generator(device).manual_seed(int(seed))
+    classes = loaded.data.num_classes if loaded.cfg.data.class_conditional else None
+    labels = torch.arange(num) % classes if classes else None
+    if cfg_scale != 1.0 and labels is None:
+        raise ValueError(f"cfg_scale={cfg_scale} needs a class-conditional model; this one is not")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num, desc=f"{sampler}-{steps}", unit="img", dynamic_ncols=True)
+    out = []
+    try:
+        for start in range(0, num, batch_size):
+            n = min(batch_size, num - start)
+            y = None if labels is None else labels[start : start + n].to(device)
+            x = sample(
+                loaded.model,
+                loaded.diffusion,
+                (n, *loaded.data.shape),
+                sampler=sampler,
+                steps=steps,
+                y=y,
+                cfg_scale=cfg_scale,
+                generator=gen,
+                clip_denoised=not loaded.latent,
+            )
+            if loaded.data.codec is not None:
+                with torch.no_grad():
+                    x = loaded.data.codec.decode(x)
+            out.append(x.float().clamp(-1.0, 1.0).cpu())
+            if bar is not None:
+                bar.update(n)
+    finally:
+        if bar is not None:
+            bar.close()
+    return torch.cat(out), labels
+
+
+def make_extractor(features: str, inception: str | Path | None = None, device: Any = "cpu"):
+    """The feature network named ``features`` ("digits", "inception", "fid-helper").
+
+    ``inception``: path of inception-2015-12-05.pt ("inception") or default_1.pt ("fid-helper");
+    a missing file raises the metrics module's FileNotFoundError, which says where to get it.
+    """
+    from .metrics import DigitsFeatures, FidHelperInception, InceptionTorchScript
+
+    if features == "digits":
+        return DigitsFeatures(device=device)
+    if features == "inception":
+        return InceptionTorchScript(inception, device=device)
+    if features == "fid-helper":
+        return FidHelperInception(inception, device=device)
+    raise ValueError(f"features must be one of {list(FEATURES)}, got {features!r}")
+
+
+def reference_images(ref: str | Path) -> tuple[str, torch.Tensor]:
+    """(label, images [N, C, H, W] in [-1, 1]) of a known data set name or a .npy / .pt file."""
+    from .metrics.reference_stats import DATASETS
+
+    if isinstance(ref, str) and ref in DATASETS:
+        return ref, DATASETS[ref]()
+    p = Path(ref)
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"--ref {str(ref)!r} is neither a known data set {sorted(DATASETS)} nor a file"
+        )
+    if p.suffix == ".npy":
+        x = torch.from_numpy(np.load(p, allow_pickle=False))
+    elif p.suffix == ".pt":
+        x = torch.load(p, map_location="cpu", weights_only=True)
+        x = x["x"] if isinstance(x, dict) else x
+    else:
+        raise ValueError(f"--ref file must be .npy or .pt images [N, C, H, W], got {str(p)!r}")
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        raise ValueError(f"--ref {str(p)!r} must hold images [N, C, H, W] in [-1, 1]")
+    return p.stem, x.float()
+
+
+def _real_features(label: str, images: torch.Tensor, extractor: Any, cache_dir: Path) -> np.ndarray:
+    """Features [N, D] of the reference images, cached like the reference statistics."""
+    from .metrics.reference_stats import cache_path, data_hash
+    from .utils import atomic_write
+
+    path = cache_path(label, extractor.name, data_hash(images), cache_dir / "features")
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["extractor"]) == extractor.name:
+                return z["features"]
+    feats = extractor(images)
+    atomic_write(path, lambda f: np.savez(f, features=feats, extractor=np.str_(extractor.name)))
+    return feats
+
+
+def score(
+    fake: torch.Tensor,
+    extractor: Any,
+    ref: str | Path = "digits",
+    *,
+    k: int = 3,
+    cache_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """FID (against cached reference statistics) and precision / recall (k-NN, ``k``).
+
+    Args:
+        fake: images [N, C, H, W] in [-1, 1].
+    """
+    from .metrics import fid_vs_reference, precision_recall, reference_stats
+    from .metrics.features import default_cache_dir
+
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "reference_stats"
+    label, real = reference_images(ref)
+    stats = reference_stats(real, extractor, root, label=label)
+    out = fid_vs_reference(fake, stats, extractor)
+    fake_f = extractor(fake)
+    pr = precision_recall(
+        _real_features(label, real, extractor, root), fake_f, k=k, features=extractor.name
+    )
+    out.update(precision=pr["precision"], recall=pr["recall"], k=k, reference=label)
+    return out
+
+
+def evaluate_checkpoint(
+    ckpt: str | Path,
+    num: int,
+    *,
+    sampler: str = "ddim",
+    steps: int = 50,
+    cfg_scale: float = 1.0,
+    seed: int = 0,
+    ema: bool = True,
+    features: str = "digits",
+    inception: str | Path | None = None,
+    ref: str | Path = "digits",
+    k: int = 3,
+    batch_size: int = 500,
+    progress: bool = True,
+    cache_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Sample ``num`` images from ``ckpt`` and score them; a JSON-able dict of results + settings.
+
+    The feature network is built (and its file found) before any sampling, so a missing
+    Inception file fails fast. Fewer samples than the feature dimension + 1 raise the metrics
+    module's ValueError, which says how many are needed.
+    """
+    _check_int("num", num, 1)
+    extractor = make_extractor(features, inception)
+    loaded = load_for_sampling(ckpt, ema=ema)
+    t0 = time.perf_counter()
+    fake, _ = generate(
+        loaded,
+        num,
+        sampler=sampler,
+        steps=steps,
+        cfg_scale=cfg_scale,
+        seed=seed,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    t1 = time.perf_counter()
+    metrics = score(fake, extractor, ref, k=k, cache_dir=cache_dir)
+    cfg = loaded.cfg
+    return {
+        **metrics,
+        "features_key": features,
+        "ckpt": str(loaded.path),
+        "step": loaded.step,
+        "weights": "ema" if ema else "raw",
+        "sampler": sampler,
+        "steps": steps,
+        "num": num,
+        "seed": seed,
+        "cfg_scale": cfg_scale,
+        "batch_size": batch_size,
+        "model": cfg.model.name,
+        "method": cfg.ant.method,
+        "clustering": cfg.ant.clustering,
+        "k_clusters": cfg.ant.k,
+        "train_seed": cfg.train.seed,
+        "seconds_sampling": round(t1 - t0, 3),
+        "seconds_metrics": round(time.perf_counter() - t1, 3),
+    }

@@ -1,0 +1,161 @@
+"""antdiff sample / antdiff eval and antdiff.evaluate on a 20-step digits run trained once here.
+
+The metric values are checked against independent float64 computations (scipy's sqrtm for the
+Frechet distance, brute-force k-NN balls for precision / recall) on the very samples that
+``antdiff sample`` writes with the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from antdiff.checkpoint import load_checkpoint
+from antdiff.cli import main
+from antdiff.config import load_config
+from antdiff.evaluate import generate, load_for_sampling
+from antdiff.metrics import DIGITS_NAME, DigitsFeatures, digits_images
+from antdiff.train import train
+
+FAST = ["--steps", "10", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("digits_run")
+    overrides = [
+        *("--train.steps", "20", "--train.batch_size", "16", "--train.ckpt_every", "20"),
+        *("--train.out_dir", str(out), "--train.progress", "false", "--sample.n", "4"),
+        *("--sample.steps", "5", "--train.ema_decay", "0.9"),
+    ]
+    train(load_config("digits_adm", overrides))
+    return out
+
+
+def _sample(run_dir: Path, out: Path, *extra: str, num: int = 12) -> np.ndarray:
+    argv = ["sample", "--ckpt", str(run_dir), "--num", str(num), *FAST, "--out", str(out)]
+    assert main([*argv, *extra]) == 0
+    return np.load(out / "samples.npy")
+
+
+def test_sample_writes_grid_array_and_settings(run_dir: Path, tmp_path: Path) -> None:
+    x = _sample(run_dir, tmp_path / "s", "--seed", "3", "--batch-size", "5")
+    assert x.shape == (12, 1, 8, 8) and x.dtype == np.float32
+    assert np.all(np.abs(x) <= 1.0) and np.isfinite(x).all()
+    png = tmp_path / "s" / "samples.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    meta = json.loads((tmp_path / "s" / "sample.json").read_text())
+    assert meta["step"] == 20 and meta["weights"] == "ema" and meta["seed"] == 3
+    assert meta["num"] == 12 and meta["sampler"] == "ddim" and meta["steps"] == 10
+    assert not list((tmp_path / "s").glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_sample_pt_format(run_dir: Path, tmp_path: Path) -> None:
+    rc = main(["sample", "--ckpt", str(run_dir), "--num", "3", *FAST, "--format", "pt",
+               "--out", str(tmp_path)])  # fmt: skip
+    assert rc == 0
+    blob = torch.load(tmp_path / "samples.pt", weights_only=True)
+    assert blob["x"].shape == (3, 1, 8, 8)
+
+
+def test_seeded_sampling_is_deterministic(run_dir: Path, tmp_path: Path) -> None:
+    a = _sample(run_dir, tmp_path / "a", "--seed", "7")
+    b = _sample(run_dir, tmp_path / "b", "--seed", "7")
+    c = _sample(run_dir, tmp_path / "c", "--seed", "8")
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-3
+
+
+def test_ema_and_raw_weights_differ(run_dir: Path, tmp_path: Path) -> None:
+    state, _ = load_checkpoint(run_dir)
+    ema, raw = load_for_sampling(run_dir), load_for_sampling(run_dir, ema=False)
+    for name, p in ema.model.state_dict().items():
+        torch.testing.assert_close(p, state["ema"][name], rtol=0, atol=0)
+    for name, p in raw.model.state_dict().items():
+        torch.testing.assert_close(p, state["model"][name], rtol=0, atol=0)
+    a = _sample(run_dir, tmp_path / "ema", "--ema")
+    b = _sample(run_dir, tmp_path / "raw", "--no-ema")
+    assert np.abs(a - b).max() > 1e-3
+
+
+def test_generate_batches_match_one_batch_per_seed(run_dir: Path) -> None:
+    loaded = load_for_sampling(run_dir)
+    x, y = generate(loaded, 6, steps=5, seed=1, batch_size=6, progress=False)
+    x2, _ = generate(loaded, 6, steps=5, seed=1, batch_size=6, progress=False)
+    assert y is None and x.shape == (6, 1, 8, 8)
+    torch.testing.assert_close(x, x2, rtol=0, atol=0)
+
+
+def _frechet64(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy import linalg
+
+    m1, m2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2).real
+    return float(((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def _coverage(support: np.ndarray, queries: np.ndarray, k: int) -> float:
+    d_ss = ((support[:, None] - support[None]) ** 2).sum(-1)
+    radii = np.sort(d_ss, axis=1)[:, k]  # column 0 is the point itself
+    d_qs = ((queries[:, None] - support[None]) ** 2).sum(-1)
+    return float((d_qs <= radii[None]).any(axis=1).mean())
+
+
+def test_eval_json_matches_independent_metrics(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval.json"
+    rc = main(["eval", "--ckpt", str(run_dir), "--num", "100", *FAST, "--seed", "4",
+               "--features", "digits", "--ref", "digits", "--cache-dir", str(tmp_path / "cache"),
+               "--json", str(out)])  # fmt: skip
+    assert rc == 0
+    res = json.loads(out.read_text())
+    for key in ("fid", "precision", "recall", "ckpt", "step", "sampler", "steps", "num", "seed"):
+        assert key in res
+    assert res["features"] == DIGITS_NAME and res["dim"] == 64 and res["k"] == 3
+    assert (res["step"], res["num"], res["seed"], res["steps"]) == (20, 100, 4, 10)
+    assert res["n_real"] == 1797 and res["weights"] == "ema"
+    fake = _sample(run_dir, tmp_path / "s", "--seed", "4", num=100)
+    ext = DigitsFeatures()
+    f_real, f_fake = ext(digits_images("all")[0]), ext(torch.from_numpy(fake))
+    assert res["fid"] == pytest.approx(_frechet64(f_real, f_fake), rel=1e-5, abs=1e-6)
+    assert res["precision"] == pytest.approx(_coverage(f_real, f_fake, 3), abs=1e-9)
+    assert res["recall"] == pytest.approx(_coverage(f_fake, f_real, 3), abs=1e-9)
+    assert list((tmp_path / "cache").rglob("*.npz"))  # reference statistics were cached
+
+
+def _err(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_errors(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    j = ["--json", str(tmp_path / "e.json")]
+    missing = str(tmp_path / "nope")
+    assert "does not exist" in _err(capsys, ["eval", "--ckpt", missing, "--num", "5", *j])
+    assert "--num must be >= 1" in _err(capsys, ["sample", "--ckpt", str(run_dir), "--num", "0",
+                                                 "--out", str(tmp_path)])  # fmt: skip
+    ck = ["eval", "--ckpt", str(run_dir), *FAST, *j]
+    assert "features must be one of" in _err(capsys, [*ck, "--num", "5", "--features", "vgg"])
+    err = _err(capsys, [*ck, "--num", "5", "--features", "inception",
+                        "--inception", str(tmp_path / "inception.pt")])  # fmt: skip
+    assert "not found" in err and "inception-2015-12-05.pt" in err
+    err = _err(capsys, [*ck, "--num", "20"])
+    assert "rank-deficient" in err and "at least 65 samples" in err
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_latent_run_is_decoded(tmp_path: Path) -> None:
+    overrides = [
+        *("--train.steps", "2", "--train.batch_size", "8", "--train.ckpt_every", "2"),
+        *("--data.autoencoder_steps", "3", "--train.progress", "false", "--sample.n", "2"),
+        *("--sample.steps", "2", "--train.out_dir", str(tmp_path / "run")),
+    ]
+    train(load_config("digits_ldm", overrides))
+    loaded = load_for_sampling(tmp_path / "run")
+    assert loaded.latent and tuple(loaded.data.shape) != (1, 8, 8)
+    x, _ = generate(loaded, 3, steps=2, progress=False)
+    assert x.shape == (3, 1, 8, 8) and float(x.abs().max()) <= 1.0

@@ -1,0 +1,177 @@
+"""Negative transfer gap: interval checks, the routing wrapper, interval specialists (the
+train.t_range config key), the NTG sign/definition against an independent FID computation,
+and the JSON / PNG outputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from antdiff.analysis.ntg import (
+    IntervalRouter,
+    check_intervals,
+    negative_transfer_gap,
+    run_ntg,
+    sample_images,
+    uniform_intervals,
+    write_ntg,
+)
+from antdiff.cli import main as cli_main
+from antdiff.config import load_config
+from antdiff.metrics import DigitsFeatures, fid_from_features
+from antdiff.train import train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cfg(tmp_path, *extra, steps=3):
+    return load_config(
+        "digits_adm",
+        ["--ant.method", "vanilla", "--train.steps", str(steps), "--train.batch_size", "10",
+         "--train.log_every", "1", "--train.ckpt_every", str(steps), "--train.progress", "false",
+         "--train.ema_decay", "0.5", "--sample.steps", "4", "--sample.n", "4",
+         "--train.out_dir", str(tmp_path), *extra],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "bad", [[(-1, 10)], [(10, 10)], [(50, 30)], [(900, 1001)], [], [(0, 1, 2)], [(0.5, 10)]]
+)
+def test_bad_intervals_raise(bad):
+    with pytest.raises(ValueError, match="intervals"):
+        check_intervals(bad, 1000)
+
+
+def test_uniform_intervals_tile_0_T():
+    assert uniform_intervals(1000, 5) == [(0, 200), (200, 400), (400, 600), (600, 800), (800, 1000)]
+    iv = uniform_intervals(10, 3)
+    assert iv[0][0] == 0 and iv[-1][1] == 10
+    assert all(a[1] == b[0] for a, b in zip(iv, iv[1:])) and all(t1 < t2 for t1, t2 in iv)
+    with pytest.raises(ValueError, match="k must be"):
+        uniform_intervals(10, 11)
+
+
+class _Affine(torch.nn.Module):
+    """out = a * x + t / 1000 + y: distinct, easy to recompute, uses every input."""
+
+    def __init__(self, a: float) -> None:
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor(a, dtype=torch.float64))
+
+    def forward(self, x, t, y=None):
+        out = self.a * x + (t.double() / 1000).view(-1, 1, 1, 1)
+        return out if y is None else out + y.double().view(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("t", [[5, 250, 199, 200, 0, 999, 399, 400], [210] * 4, [10, 900]])
+def test_router_picks_the_specialist_exactly_inside(t):
+    full, spec = _Affine(2.0), _Affine(-3.0)
+    router = IntervalRouter(full, spec, 200, 400)
+    t = torch.tensor(t)
+    x = torch.randn(len(t), 1, 4, 4, dtype=torch.float64)
+    y = torch.arange(len(t))
+    with torch.no_grad():
+        got = router(x, t, y=y)
+        inside = ((t >= 200) & (t < 400)).view(-1, 1, 1, 1)
+        want = torch.where(inside, spec(x, t, y=y), full(x, t, y=y))
+    assert torch.equal(got, want)
+    with torch.no_grad():
+        assert torch.equal(router(x, t), torch.where(inside, spec(x, t), full(x, t)))
+
+
+def test_t_range_config_trains_only_inside(tmp_path):
+    with pytest.raises(ValueError, match="t_range"):
+        _cfg(tmp_path, "--train.t_range", "[0,1001]")
+    with pytest.raises(ValueError, match="t_range"):
+        _cfg(tmp_path, "--train.t_range", "[300,300]")
+    # log-SNR clusters of T=1000, k=5 start [0, 153), [153, 394), ...: [160, 380) is inside c2
+    cfg = _cfg(tmp_path, "--train.t_range", "[160,380]", "--train.ckpt_every", "0", steps=4)
+    seen = []
+    orig = torch.randint
+
+    def spy(*a, **kw):
+        out = orig(*a, **kw)
+        seen.append(out.clone())
+        return out
+
+    torch.randint = spy
+    try:
+        train(cfg)
+    finally:
+        torch.randint = orig
+    t = torch.cat(seen)
+    assert t.numel() == 40 and int(t.min()) >= 160 and int(t.max()) < 380
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    for r in rows:  # only cluster 2 ever holds samples
+        assert float(r["loss_c2"]) > 0
+        assert all(float(r[f"loss_c{i}"]) == 0 for i in (1, 3, 4, 5))
+
+
+def _fid_of(model, diffusion, real_feats, extractor, n, seed):
+    x = sample_images(model, diffusion, n, (1, 8, 8), seed=seed, steps=4, batch=40)
+    return fid_from_features(real_feats, extractor(x))
+
+
+def test_ntg_definition_against_independent_fid(tmp_path):
+    full_run = train(_cfg(tmp_path / "full"))["run"]
+    spec_run = train(_cfg(tmp_path / "spec", "--train.t_range", "[500,1000]", "--train.seed", "3"))
+    full, spec, diffusion = full_run.ema.model, spec_run["run"].ema.model, full_run.diffusion
+    extractor = DigitsFeatures()
+    real = full_run.data.x[:300]
+    kw = dict(n_samples=70, shape=(1, 8, 8), seed=5, steps=4, batch=40)
+    res = negative_transfer_gap(
+        full, {(0, 500): full, (500, 1000): spec}, diffusion, real, extractor, **kw
+    )
+    real_f = extractor(real)
+    base = _fid_of(full, diffusion, real_f, extractor, 70, 5)
+    routed = _fid_of(IntervalRouter(full, spec, 500, 1000), diffusion, real_f, extractor, 70, 5)
+    assert res["full"]["fid"] == pytest.approx(base, rel=1e-9)
+    same, other = res["intervals"]
+    # routing to the full model itself cannot change a single sample: NTG is exactly 0
+    assert same["ntg"] == 0.0 and same["steps_inside"] == 2
+    assert other["fid"] == pytest.approx(routed, rel=1e-9)
+    assert other["ntg"] == pytest.approx(routed - base, rel=1e-9) and other["ntg"] != 0.0
+    assert res["seed_gap"] > 0 and "digits" in res["features"]
+    js, png = write_ntg(res, tmp_path / "out")
+    assert json.loads(js.read_text())["intervals"][1]["ntg"] == other["ntg"]
+    with Image.open(png) as im:
+        im.verify()
+    with pytest.raises(ValueError, match="no step"):  # 4 DDIM steps: 0, 333, 666, 999
+        negative_transfer_gap(full, {(400, 600): spec}, diffusion, real, extractor, **kw)
+
+
+def test_run_ntg_writes_outputs_and_reuses_specialists(tmp_path):
+    cfg = _cfg(tmp_path / "unused", steps=2)
+    out = tmp_path / "ntg"
+    kw = dict(specialist_steps=2, out_dir=out, n_samples=66, batch=33)
+    res = run_ntg(cfg, uniform_intervals(1000, 2), **kw)
+    assert [r["t_range"] for r in res["intervals"]] == [[0, 500], [500, 1000]]
+    for r in res["intervals"]:
+        assert r["ntg"] == pytest.approx(r["fid"] - res["full"]["fid"], rel=1e-12)
+    saved = json.loads((out / "ntg.json").read_text())
+    assert saved["intervals"] == res["intervals"] and saved["specialist_steps"] == 2
+    with Image.open(out / "ntg.png") as im:
+        assert im.format == "PNG" and im.size[0] > 200
+    spec_cfg = (out / "specialist_0_500" / "config.yaml").read_text()
+    assert "t_range:\n  - 0\n  - 500" in spec_cfg and "method: vanilla" in spec_cfg
+    # a second call loads the checkpoints (no training) and reproduces every number
+    again = run_ntg(cfg, uniform_intervals(1000, 2), full=out / "full", **kw)
+    assert [r["fid"] for r in again["intervals"]] == [r["fid"] for r in res["intervals"]]
+    assert again["full"]["fid"] == res["full"]["fid"]
+
+
+def test_cli_rejects_bad_intervals(tmp_path, capsys):
+    args = ["--intervals", "0:0", "--out", str(tmp_path), "--train.steps", "1"]
+    rc = cli_main(["ntg", "--config", "digits_adm", *args])
+    assert rc == 2
+    assert "[0, 0)" in capsys.readouterr().err

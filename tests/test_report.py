@@ -1,0 +1,104 @@
+"""Run figures from training logs: a 10-step pcgrad digits run -> PNGs; the logged conflict
+matrix against the per-step cosines; telemetry.jsonl across a resume; missing inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from antdiff.analysis.report import load_run_logs, plot_run
+from antdiff.cli import main as cli_main
+from antdiff.config import load_config
+from antdiff.train import train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cfg(out, method, steps, *extra):
+    return load_config(
+        "digits_adm",
+        ["--ant.method", method, "--train.steps", str(steps), "--train.batch_size", "10",
+         "--train.log_every", "1", "--train.ckpt_every", "0", "--train.progress", "false",
+         "--sample.steps", "2", "--sample.n", "4", "--train.out_dir", str(out), *extra],
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pcgrad_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pcgrad")
+    train(_cfg(out, "pcgrad", 10))
+    return out
+
+
+def _valid_png(path):
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG" and min(im.size) > 100
+
+
+def test_plot_run_writes_every_figure(pcgrad_run, tmp_path):
+    res = plot_run(pcgrad_run, tmp_path / "figs")
+    assert res["method"] == "pcgrad" and res["k"] == 5 and res["last_step"] == 10
+    for name in ("losses", "weights", "conflict", "cosine"):
+        assert res[name] == str(tmp_path / "figs" / f"{name}.png")
+        _valid_png(res[name])
+    assert not list((tmp_path / "figs").glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_logs_match_csv_and_conflicts_match_cosines(pcgrad_run):
+    logs = load_run_logs(pcgrad_run)
+    rows = list(csv.DictReader(open(pcgrad_run / "metrics.csv")))
+    assert logs["steps"].tolist() == list(range(1, 11))
+    want = np.array([[float(r[f"loss_c{i}"]) for i in range(1, 6)] for r in rows])
+    np.testing.assert_array_equal(logs["cluster_loss"], want)
+    tele = logs["telemetry"]
+    assert [t["step"] for t in tele] == list(range(1, 11))
+    # PCGrad computes G every step and every cluster is present (B=10 >= k): the running
+    # conflict rate is the fraction of steps whose cosine was negative
+    cos = np.array([t["cosine"] for t in tele])  # [steps, k, k]
+    np.testing.assert_allclose(tele[-1]["conflict_rate"], (cos < 0).mean(axis=0), atol=1e-6)
+    assert logs["bounds"][0] == 0 and logs["bounds"][-1] == 1000
+
+
+def test_vanilla_run_has_curves_but_no_matrices(tmp_path):
+    train(_cfg(tmp_path / "run", "vanilla", 3))
+    res = plot_run(tmp_path / "run")
+    assert res["conflict"] is None and res["cosine"] is None
+    _valid_png(tmp_path / "run" / "plots" / "losses.png")
+    _valid_png(tmp_path / "run" / "plots" / "weights.png")
+
+
+def test_telemetry_log_is_trimmed_on_resume(tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(out, "uw", 4, "--train.ckpt_every", "2"))
+    ckpt2 = out / "checkpoints" / "ckpt_00000002.pt"
+    train(_cfg(out, "uw", 5, "--train.ckpt_every", "2"), resume=ckpt2)
+    steps = [json.loads(line)["step"] for line in open(out / "telemetry.jsonl")]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_missing_inputs_give_clear_errors(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        plot_run(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="metrics.csv"):
+        plot_run(tmp_path)
+    assert cli_main(["plot", "--run", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_plot(pcgrad_run, tmp_path, capsys):
+    assert cli_main(["plot", "--run", str(pcgrad_run), "--out", str(tmp_path)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    _valid_png(printed["conflict"])
