@@ -295,7 +295,35 @@ def test_layer_off_the_batch_dim_falls_back_at_runtime():
         J = fill(ant, lambda b, tb: model(b, tb), x, t, "auto")  # noqa: N806
     assert ant._onepass is None and all(p.requires_grad for p in model.parameters())
     close(J, fill(ant, lambda b, tb: model(b, tb), x, t, "micro"))
-    with pytest.raises(ValueError, match="'proj'.*not batch-major"):
+    # the table's weight is also read outside its layer: the first-forward audit says so
+    with pytest.raises(ValueError, match="'table.weight' is used outside its layer"):
+        fill(ant, lambda b, tb: model(b, tb), x, t, "onepass")
+
+
+class Tied(nn.Module):
+    """An output projection tied to the embedding table (F.linear on emb.weight)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(T, 4)
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, t):
+        h = torch.tanh(self.lin(x) + self.emb(t))
+        return torch.nn.functional.linear(h, self.emb.weight).pow(2).mean(1)
+
+
+def test_tied_weights_are_detected_not_silently_missed():
+    torch.manual_seed(0)
+    model = Tied()
+    ant = ANT(linear_schedule(T), k=2, method="pcgrad", model=model)
+    x = torch.randn(6, 4)
+    t = ant.sample_timesteps(6)
+    with pytest.warns(UserWarning, match="used outside its layer"):
+        J = fill(ant, lambda b, tb: model(b, tb), x, t, "auto")  # noqa: N806
+    assert ant._onepass is None
+    close(J, fill(ant, lambda b, tb: model(b, tb), x, t, "micro"))
+    with pytest.raises(ValueError, match="'emb.weight' is used outside its layer"):
         fill(ant, lambda b, tb: model(b, tb), x, t, "onepass")
 
 

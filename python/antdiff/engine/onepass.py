@@ -188,6 +188,48 @@ def _embedding(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor)
 _GRADS = {"linear": _linear, "conv": _conv, "norm": _norm, "embedding": _embedding}
 
 
+class _SharedWeightAudit(torch.overrides.TorchFunctionMode):
+    """Raises NotServable if a served layer's weight is computed with outside that layer.
+
+    Such a use (tied weights, ``F.linear(h, emb.weight)``) gets no gradient from the hooks, so
+    the rows of J would silently miss it. Runs on the first forward only; metadata reads
+    (``p.shape``, ``p.dtype``, ...) are allowed.
+    """
+
+    _META = {"size", "dim", "numel", "element_size", "is_floating_point", "is_complex",
+             "data_ptr", "stride", "__repr__", "__format__", "__len__"}  # fmt: skip
+
+    def __init__(self, layers, handles: list) -> None:
+        super().__init__()
+        self.owner = {id(p): id(m) for _, m, _ in layers for p in m.parameters(recurse=False)}
+        self.names = {id(p): f"{n}.{pn}" for n, m, _ in layers for pn, p in
+                      m.named_parameters(recurse=False)}  # fmt: skip
+        self.active: list[int] = []
+        for _, m, _ in layers:
+            handles.append(m.register_forward_pre_hook(self._enter))
+            handles.append(m.register_forward_hook(self._leave))
+
+    def _enter(self, module: nn.Module, args) -> None:
+        self.active.append(id(module))
+
+    def _leave(self, module: nn.Module, args, out) -> None:
+        self.active.pop()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name != "__get__" and name not in self._META:
+            for a in torch.utils._pytree.tree_leaves((args, kwargs)):
+                owner = self.owner.get(id(a)) if isinstance(a, torch.Tensor) else None
+                if owner is not None and (not self.active or self.active[-1] != owner):
+                    raise NotServable(
+                        f"mode='onepass': parameter {self.names[id(a)]!r} is used outside its "
+                        f"layer (by {name or func}, e.g. tied weights): its gradient would be "
+                        "missed"
+                    )
+        return func(*args, **kwargs)
+
+
 class OnePass:
     """Hook plan for ``model`` (may be DDP-wrapped): the served layers and their J slots.
 
@@ -212,6 +254,7 @@ class OnePass:
         self._buf: GradBuffer | None = None
         self._slots: list[tuple[_Slot | None, ...]] = []
         self._st: _Step | None = None
+        self._audited = False  # the first forward checks that no weight is used elsewhere
 
     def _bind(self, buf: GradBuffer) -> None:
         """Slots of every layer's (weight, bias) in ``buf.J`` (None: frozen or absent)."""
@@ -255,7 +298,12 @@ class OnePass:
             for j, (_, m, _) in enumerate(self.layers):
                 hook = functools.partial(self._forward_hook, j)
                 handles.append(m.register_forward_hook(hook, with_kwargs=True))
-            per = per_sample()
+            if self._audited:
+                per = per_sample()
+            else:
+                with _SharedWeightAudit(self.layers, handles):
+                    per = per_sample()
+                self._audited = True
         finally:
             for h in handles:
                 h.remove()
