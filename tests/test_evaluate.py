@@ -8,6 +8,7 @@ Frechet distance, brute-force k-NN balls for precision / recall) on the very sam
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,17 @@ from antdiff.train import train
 FAST = ["--steps", "10", "--no-progress"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """These models are tiny: extra intra-op threads only spin on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run_dir(tmp_path_factory: pytest.TempPathFactory, _one_thread: None) -> Path:
     out = tmp_path_factory.mktemp("digits_run")
     overrides = [
         *("--train.steps", "20", "--train.batch_size", "16", "--train.ckpt_every", "20"),
@@ -100,9 +110,11 @@ def _frechet64(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _coverage(support: np.ndarray, queries: np.ndarray, k: int) -> float:
-    d_ss = ((support[:, None] - support[None]) ** 2).sum(-1)
-    radii = np.sort(d_ss, axis=1)[:, k]  # column 0 is the point itself
-    d_qs = ((queries[:, None] - support[None]) ** 2).sum(-1)
+    """Fraction of queries inside some support point's k-NN ball (float64, scipy distances)."""
+    from scipy.spatial.distance import cdist
+
+    radii = np.sort(cdist(support, support, "sqeuclidean"), axis=1)[:, k]  # [:, 0] is itself
+    d_qs = cdist(queries, support, "sqeuclidean")
     return float((d_qs <= radii[None]).any(axis=1).mean())
 
 
@@ -135,7 +147,7 @@ def _err(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
 def test_errors(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     j = ["--json", str(tmp_path / "e.json")]
     missing = str(tmp_path / "nope")
-    assert "does not exist" in _err(capsys, ["eval", "--ckpt", missing, "--num", "5", *j])
+    assert "does not exist" in _err(capsys, ["eval", "--ckpt", missing, "--num", "99", *j])
     assert "--num must be >= 1" in _err(capsys, ["sample", "--ckpt", str(run_dir), "--num", "0",
                                                  "--out", str(tmp_path)])  # fmt: skip
     ck = ["eval", "--ckpt", str(run_dir), *FAST, *j]

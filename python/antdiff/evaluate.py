@@ -26,6 +26,7 @@ __all__ = [
     "load_for_sampling",
     "make_extractor",
     "reference_images",
+    "score",
 ]
 
 FEATURES = ("digits", "inception", "fid-helper")
@@ -242,16 +243,30 @@ def evaluate_checkpoint(
     batch_size: int = 500,
     progress: bool = True,
     cache_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     """Sample ``num`` images from ``ckpt`` and score them; a JSON-able dict of results + settings.
 
     The feature network is built (and its file found) before any sampling, so a missing
-    Inception file fails fast. Fewer samples than the feature dimension + 1 raise the metrics
-    module's ValueError, which says how many are needed.
+    Inception file fails fast, and so does ``num`` below the feature dimension + 1 (the metrics
+    module's ValueError, which says how many samples are needed).
+
+    Args:
+        ckpt: checkpoint file or run directory.
+        num: samples to draw (>= dim + 1 of the features: 65 digits, 2049 Inception).
+        features: "digits", "inception" or "fid-helper" (see :func:`make_extractor`).
+        ref: "digits" or a .npy / .pt file of reference images [N, C, H, W] in [-1, 1].
+        k: neighbours for precision / recall.
+        cache_dir: reference statistics / features cache (default ~/.cache/antdiff/...).
+        device: where the model, the codec and the feature network run.
     """
+    from .metrics.fid import check_enough_samples
+
     _check_int("num", num, 1)
-    extractor = make_extractor(features, inception)
-    loaded = load_for_sampling(ckpt, ema=ema)
+    extractor = make_extractor(features, inception, device)
+    # the metrics' own check, before minutes of sampling rather than after
+    check_enough_samples(num, extractor.dim, f"--num {num}", allow_rank_deficient=False)
+    loaded = load_for_sampling(ckpt, ema=ema, device=device)
     t0 = time.perf_counter()
     fake, _ = generate(
         loaded,

@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .sample import add_common
+from .sample import add_common, pick_device
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=not args.no_progress,
         cache_dir=args.cache_dir,
+        device=pick_device(args.device),
     )
     atomic_write_text(args.json, json.dumps(res, indent=2) + "\n")
     print(

@@ -34,6 +34,11 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=500, help="samples per sampling batch")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if any)")
+
+
+def pick_device(name: str | None) -> str:
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
-    loaded = load_for_sampling(args.ckpt, ema=args.ema)
+    loaded = load_for_sampling(args.ckpt, ema=args.ema, device=pick_device(args.device))
     x, y = generate(
         loaded,
         args.num,

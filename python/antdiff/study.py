@@ -1,0 +1,317 @@
+"""Small-scale study on digits: vanilla vs ANT methods x clusterings, several seeds, scored.
+
+    python -m antdiff.study --out runs/study_digits --seeds 3 --steps 600 --jobs 2 \
+        --report benchmarks/results/study_digits
+
+Every (config, seed) trains ``adm-tiny`` with the same steps, batch, lr and seed, then samples
+``--num`` images (EMA weights, DDIM) and scores them with the digits domain features against the
+digits set. Each result lands in ``<out>/results/<config>_s<seed>.json``; a rerun skips the
+configs whose JSON exists, so an interrupted study resumes. The "gradient" clustering needs a
+task-affinity matrix: it is computed first from the vanilla seed-0 checkpoint (``antdiff
+affinity``, ``--bins`` bins), and that run counts as the vanilla seed-0 result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from itertools import product
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .utils import atomic_write_text
+
+METHODS = ("uw", "pcgrad", "nash", "uw+pcgrad")
+CLUSTERINGS = ("timestep", "snr", "gradient")
+METRICS = ("fid", "precision", "recall")
+
+
+def study_configs(methods: tuple[str, ...], clusterings: tuple[str, ...]) -> list[dict[str, Any]]:
+    """[{"name", "method", "clustering"}]: vanilla first, then every method x clustering."""
+    out = [{"name": "vanilla", "method": "vanilla", "clustering": "snr"}]
+    for m, c in product(methods, clusterings):
+        out.append({"name": f"{m}-{c}", "method": m, "clustering": c})
+    return out
+
+
+def result_path(out: Path, name: str, seed: int) -> Path:
+    return out / "results" / f"{name}_s{seed}.json"
+
+
+def run_one(job: dict[str, Any]) -> dict[str, Any]:
+    """Train one (config, seed), evaluate its final EMA checkpoint, write the result JSON."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(job["threads"])
+    try:
+        return _run_one(job)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_one(job: dict[str, Any]) -> dict[str, Any]:
+    from .config import load_config
+    from .evaluate import evaluate_checkpoint
+    from .train import train
+
+    run_dir = Path(job["out"]) / "runs" / f"{job['name']}_s{job['seed']}"
+    steps = job["steps"]
+    overrides = [
+        *("--ant.method", job["method"], "--ant.clustering", job["clustering"]),
+        *("--train.steps", str(steps), "--train.batch_size", str(job["batch"])),
+        *("--train.lr", str(job["lr"]), "--train.ema_decay", str(job["ema"])),
+        *("--train.seed", str(job["seed"]), "--train.threads", str(job["threads"])),
+        *("--train.ckpt_every", str(steps), "--train.keep_ckpts", "1"),
+        *("--train.progress", "false", "--train.out_dir", str(run_dir), "--sample.n", "16"),
+    ]
+    if job["clustering"] == "gradient":
+        overrides += ["--ant.affinity", job["affinity"]]
+    summary = train(load_config("digits_adm", overrides))
+    run = summary.pop("run")
+    res = evaluate_checkpoint(
+        summary["checkpoint"],
+        job["num"],
+        sampler=job["sampler"],
+        steps=job["sample_steps"],
+        seed=job["seed"],
+        batch_size=job["num"],
+        progress=False,
+    )
+    res.update(
+        config=job["name"],
+        train_steps=steps,
+        train_batch=job["batch"],
+        train_seconds=round(summary["seconds"], 2),
+        sec_per_step=round(summary["sec_per_step"], 4),
+        final_loss=summary["loss"],
+        cluster_bounds=list(run.ant.clusters.bounds),
+        cluster_weights=summary["stats"].get("weight"),
+    )
+    path = result_path(Path(job["out"]), job["name"], job["seed"])
+    atomic_write_text(path, json.dumps(res, indent=2, default=float))
+    return res
+
+
+def make_affinity(out: Path, ckpt_dir: Path, bins: int, n_samples: int, threads: int) -> Path:
+    """``antdiff affinity`` on one vanilla run -> <out>/affinity.npz (+ PNGs) and the [T, T]
+    expansion <out>/affinity_T.npy that the trainer's ``ant.affinity`` reads."""
+    import torch
+
+    from .analysis.affinity import AffinityResult
+    from .cli import main as cli_main
+
+    torch.set_num_threads(threads)
+    npz = out / "affinity.npz"
+    argv = ["affinity", str(ckpt_dir), "--bins", str(bins), "--n-samples", str(n_samples)]
+    if cli_main([*argv, "--device", "cpu", "--out", str(npz)]) != 0:
+        raise RuntimeError("antdiff affinity failed (see the message above)")
+    res = AffinityResult.load(npz)
+    # per-timestep matrix: every timestep takes its bin's row/column
+    which = np.repeat(np.arange(res.nb), np.diff(res.bin_edges))
+    full = out / "affinity_T.npy"
+    np.save(full, res.affinity[np.ix_(which, which)].astype(np.float32))
+    return full
+
+
+def summarize(out: Path, configs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
+    """Mean and std (over seeds, ddof=1) of every metric per config, from the result JSONs."""
+    rows = []
+    for c in configs:
+        paths = [result_path(out, c["name"], s) for s in seeds]
+        res = [json.loads(p.read_text()) for p in paths if p.is_file()]
+        if not res:
+            continue
+        row = {**c, "n_seeds": len(res), "seeds": [r["seed"] for r in res]}
+        for key in (*METRICS, "sec_per_step"):
+            vals = np.array([r[key] for r in res], dtype=np.float64)
+            row[key] = {
+                "mean": float(vals.mean()),
+                "std": float(vals.std(ddof=1)) if vals.size > 1 else 0.0,
+                "values": vals.tolist(),
+            }
+        row["cluster_bounds"] = res[0]["cluster_bounds"]
+        rows.append(row)
+    base = {s: v for s, v in zip(rows[0]["seeds"], rows[0]["fid"]["values"])} if rows else {}
+    for row in rows:  # paired by seed: every config shares the seed's data order, init, noise
+        d = np.array([v - base[s] for s, v in zip(row["seeds"], row["fid"]["values"]) if s in base])
+        row["dfid"] = {
+            "mean": float(d.mean()) if d.size else float("nan"),
+            "std": float(d.std(ddof=1)) if d.size > 1 else 0.0,
+            "values": d.tolist(),
+            "better": int((d < 0).sum()),
+        }
+    return {"rows": rows, "settings": res[0] if rows else {}}
+
+
+def _pm(stat: dict[str, float], digits: int) -> str:
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def write_report(summary: dict[str, Any], prefix: Path, out: Path) -> None:
+    """PREFIX.md (table + settings), PREFIX.json (the summary) and PREFIX/ (affinity files)."""
+    meta, rows = summary["meta"], summary["rows"]
+    feats = summary["settings"].get("features", "?")
+    lines = [
+        "# ANT vs vanilla on 8x8 digits (small-scale study)",
+        "",
+        f"Features: {feats}: the 64-d hidden layer of a small digits classifier; reference: "
+        f"all 1797 digits. Mean ± std (ddof 1) over seeds {rows[0]['seeds'] if rows else []}.",
+        "",
+        "ΔFID: FID minus the vanilla FID of the same seed (mean ± std over seeds); "
+        "'better': seeds where the config beat vanilla.",
+        "",
+        "| config | method | clustering | FID ↓ | ΔFID vs vanilla | better | precision ↑ "
+        "| recall ↑ | s/step | clusters |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        d, van = r["dfid"], r["method"] == "vanilla"
+        delta = "-" if van else f"{d['mean']:+.2f} ± {d['std']:.2f}"
+        better = "-" if van else f"{d['better']}/{len(d['values'])}"
+        lines.append(
+            f"| {r['name']} | {r['method']} | {'-' if van else r['clustering']} | "
+            f"{_pm(r['fid'], 2)} | {delta} | {better} | {_pm(r['precision'], 3)} | "
+            f"{_pm(r['recall'], 3)} | {r['sec_per_step']['mean']:.3f} | "
+            f"{'-' if van else r['cluster_bounds']} |"
+        )
+    lines += [
+        "",
+        f"- Command: `{meta['command']}`",
+        f"- Model adm-tiny (digits_adm preset), {meta['steps']} steps, batch {meta['batch']}, "
+        f"lr {meta['lr']}, EMA {meta['ema']}, k = 5, {meta['seeds']} seeds (a seed fixes "
+        "the init, data order and noise streams of every config).",
+        f"- Samples: {meta['num']} per run, {meta['sampler'].upper()}-{meta['sample_steps']}, "
+        "EMA weights, sampling seed = training seed; precision / recall with k = 3.",
+        f"- Gradient clustering: affinity of {meta['bins']} bins "
+        f"({meta['affinity_samples']} samples per bin) from the vanilla seed-0 checkpoint "
+        "(study_digits/affinity_*.png, affinity.npz).",
+        f"- Machine: {meta['machine']}, shared with other jobs; {meta['jobs']} runs in parallel, "
+        "1 torch thread each; s/step are therefore contended timings.",
+        f"- Wall time: {meta['wall_seconds'] / 60:.1f} min from the study's first start to this "
+        f"report; git sha {meta['git_sha']}.",
+    ]
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(prefix.with_suffix(".md"), "\n".join(lines) + "\n")
+    atomic_write_text(prefix.with_suffix(".json"), json.dumps(summary, indent=2, default=str))
+    for name in ("affinity.npz", "affinity_timestep.png", "affinity_logsnr.png"):
+        if (out / name).is_file():
+            prefix.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(out / name, prefix / name)
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m antdiff.study", description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="runs, results and affinity go here")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ema", type=float, default=0.99)
+    p.add_argument("--num", type=int, default=1000, help="samples per run for the metrics")
+    p.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"))
+    p.add_argument("--sample-steps", type=int, default=50)
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--clusterings", default=",".join(CLUSTERINGS))
+    p.add_argument("--bins", type=int, default=20, help="affinity bins (gradient clustering)")
+    p.add_argument("--affinity-samples", type=int, default=256)
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (1 thread each)")
+    p.add_argument("--report", type=Path, default=None, help="write REPORT.md / REPORT.json")
+    args = p.parse_args(argv)
+    if args.seeds < 1 or args.steps < 1 or args.num < 1 or args.jobs < 1:
+        p.error("--seeds, --steps, --num and --jobs must be >= 1")
+    return args
+
+
+def _schedule(out: Path, todo: list[dict[str, Any]], args: argparse.Namespace, t0: float) -> None:
+    """Run the jobs ``args.jobs`` at a time; the gradient-clustering jobs wait for the affinity,
+    which the vanilla seed-0 run provides."""
+    affinity = out / "affinity_T.npy"
+    vdir = out / "runs" / "vanilla_s0"
+    held = [j for j in todo if j["clustering"] == "gradient" and not affinity.is_file()]
+    if held and result_path(out, "vanilla", 0).is_file():
+        make_affinity(out, vdir, args.bins, args.affinity_samples, 1)
+        held = []
+    ready = sorted((j for j in todo if j not in held), key=lambda j: j["seed"] != 0)
+    ready.sort(key=lambda j: (j["name"], j["seed"]) != ("vanilla", 0))
+    # one job at a time runs in this process (no start-up cost); more get spawned processes
+    pool_cm = (
+        ThreadPoolExecutor(1)
+        if args.jobs == 1
+        else ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"))
+    )
+    with pool_cm as pool:
+        running = {pool.submit(run_one, j): j for j in ready}
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in done:
+                j, r = running.pop(f), f.result()
+                print(
+                    f"[{time.perf_counter() - t0:6.0f} s] {j['name']} seed {j['seed']}: "
+                    f"FID {r['fid']:.3f} P {r['precision']:.3f} R {r['recall']:.3f} "
+                    f"({r['sec_per_step']:.3f} s/step)",
+                    flush=True,
+                )
+                if held and (j["name"], j["seed"]) == ("vanilla", 0):
+                    make_affinity(out, vdir, args.bins, args.affinity_samples, 1)
+                    running.update({pool.submit(run_one, h): h for h in held})
+                    held = []
+    if held:
+        raise RuntimeError("the gradient runs need the vanilla seed-0 run, which did not run")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    t0, out = time.perf_counter(), args.out
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "started.txt").is_file():  # wall time counts from the first invocation
+        atomic_write_text(out / "started.txt", f"{time.time():.1f}\n")
+    configs = study_configs(tuple(args.methods.split(",")), tuple(args.clusterings.split(",")))
+    seeds = list(range(args.seeds))
+    base = {k: getattr(args, k) for k in ("steps", "batch", "lr", "ema", "num", "sampler")}
+    base.update(out=str(out), threads=1, sample_steps=args.sample_steps)
+    base["affinity"] = str(out / "affinity_T.npy")
+    todo = [
+        {**base, **c, "seed": s}
+        for s in seeds
+        for c in configs
+        if not result_path(out, c["name"], s).is_file()
+    ]
+    print(f"study: {len(todo)} runs to do ({len(configs)} configs x {len(seeds)} seeds)")
+    _schedule(out, todo, args, t0)
+    summary = summarize(out, configs, seeds)
+    summary["meta"] = {
+        "command": "python -m antdiff.study " + " ".join(sys.argv[1:] if argv is None else argv),
+        "wall_seconds": round(time.time() - float((out / "started.txt").read_text()), 1),
+        "git_sha": git_sha(),
+        "machine": f"CPU, {os.cpu_count()} cores",
+        **{k: v for k, v in vars(args).items() if k not in ("out", "report")},
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
+    if args.report is not None:
+        write_report(summary, args.report, out)
+    for r in summary["rows"]:
+        print(f"{r['name']:>20}: FID {r['fid']['mean']:.3f} +- {r['fid']['std']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

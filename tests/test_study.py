@@ -1,0 +1,88 @@
+"""Smoke test of the study driver: 2 configs x 1 seed x a few steps, resumable, reported."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from antdiff import study
+
+CLUSTER_NAMES = ("timestep", "snr", "gradient")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """These models are tiny: extra intra-op threads only spin on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_default_grid_is_vanilla_plus_methods_times_clusterings() -> None:
+    configs = study.study_configs(study.METHODS, study.CLUSTERINGS)
+    assert len(configs) == 13 and configs[0]["method"] == "vanilla"
+    assert len({c["name"] for c in configs}) == 13
+    assert {(c["method"], c["clustering"]) for c in configs[1:]} == {
+        (m, c) for m in ("uw", "pcgrad", "nash", "uw+pcgrad") for c in CLUSTER_NAMES
+    }
+
+
+def test_smoke_gradient_clustering_resume_and_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out, report = tmp_path / "study", tmp_path / "rep" / "study_digits"
+    argv = [
+        *("--out", str(out), "--seeds", "1", "--steps", "3", "--batch", "8", "--num", "70"),
+        *("--sample-steps", "3", "--methods", "uw", "--clusterings", "gradient"),
+        *("--bins", "4", "--affinity-samples", "8", "--jobs", "1", "--report", str(report)),
+    ]
+    assert study.main(argv) == 0
+    for name in ("vanilla", "uw-gradient"):
+        res = json.loads((out / "results" / f"{name}_s0.json").read_text())
+        assert res["train_steps"] == 3 and res["num"] == 70 and res["steps"] == 3
+        assert 0.0 <= res["precision"] <= 1.0 and 0.0 <= res["recall"] <= 1.0
+        assert res["fid"] >= 0.0 and "not comparable" in res["features"]
+    # the gradient run used the affinity made from the vanilla run: [T, T] from 4 bins
+    aff = np.load(out / "affinity_T.npy")
+    assert aff.shape == (1000, 1000)
+    np.testing.assert_allclose(np.diag(aff), 1.0, atol=1e-6)
+    summary = json.loads(report.with_suffix(".json").read_text())
+    rows = {r["name"]: r for r in summary["rows"]}
+    assert set(rows) == {"vanilla", "uw-gradient"} and rows["vanilla"]["n_seeds"] == 1
+    md = report.with_suffix(".md").read_text()
+    assert "| uw-gradient | uw | gradient |" in md and "not comparable" in md
+    assert (report / "affinity.npz").is_file() and (report / "affinity_timestep.png").is_file()
+    # a rerun finds every result and trains nothing
+    capsys.readouterr()
+    assert study.main(argv) == 0
+    assert "study: 0 runs to do" in capsys.readouterr().out
+
+
+def test_summary_mean_std_and_paired_delta(tmp_path: Path) -> None:
+    configs = [
+        {"name": "vanilla", "method": "vanilla", "clustering": "snr"},
+        {"name": "uw-snr", "method": "uw", "clustering": "snr"},
+    ]
+    fids = {"vanilla": [3.0, 5.0, 10.0], "uw-snr": [2.0, 6.0, 7.0]}
+    for name, values in fids.items():
+        for s, f in enumerate(values):
+            res = {"seed": s, "fid": f, "precision": 0.5, "recall": 0.1 * s, "sec_per_step": 1.0,
+                   "cluster_bounds": [0, 1000]}  # fmt: skip
+            path = study.result_path(tmp_path, name, s)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(res))
+    van, uw = study.summarize(tmp_path, configs, [0, 1, 2])["rows"]
+    mean = sum(fids["vanilla"]) / 3
+    std = (sum((f - mean) ** 2 for f in fids["vanilla"]) / 2) ** 0.5
+    assert van["fid"]["mean"] == pytest.approx(mean) and van["fid"]["std"] == pytest.approx(std)
+    assert van["recall"]["mean"] == pytest.approx(0.1) and van["n_seeds"] == 3
+    # paired by seed: uw - vanilla = [-1, +1, -3]
+    assert uw["dfid"]["values"] == pytest.approx([-1.0, 1.0, -3.0])
+    assert uw["dfid"]["mean"] == pytest.approx(-1.0) and uw["dfid"]["std"] == pytest.approx(2.0)
+    assert uw["dfid"]["better"] == 2 and van["dfid"]["mean"] == 0.0
