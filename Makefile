@@ -42,8 +42,11 @@ bench-quick: build
 	ANT_REQUIRE_CPP=1 $(PY) -m pytest -q benchmarks --quick --benchmark-min-rounds=1 \
 		--benchmark-max-time=0.1
 
+# on a CUDA machine: the same tests, with the Triton kernels compiled for the GPU (conftest sets
+# the interpreter only where there is no CUDA), then the GPU benchmarks
 test-gpu: build
-	ANT_REQUIRE_CPP=1 $(PY) -m pytest -q tests -m "gpu or not interpret"
+	ANT_REQUIRE_CPP=1 $(PY) -m pytest -q tests
+	ANT_REQUIRE_CPP=1 $(PY) -m pytest -q benchmarks/bench_kernels.py benchmarks/bench_step.py
 
 bench: build
 	$(PY) -m pytest benchmarks -q
