@@ -10,12 +10,14 @@ k = 5 SNR clusters, AdamW. A step = draw t, forward, the method's backward, opti
   the others the median.
 - Backward passes per step: a hook on a model parameter counts the passes through the network;
   a vmapped pass (torchjd) counts once and carries ``rows`` cotangent rows.
-- Peak memory on CPU: each scenario runs in a fresh subprocess (glibc's mmap threshold fixed at
-  64 KiB, so freed tensors leave the resident set); the figure is the peak resident set over two
-  steps (Linux VmHWM, reset after setup) minus the resident set before the first step: it counts
-  gradients, optimizer state, activations and method buffers, not imports or weights. On CUDA:
-  growth of ``torch.cuda.max_memory_allocated`` over the steps, and host syncs per step counted
-  with ``torch.cuda.set_sync_debug_mode("warn")``.
+- Peak memory: growth of the allocated tensor bytes over two steps from a fresh model and
+  optimiser (gradients, optimiser state, activations, method buffers and operator scratch; not
+  imports or weights), ``antdiff.memory.peak_allocated``: torch's CPU allocator total as the
+  profiler reports it, in a fresh subprocess per scenario, or ``torch.cuda.max_memory_allocated``.
+  On CPU the resident-set peak (Linux VmHWM over the same two steps, glibc's mmap threshold fixed
+  at 64 KiB so freed tensors leave the resident set) is reported beside it: it adds what glibc's
+  heap keeps after small frees. On CUDA also host syncs per step, counted with
+  ``torch.cuda.set_sync_debug_mode("warn")``.
 - Cross-checks (run in every session, --quick included): our PCGrad update equals LibMTL's and
   torchjd's for the same projection orders, our Nash-MTL weights equal torchjd's, our IMTL-G
   weights equal LibMTL's.
@@ -53,6 +55,7 @@ for _p in (ROOT, ROOT / "python"):  # the --memory subprocess runs this file as 
 
 from antdiff import ANT  # noqa: E402
 from antdiff.diffusion import GaussianDiffusion  # noqa: E402
+from antdiff.memory import peak_allocated  # noqa: E402
 from antdiff.models import create_model  # noqa: E402
 from benchmarks import peers  # noqa: E402
 
@@ -169,23 +172,21 @@ def _sync(device: torch.device) -> None:
 
 
 def measure_memory(model_name: str, scenario: str, device: str = "cpu") -> dict[str, int]:
-    """Peak bytes above the pre-step level over two steps (run in a fresh process on CPU)."""
+    """Peak allocated bytes above the pre-step level over two steps (fresh process on CPU)."""
     torch.set_num_threads(THREADS)
-    s = Setup(model_name, device)
-    step = make_step(scenario, s)
-    if s.device.type == "cuda":
-        _sync(s.device)
-        base = torch.cuda.memory_allocated(s.device)
-        torch.cuda.reset_peak_memory_stats(s.device)
-        for _ in range(2):
-            step()
-        _sync(s.device)
-        return {"peak_bytes": torch.cuda.max_memory_allocated(s.device) - base}
+    peak = peak_allocated(lambda: make_step(scenario, Setup(model_name, device)), device)
+    return {"peak_bytes": peak}
+
+
+def measure_rss(model_name: str, scenario: str) -> dict[str, int]:
+    """Peak resident set above the pre-step level over two steps (CPU, fresh process)."""
+    torch.set_num_threads(THREADS)
+    step = make_step(scenario, Setup(model_name))
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current VmRSS
     base = _status_kib("VmRSS")
     for _ in range(2):
         step()
-    return {"peak_bytes": (_status_kib("VmHWM") - base) * 1024}
+    return {"rss_peak_bytes": (_status_kib("VmHWM") - base) * 1024}
 
 
 def _status_kib(field: str) -> int:
@@ -196,12 +197,15 @@ def _status_kib(field: str) -> int:
 
 
 def _memory_in_subprocess(model_name: str, scenario: str) -> dict[str, int]:
+    out: dict[str, int] = {}
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    cmd = [sys.executable, __file__, "--memory", model_name, scenario]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"memory run of {scenario} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    for flag in ("--memory", "--rss"):  # the profiler's own buffers would inflate the RSS
+        cmd = [sys.executable, __file__, flag, model_name, scenario]
+        run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+        if run.returncode != 0:
+            raise RuntimeError(f"{flag} run of {scenario} failed:\n{run.stderr[-3000:]}")
+        out.update(json.loads(run.stdout.strip().splitlines()[-1]))
+    return out
 
 
 def count_syncs(step: Callable[[], None], device: torch.device) -> int:
@@ -290,7 +294,7 @@ def test_step(bench: Any, quick: bool, device: str, model_name: str, scenario: s
     elif not quick or scenario in QUICK_MEMORY:
         info.update(_memory_in_subprocess(model_name, scenario))
     else:
-        info["peak_bytes"] = None  # --quick: fresh processes only for a few scenarios
+        info["peak_bytes"] = info["rss_peak_bytes"] = None  # --quick: few fresh processes
     info["peer_versions"] = {p: peers.peer_version(p) for p in ("LibMTL", "torchjd", "cvxpy")}
     bench.extra_info.update(info)
 
@@ -432,8 +436,9 @@ def summarize(raw_json: str, out_stem: str) -> dict[str, Any]:
         for r in mine:
             budget = 1.1 * r["k"] * r["P"] * 4
             r["mem_budget_bytes"] = budget
-            if van is not None and None not in (van["peak_bytes"], r["peak_bytes"]):
-                r["extra_peak_bytes"] = r["peak_bytes"] - van["peak_bytes"]
+            for key in ("peak_bytes", "rss_peak_bytes"):
+                if van is not None and None not in (van.get(key), r.get(key)):
+                    r["extra_" + key] = r[key] - van[key]
     summary = {"machine": machine, "targets": TARGETS, "scenarios": rows}
     Path(out_stem + ".json").write_text(json.dumps(summary, indent=1) + "\n")
     Path(out_stem + ".md").write_text(_markdown(summary))
@@ -464,12 +469,14 @@ def _markdown(summary: dict[str, Any]) -> str:
         "scenario's step time over a vanilla step run back to back with it (order alternating); "
         "*nash25: mean over one 25-step cycle over the vanilla median. Step ms: absolute times "
         "drift with the machine's load between rows; compare ratios. "
-        "Peak = resident-set peak above the pre-step level over two steps, fresh process per "
-        "scenario; extra = peak - vanilla's peak; budget = 1.1 k P 4 bytes.",
+        "Peak = allocated tensor bytes above the pre-step level over two steps from a fresh "
+        "model (torch's allocator, fresh process per scenario); extra = peak - vanilla's peak, "
+        "checked against budget = 1.1 k P 4 bytes. RSS extra = the same for the resident set "
+        "(adds glibc heap retention). MB = MiB.",
         "",
         "| model | scenario | step ms | ratio | target | backward passes (rows) | peak MB | "
-        "extra MB | budget MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "extra MB | budget MB | RSS extra MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["scenarios"]:
         tgt = summary["targets"].get(r["scenario"])
@@ -480,7 +487,7 @@ def _markdown(summary: dict[str, Any]) -> str:
             f"{1e3 * r['step_s']:.1f} | {r['ratio']:.2f}x | {target} | "
             f"{r['backward_passes']:.2f} ({r['backward_rows']:.2f}) | "
             f"{_mb(r['peak_bytes'])} | {_mb(extra)} | "
-            f"{r['mem_budget_bytes'] / 2**20:.1f} |"
+            f"{r['mem_budget_bytes'] / 2**20:.1f} | {_mb(r.get('extra_rss_peak_bytes'))} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -488,5 +495,7 @@ def _markdown(summary: dict[str, Any]) -> str:
 if __name__ == "__main__":
     if sys.argv[1] == "--memory":
         print(json.dumps(measure_memory(sys.argv[2], sys.argv[3])))
+    elif sys.argv[1] == "--rss":
+        print(json.dumps(measure_rss(sys.argv[2], sys.argv[3])))
     else:
         summarize(sys.argv[1], sys.argv[2])

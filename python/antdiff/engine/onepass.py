@@ -342,5 +342,10 @@ class OnePass:
         if not out.requires_grad:
             new = out = _Root.apply(out, st.anchor)
         grad_fn, slots = self.layers[j][2], self._slots[j]
-        out.register_hook(lambda g: grad_fn(st, m, slots, x, g))
+        held = [x]  # released once used: the graph's nodes (and this hook) live to the end
+
+        def hook(g: torch.Tensor) -> None:
+            grad_fn(st, m, slots, held.pop(), g)
+
+        out.register_hook(hook)
         return new

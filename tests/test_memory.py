@@ -1,0 +1,105 @@
+"""antdiff.memory.peak_allocated, and the engine's peak memory against the kP budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from antdiff import ANT
+from antdiff.diffusion import GaussianDiffusion
+from antdiff.memory import peak_allocated
+from antdiff.models import create_model
+
+MB = 2**20
+
+
+def test_peak_of_known_allocations():
+    def build():
+        def run():
+            a = torch.empty(MB, dtype=torch.uint8)
+            b = torch.empty(2 * MB, dtype=torch.uint8)
+            del a
+            c = torch.empty(MB // 2, dtype=torch.uint8)
+            del b, c
+
+        return run
+
+    assert peak_allocated(build, repeat=3) == 3 * MB
+
+
+def test_blocks_from_build_freed_in_the_run_are_subtracted():
+    def build():
+        held = [torch.empty(4 * MB, dtype=torch.uint8)]
+
+        def run():
+            if held:
+                held.pop()  # the first call frees the 4 MB block built outside the run
+            x = torch.empty(3 * MB, dtype=torch.uint8)
+            del x
+
+        return run
+
+    assert peak_allocated(build) == 0  # 4 MB freed before the 3 MB block exists
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="repeat"):
+        peak_allocated(lambda: (lambda: None), repeat=0)
+    with pytest.raises(ValueError, match="device"):
+        peak_allocated(lambda: (lambda: None), device="meta")
+
+
+# name -> (registry size, batch, class-conditional): the benchmark's step models
+MODELS = {"unet": ("adm-tiny", 32, False), "dit": ("dit-tiny", 128, True)}
+
+
+def _step(model_name: str, method: str, mode: str):
+    """Builder of one training step (fresh model, AdamW) as benchmarks/bench_step.py runs it."""
+    size, B, cond = MODELS[model_name]
+
+    def build():
+        torch.manual_seed(0)
+        model = create_model(size)
+        shape = (B, model.in_channels, 8, 8)
+        x, noise = torch.randn(shape), torch.randn(shape)
+        y = torch.randint(0, 10, (B,))
+        diffusion = GaussianDiffusion("linear")
+
+        def loss_fn(batch, t):
+            x0, eps, labels = batch
+            kw = {"y": labels} if cond else None
+            return diffusion.training_losses(model, x0, t, eps, kw)["loss"]
+
+        if method == "vanilla":
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+            def vanilla():
+                opt.zero_grad(set_to_none=True)
+                t = torch.randint(0, 1000, (B,))
+                loss_fn((x, noise, y), t).mean().backward()
+                opt.step()
+
+            return vanilla
+        ant = ANT("linear", k=5, method=method, mode=mode).attach(model)
+        opt = torch.optim.AdamW([{"params": list(model.parameters())}, *ant.param_groups()])
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            t = ant.sample_timesteps(B)
+            ant.backward(loss_fn, (x, noise, y), t)
+            ant.step(opt)
+
+        return step
+
+    return build
+
+
+@pytest.mark.parametrize("model_name", ["unet", "dit"])
+def test_gradient_method_peak_within_vanilla_plus_1_1_kP(model_name):
+    """The issue's budget: peak(gradient method) <= peak(vanilla) + 1.1 * k * P * 4 bytes."""
+    P = sum(p.numel() for p in create_model(MODELS[model_name][0]).parameters())
+    budget = 1.1 * 5 * P * 4
+    vanilla = peak_allocated(_step(model_name, "vanilla", ""))
+    for mode in ("onepass", "micro"):
+        extra = peak_allocated(_step(model_name, "pcgrad", mode)) - vanilla
+        assert extra <= budget, f"{mode}: +{extra / MB:.2f} MiB > budget {budget / MB:.2f} MiB"
