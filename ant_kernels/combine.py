@@ -56,11 +56,16 @@ def _combine_kernel(
     tl.store(p_out + o_p * s_o, b_acc.to(p_out.dtype.element_ty), mask=m_p)
 
 
-def _config() -> tuple[int, int]:
-    """(BLOCK_P, num_warps): fixed, no autotune (also under the interpreter)."""
+def _config(k: int) -> tuple[int, int]:
+    """(BLOCK_P, num_warps): fixed, no autotune (also under the interpreter).
+
+    All k row loads of a block are in flight at once, k * BLOCK_P / 128 values per thread, so
+    the block shrinks as k grows: sm_90 builds of these configurations keep every value in
+    registers (no local-memory spills; ``python -m ant_kernels.aot``).
+    """
     if interpreting():
         return 32768, 4  # few, large blocks: the interpreter's cost is per program
-    return 2048, 4
+    return (2048 if k <= 8 else 1024 if k <= 16 else 512 if k <= 32 else 256), 4
 
 
 def combine_triton(
@@ -68,7 +73,7 @@ def combine_triton(
 ) -> torch.Tensor:
     """Launch the Triton kernel (no dispatch). ``block_p`` overrides the tiling."""
     k, P = J.shape
-    bp, warps = _config()
+    bp, warps = _config(k)
     bp = block_p or bp
     grid = (triton.cdiv(P, bp),)
     _combine_kernel[grid](

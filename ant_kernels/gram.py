@@ -78,8 +78,10 @@ def _config(k: int) -> tuple[int, int, int, int]:
     if interpreting():
         # few, large blocks: the interpreter's cost is per program and per op
         return bk, 16384, 4, 4
+    # sm_90 builds keep the [BK, BK] accumulator and the tile in registers, no spills
+    # (``python -m ant_kernels.aot``); BK = 64 needs 8 warps for that
     block_p = {16: 512, 32: 256, 64: 128}[bk]
-    return bk, block_p, 16384 // block_p, 4
+    return bk, block_p, 16384 // block_p, 8 if bk == 64 else 4
 
 
 def gram_triton(

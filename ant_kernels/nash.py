@@ -93,12 +93,19 @@ def _nash_kernel(p_G, p_a, K, ITERS, s_g0, s_g1, NORMALIZE: tl.constexpr, BK: tl
 def nash_triton(G: torch.Tensor, iters: int = 20, normalize: bool = True) -> torch.Tensor:
     """Launch the Triton kernel (no dispatch)."""
     k = G.shape[0]
+    bk, warps = _config(k)
     a = torch.empty(k, dtype=torch.float64, device=G.device)
     _nash_kernel[(1,)](
-        G, a, k, iters, G.stride(0), G.stride(1), NORMALIZE=normalize, BK=next_pow2(k, 2),
-        num_warps=1,
+        G, a, k, iters, G.stride(0), G.stride(1), NORMALIZE=normalize, BK=bk, num_warps=warps,
     )  # fmt: skip
     return a
+
+
+def _config(k: int) -> tuple[int, int]:
+    """(BK, num_warps): one warp holds the float64 [BK, BK] tiles in registers up to BK = 16;
+    BK = 32 spills to local memory on sm_90 unless spread over 4 warps (``ant_kernels.aot``)."""
+    bk = next_pow2(k, 2)
+    return bk, 4 if bk >= 32 else 1
 
 
 def nash_weights(G: torch.Tensor, iters: int = 20, normalize: bool = True) -> torch.Tensor:

@@ -60,12 +60,20 @@ def _pcgrad_kernel(p_G, p_O, p_w, K, s_g0, s_g1, s_o0, s_o1, BK: tl.constexpr):
 def pcgrad_triton(G: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
     """Launch the Triton kernel (no dispatch)."""
     k = G.shape[0]
+    bk, warps = _config(k)
     w = torch.empty(k, dtype=G.dtype, device=G.device)
     _pcgrad_kernel[(1,)](
         G, orders, w, k, G.stride(0), G.stride(1), orders.stride(0), orders.stride(1),
-        BK=next_pow2(k, 2), num_warps=1,
+        BK=bk, num_warps=warps,
     )  # fmt: skip
     return w
+
+
+def _config(k: int) -> tuple[int, int]:
+    """(BK, num_warps): one program; one warp up to BK = 32, eight for BK = 64 (one warp spills
+    the [64, 64] tiles to local memory on sm_90; ``python -m ant_kernels.aot``)."""
+    bk = next_pow2(k, 2)
+    return bk, 8 if bk >= 64 else 1
 
 
 def pcgrad_weights(G: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:

@@ -86,6 +86,25 @@ class _Slot:
                 row.zero_()
         self.fresh = False
 
+    def put_products(
+        self, st: _Step, left: Callable[[int, int], torch.Tensor],
+        right: Callable[[int, int], torch.Tensor],
+    ) -> None:  # fmt: skip
+        """Row i := (or +=) left(a, b) @ right(a, b), the product written straight into J."""
+        for i, row in enumerate(self.rows):
+            a, b = st.bounds[i], st.bounds[i + 1]
+            if a == b:
+                if self.fresh:
+                    row.zero_()
+                continue
+            lhs, rhs = left(a, b), right(a, b)
+            if lhs.dtype == row.dtype:  # beta=0 ignores the row's old contents
+                row.view(lhs.shape[0], rhs.shape[1]).addmm_(lhs, rhs, beta=0 if self.fresh else 1)
+            else:  # half-precision activations: the product in their dtype, then stored
+                v = (lhs @ rhs).view_as(row)
+                row.copy_(v) if self.fresh else row.add_(v)
+        self.fresh = False
+
     def put_all(self, value: torch.Tensor) -> None:
         """All rows := (or +=) value [k, n]."""
         self.cols.copy_(value) if self.fresh else self.cols.add_(value)
@@ -113,7 +132,9 @@ def _linear(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor) ->
     g2 = g.reshape(st.B, -1, g.shape[-1])
     if w is not None:
         x2 = x.to(g.dtype).reshape(st.B, -1, x.shape[-1])
-        w.put_rows(st, lambda i, a, c: g2[a:c].flatten(0, 1).t() @ x2[a:c].flatten(0, 1))
+        w.put_products(
+            st, lambda a, c: g2[a:c].flatten(0, 1).t(), lambda a, c: x2[a:c].flatten(0, 1)
+        )
     if b is not None:
         b.put_all(_seg(st, g2.sum(1)))
 
@@ -126,9 +147,7 @@ def _conv(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor) -> N
         gt = g.reshape(st.B, g.shape[1], -1).transpose(0, 1).flatten(1)  # [Cout, B*L]
         xt = x.to(g.dtype).reshape(st.B, x.shape[1], -1).transpose(0, 1).flatten(1)
         n = gt.shape[1] // st.B
-        w.put_rows(
-            st, lambda i, a, c: (gt[:, a * n : c * n] @ xt[:, a * n : c * n].t()).view_as(m.weight)
-        )
+        w.put_products(st, lambda a, c: gt[:, a * n : c * n], lambda a, c: xt[:, a * n : c * n].t())
     elif w is not None:
         x = x.to(g.dtype)
         d = len(m.kernel_size)
