@@ -68,7 +68,12 @@ MODELS = {
     "unet": ("adm-tiny", 32, False),
     "dit": ("dit-tiny", 128, True),
     "tiny": ("dit-tiny", 10, True),
+    # larger batches, same models: how the per-cluster call overhead shrinks with the batch
+    "unet-b128": ("adm-tiny", 128, False),
+    "dit-b512": ("dit-tiny", 512, True),
 }
+LARGE_BATCH = ("unet-b128", "dit-b512")
+LARGE_BATCH_SCENARIOS = ("vanilla", "ours-uw", "ours-pcgrad-onepass", "ours-nash-onepass")
 SCENARIOS = (
     "vanilla", "ours-uw", "ours-pcgrad", "ours-pcgrad-retain", "ours-nash", "ours-nash25",
     "ours-uw+pcgrad", "ours-pcgrad-onepass", "ours-nash-onepass", "ours-uw+pcgrad-onepass",
@@ -222,7 +227,8 @@ def count_syncs(step: Callable[[], None], device: torch.device) -> int:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Full runs: unet and dit; --quick: the tiny model only (marked ``quick``)."""
+    """Full runs: unet and dit (and a few scenarios at larger batches); --quick: the tiny model
+    only (marked ``quick``)."""
     if "scenario" not in metafunc.fixturenames:
         return
     quick = metafunc.config.getoption("--quick")
@@ -231,8 +237,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         marks = [pytest.mark.quick] if quick else []
         if device == "cuda":
             marks.append(pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here"))
-        for model_name in ("tiny",) if quick else ("unet", "dit"):
-            for scenario in SCENARIOS:
+        for model_name in ("tiny",) if quick else ("unet", "dit", *LARGE_BATCH):
+            for scenario in LARGE_BATCH_SCENARIOS if model_name in LARGE_BATCH else SCENARIOS:
                 cid = f"{device}-{model_name}-{scenario}"
                 cases.append(pytest.param(device, model_name, scenario, id=cid, marks=marks))
     metafunc.parametrize(("device", "model_name", "scenario"), cases)
