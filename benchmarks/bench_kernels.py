@@ -127,3 +127,43 @@ def test_reference_cpu_tiny(bench, op):
     fn = (lambda: gram_ref(J)) if op == "gram_ref" else (lambda: combine_ref(w, J, out))
     bench(fn)
     bench.extra_info["GB/s"] = J.numel() * 4 / bench.stats.stats.median / 1e9
+
+
+def summarize(raw_json: str, out_stem: str) -> dict:
+    """Reduce a --benchmark-json run of the CUDA cases to <out_stem>.json and <out_stem>.md."""
+    import json
+    from pathlib import Path
+
+    raw = json.loads(Path(raw_json).read_text())
+    rows = []
+    for b in raw["benchmarks"]:
+        info = b["extra_info"]
+        if "GB/s" not in info or "peak_fraction" not in info:
+            continue  # CPU cases
+        op = b["name"].split("[")[0].removeprefix("test_").removesuffix("_cuda")
+        rows.append({"op": op, "impl": b["params"]["impl"], "P": b["params"]["P"], "k": K,
+                     "mean_ms": b["stats"]["mean"] * 1e3, "GB/s": info["GB/s"],
+                     "peak_fraction": info["peak_fraction"],
+                     "device": info["kernel_device"]})  # fmt: skip
+    device = rows[0]["device"] if rows else "no CUDA case in this run"
+    summary = {"device": device, "target": "ant gram + combine >= 0.8 of peak at P >= 1e8",
+               "rows": rows}  # fmt: skip
+    Path(out_stem + ".json").write_text(json.dumps(summary, indent=1) + "\n")
+    lines = [
+        "# ant_kernels on the GPU: gram and combine vs torch", "",
+        f"{device}; k = {K}, float32 J; bandwidth = bytes read + written / mean time over 20 "
+        "synchronised calls.", "",
+        "| op | impl | P | mean ms | GB/s | of peak |", "|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for r in rows:
+        frac = "-" if r["peak_fraction"] is None else f"{r['peak_fraction']:.0%}"
+        lines.append(f"| {r['op']} | {r['impl']} | {r['P']:.0e} | {r['mean_ms']:.3f} | "
+                     f"{r['GB/s']:.0f} | {frac} |")  # fmt: skip
+    Path(out_stem + ".md").write_text("\n".join(lines) + "\n")
+    return summary
+
+
+if __name__ == "__main__":
+    import sys
+
+    summarize(sys.argv[1], sys.argv[2])

@@ -53,6 +53,11 @@ class StepOutput:
     finite: torch.Tensor  # 0-d bool: losses and gradients were finite
 
 
+
+def _read_on_host(t: torch.Tensor) -> bool:
+    """Whether validating ``t`` may read its values (free on the CPU, a host sync elsewhere)."""
+    return t.device.type == "cpu"
+
 class ANT:
     """ANT backend for any diffusion trainer.
 
@@ -222,7 +227,7 @@ class ANT:
         if n is not None and t.shape[0] != n:
             raise ValueError(f"t has {t.shape[0]} entries but the batch/loss has {n} samples")
         ok = (t >= 0) & (t < self.T)
-        if t.device.type == "cpu":
+        if _read_on_host(t):
             if not bool(ok.all()):
                 bad = t[~ok][:5].tolist()
                 raise ValueError(f"timesteps must lie in [0, T={self.T}), got e.g. {bad}")

@@ -1,0 +1,140 @@
+"""No host sync inside a training step, checked on CPU.
+
+On a GPU, ``torch.cuda.set_sync_debug_mode("error")`` does this (tests/test_engine.py, skipped
+without one). Here a dispatch mode raises on every operator that would make the host wait for
+the device: reading a value (``.item()``, ``float(t)``, ``bool(t)``, a Python ``if`` on a
+tensor) and operators whose output shape depends on the data (``nonzero``, ``masked_select``,
+``unique``, ...). It sees every operator of the forward, the backward (autograd runs it under the
+same mode) and the optimiser step. Reads that bypass the dispatcher (``.tolist()``,
+``.numpy()``) are not seen; the CUDA test covers them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from antdiff import ANT
+from antdiff.diffusion import GaussianDiffusion
+from antdiff.models import create_model
+
+_SYNCING = {
+    "aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero", "aten::nonzero_static",
+    "aten::masked_select", "aten::unique_dim", "aten::_unique", "aten::_unique2",
+    "aten::unique_consecutive", "aten::equal",
+}  # fmt: skip
+
+
+class HostSyncError(AssertionError):
+    pass
+
+
+class NoHostSync(TorchDispatchMode):
+    """Raises HostSyncError on the (allowed + 1)-th operator that would synchronise with a CUDA
+    device; ``syncs`` counts them."""
+
+    def __init__(self, allowed: int = 0) -> None:
+        super().__init__()
+        self.allowed, self.syncs = allowed, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name in _SYNCING or (
+            name == "aten::repeat_interleave" and (kwargs or {}).get("output_size") is None
+        ) or (name.startswith(("aten::index", "aten::_index_put")) and _bool_index(args)):
+            self.syncs += 1
+            if self.syncs > self.allowed:
+                raise HostSyncError(f"{name} would synchronise the host with the device")
+        return func(*args, **(kwargs or {}))
+
+
+def _bool_index(args) -> bool:
+    """x[mask] and x[mask] = v: a boolean index becomes integer indices (nonzero) first."""
+    indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
+    return any(
+        isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices
+    )
+
+
+def test_detector_catches_value_reads():
+    x = torch.ones(3)
+    for read in (lambda: x.sum().item(), lambda: float(x.max()), lambda: bool(x.any()),
+                 lambda: x.nonzero(), lambda: x[x > 0], lambda: x.__setitem__(x > 0, 2.0)):  # fmt: skip
+        with pytest.raises(HostSyncError), NoHostSync():
+            read()
+    with NoHostSync():  # device-side selection is fine
+        torch.where(x > 0, x, 0.0).sum()
+
+
+def _step(family: str, method: str, mode: str, B: int, skip_nonfinite: bool = False):
+    """One training step as a trainer writes it (``ant.step`` without the non-finite read)."""
+    torch.manual_seed(0)
+    model = create_model("adm-tiny" if family == "unet" else "dit-tiny")
+    cond = family == "dit"
+    diffusion = GaussianDiffusion("linear")
+    shape = (B, model.in_channels, 8, 8)
+    x, noise, y = torch.randn(shape), torch.randn(shape), torch.randint(0, 10, (B,))
+    ant = ANT("linear", k=5, method=method, mode=mode, update_every=3 if "nash" in method else None)
+    ant.attach(model)
+    # SGD: AdamW's step counters are host tensors, whose reads this CPU check cannot tell apart
+    opt = torch.optim.SGD(
+        [{"params": list(model.parameters())}, *ant.param_groups()], lr=1e-4, momentum=0.9
+    )
+
+    def loss_fn(batch, t):
+        x0, eps, labels = batch
+        return diffusion.training_losses(model, x0, t, eps, {"y": labels} if cond else None)["loss"]
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        t = ant.sample_timesteps(B)
+        if ant.needs_gradients:
+            ant.backward(loss_fn, (x, noise, y), t)
+        else:
+            ant.reduce(loss_fn((x, noise, y), t), t).backward()
+        ant.step(opt, skip_nonfinite=skip_nonfinite)
+
+    return step
+
+
+@pytest.mark.parametrize(
+    ("family", "method", "mode"),
+    [
+        ("unet", "uw", "auto"),
+        ("unet", "pcgrad", "onepass"),
+        ("unet", "uw+pcgrad", "onepass"),
+        ("unet", "nash", "onepass"),
+        ("unet", "pcgrad", "micro"),
+        ("dit", "pcgrad", "onepass"),
+        ("dit", "uw+nash", "onepass"),
+        ("dit", "imtl", "micro"),
+        ("dit", "mgda", "onepass"),
+        ("dit", "cagrad", "onepass"),
+        ("dit", "graddrop", "onepass"),
+        ("dit", "famo", "auto"),
+        ("dit", "dwa", "auto"),
+        ("dit", "rlw", "auto"),
+    ],
+)
+def test_engine_step_has_no_host_sync(family, method, mode, monkeypatch):
+    # timesteps are range-checked by reading them on the CPU only: take the device-side check
+    monkeypatch.setattr("antdiff.engine.core._read_on_host", lambda t: False)
+    step = _step(family, method, mode, B=20)
+    step()  # the first step may build buffers and audit the model
+    with NoHostSync():
+        for _ in range(4):  # covers Nash's off-steps (update_every=3)
+            step()
+
+
+@pytest.mark.parametrize("method", ["uw", "pcgrad"])
+def test_skipping_nonfinite_steps_reads_one_flag_per_step(method, monkeypatch):
+    """ant.step's default non-finite check is the step's one host read, made after the work is
+    queued (as GradScaler's); skip_nonfinite=False (above) makes none."""
+    monkeypatch.setattr("antdiff.engine.core._read_on_host", lambda t: False)
+    step = _step("dit", method, "onepass", B=20, skip_nonfinite=True)
+    step()
+    with NoHostSync(allowed=3) as mode:
+        for _ in range(3):
+            step()
+    assert mode.syncs == 3
