@@ -59,8 +59,11 @@ def _bool_index(args) -> bool:
 
 def test_detector_catches_value_reads():
     x = torch.ones(3)
-    for read in (lambda: x.sum().item(), lambda: float(x.max()), lambda: bool(x.any()),
-                 lambda: x.nonzero(), lambda: x[x > 0], lambda: x.__setitem__(x > 0, 2.0)):  # fmt: skip
+    reads = (
+        lambda: x.sum().item(), lambda: float(x.max()), lambda: bool(x.any()),
+        lambda: x.nonzero(), lambda: x[x > 0], lambda: x.__setitem__(x > 0, 2.0),
+    )  # fmt: skip
+    for read in reads:
         with pytest.raises(HostSyncError), NoHostSync():
             read()
     with NoHostSync():  # device-side selection is fine
