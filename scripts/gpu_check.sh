@@ -25,11 +25,13 @@ tail -3 "$OUT/tests.log"
 
 $PY -m pytest -q -p no:cacheprovider benchmarks/bench_kernels.py -k cuda \
     --benchmark-json="$OUT/kernels_raw.json" >"$OUT/bench_kernels.log" 2>&1 || status=1
-$PY benchmarks/bench_kernels.py "$OUT/kernels_raw.json" "$OUT/kernels_gpu" && cat "$OUT/kernels_gpu.md"
+[ -f "$OUT/kernels_raw.json" ] && $PY benchmarks/bench_kernels.py "$OUT/kernels_raw.json" \
+    "$OUT/kernels_gpu" && cat "$OUT/kernels_gpu.md"
 
 # peers (LibMTL, torchjd) are not installed there: our scenarios against vanilla only
 $PY -m pytest -q -p no:cacheprovider benchmarks/bench_step.py \
     -k "cuda and (unet or dit) and not libmtl and not torchjd" \
     --benchmark-json="$OUT/step_raw.json" >"$OUT/bench_step.log" 2>&1 || status=1
-$PY benchmarks/bench_step.py "$OUT/step_raw.json" "$OUT/step_gpu" && cat "$OUT/step_gpu.md"
+[ -f "$OUT/step_raw.json" ] && $PY benchmarks/bench_step.py "$OUT/step_raw.json" "$OUT/step_gpu" \
+    && cat "$OUT/step_gpu.md"
 exit $status
