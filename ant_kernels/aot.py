@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import json
+import math
 import os
 import re
 import subprocess
@@ -24,52 +26,91 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+
 K_VALUES = (2, 5, 8, 16, 32, 64)
+# P a multiple of 16 (vectorisable rows) and not (755009: the benchmark UNet's P)
+P_VALUES = (2**20, 755009)
 _DIV16 = [["tt.divisibility", 16]]
+_DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+       "fp64": torch.float64}  # fmt: skip
 
 
-def _specs() -> list[tuple[str, Any, dict, dict, list[str], int]]:
-    """(name, kernel, runtime signature, constexprs, 16-divisible args, num_warps) per build.
+class _Mock:
+    """A contiguous, 16-byte aligned CUDA tensor, as far as Triton's specialiser looks."""
 
-    The signatures are what Triton's launcher specialises for a contiguous, 16-byte aligned J
-    whose P is a multiple of 16 (unit strides become constants).
+    def __init__(self, dtype: torch.dtype, *shape: int) -> None:
+        self.dtype, self.shape = dtype, shape
+
+    def stride(self, dim: int) -> int:
+        return math.prod(self.shape[dim + 1 :])
+
+    def data_ptr(self) -> int:
+        return 0
+
+
+def _launches() -> list[tuple[str, Any, tuple, dict]]:
+    """(name, kernel, runtime arguments, constexprs + num_warps) of each launch to build.
+
+    The arguments come from the launchers' own ``_args`` and the options from their ``_plan``
+    / ``_config``, applied to stand-in tensors: what ``kernel[grid](...)`` would receive.
     """
-    # the package re-exports functions under the module names: fetch the modules themselves
-    mod = {m: importlib.import_module(f"{__package__}.{m}") for m in ("gram", "combine", "pcgrad",
-                                                                      "nash")}  # fmt: skip
+    names = ("gram", "combine", "pcgrad", "nash", "_dispatch")
+    mod = {m: importlib.import_module(f"{__package__}.{m}") for m in names}
     gram, combine, pcgrad, nash = (mod[m] for m in ("gram", "combine", "pcgrad", "nash"))
-    from . import _dispatch
-
+    max_k = mod["_dispatch"].MAX_K
     out = []
-    for k in K_VALUES:
-        if k <= _dispatch.MAX_K["gram"]:
-            bk, bp, ch, warps = gram._config(k)
-            for dt in ("fp32", "bf16", "fp16"):
-                sig = {"p_J": f"*{dt}", "p_W": "*fp32", "K": "i32", "P": "i32", "s_k": "i32"}
-                const = {"s_p": 1, "BK": bk, "BLOCK_P": bp, "CHUNKS": ch,
-                         "NATIVE_DOT": dt != "fp32"}  # fmt: skip
-                out.append((f"gram k={k} {dt}", gram._gram_kernel, sig, const,
-                            ["p_J", "p_W", "P", "s_k"], warps))  # fmt: skip
-        if k <= _dispatch.MAX_K["combine"]:
-            bp, warps = combine._config(k)
-            for dt in ("fp32", "bf16"):
-                sig = {"p_w": "*fp32", "p_J": f"*{dt}", "p_out": "*fp32", "P": "i32",
-                       "s_w": "i32", "s_k": "i32"}  # fmt: skip
-                const = {"s_p": 1, "s_o": 1, "K": k, "BLOCK_P": bp}
-                out.append((f"combine k={k} {dt}", combine._combine_kernel, sig, const,
-                            ["p_w", "p_J", "p_out", "P", "s_k"], warps))  # fmt: skip
-        if k <= _dispatch.MAX_K["pcgrad"]:
+    for k, dt, P in itertools.product(K_VALUES, ("fp32", "bf16", "fp16"), P_VALUES):
+        J = _Mock(_DT[dt], k, P)
+        if k <= max_k["gram"]:
+            nblocks, meta = gram._plan(J)
+            args = gram._args(J, _Mock(torch.float32, nblocks, k, k))
+            out.append((f"gram k={k} {dt} P={P}", gram._gram_kernel, args, meta))
+        if k <= max_k["combine"]:
+            for out_dt in {dt, "fp32"}:  # out = a row of J (the engine), or a new fp32 tensor
+                args = combine._args(_Mock(torch.float32, k), J, _Mock(_DT[out_dt], P))
+                out.append((f"combine k={k} {dt}->{out_dt} P={P}", combine._combine_kernel, args,
+                            combine._plan(J)[1]))  # fmt: skip
+    for k, dt in itertools.product(K_VALUES, ("fp32", "fp64")):
+        G = _Mock(_DT[dt], k, k)
+        if k <= max_k["pcgrad"]:
             bk, warps = pcgrad._config(k)
-            sig = {"p_G": "*fp32", "p_O": "*i64", "p_w": "*fp32", "K": "i32", "s_g0": "i32",
-                   "s_g1": "i32", "s_o0": "i32", "s_o1": "i32"}  # fmt: skip
-            out.append((f"pcgrad k={k}", pcgrad._pcgrad_kernel, sig, {"BK": bk}, [], warps))
-        if k <= _dispatch.MAX_K["nash"]:
+            args = pcgrad._args(G, _Mock(torch.int64, k, k), _Mock(_DT[dt], k))
+            out.append((f"pcgrad k={k} {dt}", pcgrad._pcgrad_kernel, args,
+                        {"BK": bk, "num_warps": warps}))  # fmt: skip
+        if k <= max_k["nash"]:
             bk, warps = nash._config(k)
-            sig = {"p_G": "*fp32", "p_a": "*fp64", "K": "i32", "ITERS": "i32", "s_g0": "i32",
-                   "s_g1": "i32"}  # fmt: skip
-            const = {"NORMALIZE": True, "BK": bk}
-            out.append((f"nash k={k}", nash._nash_kernel, sig, const, [], warps))
+            args = nash._args(G, _Mock(torch.float64, k), 20)
+            out.append((f"nash k={k} {dt}", nash._nash_kernel, args,
+                        {"NORMALIZE": True, "BK": bk, "num_warps": warps}))  # fmt: skip
     return out
+
+
+def _source(fn: Any, args: tuple, meta: dict) -> Any:
+    """The ASTSource Triton's launcher would compile for ``fn[grid](*args, **meta)``: each
+    runtime argument specialised as Triton does (ints equal to 1 become constants, multiples
+    of 16 and 16-byte aligned pointers are marked divisible)."""
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import native_specialize_impl
+
+    names = [n for n in fn.arg_names if n not in meta]
+    if len(names) != len(args):
+        raise RuntimeError(f"{fn.__name__}: {len(args)} arguments for parameters {names}")
+    signature, constexprs, attrs = {}, {}, {}
+    for name, arg in zip(names, args):
+        ty, spec = native_specialize_impl(CUDABackend, arg, False, True, True)
+        if ty == "constexpr":
+            constexprs[name] = spec
+        else:
+            signature[name] = ty
+            if spec == "D":
+                attrs[(fn.arg_names.index(name),)] = _DIV16
+    for name, value in meta.items():
+        if name != "num_warps":
+            constexprs[name] = value
+    signature = {n: signature.get(n, "constexpr") for n in fn.arg_names}
+    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
 
 
 def _usage(cubin: bytes, tool: Path) -> dict[str, int]:
@@ -93,22 +134,17 @@ def build_all(arch: int = 90) -> list[dict[str, Any]]:
         raise RuntimeError("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if not tool.exists():
         raise RuntimeError(f"{tool} is missing: this triton wheel ships no CUDA tools")
     target = GPUTarget("cuda", arch, 32)
     rows = []
-    for name, fn, sig, const, div16, warps in _specs():
-        src = ASTSource(
-            fn=fn,
-            signature={**sig, **{c: "constexpr" for c in const}},
-            constexprs=const,
-            attrs={(fn.arg_names.index(a),): _DIV16 for a in div16},
+    for name, fn, args, meta in _launches():
+        compiled = triton.compile(
+            _source(fn, args, meta), target=target, options={"num_warps": meta["num_warps"]}
         )
-        compiled = triton.compile(src, target=target, options={"num_warps": warps})
-        rows.append({"kernel": name, "num_warps": warps, **const,
+        rows.append({"kernel": name, "num_warps": meta["num_warps"],
                      **_usage(compiled.asm["cubin"], tool)})  # fmt: skip
     return rows
 
@@ -125,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rows))
         return 0
     for r in rows:
-        print(f"{r['kernel']:<22} warps={r['num_warps']} reg={r['reg']:<4} stack={r['stack']:<5} "
+        print(f"{r['kernel']:<34} warps={r['num_warps']} reg={r['reg']:<4} stack={r['stack']:<5} "
               f"shared={r['shared']}")  # fmt: skip
     return 0
 

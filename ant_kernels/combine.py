@@ -65,21 +65,28 @@ def _config(k: int) -> tuple[int, int]:
     """
     if interpreting():
         return 32768, 4  # few, large blocks: the interpreter's cost is per program
-    return (2048 if k <= 8 else 1024 if k <= 16 else 512 if k <= 32 else 256), 4
+    return (2048 if k <= 8 else 512 if k <= 16 else 256 if k <= 32 else 128), 4
+
+
+def _plan(J: torch.Tensor, block_p: int | None = None) -> tuple[int, dict]:
+    """(number of programs, constexpr and launch options) for J [k, P]."""
+    k, P = J.shape
+    bp, warps = _config(k)
+    bp = block_p or bp
+    return -(-P // bp), {"K": k, "BLOCK_P": bp, "num_warps": warps}
+
+
+def _args(w: torch.Tensor, J: torch.Tensor, out: torch.Tensor) -> tuple:
+    """The kernel's runtime arguments, in order (shared with ``ant_kernels.aot``)."""
+    return w, J, out, J.shape[1], w.stride(0), J.stride(0), J.stride(1), out.stride(0)
 
 
 def combine_triton(
     w: torch.Tensor, J: torch.Tensor, out: torch.Tensor, block_p: int | None = None
 ) -> torch.Tensor:
     """Launch the Triton kernel (no dispatch). ``block_p`` overrides the tiling."""
-    k, P = J.shape
-    bp, warps = _config(k)
-    bp = block_p or bp
-    grid = (triton.cdiv(P, bp),)
-    _combine_kernel[grid](
-        w, J, out, P, w.stride(0), J.stride(0), J.stride(1), out.stride(0),
-        K=k, BLOCK_P=bp, num_warps=warps,
-    )  # fmt: skip
+    nprog, meta = _plan(J, block_p)
+    _combine_kernel[(nprog,)](*_args(w, J, out), **meta)
     return out
 
 

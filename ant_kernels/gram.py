@@ -78,26 +78,37 @@ def _config(k: int) -> tuple[int, int, int, int]:
     if interpreting():
         # few, large blocks: the interpreter's cost is per program and per op
         return bk, 16384, 4, 4
-    # sm_90 builds keep the [BK, BK] accumulator and the tile in registers, no spills
-    # (``python -m ant_kernels.aot``); BK = 64 needs 8 warps for that
-    block_p = {16: 512, 32: 256, 64: 128}[bk]
-    return bk, block_p, 16384 // block_p, 8 if bk == 64 else 4
+    # sm_90 builds keep the [BK, BK] accumulator and the tile in registers, no spills, for
+    # every dtype and P (``python -m ant_kernels.aot``): (BLOCK_P, num_warps) per BK
+    block_p, warps = {16: (256, 8), 32: (256, 4), 64: (64, 8)}[bk]
+    return bk, block_p, 16384 // block_p, warps
+
+
+def _plan(
+    J: torch.Tensor, block_p: int | None = None, chunks: int | None = None
+) -> tuple[int, dict]:
+    """(number of programs, constexpr and launch options) for J [k, P]."""
+    k, P = J.shape
+    bk, bp, ch, warps = _config(k)
+    bp, ch = block_p or bp, chunks or ch
+    native = J.dtype in _HALF and not interpreting()
+    meta = {"BK": bk, "BLOCK_P": bp, "CHUNKS": ch, "NATIVE_DOT": native, "num_warps": warps}
+    return -(-P // (bp * ch)), meta
+
+
+def _args(J: torch.Tensor, work: torch.Tensor) -> tuple:
+    """The kernel's runtime arguments, in order (shared with ``ant_kernels.aot``)."""
+    return J, work, J.shape[0], J.shape[1], J.stride(0), J.stride(1)
 
 
 def gram_triton(
     J: torch.Tensor, block_p: int | None = None, chunks: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the Triton kernel (no dispatch). ``block_p``/``chunks`` override the tiling."""
-    k, P = J.shape
-    bk, bp, ch, warps = _config(k)
-    bp, ch = block_p or bp, chunks or ch
-    nblocks = triton.cdiv(P, bp * ch)
+    nblocks, meta = _plan(J, block_p, chunks)
+    k = J.shape[0]
     work = torch.empty((nblocks, k, k), dtype=torch.float32, device=J.device)
-    native = J.dtype in _HALF and not interpreting()
-    _gram_kernel[(nblocks,)](
-        J, work, k, P, J.stride(0), J.stride(1), BK=bk, BLOCK_P=bp, CHUNKS=ch,
-        NATIVE_DOT=native, num_warps=warps,
-    )  # fmt: skip
+    _gram_kernel[(nblocks,)](*_args(J, work), **meta)
     G = work.sum(0)  # fixed-order reduction over the blocks
     G = (G + G.T) * 0.5
     return G, torch.isfinite(G.diagonal()).all()

@@ -90,14 +90,16 @@ def _nash_kernel(p_G, p_a, K, ITERS, s_g0, s_g1, NORMALIZE: tl.constexpr, BK: tl
     tl.store(p_a + o_k, b_a, mask=m_k)
 
 
+def _args(G: torch.Tensor, a: torch.Tensor, iters: int) -> tuple:
+    """The kernel's runtime arguments, in order (shared with ``ant_kernels.aot``)."""
+    return G, a, G.shape[0], iters, G.stride(0), G.stride(1)
+
+
 def nash_triton(G: torch.Tensor, iters: int = 20, normalize: bool = True) -> torch.Tensor:
     """Launch the Triton kernel (no dispatch)."""
-    k = G.shape[0]
-    bk, warps = _config(k)
-    a = torch.empty(k, dtype=torch.float64, device=G.device)
-    _nash_kernel[(1,)](
-        G, a, k, iters, G.stride(0), G.stride(1), NORMALIZE=normalize, BK=bk, num_warps=warps,
-    )  # fmt: skip
+    bk, warps = _config(G.shape[0])
+    a = torch.empty(G.shape[0], dtype=torch.float64, device=G.device)
+    _nash_kernel[(1,)](*_args(G, a, iters), NORMALIZE=normalize, BK=bk, num_warps=warps)
     return a
 
 

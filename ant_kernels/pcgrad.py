@@ -57,15 +57,17 @@ def _pcgrad_kernel(p_G, p_O, p_w, K, s_g0, s_g1, s_o0, s_o1, BK: tl.constexpr):
     tl.store(p_w + o_k, tl.sum(b_C, axis=0), mask=m_k)
 
 
+def _args(G: torch.Tensor, orders: torch.Tensor, w: torch.Tensor) -> tuple:
+    """The kernel's runtime arguments, in order (shared with ``ant_kernels.aot``)."""
+    k = G.shape[0]
+    return G, orders, w, k, G.stride(0), G.stride(1), orders.stride(0), orders.stride(1)
+
+
 def pcgrad_triton(G: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
     """Launch the Triton kernel (no dispatch)."""
-    k = G.shape[0]
-    bk, warps = _config(k)
-    w = torch.empty(k, dtype=G.dtype, device=G.device)
-    _pcgrad_kernel[(1,)](
-        G, orders, w, k, G.stride(0), G.stride(1), orders.stride(0), orders.stride(1),
-        BK=bk, num_warps=warps,
-    )  # fmt: skip
+    bk, warps = _config(G.shape[0])
+    w = torch.empty(G.shape[0], dtype=G.dtype, device=G.device)
+    _pcgrad_kernel[(1,)](*_args(G, orders, w), BK=bk, num_warps=warps)
     return w
 
 

@@ -15,9 +15,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
     >"$OUT/gpu.txt" 2>&1
 $PY -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" \
     >>"$OUT/gpu.txt" 2>&1
-$PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1 || { echo "build failed"; tail -20 "$OUT/build.log"; }
-
 status=0
+$PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1 || {
+    status=1; echo "build failed"; tail -20 "$OUT/build.log"; }
 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_gram.py tests/test_kernels_combine.py \
     tests/test_kernels_pcgrad.py tests/test_kernels_nash.py tests/test_engine.py \
     tests/test_mtl.py tests/test_onepass.py tests/test_memory.py >"$OUT/tests.log" 2>&1 || status=1

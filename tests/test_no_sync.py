@@ -1,18 +1,23 @@
 """No host sync inside a training step, checked on CPU.
 
 On a GPU, ``torch.cuda.set_sync_debug_mode("error")`` does this (tests/test_engine.py, skipped
-without one). Here a dispatch mode raises on every operator that would make the host wait for
-the device: reading a value (``.item()``, ``float(t)``, ``bool(t)``, a Python ``if`` on a
-tensor) and operators whose output shape depends on the data (``nonzero``, ``masked_select``,
-``unique``, ...). It sees every operator of the forward, the backward (autograd runs it under the
-same mode) and the optimiser step. Reads that bypass the dispatcher (``.tolist()``,
-``.numpy()``) are not seen; the CUDA test covers them.
+without one). Here a dispatch mode raises on the operators that make the host wait for a CUDA
+device: reading a value (``.item()``, ``float(t)``, ``bool(t)``, a Python ``if`` on a tensor),
+operators whose output shape depends on the data (``nonzero``, ``masked_select``, ``unique``,
+boolean indexing, ...) and those that read a result back (``bincount``, ``histc``, the error
+flag of ``linalg`` solvers). A function mode adds ``.cpu()``, ``.tolist()`` and ``.numpy()``,
+which bypass the dispatcher on CPU tensors. Together they see the forward, the backward
+(autograd runs it under the same modes) and the optimiser step. Not seen: ``.to("cpu")`` (here
+indistinguishable from the host-to-device copies a step makes on purpose) and blocking
+host-to-device copies; the CUDA test covers those. GradScaler syncs inside torch by design and
+is not part of these steps.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from antdiff import ANT
@@ -22,8 +27,11 @@ from antdiff.models import create_model
 _SYNCING = {
     "aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero", "aten::nonzero_static",
     "aten::masked_select", "aten::unique_dim", "aten::_unique", "aten::_unique2",
-    "aten::unique_consecutive", "aten::equal",
+    "aten::unique_consecutive", "aten::unique_dim_consecutive", "aten::equal",
+    "aten::bincount", "aten::histc", "aten::_linalg_check_errors",
 }  # fmt: skip
+# tensor methods that copy to the host, and conversions that read through the data pointer
+_HOST_COPIES = {"cpu", "tolist", "numpy", "__array__", "item", "__float__", "__int__", "__bool__"}
 
 
 class HostSyncError(AssertionError):
@@ -40,12 +48,26 @@ class NoHostSync(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._schema.name
-        if name in _SYNCING or (
-            name == "aten::repeat_interleave" and (kwargs or {}).get("output_size") is None
-        ) or (name.startswith(("aten::index", "aten::_index_put")) and _bool_index(args)):
+        if (
+            name in _SYNCING
+            or (name == "aten::repeat_interleave" and (kwargs or {}).get("output_size") is None)
+            or (name.startswith(("aten::index", "aten::_index_put")) and _bool_index(args))
+        ):
             self.syncs += 1
             if self.syncs > self.allowed:
                 raise HostSyncError(f"{name} would synchronise the host with the device")
+        return func(*args, **(kwargs or {}))
+
+
+class NoHostCopy(TorchFunctionMode):
+    """Raises HostSyncError on ``.cpu()``, ``.tolist()``, ``.numpy()``, which bypass the
+    dispatcher when the tensor already lives on the CPU. (``.to("cpu")`` is not flagged: here it
+    cannot be told apart from the host-to-device copies a step makes on purpose.)"""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in _HOST_COPIES:
+            raise HostSyncError(f"Tensor.{name} copies to the host")
         return func(*args, **(kwargs or {}))
 
 
@@ -66,11 +88,21 @@ def test_detector_catches_value_reads():
     for read in reads:
         with pytest.raises(HostSyncError), NoHostSync():
             read()
+    copies = (
+        lambda: x.cpu(), lambda: x.tolist(), lambda: x.numpy(), lambda: torch.bincount(x.long()),
+        lambda: torch.linalg.solve(torch.eye(3), x),
+    )  # fmt: skip
+    for copy in copies:
+        with pytest.raises(HostSyncError), NoHostCopy(), NoHostSync():
+            copy()
     with NoHostSync():  # device-side selection is fine
         torch.where(x > 0, x, 0.0).sum()
 
 
-def _step(family: str, method: str, mode: str, B: int, skip_nonfinite: bool = False):
+def _step(
+    family: str, method: str, mode: str, B: int, skip_nonfinite: bool = False,
+    sampling: str = "proportional",
+):  # fmt: skip
     """One training step as a trainer writes it (``ant.step`` without the non-finite read)."""
     torch.manual_seed(0)
     model = create_model("adm-tiny" if family == "unet" else "dit-tiny")
@@ -78,7 +110,8 @@ def _step(family: str, method: str, mode: str, B: int, skip_nonfinite: bool = Fa
     diffusion = GaussianDiffusion("linear")
     shape = (B, model.in_channels, 8, 8)
     x, noise, y = torch.randn(shape), torch.randn(shape), torch.randint(0, 10, (B,))
-    ant = ANT("linear", k=5, method=method, mode=mode, update_every=3 if "nash" in method else None)
+    every = 3 if "nash" in method else None
+    ant = ANT("linear", k=5, method=method, mode=mode, update_every=every, sampling=sampling)
     ant.attach(model)
     # SGD: AdamW's step counters are host tensors, whose reads this CPU check cannot tell apart
     opt = torch.optim.SGD(
@@ -125,8 +158,19 @@ def test_engine_step_has_no_host_sync(family, method, mode, monkeypatch):
     monkeypatch.setattr("antdiff.engine.core._read_on_host", lambda t: False)
     step = _step(family, method, mode, B=20)
     step()  # the first step may build buffers and audit the model
-    with NoHostSync():
+    with NoHostCopy(), NoHostSync():
         for _ in range(4):  # covers Nash's off-steps (update_every=3)
+            step()
+
+
+@pytest.mark.parametrize("method", ["pcgrad", "nash", "uw"])
+def test_no_host_sync_with_empty_clusters(method, monkeypatch):
+    """Uniform sampling at B = 6, k = 5: most steps leave some cluster empty."""
+    monkeypatch.setattr("antdiff.engine.core._read_on_host", lambda t: False)
+    step = _step("dit", method, "auto", B=6, sampling="uniform")
+    step()
+    with NoHostCopy(), NoHostSync():
+        for _ in range(6):
             step()
 
 

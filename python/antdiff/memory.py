@@ -1,10 +1,15 @@
 """Peak tensor memory of a piece of work, on CPU as on CUDA.
 
 On CUDA the caching allocator keeps the statistic (``torch.cuda.max_memory_allocated``). On CPU
-torch's allocator reports every allocation and free, with its running total of live bytes, to
-the profiler when ``profile_memory=True``; the peak of that total over the run is the same
-quantity: bytes held by tensors (including those an operator allocates internally), not the
-process's resident set, which also counts what glibc keeps after a free.
+torch's allocator reports each allocation and free it sees while the profiler runs
+(``profile_memory=True``) with its running total of live bytes; the peak of that total over the
+run is the same quantity: bytes held by tensors (including those an operator allocates
+internally through torch's allocator), not the process's resident set, which also counts what
+glibc keeps after a free.
+
+Limits of the CPU figure: only allocations on threads the profiler follows count, a block
+allocated before profiling started is not subtracted when the run frees it (so build the work
+inside ``build``), and the profiler interface used is torch's experimental event tree.
 """
 
 from __future__ import annotations
@@ -67,15 +72,20 @@ def _peak_in_mark(prof: Any) -> int:
     mark = next((e for e in events if e.name == _MARK), None)
     if mark is None:
         raise RuntimeError("the profiler recorded no marker event: cannot locate the run")
-    # (time, live bytes after the event, change): the running total is process-wide, so the
-    # level before the run is read off the run's first event rather than assumed to be zero
+    # (time, live bytes after the event, change), in time order; the running total is
+    # process-wide, so the level before the run is the total after the last earlier event, or,
+    # if there is none, the run's first total minus that event's own change
     allocs = sorted(
-        (e.start_time_ns, e.extra_fields.total_allocated, e.extra_fields.alloc_size)
-        for e in events
-        if e.tag == _EventType.Allocation
-        and mark.start_time_ns <= e.start_time_ns <= mark.end_time_ns
+        (
+            (e.start_time_ns, e.extra_fields.total_allocated, e.extra_fields.alloc_size)
+            for e in events
+            if e.tag == _EventType.Allocation and e.start_time_ns <= mark.end_time_ns
+        ),
+        key=lambda a: a[0],
     )
-    if not allocs:
+    before = [a for a in allocs if a[0] < mark.start_time_ns]
+    inside = [a for a in allocs if a[0] >= mark.start_time_ns]
+    if not inside:
         return 0
-    base = allocs[0][1] - allocs[0][2]
-    return max(max(total for _, total, _ in allocs) - base, 0)
+    base = before[-1][1] if before else inside[0][1] - inside[0][2]
+    return max(max(total for _, total, _ in inside) - base, 0)

@@ -53,10 +53,10 @@ class StepOutput:
     finite: torch.Tensor  # 0-d bool: losses and gradients were finite
 
 
-
 def _read_on_host(t: torch.Tensor) -> bool:
     """Whether validating ``t`` may read its values (free on the CPU, a host sync elsewhere)."""
     return t.device.type == "cpu"
+
 
 class ANT:
     """ANT backend for any diffusion trainer.

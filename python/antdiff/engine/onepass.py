@@ -364,6 +364,11 @@ class OnePass:
         held = [x]  # released once used: the graph's nodes (and this hook) live to the end
 
         def hook(g: torch.Tensor) -> None:
+            if not held:
+                raise RuntimeError(
+                    f"mode='onepass': the backward reached layer {self.layers[j][0]!r} twice; "
+                    "retain_graph and double backward are not supported, use mode='micro'"
+                )
             grad_fn(st, m, slots, held.pop(), g)
 
         out.register_hook(hook)
