@@ -65,6 +65,24 @@ def check_orders(G: torch.Tensor, orders: torch.Tensor) -> None:
         raise ValueError(f"orders is on {orders.device} but G is on {G.device}")
 
 
+_CHUNKED_FROM = 1 << 16  # columns; below this one product is as fast
+_CHUNKS = 64
+
+
+def _chunked_gram(J: torch.Tensor) -> torch.Tensor:  # noqa: N803
+    """J J^T as the sum of 64 partial Grams over column blocks (one batched product).
+
+    A single [k, P] x [P, k] product with k << P keeps one long reduction per entry, which CPU
+    BLAS runs slowly (about 5x slower at k = 5, P = 755009) and sums less accurately.
+    """
+    k, P = J.shape  # noqa: N806
+    L = P // _CHUNKS  # noqa: N806
+    body = J[:, : L * _CHUNKS].view(k, _CHUNKS, L).transpose(0, 1)  # [chunks, k, L]
+    G = torch.bmm(body, body.transpose(1, 2)).sum(0)  # noqa: N806
+    tail = J[:, L * _CHUNKS :]
+    return G + tail @ tail.T if tail.shape[1] else G
+
+
 def gram_ref(J: torch.Tensor, upcast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Gram matrix of the cluster gradients and a finiteness flag.
 
@@ -79,7 +97,7 @@ def gram_ref(J: torch.Tensor, upcast: bool = False) -> tuple[torch.Tensor, torch
     """
     check_J(J)
     Jf = J.to(torch.float64 if upcast else torch.float32)
-    G = Jf @ Jf.T
+    G = _chunked_gram(Jf) if Jf.stride(1) == 1 and Jf.shape[1] >= _CHUNKED_FROM else Jf @ Jf.T
     G = (G + G.T) * 0.5
     # a NaN/inf in row i makes the sum of squares G[i, i] NaN/inf: no second pass over J
     return G, torch.isfinite(G.diagonal()).all()

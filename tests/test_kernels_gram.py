@@ -172,3 +172,21 @@ def test_gram_cuda_no_host_sync(dt, force_triton):
         torch.cuda.set_sync_debug_mode("default")
     assert bool(finite)
     _check(G, J)
+
+
+@pytest.mark.parametrize("P", [1 << 16, 100003, 755009])
+def test_gram_ref_large_P_blocked_sum_matches_float64(P):
+    """Long rows take the blocked reduction (64 partial Grams plus a tail): same G to float32
+    accuracy, exactly symmetric, NaN detection intact."""
+    g = torch.Generator().manual_seed(P)
+    J = torch.randn(5, P, generator=g)
+    G, finite = gram_ref(J)
+    exact = J.double() @ J.double().T
+    tol = {"rtol": 2e-6, "atol": 1e-7 * P}  # float32 rounding of sums of P unit-scale products
+    torch.testing.assert_close(G.double(), exact, **tol)
+    assert torch.equal(G, G.T) and bool(finite)
+    J[3, P - 1] = float("nan")  # in the tail when P is not a multiple of 64
+    assert not bool(gram_ref(J)[1])
+    # a strided view takes the single product: same answer
+    Js = torch.randn(5, 2 * P, generator=g)[:, ::2]
+    torch.testing.assert_close(gram_ref(Js)[0].double(), Js.double() @ Js.double().T, **tol)
