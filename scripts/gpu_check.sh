@@ -5,8 +5,10 @@
 # benchmarks. Everything lands in $OUT (default gpu_out/): logs, raw pytest-benchmark JSON and
 # summaries (kernels_gpu.md, step_gpu.md) to copy into benchmarks/results/.
 #
-#   device run: bash scripts/gpu_check.sh        (no network there: nothing is downloaded)
+#   device run: bash scripts/gpu_check.sh [all|tests|bench]   (no network there: nothing is
+#   downloaded; "tests" and "bench" split the work over two calls if one would run too long)
 set -uo pipefail
+STAGE=${1:-all}
 OUT=${OUT:-gpu_out}
 PY=${PY:-python3}
 mkdir -p "$OUT"
@@ -18,10 +20,14 @@ $PY -c "import torch, triton; print(torch.__version__, triton.__version__, torch
 status=0
 $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1 || {
     status=1; echo "build failed"; tail -20 "$OUT/build.log"; }
-$PY -m pytest -q -p no:cacheprovider tests/test_kernels_gram.py tests/test_kernels_combine.py \
-    tests/test_kernels_pcgrad.py tests/test_kernels_nash.py tests/test_engine.py \
-    tests/test_mtl.py tests/test_onepass.py tests/test_memory.py >"$OUT/tests.log" 2>&1 || status=1
-tail -3 "$OUT/tests.log"
+if [ "$STAGE" != bench ]; then
+    $PY -m pytest -q -p no:cacheprovider tests/test_kernels_gram.py tests/test_kernels_combine.py \
+        tests/test_kernels_pcgrad.py tests/test_kernels_nash.py tests/test_engine.py \
+        tests/test_mtl.py tests/test_onepass.py tests/test_memory.py >"$OUT/tests.log" 2>&1 \
+        || status=1
+    tail -3 "$OUT/tests.log"
+fi
+[ "$STAGE" = tests ] && exit $status
 
 $PY -m pytest -q -p no:cacheprovider benchmarks/bench_kernels.py -k cuda \
     --benchmark-json="$OUT/kernels_raw.json" >"$OUT/bench_kernels.log" 2>&1 || status=1
