@@ -28,25 +28,20 @@ k = 5 SNR clusters, AdamW. A step = draw t, forward, the method's backward, opti
 
 from __future__ import annotations
 
+import json
 import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-# On a loaded machine, OpenMP threads that spin at barriers make small ops tenfold slower, at
-# random; sleeping waits keep timings repeatable. libgomp reads this when torch loads it.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import json  # noqa: E402
-import random  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 for _p in (ROOT, ROOT / "python"):  # the --memory subprocess runs this file as a script
@@ -58,6 +53,11 @@ from antdiff.diffusion import GaussianDiffusion  # noqa: E402
 from antdiff.memory import peak_allocated  # noqa: E402
 from antdiff.models import create_model  # noqa: E402
 from benchmarks import peers  # noqa: E402
+
+# OpenMP's wait policy is left as the environment sets it (unset: libgomp spins briefly, then
+# sleeps, what a training job gets). PASSIVE (sleep at once) was used before 2026-11-26: every
+# parallel region then paid a thread wake-up (0.05-0.4 ms here), which made a vanilla step 2.3x
+# slower and inflated the cost of many small operations (per-cluster products) the most.
 
 K = 5
 THREADS = int(os.environ.get("ANT_BENCH_THREADS", "2"))
@@ -291,7 +291,7 @@ def test_step(bench: Any, quick: bool, device: str, model_name: str, scenario: s
         threads=THREADS, step_s=own, statistic="mean of a 25-step cycle" if cycle else "median",
         vanilla_pair_s=statistics.median(van_times), ratio=ratio,
         backward_passes=counter.passes / n_steps, backward_rows=counter.rows / n_steps,
-        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY") or "unset",
     )  # fmt: skip
     counter.handle.remove()
     if device == "cuda":

@@ -20,8 +20,9 @@ T = 100
 
 class Toy(nn.Module):
     """Every served layer type: strided/grouped/dilated/'same' convs, 1x1 and strided Conv1d,
-    GroupNorm, Linear on [B, N, D], LayerNorm, Embeddings (one with padding_idx), a layer called
-    twice, a layer used only under no_grad and a Linear with a frozen bias."""
+    patch convs (kernel == stride, one dropping the input's last rows and columns), GroupNorm,
+    Linear on [B, N, D], LayerNorm, Embeddings (one with padding_idx), a layer called twice,
+    a layer used only under no_grad and a Linear with a frozen bias."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -33,6 +34,8 @@ class Toy(nn.Module):
         self.gn = nn.GroupNorm(4, 8)
         self.pw = nn.Conv1d(8, 8, 1)
         self.c1d = nn.Conv1d(8, 8, 3, stride=2, padding=1)
+        self.patch = nn.Conv2d(2, 8, 3, stride=3)  # 8x8 -> 2x2: rows and columns 6, 7 unused
+        self.p1d = nn.Conv1d(8, 8, 2, stride=2, bias=False)
         self.tok = nn.Embedding(7, 8, padding_idx=0)
         self.lin = nn.Linear(8, 8)
         self.ln = nn.LayerNorm(8)
@@ -46,6 +49,8 @@ class Toy(nn.Module):
         h = self.c1(x) + self.emb(t)[:, :, None, None]  # [B, 8, 4, 4]
         h = self.gn(self.c3(F.silu(self.c2(h))) + h)
         s = self.c1d(self.pw(h.flatten(2))) + self.c4(h).flatten(2).repeat(1, 1, 2)  # [B, 8, 8]
+        s = s + self.patch(x).flatten(2).repeat(1, 1, 2)
+        s = s + self.p1d(s).repeat(1, 1, 2)
         z = s.transpose(1, 2) + self.tok(tok)  # [B, 8 tokens, 8]
         z = self.ln(torch.tanh(self.lin(z)))
         z = self.shared(torch.tanh(self.shared(z)))

@@ -105,9 +105,10 @@ class _Slot:
                 row.copy_(v) if self.fresh else row.add_(v)
         self.fresh = False
 
-    def put_all(self, value: torch.Tensor) -> None:
-        """All rows := (or +=) value [k, n]."""
-        self.cols.copy_(value) if self.fresh else self.cols.add_(value)
+    def put_seg(self, st: _Step, per_sample: torch.Tensor) -> None:
+        """All rows := (or +=) the per-cluster sums of ``per_sample`` [B, n], one product."""
+        s = per_sample.to(st.M.dtype)
+        self.cols.addmm_(st.M, s, beta=0) if self.fresh else self.cols.addmm_(st.M, s)
         self.fresh = False
 
 
@@ -122,11 +123,6 @@ class _Step:
         self.anchor = torch.zeros((), device=cid.device, requires_grad=True)
 
 
-def _seg(st: _Step, s: torch.Tensor) -> torch.Tensor:
-    """[B, n] per-sample sums -> [k, n] per-cluster sums."""
-    return st.M @ s.to(st.M.dtype)
-
-
 def _linear(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor) -> None:
     w, b = slots
     g2 = g.reshape(st.B, -1, g.shape[-1])
@@ -136,18 +132,42 @@ def _linear(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor) ->
             st, lambda a, c: g2[a:c].flatten(0, 1).t(), lambda a, c: x2[a:c].flatten(0, 1)
         )
     if b is not None:
-        b.put_all(_seg(st, g2.sum(1)))
+        b.put_seg(st, g2.sum(1))
+
+
+def _patchwise(m: nn.Module) -> bool:
+    """A convolution over non-overlapping patches: kernel == stride, no padding, one group."""
+    ks = tuple(m.kernel_size)
+    return (
+        m.groups == 1 and ks == tuple(m.stride)
+        and (all(v == 1 for v in m.dilation) or all(v == 1 for v in ks))
+        and (m.padding in ("valid", "same") or not any(m.padding))
+    )  # fmt: skip
+
+
+def _patch_rows(x: torch.Tensor, kernel, out) -> torch.Tensor:
+    """[B, C, *spatial] -> [B * prod(out), C * prod(kernel)]: one row per output position.
+
+    Rows are ordered (sample, position), columns (channel, kernel offset) like the weight's
+    [Cout, Cin, *kernel] layout; inputs past the last whole patch are dropped, as the layer does.
+    """
+    d = len(kernel)
+    x = x[(..., *(slice(0, o * k_) for o, k_ in zip(out, kernel)))]
+    split = [v for o, k_ in zip(out, kernel) for v in (o, k_)]  # o1, k1, o2, k2, ...
+    x = x.reshape(x.shape[0], x.shape[1], *split)
+    perm = (0, *range(2, 2 + 2 * d, 2), 1, *range(3, 3 + 2 * d, 2))
+    return x.permute(perm).reshape(x.shape[0] * math.prod(out), -1)
 
 
 def _conv(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor) -> None:
     w, b = slots
-    one = all(v == 1 for v in (*m.kernel_size, *m.stride, m.groups))
-    if w is not None and one and m.padding in ("valid", "same", (0,), (0, 0)):
-        # 1x1 (attention qkv, skips): one matmul per cluster beats convolution_backward on CPU
+    if w is not None and _patchwise(m):
+        # 1x1 (attention qkv, skips) and patch embeddings: one matmul per cluster on the
+        # non-overlapping patches beats convolution_backward's per-call cost
         gt = g.reshape(st.B, g.shape[1], -1).transpose(0, 1).flatten(1)  # [Cout, B*L]
-        xt = x.to(g.dtype).reshape(st.B, x.shape[1], -1).transpose(0, 1).flatten(1)
+        xp = _patch_rows(x.to(g.dtype), m.kernel_size, g.shape[2:])  # [B*L, Cin*prod(kernel)]
         n = gt.shape[1] // st.B
-        w.put_products(st, lambda a, c: gt[:, a * n : c * n], lambda a, c: xt[:, a * n : c * n].t())
+        w.put_products(st, lambda a, c: gt[:, a * n : c * n], lambda a, c: xp[a * n : c * n])
     elif w is not None:
         x = x.to(g.dtype)
         d = len(m.kernel_size)
@@ -166,7 +186,7 @@ def _conv(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor) -> N
 
         w.put_rows(st, value_of)
     if b is not None:
-        b.put_all(_seg(st, g.reshape(st.B, g.shape[1], -1).sum(-1)))
+        b.put_seg(st, g.reshape(st.B, g.shape[1], -1).sum(-1))
 
 
 def _norm(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor) -> None:
@@ -184,9 +204,9 @@ def _norm(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor) -> N
         yh = F.layer_norm(x, m.normalized_shape, eps=m.eps) if w is not None else None
         red = 1
     if w is not None:
-        w.put_all(_seg(st, (g3 * yh.reshape(g3.shape)).sum(red)))
+        w.put_seg(st, (g3 * yh.reshape(g3.shape)).sum(red))
     if b is not None:
-        b.put_all(_seg(st, g3.sum(red)))
+        b.put_seg(st, g3.sum(red))
 
 
 def _embedding(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor) -> None:
