@@ -75,6 +75,24 @@ def test_uw_absent_cluster_gets_no_gradient_even_if_nan():
     assert L.grad[1] == 0
 
 
+@pytest.mark.parametrize("cls", LOSS_CLASSES)
+def test_slopes_equal_autograd_of_the_terms(cls):
+    """slopes() (closed form where a method gives one) == d terms_i / d L_i by autograd."""
+    k = 5
+    present = _present(k, (3,))
+    m = cls(k).double()
+    if isinstance(m, UW):
+        with torch.no_grad():
+            m.s.copy_(torch.tensor([0.3, -0.7, 1.1, 0.0, -2.0]))
+    for step in range(3):  # stateful methods (DWA, FAMO) move between steps
+        L = _losses(k, step, present)
+        c = m.slopes(L, present)
+        assert not c.requires_grad and c.shape == (k,)
+        torch.testing.assert_close(c, _dloss(m, L, present), rtol=1e-12, atol=0)
+        assert c[3] == 0
+        m.observe(L, present)
+
+
 # ---------------------------------------------------------------- LS, RLW
 def test_ls_is_mean_over_present():
     k = 5

@@ -280,7 +280,7 @@ class ANT:
         L_eff, L_global, present = self._globalise(sums, counts)  # noqa: N806
         terms = self.method.loss.transform(L_eff, present)
         total = terms.sum()
-        c = _term_slopes(self.method.loss, L_global, present)
+        c = self.method.loss.slopes(L_global, present)
         self._record(total.detach(), L_global, c, present, None)
         return total
 
@@ -366,7 +366,7 @@ class ANT:
         if self._buffer is not None:  # accumulate into row 0 of J: no new P-sized gradient
             self._grad_buffer().point_grads_at(0)
         self._scaled(total, scaler).backward()
-        c = torch.ones_like(L_global) if loss_m is None else _term_slopes(loss_m, L_global, present)
+        c = torch.ones_like(L_global) if loss_m is None else loss_m.slopes(L_global, present)
         finite = torch.isfinite(L_global).all() & torch.isfinite(total)
         if self._buffer is not None:  # the gradient is row 0 of J: check it in the same pass
             finite = finite & torch.isfinite(self._buffer.J[0].sum())
@@ -636,14 +636,6 @@ def _check_per_sample(per: Any, n: int | None) -> torch.Tensor:
     if n is not None and per.shape[0] != n:
         raise ValueError(f"per-sample loss has {per.shape[0]} entries but there are {n} timesteps")
     return per
-
-
-def _term_slopes(loss_m: mtl.LossMethod, L: torch.Tensor, present: torch.Tensor) -> torch.Tensor:  # noqa: N803
-    """dT_i/dL_i at L (the transforms are elementwise in L)."""
-    with torch.enable_grad():
-        Lr = L.detach().clone().requires_grad_(True)  # noqa: N806
-        (c,) = torch.autograd.grad(loss_m.transform(Lr, present).sum(), Lr, allow_unused=True)
-    return torch.zeros_like(L) if c is None else c.detach()
 
 
 def _make_method(name: str, k: int, seed: int, kwargs: dict[str, Any]) -> mtl.Composite:

@@ -168,6 +168,14 @@ class LossMethod(torch.nn.Module):
         """Total loss: ``transform(L, present).sum()``."""
         return self.transform(L, present).sum()
 
+    def slopes(self, L: Tensor, present: Tensor) -> Tensor:
+        """dT_i/dL_i at ``L`` (the transforms are elementwise in L): the weight each cluster's
+        loss gets this step, detached. By autograd; subclasses may give the closed form."""
+        with torch.enable_grad():
+            Lr = L.detach().clone().requires_grad_(True)  # noqa: N806
+            (c,) = torch.autograd.grad(self.transform(Lr, present).sum(), Lr, allow_unused=True)
+        return torch.zeros_like(L) if c is None else c.detach()
+
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimiser groups for learnable parameters ([] when there are none)."""
         return []

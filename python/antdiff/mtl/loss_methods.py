@@ -67,6 +67,10 @@ class UW(LossMethod):
         term = 0.5 * (torch.exp(-s) * torch.where(present, L, 0.0) / self.k + s)
         return torch.where(present, term, 0.0)
 
+    def slopes(self, L: Tensor, present: Tensor) -> Tensor:
+        check_losses(L, present, self.k)
+        return torch.where(present, 0.5 * torch.exp(-self.s.detach().to(L.dtype)) / self.k, 0.0)
+
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": [self.s], "lr": self.lr, "weight_decay": 0.0}]
 
