@@ -9,7 +9,7 @@ from torch import nn
 
 from antdiff import ANT
 from antdiff.clustering import Clusters
-from antdiff.engine.timesteps import allocate
+from antdiff.engine.timesteps import _place, allocate
 from antdiff.mtl import make_method
 from antdiff.schedules import linear_schedule
 
@@ -176,6 +176,35 @@ def test_timesteps_sorted_inside_clusters_and_counts_known():
         assert torch.bincount(cid, minlength=5).tolist() == counts.tolist()
 
 
+def test_placement_stays_inside_each_interval():
+    """u -> t = lo + floor(u size): u = 0 gives the first timestep, u next to 1 the last (the
+    clamp), one-timestep intervals always their one timestep."""
+    lo = np.array([0, 1, 7, 300, 999], dtype=np.int64).repeat(400)
+    size = np.array([1, 6, 293, 699, 1], dtype=np.int64).repeat(400)
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(lo.size, generator=g, dtype=torch.float64)
+    u[::7] = 1.0 - 2.0**-53  # the largest double below 1
+    u[1::7] = 0.0
+    t = _place(u, lo, size)
+    assert t.dtype == torch.int64
+    ref = lo + np.minimum(np.floor(u.numpy() * size).astype(np.int64), size - 1)
+    assert t.tolist() == ref.tolist()
+    assert t[::7].tolist() == (lo + size - 1)[::7].tolist()
+    assert t[1::7].tolist() == lo[1::7].tolist()
+
+
+def test_sample_timesteps_follows_the_torch_seed():
+    ant = ANT(linear_schedule(1000), k=5, method="vanilla")
+    ant2 = ANT(linear_schedule(1000), k=5, method="vanilla")
+    torch.manual_seed(3)
+    a = ant.sample_timesteps(37)
+    torch.manual_seed(3)
+    b = ant2.sample_timesteps(37)
+    g = torch.Generator().manual_seed(4)
+    c = ant2.sample_timesteps(37, generator=g)
+    assert torch.equal(a, b) and not torch.equal(b, c)
+
+
 @pytest.mark.parametrize("mode", ["proportional", "uniform"])
 def test_marginal_over_t_is_uniform(mode):
     clusters = Clusters((0, 10, 40, 50, 100))
@@ -186,6 +215,29 @@ def test_marginal_over_t_is_uniform(mode):
     for _ in range(n):
         total += allocate(B, shares, mode, rng)
     np.testing.assert_allclose(total / (n * B), shares, atol=0.006)
+
+
+def _allocate_numpy(B, shares, mode, rng):  # noqa: N803
+    """The systematic-sampling allocation written with numpy arrays (reference)."""
+    quota = np.full_like(shares, B / shares.size) if mode == "equal" else B * shares
+    counts = np.floor(quota).astype(np.int64)
+    extra = int(B - counts.sum())
+    if extra > 0:
+        picks = np.searchsorted(np.cumsum(quota - counts), rng.random() + np.arange(extra), "right")
+        counts += np.bincount(np.minimum(picks, shares.size - 1), minlength=shares.size)
+    return counts
+
+
+def test_allocate_equals_numpy_reference():
+    r = np.random.default_rng(0)
+    for trial in range(3000):
+        k = int(r.integers(1, 40))
+        sizes = r.integers(1, 300, k)
+        shares, B = sizes / sizes.sum(), int(r.integers(1, 600))  # noqa: N806
+        mode = ("proportional", "equal")[trial % 2]
+        got = allocate(B, shares, mode, np.random.default_rng(trial))
+        ref = _allocate_numpy(B, shares, mode, np.random.default_rng(trial))
+        assert got.dtype == np.int64 and got.tolist() == ref.tolist() and got.sum() == B
 
 
 def test_equal_mode_is_stratified():

@@ -238,6 +238,9 @@ class ANT:
         cid = self.clusters.cluster_of(t)
         k, dev = self.k, per_sample.device
         sums = torch.zeros(k, device=dev, dtype=torch.float32).index_add(0, cid, per_sample.float())
+        host = self.sampler.counts_for(t)  # t from sample_timesteps: its counts are on the host
+        if host is not None:
+            return sums, to_device(torch.from_numpy(host.astype(np.float32)), dev)
         counts = torch.zeros(k, device=dev, dtype=torch.float32).index_add(
             0, cid, torch.ones_like(per_sample, dtype=torch.float32)
         )
@@ -245,6 +248,9 @@ class ANT:
 
     def _globalise(self, sums: torch.Tensor, counts: torch.Tensor):
         """Attached local cluster losses, detached global ones, global counts and presence."""
+        if not self.comm.active:
+            L = sums / counts.clamp(min=1)  # noqa: N806
+            return L, L.detach(), counts > 0
         N = self.comm.sum_(counts.detach().clone())  # noqa: N806
         L_global = self.comm.sum_(sums.detach().clone()) / N.clamp(min=1)  # noqa: N806
         L_local = sums / N.clamp(min=1)  # noqa: N806

