@@ -56,8 +56,8 @@ from benchmarks import peers  # noqa: E402
 
 # OpenMP's wait policy is left as the environment sets it (unset: libgomp spins briefly, then
 # sleeps, what a training job gets). PASSIVE (sleep at once) was used before 2026-11-26: every
-# parallel region then paid a thread wake-up (0.05-0.4 ms here), which made a vanilla step 2.3x
-# slower and inflated the cost of many small operations (per-cluster products) the most.
+# parallel region then paid a thread wake-up (0.05-0.4 ms here), which made a vanilla step
+# 1.8-2.4x slower and inflated the cost of many small operations (per-cluster products) most.
 
 K = 5
 THREADS = int(os.environ.get("ANT_BENCH_THREADS", "2"))
