@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -32,6 +33,16 @@ def _reference_kernels(request: pytest.FixtureRequest, monkeypatch: pytest.Monke
     tests marked ``interpret`` keep the default dispatch (Triton through the interpreter)."""
     if request.node.get_closest_marker("interpret") is None:
         monkeypatch.setenv("ANT_KERNELS_BACKEND", "torch")
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a module of tiny models: on a shared 2-core machine, extra OpenMP
+    threads only spin. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -35,13 +35,7 @@ class TinyNet(nn.Module):
         return self.out(h).view_as(x)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small ops: one thread beats two OpenMP threads that spin-wait on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ Frechet distance, brute-force k-NN balls for precision / recall) on the very sam
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,17 +24,11 @@ from antdiff.train import train
 FAST = ["--steps", "10", "--no-progress"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These models are tiny: extra intra-op threads only spin on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory, _one_thread: None) -> Path:
+def run_dir(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Path:
     out = tmp_path_factory.mktemp("digits_run")
     overrides = [
         *("--train.steps", "20", "--train.batch_size", "16", "--train.ckpt_every", "20"),

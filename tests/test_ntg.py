@@ -25,13 +25,7 @@ from antdiff.config import load_config
 from antdiff.metrics import DigitsFeatures, fid_from_features
 from antdiff.train import train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(tmp_path, *extra, steps=3):

@@ -8,7 +8,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from antdiff.analysis.report import load_run_logs, plot_run
@@ -16,13 +15,7 @@ from antdiff.cli import main as cli_main
 from antdiff.config import load_config
 from antdiff.train import train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(out, method, steps, *extra):
