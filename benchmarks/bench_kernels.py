@@ -1,10 +1,11 @@
 """ant_kernels benchmarks: gram / combine vs torch on CUDA, the Nash solve on CPU.
 
-On CUDA, k = 5 and P in {1e6, 1e7, 1e8}: ``gram`` against ``J @ J.T`` and ``combine`` against
-``torch.mv`` into the same buffer, side by side in one run; extra_info holds the achieved
-bandwidth (bytes read + written / mean time) and its fraction of the card's peak
-(``ANT_PEAK_BW`` in B/s overrides the table). On CPU only the reference paths run, on tiny
-sizes (the cases marked ``quick``), so ``--quick`` in CI keeps this file alive.
+On CUDA, k = 5, P in {1e6, 1e7, 1e8}, J in fp32 and bf16: ``gram`` against ``J @ J.T`` (plus
+the finiteness check) and ``combine`` against ``torch.mv`` into the same buffer, side by side in
+one run, and a device-to-device copy of J (the card's practical bandwidth ceiling); extra_info
+holds the achieved bandwidth (bytes read + written / mean time) and its fraction of the card's
+datasheet peak (``ANT_PEAK_BW`` in B/s overrides the table). On CPU only the reference paths
+run, on tiny sizes (the cases marked ``quick``), so ``--quick`` in CI keeps this file alive.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ PEAK_BW = (
 )
 K = 5
 SIZES = [10**6, 10**7, 10**8]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _environment() -> dict:
@@ -68,25 +70,43 @@ def _run_cuda(benchmark, fn, nbytes: int) -> None:
 
 
 @needs_gpu
+@pytest.mark.parametrize("dt", DTYPES)
 @pytest.mark.parametrize("impl", ["ant", "torch"])
 @pytest.mark.parametrize("P", SIZES, ids=[f"P{p:.0e}" for p in SIZES])
-def test_gram_cuda(bench, impl, P):
-    J = torch.randn(K, P, device="cuda")
-    bench.group = f"gram-k{K}-P{P:.0e}"
+def test_gram_cuda(bench, impl, P, dt):
+    J = torch.randn(K, P, device="cuda").to(DTYPES[dt])
+    bench.group = f"gram-k{K}-P{P:.0e}-{dt}"
     fn = (lambda: gram(J)) if impl == "ant" else (lambda: (J @ J.T, torch.isfinite(J).all()))
     _run_cuda(bench, fn, J.numel() * J.element_size())
 
 
 @needs_gpu
+@pytest.mark.parametrize("dt", DTYPES)
 @pytest.mark.parametrize("impl", ["ant", "torch"])
 @pytest.mark.parametrize("P", SIZES, ids=[f"P{p:.0e}" for p in SIZES])
-def test_combine_cuda(bench, impl, P):
-    J = torch.randn(K, P, device="cuda")
+def test_combine_cuda(bench, impl, P, dt):
+    """fp32 .grad out; torch's mv needs w and out in J's dtype (a bf16 out for bf16 J)."""
+    J = torch.randn(K, P, device="cuda").to(DTYPES[dt])
     w = torch.randn(K, device="cuda")
-    out = torch.empty(P, device="cuda")
-    bench.group = f"combine-k{K}-P{P:.0e}"
-    fn = (lambda: combine(w, J, out)) if impl == "ant" else (lambda: torch.mv(J.T, w, out=out))
+    out = torch.empty(P, device="cuda", dtype=torch.float32 if impl == "ant" else J.dtype)
+    bench.group = f"combine-k{K}-P{P:.0e}-{dt}"
+    if impl == "ant":
+        fn = lambda: combine(w, J, out)  # noqa: E731
+    else:
+        w = w.to(J.dtype)
+        fn = lambda: torch.mv(J.T, w, out=out)  # noqa: E731
     _run_cuda(bench, fn, J.numel() * J.element_size() + out.numel() * out.element_size())
+
+
+@needs_gpu
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("P", SIZES, ids=[f"P{p:.0e}" for p in SIZES])
+def test_copy_cuda(bench, P, dt):
+    """A device-to-device copy of J: the bandwidth a memory-bound kernel can reach here."""
+    J = torch.randn(K, P, device="cuda").to(DTYPES[dt])
+    out = torch.empty_like(J)
+    bench.group = f"copy-k{K}-P{P:.0e}-{dt}"
+    _run_cuda(bench, lambda: out.copy_(J), 2 * J.numel() * J.element_size())
 
 
 def _gram_with_cosine(k: int, cosine: float | None) -> torch.Tensor:
@@ -141,24 +161,37 @@ def summarize(raw_json: str, out_stem: str) -> dict:
         if "GB/s" not in info or "peak_fraction" not in info:
             continue  # CPU cases
         op = b["name"].split("[")[0].removeprefix("test_").removesuffix("_cuda")
-        rows.append({"op": op, "impl": b["params"]["impl"], "P": b["params"]["P"], "k": K,
-                     "mean_ms": b["stats"]["mean"] * 1e3, "GB/s": info["GB/s"],
+        params = b["params"]
+        rows.append({"op": op, "impl": params.get("impl", "torch"), "P": params["P"], "k": K,
+                     "dtype": params.get("dt", "fp32"), "mean_ms": b["stats"]["mean"] * 1e3,
+                     "median_ms": b["stats"]["median"] * 1e3, "GB/s": info["GB/s"],
                      "peak_fraction": info["peak_fraction"],
-                     "device": info["kernel_device"]})  # fmt: skip
+                     "device": info["kernel_device"], "torch": info["torch_runtime"],
+                     "triton": info["triton"]})  # fmt: skip
+    copy = {(r["P"], r["dtype"]): r["GB/s"] for r in rows if r["op"] == "copy"}
+    for r in rows:
+        c = copy.get((r["P"], r["dtype"]))
+        r["copy_fraction"] = r["GB/s"] / c if c else None
     device = rows[0]["device"] if rows else "no CUDA case in this run"
-    summary = {"device": device, "target": "ant gram + combine >= 0.8 of peak at P >= 1e8",
+    summary = {"device": device, "git_sha": raw["machine_info"].get("antdiff", {}).get("git_sha"),
+               "target": "ant gram + combine >= 0.8 of the card's bandwidth at P >= 1e8",
                "rows": rows}  # fmt: skip
     Path(out_stem + ".json").write_text(json.dumps(summary, indent=1) + "\n")
+    versions = f"torch {rows[0]['torch']}, triton {rows[0]['triton']}; " if rows else ""
     lines = [
         "# ant_kernels on the GPU: gram and combine vs torch", "",
-        f"{device}; k = {K}, float32 J; bandwidth = bytes read + written / mean time over 20 "
-        "synchronised calls.", "",
-        "| op | impl | P | mean ms | GB/s | of peak |", "|---|---|---|---|---|---|",
+        f"{device}; {versions}git {summary['git_sha']}. k = {K}; bandwidth = bytes read + "
+        "written / mean time over 20 synchronised calls; 'of peak' against the datasheet "
+        "bandwidth, 'of copy' against a device-to-device copy of J of the same size and dtype "
+        "measured in the same run. combine writes fp32 (ours) or J's dtype (torch.mv).", "",
+        "| op | impl | J dtype | P | mean ms | GB/s | of peak | of copy |",
+        "|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in rows:
         frac = "-" if r["peak_fraction"] is None else f"{r['peak_fraction']:.0%}"
-        lines.append(f"| {r['op']} | {r['impl']} | {r['P']:.0e} | {r['mean_ms']:.3f} | "
-                     f"{r['GB/s']:.0f} | {frac} |")  # fmt: skip
+        of_copy = "-" if r["copy_fraction"] is None else f"{r['copy_fraction']:.0%}"
+        lines.append(f"| {r['op']} | {r['impl']} | {r['dtype']} | {r['P']:.0e} | "
+                     f"{r['mean_ms']:.3f} | {r['GB/s']:.0f} | {frac} | {of_copy} |")  # fmt: skip
     Path(out_stem + ".md").write_text("\n".join(lines) + "\n")
     return summary
 

@@ -71,9 +71,21 @@ MODELS = {
     # larger batches, same models: how the per-cluster call overhead shrinks with the batch
     "unet-b128": ("adm-tiny", 128, False),
     "dit-b512": ("dit-tiny", 512, True),
+    # GPU only: models that fill more of a GPU than the tiny ones
+    "adm-small": ("adm-small", 128, False),
+    "dit-s2": ("DiT-S/2", 128, True),
 }
+# input height = width (8 otherwise) and constructor overrides (eps-only output: the loss is
+# eps-MSE)
+RESOLUTION = {"adm-small": 16, "dit-s2": 32}
+OVERRIDES = {"dit-s2": {"learn_sigma": False}}
 LARGE_BATCH = ("unet-b128", "dit-b512")
 LARGE_BATCH_SCENARIOS = ("vanilla", "ours-uw", "ours-pcgrad-onepass", "ours-nash-onepass")
+GPU_MODELS = ("adm-small", "dit-s2")
+GPU_SCENARIOS = (
+    "vanilla", "ours-uw", "ours-pcgrad", "ours-pcgrad-onepass", "ours-nash-onepass",
+    "ours-nash25", "ours-uw+pcgrad-onepass",
+)  # fmt: skip
 SCENARIOS = (
     "vanilla", "ours-uw", "ours-pcgrad", "ours-pcgrad-retain", "ours-nash", "ours-nash25",
     "ours-uw+pcgrad", "ours-pcgrad-onepass", "ours-nash-onepass", "ours-uw+pcgrad-onepass",
@@ -91,9 +103,10 @@ class Setup:
         size, self.B, cond = MODELS[model_name]
         torch.manual_seed(seed)
         self.device = torch.device(device)
-        self.model = create_model(size).to(self.device)
+        self.model = create_model(size, **OVERRIDES.get(model_name, {})).to(self.device)
         self.P = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        shape = (self.model.in_channels, 8, 8)
+        res = RESOLUTION.get(model_name, 8)
+        shape = (self.model.in_channels, res, res)
         gen = torch.Generator().manual_seed(seed + 1)
         x = torch.randn(self.B, *shape, generator=gen)
         noise = torch.randn(self.B, *shape, generator=gen)
@@ -227,8 +240,8 @@ def count_syncs(step: Callable[[], None], device: torch.device) -> int:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Full runs: unet and dit (and a few scenarios at larger batches); --quick: the tiny model
-    only (marked ``quick``)."""
+    """Full runs: unet and dit (and a few scenarios at larger batches; on CUDA also the GPU-sized
+    models); --quick: the tiny model only (marked ``quick``)."""
     if "scenario" not in metafunc.fixturenames:
         return
     quick = metafunc.config.getoption("--quick")
@@ -237,8 +250,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         marks = [pytest.mark.quick] if quick else []
         if device == "cuda":
             marks.append(pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here"))
-        for model_name in ("tiny",) if quick else ("unet", "dit", *LARGE_BATCH):
-            for scenario in LARGE_BATCH_SCENARIOS if model_name in LARGE_BATCH else SCENARIOS:
+        models = ("unet", "dit", *LARGE_BATCH, *(GPU_MODELS if device == "cuda" else ()))
+        for model_name in ("tiny",) if quick else models:
+            scenarios = SCENARIOS
+            if model_name in LARGE_BATCH:
+                scenarios = LARGE_BATCH_SCENARIOS
+            elif model_name in GPU_MODELS:
+                scenarios = GPU_SCENARIOS
+            for scenario in scenarios:
                 cid = f"{device}-{model_name}-{scenario}"
                 cases.append(pytest.param(device, model_name, scenario, id=cid, marks=marks))
     metafunc.parametrize(("device", "model_name", "scenario"), cases)
@@ -295,6 +314,7 @@ def test_step(bench: Any, quick: bool, device: str, model_name: str, scenario: s
     )  # fmt: skip
     counter.handle.remove()
     if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(s.device)
         info["host_syncs"] = count_syncs(step, s.device)
         info.update(measure_memory(model_name, scenario, device))
     elif not quick or scenario in QUICK_MEMORY:
@@ -434,6 +454,7 @@ def summarize(raw_json: str, out_stem: str) -> dict[str, Any]:
         machine["peer_versions"] = info.pop("peer_versions")
         machine["threads"] = info.pop("threads")
         machine["omp_wait_policy"] = info.pop("omp_wait_policy")
+        machine["gpu"] = info.pop("gpu", None)
         info["rounds"] = b["stats"]["rounds"]
         rows.append(info)
     for model in {r["model"] for r in rows}:
@@ -465,10 +486,12 @@ def _mb(nbytes: float | None) -> str:
 def _markdown(summary: dict[str, Any]) -> str:
     m = summary["machine"]
     pv = ", ".join(f"{k} {v}" for k, v in m["peer_versions"].items())
+    syncs = any("host_syncs" in r for r in summary["scenarios"])
+    where = f"{m['gpu']}; host: " if m.get("gpu") else ""
     lines = [
         "# Training-step benchmark: ANT methods vs vanilla vs peers",
         "",
-        f"{m['device']} ({m['cpu_model']}), torch.set_num_threads({m['threads']}), "
+        f"{where}{m['device']} ({m['cpu_model']}), torch.set_num_threads({m['threads']}), "
         f"OMP_WAIT_POLICY={m['omp_wait_policy']}; torch {m['torch']}, triton {m['triton']}, "
         f"python {m['python']}; {pv}; git {m['git_sha']}.",
         "k = 5 SNR clusters, linear schedule, eps-MSE, AdamW. Ratio = median over rounds of the "
@@ -478,11 +501,17 @@ def _markdown(summary: dict[str, Any]) -> str:
         "Peak = allocated tensor bytes above the pre-step level over two steps from a fresh "
         "model (torch's allocator, fresh process per scenario); extra = peak - vanilla's peak, "
         "checked against budget = 1.1 k P 4 bytes. RSS extra = the same for the resident set "
-        "(adds glibc heap retention). MB = MiB.",
+        "(adds glibc heap retention). MB = MiB."
+        + (
+            " Host syncs: synchronising calls in one step under "
+            "torch.cuda.set_sync_debug_mode('warn'), ant.step's non-finite check included."
+            if syncs
+            else ""
+        ),
         "",
         "| model | scenario | step ms | ratio | target | backward passes (rows) | peak MB | "
-        "extra MB | budget MB | RSS extra MB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "extra MB | budget MB | RSS extra MB |" + (" host syncs |" if syncs else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if syncs else ""),
     ]
     for r in summary["scenarios"]:
         tgt = summary["targets"].get(r["scenario"])
@@ -494,6 +523,7 @@ def _markdown(summary: dict[str, Any]) -> str:
             f"{r['backward_passes']:.2f} ({r['backward_rows']:.2f}) | "
             f"{_mb(r['peak_bytes'])} | {_mb(extra)} | "
             f"{r['mem_budget_bytes'] / 2**20:.1f} | {_mb(r.get('extra_rss_peak_bytes'))} |"
+            + (f" {r.get('host_syncs', '-')} |" if syncs else "")
         )
     return "\n".join(lines) + "\n"
 

@@ -70,6 +70,8 @@ def _cpu_model() -> str:
 
 
 def _git_sha() -> str:
+    if os.environ.get("ANT_GIT_SHA"):  # a copy of the tree without .git (a remote GPU machine)
+        return os.environ["ANT_GIT_SHA"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10

@@ -1,43 +1,92 @@
 #!/usr/bin/env bash
-# The GPU checks of the engine issue in one device call (about 5-8 minutes on an H100):
-# build antdiff._C with the machine's own torch, run the tests that exercise CUDA (kernels vs
-# references, no host sync over an engine step, memory), then the kernel bandwidth and step
-# benchmarks. Everything lands in $OUT (default gpu_out/): logs, raw pytest-benchmark JSON and
-# summaries (kernels_gpu.md, step_gpu.md) to copy into benchmarks/results/.
+# The GPU checks of the engine issue in one call (a few minutes on an H100/H200): build
+# antdiff._C with the machine's own python, run the tests that exercise CUDA (every kernel
+# against its reference, onepass == micro on the registry models, no host sync in engine steps
+# under torch.cuda.set_sync_debug_mode("error")), then the kernel bandwidth and step benchmarks.
+# Work happens in $ANT_GPU_WORK (default /tmp/ant_gpu); what is worth keeping is copied to $OUT
+# (default gpu_out/) after every stage: the summaries (kernels_gpu.md/.json, step_gpu_*.md/.json)
+# and logs.tgz (all logs and raw pytest-benchmark JSON). Every stage has its own time limit, so
+# the script ends (and reports) even when one hangs.
 #
-#   device run: bash scripts/gpu_check.sh [all|tests|bench]   (no network there: nothing is
-#   downloaded; "tests" and "bench" split the work over two calls if one would run too long)
+#   bash scripts/gpu_check.sh [all|tests|kernels|step]
+#   ANT_GIT_SHA=$(git rev-parse HEAD) names the commit when the tree travels without .git.
+#   No network is needed: peers (LibMTL, torchjd) are not used; pytest-xdist is used if present.
 set -uo pipefail
 STAGE=${1:-all}
-OUT=${OUT:-gpu_out}
+DEST=${OUT:-gpu_out}
+W=${ANT_GPU_WORK:-/tmp/ant_gpu}
 PY=${PY:-python3}
-mkdir -p "$OUT"
-export ANT_REQUIRE_CPP=1 PYTHONPATH=python:. PYTHONDONTWRITEBYTECODE=1
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv \
-    >"$OUT/gpu.txt" 2>&1
-$PY -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" \
-    >>"$OUT/gpu.txt" 2>&1
+mkdir -p "$DEST" "$W"
+export ANT_REQUIRE_CPP=1 PYTHONPATH=python:. PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 status=0
-$PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1 || {
-    status=1; echo "build failed"; tail -20 "$OUT/build.log"; }
-if [ "$STAGE" != bench ]; then
-    $PY -m pytest -q -p no:cacheprovider tests/test_kernels_gram.py tests/test_kernels_combine.py \
-        tests/test_kernels_pcgrad.py tests/test_kernels_nash.py tests/test_engine.py \
-        tests/test_mtl.py tests/test_onepass.py tests/test_memory.py >"$OUT/tests.log" 2>&1 \
-        || status=1
-    tail -3 "$OUT/tests.log"
+run() {  # run <seconds> <log> <command...>: time-limited, output to $W/<log>
+    local limit=$1 log=$2; shift 2
+    local t0=$SECONDS
+    timeout -k 10 "$limit" "$@" >"$W/$log" 2>&1
+    local rc=$?
+    echo "[$log] rc=$rc in $((SECONDS - t0)) s" | tee -a "$W/stages.txt"
+    [ $rc -eq 0 ] || status=1
+    return $rc
+}
+keep() {  # copy the summaries and a tarball of everything to $DEST
+    for f in kernels_gpu.md kernels_gpu.json step_gpu_small.md step_gpu_small.json \
+        step_gpu_tiny.md step_gpu_tiny.json; do
+        [ -f "$W/$f" ] && cp "$W/$f" "$DEST/"
+    done
+    tar czf "$DEST/logs.tgz" -C "$W" . 2>/dev/null
+}
+trap keep EXIT
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem \
+    --format=csv; $PY -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__,
+triton.__version__, torch.cuda.get_device_name())"; } >"$W/gpu.txt" 2>&1
+cat "$W/gpu.txt"
+XDIST=""
+$PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
+
+# antdiff._C: setup.py (needs setuptools >= 77 for pyproject's license field), else CMake directly
+if ! run 180 build.log $PY setup.py build_ext --inplace; then
+    status=0
+    run 180 build_cmake.log bash -c "cmake -S . -B /tmp/ant_cmake -G Ninja \
+        -DPython_EXECUTABLE=\$(command -v $PY) -DCMAKE_BUILD_TYPE=Release \
+        -DCMAKE_LIBRARY_OUTPUT_DIRECTORY=$PWD/python/antdiff \
+        -Dpybind11_DIR=\$($PY -m pybind11 --cmakedir) && cmake --build /tmp/ant_cmake"
 fi
-[ "$STAGE" = tests ] && exit $status
+keep
 
-$PY -m pytest -q -p no:cacheprovider benchmarks/bench_kernels.py -k cuda \
-    --benchmark-json="$OUT/kernels_raw.json" >"$OUT/bench_kernels.log" 2>&1 || status=1
-[ -f "$OUT/kernels_raw.json" ] && $PY benchmarks/bench_kernels.py "$OUT/kernels_raw.json" \
-    "$OUT/kernels_gpu" && cat "$OUT/kernels_gpu.md"
+if [ "$STAGE" = all ] || [ "$STAGE" = tests ]; then
+    run 240 tests.log $PY -m pytest -q -p no:cacheprovider $XDIST -rfEs \
+        tests/test_kernels_gram.py tests/test_kernels_combine.py tests/test_kernels_pcgrad.py \
+        tests/test_kernels_nash.py tests/test_kernels_aot.py \
+        tests/test_no_sync.py::test_cuda_engine_step_has_no_host_sync \
+        tests/test_engine.py::test_gpu_step_has_no_host_sync tests/test_mtl.py::test_cuda_no_sync \
+        tests/test_onepass.py::test_registry_models_equal_micro
+    tail -15 "$W/tests.log"
+    keep
+fi
 
-# peers (LibMTL, torchjd) are not installed there: our scenarios against vanilla only
-$PY -m pytest -q -p no:cacheprovider benchmarks/bench_step.py \
-    -k "cuda and (unet or dit) and not libmtl and not torchjd" \
-    --benchmark-json="$OUT/step_raw.json" >"$OUT/bench_step.log" 2>&1 || status=1
-[ -f "$OUT/step_raw.json" ] && $PY benchmarks/bench_step.py "$OUT/step_raw.json" "$OUT/step_gpu" \
-    && cat "$OUT/step_gpu.md"
+if [ "$STAGE" = all ] || [ "$STAGE" = kernels ]; then
+    run 150 bench_kernels.log $PY -m pytest -q -p no:cacheprovider benchmarks/bench_kernels.py \
+        -k cuda --benchmark-json="$W/kernels_raw.json"
+    [ -f "$W/kernels_raw.json" ] && $PY benchmarks/bench_kernels.py "$W/kernels_raw.json" \
+        "$W/kernels_gpu" && cat "$W/kernels_gpu.md"
+    keep
+fi
+
+if [ "$STAGE" = all ] || [ "$STAGE" = step ]; then
+    # peers (LibMTL, torchjd) are not installed there: our scenarios against vanilla only;
+    # the GPU-sized models first, then the CPU suite's tiny ones (launch-bound on a GPU)
+    export ANT_BENCH_ROUNDS=${ANT_BENCH_ROUNDS:-15}
+    for part in small tiny; do
+        if [ $part = small ]; then limit=150 sel="cuda and (adm-small or dit-s2)"; else
+            limit=200 sel="cuda and not adm-small and not dit-s2 and not libmtl and not torchjd"
+        fi
+        run $limit "bench_step_$part.log" $PY -m pytest -q -p no:cacheprovider \
+            benchmarks/bench_step.py -k "$sel" --benchmark-json="$W/step_raw_$part.json"
+        [ -f "$W/step_raw_$part.json" ] && $PY benchmarks/bench_step.py \
+            "$W/step_raw_$part.json" "$W/step_gpu_$part" && cat "$W/step_gpu_$part.md"
+        keep
+    done
+fi
+cat "$W/stages.txt"
 exit $status

@@ -101,15 +101,17 @@ def test_detector_catches_value_reads():
 
 def _step(
     family: str, method: str, mode: str, B: int, skip_nonfinite: bool = False,
-    sampling: str = "proportional",
+    sampling: str = "proportional", device: str = "cpu", amp: bool = False,
 ):  # fmt: skip
-    """One training step as a trainer writes it (``ant.step`` without the non-finite read)."""
+    """One training step as a trainer writes it (``ant.step`` without the non-finite read);
+    ``amp``: the forward under bf16 autocast."""
     torch.manual_seed(0)
-    model = create_model("adm-tiny" if family == "unet" else "dit-tiny")
+    model = create_model("adm-tiny" if family == "unet" else "dit-tiny").to(device)
     cond = family == "dit"
     diffusion = GaussianDiffusion("linear")
     shape = (B, model.in_channels, 8, 8)
-    x, noise, y = torch.randn(shape), torch.randn(shape), torch.randint(0, 10, (B,))
+    x, noise = torch.randn(shape, device=device), torch.randn(shape, device=device)
+    y = torch.randint(0, 10, (B,), device=device)
     every = 3 if "nash" in method else None
     ant = ANT("linear", k=5, method=method, mode=mode, update_every=every, sampling=sampling)
     ant.attach(model)
@@ -120,11 +122,13 @@ def _step(
 
     def loss_fn(batch, t):
         x0, eps, labels = batch
-        return diffusion.training_losses(model, x0, t, eps, {"y": labels} if cond else None)["loss"]
+        with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=amp):
+            out = diffusion.training_losses(model, x0, t, eps, {"y": labels} if cond else None)
+        return out["loss"]
 
     def step():
         opt.zero_grad(set_to_none=True)
-        t = ant.sample_timesteps(B)
+        t = ant.sample_timesteps(B, device=device)
         if ant.needs_gradients:
             ant.backward(loss_fn, (x, noise, y), t)
         else:
@@ -134,25 +138,25 @@ def _step(
     return step
 
 
-@pytest.mark.parametrize(
-    ("family", "method", "mode"),
-    [
-        ("unet", "uw", "auto"),
-        ("unet", "pcgrad", "onepass"),
-        ("unet", "uw+pcgrad", "onepass"),
-        ("unet", "nash", "onepass"),
-        ("unet", "pcgrad", "micro"),
-        ("dit", "pcgrad", "onepass"),
-        ("dit", "uw+nash", "onepass"),
-        ("dit", "imtl", "micro"),
-        ("dit", "mgda", "onepass"),
-        ("dit", "cagrad", "onepass"),
-        ("dit", "graddrop", "onepass"),
-        ("dit", "famo", "auto"),
-        ("dit", "dwa", "auto"),
-        ("dit", "rlw", "auto"),
-    ],
-)
+STEP_CASES = [
+    ("unet", "uw", "auto"),
+    ("unet", "pcgrad", "onepass"),
+    ("unet", "uw+pcgrad", "onepass"),
+    ("unet", "nash", "onepass"),
+    ("unet", "pcgrad", "micro"),
+    ("dit", "pcgrad", "onepass"),
+    ("dit", "uw+nash", "onepass"),
+    ("dit", "imtl", "micro"),
+    ("dit", "mgda", "onepass"),
+    ("dit", "cagrad", "onepass"),
+    ("dit", "graddrop", "onepass"),
+    ("dit", "famo", "auto"),
+    ("dit", "dwa", "auto"),
+    ("dit", "rlw", "auto"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("family", "method", "mode"), STEP_CASES)
 def test_engine_step_has_no_host_sync(family, method, mode, monkeypatch):
     # timesteps are range-checked by reading them on the CPU only: take the device-side check
     monkeypatch.setattr("antdiff.engine.core._read_on_host", lambda t: False)
@@ -185,3 +189,21 @@ def test_skipping_nonfinite_steps_reads_one_flag_per_step(method, monkeypatch):
         for _ in range(3):
             step()
     assert mode.syncs == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("family", "method", "mode"), STEP_CASES)
+def test_cuda_engine_step_has_no_host_sync(family, method, mode, amp):
+    """The same steps on a GPU under torch's own detector: any synchronising call raises."""
+    step = _step(family, method, mode, B=20, device="cuda", amp=amp)
+    step()  # the first step builds buffers and audits the model
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(4):  # covers Nash's off-steps (update_every=3)
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()

@@ -161,10 +161,18 @@ def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+NO_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, NO_GPU])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("name", ["adm-tiny", "dit-tiny", "ldm-tiny"])
-def test_registry_models_equal_micro(name):
+def test_registry_models_equal_micro(name, device, monkeypatch):
+    if device == "cuda":  # full fp32 products on both sides (TF32 would differ between paths)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(0)
-    model = _randomise(create_model(name))
+    model = _randomise(create_model(name)).to(device)
     if name.startswith("dit"):
         model.class_dropout_prob = 0.0  # label dropout draws random numbers per forward
     diffusion = GaussianDiffusion(linear_schedule(1000))
@@ -174,6 +182,7 @@ def test_registry_models_equal_micro(name):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(B, model.in_channels, size, size, generator=g)
     batch = {"x": x, "noise": torch.randn(x.shape, generator=g), "y": torch.randint(0, 10, (B,))}
+    batch = {key: v.to(device) for key, v in batch.items()}
     cond = name.startswith("dit")
 
     def loss_fn(b, tb):
@@ -182,7 +191,7 @@ def test_registry_models_equal_micro(name):
             "loss"
         ]
 
-    t = ant.sample_timesteps(B)
+    t = ant.sample_timesteps(B, device=device)
     micro = fill(ant, loss_fn, batch, t, "micro")
     assert micro.abs().sum(1).min() > 0
     close(fill(ant, loss_fn, batch, t, "onepass"), micro, atol=2e-6)
