@@ -63,8 +63,8 @@ def _launches() -> list[tuple[str, Any, tuple, dict]]:
     for k, dt, P in itertools.product(K_VALUES, ("fp32", "bf16", "fp16"), P_VALUES):
         J = _Mock(_DT[dt], k, P)
         if k <= max_k["gram"]:
-            nblocks, meta = gram._plan(J)
-            args = gram._args(J, _Mock(torch.float32, nblocks, k, k))
+            grid, meta = gram._plan(J)
+            args = gram._args(J, _Mock(torch.float32, grid[1], k, k))
             out.append((f"gram k={k} {dt} P={P}", gram._gram_kernel, args, meta))
         if k <= max_k["combine"]:
             for out_dt in {dt, "fp32"}:  # out = a row of J (the engine), or a new fp32 tensor

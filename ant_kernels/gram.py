@@ -1,18 +1,27 @@
 """G = J J^T for the per-cluster gradients J [k, P], in one pass over J.
 
-Maths: G[i, j] = sum_p J[i, p] J[j, p], accumulated in float32 whatever J's dtype.
+Maths: G[i, j] = sum_p J[i, p] J[j, p], accumulated in float32 whatever J's dtype (products of
+bf16/fp16 values are exact in float32).
 
-Tiling: the grid runs over P in spans of ``BLOCK_P * CHUNKS`` columns. A program loads its span
-chunk by chunk as a [BK, BLOCK_P] tile (rows >= k and columns >= P masked to zero, so they
-add nothing), and accumulates the partial Gram ``b b^T`` of each chunk into a [BK, BK] float32
-register tile with ``tl.dot``. BK = next power of two >= max(k, 16), the smallest tile tl.dot
-takes. float32 tiles use ``input_precision="ieee"`` (no TF32 rounding); bf16/fp16 tiles go to
-tl.dot as they are on a GPU (their products are exact in float32 and the accumulator is float32)
-and are cast to float32 first under the interpreter, which has no half-precision dot.
+Why no tl.dot: k is small (5 in the paper), so the work is 2 * k^2 flops per column against
+k * 4 bytes, far below what a GPU computes per byte it reads; the bound is memory. A matrix-unit
+product of [16, BLOCK_P] tiles measured 75 GB/s (fp32, IEEE) and 645 GB/s (bf16) on an H200, the
+tile transposed through shared memory every chunk, and its truncating fp32 accumulation missed
+the 16-ulp accuracy bound of the tests by 10x. Plain FMAs on CUDA cores are exact, ordered and
+fast enough.
 
-Determinism: each program writes its partial Gram to its own slot of a [nblocks, k, k]
-workspace; a fixed-order ``torch.sum`` over the blocks then gives G. No atomics, so the same J
-gives bit-identical G on every run. G is symmetrised at the end, so it is exactly symmetric.
+Tiling: rows are split into tiles of TB (a power of two); program (pair, span) computes the
+[TB, TB] block of G between row tiles ``ti <= tj`` over its span of ``BLOCK_P * CHUNKS`` columns.
+Each chunk loads the two row tiles as [TB, 1, BLOCK_P] and [1, TB, BLOCK_P] (the second is an
+L1 hit when ti == tj; the programs of one span run side by side, so other tiles come from L2,
+not memory) and adds their outer product to a [TB, TB, BLOCK_P] float32 register accumulator:
+each thread owns VEC columns of every row, so the products need no data movement between
+threads, and the accumulator is reduced over the columns once, at the end. Rows >= k and
+columns >= P are masked to zero and add nothing.
+
+Determinism: each program writes its block (and its transpose, so G is exactly symmetric) to
+its span's slot of a [nspans, k, k] workspace; a fixed-order ``torch.sum`` over the spans then
+gives G. No atomics: the same J gives a bit-identical G on every run.
 
 Finiteness: a NaN or inf in row i of J makes G[i, i] (a sum of squares) NaN or inf, so
 ``finite = all(isfinite(diag(G)))`` needs no extra work in the kernel. It is also False when a
@@ -34,8 +43,6 @@ except ImportError:  # the reference serves everything then
 
 __all__ = ["gram"]
 
-_HALF = (torch.bfloat16, torch.float16)
-
 
 @jit
 def _gram_kernel(
@@ -45,55 +52,70 @@ def _gram_kernel(
     P,
     s_k,
     s_p,
-    BK: tl.constexpr,
+    T: tl.constexpr,
+    TB: tl.constexpr,
     BLOCK_P: tl.constexpr,
     CHUNKS: tl.constexpr,
-    NATIVE_DOT: tl.constexpr,
 ):
-    i_p = tl.program_id(0)
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    # 64-bit offsets: k * P passes 2**31 for large models
-    o_start = i_p.to(tl.int64) * (BLOCK_P * CHUNKS)
-    p_rows = p_J + o_k.to(tl.int64)[:, None] * s_k
-    # [BK, BK]
-    b_acc = tl.zeros([BK, BK], dtype=tl.float32)
-    for i_c in range(CHUNKS):
-        o_p = o_start + i_c * BLOCK_P + tl.arange(0, BLOCK_P)
-        m_p = o_p < P
-        # [BK, BLOCK_P]
-        b_j = tl.load(p_rows + o_p[None, :] * s_p, mask=m_k[:, None] & m_p[None, :], other=0.0)
-        if NATIVE_DOT:
-            b_acc += tl.dot(b_j, tl.trans(b_j), out_dtype=tl.float32)
-        else:
-            b_f = b_j.to(tl.float32)
-            b_acc += tl.dot(b_f, tl.trans(b_f), input_precision="ieee")
-    p_W = p_W + i_p.to(tl.int64) * K * K + o_k[:, None] * K + o_k[None, :]
-    tl.store(p_W, b_acc, mask=m_k[:, None] & m_k[None, :])
+    i_t = tl.program_id(0)
+    i_s = tl.program_id(1)
+    ti = i_t // T
+    tj = i_t % T
+    if ti <= tj:  # the blocks below the diagonal are the transposes of those above
+        o_a = ti * TB + tl.arange(0, TB)
+        o_b = tj * TB + tl.arange(0, TB)
+        m_a = o_a < K
+        m_b = o_b < K
+        # 64-bit offsets: k * P passes 2**31 for large models
+        p_a = p_J + o_a.to(tl.int64)[:, None, None] * s_k
+        p_b = p_J + o_b.to(tl.int64)[None, :, None] * s_k
+        o_start = i_s.to(tl.int64) * (BLOCK_P * CHUNKS)
+        # [TB, TB, BLOCK_P]
+        b_acc = tl.zeros([TB, TB, BLOCK_P], dtype=tl.float32)
+        for i_c in range(CHUNKS):
+            o_p = o_start + i_c * BLOCK_P + tl.arange(0, BLOCK_P)
+            m_p = (o_p < P)[None, None, :]
+            o_c = o_p[None, None, :] * s_p
+            # [TB, 1, BLOCK_P] and [1, TB, BLOCK_P]
+            b_a = tl.load(p_a + o_c, mask=m_a[:, None, None] & m_p, other=0.0)
+            b_b = tl.load(p_b + o_c, mask=m_b[None, :, None] & m_p, other=0.0)
+            b_acc += b_a.to(tl.float32) * b_b.to(tl.float32)
+        # [TB, TB]
+        b_g = tl.sum(b_acc, axis=2)
+        p_W = p_W + i_s.to(tl.int64) * K * K
+        m_g = m_a[:, None] & m_b[None, :]
+        tl.store(p_W + o_a[:, None] * K + o_b[None, :], b_g, mask=m_g)
+        tl.store(p_W + o_b[None, :] * K + o_a[:, None], b_g, mask=m_g)
 
 
 def _config(k: int) -> tuple[int, int, int, int]:
-    """(BK, BLOCK_P, CHUNKS, num_warps): fixed, no autotune (also under the interpreter)."""
-    bk = next_pow2(k, 16)
+    """(TB, VEC, CHUNKS, num_warps): fixed, no autotune (also under the interpreter).
+
+    The accumulator holds TB * TB * VEC floats per thread: 64 for TB = 4, VEC = 4 (16-byte fp32
+    loads) and for TB = 8, VEC = 1; sm_90 builds keep it in registers without spills
+    (``python -m ant_kernels.aot``)."""
     if interpreting():
         # few, large blocks: the interpreter's cost is per program and per op
-        return bk, 16384, 4, 4
-    # sm_90 builds keep the [BK, BK] accumulator and the tile in registers, no spills, for
-    # every dtype and P (``python -m ant_kernels.aot``): (BLOCK_P, num_warps) per BK
-    block_p, warps = {16: (256, 8), 32: (256, 4), 64: (64, 8)}[bk]
-    return bk, block_p, 16384 // block_p, warps
+        return next_pow2(k, 1), 1, 4, 4
+    if k <= 2:
+        return next_pow2(k, 1), 4, 32, 4
+    if k <= 8:
+        return 4, 4, 16, 4
+    return 8, 1, 32, 8
 
 
 def _plan(
-    J: torch.Tensor, block_p: int | None = None, chunks: int | None = None
-) -> tuple[int, dict]:
-    """(number of programs, constexpr and launch options) for J [k, P]."""
+    J: torch.Tensor, block_p: int | None = None, chunks: int | None = None,
+    config: tuple[int, int, int, int] | None = None,
+) -> tuple[tuple[int, int], dict]:  # fmt: skip
+    """(grid, constexpr and launch options) for J [k, P]; ``config`` replaces ``_config(k)``."""
     k, P = J.shape
-    bk, bp, ch, warps = _config(k)
-    bp, ch = block_p or bp, chunks or ch
-    native = J.dtype in _HALF and not interpreting()
-    meta = {"BK": bk, "BLOCK_P": bp, "CHUNKS": ch, "NATIVE_DOT": native, "num_warps": warps}
-    return -(-P // (bp * ch)), meta
+    tb, vec, ch, warps = config or _config(k)
+    bp = block_p or (4096 if interpreting() else 32 * warps * vec)
+    ch = chunks or ch
+    t = -(-k // tb)
+    meta = {"T": t, "TB": tb, "BLOCK_P": bp, "CHUNKS": ch, "num_warps": warps}
+    return (t * t, -(-P // (bp * ch))), meta
 
 
 def _args(J: torch.Tensor, work: torch.Tensor) -> tuple:
@@ -102,15 +124,16 @@ def _args(J: torch.Tensor, work: torch.Tensor) -> tuple:
 
 
 def gram_triton(
-    J: torch.Tensor, block_p: int | None = None, chunks: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the Triton kernel (no dispatch). ``block_p``/``chunks`` override the tiling."""
-    nblocks, meta = _plan(J, block_p, chunks)
+    J: torch.Tensor, block_p: int | None = None, chunks: int | None = None,
+    config: tuple[int, int, int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Launch the Triton kernel (no dispatch). ``block_p``/``chunks`` override the tiling,
+    ``config`` = (TB, VEC, CHUNKS, num_warps) the whole configuration (benchmarks)."""
+    grid, meta = _plan(J, block_p, chunks, config)
     k = J.shape[0]
-    work = torch.empty((nblocks, k, k), dtype=torch.float32, device=J.device)
-    _gram_kernel[(nblocks,)](*_args(J, work), **meta)
-    G = work.sum(0)  # fixed-order reduction over the blocks
-    G = (G + G.T) * 0.5
+    work = torch.empty((grid[1], k, k), dtype=torch.float32, device=J.device)
+    _gram_kernel[grid](*_args(J, work), **meta)
+    G = work.sum(0)  # fixed-order reduction over the spans
     return G, torch.isfinite(G.diagonal()).all()
 
 

@@ -80,6 +80,36 @@ def test_gram_cuda(bench, impl, P, dt):
     _run_cuda(bench, fn, J.numel() * J.element_size())
 
 
+# (TB, VEC, CHUNKS, num_warps) tilings of the gram kernel at k = 5, P = 1e8 (the launcher's
+# choice is ant_kernels.gram._config)
+GRAM_TILINGS = [(4, 4, 16, 4), (4, 2, 32, 4), (8, 1, 32, 4), (4, 4, 64, 4), (4, 4, 16, 8),
+                (2, 4, 16, 4)]  # fmt: skip
+
+
+@needs_gpu
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("tiling", GRAM_TILINGS, ids=["-".join(map(str, t)) for t in GRAM_TILINGS])
+def test_gram_tiling_cuda(bench, tiling, dt):
+    from ant_kernels.gram import gram_triton
+
+    P = SIZES[-1]
+    J = torch.randn(K, P, device="cuda").to(DTYPES[dt])
+    bench.group = f"gram-tiling-k{K}-P{P:.0e}-{dt}"
+    _run_cuda(bench, lambda: gram_triton(J, config=tiling), J.numel() * J.element_size())
+    bench.extra_info.update({"tiling": list(tiling), "P": P})
+
+
+@needs_gpu
+@pytest.mark.parametrize("k", [2, 8, 16, 32, 64])
+def test_gram_k_cuda(bench, k):
+    """The launcher's tiling for other k (fp32, P = 1e7)."""
+    P = SIZES[1]
+    J = torch.randn(k, P, device="cuda")
+    bench.group = f"gram-k-P{P:.0e}"
+    _run_cuda(bench, lambda: gram(J), J.numel() * J.element_size())
+    bench.extra_info.update({"k": k, "P": P})
+
+
 @needs_gpu
 @pytest.mark.parametrize("dt", DTYPES)
 @pytest.mark.parametrize("impl", ["ant", "torch"])
@@ -162,7 +192,12 @@ def summarize(raw_json: str, out_stem: str) -> dict:
             continue  # CPU cases
         op = b["name"].split("[")[0].removeprefix("test_").removesuffix("_cuda")
         params = b["params"]
-        rows.append({"op": op, "impl": params.get("impl", "torch"), "P": params["P"], "k": K,
+        if op == "gram_tiling":
+            op, params = "gram " + "-".join(map(str, info["tiling"])), {**params, "impl": "ant"}
+        elif op == "gram_k":
+            op, params = f"gram k={params['k']}", {**params, "impl": "ant"}
+        P = params.get("P", info.get("P"))
+        rows.append({"op": op, "impl": params.get("impl", "torch"), "P": P, "k": params.get("k", K),
                      "dtype": params.get("dt", "fp32"), "mean_ms": b["stats"]["mean"] * 1e3,
                      "median_ms": b["stats"]["median"] * 1e3, "GB/s": info["GB/s"],
                      "peak_fraction": info["peak_fraction"],
@@ -184,13 +219,13 @@ def summarize(raw_json: str, out_stem: str) -> dict:
         "written / mean time over 20 synchronised calls; 'of peak' against the datasheet "
         "bandwidth, 'of copy' against a device-to-device copy of J of the same size and dtype "
         "measured in the same run. combine writes fp32 (ours) or J's dtype (torch.mv).", "",
-        "| op | impl | J dtype | P | mean ms | GB/s | of peak | of copy |",
-        "|---|---|---|---|---|---|---|---|",
+        "| op | impl | k | J dtype | P | mean ms | GB/s | of peak | of copy |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in rows:
         frac = "-" if r["peak_fraction"] is None else f"{r['peak_fraction']:.0%}"
         of_copy = "-" if r["copy_fraction"] is None else f"{r['copy_fraction']:.0%}"
-        lines.append(f"| {r['op']} | {r['impl']} | {r['dtype']} | {r['P']:.0e} | "
+        lines.append(f"| {r['op']} | {r['impl']} | {r['k']} | {r['dtype']} | {r['P']:.0e} | "
                      f"{r['mean_ms']:.3f} | {r['GB/s']:.0f} | {frac} | {of_copy} |")  # fmt: skip
     Path(out_stem + ".md").write_text("\n".join(lines) + "\n")
     return summary

@@ -461,3 +461,24 @@ def test_more_bad_input():
     with pytest.raises(ValueError, match="leading dimension B=8"):
         ant.backward(lambda b, tb: per_sample_loss(model)(b["x"], tb),
                      {"x": x, "shared": torch.ones(1, 3)}, ant.sample_timesteps(8))
+
+
+@pytest.mark.parametrize("method", ["uw", "dwa", "uw+pcgrad"])
+def test_method_state_follows_the_model_and_mismatch_is_a_clear_error(method):
+    """attach() moves the method's state to the model's device; state left elsewhere is refused
+    with the fix, not a device error deep in a kernel. The meta device stands in for a GPU."""
+    model, ant = setup(method)
+    state = list(ant.method.loss.parameters()) + list(ant.method.loss.buffers())
+    assert state and all(s.device.type == "cpu" for s in state)
+    ant.attach(TinyNet().to("meta"))
+    moved = list(ant.method.loss.parameters()) + list(ant.method.loss.buffers())
+    assert all(s.device.type == "meta" for s in moved)
+    model, ant = setup(method)
+    ant.to("meta")  # model on the CPU, the state moved away after attach
+    x = torch.randn(16, 1, 6, 6)
+    t = ant.sample_timesteps(16)
+    with pytest.raises(ValueError, match=r"keeps its state on meta.*ant\.to\('cpu'\)"):
+        if ant.needs_gradients:
+            ant.backward(per_sample_loss(model), x, t)
+        else:
+            ant.reduce(per_sample_loss(model)(x, t), t)

@@ -50,7 +50,7 @@ def test_combine_matches_reference(k, P, dt, odt, kernel_device, force_triton):
     Ji = torch.randint(-8, 9, (k, P), device=kernel_device)
     wi = torch.randint(-4, 5, (k,), device=kernel_device)
     res = combine(wi.float(), Ji.to(DTYPES[dt]), torch.empty(P, device=kernel_device))
-    assert torch.equal(res.cpu(), (wi @ Ji).float().cpu())
+    assert torch.equal(res.cpu(), (wi.cpu() @ Ji.cpu()).float())
 
 
 @pytest.mark.interpret

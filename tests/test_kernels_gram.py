@@ -42,7 +42,7 @@ def test_gram_matches_reference(k, P, dt, kernel_device, force_triton):
     # misplaced column shows up as an exact mismatch
     Ji = torch.randint(-8, 9, (k, P), device=kernel_device)
     Gi, _ = gram(Ji.to(DTYPES[dt]))
-    assert torch.equal(Gi.cpu(), (Ji @ Ji.T).float().cpu())
+    assert torch.equal(Gi.cpu(), (Ji.cpu() @ Ji.cpu().T).float())
 
 
 @pytest.mark.interpret
@@ -190,3 +190,22 @@ def test_gram_ref_large_P_blocked_sum_matches_float64(P):
     # a strided view takes the single product: same answer
     Js = torch.randn(5, 2 * P, generator=g)[:, ::2]
     torch.testing.assert_close(gram_ref(Js)[0].double(), Js.double() @ Js.double().T, **tol)
+
+
+# (TB, VEC, CHUNKS, num_warps) tilings compared by benchmarks/bench_kernels.py on a GPU
+TILINGS = [(4, 4, 16, 4), (4, 2, 32, 4), (8, 1, 32, 4), (4, 4, 64, 4), (4, 4, 16, 8), (2, 4, 16, 4)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
+@pytest.mark.parametrize("k", [3, 5, 8, 11])
+@pytest.mark.parametrize("tiling", TILINGS, ids=["-".join(map(str, t)) for t in TILINGS])
+def test_gram_tilings_cuda(tiling, k):
+    for dt in DTYPES.values():
+        J = torch.randn(k, 100_003, device="cuda").to(dt)
+        G, finite = gram_triton(J, config=tiling)
+        assert bool(finite) and torch.equal(G, G.T)
+        _check(G, J)
+        Ji = torch.randint(-8, 9, (k, 100_003))
+        Gi, _ = gram_triton(Ji.to("cuda", dt), config=tiling)
+        assert torch.equal(Gi.cpu(), (Ji @ Ji.T).float())

@@ -4,6 +4,10 @@ Every trainable parameter's ``.grad`` is pointed at a view of row i of ``J`` bef
 backward pass; autograd then accumulates straight into that row (no copies, no concatenation).
 After the weights are known, ``w @ J`` is written into row 0 and the ``.grad`` tensors are left
 pointing at row 0, which the optimiser reads as usual.
+
+Rows are padded to a multiple of 16 elements (``J`` is a [k, P] view of ``base`` [k, P_pad]):
+every row then starts on a 64-byte boundary, so the gram / combine kernels load 16 bytes per
+thread whatever P is (Triton specialises on strides divisible by 16). The padding stays zero.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+
+ROW_ALIGN = 16  # elements
 
 
 class GradBuffer:
@@ -31,7 +37,9 @@ class GradBuffer:
         self.k = k
         self.numels = [p.numel() for p in self.params]
         self.P = sum(self.numels)
-        self.J = torch.zeros(k, self.P, dtype=dtypes.pop(), device=devices.pop())
+        row = -(-self.P // ROW_ALIGN) * ROW_ALIGN
+        self.base = torch.zeros(k, row, dtype=dtypes.pop(), device=devices.pop())
+        self.J = self.base[:, : self.P]
         self._views = [self._row_views(i) for i in range(k)]
 
     def _row_views(self, i: int) -> list[torch.Tensor]:

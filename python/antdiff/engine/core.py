@@ -189,6 +189,10 @@ class ANT:
         self._model = model
         self._buffer = None
         self._onepass = None
+        # the method's state (UW's log-variances, DWA's history, ...) follows the model
+        device = next((q.device for q in model.parameters()), None)
+        if device is not None:
+            self.to(device)
         if self.mode in ("auto", "onepass") and self.needs_gradients:
             try:
                 self._onepass = OnePass(model)
@@ -202,9 +206,26 @@ class ANT:
         return self.method.loss.param_groups() if self.method.loss is not None else []
 
     def to(self, device: Any) -> ANT:
+        """Move the method's state to ``device`` (``attach`` does this for the model's device);
+        build the optimiser from ``param_groups()`` after it."""
         if self.method.loss is not None:
             self.method.loss.to(device)
         return self
+
+    def _check_device(self, device: torch.device) -> None:
+        """A clear error, not a failed kernel, when the method's state sits elsewhere."""
+        loss = self.method.loss
+        if loss is None:
+            return
+        own = next(iter(loss.parameters()), None)
+        if own is None:
+            own = next(iter(loss.buffers()), None)
+        if own is not None and own.device != device:
+            raise ValueError(
+                f"method {self.method_name!r} keeps its state on {own.device} but the losses are "
+                f"on {device}: call ant.to({str(device)!r}) (or ant.attach(model) after moving the "
+                "model) before building the optimiser"
+            )
 
     # -- sampling and reduction ------------------------------------------------------------------
     def sample_timesteps(
@@ -274,6 +295,7 @@ class ANT:
             per_sample_loss, t.shape[0] if isinstance(t, torch.Tensor) else None
         )
         self._check_t(t, per.shape[0])
+        self._check_device(per.device)
         if self.method.loss is None:  # vanilla: the plain batch mean
             sums, counts = self._cluster_sums(per.detach(), t)
             _, L_global, present = self._globalise(sums, counts)  # noqa: N806
@@ -402,8 +424,10 @@ class ANT:
 
     def _gradient_step(self, loss_fn, batch, t, counts: np.ndarray, scaler) -> StepOutput:
         buf = self._grad_buffer()
+        self._check_device(buf.J.device)
         sums, N = self._fill_J(buf, loss_fn, batch, t, counts, scaler)  # noqa: N806
-        J = self.comm.sum_(buf.J)  # noqa: N806
+        self.comm.sum_(buf.base)  # all-reduce needs a contiguous tensor; padding stays 0
+        J = buf.J  # noqa: N806
         L_global = self.comm.sum_(sums) / N.clamp(min=1)  # noqa: N806
         present = N > 0
         from ant_kernels import combine, gram
