@@ -56,6 +56,7 @@ def _gram_kernel(
     TB: tl.constexpr,
     BLOCK_P: tl.constexpr,
     CHUNKS: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     i_t = tl.program_id(0)
     i_s = tl.program_id(1)
@@ -72,7 +73,7 @@ def _gram_kernel(
         o_start = i_s.to(tl.int64) * (BLOCK_P * CHUNKS)
         # [TB, TB, BLOCK_P]
         b_acc = tl.zeros([TB, TB, BLOCK_P], dtype=tl.float32)
-        for i_c in range(CHUNKS):
+        for i_c in tl.range(CHUNKS, num_stages=STAGES):
             o_p = o_start + i_c * BLOCK_P + tl.arange(0, BLOCK_P)
             m_p = (o_p < P)[None, None, :]
             o_c = o_p[None, None, :] * s_p
@@ -86,6 +87,15 @@ def _gram_kernel(
         m_g = m_a[:, None] & m_b[None, :]
         tl.store(p_W + o_a[:, None] * K + o_b[None, :], b_g, mask=m_g)
         tl.store(p_W + o_b[None, :] * K + o_a[:, None], b_g, mask=m_g)
+
+
+# (TB, VEC, CHUNKS, num_warps, STAGES) configurations timed against each other on a GPU
+# (benchmarks/bench_kernels.py::test_gram_tiling_cuda) and tested there; STAGES > 1 software-
+# pipelines the chunk loads through shared memory.
+TILINGS = [
+    (4, 4, 16, 4, 1), (2, 4, 16, 4, 1), (2, 4, 16, 4, 3), (4, 4, 16, 4, 3), (2, 8, 16, 4, 1),
+    (2, 8, 16, 4, 3), (2, 4, 32, 8, 3), (1, 8, 16, 4, 3), (4, 4, 32, 8, 2), (2, 4, 64, 4, 2),
+]  # fmt: skip
 
 
 def _config(k: int) -> tuple[int, int, int, int]:
@@ -106,15 +116,16 @@ def _config(k: int) -> tuple[int, int, int, int]:
 
 def _plan(
     J: torch.Tensor, block_p: int | None = None, chunks: int | None = None,
-    config: tuple[int, int, int, int] | None = None,
+    config: tuple[int, ...] | None = None,
 ) -> tuple[tuple[int, int], dict]:  # fmt: skip
     """(grid, constexpr and launch options) for J [k, P]; ``config`` replaces ``_config(k)``."""
     k, P = J.shape
-    tb, vec, ch, warps = config or _config(k)
+    tb, vec, ch, warps, *rest = config or _config(k)
+    stages = rest[0] if rest else 1
     bp = block_p or (4096 if interpreting() else 32 * warps * vec)
     ch = chunks or ch
     t = -(-k // tb)
-    meta = {"T": t, "TB": tb, "BLOCK_P": bp, "CHUNKS": ch, "num_warps": warps}
+    meta = {"T": t, "TB": tb, "BLOCK_P": bp, "CHUNKS": ch, "STAGES": stages, "num_warps": warps}
     return (t * t, -(-P // (bp * ch))), meta
 
 
@@ -125,10 +136,10 @@ def _args(J: torch.Tensor, work: torch.Tensor) -> tuple:
 
 def gram_triton(
     J: torch.Tensor, block_p: int | None = None, chunks: int | None = None,
-    config: tuple[int, int, int, int] | None = None,
+    config: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Launch the Triton kernel (no dispatch). ``block_p``/``chunks`` override the tiling,
-    ``config`` = (TB, VEC, CHUNKS, num_warps) the whole configuration (benchmarks)."""
+    ``config`` = (TB, VEC, CHUNKS, num_warps[, STAGES]) the whole configuration."""
     grid, meta = _plan(J, block_p, chunks, config)
     k = J.shape[0]
     work = torch.empty((grid[1], k, k), dtype=torch.float32, device=J.device)

@@ -104,10 +104,12 @@ def nash_triton(G: torch.Tensor, iters: int = 20, normalize: bool = True) -> tor
 
 
 def _config(k: int) -> tuple[int, int]:
-    """(BK, num_warps): one warp holds the float64 [BK, BK] tiles in registers up to BK = 16;
-    BK = 32 spills to local memory on sm_90 unless spread over 4 warps (``ant_kernels.aot``)."""
+    """(BK, num_warps): one warp holds the [BK, BK] tiles in registers up to BK = 8; from
+    BK = 16 they spill to local memory on sm_90 unless spread over 4 warps (``ant_kernels.aot``,
+    with Triton 3.6 and 3.8: at BK = 16 one warp spilled fp32 tiles under 3.6, two warps fp64
+    tiles under 3.8)."""
     bk = next_pow2(k, 2)
-    return bk, 4 if bk >= 32 else 1
+    return bk, 4 if bk >= 16 else 1
 
 
 def nash_weights(G: torch.Tensor, iters: int = 20, normalize: bool = True) -> torch.Tensor:

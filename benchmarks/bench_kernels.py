@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from ant_kernels import combine, gram
+from ant_kernels.gram import TILINGS as GRAM_TILINGS
 from ant_kernels.reference import combine_ref, gram_ref, nash_weights_ref
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
@@ -80,10 +81,6 @@ def test_gram_cuda(bench, impl, P, dt):
     _run_cuda(bench, fn, J.numel() * J.element_size())
 
 
-# (TB, VEC, CHUNKS, num_warps) tilings of the gram kernel at k = 5, P = 1e8 (the launcher's
-# choice is ant_kernels.gram._config)
-GRAM_TILINGS = [(4, 4, 16, 4), (4, 2, 32, 4), (8, 1, 32, 4), (4, 4, 64, 4), (4, 4, 16, 8),
-                (2, 4, 16, 4)]  # fmt: skip
 
 
 @needs_gpu

@@ -9,7 +9,7 @@ import torch
 
 import ant_kernels
 from ant_kernels import backend_reasons, gram, gram_ref
-from ant_kernels.gram import gram_triton
+from ant_kernels.gram import TILINGS, gram_triton
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EPS32 = torch.finfo(torch.float32).eps
@@ -190,10 +190,6 @@ def test_gram_ref_large_P_blocked_sum_matches_float64(P):
     # a strided view takes the single product: same answer
     Js = torch.randn(5, 2 * P, generator=g)[:, ::2]
     torch.testing.assert_close(gram_ref(Js)[0].double(), Js.double() @ Js.double().T, **tol)
-
-
-# (TB, VEC, CHUNKS, num_warps) tilings compared by benchmarks/bench_kernels.py on a GPU
-TILINGS = [(4, 4, 16, 4), (4, 2, 32, 4), (8, 1, 32, 4), (4, 4, 64, 4), (4, 4, 16, 8), (2, 4, 16, 4)]
 
 
 @pytest.mark.gpu
