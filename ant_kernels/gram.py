@@ -98,17 +98,24 @@ TILINGS = [
 ]  # fmt: skip
 
 
-def _config(k: int) -> tuple[int, int, int, int]:
+def _config(k: int, element_size: int = 4) -> tuple[int, int, int, int]:
     """(TB, VEC, CHUNKS, num_warps): fixed, no autotune (also under the interpreter).
 
-    The accumulator holds TB * TB * VEC floats per thread: 64 for TB = 4, VEC = 4 (16-byte fp32
-    loads) and for TB = 8, VEC = 1; sm_90 builds keep it in registers without spills
+    Chosen from the tilings timed on an H200 (benchmarks/results/gram_tilings_h200.md, k = 5,
+    P = 1e8): row tiles of 2 with 16-byte loads (VEC = 4 fp32, 8 bf16/fp16) were fastest for
+    both dtypes, ahead of tiles of 4 (more registers, fewer programs in flight), of one tile of
+    8 (4-byte loads) and of software pipelining (STAGES > 1: faster for bf16 only with 8-byte
+    loads). k <= 2 is one tile; k = 7, 8 keep tiles of 4 and k > 8 tiles of 8 (VEC = 1), as
+    timed at P = 1e7: a row tile of 2 would read each row k / 2 times from L2 there. The
+    accumulator, TB * TB * VEC floats per thread, stays in registers without spills on sm_90
     (``python -m ant_kernels.aot``)."""
     if interpreting():
         # few, large blocks: the interpreter's cost is per program and per op
         return next_pow2(k, 1), 1, 4, 4
-    if k <= 2:
+    if k <= 2:  # one tile; 8-wide fp16 rows that are not 16-byte aligned spilled here
         return next_pow2(k, 1), 4, 32, 4
+    if k <= 6:
+        return 2, 16 // element_size, 16, 4
     if k <= 8:
         return 4, 4, 16, 4
     return 8, 1, 32, 8
@@ -118,9 +125,9 @@ def _plan(
     J: torch.Tensor, block_p: int | None = None, chunks: int | None = None,
     config: tuple[int, ...] | None = None,
 ) -> tuple[tuple[int, int], dict]:  # fmt: skip
-    """(grid, constexpr and launch options) for J [k, P]; ``config`` replaces ``_config(k)``."""
+    """(grid, constexpr and launch options) for J [k, P]; ``config`` replaces ``_config``."""
     k, P = J.shape
-    tb, vec, ch, warps, *rest = config or _config(k)
+    tb, vec, ch, warps, *rest = config or _config(k, J.dtype.itemsize)
     stages = rest[0] if rest else 1
     bp = block_p or (4096 if interpreting() else 32 * warps * vec)
     ch = chunks or ch
