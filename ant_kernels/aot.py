@@ -71,6 +71,12 @@ def _launches() -> list[tuple[str, Any, tuple, dict]]:
                 args = combine._args(_Mock(torch.float32, k), J, _Mock(_DT[out_dt], P))
                 out.append((f"combine k={k} {dt}->{out_dt} P={P}", combine._combine_kernel, args,
                             combine._plan(J)[1]))  # fmt: skip
+    for cfg, dt in itertools.product(gram.TILINGS, ("fp32", "bf16")):  # the benchmark's
+        J = _Mock(_DT[dt], 5, 2**20)
+        grid, meta = gram._plan(J, config=cfg)
+        args = gram._args(J, _Mock(torch.float32, grid[1], 5, 5))
+        kernel = gram._gram_split_kernel if "TA" in meta else gram._gram_kernel
+        out.append((f"gram tiling {cfg} k=5 {dt}", kernel, args, meta))
     for k, dt in itertools.product(K_VALUES, ("fp32", "fp64")):
         G = _Mock(_DT[dt], k, k)
         if k <= max_k["pcgrad"]:

@@ -90,12 +90,72 @@ def _gram_kernel(
         tl.store(p_W + o_b[None, :] * K + o_a[:, None], b_g, mask=m_g)
 
 
+@jit
+def _gram_split_kernel(
+    p_J,
+    p_W,
+    K,
+    P,
+    s_k,
+    s_p,
+    TA: tl.constexpr,
+    TB: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    CHUNKS: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """k <= 8 in one program per span, every row read once: rows [0, TA) form tile A and rows
+    [TA, TA + TB) tile B (TB = 0: no B), so G = [[A A^T, A B^T], [B A^T, B B^T]] needs only the
+    TA^2 + TA TB + TB^2 products per column (21 at k = 5 = 4 + 1, against 64 for one tile of 8).
+    The transposed tiles are permutations of registers each thread already holds."""
+    i_s = tl.program_id(1)
+    o_a = tl.arange(0, TA)
+    m_a = o_a < K
+    p_a = p_J + o_a.to(tl.int64)[:, None, None] * s_k
+    o_start = i_s.to(tl.int64) * (BLOCK_P * CHUNKS)
+    # [TA, TA, BLOCK_P] (and [TA, TB, BLOCK_P], [TB, TB, BLOCK_P])
+    b_aa = tl.zeros([TA, TA, BLOCK_P], dtype=tl.float32)
+    if TB > 0:
+        o_b = TA + tl.arange(0, TB)
+        m_b = o_b < K
+        p_b = p_J + o_b.to(tl.int64)[:, None, None] * s_k
+        b_ab = tl.zeros([TA, TB, BLOCK_P], dtype=tl.float32)
+        b_bb = tl.zeros([TB, TB, BLOCK_P], dtype=tl.float32)
+    for i_c in tl.range(CHUNKS, num_stages=STAGES):
+        o_p = o_start + i_c * BLOCK_P + tl.arange(0, BLOCK_P)
+        m_p = (o_p < P)[None, None, :]
+        o_c = o_p[None, None, :] * s_p
+        # [TA, 1, BLOCK_P]
+        b_a = tl.load(p_a + o_c, mask=m_a[:, None, None] & m_p, other=0.0).to(tl.float32)
+        b_aa += b_a * tl.permute(b_a, (1, 0, 2))
+        if TB > 0:
+            # [TB, 1, BLOCK_P]
+            b_b = tl.load(p_b + o_c, mask=m_b[:, None, None] & m_p, other=0.0).to(tl.float32)
+            b_bt = tl.permute(b_b, (1, 0, 2))
+            b_ab += b_a * b_bt
+            b_bb += b_b * b_bt
+    p_W = p_W + i_s.to(tl.int64) * K * K
+    tl.store(p_W + o_a[:, None] * K + o_a[None, :], tl.sum(b_aa, axis=2),
+             mask=m_a[:, None] & m_a[None, :])  # fmt: skip
+    if TB > 0:
+        b_g = tl.sum(b_ab, axis=2)
+        m_g = m_a[:, None] & m_b[None, :]
+        tl.store(p_W + o_a[:, None] * K + o_b[None, :], b_g, mask=m_g)
+        tl.store(p_W + o_b[None, :] * K + o_a[:, None], b_g, mask=m_g)
+        tl.store(p_W + o_b[:, None] * K + o_b[None, :], tl.sum(b_bb, axis=2),
+                 mask=m_b[:, None] & m_b[None, :])  # fmt: skip
+
+
 # (TB, VEC, CHUNKS, num_warps, STAGES) configurations timed against each other on a GPU
 # (benchmarks/bench_kernels.py::test_gram_tiling_cuda) and tested there; STAGES > 1 software-
-# pipelines the chunk loads through shared memory.
+# pipelines the chunk loads through shared memory. TB = 0 selects _gram_split_kernel (k <= 8;
+# its tiles follow from k). The first ten were timed on an H200 (results/gram_tilings_h200.md);
+# the split ones are written for the next GPU run and not yet timed.
 TILINGS = [
     (4, 4, 16, 4, 1), (2, 4, 16, 4, 1), (2, 4, 16, 4, 3), (4, 4, 16, 4, 3), (2, 8, 16, 4, 1),
     (2, 8, 16, 4, 3), (2, 4, 32, 8, 3), (1, 8, 16, 4, 3), (4, 4, 32, 8, 2), (2, 4, 64, 4, 2),
+    (0, 4, 16, 4, 1), (0, 2, 16, 4, 1), (0, 4, 32, 4, 1), (0, 4, 16, 8, 1), (0, 8, 16, 4, 1),
+    (0, 4, 16, 4, 2),
 ]  # fmt: skip
 
 
@@ -132,9 +192,18 @@ def _plan(
     stages = rest[0] if rest else 1
     bp = block_p or (4096 if interpreting() else 32 * warps * vec)
     ch = chunks or ch
+    spans = -(-P // (bp * ch))
+    if tb == 0:  # the split kernel: tile A = the largest power of two <= k, tile B the rest
+        if k > 8:
+            raise ValueError(f"the split gram kernel serves k <= 8, got k={k}")
+        ta = 1 << (k.bit_length() - 1)
+        rest_b = k - ta
+        meta = {"TA": ta, "TB": next_pow2(rest_b, 1) if rest_b else 0}
+        return (1, spans), {**meta, "BLOCK_P": bp, "CHUNKS": ch, "STAGES": stages,
+                            "num_warps": warps}  # fmt: skip
     t = -(-k // tb)
     meta = {"T": t, "TB": tb, "BLOCK_P": bp, "CHUNKS": ch, "STAGES": stages, "num_warps": warps}
-    return (t * t, -(-P // (bp * ch))), meta
+    return (t * t, spans), meta
 
 
 def _args(J: torch.Tensor, work: torch.Tensor) -> tuple:
@@ -151,7 +220,8 @@ def gram_triton(
     grid, meta = _plan(J, block_p, chunks, config)
     k = J.shape[0]
     work = torch.empty((grid[1], k, k), dtype=torch.float32, device=J.device)
-    _gram_kernel[grid](*_args(J, work), **meta)
+    kernel = _gram_split_kernel if "TA" in meta else _gram_kernel
+    kernel[grid](*_args(J, work), **meta)
     G = work.sum(0)  # fixed-order reduction over the spans
     return G, torch.isfinite(G.diagonal()).all()
 

@@ -65,6 +65,24 @@ def test_gram_strided_views(view, kernel_device, force_triton):
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_gram_split_kernel_matches_reference(k, kernel_device, force_triton):
+    """The k <= 8 kernel that reads each row once (tiles A and B): every block of G, both
+    halves of A B^T, the masked rows of a partial tile B (k = 7), two spans and a tail."""
+    for dt in DTYPES.values():
+        J = torch.randn(k, 9001, device=kernel_device).to(dt)
+        G, finite = gram_triton(J, block_p=2048, chunks=2, config=(0, 4, 2, 4, 1))
+        assert G.shape == (k, k) and bool(finite) and torch.equal(G, G.T)
+        _check(G, J)
+        Ji = torch.randint(-8, 9, (k, 9001))
+        Gi, _ = gram_triton(Ji.to(kernel_device, dt), block_p=2048, chunks=2,
+                            config=(0, 4, 2, 4, 1))  # fmt: skip
+        assert torch.equal(Gi.cpu(), (Ji @ Ji.T).float())
+    with pytest.raises(ValueError, match="k <= 8"):
+        gram_triton(torch.randn(9, 64, device=kernel_device), config=(0, 4, 2, 4, 1))
+
+
+@pytest.mark.interpret
 @pytest.mark.parametrize("dt", list(DTYPES))
 def test_gram_many_blocks_reduction(dt, kernel_device):
     # small tiles: 33 programs x 2 chunks exercise the two-stage sum and the tail masks
@@ -197,6 +215,10 @@ def test_gram_ref_large_P_blocked_sum_matches_float64(P):
 @pytest.mark.parametrize("k", [3, 5, 8, 11])
 @pytest.mark.parametrize("tiling", TILINGS, ids=["-".join(map(str, t)) for t in TILINGS])
 def test_gram_tilings_cuda(tiling, k):
+    if tiling[0] == 0 and k > 8:
+        with pytest.raises(ValueError, match="k <= 8"):
+            gram_triton(torch.randn(k, 100, device="cuda"), config=tiling)
+        return
     for dt in DTYPES.values():
         J = torch.randn(k, 100_003, device="cuda").to(dt)
         G, finite = gram_triton(J, config=tiling)
