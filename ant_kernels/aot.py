@@ -65,7 +65,7 @@ def _launches() -> list[tuple[str, Any, tuple, dict]]:
         if k <= max_k["gram"]:
             grid, meta = gram._plan(J)
             args = gram._args(J, _Mock(torch.float32, grid[1], k, k))
-            out.append((f"gram k={k} {dt} P={P}", gram._gram_kernel, args, meta))
+            out.append((f"gram k={k} {dt} P={P}", gram._kernel(meta), args, meta))
         if k <= max_k["combine"]:
             for out_dt in {dt, "fp32"}:  # out = a row of J (the engine), or a new fp32 tensor
                 args = combine._args(_Mock(torch.float32, k), J, _Mock(_DT[out_dt], P))
@@ -75,8 +75,7 @@ def _launches() -> list[tuple[str, Any, tuple, dict]]:
         J = _Mock(_DT[dt], 5, 2**20)
         grid, meta = gram._plan(J, config=cfg)
         args = gram._args(J, _Mock(torch.float32, grid[1], 5, 5))
-        kernel = gram._gram_split_kernel if "TA" in meta else gram._gram_kernel
-        out.append((f"gram tiling {cfg} k=5 {dt}", kernel, args, meta))
+        out.append((f"gram tiling {cfg} k=5 {dt}", gram._kernel(meta), args, meta))
     for k, dt in itertools.product(K_VALUES, ("fp32", "fp64")):
         G = _Mock(_DT[dt], k, k)
         if k <= max_k["pcgrad"]:

@@ -206,6 +206,11 @@ def _plan(
     return (t * t, spans), meta
 
 
+def _kernel(meta: dict):
+    """The kernel a ``_plan`` is for (the split kernel's plans name its tile A)."""
+    return _gram_split_kernel if "TA" in meta else _gram_kernel
+
+
 def _args(J: torch.Tensor, work: torch.Tensor) -> tuple:
     """The kernel's runtime arguments, in order (shared with ``ant_kernels.aot``)."""
     return J, work, J.shape[0], J.shape[1], J.stride(0), J.stride(1)
@@ -220,8 +225,7 @@ def gram_triton(
     grid, meta = _plan(J, block_p, chunks, config)
     k = J.shape[0]
     work = torch.empty((grid[1], k, k), dtype=torch.float32, device=J.device)
-    kernel = _gram_split_kernel if "TA" in meta else _gram_kernel
-    kernel[grid](*_args(J, work), **meta)
+    _kernel(meta)[grid](*_args(J, work), **meta)
     G = work.sum(0)  # fixed-order reduction over the spans
     return G, torch.isfinite(G.diagonal()).all()
 

@@ -18,6 +18,7 @@ import torch
 
 from ant_kernels import combine, gram
 from ant_kernels.gram import TILINGS as GRAM_TILINGS
+from ant_kernels.gram import gram_triton
 from ant_kernels.reference import combine_ref, gram_ref, nash_weights_ref
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
@@ -87,8 +88,6 @@ def test_gram_cuda(bench, impl, P, dt):
 @pytest.mark.parametrize("dt", DTYPES)
 @pytest.mark.parametrize("tiling", GRAM_TILINGS, ids=["-".join(map(str, t)) for t in GRAM_TILINGS])
 def test_gram_tiling_cuda(bench, tiling, dt):
-    from ant_kernels.gram import gram_triton
-
     P = SIZES[-1]
     J = torch.randn(K, P, device="cuda").to(DTYPES[dt])
     bench.group = f"gram-tiling-k{K}-P{P:.0e}-{dt}"
