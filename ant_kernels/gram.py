@@ -155,7 +155,8 @@ TILINGS = [
     (4, 4, 16, 4, 1), (2, 4, 16, 4, 1), (2, 4, 16, 4, 3), (4, 4, 16, 4, 3), (2, 8, 16, 4, 1),
     (2, 8, 16, 4, 3), (2, 4, 32, 8, 3), (1, 8, 16, 4, 3), (4, 4, 32, 8, 2), (2, 4, 64, 4, 2),
     (0, 4, 16, 4, 1), (0, 2, 16, 4, 1), (0, 4, 32, 4, 1), (0, 4, 16, 8, 1), (0, 8, 16, 4, 1),
-    (0, 4, 16, 4, 2),
+    (0, 4, 16, 4, 2), (0, 4, 8, 4, 1), (0, 2, 32, 8, 1), (0, 4, 64, 4, 1), (0, 8, 16, 8, 1),
+    (0, 2, 16, 4, 3), (0, 8, 8, 4, 2),
 ]  # fmt: skip
 
 
@@ -193,10 +194,10 @@ def _plan(
     bp = block_p or (4096 if interpreting() else 32 * warps * vec)
     ch = chunks or ch
     spans = -(-P // (bp * ch))
-    if tb == 0:  # the split kernel: tile A = the largest power of two <= k, tile B the rest
+    if tb == 0:  # the split kernel: tile A = the largest power of two <= min(k, 4), B the rest
         if k > 8:
             raise ValueError(f"the split gram kernel serves k <= 8, got k={k}")
-        ta = 1 << (k.bit_length() - 1)
+        ta = min(4, 1 << (k.bit_length() - 1))
         rest_b = k - ta
         meta = {"TA": ta, "TB": next_pow2(rest_b, 1) if rest_b else 0}
         return (1, spans), {**meta, "BLOCK_P": bp, "CHUNKS": ch, "STAGES": stages,

@@ -135,6 +135,28 @@ def test_copy_cuda(bench, P, dt):
     _run_cuda(bench, lambda: out.copy_(J), 2 * J.numel() * J.element_size())
 
 
+@needs_gpu
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("P", SIZES, ids=[f"P{p:.0e}" for p in SIZES])
+def test_read_cuda(bench, P, dt):
+    """torch.sum over J: the bandwidth a kernel that only reads J can reach here."""
+    J = torch.randn(K, P, device="cuda").to(DTYPES[dt])
+    bench.group = f"read-k{K}-P{P:.0e}-{dt}"
+    _run_cuda(bench, lambda: torch.sum(J, dtype=torch.float32), J.numel() * J.element_size())
+
+
+@needs_gpu
+@pytest.mark.parametrize("k", [3, 4, 6, 7, 8])
+@pytest.mark.parametrize("vec", [2, 4])
+def test_gram_split_k_cuda(bench, k, vec):
+    """The split kernel (every row read once) for other k <= 8 (fp32, P = 1e8)."""
+    P = SIZES[-1]
+    J = torch.randn(k, P, device="cuda")
+    bench.group = f"gram-split-k-P{P:.0e}"
+    _run_cuda(bench, lambda: gram_triton(J, config=(0, vec, 16, 4, 1)), J.numel() * 4)
+    bench.extra_info.update({"k": k, "P": P, "tiling": [0, vec, 16, 4, 1]})
+
+
 def _gram_with_cosine(k: int, cosine: float | None) -> torch.Tensor:
     """Random float64 Gram; with ``cosine``, every pair of rows has that cosine similarity."""
     g = torch.Generator().manual_seed(k)
@@ -192,6 +214,9 @@ def summarize(raw_json: str, out_stem: str) -> dict:
             op, params = "gram " + "-".join(map(str, info["tiling"])), {**params, "impl": "ant"}
         elif op == "gram_k":
             op, params = f"gram k={params['k']}", {**params, "impl": "ant"}
+        elif op == "gram_split_k":
+            tiling = "-".join(map(str, info["tiling"]))
+            op, params = f"gram {tiling} k={params['k']}", {**params, "impl": "ant"}
         P = params.get("P", info.get("P"))
         rows.append({"op": op, "impl": params.get("impl", "torch"), "P": P, "k": params.get("k", K),
                      "dtype": params.get("dt", "fp32"), "mean_ms": b["stats"]["mean"] * 1e3,

@@ -66,7 +66,7 @@ if [ "$STAGE" = all ] || [ "$STAGE" = tests ]; then
 fi
 
 if [ "$STAGE" = all ] || [ "$STAGE" = kernels ]; then
-    run 150 bench_kernels.log $PY -m pytest -q -p no:cacheprovider benchmarks/bench_kernels.py \
+    run 300 bench_kernels.log $PY -m pytest -q -p no:cacheprovider benchmarks/bench_kernels.py \
         -k cuda --benchmark-json="$W/kernels_raw.json"
     [ -f "$W/kernels_raw.json" ] && $PY benchmarks/bench_kernels.py "$W/kernels_raw.json" \
         "$W/kernels_gpu" && cat "$W/kernels_gpu.md"
