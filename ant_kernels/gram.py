@@ -91,6 +91,14 @@ def _gram_kernel(
 
 
 @jit
+def _fold(x, M: tl.constexpr, N: tl.constexpr, BF: tl.constexpr, FOLD: tl.constexpr):
+    """[M, N, BF * FOLD] -> [M, N, BF]: sums of FOLD adjacent columns (within one thread)."""
+    if FOLD == 1:
+        return x
+    return tl.sum(tl.reshape(x, [M, N, BF, FOLD]), axis=3)
+
+
+@jit
 def _gram_split_kernel(
     p_J,
     p_W,
@@ -103,37 +111,41 @@ def _gram_split_kernel(
     BLOCK_P: tl.constexpr,
     CHUNKS: tl.constexpr,
     STAGES: tl.constexpr,
+    FOLD: tl.constexpr,
 ):
     """k <= 8 in one program per span, every row read once: rows [0, TA) form tile A and rows
     [TA, TA + TB) tile B (TB = 0: no B), so G = [[A A^T, A B^T], [B A^T, B B^T]] needs only the
     TA^2 + TA TB + TB^2 products per column (21 at k = 5 = 4 + 1, against 64 for one tile of 8).
-    The transposed tiles are permutations of registers each thread already holds."""
+    The transposed tiles are permutations of registers each thread already holds. FOLD > 1 sums
+    each thread's FOLD adjacent columns into one accumulator column every chunk: FOLD times
+    fewer accumulator registers (more programs in flight), the same fixed summation order."""
+    BF: tl.constexpr = BLOCK_P // FOLD
     i_s = tl.program_id(1)
     o_a = tl.arange(0, TA)
     m_a = o_a < K
     p_a = p_J + o_a.to(tl.int64)[:, None, None] * s_k
     o_start = i_s.to(tl.int64) * (BLOCK_P * CHUNKS)
-    # [TA, TA, BLOCK_P] (and [TA, TB, BLOCK_P], [TB, TB, BLOCK_P])
-    b_aa = tl.zeros([TA, TA, BLOCK_P], dtype=tl.float32)
+    # [TA, TA, BF] (and [TA, TB, BF], [TB, TB, BF])
+    b_aa = tl.zeros([TA, TA, BF], dtype=tl.float32)
     if TB > 0:
         o_b = TA + tl.arange(0, TB)
         m_b = o_b < K
         p_b = p_J + o_b.to(tl.int64)[:, None, None] * s_k
-        b_ab = tl.zeros([TA, TB, BLOCK_P], dtype=tl.float32)
-        b_bb = tl.zeros([TB, TB, BLOCK_P], dtype=tl.float32)
+        b_ab = tl.zeros([TA, TB, BF], dtype=tl.float32)
+        b_bb = tl.zeros([TB, TB, BF], dtype=tl.float32)
     for i_c in tl.range(CHUNKS, num_stages=STAGES):
         o_p = o_start + i_c * BLOCK_P + tl.arange(0, BLOCK_P)
         m_p = (o_p < P)[None, None, :]
         o_c = o_p[None, None, :] * s_p
         # [TA, 1, BLOCK_P]
         b_a = tl.load(p_a + o_c, mask=m_a[:, None, None] & m_p, other=0.0).to(tl.float32)
-        b_aa += b_a * tl.permute(b_a, (1, 0, 2))
+        b_aa += _fold(b_a * tl.permute(b_a, (1, 0, 2)), TA, TA, BF, FOLD)
         if TB > 0:
             # [TB, 1, BLOCK_P]
             b_b = tl.load(p_b + o_c, mask=m_b[:, None, None] & m_p, other=0.0).to(tl.float32)
             b_bt = tl.permute(b_b, (1, 0, 2))
-            b_ab += b_a * b_bt
-            b_bb += b_b * b_bt
+            b_ab += _fold(b_a * b_bt, TA, TB, BF, FOLD)
+            b_bb += _fold(b_b * b_bt, TB, TB, BF, FOLD)
     p_W = p_W + i_s.to(tl.int64) * K * K
     tl.store(p_W + o_a[:, None] * K + o_a[None, :], tl.sum(b_aa, axis=2),
              mask=m_a[:, None] & m_a[None, :])  # fmt: skip
@@ -156,7 +168,9 @@ TILINGS = [
     (2, 8, 16, 4, 3), (2, 4, 32, 8, 3), (1, 8, 16, 4, 3), (4, 4, 32, 8, 2), (2, 4, 64, 4, 2),
     (0, 4, 16, 4, 1), (0, 2, 16, 4, 1), (0, 4, 32, 4, 1), (0, 4, 16, 8, 1), (0, 8, 16, 4, 1),
     (0, 4, 16, 4, 2), (0, 4, 8, 4, 1), (0, 2, 32, 8, 1), (0, 4, 64, 4, 1), (0, 8, 16, 8, 1),
-    (0, 2, 16, 4, 3), (0, 8, 8, 4, 2),
+    (0, 2, 16, 4, 3), (0, 8, 8, 4, 2), (0, 4, 16, 4, 1, 2), (0, 4, 16, 4, 1, 4),
+    (0, 8, 16, 4, 1, 2), (0, 8, 16, 4, 1, 4), (0, 8, 16, 4, 1, 8), (0, 8, 8, 4, 2, 4),
+    (0, 4, 16, 8, 1, 4), (0, 8, 16, 8, 1, 4), (0, 4, 16, 4, 3, 4),
 ]  # fmt: skip
 
 
@@ -190,7 +204,7 @@ def _plan(
     """(grid, constexpr and launch options) for J [k, P]; ``config`` replaces ``_config``."""
     k, P = J.shape
     tb, vec, ch, warps, *rest = config or _config(k, J.dtype.itemsize)
-    stages = rest[0] if rest else 1
+    stages, fold = (*rest, 1, 1)[:2]
     bp = block_p or (4096 if interpreting() else 32 * warps * vec)
     ch = chunks or ch
     spans = -(-P // (bp * ch))
@@ -201,7 +215,9 @@ def _plan(
         rest_b = k - ta
         meta = {"TA": ta, "TB": next_pow2(rest_b, 1) if rest_b else 0}
         return (1, spans), {**meta, "BLOCK_P": bp, "CHUNKS": ch, "STAGES": stages,
-                            "num_warps": warps}  # fmt: skip
+                            "FOLD": fold, "num_warps": warps}  # fmt: skip
+    if fold != 1:
+        raise ValueError(f"FOLD applies to the split kernel (TB = 0) only, got config {config}")
     t = -(-k // tb)
     meta = {"T": t, "TB": tb, "BLOCK_P": bp, "CHUNKS": ch, "STAGES": stages, "num_warps": warps}
     return (t * t, spans), meta
@@ -222,7 +238,7 @@ def gram_triton(
     config: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Launch the Triton kernel (no dispatch). ``block_p``/``chunks`` override the tiling,
-    ``config`` = (TB, VEC, CHUNKS, num_warps[, STAGES]) the whole configuration."""
+    ``config`` = (TB, VEC, CHUNKS, num_warps[, STAGES[, FOLD]]) the whole configuration."""
     grid, meta = _plan(J, block_p, chunks, config)
     k = J.shape[0]
     work = torch.empty((grid[1], k, k), dtype=torch.float32, device=J.device)

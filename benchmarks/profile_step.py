@@ -62,7 +62,8 @@ def where_syncs(model: str, scenario: str) -> None:
     stacks = []
 
     def record(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
-        stacks.append((str(message).splitlines()[0], traceback.format_stack()[:-2]))
+        if "called a synchronizing CUDA operation" in str(message):  # not the mode's notice
+            stacks.append((str(message).splitlines()[0], traceback.format_stack()[:-2]))
 
     with warnings.catch_warnings():  # restores showwarning and the filters on exit
         warnings.simplefilter("always")

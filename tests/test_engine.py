@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -301,6 +303,45 @@ def test_nonfinite_step_is_skipped_with_warning_and_state_untouched():
     torch.testing.assert_close(ant._w, w_before)
     for p, q in zip(model.parameters(), params_before):
         torch.testing.assert_close(p.detach(), q)
+
+
+@pytest.mark.parametrize("method", ["uw", "uw+pcgrad"])
+def test_fused_optimizer_skips_nonfinite_step_on_the_device(method):
+    """A fused optimiser takes the non-finite flag as its found_inf: parameters, moments and
+    step counts stay (AdamW's weight decay would move them on a zero-gradient step), ant.step
+    reads nothing and warns at the next call that reads the flag; the next good step updates."""
+    model, ant = setup(method)
+    params = [*model.parameters(), *(p for g in ant.param_groups() for p in g["params"])]
+    opt = torch.optim.AdamW(params, lr=0.1, weight_decay=0.5, fused=True)
+    x = torch.randn(16, 1, 6, 6)
+
+    def run(loss_fn):
+        opt.zero_grad(set_to_none=True)
+        t = ant.sample_timesteps(16)
+        if ant.needs_gradients:
+            ant.backward(loss_fn, x, t)
+        else:
+            ant.reduce(loss_fn(x, t), t).backward()
+        return ant.step(opt)
+
+    def snapshot():
+        state = [v.clone() for p in params for v in opt.state[p].values()]
+        return [p.detach().clone() for p in params] + state
+
+    assert run(per_sample_loss(model)) is True
+    before = snapshot()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the flag is reported later, not here
+        assert run(lambda xb, tb: per_sample_loss(model)(xb, tb) * float("nan")) is True
+    assert not bool(ant.last.finite)
+    for a, b in zip(snapshot(), before, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.warns(UserWarning, match="skipped the step on the device"):
+        ant.stats()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # reported once
+        assert run(per_sample_loss(model)) is True
+    assert not torch.equal(params[0].detach(), before[0])
 
 
 def test_stats_report_conflicts_and_cosines():

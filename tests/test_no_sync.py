@@ -101,10 +101,11 @@ def test_detector_catches_value_reads():
 
 def _step(
     family: str, method: str, mode: str, B: int, skip_nonfinite: bool = False,
-    sampling: str = "proportional", device: str = "cpu", amp: bool = False,
+    sampling: str = "proportional", device: str = "cpu", amp: bool = False, fused: bool = False,
 ):  # fmt: skip
     """One training step as a trainer writes it (``ant.step`` without the non-finite read);
-    ``amp``: the forward under bf16 autocast."""
+    ``amp``: the forward under bf16 autocast; ``fused``: a fused AdamW (which skips a
+    non-finite step on the device) instead of SGD."""
     torch.manual_seed(0)
     model = create_model("adm-tiny" if family == "unet" else "dit-tiny").to(device)
     cond = family == "dit"
@@ -116,9 +117,11 @@ def _step(
     ant = ANT("linear", k=5, method=method, mode=mode, update_every=every, sampling=sampling)
     ant.attach(model)
     # SGD: AdamW's step counters are host tensors, whose reads this CPU check cannot tell apart
-    opt = torch.optim.SGD(
-        [{"params": list(model.parameters())}, *ant.param_groups()], lr=1e-4, momentum=0.9
-    )
+    groups = [{"params": list(model.parameters())}, *ant.param_groups()]
+    if fused:
+        opt = torch.optim.AdamW(groups, lr=1e-4, fused=True)
+    else:
+        opt = torch.optim.SGD(groups, lr=1e-4, momentum=0.9)
 
     def loss_fn(batch, t):
         x0, eps, labels = batch
@@ -203,6 +206,26 @@ def test_cuda_engine_step_has_no_host_sync(family, method, mode, amp):
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(4):  # covers Nash's off-steps (update_every=3)
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
+@pytest.mark.parametrize(
+    ("family", "method", "mode"),
+    [("unet", "uw", "auto"), ("unet", "pcgrad", "onepass"), ("dit", "uw+nash", "onepass")],
+)
+def test_cuda_fused_optimizer_skip_check_has_no_host_sync(family, method, mode):
+    """ant.step's default non-finite skip with a fused AdamW happens on the device: no sync."""
+    step = _step(family, method, mode, B=20, device="cuda", skip_nonfinite=True, fused=True)
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(4):
             step()
     finally:
         torch.cuda.set_sync_debug_mode("default")

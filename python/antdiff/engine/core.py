@@ -42,6 +42,29 @@ from .timesteps import TimestepSampler, to_device
 MODES = ("auto", "micro", "onepass", "retain_graph")
 
 
+class _HostFlag:
+    """A 0-d device flag on its way to the host: a non-blocking copy into pinned memory and an
+    event, so that ``ready`` and ``read`` never wait for the device (CPU flags: read as is)."""
+
+    def __init__(self, flag: torch.Tensor, step: int) -> None:
+        self.step, self.event = step, None
+        if flag.device.type == "cuda":
+            self.host = torch.empty((), dtype=flag.dtype, pin_memory=True)
+            self.host.copy_(flag, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = flag
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def read(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()
+        return bool(self.host)
+
+
 @dataclass
 class StepOutput:
     """What one engine step produced (all device tensors; reading them is a host sync)."""
@@ -146,6 +169,7 @@ class ANT:
         self._model: nn.Module | None = None
         self._warned_sync = False
         self.last: StepOutput | None = None
+        self._pending_flags: list[_HostFlag] = []  # device-side skips not yet reported
         if model is not None:
             self.attach(model)
 
@@ -567,10 +591,28 @@ class ANT:
     ) -> bool:
         """optimizer.step() unless the last engine step was non-finite.
 
-        The check reads one flag from the device (a host sync after the step's work is queued,
-        like GradScaler). With ``skip_nonfinite=False`` nothing is read: the engine has already
-        zeroed a non-finite gradient method update, and loss-space steps go through as computed.
+        An optimiser that can skip on the device (torch's Adam, AdamW, SGD, ... built with
+        ``fused=True``) skips there when no scaler is given: the non-finite flag goes in as its
+        ``found_inf``, so parameters, moments and step counts stay as they were, and nothing is
+        read on the host. The warning then comes from a later ``step``/``stats`` call, once the
+        flag has reached the host, and this returns True (the step was issued). Otherwise the
+        check reads one flag from the device (a host sync after the step's work is queued, like
+        GradScaler) and returns False for a skipped step. With ``skip_nonfinite=False`` nothing
+        is read: the engine has already zeroed a non-finite gradient method update, and
+        loss-space steps go through as computed.
         """
+        self._report_skipped()
+        if skip_nonfinite and self.last is not None and scaler is None and getattr(
+            optimizer, "_step_supports_amp_scaling", False
+        ):  # fmt: skip
+            bad = (~self.last.finite).to(torch.float32)
+            optimizer.grad_scale, optimizer.found_inf = None, bad
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.grad_scale, optimizer.found_inf
+            self._pending_flags.append(_HostFlag(bad, self.step_count))
+            return True
         if skip_nonfinite and self.last is not None and not bool(self.last.finite):
             warnings.warn(
                 f"step {self.step_count}: non-finite cluster losses or gradients; the optimiser "
@@ -588,9 +630,26 @@ class ANT:
             optimizer.step()
         return True
 
+    def _report_skipped(self, wait: bool = False) -> None:
+        """Warn for the device-side skips whose flags have reached the host (all: ``wait``)."""
+        pending = []
+        for flag in self._pending_flags:
+            if wait or flag.ready():
+                if flag.read():
+                    warnings.warn(
+                        f"step {flag.step}: non-finite cluster losses or gradients; the "
+                        "optimiser skipped the step on the device and the method state was left "
+                        "unchanged",
+                        stacklevel=3,
+                    )
+            else:
+                pending.append(flag)
+        self._pending_flags = pending
+
     def stats(self) -> dict[str, Any]:
         """Telemetry for logging: last and running per-cluster losses, weights, cosines,
         conflict rates; plus the clusters. Copies to the host: call it outside the step."""
+        self._report_skipped(wait=True)
         out = self.telemetry.snapshot()
         out["bounds"] = list(self.clusters.bounds)
         out["method"] = self.method_name
