@@ -114,3 +114,15 @@ def next_pow2(n: int, floor: int = 1) -> int:
     """Smallest power of two >= max(n, floor)."""
     n = max(int(n), floor)
     return 1 << (n - 1).bit_length()
+
+
+def column_parts(P: int) -> list[slice]:
+    """Column ranges to launch a P-wide kernel over: [0, P - P % 16) and the rest.
+
+    Triton marks an integer argument divisible by 16 when it is, and only then can it prove a
+    ``columns < P`` mask constant over a thread's adjacent columns and load them as one vector;
+    a model's parameter count rarely is (P = 755009 compiles to scalar loads and twice the
+    registers). The first launch gets the divisible bound, the second the < 16 remaining
+    columns (same kernel, same arithmetic per column)."""
+    main = P - P % 16
+    return [slice(0, main), slice(main, P)] if 0 < main < P else [slice(0, P)]

@@ -37,12 +37,15 @@ _DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
 
 
 class _Mock:
-    """A contiguous, 16-byte aligned CUDA tensor, as far as Triton's specialiser looks."""
+    """A 16-byte aligned CUDA tensor, as far as Triton's specialiser looks: contiguous, or with
+    rows ``row`` elements apart (a column range of a wider tensor)."""
 
-    def __init__(self, dtype: torch.dtype, *shape: int) -> None:
-        self.dtype, self.shape = dtype, shape
+    def __init__(self, dtype: torch.dtype, *shape: int, row: int | None = None) -> None:
+        self.dtype, self.shape, self.row = dtype, shape, row
 
     def stride(self, dim: int) -> int:
+        if dim == 0 and self.row is not None:
+            return self.row
         return math.prod(self.shape[dim + 1 :])
 
     def data_ptr(self) -> int:
@@ -60,16 +63,19 @@ def _launches() -> list[tuple[str, Any, tuple, dict]]:
     gram, combine, pcgrad, nash = (mod[m] for m in ("gram", "combine", "pcgrad", "nash"))
     max_k = mod["_dispatch"].MAX_K
     out = []
-    for k, dt, P in itertools.product(K_VALUES, ("fp32", "bf16", "fp16"), P_VALUES):
-        J = _Mock(_DT[dt], k, P)
+    # the launchers' column parts of J [k, P] with rows padded to 16 elements (the engine's
+    # buffer): a part of width divisible by 16, then the rest
+    parts = [(P, c.stop - c.start) for P in P_VALUES for c in mod["_dispatch"].column_parts(P)]
+    for k, dt, (P, n) in itertools.product(K_VALUES, ("fp32", "bf16", "fp16"), parts):
+        J = _Mock(_DT[dt], k, n, row=-(-P // 16) * 16)
         if k <= max_k["gram"]:
             grid, meta = gram._plan(J)
             args = gram._args(J, _Mock(torch.float32, grid[1], k, k))
-            out.append((f"gram k={k} {dt} P={P}", gram._kernel(meta), args, meta))
+            out.append((f"gram k={k} {dt} P={n}", gram._kernel(meta), args, meta))
         if k <= max_k["combine"]:
             for out_dt in {dt, "fp32"}:  # out = a row of J (the engine), or a new fp32 tensor
-                args = combine._args(_Mock(torch.float32, k), J, _Mock(_DT[out_dt], P))
-                out.append((f"combine k={k} {dt}->{out_dt} P={P}", combine._combine_kernel, args,
+                args = combine._args(_Mock(torch.float32, k), J, _Mock(_DT[out_dt], n))
+                out.append((f"combine k={k} {dt}->{out_dt} P={n}", combine._combine_kernel, args,
                             combine._plan(J)[1]))  # fmt: skip
     for cfg, dt in itertools.product(gram.TILINGS, ("fp32", "bf16")):  # the benchmark's
         J = _Mock(_DT[dt], 5, 2**20)

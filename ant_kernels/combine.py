@@ -8,6 +8,9 @@ constexpr, so all k loads can be in flight); each w[i] is one scalar load. Every
 and written by the same program, and all of its loads come before its store, so ``out`` may
 be one of J's rows (e.g. the flat buffer the parameters' ``.grad`` tensors alias).
 
+Two launches when P % 16 != 0: one over the first P - P % 16 columns, whose bound Triton then
+knows to be a multiple of 16 (vector loads; ``_dispatch.column_parts``), one over the rest.
+
 Determinism: no reduction crosses programs and the row order is fixed, so the result is
 bit-identical between runs (and equals a sequential float32 sum over the clusters).
 """
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import interpreting, jit, use_triton
+from ._dispatch import column_parts, interpreting, jit, use_triton
 from .reference import check_combine, combine_ref
 
 try:
@@ -85,8 +88,9 @@ def combine_triton(
     w: torch.Tensor, J: torch.Tensor, out: torch.Tensor, block_p: int | None = None
 ) -> torch.Tensor:
     """Launch the Triton kernel (no dispatch). ``block_p`` overrides the tiling."""
-    nprog, meta = _plan(J, block_p)
-    _combine_kernel[(nprog,)](*_args(w, J, out), **meta)
+    for cols in column_parts(J.shape[1]):
+        nprog, meta = _plan(J[:, cols], block_p)
+        _combine_kernel[(nprog,)](*_args(w, J[:, cols], out[cols]), **meta)
     return out
 
 

@@ -7,18 +7,27 @@ Why no tl.dot: k is small (5 in the paper), so the work is 2 * k^2 flops per col
 k * 4 bytes, far below what a GPU computes per byte it reads; the bound is memory. A matrix-unit
 product of [16, BLOCK_P] tiles measured 75 GB/s (fp32, IEEE) and 645 GB/s (bf16) on an H200, the
 tile transposed through shared memory every chunk, and its truncating fp32 accumulation missed
-the 16-ulp accuracy bound of the tests by 10x. Plain FMAs on CUDA cores are exact and ordered,
-and on the H200 33x (fp32) and 2.8x (bf16) faster than that product, though still at 60% and
-45% of a copy's bandwidth (benchmarks/results/gram_tilings_h200.md).
+the 16-ulp accuracy bound of the tests by 10x. Plain FMAs on CUDA cores are exact and ordered:
+on the H200 the kernels below reach 83% (fp32) and 68% (bf16) of the datasheet bandwidth at
+k = 5 (benchmarks/results/gram_tilings_h200.md).
 
-Tiling: rows are split into tiles of TB (a power of two); program (pair, span) computes the
-[TB, TB] block of G between row tiles ``ti <= tj`` over its span of ``BLOCK_P * CHUNKS`` columns.
-Each chunk loads the two row tiles as [TB, 1, BLOCK_P] and [1, TB, BLOCK_P] (the second is an
-L1 hit when ti == tj; the programs of one span run side by side, so other tiles come from L2,
-not memory) and adds their outer product to a [TB, TB, BLOCK_P] float32 register accumulator:
-each thread owns VEC columns of every row, so the products need no data movement between
-threads, and the accumulator is reduced over the columns once, at the end. Rows >= k and
-columns >= P are masked to zero and add nothing.
+Split kernel (2 < k <= 8, the default there): one program per span of ``BLOCK_P * CHUNKS``
+columns loads every row once, as tile A (the first min(4, 2^floor(log2 k)) rows) and tile B (the
+rest), and accumulates the products A A^T, A B^T and B B^T per column in float32 registers:
+each thread owns VEC adjacent columns of every row, so the products need no data movement
+between threads; FOLD sums a thread's columns as it goes, which keeps the accumulator small
+enough for many programs to be in flight.
+
+Row-tile kernel (k <= 2, k > 8): rows are split into tiles of TB (a power of two); program
+(pair, span) computes the [TB, TB] block of G between row tiles ``ti <= tj``. Each chunk loads
+the two row tiles as [TB, 1, BLOCK_P] and [1, TB, BLOCK_P] (the programs of one span run side by
+side, so a tile read again comes from L2, not memory) and adds their outer product to a
+[TB, TB, BLOCK_P] float32 accumulator, reduced over the columns once, at the end. In both
+kernels rows >= k and columns >= P are masked to zero and add nothing.
+
+Two launches when P % 16 != 0: one over the first P - P % 16 columns, whose bound Triton then
+knows to be a multiple of 16 (vector loads; ``_dispatch.column_parts``), one over the rest,
+each into its own spans of the workspace.
 
 Determinism: each program writes its block (and its transpose, so G is exactly symmetric) to
 its span's slot of a [nspans, k, k] workspace; a fixed-order ``torch.sum`` over the spans then
@@ -33,7 +42,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import interpreting, jit, next_pow2, use_triton
+from ._dispatch import column_parts, interpreting, jit, next_pow2, use_triton
 from .reference import check_J, gram_ref
 
 try:
@@ -158,11 +167,10 @@ def _gram_split_kernel(
                  mask=m_b[:, None] & m_b[None, :])  # fmt: skip
 
 
-# (TB, VEC, CHUNKS, num_warps, STAGES) configurations timed against each other on a GPU
-# (benchmarks/bench_kernels.py::test_gram_tiling_cuda) and tested there; STAGES > 1 software-
-# pipelines the chunk loads through shared memory. TB = 0 selects _gram_split_kernel (k <= 8;
-# its tiles follow from k). The first ten were timed on an H200 (results/gram_tilings_h200.md);
-# the split ones are written for the next GPU run and not yet timed.
+# (TB, VEC, CHUNKS, num_warps, STAGES[, FOLD]) configurations timed against each other on a
+# GPU (benchmarks/bench_kernels.py::test_gram_tiling_cuda) and tested there; STAGES > 1
+# software-pipelines the chunk loads through shared memory. TB = 0 selects _gram_split_kernel
+# (k <= 8; its tiles follow from k). All were timed on an H200 (results/gram_tilings_h200.md).
 TILINGS = [
     (4, 4, 16, 4, 1), (2, 4, 16, 4, 1), (2, 4, 16, 4, 3), (4, 4, 16, 4, 3), (2, 8, 16, 4, 1),
     (2, 8, 16, 4, 3), (2, 4, 32, 8, 3), (1, 8, 16, 4, 3), (4, 4, 32, 8, 2), (2, 4, 64, 4, 2),
@@ -174,26 +182,26 @@ TILINGS = [
 ]  # fmt: skip
 
 
-def _config(k: int, element_size: int = 4) -> tuple[int, int, int, int]:
-    """(TB, VEC, CHUNKS, num_warps): fixed, no autotune (also under the interpreter).
+def _config(k: int, element_size: int = 4) -> tuple[int, ...]:
+    """(TB, VEC, CHUNKS, num_warps[, STAGES, FOLD]): fixed, no autotune (also under the
+    interpreter).
 
-    Chosen from the tilings timed on an H200 (benchmarks/results/gram_tilings_h200.md, k = 5,
-    P = 1e8): row tiles of 2 with 16-byte loads (VEC = 4 fp32, 8 bf16/fp16) were fastest for
-    both dtypes, ahead of tiles of 4 (more registers, fewer programs in flight), of one tile of
-    8 (4-byte loads) and of software pipelining (STAGES > 1: faster for bf16 only with 8-byte
-    loads). k <= 2 is one tile; k = 7, 8 keep tiles of 4 and k > 8 tiles of 8 (VEC = 1), as
-    timed at P = 1e7: a row tile of 2 would read each row k / 2 times from L2 there. The
-    accumulator, TB * TB * VEC floats per thread, stays in registers without spills on sm_90
+    Chosen from the tilings timed side by side on an H200 (benchmarks/results/
+    gram_tilings_h200.md, k = 5, P = 1e8). For 2 < k <= 8 the split kernel (every row read
+    once) with 16-byte loads (VEC = 4 fp32, 8 bf16/fp16) and FOLD = VEC: 3963 GB/s fp32 (83% of
+    the datasheet bandwidth, 94% of a copy) and 3286 GB/s bf16 (68%; torch's own sum over J
+    reaches 79%), against 2558 and 1873 GB/s for the best row-tile configuration; without
+    FOLD its 117-240 registers per thread left too few programs in flight. k <= 2 is one
+    tile; k > 8 tiles of 8 (VEC = 1), as timed at P = 1e7. No configuration spills on sm_90
     (``python -m ant_kernels.aot``)."""
     if interpreting():
         # few, large blocks: the interpreter's cost is per program and per op
         return next_pow2(k, 1), 1, 4, 4
     if k <= 2:  # one tile; 8-wide fp16 rows that are not 16-byte aligned spilled here
         return next_pow2(k, 1), 4, 32, 4
-    if k <= 6:
-        return 2, 16 // element_size, 16, 4
     if k <= 8:
-        return 4, 4, 16, 4
+        vec = 16 // element_size
+        return 0, vec, 16, 4, 1, vec
     return 8, 1, 32, 8
 
 
@@ -239,10 +247,14 @@ def gram_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Launch the Triton kernel (no dispatch). ``block_p``/``chunks`` override the tiling,
     ``config`` = (TB, VEC, CHUNKS, num_warps[, STAGES[, FOLD]]) the whole configuration."""
-    grid, meta = _plan(J, block_p, chunks, config)
+    parts = [J[:, cols] for cols in column_parts(J.shape[1])]
+    plans = [_plan(part, block_p, chunks, config) for part in parts]
     k = J.shape[0]
-    work = torch.empty((grid[1], k, k), dtype=torch.float32, device=J.device)
-    _kernel(meta)[grid](*_args(J, work), **meta)
+    work = torch.empty((sum(g[1] for g, _ in plans), k, k), dtype=torch.float32, device=J.device)
+    start = 0
+    for part, (grid, meta) in zip(parts, plans):
+        _kernel(meta)[grid](*_args(part, work[start : start + grid[1]]), **meta)
+        start += grid[1]
     G = work.sum(0)  # fixed-order reduction over the spans
     return G, torch.isfinite(G.diagonal()).all()
 

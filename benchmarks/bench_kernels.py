@@ -146,15 +146,36 @@ def test_read_cuda(bench, P, dt):
 
 
 @needs_gpu
+@pytest.mark.parametrize("dt", DTYPES)
 @pytest.mark.parametrize("k", [3, 4, 6, 7, 8])
-@pytest.mark.parametrize("vec", [2, 4])
-def test_gram_split_k_cuda(bench, k, vec):
-    """The split kernel (every row read once) for other k <= 8 (fp32, P = 1e8)."""
+def test_gram_small_k_cuda(bench, k, dt):
+    """The launcher (the split kernel) for the other k <= 8, at P = 1e8."""
     P = SIZES[-1]
-    J = torch.randn(k, P, device="cuda")
-    bench.group = f"gram-split-k-P{P:.0e}"
-    _run_cuda(bench, lambda: gram_triton(J, config=(0, vec, 16, 4, 1)), J.numel() * 4)
-    bench.extra_info.update({"k": k, "P": P, "tiling": [0, vec, 16, 4, 1]})
+    J = torch.randn(k, P, device="cuda").to(DTYPES[dt])
+    bench.group = f"gram-small-k-P{P:.0e}-{dt}"
+    _run_cuda(bench, lambda: gram(J), J.numel() * J.element_size())
+    bench.extra_info.update({"k": k, "P": P})
+
+
+@needs_gpu
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("op", ["gram", "combine"])
+def test_odd_P_cuda(bench, op, dt):
+    """P = 1e8 + 9, rows 16-element aligned as in the engine's buffer: the launchers run the
+    kernel on the first P - P % 16 columns (vector loads) and again on the last 9."""
+    P = SIZES[-1] + 9
+    J = torch.randn(K, P + 7, device="cuda").to(DTYPES[dt])[:, :P]
+    bench.group = f"odd-P-{dt}"
+    nbytes = J.numel() * J.element_size()
+    if op == "gram":
+        fn = lambda: gram(J)  # noqa: E731
+    else:
+        w = torch.randn(K, device="cuda")
+        out = torch.empty(P, device="cuda")
+        fn = lambda: combine(w, J, out)  # noqa: E731
+        nbytes += out.numel() * 4
+    _run_cuda(bench, fn, nbytes)
+    bench.extra_info.update({"P": P})
 
 
 def _gram_with_cosine(k: int, cosine: float | None) -> torch.Tensor:
@@ -214,9 +235,10 @@ def summarize(raw_json: str, out_stem: str) -> dict:
             op, params = "gram " + "-".join(map(str, info["tiling"])), {**params, "impl": "ant"}
         elif op == "gram_k":
             op, params = f"gram k={params['k']}", {**params, "impl": "ant"}
-        elif op == "gram_split_k":
-            tiling = "-".join(map(str, info["tiling"]))
-            op, params = f"gram {tiling} k={params['k']}", {**params, "impl": "ant"}
+        elif op == "gram_small_k":
+            op, params = f"gram k={params['k']}", {**params, "impl": "ant"}
+        elif op == "odd_P":
+            op, params = f"{params['op']} P odd", {**params, "impl": "ant"}
         P = params.get("P", info.get("P"))
         rows.append({"op": op, "impl": params.get("impl", "torch"), "P": P, "k": params.get("k", K),
                      "dtype": params.get("dt", "fp32"), "mean_ms": b["stats"]["mean"] * 1e3,

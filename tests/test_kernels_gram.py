@@ -232,3 +232,22 @@ def test_gram_tilings_cuda(tiling, k):
         Ji = torch.randint(-8, 9, (k, 100_003))
         Gi, _ = gram_triton(Ji.to("cuda", dt), config=tiling)
         assert torch.equal(Gi.cpu(), (Ji @ Ji.T).float())
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("P", [7, 16, 4099])
+def test_gram_columns_past_the_last_multiple_of_16(P, kernel_device, force_triton):
+    """The launcher runs the kernel on the first P - P % 16 columns and again on the rest:
+    G counts both parts, and a NaN in the rest is still flagged."""
+    from ant_kernels._dispatch import column_parts
+
+    parts = column_parts(P)
+    assert [(c.start, c.stop) for c in parts] == (
+        [(0, P)] if P % 16 == 0 or P < 16 else [(0, P - P % 16), (P - P % 16, P)]
+    )
+    Ji = torch.randint(-8, 9, (5, P))
+    G, finite = gram_triton(Ji.float().to(kernel_device))
+    assert bool(finite) and torch.equal(G.cpu(), (Ji @ Ji.T).float())
+    Jn = Ji.float()
+    Jn[2, P - 1] = float("nan")
+    assert not bool(gram_triton(Jn.to(kernel_device))[1])
