@@ -55,7 +55,7 @@ fi
 keep
 
 if [ "$STAGE" = all ] || [ "$STAGE" = tests ]; then
-    run 240 tests.log $PY -m pytest -q -p no:cacheprovider $XDIST -rfEs \
+    run 360 tests.log $PY -m pytest -q -p no:cacheprovider $XDIST -rfEs \
         tests/test_kernels_gram.py tests/test_kernels_combine.py tests/test_kernels_pcgrad.py \
         tests/test_kernels_nash.py tests/test_kernels_aot.py \
         tests/test_no_sync.py::test_cuda_engine_step_has_no_host_sync \
