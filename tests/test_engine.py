@@ -364,6 +364,11 @@ def test_bad_input_messages():
         ant.backward(lambda xb, tb: per_sample_loss(model)(xb, tb).mean(), x, t)
     with pytest.raises(ValueError, match=r"\[0, T=100\)"):
         ant.backward(per_sample_loss(model), x, torch.full((8,), 100))
+    t_moved = ant.sample_timesteps(8)
+    t_moved += 100  # changed after sampling: its host counts and range no longer hold
+    assert ant.sampler.counts_for(t_moved) is None
+    with pytest.raises(ValueError, match=r"\[0, T=100\)"):
+        ant.backward(per_sample_loss(model), x, t_moved)
     with pytest.raises(ValueError, match="8 entries"):
         ant.backward(per_sample_loss(model), x[:4], t)
     with pytest.raises(ValueError, match="smaller than k"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -89,6 +90,46 @@ def test_ema_follows_every_optimiser_step(tmp_path):
             ref = 0.75 * prev + 0.25 * p.detach().double()  # float64 reference of the EMA rule
             torch.testing.assert_close(e.double(), ref, rtol=1e-6, atol=1e-7)
         ema_prev = [p.detach().double().clone() for p in run.ema.model.parameters()]
+
+
+@pytest.mark.parametrize("method", ["uw", "uw+pcgrad"])
+def test_nonfinite_step_is_skipped_on_the_device(method, tmp_path, monkeypatch):
+    """The trainer's AdamW is fused: a non-finite step leaves the parameters, the optimiser
+    state and the EMA exactly as they were, reads nothing on the host, and is reported by the
+    next ant.stats()."""
+    from test_no_sync import NoHostCopy, NoHostSync
+
+    cfg = _cfg("digits_adm", tmp_path, "--ant.method", method, "--train.ema_decay", "0.75")
+    run = build_run(cfg)
+    assert all(g["fused"] for g in run.opt.param_groups)
+    idx = run.batches.next_indices()
+    train_step(run, {"x": run.data.x[idx]})
+
+    def state():
+        opt = [v for st in run.opt.state.values() for v in st.values()]
+        return [t.detach().clone() for t in (*run.model.parameters(),
+                                             *run.ema.model.parameters(), *opt)]  # fmt: skip
+
+    before = state()
+    real = run.diffusion.training_losses
+
+    def nan_loss(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return {**out, "loss": out["loss"] * float("nan")}
+
+    monkeypatch.setattr(run.diffusion, "training_losses", nan_loss)
+    monkeypatch.setattr("antdiff.engine.core._read_on_host", lambda t: False)
+    run.ant.stats()  # as a logger would: reads the earlier step's flag (a CPU tensor here)
+    with warnings.catch_warnings(), NoHostCopy(), NoHostSync():
+        warnings.simplefilter("error")  # reported later, by stats()
+        train_step(run, {"x": run.data.x[idx]})
+    for a, b in zip(state(), before, strict=True):
+        assert torch.equal(a, b)
+    with pytest.warns(UserWarning, match="skipped the step on the device"):
+        run.ant.stats()
+    monkeypatch.setattr(run.diffusion, "training_losses", real)
+    train_step(run, {"x": run.data.x[idx]})  # the next good step moves everything again
+    assert any(not torch.equal(a, b) for a, b in zip(state(), before))
 
 
 @pytest.mark.parametrize(

@@ -135,7 +135,7 @@ def test_shards_partition_the_cluster_sorted_global_batch():
     batch = {"x": torch.arange(B * 2).reshape(B, 2), "noise": torch.randn(B, 2)}
     got_t, got_x = [], []
     for rank in range(world):
-        sampler.last = (t, counts)  # each rank sees the same global draw
+        sampler.remember(t, counts)  # each rank sees the same global draw
         local, lt = _ctx(rank, world).shard(batch, t, sampler)
         assert lt.shape[0] == local["x"].shape[0] == local["noise"].shape[0] == B // world
         # the host counts handed to the engine are the slice's true cluster counts

@@ -6,9 +6,11 @@
 One step: t = ant.sample_timesteps(B); gradient methods call ant.backward(loss_fn, batch, t)
 (the batch dict carries the labels, so the engine slices them with the images), loss-space
 methods and vanilla call ant.reduce(per_sample_loss, t).backward(); then grad-norm clipping,
-ant.step(optimizer) (skips non-finite steps) and the EMA update. A resumed run continues the
-exact sequence of batches, timesteps, noise and method states (bit-for-bit on CPU). Timesteps
-and noise come from the run's own generator, drawn for the whole (global) batch.
+ant.step(optimizer) (skips non-finite steps: on the device with the fused AdamW used where torch
+has one, so the step reads nothing back) and the EMA update (a device-side no-op for a skipped
+step). A resumed run continues the exact sequence of batches, timesteps, noise and method
+states (bit-for-bit on CPU). Timesteps and noise come from the run's own generator, drawn for
+the whole (global) batch.
 
 Under torchrun (``torchrun --nproc_per_node N -m antdiff train ...``) the same code trains on N
 processes with DDP and gives the single-process result: see :mod:`antdiff.train_dist`.
@@ -59,10 +61,21 @@ class EMA:
         self._ema_buf, self._src_buf = list(self.model.buffers()), list(model.buffers())
 
     @torch.no_grad()
-    def update(self) -> None:
-        torch._foreach_lerp_(self._ema, self._src, 1.0 - self.decay)
+    def update(self, taken: torch.Tensor | None = None) -> None:
+        """One EMA step; ``taken`` (0-d bool on the device): whether the optimiser step was
+        taken (a fused optimiser skips a non-finite one on the device): False leaves the EMA
+        as it was, without a host read."""
+        if taken is None:
+            torch._foreach_lerp_(self._ema, self._src, 1.0 - self.decay)
+            for e, s in zip(self._ema_buf, self._src_buf):
+                e.copy_(s)
+            return
+        # ema += w (src - ema) with w a device tensor (a tensor lerp weight is read on the host)
+        step = torch._foreach_sub(self._src, self._ema)
+        torch._foreach_mul_(step, taken.float() * (1.0 - self.decay))
+        torch._foreach_add_(self._ema, step)
         for e, s in zip(self._ema_buf, self._src_buf):
-            e.copy_(s)
+            e.copy_(torch.where(taken, s, e))
 
 
 @dataclass
@@ -167,12 +180,23 @@ def build_run(cfg: Config, codec_state: dict | None = None, dist: DistContext | 
         method_kwargs=ac.method_kwargs,
     ).to(device)
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}, *ant.param_groups()]
-    opt = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    opt = _adamw(groups, tc)
     forward = torch.compile(wrapped, dynamic=True) if tc.compile else wrapped
     batches = BatchIterator(len(data), tc.batch_size, tc.seed)
     ema = EMA(model, tc.ema_decay) if dist is None or dist.is_main else None
     gen = torch.Generator(device).manual_seed(_derived_seed(tc.seed))
     return Run(cfg, device, data, batches, model, forward, ema, diffusion, ant, opt, gen, dist)
+
+
+def _adamw(groups: list[dict[str, Any]], tc: Any) -> torch.optim.AdamW:
+    """AdamW, fused where torch has a fused kernel for the parameters' device (CUDA, CPU): one
+    kernel per step, and ant.step then skips a non-finite step on the device, so a training
+    step reads nothing back. Elsewhere the usual multi-tensor AdamW."""
+    kw = {"lr": tc.lr, "betas": tuple(tc.betas), "weight_decay": tc.weight_decay}
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kw)
+    except RuntimeError:  # torch names the devices its fused kernels support
+        return torch.optim.AdamW(groups, **kw)
 
 
 def _derived_seed(seed: int) -> int:
@@ -183,9 +207,10 @@ def _derived_seed(seed: int) -> int:
 
 
 def engine_step(run: Run, batch: dict[str, torch.Tensor]) -> bool:
-    """Timesteps, loss, backward, clipping, optimiser step; True if the step was taken.
+    """Timesteps, loss, backward, clipping, optimiser step; False if ant.step skipped the
+    step on the host (a fused optimiser skips a non-finite step on the device instead).
 
-    No host sync here except the engine's non-finite check in ant.step().
+    No host sync with a fused optimiser; otherwise the engine's non-finite check in ant.step().
     """
     cfg, ant, model = run.cfg, run.ant, run.model
     autocast = (
@@ -225,7 +250,8 @@ def engine_step(run: Run, batch: dict[str, torch.Tensor]) -> bool:
 def train_step(run: Run, batch: dict[str, torch.Tensor]) -> None:
     """engine_step, then the EMA update after every optimiser step that was taken."""
     if engine_step(run, batch) and run.ema is not None:
-        run.ema.update()
+        last = run.ant.last
+        run.ema.update(None if last is None else last.finite)
     run.step += 1
 
 

@@ -88,7 +88,7 @@ class DistContext:
         if counts is not None:
             edges = np.concatenate([[0], np.cumsum(counts)])
             local = np.minimum(edges[1:], b) - np.maximum(edges[:-1], a)
-            sampler.last = (local_t, np.clip(local, 0, None).astype(np.int64))
+            sampler.remember(local_t, np.clip(local, 0, None).astype(np.int64))
         return {key: v[a:b] for key, v in batch.items()}, local_t
 
     def seed_model_rng(self, seed: int, step: int) -> None:

@@ -59,8 +59,9 @@ class _HostFlag:
     def ready(self) -> bool:
         return self.event is None or self.event.query()
 
-    def read(self) -> bool:
-        if self.event is not None:
+    def read(self, wait: bool = False) -> bool:
+        """The flag's value: call after ``ready()`` returned True, or with ``wait`` (blocks)."""
+        if wait and self.event is not None:
             self.event.synchronize()
         return bool(self.host)
 
@@ -271,6 +272,8 @@ class ANT:
             raise ValueError(f"t must be a 1-D integer tensor of timesteps, got {_describe(t)}")
         if n is not None and t.shape[0] != n:
             raise ValueError(f"t has {t.shape[0]} entries but the batch/loss has {n} samples")
+        if self.sampler.counts_for(t) is not None:  # drawn by sample_timesteps, in range
+            return
         ok = (t >= 0) & (t < self.T)
         if _read_on_host(t):
             if not bool(ok.all()):
@@ -611,12 +614,12 @@ class ANT:
                 optimizer.step()
             finally:
                 del optimizer.grad_scale, optimizer.found_inf
-            self._pending_flags.append(_HostFlag(bad, self.step_count))
+            self._pending_flags.append(_HostFlag(bad, self.telemetry.steps))
             return True
         if skip_nonfinite and self.last is not None and not bool(self.last.finite):
             warnings.warn(
-                f"step {self.step_count}: non-finite cluster losses or gradients; the optimiser "
-                "step was skipped and the method state left unchanged",
+                f"step {self.telemetry.steps}: non-finite cluster losses or gradients; the "
+                "optimiser step was skipped and the method state left unchanged",
                 stacklevel=2,
             )
             optimizer.zero_grad(set_to_none=True)
@@ -635,7 +638,7 @@ class ANT:
         pending = []
         for flag in self._pending_flags:
             if wait or flag.ready():
-                if flag.read():
+                if flag.read(wait):
                     warnings.warn(
                         f"step {flag.step}: non-finite cluster losses or gradients; the "
                         "optimiser skipped the step on the device and the method state was left "

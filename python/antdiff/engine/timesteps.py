@@ -75,7 +75,7 @@ class TimestepSampler:
         self.shares = clusters.sizes / clusters.T
         bounds = np.asarray(clusters.bounds, dtype=np.int64)
         self._lo, self._size = bounds[:-1], bounds[1:] - bounds[:-1]
-        self.last: tuple[torch.Tensor, np.ndarray] | None = None
+        self.last: tuple[torch.Tensor, np.ndarray, int] | None = None
 
     def sample(
         self,
@@ -92,12 +92,17 @@ class TimestepSampler:
         lo, size = np.repeat(self._lo, counts), np.repeat(self._size, counts)
         u = torch.rand(int(B), device=device, generator=generator, dtype=torch.float64)
         t = _place(u, lo, size)
-        self.last = (t, counts)
+        self.remember(t, counts)
         return t, counts
 
+    def remember(self, t: torch.Tensor, counts: np.ndarray) -> None:
+        """Record ``t`` (cluster-sorted, in [0, T)) and its host counts [k] as the last draw."""
+        self.last = (t, counts, t._version)
+
     def counts_for(self, t: torch.Tensor) -> np.ndarray | None:
-        """The host counts of ``t`` if it is the tensor this sampler produced last."""
-        if self.last is not None and self.last[0] is t:
+        """The host counts of ``t`` if it is the tensor this sampler produced last, unchanged
+        since (then its values are also known to lie in [0, T))."""
+        if self.last is not None and self.last[0] is t and t._version == self.last[2]:
             return self.last[1]
         return None
 
