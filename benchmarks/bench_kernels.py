@@ -95,13 +95,18 @@ def test_gram_tiling_cuda(bench, tiling, dt):
     bench.extra_info.update({"tiling": list(tiling), "P": P})
 
 
+# other k with the launcher's configuration: fp32 at P = 1e7, and every k <= 8 (the split
+# kernel) at P = 1e8 in both dtypes
+K_CASES = [(k, SIZES[1], "fp32") for k in (2, 8, 16, 32, 64)] + [
+    (k, SIZES[2], dt) for k in (3, 4, 6, 7, 8) for dt in DTYPES
+]
+
+
 @needs_gpu
-@pytest.mark.parametrize("k", [2, 8, 16, 32, 64])
-def test_gram_k_cuda(bench, k):
-    """The launcher's tiling for other k (fp32, P = 1e7)."""
-    P = SIZES[1]
-    J = torch.randn(k, P, device="cuda")
-    bench.group = f"gram-k-P{P:.0e}"
+@pytest.mark.parametrize(("k", "P", "dt"), K_CASES, ids=[f"{k}-{p:.0e}-{d}" for k, p, d in K_CASES])
+def test_gram_k_cuda(bench, k, P, dt):
+    J = torch.randn(k, P, device="cuda").to(DTYPES[dt])
+    bench.group = f"gram-k-P{P:.0e}-{dt}"
     _run_cuda(bench, lambda: gram(J), J.numel() * J.element_size())
     bench.extra_info.update({"k": k, "P": P})
 
@@ -143,18 +148,6 @@ def test_read_cuda(bench, P, dt):
     J = torch.randn(K, P, device="cuda").to(DTYPES[dt])
     bench.group = f"read-k{K}-P{P:.0e}-{dt}"
     _run_cuda(bench, lambda: torch.sum(J, dtype=torch.float32), J.numel() * J.element_size())
-
-
-@needs_gpu
-@pytest.mark.parametrize("dt", DTYPES)
-@pytest.mark.parametrize("k", [3, 4, 6, 7, 8])
-def test_gram_small_k_cuda(bench, k, dt):
-    """The launcher (the split kernel) for the other k <= 8, at P = 1e8."""
-    P = SIZES[-1]
-    J = torch.randn(k, P, device="cuda").to(DTYPES[dt])
-    bench.group = f"gram-small-k-P{P:.0e}-{dt}"
-    _run_cuda(bench, lambda: gram(J), J.numel() * J.element_size())
-    bench.extra_info.update({"k": k, "P": P})
 
 
 @needs_gpu
@@ -234,8 +227,6 @@ def summarize(raw_json: str, out_stem: str) -> dict:
         if op == "gram_tiling":
             op, params = "gram " + "-".join(map(str, info["tiling"])), {**params, "impl": "ant"}
         elif op == "gram_k":
-            op, params = f"gram k={params['k']}", {**params, "impl": "ant"}
-        elif op == "gram_small_k":
             op, params = f"gram k={params['k']}", {**params, "impl": "ant"}
         elif op == "odd_P":
             op, params = f"{params['op']} P odd", {**params, "impl": "ant"}
