@@ -132,6 +132,25 @@ def test_nonfinite_step_is_skipped_on_the_device(method, tmp_path, monkeypatch):
     assert any(not torch.equal(a, b) for a, b in zip(state(), before))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
+@pytest.mark.parametrize("method", ["uw", "uw+pcgrad"])
+def test_cuda_train_step_has_no_host_sync(method, tmp_path):
+    """The trainer's step on a GPU (fused AdamW, EMA) under torch's own sync detector."""
+    cfg = _cfg("digits_adm", tmp_path, "--ant.method", method, "--train.device", "cuda")
+    run = build_run(cfg)
+    batches = [run.data.x[run.batches.next_indices()].cuda() for _ in range(4)]
+    train_step(run, {"x": batches[0]})
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x in batches[1:]:
+            train_step(run, {"x": x})
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
 @pytest.mark.parametrize(
     "batch, extra", [(7, []), (11, ["--ant.sampling", "equal"]), (3, ["--ant.sampling", "uniform"])]
 )
