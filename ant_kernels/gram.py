@@ -8,8 +8,8 @@ k * 4 bytes, far below what a GPU computes per byte it reads; the bound is memor
 product of [16, BLOCK_P] tiles measured 75 GB/s (fp32, IEEE) and 645 GB/s (bf16) on an H200, the
 tile transposed through shared memory every chunk, and its truncating fp32 accumulation missed
 the 16-ulp accuracy bound of the tests by 10x. Plain FMAs on CUDA cores are exact and ordered:
-on the H200 the kernels below reach 83% (fp32) and 68% (bf16) of the datasheet bandwidth at
-k = 5 (benchmarks/results/gram_tilings_h200.md).
+on the H200 the kernels below reach 80-83% (fp32) and 65-68% (bf16) of the datasheet bandwidth
+at k = 5 in two runs (benchmarks/results/gram_tilings_h200.md, kernels_h200.md).
 
 Split kernel (2 < k <= 8, the default there): one program per span of ``BLOCK_P * CHUNKS``
 columns loads every row once, as tile A (the first min(4, 2^floor(log2 k)) rows) and tile B (the
@@ -188,9 +188,10 @@ def _config(k: int, element_size: int = 4) -> tuple[int, ...]:
 
     Chosen from the tilings timed side by side on an H200 (benchmarks/results/
     gram_tilings_h200.md, k = 5, P = 1e8). For 2 < k <= 8 the split kernel (every row read
-    once) with 16-byte loads (VEC = 4 fp32, 8 bf16/fp16) and FOLD = VEC: 3963 GB/s fp32 (83% of
-    the datasheet bandwidth, 94% of a copy) and 3286 GB/s bf16 (68%; torch's own sum over J
-    reaches 79%), against 2558 and 1873 GB/s for the best row-tile configuration; without
+    once) with 16-byte loads (VEC = 4 fp32, 8 bf16/fp16) and FOLD = VEC: 3844-3963 GB/s fp32
+    (80-83% of the datasheet bandwidth, 92-94% of a copy) and 3129-3286 GB/s bf16 (65-68%;
+    torch's own sum over J reaches 80%) in two runs, against 2558 and 1873 GB/s for the best
+    row-tile configuration; without
     FOLD its 117-240 registers per thread left too few programs in flight. k <= 2 is one
     tile; k > 8 tiles of 8 (VEC = 1), as timed at P = 1e7. No configuration spills on sm_90
     (``python -m ant_kernels.aot``)."""
