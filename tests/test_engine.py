@@ -344,6 +344,30 @@ def test_fused_optimizer_skips_nonfinite_step_on_the_device(method):
     assert not torch.equal(params[0].detach(), before[0])
 
 
+def test_optimizer_loaded_from_a_non_fused_state_skips_on_the_host():
+    """A fused AdamW whose groups came from a non-fused state dict runs the non-fused kernel,
+    which takes no found_inf: ant.step must take the host path (and still skip)."""
+    model, ant = setup("uw")
+    params = [*model.parameters(), *(p for g in ant.param_groups() for p in g["params"])]
+    opt = torch.optim.AdamW(params, lr=0.1, fused=True)
+    plain = torch.optim.AdamW(params, lr=0.1)
+    opt.load_state_dict(plain.state_dict())
+    assert not any(g["fused"] for g in opt.param_groups)
+    x = torch.randn(16, 1, 6, 6)
+    t = ant.sample_timesteps(16)
+    ant.reduce(per_sample_loss(model)(x, t) * float("nan"), t).backward()
+    with pytest.warns(UserWarning, match="non-finite"):
+        assert ant.step(opt) is False
+
+
+def test_timesteps_sampled_in_inference_mode():
+    _, ant = setup("uw")
+    with torch.inference_mode():
+        t = ant.sample_timesteps(16)
+        assert ant.sampler.counts_for(t) is not None
+        ant.reduce(torch.ones(16), t)
+
+
 def test_stats_report_conflicts_and_cosines():
     model, ant = setup("pcgrad")
     x = torch.randn(16, 1, 6, 6)

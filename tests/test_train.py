@@ -15,7 +15,7 @@ from PIL import Image
 import antdiff.checkpoint as ck
 from antdiff.cli import main as cli_main
 from antdiff.config import load_config
-from antdiff.train import build_run, train, train_step
+from antdiff.train import build_run, checkpoint_state, restore, train, train_step
 
 METHODS = (
     "vanilla",
@@ -79,7 +79,10 @@ def test_every_family_trains(preset, method, tmp_path):
     assert img.ndim == 3 and img.shape[2] in (3, 4)
 
 
-def test_ema_follows_every_optimiser_step(tmp_path):
+@pytest.mark.parametrize("chunk", [None, 1000], ids=["one-chunk", "chunks"])
+def test_ema_follows_every_optimiser_step(chunk, tmp_path, monkeypatch):
+    if chunk is not None:  # the EMA's temporary in pieces of at most `chunk` elements
+        monkeypatch.setattr("antdiff.train._EMA_CHUNK", chunk)
     cfg = _cfg("digits_adm", tmp_path, "--ant.method", "pcgrad", "--train.ema_decay", "0.75")
     run = build_run(cfg)
     ema_prev = [p.detach().double().clone() for p in run.ema.model.parameters()]
@@ -130,6 +133,24 @@ def test_nonfinite_step_is_skipped_on_the_device(method, tmp_path, monkeypatch):
     monkeypatch.setattr(run.diffusion, "training_losses", real)
     train_step(run, {"x": run.data.x[idx]})  # the next good step moves everything again
     assert any(not torch.equal(a, b) for a, b in zip(state(), before))
+
+
+def test_resume_from_a_non_fused_optimizer_state(tmp_path):
+    """A checkpoint saved before the trainer fused AdamW (groups say fused=None) resumes into a
+    fused optimiser and keeps training."""
+    cfg = _cfg("digits_adm", tmp_path, "--ant.method", "uw")
+    run = build_run(cfg)
+    idx = run.batches.next_indices()
+    train_step(run, {"x": run.data.x[idx]})
+    state = checkpoint_state(run)
+    groups = state["optimizer"]["param_groups"]
+    state["optimizer"] = {**state["optimizer"],
+                          "param_groups": [{**g, "fused": None} for g in groups]}  # fmt: skip
+    run2 = build_run(cfg)
+    restore(run2, state)
+    assert all(g["fused"] for g in run2.opt.param_groups)
+    train_step(run2, {"x": run2.data.x[idx]})
+    assert all(torch.isfinite(p).all() for p in run2.model.parameters())
 
 
 @pytest.mark.gpu

@@ -50,6 +50,9 @@ from .utils import atomic_write_text, seed_everything
 log = logging.getLogger("antdiff.train")
 
 
+_EMA_CHUNK = 1 << 24  # elements of the EMA's temporary (64 MiB in float32)
+
+
 class EMA:
     """Exponential moving average of a model's parameters (buffers are copied)."""
 
@@ -59,6 +62,18 @@ class EMA:
         self._ema = list(self.model.parameters())
         self._src = list(model.parameters())
         self._ema_buf, self._src_buf = list(self.model.buffers()), list(model.buffers())
+
+    def _chunks(self):
+        """(ema, src) lists of consecutive parameters, each of at most _EMA_CHUNK elements
+        (a larger parameter alone)."""
+        start, size = 0, 0
+        for i, p in enumerate(self._ema):
+            if size and size + p.numel() > _EMA_CHUNK:
+                yield self._ema[start:i], self._src[start:i]
+                start, size = i, 0
+            size += p.numel()
+        if size:
+            yield self._ema[start:], self._src[start:]
 
     @torch.no_grad()
     def update(self, taken: torch.Tensor | None = None) -> None:
@@ -70,10 +85,13 @@ class EMA:
             for e, s in zip(self._ema_buf, self._src_buf):
                 e.copy_(s)
             return
-        # ema += w (src - ema) with w a device tensor (a tensor lerp weight is read on the host)
-        step = torch._foreach_sub(self._src, self._ema)
-        torch._foreach_mul_(step, taken.float() * (1.0 - self.decay))
-        torch._foreach_add_(self._ema, step)
+        # ema += w (src - ema) with w a device tensor (torch reads a tensor lerp weight on the
+        # host), through a temporary of at most _EMA_CHUNK elements at a time
+        w = taken.float() * (1.0 - self.decay)
+        for ema, src in self._chunks():
+            step = torch._foreach_sub(src, ema)
+            torch._foreach_mul_(step, w)
+            torch._foreach_add_(ema, step)
         for e, s in zip(self._ema_buf, self._src_buf):
             e.copy_(torch.where(taken, s, e))
 
@@ -276,7 +294,14 @@ def restore(run: Run, state: dict[str, Any]) -> None:
     load_model_state(run.model, state["model"], state, "model")
     if run.ema is not None:
         load_model_state(run.ema.model, state["ema"], state, "EMA")
-    run.opt.load_state_dict(state["optimizer"])
+    saved = state["optimizer"]
+    # the optimiser's kernel is this run's choice, not the checkpoint's (one saved before the
+    # trainer fused AdamW says fused=None): torch then moves the step counts where it needs them
+    ours = [g.get("fused") for g in run.opt.param_groups]
+    if len(ours) == len(saved["param_groups"]):
+        saved = {**saved, "param_groups": [{**g, "fused": f}
+                                           for g, f in zip(saved["param_groups"], ours)]}
+    run.opt.load_state_dict(saved)
     run.ant.load_state_dict(state["ant"])
     run.batches.load_state_dict(state["data"])
     run.step = int(state["step"])

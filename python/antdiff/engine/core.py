@@ -42,6 +42,15 @@ from .timesteps import TimestepSampler, to_device
 MODES = ("auto", "micro", "onepass", "retain_graph")
 
 
+def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """The optimiser takes a ``found_inf`` tensor and skips on the device: torch's optimisers
+    with ``fused=True`` in every group (a group loaded from a non-fused state is not)."""
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return False
+    groups = optimizer.param_groups
+    return "fused" not in groups[0] or all(g.get("fused") for g in groups)
+
+
 class _HostFlag:
     """A 0-d device flag on its way to the host: a non-blocking copy into pinned memory and an
     event, so that ``ready`` and ``read`` never wait for the device (CPU flags: read as is)."""
@@ -52,7 +61,7 @@ class _HostFlag:
             self.host = torch.empty((), dtype=flag.dtype, pin_memory=True)
             self.host.copy_(flag, non_blocking=True)
             self.event = torch.cuda.Event()
-            self.event.record()
+            self.event.record(torch.cuda.current_stream(flag.device))  # the copy's stream
         else:
             self.host = flag
 
@@ -598,15 +607,16 @@ class ANT:
         ``fused=True``) skips there when no scaler is given: the non-finite flag goes in as its
         ``found_inf``, so parameters, moments and step counts stay as they were, and nothing is
         read on the host. The warning then comes from a later ``step``/``stats`` call, once the
-        flag has reached the host, and this returns True (the step was issued). Otherwise the
-        check reads one flag from the device (a host sync after the step's work is queued, like
-        GradScaler) and returns False for a skipped step. With ``skip_nonfinite=False`` nothing
-        is read: the engine has already zeroed a non-finite gradient method update, and
-        loss-space steps go through as computed.
+        flag has reached the host (call ``stats()`` after the last step to hear of a skip there),
+        and this returns True (the step was issued); the gradients stay as computed until the
+        next ``zero_grad``. Otherwise the check reads one flag from the device (a host sync after
+        the step's work is queued, like GradScaler) and returns False for a skipped step. With
+        ``skip_nonfinite=False`` nothing is read: the engine has already zeroed a non-finite
+        gradient method update, and loss-space steps go through as computed.
         """
         self._report_skipped()
-        if skip_nonfinite and self.last is not None and scaler is None and getattr(
-            optimizer, "_step_supports_amp_scaling", False
+        if skip_nonfinite and self.last is not None and scaler is None and _skips_on_device(
+            optimizer
         ):  # fmt: skip
             bad = (~self.last.finite).to(torch.float32)
             optimizer.grad_scale, optimizer.found_inf = None, bad

@@ -63,6 +63,12 @@ def _place(u: torch.Tensor, lo: np.ndarray, size: np.ndarray) -> torch.Tensor:
     return ls[0] + torch.minimum((u * ls[1]).long(), ls[1] - 1)
 
 
+def _version(t: torch.Tensor) -> int:
+    """In-place change counter of ``t`` (inference tensors have none, and cannot be changed in
+    place outside inference mode: -1)."""
+    return -1 if t.is_inference() else t._version
+
+
 class TimestepSampler:
     """Draws cluster-sorted timesteps and remembers the host-side counts of the last draw."""
 
@@ -97,12 +103,12 @@ class TimestepSampler:
 
     def remember(self, t: torch.Tensor, counts: np.ndarray) -> None:
         """Record ``t`` (cluster-sorted, in [0, T)) and its host counts [k] as the last draw."""
-        self.last = (t, counts, t._version)
+        self.last = (t, counts, _version(t))
 
     def counts_for(self, t: torch.Tensor) -> np.ndarray | None:
         """The host counts of ``t`` if it is the tensor this sampler produced last, unchanged
         since (then its values are also known to lie in [0, T))."""
-        if self.last is not None and self.last[0] is t and t._version == self.last[2]:
+        if self.last is not None and self.last[0] is t and _version(t) == self.last[2]:
             return self.last[1]
         return None
 
