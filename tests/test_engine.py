@@ -552,3 +552,41 @@ def test_method_state_follows_the_model_and_mismatch_is_a_clear_error(method):
             ant.backward(per_sample_loss(model), x, t)
         else:
             ant.reduce(per_sample_loss(model)(x, t), t)
+
+
+@pytest.mark.parametrize("method", ["vanilla", "uw", "dwa"])
+@pytest.mark.parametrize("bad", [float("inf"), -float("inf"), float("nan"), None])
+def test_reduce_flags_any_nonfinite_sample(method, bad):
+    """One inf, -inf or NaN sample makes the step non-finite; large finite losses do not (the
+    check must not overflow on them)."""
+    ant = ANT(linear_schedule(1000), k=5, method=method)
+    t = ant.sample_timesteps(20)
+    per = torch.full((20,), 1e37)
+    if bad is not None:
+        per[7] = bad
+    ant.reduce(per, t)
+    assert bool(ant.last.finite) is (bad is None)
+
+
+def test_engine_calls_observe_only_where_a_method_defines_it():
+    from antdiff.mtl import LS, UW
+    from antdiff.mtl.base import LossMethod
+
+    class Counting(LossMethod):
+        name = "counting"
+        calls = 0
+
+        def transform(self, L, present):
+            return torch.where(present, L, 0.0) / self.k
+
+        def observe(self, L, present):
+            Counting.calls += 1
+
+    assert not LS(3).observes and not UW(3).observes and Counting(3).observes
+    for name in ("rlw", "dwa", "famo"):
+        assert make_method(name, 3).loss.observes
+    ant = ANT(linear_schedule(1000), k=5, method="uw")
+    ant.method.loss = Counting(5)
+    t = ant.sample_timesteps(10)
+    ant.reduce(torch.ones(10), t)
+    assert Counting.calls == 1

@@ -585,10 +585,10 @@ class ANT:
         return self._buffer
 
     def _record(self, total, L_global, w, present, G, finite=None) -> StepOutput:  # noqa: N803
-        if finite is None:
-            finite = torch.isfinite(L_global).all() & torch.isfinite(total)
+        if finite is None:  # 0 * x is 0 for finite x and NaN for inf/NaN (one op per input)
+            finite = (L_global * 0).sum() + total * 0 == 0
         self.telemetry.update(L_global, w, present, finite, G)
-        if self.method.loss is not None:
+        if self.method.loss is not None and self.method.loss.observes:
             self.method.loss.observe(torch.where(finite, L_global, 0.0), present & finite)
         out = StepOutput(total, L_global, w, present, finite)
         self.last = out

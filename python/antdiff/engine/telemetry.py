@@ -21,8 +21,12 @@ class Telemetry:
 
     def _acc(self, name: str, value: torch.Tensor) -> None:
         prev = self.t.get(name)
-        # a resumed run loads its running sums on the CPU: move them once
-        self.t[name] = value if prev is None else prev.to(value.device) + value
+        if prev is None:
+            self.t[name] = value
+            return
+        if prev.device != value.device:  # a resumed run loads its running sums on the CPU
+            prev = prev.to(value.device)
+        self.t[name] = prev + value
 
     def update(
         self,
@@ -34,14 +38,14 @@ class Telemetry:
     ) -> None:
         """Record one step. L, w, present: [k]; finite: 0-d bool; G: [k, k] or None."""
         self.steps += 1
-        self.t["loss"] = L.detach().float()
+        L = self.t["loss"] = L.detach().float()  # noqa: N806
         self.t["weight"] = w.detach().float()
         self.t["present"] = present
         self.t["finite"] = finite
-        ok = finite.float()
-        self._acc("nonfinite_steps", 1.0 - ok)
-        self._acc("loss_sum", torch.where(present & finite, L.detach().float(), 0.0))
-        self._acc("loss_count", (present & finite).float())
+        counted = present & finite
+        self._acc("nonfinite_steps", (~finite).float())
+        self._acc("loss_sum", torch.where(counted, L, 0.0))
+        self._acc("loss_count", counted.float())
         if G is None:
             return
         d = G.diagonal().clamp(min=1e-30).sqrt()

@@ -184,6 +184,11 @@ class LossMethod(torch.nn.Module):
         """Update the state after a completed step (``L`` detached). Default: stateless."""
         check_losses(L, present, self.k)
 
+    @property
+    def observes(self) -> bool:
+        """Whether this class overrides ``observe`` (the engine skips the call otherwise)."""
+        return type(self).observe is not LossMethod.observe
+
     def extra_repr(self) -> str:
         return f"k={self.k}"
 

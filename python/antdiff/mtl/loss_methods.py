@@ -69,7 +69,7 @@ class UW(LossMethod):
 
     def slopes(self, L: Tensor, present: Tensor) -> Tensor:
         check_losses(L, present, self.k)
-        return torch.where(present, 0.5 * torch.exp(-self.s.detach().to(L.dtype)) / self.k, 0.0)
+        return torch.where(present, torch.exp(-self.s.detach().to(L.dtype)), 0.0) * (0.5 / self.k)
 
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": [self.s], "lr": self.lr, "weight_decay": 0.0}]
