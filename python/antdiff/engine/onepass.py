@@ -67,42 +67,43 @@ class _Root(torch.autograd.Function):
 
 
 class _Slot:
-    """One parameter's columns of J: ``cols`` [k, n] and per-row views shaped like it."""
+    """One parameter's columns of J: ``cols`` [k, n], per-row views shaped like it, and per-row
+    2-D views [shape[0], rest] for products."""
 
     def __init__(self, J: torch.Tensor, offset: int, p: torch.Tensor) -> None:  # noqa: N803
         n = p.numel()
         self.cols = J[:, offset : offset + n]
         self.rows = [J[i, offset : offset + n].view_as(p) for i in range(J.shape[0])]
+        self.mats = [r.view(p.shape[0], -1) if p.dim() else r for r in self.rows]
         self.fresh = True  # not yet written in this step: the first write sets every row
 
-    def put_rows(self, st: _Step, value_of: Callable[[int, int, int], torch.Tensor]) -> None:
-        """Row i := (or +=) value_of(i, a, b) for the live clusters (batch rows a:b)."""
+    def put_rows(self, st: _Step, value_of: Callable[[int, int], torch.Tensor]) -> None:
+        """Row i := (or +=) value_of(a, b) for the live clusters (batch rows a:b)."""
+        bounds, fresh = st.bounds, self.fresh
         for i, row in enumerate(self.rows):
-            a, b = st.bounds[i], st.bounds[i + 1]
+            a, b = bounds[i], bounds[i + 1]
             if a < b:
-                v = value_of(i, a, b)
-                row.copy_(v) if self.fresh else row.add_(v)
-            elif self.fresh:
+                v = value_of(a, b)
+                row.copy_(v) if fresh else row.add_(v)
+            elif fresh:
                 row.zero_()
         self.fresh = False
 
-    def put_products(
-        self, st: _Step, left: Callable[[int, int], torch.Tensor],
-        right: Callable[[int, int], torch.Tensor],
-    ) -> None:  # fmt: skip
-        """Row i := (or +=) left(a, b) @ right(a, b), the product written straight into J."""
-        for i, row in enumerate(self.rows):
-            a, b = st.bounds[i], st.bounds[i + 1]
+    def put_products(self, st: _Step, left: torch.Tensor, right: torch.Tensor, n: int) -> None:
+        """Row i := (or +=) left[:, a n : b n] @ right[a n : b n] for cluster i's batch rows a:b
+        (``n`` columns of ``left`` / rows of ``right`` per sample), written straight into J."""
+        bounds, fresh = st.bounds, self.fresh
+        same = left.dtype == self.cols.dtype
+        for i, mat in enumerate(self.mats):
+            a, b = bounds[i] * n, bounds[i + 1] * n
             if a == b:
-                if self.fresh:
-                    row.zero_()
-                continue
-            lhs, rhs = left(a, b), right(a, b)
-            if lhs.dtype == row.dtype:  # beta=0 ignores the row's old contents
-                row.view(lhs.shape[0], rhs.shape[1]).addmm_(lhs, rhs, beta=0 if self.fresh else 1)
+                if fresh:
+                    mat.zero_()
+            elif same:  # beta=0 ignores the row's old contents
+                mat.addmm_(left[:, a:b], right[a:b], beta=0 if fresh else 1)
             else:  # half-precision activations: the product in their dtype, then stored
-                v = (lhs @ rhs).view_as(row)
-                row.copy_(v) if self.fresh else row.add_(v)
+                v = left[:, a:b] @ right[a:b]
+                mat.copy_(v) if fresh else mat.add_(v)
         self.fresh = False
 
     def put_seg(self, st: _Step, per_sample: torch.Tensor) -> None:
@@ -125,14 +126,12 @@ class _Step:
 
 def _linear(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor) -> None:
     w, b = slots
-    g2 = g.reshape(st.B, -1, g.shape[-1])
+    g2 = g.reshape(-1, g.shape[-1])  # [B * tokens, out]
+    n = g2.shape[0] // st.B
     if w is not None:
-        x2 = x.to(g.dtype).reshape(st.B, -1, x.shape[-1])
-        w.put_products(
-            st, lambda a, c: g2[a:c].flatten(0, 1).t(), lambda a, c: x2[a:c].flatten(0, 1)
-        )
+        w.put_products(st, g2.t(), x.to(g.dtype).reshape(-1, x.shape[-1]), n)
     if b is not None:
-        b.put_seg(st, g2.sum(1))
+        b.put_seg(st, g2.view(st.B, n, -1).sum(1) if n > 1 else g2)
 
 
 def _patchwise(m: nn.Module) -> bool:
@@ -166,8 +165,7 @@ def _conv(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor) -> N
         # non-overlapping patches beats convolution_backward's per-call cost
         gt = g.reshape(st.B, g.shape[1], -1).transpose(0, 1).flatten(1)  # [Cout, B*L]
         xp = _patch_rows(x.to(g.dtype), m.kernel_size, g.shape[2:])  # [B*L, Cin*prod(kernel)]
-        n = gt.shape[1] // st.B
-        w.put_products(st, lambda a, c: gt[:, a * n : c * n], lambda a, c: xp[a * n : c * n])
+        w.put_products(st, gt, xp, gt.shape[1] // st.B)
     elif w is not None:
         x = x.to(g.dtype)
         d = len(m.kernel_size)
@@ -176,13 +174,13 @@ def _conv(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor) -> N
             pad = [0] * d if m.padding == "valid" else same
         else:
             pad = list(m.padding)
-        weight = m.weight.detach()
+        weight, stride, dilation = m.weight.detach().to(g.dtype), list(m.stride), list(m.dilation)
+        zeros, mask = [0] * d, [False, True, False]
 
-        def value_of(i: int, a: int, c: int) -> torch.Tensor:
+        def value_of(a: int, c: int) -> torch.Tensor:
             return torch.ops.aten.convolution_backward(
-                g[a:c], x[a:c], weight.to(g.dtype), None, list(m.stride), pad,
-                list(m.dilation), False, [0] * d, m.groups, [False, True, False],
-            )[1]  # fmt: skip
+                g[a:c], x[a:c], weight, None, stride, pad, dilation, False, zeros, m.groups, mask
+            )[1]
 
         w.put_rows(st, value_of)
     if b is not None:
