@@ -590,3 +590,66 @@ def test_engine_calls_observe_only_where_a_method_defines_it():
     t = ant.sample_timesteps(10)
     ant.reduce(torch.ones(10), t)
     assert Counting.calls == 1
+
+
+@pytest.mark.parametrize("source", ["sampler", "user"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_uw_fused_reduce_equals_the_composed_transform(source, dtype):
+    """ant.reduce's one-node UW (closed-form backward) gives the value, gradients, cluster
+    losses and weights of UW.transform composed with torch operators: for sampled timesteps
+    (host counts) and for a user's unsorted timesteps with an empty cluster (device counts)."""
+    from antdiff.mtl import UW
+
+    _, ant = setup("uw")
+    s0 = torch.tensor([0.3, -0.2, 0.1, 0.0])
+    with torch.no_grad():
+        ant.method.loss.s.copy_(s0)
+    g = torch.Generator().manual_seed(3)
+    if source == "sampler":
+        t = ant.sample_timesteps(11)
+    else:  # clusters 0, 1 and 3 only, shuffled
+        b = ant.clusters.bounds
+        pool = torch.cat([torch.arange(b[i], b[i + 1]) for i in (0, 1, 3)])
+        t = pool[torch.randint(0, len(pool), (11,), generator=g)]
+    per = (torch.rand(11, generator=g) + 0.1).to(dtype).requires_grad_(True)
+    total = ant.reduce(per, t)
+    total.backward()
+
+    ref = UW(4)
+    with torch.no_grad():
+        ref.s.copy_(s0)
+    per2 = per.detach().clone().requires_grad_(True)
+    cid = ant.clusters.cluster_of(t)
+    counts = torch.bincount(cid, minlength=4).float()
+    L = torch.zeros(4).index_add(0, cid, per2.float()) / counts.clamp(min=1)
+    present = counts > 0
+    total2 = ref.transform(L, present).sum()
+    total2.backward()
+    assert bool(present.all()) is (source == "sampler")
+    torch.testing.assert_close(total.detach(), total2.detach())
+    torch.testing.assert_close(per.grad, per2.grad)
+    torch.testing.assert_close(ant.method.loss.s.grad, ref.s.grad)
+    torch.testing.assert_close(ant.last.cluster_losses, L.detach())
+    torch.testing.assert_close(ant.last.weights, ref.slopes(L.detach(), present))
+    assert torch.equal(ant.last.present, present) and per.grad.dtype == dtype
+
+
+@pytest.mark.parametrize("mode", ["proportional", "equal", "uniform"])
+def test_cached_placements_give_the_placement_formula(mode):
+    """Steps that reuse a cached per-sample placement (same counts) draw exactly
+    lo + min(floor(u size), size - 1) from their own u, as a fresh placement does."""
+    ant = ANT(linear_schedule(1000), k=5, method="vanilla", sampling=mode)
+    g, g_ref = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    lo_k = np.asarray(ant.clusters.bounds[:-1])
+    size_k = np.diff(np.asarray(ant.clusters.bounds))
+    seen = set()
+    for B in [12, 12, 12, 12, 12, 12, 13, 12]:
+        t, counts = ant.sampler.sample(B, generator=g)
+        seen.add(counts.tobytes())
+        u = torch.rand(B, generator=g_ref, dtype=torch.float64)
+        ref = _place(u, np.repeat(lo_k, counts), np.repeat(size_k, counts))
+        assert torch.equal(t, ref)
+    if mode == "uniform":  # counts vary freely: nothing cached
+        assert not ant.sampler._placements
+    else:  # a few count vectors, each cached once and then reused
+        assert len(ant.sampler._placements) == len(seen) < 8

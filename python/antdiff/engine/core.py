@@ -303,6 +303,17 @@ class ANT:
         )
         return sums, counts
 
+    def _inverse_counts(self, per: torch.Tensor, t: torch.Tensor, cid: torch.Tensor):
+        """1 / max(N_i, 1) [k] float32 and presence N_i > 0 [k] of this step's clusters (from
+        the host counts of timesteps drawn by sample_timesteps, else counted on the device)."""
+        host = self.sampler.counts_for(t)
+        if host is not None:
+            return self.sampler.inverse_counts(host, per.device)
+        counts = torch.zeros(self.k, device=per.device, dtype=torch.float32).index_add(
+            0, cid, torch.ones_like(per, dtype=torch.float32)
+        )
+        return 1.0 / counts.clamp(min=1), counts > 0
+
     def _globalise(self, sums: torch.Tensor, counts: torch.Tensor):
         """Attached local cluster losses, detached global ones, global counts and presence."""
         if not self.comm.active:
@@ -339,6 +350,12 @@ class ANT:
             self._record(
                 total.detach(), L_global, torch.ones_like(L_global) / self.k, present, None
             )
+            return total
+        if self.method.loss.fused_total is not None and not self.comm.active:
+            cid = self.clusters.cluster_of(t)
+            inv, present = self._inverse_counts(per, t, cid)
+            total, L, c = self.method.loss.fused_total(per, cid, inv, present)  # noqa: N806
+            self._record(total.detach(), L, c, present, None)
             return total
         sums, counts = self._cluster_sums(per, t)
         L_eff, L_global, present = self._globalise(sums, counts)  # noqa: N806

@@ -26,6 +26,7 @@ import torch
 from ..clustering import Clusters
 
 MODES = ("proportional", "equal", "uniform")
+_MAX_PLACEMENTS = 256  # cached count vectors per sampler (batch sizes x remainder patterns)
 
 
 def allocate(B: int, shares: np.ndarray, mode: str, rng: np.random.Generator) -> np.ndarray:  # noqa: N803
@@ -58,9 +59,19 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def _place(u: torch.Tensor, lo: np.ndarray, size: np.ndarray) -> torch.Tensor:
     """t = lo + floor(u * size), at most lo + size - 1 (float64 u on its device; lo and size are
-    per-sample host arrays, moved in one copy)."""
-    ls = to_device(torch.from_numpy(np.stack([lo, size])), u.device)
-    return ls[0] + torch.minimum((u * ls[1]).long(), ls[1] - 1)
+    per-sample host arrays)."""
+    return _place_on(u, _placement(lo, size, u.device))
+
+
+def _placement(lo: np.ndarray, size: np.ndarray, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Per-sample first timestep, interval length and last offset on ``device`` (one copy)."""
+    parts = to_device(torch.from_numpy(np.stack([lo, size, size - 1])), device)
+    return parts[0], parts[1], parts[2]
+
+
+def _place_on(u: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    lo, size, last = parts
+    return lo + torch.minimum((u * size).long(), last)
 
 
 def _version(t: torch.Tensor) -> int:
@@ -82,6 +93,9 @@ class TimestepSampler:
         bounds = np.asarray(clusters.bounds, dtype=np.int64)
         self._lo, self._size = bounds[:-1], bounds[1:] - bounds[:-1]
         self.last: tuple[torch.Tensor, np.ndarray, int] | None = None
+        # placements per (counts, device): "proportional" and "equal" draw from a handful of
+        # count vectors, so a step reuses device tensors instead of building and copying them
+        self._placements: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
     def sample(
         self,
@@ -94,12 +108,31 @@ class TimestepSampler:
             raise ValueError(f"batch size B must be a positive integer, got {B!r}")
         device = torch.device(device) if device is not None else torch.device("cpu")
         counts = allocate(int(B), self.shares, self.mode, self.rng)
-        # per sample: the first timestep and the length of its cluster's interval
-        lo, size = np.repeat(self._lo, counts), np.repeat(self._size, counts)
         u = torch.rand(int(B), device=device, generator=generator, dtype=torch.float64)
-        t = _place(u, lo, size)
+        key = (counts.tobytes(), u.device)
+        parts = self._placements.get(key)
+        if parts is None:
+            # per sample: the first timestep and the length of its cluster's interval
+            lo, size = np.repeat(self._lo, counts), np.repeat(self._size, counts)
+            parts = _placement(lo, size, u.device)
+            if self.mode != "uniform" and len(self._placements) < _MAX_PLACEMENTS:
+                self._placements[key] = parts
+        t = _place_on(u, parts)
         self.remember(t, counts)
         return t, counts
+
+    def inverse_counts(self, counts: np.ndarray, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """1 / max(counts, 1) [k] float32 and counts > 0 [k] bool on ``device`` (one copy; cached
+        per count vector like the placements)."""
+        key = (counts.tobytes(), device, "inverse")
+        out = self._placements.get(key)
+        if out is None:
+            both = np.stack([1.0 / np.maximum(counts, 1), counts > 0]).astype(np.float32)
+            both = to_device(torch.from_numpy(both), device)
+            out = both[0], both[1] > 0
+            if self.mode != "uniform" and len(self._placements) < _MAX_PLACEMENTS:
+                self._placements[key] = out
+        return out
 
     def remember(self, t: torch.Tensor, counts: np.ndarray) -> None:
         """Record ``t`` (cluster-sorted, in [0, T)) and its host counts [k] as the last draw."""

@@ -184,6 +184,12 @@ class LossMethod(torch.nn.Module):
         """Update the state after a completed step (``L`` detached). Default: stateless."""
         check_losses(L, present, self.k)
 
+    # Optional: ``fused_total(per, cid, inv, present) -> (total, L, slopes)``, the engine's
+    # whole reduction (cluster means of the per-sample losses ``per`` [B] with clusters ``cid``
+    # [B], 1 / counts ``inv`` [k], ``present`` [k] bool, then the transform) as one autograd
+    # node; ``ANT.reduce`` uses it outside DDP. None: the engine composes torch operators.
+    fused_total = None
+
     @property
     def observes(self) -> bool:
         """Whether this class overrides ``observe`` (the engine skips the call otherwise)."""

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import DeviceRNG, LossMethod, check_losses, masked_softmax, n_present
+from .base import DeviceRNG, LossMethod, check_losses, check_present, masked_softmax, n_present
 
 
 def _check_positive(name: str, value: Any) -> float:
@@ -73,6 +73,43 @@ class UW(LossMethod):
 
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": [self.s], "lr": self.lr, "weight_decay": 0.0}]
+
+    def fused_total(
+        self, per: Tensor, cid: Tensor, inv: Tensor, present: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The engine's reduction in one autograd node: total, cluster means L [k], slopes [k].
+
+        Same value and gradients as ``transform`` on the cluster means: the graph of about
+        twenty small operators becomes one node whose backward is the closed form
+        d total / d per_n = slopes[cid_n] / N[cid_n], d total / d s_i = present_i 0.5 -
+        slopes_i L_i (the UW overhead on a small model is those operators' launch cost).
+        """
+        check_present(present, self.k, per.device)
+        return _UWTotal.apply(per, self.s, cid, inv, present)
+
+
+class _UWTotal(torch.autograd.Function):
+    """UW.fused_total's node; L and the slopes come out detached."""
+
+    @staticmethod
+    def forward(ctx, per: Tensor, s: Tensor, cid: Tensor, inv: Tensor, present: Tensor):
+        k = inv.shape[0]
+        sums = torch.zeros(k, device=per.device, dtype=torch.float32)
+        L = sums.index_add_(0, cid, per.float()) * inv  # noqa: N806
+        pf, s32 = present.float(), s.float()
+        c = torch.exp(-s32) * pf * (0.5 / k)  # d total / d L_i, 0 where absent
+        cl = c * L
+        total = cl.sum() + 0.5 * torch.dot(s32, pf)
+        ctx.save_for_backward(c * inv, 0.5 * pf - cl, cid)
+        ctx.dtypes = per.dtype, s.dtype
+        ctx.mark_non_differentiable(L, c)
+        return total, L, c
+
+    @staticmethod
+    def backward(ctx, g: Tensor, _gL: Tensor, _gc: Tensor):  # noqa: N803
+        per_sample, ds, cid = ctx.saved_tensors
+        d_per, d_s = ctx.dtypes
+        return (g * per_sample)[cid].to(d_per), (g * ds).to(d_s), None, None, None
 
 
 class RLW(LossMethod):
