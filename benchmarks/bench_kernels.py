@@ -4,8 +4,13 @@ On CUDA, k = 5, P in {1e6, 1e7, 1e8}, J in fp32 and bf16: ``gram`` against ``J @
 the finiteness check) and ``combine`` against ``torch.mv`` into the same buffer, side by side in
 one run, and a device-to-device copy of J (the card's practical bandwidth ceiling); extra_info
 holds the achieved bandwidth (bytes read + written / mean time) and its fraction of the card's
-datasheet peak (``ANT_PEAK_BW`` in B/s overrides the table). On CPU only the reference paths
-run, on tiny sizes (the cases marked ``quick``), so ``--quick`` in CI keeps this file alive.
+datasheet peak (``ANT_PEAK_BW`` in B/s overrides the table). On CPU the reference paths run
+on tiny sizes, and the Nash-MTL solve (torch reference vs the C++ solver CPU steps use) at
+k = 2..16 (the cases marked ``quick``, so ``--quick`` in CI keeps this file alive).
+
+    pytest benchmarks/bench_kernels.py --benchmark-json=raw.json
+    python benchmarks/bench_kernels.py raw.json benchmarks/results/kernels_<card>
+    python benchmarks/bench_kernels.py raw.json benchmarks/results/nash_cpu nash
 """
 
 from __future__ import annotations
@@ -191,16 +196,25 @@ def _gram_with_cosine(k: int, cosine: float | None) -> torch.Tensor:
 @pytest.mark.quick
 @pytest.mark.parametrize("cosine", [None, 0.999], ids=["random", "cos0.999"])
 @pytest.mark.parametrize("k", [2, 5, 8, 16])
-def test_nash_ref_cpu(bench, k, cosine):
-    """Nash-MTL solve time and exactness, also for nearly parallel clusters (cosine 0.999)."""
+@pytest.mark.parametrize("impl", ["ref", "native"])
+def test_nash_cpu(bench, impl, k, cosine):
+    """Nash-MTL solve time and exactness, also for nearly parallel clusters (cosine 0.999):
+    the torch reference and the C++ solver a CPU training step uses (antdiff.mtl.native)."""
+    if impl == "native":
+        from antdiff.mtl import native
+
+        assert native._C is not None, "antdiff._C is not built: make build"
+        fn = native.nash_weights
+    else:
+        fn = nash_weights_ref
     G = _gram_with_cosine(k, cosine)
-    bench.group = "nash-ref-cpu"
-    a = bench(nash_weights_ref, G)
+    bench.group = "nash-cpu"
+    a = bench(fn, G)
     Gn = G / torch.linalg.matrix_norm(G)
     residual = float((a * (Gn @ a) - 1).abs().max())
     assert residual < 1e-10
     bench.extra_info.update(
-        {"k": k, "cosine": cosine, "ms_per_solve": bench.stats.stats.median * 1e3,
+        {"impl": impl, "k": k, "cosine": cosine, "ms_per_solve": bench.stats.stats.median * 1e3,
          "residual": residual}
     )
 
@@ -274,7 +288,44 @@ def summarize(raw_json: str, out_stem: str) -> dict:
     return summary
 
 
+def summarize_nash(raw_json: str, out_stem: str) -> dict:
+    """Reduce a --benchmark-json run of test_nash_cpu to <out_stem>.json and <out_stem>.md."""
+    import json
+    from pathlib import Path
+
+    raw = json.loads(Path(raw_json).read_text())
+    rows = [
+        {"impl": b["extra_info"]["impl"], "k": b["extra_info"]["k"],
+         "cosine": b["extra_info"]["cosine"], "median_ms": b["stats"]["median"] * 1e3,
+         "min_ms": b["stats"]["min"] * 1e3, "residual": b["extra_info"]["residual"]}
+        for b in raw["benchmarks"] if b["name"].startswith("test_nash_cpu")
+    ]  # fmt: skip
+    machine = raw["machine_info"].get("antdiff", {})
+    summary = {"benchmark": "Nash-MTL solve, float64 damped Newton, 20 iterations: torch "
+               "reference vs the C++ solver (antdiff.mtl.native) on CPU tensors",
+               "machine": machine, "target": "< 1 ms for k <= 16, residual < 1e-10",
+               "rows": rows}  # fmt: skip
+    Path(out_stem + ".json").write_text(json.dumps(summary, indent=1) + "\n")
+    lines = [
+        "# Nash-MTL solve on the CPU (float64, 20 Newton iterations)", "",
+        f"{machine.get('device')} ({machine.get('cpu_model')}); torch {machine.get('torch')}; "
+        f"git {machine.get('git_sha')}. ref = ant_kernels.reference.nash_weights_ref (about 400 "
+        "torch operators), native = the C++ solver a CPU training step calls. Residual = "
+        "max_i |a_i (G a)_i - 1| on G / ||G||_F.", "",
+        "| impl | k | clusters | median ms | min ms | residual |", "|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for r in sorted(rows, key=lambda r: (r["impl"] != "native", r["k"], r["cosine"] or 0)):
+        kind = "random" if r["cosine"] is None else f"cosine {r['cosine']}"
+        lines.append(f"| {r['impl']} | {r['k']} | {kind} | {r['median_ms']:.3f} | "
+                     f"{r['min_ms']:.3f} | {r['residual']:.1e} |")  # fmt: skip
+    Path(out_stem + ".md").write_text("\n".join(lines) + "\n")
+    return summary
+
+
 if __name__ == "__main__":
     import sys
 
-    summarize(sys.argv[1], sys.argv[2])
+    if len(sys.argv) > 3 and sys.argv[3] == "nash":
+        summarize_nash(sys.argv[1], sys.argv[2])
+    else:
+        summarize(sys.argv[1], sys.argv[2])

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "interval_dp.h"
+#include "mtl_solvers.h"
 
 namespace py = pybind11;
 
@@ -36,6 +37,22 @@ py::tuple SolveIntervals(const std::string& cost, const DoubleArray& data, int64
   return py::make_tuple(bounds, split.cost);
 }
 
+// The solvers take the addresses of C-contiguous host buffers (torch's data_ptr()): the caller
+// (antdiff.mtl.native) checks device, dtype, shape and contiguity and keeps the tensors alive.
+template <typename T>
+T* Address(uintptr_t ptr) {
+  return reinterpret_cast<T*>(ptr);
+}
+
+void PcgradWeightsAt(uintptr_t gram, uintptr_t orders, int64_t k, uintptr_t weights) {
+  ant::PcgradWeights(Address<const double>(gram), Address<const int64_t>(orders), k,
+                     Address<double>(weights));
+}
+
+void NashWeightsAt(uintptr_t gram, int64_t k, int64_t iters, bool normalize, uintptr_t alpha) {
+  ant::NashWeights(Address<const double>(gram), k, iters, normalize, Address<double>(alpha));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -59,4 +76,14 @@ Returns:
 Raises:
     ValueError: naming the bad argument, its value and what is valid.
 )doc");
+  m.def("pcgrad_weights", &PcgradWeightsAt, py::arg("gram"), py::arg("orders"), py::arg("k"),
+        py::arg("weights"),
+        "PCGrad weights in Gram space (see csrc/mtl_solvers.h). Arguments are addresses of "
+        "C-contiguous host buffers: gram float64 [k, k], orders int64 [k, k], weights float64 "
+        "[k] (written). Use antdiff.mtl.native, which checks the tensors.");
+  m.def("nash_weights", &NashWeightsAt, py::arg("gram"), py::arg("k"), py::arg("iters"),
+        py::arg("normalize"), py::arg("alpha"),
+        "Nash-MTL weights by damped Newton (see csrc/mtl_solvers.h). Arguments are addresses of "
+        "C-contiguous host buffers: gram float64 [k, k], alpha float64 [k] (written). Use "
+        "antdiff.mtl.native, which checks the tensors.");
 }

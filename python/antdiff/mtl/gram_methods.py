@@ -29,8 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-import ant_kernels
-
+from . import native
 from .base import DeviceRNG, GramMethod, commit, n_present, pick_rows, subset_masks, subset_solve
 
 MAX_SUBSET_K = 12  # 2^k - 1 supports of k x k systems: 4095 tiny solves at k = 12
@@ -84,7 +83,7 @@ class PCGrad(GramMethod):
         draws = torch.rand(self.k, self.k, generator=gen, device=G.device)
         # row i: the order in which g_i' is projected against all clusters (itself included)
         self.last_orders = torch.argsort(draws, dim=1)
-        return ant_kernels.pcgrad_weights(G, self.last_orders).to(torch.float64)
+        return native.pcgrad_weights(G, self.last_orders)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "rng": self.rng.state_dict()}
@@ -117,8 +116,7 @@ class NashMTL(GramMethod):
         self.last_alpha: Tensor | None = None
 
     def _weights(self, G: Tensor, active: Tensor, present: Tensor) -> Tensor:
-        alpha = ant_kernels.nash_weights(G, iters=self.iters, normalize=True)
-        alpha = alpha.to(torch.float64)
+        alpha = native.nash_weights(G, iters=self.iters, normalize=True)
         self.last_alpha = commit(self.last_alpha, alpha, self._valid)
         return alpha
 

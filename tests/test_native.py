@@ -1,0 +1,123 @@
+"""antdiff.mtl.native: the C++ PCGrad and Nash-MTL solvers for CPU Gram matrices equal the
+float64 torch references, and the dispatch sends CPU tensors to them only under the auto
+policy when no Triton kernel serves them."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ant_kernels.reference import nash_weights_ref, pcgrad_weights_ref
+from antdiff.mtl import make_method, native
+
+
+@pytest.fixture
+def no_interpreter(monkeypatch):
+    """CPU tensors as in production: Triton does not serve them, the C++ solvers do."""
+    assert native._C is not None, "antdiff._C is not built: run `make build`"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("ANT_KERNELS_BACKEND", "auto")
+
+
+def _gram(k: int, seed: int, cosine: float | None = None, zero: tuple[int, ...] = ()):
+    """G = J J^T (float64) for random J, or for rows at pairwise cosine ``cosine``."""
+    g = torch.Generator().manual_seed(seed)
+    if cosine is None:
+        J = torch.randn(k, 40, generator=g, dtype=torch.float64)
+        J = J * torch.logspace(-2, 2, k, dtype=torch.float64)[:, None]  # badly scaled rows
+    else:
+        base = torch.randn(40, generator=g, dtype=torch.float64)
+        noise = torch.randn(k, 40, generator=g, dtype=torch.float64)
+        J = base + noise * math.sqrt((1 - cosine) / cosine) / math.sqrt(40) * base.norm()
+    J[list(zero)] = 0.0
+    return J @ J.T
+
+
+def _orders(k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(k, generator=g) for _ in range(k)])
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 8, 16, 33])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pcgrad_equals_reference(no_interpreter, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    sign = torch.randint(0, 2, (k, 1), generator=g, dtype=torch.float64) * 2 - 1
+    J = sign * torch.randn(40, generator=g, dtype=torch.float64)  # many conflicting pairs
+    J = J + 0.8 * torch.randn(k, 40, generator=g, dtype=torch.float64)
+    G = J @ J.T
+    o = _orders(k, seed)
+    assert native.serves("pcgrad", G)
+    w = native.pcgrad_weights(G, o)
+    assert w.dtype == torch.float64
+    torch.testing.assert_close(w, pcgrad_weights_ref(G, o), rtol=1e-12, atol=1e-12)
+    assert k < 3 or (G < 0).any()
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 16, 32, 40])
+@pytest.mark.parametrize("cosine", [None, 0.999])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_nash_equals_reference_and_solves_the_fixed_point(no_interpreter, k, cosine, normalize):
+    G = _gram(k, k, cosine)
+    a = native.nash_weights(G, iters=20, normalize=normalize)
+    torch.testing.assert_close(a, nash_weights_ref(G, 20, normalize), rtol=1e-9, atol=1e-12)
+    Gn = G / torch.linalg.matrix_norm(G) if normalize else G
+    assert (a * (Gn @ a) - 1).abs().max() < 1e-10 and (a > 0).all()
+
+
+def test_nash_degenerate_inputs(no_interpreter):
+    G = _gram(5, 3, zero=(1, 4))  # clusters 1 and 4: no gradient -> weight 0
+    a = native.nash_weights(G)
+    torch.testing.assert_close(a, nash_weights_ref(G), rtol=1e-9, atol=1e-12)
+    assert a[1] == 0 and a[4] == 0 and (a[[0, 2, 3]] > 0).all()
+    bad = G.clone()
+    bad[2, 3] = float("nan")
+    assert native.nash_weights(bad).isnan().all() and nash_weights_ref(bad).isnan().all()
+    torch.testing.assert_close(native.nash_weights(G, iters=0), nash_weights_ref(G, 0))
+
+
+def test_float32_gram_matches_the_reference_on_the_same_values(no_interpreter):
+    G = _gram(6, 5).float()
+    o = _orders(6, 5)
+    torch.testing.assert_close(
+        native.pcgrad_weights(G, o), pcgrad_weights_ref(G.double(), o), rtol=1e-12, atol=1e-12
+    )
+    torch.testing.assert_close(native.nash_weights(G), nash_weights_ref(G.double()))
+
+
+def test_dispatch(monkeypatch):
+    assert native._C is not None, "antdiff._C is not built: run `make build`"
+    G = _gram(4, 0)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for policy, expect in (("auto", True), ("torch", False), ("triton", False)):
+        monkeypatch.setenv("ANT_KERNELS_BACKEND", policy)
+        assert native.serves("nash", G) is expect
+    monkeypatch.setenv("ANT_KERNELS_BACKEND", "auto")
+    monkeypatch.setattr(native, "_C", None)
+    assert not native.serves("pcgrad", G)
+    torch.testing.assert_close(native.nash_weights(G), nash_weights_ref(G))  # the reference
+
+
+def test_bad_input(no_interpreter):
+    G = _gram(3, 0)
+    with pytest.raises(ValueError, match="orders must be"):
+        native.pcgrad_weights(G, _orders(4, 0))
+    with pytest.raises(ValueError, match="iters must be >= 0"):
+        native.nash_weights(G, iters=-1)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        native._C.nash_weights(G.data_ptr(), 0, 20, True, G.data_ptr())
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "nash"])
+def test_methods_give_the_reference_weights(monkeypatch, name):
+    """The gradient methods' weights through the C++ solvers equal those of the torch path."""
+    G = _gram(5, 7).float()
+    present = torch.ones(5, dtype=torch.bool)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    out = {}
+    for policy in ("auto", "torch"):
+        monkeypatch.setenv("ANT_KERNELS_BACKEND", policy)
+        out[policy] = make_method(name, 5).weights(G, present)
+    torch.testing.assert_close(out["auto"], out["torch"], rtol=1e-6, atol=1e-9)
