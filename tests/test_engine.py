@@ -647,9 +647,50 @@ def test_cached_placements_give_the_placement_formula(mode):
         t, counts = ant.sampler.sample(B, generator=g)
         seen.add(counts.tobytes())
         u = torch.rand(B, generator=g_ref, dtype=torch.float64)
-        ref = _place(u, np.repeat(lo_k, counts), np.repeat(size_k, counts))
-        assert torch.equal(t, ref)
+        lo = torch.from_numpy(np.repeat(lo_k, counts))
+        size = torch.from_numpy(np.repeat(size_k, counts))
+        assert torch.equal(t, lo + torch.minimum((u * size).long(), size - 1))
     if mode == "uniform":  # counts vary freely: nothing cached
         assert not ant.sampler._placements
     else:  # a few count vectors, each cached once and then reused
         assert len(ant.sampler._placements) == len(seen) < 8
+    ant.sampler._placements.clear()
+    with torch.inference_mode():  # inference tensors are not kept for later training steps
+        ant.sampler.sample(12)
+    assert not ant.sampler._placements
+
+
+@pytest.mark.parametrize("mode", ["proportional", "uniform"])
+def test_uw_fused_reduce_over_steps_with_changing_counts(mode):
+    """Step after step (count vectors differ, repeat and leave clusters empty), the fused UW
+    reduction's gradients equal the composed transform's: a wrong cached 1 / N would show."""
+    from antdiff.mtl import UW
+
+    _, ant = setup("uw", sampling=mode)
+    ref = UW(4)
+    g = torch.Generator().manual_seed(11)
+    for B in [11, 12, 13, 12, 5, 11, 13]:
+        with torch.no_grad():
+            s0 = torch.randn(4, generator=g)
+            ant.method.loss.s.copy_(s0)
+            ref.s.copy_(s0)
+        ant.method.loss.s.grad = ref.s.grad = None
+        t = ant.sample_timesteps(B)
+        per = (torch.rand(B, generator=g) + 0.1).requires_grad_(True)
+        ant.reduce(per, t).backward()
+        per2 = per.detach().clone().requires_grad_(True)
+        cid = ant.clusters.cluster_of(t)
+        counts = torch.bincount(cid, minlength=4).float()
+        L = torch.zeros(4).index_add(0, cid, per2) / counts.clamp(min=1)
+        ref.transform(L, counts > 0).sum().backward()
+        torch.testing.assert_close(per.grad, per2.grad)
+        torch.testing.assert_close(ant.method.loss.s.grad, ref.s.grad)
+
+
+def test_uw_fused_reduce_refuses_double_backward():
+    _, ant = setup("uw")
+    t = ant.sample_timesteps(8)
+    per = torch.rand(8, requires_grad=True)
+    (gp,) = torch.autograd.grad(ant.reduce(per, t), per, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad|once_differentiable"):
+        torch.autograd.grad(gp.sum(), per)

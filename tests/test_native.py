@@ -100,11 +100,27 @@ def test_dispatch(monkeypatch):
     torch.testing.assert_close(native.nash_weights(G), nash_weights_ref(G))  # the reference
 
 
+def test_views_and_layouts(no_interpreter):
+    """A transposed, a negated (lazy neg view) and a sliced Gram give the values they show."""
+    G = _gram(5, 2)
+    o = _orders(5, 2)
+    big = torch.zeros(7, 7, dtype=torch.float64)
+    big[1:6, 2:7] = G
+    for view, values in ((G.T, G.T), (torch._neg_view(-G), G), (big[1:6, 2:7], G)):
+        torch.testing.assert_close(native.pcgrad_weights(view, o), pcgrad_weights_ref(values, o))
+        torch.testing.assert_close(native.nash_weights(view), nash_weights_ref(values))
+    with pytest.raises(ValueError, match="dense"):
+        native.nash_weights(G.to_sparse())
+
+
 def test_bad_input(no_interpreter):
     G = _gram(3, 0)
+    for iters in (2.7, True, "3"):
+        with pytest.raises(ValueError, match="iters must be an integer"):
+            native.nash_weights(G, iters=iters)
     with pytest.raises(ValueError, match="orders must be"):
         native.pcgrad_weights(G, _orders(4, 0))
-    with pytest.raises(ValueError, match="iters must be >= 0"):
+    with pytest.raises(ValueError, match="iters must be an integer >= 0"):
         native.nash_weights(G, iters=-1)
     with pytest.raises(ValueError, match="k must be >= 1"):
         native._C.nash_weights(G.data_ptr(), 0, 20, True, G.data_ptr())

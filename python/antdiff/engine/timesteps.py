@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -93,9 +94,8 @@ class TimestepSampler:
         bounds = np.asarray(clusters.bounds, dtype=np.int64)
         self._lo, self._size = bounds[:-1], bounds[1:] - bounds[:-1]
         self.last: tuple[torch.Tensor, np.ndarray, int] | None = None
-        # placements per (counts, device): "proportional" and "equal" draw from a handful of
-        # count vectors, so a step reuses device tensors instead of building and copying them
-        self._placements: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        # device tensors per (count vector, device, use): see _cached
+        self._placements: dict[tuple, tuple[tuple[torch.Tensor, ...], Any]] = {}
 
     def sample(
         self,
@@ -109,30 +109,50 @@ class TimestepSampler:
         device = torch.device(device) if device is not None else torch.device("cpu")
         counts = allocate(int(B), self.shares, self.mode, self.rng)
         u = torch.rand(int(B), device=device, generator=generator, dtype=torch.float64)
-        key = (counts.tobytes(), u.device)
-        parts = self._placements.get(key)
-        if parts is None:
+
+        def build() -> tuple[torch.Tensor, ...]:
             # per sample: the first timestep and the length of its cluster's interval
             lo, size = np.repeat(self._lo, counts), np.repeat(self._size, counts)
-            parts = _placement(lo, size, u.device)
-            if self.mode != "uniform" and len(self._placements) < _MAX_PLACEMENTS:
-                self._placements[key] = parts
-        t = _place_on(u, parts)
+            return _placement(lo, size, u.device)
+
+        t = _place_on(u, self._cached((counts.tobytes(), u.device, "place"), build))
         self.remember(t, counts)
         return t, counts
 
     def inverse_counts(self, counts: np.ndarray, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """1 / max(counts, 1) [k] float32 and counts > 0 [k] bool on ``device`` (one copy; cached
-        per count vector like the placements)."""
-        key = (counts.tobytes(), device, "inverse")
-        out = self._placements.get(key)
-        if out is None:
+        """1 / max(counts, 1) [k] float32 (cached per count vector like the placements: use it,
+        never hand it out) and counts > 0 [k] bool (a fresh tensor) on ``device``."""
+
+        def build() -> tuple[torch.Tensor, ...]:
             both = np.stack([1.0 / np.maximum(counts, 1), counts > 0]).astype(np.float32)
-            both = to_device(torch.from_numpy(both), device)
-            out = both[0], both[1] > 0
-            if self.mode != "uniform" and len(self._placements) < _MAX_PLACEMENTS:
-                self._placements[key] = out
-        return out
+            return (to_device(torch.from_numpy(both), device),)
+
+        (both,) = self._cached((counts.tobytes(), device, "inverse"), build)
+        return both[0], both[1] > 0
+
+    def _cached(self, key: tuple, build: Callable[[], tuple[torch.Tensor, ...]]):
+        """Device tensors for ``key``: built once per count vector ("proportional" and "equal"
+        draw from a handful of them), so a step reuses them instead of building and copying.
+
+        Not cached: "uniform" counts (too many vectors) and tensors built in inference mode. On
+        CUDA an event marks the end of the copy; a step on another stream waits for it there.
+        """
+        hit = self._placements.get(key)
+        if hit is not None:
+            tensors, event = hit
+            if event is not None and torch.cuda.current_stream(key[1]) != event[1]:
+                torch.cuda.current_stream(key[1]).wait_event(event[0])
+            return tensors
+        tensors = build()
+        cache = self.mode != "uniform" and not torch.is_inference_mode_enabled()
+        if cache and len(self._placements) < _MAX_PLACEMENTS:
+            event = None
+            if key[1].type == "cuda":
+                stream = torch.cuda.current_stream(key[1])
+                event = (torch.cuda.Event(), stream)
+                event[0].record(stream)
+            self._placements[key] = (tensors, event)
+        return tensors
 
     def remember(self, t: torch.Tensor, counts: np.ndarray) -> None:
         """Record ``t`` (cluster-sorted, in [0, T)) and its host counts [k] as the last draw."""

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .base import DeviceRNG, LossMethod, check_losses, check_present, masked_softmax, n_present
 
@@ -82,7 +83,8 @@ class UW(LossMethod):
         Same value and gradients as ``transform`` on the cluster means: the graph of about
         twenty small operators becomes one node whose backward is the closed form
         d total / d per_n = slopes[cid_n] / N[cid_n], d total / d s_i = present_i 0.5 -
-        slopes_i L_i (the UW overhead on a small model is those operators' launch cost).
+        slopes_i L_i (the UW overhead on a small model is those operators' launch cost). The
+        backward is not differentiable again (double backward raises).
         """
         check_present(present, self.k, per.device)
         return _UWTotal.apply(per, self.s, cid, inv, present)
@@ -106,6 +108,7 @@ class _UWTotal(torch.autograd.Function):
         return total, L, c
 
     @staticmethod
+    @once_differentiable  # the closed form is not itself differentiable: say so if asked
     def backward(ctx, g: Tensor, _gL: Tensor, _gc: Tensor):  # noqa: N803
         per_sample, ds, cid = ctx.saved_tensors
         d_per, d_s = ctx.dtypes

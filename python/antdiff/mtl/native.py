@@ -8,8 +8,10 @@ The C++ versions do the same arithmetic in float64 in one call.
 
 ``pcgrad_weights`` and ``nash_weights`` route CPU tensors here when the kernel policy
 (``ANT_KERNELS_BACKEND``) is ``auto``, Triton does not serve them (it does under the interpreter,
-``TRITON_INTERPRET=1``) and the extension is built; everything else goes to ant_kernels. Results
-agree with the float64 references to rounding (tests/test_native.py).
+``TRITON_INTERPRET=1``) and the extension is built; everything else goes to ant_kernels. For
+positive semidefinite G (every Gram matrix) results agree with the float64 references to
+rounding (tests/test_native.py); the Nash solve factors H = G + diag(1/a^2) by Cholesky, so an
+indefinite G, which has no Nash solution, gives NaN where the reference's LU gives finite values.
 """
 
 from __future__ import annotations
@@ -38,7 +40,10 @@ def serves(op: str, G: torch.Tensor) -> bool:
 
 
 def _host64(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return x.detach().to(dtype).contiguous()
+    """A C-contiguous dense copy (or x itself) whose memory holds x's values in ``dtype``."""
+    if x.layout != torch.strided:
+        raise ValueError(f"expected a dense (strided) tensor, got layout {x.layout}")
+    return x.detach().resolve_neg().resolve_conj().to(dtype).contiguous()
 
 
 def pcgrad_weights(G: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
@@ -59,10 +64,10 @@ def nash_weights(G: torch.Tensor, iters: int = 20, normalize: bool = True) -> to
     if not isinstance(G, torch.Tensor) or not serves("nash", G):
         return ant_kernels.nash_weights(G, iters=iters, normalize=normalize).to(torch.float64)
     check_G(G)
-    if iters < 0:
-        raise ValueError(f"iters must be >= 0, got {iters}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"iters must be an integer >= 0, got {iters!r}")
     k = G.shape[0]
     g = _host64(G, torch.float64)
     alpha = torch.empty(k, dtype=torch.float64)
-    _C.nash_weights(g.data_ptr(), k, int(iters), normalize, alpha.data_ptr())
+    _C.nash_weights(g.data_ptr(), k, iters, normalize, alpha.data_ptr())
     return alpha
