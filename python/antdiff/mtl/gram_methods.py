@@ -4,7 +4,9 @@ Every method here works from the k x k Gram alone, in float64, with a fixed amou
 (no data-dependent loop, no host sync). Inactive clusters (absent, or with an exactly zero
 gradient) have their rows and columns of G zeroed before the method sees it and get weight 0.
 Scaling: see ``antdiff.mtl.base`` (``reduction`` "mean" on raw cluster-loss gradients,
-"sum" on gradients of terms that already carry the 1/k).
+"sum" on gradients of terms that already carry the 1/k). PCGrad and Nash-MTL solve on the
+GPU with ant_kernels' Triton kernels and on the CPU with the C++ solvers of ``antdiff.mtl.native``
+(the torch references where neither serves).
 
 - ``MeanGram`` ("mean"): equal weights 1/k_present.
 - ``PCGrad`` ("pcgrad", Yu et al. 2020): native "sum": w = C.sum(0) where row i of C expresses
