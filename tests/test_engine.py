@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -654,6 +655,10 @@ def test_cached_placements_give_the_placement_formula(mode):
         assert not ant.sampler._placements
     else:  # a few count vectors, each cached once and then reused
         assert len(ant.sampler._placements) == len(seen) < 8
+    twin = copy.deepcopy(ant)  # copies start with an empty cache and draw the same
+    assert not twin.sampler._placements and ant.sampler._placements or mode == "uniform"
+    a = twin.sample_timesteps(12, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, ant.sample_timesteps(12, generator=torch.Generator().manual_seed(3)))
     ant.sampler._placements.clear()
     with torch.inference_mode():  # inference tensors are not kept for later training steps
         ant.sampler.sample(12)

@@ -154,6 +154,10 @@ class TimestepSampler:
             self._placements[key] = (tensors, event)
         return tensors
 
+    def __getstate__(self) -> dict[str, Any]:
+        # copies and pickles rebuild the device cache (CUDA events do not pickle)
+        return {**self.__dict__, "_placements": {}}
+
     def remember(self, t: torch.Tensor, counts: np.ndarray) -> None:
         """Record ``t`` (cluster-sorted, in [0, T)) and its host counts [k] as the last draw."""
         self.last = (t, counts, _version(t))
