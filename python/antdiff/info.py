@@ -49,7 +49,10 @@ def collect() -> dict[str, str]:
             names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
             info["cuda"] = f"{torch.version.cuda}, devices: {', '.join(names)}"
         else:
-            info["cuda"] = "no CUDA device (kernels use the torch reference path)"
+            info["cuda"] = (
+                "no CUDA device (gram/combine: torch references; PCGrad/Nash-MTL weights: the "
+                "C++ solvers of antdiff._C when built)"
+            )
     except ImportError:
         pass
     for k in ENV_VARS:
