@@ -590,7 +590,11 @@ def test_engine_calls_observe_only_where_a_method_defines_it():
     ant.method.loss = Counting(5)
     t = ant.sample_timesteps(10)
     ant.reduce(torch.ones(10), t)
+    assert Counting.calls == 0  # waits for ant.step's gradient check
+    ant.reduce(torch.ones(10), t)  # ... or, without a step, for the next reduction
     assert Counting.calls == 1
+    ant.state_dict()  # a checkpoint includes every observed step
+    assert Counting.calls == 2
 
 
 @pytest.mark.parametrize("source", ["sampler", "user"])
@@ -699,3 +703,48 @@ def test_uw_fused_reduce_refuses_double_backward():
     (gp,) = torch.autograd.grad(ant.reduce(per, t), per, create_graph=True)
     with pytest.raises(RuntimeError, match="does not require grad|once_differentiable"):
         torch.autograd.grad(gp.sum(), per)
+
+
+@pytest.mark.parametrize("method", ["uw", "dwa", "vanilla"])
+@pytest.mark.parametrize("opt_kind", ["plain", "fused", "scaler"])
+def test_finite_loss_with_nonfinite_gradient_is_skipped(method, opt_kind):
+    """ant.reduce only sees losses; a finite loss can still give inf/NaN gradients (an fp16
+    overflow in the backward). ant.step checks the gradients: the step is skipped, the
+    parameters, optimiser moments, UW's s and DWA's history stay, the telemetry counts it."""
+    model, ant = setup(method)
+    params = [*model.parameters(), *(p for g in ant.param_groups() for p in g["params"])]
+    opt = torch.optim.AdamW(params, lr=0.1, weight_decay=0.5, fused=opt_kind == "fused")
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0) if opt_kind == "scaler" else None
+    x = torch.randn(16, 1, 6, 6)
+
+    def run(poison: bool):
+        opt.zero_grad(set_to_none=True)
+        t = ant.sample_timesteps(16)
+        per = per_sample_loss(model)(x, t)
+        if poison:  # sqrt'(0) = inf times a zero factor: a NaN gradient, a finite loss
+            per = per + torch.sqrt(model.out.bias.sum() * 0.0)
+        loss = ant.reduce(per, t)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        return ant.step(opt, scaler=scaler)
+
+    def snapshot():
+        state = [v.clone() for p in params for v in opt.state[p].values()]
+        method_state = [v.clone() for v in ant.method.loss.state_dict().values()] if (
+            ant.method.loss is not None) else []  # fmt: skip
+        return [p.detach().clone() for p in params] + state + method_state
+
+    for _ in range(3):  # DWA needs two observed steps before its history matters
+        assert run(poison=False) is True
+    before = snapshot()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        taken = run(poison=True)
+        ant.stats()  # a device-side skip is reported once its flag is read
+    assert any("non-finite" in str(w.message) for w in caught)
+    assert taken is (opt_kind == "fused")  # issued (and skipped on the device) or refused
+    assert not bool(ant.last.finite)
+    for a, b in zip(snapshot(), before):
+        assert torch.equal(a, b)
+    assert ant.stats()["nonfinite_steps"] == 1
+    assert run(poison=False) is True  # and the next good step goes through
+    assert any(not torch.equal(a, b) for a, b in zip(snapshot(), before))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -84,6 +84,23 @@ class StepOutput:
     weights: torch.Tensor  # [k] effective weights of the raw cluster gradients
     present: torch.Tensor  # [k] bool
     finite: torch.Tensor  # 0-d bool: losses and gradients were finite
+
+
+def _grads_finite(optimizer: torch.optim.Optimizer, device: torch.device) -> torch.Tensor:
+    """0-d bool on ``device``: every gradient of the optimiser's parameters is finite (one
+    max-abs pass per device, as GradScaler's check; no host sync)."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            g = p.grad
+            if g is not None:
+                g = g.coalesce().values() if g.is_sparse else g
+                by_device.setdefault(g.device, []).append(g)
+    ok = torch.ones((), dtype=torch.bool, device=device)
+    for grads in by_device.values():
+        top = torch.stack(torch._foreach_norm(grads, float("inf")))  # NaN and inf propagate
+        ok = ok & ((top * 0).sum() == 0).to(device, non_blocking=True)
+    return ok
 
 
 def _read_on_host(t: torch.Tensor) -> bool:
@@ -180,6 +197,10 @@ class ANT:
         self._warned_sync = False
         self.last: StepOutput | None = None
         self._pending_flags: list[_HostFlag] = []  # device-side skips not yet reported
+        # loss-space steps: the engine never sees the gradients, so ant.step checks them, and a
+        # loss method's observe waits for that verdict (or for the next step, if step is skipped)
+        self._grads_unchecked = False
+        self._pending_observe: tuple[torch.Tensor, torch.Tensor] | None = None
         if model is not None:
             self.attach(model)
 
@@ -338,6 +359,7 @@ class ANT:
                 f"method {self.method_name!r} acts on per-cluster gradients; use "
                 "ant.backward(loss_fn, batch, t) instead of ant.reduce"
             )
+        self._flush_observe()
         per = _check_per_sample(
             per_sample_loss, t.shape[0] if isinstance(t, torch.Tensor) else None
         )
@@ -348,21 +370,22 @@ class ANT:
             _, L_global, present = self._globalise(sums, counts)  # noqa: N806
             total = per.mean()
             self._record(
-                total.detach(), L_global, torch.ones_like(L_global) / self.k, present, None
+                total.detach(), L_global, torch.ones_like(L_global) / self.k, present, None,
+                grads_checked=False,
             )
             return total
         if self.method.loss.fused_total is not None and not self.comm.active:
             cid = self.clusters.cluster_of(t)
             inv, present = self._inverse_counts(per, t, cid)
             total, L, c = self.method.loss.fused_total(per, cid, inv, present)  # noqa: N806
-            self._record(total.detach(), L, c, present, None)
+            self._record(total.detach(), L, c, present, None, grads_checked=False)
             return total
         sums, counts = self._cluster_sums(per, t)
         L_eff, L_global, present = self._globalise(sums, counts)  # noqa: N806
         terms = self.method.loss.transform(L_eff, present)
         total = terms.sum()
         c = self.method.loss.slopes(L_global, present)
-        self._record(total.detach(), L_global, c, present, None)
+        self._record(total.detach(), L_global, c, present, None, grads_checked=False)
         return total
 
     # -- gradient methods ------------------------------------------------------------------------
@@ -396,6 +419,7 @@ class ANT:
         n = batch_size(batch)
         self._check_t(t, n)
         check_batch(batch, t.shape[0])
+        self._flush_observe()
         batch, t, counts = self._sorted(batch, t)
         grad = self.method.grad
         on_step = grad is not None and (self._w is None or self.step_count % grad.update_every == 0)
@@ -430,7 +454,9 @@ class ANT:
         if self.method.is_vanilla:  # the plain batch mean, exactly as ant.reduce
             total = per.mean()
             self._scaled(total, scaler).backward()
-            return self._record(total.detach(), L_global, present / self.k, present, None)
+            return self._record(
+                total.detach(), L_global, present / self.k, present, None, grads_checked=False
+            )
         w = (
             torch.ones(self.k, device=per.device)
             if self._w is None
@@ -453,7 +479,10 @@ class ANT:
             finite = finite & torch.isfinite(self._buffer.J[0].sum())
             if not _scaling(scaler):
                 self._buffer.J[0].masked_fill_(~finite, 0.0)
-        return self._record(total.detach(), L_global, w * c, present, None, finite)
+        return self._record(
+            total.detach(), L_global, w * c, present, None, finite,
+            grads_checked=self._buffer is not None,
+        )  # fmt: skip
 
     def _scaled(self, loss: torch.Tensor, scaler) -> torch.Tensor:
         return scaler.scale(loss) if _scaling(scaler) else loss
@@ -601,15 +630,31 @@ class ANT:
             self._buffer = GradBuffer(inner.parameters(), self.k)
         return self._buffer
 
-    def _record(self, total, L_global, w, present, G, finite=None) -> StepOutput:  # noqa: N803
+    def _record(
+        self, total, L_global, w, present, G, finite=None, grads_checked=True  # noqa: N803
+    ) -> StepOutput:
+        """Telemetry and StepOutput of a step; ``grads_checked``: ``finite`` covers the
+        gradients too (gradient methods), else ``step`` checks them and ``observe`` waits."""
         if finite is None:  # 0 * x is 0 for finite x and NaN for inf/NaN (one op per input)
             finite = (L_global * 0).sum() + total * 0 == 0
         self.telemetry.update(L_global, w, present, finite, G)
-        if self.method.loss is not None and self.method.loss.observes:
-            self.method.loss.observe(torch.where(finite, L_global, 0.0), present & finite)
         out = StepOutput(total, L_global, w, present, finite)
         self.last = out
+        self._grads_unchecked = not grads_checked
+        if self.method.loss is not None and self.method.loss.observes:
+            self._pending_observe = (L_global, present)
+            if grads_checked:
+                self._flush_observe()
         return out
+
+    def _flush_observe(self) -> None:
+        """The loss method's observe for the last step, masked by its finite flag."""
+        if self._pending_observe is None:
+            return
+        L, present = self._pending_observe  # noqa: N806
+        self._pending_observe = None
+        finite = self.last.finite
+        self.method.loss.observe(torch.where(finite, L, 0.0), present & finite)
 
     # -- optimiser step, state, stats ------------------------------------------------------------
     def step(
@@ -630,8 +675,21 @@ class ANT:
         the step's work is queued, like GradScaler) and returns False for a skipped step. With
         ``skip_nonfinite=False`` nothing is read: the engine has already zeroed a non-finite
         gradient method update, and loss-space steps go through as computed.
+
+        After ``ant.reduce`` the engine has seen the losses but not the gradients, which can be
+        inf/NaN for finite losses (an fp16 overflow in the backward): the flag then also covers
+        the optimiser's gradients (one max-abs pass per device, like GradScaler's check), and a
+        loss method's ``observe`` (DWA, FAMO, RLW) waits for that verdict. Without ``ant.step``
+        it runs at the next ``reduce``/``backward``/``state_dict`` on the losses' flag alone.
         """
         self._report_skipped()
+        if self._grads_unchecked and (skip_nonfinite or self._pending_observe is not None):
+            # a loss-space step: finite losses can still give inf/NaN gradients (fp16 overflow)
+            ok = self.last.finite & _grads_finite(optimizer, self.last.finite.device)
+            self.telemetry.count_nonfinite(self.last.finite & ~ok)
+            self.last = replace(self.last, finite=ok)
+            self._grads_unchecked = False
+        self._flush_observe()
         if skip_nonfinite and self.last is not None and scaler is None and _skips_on_device(
             optimizer
         ):  # fmt: skip
@@ -686,6 +744,7 @@ class ANT:
         return out
 
     def state_dict(self) -> dict[str, Any]:
+        self._flush_observe()
         loss_m, grad = self.method.loss, self.method.grad
         return {
             "clusters": self.clusters.to_dict(),

@@ -56,6 +56,12 @@ class Telemetry:
         self._acc("conflict_count", both * (cos < 0).float())
         self._acc("pair_count", both)
 
+    def count_nonfinite(self, flag: torch.Tensor) -> None:
+        """Count the last step as non-finite as well where ``flag`` (0-d bool) is set: its
+        gradients were found non-finite after ``update`` recorded it."""
+        self._acc("nonfinite_steps", flag.float())
+        self.t["finite"] = self.t["finite"] & ~flag
+
     def snapshot(self) -> dict[str, Any]:
         """Host copies: last-step values and running means (a sync; call outside the step)."""
         out: dict[str, Any] = {"steps": self.steps}
