@@ -87,19 +87,22 @@ class StepOutput:
 
 
 def _grads_finite(optimizer: torch.optim.Optimizer, device: torch.device) -> torch.Tensor:
-    """0-d bool on ``device``: every gradient of the optimiser's parameters is finite (one
-    max-abs pass per device, as GradScaler's check; no host sync)."""
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    """0-d bool on ``device``: every gradient of the optimiser's parameters is finite. GradScaler's
+    own multi-tensor check (with an unscale factor of 1, which leaves the values as they are),
+    once per device and dtype; no host sync."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for group in optimizer.param_groups:
         for p in group["params"]:
             g = p.grad
             if g is not None:
                 g = g.coalesce().values() if g.is_sparse else g
-                by_device.setdefault(g.device, []).append(g)
+                groups.setdefault((g.device, g.dtype), []).append(g)
     ok = torch.ones((), dtype=torch.bool, device=device)
-    for grads in by_device.values():
-        top = torch.stack(torch._foreach_norm(grads, float("inf")))  # NaN and inf propagate
-        ok = ok & ((top * 0).sum() == 0).to(device, non_blocking=True)
+    for (dev, _), grads in groups.items():
+        found = torch.zeros(1, device=dev)
+        one = torch.ones(1, device=dev)
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, one)
+        ok = ok & (found[0] == 0).to(device, non_blocking=True)
     return ok
 
 
@@ -678,7 +681,7 @@ class ANT:
 
         After ``ant.reduce`` the engine has seen the losses but not the gradients, which can be
         inf/NaN for finite losses (an fp16 overflow in the backward): the flag then also covers
-        the optimiser's gradients (one max-abs pass per device, like GradScaler's check), and a
+        the optimiser's gradients (GradScaler's multi-tensor check, one pass), and a
         loss method's ``observe`` (DWA, FAMO, RLW) waits for that verdict. Without ``ant.step``
         it runs at the next ``reduce``/``backward``/``state_dict`` on the losses' flag alone.
         """
@@ -759,6 +762,7 @@ class ANT:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._pending_observe, self._grads_unchecked = None, False  # steps before the load
         theirs = Clusters.from_dict(state["clusters"])
         if theirs.bounds != self.clusters.bounds:
             raise ValueError(
