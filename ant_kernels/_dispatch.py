@@ -106,6 +106,8 @@ def use_triton(op: str, *tensors: torch.Tensor, k: int | None = None) -> bool:
     if backend() == "triton":
         raise RuntimeError(
             f"ANT_KERNELS_BACKEND=triton but Triton cannot run {op}: " + "; ".join(reasons)
+            + ". Unset ANT_KERNELS_BACKEND (or set it to auto) to fall back to the torch "
+            "reference there, or to torch to use the references everywhere"
         )
     return False
 

@@ -201,8 +201,9 @@ def _config(k: int, element_size: int = 4) -> tuple[int, ...]:
     tile; k > 8 tiles of 8 (VEC = 1), as timed at P = 1e7. No configuration spills on sm_90
     (``python -m ant_kernels.aot``)."""
     if interpreting():
-        # few, large blocks: the interpreter's cost is per program and per op
-        return next_pow2(k, 1), 1, 4, 4
+        # few, large blocks: the interpreter's cost is per program and per op; row tiles of at
+        # most 8 keep a [TB, TB, 4096] block under Triton's 2^20 elements for any k
+        return min(next_pow2(k, 1), 8), 1, 4, 4
     if k <= 2:  # one tile; 8-wide fp16 rows that are not 16-byte aligned spilled here
         return next_pow2(k, 1), 4, 32, 4
     if k <= 8:

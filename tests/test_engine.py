@@ -403,8 +403,9 @@ def test_bad_input_messages():
     with pytest.raises(ValueError, match="unknown MTL method"):
         ANT(linear_schedule(T), k=4, method="pcgard")
     bn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
-    with pytest.raises(ValueError, match="retain_graph"):
-        ANT(linear_schedule(T), k=4, method="pcgrad", model=bn)
+    for mode in ("auto", "micro", "onepass"):  # every mode that splits the batch
+        with pytest.raises(ValueError, match="BatchNorm.*retain_graph"):
+            ANT(linear_schedule(T), k=4, method="pcgrad", model=bn, mode=mode)
     ANT(linear_schedule(T), k=4, method="pcgrad", model=bn, mode="retain_graph")  # allowed
     _, uw = setup("uw")
     with pytest.raises(ValueError, match="PER SAMPLE"):
@@ -748,3 +749,15 @@ def test_finite_loss_with_nonfinite_gradient_is_skipped(method, opt_kind):
     assert ant.stats()["nonfinite_steps"] == 1
     assert run(poison=False) is True  # and the next good step goes through
     assert any(not torch.equal(a, b) for a, b in zip(snapshot(), before))
+
+
+def test_check_grads_false_lets_a_finite_loss_step_through():
+    model, ant = setup("uw")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    t = ant.sample_timesteps(16)
+    per = per_sample_loss(model)(torch.randn(16, 1, 6, 6), t)
+    ant.reduce(per + torch.sqrt(model.out.bias.sum() * 0.0), t).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ant.step(opt, check_grads=False) is True
+    assert model.out.bias.isnan().all()  # as asked: the NaN gradient was applied

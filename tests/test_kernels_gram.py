@@ -13,7 +13,9 @@ from ant_kernels.gram import TILINGS, gram_triton
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EPS32 = torch.finfo(torch.float32).eps
-CASES = [(k, P, d) for k in (1, 2, 3, 5, 8) for P in (1, 7, 4099, 65539) for d in DTYPES]
+CASES = [(k, P, d) for k in (1, 2, 3, 5, 8) for P in (1, 7, 4099, 65539) for d in DTYPES] + [
+    (k, 4099, "fp32") for k in (11, 17, 33)  # several row tiles (k > 8)
+]
 
 
 def _check(G: torch.Tensor, J: torch.Tensor) -> None:

@@ -56,11 +56,11 @@ class Telemetry:
         self._acc("conflict_count", both * (cos < 0).float())
         self._acc("pair_count", both)
 
-    def count_nonfinite(self, flag: torch.Tensor) -> None:
-        """Count the last step as non-finite as well where ``flag`` (0-d bool) is set: its
-        gradients were found non-finite after ``update`` recorded it."""
-        self._acc("nonfinite_steps", flag.float())
-        self.t["finite"] = self.t["finite"] & ~flag
+    def count_nonfinite(self, before: torch.Tensor, after: torch.Tensor) -> None:
+        """The last step's finite flag went from ``before`` to ``after`` (0-d bools, after
+        implies before): its gradients were found non-finite after ``update`` recorded it."""
+        self._acc("nonfinite_steps", (before ^ after).float())
+        self.t["finite"] = after
 
     def snapshot(self) -> dict[str, Any]:
         """Host copies: last-step values and running means (a sync; call outside the step)."""
