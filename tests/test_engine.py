@@ -12,7 +12,7 @@ from torch import nn
 
 from antdiff import ANT
 from antdiff.clustering import Clusters
-from antdiff.engine.timesteps import _place, allocate
+from antdiff.engine.timesteps import _place_on, _placement, allocate
 from antdiff.mtl import make_method
 from antdiff.schedules import linear_schedule
 
@@ -188,7 +188,7 @@ def test_placement_stays_inside_each_interval():
     u = torch.rand(lo.size, generator=g, dtype=torch.float64)
     u[::7] = 1.0 - 2.0**-53  # the largest double below 1
     u[1::7] = 0.0
-    t = _place(u, lo, size)
+    t = _place_on(u, _placement(lo, size, u.device))
     assert t.dtype == torch.int64
     ref = lo + np.minimum(np.floor(u.numpy() * size).astype(np.int64), size - 1)
     assert t.tolist() == ref.tolist()

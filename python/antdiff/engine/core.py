@@ -330,10 +330,12 @@ class ANT:
         host = self.sampler.counts_for(t)  # t from sample_timesteps: its counts are on the host
         if host is not None:
             return sums, to_device(torch.from_numpy(host.astype(np.float32)), dev)
-        counts = torch.zeros(k, device=dev, dtype=torch.float32).index_add(
-            0, cid, torch.ones_like(per_sample, dtype=torch.float32)
-        )
-        return sums, counts
+        return sums, self._device_counts(cid)
+
+    def _device_counts(self, cid: torch.Tensor) -> torch.Tensor:
+        """[k] float32 samples per cluster, counted on cid's device."""
+        ones = torch.ones(cid.shape, device=cid.device, dtype=torch.float32)
+        return torch.zeros(self.k, device=cid.device, dtype=torch.float32).index_add(0, cid, ones)
 
     def _inverse_counts(self, per: torch.Tensor, t: torch.Tensor, cid: torch.Tensor):
         """1 / max(N_i, 1) [k] float32 and presence N_i > 0 [k] of this step's clusters (from
@@ -341,9 +343,7 @@ class ANT:
         host = self.sampler.counts_for(t)
         if host is not None:
             return self.sampler.inverse_counts(host, per.device)
-        counts = torch.zeros(self.k, device=per.device, dtype=torch.float32).index_add(
-            0, cid, torch.ones_like(per, dtype=torch.float32)
-        )
+        counts = self._device_counts(cid)
         return 1.0 / counts.clamp(min=1), counts > 0
 
     def _globalise(self, sums: torch.Tensor, counts: torch.Tensor):

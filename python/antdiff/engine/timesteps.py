@@ -58,12 +58,6 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device)
 
 
-def _place(u: torch.Tensor, lo: np.ndarray, size: np.ndarray) -> torch.Tensor:
-    """t = lo + floor(u * size), at most lo + size - 1 (float64 u on its device; lo and size are
-    per-sample host arrays)."""
-    return _place_on(u, _placement(lo, size, u.device))
-
-
 def _placement(lo: np.ndarray, size: np.ndarray, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Per-sample first timestep, interval length and last offset on ``device`` (one copy)."""
     parts = to_device(torch.from_numpy(np.stack([lo, size, size - 1])), device)
@@ -71,6 +65,7 @@ def _placement(lo: np.ndarray, size: np.ndarray, device: torch.device) -> tuple[
 
 
 def _place_on(u: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """t = lo + floor(u * size), at most lo + size - 1 (float64 u [B]; ``_placement``'s parts)."""
     lo, size, last = parts
     return lo + torch.minimum((u * size).long(), last)
 
