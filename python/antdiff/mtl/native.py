@@ -3,7 +3,7 @@
 On a GPU the Triton kernels of ant_kernels compute these weights without a host sync. On the CPU
 the host is the device, and the per-step cost of the [k, k] problems is the number of operators:
 the torch references issue about 100 (PCGrad) and 400 (Nash-MTL, 20 Newton steps) tiny
-operators, 0.2 and 0.85 ms at k = 5 on a 2-core machine, 3-5% of a small model's training step.
+operators, 0.2 and 0.7-0.85 ms at k = 5 on a 2-core machine, 3-5% of a small model's training step.
 The C++ versions do the same arithmetic in float64 in one call.
 
 ``pcgrad_weights`` and ``nash_weights`` route CPU tensors here when the kernel policy
