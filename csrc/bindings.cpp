@@ -7,11 +7,13 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "interval_dp.h"
 #include "mtl_solvers.h"
+#include "step_ops.h"
 
 namespace py = pybind11;
 
@@ -53,6 +55,20 @@ void NashWeightsAt(uintptr_t gram, int64_t k, int64_t iters, bool normalize, uin
   ant::NashWeights(Address<const double>(gram), k, iters, normalize, Address<double>(alpha));
 }
 
+void UwForwardAt(uintptr_t per, uintptr_t cid, int64_t B, uintptr_t inv, uintptr_t present,
+                 uintptr_t s, int64_t k, uintptr_t out) {
+  // out: float32 [4k + 1] = L, c, coef, ds, total
+  float* o = Address<float>(out);
+  ant::UwForward(Address<const float>(per), Address<const int64_t>(cid), B,
+                 Address<const float>(inv), Address<const float>(present),
+                 Address<const float>(s), k, o + 4 * k, o, o + k, o + 2 * k, o + 3 * k);
+}
+
+void UwBackwardAt(uintptr_t g, uintptr_t coef, uintptr_t cid, int64_t B, uintptr_t d_per) {
+  ant::UwBackward(Address<const float>(g), Address<const float>(coef),
+                  Address<const int64_t>(cid), B, Address<float>(d_per));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -86,4 +102,13 @@ Raises:
         "Nash-MTL weights by damped Newton (see csrc/mtl_solvers.h). Arguments are addresses of "
         "C-contiguous host buffers: gram float64 [k, k], alpha float64 [k] (written). Use "
         "antdiff.mtl.native, which checks the tensors.");
+  m.def("uw_forward", &UwForwardAt, py::arg("per"), py::arg("cid"), py::arg("B"), py::arg("inv"),
+        py::arg("present"), py::arg("s"), py::arg("k"), py::arg("out"),
+        "Uncertainty weighting's reduction (see csrc/step_ops.h). Addresses of C-contiguous "
+        "host buffers: per float32 [B], cid int64 [B], inv, present, s float32 [k]; out float32 "
+        "[4k + 1] (written: L, c, coef, ds, total). Use antdiff.mtl.native.");
+  m.def("uw_backward", &UwBackwardAt, py::arg("g"), py::arg("coef"), py::arg("cid"), py::arg("B"),
+        py::arg("d_per"),
+        "d_per[n] = g * coef[cid[n]] (float32 g 0-d, coef [k], int64 cid [B], d_per [B] written). "
+        "Use antdiff.mtl.native.");
 }

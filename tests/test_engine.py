@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import copy
 import warnings
 
@@ -12,7 +13,15 @@ from torch import nn
 
 from antdiff import ANT
 from antdiff.clustering import Clusters
-from antdiff.engine.timesteps import _place_on, _placement, allocate
+from antdiff.engine.timesteps import (
+    _DRAW_HIGH,
+    TimestepSampler,
+    _Allocations,
+    _place_on,
+    _placement,
+    _systematic,
+    allocate,
+)
 from antdiff.mtl import make_method
 from antdiff.schedules import linear_schedule
 
@@ -180,20 +189,58 @@ def test_timesteps_sorted_inside_clusters_and_counts_known():
 
 
 def test_placement_stays_inside_each_interval():
-    """u -> t = lo + floor(u size): u = 0 gives the first timestep, u next to 1 the last (the
-    clamp), one-timestep intervals always their one timestep."""
+    """r -> t = lo + r mod size: r = 0 gives the first timestep, r = 2^62 - 1 stays inside,
+    one-timestep intervals always give their one timestep, every timestep of an interval is
+    reached."""
     lo = np.array([0, 1, 7, 300, 999], dtype=np.int64).repeat(400)
     size = np.array([1, 6, 293, 699, 1], dtype=np.int64).repeat(400)
     g = torch.Generator().manual_seed(0)
-    u = torch.rand(lo.size, generator=g, dtype=torch.float64)
-    u[::7] = 1.0 - 2.0**-53  # the largest double below 1
-    u[1::7] = 0.0
-    t = _place_on(u, _placement(lo, size, u.device))
+    r = torch.randint(0, _DRAW_HIGH, (lo.size,), generator=g)
+    r[::7] = _DRAW_HIGH - 1
+    r[1::7] = 0
+    t = _place_on(r, _placement(lo, size, r.device))
     assert t.dtype == torch.int64
-    ref = lo + np.minimum(np.floor(u.numpy() * size).astype(np.int64), size - 1)
-    assert t.tolist() == ref.tolist()
-    assert t[::7].tolist() == (lo + size - 1)[::7].tolist()
+    assert t.tolist() == (lo + np.mod(r.numpy(), size)).tolist()
+    assert np.all((t.numpy() >= lo) & (t.numpy() < lo + size))
     assert t[1::7].tolist() == lo[1::7].tolist()
+    assert t[:400].eq(0).all() and t[-400:].eq(999).all()
+    assert len(set(t[400:800].tolist())) == 6  # all of 1..6 in 400 draws
+
+
+@pytest.mark.parametrize("mode", ["proportional", "equal"])
+def test_allocation_table_equals_systematic_sampling(mode):
+    """The per-batch-size table gives, for every start u, the counts the systematic-sampling
+    allocation gives at u (random cluster sizes and batch sizes, u near the breakpoints; not
+    within the rounding of u + j, about 1e-15, of a piece's end)."""
+    r = np.random.default_rng(1)
+    for _ in range(300):
+        k = int(r.integers(1, 12))
+        sizes = r.integers(1, 300, k)
+        shares, B = sizes / sizes.sum(), int(r.integers(1, 200))  # noqa: N806
+        table = _Allocations(B, shares, mode)
+        assert len(table.counts) == len(table.breaks) + 1 <= k + 1
+        probes = [*r.random(20), *(b + d for b in table.breaks for d in (-1e-9, 1e-9))]
+        for u in (u for u in probes if 1e-12 < u < 1 - 1e-12):  # off u + j's rounding
+            got = table.counts[bisect.bisect_right(table.breaks, u)]
+            assert got.tolist() == _systematic(B, shares, mode, u)
+            assert got.sum() == B
+
+
+def test_allocation_table_draw_follows_the_sampler_rng():
+    """Two samplers with the same seed draw the same count vectors, also through a state_dict
+    round trip; the counts handed out are the caller's to keep."""
+    clusters = Clusters((0, 10, 40, 50, 100))
+    a, b = TimestepSampler(clusters, seed=5), TimestepSampler(clusters, seed=5)
+    seq = [a.sample(7)[1].tolist() for _ in range(20)]
+    assert seq == [b.sample(7)[1].tolist() for _ in range(20)]
+    assert len({tuple(c) for c in seq}) > 1  # the remainders move between clusters
+    state = a.state_dict()
+    nxt = [a.sample(7)[1].tolist() for _ in range(5)]
+    b.load_state_dict(state)
+    assert nxt == [b.sample(7)[1].tolist() for _ in range(5)]
+    counts = a.sample(7)[1]
+    counts[0] += 100  # does not reach the table
+    assert all(c.sum() == 7 for c in a._allocations[7].counts)
 
 
 def test_sample_timesteps_follows_the_torch_seed():
@@ -598,9 +645,25 @@ def test_engine_calls_observe_only_where_a_method_defines_it():
     assert Counting.calls == 2
 
 
+@pytest.fixture(params=["native", "torch"])
+def uw_path(request, monkeypatch):
+    """The fused UW reduction's two paths on the CPU: the C++ call (float32; counts the calls)
+    and the torch operators (what CUDA and unbuilt extensions run)."""
+    from antdiff.mtl import native
+
+    calls = []
+    if request.param == "torch":
+        monkeypatch.setattr(native, "_C", None)
+    else:
+        assert native._C is not None, "antdiff._C is not built: run `make build`"
+        real = native.uw_forward
+        monkeypatch.setattr(native, "uw_forward", lambda *a: calls.append(1) or real(*a))
+    return request.param, calls
+
+
 @pytest.mark.parametrize("source", ["sampler", "user"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_uw_fused_reduce_equals_the_composed_transform(source, dtype):
+def test_uw_fused_reduce_equals_the_composed_transform(source, dtype, uw_path):
     """ant.reduce's one-node UW (closed-form backward) gives the value, gradients, cluster
     losses and weights of UW.transform composed with torch operators: for sampled timesteps
     (host counts) and for a user's unsorted timesteps with an empty cluster (device counts)."""
@@ -638,12 +701,13 @@ def test_uw_fused_reduce_equals_the_composed_transform(source, dtype):
     torch.testing.assert_close(ant.last.cluster_losses, L.detach())
     torch.testing.assert_close(ant.last.weights, ref.slopes(L.detach(), present))
     assert torch.equal(ant.last.present, present) and per.grad.dtype == dtype
+    assert len(uw_path[1]) == (uw_path[0] == "native" and dtype == torch.float32)
 
 
 @pytest.mark.parametrize("mode", ["proportional", "equal", "uniform"])
 def test_cached_placements_give_the_placement_formula(mode):
     """Steps that reuse a cached per-sample placement (same counts) draw exactly
-    lo + min(floor(u size), size - 1) from their own u, as a fresh placement does."""
+    lo + r mod size from their own r, as a fresh placement does."""
     ant = ANT(linear_schedule(1000), k=5, method="vanilla", sampling=mode)
     g, g_ref = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
     lo_k = np.asarray(ant.clusters.bounds[:-1])
@@ -652,10 +716,10 @@ def test_cached_placements_give_the_placement_formula(mode):
     for B in [12, 12, 12, 12, 12, 12, 13, 12]:
         t, counts = ant.sampler.sample(B, generator=g)
         seen.add(counts.tobytes())
-        u = torch.rand(B, generator=g_ref, dtype=torch.float64)
+        r = torch.randint(0, 2**62, (B,), generator=g_ref)
         lo = torch.from_numpy(np.repeat(lo_k, counts))
         size = torch.from_numpy(np.repeat(size_k, counts))
-        assert torch.equal(t, lo + torch.minimum((u * size).long(), size - 1))
+        assert torch.equal(t, lo + r % size)
     if mode == "uniform":  # counts vary freely: nothing cached
         assert not ant.sampler._placements
     else:  # a few count vectors, each cached once and then reused
@@ -671,7 +735,7 @@ def test_cached_placements_give_the_placement_formula(mode):
 
 
 @pytest.mark.parametrize("mode", ["proportional", "uniform"])
-def test_uw_fused_reduce_over_steps_with_changing_counts(mode):
+def test_uw_fused_reduce_over_steps_with_changing_counts(mode, uw_path):
     """Step after step (count vectors differ, repeat and leave clusters empty), the fused UW
     reduction's gradients equal the composed transform's: a wrong cached 1 / N would show."""
     from antdiff.mtl import UW
@@ -695,9 +759,10 @@ def test_uw_fused_reduce_over_steps_with_changing_counts(mode):
         ref.transform(L, counts > 0).sum().backward()
         torch.testing.assert_close(per.grad, per2.grad)
         torch.testing.assert_close(ant.method.loss.s.grad, ref.s.grad)
+    assert len(uw_path[1]) == (7 if uw_path[0] == "native" else 0)
 
 
-def test_uw_fused_reduce_refuses_double_backward():
+def test_uw_fused_reduce_refuses_double_backward(uw_path):
     _, ant = setup("uw")
     t = ant.sample_timesteps(8)
     per = torch.rand(8, requires_grad=True)

@@ -137,3 +137,66 @@ def test_methods_give_the_reference_weights(monkeypatch, name):
         monkeypatch.setenv("ANT_KERNELS_BACKEND", policy)
         out[policy] = make_method(name, 5).weights(G, present)
     torch.testing.assert_close(out["auto"], out["torch"], rtol=1e-6, atol=1e-9)
+
+
+def _uw_inputs(k: int, B: int, seed: int, absent: tuple[int, ...] = ()):  # noqa: N803
+    """per [B], s [k], cid [B] (clusters ``absent`` left out), 1 / counts and presence [k]."""
+    g = torch.Generator().manual_seed(seed)
+    live = torch.tensor([i for i in range(k) if i not in absent])
+    cid = live[torch.randint(0, len(live), (B,), generator=g)]
+    counts = torch.bincount(cid, minlength=k).float()
+    per = torch.rand(B, generator=g) * 3
+    s = torch.randn(k, generator=g)
+    return per, s, cid, 1.0 / counts.clamp(min=1), (counts > 0).float()
+
+
+def _uw_torch(per, s, cid, inv, present):
+    """UW's reduction with torch operators in float64: total, L, c, coef, ds."""
+    k = inv.shape[0]
+    L = torch.zeros(k, dtype=torch.float64).index_add(0, cid, per.double()) * inv.double()
+    p = present.double()
+    c = p * torch.exp(-s.double()) / (2 * k)
+    total = (c * L + 0.5 * s.double() * p).sum()
+    return total, L, c, c * inv.double(), 0.5 * p - c * L
+
+
+@pytest.mark.parametrize("k,B,absent", [(1, 1, ()), (5, 128, ()), (5, 13, (1, 3)), (32, 40, (0,))])
+def test_uw_forward_and_backward_equal_the_torch_formulas(k, B, absent):  # noqa: N803
+    assert native._C is not None, "antdiff._C is not built: run `make build`"
+    per, s, cid, inv, present = _uw_inputs(k, B, k + B, absent)
+    assert native.serves_uw(per, s, cid, inv, present)
+    got = native.uw_forward(per, s, cid, inv, present)
+    for a, b in zip(got, _uw_torch(per, s, cid, inv, present)):
+        assert a.dtype == torch.float32 and a.shape == b.shape
+        torch.testing.assert_close(a.double(), b, rtol=2e-6, atol=1e-7)
+    g = torch.tensor(0.75)
+    coef = got[3]
+    torch.testing.assert_close(native.uw_backward(g, coef, cid), 0.75 * coef[cid])
+
+
+def test_uw_forward_propagates_nonfinite_values():
+    per, s, cid, inv, present = _uw_inputs(4, 16, 0, absent=(2,))
+    for bad in (float("nan"), float("inf")):
+        p = per.clone()
+        p[3] = bad
+        total, L, *_ = native.uw_forward(p, s, cid, inv, present)
+        assert not math.isfinite(float(total)) and not math.isfinite(float(L[cid[3]]))
+    s2 = s.clone()
+    s2[2] = -200.0  # exp(-s) overflows for the absent cluster: NaN, as the torch path gives
+    assert math.isnan(float(native.uw_forward(per, s2, cid, inv, present)[0]))
+
+
+def test_uw_serves_only_contiguous_cpu_float32():
+    per, s, cid, inv, present = _uw_inputs(4, 16, 1)
+    assert native.serves_uw(per, s, cid, inv, present)
+    assert not native.serves_uw(per.bfloat16(), s, cid, inv, present)
+    assert not native.serves_uw(per, s, cid.int(), inv, present)
+    assert not native.serves_uw(torch.rand(32)[::2], s, cid, inv, present)
+    assert not native.serves_uw(per.to("meta"), s, cid, inv, present)
+
+
+def test_uw_forward_refuses_a_cluster_id_out_of_range():
+    per, s, cid, inv, present = _uw_inputs(4, 16, 2)
+    cid[5] = 4
+    with pytest.raises(ValueError, match="cluster id 4 outside"):
+        native.uw_forward(per, s, cid, inv, present)

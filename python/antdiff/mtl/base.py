@@ -186,8 +186,10 @@ class LossMethod(torch.nn.Module):
 
     # Optional: ``fused_total(per, cid, inv, present) -> (total, L, slopes)``, the engine's
     # whole reduction (cluster means of the per-sample losses ``per`` [B] with clusters ``cid``
-    # [B], 1 / counts ``inv`` [k], ``present`` [k] bool, then the transform) as one autograd
-    # node; ``ANT.reduce`` uses it outside DDP. None: the engine composes torch operators.
+    # [B], 1 / counts ``inv`` [k] and presence ``present`` [k] as float32 (1.0 / 0.0; both
+    # read-only), then the transform) as one autograd node; ``ANT.reduce`` uses it outside
+    # DDP, and takes the total's finiteness as the step's (so ``total`` must be inf/NaN
+    # whenever a present cluster mean is). None: the engine composes torch operators.
     fused_total = None
 
     @property

@@ -22,13 +22,15 @@ exactly METHOD.md's formula with the fixed k.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .base import DeviceRNG, LossMethod, check_losses, check_present, masked_softmax, n_present
+from . import native
+from .base import DeviceRNG, LossMethod, check_losses, masked_softmax, n_present
 
 
 def _check_positive(name: str, value: Any) -> float:
@@ -81,12 +83,21 @@ class UW(LossMethod):
         """The engine's reduction in one autograd node: total, cluster means L [k], slopes [k].
 
         Same value and gradients as ``transform`` on the cluster means: the graph of about
-        twenty small operators becomes one node whose backward is the closed form
-        d total / d per_n = slopes[cid_n] / N[cid_n], d total / d s_i = present_i 0.5 -
+        twenty small operators becomes one node of about a dozen, whose backward is the closed
+        form d total / d per_n = slopes[cid_n] / N[cid_n], d total / d s_i = present_i 0.5 -
         slopes_i L_i (the UW overhead on a small model is those operators' launch cost). The
-        backward is not differentiable again (double backward raises).
+        backward is not differentiable again (double backward raises). ``present`` is float32
+        (1.0 / 0.0). The total is inf/NaN whenever a present cluster mean is: its slope
+        exp(-s_i) / 2k multiplies it, and a slope that is 0 or inf makes the product NaN. It is
+        also NaN where s_i is not finite or exp(-s_i) overflows (s_i < -87), present or not: the
+        engine then skips the step as non-finite. CPU float32 inputs take one C++ call
+        (csrc/step_ops.h), everything else torch operators; both give the same values.
         """
-        check_present(present, self.k, per.device)
+        if present.shape != (self.k,) or present.dtype != torch.float32:
+            raise ValueError(
+                f"present must be float32 [k]=[{self.k}] here, got {tuple(present.shape)} "
+                f"{present.dtype}"
+            )
         return _UWTotal.apply(per, self.s, cid, inv, present)
 
 
@@ -95,15 +106,21 @@ class _UWTotal(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, per: Tensor, s: Tensor, cid: Tensor, inv: Tensor, present: Tensor):
+        ctx.dtypes = per.dtype, s.dtype
+        ctx.set_materialize_grads(False)  # no zero tensors for L's and c's gradients
+        if native.serves_uw(per, s, cid, inv, present):  # CPU float32: one C++ call
+            total, L, c, coef, ds = native.uw_forward(per, s, cid, inv, present)  # noqa: N806
+            ctx.save_for_backward(coef, ds, cid)
+            ctx.mark_non_differentiable(L, c)
+            return total, L, c
         k = inv.shape[0]
         sums = torch.zeros(k, device=per.device, dtype=torch.float32)
-        L = sums.index_add_(0, cid, per.float()) * inv  # noqa: N806
-        pf, s32 = present.float(), s.float()
-        c = torch.exp(-s32) * pf * (0.5 / k)  # d total / d L_i, 0 where absent
+        L = sums.index_add_(0, cid, per.float()).mul_(inv)  # noqa: N806
+        s32 = s.float()
+        c = torch.exp(math.log(0.5 / k) - s32).mul_(present)  # d total / d L_i, 0 if absent
         cl = c * L
-        total = cl.sum() + 0.5 * torch.dot(s32, pf)
-        ctx.save_for_backward(c * inv, 0.5 * pf - cl, cid)
-        ctx.dtypes = per.dtype, s.dtype
+        total = torch.addcmul(cl, s32, present, value=0.5).sum()
+        ctx.save_for_backward(c * inv, present.mul(0.5).sub_(cl), cid)
         ctx.mark_non_differentiable(L, c)
         return total, L, c
 
@@ -112,6 +129,8 @@ class _UWTotal(torch.autograd.Function):
     def backward(ctx, g: Tensor, _gL: Tensor, _gc: Tensor):  # noqa: N803
         per_sample, ds, cid = ctx.saved_tensors
         d_per, d_s = ctx.dtypes
+        if d_per == torch.float32 and native.serves_uw(per_sample, g, cid):
+            return native.uw_backward(g, per_sample, cid), (g * ds).to(d_s), None, None, None
         return (g * per_sample)[cid].to(d_per), (g * ds).to(d_s), None, None, None
 
 

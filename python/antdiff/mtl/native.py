@@ -71,3 +71,37 @@ def nash_weights(G: torch.Tensor, iters: int = 20, normalize: bool = True) -> to
     alpha = torch.empty(k, dtype=torch.float64)
     _C.nash_weights(g.data_ptr(), k, iters, normalize, alpha.data_ptr())
     return alpha
+
+
+def serves_uw(*tensors: torch.Tensor) -> bool:
+    """Whether UW's reduction runs in C++ for these tensors: the extension is built, every
+    tensor is a C-contiguous CPU tensor, int64 for the cluster ids (the third), else float32.
+    (Not tied to the kernel policy: no Triton kernel does this reduction.)"""
+    if _C is None:
+        return False
+    for i, x in enumerate(tensors):
+        want = torch.int64 if i == 2 else torch.float32
+        if x.device.type != "cpu" or x.dtype != want or not x.is_contiguous():
+            return False
+    return True
+
+
+def uw_forward(per, s, cid, inv, present) -> tuple[torch.Tensor, ...]:
+    """UW's reduction of per-sample losses ``per`` [B] in clusters ``cid`` [B] with 1 / counts
+    ``inv`` [k], presence ``present`` [k] (float 1 / 0) and log-variances ``s`` [k] (tensors
+    that ``serves_uw`` accepts): total (0-d), L, c, coef, ds [k] (csrc/step_ops.h)."""
+    k, B = inv.shape[0], per.shape[0]  # noqa: N806
+    out = torch.empty(4 * k + 1)
+    _C.uw_forward(
+        per.data_ptr(), cid.data_ptr(), B, inv.data_ptr(), present.data_ptr(), s.data_ptr(),
+        k, out.data_ptr(),
+    )  # fmt: skip
+    L, c, coef, ds, total = out.split([k, k, k, k, 1])  # noqa: N806
+    return total.view(()), L, c, coef, ds
+
+
+def uw_backward(g, coef, cid) -> torch.Tensor:
+    """d per_n = g * coef[cid_n] (float32 [B]; g 0-d, coef [k], cid [B] as for uw_forward)."""
+    d_per = torch.empty(cid.shape[0])
+    _C.uw_backward(g.data_ptr(), coef.data_ptr(), cid.data_ptr(), cid.shape[0], d_per.data_ptr())
+    return d_per

@@ -1,0 +1,130 @@
+"""Engine telemetry: the running sums it folds every FOLD steps equal a per-step float64
+accumulation, across folds, snapshots, checkpoints and a flag changed by ant.step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from antdiff.engine.telemetry import FOLD, Telemetry
+
+K = 4
+
+
+def _steps(n: int, seed: int = 0):
+    """n random steps: L [k], present [k] bool, finite 0-d bool, G [k, k] PSD or None."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        L = torch.rand(K, generator=gen) * 3  # noqa: N806
+        present = torch.rand(K, generator=gen) > 0.2
+        finite = torch.tensor(bool(i % 7 != 3))
+        if not bool(finite):
+            L[int(torch.randint(K, (1,), generator=gen))] = float("nan")
+        J = torch.randn(K, 6, generator=gen, dtype=torch.float64)  # noqa: N806
+        G = (J @ J.T).float() if i % 3 != 1 else None  # noqa: N806
+        out.append((L, present, finite, G))
+    return out
+
+
+def _expected(steps):
+    """Running means, conflict rates and counts accumulated step by step in float64."""
+    loss_sum, loss_n = np.zeros(K), np.zeros(K)
+    cos_sum, conflicts, pairs = np.zeros((K, K)), np.zeros((K, K)), np.zeros((K, K))
+    bad, last_cos = 0, None
+    for L, present, finite, G in steps:  # noqa: N806
+        p, ok = present.numpy(), bool(finite)
+        bad += not ok
+        if ok:
+            loss_sum[p] += L.double().numpy()[p]
+            loss_n[p] += 1
+        if G is None:
+            continue
+        g = G.double().numpy()
+        d = np.sqrt(np.maximum(np.diag(g), 1e-30))
+        cos = g / np.outer(d, d)
+        last_cos = cos
+        both = np.outer(p, p) & ok
+        cos_sum[both] += cos[both]
+        conflicts[both & (cos < 0)] += 1
+        pairs[both] += 1
+    n = np.maximum(pairs, 1)
+    return {
+        "loss_mean": loss_sum / np.maximum(loss_n, 1), "nonfinite_steps": bad,
+        "conflict_rate": conflicts / n, "cosine_mean": cos_sum / n, "cosine": last_cos,
+        "loss": steps[-1][0].numpy(),
+    }  # fmt: skip
+
+
+def _check(snap, steps):
+    exp = _expected(steps)
+    assert snap["steps"] == len(steps)
+    assert snap["nonfinite_steps"] == exp["nonfinite_steps"]
+    for name in ("loss_mean", "conflict_rate", "cosine_mean", "cosine"):
+        np.testing.assert_allclose(snap[name], exp[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    np.testing.assert_array_equal(np.array(snap["loss"]), exp["loss"])
+
+
+@pytest.mark.parametrize("n", [1, FOLD - 1, FOLD, FOLD + 1, 2 * FOLD + 5])
+def test_folded_running_sums_equal_per_step_accumulation(n):
+    steps = _steps(n)
+    tel = Telemetry(K)
+    for L, present, finite, G in steps:  # noqa: N806
+        tel.update(L, torch.ones(K), present, finite, G)
+    _check(tel.snapshot(), steps)
+
+
+def test_snapshots_and_checkpoints_mid_fold_change_nothing():
+    steps = _steps(2 * FOLD + 9, seed=1)
+    tel = Telemetry(K)
+    for i, (L, present, finite, G) in enumerate(steps):  # noqa: N806
+        tel.update(L, torch.ones(K), present, finite, G)
+        if i in (5, FOLD + 2):
+            _check(tel.snapshot(), steps[: i + 1])
+        if i == FOLD + 11:  # resume from a checkpoint written mid-fold
+            state = tel.state_dict()
+            tel = Telemetry(K)
+            tel.load_state_dict(state)
+    _check(tel.snapshot(), steps)
+
+
+@pytest.mark.parametrize("folded_first", [False, True])
+def test_a_step_found_nonfinite_later_is_not_counted_as_finite(folded_first):
+    """ant.step can turn the last step's flag to False after update (its gradients); the
+    running sums must then treat the step as skipped, whether or not it was folded already."""
+    steps = _steps(FOLD + 3, seed=2)
+    tel = Telemetry(K)
+    for L, present, finite, G in steps:  # noqa: N806
+        tel.update(L, torch.ones(K), present, finite, G)
+    assert bool(steps[-1][2])
+    if folded_first:  # a checkpoint between the step's reduce and ant.step
+        tel.state_dict()
+    tel.count_nonfinite(torch.tensor(True), torch.tensor(False))
+    snap = tel.snapshot()
+    assert snap["nonfinite_steps"] == _expected(steps)["nonfinite_steps"] + 1
+    if not folded_first:  # the step's losses left the running means
+        L, present, _, G = steps[-1]  # noqa: N806
+        _check(snap, [*steps[:-1], (L, present, torch.tensor(False), G)])
+
+
+def test_update_queues_no_operators_between_folds():
+    """The per-step cost: no torch operator in update between folds (they batch at the fold)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    steps, w = _steps(FOLD), torch.ones(K)
+    tel = Telemetry(K)
+    with Count():
+        for L, present, finite, G in steps:  # noqa: N806
+            tel.update(L, w, present, finite, G)
+    assert Count.n == 0
+    with Count():
+        tel.update(steps[0][0], w, *steps[0][1:])
+    assert Count.n > 0  # the fold
