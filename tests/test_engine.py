@@ -198,7 +198,7 @@ def test_placement_stays_inside_each_interval():
     r = torch.randint(0, _DRAW_HIGH, (lo.size,), generator=g)
     r[::7] = _DRAW_HIGH - 1
     r[1::7] = 0
-    t = _place_on(r, _placement(lo, size, r.device))
+    t = _place_on(r, _placement(lo, size, device=r.device))
     assert t.dtype == torch.int64
     assert t.tolist() == (lo + np.mod(r.numpy(), size)).tolist()
     assert np.all((t.numpy() >= lo) & (t.numpy() < lo + size))
@@ -231,13 +231,27 @@ def test_allocation_table_draw_follows_the_sampler_rng():
     round trip; the counts handed out are the caller's to keep."""
     clusters = Clusters((0, 10, 40, 50, 100))
     a, b = TimestepSampler(clusters, seed=5), TimestepSampler(clusters, seed=5)
-    seq = [a.sample(7)[1].tolist() for _ in range(20)]
-    assert seq == [b.sample(7)[1].tolist() for _ in range(20)]
+    seq = [a.sample(7)[1].tolist() for _ in range(150)]
+    assert seq == [b.sample(7)[1].tolist() for _ in range(150)]
     assert len({tuple(c) for c in seq}) > 1  # the remainders move between clusters
-    state = a.state_dict()
-    nxt = [a.sample(7)[1].tolist() for _ in range(5)]
-    b.load_state_dict(state)
-    assert nxt == [b.sample(7)[1].tolist() for _ in range(5)]
+    # the same sequence as one host draw per step (the uniforms come in batches of 64)
+    ref = np.random.default_rng(5)
+    assert seq == [allocate(7, clusters.sizes / 100, "proportional", ref).tolist()
+                   for _ in range(150)]  # fmt: skip
+    for n in (0, 3, 64 - 150 % 64 - 1, 64 - 150 % 64):  # resume inside a batch and at its end
+        for _ in range(n):
+            a.sample(7)
+        state = a.state_dict()
+        nxt = [a.sample(7)[1].tolist() for _ in range(70)]
+        c = TimestepSampler(clusters, seed=99)
+        c.load_state_dict(state)
+        assert nxt == [c.sample(7)[1].tolist() for _ in range(70)]
+    with pytest.raises(ValueError, match="'used' must be an int in"):
+        c.load_state_dict({**state, "used": 64})
+    legacy = {"mode": "proportional", "rng": np.random.default_rng(8).bit_generator.state}
+    c.load_state_dict(legacy)  # a checkpoint from before the batched draws
+    want = allocate(7, clusters.sizes / 100, "proportional", np.random.default_rng(8))
+    assert c.sample(7)[1].tolist() == want.tolist()
     counts = a.sample(7)[1]
     counts[0] += 100  # does not reach the table
     assert all(c.sum() == 7 for c in a._allocations[7].counts)
@@ -593,8 +607,17 @@ def test_method_state_follows_the_model_and_mismatch_is_a_clear_error(method):
     moved = list(ant.method.loss.parameters()) + list(ant.method.loss.buffers())
     assert all(s.device.type == "meta" for s in moved)
     model, ant = setup(method)
-    ant.to("meta")  # model on the CPU, the state moved away after attach
     x = torch.randn(16, 1, 6, 6)
+
+    def step():
+        t = ant.sample_timesteps(16)
+        if ant.needs_gradients:
+            ant.backward(per_sample_loss(model), x, t)
+        else:
+            ant.reduce(per_sample_loss(model)(x, t), t)
+
+    step()  # a step on the CPU first: what the engine remembers must follow the move
+    ant.to("meta")  # model on the CPU, the state moved away after attach
     t = ant.sample_timesteps(16)
     with pytest.raises(ValueError, match=r"keeps its state on meta.*ant\.to\('cpu'\)"):
         if ant.needs_gradients:
@@ -720,6 +743,7 @@ def test_cached_placements_give_the_placement_formula(mode):
         lo = torch.from_numpy(np.repeat(lo_k, counts))
         size = torch.from_numpy(np.repeat(size_k, counts))
         assert torch.equal(t, lo + r % size)
+        assert torch.equal(ant.sampler.cid_for(t), ant.clusters.cluster_of(t))
     if mode == "uniform":  # counts vary freely: nothing cached
         assert not ant.sampler._placements
     else:  # a few count vectors, each cached once and then reused
@@ -826,3 +850,31 @@ def test_check_grads_false_lets_a_finite_loss_step_through():
         warnings.simplefilter("error")
         assert ant.step(opt, check_grads=False) is True
     assert model.out.bias.isnan().all()  # as asked: the NaN gradient was applied
+
+
+@pytest.mark.parametrize("bad_at", [0, 1, 2, None])
+def test_gradient_check_covers_mixed_dtypes_and_sparse_gradients(bad_at):
+    """ant.step's gradient check (one multi-tensor call in the usual case): float32, bfloat16
+    and sparse gradients in one optimiser, an inf/NaN in any of them is found."""
+    from antdiff.engine.core import _grads_nonfinite
+
+    a = torch.nn.Parameter(torch.zeros(5))
+    b = torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
+    emb = torch.nn.Embedding(4, 2, sparse=True)
+    opt = torch.optim.SGD([a, b, *emb.parameters()], lr=0.1)
+    a.grad, b.grad = torch.ones(5), torch.ones(3, dtype=torch.bfloat16)
+    emb(torch.tensor([1, 2])).sum().backward()
+    assert emb.weight.grad.is_sparse
+    if bad_at == 0:
+        a.grad[2] = float("nan")
+    elif bad_at == 1:
+        b.grad[0] = float("inf")
+    elif bad_at == 2:
+        nan_row = [[float("nan"), 0.0]]
+        emb.weight.grad = torch.sparse_coo_tensor([[1]], nan_row, (4, 2), check_invariants=True)
+    flags = _grads_nonfinite(opt, {})
+    assert bool(sum(f for f in flags) > 0) is (bad_at is not None)
+    a.grad[2] = float("nan") if bad_at is None else 1.0  # the buffers are reused across calls
+    b.grad[0], emb.weight.grad = 1.0, None
+    flags = _grads_nonfinite(opt, {})
+    assert len(flags) == 1 and bool(flags[0] > 0) is (bad_at is None)

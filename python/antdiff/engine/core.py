@@ -87,30 +87,32 @@ class StepOutput:
 
 
 def _grads_nonfinite(optimizer: torch.optim.Optimizer, buffers: dict) -> list[torch.Tensor]:
-    """0-d float flags, one per device and dtype of the optimiser's gradients: 1 where one of
-    them holds an inf/NaN. GradScaler's own multi-tensor check (with an unscale factor of 1,
-    which leaves the values as they are); ``buffers`` keeps the flag and factor tensors of
-    each device between steps. No host sync."""
+    """0-d float flags, one per device of the optimiser's gradients: 1 where one of them holds
+    an inf/NaN. GradScaler's own multi-tensor check (with an unscale factor of 1, which leaves
+    the values as they are; dtypes may mix in one call); ``buffers`` keeps the flag and factor
+    tensors of each device between steps. No host sync."""
     grads = [p.grad for grp in optimizer.param_groups for p in grp["params"] if p.grad is not None]
     if not grads:
         return []
-    head = grads[0]
-    if all(g.dtype == head.dtype and g.device == head.device and not g.is_sparse for g in grads):
-        groups = {(head.device, head.dtype): grads}
-    else:  # mixed devices or dtypes, sparse gradients
-        groups = {}
-        for g in grads:
-            g = g.coalesce().values() if g.is_sparse else g
-            groups.setdefault((g.device, g.dtype), []).append(g)
-    flags = []
-    for (dev, _), group_grads in groups.items():
-        if dev not in buffers:
-            buffers[dev] = (torch.zeros((), device=dev), torch.ones((), device=dev))
-        found, one = buffers[dev]
-        found.zero_()
-        torch._amp_foreach_non_finite_check_and_unscale_(group_grads, found, one)
-        flags.append(found)
-    return flags
+    try:  # the usual case, one device and dense gradients: no per-tensor Python checks
+        return [_check_on(grads[0].device, grads, buffers)]
+    except (RuntimeError, NotImplementedError):  # several devices, or sparse gradients
+        pass
+    groups: dict[torch.device, list[torch.Tensor]] = {}
+    for g in grads:
+        g = g.coalesce().values() if g.is_sparse else g
+        groups.setdefault(g.device, []).append(g)
+    return [_check_on(dev, group, buffers) for dev, group in groups.items()]
+
+
+def _check_on(device: torch.device, grads: list[torch.Tensor], buffers: dict) -> torch.Tensor:
+    """The inf/NaN flag of ``grads`` (all on ``device``) in the device's flag buffer."""
+    if device not in buffers:
+        buffers[device] = (torch.zeros((), device=device), torch.ones((), device=device))
+    found, one = buffers[device]
+    found.zero_()
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, found, one)
+    return found
 
 
 def _read_on_host(t: torch.Tensor) -> bool:
@@ -274,6 +276,7 @@ class ANT:
     def to(self, device: Any) -> ANT:
         """Move the method's state to ``device`` (``attach`` does this for the model's device);
         build the optimiser from ``param_groups()`` after it."""
+        self._flush_observe()  # the last step's observe runs where its losses are
         if self.method.loss is not None:
             self.method.loss.to(device)
         return self
@@ -283,7 +286,13 @@ class ANT:
         loss = self.method.loss
         if loss is None:
             return
-        own = next(iter(loss.parameters()), None)
+        # the module's own tensors first (a dict lookup; the recursive generators cost ~20 us
+        # in a CPU training step)
+        own = next(iter(loss._parameters.values()), None)
+        if own is None:
+            own = next(iter(loss._buffers.values()), None)
+        if own is None:
+            own = next(iter(loss.parameters()), None)
         if own is None:
             own = next(iter(loss.buffers()), None)
         if own is not None and own.device != device:
@@ -388,7 +397,9 @@ class ANT:
             )
             return total
         if self.method.loss.fused_total is not None and not self.comm.active:
-            cid = self.clusters.cluster_of(t)
+            cid = self.sampler.cid_for(t)
+            if cid is None:
+                cid = self.clusters.cluster_of(t)
             inv, pf, present = self._inverse_counts(per, t, cid)
             total, L, c = self.method.loss.fused_total(per, cid, inv, pf)  # noqa: N806
             value = total.detach()  # finite iff every present cluster mean is (fused_total)

@@ -28,6 +28,7 @@ from ..clustering import Clusters
 
 MODES = ("proportional", "equal", "uniform")
 _MAX_PLACEMENTS = 256  # cached count vectors per sampler (batch sizes x remainder patterns)
+_HOST_DRAWS = 64  # host uniforms drawn per numpy call
 
 
 def allocate(B: int, shares: np.ndarray, mode: str, rng: np.random.Generator) -> np.ndarray:  # noqa: N803
@@ -70,8 +71,9 @@ class _Allocations:
         for a, b in zip(ends, ends[1:]):
             self.counts.append(np.array(_systematic(B, shares, mode, (a + b) / 2), np.int64))
 
-    def draw(self, rng: np.random.Generator) -> np.ndarray:
-        return self.counts[bisect.bisect_right(self.breaks, rng.random())].copy()
+    def draw(self, u: float) -> np.ndarray:
+        """The counts for start u in [0, 1) (a fresh array)."""
+        return self.counts[bisect.bisect_right(self.breaks, u)].copy()
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -81,17 +83,17 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device)
 
 
-def _placement(lo: np.ndarray, size: np.ndarray, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Per-sample first timestep and interval length on ``device`` (one copy)."""
-    parts = to_device(torch.from_numpy(np.stack([lo, size])), device)
-    return parts[0], parts[1]
+def _placement(*rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Per-sample int64 rows (first timestep, interval length, cluster id) on ``device`` in one
+    copy."""
+    parts = to_device(torch.from_numpy(np.stack(rows)), device)
+    return tuple(parts.unbind(0))
 
 
 def _place_on(r: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """t = lo + r mod size for uniform int64 r in [0, 2^62) (``_placement``'s parts): each
-    timestep of an interval has probability 1 / size up to less than 2^-62."""
-    lo, size = parts
-    return lo + r % size
+    """t = lo + r mod size for uniform int64 r in [0, 2^62) (``_placement``'s first two rows):
+    each timestep of an interval has probability 1 / size up to less than 2^-62."""
+    return parts[0] + r % parts[1]
 
 
 _DRAW_HIGH = 2**62  # r ~ U{0, ..., 2^62 - 1} for _place_on
@@ -115,10 +117,15 @@ class TimestepSampler:
         self.shares = clusters.sizes / clusters.T
         bounds = np.asarray(clusters.bounds, dtype=np.int64)
         self._lo, self._size = bounds[:-1], bounds[1:] - bounds[:-1]
-        self.last: tuple[torch.Tensor, np.ndarray, int] | None = None
+        self.last: tuple[torch.Tensor, np.ndarray, int, torch.Tensor | None] | None = None
         # device tensors per (count vector, device, use): see _cached
         self._placements: dict[tuple, tuple[tuple[torch.Tensor, ...], Any]] = {}
         self._allocations: dict[int, _Allocations] = {}  # per batch size (not "uniform")
+        # host uniforms drawn _HOST_DRAWS at a time (the same sequence as one call per step),
+        # the rng state before the batch, and how many of it were used
+        self._draws: list[float] = []
+        self._draws_state: dict[str, Any] | None = None
+        self._used = 0
 
     def sample(
         self,
@@ -138,17 +145,27 @@ class TimestepSampler:
                 table = _Allocations(int(B), self.shares, self.mode)
                 if len(self._allocations) < _MAX_PLACEMENTS:
                     self._allocations[int(B)] = table
-            counts = table.draw(self.rng)
+            counts = table.draw(self._uniform())
         r = torch.randint(0, _DRAW_HIGH, (int(B),), device=device, generator=generator)
 
         def build() -> tuple[torch.Tensor, ...]:
-            # per sample: the first timestep and the length of its cluster's interval
+            # per sample: the first timestep and the length of its cluster's interval, its cluster
             lo, size = np.repeat(self._lo, counts), np.repeat(self._size, counts)
-            return _placement(lo, size, r.device)
+            return _placement(lo, size, np.repeat(np.arange(len(counts)), counts), device=r.device)
 
-        t = _place_on(r, self._cached((counts.tobytes(), r.device, "place"), build))
-        self.remember(t, counts)
+        parts = self._cached((counts.tobytes(), r.device, "place"), build)
+        t = _place_on(r, parts)
+        self.remember(t, counts, parts[2])
         return t, counts
+
+    def _uniform(self) -> float:
+        """The next host uniform of ``rng`` (a numpy call per step costs ~50 us in a CPU
+        training step; a list lookup almost nothing)."""
+        if self._used == len(self._draws):
+            self._draws_state = self.rng.bit_generator.state
+            self._draws, self._used = self.rng.random(_HOST_DRAWS).tolist(), 0
+        self._used += 1
+        return self._draws[self._used - 1]
 
     def inverse_counts(self, counts: np.ndarray, device: torch.device) -> tuple[torch.Tensor, ...]:
         """1 / max(counts, 1) and presence counts > 0 as float32 [k] (both cached per count
@@ -191,9 +208,17 @@ class TimestepSampler:
         # copies and pickles rebuild the device cache (CUDA events do not pickle)
         return {**self.__dict__, "_placements": {}}
 
-    def remember(self, t: torch.Tensor, counts: np.ndarray) -> None:
-        """Record ``t`` (cluster-sorted, in [0, T)) and its host counts [k] as the last draw."""
-        self.last = (t, counts, _version(t))
+    def remember(
+        self, t: torch.Tensor, counts: np.ndarray, cid: torch.Tensor | None = None
+    ) -> None:
+        """Record ``t`` (cluster-sorted, in [0, T)), its host counts [k] and, if given, its
+        cluster ids (a read-only [B] tensor on t's device) as the last draw."""
+        self.last = (t, counts, _version(t), cid)
+
+    def cid_for(self, t: torch.Tensor) -> torch.Tensor | None:
+        """The cluster ids of ``t`` if ``counts_for(t)`` knows it and they were recorded (read
+        them, never write them: they are cached for later draws with the same counts)."""
+        return self.last[3] if self.counts_for(t) is not None else None
 
     def counts_for(self, t: torch.Tensor) -> np.ndarray | None:
         """The host counts of ``t`` if it is the tensor this sampler produced last, unchanged
@@ -203,7 +228,9 @@ class TimestepSampler:
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "rng": self.rng.bit_generator.state}
+        if self._used < len(self._draws):  # mid-batch: the state before it, and the position
+            return {"mode": self.mode, "rng": self._draws_state, "used": self._used}
+        return {"mode": self.mode, "rng": self.rng.bit_generator.state, "used": 0}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("mode") != self.mode:
@@ -212,3 +239,13 @@ class TimestepSampler:
                 f"{self.mode!r}; construct ANT(..., sampling={state.get('mode')!r})"
             )
         self.rng.bit_generator.state = state["rng"]
+        self._draws, self._used = [], 0
+        used = state.get("used", 0)
+        if isinstance(used, bool) or not isinstance(used, int) or not 0 <= used < _HOST_DRAWS:
+            raise ValueError(
+                f"sampler state 'used' must be an int in [0, {_HOST_DRAWS}), got {used!r}: the "
+                "checkpoint was not written by this version's sampler"
+            )
+        if used:
+            self._uniform()
+            self._used = used
