@@ -93,6 +93,33 @@ def test_slopes_equal_autograd_of_the_terms(cls):
         m.observe(L, present)
 
 
+@pytest.mark.parametrize("cls", LOSS_CLASSES)
+def test_grads_equal_autograd_of_the_total(cls):
+    """grads() (UW's closed form, the others' autograd default) == d total / d (L, parameters)
+    by autograd on the total, in float64, with an absent cluster."""
+    k = 5
+    present = _present(k, (3,))
+    m = cls(k).double()
+    if isinstance(m, UW):
+        with torch.no_grad():
+            m.s.copy_(torch.tensor([0.3, -0.7, 1.1, 0.0, -2.0]))
+    params = [p for p in m.parameters() if p.requires_grad]
+    for step in range(3):
+        L = _losses(k, step, present)
+        c, grads = m.grads(L, present)
+        Lr = L.clone().requires_grad_(True)
+        ref = torch.autograd.grad(m(Lr, present), [Lr, *params], allow_unused=True)
+        torch.testing.assert_close(c, ref[0], rtol=1e-12, atol=0)
+        assert len(grads) == len(params) and not c.requires_grad
+        for g, r in zip(grads, ref[1:]):
+            assert (g is None) is (r is None)
+            if g is not None:
+                assert not g.requires_grad and g.dtype == r.dtype
+                torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-15)
+        m.observe(L, present)
+    assert params or cls is not UW
+
+
 # ---------------------------------------------------------------- LS, RLW
 def test_ls_is_mean_over_present():
     k = 5

@@ -635,18 +635,15 @@ class ANT:
         if loss_m is None:
             return torch.ones_like(L_global)
         params = [p for p in loss_m.parameters() if p.requires_grad]
-        Lr = L_global.detach().clone().requires_grad_(True)  # noqa: N806
-        terms = loss_m.transform(Lr, present)
-        grads = torch.autograd.grad(terms.sum(), [Lr, *params], allow_unused=True)
+        c, grads = loss_m.grads(L_global, present)
         scale = scaler._scale.reshape(()) if _scaling(scaler) else None
-        for p, g in zip(params, grads[1:]):
+        for p, g in zip(params, grads):
             if g is None:
                 continue
             g = torch.where(finite, g, 0.0)  # a non-finite step leaves the method untouched
             g = g * scale if scale is not None else g
             p.grad = g if p.grad is None else p.grad + g
-        c = grads[0]
-        return torch.zeros_like(L_global) if c is None else c.detach()
+        return c
 
     def _grad_buffer(self) -> GradBuffer:
         model = self._model

@@ -176,6 +176,18 @@ class LossMethod(torch.nn.Module):
             (c,) = torch.autograd.grad(self.transform(Lr, present).sum(), Lr, allow_unused=True)
         return torch.zeros_like(L) if c is None else c.detach()
 
+    def grads(self, L: Tensor, present: Tensor) -> tuple[Tensor, list[Tensor | None]]:
+        """The slopes dT/dL [k] and dT/dp for each parameter p of ``parameters()`` that requires
+        grad (None where T does not depend on p), at ``L``, detached: what a gradient-method
+        step needs from the loss method. By autograd; subclasses may give the closed form."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        with torch.enable_grad():
+            Lr = L.detach().clone().requires_grad_(True)  # noqa: N806
+            total = self.transform(Lr, present).sum()
+            out = torch.autograd.grad(total, [Lr, *params], allow_unused=True)
+        c = torch.zeros_like(L) if out[0] is None else out[0].detach()
+        return c, [None if g is None else g.detach() for g in out[1:]]
+
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimiser groups for learnable parameters ([] when there are none)."""
         return []

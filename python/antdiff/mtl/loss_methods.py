@@ -74,6 +74,11 @@ class UW(LossMethod):
         check_losses(L, present, self.k)
         return torch.where(present, torch.exp(-self.s.detach().to(L.dtype)), 0.0) * (0.5 / self.k)
 
+    def grads(self, L: Tensor, present: Tensor) -> tuple[Tensor, list[Tensor | None]]:
+        """Closed form: slopes c_i and d T / d s_i = 1/2 - c_i L_i (0 where absent)."""
+        c = self.slopes(L, present)
+        return c, [torch.where(present, 0.5 - c * L, 0.0).to(self.s.dtype)]
+
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": [self.s], "lr": self.lr, "weight_decay": 0.0}]
 
