@@ -56,12 +56,14 @@ void NashWeightsAt(uintptr_t gram, int64_t k, int64_t iters, bool normalize, uin
 }
 
 void UwForwardAt(uintptr_t per, uintptr_t cid, int64_t B, uintptr_t inv, uintptr_t present,
-                 uintptr_t s, int64_t k, uintptr_t out) {
-  // out: float32 [4k + 1] = L, c, coef, ds, total
-  float* o = Address<float>(out);
+                 uintptr_t s, int64_t k, uintptr_t total, uintptr_t lc, uintptr_t saved) {
+  // lc: float32 [2k] = L, c; saved: float32 [2k] = coef, ds
+  float* l_c = Address<float>(lc);
+  float* coef_ds = Address<float>(saved);
   ant::UwForward(Address<const float>(per), Address<const int64_t>(cid), B,
                  Address<const float>(inv), Address<const float>(present),
-                 Address<const float>(s), k, o + 4 * k, o, o + k, o + 2 * k, o + 3 * k);
+                 Address<const float>(s), k, Address<float>(total), l_c, l_c + k, coef_ds,
+                 coef_ds + k);
 }
 
 void UwBackwardAt(uintptr_t g, uintptr_t coef, uintptr_t cid, int64_t B, uintptr_t d_per) {
@@ -103,10 +105,12 @@ Raises:
         "C-contiguous host buffers: gram float64 [k, k], alpha float64 [k] (written). Use "
         "antdiff.mtl.native, which checks the tensors.");
   m.def("uw_forward", &UwForwardAt, py::arg("per"), py::arg("cid"), py::arg("B"), py::arg("inv"),
-        py::arg("present"), py::arg("s"), py::arg("k"), py::arg("out"),
+        py::arg("present"), py::arg("s"), py::arg("k"), py::arg("total"), py::arg("lc"),
+        py::arg("saved"),
         "Uncertainty weighting's reduction (see csrc/step_ops.h). Addresses of C-contiguous "
-        "host buffers: per float32 [B], cid int64 [B], inv, present, s float32 [k]; out float32 "
-        "[4k + 1] (written: L, c, coef, ds, total). Use antdiff.mtl.native.");
+        "host buffers: per float32 [B], cid int64 [B], inv, present, s float32 [k]; written: "
+        "total float32 0-d, lc float32 [2k] (L, c), saved float32 [2k] (coef, ds). Use "
+        "antdiff.mtl.native.");
   m.def("uw_backward", &UwBackwardAt, py::arg("g"), py::arg("coef"), py::arg("cid"), py::arg("B"),
         py::arg("d_per"),
         "d_per[n] = g * coef[cid[n]] (float32 g 0-d, coef [k], int64 cid [B], d_per [B] written). "

@@ -62,7 +62,8 @@ if [ "$STAGE" = all ] || [ "$STAGE" = tests ]; then
         tests/test_no_sync.py::test_cuda_fused_optimizer_skip_check_has_no_host_sync \
         tests/test_engine.py::test_gpu_step_has_no_host_sync tests/test_mtl.py::test_cuda_no_sync \
         tests/test_onepass.py::test_registry_models_equal_micro \
-        tests/test_train.py::test_cuda_train_step_has_no_host_sync
+        tests/test_train.py::test_cuda_train_step_has_no_host_sync \
+        tests/test_telemetry.py::test_updates_and_folds_have_no_host_sync_on_cuda
     tail -15 "$W/tests.log"
     keep
 fi

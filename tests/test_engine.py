@@ -226,6 +226,26 @@ def test_allocation_table_equals_systematic_sampling(mode):
             assert got.sum() == B
 
 
+@pytest.mark.parametrize("mode", ["proportional", "equal"])
+def test_sampler_counts_equal_one_allocate_per_step(mode, monkeypatch):
+    """Whatever the batch sizes (whole quotas that need no draw, more sizes than the tables
+    kept), the count vectors follow the sequence ``allocate`` gives with the same seed."""
+    import antdiff.engine.timesteps as ts
+
+    monkeypatch.setattr(ts, "_MAX_PLACEMENTS", 3)
+    clusters = Clusters((0, 10, 40, 50, 60, 100))
+    sampler, ref = TimestepSampler(clusters, mode=mode, seed=2), np.random.default_rng(2)
+    sizes = [10, 7, 20, 13, 10, 33, 7, 40, 11] * 12
+    got = [sampler.sample(B)[1].tolist() for B in sizes]
+    want = [allocate(B, clusters.sizes / 100, mode, ref).tolist() for B in sizes]
+    assert got == want
+    assert len(sampler._allocations) == 3
+    state = sampler.state_dict()
+    with pytest.raises(ValueError, match="'used'"):
+        sampler.load_state_dict({**state, "used": -1})
+    assert sampler.state_dict() == state  # a refused state changes nothing
+
+
 def test_allocation_table_draw_follows_the_sampler_rng():
     """Two samplers with the same seed draw the same count vectors, also through a state_dict
     round trip; the counts handed out are the caller's to keep."""
@@ -786,6 +806,35 @@ def test_uw_fused_reduce_over_steps_with_changing_counts(mode, uw_path):
     assert len(uw_path[1]) == (7 if uw_path[0] == "native" else 0)
 
 
+@pytest.mark.parametrize("default_dtype", [torch.float32, torch.float64])
+def test_uw_fused_reduce_allows_in_place_scaling_under_any_default_dtype(uw_path, default_dtype):
+    """``loss /= n`` (gradient accumulation) before backward works on both paths, and a float64
+    default dtype changes nothing for float32 losses (the C++ path's buffers are float32)."""
+    from antdiff.mtl import UW
+
+    _, ant = setup("uw")
+    ref = UW(4)
+    t = ant.sample_timesteps(10)
+    per = (torch.rand(10, generator=torch.Generator().manual_seed(5)) + 0.1).requires_grad_(True)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(default_dtype)
+    try:
+        loss = ant.reduce(per, t)
+        loss /= 4
+        loss.backward()
+    finally:
+        torch.set_default_dtype(prev)
+    per2 = per.detach().clone().requires_grad_(True)
+    cid = ant.clusters.cluster_of(t)
+    counts = torch.bincount(cid, minlength=4).float()
+    L = torch.zeros(4).index_add(0, cid, per2) / counts.clamp(min=1)
+    (ref.transform(L, counts > 0).sum() / 4).backward()
+    torch.testing.assert_close(loss.detach(), ref.transform(L.detach(), counts > 0).sum() / 4)
+    torch.testing.assert_close(per.grad, per2.grad)
+    torch.testing.assert_close(ant.method.loss.s.grad, ref.s.grad)
+    assert len(uw_path[1]) == (uw_path[0] == "native")
+
+
 def test_uw_fused_reduce_refuses_double_backward(uw_path):
     _, ant = setup("uw")
     t = ant.sample_timesteps(8)
@@ -872,9 +921,10 @@ def test_gradient_check_covers_mixed_dtypes_and_sparse_gradients(bad_at):
     elif bad_at == 2:
         nan_row = [[float("nan"), 0.0]]
         emb.weight.grad = torch.sparse_coo_tensor([[1]], nan_row, (4, 2), check_invariants=True)
-    flags = _grads_nonfinite(opt, {})
+    buffers: dict = {}
+    flags = _grads_nonfinite(opt, buffers)
     assert bool(sum(f for f in flags) > 0) is (bad_at is not None)
     a.grad[2] = float("nan") if bad_at is None else 1.0  # the buffers are reused across calls
     b.grad[0], emb.weight.grad = 1.0, None
-    flags = _grads_nonfinite(opt, {})
+    flags = _grads_nonfinite(opt, buffers)
     assert len(flags) == 1 and bool(flags[0] > 0) is (bad_at is None)

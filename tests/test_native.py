@@ -195,8 +195,15 @@ def test_uw_serves_only_contiguous_cpu_float32():
     assert not native.serves_uw(per.to("meta"), s, cid, inv, present)
 
 
-def test_uw_forward_refuses_a_cluster_id_out_of_range():
+def test_uw_forward_refuses_bad_input():
     per, s, cid, inv, present = _uw_inputs(4, 16, 2)
+    with pytest.raises(ValueError, match="needs per, cid"):
+        native.uw_forward(per, s, cid[:-1], inv, present)
+    with pytest.raises(ValueError, match="needs per, cid"):
+        native.uw_forward(per, s, cid, torch.ones(5), present)
     cid[5] = 4
     with pytest.raises(ValueError, match="cluster id 4 outside"):
         native.uw_forward(per, s, cid, inv, present)
+    uw = make_method("uw", 4).loss
+    with pytest.raises(ValueError, match="inv must be"):
+        uw.fused_total(per, cid[:-1], inv, present)

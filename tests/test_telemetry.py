@@ -103,9 +103,10 @@ def test_a_step_found_nonfinite_later_is_not_counted_as_finite(folded_first):
     tel.count_nonfinite(torch.tensor(True), torch.tensor(False))
     snap = tel.snapshot()
     assert snap["nonfinite_steps"] == _expected(steps)["nonfinite_steps"] + 1
-    if not folded_first:  # the step's losses left the running means
-        L, present, _, G = steps[-1]  # noqa: N806
-        _check(snap, [*steps[:-1], (L, present, torch.tensor(False), G)])
+    L, present, _, G = steps[-1]  # noqa: N806
+    assert G is None  # a loss-space step, the only kind ant.step re-flags
+    # either way the step's losses left the running means
+    _check(snap, [*steps[:-1], (L, present, torch.tensor(False), G)])
 
 
 def test_update_queues_no_operators_between_folds():
@@ -128,3 +129,20 @@ def test_update_queues_no_operators_between_folds():
     with Count():
         tel.update(steps[0][0], w, *steps[0][1:])
     assert Count.n > 0  # the fold
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
+def test_updates_and_folds_have_no_host_sync_on_cuda():
+    """Every update, including the folds (steps with and without a Gram matrix), stays on the
+    device."""
+    steps = [[x.cuda() if x is not None else None for x in s] for s in _steps(2 * FOLD + 3)]
+    w = torch.ones(K, device="cuda")
+    tel = Telemetry(K)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for L, present, finite, G in steps:  # noqa: N806
+            tel.update(L, w, present, finite, G)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    _check(tel.snapshot(), [[x.cpu() if x is not None else None for x in s] for s in steps])

@@ -14,10 +14,11 @@ FOLD = 32
 class Telemetry:
     """Cluster losses, weights, cosine matrix and PCGrad conflict counts.
 
-    ``update`` queues no device work: it keeps the step's tensors (fresh ones, never written
-    again) and folds them into the running sums every ``FOLD`` steps, or when ``snapshot`` or
-    ``state_dict`` asks (both called by loggers and checkpoints, outside the step; ``snapshot``
-    is the one place that copies to the host).
+    ``update`` queues no device work: it keeps the step's tensors (fresh ones that the engine
+    never writes again; ``ant.last``'s tensors are read-only for the same reason) and folds
+    them into the running sums every ``FOLD`` steps, or when ``snapshot`` or ``state_dict``
+    asks (both called by loggers and checkpoints, outside the step; ``snapshot`` is the one
+    place that copies to the host).
     """
 
     def __init__(self, k: int) -> None:
@@ -26,6 +27,7 @@ class Telemetry:
         self.steps = 0
         # per step not yet folded: [L, present, finite, G or None]
         self._pending: list[list[Any]] = []
+        self._last_folded: tuple[torch.Tensor, torch.Tensor] | None = None  # its L, present
 
     def _acc(self, name: str, value: torch.Tensor) -> None:
         prev = self.t.get(name)
@@ -60,8 +62,14 @@ class Telemetry:
         implies before): its gradients were found non-finite after ``update`` recorded it."""
         if self._pending:  # the running sums fold the final flag of every step
             self._pending[-1][2] = after
-        else:  # already folded (a state_dict between the step's reduce and ant.step)
-            self._acc("nonfinite_steps", (before ^ after).float())
+        else:  # already folded (a checkpoint between the step's reduce and ant.step)
+            dropped = before ^ after
+            self._acc("nonfinite_steps", dropped.float())
+            if self._last_folded is not None:  # take its losses back out of the running sums
+                L, present = self._last_folded  # noqa: N806
+                out = present & dropped.to(present.device)
+                self._acc("loss_sum", -torch.where(out, L, 0.0))
+                self._acc("loss_count", -out.float())
         self.t["finite"] = after
 
     @staticmethod
@@ -83,16 +91,21 @@ class Telemetry:
         self._acc("nonfinite_steps", (~finite).float().sum())
         self._acc("loss_sum", torch.where(counted, L, 0.0).sum(0))
         self._acc("loss_count", counted.float().sum(0))
-        grams = [i for i, p in enumerate(pending) if p[3] is not None]
+        self._last_folded = (L[-1], present[-1])
+        grams = [p for p in pending if p[3] is not None]
         if not grams:
             return
-        cos = self._cosine(torch.stack([pending[i][3].to(dev) for i in grams]))
-        pres, fin = present[grams], finite[grams]
+        cos = self._cosine(torch.stack([p[3].to(dev) for p in grams]))
+        pres, fin = present, finite
+        if len(grams) < len(pending):  # stacked again: indexing with a list would copy the
+            # index to the device, a host sync on CUDA
+            pres = torch.stack([p[1].to(dev) for p in grams])
+            fin = torch.stack([p[2].to(dev).reshape(()) for p in grams])
         both = (pres[:, :, None] & pres[:, None, :] & fin[:, None, None]).float()
         self._acc("cosine_sum", torch.where(both > 0, cos, 0.0).sum(0))
         self._acc("conflict_count", (both * (cos < 0).float()).sum(0))
         self._acc("pair_count", both.sum(0))
-        self.t["cosine"] = cos[-1]  # of the last step that had a Gram matrix
+        self.t["cosine"] = cos[-1].clone()  # of the last step with a Gram (not a view of all)
 
     def snapshot(self) -> dict[str, Any]:
         """Host copies: last-step values and running means (a sync; call outside the step)."""
@@ -123,5 +136,5 @@ class Telemetry:
 
     def load_state_dict(self, d: dict[str, Any], device: Any = None) -> None:
         self.steps = int(d["steps"])
-        self._pending = []
+        self._pending, self._last_folded = [], None
         self.t = {k: v.to(device) if device is not None else v for k, v in d["t"].items()}

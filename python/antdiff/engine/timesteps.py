@@ -16,6 +16,7 @@ Modes:
 from __future__ import annotations
 
 import bisect
+import copy
 import itertools
 import math
 from collections.abc import Callable
@@ -35,14 +36,25 @@ def allocate(B: int, shares: np.ndarray, mode: str, rng: np.random.Generator) ->
     """Per-cluster sample counts [k] (int64, sum B) for one step."""
     if mode == "uniform":
         return rng.multinomial(B, shares).astype(np.int64)
-    return np.array(_systematic(B, shares, mode, rng.random()), dtype=np.int64)
+    start = rng.random() if _extra(B, shares, mode) else 0.0  # a draw only where one is needed
+    return np.array(_systematic(B, shares, mode, start), dtype=np.int64)
+
+
+def _quota(B: int, shares: np.ndarray, mode: str) -> list[float]:  # noqa: N803
+    k = len(shares)
+    return [B / k] * k if mode == "equal" else [B * float(s) for s in shares]
+
+
+def _extra(B: int, shares: np.ndarray, mode: str) -> int:  # noqa: N803
+    """Samples left after every cluster's floor(quota): those systematic sampling places."""
+    return B - sum(math.floor(q) for q in _quota(B, shares, mode))
 
 
 def _systematic(B: int, shares: np.ndarray, mode: str, start: float) -> list[int]:  # noqa: N803
     """Counts [k] of B samples from floor(quota) plus the remainders by systematic sampling
     from ``start`` in [0, 1): the inclusion probability of cluster i is exactly its fraction."""
     k = len(shares)
-    quota = [B / k] * k if mode == "equal" else [B * float(s) for s in shares]
+    quota = _quota(B, shares, mode)
     counts = [math.floor(q) for q in quota]
     edges = list(itertools.accumulate(q - c for q, c in zip(quota, counts)))
     for j in range(B - sum(counts)):
@@ -62,9 +74,8 @@ class _Allocations:
     """
 
     def __init__(self, B: int, shares: np.ndarray, mode: str) -> None:  # noqa: N803
-        k = len(shares)
-        quota = [B / k] * k if mode == "equal" else [B * float(s) for s in shares]
-        edges = itertools.accumulate(q - math.floor(q) for q in quota)
+        self.extra = _extra(B, shares, mode)  # 0: no draw (as ``allocate``)
+        edges = itertools.accumulate(q - math.floor(q) for q in _quota(B, shares, mode))
         self.breaks = sorted({f for e in edges if 0.0 < (f := e - math.floor(e)) < 1.0})
         ends = [0.0, *self.breaks, 1.0]
         self.counts = []
@@ -141,11 +152,13 @@ class TimestepSampler:
             counts = allocate(int(B), self.shares, self.mode, self.rng)
         else:
             table = self._allocations.get(int(B))
-            if table is None:
-                table = _Allocations(int(B), self.shares, self.mode)
-                if len(self._allocations) < _MAX_PLACEMENTS:
-                    self._allocations[int(B)] = table
-            counts = table.draw(self._uniform())
+            if table is None and len(self._allocations) < _MAX_PLACEMENTS:
+                table = self._allocations[int(B)] = _Allocations(int(B), self.shares, self.mode)
+            if table is not None:
+                counts = table.draw(self._uniform() if table.extra else 0.0)
+            else:  # too many batch sizes to keep tables for: one allocation
+                u = self._uniform() if _extra(int(B), self.shares, self.mode) else 0.0
+                counts = np.array(_systematic(int(B), self.shares, self.mode, u), np.int64)
         r = torch.randint(0, _DRAW_HIGH, (int(B),), device=device, generator=generator)
 
         def build() -> tuple[torch.Tensor, ...]:
@@ -229,7 +242,7 @@ class TimestepSampler:
 
     def state_dict(self) -> dict[str, Any]:
         if self._used < len(self._draws):  # mid-batch: the state before it, and the position
-            return {"mode": self.mode, "rng": self._draws_state, "used": self._used}
+            return {"mode": self.mode, "rng": copy.deepcopy(self._draws_state), "used": self._used}
         return {"mode": self.mode, "rng": self.rng.bit_generator.state, "used": 0}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -238,14 +251,14 @@ class TimestepSampler:
                 f"checkpoint sampled timesteps with mode {state.get('mode')!r}, this engine uses "
                 f"{self.mode!r}; construct ANT(..., sampling={state.get('mode')!r})"
             )
-        self.rng.bit_generator.state = state["rng"]
-        self._draws, self._used = [], 0
         used = state.get("used", 0)
         if isinstance(used, bool) or not isinstance(used, int) or not 0 <= used < _HOST_DRAWS:
             raise ValueError(
                 f"sampler state 'used' must be an int in [0, {_HOST_DRAWS}), got {used!r}: the "
                 "checkpoint was not written by this version's sampler"
             )
+        self.rng.bit_generator.state = state["rng"]
+        self._draws, self._used = [], 0
         if used:
             self._uniform()
             self._used = used

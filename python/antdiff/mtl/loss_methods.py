@@ -96,12 +96,18 @@ class UW(LossMethod):
         exp(-s_i) / 2k multiplies it, and a slope that is 0 or inf makes the product NaN. It is
         also NaN where s_i is not finite or exp(-s_i) overflows (s_i < -87), present or not: the
         engine then skips the step as non-finite. CPU float32 inputs take one C++ call
-        (csrc/step_ops.h), everything else torch operators; both give the same values.
+        (csrc/step_ops.h, cluster sums in float64), everything else torch operators (float32
+        sums): the same values up to rounding.
         """
         if present.shape != (self.k,) or present.dtype != torch.float32:
             raise ValueError(
                 f"present must be float32 [k]=[{self.k}] here, got {tuple(present.shape)} "
                 f"{present.dtype}"
+            )
+        if inv.shape != (self.k,) or cid.shape != per.shape:
+            raise ValueError(
+                f"inv must be [k]=[{self.k}] and cid shaped like per {tuple(per.shape)}, got "
+                f"{tuple(inv.shape)} and {tuple(cid.shape)}"
             )
         return _UWTotal.apply(per, self.s, cid, inv, present)
 

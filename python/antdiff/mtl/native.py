@@ -74,10 +74,11 @@ def nash_weights(G: torch.Tensor, iters: int = 20, normalize: bool = True) -> to
 
 
 def serves_uw(*tensors: torch.Tensor) -> bool:
-    """Whether UW's reduction runs in C++ for these tensors: the extension is built, every
-    tensor is a C-contiguous CPU tensor, int64 for the cluster ids (the third), else float32.
-    (Not tied to the kernel policy: no Triton kernel does this reduction.)"""
-    if _C is None:
+    """Whether UW's reduction runs in C++ for these tensors: the extension is built, torch is
+    not tracing (torch.compile), every tensor is a C-contiguous CPU tensor, int64 for the
+    cluster ids (the third), else float32. (Not tied to the kernel policy: no Triton kernel
+    does this reduction.)"""
+    if _C is None or torch.compiler.is_compiling():
         return False
     for i, x in enumerate(tensors):
         want = torch.int64 if i == 2 else torch.float32
@@ -86,22 +87,34 @@ def serves_uw(*tensors: torch.Tensor) -> bool:
     return True
 
 
+_HOST32 = {"dtype": torch.float32, "device": "cpu"}  # whatever torch's defaults are
+
+
 def uw_forward(per, s, cid, inv, present) -> tuple[torch.Tensor, ...]:
     """UW's reduction of per-sample losses ``per`` [B] in clusters ``cid`` [B] with 1 / counts
     ``inv`` [k], presence ``present`` [k] (float 1 / 0) and log-variances ``s`` [k] (tensors
-    that ``serves_uw`` accepts): total (0-d), L, c, coef, ds [k] (csrc/step_ops.h)."""
+    that ``serves_uw`` accepts): total (0-d), L, c, coef, ds [k] (csrc/step_ops.h). Three
+    separate tensors: the total, L and c (the caller's), coef and ds (for the backward)."""
     k, B = inv.shape[0], per.shape[0]  # noqa: N806
-    out = torch.empty(4 * k + 1)
+    if per.shape != (B,) or cid.shape != (B,) or s.shape != (k,) or present.shape != (k,):
+        raise ValueError(
+            f"uw_forward needs per, cid [B] and s, inv, present [k]; got per "
+            f"{tuple(per.shape)}, cid {tuple(cid.shape)}, s {tuple(s.shape)}, inv "
+            f"{tuple(inv.shape)}, present {tuple(present.shape)}"
+        )
+    total = torch.empty((), **_HOST32)
+    Lc, saved = torch.empty(2 * k, **_HOST32), torch.empty(2 * k, **_HOST32)  # noqa: N806
     _C.uw_forward(
         per.data_ptr(), cid.data_ptr(), B, inv.data_ptr(), present.data_ptr(), s.data_ptr(),
-        k, out.data_ptr(),
+        k, total.data_ptr(), Lc.data_ptr(), saved.data_ptr(),
     )  # fmt: skip
-    L, c, coef, ds, total = out.split([k, k, k, k, 1])  # noqa: N806
-    return total.view(()), L, c, coef, ds
+    L, c = Lc.split(k)  # noqa: N806
+    coef, ds = saved.split(k)
+    return total, L, c, coef, ds
 
 
 def uw_backward(g, coef, cid) -> torch.Tensor:
     """d per_n = g * coef[cid_n] (float32 [B]; g 0-d, coef [k], cid [B] as for uw_forward)."""
-    d_per = torch.empty(cid.shape[0])
+    d_per = torch.empty(cid.shape[0], **_HOST32)
     _C.uw_backward(g.data_ptr(), coef.data_ptr(), cid.data_ptr(), cid.shape[0], d_per.data_ptr())
     return d_per
