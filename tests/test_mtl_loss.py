@@ -75,15 +75,20 @@ def test_uw_absent_cluster_gets_no_gradient_even_if_nan():
     assert L.grad[1] == 0
 
 
-@pytest.mark.parametrize("cls", LOSS_CLASSES)
-def test_slopes_equal_autograd_of_the_terms(cls):
-    """slopes() (closed form where a method gives one) == d terms_i / d L_i by autograd."""
+def _method_with_absent_cluster(cls):
+    """k = 5, cluster 3 absent, the method in float64 (UW with s away from 0)."""
     k = 5
-    present = _present(k, (3,))
     m = cls(k).double()
     if isinstance(m, UW):
         with torch.no_grad():
             m.s.copy_(torch.tensor([0.3, -0.7, 1.1, 0.0, -2.0]))
+    return k, _present(k, (3,)), m
+
+
+@pytest.mark.parametrize("cls", LOSS_CLASSES)
+def test_slopes_equal_autograd_of_the_terms(cls):
+    """slopes() (closed form where a method gives one) == d terms_i / d L_i by autograd."""
+    k, present, m = _method_with_absent_cluster(cls)
     for step in range(3):  # stateful methods (DWA, FAMO) move between steps
         L = _losses(k, step, present)
         c = m.slopes(L, present)
@@ -97,12 +102,7 @@ def test_slopes_equal_autograd_of_the_terms(cls):
 def test_grads_equal_autograd_of_the_total(cls):
     """grads() (UW's closed form, the others' autograd default) == d total / d (L, parameters)
     by autograd on the total, in float64, with an absent cluster."""
-    k = 5
-    present = _present(k, (3,))
-    m = cls(k).double()
-    if isinstance(m, UW):
-        with torch.no_grad():
-            m.s.copy_(torch.tensor([0.3, -0.7, 1.1, 0.0, -2.0]))
+    k, present, m = _method_with_absent_cluster(cls)
     params = [p for p in m.parameters() if p.requires_grad]
     for step in range(3):
         L = _losses(k, step, present)
