@@ -108,6 +108,34 @@ def _fold(x, M: tl.constexpr, N: tl.constexpr, BF: tl.constexpr, FOLD: tl.conste
 
 
 @jit
+def _chain(acc, p, M: tl.constexpr, N: tl.constexpr, BF: tl.constexpr, FOLD: tl.constexpr):
+    """acc [M, N, BF] + the sums of each thread's FOLD adjacent columns of the products p
+    [M, N, BF * FOLD], added one column at a time (the same grouping as ``_fold``): every
+    product then has one use, which the compiler contracts with its add into one FMA, where
+    ``_fold``'s sum tree needs a multiply and an add per product. FOLD <= 8."""
+    if FOLD == 1:
+        out = acc + p
+    elif FOLD == 2:
+        e, o = tl.split(tl.reshape(p, [M, N, BF, 2]))
+        out = acc + e + o
+    elif FOLD == 4:  # halves by column parity, twice: column c * FOLD + j ends in part j
+        e, o = tl.split(tl.reshape(p, [M, N, 2 * BF, 2]))
+        e0, e1 = tl.split(tl.reshape(e, [M, N, BF, 2]))
+        o0, o1 = tl.split(tl.reshape(o, [M, N, BF, 2]))
+        out = acc + e0 + e1 + o0 + o1
+    else:
+        e, o = tl.split(tl.reshape(p, [M, N, 4 * BF, 2]))
+        e0, e1 = tl.split(tl.reshape(e, [M, N, 2 * BF, 2]))
+        o0, o1 = tl.split(tl.reshape(o, [M, N, 2 * BF, 2]))
+        e00, e01 = tl.split(tl.reshape(e0, [M, N, BF, 2]))
+        e10, e11 = tl.split(tl.reshape(e1, [M, N, BF, 2]))
+        o00, o01 = tl.split(tl.reshape(o0, [M, N, BF, 2]))
+        o10, o11 = tl.split(tl.reshape(o1, [M, N, BF, 2]))
+        out = acc + e00 + e01 + e10 + e11 + o00 + o01 + o10 + o11
+    return out
+
+
+@jit
 def _gram_split_kernel(
     p_J,
     p_W,
@@ -121,13 +149,15 @@ def _gram_split_kernel(
     CHUNKS: tl.constexpr,
     STAGES: tl.constexpr,
     FOLD: tl.constexpr,
+    CHAIN: tl.constexpr,
 ):
     """k <= 8 in one program per span, every row read once: rows [0, TA) form tile A and rows
     [TA, TA + TB) tile B (TB = 0: no B), so G = [[A A^T, A B^T], [B A^T, B B^T]] needs only the
     TA^2 + TA TB + TB^2 products per column (21 at k = 5 = 4 + 1, against 64 for one tile of 8).
     The transposed tiles are permutations of registers each thread already holds. FOLD > 1 sums
     each thread's FOLD adjacent columns into one accumulator column every chunk: FOLD times
-    fewer accumulator registers (more programs in flight), the same fixed summation order."""
+    fewer accumulator registers (more programs in flight), the same fixed summation order.
+    CHAIN = 1 adds the FOLD columns one by one (``_chain``: FMAs) instead of as a tree."""
     BF: tl.constexpr = BLOCK_P // FOLD
     i_s = tl.program_id(1)
     o_a = tl.arange(0, TA)
@@ -148,13 +178,20 @@ def _gram_split_kernel(
         o_c = o_p[None, None, :] * s_p
         # [TA, 1, BLOCK_P]
         b_a = tl.load(p_a + o_c, mask=m_a[:, None, None] & m_p, other=0.0).to(tl.float32)
-        b_aa += _fold(b_a * tl.permute(b_a, (1, 0, 2)), TA, TA, BF, FOLD)
+        if CHAIN:
+            b_aa = _chain(b_aa, b_a * tl.permute(b_a, (1, 0, 2)), TA, TA, BF, FOLD)
+        else:
+            b_aa += _fold(b_a * tl.permute(b_a, (1, 0, 2)), TA, TA, BF, FOLD)
         if TB > 0:
             # [TB, 1, BLOCK_P]
             b_b = tl.load(p_b + o_c, mask=m_b[:, None, None] & m_p, other=0.0).to(tl.float32)
             b_bt = tl.permute(b_b, (1, 0, 2))
-            b_ab += _fold(b_a * b_bt, TA, TB, BF, FOLD)
-            b_bb += _fold(b_b * b_bt, TB, TB, BF, FOLD)
+            if CHAIN:
+                b_ab = _chain(b_ab, b_a * b_bt, TA, TB, BF, FOLD)
+                b_bb = _chain(b_bb, b_b * b_bt, TB, TB, BF, FOLD)
+            else:
+                b_ab += _fold(b_a * b_bt, TA, TB, BF, FOLD)
+                b_bb += _fold(b_b * b_bt, TB, TB, BF, FOLD)
     p_W = p_W + i_s.to(tl.int64) * K * K
     tl.store(p_W + o_a[:, None] * K + o_a[None, :], tl.sum(b_aa, axis=2),
              mask=m_a[:, None] & m_a[None, :])  # fmt: skip
@@ -167,7 +204,7 @@ def _gram_split_kernel(
                  mask=m_b[:, None] & m_b[None, :])  # fmt: skip
 
 
-# (TB, VEC, CHUNKS, num_warps, STAGES[, FOLD]) configurations timed against each other on a
+# (TB, VEC, CHUNKS, num_warps, STAGES[, FOLD[, CHAIN]]) configurations timed against each other on a
 # GPU (benchmarks/bench_kernels.py::test_gram_tiling_cuda) and tested there; STAGES > 1
 # software-pipelines the chunk loads through shared memory. TB = 0 selects _gram_split_kernel
 # (k <= 8; its tiles follow from k). All were timed on an H200 (results/gram_tilings_h200.md).
@@ -183,6 +220,14 @@ TILINGS = [
     # in flight; bf16's loop issues 287 instructions per 80 bytes against fp32's 137 (sm_90
     # SASS: bf16 -> fp32 shifts, and twice the products per byte)
     (0, 16, 16, 4, 1, 16), (0, 16, 8, 4, 2, 16),
+    # not yet timed: CHAIN = 1 adds the folded columns as FMAs. Static sm_90 SASS at k = 5 with
+    # one 16-byte load per row and thread (the first entry for fp32, the second for bf16): bf16
+    # 168 FFMA where the sum tree issues 60 FMUL + 60 FFMA + 66 FADD, 56 registers against 71;
+    # fp32 84 FFMA against 96 instructions. The chain cannot share the symmetric products the
+    # tree shares (16 accumulators of A A^T against 10 sums), hence the modest saving. With two
+    # loads per row (fp32 VEC = 8) or 8-byte loads (bf16 VEC = 4) the splits go through shared
+    # memory (60 STS, 62 BAR): expect those two combinations to time slower.
+    (0, 4, 16, 4, 1, 4, 1), (0, 8, 16, 4, 1, 8, 1),
 ]  # fmt: skip
 
 
@@ -219,7 +264,7 @@ def _plan(
     """(grid, constexpr and launch options) for J [k, P]; ``config`` replaces ``_config``."""
     k, P = J.shape
     tb, vec, ch, warps, *rest = config or _config(k, J.dtype.itemsize)
-    stages, fold = (*rest, 1, 1)[:2]
+    stages, fold, chain = (*rest, *(1, 1, 0)[len(rest) :])
     bp = block_p or (4096 if interpreting() else 32 * warps * vec)
     ch = chunks or ch
     spans = -(-P // (bp * ch))
@@ -229,10 +274,14 @@ def _plan(
         ta = min(4, 1 << (k.bit_length() - 1))
         rest_b = k - ta
         meta = {"TA": ta, "TB": next_pow2(rest_b, 1) if rest_b else 0}
+        if chain and fold > 8:
+            raise ValueError(f"CHAIN serves FOLD <= 8, got config {config}")
         return (1, spans), {**meta, "BLOCK_P": bp, "CHUNKS": ch, "STAGES": stages,
-                            "FOLD": fold, "num_warps": warps}  # fmt: skip
-    if fold != 1:
-        raise ValueError(f"FOLD applies to the split kernel (TB = 0) only, got config {config}")
+                            "FOLD": fold, "CHAIN": chain, "num_warps": warps}  # fmt: skip
+    if fold != 1 or chain:
+        raise ValueError(
+            f"FOLD and CHAIN apply to the split kernel (TB = 0) only, got config {config}"
+        )
     t = -(-k // tb)
     meta = {"T": t, "TB": tb, "BLOCK_P": bp, "CHUNKS": ch, "STAGES": stages, "num_warps": warps}
     return (t * t, spans), meta
@@ -253,7 +302,8 @@ def gram_triton(
     config: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Launch the Triton kernel (no dispatch). ``block_p``/``chunks`` override the tiling,
-    ``config`` = (TB, VEC, CHUNKS, num_warps[, STAGES[, FOLD]]) the whole configuration."""
+    ``config`` = (TB, VEC, CHUNKS, num_warps[, STAGES[, FOLD[, CHAIN]]]) the whole
+    configuration."""
     parts = [J[:, cols] for cols in column_parts(J.shape[1])]
     plans = [_plan(part, block_p, chunks, config) for part in parts]
     k = J.shape[0]

@@ -67,13 +67,13 @@ def test_gram_strided_views(view, kernel_device, force_triton):
 
 
 @pytest.mark.interpret
-@pytest.mark.parametrize("fold", [1, 4])
+@pytest.mark.parametrize("fold,chain", [(1, 0), (4, 0), (2, 1), (4, 1), (8, 1)])
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6, 7, 8])
-def test_gram_split_kernel_matches_reference(k, fold, kernel_device, force_triton):
+def test_gram_split_kernel_matches_reference(k, fold, chain, kernel_device, force_triton):
     """The k <= 8 kernel that reads each row once (tiles A and B): every block of G, both
     halves of A B^T, the masked rows of a partial tile B (k = 7), two spans and a tail; with
-    FOLD > 1 the columns folded into fewer accumulators."""
-    config = (0, 4, 2, 4, 1, fold)
+    FOLD > 1 the columns folded into fewer accumulators, as a sum tree or (CHAIN) one by one."""
+    config = (0, max(4, fold), 2, 4, 1, fold, chain)
     for dt in DTYPES.values():
         J = torch.randn(k, 9001, device=kernel_device).to(dt)
         G, finite = gram_triton(J, block_p=2048, chunks=2, config=config)
@@ -83,8 +83,11 @@ def test_gram_split_kernel_matches_reference(k, fold, kernel_device, force_trito
         Gi, _ = gram_triton(Ji.to(kernel_device, dt), block_p=2048, chunks=2, config=config)
         assert torch.equal(Gi.cpu(), (Ji @ Ji.T).float())
     if fold > 1:
-        with pytest.raises(ValueError, match="FOLD applies to the split kernel"):
-            gram_triton(J, config=(2, 4, 2, 4, 1, fold))
+        with pytest.raises(ValueError, match="FOLD and CHAIN apply to the split kernel"):
+            gram_triton(J, config=(2, 4, 2, 4, 1, fold, chain))
+    if chain:
+        with pytest.raises(ValueError, match="CHAIN serves FOLD <= 8"):
+            gram_triton(J, config=(0, 16, 2, 4, 1, 16, 1))
     with pytest.raises(ValueError, match="k <= 8"):
         gram_triton(torch.randn(9, 64, device=kernel_device), config=(0, 4, 2, 4, 1))
 
