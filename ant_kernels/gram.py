@@ -136,6 +136,25 @@ def _chain(acc, p, M: tl.constexpr, N: tl.constexpr, BF: tl.constexpr, FOLD: tl.
 
 
 @jit
+def _acc(acc, x, y, M: tl.constexpr, N: tl.constexpr, BF: tl.constexpr, FOLD: tl.constexpr,
+         CHAIN: tl.constexpr):  # fmt: skip
+    """acc [M, N, BF] + the products x y (x [M, 1, BF * FOLD], y [1, N, BF * FOLD]) with each
+    thread's FOLD adjacent columns summed: as a tree (``_fold``) or one by one (``_chain``)."""
+    if CHAIN:
+        out = _chain(acc, x * y, M, N, BF, FOLD)
+    else:
+        out = acc + _fold(x * y, M, N, BF, FOLD)
+    return out
+
+
+@jit
+def _bf16_pairs(w):
+    """int32 words holding two bfloat16 values (little endian) -> the even and the odd column
+    as float32: a shift and a mask (a bfloat16 is the top half of a float32)."""
+    return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)
+
+
+@jit
 def _gram_split_kernel(
     p_J,
     p_W,
@@ -150,6 +169,7 @@ def _gram_split_kernel(
     STAGES: tl.constexpr,
     FOLD: tl.constexpr,
     CHAIN: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
     """k <= 8 in one program per span, every row read once: rows [0, TA) form tile A and rows
     [TA, TA + TB) tile B (TB = 0: no B), so G = [[A A^T, A B^T], [B A^T, B B^T]] needs only the
@@ -157,7 +177,10 @@ def _gram_split_kernel(
     The transposed tiles are permutations of registers each thread already holds. FOLD > 1 sums
     each thread's FOLD adjacent columns into one accumulator column every chunk: FOLD times
     fewer accumulator registers (more programs in flight), the same fixed summation order.
-    CHAIN = 1 adds the FOLD columns one by one (``_chain``: FMAs) instead of as a tree."""
+    CHAIN = 1 adds the FOLD columns one by one (``_chain``: FMAs) instead of as a tree.
+    PAIRS = 1 (bfloat16 rows with unit column stride, an even row stride and P, 4-byte aligned)
+    loads int32 words and converts each into its even and odd column with a shift and a mask;
+    the even columns' products are added first, then the odd ones'."""
     BF: tl.constexpr = BLOCK_P // FOLD
     i_s = tl.program_id(1)
     o_a = tl.arange(0, TA)
@@ -172,26 +195,44 @@ def _gram_split_kernel(
         p_b = p_J + o_b.to(tl.int64)[:, None, None] * s_k
         b_ab = tl.zeros([TA, TB, BF], dtype=tl.float32)
         b_bb = tl.zeros([TB, TB, BF], dtype=tl.float32)
-    for i_c in tl.range(CHUNKS, num_stages=STAGES):
-        o_p = o_start + i_c * BLOCK_P + tl.arange(0, BLOCK_P)
-        m_p = (o_p < P)[None, None, :]
-        o_c = o_p[None, None, :] * s_p
-        # [TA, 1, BLOCK_P]
-        b_a = tl.load(p_a + o_c, mask=m_a[:, None, None] & m_p, other=0.0).to(tl.float32)
-        if CHAIN:
-            b_aa = _chain(b_aa, b_a * tl.permute(b_a, (1, 0, 2)), TA, TA, BF, FOLD)
-        else:
-            b_aa += _fold(b_a * tl.permute(b_a, (1, 0, 2)), TA, TA, BF, FOLD)
+    if PAIRS:  # the rows as int32 words (two columns each)
+        BW: tl.constexpr = BLOCK_P // 2
+        p_wa = p_J.to(tl.pointer_type(tl.int32), bitcast=True) + o_a.to(tl.int64)[
+            :, None, None] * (s_k // 2)  # fmt: skip
         if TB > 0:
-            # [TB, 1, BLOCK_P]
-            b_b = tl.load(p_b + o_c, mask=m_b[:, None, None] & m_p, other=0.0).to(tl.float32)
-            b_bt = tl.permute(b_b, (1, 0, 2))
-            if CHAIN:
-                b_ab = _chain(b_ab, b_a * b_bt, TA, TB, BF, FOLD)
-                b_bb = _chain(b_bb, b_b * b_bt, TB, TB, BF, FOLD)
-            else:
-                b_ab += _fold(b_a * b_bt, TA, TB, BF, FOLD)
-                b_bb += _fold(b_b * b_bt, TB, TB, BF, FOLD)
+            p_wb = p_J.to(tl.pointer_type(tl.int32), bitcast=True) + o_b.to(tl.int64)[
+                :, None, None] * (s_k // 2)  # fmt: skip
+    for i_c in tl.range(CHUNKS, num_stages=STAGES):
+        if PAIRS:
+            o_w = o_start // 2 + i_c * BW + tl.arange(0, BW)
+            m_w = (o_w < P // 2)[None, None, :]
+            # [TA, 1, BW] each: the even and the odd columns
+            a_e, a_o = _bf16_pairs(tl.load(p_wa + o_w[None, None, :],
+                                           mask=m_a[:, None, None] & m_w, other=0))  # fmt: skip
+            a_et, a_ot = tl.permute(a_e, (1, 0, 2)), tl.permute(a_o, (1, 0, 2))
+            b_aa = _acc(b_aa, a_e, a_et, TA, TA, BF, FOLD // 2, CHAIN)
+            b_aa = _acc(b_aa, a_o, a_ot, TA, TA, BF, FOLD // 2, CHAIN)
+            if TB > 0:
+                b_e, b_o = _bf16_pairs(tl.load(p_wb + o_w[None, None, :],
+                                               mask=m_b[:, None, None] & m_w, other=0))  # fmt: skip
+                b_et, b_ot = tl.permute(b_e, (1, 0, 2)), tl.permute(b_o, (1, 0, 2))
+                b_ab = _acc(b_ab, a_e, b_et, TA, TB, BF, FOLD // 2, CHAIN)
+                b_ab = _acc(b_ab, a_o, b_ot, TA, TB, BF, FOLD // 2, CHAIN)
+                b_bb = _acc(b_bb, b_e, b_et, TB, TB, BF, FOLD // 2, CHAIN)
+                b_bb = _acc(b_bb, b_o, b_ot, TB, TB, BF, FOLD // 2, CHAIN)
+        else:
+            o_p = o_start + i_c * BLOCK_P + tl.arange(0, BLOCK_P)
+            m_p = (o_p < P)[None, None, :]
+            o_c = o_p[None, None, :] * s_p
+            # [TA, 1, BLOCK_P]
+            b_a = tl.load(p_a + o_c, mask=m_a[:, None, None] & m_p, other=0.0).to(tl.float32)
+            b_aa = _acc(b_aa, b_a, tl.permute(b_a, (1, 0, 2)), TA, TA, BF, FOLD, CHAIN)
+            if TB > 0:
+                # [TB, 1, BLOCK_P]
+                b_b = tl.load(p_b + o_c, mask=m_b[:, None, None] & m_p, other=0.0).to(tl.float32)
+                b_bt = tl.permute(b_b, (1, 0, 2))
+                b_ab = _acc(b_ab, b_a, b_bt, TA, TB, BF, FOLD, CHAIN)
+                b_bb = _acc(b_bb, b_b, b_bt, TB, TB, BF, FOLD, CHAIN)
     p_W = p_W + i_s.to(tl.int64) * K * K
     tl.store(p_W + o_a[:, None] * K + o_a[None, :], tl.sum(b_aa, axis=2),
              mask=m_a[:, None] & m_a[None, :])  # fmt: skip
@@ -204,7 +245,8 @@ def _gram_split_kernel(
                  mask=m_b[:, None] & m_b[None, :])  # fmt: skip
 
 
-# (TB, VEC, CHUNKS, num_warps, STAGES[, FOLD[, CHAIN]]) configurations timed against each other on a
+# (TB, VEC, CHUNKS, num_warps, STAGES[, FOLD[, CHAIN[, PAIRS]]]) configurations timed against
+# each other on a
 # GPU (benchmarks/bench_kernels.py::test_gram_tiling_cuda) and tested there; STAGES > 1
 # software-pipelines the chunk loads through shared memory. TB = 0 selects _gram_split_kernel
 # (k <= 8; its tiles follow from k). All were timed on an H200 (results/gram_tilings_h200.md).
@@ -226,8 +268,10 @@ TILINGS = [
     # fp32 84 FFMA against 96 instructions. The chain cannot share the symmetric products the
     # tree shares (16 accumulators of A A^T against 10 sums), hence the modest saving. With two
     # loads per row (fp32 VEC = 8) or 8-byte loads (bf16 VEC = 4) the splits go through shared
-    # memory (60 STS, 62 BAR): expect those two combinations to time slower.
-    (0, 4, 16, 4, 1, 4, 1), (0, 8, 16, 4, 1, 8, 1),
+    # memory (60 STS, 62 BAR): expect those two combinations to time slower. The last adds
+    # PAIRS = 1: bf16 read as int32 words, a shift and a mask per two columns (bf16 k = 5:
+    # 23 SHF + 20 LOP3 where the plain loads convert with 43 SHF + 20 PRMT; fp32 ignores it).
+    (0, 4, 16, 4, 1, 4, 1), (0, 8, 16, 4, 1, 8, 1), (0, 8, 16, 4, 1, 8, 1, 1),
 ]  # fmt: skip
 
 
@@ -264,7 +308,7 @@ def _plan(
     """(grid, constexpr and launch options) for J [k, P]; ``config`` replaces ``_config``."""
     k, P = J.shape
     tb, vec, ch, warps, *rest = config or _config(k, J.dtype.itemsize)
-    stages, fold, chain = (*rest, *(1, 1, 0)[len(rest) :])
+    stages, fold, chain, pairs = (*rest, *(1, 1, 0, 0)[len(rest) :])
     bp = block_p or (4096 if interpreting() else 32 * warps * vec)
     ch = chunks or ch
     spans = -(-P // (bp * ch))
@@ -276,15 +320,30 @@ def _plan(
         meta = {"TA": ta, "TB": next_pow2(rest_b, 1) if rest_b else 0}
         if chain and fold > 8:
             raise ValueError(f"CHAIN serves FOLD <= 8, got config {config}")
+        if pairs and fold < 2:
+            raise ValueError(f"PAIRS needs FOLD >= 2 (a word holds two columns), got {config}")
+        # word loads where the layout allows them (else the same kernel reads columns)
+        pairs = int(bool(pairs) and J.dtype == torch.bfloat16 and _word_aligned(J))
         return (1, spans), {**meta, "BLOCK_P": bp, "CHUNKS": ch, "STAGES": stages,
-                            "FOLD": fold, "CHAIN": chain, "num_warps": warps}  # fmt: skip
-    if fold != 1 or chain:
+                            "FOLD": fold, "CHAIN": chain, "PAIRS": pairs,
+                            "num_warps": warps}  # fmt: skip
+    if fold != 1 or chain or pairs:
         raise ValueError(
-            f"FOLD and CHAIN apply to the split kernel (TB = 0) only, got config {config}"
+            f"FOLD, CHAIN and PAIRS apply to the split kernel (TB = 0) only, got config {config}"
         )
     t = -(-k // tb)
     meta = {"T": t, "TB": tb, "BLOCK_P": bp, "CHUNKS": ch, "STAGES": stages, "num_warps": warps}
     return (t * t, spans), meta
+
+
+def _word_aligned(J) -> bool:
+    """Whether J's 2-byte rows can be read as 4-byte words: unit column stride, an even row
+    stride and column count, a 4-byte aligned start."""
+    k, P = J.shape
+    return (
+        J.stride(1) == 1 and (k == 1 or J.stride(0) % 2 == 0) and P % 2 == 0
+        and J.data_ptr() % 4 == 0
+    )  # fmt: skip
 
 
 def _kernel(meta: dict):
@@ -302,8 +361,8 @@ def gram_triton(
     config: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Launch the Triton kernel (no dispatch). ``block_p``/``chunks`` override the tiling,
-    ``config`` = (TB, VEC, CHUNKS, num_warps[, STAGES[, FOLD[, CHAIN]]]) the whole
-    configuration."""
+    ``config`` = (TB, VEC, CHUNKS, num_warps[, STAGES[, FOLD[, CHAIN[, PAIRS]]]]) the whole
+    configuration (PAIRS applies where ``_word_aligned``; other columns are read plainly)."""
     parts = [J[:, cols] for cols in column_parts(J.shape[1])]
     plans = [_plan(part, block_p, chunks, config) for part in parts]
     k = J.shape[0]

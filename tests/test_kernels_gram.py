@@ -83,13 +83,44 @@ def test_gram_split_kernel_matches_reference(k, fold, chain, kernel_device, forc
         Gi, _ = gram_triton(Ji.to(kernel_device, dt), block_p=2048, chunks=2, config=config)
         assert torch.equal(Gi.cpu(), (Ji @ Ji.T).float())
     if fold > 1:
-        with pytest.raises(ValueError, match="FOLD and CHAIN apply to the split kernel"):
+        with pytest.raises(ValueError, match="FOLD, CHAIN and PAIRS apply to the split kernel"):
             gram_triton(J, config=(2, 4, 2, 4, 1, fold, chain))
     if chain:
         with pytest.raises(ValueError, match="CHAIN serves FOLD <= 8"):
             gram_triton(J, config=(0, 16, 2, 4, 1, 16, 1))
     with pytest.raises(ValueError, match="k <= 8"):
         gram_triton(torch.randn(9, 64, device=kernel_device), config=(0, 4, 2, 4, 1))
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("chain", [0, 1])
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 8])
+def test_gram_split_kernel_word_loads(k, chain, kernel_device, force_triton):
+    """PAIRS: bf16 rows read as int32 words (even and odd columns from one word) where the
+    layout allows (unit column stride, even row stride and width, 4-byte aligned start),
+    column reads elsewhere: rows of an even-strided buffer with an odd tail, a view that starts
+    at an odd column, fp16 and fp32 (which ignore it)."""
+    from ant_kernels.gram import _plan
+
+    config = (0, 8, 2, 4, 1, 8, chain, 1)
+    buf = torch.randn(k, 9024, device=kernel_device).bfloat16()
+    ints = torch.randint(-8, 9, (k, 9024), device=kernel_device).bfloat16()  # exact products
+    cuts = {"main+tail": (0, 9001), "odd start": (1, 9002), "words": (0, 8192)}
+    plans = {name: _plan(buf[:, a : b - (b - a) % 16], block_p=2048, chunks=2,
+                         config=config)[1]["PAIRS"] for name, (a, b) in cuts.items()}  # fmt: skip
+    assert plans == {"main+tail": 1, "odd start": 0, "words": 1}
+    assert _plan(buf[:, :9001].float(), config=config)[1]["PAIRS"] == 0
+    assert _plan(buf[:, 8992:9001], config=config)[1]["PAIRS"] == 0  # the odd tail
+    for a, b in cuts.values():
+        for dt in (torch.bfloat16, torch.float16, torch.float32):  # the last two: column reads
+            J, Ji = buf[:, a:b].to(dt), ints[:, a:b].to(dt)
+            G, finite = gram_triton(J, block_p=2048, chunks=2, config=config)
+            assert G.shape == (k, k) and bool(finite) and torch.equal(G, G.T)
+            _check(G, J)
+            Gi, _ = gram_triton(Ji, block_p=2048, chunks=2, config=config)
+            assert torch.equal(Gi.cpu(), (Ji.double() @ Ji.double().T).float().cpu())
+    with pytest.raises(ValueError, match="PAIRS needs FOLD >= 2"):
+        gram_triton(buf, config=(0, 8, 2, 4, 1, 1, 0, 1))
 
 
 @pytest.mark.interpret
