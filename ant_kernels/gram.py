@@ -148,6 +148,24 @@ def _acc(acc, x, y, M: tl.constexpr, N: tl.constexpr, BF: tl.constexpr, FOLD: tl
 
 
 @jit
+def _acc_halves(c0, c1, c2, x, W: tl.constexpr, BF: tl.constexpr, FOLD: tl.constexpr,
+                CHAIN: tl.constexpr):  # fmt: skip
+    """Tile A's own products (x [4, 1, W]) with its rows in halves H0 = {0, 2}, H1 = {1, 3}:
+    c0 += H0 H0^T, c1 += H0 H1^T, c2 += H1 H1^T ([2, 2, BF] each): 12 accumulators for the 10
+    distinct sums of A A^T, where the whole [4, 4] needs 16 (a chain cannot share the
+    symmetric products the way a sum tree does)."""
+    h0, h1 = tl.split(tl.reshape(tl.permute(x, (1, 2, 0)), [1, W, 2, 2]))  # rows (0, 2), (1, 3)
+    h0 = tl.permute(h0, (2, 0, 1))
+    h1 = tl.permute(h1, (2, 0, 1))
+    h0t = tl.permute(h0, (1, 0, 2))
+    h1t = tl.permute(h1, (1, 0, 2))
+    c0 = _acc(c0, h0, h0t, 2, 2, BF, FOLD, CHAIN)
+    c1 = _acc(c1, h0, h1t, 2, 2, BF, FOLD, CHAIN)
+    c2 = _acc(c2, h1, h1t, 2, 2, BF, FOLD, CHAIN)
+    return c0, c1, c2
+
+
+@jit
 def _bf16_pairs(w):
     """int32 words holding two bfloat16 values (little endian) -> the even and the odd column
     as float32: a shift and a mask (a bfloat16 is the top half of a float32)."""
@@ -177,7 +195,8 @@ def _gram_split_kernel(
     The transposed tiles are permutations of registers each thread already holds. FOLD > 1 sums
     each thread's FOLD adjacent columns into one accumulator column every chunk: FOLD times
     fewer accumulator registers (more programs in flight), the same fixed summation order.
-    CHAIN = 1 adds the FOLD columns one by one (``_chain``: FMAs) instead of as a tree.
+    CHAIN = 1 adds the FOLD columns one by one (``_chain``: FMAs) instead of as a tree (and,
+    with a 4-row tile A, accumulates A A^T in three [2, 2] blocks: ``_acc_halves``).
     PAIRS = 1 (bfloat16 rows with unit column stride, an even row stride and P, 4-byte aligned)
     loads int32 words and converts each into its even and odd column with a shift and a mask;
     the even columns' products are added first, then the odd ones'."""
@@ -188,7 +207,13 @@ def _gram_split_kernel(
     p_a = p_J + o_a.to(tl.int64)[:, None, None] * s_k
     o_start = i_s.to(tl.int64) * (BLOCK_P * CHUNKS)
     # [TA, TA, BF] (and [TA, TB, BF], [TB, TB, BF])
-    b_aa = tl.zeros([TA, TA, BF], dtype=tl.float32)
+    HALVES: tl.constexpr = CHAIN and TA == 4  # A A^T as three [2, 2] blocks (_acc_halves)
+    if HALVES:
+        b_h00 = tl.zeros([2, 2, BF], dtype=tl.float32)
+        b_h01 = tl.zeros([2, 2, BF], dtype=tl.float32)
+        b_h11 = tl.zeros([2, 2, BF], dtype=tl.float32)
+    else:
+        b_aa = tl.zeros([TA, TA, BF], dtype=tl.float32)
     if TB > 0:
         o_b = TA + tl.arange(0, TB)
         m_b = o_b < K
@@ -209,9 +234,14 @@ def _gram_split_kernel(
             # [TA, 1, BW] each: the even and the odd columns
             a_e, a_o = _bf16_pairs(tl.load(p_wa + o_w[None, None, :],
                                            mask=m_a[:, None, None] & m_w, other=0))  # fmt: skip
-            a_et, a_ot = tl.permute(a_e, (1, 0, 2)), tl.permute(a_o, (1, 0, 2))
-            b_aa = _acc(b_aa, a_e, a_et, TA, TA, BF, FOLD // 2, CHAIN)
-            b_aa = _acc(b_aa, a_o, a_ot, TA, TA, BF, FOLD // 2, CHAIN)
+            if HALVES:
+                b_h00, b_h01, b_h11 = _acc_halves(b_h00, b_h01, b_h11, a_e, BW, BF, FOLD // 2,
+                                                  CHAIN)  # fmt: skip
+                b_h00, b_h01, b_h11 = _acc_halves(b_h00, b_h01, b_h11, a_o, BW, BF, FOLD // 2,
+                                                  CHAIN)  # fmt: skip
+            else:
+                b_aa = _acc(b_aa, a_e, tl.permute(a_e, (1, 0, 2)), TA, TA, BF, FOLD // 2, CHAIN)
+                b_aa = _acc(b_aa, a_o, tl.permute(a_o, (1, 0, 2)), TA, TA, BF, FOLD // 2, CHAIN)
             if TB > 0:
                 b_e, b_o = _bf16_pairs(tl.load(p_wb + o_w[None, None, :],
                                                mask=m_b[:, None, None] & m_w, other=0))  # fmt: skip
@@ -226,7 +256,11 @@ def _gram_split_kernel(
             o_c = o_p[None, None, :] * s_p
             # [TA, 1, BLOCK_P]
             b_a = tl.load(p_a + o_c, mask=m_a[:, None, None] & m_p, other=0.0).to(tl.float32)
-            b_aa = _acc(b_aa, b_a, tl.permute(b_a, (1, 0, 2)), TA, TA, BF, FOLD, CHAIN)
+            if HALVES:
+                b_h00, b_h01, b_h11 = _acc_halves(b_h00, b_h01, b_h11, b_a, BLOCK_P, BF, FOLD,
+                                                  CHAIN)  # fmt: skip
+            else:
+                b_aa = _acc(b_aa, b_a, tl.permute(b_a, (1, 0, 2)), TA, TA, BF, FOLD, CHAIN)
             if TB > 0:
                 # [TB, 1, BLOCK_P]
                 b_b = tl.load(p_b + o_c, mask=m_b[:, None, None] & m_p, other=0.0).to(tl.float32)
@@ -234,8 +268,20 @@ def _gram_split_kernel(
                 b_ab = _acc(b_ab, b_a, b_bt, TA, TB, BF, FOLD, CHAIN)
                 b_bb = _acc(b_bb, b_b, b_bt, TB, TB, BF, FOLD, CHAIN)
     p_W = p_W + i_s.to(tl.int64) * K * K
-    tl.store(p_W + o_a[:, None] * K + o_a[None, :], tl.sum(b_aa, axis=2),
-             mask=m_a[:, None] & m_a[None, :])  # fmt: skip
+    if HALVES:  # rows (0, 2) and (1, 3) of tile A
+        o_0 = tl.arange(0, 2) * 2
+        o_1 = o_0 + 1
+        m_0, m_1 = o_0 < K, o_1 < K
+        b_g01 = tl.sum(b_h01, axis=2)
+        tl.store(p_W + o_0[:, None] * K + o_0[None, :], tl.sum(b_h00, axis=2),
+                 mask=m_0[:, None] & m_0[None, :])  # fmt: skip
+        tl.store(p_W + o_0[:, None] * K + o_1[None, :], b_g01, mask=m_0[:, None] & m_1[None, :])
+        tl.store(p_W + o_1[None, :] * K + o_0[:, None], b_g01, mask=m_0[:, None] & m_1[None, :])
+        tl.store(p_W + o_1[:, None] * K + o_1[None, :], tl.sum(b_h11, axis=2),
+                 mask=m_1[:, None] & m_1[None, :])  # fmt: skip
+    else:
+        tl.store(p_W + o_a[:, None] * K + o_a[None, :], tl.sum(b_aa, axis=2),
+                 mask=m_a[:, None] & m_a[None, :])  # fmt: skip
     if TB > 0:
         b_g = tl.sum(b_ab, axis=2)
         m_g = m_a[:, None] & m_b[None, :]
@@ -262,15 +308,16 @@ TILINGS = [
     # in flight; bf16's loop issues 287 instructions per 80 bytes against fp32's 137 (sm_90
     # SASS: bf16 -> fp32 shifts, and twice the products per byte)
     (0, 16, 16, 4, 1, 16), (0, 16, 8, 4, 2, 16),
-    # not yet timed: CHAIN = 1 adds the folded columns as FMAs. Static sm_90 SASS at k = 5 with
-    # one 16-byte load per row and thread (the first entry for fp32, the second for bf16): bf16
-    # 168 FFMA where the sum tree issues 60 FMUL + 60 FFMA + 66 FADD, 56 registers against 71;
-    # fp32 84 FFMA against 96 instructions. The chain cannot share the symmetric products the
-    # tree shares (16 accumulators of A A^T against 10 sums), hence the modest saving. With two
-    # loads per row (fp32 VEC = 8) or 8-byte loads (bf16 VEC = 4) the splits go through shared
-    # memory (60 STS, 62 BAR): expect those two combinations to time slower. The last adds
-    # PAIRS = 1: bf16 read as int32 words, a shift and a mask per two columns (bf16 k = 5:
-    # 23 SHF + 20 LOP3 where the plain loads convert with 43 SHF + 20 PRMT; fp32 ignores it).
+    # not yet timed: CHAIN = 1 adds the folded columns as FMAs and keeps A A^T in three [2, 2]
+    # blocks. Static sm_90 SASS of the k = 5 loop with one 16-byte load per row and thread
+    # (the first entry for fp32, the second for bf16): bf16 238 instructions against 287, 136
+    # FFMA where the sum tree issues 60 FMUL + 60 FFMA + 66 FADD, 48 registers against 71;
+    # fp32 110 against 137 (68 FFMA for 30 FMUL + 30 FFMA + 36 FADD). With
+    # two loads per row (fp32 VEC = 8) or 8-byte loads (bf16 VEC = 4) the splits go through
+    # shared memory: expect those two combinations to time slower. The last adds PAIRS = 1:
+    # bf16 read as int32 words, a shift and a mask per two columns (the k = 5 loop: 221
+    # instructions, 20 SHF + 20 LOP3 where the plain loads convert with 40 SHF + 20 PRMT;
+    # fp32 ignores it).
     (0, 4, 16, 4, 1, 4, 1), (0, 8, 16, 4, 1, 8, 1), (0, 8, 16, 4, 1, 8, 1, 1),
 ]  # fmt: skip
 
