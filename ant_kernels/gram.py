@@ -166,6 +166,23 @@ def _acc_halves(c0, c1, c2, x, W: tl.constexpr, BF: tl.constexpr, FOLD: tl.const
 
 
 @jit
+def _store_halves(p_W, K, base, c0, c1, c2):
+    """Store ``_acc_halves``' blocks of the 4-row tile starting at row ``base`` (and the
+    transpose of the off-diagonal one) into the k x k slot at p_W."""
+    o_0 = base + tl.arange(0, 2) * 2
+    o_1 = o_0 + 1
+    m_0 = o_0 < K
+    m_1 = o_1 < K
+    g01 = tl.sum(c1, axis=2)
+    tl.store(p_W + o_0[:, None] * K + o_0[None, :], tl.sum(c0, axis=2),
+             mask=m_0[:, None] & m_0[None, :])  # fmt: skip
+    tl.store(p_W + o_0[:, None] * K + o_1[None, :], g01, mask=m_0[:, None] & m_1[None, :])
+    tl.store(p_W + o_1[None, :] * K + o_0[:, None], g01, mask=m_0[:, None] & m_1[None, :])
+    tl.store(p_W + o_1[:, None] * K + o_1[None, :], tl.sum(c2, axis=2),
+             mask=m_1[:, None] & m_1[None, :])  # fmt: skip
+
+
+@jit
 def _bf16_pairs(w):
     """int32 words holding two bfloat16 values (little endian) -> the even and the odd column
     as float32: a shift and a mask (a bfloat16 is the top half of a float32)."""
@@ -195,8 +212,8 @@ def _gram_split_kernel(
     The transposed tiles are permutations of registers each thread already holds. FOLD > 1 sums
     each thread's FOLD adjacent columns into one accumulator column every chunk: FOLD times
     fewer accumulator registers (more programs in flight), the same fixed summation order.
-    CHAIN = 1 adds the FOLD columns one by one (``_chain``: FMAs) instead of as a tree (and,
-    with a 4-row tile A, accumulates A A^T in three [2, 2] blocks: ``_acc_halves``).
+    CHAIN = 1 adds the FOLD columns one by one (``_chain``: FMAs) instead of as a tree (and
+    accumulates a 4-row tile's own products in three [2, 2] blocks: ``_acc_halves``).
     PAIRS = 1 (bfloat16 rows with unit column stride, an even row stride and P, 4-byte aligned)
     loads int32 words and converts each into its even and odd column with a shift and a mask;
     the even columns' products are added first, then the odd ones'."""
@@ -208,6 +225,7 @@ def _gram_split_kernel(
     o_start = i_s.to(tl.int64) * (BLOCK_P * CHUNKS)
     # [TA, TA, BF] (and [TA, TB, BF], [TB, TB, BF])
     HALVES: tl.constexpr = CHAIN and TA == 4  # A A^T as three [2, 2] blocks (_acc_halves)
+    HALVES_B: tl.constexpr = CHAIN and TB == 4  # and B B^T (k = 7, 8)
     if HALVES:
         b_h00 = tl.zeros([2, 2, BF], dtype=tl.float32)
         b_h01 = tl.zeros([2, 2, BF], dtype=tl.float32)
@@ -219,7 +237,12 @@ def _gram_split_kernel(
         m_b = o_b < K
         p_b = p_J + o_b.to(tl.int64)[:, None, None] * s_k
         b_ab = tl.zeros([TA, TB, BF], dtype=tl.float32)
-        b_bb = tl.zeros([TB, TB, BF], dtype=tl.float32)
+        if HALVES_B:  # B B^T as three [2, 2] blocks too
+            b_k00 = tl.zeros([2, 2, BF], dtype=tl.float32)
+            b_k01 = tl.zeros([2, 2, BF], dtype=tl.float32)
+            b_k11 = tl.zeros([2, 2, BF], dtype=tl.float32)
+        else:
+            b_bb = tl.zeros([TB, TB, BF], dtype=tl.float32)
     if PAIRS:  # the rows as int32 words (two columns each)
         BW: tl.constexpr = BLOCK_P // 2
         p_wa = p_J.to(tl.pointer_type(tl.int32), bitcast=True) + o_a.to(tl.int64)[
@@ -248,8 +271,14 @@ def _gram_split_kernel(
                 b_et, b_ot = tl.permute(b_e, (1, 0, 2)), tl.permute(b_o, (1, 0, 2))
                 b_ab = _acc(b_ab, a_e, b_et, TA, TB, BF, FOLD // 2, CHAIN)
                 b_ab = _acc(b_ab, a_o, b_ot, TA, TB, BF, FOLD // 2, CHAIN)
-                b_bb = _acc(b_bb, b_e, b_et, TB, TB, BF, FOLD // 2, CHAIN)
-                b_bb = _acc(b_bb, b_o, b_ot, TB, TB, BF, FOLD // 2, CHAIN)
+                if HALVES_B:
+                    b_k00, b_k01, b_k11 = _acc_halves(b_k00, b_k01, b_k11, b_e, BW, BF,
+                                                      FOLD // 2, CHAIN)  # fmt: skip
+                    b_k00, b_k01, b_k11 = _acc_halves(b_k00, b_k01, b_k11, b_o, BW, BF,
+                                                      FOLD // 2, CHAIN)  # fmt: skip
+                else:
+                    b_bb = _acc(b_bb, b_e, b_et, TB, TB, BF, FOLD // 2, CHAIN)
+                    b_bb = _acc(b_bb, b_o, b_ot, TB, TB, BF, FOLD // 2, CHAIN)
         else:
             o_p = o_start + i_c * BLOCK_P + tl.arange(0, BLOCK_P)
             m_p = (o_p < P)[None, None, :]
@@ -266,19 +295,14 @@ def _gram_split_kernel(
                 b_b = tl.load(p_b + o_c, mask=m_b[:, None, None] & m_p, other=0.0).to(tl.float32)
                 b_bt = tl.permute(b_b, (1, 0, 2))
                 b_ab = _acc(b_ab, b_a, b_bt, TA, TB, BF, FOLD, CHAIN)
-                b_bb = _acc(b_bb, b_b, b_bt, TB, TB, BF, FOLD, CHAIN)
+                if HALVES_B:
+                    b_k00, b_k01, b_k11 = _acc_halves(b_k00, b_k01, b_k11, b_b, BLOCK_P, BF,
+                                                      FOLD, CHAIN)  # fmt: skip
+                else:
+                    b_bb = _acc(b_bb, b_b, b_bt, TB, TB, BF, FOLD, CHAIN)
     p_W = p_W + i_s.to(tl.int64) * K * K
-    if HALVES:  # rows (0, 2) and (1, 3) of tile A
-        o_0 = tl.arange(0, 2) * 2
-        o_1 = o_0 + 1
-        m_0, m_1 = o_0 < K, o_1 < K
-        b_g01 = tl.sum(b_h01, axis=2)
-        tl.store(p_W + o_0[:, None] * K + o_0[None, :], tl.sum(b_h00, axis=2),
-                 mask=m_0[:, None] & m_0[None, :])  # fmt: skip
-        tl.store(p_W + o_0[:, None] * K + o_1[None, :], b_g01, mask=m_0[:, None] & m_1[None, :])
-        tl.store(p_W + o_1[None, :] * K + o_0[:, None], b_g01, mask=m_0[:, None] & m_1[None, :])
-        tl.store(p_W + o_1[:, None] * K + o_1[None, :], tl.sum(b_h11, axis=2),
-                 mask=m_1[:, None] & m_1[None, :])  # fmt: skip
+    if HALVES:
+        _store_halves(p_W, K, 0, b_h00, b_h01, b_h11)
     else:
         tl.store(p_W + o_a[:, None] * K + o_a[None, :], tl.sum(b_aa, axis=2),
                  mask=m_a[:, None] & m_a[None, :])  # fmt: skip
@@ -287,8 +311,11 @@ def _gram_split_kernel(
         m_g = m_a[:, None] & m_b[None, :]
         tl.store(p_W + o_a[:, None] * K + o_b[None, :], b_g, mask=m_g)
         tl.store(p_W + o_b[None, :] * K + o_a[:, None], b_g, mask=m_g)
-        tl.store(p_W + o_b[:, None] * K + o_b[None, :], tl.sum(b_bb, axis=2),
-                 mask=m_b[:, None] & m_b[None, :])  # fmt: skip
+        if HALVES_B:
+            _store_halves(p_W, K, TA, b_k00, b_k01, b_k11)
+        else:
+            tl.store(p_W + o_b[:, None] * K + o_b[None, :], tl.sum(b_bb, axis=2),
+                     mask=m_b[:, None] & m_b[None, :])  # fmt: skip
 
 
 # (TB, VEC, CHUNKS, num_warps, STAGES[, FOLD[, CHAIN[, PAIRS]]]) configurations timed against
