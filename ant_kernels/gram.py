@@ -150,7 +150,7 @@ def _acc(acc, x, y, M: tl.constexpr, N: tl.constexpr, BF: tl.constexpr, FOLD: tl
 @jit
 def _acc_halves(c0, c1, c2, x, W: tl.constexpr, BF: tl.constexpr, FOLD: tl.constexpr,
                 CHAIN: tl.constexpr):  # fmt: skip
-    """Tile A's own products (x [4, 1, W]) with its rows in halves H0 = {0, 2}, H1 = {1, 3}:
+    """A 4-row tile's own products (x [4, 1, W]) with its rows in halves H0 = {0, 2}, H1 = {1, 3}:
     c0 += H0 H0^T, c1 += H0 H1^T, c2 += H1 H1^T ([2, 2, BF] each): 12 accumulators for the 10
     distinct sums of A A^T, where the whole [4, 4] needs 16 (a chain cannot share the
     symmetric products the way a sum tree does)."""
@@ -215,8 +215,10 @@ def _gram_split_kernel(
     CHAIN = 1 adds the FOLD columns one by one (``_chain``: FMAs) instead of as a tree (and
     accumulates a 4-row tile's own products in three [2, 2] blocks: ``_acc_halves``).
     PAIRS = 1 (bfloat16 rows with unit column stride, an even row stride and P, 4-byte aligned)
-    loads int32 words and converts each into its even and odd column with a shift and a mask;
-    the even columns' products are added first, then the odd ones'."""
+    loads int32 words and converts each into its even and odd column with a shift and a mask.
+    With CHAIN the additions are the column reads' in the same order (the same bits); with the
+    sum tree the even columns' products are grouped apart from the odd ones' (equal to
+    rounding). Either way the same J gives the same G."""
     BF: tl.constexpr = BLOCK_P // FOLD
     i_s = tl.program_id(1)
     o_a = tl.arange(0, TA)
@@ -319,10 +321,10 @@ def _gram_split_kernel(
 
 
 # (TB, VEC, CHUNKS, num_warps, STAGES[, FOLD[, CHAIN[, PAIRS]]]) configurations timed against
-# each other on a
-# GPU (benchmarks/bench_kernels.py::test_gram_tiling_cuda) and tested there; STAGES > 1
-# software-pipelines the chunk loads through shared memory. TB = 0 selects _gram_split_kernel
-# (k <= 8; its tiles follow from k). All were timed on an H200 (results/gram_tilings_h200.md).
+# each other on a GPU (benchmarks/bench_kernels.py::test_gram_tiling_cuda) and tested there;
+# STAGES > 1 software-pipelines the chunk loads through shared memory. TB = 0 selects
+# _gram_split_kernel (k <= 8; its tiles follow from k). Timed on an H200 except where noted
+# (results/gram_tilings_h200.md).
 TILINGS = [
     (4, 4, 16, 4, 1), (2, 4, 16, 4, 1), (2, 4, 16, 4, 3), (4, 4, 16, 4, 3), (2, 8, 16, 4, 1),
     (2, 8, 16, 4, 3), (2, 4, 32, 8, 3), (1, 8, 16, 4, 3), (4, 4, 32, 8, 2), (2, 4, 64, 4, 2),
@@ -344,7 +346,10 @@ TILINGS = [
     # shared memory: expect those two combinations to time slower. The last adds PAIRS = 1:
     # bf16 read as int32 words, a shift and a mask per two columns (the k = 5 loop: 221
     # instructions, 20 SHF + 20 LOP3 where the plain loads convert with 40 SHF + 20 PRMT;
-    # fp32 ignores it).
+    # fp32 ignores it). These counts hold for 16-byte aligned rows (the engine's buffer pads
+    # them): a J starting 4 or 8 bytes in, or with a row stride that is not a multiple of 8
+    # elements, sends CHAIN's splits through shared memory (468-616 loop instructions), so a
+    # CHAIN default would need a fallback for such J.
     (0, 4, 16, 4, 1, 4, 1), (0, 8, 16, 4, 1, 8, 1), (0, 8, 16, 4, 1, 8, 1, 1),
 ]  # fmt: skip
 
@@ -381,6 +386,8 @@ def _plan(
 ) -> tuple[tuple[int, int], dict]:  # fmt: skip
     """(grid, constexpr and launch options) for J [k, P]; ``config`` replaces ``_config``."""
     k, P = J.shape
+    if config is not None:
+        _check_config(config)
     tb, vec, ch, warps, *rest = config or _config(k, J.dtype.itemsize)
     stages, fold, chain, pairs = (*rest, *(1, 1, 0, 0)[len(rest) :])
     bp = block_p or (4096 if interpreting() else 32 * warps * vec)
@@ -393,9 +400,11 @@ def _plan(
         rest_b = k - ta
         meta = {"TA": ta, "TB": next_pow2(rest_b, 1) if rest_b else 0}
         if chain and fold > 8:
-            raise ValueError(f"CHAIN serves FOLD <= 8, got config {config}")
+            raise ValueError(f"CHAIN serves FOLD <= 8, got config={config}")
         if pairs and fold < 2:
-            raise ValueError(f"PAIRS needs FOLD >= 2 (a word holds two columns), got {config}")
+            raise ValueError(
+                f"PAIRS needs FOLD >= 2 (a word holds two columns), got config={config}"
+            )
         # word loads where the layout allows them (else the same kernel reads columns)
         pairs = int(bool(pairs) and J.dtype == torch.bfloat16 and _word_aligned(J))
         return (1, spans), {**meta, "BLOCK_P": bp, "CHUNKS": ch, "STAGES": stages,
@@ -403,11 +412,33 @@ def _plan(
                             "num_warps": warps}  # fmt: skip
     if fold != 1 or chain or pairs:
         raise ValueError(
-            f"FOLD, CHAIN and PAIRS apply to the split kernel (TB = 0) only, got config {config}"
+            f"FOLD, CHAIN and PAIRS apply to the split kernel (TB = 0) only, got config={config}"
         )
     t = -(-k // tb)
     meta = {"T": t, "TB": tb, "BLOCK_P": bp, "CHUNKS": ch, "STAGES": stages, "num_warps": warps}
     return (t * t, spans), meta
+
+
+def _check_config(config: tuple[int, ...]) -> None:
+    """Raise unless ``config`` is (TB, VEC, CHUNKS, num_warps[, STAGES[, FOLD[, CHAIN[,
+    PAIRS]]]]) with powers of two where the kernels reshape by them, 0/1 flags."""
+    ok = isinstance(config, (tuple, list)) and 4 <= len(config) <= 8 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in config)  # fmt: skip
+    if ok:
+        tb, vec, ch, warps, *rest = config
+        stages = rest[0] if rest else 1
+        fold = rest[1] if len(rest) > 1 else 1
+        ok = (
+            tb >= 0 and (tb == 0 or tb & (tb - 1) == 0) and vec >= 1 and vec & (vec - 1) == 0
+            and min(ch, warps, stages) >= 1 and 1 <= fold <= 16 and fold & (fold - 1) == 0
+            and all(f in (0, 1) for f in rest[2:])
+        )  # fmt: skip
+    if not ok:
+        raise ValueError(
+            "config must be (TB, VEC, CHUNKS, num_warps[, STAGES[, FOLD[, CHAIN[, PAIRS]]]]) "
+            "of ints: TB 0 or a power of two, VEC and FOLD (<= 16) powers of two, CHUNKS, "
+            f"num_warps and STAGES >= 1, CHAIN and PAIRS 0 or 1; got config={config!r}"
+        )
 
 
 def _word_aligned(J) -> bool:

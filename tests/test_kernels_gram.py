@@ -94,7 +94,7 @@ def test_gram_split_kernel_matches_reference(k, fold, chain, kernel_device, forc
 
 @pytest.mark.interpret
 @pytest.mark.parametrize("chain", [0, 1])
-@pytest.mark.parametrize("k", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("k", [1, 3, 4, 5, 7, 8])
 def test_gram_split_kernel_word_loads(k, chain, kernel_device, force_triton):
     """PAIRS: bf16 rows read as int32 words (even and odd columns from one word) where the
     layout allows (unit column stride, even row stride and width, 4-byte aligned start),
@@ -105,10 +105,12 @@ def test_gram_split_kernel_word_loads(k, chain, kernel_device, force_triton):
     config = (0, 8, 2, 4, 1, 8, chain, 1)
     buf = torch.randn(k, 9024, device=kernel_device).bfloat16()
     ints = torch.randint(-8, 9, (k, 9024), device=kernel_device).bfloat16()  # exact products
-    cuts = {"main+tail": (0, 9001), "odd start": (1, 9002), "words": (0, 8192)}
+    cuts = {"main+tail": (0, 9001), "odd start": (1, 9002), "words": (0, 8192),
+            "4 bytes in": (2, 9012), "even tail": (0, 9010)}  # fmt: skip
     plans = {name: _plan(buf[:, a : b - (b - a) % 16], block_p=2048, chunks=2,
                          config=config)[1]["PAIRS"] for name, (a, b) in cuts.items()}  # fmt: skip
-    assert plans == {"main+tail": 1, "odd start": 0, "words": 1}
+    assert plans == {"main+tail": 1, "odd start": 0, "words": 1, "4 bytes in": 1, "even tail": 1}
+    assert _plan(buf[:, 9008:9010], config=config)[1]["PAIRS"] == 1  # the even tail: words
     assert _plan(buf[:, :9001].float(), config=config)[1]["PAIRS"] == 0
     assert _plan(buf[:, 8992:9001], config=config)[1]["PAIRS"] == 0  # the odd tail
     for a, b in cuts.values():
@@ -121,6 +123,22 @@ def test_gram_split_kernel_word_loads(k, chain, kernel_device, force_triton):
             assert torch.equal(Gi.cpu(), (Ji.double() @ Ji.double().T).float().cpu())
     with pytest.raises(ValueError, match="PAIRS needs FOLD >= 2"):
         gram_triton(buf, config=(0, 8, 2, 4, 1, 1, 0, 1))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [(0, 8, 16), (0, 8, 16, 4, 1, 8, 1, 1, 0), (0, 8, 16, 4, 1, 6, 1), (0, 8, 16, 4, 1, 8, 2),
+     (3, 4, 16, 4), (0, 8, 16, 4, 1, 32), (0, 8, 16, 4, 0), (0, 8, 16, 4, 1, 8, True), "fast"],
+)  # fmt: skip
+def test_gram_config_is_checked(config):
+    """A bad tiling is refused up front with what is valid, not deep inside Triton; every
+    TILINGS entry passes."""
+    from ant_kernels.gram import _check_config
+
+    for tiling in TILINGS:
+        _check_config(tiling)
+    with pytest.raises(ValueError, match=r"config must be \(TB, VEC, CHUNKS, num_warps"):
+        gram_triton(torch.randn(5, 64), config=config)
 
 
 @pytest.mark.interpret
@@ -260,14 +278,26 @@ def test_gram_tilings_cuda(tiling, k):
         with pytest.raises(ValueError, match="k <= 8"):
             gram_triton(torch.randn(k, 100, device="cuda"), config=tiling)
         return
+    from ant_kernels.gram import _plan
+
+    pairs = len(tiling) > 7 and tiling[7] == 1
     for dt in DTYPES.values():
-        J = torch.randn(k, 100_003, device="cuda").to(dt)
-        G, finite = gram_triton(J, config=tiling)
-        assert bool(finite) and torch.equal(G, G.T)
-        _check(G, J)
-        Ji = torch.randint(-8, 9, (k, 100_003))
-        Gi, _ = gram_triton(Ji.to("cuda", dt), config=tiling)
-        assert torch.equal(Gi.cpu(), (Ji @ Ji.T).float())
+        # rows of a 16-padded buffer (the engine's layout: word loads apply), a view starting
+        # 4 bytes in (words, not 16-byte aligned), a contiguous odd width (no words)
+        buf = torch.randn(k, 100_016, device="cuda").to(dt)
+        ints = torch.randint(-8, 9, (k, 100_016), device="cuda").to(dt)
+        for a, b, words in ((0, 100_003, True), (2, 100_012, True), (0, None, False)):
+            J, Ji = (buf[:, a:b], ints[:, a:b]) if b else (buf[:, :100_003].clone(), None)
+            main = J[:, : J.shape[1] - J.shape[1] % 16]
+            assert _plan(main, config=tiling)[1].get("PAIRS", 0) == int(
+                pairs and words and dt == torch.bfloat16 and tiling[0] == 0)  # fmt: skip
+            G, finite = gram_triton(J, config=tiling)
+            assert bool(finite) and torch.equal(G, G.T)
+            _check(G, J)
+            if Ji is not None:
+                Gi, _ = gram_triton(Ji, config=tiling)
+                exact = (Ji.double() @ Ji.double().T).float()
+                assert torch.equal(Gi, exact)
 
 
 @pytest.mark.interpret
