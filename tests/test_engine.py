@@ -568,6 +568,22 @@ def test_nan_step_leaves_method_state_and_uw_untouched():
     assert torch.all(flat_grad(model) == 0)
 
 
+def test_nan_step_leaves_pcgrad_order_stream():
+    """A skipped (non-finite) PCGrad step does not move the projection orders: the next good
+    step projects in the orders a run without the skipped step uses."""
+    runs = []
+    for skip in (True, False):
+        model, ant = setup("pcgrad")
+        x = torch.randn(16, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+        ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16))
+        if skip:
+            ant.backward(_nan_loss(model), x, ant.sample_timesteps(16))
+            assert not bool(ant.last.finite)
+        ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16))
+        runs.append(ant.method.grad.last_orders.clone())
+    assert torch.equal(runs[0], runs[1])
+
+
 def test_vanilla_backward_is_the_batch_mean():
     grads = []
     for use_backward in (False, True):

@@ -117,6 +117,61 @@ def test_pcgrad_matches_pspace(k, P, absent):
         assert (w[~present] == 0).all()
 
 
+def _orders_seq(m: PCGrad, G: torch.Tensor, valid: list[bool]) -> list[torch.Tensor]:
+    present = torch.ones(m.k, dtype=torch.bool)
+    out = []
+    for v in valid:
+        m.weights(G, present, torch.tensor(v))
+        out.append(m.last_orders.clone())
+    return out
+
+
+def test_pcgrad_skipped_step_leaves_the_order_stream():
+    """A non-finite step (valid False) changes nothing that a later step sees: the state after
+    it is the state before it, and the next valid steps use the orders a run without it uses."""
+    k = 5
+    J = _J(k, 9, seed=3)
+    G = J @ J.T
+    a, b = PCGrad(k, seed=11), PCGrad(k, seed=11)
+    seq_a = _orders_seq(a, G, [True, True, True])
+    before = {key: v.clone() if isinstance(v, torch.Tensor) else v
+              for key, v in a.state_dict().items()}  # fmt: skip
+    _orders_seq(a, G, [False, False])
+    after = a.state_dict()
+    assert torch.equal(after["steps"], before["steps"]) and after["seed"] == before["seed"]
+    seq_a += _orders_seq(a, G, [True, True])
+    seq_b = _orders_seq(b, G, [True] * 5)
+    assert all(torch.equal(x, y) for x, y in zip(seq_a, seq_b))
+    assert len({tuple(o.flatten().tolist()) for o in seq_b}) > 1  # the orders change per step
+
+
+def test_pcgrad_orders_are_uniform_permutations_and_resume_exactly():
+    """Every row is a permutation; over many steps each of the 3! orders of a row comes up
+    about equally often, also past one table period (no repetition at M); a checkpoint resumes
+    the stream, and an old checkpoint without the counter is accepted with a warning."""
+    k = 3
+    m = PCGrad(k, seed=5)
+    G = torch.eye(k, dtype=torch.float64)
+    n = 3 * m.period
+    seq = _orders_seq(m, G, [True] * n)
+    rows = torch.stack(seq)  # [n, k, k]
+    assert torch.equal(rows.sort(2).values, torch.arange(k).expand(n, k, k))
+    codes = rows[:, 0, 0] * 9 + rows[:, 0, 1] * 3 + rows[:, 0, 2]
+    freq = torch.bincount(codes, minlength=27)[codes.unique()].double() / n
+    assert len(freq) == 6 and torch.all((freq - 1 / 6).abs() < 0.02)
+    M = m.period  # noqa: N806
+    assert any(not torch.equal(seq[i], seq[i + M]) for i in range(M))
+    twin = PCGrad(k, seed=0)
+    twin.load_state_dict(_roundtrip(m.state_dict()))
+    assert all(torch.equal(x, y) for x, y in zip(_orders_seq(m, G, [True] * 4),
+                                                 _orders_seq(twin, G, [True] * 4)))  # fmt: skip
+    legacy = {"last_weights": None, "rng": {"seed": 5, "device_type": None, "state": None}}
+    with pytest.warns(UserWarning, match="restart from step 0"):
+        twin.load_state_dict(legacy)
+    with pytest.raises(ValueError, match="'steps' must be a 0-d integer tensor"):
+        twin.load_state_dict({"last_weights": None, "steps": 3.5})
+
+
 @pytest.mark.interpret
 def test_pcgrad_and_nash_default_dispatch():
     k = 5
@@ -372,7 +427,7 @@ def test_state_dict_round_trip(name):
 def test_make_method_parses_compositions():
     m = make_method("UW + PCGrad", 5, lr=0.01, seed=4)
     assert m.name == "uw+pcgrad" and m.needs == "gram" and m.update_every == 1
-    assert m.loss.lr == 0.01 and m.grad.rng.seed == 4 and m.grad.reduction == "sum"
+    assert m.loss.lr == 0.01 and m.grad.seed == 4 and m.grad.reduction == "sum"
     assert m.param_groups()[0]["lr"] == 0.01
     n = make_method("nash", 5, update_every=10)
     assert n.loss is None and n.grad.reduction == "mean" and n.update_every == 10

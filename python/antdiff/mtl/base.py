@@ -243,7 +243,8 @@ class GramMethod:
             G: [k, k] fp32 or fp64 Gram matrix of the rows of J.
             present: [k] bool on G's device.
             valid: optional 0-d bool tensor; where False (a non-finite step) the method's saved
-                state keeps its previous value (random streams still advance). No host sync.
+                state keeps its previous value (PCGrad's order counter included; GradDrop's
+                random stream still advances). No host sync.
 
         Returns:
             w: [k] float32 on G's device; the update is w @ J; 0 for absent clusters.

@@ -26,13 +26,14 @@ GPU with ant_kernels' Triton kernels and on the CPU with the C++ solvers of ``an
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import native
-from .base import DeviceRNG, GramMethod, commit, n_present, pick_rows, subset_masks, subset_solve
+from .base import GramMethod, commit, n_present, pick_rows, subset_masks, subset_solve
 
 MAX_SUBSET_K = 12  # 2^k - 1 supports of k x k systems: 4095 tiny solves at k = 12
 _RIDGE = 1e-12  # relative to the mean active diagonal: keeps every support's system definite
@@ -64,35 +65,81 @@ class MeanGram(GramMethod):
 
 
 class PCGrad(GramMethod):
-    """PCGrad in Gram space with random projection orders drawn on G's device.
+    """PCGrad in Gram space with random projection orders looked up on G's device.
+
+    The orders of a step are a function of the seed and of the number of valid (finite) steps
+    so far, a counter kept on the device: two tables of M random order matrices (drawn once
+    from the seed on the host), row i of step n's orders being table one's row i at n mod M
+    composed with table two's at (n // M) mod M, a period of M^2 steps (M = 1024 at k <= 32).
+    A skipped step leaves the counter, so the next valid step uses the orders the skipped one
+    would have, as if it had never run, and no host sync is needed.
 
     Args:
         k: number of clusters.
         reduction: "mean" (w = sum_i C[i] / k_present) or "sum" (w = sum_i C[i]).
-        seed: seed of the generator that draws the orders (its state is in ``state_dict``).
+        seed: seed of the order tables (the counter is in ``state_dict``).
     """
 
     name = "pcgrad"
     native = "sum"
+    _TABLE_BYTES = 1 << 24  # both tables, int64
 
     def __init__(self, k: int, *, reduction: str = "mean", seed: int = 2) -> None:
         super().__init__(k, reduction=reduction)
-        self.rng = DeviceRNG(seed)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        self.seed = seed
+        self.period = max(16, min(1024, self._TABLE_BYTES // (16 * k * k)))
+        self._tables: tuple[Tensor, Tensor] | None = None  # [M, k, k] int64 each, on the device
+        self._count: Tensor | None = None  # [1] int64 there: valid steps so far
+        # the counter from a checkpoint, until the first step picks the device
+        self._count_saved = torch.zeros((), dtype=torch.int64)
         self.last_orders: Tensor | None = None
 
+    def _on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """The two order tables and the step counter on ``device`` (built or moved on first
+        use)."""
+        if self._tables is None or self._tables[0].device != device:
+            gen = torch.Generator().manual_seed(self.seed)
+            draws = torch.rand(2, self.period, self.k, self.k, generator=gen)
+            tables = torch.argsort(draws, dim=3)
+            pinned = device.type == "cuda"  # no stream sync for the one copy
+            tables = (tables.pin_memory() if pinned else tables).to(device, non_blocking=pinned)
+            self._tables = (tables[0], tables[1])
+            if self._count is None:
+                self._count = self._count_saved.to(device, torch.int64).reshape(1)
+            else:  # a move between devices (not in a training step's loop)
+                self._count = self._count.to(device)
+        return (*self._tables, self._count)
+
     def _weights(self, G: Tensor, active: Tensor, present: Tensor) -> Tensor:
-        gen = self.rng.get(G.device)
-        draws = torch.rand(self.k, self.k, generator=gen, device=G.device)
+        first, second, n = self._on(G.device)
+        m = self.period
         # row i: the order in which g_i' is projected against all clusters (itself included)
-        self.last_orders = torch.argsort(draws, dim=1)
+        orders = torch.gather(first.index_select(0, n % m), 2, second.index_select(0, n // m % m))
+        self.last_orders = orders[0]
+        valid = self._valid  # a bool adds 0 or 1
+        self._count = n + (1 if valid is None else valid.to(n.device))
         return native.pcgrad_weights(G, self.last_orders)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "rng": self.rng.state_dict()}
+        count = self._count if self._count is not None else self._count_saved
+        return {**super().state_dict(), "seed": self.seed, "steps": count.reshape(()).clone()}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         super().load_state_dict(d)
-        self.rng.load_state_dict(d["rng"])
+        if "steps" not in d:  # a checkpoint from the generator-based orders
+            warnings.warn(
+                "PCGrad state without 'steps' (an older checkpoint): the projection orders "
+                "restart from step 0 of their sequence",
+                stacklevel=2,
+            )
+        steps = d.get("steps", torch.zeros((), dtype=torch.int64))
+        if not isinstance(steps, torch.Tensor) or steps.numel() != 1 or steps.is_floating_point():
+            raise ValueError(f"PCGrad state 'steps' must be a 0-d integer tensor, got {steps!r}")
+        self.seed = int(d.get("seed", self.seed))
+        self._tables, self._count = None, None
+        self._count_saved = steps.detach().clone()
 
 
 class NashMTL(GramMethod):
