@@ -70,7 +70,7 @@ class PCGrad(GramMethod):
     The orders of a step are a function of the seed and of the number of valid (finite) steps
     so far, a counter kept on the device: two tables of M random order matrices (drawn once
     from the seed on the host), row i of step n's orders being table one's row i at n mod M
-    composed with table two's at (n // M) mod M, a period of M^2 steps (M = 1024 at k <= 32).
+    composed with table two's at (n // M) mod M, a period of M^2 steps (M = 1024 at k <= 45).
     A skipped step leaves the counter, so the next valid step uses the orders the skipped one
     would have, as if it had never run, and no host sync is needed.
 
@@ -82,29 +82,35 @@ class PCGrad(GramMethod):
 
     name = "pcgrad"
     native = "sum"
-    _TABLE_BYTES = 1 << 24  # both tables, int64
+    _TABLE_BYTES = 1 << 22  # both tables (uint8 entries up to k = 256)
 
     def __init__(self, k: int, *, reduction: str = "mean", seed: int = 2) -> None:
         super().__init__(k, reduction=reduction)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         self.seed = seed
-        self.period = max(16, min(1024, self._TABLE_BYTES // (16 * k * k)))
-        self._tables: tuple[Tensor, Tensor] | None = None  # [M, k, k] int64 each, on the device
+        dtype = torch.uint8 if k <= 256 else torch.int64
+        self.period = max(16, min(1024, self._TABLE_BYTES // (2 * k * k * dtype.itemsize)))
+        self._host_tables = self._draw_tables(dtype)  # [2, M, k, k]
+        self._tables: tuple[Tensor, Tensor] | None = None  # [M, k, k] each, on the device
         self._count: Tensor | None = None  # [1] int64 there: valid steps so far
         # the counter from a checkpoint, until the first step picks the device
         self._count_saved = torch.zeros((), dtype=torch.int64)
         self.last_orders: Tensor | None = None
 
+    def _draw_tables(self, dtype: torch.dtype) -> Tensor:
+        """Both tables from the seed, on the host. Built at construction and load, outside any
+        training step, because the sort's temporaries are 20x the size of the tables."""
+        gen = torch.Generator().manual_seed(self.seed)
+        draws = torch.rand(2, self.period, self.k, self.k, generator=gen)
+        return torch.argsort(draws, dim=3).to(dtype)
+
     def _on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-        """The two order tables and the step counter on ``device`` (built or moved on first
-        use)."""
+        """The two order tables and the step counter on ``device`` (moved on first use)."""
         if self._tables is None or self._tables[0].device != device:
-            gen = torch.Generator().manual_seed(self.seed)
-            draws = torch.rand(2, self.period, self.k, self.k, generator=gen)
-            tables = torch.argsort(draws, dim=3)
             pinned = device.type == "cuda"  # no stream sync for the one copy
-            tables = (tables.pin_memory() if pinned else tables).to(device, non_blocking=pinned)
+            tables = self._host_tables.pin_memory() if pinned else self._host_tables
+            tables = tables.to(device, non_blocking=pinned)
             self._tables = (tables[0], tables[1])
             if self._count is None:
                 self._count = self._count_saved.to(device, torch.int64).reshape(1)
@@ -116,8 +122,9 @@ class PCGrad(GramMethod):
         first, second, n = self._on(G.device)
         m = self.period
         # row i: the order in which g_i' is projected against all clusters (itself included)
-        orders = torch.gather(first.index_select(0, n % m), 2, second.index_select(0, n // m % m))
-        self.last_orders = orders[0]
+        pick = second.index_select(0, n // m % m).long()
+        orders = torch.gather(first.index_select(0, n % m), 2, pick)
+        self.last_orders = orders[0].long()
         valid = self._valid  # a bool adds 0 or 1
         self._count = n + (1 if valid is None else valid.to(n.device))
         return native.pcgrad_weights(G, self.last_orders)
@@ -137,7 +144,10 @@ class PCGrad(GramMethod):
         steps = d.get("steps", torch.zeros((), dtype=torch.int64))
         if not isinstance(steps, torch.Tensor) or steps.numel() != 1 or steps.is_floating_point():
             raise ValueError(f"PCGrad state 'steps' must be a 0-d integer tensor, got {steps!r}")
-        self.seed = int(d.get("seed", self.seed))
+        seed = int(d.get("seed", self.seed))
+        if seed != self.seed:
+            self.seed = seed
+            self._host_tables = self._draw_tables(self._host_tables.dtype)
         self._tables, self._count = None, None
         self._count_saved = steps.detach().clone()
 
