@@ -145,6 +145,19 @@ def test_pcgrad_skipped_step_leaves_the_order_stream():
     assert len({tuple(o.flatten().tolist()) for o in seq_b}) > 1  # the orders change per step
 
 
+@pytest.mark.parametrize("k", [1, 256, 300])
+def test_pcgrad_order_tables_stay_small_for_any_k(k):
+    """The tables hold uint8 entries up to k = 256 and int16 above, within a few MB, and still
+    give permutations."""
+    m = PCGrad(k, seed=1)
+    tables = m._host_tables
+    assert tables.dtype == (torch.uint8 if k <= 256 else torch.int16)
+    assert tables.numel() * tables.element_size() <= max(PCGrad._TABLE_BYTES, 2 * 16 * k * k * 2)
+    G = torch.eye(k, dtype=torch.float64)
+    for o in _orders_seq(m, G, [True, True]):
+        assert torch.equal(o.sort(1).values, torch.arange(k).expand(k, k))
+
+
 def test_pcgrad_orders_are_uniform_permutations_and_resume_exactly():
     """Every row is a permutation; over many steps each of the 3! orders of a row comes up
     about equally often, also past one table period (no repetition at M); a checkpoint resumes

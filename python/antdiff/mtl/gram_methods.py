@@ -82,14 +82,14 @@ class PCGrad(GramMethod):
 
     name = "pcgrad"
     native = "sum"
-    _TABLE_BYTES = 1 << 22  # both tables (uint8 entries up to k = 256)
+    _TABLE_BYTES = 1 << 22  # both tables (uint8 entries up to k = 256, int16 above)
 
     def __init__(self, k: int, *, reduction: str = "mean", seed: int = 2) -> None:
         super().__init__(k, reduction=reduction)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         self.seed = seed
-        dtype = torch.uint8 if k <= 256 else torch.int64
+        dtype = torch.uint8 if k <= 256 else torch.int16
         self.period = max(16, min(1024, self._TABLE_BYTES // (2 * k * k * dtype.itemsize)))
         self._host_tables = self._draw_tables(dtype)  # [2, M, k, k]
         self._tables: tuple[Tensor, Tensor] | None = None  # [M, k, k] each, on the device
