@@ -15,7 +15,8 @@ from .combine import combine
 from .gram import gram
 from .nash import nash_weights
 from .pcgrad import pcgrad_weights
-from .reference import combine_ref, gram_ref, nash_weights_ref, pcgrad_weights_ref
+from .reference import combine_ref, gram_ref, nash_weights_ref, pcgrad_weights_ref, uniform_ref
+from .uniform import uniform
 
 __all__ = [
     "HAS_TRITON",
@@ -29,4 +30,6 @@ __all__ = [
     "nash_weights_ref",
     "pcgrad_weights",
     "pcgrad_weights_ref",
+    "uniform",
+    "uniform_ref",
 ]

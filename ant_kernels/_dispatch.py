@@ -27,13 +27,14 @@ HAS_TRITON = triton is not None
 BACKENDS = ("auto", "triton", "torch")
 
 # Largest k each Triton kernel is built for (register tiles are [BK, BK] or [BK, BP]).
-MAX_K = {"gram": 64, "combine": 64, "pcgrad": 64, "nash": 32}
+MAX_K = {"gram": 64, "combine": 64, "pcgrad": 64, "nash": 32, "uniform": None}
 # dtypes each op's Triton kernel reads; other dtypes go to the reference.
 DTYPES = {
     "gram": (torch.float32, torch.bfloat16, torch.float16),
     "combine": (torch.float32, torch.bfloat16, torch.float16),
     "pcgrad": (torch.float32, torch.float64),
     "nash": (torch.float32, torch.float64),
+    "uniform": (torch.float32,),  # the output
 }
 
 # Whether the kernels were decorated under the interpreter (set by `jit` below).
@@ -65,7 +66,7 @@ def backend_reasons(op: str, *tensors: torch.Tensor, k: int | None = None) -> li
     """Every reason the Triton kernel of ``op`` cannot serve ``tensors``; empty if it can.
 
     Args:
-        op: one of ``gram``, ``combine``, ``pcgrad``, ``nash``.
+        op: one of ``gram``, ``combine``, ``pcgrad``, ``nash``, ``uniform``.
         *tensors: the op's tensor inputs (and ``out``); the first one's dtype is checked.
         k: number of clusters, checked against the kernel's largest tile.
 
@@ -93,7 +94,7 @@ def backend_reasons(op: str, *tensors: torch.Tensor, k: int | None = None) -> li
     if tensors and tensors[0].dtype not in DTYPES[op]:
         names = ", ".join(str(d) for d in DTYPES[op])
         reasons.append(f"{op}: dtype {tensors[0].dtype} is not supported (supported: {names})")
-    if k is not None and k > MAX_K[op]:
+    if k is not None and MAX_K[op] is not None and k > MAX_K[op]:
         reasons.append(f"{op}: k={k} exceeds the kernel's limit {MAX_K[op]}")
     return reasons
 

@@ -58,7 +58,7 @@ def _launches() -> list[tuple[str, Any, tuple, dict]]:
     The arguments come from the launchers' own ``_args`` and the options from their ``_plan``
     / ``_config``, applied to stand-in tensors: what ``kernel[grid](...)`` would receive.
     """
-    names = ("gram", "combine", "pcgrad", "nash", "_dispatch")
+    names = ("gram", "combine", "pcgrad", "nash", "uniform", "_dispatch")
     mod = {m: importlib.import_module(f"{__package__}.{m}") for m in names}
     gram, combine, pcgrad, nash = (mod[m] for m in ("gram", "combine", "pcgrad", "nash"))
     max_k = mod["_dispatch"].MAX_K
@@ -94,6 +94,12 @@ def _launches() -> list[tuple[str, Any, tuple, dict]]:
             args = nash._args(G, _Mock(torch.float64, k), 20)
             out.append((f"nash k={k} {dt}", nash._nash_kernel, args,
                         {"NORMALIZE": True, "BK": bk, "num_warps": warps}))  # fmt: skip
+    uniform = mod["uniform"]
+    bc, warps = uniform._config()
+    for n, seed in itertools.product(P_VALUES, (3, 2**40 + 3, 2**64 - 1)):  # i32, i64, u64 seeds
+        args = uniform._args(_Mock(torch.int64, 1), _Mock(torch.float32, n), n, seed)
+        out.append((f"uniform n={n} seed={seed}", uniform._uniform_kernel, args,
+                    {"BLOCK": bc, "num_warps": warps}))  # fmt: skip
     return out
 
 

@@ -210,3 +210,84 @@ def nash_weights_ref(G: torch.Tensor, iters: int = 20, normalize: bool = True) -
         step = torch.where(lam < 0.25, 1.0, (1.0 + lam).reciprocal())
         a = a - step * x
     return torch.where(ok & act, a, torch.where(ok, 0.0, torch.nan))
+
+
+_M32 = 0xFFFFFFFF
+_PHILOX_MUL = (0xD2511F53, 0xCD9E8D57)  # round multipliers (Philox4x32)
+_PHILOX_KEY = (0x9E3779B9, 0xBB67AE85)  # key increments
+_TWO_M24 = 1.0 / (1 << 24)
+
+
+def check_uniform(seed: int, step: torch.Tensor, n: int, out: torch.Tensor | None = None) -> None:
+    """Raise unless ``seed`` is in [0, 2**64), ``step`` a one-element integer tensor, ``n`` >= 0
+    and ``out`` (or None) a float32 [n] tensor on step's device."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64:
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+    if not isinstance(step, torch.Tensor) or step.numel() != 1 or step.dtype != torch.int64:
+        got = f"{tuple(step.shape)} {step.dtype}" if isinstance(step, torch.Tensor) else step
+        raise ValueError(f"step must be a one-element int64 tensor (the counter), got {got}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    if out is not None and (
+        not isinstance(out, torch.Tensor) or out.shape != (n,) or out.dtype != torch.float32
+        or out.device != step.device
+    ):  # fmt: skip
+        got = f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(
+            out, torch.Tensor) else type(out).__name__  # fmt: skip
+        raise ValueError(f"out must be a float32 [n]=[{n}] tensor on {step.device}, got {got}")
+
+
+def _mul32(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit words of a * b for uint32 values a (held in int64) and b: the halves
+    of b keep every partial product below 2**49, so int64 never overflows."""
+    p_lo, p_hi = a * (b & 0xFFFF), a * (b >> 16)
+    mid = p_lo + ((p_hi & 0xFFFF) << 16)
+    return (p_hi >> 16) + (mid >> 32), mid & _M32
+
+
+def philox_ref(counters: torch.Tensor, seed: int) -> torch.Tensor:
+    """Philox4x32-10 (Salmon et al., SC 2011): the 4 output words of each counter.
+
+    Args:
+        counters: [m, 4] int64 holding uint32 words (c0, c1, c2, c3).
+        seed: key (seed low, seed high), an int in [0, 2**64).
+
+    Returns:
+        [m, 4] int64 holding the uint32 output words.
+    """
+    c = list(counters.unbind(1))
+    k0, k1 = seed & _M32, seed >> 32
+    for _ in range(10):
+        hi0, lo0 = _mul32(c[0], _PHILOX_MUL[0])
+        hi2, lo2 = _mul32(c[2], _PHILOX_MUL[1])
+        c = [hi2 ^ c[1] ^ k0, lo2, hi0 ^ c[3] ^ k1, lo0]
+        k0, k1 = (k0 + _PHILOX_KEY[0]) & _M32, (k1 + _PHILOX_KEY[1]) & _M32
+    return torch.stack(c, dim=1)
+
+
+def uniform_ref(
+    seed: int, step: torch.Tensor, n: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Uniforms in [0, 1) of the counter-based stream (seed, step).
+
+    Value m is word m % 4 of ``philox_ref`` on the counter (m // 4 low, m // 4 high, step low,
+    step high) under the key ``seed``, as (word >> 8) * 2**-24: 24 random bits, exact in
+    float32, never 1.0. It depends on (seed, step, m) only, so a stream indexed by a step counter
+    on the device resumes exactly from (seed, step) and skips nothing when a step does not
+    advance the counter. No host sync: ``step`` stays a tensor.
+
+    Args:
+        seed: key in [0, 2**64). step: one-element int64 tensor (>= 0) on the output's device.
+        n: number of values. out: optional float32 [n] on step's device.
+
+    Returns:
+        [n] float32 (``out`` when given).
+    """
+    check_uniform(seed, step, n, out)
+    blocks = torch.arange((n + 3) // 4, dtype=torch.int64, device=step.device)
+    s = step.reshape(()).to(torch.int64)
+    counters = torch.stack([blocks & _M32, blocks >> 32, (s & _M32).expand_as(blocks),
+                            ((s >> 32) & _M32).expand_as(blocks)], dim=1)  # fmt: skip
+    words = philox_ref(counters, seed).reshape(-1)[:n]
+    u = (words >> 8).to(torch.float32) * _TWO_M24
+    return u if out is None else out.copy_(u)

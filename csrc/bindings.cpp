@@ -13,6 +13,7 @@
 
 #include "interval_dp.h"
 #include "mtl_solvers.h"
+#include "philox.h"
 #include "step_ops.h"
 
 namespace py = pybind11;
@@ -71,6 +72,24 @@ void UwBackwardAt(uintptr_t g, uintptr_t coef, uintptr_t cid, int64_t B, uintptr
                   Address<const int64_t>(cid), B, Address<float>(d_per));
 }
 
+void PhiloxUniformAt(uint64_t seed, uintptr_t step, int64_t count, uintptr_t out) {
+  if (count < 0) throw std::invalid_argument("philox_uniform: count must be >= 0");
+  // the step is read here, from host memory, so the caller never brings it to Python
+  const uint64_t s = static_cast<uint64_t>(*Address<const int64_t>(step));
+  py::gil_scoped_release release;
+  ant::PhiloxUniform(seed, s, count, Address<float>(out));
+}
+
+std::vector<uint32_t> Philox4x32Words(const std::vector<uint32_t>& ctr,
+                                      const std::vector<uint32_t>& key) {
+  if (ctr.size() != 4 || key.size() != 2) {
+    throw std::invalid_argument("philox4x32: needs 4 counter words and 2 key words");
+  }
+  std::vector<uint32_t> out(4);
+  ant::Philox4x32(ctr.data(), key.data(), out.data());
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -115,4 +134,11 @@ Raises:
         py::arg("d_per"),
         "d_per[n] = g * coef[cid[n]] (float32 g 0-d, coef [k], int64 cid [B], d_per [B] written). "
         "Use antdiff.mtl.native.");
+  m.def("philox_uniform", &PhiloxUniformAt, py::arg("seed"), py::arg("step"), py::arg("count"),
+        py::arg("out"),
+        "Uniforms in [0, 1) of the counter-based stream (seed, step) (see csrc/philox.h). step: "
+        "address of a host int64; out: address of a float32 [count] buffer (written). Use "
+        "antdiff.mtl.native.");
+  m.def("philox4x32", &Philox4x32Words, py::arg("counter"), py::arg("key"),
+        "The 4 output words of Philox4x32-10 on 4 counter words under 2 key words.");
 }

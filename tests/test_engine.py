@@ -568,20 +568,36 @@ def test_nan_step_leaves_method_state_and_uw_untouched():
     assert torch.all(flat_grad(model) == 0)
 
 
-def test_nan_step_leaves_pcgrad_order_stream():
-    """A skipped (non-finite) PCGrad step does not move the projection orders: the next good
-    step projects in the orders a run without the skipped step uses."""
+def _stream_state(ant: ANT, method: str):
+    """What the next valid step draws from: PCGrad's orders, GradDrop's U, RLW's draw."""
+    ant.state_dict()  # runs a pending observe (RLW)
+    if method == "pcgrad":
+        return ant.method.grad.last_orders.clone()
+    part = ant.method.grad if method == "graddrop" else ant.method.loss
+    steps = int(part.stream.state_dict()["steps"])
+    return (steps, part.stream.uniform(64, "cpu")) if method == "graddrop" else (
+        steps, part.draw.clone())  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["pcgrad", "graddrop", "rlw"])
+def test_nan_step_leaves_random_streams(method):
+    """A skipped (non-finite) step does not move a method's random stream: the next good step
+    draws what a run without the skipped step draws (PCGrad's orders, GradDrop's U, RLW's
+    normal draws)."""
     runs = []
     for skip in (True, False):
-        model, ant = setup("pcgrad")
+        model, ant = setup(method)
         x = torch.randn(16, 1, 6, 6, generator=torch.Generator().manual_seed(1))
         ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16))
         if skip:
             ant.backward(_nan_loss(model), x, ant.sample_timesteps(16))
             assert not bool(ant.last.finite)
         ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16))
-        runs.append(ant.method.grad.last_orders.clone())
-    assert torch.equal(runs[0], runs[1])
+        runs.append(_stream_state(ant, method))
+    if method == "pcgrad":
+        assert torch.equal(runs[0], runs[1])
+    else:
+        assert runs[0][0] == runs[1][0] == 2 and torch.equal(runs[0][1], runs[1][1])
 
 
 def test_vanilla_backward_is_the_batch_mean():

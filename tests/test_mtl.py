@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from ant_kernels import uniform_ref
 from antdiff.mtl import (
     GRAD_METHODS,
     IMTLG,
@@ -351,7 +352,7 @@ def test_graddrop_elementwise_reference():
     J = _J(k, P, seed=1)
     present = _present(k, (2,))
     out = GradDrop(k, seed=seed).combine_grads(J, present)
-    u = torch.rand(P, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    u = uniform_ref(seed, torch.zeros(1, dtype=torch.int64), P).double()  # step 0 of the stream
     Jp = J[present].numpy()
     pur = 0.5 * (1 + Jp.sum(0) / np.abs(Jp).sum(0))
     pos = np.where(Jp > 0, Jp, 0).sum(0)
@@ -363,6 +364,34 @@ def test_graddrop_elementwise_reference():
     assert abs(kept_pos.mean() - pur.mean()) < 0.03
     with pytest.raises(TypeError, match="combine_grads"):
         GradDrop(k).weights(J @ J.T, present)
+
+
+def test_graddrop_stream_skips_invalid_steps_and_round_trips():
+    """U comes from (seed, valid steps): a skipped step draws nothing, so the steps after it
+    combine exactly as in a run without it; the state restores the stream exactly."""
+    k, P = 3, 257
+    Js = [_J(k, P, seed=s) for s in range(4)]
+    present = _present(k)
+    a, b = GradDrop(k, seed=4), GradDrop(k, seed=4)
+    outs_a = [a.combine_grads(J, present, torch.tensor(True)) for J in Js[:2]]
+    a.combine_grads(Js[2], present, torch.tensor(False))  # a skipped step
+    outs_a.append(a.combine_grads(Js[3], present, torch.tensor(True)))
+    outs_b = [b.combine_grads(J, present) for J in (Js[0], Js[1], Js[3])]
+    for x, y in zip(outs_a, outs_b):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    assert int(a.state_dict()["stream"]["steps"]) == 3
+    twin = GradDrop(k, seed=99)
+    twin.load_state_dict(_roundtrip(a.state_dict()))
+    torch.testing.assert_close(twin.combine_grads(Js[0], present), a.combine_grads(Js[0], present))
+    fresh = GradDrop(k, seed=4)
+    first = fresh.combine_grads(Js[0], present)
+    assert not torch.equal(fresh.combine_grads(Js[0], present), first)  # a new U every step
+    legacy = {"last_weights": None, "rng": {"seed": 5, "device_type": None, "state": None}}
+    with pytest.warns(UserWarning, match="restarts from step 0 of seed 5"):
+        twin.load_state_dict(legacy)
+    assert twin.stream.seed == 5 and int(twin.state_dict()["stream"]["steps"]) == 0
+    with pytest.raises(ValueError, match="seed must be an int in"):
+        GradDrop(k, seed=-1)
 
 
 def test_graddrop_leak_one_is_mean():

@@ -275,3 +275,33 @@ def test_rlw_first_steps_differ_and_nonfinite_step_keeps_the_draw():
     assert not torch.allclose(w0, w1)
     rlw.observe(L, torch.zeros(4, dtype=torch.bool))  # a non-finite step: nothing present
     torch.testing.assert_close(rlw.transform(L, present), w1)
+    # ... and the stream did not move: the next draw is the one a run without that step makes
+    twin = make_method("rlw", 4).loss
+    twin.observe(L, present)
+    rlw.observe(L, present)
+    twin.observe(L, present)
+    torch.testing.assert_close(rlw.draw, twin.draw, rtol=0, atol=0)
+    state = rlw.state_dict()
+    assert int(state["_extra_state"]["stream"]["steps"]) == 2
+    other = make_method("rlw", 4).loss
+    other.load_state_dict(state)
+    rlw.observe(L, present)
+    other.observe(L, present)
+    torch.testing.assert_close(other.draw, rlw.draw, rtol=0, atol=0)
+
+
+def test_rlw_draws_are_standard_normal():
+    rlw = RLW(2, seed=8)
+    present = torch.ones(2, dtype=torch.bool)
+    draws = []
+    for _ in range(4000):
+        rlw.observe(torch.ones(2), present)
+        draws.append(rlw.draw.clone())
+    z = torch.stack(draws).reshape(-1)
+    n = z.numel()
+    assert abs(z.mean()) < 4 / n**0.5 and abs(z.var() - 1) < 4 * (2 / n) ** 0.5
+    assert abs((z > 1.96).double().mean() - 0.025) < 0.006
+    legacy = rlw.state_dict()
+    legacy["_extra_state"] = {"rng": {"seed": 2, "device_type": None, "state": None}}
+    with pytest.warns(UserWarning, match="restarts from step 0 of seed 2"):
+        rlw.load_state_dict(legacy)

@@ -559,7 +559,7 @@ class ANT:
         grad = self.method.grad
         if grad.needs == "grads":
             J.mul_(c[:, None].to(J.dtype))
-            J[0].copy_(grad.combine_grads(J, present))
+            J[0].copy_(grad.combine_grads(J, present, finite))
             w_eff = c
         else:
             w = grad.weights(torch.where(finite, Gc, torch.zeros_like(Gc)), present, finite)

@@ -26,7 +26,6 @@ Nothing here synchronises with the host: no ``.item()``, no Python branch on a t
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -82,59 +81,6 @@ def masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     e = torch.where(mask, torch.exp(torch.where(mask, logits - top, 0.0)), 0.0)
     return e / e.sum().clamp(min=torch.finfo(e.dtype).tiny)
-
-
-class DeviceRNG:
-    """A seeded ``torch.Generator`` created on the device of first use, with a state round trip.
-
-    Random draws must come from a generator on the tensors' device: drawing on the CPU and
-    copying to a GPU would synchronise. The state saved on one device type restores exactly on
-    the same device type; on another one the stream restarts from the seed (with a warning).
-    """
-
-    def __init__(self, seed: int) -> None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
-        self.seed = seed
-        self._gen: torch.Generator | None = None
-        self._pending: tuple[str, Tensor] | None = None
-
-    def get(self, device: torch.device) -> torch.Generator:
-        """The generator on ``device`` (created, or moved with its state, on first use there)."""
-        gen = self._gen
-        if gen is not None and gen.device == device:
-            return gen
-        new = torch.Generator(device=device)
-        new.manual_seed(self.seed)
-        carried = self._pending if gen is None else (gen.device.type, gen.get_state())
-        if carried is not None:
-            if carried[0] == device.type:
-                new.set_state(carried[1])
-            else:
-                warnings.warn(
-                    f"random state saved on {carried[0]} cannot continue on {device.type}; "
-                    f"restarting the stream from seed {self.seed}",
-                    stacklevel=3,
-                )
-        self._gen, self._pending = new, None
-        return new
-
-    def state_dict(self) -> dict[str, Any]:
-        if self._gen is not None:
-            saved: tuple[str, Tensor] | None = (self._gen.device.type, self._gen.get_state())
-        else:
-            saved = self._pending
-        return {
-            "seed": self.seed,
-            "device_type": None if saved is None else saved[0],
-            "state": None if saved is None else saved[1].clone(),
-        }
-
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        self.seed = int(d["seed"])
-        self._gen = None
-        state = d.get("state")
-        self._pending = None if state is None else (str(d["device_type"]), state.clone())
 
 
 class LossMethod(torch.nn.Module):
@@ -243,8 +189,8 @@ class GramMethod:
             G: [k, k] fp32 or fp64 Gram matrix of the rows of J.
             present: [k] bool on G's device.
             valid: optional 0-d bool tensor; where False (a non-finite step) the method's saved
-                state keeps its previous value (PCGrad's order counter included; GradDrop's
-                random stream still advances). No host sync.
+                state keeps its previous value (PCGrad's order counter included). No host
+                sync.
 
         Returns:
             w: [k] float32 on G's device; the update is w @ J; 0 for absent clusters.

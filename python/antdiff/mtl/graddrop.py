@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import DeviceRNG, GramMethod, check_present, n_present
+from .base import GramMethod, check_present, n_present
+from .stream import StepStream
 
 
 class GradDrop(GramMethod):
@@ -26,7 +27,8 @@ class GradDrop(GramMethod):
         k: number of clusters.
         reduction: "mean" (divide the combined gradient by k_present) or "sum".
         leak: fraction of every gradient that always passes (0 = pure GradDrop).
-        seed: seed of the generator drawing U (its state is in ``state_dict``).
+        seed: seed of the counter-based stream drawing U, in [0, 2**64). U depends on the seed
+            and the number of valid steps only, so a skipped step draws nothing.
     """
 
     name = "graddrop"
@@ -40,17 +42,20 @@ class GradDrop(GramMethod):
         if isinstance(leak, bool) or not isinstance(leak, (int, float)) or not 0 <= leak <= 1:
             raise ValueError(f"leak must be a number in [0, 1], got {leak!r}")
         self.leak = float(leak)
-        self.rng = DeviceRNG(seed)
+        self.stream = StepStream(seed)
 
     def weights(self, G: Tensor, present: Tensor) -> Tensor:
         raise TypeError("graddrop needs the gradients themselves: call combine_grads(J, present)")
 
-    def combine_grads(self, J: Tensor, present: Tensor) -> Tensor:
+    def combine_grads(self, J: Tensor, present: Tensor, valid: Tensor | None = None) -> Tensor:
         """Combined update.
 
         Args:
             J: [k, P] per-cluster gradients (rows of absent clusters are ignored).
             present: [k] bool on J's device.
+            valid: optional 0-d bool tensor; where False (a non-finite step) the stream of U
+                stays where it was, so the next valid step draws what it would have drawn
+                without this one. No host sync.
 
         Returns:
             [P] update in J's dtype (float32 accumulation for half-precision J).
@@ -70,7 +75,8 @@ class GradDrop(GramMethod):
             total += row
             mass += row.abs()
         purity = 0.5 * (1.0 + total / torch.where(mass > 0, mass, 1.0))
-        u = torch.rand(J.shape[1], generator=self.rng.get(J.device), device=J.device, dtype=acc)
+        u = self.stream.uniform(J.shape[1], J.device).to(acc)
+        self.stream.advance(valid)
         pick_pos = purity > u
         pick_neg = purity < u
         out = torch.zeros_like(total)
@@ -83,8 +89,8 @@ class GradDrop(GramMethod):
         return out.to(J.dtype)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "rng": self.rng.state_dict()}
+        return {**super().state_dict(), "stream": self.stream.state_dict()}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         super().load_state_dict(d)
-        self.rng.load_state_dict(d["rng"])
+        self.stream.load_state_dict(d["stream"] if "stream" in d else d["rng"])

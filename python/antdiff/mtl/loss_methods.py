@@ -8,7 +8,8 @@ exactly METHOD.md's formula with the fixed k.
 - ``UW`` ("uw", Kendall et al. 2018): 0.5 * (exp(-s_i) L_i / k + s_i), s_i learnable (init 0),
   own optimiser group (AdamW lr 0.025, weight decay 0). The total may be negative.
 - ``RLW`` ("rlw", Lin et al. 2021): softmax over present clusters of standard normal draws,
-  times L_i. The draw for the next step is made in ``observe`` (so ``transform`` is pure).
+  times L_i. The draw for the next step is made in ``observe`` (so ``transform`` is pure),
+  by Box-Muller from a counter-based stream that only a step with a present cluster advances.
 - ``DWA`` ("dwa", Liu et al. 2019): softmax over present clusters of r_i / T with
   r_i = L_i(t-1) / L_i(t-2) (the last two observed losses of cluster i; 1 until it has two),
   T = 2. The paper's weights sum to K on a summed loss; ours sum to 1 on the same losses.
@@ -30,7 +31,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import native
-from .base import DeviceRNG, LossMethod, check_losses, masked_softmax, n_present
+from .base import LossMethod, check_losses, masked_softmax, n_present
+from .stream import StepStream
 
 
 def _check_positive(name: str, value: Any) -> float:
@@ -150,14 +152,15 @@ class RLW(LossMethod):
 
     Args:
         k: number of clusters.
-        seed: seed of the generator (its state is saved as the module's extra state).
+        seed: seed of the counter-based stream of the draws, in [0, 2**64) (its step counter is
+            saved as the module's extra state).
     """
 
     name = "rlw"
 
     def __init__(self, k: int, *, seed: int = 1) -> None:
         super().__init__(k)
-        self.rng = DeviceRNG(seed)
+        self.stream = StepStream(seed)
         # the first step's draw comes from a stream independent of the per-step one
         init = torch.Generator().manual_seed(seed ^ 0x5EED_F1E7)
         self.register_buffer("draw", torch.randn(self.k, generator=init, dtype=torch.float64))
@@ -169,16 +172,20 @@ class RLW(LossMethod):
 
     def observe(self, L: Tensor, present: Tensor) -> None:
         check_losses(L, present, self.k)
-        gen = self.rng.get(self.draw.device)
-        new = torch.randn(self.k, generator=gen, device=self.draw.device, dtype=self.draw.dtype)
-        # a step with no (finite) cluster keeps the current draw
-        self.draw.copy_(torch.where(present.any(), new, self.draw))
+        u = self.stream.uniform(2 * self.k, self.draw.device).to(torch.float64)
+        # Box-Muller; 1 - u is in (0, 1], so the logarithm is finite
+        radius = torch.sqrt(-2.0 * torch.log1p(-u[: self.k]))
+        new = (radius * torch.cos(2.0 * math.pi * u[self.k :])).to(self.draw.dtype)
+        # a step with no (finite) cluster keeps the current draw and the stream's position
+        seen = present.any()
+        self.draw.copy_(torch.where(seen, new, self.draw))
+        self.stream.advance(seen)
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"rng": self.rng.state_dict()}
+        return {"stream": self.stream.state_dict()}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.rng.load_state_dict(state["rng"])
+        self.stream.load_state_dict(state["stream"] if "stream" in state else state["rng"])
 
 
 class DWA(LossMethod):

@@ -1,0 +1,17 @@
+// Counter-based uniform random numbers (Philox4x32-10, Salmon et al., SC 2011): value n of the
+// stream (seed, step) depends on (seed, step, n) only, so a stream can be indexed by a counter
+// that lives on the device and resumed exactly from (seed, step) alone.
+#pragma once
+
+#include <cstdint>
+
+namespace ant {
+
+// Philox4x32 with 10 rounds on counter ctr[4] under key key[2]; writes the 4 output words.
+void Philox4x32(const uint32_t ctr[4], const uint32_t key[2], uint32_t out[4]);
+
+// out[n] = (word >> 8) * 2^-24 in [0, 1) for n in [0, count): word n % 4 of Philox4x32-10 on
+// counter (n / 4 low, n / 4 high, step low, step high) under key (seed low, seed high). O(count).
+void PhiloxUniform(uint64_t seed, uint64_t step, int64_t count, float* out);
+
+}  // namespace ant
