@@ -219,8 +219,10 @@ def _states_equal(a, b):
 
 
 @pytest.mark.parametrize(
-    "preset, method", [("digits_adm", "uw+pcgrad"), ("digits_dit", "nash"), ("digits_ldm", "rlw")]
-)
+    "preset, method",
+    [("digits_adm", "uw+pcgrad"), ("digits_dit", "nash"), ("digits_ldm", "rlw"),
+     ("digits_dit", "graddrop")],
+)  # fmt: skip
 def test_resume_is_bit_exact(preset, method, tmp_path):
     extra = ["--ant.method", method, *_every(method), "--train.ckpt_every", "2"]
     full = train(_cfg(preset, tmp_path / "full", *extra, steps=4))["run"]
