@@ -27,13 +27,14 @@ HAS_TRITON = triton is not None
 BACKENDS = ("auto", "triton", "torch")
 
 # Largest k each Triton kernel is built for (register tiles are [BK, BK] or [BK, BP]).
-MAX_K = {"gram": 64, "combine": 64, "pcgrad": 64, "nash": 32, "uniform": None}
+MAX_K = {"gram": 64, "combine": 64, "pcgrad": 64, "nash": 32, "graddrop": 64, "uniform": None}
 # dtypes each op's Triton kernel reads; other dtypes go to the reference.
 DTYPES = {
     "gram": (torch.float32, torch.bfloat16, torch.float16),
     "combine": (torch.float32, torch.bfloat16, torch.float16),
     "pcgrad": (torch.float32, torch.float64),
     "nash": (torch.float32, torch.float64),
+    "graddrop": (torch.float32, torch.bfloat16, torch.float16),
     "uniform": (torch.float32,),  # the output
 }
 
@@ -66,7 +67,7 @@ def backend_reasons(op: str, *tensors: torch.Tensor, k: int | None = None) -> li
     """Every reason the Triton kernel of ``op`` cannot serve ``tensors``; empty if it can.
 
     Args:
-        op: one of ``gram``, ``combine``, ``pcgrad``, ``nash``, ``uniform``.
+        op: one of ``gram``, ``combine``, ``pcgrad``, ``nash``, ``graddrop``, ``uniform``.
         *tensors: the op's tensor inputs (and ``out``); the first one's dtype is checked.
         k: number of clusters, checked against the kernel's largest tile.
 

@@ -58,7 +58,7 @@ def _launches() -> list[tuple[str, Any, tuple, dict]]:
     The arguments come from the launchers' own ``_args`` and the options from their ``_plan``
     / ``_config``, applied to stand-in tensors: what ``kernel[grid](...)`` would receive.
     """
-    names = ("gram", "combine", "pcgrad", "nash", "uniform", "_dispatch")
+    names = ("gram", "combine", "pcgrad", "nash", "graddrop", "uniform", "_dispatch")
     mod = {m: importlib.import_module(f"{__package__}.{m}") for m in names}
     gram, combine, pcgrad, nash = (mod[m] for m in ("gram", "combine", "pcgrad", "nash"))
     max_k = mod["_dispatch"].MAX_K
@@ -94,9 +94,18 @@ def _launches() -> list[tuple[str, Any, tuple, dict]]:
             args = nash._args(G, _Mock(torch.float64, k), 20)
             out.append((f"nash k={k} {dt}", nash._nash_kernel, args,
                         {"NORMALIZE": True, "BK": bk, "num_warps": warps}))  # fmt: skip
+    graddrop = mod["graddrop"]
+    for k, dt, (P, n) in itertools.product(K_VALUES, ("fp32", "bf16"), parts):
+        if k <= max_k["graddrop"]:
+            J = _Mock(_DT[dt], k, n, row=-(-P // 16) * 16)
+            bp, warps = graddrop._config(k)
+            args = graddrop._args(J, _Mock(torch.float32, k), _Mock(torch.int64, 1),
+                                  _Mock(torch.float32, 1), _Mock(_DT[dt], n), P - n, 0.0, 3)
+            out.append((f"graddrop k={k} {dt} P={n}", graddrop._graddrop_kernel, args,
+                        {"K": k, "BLOCK_P": bp, "num_warps": warps}))  # fmt: skip
     uniform = mod["uniform"]
     bc, warps = uniform._config()
-    for n, seed in itertools.product(P_VALUES, (3, 2**40 + 3, 2**64 - 1)):  # i32, i64, u64 seeds
+    for n, seed in itertools.product(P_VALUES, (1, 3, 2**40 + 3, 2**64 - 1)):  # 1 is a constant
         args = uniform._args(_Mock(torch.int64, 1), _Mock(torch.float32, n), n, seed)
         out.append((f"uniform n={n} seed={seed}", uniform._uniform_kernel, args,
                     {"BLOCK": bc, "num_warps": warps}))  # fmt: skip

@@ -218,9 +218,11 @@ _PHILOX_KEY = (0x9E3779B9, 0xBB67AE85)  # key increments
 _TWO_M24 = 1.0 / (1 << 24)
 
 
-def check_uniform(seed: int, step: torch.Tensor, n: int, out: torch.Tensor | None = None) -> None:
-    """Raise unless ``seed`` is in [0, 2**64), ``step`` a one-element integer tensor, ``n`` >= 0
-    and ``out`` (or None) a float32 [n] tensor on step's device."""
+def check_uniform(
+    seed: int, step: torch.Tensor, n: int, out: torch.Tensor | None = None, offset: int = 0
+) -> None:
+    """Raise unless ``seed`` is in [0, 2**64), ``step`` a one-element int64 tensor, ``n`` and
+    ``offset`` ints >= 0 and ``out`` (or None) a float32 [n] tensor on step's device."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64:
         raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
     if not isinstance(step, torch.Tensor) or step.numel() != 1 or step.dtype != torch.int64:
@@ -228,6 +230,8 @@ def check_uniform(seed: int, step: torch.Tensor, n: int, out: torch.Tensor | Non
         raise ValueError(f"step must be a one-element int64 tensor (the counter), got {got}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be an int >= 0, got {n!r}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < 1 << 62:
+        raise ValueError(f"offset must be an int in [0, 2**62), got {offset!r}")
     if out is not None and (
         not isinstance(out, torch.Tensor) or out.shape != (n,) or out.dtype != torch.float32
         or out.device != step.device
@@ -266,28 +270,124 @@ def philox_ref(counters: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def uniform_ref(
-    seed: int, step: torch.Tensor, n: int, out: torch.Tensor | None = None
+    seed: int, step: torch.Tensor, n: int, out: torch.Tensor | None = None, offset: int = 0
 ) -> torch.Tensor:
-    """Uniforms in [0, 1) of the counter-based stream (seed, step).
+    """Values offset .. offset + n - 1 of the counter-based uniform stream (seed, step).
 
     Value m is word m % 4 of ``philox_ref`` on the counter (m // 4 low, m // 4 high, step low,
     step high) under the key ``seed``, as (word >> 8) * 2**-24: 24 random bits, exact in
     float32, never 1.0. It depends on (seed, step, m) only, so a stream indexed by a step counter
     on the device resumes exactly from (seed, step) and skips nothing when a step does not
-    advance the counter. No host sync: ``step`` stays a tensor.
+    advance the counter, and any range of it can be drawn on its own. No host sync: ``step``
+    stays a tensor.
 
     Args:
         seed: key in [0, 2**64). step: one-element int64 tensor (>= 0) on the output's device.
-        n: number of values. out: optional float32 [n] on step's device.
+        n: number of values. out: optional float32 [n] on step's device. offset: first value.
 
     Returns:
         [n] float32 (``out`` when given).
     """
-    check_uniform(seed, step, n, out)
-    blocks = torch.arange((n + 3) // 4, dtype=torch.int64, device=step.device)
+    check_uniform(seed, step, n, out, offset)
+    first = offset // 4
+    blocks = torch.arange(first, (offset + n + 3) // 4, dtype=torch.int64, device=step.device)
     s = step.reshape(()).to(torch.int64)
     counters = torch.stack([blocks & _M32, blocks >> 32, (s & _M32).expand_as(blocks),
                             ((s >> 32) & _M32).expand_as(blocks)], dim=1)  # fmt: skip
-    words = philox_ref(counters, seed).reshape(-1)[:n]
+    words = philox_ref(counters, seed).reshape(-1)[offset - 4 * first :][:n]
     u = (words >> 8).to(torch.float32) * _TWO_M24
     return u if out is None else out.copy_(u)
+
+
+_GRADDROP_CHUNK = 8192  # columns per pass of the reference: temporaries of (k + 8) * 8192 values
+
+
+def check_graddrop(
+    J: torch.Tensor,
+    present: torch.Tensor,
+    leak: float,
+    divisor: torch.Tensor,
+    out: torch.Tensor | None,
+) -> None:
+    """Raise unless J [k, P], present [k] bool, leak in [0, 1], divisor a one-element float
+    tensor and out (or None) a float [P] tensor fit together on one device."""
+    check_J(J)
+    k, P = J.shape
+    ok = isinstance(present, torch.Tensor) and present.shape == (k,)
+    if not ok or present.dtype != torch.bool:
+        got = f"{tuple(present.shape)} {present.dtype}" if isinstance(
+            present, torch.Tensor) else type(present).__name__  # fmt: skip
+        raise ValueError(f"present must be a bool tensor of shape [k]=[{k}], got {got}")
+    if isinstance(leak, bool) or not isinstance(leak, (int, float)) or not 0 <= leak <= 1:
+        raise ValueError(f"leak must be a number in [0, 1], got {leak!r}")
+    if not isinstance(divisor, torch.Tensor) or divisor.numel() != 1 or (
+        divisor.dtype not in _FLOATS):  # fmt: skip
+        raise ValueError(f"divisor must be a one-element float tensor, got {divisor!r}")
+    if out is not None and (
+        not isinstance(out, torch.Tensor) or out.shape != (P,) or out.dtype not in _FLOATS
+    ):
+        got = f"{tuple(out.shape)} {out.dtype}" if isinstance(
+            out, torch.Tensor) else type(out).__name__  # fmt: skip
+        raise ValueError(f"out must be a float tensor of shape [P]=[{P}], got {got}")
+    devices = {t.device for t in (J, present, divisor, out) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(
+            f"J, present, divisor and out must share one device, got {sorted(map(str, devices))}"
+        )
+
+
+def graddrop_ref(
+    J: torch.Tensor,
+    present: torch.Tensor,
+    seed: int,
+    step: torch.Tensor,
+    leak: float = 0.0,
+    divisor: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """GradDrop's update, column by column (Chen et al. 2020, "Just Pick a Sign").
+
+    With g_i = J[i, p] for present clusters (absent rows count as 0): purity
+    P_p = 0.5 (1 + sum_i g_i / sum_i |g_i|) (0.5 where all are 0), U_p = value p of
+    ``uniform_ref(seed, step)``, kept M_i = [P_p > U_p][g_i > 0] + [P_p < U_p][g_i < 0], and
+    out[p] = (sum_i (g_i if M_i else leak g_i)) / divisor. Sums run over i in order, in float32
+    (float64 for float64 J). The columns are processed in chunks, so the temporaries stay
+    O(k * chunk) whatever P, and ``out`` may be one of J's rows.
+
+    Args:
+        J: [k, P]. present: [k] bool. seed, step: the stream of U (``uniform_ref``).
+        leak: the weight of dropped entries, in [0, 1]. divisor: one-element float tensor
+            (None: 1), e.g. the number of present clusters. out: [P] float (None: J's dtype).
+        chunk: columns per pass (None: 8192 on the CPU, at least P / 32 elsewhere).
+
+    Returns:
+        ``out`` (written) or a new [P] tensor.
+    """
+    if divisor is None:
+        divisor = torch.ones((), device=J.device)
+    check_graddrop(J, present, leak, divisor, out)
+    check_uniform(seed, step, 0)
+    k, P = J.shape
+    acc = torch.float64 if J.dtype == torch.float64 else torch.float32
+    out = torch.empty(P, dtype=J.dtype, device=J.device) if out is None else out
+    div = divisor.reshape(()).to(acc)
+    wide = max(_GRADDROP_CHUNK, -(-P // 32))  # off the CPU: at most 32 passes of launches
+    size = chunk or (_GRADDROP_CHUNK if J.device.type == "cpu" else wide)
+    for a in range(0, P, size):
+        b = min(P, a + size)
+        g = torch.where(present[:, None], J[:, a:b].to(acc), 0.0)
+        total, mass = torch.zeros(b - a, dtype=acc, device=J.device), torch.zeros(
+            b - a, dtype=acc, device=J.device)  # fmt: skip
+        for i in range(k):
+            total += g[i]
+            mass += g[i].abs()
+        purity = 0.5 * (1.0 + total / torch.where(mass > 0, mass, 1.0))
+        u = uniform_ref(seed, step, b - a, offset=a).to(acc)
+        pos, neg = purity > u, purity < u
+        res = torch.zeros_like(total)
+        for i in range(k):
+            kept = (pos & (g[i] > 0)) | (neg & (g[i] < 0))
+            res += torch.where(kept, g[i], leak * g[i])
+        out[a:b] = res / div
+    return out

@@ -32,9 +32,10 @@ __all__ = ["uniform"]
 
 
 @jit
-def _uniform_kernel(p_step, p_out, N, seed, BLOCK: tl.constexpr):
+def _uniform_kernel(p_step, p_out, N, offset, seed, BLOCK: tl.constexpr):
     i_b = tl.program_id(0)
-    o_c = i_b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # counters of this program
+    first = offset // 4 + i_b.to(tl.int64) * BLOCK
+    o_c = first + tl.arange(0, BLOCK)  # counters of this program
     b_step = tl.load(p_step).to(tl.uint64)
     c0 = (o_c & 0xFFFFFFFF).to(tl.uint32)
     c1 = (o_c >> 32).to(tl.uint32)
@@ -45,8 +46,8 @@ def _uniform_kernel(p_step, p_out, N, seed, BLOCK: tl.constexpr):
     # flat [4 * BLOCK] has word j of counter c at 4 c + j
     b_w = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [4 * BLOCK])
     b_u = (b_w >> 8).to(tl.float32) * (1.0 / 16777216.0)
-    o_v = i_b.to(tl.int64) * (4 * BLOCK) + tl.arange(0, 4 * BLOCK)
-    tl.store(p_out + o_v, b_u, mask=o_v < N)
+    o_v = first * 4 + tl.arange(0, 4 * BLOCK) - offset  # positions in out
+    tl.store(p_out + o_v, b_u, mask=(o_v >= 0) & (o_v < N))
 
 
 def _config() -> tuple[int, int]:
@@ -56,41 +57,52 @@ def _config() -> tuple[int, int]:
     return 256, 4
 
 
-def _args(step: torch.Tensor, out: torch.Tensor, n: int, seed: int) -> tuple:
+def _args(step: torch.Tensor, out: torch.Tensor, n: int, seed: int, offset: int = 0) -> tuple:
     """The kernel's runtime arguments, in order (shared with ``ant_kernels.aot``)."""
-    return step, out, n, seed
+    return step, out, n, offset, seed
 
 
 def uniform_triton(
-    seed: int, step: torch.Tensor, n: int, out: torch.Tensor, block: int | None = None
+    seed: int,
+    step: torch.Tensor,
+    n: int,
+    out: torch.Tensor,
+    block: int | None = None,
+    offset: int = 0,
 ) -> torch.Tensor:
     """Launch the Triton kernel (no dispatch). ``block`` overrides the counters per program."""
     bc, warps = _config()
     bc = block or bc
     if n > 0:
-        nprog = -(-n // (4 * bc))
-        _uniform_kernel[(nprog,)](*_args(step, out, n, seed), BLOCK=bc, num_warps=warps)
+        blocks = (offset + n + 3) // 4 - offset // 4
+        nprog = -(-blocks // bc)
+        args = _args(step, out, n, seed, offset)
+        _uniform_kernel[(nprog,)](*args, BLOCK=bc, num_warps=warps)
     return out
 
 
-def uniform(seed: int, step: torch.Tensor, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Uniforms in [0, 1) of the counter-based stream (seed, step) (see the module docstring).
+def uniform(
+    seed: int, step: torch.Tensor, n: int, out: torch.Tensor | None = None, offset: int = 0
+) -> torch.Tensor:
+    """Values offset .. offset + n - 1 of the counter-based uniform stream (seed, step) (see the
+    module docstring).
 
     Args:
         seed: key in [0, 2**64).
         step: one-element int64 tensor (>= 0) on the output's device; read by the kernel, never
             by the host.
         n: number of values.
-        out: optional float32 [n] on step's device (contiguous for the Triton kernel).
+        out: optional float32 [n] on step's device.
+        offset: the first value's position in the stream (>= 0).
 
     Returns:
         [n] float32 (``out`` when given). Bit-identical across backends and devices.
     """
-    check_uniform(seed, step, n, out)
+    check_uniform(seed, step, n, out, offset)
     target = out if out is not None else torch.empty(0, dtype=torch.float32, device=step.device)
     if not use_triton("uniform", target, step):
-        return uniform_ref(seed, step, n, out)
+        return uniform_ref(seed, step, n, out, offset)
     fresh = out is None or not out.is_contiguous()
     dst = torch.empty(n, dtype=torch.float32, device=step.device) if fresh else out
-    uniform_triton(seed, step, n, dst)
+    uniform_triton(seed, step, n, dst, offset=offset)
     return dst if out is None or dst is out else out.copy_(dst)

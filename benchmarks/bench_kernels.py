@@ -1,4 +1,5 @@
-"""ant_kernels benchmarks: gram / combine vs torch on CUDA, the Nash solve on CPU.
+"""ant_kernels benchmarks: gram / combine / graddrop vs torch on CUDA, the Nash solve and
+GradDrop on CPU.
 
 On CUDA, k = 5, P in {1e6, 1e7, 1e8}, J in fp32 and bf16: ``gram`` against ``J @ J.T`` (plus
 the finiteness check) and ``combine`` against ``torch.mv`` into the same buffer, side by side in
@@ -21,10 +22,10 @@ import platform
 import pytest
 import torch
 
-from ant_kernels import combine, gram
+from ant_kernels import combine, graddrop, gram
 from ant_kernels.gram import TILINGS as GRAM_TILINGS
 from ant_kernels.gram import gram_triton
-from ant_kernels.reference import combine_ref, gram_ref, nash_weights_ref
+from ant_kernels.reference import combine_ref, graddrop_ref, gram_ref, nash_weights_ref
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
 
@@ -142,6 +143,22 @@ def test_combine_cuda(bench, impl, P, dt):
 
 @needs_gpu
 @pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("impl", ["ant", "torch"])
+@pytest.mark.parametrize("P", SIZES, ids=[f"P{p:.0e}" for p in SIZES])
+def test_graddrop_cuda(bench, impl, P, dt):
+    """GradDrop written into row 0 of J: the fused kernel against the chunked torch reference
+    (about 30 operators per chunk of P / 32 columns). Bytes: J read once + out written."""
+    J = torch.randn(K, P, device="cuda").to(DTYPES[dt])
+    present = torch.ones(K, dtype=torch.bool, device="cuda")
+    step, div = torch.zeros(1, dtype=torch.int64, device="cuda"), torch.tensor(5.0, device="cuda")
+    bench.group = f"graddrop-k{K}-P{P:.0e}-{dt}"
+    impl_fn = graddrop if impl == "ant" else graddrop_ref
+    fn = lambda: impl_fn(J, present, 3, step, 0.0, div, out=J[0])  # noqa: E731
+    _run_cuda(bench, fn, (J.numel() + P) * J.element_size())
+
+
+@needs_gpu
+@pytest.mark.parametrize("dt", DTYPES)
 @pytest.mark.parametrize("P", SIZES, ids=[f"P{p:.0e}" for p in SIZES])
 def test_copy_cuda(bench, P, dt):
     """A device-to-device copy of J: the bandwidth a memory-bound kernel can reach here."""
@@ -220,6 +237,31 @@ def test_nash_cpu(bench, impl, k, cosine):
         {"impl": impl, "k": k, "cosine": cosine, "ms_per_solve": bench.stats.stats.median * 1e3,
          "residual": residual}
     )
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("impl", ["ref", "native"])
+def test_graddrop_cpu(bench, impl):
+    """GradDrop on the benchmark UNet's P (k = 5) on the CPU: the chunked torch reference and
+    the C++ pass a CPU training step uses (antdiff.mtl.native), written into row 0 of J."""
+    from antdiff.mtl import native
+
+    P = 755009
+    J = torch.randn(K, P)
+    present = torch.ones(K, dtype=torch.bool)
+    step, div = torch.zeros(1, dtype=torch.int64), torch.tensor(5.0)
+    if impl == "native":
+        assert native._C is not None, "antdiff._C is not built: make build"
+        if native.backend_reasons("graddrop", J) == []:
+            pytest.fail("Triton serves CPU tensors here (TRITON_INTERPRET=1?): unset it to time "
+                        "the C++ pass")  # fmt: skip
+        fn = native.graddrop
+    else:
+        fn = graddrop_ref
+    bench.group = "graddrop-cpu"
+    bench(fn, J, present, 3, step, 0.0, div, J[0])
+    bench.extra_info.update({"impl": impl, "k": K, "P": P,
+                             "ms": bench.stats.stats.median * 1e3})  # fmt: skip
 
 
 @pytest.mark.quick

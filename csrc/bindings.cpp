@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "graddrop.h"
 #include "interval_dp.h"
 #include "mtl_solvers.h"
 #include "philox.h"
@@ -72,12 +73,27 @@ void UwBackwardAt(uintptr_t g, uintptr_t coef, uintptr_t cid, int64_t B, uintptr
                   Address<const int64_t>(cid), B, Address<float>(d_per));
 }
 
-void PhiloxUniformAt(uint64_t seed, uintptr_t step, int64_t count, uintptr_t out) {
-  if (count < 0) throw std::invalid_argument("philox_uniform: count must be >= 0");
+void PhiloxUniformAt(uint64_t seed, uintptr_t step, int64_t offset, int64_t count,
+                     uintptr_t out) {
+  if (count < 0 || offset < 0) {
+    throw std::invalid_argument("philox_uniform: offset and count must be >= 0");
+  }
   // the step is read here, from host memory, so the caller never brings it to Python
   const uint64_t s = static_cast<uint64_t>(*Address<const int64_t>(step));
   py::gil_scoped_release release;
-  ant::PhiloxUniform(seed, s, count, Address<float>(out));
+  ant::PhiloxUniform(seed, s, offset, count, Address<float>(out));
+}
+
+void GradDropAt(uintptr_t J, int64_t k, int64_t P, int64_t row_stride, uintptr_t keep,
+                uint64_t seed, uintptr_t step, float leak, uintptr_t divisor, uintptr_t out) {
+  if (k < 1 || P < 0 || row_stride < P) {
+    throw std::invalid_argument("graddrop: needs k >= 1, P >= 0 and row_stride >= P");
+  }
+  const uint64_t s = static_cast<uint64_t>(*Address<const int64_t>(step));
+  const float div = *Address<const float>(divisor);
+  py::gil_scoped_release release;
+  ant::GradDrop(Address<const float>(J), k, P, row_stride, Address<const float>(keep), seed, s,
+                leak, div, Address<float>(out));
 }
 
 std::vector<uint32_t> Philox4x32Words(const std::vector<uint32_t>& ctr,
@@ -134,11 +150,17 @@ Raises:
         py::arg("d_per"),
         "d_per[n] = g * coef[cid[n]] (float32 g 0-d, coef [k], int64 cid [B], d_per [B] written). "
         "Use antdiff.mtl.native.");
-  m.def("philox_uniform", &PhiloxUniformAt, py::arg("seed"), py::arg("step"), py::arg("count"),
-        py::arg("out"),
-        "Uniforms in [0, 1) of the counter-based stream (seed, step) (see csrc/philox.h). step: "
-        "address of a host int64; out: address of a float32 [count] buffer (written). Use "
-        "antdiff.mtl.native.");
+  m.def("philox_uniform", &PhiloxUniformAt, py::arg("seed"), py::arg("step"), py::arg("offset"),
+        py::arg("count"), py::arg("out"),
+        "Values offset .. offset + count - 1 of the counter-based uniform stream (seed, step) (see "
+        "csrc/philox.h). step: address of a host int64; out: address of a float32 [count] buffer "
+        "(written). Use antdiff.mtl.native.");
   m.def("philox4x32", &Philox4x32Words, py::arg("counter"), py::arg("key"),
         "The 4 output words of Philox4x32-10 on 4 counter words under 2 key words.");
+  m.def("graddrop", &GradDropAt, py::arg("J"), py::arg("k"), py::arg("P"), py::arg("row_stride"),
+        py::arg("keep"), py::arg("seed"), py::arg("step"), py::arg("leak"), py::arg("divisor"),
+        py::arg("out"),
+        "GradDrop's update (see csrc/graddrop.h). Addresses of host buffers: J float32 [k, P] "
+        "(rows row_stride apart, columns contiguous), keep float32 [k], step int64, divisor "
+        "float32, out float32 [P] (written; may be J's row 0). Use antdiff.mtl.native.");
 }

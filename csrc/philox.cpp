@@ -33,17 +33,30 @@ void Philox4x32(const uint32_t ctr[4], const uint32_t key[2], uint32_t out[4]) {
   for (int j = 0; j < 4; ++j) out[j] = c[j];
 }
 
-void PhiloxUniform(uint64_t seed, uint64_t step, int64_t count, float* out) {
-  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  const uint32_t s0 = static_cast<uint32_t>(step), s1 = static_cast<uint32_t>(step >> 32);
-  const int64_t blocks = (count + 3) / 4;
-  for (int64_t b = 0; b < blocks; ++b) {
-    const uint64_t ub = static_cast<uint64_t>(b);
-    uint32_t c[4] = {static_cast<uint32_t>(ub), static_cast<uint32_t>(ub >> 32), s0, s1};
-    Rounds(c, k0, k1);
-    const int64_t n = 4 * b, m = count - n < 4 ? count - n : 4;
-    for (int64_t j = 0; j < m; ++j) out[n + j] = static_cast<float>(c[j] >> 8) * kTwoM24;
+void PhiloxBlock(uint64_t seed, uint64_t step, uint64_t b, uint32_t out[4]) {
+  const uint32_t c[4] = {static_cast<uint32_t>(b), static_cast<uint32_t>(b >> 32),
+                         static_cast<uint32_t>(step), static_cast<uint32_t>(step >> 32)};
+  const uint32_t key[2] = {static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)};
+  Philox4x32(c, key, out);
+}
+
+float PhiloxValue(const uint32_t words[4], int64_t m) {
+  return static_cast<float>(words[m & 3] >> 8) * kTwoM24;
+}
+
+void PhiloxUniform(uint64_t seed, uint64_t step, int64_t offset, int64_t count, float* out) {
+  uint32_t w[4];
+  int64_t j = 0;
+  for (; j < count && ((offset + j) & 3) != 0; ++j) {  // up to the first whole block
+    PhiloxBlock(seed, step, static_cast<uint64_t>(offset + j) >> 2, w);
+    out[j] = PhiloxValue(w, offset + j);
   }
+  for (; j + 4 <= count; j += 4) {  // whole blocks: 4 values per Philox call
+    PhiloxBlock(seed, step, static_cast<uint64_t>(offset + j) >> 2, w);
+    for (int64_t i = 0; i < 4; ++i) out[j + i] = static_cast<float>(w[i] >> 8) * kTwoM24;
+  }
+  if (j < count) PhiloxBlock(seed, step, static_cast<uint64_t>(offset + j) >> 2, w);
+  for (int64_t i = 0; j + i < count; ++i) out[j + i] = static_cast<float>(w[i] >> 8) * kTwoM24;
 }
 
 }  // namespace ant

@@ -58,6 +58,7 @@ if [ "$STAGE" = all ] || [ "$STAGE" = tests ]; then
     run 360 tests.log $PY -m pytest -q -p no:cacheprovider $XDIST -rfEs \
         tests/test_kernels_gram.py tests/test_kernels_combine.py tests/test_kernels_pcgrad.py \
         tests/test_kernels_nash.py tests/test_kernels_aot.py tests/test_kernels_uniform.py \
+        tests/test_kernels_graddrop.py \
         tests/test_no_sync.py::test_cuda_engine_step_has_no_host_sync \
         tests/test_no_sync.py::test_cuda_fused_optimizer_skip_check_has_no_host_sync \
         tests/test_engine.py::test_gpu_step_has_no_host_sync tests/test_mtl.py::test_cuda_no_sync \

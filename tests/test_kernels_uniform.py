@@ -23,8 +23,10 @@ KAT = [
         (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
     ),
 ]
-SEEDS = (0, 3, 2**40 + 3, 2**64 - 1)
+# 1 compiles as a constant in Triton, < 2**31 as i32, then i64, then u64
+SEEDS = (0, 1, 3, 2**31, 2**40 + 3, 2**64 - 1)
 STEPS = (0, 5, 2**32 + 1, 2**63 - 1)
+PAIRS = [(s, t) for s in SEEDS for t in STEPS]
 NS = (1, 7, 4099, 65539)
 
 
@@ -54,7 +56,7 @@ def test_values_are_the_top_24_bits_of_the_words():
 @pytest.mark.interpret
 @pytest.mark.parametrize("n", NS, ids=lambda n: f"n{n}")
 def test_triton_equals_reference(n, kernel_device, force_triton):
-    for seed, step in zip(SEEDS, STEPS):
+    for seed, step in PAIRS:
         ref = uniform_ref(seed, _step(step), n)
         got = uniform(seed, _step(step, kernel_device), n)
         assert got.dtype == torch.float32 and got.device.type == kernel_device.type
@@ -65,8 +67,12 @@ def test_triton_equals_reference(n, kernel_device, force_triton):
     out = torch.zeros(2 * n, device=kernel_device)[::2]
     assert uniform(7, _step(9, kernel_device), n, out=out) is out
     assert torch.equal(out.cpu(), uniform_ref(7, _step(9), n))
-    small = uniform_triton(7, _step(9, kernel_device), n, torch.empty(n, device=kernel_device), 4)
+    bc = 4 if n < 100 else 1024  # several programs; the interpreter's cost is per program
+    small = uniform_triton(7, _step(9, kernel_device), n, torch.empty(n, device=kernel_device), bc)
     assert torch.equal(small.cpu(), uniform_ref(7, _step(9), n))
+    for offset in (1, 6, 2**33 + 3):  # a range of the stream on its own
+        got = uniform(7, _step(9, kernel_device), n, offset=offset)
+        assert torch.equal(got.cpu(), uniform_ref(7, _step(9), n, offset=offset)), offset
 
 
 @pytest.mark.parametrize("n", (0, *NS), ids=lambda n: f"n{n}")
@@ -78,12 +84,26 @@ def test_cpp_equals_reference(n, monkeypatch):
     real = native._C.philox_uniform
     monkeypatch.setattr(native._C, "philox_uniform", lambda *a: called.append(1) or real(*a),
                         raising=False)  # fmt: skip
-    for seed, step in zip(SEEDS, STEPS):
+    for seed, step in PAIRS:
         assert torch.equal(native.uniform(seed, _step(step), n), uniform_ref(seed, _step(step), n))
+        for offset in (1, 6, 2**33 + 3):
+            got = native.uniform(seed, _step(step), n, offset=offset)
+            assert torch.equal(got, uniform_ref(seed, _step(step), n, offset=offset))
     assert called, "the C++ path did not serve a CPU counter"
     # a 0-d counter and a view into a larger tensor read the same value
     steps = torch.tensor([1, 2**33 + 5, 3])
     assert torch.equal(native.uniform(5, steps[1:2], n), uniform_ref(5, _step(2**33 + 5), n))
+
+
+def test_offset_draws_a_range_of_the_stream():
+    whole = uniform_ref(3, _step(2), 40)
+    for offset in range(9):
+        for n in (0, 1, 3, 4, 5, 40 - offset):
+            assert torch.equal(uniform_ref(3, _step(2), n, offset=offset), whole[offset:][:n])
+    far = uniform_ref(3, _step(2), 5, offset=2**34 + 1)
+    c = torch.tensor([[0, 1, 2, 0], [1, 1, 2, 0]], dtype=torch.int64)  # blocks 2**32, 2**32 + 1
+    words = philox_ref(c, 3).reshape(-1)[1:6]
+    assert torch.equal((far * 2**24).long(), words >> 8)
 
 
 def test_looks_uniform_and_independent():
@@ -118,6 +138,8 @@ def test_bad_input():
         uniform(1, torch.tensor([0.0]), 3)
     with pytest.raises(ValueError, match="n must be an int >= 0"):
         uniform(1, _step(0), -2)
+    with pytest.raises(ValueError, match=r"offset must be an int in \[0, 2\*\*62\)"):
+        uniform(1, _step(0), 2, offset=-1)
     with pytest.raises(ValueError, match=r"out must be a float32 \[n\]=\[3\]"):
         uniform(1, _step(0), 3, out=torch.empty(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="one-element int64 tensor"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -182,8 +183,9 @@ def test_pcgrad_orders_are_uniform_permutations_and_resume_exactly():
     legacy = {"last_weights": None, "rng": {"seed": 5, "device_type": None, "state": None}}
     with pytest.warns(UserWarning, match="restart from step 0"):
         twin.load_state_dict(legacy)
-    with pytest.raises(ValueError, match="'steps' must be a 0-d integer tensor"):
-        twin.load_state_dict({"last_weights": None, "steps": 3.5})
+    for bad in (3.5, torch.tensor(-1), torch.tensor(True), torch.tensor([1, 2])):
+        with pytest.raises(ValueError, match="'steps' must be a one-element integer tensor >= 0"):
+            twin.load_state_dict({"last_weights": None, "steps": bad})
 
 
 @pytest.mark.interpret
@@ -352,7 +354,8 @@ def test_graddrop_elementwise_reference():
     J = _J(k, P, seed=1)
     present = _present(k, (2,))
     out = GradDrop(k, seed=seed).combine_grads(J, present)
-    u = uniform_ref(seed, torch.zeros(1, dtype=torch.int64), P).double()  # step 0 of the stream
+    key = GradDrop(k, seed=seed).stream.key
+    u = uniform_ref(key, torch.zeros(1, dtype=torch.int64), P).double()  # step 0 of its stream
     Jp = J[present].numpy()
     pur = 0.5 * (1 + Jp.sum(0) / np.abs(Jp).sum(0))
     pos = np.where(Jp > 0, Jp, 0).sum(0)
@@ -386,12 +389,26 @@ def test_graddrop_stream_skips_invalid_steps_and_round_trips():
     fresh = GradDrop(k, seed=4)
     first = fresh.combine_grads(Js[0], present)
     assert not torch.equal(fresh.combine_grads(Js[0], present), first)  # a new U every step
-    legacy = {"last_weights": None, "rng": {"seed": 5, "device_type": None, "state": None}}
+    used = torch.Generator().get_state()  # a generator-based stream that had drawn
+    legacy = {"last_weights": None, "rng": {"seed": 5, "device_type": "cpu", "state": used}}
     with pytest.warns(UserWarning, match="restarts from step 0 of seed 5"):
         twin.load_state_dict(legacy)
     assert twin.stream.seed == 5 and int(twin.state_dict()["stream"]["steps"]) == 0
+    with warnings.catch_warnings():  # one that never drew restarts exactly: no warning
+        warnings.simplefilter("error")
+        twin.load_state_dict({"last_weights": None, "rng": {"seed": 6, "device_type": None,
+                                                            "state": None}})  # fmt: skip
     with pytest.raises(ValueError, match="seed must be an int in"):
         GradDrop(k, seed=-1)
+
+
+def test_methods_given_one_seed_draw_independent_streams():
+    method = make_method("rlw+graddrop", 4, seed=0)
+    rlw, drop = method.loss.stream, method.grad.stream
+    assert rlw.seed == drop.seed == 0 and rlw.key != drop.key
+    a, b = rlw.uniform(4096, "cpu").double(), drop.uniform(4096, "cpu").double()
+    assert not torch.equal(a[:8], b[:8])
+    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1]) < 4 / 64
 
 
 def test_graddrop_leak_one_is_mean():

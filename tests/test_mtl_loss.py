@@ -302,6 +302,7 @@ def test_rlw_draws_are_standard_normal():
     assert abs(z.mean()) < 4 / n**0.5 and abs(z.var() - 1) < 4 * (2 / n) ** 0.5
     assert abs((z > 1.96).double().mean() - 0.025) < 0.006
     legacy = rlw.state_dict()
-    legacy["_extra_state"] = {"rng": {"seed": 2, "device_type": None, "state": None}}
+    used = torch.Generator().get_state()
+    legacy["_extra_state"] = {"rng": {"seed": 2, "device_type": "cpu", "state": used}}
     with pytest.warns(UserWarning, match="restarts from step 0 of seed 2"):
         rlw.load_state_dict(legacy)

@@ -50,8 +50,8 @@ def collect() -> dict[str, str]:
             info["cuda"] = f"{torch.version.cuda}, devices: {', '.join(names)}"
         else:
             info["cuda"] = (
-                "no CUDA device (gram/combine: torch references; PCGrad/Nash-MTL weights: the "
-                "C++ solvers of antdiff._C when built)"
+                "no CUDA device (gram/combine: torch references; PCGrad/Nash-MTL weights, "
+                "GradDrop and the random streams: C++ in antdiff._C when built)"
             )
     except ImportError:
         pass

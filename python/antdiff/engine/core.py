@@ -147,7 +147,8 @@ class ANT:
         update_every: recompute gradient-method weights every N steps (Nash default: 25);
             other steps take one backward of the weighted loss with the last weights.
         model: the model whose parameters get the gradients (or call ``attach`` later).
-        seed: seeds the sampler's host RNG and the methods' generators. Keep it equal on all ranks.
+        seed: seeds the sampler's host RNG and the methods' random streams. Keep it equal on all
+            ranks.
         distributed: "auto" (use torch.distributed when initialised), True or False.
         method_kwargs: hyper-parameters passed to the method(s).
     """
@@ -559,7 +560,7 @@ class ANT:
         grad = self.method.grad
         if grad.needs == "grads":
             J.mul_(c[:, None].to(J.dtype))
-            J[0].copy_(grad.combine_grads(J, present, finite))
+            grad.combine_grads(J, present, finite, out=J[0])
             w_eff = c
         else:
             w = grad.weights(torch.where(finite, Gc, torch.zeros_like(Gc)), present, finite)

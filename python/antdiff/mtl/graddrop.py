@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import native
 from .base import GramMethod, check_present, n_present
 from .stream import StepStream
 
@@ -42,13 +43,20 @@ class GradDrop(GramMethod):
         if isinstance(leak, bool) or not isinstance(leak, (int, float)) or not 0 <= leak <= 1:
             raise ValueError(f"leak must be a number in [0, 1], got {leak!r}")
         self.leak = float(leak)
-        self.stream = StepStream(seed)
+        self.stream = StepStream(seed, tag=1)
 
     def weights(self, G: Tensor, present: Tensor) -> Tensor:
         raise TypeError("graddrop needs the gradients themselves: call combine_grads(J, present)")
 
-    def combine_grads(self, J: Tensor, present: Tensor, valid: Tensor | None = None) -> Tensor:
-        """Combined update.
+    def combine_grads(
+        self,
+        J: Tensor,
+        present: Tensor,
+        valid: Tensor | None = None,
+        out: Tensor | None = None,
+    ) -> Tensor:
+        """Combined update: ``ant_kernels.graddrop`` (one pass over J, no P-sized temporaries;
+        in C++ for float32 CPU tensors).
 
         Args:
             J: [k, P] per-cluster gradients (rows of absent clusters are ignored).
@@ -56,9 +64,12 @@ class GradDrop(GramMethod):
             valid: optional 0-d bool tensor; where False (a non-finite step) the stream of U
                 stays where it was, so the next valid step draws what it would have drawn
                 without this one. No host sync.
+            out: optional [P] float tensor for the result; may be one of J's rows (the engine
+                passes row 0, so GradDrop needs no memory beyond J).
 
         Returns:
-            [P] update in J's dtype (float32 accumulation for half-precision J).
+            ``out``, or a new [P] tensor in J's dtype (float32 accumulation for half-precision
+            J, float64 for float64).
         """
         if not isinstance(J, Tensor) or J.dim() != 2 or J.shape[0] != self.k:
             got = f"{tuple(J.shape)}" if isinstance(J, Tensor) else type(J).__name__
@@ -67,26 +78,12 @@ class GradDrop(GramMethod):
             raise ValueError(f"J must be a float tensor, got {J.dtype}")
         check_present(present, self.k, J.device)
         acc = torch.float64 if J.dtype == torch.float64 else torch.float32
-        keep = present.to(acc)
-        total = torch.zeros(J.shape[1], dtype=acc, device=J.device)
-        mass = torch.zeros_like(total)
-        for i in range(self.k):  # row by row: O(P) extra memory instead of O(kP)
-            row = J[i].to(acc) * keep[i]
-            total += row
-            mass += row.abs()
-        purity = 0.5 * (1.0 + total / torch.where(mass > 0, mass, 1.0))
-        u = self.stream.uniform(J.shape[1], J.device).to(acc)
+        divisor = n_present(present, acc) if self.reduction == "mean" else torch.ones(
+            (), dtype=acc, device=J.device)  # fmt: skip
+        step = self.stream.counter(J.device)
+        res = native.graddrop(J, present, self.stream.key, step, self.leak, divisor, out)
         self.stream.advance(valid)
-        pick_pos = purity > u
-        pick_neg = purity < u
-        out = torch.zeros_like(total)
-        for i in range(self.k):
-            row = J[i].to(acc) * keep[i]
-            m = (pick_pos & (row > 0)) | (pick_neg & (row < 0))
-            out += (self.leak + (1.0 - self.leak) * m.to(acc)) * row
-        if self.reduction == "mean":
-            out = out / n_present(present, acc)
-        return out.to(J.dtype)
+        return res
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "stream": self.stream.state_dict()}

@@ -94,8 +94,9 @@ class PCGrad(GramMethod):
         self._host_tables = self._draw_tables(dtype)  # [2, M, k, k]
         self._tables: tuple[Tensor, Tensor] | None = None  # [M, k, k] each, on the device
         self._count: Tensor | None = None  # [1] int64 there: valid steps so far
-        # the counter from a checkpoint, until the first step picks the device
-        self._count_saved = torch.zeros((), dtype=torch.int64)
+        # the counter from a checkpoint, until the first step picks the device (a host int: the
+        # counter is then made there by a fill, not copied, which would synchronise)
+        self._count_saved = 0
         self.last_orders: Tensor | None = None
 
     def _draw_tables(self, dtype: torch.dtype) -> Tensor:
@@ -113,7 +114,8 @@ class PCGrad(GramMethod):
             tables = tables.to(device, non_blocking=pinned)
             self._tables = (tables[0], tables[1])
             if self._count is None:
-                self._count = self._count_saved.to(device, torch.int64).reshape(1)
+                self._count = torch.full((1,), self._count_saved, dtype=torch.int64,
+                                         device=device)  # fmt: skip
             else:  # a move between devices (not in a training step's loop)
                 self._count = self._count.to(device)
         return (*self._tables, self._count)
@@ -130,7 +132,7 @@ class PCGrad(GramMethod):
         return native.pcgrad_weights(G, self.last_orders)
 
     def state_dict(self) -> dict[str, Any]:
-        count = self._count if self._count is not None else self._count_saved
+        count = self._count if self._count is not None else torch.tensor(self._count_saved)
         return {**super().state_dict(), "seed": self.seed, "steps": count.reshape(()).clone()}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
@@ -142,14 +144,17 @@ class PCGrad(GramMethod):
                 stacklevel=2,
             )
         steps = d.get("steps", torch.zeros((), dtype=torch.int64))
-        if not isinstance(steps, torch.Tensor) or steps.numel() != 1 or steps.is_floating_point():
-            raise ValueError(f"PCGrad state 'steps' must be a 0-d integer tensor, got {steps!r}")
+        ok = isinstance(steps, Tensor) and steps.numel() == 1 and not steps.is_floating_point()
+        if not ok or steps.dtype == torch.bool or int(steps) < 0:
+            raise ValueError(
+                f"PCGrad state 'steps' must be a one-element integer tensor >= 0, got {steps!r}"
+            )
         seed = int(d.get("seed", self.seed))
         if seed != self.seed:
             self.seed = seed
             self._host_tables = self._draw_tables(self._host_tables.dtype)
         self._tables, self._count = None, None
-        self._count_saved = steps.detach().clone()
+        self._count_saved = int(steps)  # at load, not in a step: a host read is fine
 
 
 class NashMTL(GramMethod):

@@ -160,7 +160,7 @@ class RLW(LossMethod):
 
     def __init__(self, k: int, *, seed: int = 1) -> None:
         super().__init__(k)
-        self.stream = StepStream(seed)
+        self.stream = StepStream(seed, tag=2)
         # the first step's draw comes from a stream independent of the per-step one
         init = torch.Generator().manual_seed(seed ^ 0x5EED_F1E7)
         self.register_buffer("draw", torch.randn(self.k, generator=init, dtype=torch.float64))

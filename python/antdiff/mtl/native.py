@@ -20,7 +20,7 @@ import torch
 
 import ant_kernels
 from ant_kernels._dispatch import backend, backend_reasons
-from ant_kernels.reference import check_G, check_orders, check_uniform
+from ant_kernels.reference import check_G, check_graddrop, check_orders, check_uniform
 
 try:
     from antdiff import _C
@@ -120,7 +120,7 @@ def uw_backward(g, coef, cid) -> torch.Tensor:
     return d_per
 
 
-def uniform(seed: int, step: torch.Tensor, n: int) -> torch.Tensor:
+def uniform(seed: int, step: torch.Tensor, n: int, offset: int = 0) -> torch.Tensor:
     """``ant_kernels.uniform`` (float32 [n], bit-identical everywhere), in C++ for a CPU counter
     under the ``auto`` policy that no Triton kernel serves: one call that reads the counter from
     host memory (1.7 ms for 755k values on 2 cores, against 26 ms for the reference's int64
@@ -134,9 +134,39 @@ def uniform(seed: int, step: torch.Tensor, n: int) -> torch.Tensor:
         and len(backend_reasons("uniform", torch.empty(0, **_HOST32), step)) > 0
     )
     if not cpp:
-        return ant_kernels.uniform(seed, step, n)
-    check_uniform(seed, step, n)
+        return ant_kernels.uniform(seed, step, n, offset=offset)
+    check_uniform(seed, step, n, offset=offset)
     out = torch.empty(n, **_HOST32)
     s = step.detach().reshape(1).contiguous()
-    _C.philox_uniform(seed, s.data_ptr(), n, out.data_ptr())
+    _C.philox_uniform(seed, s.data_ptr(), offset, n, out.data_ptr())
+    return out
+
+
+def graddrop(J, present, seed, step, leak, divisor, out=None) -> torch.Tensor:
+    """``ant_kernels.graddrop``, in C++ for float32 CPU tensors (J with contiguous columns, out
+    contiguous or None) under the ``auto`` policy that no Triton kernel serves: one pass over
+    J, no temporaries, bit-identical to the reference."""
+    cpp = (
+        _C is not None
+        and isinstance(J, torch.Tensor)
+        and J.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and backend() == "auto"
+        and len(backend_reasons("graddrop", J)) > 0
+        and J.dtype == torch.float32
+        and J.dim() == 2
+        and (J.shape[1] <= 1 or J.stride(1) == 1)
+        and (out is None or (out.dtype == torch.float32 and out.is_contiguous()))
+    )
+    if not cpp:
+        return ant_kernels.graddrop(J, present, seed, step, leak, divisor, out)
+    check_graddrop(J, present, leak, divisor, out)
+    check_uniform(seed, step, 0)
+    k, P = J.shape  # noqa: N806
+    out = torch.empty(P, **_HOST32) if out is None else out
+    keep = present.to(torch.float32).contiguous()
+    div = divisor.detach().reshape(1).to(torch.float32).contiguous()
+    s = step.detach().reshape(1).contiguous()
+    _C.graddrop(J.data_ptr(), k, P, J.stride(0) if k > 1 else P, keep.data_ptr(), seed,
+                s.data_ptr(), float(leak), div.data_ptr(), out.data_ptr())  # fmt: skip
     return out

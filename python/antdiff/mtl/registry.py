@@ -83,10 +83,12 @@ class Composite:
             raise ValueError(f"{self.name} has no gradient method")
         return self.grad.weights(G, present)
 
-    def combine_grads(self, J: Tensor, present: Tensor, valid: Tensor | None = None) -> Tensor:
+    def combine_grads(
+        self, J: Tensor, present: Tensor, valid: Tensor | None = None, out: Tensor | None = None
+    ) -> Tensor:
         if not isinstance(self.grad, GradDrop):
             raise ValueError(f"{self.name} does not combine gradients elementwise")
-        return self.grad.combine_grads(J, present, valid)
+        return self.grad.combine_grads(J, present, valid, out)
 
     def observe(self, L: Tensor, present: Tensor) -> None:
         if self.loss is not None:
