@@ -14,10 +14,10 @@ step counter loaded from device memory) and stores its columns once, after all i
 Two launches when P % 16 != 0 (``_dispatch.column_parts``); the second one starts at a multiple
 of 16, so its counters stay aligned.
 
-Determinism: no reduction crosses programs and the row order is fixed, and U is a pure function
-of (seed, step, p): bit-identical between runs, and under the interpreter equal to the
-reference (on a GPU the compiler may contract multiply-adds and divide approximately, so a
-column whose purity is within rounding of U can take the other sign).
+Determinism: no reduction crosses programs and the row order is fixed, U is a pure function of
+(seed, step, p), and both divisions are correctly rounded (``div_rn``; Triton's ``/`` is
+approximate on a GPU): bit-identical between runs and equal to the reference and to antdiff's
+C++ path (the products here feed comparisons and selections, so no multiply-add is contracted).
 """
 
 from __future__ import annotations
@@ -59,13 +59,16 @@ def _graddrop_kernel(
     # [BLOCK_P]
     b_total = tl.zeros([BLOCK_P], dtype=tl.float32)
     b_mass = tl.zeros([BLOCK_P], dtype=tl.float32)
+    p_row = p_J + o_p * s_p
     for i_k in tl.static_range(K):
         b_keep = tl.load(p_keep + i_k) != 0
-        b_g = tl.load(p_J + i_k * s_k + o_p * s_p, mask=m_p, other=0.0).to(tl.float32)
+        b_g = tl.load(p_row, mask=m_p, other=0.0).to(tl.float32)
         b_g = tl.where(b_keep, b_g, 0.0)
         b_total += b_g
         b_mass += tl.abs(b_g)
-    b_pur = 0.5 * (1.0 + b_total / tl.where(b_mass > 0, b_mass, 1.0))
+        p_row += s_k  # pointer steps are 64-bit: (k - 1) * s_k may pass 2**31
+    # correctly rounded divisions (a plain / is approximate on the GPU): the reference's values
+    b_pur = 0.5 * (1.0 + tl.math.div_rn(b_total, tl.where(b_mass > 0, b_mass, 1.0)))
     # U of columns col0 + o_p: counter c holds columns 4 c .. 4 c + 3 (col0 % 4 == 0)
     b_step = tl.load(p_step).to(tl.uint64)
     o_c = (col0 // 4) + i_p.to(tl.int64) * (BLOCK_P // 4) + tl.arange(0, BLOCK_P // 4)
@@ -79,14 +82,16 @@ def _graddrop_kernel(
     b_pos = b_pur > b_u
     b_neg = b_pur < b_u
     b_res = tl.zeros([BLOCK_P], dtype=tl.float32)
+    p_row = p_J + o_p * s_p
     for i_k in tl.static_range(K):
         b_keep = tl.load(p_keep + i_k) != 0
-        b_g = tl.load(p_J + i_k * s_k + o_p * s_p, mask=m_p, other=0.0).to(tl.float32)
+        b_g = tl.load(p_row, mask=m_p, other=0.0).to(tl.float32)
         b_g = tl.where(b_keep, b_g, 0.0)
         b_kept = (b_pos & (b_g > 0)) | (b_neg & (b_g < 0))
         b_res += tl.where(b_kept, b_g, leak * b_g)
+        p_row += s_k
     b_div = tl.load(p_div).to(tl.float32)
-    tl.store(p_out + o_p * s_o, (b_res / b_div).to(p_out.dtype.element_ty), mask=m_p)
+    tl.store(p_out + o_p * s_o, tl.math.div_rn(b_res, b_div).to(p_out.dtype.element_ty), mask=m_p)
 
 
 def _config(k: int) -> tuple[int, int]:
@@ -153,7 +158,7 @@ def graddrop(
     """
     if divisor is None:
         divisor = torch.ones((), device=J.device)
-    check_graddrop(J, present, leak, divisor, out)
+    check_graddrop(J, present, leak, divisor, out, step)
     check_uniform(seed, step, 0)
     k = J.shape[0]
     if not use_triton("graddrop", J, present, step, divisor, *(() if out is None else (out,)), k=k):

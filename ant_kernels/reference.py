@@ -308,9 +308,11 @@ def check_graddrop(
     leak: float,
     divisor: torch.Tensor,
     out: torch.Tensor | None,
+    step: torch.Tensor | None = None,
 ) -> None:
     """Raise unless J [k, P], present [k] bool, leak in [0, 1], divisor a one-element float
-    tensor and out (or None) a float [P] tensor fit together on one device."""
+    tensor, out (or None) a float [P] tensor and the stream's step (or None) fit together on
+    one device."""
     check_J(J)
     k, P = J.shape
     ok = isinstance(present, torch.Tensor) and present.shape == (k,)
@@ -329,10 +331,11 @@ def check_graddrop(
         got = f"{tuple(out.shape)} {out.dtype}" if isinstance(
             out, torch.Tensor) else type(out).__name__  # fmt: skip
         raise ValueError(f"out must be a float tensor of shape [P]=[{P}], got {got}")
-    devices = {t.device for t in (J, present, divisor, out) if t is not None}
+    devices = {t.device for t in (J, present, divisor, out, step) if isinstance(t, torch.Tensor)}
     if len(devices) > 1:
         raise ValueError(
-            f"J, present, divisor and out must share one device, got {sorted(map(str, devices))}"
+            "J, present, divisor, out and step must share one device, got "
+            f"{sorted(map(str, devices))}"
         )
 
 
@@ -366,7 +369,7 @@ def graddrop_ref(
     """
     if divisor is None:
         divisor = torch.ones((), device=J.device)
-    check_graddrop(J, present, leak, divisor, out)
+    check_graddrop(J, present, leak, divisor, out, step)
     check_uniform(seed, step, 0)
     k, P = J.shape
     acc = torch.float64 if J.dtype == torch.float64 else torch.float32

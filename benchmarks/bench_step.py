@@ -91,7 +91,7 @@ GPU_SCENARIOS = (
 SCENARIOS = (
     "vanilla", "ours-uw", "ours-pcgrad", "ours-pcgrad-retain", "ours-nash", "ours-nash25",
     "ours-uw+pcgrad", "ours-pcgrad-onepass", "ours-nash-onepass", "ours-uw+pcgrad-onepass",
-    "libmtl-pcgrad", "libmtl-uw", "libmtl-imtl", "libmtl-mgda",
+    "ours-graddrop-onepass", "libmtl-pcgrad", "libmtl-uw", "libmtl-imtl", "libmtl-mgda",
     "torchjd-pcgrad", "torchjd-nash", "torchjd-nash25",
 )  # fmt: skip
 LOSS_SPACE = ("vanilla", "ours-uw", "libmtl-uw")  # cheap, ratio near 1: more rounds

@@ -156,11 +156,14 @@ def graddrop(J, present, seed, step, leak, divisor, out=None) -> torch.Tensor:
         and J.dtype == torch.float32
         and J.dim() == 2
         and (J.shape[1] <= 1 or J.stride(1) == 1)
+        and (J.shape[0] == 1 or J.stride(0) >= J.shape[1])  # rows apart (not an expand)
         and (out is None or (out.dtype == torch.float32 and out.is_contiguous()))
-    )
-    if not cpp:
+        and all(isinstance(t, torch.Tensor) and t.device.type == "cpu"
+                for t in (present, step, divisor, *(() if out is None else (out,))))
+    )  # fmt: skip
+    if not cpp:  # ant_kernels checks the arguments and names what does not fit
         return ant_kernels.graddrop(J, present, seed, step, leak, divisor, out)
-    check_graddrop(J, present, leak, divisor, out)
+    check_graddrop(J, present, leak, divisor, out, step)
     check_uniform(seed, step, 0)
     k, P = J.shape  # noqa: N806
     out = torch.empty(P, **_HOST32) if out is None else out
