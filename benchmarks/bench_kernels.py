@@ -315,12 +315,14 @@ def summarize(raw_json: str, out_stem: str) -> dict:
     versions = f"torch {rows[0]['torch']}, triton {rows[0]['triton']}; " if rows else ""
     reps = "/".join(str(n) for n in sorted({r["reps"] for r in rows})) or "-"
     lines = [
-        "# ant_kernels on the GPU: gram and combine vs torch", "",
+        "# ant_kernels on the GPU: gram, combine and graddrop vs torch", "",
         f"{device}; {versions}git {summary['git_sha']}. k = {K}; bandwidth = bytes read + "
         f"written / mean time per call over 20 rounds of {reps} back-to-back call(s), one "
         "device sync per round; 'of peak' against the datasheet "
         "bandwidth, 'of copy' against a device-to-device copy of J of the same size and dtype "
-        "measured in the same run. combine writes fp32 (ours) or J's dtype (torch.mv).", "",
+        "measured in the same run. combine writes fp32 (ours) or J's dtype (torch.mv); graddrop "
+        "writes J's first row (ours: the fused kernel; torch: the chunked reference) and counts "
+        "J read once + that row written.", "",
         "| op | impl | k | J dtype | P | mean ms | GB/s | of peak | of copy |",
         "|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip

@@ -30,7 +30,7 @@ run() {  # run <seconds> <log> <command...>: time-limited, output to $W/<log>
 }
 keep() {  # copy the summaries and a tarball of everything to $DEST
     for f in kernels_gpu.md kernels_gpu.json step_gpu_small.md step_gpu_small.json \
-        step_gpu_tiny.md step_gpu_tiny.json; do
+        step_gpu_tiny.md step_gpu_tiny.json failures.txt; do
         [ -f "$W/$f" ] && cp "$W/$f" "$DEST/"
     done
     tar czf "$DEST/logs.tgz" -C "$W" . 2>/dev/null
@@ -42,7 +42,7 @@ trap keep EXIT
 triton.__version__, torch.cuda.get_device_name())"; } >"$W/gpu.txt" 2>&1
 cat "$W/gpu.txt"
 XDIST=""
-$PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
+$PY -c "import xdist" 2>/dev/null && XDIST="-n 12"
 
 # antdiff._C: setup.py (needs setuptools >= 77 for pyproject's license field), else CMake directly
 if ! run 180 build.log $PY setup.py build_ext --inplace; then
@@ -55,7 +55,10 @@ fi
 keep
 
 if [ "$STAGE" = all ] || [ "$STAGE" = tests ]; then
-    run 360 tests.log $PY -m pytest -q -p no:cacheprovider $XDIST -rfEs \
+    # -v: under xdist each result is printed with its name as it finishes, so a stage stopped
+    # by its time limit still names its failures (failures.txt); -q printed them only at the end
+    run 480 tests.log $PY -m pytest -v -p no:cacheprovider -p no:benchmark $XDIST -rfEs \
+        --tb=line \
         tests/test_kernels_gram.py tests/test_kernels_combine.py tests/test_kernels_pcgrad.py \
         tests/test_kernels_nash.py tests/test_kernels_aot.py tests/test_kernels_uniform.py \
         tests/test_kernels_graddrop.py \
@@ -65,7 +68,9 @@ if [ "$STAGE" = all ] || [ "$STAGE" = tests ]; then
         tests/test_onepass.py::test_registry_models_equal_micro \
         tests/test_train.py::test_cuda_train_step_has_no_host_sync \
         tests/test_telemetry.py::test_updates_and_folds_have_no_host_sync_on_cuda
-    tail -15 "$W/tests.log"
+    grep -E "FAILED|ERROR" "$W/tests.log" >"$W/failures.txt"
+    echo "$(grep -c PASSED "$W/tests.log") passed, $(grep -c FAILED "$W/failures.txt") failed"
+    tail -15 "$W/failures.txt"
     keep
 fi
 

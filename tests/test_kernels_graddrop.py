@@ -136,14 +136,15 @@ def test_nonfinite_and_absent_rows(monkeypatch):
 
 @pytest.mark.interpret
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy's NaN
-def test_nonfinite_and_absent_rows_triton(force_triton):
+def test_nonfinite_and_absent_rows_triton(kernel_device, force_triton):
     J, present = _case(3, 101)
     J[1, :10], J[2, 20], J[0, 30] = float("nan"), float("inf"), float("nan")
     step, div = torch.tensor([1]), torch.tensor(2.0)
     for pres in (present, torch.zeros(3, dtype=torch.bool)):
-        torch.testing.assert_close(graddrop(J, pres, 5, step, 0.1, div),
-                                   graddrop_ref(J, pres, 5, step, 0.1, div), equal_nan=True,
-                                   rtol=0, atol=0)  # fmt: skip
+        got = graddrop(*(t.to(kernel_device) for t in (J, pres)), 5, step.to(kernel_device), 0.1,
+                       div.to(kernel_device))  # fmt: skip
+        torch.testing.assert_close(got.cpu(), graddrop_ref(J, pres, 5, step, 0.1, div),
+                                   equal_nan=True, rtol=0, atol=0)  # fmt: skip
 
 
 def test_cpp_declines_what_it_cannot_read(monkeypatch):
