@@ -37,6 +37,13 @@ __all__ = ["graddrop"]
 
 
 @jit
+def _row(p_row, p_keep, i_k, m_p):
+    """[BLOCK_P] float32 values of row i_k at p_row, 0 for an absent cluster (NaN included)."""
+    b_g = tl.load(p_row, mask=m_p, other=0.0).to(tl.float32)
+    return tl.where(tl.load(p_keep + i_k) != 0, b_g, 0.0)
+
+
+@jit
 def _graddrop_kernel(
     p_J,
     p_keep,
@@ -61,9 +68,7 @@ def _graddrop_kernel(
     b_mass = tl.zeros([BLOCK_P], dtype=tl.float32)
     p_row = p_J + o_p * s_p
     for i_k in tl.static_range(K):
-        b_keep = tl.load(p_keep + i_k) != 0
-        b_g = tl.load(p_row, mask=m_p, other=0.0).to(tl.float32)
-        b_g = tl.where(b_keep, b_g, 0.0)
+        b_g = _row(p_row, p_keep, i_k, m_p)
         b_total += b_g
         b_mass += tl.abs(b_g)
         p_row += s_k  # pointer steps are 64-bit: (k - 1) * s_k may pass 2**31
@@ -84,9 +89,7 @@ def _graddrop_kernel(
     b_res = tl.zeros([BLOCK_P], dtype=tl.float32)
     p_row = p_J + o_p * s_p
     for i_k in tl.static_range(K):
-        b_keep = tl.load(p_keep + i_k) != 0
-        b_g = tl.load(p_row, mask=m_p, other=0.0).to(tl.float32)
-        b_g = tl.where(b_keep, b_g, 0.0)
+        b_g = _row(p_row, p_keep, i_k, m_p)
         b_kept = (b_pos & (b_g > 0)) | (b_neg & (b_g < 0))
         b_res += tl.where(b_kept, b_g, leak * b_g)
         p_row += s_k

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from . import native
 from .base import GramMethod, commit, n_present, pick_rows, subset_masks, subset_solve
+from .stream import saved_steps
 
 MAX_SUBSET_K = 12  # 2^k - 1 supports of k x k systems: 4095 tiny solves at k = 12
 _RIDGE = 1e-12  # relative to the mean active diagonal: keeps every support's system definite
@@ -143,18 +144,13 @@ class PCGrad(GramMethod):
                 "restart from step 0 of their sequence",
                 stacklevel=2,
             )
-        steps = d.get("steps", torch.zeros((), dtype=torch.int64))
-        ok = isinstance(steps, Tensor) and steps.numel() == 1 and not steps.is_floating_point()
-        if not ok or steps.dtype == torch.bool or int(steps) < 0:
-            raise ValueError(
-                f"PCGrad state 'steps' must be a one-element integer tensor >= 0, got {steps!r}"
-            )
+        steps = saved_steps(d, "PCGrad state")
         seed = int(d.get("seed", self.seed))
         if seed != self.seed:
             self.seed = seed
             self._host_tables = self._draw_tables(self._host_tables.dtype)
         self._tables, self._count = None, None
-        self._count_saved = int(steps)  # at load, not in a step: a host read is fine
+        self._count_saved = steps
 
 
 class NashMTL(GramMethod):

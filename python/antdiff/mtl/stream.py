@@ -21,6 +21,16 @@ from . import native
 _GOLDEN = 0x9E3779B97F4A7C15  # odd: distinct tags give distinct keys for one seed
 
 
+def saved_steps(d: dict[str, Any], what: str) -> int:
+    """The step counter a state dict saved under "steps" (0 when absent), read on the host at
+    load time; ValueError naming ``what`` unless it is a one-element integer tensor >= 0."""
+    steps = d.get("steps", torch.zeros((), dtype=torch.int64))
+    ok = isinstance(steps, Tensor) and steps.numel() == 1 and not steps.is_floating_point()
+    if not ok or steps.dtype == torch.bool or int(steps) < 0:
+        raise ValueError(f"{what} 'steps' must be a one-element integer tensor >= 0, got {steps!r}")
+    return int(steps)
+
+
 class StepStream:
     """Counter-based uniforms indexed by a device counter of valid steps.
 
@@ -71,14 +81,9 @@ class StepStream:
                 f"of seed {d.get('seed')}",
                 stacklevel=3,
             )
-        steps = d.get("steps", torch.zeros((), dtype=torch.int64))
-        ok = isinstance(steps, Tensor) and steps.numel() == 1 and not steps.is_floating_point()
-        if not ok or steps.dtype == torch.bool or int(steps) < 0:
-            raise ValueError(
-                f"random stream 'steps' must be a one-element integer tensor >= 0, got {steps!r}"
-            )
+        steps = saved_steps(d, "random stream")
         seed = d.get("seed", self.seed)
         StepStream(seed)  # validates
         self.seed = int(seed)
         self._count = None
-        self._saved = int(steps)  # at load, not in a step: reading it on the host is fine
+        self._saved = steps
