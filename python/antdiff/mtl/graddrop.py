@@ -2,11 +2,12 @@
 
 For every parameter element p, with g_i = J[i, p] over present clusters:
 purity P = 0.5 * (1 + sum_i g_i / sum_i |g_i|) in [0, 1] (0.5 where every g_i is 0);
-draw U ~ Uniform(0, 1); keep the positive entries if P > U, else the negative ones:
-M_i = [P > U] [g_i > 0] + [P < U] [g_i < 0]. The update is sum_i (leak + (1 - leak) M_i) g_i,
-divided by k_present with ``reduction="mean"`` (native convention: "sum"). It needs J itself,
-not only its Gram (``needs = "grads"``), and acts on parameter gradients rather than on
-activation gradients (the ANT models have no shared-trunk/heads split).
+draw U ~ Uniform(0, 1) (value p of a counter-based stream indexed by the valid steps); keep the
+positive entries if P > U, else the negative ones: M_i = [P > U] [g_i > 0] + [P < U] [g_i < 0].
+The update is sum_i (g_i if M_i else leak g_i), divided by k_present with ``reduction="mean"``
+(native convention: "sum"). It needs J itself, not only its Gram (``needs = "grads"``), and acts
+on parameter gradients rather than on activation gradients (the ANT models have no
+shared-trunk/heads split). The computation is ``ant_kernels.graddrop``: one pass over J.
 """
 
 from __future__ import annotations
