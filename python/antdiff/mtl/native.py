@@ -123,7 +123,7 @@ def uw_backward(g, coef, cid) -> torch.Tensor:
 def uniform(seed: int, step: torch.Tensor, n: int, offset: int = 0) -> torch.Tensor:
     """``ant_kernels.uniform`` (float32 [n], bit-identical everywhere), in C++ for a CPU counter
     under the ``auto`` policy that no Triton kernel serves: one call that reads the counter from
-    host memory (1.7 ms for 755k values on 2 cores, against 26 ms for the reference's int64
+    host memory (about 2 ms for 755k values on 2 cores, against 26 ms for the reference's int64
     arithmetic)."""
     cpp = (
         _C is not None
