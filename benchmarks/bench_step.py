@@ -86,7 +86,7 @@ LARGE_BATCH_SCENARIOS = ("vanilla", "ours-uw", "ours-pcgrad-onepass", "ours-nash
 GPU_MODELS = ("adm-small", "dit-s2")
 GPU_SCENARIOS = (
     "vanilla", "ours-uw", "ours-pcgrad", "ours-pcgrad-onepass", "ours-nash-onepass",
-    "ours-nash25", "ours-uw+pcgrad-onepass",
+    "ours-nash25", "ours-uw+pcgrad-onepass", "ours-graddrop-onepass",
 )  # fmt: skip
 SCENARIOS = (
     "vanilla", "ours-uw", "ours-pcgrad", "ours-pcgrad-retain", "ours-nash", "ours-nash25",

@@ -87,8 +87,8 @@ if [ "$STAGE" = all ] || [ "$STAGE" = step ]; then
     # the GPU-sized models first, then the CPU suite's tiny ones (launch-bound on a GPU)
     export ANT_BENCH_ROUNDS=${ANT_BENCH_ROUNDS:-15}
     for part in small tiny; do
-        if [ $part = small ]; then limit=150 sel="cuda and (adm-small or dit-s2)"; else
-            limit=200 sel="cuda and not adm-small and not dit-s2 and not libmtl and not torchjd"
+        if [ $part = small ]; then limit=180 sel="cuda and (adm-small or dit-s2)"; else
+            limit=240 sel="cuda and not adm-small and not dit-s2 and not libmtl and not torchjd"
         fi
         run $limit "bench_step_$part.log" $PY -m pytest -q -p no:cacheprovider \
             benchmarks/bench_step.py -k "$sel" --benchmark-json="$W/step_raw_$part.json"
