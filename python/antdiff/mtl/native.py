@@ -28,15 +28,22 @@ except ImportError:  # not built: ant_kernels serves every device
     _C = None
 
 
+def _cpu_cpp(op: str, *tensors, k: int | None = None) -> bool:
+    """Whether C++ serves ``op`` for these tensors: the extension is built, torch is not tracing,
+    every one is a CPU tensor, the policy is ``auto`` and no Triton kernel serves the first."""
+    return (
+        _C is not None
+        and not torch.compiler.is_compiling()
+        and all(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tensors)
+        and backend() == "auto"
+        and len(backend_reasons(op, tensors[0], k=k)) > 0
+    )
+
+
 def serves(op: str, G: torch.Tensor) -> bool:
     """Whether the C++ solver of ``op`` ("pcgrad", "nash") takes this Gram matrix: a CPU tensor
     under the ``auto`` policy that no Triton kernel serves, with the extension built."""
-    return (
-        _C is not None
-        and G.device.type == "cpu"
-        and backend() == "auto"
-        and len(backend_reasons(op, G, k=G.shape[0] if G.dim() == 2 else None)) > 0
-    )
+    return _cpu_cpp(op, G, k=G.shape[0] if isinstance(G, torch.Tensor) and G.dim() == 2 else None)
 
 
 def _host64(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -125,15 +132,7 @@ def uniform(seed: int, step: torch.Tensor, n: int, offset: int = 0) -> torch.Ten
     under the ``auto`` policy that no Triton kernel serves: one call that reads the counter from
     host memory (about 2 ms for 755k values on 2 cores, against 26 ms for the reference's int64
     arithmetic)."""
-    cpp = (
-        _C is not None
-        and isinstance(step, torch.Tensor)
-        and step.device.type == "cpu"
-        and not torch.compiler.is_compiling()
-        and backend() == "auto"
-        and len(backend_reasons("uniform", torch.empty(0, **_HOST32), step)) > 0
-    )
-    if not cpp:
+    if not _cpu_cpp("uniform", torch.empty(0, **_HOST32), step):
         return ant_kernels.uniform(seed, step, n, offset=offset)
     check_uniform(seed, step, n, offset=offset)
     out = torch.empty(n, **_HOST32)
@@ -147,20 +146,13 @@ def graddrop(J, present, seed, step, leak, divisor, out=None) -> torch.Tensor:
     contiguous or None) under the ``auto`` policy that no Triton kernel serves: one pass over
     J, no temporaries, bit-identical to the reference."""
     cpp = (
-        _C is not None
-        and isinstance(J, torch.Tensor)
-        and J.device.type == "cpu"
-        and not torch.compiler.is_compiling()
-        and backend() == "auto"
-        and len(backend_reasons("graddrop", J)) > 0
+        _cpu_cpp("graddrop", J, present, step, divisor, *(() if out is None else (out,)))
         and J.dtype == torch.float32
         and J.dim() == 2
         and (J.shape[1] <= 1 or J.stride(1) == 1)
         and (J.shape[0] == 1 or J.stride(0) >= J.shape[1])  # rows apart (not an expand)
         and (out is None or (out.dtype == torch.float32 and out.is_contiguous()))
-        and all(isinstance(t, torch.Tensor) and t.device.type == "cpu"
-                for t in (present, step, divisor, *(() if out is None else (out,))))
-    )  # fmt: skip
+    )
     if not cpp:  # ant_kernels checks the arguments and names what does not fit
         return ant_kernels.graddrop(J, present, seed, step, leak, divisor, out)
     check_graddrop(J, present, leak, divisor, out, step)
