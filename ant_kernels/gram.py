@@ -29,9 +29,10 @@ Two launches when P % 16 != 0: one over the first P - P % 16 columns, whose boun
 knows to be a multiple of 16 (vector loads; ``_dispatch.column_parts``), one over the rest,
 each into its own spans of the workspace.
 
-Determinism: each program writes its block (and its transpose, so G is exactly symmetric) to
-its span's slot of a [nspans, k, k] workspace; a fixed-order ``torch.sum`` over the spans then
-gives G. No atomics: the same J gives a bit-identical G on every run.
+Determinism: each program writes its block and its transpose (of a block on the diagonal, the
+upper triangle both ways: G is exactly symmetric however the compiler contracts the products
+into FMAs) to its span's slot of a [nspans, k, k] workspace; a fixed-order ``torch.sum`` over
+the spans then gives G. No atomics: the same J gives a bit-identical G on every run.
 
 Finiteness: a NaN or inf in row i of J makes G[i, i] (a sum of squares) NaN or inf, so
 ``finite = all(isfinite(diag(G)))`` needs no extra work in the kernel. It is also False when a
@@ -93,10 +94,23 @@ def _gram_kernel(
             b_acc += b_a.to(tl.float32) * b_b.to(tl.float32)
         # [TB, TB]
         b_g = tl.sum(b_acc, axis=2)
-        p_W = p_W + i_s.to(tl.int64) * K * K
-        m_g = m_a[:, None] & m_b[None, :]
-        tl.store(p_W + o_a[:, None] * K + o_b[None, :], b_g, mask=m_g)
-        tl.store(p_W + o_b[None, :] * K + o_a[:, None], b_g, mask=m_g)
+        # ti < tj puts every row of tile a above every row of tile b: only diagonal tiles lose
+        # their lower triangle
+        _store_sym(p_W + i_s.to(tl.int64) * K * K, K, o_a, o_b, b_g, m_a, m_b, True)
+
+
+@jit
+def _store_sym(p_W, K, o_r, o_c, g, m_r, m_c, DIAG: tl.constexpr):
+    """Store the block g [R, C] of G at rows o_r and columns o_c of the k x k slot at p_W, and
+    its transpose at (o_c, o_r). DIAG (a block on G's diagonal): only the entries with
+    o_r <= o_c are stored, both ways. The compiler may contract g[i, j]'s products into FMAs
+    differently from g[j, i]'s (it shares x_i x_j between them), so in fp32 the two can differ
+    in the last bits: one of them, written to both places, keeps G exactly symmetric."""
+    m = m_r[:, None] & m_c[None, :]
+    if DIAG:
+        m = m & (o_r[:, None] <= o_c[None, :])
+    tl.store(p_W + o_r[:, None] * K + o_c[None, :], g, mask=m)
+    tl.store(p_W + o_c[None, :] * K + o_r[:, None], g, mask=m)
 
 
 @jit
@@ -173,13 +187,10 @@ def _store_halves(p_W, K, base, c0, c1, c2):
     o_1 = o_0 + 1
     m_0 = o_0 < K
     m_1 = o_1 < K
-    g01 = tl.sum(c1, axis=2)
-    tl.store(p_W + o_0[:, None] * K + o_0[None, :], tl.sum(c0, axis=2),
-             mask=m_0[:, None] & m_0[None, :])  # fmt: skip
-    tl.store(p_W + o_0[:, None] * K + o_1[None, :], g01, mask=m_0[:, None] & m_1[None, :])
-    tl.store(p_W + o_1[None, :] * K + o_0[:, None], g01, mask=m_0[:, None] & m_1[None, :])
-    tl.store(p_W + o_1[:, None] * K + o_1[None, :], tl.sum(c2, axis=2),
-             mask=m_1[:, None] & m_1[None, :])  # fmt: skip
+    _store_sym(p_W, K, o_0, o_0, tl.sum(c0, axis=2), m_0, m_0, True)
+    # H0 x H1 holds each of its pairs once (with (2, 1) below the diagonal): all of it
+    _store_sym(p_W, K, o_0, o_1, tl.sum(c1, axis=2), m_0, m_1, False)
+    _store_sym(p_W, K, o_1, o_1, tl.sum(c2, axis=2), m_1, m_1, True)
 
 
 @jit
@@ -306,18 +317,13 @@ def _gram_split_kernel(
     if HALVES:
         _store_halves(p_W, K, 0, b_h00, b_h01, b_h11)
     else:
-        tl.store(p_W + o_a[:, None] * K + o_a[None, :], tl.sum(b_aa, axis=2),
-                 mask=m_a[:, None] & m_a[None, :])  # fmt: skip
+        _store_sym(p_W, K, o_a, o_a, tl.sum(b_aa, axis=2), m_a, m_a, True)
     if TB > 0:
-        b_g = tl.sum(b_ab, axis=2)
-        m_g = m_a[:, None] & m_b[None, :]
-        tl.store(p_W + o_a[:, None] * K + o_b[None, :], b_g, mask=m_g)
-        tl.store(p_W + o_b[None, :] * K + o_a[:, None], b_g, mask=m_g)
+        _store_sym(p_W, K, o_a, o_b, tl.sum(b_ab, axis=2), m_a, m_b, False)
         if HALVES_B:
             _store_halves(p_W, K, TA, b_k00, b_k01, b_k11)
         else:
-            tl.store(p_W + o_b[:, None] * K + o_b[None, :], tl.sum(b_bb, axis=2),
-                     mask=m_b[:, None] & m_b[None, :])  # fmt: skip
+            _store_sym(p_W, K, o_b, o_b, tl.sum(b_bb, axis=2), m_b, m_b, True)
 
 
 # (TB, VEC, CHUNKS, num_warps, STAGES[, FOLD[, CHAIN[, PAIRS]]]) configurations timed against

@@ -8,7 +8,9 @@
 # and logs.tgz (all logs and raw pytest-benchmark JSON). Every stage has its own time limit, so
 # the script ends (and reports) even when one hangs.
 #
-#   bash scripts/gpu_check.sh [all|tests|kernels|step]
+#   bash scripts/gpu_check.sh [all|tests|tilings|kernels|step]
+#   (tests: everything but the gram tilings, about 6 min on an H100; tilings: the 144 compiled
+#   gram configurations, about 3 min; all: every stage, more than one 10-minute device call)
 #   ANT_GIT_SHA=$(git rev-parse HEAD) names the commit when the tree travels without .git.
 #   No network is needed: peers (LibMTL, torchjd) are not used; pytest-xdist is used if present.
 set -uo pipefail
@@ -54,11 +56,15 @@ if ! run 180 build.log $PY setup.py build_ext --inplace; then
 fi
 keep
 
-if [ "$STAGE" = all ] || [ "$STAGE" = tests ]; then
+if [ "$STAGE" = all ] || [ "$STAGE" = tests ] || [ "$STAGE" = tilings ]; then
     # -v: under xdist each result is printed with its name as it finishes, so a stage stopped
     # by its time limit still names its failures (failures.txt); -q printed them only at the end
-    run 480 tests.log $PY -m pytest -v -p no:cacheprovider -p no:benchmark $XDIST -rfEs \
-        --tb=line \
+    parts="tests tilings"
+    [ "$STAGE" = all ] || parts=$STAGE
+    for part in $parts; do
+    if [ "$part" = tilings ]; then SEL="tilings_cuda"; else SEL="not tilings_cuda"; fi
+    run 480 "$part.log" $PY -m pytest -v -p no:cacheprovider -p no:benchmark $XDIST -rfEs \
+        --tb=short -k "$SEL" \
         tests/test_kernels_gram.py tests/test_kernels_combine.py tests/test_kernels_pcgrad.py \
         tests/test_kernels_nash.py tests/test_kernels_aot.py tests/test_kernels_uniform.py \
         tests/test_kernels_graddrop.py \
@@ -68,10 +74,11 @@ if [ "$STAGE" = all ] || [ "$STAGE" = tests ]; then
         tests/test_onepass.py::test_registry_models_equal_micro \
         tests/test_train.py::test_cuda_train_step_has_no_host_sync \
         tests/test_telemetry.py::test_updates_and_folds_have_no_host_sync_on_cuda
-    grep -E "FAILED|ERROR" "$W/tests.log" >"$W/failures.txt"
-    echo "$(grep -c PASSED "$W/tests.log") passed, $(grep -c FAILED "$W/failures.txt") failed"
-    tail -15 "$W/failures.txt"
+    grep -E "FAILED|ERROR" "$W/$part.log" >>"$W/failures.txt"
+    echo "$part: $(grep -c PASSED "$W/$part.log") passed, $(grep -c FAILED "$W/$part.log") failed"
+    grep -E "^E |Error" "$W/$part.log" | head -20
     keep
+    done
 fi
 
 if [ "$STAGE" = all ] || [ "$STAGE" = kernels ]; then
