@@ -12,6 +12,7 @@
 #   (tests: everything but the gram tilings, about 6 min on an H100; tilings: the 144 compiled
 #   gram configurations, about 3 min; all: every stage, more than one 10-minute device call)
 #   ANT_GIT_SHA=$(git rev-parse HEAD) names the commit when the tree travels without .git.
+#   ANT_GPU_TESTS_K replaces a test stage's pytest -k selection.
 #   No network is needed: peers (LibMTL, torchjd) are not used; pytest-xdist is used if present.
 set -uo pipefail
 STAGE=${1:-all}
@@ -63,6 +64,7 @@ if [ "$STAGE" = all ] || [ "$STAGE" = tests ] || [ "$STAGE" = tilings ]; then
     [ "$STAGE" = all ] || parts=$STAGE
     for part in $parts; do
     if [ "$part" = tilings ]; then SEL="tilings_cuda"; else SEL="not tilings_cuda"; fi
+    SEL=${ANT_GPU_TESTS_K:-$SEL}  # e.g. "padded or tilings_cuda and 4-1-4": a short check
     run 480 "$part.log" $PY -m pytest -v -p no:cacheprovider -p no:benchmark $XDIST -rfEs \
         --tb=short -k "$SEL" \
         tests/test_kernels_gram.py tests/test_kernels_combine.py tests/test_kernels_pcgrad.py \
