@@ -1,7 +1,8 @@
 """One training step: vanilla vs ANT's methods vs LibMTL and torchjd, side by side in one run.
 
 Models: a small ADM UNet ("unet": adm-tiny, 8x8x1) and a small DiT ("dit": dit-tiny, 8x8x1,
-class-conditional); eps-MSE per-sample losses from GaussianDiffusion (linear schedule, T = 1000),
+class-conditional), also with larger batches ("unet-b128", "dit-b512") and the UNet on 32x32x1
+inputs ("unet-32px"); eps-MSE per-sample losses from GaussianDiffusion (linear schedule, T = 1000),
 k = 5 SNR clusters, AdamW (fused on CUDA, where ant.step skips non-finite steps on the device).
 A step = draw t, forward, the method's backward, optimizer step.
 
@@ -70,19 +71,21 @@ MODELS = {
     "unet": ("adm-tiny", 32, False),
     "dit": ("dit-tiny", 128, True),
     "tiny": ("dit-tiny", 10, True),
-    # larger batches, same models: how the per-cluster call overhead shrinks with the batch
+    # larger batches or inputs, same models: how the per-cluster call overhead shrinks as each
+    # call gets more work (32x32: CIFAR-10's size, the smallest the paper trains on)
     "unet-b128": ("adm-tiny", 128, False),
     "dit-b512": ("dit-tiny", 512, True),
+    "unet-32px": ("adm-tiny", 32, False),
     # GPU only: models that fill more of a GPU than the tiny ones
     "adm-small": ("adm-small", 128, False),
     "dit-s2": ("DiT-S/2", 128, True),
 }
 # input height = width (8 otherwise) and constructor overrides (eps-only output: the loss is
 # eps-MSE)
-RESOLUTION = {"adm-small": 16, "dit-s2": 32}
+RESOLUTION = {"adm-small": 16, "dit-s2": 32, "unet-32px": 32}
 OVERRIDES = {"dit-s2": {"learn_sigma": False}}
-LARGE_BATCH = ("unet-b128", "dit-b512")
-LARGE_BATCH_SCENARIOS = ("vanilla", "ours-uw", "ours-pcgrad-onepass", "ours-nash-onepass")
+SCALED = ("unet-b128", "dit-b512", "unet-32px")
+SCALED_SCENARIOS = ("vanilla", "ours-uw", "ours-pcgrad-onepass", "ours-nash-onepass")
 GPU_MODELS = ("adm-small", "dit-s2")
 GPU_SCENARIOS = (
     "vanilla", "ours-uw", "ours-pcgrad", "ours-pcgrad-onepass", "ours-nash-onepass",
@@ -255,11 +258,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         marks = [pytest.mark.quick] if quick else []
         if device == "cuda":
             marks.append(pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here"))
-        models = ("unet", "dit", *LARGE_BATCH, *(GPU_MODELS if device == "cuda" else ()))
+        models = ("unet", "dit", *SCALED, *(GPU_MODELS if device == "cuda" else ()))
         for model_name in ("tiny",) if quick else models:
             scenarios = SCENARIOS
-            if model_name in LARGE_BATCH:
-                scenarios = LARGE_BATCH_SCENARIOS
+            if model_name in SCALED:
+                scenarios = SCALED_SCENARIOS
             elif model_name in GPU_MODELS:
                 scenarios = GPU_SCENARIOS
             for scenario in scenarios:
