@@ -60,26 +60,28 @@ keep
 if [ "$STAGE" = all ] || [ "$STAGE" = tests ] || [ "$STAGE" = tilings ]; then
     # -v: under xdist each result is printed with its name as it finishes, so a stage stopped
     # by its time limit still names its failures (failures.txt); -q printed them only at the end
+    : >"$W/failures.txt"
     parts="tests tilings"
     [ "$STAGE" = all ] || parts=$STAGE
+    [ -n "${ANT_GPU_TESTS_K:-}" ] && parts=tests  # one run of the given selection
     for part in $parts; do
-    if [ "$part" = tilings ]; then SEL="tilings_cuda"; else SEL="not tilings_cuda"; fi
-    SEL=${ANT_GPU_TESTS_K:-$SEL}  # e.g. "padded or tilings_cuda and 4-1-4": a short check
-    run 480 "$part.log" $PY -m pytest -v -p no:cacheprovider -p no:benchmark $XDIST -rfEs \
-        --tb=short -k "$SEL" \
-        tests/test_kernels_gram.py tests/test_kernels_combine.py tests/test_kernels_pcgrad.py \
-        tests/test_kernels_nash.py tests/test_kernels_aot.py tests/test_kernels_uniform.py \
-        tests/test_kernels_graddrop.py \
-        tests/test_no_sync.py::test_cuda_engine_step_has_no_host_sync \
-        tests/test_no_sync.py::test_cuda_fused_optimizer_skip_check_has_no_host_sync \
-        tests/test_engine.py::test_gpu_step_has_no_host_sync tests/test_mtl.py::test_cuda_no_sync \
-        tests/test_onepass.py::test_registry_models_equal_micro \
-        tests/test_train.py::test_cuda_train_step_has_no_host_sync \
-        tests/test_telemetry.py::test_updates_and_folds_have_no_host_sync_on_cuda
-    grep -E "FAILED|ERROR" "$W/$part.log" >>"$W/failures.txt"
-    echo "$part: $(grep -c PASSED "$W/$part.log") passed, $(grep -c FAILED "$W/$part.log") failed"
-    grep -E "^E |Error" "$W/$part.log" | head -20
-    keep
+        if [ "$part" = tilings ]; then SEL="tilings_cuda"; else SEL="not tilings_cuda"; fi
+        SEL=${ANT_GPU_TESTS_K:-$SEL}  # e.g. "padded or tilings_cuda and 4-1-4": a short check
+        run 480 "$part.log" $PY -m pytest -v -p no:cacheprovider -p no:benchmark $XDIST -rfEs \
+            --tb=short -k "$SEL" \
+            tests/test_kernels_gram.py tests/test_kernels_combine.py tests/test_kernels_pcgrad.py \
+            tests/test_kernels_nash.py tests/test_kernels_aot.py tests/test_kernels_uniform.py \
+            tests/test_kernels_graddrop.py \
+            tests/test_no_sync.py::test_cuda_engine_step_has_no_host_sync \
+            tests/test_no_sync.py::test_cuda_fused_optimizer_skip_check_has_no_host_sync \
+            tests/test_engine.py::test_gpu_step_has_no_host_sync tests/test_mtl.py::test_cuda_no_sync \
+            tests/test_onepass.py::test_registry_models_equal_micro \
+            tests/test_train.py::test_cuda_train_step_has_no_host_sync \
+            tests/test_telemetry.py::test_updates_and_folds_have_no_host_sync_on_cuda
+        grep -E "FAILED|ERROR" "$W/$part.log" >>"$W/failures.txt"
+        echo "$part: $(grep -c PASSED "$W/$part.log") passed, $(grep -c FAILED "$W/$part.log") failed"
+        grep -E "^E |Error" "$W/$part.log" | head -20
+        keep
     done
 fi
 
