@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F  # noqa: N812
+import torch.utils.checkpoint
 from torch import nn
 
 from antdiff import ANT
@@ -331,6 +332,111 @@ def test_layer_off_the_batch_dim_falls_back_at_runtime():
     with pytest.raises(ValueError, match="'table.weight' is used outside its layer"):
         fill(ant, lambda b, tb: model(b, tb), x, t, "onepass")
 
+
+
+class Checkpointed(nn.Module):
+    """A block under activation checkpointing (recomputed in the backward)."""
+
+    def __init__(self, reentrant: bool | None) -> None:  # None: no checkpointing
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.blk = nn.Sequential(nn.Linear(8, 8), nn.SiLU(), nn.Linear(8, 8))
+        self.out = nn.Linear(8, 4)
+        self.reentrant = reentrant
+
+    def forward(self, x, t):
+        h = self.a(x) + t[:, None].float() / T
+        if self.reentrant is None:
+            h = self.blk(h)
+        else:
+            h = torch.utils.checkpoint.checkpoint(self.blk, h, use_reentrant=self.reentrant)
+        return self.out(F.silu(h)).pow(2).mean(1)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_activation_checkpointing_falls_back_or_raises(reentrant):
+    """The recompute runs the block's layers in the backward, where the forward hooks are not
+    (reentrant: the first forward ran them under no_grad; otherwise the recompute disagrees
+    with the hooked forward): auto must not keep a J missing those layers."""
+    torch.manual_seed(0)
+    model = Checkpointed(reentrant)
+    ant = ANT(linear_schedule(T), k=3, method="pcgrad", model=model)
+    x = torch.randn(9, 4)
+    t = ant.sample_timesteps(9)
+    fn = lambda b, tb: model(b, tb)  # noqa: E731
+    plain = Checkpointed(None)
+    plain.load_state_dict(model.state_dict())  # autograd.grad refuses reentrant checkpoints
+    ref = reference_J(plain, lambda b, tb: plain(b, tb), x, t, ant.clusters, 3)
+    with pytest.warns(UserWarning, match="checkpointing"):
+        J = fill(ant, fn, x, t, "auto")  # noqa: N806
+    assert ant._onepass is None
+    close(J, ref)
+    with pytest.raises(ValueError, match="checkpointing recomputes"):
+        fill(ant, fn, x, t, "onepass")
+    assert all(p.requires_grad for p in model.parameters())
+
+
+class InPlaceAfter(nn.Module):
+    """Layer b's input is scaled in place after b used it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x, t):
+        h = self.a(x) + t[:, None].float() / T
+        y = self.b(h)
+        h.mul_(2.0)
+        return (h + y).pow(2).mean(1)
+
+
+def test_input_modified_in_place_after_the_layer_is_refused():
+    """Autograd refuses this in micro mode (b saves h); onepass reads h in the backward, so it
+    must refuse it too instead of taking b's weight gradient from the doubled h."""
+    torch.manual_seed(0)
+    model = InPlaceAfter()
+    ant = ANT(linear_schedule(T), k=2, method="pcgrad", model=model)
+    x = torch.randn(8, 4)
+    t = ant.sample_timesteps(8)
+    with pytest.raises(ValueError, match="'b' was modified in place"):
+        fill(ant, lambda b, tb: model(b, tb), x, t, "onepass")
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        fill(ant, lambda b, tb: model(b, tb), x, t, "micro")
+
+
+class PositionTable(nn.Module):
+    """A learned position table indexed by arange(L), broadcast over the batch."""
+
+    def __init__(self, L: int) -> None:  # noqa: N803
+        super().__init__()
+        self.L = L
+        self.inp = nn.Linear(2, 4)
+        self.pos = nn.Embedding(L, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x, t):
+        h = self.inp(x) + self.pos(torch.arange(self.L))[None] + t[:, None, None].float() / T
+        return self.out(torch.tanh(h)).pow(2).mean((1, 2))
+
+
+def test_layer_on_a_batch_free_tensor_is_refused_even_when_its_length_is_b():
+    """pos(arange(L)) is shared by all samples (autograd sums its output gradient over the
+    batch): with L == B the shape check passes, so the first forward's audit must see that the
+    index tensor was made without the batch."""
+    torch.manual_seed(0)
+    model = PositionTable(8)
+    ant = ANT(linear_schedule(T), k=2, method="pcgrad", model=model)
+    x = torch.randn(8, 8, 2)
+    t = ant.sample_timesteps(8)
+    fn = lambda b, tb: model(b, tb)  # noqa: E731
+    ref = reference_J(model, fn, x, t, ant.clusters, 2)
+    with pytest.warns(UserWarning, match="computed without the batch"):
+        J = fill(ant, fn, x, t, "auto")  # noqa: N806
+    close(J, ref)
+    ant._onepass = None
+    with pytest.raises(ValueError, match="'pos' .*computed without the batch"):
+        fill(ant, fn, x, t, "onepass")
 
 class Tied(nn.Module):
     """An output projection tied to the embedding table (F.linear on emb.weight)."""

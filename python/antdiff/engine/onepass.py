@@ -10,7 +10,10 @@ cluster, so cluster i's slice gives exactly row i. A layer whose output would no
 (stem conv, time-embedding MLP, Embedding) gets an identity node tied to a grad-requiring anchor.
 
 Limits: every trainable parameter must belong to a supported layer and be used only through that
-layer's forward, on batch-major tensors (leading dimension B); other models use mode "micro".
+layer's forward, on batch-major tensors (leading dimension B) that derive from the batch; a
+layer's input must not change in place after the layer used it (autograd's own rule), and no
+layer may run again in the backward (activation checkpointing). Each of these raises
+NotServable (mode "auto" then uses "micro").
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F  # noqa: N812
+import torch.utils.checkpoint
 from torch import nn
 
 from .buffer import GradBuffer
@@ -231,13 +235,21 @@ class _SharedWeightAudit(torch.overrides.TorchFunctionMode):
     Such a use (tied weights, ``F.linear(h, emb.weight)``) gets no gradient from the hooks, so
     the rows of J would silently miss it. Runs on the first forward only; metadata reads
     (``p.shape``, ``p.dtype``, ...) are allowed.
+
+    It also tracks which tensors are constants of the forward: the model's parameters and
+    buffers, tensors made without tensor inputs (``torch.arange(L)``) and whatever is computed
+    from constants only. A served layer called on a constant (a learned position table indexed
+    by ``arange``) is shared by all samples: autograd sums its output gradient over the batch
+    before the hook sees it, so it has no per-cluster rows, even when L happens to equal B.
     """
 
     _META = {"size", "dim", "numel", "element_size", "is_floating_point", "is_complex",
              "data_ptr", "stride", "__repr__", "__format__", "__len__"}  # fmt: skip
 
-    def __init__(self, layers, handles: list) -> None:
+    def __init__(self, layers, handles: list, constants=()) -> None:
         super().__init__()
+        # by id, holding them (first forward only): tensors compare by value, not identity
+        self.constants: dict[int, torch.Tensor] = {id(c): c for c in constants}
         self.owner = {id(p): id(m) for _, m, _ in layers for p in m.parameters(recurse=False)}
         self.names = {id(p): f"{n}.{pn}" for n, m, _ in layers for pn, p in
                       m.named_parameters(recurse=False)}  # fmt: skip
@@ -264,7 +276,18 @@ class _SharedWeightAudit(torch.overrides.TorchFunctionMode):
                         f"layer (by {name or func}, e.g. tied weights): its gradient would be "
                         "missed"
                     )
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        leaves = [a for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor)]  # fmt: skip
+        const = all(id(a) in self.constants for a in leaves)
+        for r in torch.utils._pytree.tree_leaves(out):
+            if not isinstance(r, torch.Tensor):
+                continue
+            if const:
+                self.constants[id(r)] = r
+            else:  # in place (add_ returns its input): a constant that took batch data is no more
+                self.constants.pop(id(r), None)
+        return out
 
 
 class OnePass:
@@ -291,7 +314,10 @@ class OnePass:
         self._buf: GradBuffer | None = None
         self._slots: list[tuple[_Slot | None, ...]] = []
         self._st: _Step | None = None
+        self._in_backward = False  # a served layer's forward now is a recompute (checkpointing)
         self._audited = False  # the first forward checks that no weight is used elsewhere
+        self._audit: _SharedWeightAudit | None = None  # during that forward
+        self._constants = [*inner.parameters(), *inner.buffers()]
 
     def _bind(self, buf: GradBuffer) -> None:
         """Slots of every layer's (weight, bias) in ``buf.J`` (None: frozen or absent)."""
@@ -338,15 +364,24 @@ class OnePass:
             if self._audited:
                 per = per_sample()
             else:
-                with _SharedWeightAudit(self.layers, handles):
-                    per = per_sample()
+                audit_handles: list = []
+                self._audit = _SharedWeightAudit(self.layers, audit_handles, self._constants)
+                try:
+                    with self._audit:
+                        per = per_sample()
+                finally:
+                    self._audit = None
+                    for h in audit_handles:
+                        h.remove()
                 self._audited = True
-        finally:
+        except BaseException:
             for h in handles:
                 h.remove()
+            raise
+        finally:
             for p in off:  # the graph's edges are fixed: the backward still skips them
                 p.requires_grad_(True)
-        try:
+        try:  # the forward hooks stay through the backward: they see checkpointing recompute
             per = per.to(torch.promote_types(per.dtype, torch.float32))
             sums = torch.zeros(k, device=per.device).index_add_(0, cid, per.detach().float())
             total = (per / N.clamp(min=1).to(per)[cid]).sum()
@@ -356,15 +391,32 @@ class OnePass:
             for s in slots:
                 s.fresh = True  # the first write in this step sets all k rows
             if total.requires_grad:
-                total.backward()
+                self._in_backward = True
+                try:
+                    total.backward()
+                except torch.utils.checkpoint.CheckpointError as e:
+                    raise NotServable(
+                        f"mode='onepass': activation checkpointing recomputes layers in the "
+                        f"backward ({e.__class__.__name__}), so their per-cluster gradients "
+                        "cannot come from the first forward; use mode='micro' (or 'auto')"
+                    ) from e
             for s in slots:  # layers the loss never reached: zero rows, as in micro
                 if s.fresh:
                     s.cols.zero_()
         finally:
             self._st = None
+            self._in_backward = False
+            for h in handles:
+                h.remove()
         return sums
 
     def _forward_hook(self, j: int, m: nn.Module, args, kwargs, out):
+        if self._in_backward and torch.is_grad_enabled():
+            raise NotServable(
+                f"mode='onepass': layer {self.layers[j][0]!r} ran again during the backward "
+                "(activation checkpointing recomputes it), so its per-cluster gradients cannot "
+                "come from the first forward; use mode='micro' (or 'auto')"
+            )
         if not torch.is_grad_enabled() or self._st is None:
             return None
         st = self._st
@@ -375,11 +427,19 @@ class OnePass:
                 f"mode='onepass': layer {self.layers[j][0]!r} ({type(m).__name__}) was called "
                 f"on a tensor of shape {list(x.shape)}, not batch-major with B={st.B}"
             )
+        if self._audit is not None and id(x) in self._audit.constants:
+            raise NotServable(
+                f"mode='onepass': layer {self.layers[j][0]!r} ({type(m).__name__}) was called "
+                "on a tensor computed without the batch (e.g. a position table indexed by "
+                "torch.arange): all samples share its output, so its gradient has no "
+                "per-cluster rows"
+            )
         new = None
         if not out.requires_grad:
             new = out = _Root.apply(out, st.anchor)
         grad_fn, slots = self.layers[j][2], self._slots[j]
         held = [x]  # released once used: the graph's nodes (and this hook) live to the end
+        version = x._version  # autograd's own rule for the inputs it saves
 
         def hook(g: torch.Tensor) -> None:
             if not held:
@@ -387,7 +447,15 @@ class OnePass:
                     f"mode='onepass': the backward reached layer {self.layers[j][0]!r} twice; "
                     "retain_graph and double backward are not supported, use mode='micro'"
                 )
-            grad_fn(st, m, slots, held.pop(), g)
+            x = held.pop()
+            if x._version != version:
+                raise NotServable(
+                    f"mode='onepass': the input of layer {self.layers[j][0]!r} was modified in "
+                    "place after the layer used it, so its weight gradient would be computed "
+                    "from the modified values (autograd refuses this too); use mode='micro' "
+                    "(or 'auto'), or avoid the in-place operation"
+                )
+            grad_fn(st, m, slots, x, g)
 
         out.register_hook(hook)
         return new
