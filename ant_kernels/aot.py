@@ -32,6 +32,8 @@ K_VALUES = (2, 5, 8, 16, 32, 64)
 # P a multiple of 16 (vectorisable rows) and not (755009: the benchmark UNet's P)
 P_VALUES = (2**20, 755009)
 _DIV16 = [["tt.divisibility", 16]]
+# launch options among a plan's keyword arguments (the rest are constexprs)
+_OPTIONS = ("num_warps", "enable_fp_fusion")
 _DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
        "fp64": torch.float64}  # fmt: skip
 
@@ -70,7 +72,7 @@ def _launches() -> list[tuple[str, Any, tuple, dict]]:
         J = _Mock(_DT[dt], k, n, row=-(-P // 16) * 16)
         if k <= max_k["gram"]:
             grid, meta = gram._plan(J)
-            args = gram._args(J, _Mock(torch.float32, grid[1], k, k))
+            args = gram._args(J, _Mock(torch.float32, gram._spans(grid, meta), k, k))
             out.append((f"gram k={k} {dt} P={n}", gram._kernel(meta), args, meta))
         if k <= max_k["combine"]:
             for out_dt in {dt, "fp32"}:  # out = a row of J (the engine), or a new fp32 tensor
@@ -80,7 +82,7 @@ def _launches() -> list[tuple[str, Any, tuple, dict]]:
     for cfg, dt in itertools.product(gram.TILINGS, ("fp32", "bf16")):  # the benchmark's
         J = _Mock(_DT[dt], 5, 2**20)
         grid, meta = gram._plan(J, config=cfg)
-        args = gram._args(J, _Mock(torch.float32, grid[1], 5, 5))
+        args = gram._args(J, _Mock(torch.float32, gram._spans(grid, meta), 5, 5))
         out.append((f"gram tiling {cfg} k=5 {dt}", gram._kernel(meta), args, meta))
     for k, dt in itertools.product(K_VALUES, ("fp32", "fp64")):
         G = _Mock(_DT[dt], k, k)
@@ -133,7 +135,7 @@ def _source(fn: Any, args: tuple, meta: dict) -> Any:
             if spec == "D":
                 attrs[(fn.arg_names.index(name),)] = _DIV16
     for name, value in meta.items():
-        if name != "num_warps":
+        if name not in _OPTIONS:
             constexprs[name] = value
     signature = {n: signature.get(n, "constexpr") for n in fn.arg_names}
     return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -167,9 +169,8 @@ def build_all(arch: int = 90) -> list[dict[str, Any]]:
     target = GPUTarget("cuda", arch, 32)
     rows = []
     for name, fn, args, meta in _launches():
-        compiled = triton.compile(
-            _source(fn, args, meta), target=target, options={"num_warps": meta["num_warps"]}
-        )
+        options = {key: value for key, value in meta.items() if key in _OPTIONS}
+        compiled = triton.compile(_source(fn, args, meta), target=target, options=options)
         rows.append({"kernel": name, "num_warps": meta["num_warps"],
                      **_usage(compiled.asm["cubin"], tool)})  # fmt: skip
     return rows

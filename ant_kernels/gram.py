@@ -18,12 +18,15 @@ each thread owns VEC adjacent columns of every row, so the products need no data
 between threads; FOLD sums a thread's columns as it goes, which keeps the accumulator small
 enough for many programs to be in flight.
 
-Row-tile kernel (k <= 2, k > 8): rows are split into tiles of TB (a power of two); program
-(pair, span) computes the [TB, TB] block of G between row tiles ``ti <= tj``. Each chunk loads
-the two row tiles as [TB, 1, BLOCK_P] and [1, TB, BLOCK_P] (the programs of one span run side by
-side, so a tile read again comes from L2, not memory) and adds their outer product to a
-[TB, TB, BLOCK_P] float32 accumulator, reduced over the columns once, at the end. In both
-kernels rows >= k and columns >= P are masked to zero and add nothing.
+Row-tile kernel (k <= 2, k > 8): rows are split into T tiles of TB (a power of two); program
+span * T^2 + pair computes the [TB, TB] block of G between row tiles ``ti <= tj``. Each chunk
+loads the two row tiles as [TB, 1, BLOCK_P] and [1, TB, BLOCK_P] (the programs of one span have
+adjacent ids and run side by side, so a tile read again comes from L2, not memory) and adds
+their outer product to a [TB, TB, BLOCK_P] float32 accumulator, reduced over the columns once,
+at the end. In both kernels rows >= k and columns >= P are masked to zero and add nothing.
+
+Grid: one axis (CUDA allows 2^31 - 1 programs there, but only 65535 on axes 1 and 2, which the
+spans of a 675M-parameter fp32 J already pass).
 
 Two launches when P % 16 != 0: one over the first P - P % 16 columns, whose bound Triton then
 knows to be a multiple of 16 (vector loads; ``_dispatch.column_parts``), one over the rest,
@@ -69,8 +72,9 @@ def _gram_kernel(
     CHUNKS: tl.constexpr,
     STAGES: tl.constexpr,
 ):
-    i_t = tl.program_id(0)
-    i_s = tl.program_id(1)
+    # one axis: span-major, pair-minor (``_plan``)
+    i_s = tl.program_id(0) // (T * T)
+    i_t = tl.program_id(0) % (T * T)
     ti = i_t // T
     tj = i_t % T
     if ti <= tj:  # the blocks below the diagonal are the transposes of those above
@@ -231,7 +235,7 @@ def _gram_split_kernel(
     sum tree the even columns' products are grouped apart from the odd ones' (equal to
     rounding). Either way the same J gives the same G."""
     BF: tl.constexpr = BLOCK_P // FOLD
-    i_s = tl.program_id(1)
+    i_s = tl.program_id(0)
     o_a = tl.arange(0, TA)
     m_a = o_a < K
     p_a = p_J + o_a.to(tl.int64)[:, None, None] * s_k
@@ -389,8 +393,9 @@ def _config(k: int, element_size: int = 4) -> tuple[int, ...]:
 def _plan(
     J: torch.Tensor, block_p: int | None = None, chunks: int | None = None,
     config: tuple[int, ...] | None = None,
-) -> tuple[tuple[int, int], dict]:  # fmt: skip
-    """(grid, constexpr and launch options) for J [k, P]; ``config`` replaces ``_config``."""
+) -> tuple[tuple[int], dict]:  # fmt: skip
+    """(grid, constexpr and launch options) for J [k, P]; ``config`` replaces ``_config``.
+    The grid has one axis, spans x tile pairs (``_grid``; ``_spans`` recovers the spans)."""
     k, P = J.shape
     if config is not None:
         _check_config(config)
@@ -413,16 +418,35 @@ def _plan(
             )
         # word loads where the layout allows them (else the same kernel reads columns)
         pairs = int(bool(pairs) and J.dtype == torch.bfloat16 and _word_aligned(J))
-        return (1, spans), {**meta, "BLOCK_P": bp, "CHUNKS": ch, "STAGES": stages,
-                            "FOLD": fold, "CHAIN": chain, "PAIRS": pairs,
-                            "num_warps": warps}  # fmt: skip
+        return _grid(spans, 1), {**meta, "BLOCK_P": bp, "CHUNKS": ch, "STAGES": stages,
+                                 "FOLD": fold, "CHAIN": chain, "PAIRS": pairs,
+                                 "num_warps": warps}  # fmt: skip
     if fold != 1 or chain or pairs:
         raise ValueError(
             f"FOLD, CHAIN and PAIRS apply to the split kernel (TB = 0) only, got config={config}"
         )
     t = -(-k // tb)
     meta = {"T": t, "TB": tb, "BLOCK_P": bp, "CHUNKS": ch, "STAGES": stages, "num_warps": warps}
-    return (t * t, spans), meta
+    return _grid(spans, t * t), meta
+
+
+_MAX_PROGRAMS = 2**31 - 1  # CUDA's limit on grid axis 0
+
+
+def _grid(spans: int, pairs: int) -> tuple[int]:
+    """The one-axis grid of ``spans * pairs`` programs (span-major), or a ValueError past
+    CUDA's axis-0 limit (over 10^11 columns at the default tilings)."""
+    if spans * pairs > _MAX_PROGRAMS:
+        raise ValueError(
+            f"gram needs {spans} column spans x {pairs} tile pairs = {spans * pairs} programs, "
+            f"more than CUDA's {_MAX_PROGRAMS}: J has too many columns for this tiling"
+        )
+    return (spans * pairs,)
+
+
+def _spans(grid: tuple[int], meta: dict) -> int:
+    """The number of column spans (workspace slots) of a ``_plan``'s grid."""
+    return grid[0] // (meta["T"] ** 2 if "T" in meta else 1)
 
 
 def _check_config(config: tuple[int, ...]) -> None:
@@ -477,11 +501,12 @@ def gram_triton(
     parts = [J[:, cols] for cols in column_parts(J.shape[1])]
     plans = [_plan(part, block_p, chunks, config) for part in parts]
     k = J.shape[0]
-    work = torch.empty((sum(g[1] for g, _ in plans), k, k), dtype=torch.float32, device=J.device)
+    spans = [_spans(*plan) for plan in plans]
+    work = torch.empty((sum(spans), k, k), dtype=torch.float32, device=J.device)
     start = 0
-    for part, (grid, meta) in zip(parts, plans):
-        _kernel(meta)[grid](*_args(part, work[start : start + grid[1]]), **meta)
-        start += grid[1]
+    for part, (grid, meta), n in zip(parts, plans, spans):
+        _kernel(meta)[grid](*_args(part, work[start : start + n]), **meta)
+        start += n
     G = work.sum(0)  # fixed-order reduction over the spans
     return G, torch.isfinite(G.diagonal()).all()
 

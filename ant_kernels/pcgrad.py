@@ -13,7 +13,9 @@ data), d = rowwise sum of C * those columns, and C[i, j_i] -= d_i / G[j_i, j_i] 
 subtraction. k steps of O(BK^2) work: microseconds.
 
 Determinism: one program, fixed loop order; the task order is an explicit input, so the kernel
-and the reference make the same choices.
+and the reference make the same choices. The division is correctly rounded (``div_rn``) in
+float32 as in float64, like the reference's; the sums d may still differ from the reference's
+in the last bits (another summation order).
 """
 
 from __future__ import annotations
@@ -52,7 +54,12 @@ def _pcgrad_kernel(p_G, p_O, p_w, K, s_g0, s_g1, s_o0, s_o1, BK: tl.constexpr):
         b_gjj = tl.load(p_G + b_j * (s_g0 + s_g1), mask=m_j, other=0.0)
         b_d = tl.sum(b_C * b_g, axis=1)
         hit = (b_d < 0) & (b_gjj != 0)
-        b_coef = tl.where(hit, b_d / tl.where(b_gjj != 0, b_gjj, 1.0), 0.0)
+        b_den = tl.where(b_gjj != 0, b_gjj, 1.0)
+        if p_G.dtype.element_ty == tl.float64:  # fp64 `/` is correctly rounded already
+            b_q = b_d / b_den
+        else:  # Triton's fp32 `/` is approximate (div.full.f32): round it as torch does
+            b_q = tl.math.div_rn(b_d, b_den)
+        b_coef = tl.where(hit, b_q, 0.0)
         b_C = b_C - tl.where(o_k[None, :] == b_j[:, None], b_coef[:, None], 0.0)
     tl.store(p_w + o_k, tl.sum(b_C, axis=0), mask=m_k)
 

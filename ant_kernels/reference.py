@@ -6,6 +6,9 @@ tensor value) and define the semantics the Triton kernels are tested against.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -65,6 +68,34 @@ def check_orders(G: torch.Tensor, orders: torch.Tensor) -> None:
         raise ValueError(f"orders is on {orders.device} but G is on {G.device}")
 
 
+@contextlib.contextmanager
+def ieee_fp32_matmul() -> Iterator[None]:
+    """Full float32 matmuls inside the block whatever the caller set (TF32 on CUDA through
+    ``allow_tf32`` or ``set_float32_matmul_precision("high")``, bf16 passes in oneDNN on the
+    CPU through "medium"); the caller's settings are restored on exit. Host-side flags only
+    (no sync); they are process-wide, so a matmul on another thread meanwhile sees them too."""
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    if matmul is not None and hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        # torch >= 2.9: per-backend settings, which never raise when read, unlike the legacy
+        # getter after a mix of the two APIs
+        backends = (torch.backends.cuda.matmul, matmul)
+        saved = [b.fp32_precision for b in backends]
+        try:
+            for b in backends:
+                b.fp32_precision = "ieee"
+            yield
+        finally:
+            for b, value in zip(backends, saved):
+                b.fp32_precision = value
+    else:
+        saved = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(saved)
+
+
 _CHUNKED_FROM = 1 << 16  # columns; below this one product is as fast
 _CHUNKS = 64
 
@@ -91,20 +122,26 @@ def gram_ref(J: torch.Tensor, upcast: bool = False) -> tuple[torch.Tensor, torch
         upcast: compute in float64 (test oracle) instead of float32.
 
     Returns:
-        G: [k, k] = J J^T (float32, or float64 with ``upcast``), exactly symmetric.
+        G: [k, k] = J J^T (float32, or float64 with ``upcast``), exactly symmetric; float32
+            in full precision whatever the matmul precision setting (``ieee_fp32_matmul``).
         finite: 0-d bool, False if J has a NaN/inf entry (or a squared row norm overflows
             float32, which makes G unusable too).
     """
     check_J(J)
     Jf = J.to(torch.float64 if upcast else torch.float32)
-    G = _chunked_gram(Jf) if Jf.stride(1) == 1 and Jf.shape[1] >= _CHUNKED_FROM else Jf @ Jf.T
+    with ieee_fp32_matmul():  # the fp32 G the kernel is tested against, never TF32 or bf16
+        chunked = Jf.stride(1) == 1 and Jf.shape[1] >= _CHUNKED_FROM
+        G = _chunked_gram(Jf) if chunked else Jf @ Jf.T
     G = (G + G.T) * 0.5
     # a NaN/inf in row i makes the sum of squares G[i, i] NaN/inf: no second pass over J
     return G, torch.isfinite(G.diagonal()).all()
 
 
 def combine_ref(w: torch.Tensor, J: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``out = w @ J`` accumulated in float32 (float64 for float64 J).
+    """``out = w @ J`` accumulated in float32 (float64 for float64 J), in full float32 precision
+    whatever the matmul precision setting (``ieee_fp32_matmul``). A BLAS product: its summation
+    order (and FMA use) is the library's, so it matches the sequential loop over the clusters
+    to rounding only.
 
     Args:
         w: [k] weights. J: [k, P]. out: [P] any float dtype, may be one of J's rows.
@@ -114,7 +151,8 @@ def combine_ref(w: torch.Tensor, J: torch.Tensor, out: torch.Tensor | None = Non
     """
     check_combine(w, J, out)
     acc = torch.float64 if J.dtype == torch.float64 else torch.float32
-    res = w.to(acc) @ J.to(acc)  # a temporary, so `out` may alias a row of J
+    with ieee_fp32_matmul():
+        res = w.to(acc) @ J.to(acc)  # a temporary, so `out` may alias a row of J
     if out is None:
         return res
     return out.copy_(res)

@@ -131,6 +131,7 @@ def test_unknown_preset_lists_presets():
         (["--train.device", "tpu"], "train.device must be"),
         (["--sample.steps", "2000"], "exceeds diffusion.T"),
         (["--ant.update_every", "5"], "update_every applies to gradient methods"),
+        (["--ant.method", "graddrop", "--ant.update_every", "5"], "keeps no weights to reuse"),
     ],
 )
 def test_validation_messages(overrides, match):

@@ -960,3 +960,128 @@ def test_gradient_check_covers_mixed_dtypes_and_sparse_gradients(bad_at):
     b.grad[0], emb.weight.grad = 1.0, None
     flags = _grads_nonfinite(opt, buffers)
     assert len(flags) == 1 and bool(flags[0] > 0) is (bad_at is None)
+
+
+def _cluster_shares(t, clusters):
+    """float64 [k] N_i / B, counting by the cluster bounds with bisect."""
+    ids = [bisect.bisect_right(clusters.bounds, int(v)) - 1 for v in t]
+    return np.bincount(ids, minlength=clusters.k) / len(ids)
+
+
+def _nash_after_first_step(skip_first, x, t):
+    """(forwards, weights, grad) of the step after an optional skipped inf step (micro mode:
+    a recompute takes one forward per cluster), checking the off-step after it."""
+    model, ant = setup("nash", mode="micro")  # update_every 25
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    lf, calls = per_sample_loss(model), {"n": 0}
+
+    def counting(xb, tb):
+        calls["n"] += 1
+        return lf(xb, tb)
+
+    if skip_first:
+        ant.backward(lambda xb, tb: lf(xb, tb) * torch.where(tb == 20, float("inf"), 1.0), x, t)
+        with pytest.warns(UserWarning, match="non-finite"):
+            assert ant.step(opt) is False
+    out = ant.backward(counting, x, t)
+    got = (calls["n"], out.weights.clone(), flat_grad(model).clone())
+    calls["n"] = 0
+    again = ant.backward(counting, x, t)  # an off-step with those weights
+    assert calls["n"] == 1
+    torch.testing.assert_close(again.weights, out.weights)
+    return got
+
+
+def test_nonfinite_first_recompute_is_redone_at_the_next_step():
+    """A skipped (inf) first Nash recompute leaves no weights behind: the next step recomputes
+    them and gets what a run starting with that step gets."""
+    x = torch.randn(16, 1, 6, 6, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([2, 5, 9, 20, 26, 31, 40, 47, 52, 58, 63, 70, 77, 84, 90, 99])
+    n_skip, w_skip, g_skip = _nash_after_first_step(True, x, t)
+    n_ref, w_ref, g_ref = _nash_after_first_step(False, x, t)
+    assert n_skip == n_ref == 4  # one pass per cluster: a recompute
+    assert not torch.allclose(w_ref, torch.full((4,), 0.25))
+    torch.testing.assert_close(w_skip, w_ref, rtol=0, atol=0)
+    torch.testing.assert_close(g_skip, g_ref, rtol=0, atol=0)
+
+
+def test_resume_mid_cycle_overwrites_grad_without_zero_grad():
+    """backward overwrites .grad: a run resumed between Nash recomputes, with no zero_grad,
+    ends where the uninterrupted run ends."""
+
+    def run(model, ant, opt, steps):
+        for s in steps:
+            x = torch.randn(8, 1, 6, 6, generator=torch.Generator().manual_seed(100 + s))
+            ant.backward(per_sample_loss(model), x, ant.sample_timesteps(8))
+            ant.step(opt)
+
+    model, ant = setup("nash", update_every=4)
+    run(model, ant, torch.optim.SGD(model.parameters(), lr=0.05), range(6))
+    model2, ant2 = setup("nash", update_every=4)
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.05)
+    run(model2, ant2, opt2, range(2))
+    state = copy.deepcopy((model2.state_dict(), ant2.state_dict()))
+    rng = torch.get_rng_state()
+    model3, ant3 = setup("nash", seed=7, update_every=4)
+    model3.load_state_dict(state[0])
+    ant3.load_state_dict(state[1])
+    torch.set_rng_state(rng)
+    run(model3, ant3, torch.optim.SGD(model3.parameters(), lr=0.05), range(2, 6))
+    for p, q in zip(model.parameters(), model3.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("method", ["nash", "pcgrad", "uw+nash"])
+def test_off_step_reports_the_on_step_loss(method):
+    """Same batch and parameters: on- and off-steps report the same loss (the mean of the
+    cluster losses without a loss method, UW's total with one)."""
+    model, ant = setup(method, update_every=2)
+    x = torch.randn(8, 1, 6, 6, generator=torch.Generator().manual_seed(4))
+    t = torch.tensor([3, 10, 30, 45, 60, 70, 85, 95])
+    on = ant.backward(per_sample_loss(model), x, t)
+    off = ant.backward(per_sample_loss(model), x, t)
+    assert ant.step_count == 2
+    torch.testing.assert_close(off.loss, on.loss, rtol=1e-6, atol=0)
+    if method != "uw+nash":
+        with torch.no_grad():
+            per = per_sample_loss(model)(x, t).double()
+        ids = torch.tensor([bisect.bisect_right(ant.clusters.bounds, int(v)) - 1 for v in t])
+        means = [per[ids == i].mean() for i in range(ant.k)]
+        torch.testing.assert_close(off.loss.double(), torch.stack(means).mean(), rtol=1e-6,
+                                   atol=0)  # fmt: skip
+
+
+def test_update_every_refused_where_no_weights_are_kept():
+    with pytest.raises(ValueError, match=r"update_every=5 with method 'graddrop'.*valid"):
+        ANT(linear_schedule(T), k=4, method="graddrop", update_every=5)
+    with pytest.raises(ValueError, match=r"update_every=2 with method 'uw\+graddrop'"):
+        ANT(linear_schedule(T), k=4, method="uw+graddrop", update_every=2)
+    ANT(linear_schedule(T), k=4, method="graddrop", update_every=1)  # every step: honoured
+    for name in ("pcgrad", "nash", "imtl", "mgda", "cagrad"):  # keep weights to reuse
+        ANT(linear_schedule(T), k=4, method=name, update_every=3)
+
+
+def test_k_must_match_a_clusters_object():
+    clusters = Clusters((0, 10, 40, 50, 60, 100))
+    with pytest.raises(ValueError, match=r"k=3 but clustering is a Clusters object with k=5"):
+        ANT(linear_schedule(T), k=3, clustering=clusters, method="uw")
+    assert ANT(linear_schedule(T), k=5, clustering=clusters, method="uw").k == 5
+    assert ANT(linear_schedule(T), clustering=clusters, method="uw").k == 5
+    assert ANT(linear_schedule(T), clustering=Clusters((0, 30, 100)), method="uw").k == 2
+    assert ANT(linear_schedule(T), method="uw").k == 5
+
+
+@pytest.mark.parametrize("entry", ["reduce", "backward"])
+def test_vanilla_weights_are_the_cluster_shares(entry):
+    """The plain batch mean weights cluster i's mean loss by N_i / B."""
+    model, ant = setup("vanilla", sampling="uniform")
+    x = torch.randn(40, 1, 6, 6, generator=torch.Generator().manual_seed(5))
+    t = ant.sample_timesteps(40)
+    if entry == "reduce":
+        ant.reduce(per_sample_loss(model)(x, t), t).backward()
+    else:
+        ant.backward(per_sample_loss(model), x, t)
+    want = _cluster_shares(t, ant.clusters)
+    assert len(set(want.tolist())) > 1  # unequal shares: 1/k would fail
+    np.testing.assert_allclose(ant.last.weights.double().numpy(), want, rtol=1e-6)
+    np.testing.assert_allclose(ant.stats()["weight"], want, rtol=1e-6)

@@ -136,3 +136,68 @@ def test_combine_cuda_no_host_sync(dt, force_triton):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     _check(out, w, J)
+
+
+def _sequential(w: torch.Tensor, J: torch.Tensor) -> torch.Tensor:
+    """The sum the kernel promises, bit for bit: acc = 0, then acc = acc + w[i] * J[i] in
+    float32 for i = 0..k-1, each product and each sum rounded (separate torch ops: no FMA)."""
+    acc = torch.zeros(J.shape[1], dtype=torch.float32, device=J.device)
+    for i in range(J.shape[0]):
+        acc = acc + w[i].float() * J[i].float()
+    return acc
+
+
+def _wide(k: int, P: int, dt: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """w and J with magnitudes spread over many binades, so that a fused multiply-add (one
+    rounding) and a multiply then an add (two) differ in the last bit of many columns."""
+    scale = 2.0 ** torch.randint(-12, 13, (k, P), device=device)  # finite in fp16 too
+    return torch.randn(k, device=device) * 3, (torch.randn(k, P, device=device) * scale).to(dt)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("k", [1, 3, 5, 8, 17])
+@pytest.mark.parametrize("dt", list(DTYPES))
+def test_combine_is_the_sequential_float32_loop(k, dt, kernel_device, force_triton):
+    """Bit for bit (the float32 words, not just equal values), interpreted or compiled."""
+    w, J = _wide(k, 4099, DTYPES[dt], kernel_device)
+    out = combine(w, J, torch.empty(4099, device=kernel_device))
+    assert torch.equal(out.view(torch.int32), _sequential(w, J).view(torch.int32))
+
+
+def test_combine_launch_disables_fp_fusion(monkeypatch):
+    """The compiled launch (interpreter off) turns FMA contraction off, or sm_90 builds
+    contract every w[i] * J[i] + acc into one FFMA and the bits leave the sequential loop."""
+    from ant_kernels.combine import _plan
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for k in (1, 5, 64):
+        assert _plan(torch.zeros(1).expand(k, 1000))[1]["enable_fp_fusion"] is False
+
+
+def test_combine_grid_fits_cuda_limits(monkeypatch):
+    """One grid axis (CUDA allows 2**31 - 1 programs there) for J of up to 2**31 elements."""
+    from ant_kernels._dispatch import MAX_K
+    from ant_kernels.combine import _plan
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for k in range(1, MAX_K["combine"] + 1):
+        for dt in (torch.float32, torch.bfloat16):
+            P = 2**31 // k
+            nprog, meta = _plan(torch.zeros(1, dtype=dt).expand(k, P))
+            assert isinstance(nprog, int) and 1 <= nprog <= 2**31 - 1, (k, nprog)
+            assert (nprog - 1) * meta["BLOCK_P"] < P <= nprog * meta["BLOCK_P"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
+@pytest.mark.parametrize("k", [1, 2, 5, 8, 16, 33, 64])
+@pytest.mark.parametrize("dt", list(DTYPES))
+def test_combine_cuda_is_the_sequential_float32_loop(k, dt, force_triton):
+    """Compiled for the GPU: the same float32 words as the loop, main part and tail, into an
+    fp32 ``out`` and into a row of J's dtype (one rounding of the same sum)."""
+    w, J = _wide(k, 1_000_003, DTYPES[dt], "cuda")
+    expected = _sequential(w, J)
+    out = combine(w, J, torch.empty(J.shape[1], device="cuda"))
+    assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
+    row = combine(w, J, torch.empty_like(J[0]))
+    assert torch.equal(row, expected.to(J.dtype))

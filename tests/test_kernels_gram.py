@@ -333,3 +333,96 @@ def test_gram_columns_past_the_last_multiple_of_16(P, kernel_device, force_trito
     Jn = Ji.float()
     Jn[2, P - 1] = float("nan")
     assert not bool(gram_triton(Jn.to(kernel_device))[1])
+
+
+CUDA_AXIS0_MAX, CUDA_AXIS12_MAX = 2**31 - 1, 65535
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gram_grid_fits_cuda_limits(dt, monkeypatch):
+    """The compiled launch's grid (interpreter off: the GPU tiling) stays within CUDA's limits
+    for J of up to 2**31 elements at every k the dispatch allows, and covers every (column span,
+    tile pair) once. A stand-in J with zero strides costs no memory."""
+    from ant_kernels._dispatch import MAX_K, column_parts
+    from ant_kernels.gram import _plan
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for k in range(1, MAX_K["gram"] + 1):
+        P = 2**31 // k - 3  # not a multiple of 16: both column parts
+        for cols in column_parts(P):
+            n = cols.stop - cols.start
+            grid, meta = _plan(torch.zeros(1, dtype=dt).expand(k, n))
+            assert 1 <= grid[0] <= CUDA_AXIS0_MAX, (k, n, grid)
+            assert all(1 <= g <= CUDA_AXIS12_MAX for g in grid[1:]), (k, n, grid)
+            spans = -(-n // (meta["BLOCK_P"] * meta["CHUNKS"]))
+            pairs = meta["T"] ** 2 if "T" in meta else 1
+            assert torch.Size(grid).numel() == spans * pairs, (k, n, grid, meta)
+    with pytest.raises(ValueError, match="programs, more than CUDA's 2147483647"):
+        _plan(torch.zeros(1, dtype=dt).expand(64, 2**40), config=(1, 1, 1, 1))
+
+
+def _precision() -> tuple[str, ...]:
+    """The float32 matmul precision a matmul now sees: per backend where torch has them."""
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    if matmul is not None and hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        return torch.backends.cuda.matmul.fp32_precision, matmul.fp32_precision
+    return (torch.get_float32_matmul_precision(),)
+
+
+class _MatmulSpy(torch.overrides.TorchFunctionMode):
+    """Records ``_precision()`` at every matrix product."""
+
+    NAMES = {"matmul", "__matmul__", "mm", "bmm", "mv"}  # `@` arrives as TensorBase.matmul
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, ...]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) in self.NAMES:
+            self.seen.append(_precision())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("P", [4099, (1 << 16) + 7])  # one product; 64 blocks + a tail
+def test_gram_ref_ignores_lowered_matmul_precision(P):
+    """A user's ``set_float32_matmul_precision("medium")`` (TF32 on CUDA, bf16 passes in oneDNN
+    on the CPU) must not reach the float32 references: every product inside runs in IEEE
+    float32, G matches float64 to float32 accuracy, and the user's setting is back afterwards."""
+    from ant_kernels import combine_ref
+
+    J = torch.randn(5, P)
+    w = torch.randn(5)
+    G64 = J.double() @ J.double().T
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        user = _precision()
+        with _MatmulSpy() as spy:
+            G, _ = gram_ref(J)
+            res = combine_ref(w, J)
+        assert torch.get_float32_matmul_precision() == "medium" and _precision() == user
+    finally:
+        torch.set_float32_matmul_precision(before)
+    full = ("ieee", "ieee") if len(user) == 2 else ("highest",)
+    assert spy.seen and all(seen == full for seen in spy.seen), spy.seen
+    atol = 16 * EPS32 * G64.abs().max().item()
+    torch.testing.assert_close(G.double(), G64, rtol=0, atol=atol)
+    exact = w.double() @ J.double()
+    scale = (w.double().abs() @ J.double().abs()).max().item()
+    torch.testing.assert_close(res.double(), exact, rtol=0, atol=6 * EPS32 * scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
+@pytest.mark.parametrize("k,P", [(3, 600_000_000), (1, 3 * 2**29)])
+def test_gram_cuda_more_spans_than_grid_axis_1_allows(k, P, force_triton):
+    """fp32 rows of ones (zero strides: no memory) long enough for more than 65535 column spans
+    (73243 at k = 3 and 98304 at k = 1 with the default tilings), which a launch with the spans
+    on grid axis 1 cannot start. Exact: every partial sum, in any order, is an integer and a
+    multiple of 512 (a span holds a power of two >= 512 columns, P is a multiple of 512) below
+    2**31, where float32 integers are exact in steps of 128 or less."""
+    J = torch.ones(1, device="cuda").expand(k, P)
+    G, finite = gram(J)
+    assert bool(finite)
+    assert torch.equal(G, torch.full((k, k), float(P), device="cuda"))

@@ -137,3 +137,71 @@ def test_pcgrad_cuda_no_host_sync(force_triton):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(w.cpu() @ J, _pspace(J, orders)[0], rtol=0, atol=1e-9)
+
+
+def _pairs(k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """G [k, k] float32 of k / 2 independent conflicting pairs (2i, 2i + 1) with integer entries
+    below 2**21, and orders that project each row against itself, then its partner, then the
+    rest: the only projection of row i is the partner p's, with d = G[i, p] exact, so
+    w[i] = 1 - G[p, i] / G[i, i] depends on nothing but the rounding of that one division."""
+    g = torch.Generator().manual_seed(seed)
+    diag = torch.randint(1, 2**21, (k,), generator=g).float()
+    off = -torch.randint(1, 2**21, (k // 2,), generator=g).float()
+    G = torch.diag(diag)
+    G[0::2, 1::2] = G[1::2, 0::2] = torch.diag(off)
+    rest = torch.arange(k)
+    orders = torch.stack(
+        [torch.cat([torch.tensor([i, i ^ 1]), rest[(rest != i) & (rest != (i ^ 1))]]) for i in rest]
+    )
+    return G, orders
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("seed", range(4))
+def test_pcgrad_float32_division_is_correctly_rounded(seed, kernel_device, force_triton):
+    """fp32 weights bit for bit: a correctly rounded quotient (float64 then float32 rounds the
+    same, 53 >= 2 * 24 + 2) and one float32 subtraction. The GPU's default fp32 division
+    (div.full.f32) is off by up to 2 ulps."""
+    G, orders = _pairs(64, seed)
+    idx = torch.arange(64)
+    partner = idx ^ 1
+    coef = (G[partner, idx].double() / G.diagonal().double()).float()
+    expected = 1.0 - coef  # float32
+    w = pcgrad_weights(G.to(kernel_device), orders.to(kernel_device)).cpu()
+    assert w.dtype == torch.float32
+    assert torch.equal(w.view(torch.int32), expected.view(torch.int32))
+    assert torch.equal(pcgrad_weights_ref(G, orders), expected)
+
+
+_PTX_DIVS = """
+import os, re
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from ant_kernels import aot
+for name, fn, args, meta in aot._launches():
+    if name in ("pcgrad k=5 fp32", "pcgrad k=64 fp32", "pcgrad k=5 fp64"):
+        options = {key: v for key, v in meta.items() if key in aot._OPTIONS}
+        ptx = triton.compile(aot._source(fn, args, meta), target=GPUTarget("cuda", 90, 32),
+                             options=options).asm["ptx"]
+        print(name, "|", " ".join(sorted(set(re.findall(r"\\bdiv\\.[a-z0-9.]+", ptx)))))
+"""
+
+
+def test_pcgrad_sm90_divisions_are_ieee():
+    """Built for sm_90 (no GPU needed): only correctly rounded divisions in the PTX, fp32 and
+    fp64 (``/`` alone gives div.full.f32, which the interpreter cannot show)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "python")])
+    run = subprocess.run([sys.executable, "-c", _PTX_DIVS], capture_output=True, text=True,
+                         env=env, cwd=root, timeout=300, check=False)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    divs = dict(line.split(" | ") for line in run.stdout.strip().splitlines())
+    assert divs == {"pcgrad k=5 fp32": "div.rn.f32", "pcgrad k=64 fp32": "div.rn.f32",
+                    "pcgrad k=5 fp64": "div.rn.f64"}, divs  # fmt: skip

@@ -47,8 +47,9 @@ def _cfg(preset, tmp_path, *extra, steps=2):
 
 
 def _every(method):
-    """Gradient methods recompute their weights every 2nd step (exercises both step kinds)."""
-    grad = any(g in method for g in ("pcgrad", "nash", "imtl", "mgda", "cagrad", "graddrop"))
+    """Weight methods recompute their weights every 2nd step (exercises both step kinds);
+    GradDrop combines J elementwise every step (update_every > 1 is refused)."""
+    grad = any(g in method for g in ("pcgrad", "nash", "imtl", "mgda", "cagrad"))
     return ["--ant.update_every", "2"] if grad else []
 
 

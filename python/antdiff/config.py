@@ -168,6 +168,12 @@ class AntConfig:
                 f"ant.update_every applies to gradient methods; {self.method!r} has none "
                 "(set it to null)"
             )
+        if (self.update_every or 1) > 1 and method.grad.needs == "grads":
+            raise ValueError(
+                f"ant.update_every={self.update_every} with {self.method!r}: it combines the "
+                "per-cluster gradients elementwise every step and keeps no weights to reuse "
+                "(set it to null or 1)"
+            )
 
 
 @dataclass

@@ -76,6 +76,18 @@ class _HostFlag:
 
 
 @dataclass
+class _Recompute:
+    """A weight recompute whose finite verdict the host has not seen yet, and the weights from
+    before it (restored if it was not finite)."""
+
+    flag: _HostFlag | None  # GPU: the finite flag on its way to the host; CPU: None
+    w: torch.Tensor | None  # ANT._w before the recompute
+    w_present: torch.Tensor | None
+    out: Any = None  # its StepOutput, which ant.step may read (the verdict then)
+    verdict: bool | None = None
+
+
+@dataclass
 class StepOutput:
     """What one engine step produced (all device tensors; reading them is a host sync). Read
     only: the telemetry folds these tensors into its running sums a few steps later."""
@@ -135,7 +147,8 @@ class ANT:
 
     Args:
         schedule: a Schedule, "linear"/"cosine", or an alphas_cumprod array [T].
-        k: number of timestep clusters.
+        k: number of timestep clusters (default 5; with a Clusters object: its k, which a given
+            ``k`` must equal).
         clustering: "snr", "timestep" or "gradient" (needs ``affinity``), or a Clusters object.
         method: an MTL method name ("vanilla", "uw", "pcgrad", "nash", "uw+pcgrad", ...).
         sampling: "proportional" (default; uniform marginal over t), "equal" or "uniform".
@@ -145,7 +158,10 @@ class ANT:
             onepass when the model allows it, else micro; decided at attach, shown in repr) or
             "retain_graph" (one forward, k backward passes; for models that couple samples).
         update_every: recompute gradient-method weights every N steps (Nash default: 25);
-            other steps take one backward of the weighted loss with the last weights.
+            other steps take one backward of the weighted loss with the last weights. Only for
+            methods that combine J through weights (not GradDrop, which needs J every step).
+            A non-finite recompute is redone at the next ``backward`` when the host knows of it
+            without waiting (see ``backward``).
         model: the model whose parameters get the gradients (or call ``attach`` later).
         seed: seeds the sampler's host RNG and the methods' random streams. Keep it equal on all
             ranks.
@@ -156,7 +172,7 @@ class ANT:
     def __init__(
         self,
         schedule: Any,
-        k: int = 5,
+        k: int | None = None,
         clustering: str | Clusters = "snr",
         method: str = "uw",
         *,
@@ -179,11 +195,16 @@ class ANT:
                 raise ValueError(
                     f"clusters cover T={clustering.T}, schedule has T={self.schedule.T}"
                 )
+            if k is not None and k != clustering.k:
+                raise ValueError(
+                    f"k={k!r} but clustering is a Clusters object with k={clustering.k}: pass "
+                    f"k={clustering.k} or leave k out"
+                )
             self.clusters = clustering
         else:
             self.clusters = cluster_timesteps(
                 self.schedule,
-                k,
+                5 if k is None else k,
                 clustering,
                 affinity=affinity,
                 bin_edges=bin_edges,
@@ -207,6 +228,13 @@ class ANT:
                 or update_every < 1
             ):
                 raise ValueError(f"update_every must be an integer >= 1, got {update_every!r}")
+            if update_every > 1 and self.method.grad.needs == "grads":
+                raise ValueError(
+                    f"update_every={update_every} with method {self.method_name!r}: it combines "
+                    "the per-cluster gradients elementwise every step and keeps no weights to "
+                    "reuse; valid: update_every=1 (or None), or a weight method (pcgrad, nash, "
+                    "imtl, mgda, cagrad)"
+                )
             self.method.grad.update_every = update_every
         self.sampler = TimestepSampler(self.clusters, sampling, seed)
         self.comm = Comm(distributed, process_group)
@@ -214,6 +242,7 @@ class ANT:
         self.step_count = 0
         self._w: torch.Tensor | None = None  # last gradient-method weights (before c)
         self._w_present: torch.Tensor | None = None  # clusters present when _w was computed
+        self._recompute: _Recompute | None = None  # the last weight recompute (see backward)
         self._buffer: GradBuffer | None = None
         self._onepass: OnePass | None = None  # hook plan when onepass serves the model
         self._model: nn.Module | None = None
@@ -369,16 +398,16 @@ class ANT:
         return 1.0 / counts.clamp(min=1), present.float(), present
 
     def _globalise(self, sums: torch.Tensor, counts: torch.Tensor):
-        """Attached local cluster losses, detached global ones, global counts and presence."""
+        """Attached local cluster losses, detached global ones, presence and global counts."""
         if not self.comm.active:
             L = sums / counts.clamp(min=1)  # noqa: N806
-            return L, L.detach(), counts > 0
+            return L, L.detach(), counts > 0, counts
         N = self.comm.sum_(counts.detach().clone())  # noqa: N806
         L_global = self.comm.sum_(sums.detach().clone()) / N.clamp(min=1)  # noqa: N806
         L_local = sums / N.clamp(min=1)  # noqa: N806
         # value = global cluster mean; gradient = world * d(local part) (DDP then averages)
         L_eff = L_global + self.comm.world * (L_local - L_local.detach())  # noqa: N806
-        return L_eff, L_global, N > 0
+        return L_eff, L_global, N > 0, N
 
     def reduce(self, per_sample_loss: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Total training loss of a loss-space method; call ``.backward()`` on it.
@@ -400,11 +429,10 @@ class ANT:
         self._check_device(per.device)
         if self.method.loss is None:  # vanilla: the plain batch mean
             sums, counts = self._cluster_sums(per.detach(), t)
-            _, L_global, present = self._globalise(sums, counts)  # noqa: N806
+            _, L_global, present, N = self._globalise(sums, counts)  # noqa: N806
             total = per.mean()
             self._record(
-                total.detach(), L_global, torch.ones_like(L_global) / self.k, present, None,
-                grads_checked=False,
+                total.detach(), L_global, _count_shares(N), present, None, grads_checked=False
             )
             return total
         if self.method.loss.fused_total is not None and not self.comm.active:
@@ -417,7 +445,7 @@ class ANT:
             self._record(value, L, c, present, None, value * 0 == 0, grads_checked=False)
             return total
         sums, counts = self._cluster_sums(per, t)
-        L_eff, L_global, present = self._globalise(sums, counts)  # noqa: N806
+        L_eff, L_global, present, _ = self._globalise(sums, counts)  # noqa: N806
         terms = self.method.loss.transform(L_eff, present)
         total = terms.sum()
         c = self.method.loss.slopes(L_global, present)
@@ -440,6 +468,15 @@ class ANT:
         (for gradient accumulation, use a larger batch: the per-cluster passes already bound
         the activation memory to one cluster's sub-batch).
 
+        With ``update_every`` > 1, a recompute of the weights that was not finite (e.g. a
+        GradScaler overflow) leaves the weights as they were (none before the first) and the
+        next call recomputes them, once the host knows the verdict: from ``ant.step``'s own
+        read of the finite flag (its default ``skip_nonfinite=True`` without a fused
+        optimiser; exact on any device), or on a GPU from a non-blocking copy of the flag into
+        pinned memory. While that copy is still in flight, or on the CPU when ``ant.step``
+        read nothing, the off-steps use the previous weights (equal weights before the first
+        recompute) until the next scheduled recompute.
+
         Args:
             loss_fn: ``loss_fn(sub_batch, sub_t) -> [b]`` per-sample losses.
             batch: tensor, tuple/list or dict of tensors with leading dimension B.
@@ -458,13 +495,32 @@ class ANT:
         self._flush_observe()
         batch, t, counts = self._sorted(batch, t)
         grad = self.method.grad
-        on_step = grad is not None and (self._w is None or self.step_count % grad.update_every == 0)
+        redo = self._failed_update()
+        on_step = grad is not None and (
+            redo or self._w is None or self.step_count % grad.update_every == 0
+        )
         if on_step:
             out = self._gradient_step(loss_fn, batch, t, counts, scaler)
         else:
             out = self._weighted_step(loss_fn, batch, t, scaler)
         self.step_count += 1
         return out
+
+    def _failed_update(self) -> bool:
+        """True when the last weight recompute was non-finite and the host knows it without
+        waiting: its weights are dropped, so this step recomputes them."""
+        rec = self._recompute
+        if rec is None:
+            return False
+        ok = rec.verdict
+        if ok is None and rec.flag is not None and rec.flag.ready():
+            ok = rec.flag.read()
+        if ok is None:  # not known yet: ask again at the next step
+            return False
+        self._recompute = None
+        if not ok:
+            self._w, self._w_present = rec.w, rec.w_present
+        return not ok
 
     def _sorted(self, batch: Any, t: torch.Tensor):
         counts = self.sampler.counts_for(t)
@@ -486,12 +542,12 @@ class ANT:
         """One forward/backward of sum_i w_i T_i(L) with the cached weights (or w = 1)."""
         per = _check_per_sample(loss_fn(batch, t), t.shape[0])
         sums, counts = self._cluster_sums(per, t)
-        L_eff, L_global, present = self._globalise(sums, counts)  # noqa: N806
+        L_eff, L_global, present, N = self._globalise(sums, counts)  # noqa: N806
         if self.method.is_vanilla:  # the plain batch mean, exactly as ant.reduce
             total = per.mean()
             self._scaled(total, scaler).backward()
             return self._record(
-                total.detach(), L_global, present / self.k, present, None, grads_checked=False
+                total.detach(), L_global, _count_shares(N), present, None, grads_checked=False
             )
         w = (
             torch.ones(self.k, device=per.device)
@@ -506,19 +562,23 @@ class ANT:
             terms_state = loss_m.transform(L_global, present)
         # model gradient: sum_i w_i c_i dL_i; the method's own parameters get the unweighted one
         total = (w * terms_model).sum() + ((1.0 - w) * terms_state).sum()
-        if self._buffer is not None:  # accumulate into row 0 of J: no new P-sized gradient
-            self._grad_buffer().point_grads_at(0)
+        # gradient methods: row 0 of J, zeroed, takes the gradient (no new P-sized tensor, and
+        # .grad is overwritten also before the first recompute after a resume)
+        buf = self._grad_buffer() if self.method.grad is not None else None
+        if buf is not None:
+            buf.point_grads_at(0)
         self._scaled(total, scaler).backward()
         c = torch.ones_like(L_global) if loss_m is None else loss_m.slopes(L_global, present)
         finite = torch.isfinite(L_global).all() & torch.isfinite(total)
-        if self._buffer is not None:  # the gradient is row 0 of J: check it in the same pass
-            finite = finite & torch.isfinite(self._buffer.J[0].sum())
+        if buf is not None:  # the gradient is row 0 of J: check it in the same pass
+            finite = finite & torch.isfinite(buf.J[0].sum())
             if not _scaling(scaler):
-                self._buffer.J[0].masked_fill_(~finite, 0.0)
+                buf.J[0].masked_fill_(~finite, 0.0)
+        # report what an on-step reports: the mean of the cluster losses without a loss method
+        shown = total.detach() if loss_m is not None else _present_mean(L_global, present)
         return self._record(
-            total.detach(), L_global, w * c, present, None, finite,
-            grads_checked=self._buffer is not None,
-        )  # fmt: skip
+            shown, L_global, w * c, present, None, finite, grads_checked=buf is not None
+        )
 
     def _scaled(self, loss: torch.Tensor, scaler) -> torch.Tensor:
         return scaler.scale(loss) if _scaling(scaler) else loss
@@ -564,6 +624,9 @@ class ANT:
             w_eff = c
         else:
             w = grad.weights(torch.where(finite, Gc, torch.zeros_like(Gc)), present, finite)
+            if grad.update_every > 1:  # off-steps reuse these weights: redo them if not finite
+                flag = _HostFlag(finite, self.step_count) if finite.is_cuda else None
+                self._recompute = _Recompute(flag, self._w, self._w_present)
             prev = self._cached_w(w.device) if self._w is not None else self._equal_weights(present)
             self._w = torch.where(finite, w, prev)
             seen = present if self._w_present is None else self._w_present.to(present.device)
@@ -573,13 +636,15 @@ class ANT:
         if not _scaling(scaler):  # with a GradScaler the inf/NaN must reach scaler.step
             J[0].masked_fill_(~finite, 0.0)
         buf.point_grads_at(0, zero=False)
-        L_sum = torch.where(present, L_global, 0.0)  # noqa: N806
         total = (
             self.method.loss.transform(L_global, present).sum()
             if self.method.loss is not None
-            else L_sum.sum() / present.sum().clamp(min=1)
+            else _present_mean(L_global, present)
         )
-        return self._record(total.detach(), L_global, w_eff, present, Gc, finite)
+        out = self._record(total.detach(), L_global, w_eff, present, Gc, finite)
+        if self._recompute is not None and self._recompute.out is None:
+            self._recompute.out = out
+        return out
 
     def _fill_J(self, buf: GradBuffer, loss_fn, batch, t, counts, scaler):  # noqa: N802
         """Rows of J: gradients of the raw cluster losses local_sum_i / N_i."""
@@ -708,7 +773,9 @@ class ANT:
         next ``zero_grad``. Otherwise the check reads one flag from the device (a host sync after
         the step's work is queued, like GradScaler) and returns False for a skipped step. With
         ``skip_nonfinite=False`` nothing is read: the engine has already zeroed a non-finite
-        gradient method update, and loss-space steps go through as computed.
+        gradient method update, and loss-space steps go through as computed. A non-finite
+        weight recompute (``update_every`` > 1) seen in this read is redone by the next
+        ``backward``.
 
         After ``ant.reduce`` the engine has seen the losses but not the gradients, which can be
         inf/NaN for finite losses (an fp16 overflow in the backward): the flag then also covers
@@ -742,7 +809,11 @@ class ANT:
                 del optimizer.grad_scale, optimizer.found_inf
             self._pending_flags.append(_HostFlag(bad, self.telemetry.steps))
             return True
-        if skip_nonfinite and self.last is not None and not bool(self.last.finite):
+        ok = not skip_nonfinite or self.last is None or bool(self.last.finite)
+        rec = self._recompute
+        if skip_nonfinite and rec is not None and rec.out is self.last:
+            rec.verdict = ok  # the read above: backward redoes a non-finite recompute
+        if not ok:
             warnings.warn(
                 f"step {self.telemetry.steps}: non-finite cluster losses or gradients; the "
                 "optimiser step was skipped and the method state left unchanged",
@@ -801,6 +872,7 @@ class ANT:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._pending_observe, self._grads_unchecked = None, False  # steps before the load
+        self._recompute = None
         theirs = Clusters.from_dict(state["clusters"])
         if theirs.bounds != self.clusters.bounds:
             raise ValueError(
@@ -834,6 +906,16 @@ class ANT:
             f"ANT(method={self.method_name!r}, sampling={self.sampler.mode!r}, "
             f"mode={self.mode!r}{self._auto_choice()}, {self.clusters!r})"
         )
+
+
+def _count_shares(N: torch.Tensor) -> torch.Tensor:  # noqa: N803
+    """N_i / B [k]: the weight of cluster i's mean loss in the plain batch mean (vanilla)."""
+    return N / N.sum().clamp(min=1)
+
+
+def _present_mean(L: torch.Tensor, present: torch.Tensor) -> torch.Tensor:  # noqa: N803
+    """0-d mean of the present clusters' losses ``L`` [k] (0 when none is present)."""
+    return torch.where(present, L, 0.0).sum() / present.sum().clamp(min=1)
 
 
 def _scaling(scaler: Any) -> bool:
