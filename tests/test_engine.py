@@ -1085,3 +1085,20 @@ def test_vanilla_weights_are_the_cluster_shares(entry):
     assert len(set(want.tolist())) > 1  # unequal shares: 1/k would fail
     np.testing.assert_allclose(ant.last.weights.double().numpy(), want, rtol=1e-6)
     np.testing.assert_allclose(ant.stats()["weight"], want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["uw", "dwa", "uw+pcgrad"])
+def test_backward_overwrites_grad_for_every_method(method):
+    """Two calls on the same batch leave what one call leaves, for the model's .grad and the
+    method's own parameters (UW's log-variances), loss-space methods included."""
+    x = torch.randn(8, 1, 6, 6, generator=torch.Generator().manual_seed(5))
+    t = torch.tensor([3, 10, 30, 45, 60, 70, 85, 95])
+    grads = []
+    for calls in (1, 2):
+        model, ant = setup(method)
+        for _ in range(calls):
+            ant.backward(per_sample_loss(model), x, t)
+        own = [p for g in ant.param_groups() for p in g["params"]]
+        grads.append([p.grad.clone() for p in [*model.parameters(), *own]])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)

@@ -499,6 +499,12 @@ class ANT:
         on_step = grad is not None and (
             redo or self._w is None or self.step_count % grad.update_every == 0
         )
+        # overwrite, not accumulate: the method's own parameters always, the model's where no
+        # gradient buffer row is zeroed for them (loss-space methods)
+        own = list(self.method.loss.parameters()) if self.method.loss is not None else []
+        model_params = getattr(self._model, "module", self._model).parameters()
+        for p in [*own, *(model_params if grad is None else ())]:
+            p.grad = None
         if on_step:
             out = self._gradient_step(loss_fn, batch, t, counts, scaler)
         else:
