@@ -8,11 +8,13 @@
 
 Triton serves CUDA tensors, and CPU tensors only under the interpreter (``TRITON_INTERPRET=1``
 set before triton was imported, because ``triton.jit`` picks interpreter or compiler when a
-kernel is decorated). Nothing here queries CUDA: ``Tensor.is_cuda`` is a property of the tensor.
+kernel is decorated). The backend choice queries nothing from CUDA (``Tensor.is_cuda`` is a
+property of the tensor); ``on_device`` asks for the current device when a tensor is on CUDA.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 
@@ -112,6 +114,16 @@ def use_triton(op: str, *tensors: torch.Tensor, k: int | None = None) -> bool:
             "reference there, or to torch to use the references everywhere"
         )
     return False
+
+
+def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The context a launch on ``t`` runs in: Triton launches on the current CUDA device and
+    its current stream, whatever device the pointers belong to, so a tensor on another device
+    than the current one makes its device current for the launch. A no-op for CPU tensors and
+    for tensors on the current device (one ``current_device`` query, no sync)."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def next_pow2(n: int, floor: int = 1) -> int:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import column_parts, interpreting, jit, use_triton
+from ._dispatch import column_parts, interpreting, jit, on_device, use_triton
 from .reference import check_combine, combine_ref
 
 try:
@@ -94,9 +94,10 @@ def combine_triton(
     w: torch.Tensor, J: torch.Tensor, out: torch.Tensor, block_p: int | None = None
 ) -> torch.Tensor:
     """Launch the Triton kernel (no dispatch). ``block_p`` overrides the tiling."""
-    for cols in column_parts(J.shape[1]):
-        nprog, meta = _plan(J[:, cols], block_p)
-        _combine_kernel[(nprog,)](*_args(w, J[:, cols], out[cols]), **meta)
+    with on_device(J):
+        for cols in column_parts(J.shape[1]):
+            nprog, meta = _plan(J[:, cols], block_p)
+            _combine_kernel[(nprog,)](*_args(w, J[:, cols], out[cols]), **meta)
     return out
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import column_parts, interpreting, jit, use_triton
+from ._dispatch import column_parts, interpreting, jit, on_device, use_triton
 from .reference import check_graddrop, check_uniform, graddrop_ref
 
 try:
@@ -126,11 +126,12 @@ def graddrop_triton(
     k, P = J.shape
     bp, warps = _config(k)
     bp = block_p or bp
-    for cols in column_parts(P):
-        n = cols.stop - cols.start
-        if n:
-            args = _args(J[:, cols], keep, step, div, out[cols], cols.start, leak, seed)
-            _graddrop_kernel[(-(-n // bp),)](*args, K=k, BLOCK_P=bp, num_warps=warps)
+    with on_device(J):
+        for cols in column_parts(P):
+            n = cols.stop - cols.start
+            if n:
+                args = _args(J[:, cols], keep, step, div, out[cols], cols.start, leak, seed)
+                _graddrop_kernel[(-(-n // bp),)](*args, K=k, BLOCK_P=bp, num_warps=warps)
     return out
 
 

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import column_parts, interpreting, jit, next_pow2, use_triton
+from ._dispatch import column_parts, interpreting, jit, next_pow2, on_device, use_triton
 from .reference import check_J, gram_ref
 
 try:
@@ -505,7 +505,8 @@ def gram_triton(
     work = torch.empty((sum(spans), k, k), dtype=torch.float32, device=J.device)
     start = 0
     for part, (grid, meta), n in zip(parts, plans, spans):
-        _kernel(meta)[grid](*_args(part, work[start : start + n]), **meta)
+        with on_device(part):
+            _kernel(meta)[grid](*_args(part, work[start : start + n]), **meta)
         start += n
     G = work.sum(0)  # fixed-order reduction over the spans
     return G, torch.isfinite(G.diagonal()).all()

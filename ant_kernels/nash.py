@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import jit, next_pow2, use_triton
+from ._dispatch import jit, next_pow2, on_device, use_triton
 from .reference import check_G, nash_weights_ref
 
 try:
@@ -99,7 +99,8 @@ def nash_triton(G: torch.Tensor, iters: int = 20, normalize: bool = True) -> tor
     """Launch the Triton kernel (no dispatch)."""
     bk, warps = _config(G.shape[0])
     a = torch.empty(G.shape[0], dtype=torch.float64, device=G.device)
-    _nash_kernel[(1,)](*_args(G, a, iters), NORMALIZE=normalize, BK=bk, num_warps=warps)
+    with on_device(G):
+        _nash_kernel[(1,)](*_args(G, a, iters), NORMALIZE=normalize, BK=bk, num_warps=warps)
     return a
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import jit, next_pow2, use_triton
+from ._dispatch import jit, next_pow2, on_device, use_triton
 from .reference import check_G, check_orders, pcgrad_weights_ref
 
 try:
@@ -74,7 +74,8 @@ def pcgrad_triton(G: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
     """Launch the Triton kernel (no dispatch)."""
     bk, warps = _config(G.shape[0])
     w = torch.empty(G.shape[0], dtype=G.dtype, device=G.device)
-    _pcgrad_kernel[(1,)](*_args(G, orders, w), BK=bk, num_warps=warps)
+    with on_device(G):
+        _pcgrad_kernel[(1,)](*_args(G, orders, w), BK=bk, num_warps=warps)
     return w
 
 

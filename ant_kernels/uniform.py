@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import interpreting, jit, use_triton
+from ._dispatch import interpreting, jit, on_device, use_triton
 from .reference import check_uniform, uniform_ref
 
 try:
@@ -77,7 +77,8 @@ def uniform_triton(
         blocks = (offset + n + 3) // 4 - offset // 4
         nprog = -(-blocks // bc)
         args = _args(step, out, n, seed, offset)
-        _uniform_kernel[(nprog,)](*args, BLOCK=bc, num_warps=warps)
+        with on_device(out):
+            _uniform_kernel[(nprog,)](*args, BLOCK=bc, num_warps=warps)
     return out
 
 

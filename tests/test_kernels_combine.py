@@ -201,3 +201,23 @@ def test_combine_cuda_is_the_sequential_float32_loop(k, dt, force_triton):
     assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
     row = combine(w, J, torch.empty_like(J[0]))
     assert torch.equal(row, expected.to(J.dtype))
+
+
+def test_launches_make_the_tensors_device_current(monkeypatch):
+    """Triton launches on the current CUDA device: a J on cuda:1 while cuda:0 is current must
+    switch devices for the launch (checked on the helper; a single-GPU machine cannot run it)."""
+    import contextlib
+
+    from ant_kernels._dispatch import on_device
+
+    class OnCuda:  # stands in for a CUDA tensor: only what on_device reads
+        is_cuda = True
+
+        def __init__(self, index: int) -> None:
+            self.device = torch.device("cuda", index)
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    ctx = on_device(OnCuda(1))
+    assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
+    assert isinstance(on_device(OnCuda(0)), contextlib.nullcontext)
+    assert isinstance(on_device(torch.zeros(2)), contextlib.nullcontext)
