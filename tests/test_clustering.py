@@ -119,6 +119,9 @@ def test_bad_bounds():
         Clusters((0, 5, 5, 10))
     with pytest.raises(ValueError, match=r"bounds\[0\]"):
         Clusters((1, 5, 10))
+    with pytest.raises(ValueError, match="bounds must be integers"):
+        Clusters.from_dict({"bounds": [0, 2.7, 5]})
+    assert Clusters((0, 2.0, np.int64(5))).bounds == (0, 2, 5)
 
 
 def test_plot_writes_png(tmp_path):

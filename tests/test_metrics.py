@@ -139,6 +139,14 @@ def test_fid_from_stats_rejects_non_covariance() -> None:
         fid_from_stats(np.zeros(2), np.array([[1.0, 0.5], [0.0, 1.0]]), np.zeros(2), np.eye(2))
     with pytest.raises(ValueError, match=r"mu \[D\] and sigma \[D, D\]"):
         fid_from_stats(np.zeros(3), np.eye(2), np.zeros(2), np.eye(2))
+    # symmetric but not positive semi-definite: no FID of 0 for a wrong array
+    with pytest.raises(ValueError, match="negative eigenvalue"):
+        fid_from_stats(np.zeros(4), -np.eye(4), np.zeros(4), np.eye(4))
+    # round-off below zero in a singular covariance is still a covariance
+    f = np.random.default_rng(0).normal(size=(3, 6))
+    mu, sigma = feature_stats(f)
+    assert np.linalg.eigvalsh(sigma).min() < 1e-12
+    assert fid_from_stats(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-9)
 
 
 # ---------------------------------------------------------------- precision / recall
@@ -192,6 +200,12 @@ def test_precision_recall_bad_input(kwargs: dict, msg: str) -> None:
     x = np.random.default_rng(0).normal(size=(10, 3))
     with pytest.raises(ValueError, match=msg):
         precision_recall(x, x, **kwargs)
+
+
+def test_precision_recall_takes_numpy_integers() -> None:
+    x = np.random.default_rng(0).normal(size=(12, 3))
+    out = precision_recall(x, x, k=np.int64(3), block=np.int32(8))
+    assert out == precision_recall(x, x, k=3, block=8)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")

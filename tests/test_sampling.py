@@ -56,6 +56,8 @@ def test_space_timesteps(spacing):
     assert space_timesteps(1000, 50, "linspace")[[0, -1]].tolist() == [0, 999]
     assert space_timesteps(1000, 50, "trailing").tolist()[-2:] == [979, 999]
     assert space_timesteps(1000, 50, "leading").tolist()[:2] == [0, 20]
+    # one step starts from pure noise under every spacing (t = 0 would return the noise)
+    assert space_timesteps(1000, 1, spacing).tolist() == [999]
     with pytest.raises(ValueError, match="steps"):
         space_timesteps(10, 11, spacing)
     with pytest.raises(ValueError, match="spacing"):
@@ -203,3 +205,7 @@ def test_sample_bad_arguments():
         sample(Wavy(), diff, (2, 1, 2, 2), y=torch.tensor([1]))
     with pytest.raises(ValueError, match="null class"):
         sample(Wavy(), diff, (1, 1, 2, 2), y=torch.tensor([1]), cfg_scale=2.0)
+    with pytest.raises(ValueError, match="needs class labels"):
+        sample(Wavy(), diff, (1, 1, 2, 2), cfg_scale=2.0)
+    with pytest.raises(ValueError, match="sampler='ddim' only"):
+        sample(Wavy(), diff, (1, 1, 2, 2), sampler="ddpm", eta=0.5)

@@ -50,6 +50,8 @@ class Clusters:
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
+        if any(isinstance(x, bool) or int(x) != x for x in self.bounds):
+            raise ValueError(f"bounds must be integers (timestep indices), got {list(self.bounds)}")
         b = tuple(int(x) for x in self.bounds)
         if len(b) < 2:
             raise ValueError(f"bounds needs at least 2 entries (0 and T), got {list(b)}")

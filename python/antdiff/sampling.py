@@ -8,6 +8,8 @@ The network still sees the ORIGINAL indices tau_i. Spacings (:func:`space_timest
 - "trailing": T-1, T-1-T/S, ... (rounded); keeps t = T-1, spreads evenly from the noisy end.
 - "leading": 0, T//S, 2T//S, ... (the original DDIM spacing; never reaches t = T-1).
 
+One step (S = 1) is t = T-1 under every spacing: a single denoising step from pure noise.
+
 Classifier-free guidance: the conditional and unconditional (y = null class) inputs go through
 one batched forward, and the mean channels become u + s * (c - u). A learned variance (second
 half of the channels) is taken from the conditional half; DDPM uses it, DDIM ignores it.
@@ -36,6 +38,8 @@ def space_timesteps(T: int, steps: int, spacing: str = "linspace") -> np.ndarray
         raise ValueError(f"steps must be an integer in [1, T={T}], got {steps!r}")
     if spacing not in _SPACINGS:
         raise ValueError(f"spacing={spacing!r} is not valid; use one of {_SPACINGS}")
+    if steps == 1:  # one step can only start from pure noise (t = T-1), whatever the spacing
+        return np.array([T - 1], dtype=np.int64)
     if spacing == "linspace":
         # floor(x + 0.5) rather than np.round: banker's rounding can merge neighbours.
         ts = np.floor(np.linspace(0.0, T - 1.0, steps) + 0.5)
@@ -161,6 +165,10 @@ def sample(
         raise ValueError(f"sampler={sampler!r} is not valid; use one of {_SAMPLERS}")
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
+    if sampler == "ddpm" and eta != 0:
+        raise ValueError(f"eta={eta} applies to sampler='ddim' only; DDPM's variance is fixed")
+    if cfg_scale != 1.0 and y is None:
+        raise ValueError(f"cfg_scale={cfg_scale} needs class labels y=[B] (got y=None)")
     device = torch.device(device) if device is not None else _default_device(model)
     if generator is not None and generator.device.type != device.type:
         raise ValueError(f"generator is on {generator.device} but sampling runs on {device}")

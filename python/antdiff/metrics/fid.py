@@ -98,7 +98,14 @@ def _check_stats(mu: Any, sigma: Any, name: str) -> tuple[np.ndarray, np.ndarray
     scale = max(float(np.abs(sigma).max()), 1e-300)
     if float(np.abs(sigma - sigma.T).max()) > 1e-6 * scale:
         raise ValueError(f"{name}: sigma is not symmetric, so it is not a covariance matrix")
-    return mu, 0.5 * (sigma + sigma.T)
+    sigma = 0.5 * (sigma + sigma.T)
+    lowest = float(np.linalg.eigvalsh(sigma).min())
+    if lowest < -1e-6 * scale:  # round-off leaves tiny negative eigenvalues, nothing more
+        raise ValueError(
+            f"{name}: sigma has a negative eigenvalue ({lowest:.3g}), so it is not a covariance "
+            "matrix (a precision matrix or the wrong array of the stats file?)"
+        )
+    return mu, sigma
 
 
 def fid_from_stats(

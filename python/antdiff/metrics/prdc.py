@@ -93,9 +93,9 @@ def precision_recall(
     Returns:
         ``{"precision", "recall", "k", "n_real", "n_fake", "features"}``.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive int; got {k!r}")
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+    if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
         raise ValueError(f"block must be a positive int; got {block!r}")
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64; got {dtype}")
