@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -62,7 +62,8 @@ class CMakeBuild(build_ext):
 
 setup(
     package_dir={"antdiff": "python/antdiff", "ant_kernels": "ant_kernels"},
-    packages=["antdiff", "ant_kernels"],
+    # every subpackage (engine, mtl, models, ...): a wheel or non-editable install needs them
+    packages=[*find_packages("python"), *find_packages(".", include=["ant_kernels*"])],
     package_data={"antdiff": ["presets/*.yaml", "py.typed"]},
     ext_modules=[CMakeExtension("antdiff._C")],
     cmdclass={"build_ext": CMakeBuild},

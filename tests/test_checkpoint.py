@@ -91,6 +91,16 @@ def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch
     assert state["step"] == 5 and path.name == "ckpt_00000005.pt"
 
 
+def test_the_next_save_removes_what_a_killed_save_left(tmp_path):
+    """A process killed inside torch.save cannot clean up (no exception runs): its full-size
+    temp file would stay for good; the next save deletes it."""
+    save_checkpoint(tmp_path, 5, _state(5))
+    d = tmp_path / "checkpoints"
+    (d / ".ckpt_00000006.pt.abc123.tmp").write_bytes(b"x" * 1000)
+    save_checkpoint(tmp_path, 7, _state(7))
+    assert sorted(p.name for p in d.iterdir()) == ["ckpt_00000005.pt", "ckpt_00000007.pt", "latest"]
+
+
 def test_not_a_checkpoint_and_missing(tmp_path):
     torch.save({"hello": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not an antdiff training checkpoint"):

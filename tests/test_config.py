@@ -132,6 +132,8 @@ def test_unknown_preset_lists_presets():
         (["--sample.steps", "2000"], "exceeds diffusion.T"),
         (["--ant.update_every", "5"], "update_every applies to gradient methods"),
         (["--ant.method", "graddrop", "--ant.update_every", "5"], "keeps no weights to reuse"),
+        (["--train.seed", str(2**64)], "train.seed must be below 2"),
+        (["--sample.cfg_scale", "3"], "needs a class-conditional model"),
     ],
 )
 def test_validation_messages(overrides, match):

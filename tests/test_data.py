@@ -81,6 +81,19 @@ def test_image_folder_bad_paths(tmp_path):
         load_dataset(DataConfig(source="folder", path=str(bad)))
 
 
+def test_sixteen_bit_images_are_refused_not_clipped(tmp_path):
+    Image.fromarray(np.linspace(0, 65535, 16, dtype=np.uint16).reshape(4, 4)).save(
+        tmp_path / "deep.png"
+    )
+    with pytest.raises(ValueError, match="deep.png.*16-bit"):
+        load_dataset(DataConfig(source="folder", path=str(tmp_path), channels=1))
+
+
+def test_labels_beyond_num_classes_are_an_error_naming_the_setting():
+    with pytest.raises(ValueError, match=r"data.num_classes=3 but the labels run from 0 to 9"):
+        load_dataset(DataConfig(source="digits", class_conditional=True, num_classes=3))
+
+
 def test_image_folder_class_labels_from_subdirectories(tmp_path):
     for cls, n in (("cat", 2), ("dog", 3)):
         for i in range(n):

@@ -237,6 +237,18 @@ def test_resume_is_bit_exact(preset, method, tmp_path):
     assert rows[0] == [r[:-1] + [r0[-1]] for r, r0 in zip(rows[1], rows[0])]  # all but timing
 
 
+def test_a_fresh_run_refuses_a_directory_with_checkpoints(tmp_path):
+    """A fresh run there would prune the old checkpoints by step number (its own first one
+    among them) and leave a later --resume to continue the old run."""
+    extra = ["--ant.method", "uw", "--train.ckpt_every", "2"]
+    train(_cfg("digits_adm", tmp_path / "run", *extra, steps=2))
+    with pytest.raises(ValueError, match="already holds checkpoints.*ckpt_00000002.pt.*--resume"):
+        train(_cfg("digits_adm", tmp_path / "run", *extra, steps=2))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        train(_cfg("digits_adm", tmp_path / "file", *extra, steps=2))
+
+
 def test_crash_mid_checkpoint_resumes_from_the_last_complete_one(tmp_path, monkeypatch):
     extra = ["--ant.method", "uw", "--train.ckpt_every", "2"]
     full = train(_cfg("digits_adm", tmp_path / "full", *extra, steps=6))["run"]

@@ -52,6 +52,8 @@ def save_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep:
     """Write checkpoint ``step`` atomically, point "latest" at it, keep the last ``keep``."""
     d = checkpoint_dir(out_dir)
     path = d / f"ckpt_{step:08d}.pt"
+    for stale in d.glob(".ckpt_*.tmp"):  # a save killed mid-write left it (full size)
+        stale.unlink(missing_ok=True)
     atomic_write(path, lambda f: torch.save(state, f))
     atomic_write_text(d / "latest", path.name + "\n")
     for old in list_checkpoints(d)[:-keep]:

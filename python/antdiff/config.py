@@ -212,6 +212,8 @@ class TrainConfig:
             _positive("train", "grad_clip", self.grad_clip, zero_ok=True)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.seed >= 2**63:
+            raise ValueError(f"train.seed must be below 2**63 (torch seeds), got {self.seed}")
         tr = self.t_range
         if tr is not None and (len(tr) != 2 or not 0 <= tr[0] < tr[1]):
             raise ValueError(f"train.t_range must be [t1, t2] with 0 <= t1 < t2, got {tr!r}")
@@ -254,6 +256,11 @@ class Config:
             raise ValueError(
                 f"train.t_range={t_range!r} must satisfy 0 <= t1 < t2 <= diffusion.T="
                 f"{self.diffusion.T} (half-open [t1, t2), 0-based)"
+            )
+        if self.sample.cfg_scale != 1.0 and not self.data.class_conditional:
+            raise ValueError(
+                f"sample.cfg_scale={self.sample.cfg_scale} needs a class-conditional model "
+                "(data.class_conditional=true); set it to 1 for this run"
             )
         if self.sample.steps > self.diffusion.T:
             raise ValueError(

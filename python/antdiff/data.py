@@ -93,6 +93,12 @@ def _read_image(path: Path, channels: int, size: int | None) -> np.ndarray:
 
     try:
         with Image.open(path) as im:
+            if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+                # convert() clips these to 0..255 instead of scaling: 16-bit scans saturate
+                raise ValueError(
+                    f"image {str(path)!r} has mode {im.mode!r} (16-bit or float pixels), which "
+                    "would be clipped to 8 bits; convert the folder to 8-bit PNG/JPEG first"
+                )
             im = im.convert("RGB" if channels == 3 else "L")
             if size is not None:
                 w, h = im.size
@@ -161,7 +167,20 @@ def load_latent_file(cfg: DataConfig) -> Dataset:
         )
     y = lat.labels.long() if cfg.class_conditional else None
     n_cls = cfg.num_classes or (int(y.max()) + 1 if y is not None else None)
-    return Dataset(lat.latents.contiguous(), y, n_cls)
+    return _check_labels(Dataset(lat.latents.contiguous(), y, n_cls))
+
+
+def _check_labels(ds: Dataset) -> Dataset:
+    """A clear error where a label has no class embedding row (an IndexError in the model)."""
+    if ds.y is not None and len(ds.y) and not 0 <= int(ds.y.min()) <= int(ds.y.max()) < (
+        ds.num_classes or 0
+    ):
+        raise ValueError(
+            f"data.num_classes={ds.num_classes} but the labels run from {int(ds.y.min())} to "
+            f"{int(ds.y.max())}: set --data.num_classes {int(ds.y.max()) + 1} (or leave it null "
+            "to count the classes)"
+        )
+    return ds
 
 
 def load_dataset(cfg: DataConfig, seed: int = 0, num_workers: int = 0, codec_state=None) -> Dataset:
@@ -177,6 +196,8 @@ def load_dataset(cfg: DataConfig, seed: int = 0, num_workers: int = 0, codec_sta
         raise ValueError(f"images have {ds.x.shape[1]} channels but data.channels={cfg.channels}")
     if not cfg.class_conditional:
         ds.num_classes = None
+    else:
+        _check_labels(ds)
     if cfg.autoencoder == "tiny":
         ds = _encode_tiny(ds, cfg, seed, codec_state)
     return ds

@@ -32,6 +32,7 @@ from torch import nn
 from .checkpoint import (
     FORMAT,
     capture_rng,
+    list_checkpoints,
     load_model_state,
     restore_rng,
     resume_state,
@@ -336,19 +337,23 @@ def train(
 def _train(
     cfg: Config, resume: Any, allow_config_change: bool, dist: DistContext | None
 ) -> dict[str, Any]:
-    state = (
-        None
-        if resume is None or resume is False
-        else resume_state(cfg, resume, allow_config_change)
-    )
+    out = Path(cfg.train.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"train.out_dir={str(out)!r} is a file; give a directory for the run")
+    fresh = resume is None or resume is False
+    if fresh and list_checkpoints(out):
+        raise ValueError(
+            f"train.out_dir={str(out)!r} already holds checkpoints of a run (newest: "
+            f"{list_checkpoints(out)[-1].name}): pass --resume to continue it, or choose a new "
+            "train.out_dir (a fresh run there would prune them and mix its logs with theirs)"
+        )
+    state = None if fresh else resume_state(cfg, resume, allow_config_change)
     run = build_run(cfg, None if state is None else state.get("codec"), dist)
     if state is not None:
         restore(run, state)
         del state
-    tc, out = cfg.train, Path(cfg.train.out_dir)
+    tc = cfg.train
     main = dist is None or dist.is_main  # rank 0 alone writes files
-    if dist is not None:
-        dist.seed_model_rng(tc.seed, run.step)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", dump_config(cfg))
@@ -362,6 +367,8 @@ def _train(
     )
     try:
         while run.step < tc.steps:
+            if dist is not None:  # per rank and step: a resumed run draws what an unbroken one does
+                dist.seed_model_rng(tc.seed, run.step)
             train_step(run, get_batch(run.data, run.batches.next_indices()))
             logger.advance()
             if run.step % tc.log_every == 0 or run.step == tc.steps:
