@@ -54,6 +54,13 @@ def test_smoke_gradient_clustering_resume_and_report(
     capsys.readouterr()
     assert study.main(argv) == 0
     assert "study: 0 runs to do" in capsys.readouterr().out
+    # killed after the checkpoint, before the result: the rerun continues that run (a fresh
+    # run would refuse its directory) and gives the same result
+    first = json.loads((out / "results" / "vanilla_s0.json").read_text())
+    (out / "results" / "vanilla_s0.json").unlink()
+    assert study.main(argv) == 0
+    again = json.loads((out / "results" / "vanilla_s0.json").read_text())
+    assert (again["fid"], again["precision"]) == (first["fid"], first["precision"])
 
 
 def test_summary_mean_std_and_paired_delta(tmp_path: Path) -> None:

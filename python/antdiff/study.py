@@ -60,6 +60,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_one(job: dict[str, Any]) -> dict[str, Any]:
+    from .checkpoint import list_checkpoints
     from .config import load_config
     from .evaluate import evaluate_checkpoint
     from .train import train
@@ -76,10 +77,12 @@ def _run_one(job: dict[str, Any]) -> dict[str, Any]:
     ]
     if job["clustering"] == "gradient":
         overrides += ["--ant.affinity", job["affinity"]]
-    summary = train(load_config("digits_adm", overrides))
+    # a run killed after its checkpoint but before its result file: continue it
+    earlier = list_checkpoints(run_dir)
+    summary = train(load_config("digits_adm", overrides), resume=True if earlier else None)
     run = summary.pop("run")
     res = evaluate_checkpoint(
-        summary["checkpoint"],
+        summary["checkpoint"] or str(list_checkpoints(run_dir)[-1]),
         job["num"],
         sampler=job["sampler"],
         steps=job["sample_steps"],
