@@ -198,3 +198,14 @@ def test_bad_arguments_raise():
         diff.training_losses(ConstModel(torch.zeros(2, 3, 2, 2)), x0, torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="shape \\[B\\]"):
         diff.training_losses(ConstModel(torch.zeros(2, 6, 2, 2)), x0, torch.tensor([1]))
+
+
+def test_split_output_checks_the_channels_without_learned_sigma():
+    """A learn_sigma model's 2C output with learn_sigma=False used to be broadcast into a
+    2-channel sample."""
+    diff = GaussianDiffusion("linear")
+    x = torch.randn(2, 1, 4, 4)
+    with pytest.raises(ValueError, match="learn_sigma=False needs a model output with C = 1"):
+        diff.split_output(torch.randn(2, 2, 4, 4), 1)
+    out, _ = diff.split_output(x, 1)
+    assert out is x

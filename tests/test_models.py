@@ -279,3 +279,27 @@ def test_precomputed_latents(tmp_path):
     dec = PrecomputedLatents(tmp_path / "a.pt", scale_factor=2.0, decoder=ae)
     with torch.no_grad():  # stored latents are the decoder's raw latents
         torch.testing.assert_close(dec.decode(dec.encode(torch.arange(6))), ae.decoder(z))
+
+
+@pytest.mark.parametrize("name", ["adm-tiny", "dit-tiny"])
+def test_wrong_inputs_get_errors_naming_the_argument(name):
+    """Shape and dtype checks (no value reads): each of these raised an unrelated torch error
+    or was broadcast silently (y of one label for a batch of two)."""
+    model = create_model(name, num_classes=10)
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 500]), torch.tensor([1, 2])
+    assert model(x, t, y).shape[:1] == (2,)
+    with pytest.raises(ValueError, match=r"x must be \[B, 1, H, W\]"):
+        model(torch.randn(2, 3, 8, 8), t, y)
+    with pytest.raises(ValueError, match=r"t must be \[B\] = \[2\]"):
+        model(x, torch.tensor(3), y)
+    with pytest.raises(ValueError, match=r"y must be \[B\] = \[2\] integer"):
+        model(x, t, torch.tensor([1]))
+    with pytest.raises(ValueError, match="integer class labels"):
+        model(x, t, torch.tensor([1.0, 2.0]))
+
+
+def test_adm_size_must_divide_by_its_downsamplings():
+    model = create_model("adm-tiny")
+    model(torch.randn(1, 1, 16, 16), torch.tensor([5]))  # fully convolutional: any multiple
+    with pytest.raises(ValueError, match="divisible by 2"):
+        model(torch.randn(1, 1, 9, 9), torch.tensor([5]))

@@ -218,6 +218,11 @@ class GaussianDiffusion:
     def split_output(self, out: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Split [B, 2C, ...] into (prediction [B, C, ...], variance values [B, C, ...])."""
         if not self.learn_sigma:
+            if out.shape[1] != channels:
+                raise ValueError(
+                    f"learn_sigma=False needs a model output with C = {channels} channels, got "
+                    f"shape {tuple(out.shape)} (a learn_sigma model? set learn_sigma=True)"
+                )
             return out, out.new_zeros(())
         if out.shape[1] != 2 * channels:
             raise ValueError(

@@ -23,6 +23,23 @@ from torch import nn
 __all__ = ["ADM_SIZES", "UNetModel", "timestep_embedding"]
 
 
+def check_inputs(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None):
+    """Shapes and dtypes only (no value reads: no host sync): clear errors where torch would
+    raise an unrelated one or broadcast silently."""
+    if x.dim() != 4 or x.shape[1] != model.in_channels:
+        raise ValueError(
+            f"x must be [B, {model.in_channels}, H, W] (in_channels={model.in_channels}), got "
+            f"{tuple(x.shape)}"
+        )
+    if t.shape != (x.shape[0],):
+        raise ValueError(f"t must be [B] = [{x.shape[0]}] timesteps, got shape {tuple(t.shape)}")
+    if y is not None and (y.shape != (x.shape[0],) or y.is_floating_point() or y.is_complex()):
+        raise ValueError(
+            f"y must be [B] = [{x.shape[0]}] integer class labels, got shape {tuple(y.shape)} "
+            f"and dtype {y.dtype}"
+        )
+
+
 def label_embedding(model: nn.Module, embed: nn.Embedding | None, y: torch.Tensor | None):
     """Class embedding of y (0 for unconditional models), with label dropout in training.
 
@@ -209,6 +226,7 @@ class UNetModel(nn.Module):
         if not 0.0 <= class_dropout_prob < 1.0:
             raise ValueError(f"class_dropout_prob must be in [0, 1), got {class_dropout_prob}")
         self.in_channels, self.model_channels = in_channels, model_channels
+        self.num_downsamples = len(channel_mult) - 1
         self.num_classes, self.class_dropout_prob = num_classes, class_dropout_prob
         self.learn_sigma = learn_sigma
         self.out_channels = in_channels * (2 if learn_sigma else 1)
@@ -260,6 +278,13 @@ class UNetModel(nn.Module):
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
     ) -> torch.Tensor:
         """x: [B, C, H, W], t: [B] int64, y: [B] int64 -> [B, C or 2C, H, W]."""
+        check_inputs(self, x, t, y)
+        down = 2**self.num_downsamples
+        if x.shape[2] % down or x.shape[3] % down:
+            raise ValueError(
+                f"H and W must be divisible by 2^{self.num_downsamples} = {down} (the "
+                f"downsamplings), got {tuple(x.shape)}"
+            )
         emb = self.time_embed(timestep_embedding(t, self.model_channels))
         emb = emb + label_embedding(self, self.label_emb, y)
         hs, h = [], x

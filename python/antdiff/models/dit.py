@@ -16,13 +16,16 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from antdiff.models.adm import label_embedding, timestep_embedding
+from antdiff.models.adm import check_inputs, label_embedding, timestep_embedding
 
 __all__ = ["DIT_SIZES", "DiT", "sincos_pos_embed_2d"]
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos embedding [grid*grid, dim]: half the channels encode rows, half cols."""
+    """Fixed 2-D sin-cos embedding [grid*grid, dim]: the first half of the channels encodes
+    the row, the second half the column. The public DiT code puts the column half first: the
+    same embedding up to a channel permutation, which training from scratch does not notice,
+    but weights trained with that code need the two halves of this table swapped."""
     if dim % 4:
         raise ValueError(f"hidden size must be divisible by 4 for 2-D sin-cos, got {dim}")
     quarter = dim // 4
@@ -161,6 +164,7 @@ class DiT(nn.Module):
             raise ValueError(
                 f"x must be [B, C, {self.input_size}, {self.input_size}], got {tuple(x.shape)}"
             )
+        check_inputs(self, x, t, y)
         h = self.patch(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, N, D]
         c = self.t_embed(timestep_embedding(t, self.freq_dim))
         c = c + label_embedding(self, self.y_embed, y)
