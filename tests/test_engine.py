@@ -1102,3 +1102,18 @@ def test_backward_overwrites_grad_for_every_method(method):
         grads.append([p.grad.clone() for p in [*model.parameters(), *own]])
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_off_step_reports_weight_zero_for_an_absent_cluster():
+    """Cached Nash weights still hold a value for a cluster this batch lacks; it adds nothing
+    to the step, so the reported weight is 0, as an on-step reports it."""
+    model, ant = setup("nash", update_every=4)
+    x = torch.randn(8, 1, 6, 6, generator=torch.Generator().manual_seed(6))
+    full = torch.tensor([3, 10, 30, 45, 60, 70, 85, 95])
+    ant.backward(per_sample_loss(model), x, full)  # on-step: every cluster present
+    ids = torch.tensor([bisect.bisect_right(ant.clusters.bounds, int(v)) - 1 for v in full])
+    lacking = full.clone()
+    lacking[ids == ids[-1]] = int(full[0])  # the last cluster's samples moved to the first
+    out = ant.backward(per_sample_loss(model), x, lacking)  # off-step
+    assert not bool(out.present[ids[-1]]) and float(out.weights[ids[-1]]) == 0.0
+    assert (out.weights[out.present] > 0).all()

@@ -164,3 +164,11 @@ def test_latent_run_is_decoded(tmp_path: Path) -> None:
     assert loaded.latent and tuple(loaded.data.shape) != (1, 8, 8)
     x, _ = generate(loaded, 3, steps=2, progress=False)
     assert x.shape == (3, 1, 8, 8) and float(x.abs().max()) <= 1.0
+
+
+def test_eval_k_is_checked_before_sampling(tmp_path: Path) -> None:
+    """k neighbours need k + 1 samples: refused before the checkpoint is even read."""
+    from antdiff.evaluate import evaluate_checkpoint
+
+    with pytest.raises(ValueError, match="--k 150 neighbours need at least 151 samples"):
+        evaluate_checkpoint(tmp_path / "no_such_run", 100, k=150)

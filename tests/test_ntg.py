@@ -169,3 +169,12 @@ def test_cli_rejects_bad_intervals(tmp_path, capsys):
     rc = cli_main(["ntg", "--config", "digits_adm", *args])
     assert rc == 2
     assert "[0, 0)" in capsys.readouterr().err
+
+
+def test_too_few_samples_fail_before_any_training(tmp_path):
+    """The metrics' sample count check runs before the full model and the specialists train
+    (it used to come after all of them)."""
+    with pytest.raises(ValueError, match="--n-samples 4: 4 samples"):
+        run_ntg(_cfg(tmp_path / "unused", steps=2), uniform_intervals(1000, 2),
+                specialist_steps=2, out_dir=tmp_path / "ntg", n_samples=4)  # fmt: skip
+    assert not (tmp_path / "ntg").exists()

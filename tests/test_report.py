@@ -95,3 +95,25 @@ def test_cli_plot(pcgrad_run, tmp_path, capsys):
     assert cli_main(["plot", "--run", str(pcgrad_run), "--out", str(tmp_path)]) == 0
     printed = json.loads(capsys.readouterr().out)
     _valid_png(printed["conflict"])
+
+
+def test_telemetry_is_strict_json_and_a_cut_off_row_is_skipped(pcgrad_run, tmp_path):
+    """NaN (a skipped step's loss, an unmeasured pair) is written as null, so strict parsers
+    read the log; a run killed mid-write leaves a short last row that plotting skips."""
+    import shutil
+
+    def no_nan(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    for line in (pcgrad_run / "telemetry.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=no_nan)
+    from antdiff.logging_utils import _finite_or_none
+
+    assert _finite_or_none({"a": [float("nan"), 1.0], "b": float("inf")}) == {
+        "a": [None, 1.0], "b": None}  # fmt: skip
+    run = tmp_path / "cut"
+    shutil.copytree(pcgrad_run, run)
+    with open(run / "metrics.csv", "a") as f:
+        f.write("11,0.9,0.8\n")
+    logs = load_run_logs(run)
+    assert int(logs["steps"][-1]) == 10

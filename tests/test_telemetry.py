@@ -50,9 +50,11 @@ def _expected(steps):
         conflicts[both & (cos < 0)] += 1
         pairs[both] += 1
     n = np.maximum(pairs, 1)
+    unseen = pairs == 0  # never measured together: unknown, not 0
     return {
         "loss_mean": loss_sum / np.maximum(loss_n, 1), "nonfinite_steps": bad,
-        "conflict_rate": conflicts / n, "cosine_mean": cos_sum / n, "cosine": last_cos,
+        "conflict_rate": np.where(unseen, np.nan, conflicts / n),
+        "cosine_mean": np.where(unseen, np.nan, cos_sum / n), "cosine": last_cos,
         "loss": steps[-1][0].numpy(),
     }  # fmt: skip
 
@@ -146,3 +148,18 @@ def test_updates_and_folds_have_no_host_sync_on_cuda():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     _check(tel.snapshot(), [[x.cpu() if x is not None else None for x in s] for s in steps])
+
+
+def test_pairs_never_measured_together_are_nan_not_zero():
+    """A cluster absent at every Gram step has no conflict rate or mean cosine with anyone (a
+    0 would read as "measured, never conflicts"); the others keep theirs."""
+    steps = [(L, present & torch.tensor([True, True, False, True]), finite, G)
+             for L, present, finite, G in _steps(40, seed=3)]  # fmt: skip
+    tel = Telemetry(K)
+    for L, present, finite, G in steps:  # noqa: N806
+        tel.update(L, torch.ones(K), present, finite, G)
+    snap = tel.snapshot()
+    _check(snap, steps)
+    rate = np.array(snap["conflict_rate"])
+    assert np.isnan(rate[2]).all() and np.isnan(rate[:, 2]).all()
+    assert np.isfinite(np.delete(np.delete(rate, 2, 0), 2, 1)).all()

@@ -92,7 +92,7 @@ def plot_conflicts(rate: list[list[float]], path: Path) -> Path:
     m = np.asarray(rate, dtype=np.float64)
     k = m.shape[0]
     fig, ax = plt.subplots(figsize=(4.6, 3.9), dpi=120)
-    im = ax.imshow(m, vmin=0.0, vmax=max(0.5, float(m.max())), cmap="magma")
+    im = ax.imshow(m, vmin=0.0, vmax=max(0.5, float(np.nanmax(m, initial=0.0))), cmap="magma")
     names = [f"I{i + 1}" for i in range(k)]
     ax.set_xticks(range(k), names)
     ax.set_yticks(range(k), names)

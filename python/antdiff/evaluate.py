@@ -266,6 +266,8 @@ def evaluate_checkpoint(
     extractor = make_extractor(features, inception, device)
     # the metrics' own check, before minutes of sampling rather than after
     check_enough_samples(num, extractor.dim, f"--num {num}", allow_rank_deficient=False)
+    if isinstance(k, int) and k >= num:  # precision/recall's own check, also before sampling
+        raise ValueError(f"--k {k} neighbours need at least {k + 1} samples; got --num {num}")
     loaded = load_for_sampling(ckpt, ema=ema, device=device)
     t0 = time.perf_counter()
     fake, _ = generate(

@@ -95,7 +95,9 @@ class RunLogger:
         row += [*(f"{v:.6g}" for v in weights), f"{lr:.6g}", f"{sec:.4g}"]
         self._csv.writerow(row)
         self._file.flush()
-        self._jsonl.write(json.dumps({"step": step, **stats}, default=_plain) + "\n")
+        # strict JSON: a non-finite value (a skipped step's loss, an unmeasured pair) is null
+        record = _finite_or_none({"step": step, **stats})
+        self._jsonl.write(json.dumps(record, default=_plain, allow_nan=False) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
             self._tb.add_scalar("loss", loss, step)
@@ -118,6 +120,17 @@ class RunLogger:
             self._tb.close()
         if self._bar is not None:
             self._bar.close()
+
+
+def _finite_or_none(value: Any) -> Any:
+    """``value`` with every non-finite float (also inside lists and dicts) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 def _plain(x: Any) -> Any:

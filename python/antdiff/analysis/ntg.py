@@ -353,25 +353,28 @@ def run_ntg(
             comparable to published FIDs), else the Inception TorchScript network.
     """
     from ..config import config_from_dict
+    from ..metrics.fid import check_enough_samples
 
     out = Path(out_dir)
     intervals = check_intervals(intervals, cfg.diffusion.T)  # fail before any training
-    if full is None:
+    full_run = None if full is None else load_run(full)
+    if extractor is None:
+        from ..metrics import DigitsFeatures, InceptionTorchScript
+
+        source = (cfg if full_run is None else full_run.cfg).data.source
+        extractor = DigitsFeatures() if source == "digits" else InceptionTorchScript()
+    # the metrics' own check, before the full model and the specialists train
+    check_enough_samples(n_samples, extractor.dim, f"--n-samples {n_samples}", False)
+    if full_run is None:
         d = cfg.to_dict()
         d["train"]["out_dir"] = str(out / "full")
         full_run = _trained(config_from_dict(d))
-    else:
-        full_run = load_run(full)
     fc, data = full_run.cfg, full_run.data
     intervals = check_intervals(intervals, fc.diffusion.T)
     specialists = {}
     for t1, t2 in intervals:
         scfg = specialist_config(fc, t1, t2, specialist_steps, out / f"specialist_{t1}_{t2}")
         specialists[(t1, t2)] = _trained(scfg).ema.model
-    if extractor is None:
-        from ..metrics import DigitsFeatures, InceptionTorchScript
-
-        extractor = DigitsFeatures() if fc.data.source == "digits" else InceptionTorchScript()
     decode = data.codec.decode if data.codec is not None else None
     with torch.no_grad():  # latent data: the reference is the decoded training set
         real = (data.x if decode is None else decode(data.x)).cpu()

@@ -53,7 +53,8 @@ def load_run_logs(run_dir: str | Path) -> dict[str, Any]:
             f"{str(path)!r} not found: is {str(d)!r} an antdiff train output directory?"
         )
     with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f)]
+        # a run killed mid-write may leave a cut-off last row: skip incomplete rows
+        rows = [r for r in csv.DictReader(f) if None not in r.values() and "" not in r.values()]
     if not rows:
         raise ValueError(f"{str(path)!r} has no logged steps yet")
     k = sum(1 for c in rows[0] if c.startswith("loss_c"))
@@ -218,12 +219,14 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str
     res["conflict"] = res["cosine"] = None
     if last is not None:
         n = f"{method}, mean over the Gram steps up to step {int(steps[-1])}"
+        rate = np.array(last["conflict_rate"], dtype=np.float64)  # null (unmeasured): NaN
+        cos = np.array(last["cosine_mean"], dtype=np.float64)
         res["conflict"] = str(plot_matrix(
-            np.array(last["conflict_rate"]), labels, out / "conflict.png", vmin=0.0, vmax=1.0,
+            rate, labels, out / "conflict.png", vmin=0.0, vmax=1.0,
             title=f"conflict rate P(g_i . g_j < 0) between clusters\n({n})", cbar="rate",
         ))  # fmt: skip
         res["cosine"] = str(plot_matrix(
-            np.array(last["cosine_mean"]), labels, out / "cosine.png", vmin=-1.0, vmax=1.0,
+            cos, labels, out / "cosine.png", vmin=-1.0, vmax=1.0,
             cmap="RdBu_r", title=f"mean cosine of cluster gradients\n({n})", cbar="cosine",
         ))  # fmt: skip
     return res

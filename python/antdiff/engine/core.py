@@ -583,7 +583,9 @@ class ANT:
         # report what an on-step reports: the mean of the cluster losses without a loss method
         shown = total.detach() if loss_m is not None else _present_mean(L_global, present)
         return self._record(
-            shown, L_global, w * c, present, None, finite, grads_checked=buf is not None
+            # an absent cluster adds nothing this step: weight 0, as the on-steps report it
+            shown, L_global, torch.where(present, w * c, 0.0), present, None, finite,
+            grads_checked=buf is not None,
         )
 
     def _scaled(self, loss: torch.Tensor, scaler) -> torch.Tensor:

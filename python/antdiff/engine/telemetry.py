@@ -120,9 +120,14 @@ class Telemetry:
             )
             out["nonfinite_steps"] = int(self.t["nonfinite_steps"].cpu())
         if "pair_count" in self.t:
-            pairs = self.t["pair_count"].clamp(min=1)
-            out["conflict_rate"] = (self.t["conflict_count"] / pairs).cpu().tolist()
-            out["cosine_mean"] = (self.t["cosine_sum"] / pairs).cpu().tolist()
+            # a pair never measured together is unknown (NaN), not "0 conflicts, cosine 0"
+            n = self.t["pair_count"]
+            seen = n > 0
+            nan = torch.full_like(n, float("nan"))
+            rate = torch.where(seen, self.t["conflict_count"] / n.clamp(min=1), nan)
+            out["conflict_rate"] = rate.cpu().tolist()
+            out["cosine_mean"] = torch.where(seen, self.t["cosine_sum"] / n.clamp(min=1), nan)
+            out["cosine_mean"] = out["cosine_mean"].cpu().tolist()
         return out
 
     def reset_running(self) -> None:
