@@ -102,6 +102,13 @@ def reference_J(model, loss_fn, batch, t, clusters, k):  # noqa: N802
     return torch.stack(rows)
 
 
+def _engine(model: nn.Module, B: int, dims: tuple[int, ...], k: int = 2):  # noqa: N803
+    """``model`` under a PCGrad engine, a random batch [B, *dims] and stratified timesteps."""
+    ant = ANT(linear_schedule(T), k=k, method="pcgrad", model=model)
+    x = torch.randn(B, *dims)
+    return ant, x, ant.sample_timesteps(B)
+
+
 def close(a, b, rtol=1e-5, atol=1e-6):
     """Equal up to rtol and atol relative to the scale of b."""
     torch.testing.assert_close(a, b, rtol=rtol, atol=atol * float(b.abs().max()))
@@ -320,9 +327,7 @@ class OffBatch(nn.Module):
 def test_layer_off_the_batch_dim_falls_back_at_runtime():
     torch.manual_seed(0)
     model = OffBatch()
-    ant = ANT(linear_schedule(T), k=2, method="pcgrad", model=model)
-    x = torch.randn(6, 4)
-    t = ant.sample_timesteps(6)
+    ant, x, t = _engine(model, 6, (4,))
     assert ant._onepass is not None  # every parameter sits in a served layer
     with pytest.warns(UserWarning, match="uses 'micro' from now on"):
         J = fill(ant, lambda b, tb: model(b, tb), x, t, "auto")  # noqa: N806
@@ -360,9 +365,7 @@ def test_activation_checkpointing_falls_back_or_raises(reentrant):
     with the hooked forward): auto must not keep a J missing those layers."""
     torch.manual_seed(0)
     model = Checkpointed(reentrant)
-    ant = ANT(linear_schedule(T), k=3, method="pcgrad", model=model)
-    x = torch.randn(9, 4)
-    t = ant.sample_timesteps(9)
+    ant, x, t = _engine(model, 9, (4,), k=3)
     fn = lambda b, tb: model(b, tb)  # noqa: E731
     plain = Checkpointed(None)
     plain.load_state_dict(model.state_dict())  # autograd.grad refuses reentrant checkpoints
@@ -396,9 +399,7 @@ def test_input_modified_in_place_after_the_layer_is_refused():
     must refuse it too instead of taking b's weight gradient from the doubled h."""
     torch.manual_seed(0)
     model = InPlaceAfter()
-    ant = ANT(linear_schedule(T), k=2, method="pcgrad", model=model)
-    x = torch.randn(8, 4)
-    t = ant.sample_timesteps(8)
+    ant, x, t = _engine(model, 8, (4,))
     with pytest.raises(ValueError, match="'b' was modified in place"):
         fill(ant, lambda b, tb: model(b, tb), x, t, "onepass")
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
@@ -426,9 +427,7 @@ def test_layer_on_a_batch_free_tensor_is_refused_even_when_its_length_is_b():
     index tensor was made without the batch."""
     torch.manual_seed(0)
     model = PositionTable(8)
-    ant = ANT(linear_schedule(T), k=2, method="pcgrad", model=model)
-    x = torch.randn(8, 8, 2)
-    t = ant.sample_timesteps(8)
+    ant, x, t = _engine(model, 8, (8, 2))
     fn = lambda b, tb: model(b, tb)  # noqa: E731
     ref = reference_J(model, fn, x, t, ant.clusters, 2)
     with pytest.warns(UserWarning, match="computed without the batch"):
@@ -454,9 +453,7 @@ class Tied(nn.Module):
 def test_tied_weights_are_detected_not_silently_missed():
     torch.manual_seed(0)
     model = Tied()
-    ant = ANT(linear_schedule(T), k=2, method="pcgrad", model=model)
-    x = torch.randn(6, 4)
-    t = ant.sample_timesteps(6)
+    ant, x, t = _engine(model, 6, (4,))
     with pytest.warns(UserWarning, match="used outside its layer"):
         J = fill(ant, lambda b, tb: model(b, tb), x, t, "auto")  # noqa: N806
     assert ant._onepass is None
