@@ -209,7 +209,12 @@ class IMTLG(GramMethod):
 
 
 class MGDA(GramMethod):
-    """MGDA-UB: the min-norm convex combination of the cluster gradients (exact, k <= 12)."""
+    """MGDA: the min-norm convex combination of the cluster gradients (exact, k <= 12).
+
+    MGDA-UB (Sener and Koltun, 2018) runs MGDA on gradients with respect to a shared
+    representation, an upper bound chosen because full parameter gradients are costly; here
+    the Gram of the full cluster gradients comes with every step, so this solves the exact
+    problem that MGDA-UB bounds."""
 
     name = "mgda"
     native = "mean"
