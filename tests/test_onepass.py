@@ -437,6 +437,31 @@ def test_layer_on_a_batch_free_tensor_is_refused_even_when_its_length_is_b():
     with pytest.raises(ValueError, match="'pos' .*computed without the batch"):
         fill(ant, fn, x, t, "onepass")
 
+
+class BufferTable(nn.Module):
+    """A Linear applied to a fixed float buffer [L, 2] (no batch in it), broadcast over B."""
+
+    def __init__(self, L: int) -> None:  # noqa: N803
+        super().__init__()
+        self.register_buffer("grid", torch.randn(L, 2))
+        self.pe = nn.Linear(2, 4)
+        self.inp = nn.Linear(2, 4)
+
+    def forward(self, x, t):
+        h = self.inp(x) + self.pe(self.grid)[None] + t[:, None, None].to(x.dtype) / T
+        return torch.tanh(h).pow(2).mean((1, 2))
+
+
+def test_buffers_replaced_after_attach_are_still_constants():
+    """Module.to() replaces buffer tensors: the audit reads the buffers at the first forward,
+    not when the plan was made at attach."""
+    torch.manual_seed(0)
+    model = BufferTable(8)
+    ant, x, t = _engine(model, 8, (8, 2))
+    model.double()  # a new grid tensor
+    with pytest.raises(ValueError, match="'pe' .*computed without the batch"):
+        fill(ant, lambda b, tb: model(b, tb), x.double(), t, "onepass")
+
 class Tied(nn.Module):
     """An output projection tied to the embedding table (F.linear on emb.weight)."""
 

@@ -317,7 +317,7 @@ class OnePass:
         self._in_backward = False  # a served layer's forward now is a recompute (checkpointing)
         self._audited = False  # the first forward checks that no weight is used elsewhere
         self._audit: _SharedWeightAudit | None = None  # during that forward
-        self._constants = [*inner.parameters(), *inner.buffers()]
+        self._inner = inner  # its parameters and buffers are the audit's first constants
 
     def _bind(self, buf: GradBuffer) -> None:
         """Slots of every layer's (weight, bias) in ``buf.J`` (None: frozen or absent)."""
@@ -365,7 +365,9 @@ class OnePass:
                 per = per_sample()
             else:
                 audit_handles: list = []
-                self._audit = _SharedWeightAudit(self.layers, audit_handles, self._constants)
+                # read now: Module.to() replaces buffer tensors after the plan was made
+                constants = [*self._inner.parameters(), *self._inner.buffers()]
+                self._audit = _SharedWeightAudit(self.layers, audit_handles, constants)
                 try:
                     with self._audit:
                         per = per_sample()
