@@ -120,12 +120,15 @@ def test_ntg_definition_against_independent_fid(tmp_path):
     full_run = train(_cfg(tmp_path / "full"))["run"]
     spec_run = train(_cfg(tmp_path / "spec", "--train.t_range", "[500,1000]", "--train.seed", "3"))
     full, spec, diffusion = full_run.ema.model, spec_run["run"].ema.model, full_run.diffusion
+    full.eval(), spec.eval()
     extractor = DigitsFeatures()
     real = full_run.data.x[:300]
     kw = dict(n_samples=70, shape=(1, 8, 8), seed=5, steps=4, batch=40)
     res = negative_transfer_gap(
         full, {(0, 500): full, (500, 1000): spec}, diffusion, real, extractor, **kw
     )
+    # sampling through the router restores the router's mode: the models keep their own
+    assert not full.training and not spec.training
     real_f = extractor(real)
     base = _fid_of(full, diffusion, real_f, extractor, 70, 5)
     routed = _fid_of(IntervalRouter(full, spec, 500, 1000), diffusion, real_f, extractor, 70, 5)
@@ -162,6 +165,28 @@ def test_run_ntg_writes_outputs_and_reuses_specialists(tmp_path):
     again = run_ntg(cfg, uniform_intervals(1000, 2), full=out / "full", **kw)
     assert [r["fid"] for r in again["intervals"]] == [r["fid"] for r in res["intervals"]]
     assert again["full"]["fid"] == res["full"]["fid"]
+    # specialists trained past the steps asked for are not passed off as fewer
+    with pytest.raises(ValueError, match="specialist trained for 2 steps.*--specialist-steps 2"):
+        run_ntg(cfg, uniform_intervals(1000, 2), **{**kw, "specialist_steps": 1})
+
+
+def test_latent_ntg_clamps_decoded_images(tmp_path, monkeypatch):
+    """Decoded latents can leave [-1, 1] (the codec is not bounded); NTG clamps the decoded
+    samples and the decoded reference as eval does, where the feature check used to raise
+    after all the training."""
+    from antdiff.models.autoencoder import TinyAutoencoder
+
+    decode = TinyAutoencoder.decode
+    monkeypatch.setattr(TinyAutoencoder, "decode", lambda self, z: decode(self, z) + 2.0)
+    cfg = load_config(
+        "digits_ldm",
+        ["--ant.method", "vanilla", "--train.steps", "2", "--train.batch_size", "8",
+         "--train.ckpt_every", "2", "--train.progress", "false", "--sample.steps", "4",
+         "--data.autoencoder_steps", "2", "--train.out_dir", str(tmp_path / "unused")],
+    )  # fmt: skip
+    res = run_ntg(cfg, [(0, 500)], specialist_steps=1, out_dir=tmp_path / "ntg", n_samples=66,
+                  batch=33)  # fmt: skip
+    assert res["intervals"][0]["fid"] >= 0.0 and res["full"]["fid"] >= 0.0
 
 
 def test_cli_rejects_bad_intervals(tmp_path, capsys):

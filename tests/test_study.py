@@ -85,3 +85,45 @@ def test_summary_mean_std_and_paired_delta(tmp_path: Path) -> None:
     assert uw["dfid"]["values"] == pytest.approx([-1.0, 1.0, -3.0])
     assert uw["dfid"]["mean"] == pytest.approx(-1.0) and uw["dfid"]["std"] == pytest.approx(2.0)
     assert uw["dfid"]["better"] == 2 and van["dfid"]["mean"] == 0.0
+
+
+def _write_results(root: Path, fids: dict[str, list[float]]) -> None:
+    for name, values in fids.items():
+        for s, f in enumerate(values):
+            res = {"seed": s, "fid": f, "precision": 0.5, "recall": 0.1, "sec_per_step": 1.0,
+                   "cluster_bounds": [0, 1000], "features": name}  # fmt: skip
+            path = study.result_path(root, name, s)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(res))
+
+
+def test_summary_without_vanilla_or_second_seed_reports_no_delta_or_std(tmp_path: Path) -> None:
+    """One seed has no sample std, a study without vanilla results has no ΔFID, and a config
+    with no results at all is left out (it used to give ± 0.00, a ΔFID against the first other
+    config, and an IndexError)."""
+    configs = study.study_configs(("uw", "pcgrad"), ("snr",))  # vanilla, uw-snr, pcgrad-snr
+    _write_results(tmp_path, {"uw-snr": [4.0]})
+    summary = study.summarize(tmp_path, configs, [0])
+    (uw,) = summary["rows"]
+    assert uw["fid"]["std"] is None and uw["dfid"]["mean"] is None and uw["dfid"]["values"] == []
+    assert summary["settings"]["features"] == "uw-snr"
+    summary["meta"] = {"command": "x", "steps": 1, "batch": 1, "lr": 1, "ema": 0, "seeds": 1,
+                       "num": 1, "sampler": "ddim", "sample_steps": 1, "bins": 1,
+                       "affinity_samples": 1, "machine": "m", "jobs": 1, "wall_seconds": 1,
+                       "git_sha": "x"}  # fmt: skip
+    study.write_report(summary, tmp_path / "rep", tmp_path)
+    row = next(r for r in (tmp_path / "rep.md").read_text().splitlines() if "| uw-snr" in r)
+    assert "4.00 ± n/a" in row and "| - | - |" in row
+    json.loads((tmp_path / "rep.json").read_text(), parse_constant=pytest.fail)  # strict JSON
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path: Path) -> None:
+    """A rerun reuses the results in --out, so its settings must be those they were made with."""
+    out = tmp_path / "study"
+    args = study._parse(["--out", str(out), "--steps", "2"])
+    study._check_settings(out, args)
+    study._check_settings(out, args)  # the same settings resume
+    with pytest.raises(SystemExit, match=r"--steps 6 \(results made with 2\).*--lr 0.0005"):
+        study._check_settings(
+            out, study._parse(["--out", str(out), "--steps", "6", "--lr", "5e-4"])
+        )

@@ -127,37 +127,43 @@ def make_affinity(out: Path, ckpt_dir: Path, bins: int, n_samples: int, threads:
 
 
 def summarize(out: Path, configs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
-    """Mean and std (over seeds, ddof=1) of every metric per config, from the result JSONs."""
-    rows = []
+    """Mean and std (over seeds, ddof=1; None for one seed) of every metric per config, from the
+    result JSONs. ΔFID is paired with vanilla by seed (mean None without vanilla results)."""
+    rows, first = [], None
     for c in configs:
         paths = [result_path(out, c["name"], s) for s in seeds]
         res = [json.loads(p.read_text()) for p in paths if p.is_file()]
         if not res:
             continue
+        first = first or res[0]
         row = {**c, "n_seeds": len(res), "seeds": [r["seed"] for r in res]}
         for key in (*METRICS, "sec_per_step"):
             vals = np.array([r[key] for r in res], dtype=np.float64)
-            row[key] = {
-                "mean": float(vals.mean()),
-                "std": float(vals.std(ddof=1)) if vals.size > 1 else 0.0,
-                "values": vals.tolist(),
-            }
+            row[key] = {"mean": float(vals.mean()), "std": _std(vals), "values": vals.tolist()}
         row["cluster_bounds"] = res[0]["cluster_bounds"]
         rows.append(row)
-    base = {s: v for s, v in zip(rows[0]["seeds"], rows[0]["fid"]["values"])} if rows else {}
+    van = next((r for r in rows if r["method"] == "vanilla"), None)
+    base = dict(zip(van["seeds"], van["fid"]["values"])) if van is not None else {}
     for row in rows:  # paired by seed: every config shares the seed's data order, init, noise
         d = np.array([v - base[s] for s, v in zip(row["seeds"], row["fid"]["values"]) if s in base])
         row["dfid"] = {
-            "mean": float(d.mean()) if d.size else float("nan"),
-            "std": float(d.std(ddof=1)) if d.size > 1 else 0.0,
+            "mean": float(d.mean()) if d.size else None,
+            "std": _std(d),
             "values": d.tolist(),
             "better": int((d < 0).sum()),
         }
-    return {"rows": rows, "settings": res[0] if rows else {}}
+    return {"rows": rows, "settings": first or {}}
 
 
-def _pm(stat: dict[str, float], digits: int) -> str:
-    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+def _std(vals: np.ndarray) -> float | None:
+    """Sample std (ddof=1); None below two values, where it is undefined (JSON has no NaN)."""
+    return float(vals.std(ddof=1)) if vals.size > 1 else None
+
+
+def _pm(stat: dict[str, float], digits: int, sign: bool = False) -> str:
+    std = "n/a" if stat["std"] is None else f"{stat['std']:.{digits}f}"  # one seed
+    mean = f"{stat['mean']:+.{digits}f}" if sign else f"{stat['mean']:.{digits}f}"
+    return f"{mean} ± {std}"
 
 
 def write_report(summary: dict[str, Any], prefix: Path, out: Path) -> None:
@@ -179,8 +185,8 @@ def write_report(summary: dict[str, Any], prefix: Path, out: Path) -> None:
     ]
     for r in rows:
         d, van = r["dfid"], r["method"] == "vanilla"
-        delta = "-" if van else f"{d['mean']:+.2f} ± {d['std']:.2f}"
-        better = "-" if van else f"{d['better']}/{len(d['values'])}"
+        delta = "-" if van or not d["values"] else _pm(d, 2, sign=True)
+        better = "-" if van or not d["values"] else f"{d['better']}/{len(d['values'])}"
         lines.append(
             f"| {r['name']} | {r['method']} | {'-' if van else r['clustering']} | "
             f"{_pm(r['fid'], 2)} | {delta} | {better} | {_pm(r['precision'], 3)} | "
@@ -281,12 +287,36 @@ def _schedule(out: Path, todo: list[dict[str, Any]], args: argparse.Namespace, t
         raise RuntimeError("the gradient runs need the vanilla seed-0 run, which did not run")
 
 
+SETTINGS = ("steps", "batch", "lr", "ema", "num", "sampler", "sample_steps", "bins",
+            "affinity_samples")  # fmt: skip
+
+
+def _check_settings(out: Path, args: argparse.Namespace) -> None:
+    """Record the settings every result of ``out`` is made with; a rerun must repeat them (it
+    reuses the results already there)."""
+    now = {k: getattr(args, k) for k in SETTINGS}
+    path = out / "settings.json"
+    if not path.is_file():
+        atomic_write_text(path, json.dumps(now, indent=2) + "\n")
+        return
+    then = json.loads(path.read_text())
+    diff = {k: (then.get(k), v) for k, v in now.items() if then.get(k) != v}
+    if diff:
+        said = ", ".join(f"--{k.replace('_', '-')} {v} (results made with {was})"
+                         for k, (was, v) in diff.items())  # fmt: skip
+        raise SystemExit(
+            f"study: {out} holds results made with other settings: {said}. Repeat those "
+            "settings to resume it, or pass another --out"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     t0, out = time.perf_counter(), args.out
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "started.txt").is_file():  # wall time counts from the first invocation
         atomic_write_text(out / "started.txt", f"{time.time():.1f}\n")
+    _check_settings(out, args)
     configs = study_configs(tuple(args.methods.split(",")), tuple(args.clusterings.split(",")))
     seeds = list(range(args.seeds))
     base = {k: getattr(args, k) for k in ("steps", "batch", "lr", "ema", "num", "sampler")}

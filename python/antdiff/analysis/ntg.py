@@ -223,15 +223,21 @@ def negative_transfer_gap(
     def quality(model: nn.Module, s: int) -> dict[str, float]:
         x = sample_images(model, diffusion, n_samples, seed=s, **kw)
         if decode is not None:
-            with torch.no_grad():
-                x = decode(x)
+            with torch.no_grad():  # decoded images can leave [-1, 1]: clamp as eval does
+                x = decode(x).float().clamp(-1.0, 1.0)
         return _quality(real_feats, x, extractor, allow_rank_deficient)
 
     base = quality(full, seed)
     gap = abs(quality(full, seed + 10**6)["fid"] - base["fid"]) if seed_gap else None
     rows = []
     for t1, t2 in intervals:
-        q = quality(IntervalRouter(full, specialists[(t1, t2)], t1, t2), seed)
+        spec = specialists[(t1, t2)]
+        modes = [m.training for m in (full, spec)]
+        try:  # sampling restores the router's mode, which would reach both models
+            q = quality(IntervalRouter(full, spec, t1, t2), seed)
+        finally:
+            for m, was in zip((full, spec), modes):
+                m.train(was)
         inside = int(((ts >= t1) & (ts < t2)).sum())
         rows.append(
             {"t_range": [t1, t2], "label": interval_label(t1, t2), "steps_inside": inside,
@@ -317,13 +323,20 @@ def load_run(path: str | Path) -> Any:
     return run
 
 
-def _trained(cfg: Any) -> Any:
+def _trained(cfg: Any, what: str, flag: str) -> Any:
     """Train ``cfg``, resuming from its out_dir's newest checkpoint when there is one (a run
-    already at train.steps just loads)."""
+    already at train.steps just loads; one past it is refused: its results would not be those
+    of train.steps)."""
     from ..checkpoint import list_checkpoints
     from ..train import train
 
-    return train(cfg, resume=True if list_checkpoints(cfg.train.out_dir) else None)["run"]
+    run = train(cfg, resume=True if list_checkpoints(cfg.train.out_dir) else None)["run"]
+    if run.step != cfg.train.steps:
+        raise ValueError(
+            f"{cfg.train.out_dir} holds a {what} trained for {run.step} steps, not the "
+            f"{cfg.train.steps} asked for: pass {flag} {run.step} or another --out"
+        )
+    return run
 
 
 def run_ntg(
@@ -368,16 +381,17 @@ def run_ntg(
     if full_run is None:
         d = cfg.to_dict()
         d["train"]["out_dir"] = str(out / "full")
-        full_run = _trained(config_from_dict(d))
+        full_run = _trained(config_from_dict(d), "full model", "--train.steps")
     fc, data = full_run.cfg, full_run.data
     intervals = check_intervals(intervals, fc.diffusion.T)
     specialists = {}
     for t1, t2 in intervals:
         scfg = specialist_config(fc, t1, t2, specialist_steps, out / f"specialist_{t1}_{t2}")
-        specialists[(t1, t2)] = _trained(scfg).ema.model
+        specialists[(t1, t2)] = _trained(scfg, "specialist", "--specialist-steps").ema.model
     decode = data.codec.decode if data.codec is not None else None
     with torch.no_grad():  # latent data: the reference is the decoded training set
-        real = (data.x if decode is None else decode(data.x)).cpu()
+        real = data.x if decode is None else decode(data.x).float().clamp(-1.0, 1.0)
+    real = real.cpu()
     latents = fc.data.source == "latents" or decode is not None
     result = negative_transfer_gap(
         full_run.ema.model, specialists, full_run.diffusion, real, extractor,
