@@ -32,6 +32,7 @@ when they hold the same weights.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import tempfile
@@ -338,6 +339,15 @@ def train_digits_classifier(seed: int = 0, epochs: int = 25) -> tuple[DigitsNet,
     return net, acc
 
 
+def _fingerprint(net: torch.nn.Module) -> str:
+    """First 12 hex digits of the SHA-256 of the state dict (names, shapes, dtypes, values)."""
+    h = hashlib.sha256()
+    for key, v in net.state_dict().items():
+        h.update(f"{key}{tuple(v.shape)}{v.dtype}".encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
 class DigitsFeatures(FeatureExtractor):
     """Domain features for offline small-data evaluation: DigitsNet's 64-d hidden layer.
 
@@ -371,7 +381,9 @@ class DigitsFeatures(FeatureExtractor):
         self.device = _pick_device(device)
         self.net = net.eval().to(self.device)
         self.batch_size = batch_size
-        self.name = DIGITS_NAME
+        # the weights' fingerprint is part of the name, so cached reference statistics and
+        # features of one network are never used with another (another seed or file)
+        self.name = f"{DIGITS_NAME}, weights {_fingerprint(net)}"
         self.dim = 64
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
