@@ -337,6 +337,12 @@ def test_cli_reads_trainer_checkpoints(tmp_path, capsys):
     with np.load(out) as z:
         np.testing.assert_array_equal(z["bin_edges"], [0, 25, 50, 75, 100])
         assert int(z["n_checkpoints"]) == 2 and np.all(np.isfinite(z["affinity"]))
+    # the checkpoint's diffusion is the one its weights learned: a contradicting flag is refused
+    capsys.readouterr()
+    for flag in (["--T", "1000"], ["--schedule", "cosine"]):
+        assert main(["affinity", str(first), *args, *flag]) == 2
+        assert f"{flag[0]} {flag[1]}: the checkpoint was trained with" in capsys.readouterr().err
+    assert main(["affinity", str(first), *args, "--T", "100", "--schedule", "linear"]) == 0
 
 
 def test_paths_equal_modules(tmp_path):

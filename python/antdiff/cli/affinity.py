@@ -56,8 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-bytes", type=int, default=None, help="memory budget for J in bytes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if any)")
-    p.add_argument("--schedule", default=None, help="linear | cosine (if not in the checkpoint)")
-    p.add_argument("--T", type=int, default=None, help="timesteps (if not in the checkpoint)")
+    p.add_argument(
+        "--schedule", default=None, help="linear | cosine (checkpoints without one; else the same)"
+    )
+    p.add_argument(
+        "--T", type=int, default=None, help="timesteps (checkpoints without one; else must match)"
+    )
     p.add_argument("--out", type=Path, default=Path("affinity.npz"), help=".npz or .npy")
     p.add_argument("--no-plot", action="store_true", help="skip the two PNG heat maps")
 
@@ -99,6 +103,13 @@ class CheckpointLoader:
 
 def _diffusion(cfg: dict[str, Any], args: argparse.Namespace) -> GaussianDiffusion:
     dcfg = dict(cfg.get("diffusion") or {})
+    for flag, key in (("--schedule", "schedule"), ("--T", "T")):
+        given = getattr(args, key)
+        if given is not None and key in dcfg and given != dcfg[key]:
+            raise ValueError(
+                f"{flag} {given}: the checkpoint was trained with {key} = {dcfg[key]}, which "
+                f"the affinity uses; drop {flag}"
+            )
     name = args.schedule or dcfg.get("schedule", "linear")
     T = args.T or dcfg.get("T", 1000)  # noqa: N806
     kwargs = {k: dcfg[k] for k in _DIFFUSION_KEYS if k in dcfg}
