@@ -172,3 +172,26 @@ def test_eval_k_is_checked_before_sampling(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="--k 150 neighbours need at least 151 samples"):
         evaluate_checkpoint(tmp_path / "no_such_run", 100, k=150)
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        (dict(k=0), "k must be an integer >= 1, got 0"),
+        (dict(k=-1), "k must be an integer >= 1, got -1"),
+        (dict(k=2.5), "k must be an integer >= 1, got 2.5"),
+        (dict(ref="few.npy"), "--ref .*few.npy: 3 samples of 64-dim features"),
+        (dict(ref="many.npy", k=80), "--k 80 neighbours need at least 81 samples; got --ref"),
+    ],
+)
+def test_eval_bad_k_and_small_reference_fail_before_sampling(tmp_path: Path, kw, match) -> None:
+    """k and the reference set's size are checked before the checkpoint is read (they failed
+    only after every sample was drawn)."""
+    from antdiff.evaluate import evaluate_checkpoint
+
+    np.save(tmp_path / "few.npy", np.zeros((3, 1, 8, 8), np.float32))
+    np.save(tmp_path / "many.npy", np.zeros((70, 1, 8, 8), np.float32))
+    if "ref" in kw:
+        kw = {**kw, "ref": tmp_path / kw["ref"]}
+    with pytest.raises(ValueError, match=match):
+        evaluate_checkpoint(tmp_path / "no_such_run", 100, **kw)

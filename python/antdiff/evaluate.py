@@ -263,11 +263,16 @@ def evaluate_checkpoint(
     from .metrics.fid import check_enough_samples
 
     _check_int("num", num, 1)
+    _check_int("k", k, 1)
     extractor = make_extractor(features, inception, device)
-    # the metrics' own check, before minutes of sampling rather than after
+    # the metrics' own checks, before minutes of sampling rather than after
     check_enough_samples(num, extractor.dim, f"--num {num}", allow_rank_deficient=False)
-    if isinstance(k, int) and k >= num:  # precision/recall's own check, also before sampling
-        raise ValueError(f"--k {k} neighbours need at least {k + 1} samples; got --num {num}")
+    _, real = reference_images(ref)
+    check_enough_samples(len(real), extractor.dim, f"--ref {ref}", allow_rank_deficient=False)
+    for name, n in ((f"--num {num}", num), (f"--ref {ref}", len(real))):
+        if k >= n:  # precision / recall
+            raise ValueError(f"--k {k} neighbours need at least {k + 1} samples; got {name}")
+    del real
     loaded = load_for_sampling(ckpt, ema=ema, device=device)
     t0 = time.perf_counter()
     fake, _ = generate(
