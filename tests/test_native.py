@@ -204,6 +204,22 @@ def test_uw_forward_refuses_bad_input():
     cid[5] = 4
     with pytest.raises(ValueError, match="cluster id 4 outside"):
         native.uw_forward(per, s, cid, inv, present)
+    cid[5] = 1
+    # the C++ reads raw pointers: a dtype, device or layout it does not read is refused
+    with pytest.raises(ValueError, match="per must be a contiguous CPU torch.float32"):
+        native.uw_forward(per.double(), s, cid, inv, present)  # was read as float32
+    with pytest.raises(ValueError, match="cid must be a contiguous CPU torch.int64"):
+        native.uw_forward(per, s, cid.int(), inv, present)
+    with pytest.raises(ValueError, match="s must be a contiguous CPU torch.float32"):
+        native.uw_forward(per, torch.zeros(8)[::2], cid, inv, present)
+    g, coef = torch.tensor(0.5), torch.rand(4)
+    with pytest.raises(ValueError, match="cid must be a contiguous CPU torch.int64"):
+        native.uw_backward(g, coef, cid.int())  # read as int64, it crashed the process
+    with pytest.raises(ValueError, match=r"cluster ids must lie in \[0, 4\)"):
+        native.uw_backward(g, coef, torch.where(cid == 1, 7, cid))
+    with pytest.raises(ValueError, match="g 0-d"):
+        native.uw_backward(g.reshape(1), coef, cid)
+    torch.testing.assert_close(native.uw_backward(g, coef, cid), 0.5 * coef[cid])
     uw = make_method("uw", 4).loss
     with pytest.raises(ValueError, match="inv must be"):
         uw.fused_total(per, cid[:-1], inv, present)

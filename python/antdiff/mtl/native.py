@@ -97,11 +97,29 @@ def serves_uw(*tensors: torch.Tensor) -> bool:
 _HOST32 = {"dtype": torch.float32, "device": "cpu"}  # whatever torch's defaults are
 
 
+def _check_uw(fn, **tensors: torch.Tensor) -> None:
+    """The C++ reads raw pointers: refuse what ``serves_uw`` would not serve, naming it."""
+    if _C is None:
+        raise RuntimeError(f"{fn.__name__}: the C++ extension antdiff._C is not built")
+    for name, x in tensors.items():
+        want = torch.int64 if name == "cid" else torch.float32
+        if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or x.dtype != want or (
+            not x.is_contiguous()
+        ):  # fmt: skip
+            got = (f"{x.dtype} on {x.device}, contiguous={x.is_contiguous()}"
+                   if isinstance(x, torch.Tensor) else type(x).__name__)  # fmt: skip
+            raise ValueError(
+                f"{fn.__name__}: {name} must be a contiguous CPU {want} tensor, got {got} "
+                "(check with serves_uw first)"
+            )
+
+
 def uw_forward(per, s, cid, inv, present) -> tuple[torch.Tensor, ...]:
     """UW's reduction of per-sample losses ``per`` [B] in clusters ``cid`` [B] with 1 / counts
     ``inv`` [k], presence ``present`` [k] (float 1 / 0) and log-variances ``s`` [k] (tensors
     that ``serves_uw`` accepts): total (0-d), L, c, coef, ds [k] (csrc/step_ops.h). Three
     separate tensors: the total, L and c (the caller's), coef and ds (for the backward)."""
+    _check_uw(uw_forward, per=per, s=s, cid=cid, inv=inv, present=present)
     k, B = inv.shape[0], per.shape[0]  # noqa: N806
     if per.shape != (B,) or cid.shape != (B,) or s.shape != (k,) or present.shape != (k,):
         raise ValueError(
@@ -122,6 +140,20 @@ def uw_forward(per, s, cid, inv, present) -> tuple[torch.Tensor, ...]:
 
 def uw_backward(g, coef, cid) -> torch.Tensor:
     """d per_n = g * coef[cid_n] (float32 [B]; g 0-d, coef [k], cid [B] as for uw_forward)."""
+    _check_uw(uw_backward, g=g, coef=coef, cid=cid)
+    if g.dim() != 0 or coef.dim() != 1 or cid.dim() != 1:
+        raise ValueError(
+            f"uw_backward needs g 0-d, coef [k] and cid [B]; got g {tuple(g.shape)}, coef "
+            f"{tuple(coef.shape)}, cid {tuple(cid.shape)}"
+        )
+    if cid.numel() and not bool(((cid >= 0) & (cid < coef.shape[0])).all()):
+        raise ValueError(f"uw_backward: cluster ids must lie in [0, {coef.shape[0]})")
+    return uw_backward_unchecked(g, coef, cid)
+
+
+def uw_backward_unchecked(g, coef, cid) -> torch.Tensor:
+    """``uw_backward`` without its checks, for UW's autograd node: its inputs come from
+    ``uw_forward``, which checked them (a few microseconds per step saved)."""
     d_per = torch.empty(cid.shape[0], **_HOST32)
     _C.uw_backward(g.data_ptr(), coef.data_ptr(), cid.data_ptr(), cid.shape[0], d_per.data_ptr())
     return d_per
