@@ -22,7 +22,8 @@
 //                   window shrinks it to max_size - min_size + 1), O(k * T) memory.
 //   kDivideConquer: O(k * T log T) time. Valid only for costs with the quadrangle inequality
 //                   (kL1, kL2 on monotone values); size limits preserve it. Leftmost minima of
-//                   such (Monge) problems are monotone in i, so it returns the same split.
+//                   such (Monge) problems are monotone in i, so it returns the same split
+//                   when the costs are exact; on rounded ties, an optimum equal up to rounding.
 //   kAffinity builds T x (T + 1) row prefix sums (8 (T^2 + T) bytes); kMatrix reads C in place.
 //
 // Errors: std::invalid_argument whose message names the argument, the value and what is valid.

@@ -321,3 +321,24 @@ def test_missing_extension_falls_back_once(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_cpp_available() -> None:
     assert interval_dp.cpp_available()
+
+
+@pytest.mark.parametrize("backend", ["cpp", "numpy", "naive"])
+@pytest.mark.parametrize(
+    ("cost", "data"),
+    [
+        ("matrix", {"matrix": np.full((4, 4), 1e308)}),
+        ("affinity", {"matrix": np.full((4, 4), 1e308)}),
+        ("l2", {"values": np.array([-1e300, 0.0, 1e300, 5.0])}),
+        ("l1", {"values": np.array([-1e308, -1e308, 1e308, 1e308])}),
+    ],
+)
+def test_finite_inputs_whose_costs_overflow_are_refused(backend, cost, data):
+    """Finite values whose sums overflow float64 used to give an internal 'broken backtrack'
+    error (C++) or arbitrary bounds with an inf / NaN total (numpy)."""
+    if (backend, cost) == ("naive", "l1"):  # direct |x - median| sums: no overflow, exact
+        bounds, total = solve_intervals(cost, 2, backend=backend, **data)
+        assert bounds.tolist() == [0, 2, 4] and total == 0.0
+        return
+    with pytest.raises(ValueError, match=f"interval DP \\({cost}\\): the costs overflow float64"):
+        solve_intervals(cost, 2, backend=backend, **data)

@@ -179,7 +179,8 @@ def solve_naive(
 ) -> tuple[np.ndarray, float]:
     """O(k T^3) reference: the same DP, every interval cost recomputed from scratch.
 
-    Only for benchmarks and small tests. Same smallest-j tie rule (strict `<`, j ascending).
+    Only for benchmarks and small tests. Same smallest-j tie rule (strict `<`, j ascending),
+    on its own directly summed costs, which can round differently from the prefix-sum ones.
     """
     T = data.shape[0]
     d = np.full((k + 1, T + 1), np.inf)

@@ -90,7 +90,10 @@ class Clusters:
 
         Returns:
             The same kind of object, int64, holding indices in [0, k). Torch tensors stay on their
-            device and no host sync happens (the boundary tensor is cached per device).
+            device and no host sync happens (the boundary tensor is cached per device), so
+            they are not range-checked: t < 0 maps to cluster 0 and t >= T to cluster k - 1
+            (the engine checks its timesteps itself). Ints and numpy arrays outside [0, T)
+            raise ValueError.
         """
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(t, torch.Tensor):

@@ -13,7 +13,11 @@ Each is O(1) per interval after prefix sums, so the DP is O(k T^2) ("quadratic")
 the size window; "dc" (divide and conquer over monotone argmins, O(k T log T)) serves the costs
 with the quadrangle inequality: "l1", and "l2" on monotone values. Ties go to the smallest split
 index: at each (m, i) the smallest j among the minimisers, so the returned optimum is the one
-whose split points, read from the last backwards, are lexicographically smallest.
+whose split points, read from the last backwards, are lexicographically smallest. That holds
+among costs as computed in floating point: where two splits tie exactly in real arithmetic but
+their costs round differently (non-integer data), "dc" and "quadratic", or the naive
+reference (which sums each interval directly), may return different optima, equal up to
+rounding. On exact data (small integers) all of them return the same split.
 
 Backends: the C++ extension antdiff._C (GIL released), its numpy twin (bit-identical tables)
 and the naive O(k T^3) reference. A missing extension falls back to numpy with one warning;
@@ -255,12 +259,28 @@ def solve_intervals(
         _check_finite(cost, data)
     if chosen == "cpp":
         algo = "dc" if dc else "quadratic"
-        bounds, total = _require_cpp().solve_intervals(cost, data, k, lo, hi, algo)
+        try:
+            bounds, total = _require_cpp().solve_intervals(cost, data, k, lo, hi, algo)
+        except RuntimeError as exc:  # no finite candidate left anywhere to backtrack through
+            if "backtrack" not in str(exc):
+                raise
+            raise _overflow(cost, data) from exc
     elif chosen == "numpy":
-        bounds, total = _dp_numpy.solve_numpy(cost, data, k, lo, hi, direction, dc)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below
+            bounds, total = _dp_numpy.solve_numpy(cost, data, k, lo, hi, direction, dc)
     else:
-        bounds, total = _dp_numpy.solve_naive(cost, data, k, lo, hi)
+        with np.errstate(over="ignore", invalid="ignore"):
+            bounds, total = _dp_numpy.solve_naive(cost, data, k, lo, hi)
+    if not np.isfinite(total):  # finite inputs whose sums or products overflow
+        raise _overflow(cost, data)
     return np.asarray(bounds, dtype=np.int64), float(total)
+
+
+def _overflow(cost: str, data: np.ndarray) -> ValueError:
+    return ValueError(
+        f"interval DP ({cost}): the costs overflow float64 (the largest |value| is "
+        f"{np.abs(data).max():.3g}); rescale the input"
+    )
 
 
 def interval_cost(cost: str, bounds: Any, *, values: Any = None, matrix: Any = None) -> float:
