@@ -35,10 +35,13 @@ def make_data():
     return x, t
 
 
-def one_step(method: str, model: nn.Module, x, t):
+def one_step(method: str, model: nn.Module, x, t, ant: ANT | None = None):
     """One engine step; returns (flat .grad of the model, weights, method-param grads)."""
     inner = getattr(model, "module", model)
-    ant = ANT(linear_schedule(T), k=4, method=method, model=model, seed=0)
+    if ant is None:
+        ant = ANT(linear_schedule(T), k=4, method=method, model=model, seed=0)
+    else:
+        ant.attach(model)
 
     def loss_fn(xb, tb):
         return ((model(xb, tb) - torch.sin(xb)) ** 2).mean(dim=1)
@@ -58,6 +61,7 @@ METHODS = ["vanilla", "uw", "pcgrad", "nash", "uw+pcgrad", "mgda"]
 
 def _worker(rank: int, init_file: str, result_file: str) -> None:
     os.environ["ANT_KERNELS_BACKEND"] = "torch"
+    early = ANT(linear_schedule(T), k=4, method="pcgrad", seed=0)  # before the group exists
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD)
     try:
@@ -70,10 +74,45 @@ def _worker(rank: int, init_file: str, result_file: str) -> None:
             sl = slice(0, 5) if rank == 0 else slice(5, B)
             grad, w, extra = one_step(method, model, x[sl], t[sl])
             results[method] = {"grad": grad, "w": w, "extra": extra}
+        # an engine built before init_process_group reduces too; a rank with no sample at all
+        # (one-pass mode) contributes zero rows
+        for name, ant, sl in (("pcgrad:early", early, slice(0, 8) if rank == 0 else slice(8, B)),
+                              ("pcgrad:empty", None, slice(0, 0) if rank == 0 else slice(0, B))):
+            torch.manual_seed(0)
+            model = nn.parallel.DistributedDataParallel(Net())
+            x, t = make_data()
+            grad, w, extra = one_step("pcgrad", model, x[sl], t[sl], ant)
+            results[name] = {"grad": grad, "w": w, "extra": extra}
+        results["pcgrad:shard"] = _shard_step(rank)
+        refused = []
+        for kw, dist_flag in ((dict(gradient_as_bucket_view=True), "auto"),
+                              (dict(static_graph=True), "auto"), ({}, False)):
+            try:
+                ANT(linear_schedule(T), k=4, method="pcgrad", distributed=dist_flag,
+                    model=nn.parallel.DistributedDataParallel(Net(), **kw))
+            except ValueError as e:
+                refused.append(str(e))
+        results["refused"] = refused
         if rank == 0:
             torch.save(results, result_file)
     finally:
         dist.destroy_process_group()
+
+
+def _shard_step(rank: int | None):
+    """PCGrad on ``ant.shard`` of a global batch whose timesteps every rank draws alike."""
+    torch.manual_seed(0)
+    net = Net()
+    model = net if rank is None else nn.parallel.DistributedDataParallel(net)
+    ant = ANT(linear_schedule(T), k=4, method="pcgrad", seed=0, model=model)
+    x, _ = make_data()
+    torch.manual_seed(1)
+    t = ant.sample_timesteps(B)
+    xb, tb = ant.shard(x, t)
+    assert tb.shape[0] == (B if rank is None else B // WORLD)
+    assert ant.sampler.counts_for(tb) is not None  # the slice keeps its host counts
+    grad, w, extra = one_step("pcgrad", model, xb, tb, ant)
+    return {"grad": grad, "w": w, "extra": extra}
 
 
 @pytest.fixture(scope="module")
@@ -85,19 +124,36 @@ def two_process_results(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [*METHODS, "pcgrad:early", "pcgrad:empty"])
 def test_two_processes_equal_one_process_on_global_batch(two_process_results, method, monkeypatch):
+    """Also vanilla on unequal local batches (each rank's sum is scaled by world / B_global,
+    so DDP's average is the global mean, not the mean of the ranks' means)."""
     monkeypatch.setenv("ANT_KERNELS_BACKEND", "torch")
     torch.manual_seed(0)
     x, t = make_data()
-    ref_grad, ref_w, ref_extra = one_step(method, Net(), x, t)
+    ref_grad, ref_w, ref_extra = one_step(method.partition(":")[0], Net(), x, t)
     got = two_process_results[method]
     torch.testing.assert_close(got["w"], ref_w, rtol=1e-6, atol=1e-7)
     assert len(got["extra"]) == len(ref_extra)
     for a, b in zip(got["extra"], ref_extra):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    if method == "vanilla":
-        # DDP averages the per-rank batch means: the global mean only for equal local batches,
-        # which is what plain DDP training does; checked with an even split below
-        return
     torch.testing.assert_close(got["grad"], ref_grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_ddp_settings_that_break_gradient_methods_are_refused(two_process_results):
+    """gradient_as_bucket_view points .grad away from J (cluster gradients were lost),
+    static_graph forbids no_sync, and distributed=False would let every rank step alone."""
+    bucket, static, local = two_process_results["refused"]
+    assert "gradient_as_bucket_view=True" in bucket
+    assert "DDP(model, gradient_as_bucket_view=False)" in bucket
+    assert "static_graph=True" in static and "no_sync" in static
+    assert "distributed=False" in local and "own update" in local
+
+
+@pytest.mark.slow
+def test_shard_of_a_global_draw_equals_one_process(two_process_results, monkeypatch):
+    monkeypatch.setenv("ANT_KERNELS_BACKEND", "torch")
+    ref, got = _shard_step(None), two_process_results["pcgrad:shard"]
+    torch.testing.assert_close(got["w"], ref["w"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got["grad"], ref["grad"], rtol=1e-6, atol=1e-6)

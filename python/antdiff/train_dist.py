@@ -31,7 +31,6 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -83,13 +82,7 @@ class DistContext:
         so the engine cuts its cluster sub-batches without reading counts from the device.
         """
         a, b = self.bounds(t.shape[0])
-        local_t = t[a:b]
-        counts = sampler.counts_for(t)
-        if counts is not None:
-            edges = np.concatenate([[0], np.cumsum(counts)])
-            local = np.minimum(edges[1:], b) - np.maximum(edges[:-1], a)
-            sampler.remember(local_t, np.clip(local, 0, None).astype(np.int64))
-        return {key: v[a:b] for key, v in batch.items()}, local_t
+        return {key: v[a:b] for key, v in batch.items()}, sampler.local_slice(t, a, b)
 
     def seed_model_rng(self, seed: int, step: int) -> None:
         """A per-rank global RNG for random ops inside the model (dropout): without it every

@@ -281,6 +281,9 @@ class ANT:
                     "per-cluster gradients. Use ANT(..., mode='retain_graph') or GroupNorm."
                 )
         ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        self.comm.resolve()
+        if ddp and self.needs_gradients:
+            _check_ddp_for_gradients(model, self.comm.active)
         if (
             ddp
             and self.needs_gradients
@@ -421,6 +424,7 @@ class ANT:
                 f"method {self.method_name!r} acts on per-cluster gradients; use "
                 "ant.backward(loss_fn, batch, t) instead of ant.reduce"
             )
+        self.comm.resolve()
         self._flush_observe()
         per = _check_per_sample(
             per_sample_loss, t.shape[0] if isinstance(t, torch.Tensor) else None
@@ -430,10 +434,8 @@ class ANT:
         if self.method.loss is None:  # vanilla: the plain batch mean
             sums, counts = self._cluster_sums(per.detach(), t)
             _, L_global, present, N = self._globalise(sums, counts)  # noqa: N806
-            total = per.mean()
-            self._record(
-                total.detach(), L_global, _count_shares(N), present, None, grads_checked=False
-            )
+            total, shown = self._batch_mean(per, L_global, N)
+            self._record(shown, L_global, _count_shares(N), present, None, grads_checked=False)
             return total
         if self.method.loss.fused_total is not None and not self.comm.active:
             cid = self.sampler.cid_for(t)
@@ -489,6 +491,7 @@ class ANT:
             self.attach(model)
         if self._model is None:
             raise ValueError("no model: call ant.attach(model) or pass model= to ant.backward")
+        self.comm.resolve()
         n = batch_size(batch)
         self._check_t(t, n)
         check_batch(batch, t.shape[0])
@@ -511,6 +514,25 @@ class ANT:
             out = self._weighted_step(loss_fn, batch, t, scaler)
         self.step_count += 1
         return out
+
+    def shard(self, batch: Any, t: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        """This rank's contiguous slice of a global batch (and of its timesteps t [B]).
+
+        Under torch.distributed, let every rank draw the same GLOBAL batch and
+        ``t = ant.sample_timesteps(B_global)`` (same seeds everywhere), then train on
+        ``ant.shard(batch, t)``: the ranks' slices tile the cluster-sorted batch, so the
+        stratification is that of one process drawing B_global, and the slice keeps its host
+        cluster counts (no device read). Rank r of W gets rows [r B // W, (r + 1) B // W).
+        Single process: the whole batch.
+        """
+        self.comm.resolve()
+        check_batch(batch, t.shape[0])
+        if not self.comm.active:
+            return batch, t
+        B, W = t.shape[0], self.comm.world  # noqa: N806
+        r = torch.distributed.get_rank(self.comm.group)
+        a, b = r * B // W, (r + 1) * B // W
+        return slice_batch(batch, a, b), self.sampler.local_slice(t, a, b)
 
     def _failed_update(self) -> bool:
         """True when the last weight recompute was non-finite and the host knows it without
@@ -550,10 +572,10 @@ class ANT:
         sums, counts = self._cluster_sums(per, t)
         L_eff, L_global, present, N = self._globalise(sums, counts)  # noqa: N806
         if self.method.is_vanilla:  # the plain batch mean, exactly as ant.reduce
-            total = per.mean()
+            total, shown = self._batch_mean(per, L_global, N)
             self._scaled(total, scaler).backward()
             return self._record(
-                total.detach(), L_global, _count_shares(N), present, None, grads_checked=False
+                shown, L_global, _count_shares(N), present, None, grads_checked=False
             )
         w = (
             torch.ones(self.k, device=per.device)
@@ -587,6 +609,18 @@ class ANT:
             shown, L_global, torch.where(present, w * c, 0.0), present, None, finite,
             grads_checked=buf is not None,
         )
+
+    def _batch_mean(self, per: torch.Tensor, L_global: torch.Tensor, N: torch.Tensor):  # noqa: N803
+        """Vanilla's loss (attached) and its reported value: the mean over the GLOBAL batch.
+        Under DDP each rank's sum is scaled by world / B_global, so DDP's average of the ranks'
+        gradients is the global-batch gradient also for unequal local batches."""
+        if not self.comm.active:
+            total = per.mean()
+            return total, total.detach()
+        n = N.sum().clamp(min=1)
+        total = per.sum() * (self.comm.world / n).to(per.dtype)
+        shown = (L_global * N).sum() / n  # absent clusters: L 0, N 0
+        return total, shown
 
     def _scaled(self, loss: torch.Tensor, scaler) -> torch.Tensor:
         return scaler.scale(loss) if _scaling(scaler) else loss
@@ -935,6 +969,27 @@ def _describe(x: Any) -> str:
     if isinstance(x, torch.Tensor):
         return f"tensor of shape {list(x.shape)} and dtype {x.dtype}"
     return type(x).__name__
+
+
+def _check_ddp_for_gradients(model: nn.Module, reducing: bool) -> None:
+    """DDP settings under which a gradient method's per-cluster passes cannot be exact."""
+    if not reducing:
+        raise ValueError(
+            "a DistributedDataParallel model with an engine that does not reduce across ranks "
+            "(distributed=False): the per-cluster passes run under no_sync, so every rank would "
+            "apply its own update. Use distributed='auto' (the default) or True"
+        )
+    for flag, why in (
+        ("gradient_as_bucket_view", "DDP would point .grad at its buckets, away from the rows "
+         "of J, and cluster gradients would be lost"),
+        ("static_graph", "the per-cluster passes use no_sync, which a static graph does not "
+         "allow"),
+    ):  # fmt: skip
+        if getattr(model, flag, False):
+            raise ValueError(
+                f"DDP(..., {flag}=True) with a gradient method: {why}. Wrap the model with "
+                f"DDP(model, {flag}=False)"
+            )
 
 
 def _check_per_sample(per: Any, n: int | None) -> torch.Tensor:

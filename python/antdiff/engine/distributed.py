@@ -17,15 +17,23 @@ class Comm:
     def __init__(self, enabled: bool | str = "auto", group: object = None) -> None:
         if enabled not in ("auto", True, False):
             raise ValueError(f"distributed must be 'auto', True or False, got {enabled!r}")
+        self.enabled, self.group = enabled, group
+        self.active, self.world = False, 1
+        self.resolve()
+
+    def resolve(self) -> None:
+        """Decide (again) whether to reduce: "auto" turns on once torch.distributed is
+        initialised, so an engine built before ``init_process_group`` still reduces."""
+        if self.active or self.enabled is False:
+            return
         active = dist.is_available() and dist.is_initialized()
-        if enabled is True and not active:
+        if self.enabled is True and not active:
             raise ValueError(
                 "distributed=True but torch.distributed is not initialised; call "
                 "torch.distributed.init_process_group() first (torchrun does the rendezvous)"
             )
-        self.active = bool(active and enabled in ("auto", True))
-        self.group = group
-        self.world = dist.get_world_size(group) if self.active else 1
+        if active:
+            self.active, self.world = True, dist.get_world_size(self.group)
 
     def sum_(self, x: torch.Tensor) -> torch.Tensor:
         """All-reduce (sum) in place; returns x."""

@@ -228,6 +228,17 @@ class TimestepSampler:
         cluster ids (a read-only [B] tensor on t's device) as the last draw."""
         self.last = (t, counts, _version(t), cid)
 
+    def local_slice(self, t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """``t[start:stop]``, with its host counts remembered when ``t`` is this sampler's last
+        draw (a rank's slice of a global batch: its sub-batches need no device read)."""
+        local = t[start:stop]
+        counts = self.counts_for(t)
+        if counts is not None:
+            edges = np.concatenate([[0], np.cumsum(counts)])
+            inside = np.minimum(edges[1:], stop) - np.maximum(edges[:-1], start)
+            self.remember(local, np.clip(inside, 0, None).astype(np.int64))
+        return local
+
     def cid_for(self, t: torch.Tensor) -> torch.Tensor | None:
         """The cluster ids of ``t`` if ``counts_for(t)`` knows it and they were recorded (read
         them, never write them: they are cached for later draws with the same counts)."""
