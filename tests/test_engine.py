@@ -1117,3 +1117,113 @@ def test_off_step_reports_weight_zero_for_an_absent_cluster():
     out = ant.backward(per_sample_loss(model), x, lacking)  # off-step
     assert not bool(out.present[ids[-1]]) and float(out.weights[ids[-1]]) == 0.0
     assert (out.weights[out.present] > 0).all()
+
+
+def test_nonfinite_recompute_is_redone_with_a_fused_optimizer_on_the_cpu():
+    """With a fused optimiser the skip happens on the device and ant.step reads nothing; on
+    the CPU the recompute's flag is a host tensor, so the next step redoes it (it kept equal
+    weights for the rest of the cycle)."""
+    x = torch.randn(16, 1, 6, 6, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([2, 5, 9, 20, 26, 31, 40, 47, 52, 58, 63, 70, 77, 84, 90, 99])
+    weights = []
+    for bad in (True, False):
+        model, ant = setup("nash", mode="micro")  # update_every 25
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+        lf = per_sample_loss(model)
+        if bad:
+            inf_at_20 = lambda xb, tb, lf=lf: lf(xb, tb) * torch.where(  # noqa: E731
+                tb == 20, float("inf"), 1.0
+            )
+            ant.backward(inf_at_20, x, t)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                assert ant.step(opt) is True  # issued; skipped on the device
+        weights.append(ant.backward(lf, x, t).weights.clone())
+    assert not torch.allclose(weights[1], torch.full((4,), 0.25))
+    torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=0)
+
+
+def test_parameter_gradient_hooks_are_not_bypassed():
+    """One-pass forms the weight gradients in layer hooks, so a hook on a parameter would never
+    run: onepass refuses, auto switches to micro, where the hook applies."""
+    x = torch.randn(16, 1, 6, 6, generator=torch.Generator().manual_seed(3))
+    for kind in ("register_hook", "register_post_accumulate_grad_hook"):
+        model, ant = setup("pcgrad", mode="onepass")
+        getattr(model.inp.weight, kind)(lambda g: None)
+        with pytest.raises(ValueError, match=f"'inp.weight' has a gradient hook.*{kind}"):
+            ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16))
+    model, ant = setup("pcgrad")  # auto
+    model.inp.weight.register_hook(lambda g: g * 0)
+    with pytest.warns(UserWarning, match="uses 'micro'"):
+        ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16))
+    assert float(model.inp.weight.grad.abs().sum()) == 0.0
+    assert float(model.out.weight.grad.abs().sum()) > 0.0
+
+
+@pytest.mark.parametrize("s0", [float("nan"), -100.0])
+def test_nonfinite_uw_slope_skips_a_gradient_method_step(s0):
+    """UW's slope exp(-s_i) / 2k can be inf/NaN while every loss is finite (s_i NaN, or
+    exp(-s_i) overflowing): the step is non-finite, as ant.reduce has it, not an update that
+    carries the inf/NaN into the model."""
+    model, ant = setup("uw+pcgrad")
+    with torch.no_grad():
+        ant.method.loss.s[0] = s0
+    opt = torch.optim.SGD([{"params": model.parameters()}, *ant.param_groups()], lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(16, 1, 6, 6)
+    out = ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16))
+    assert not bool(out.finite)
+    with pytest.warns(UserWarning, match="non-finite"):
+        assert ant.step(opt) is False
+    for a, b in zip(before, model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_off_step_nan_leaves_uw_untouched_without_the_skip():
+    """skip_nonfinite=False: the engine zeroes a non-finite update itself, the method's own
+    gradients (UW's s) included, so s stays finite and later steps recover."""
+    model, ant = setup("uw+nash", update_every=2)
+    opt = torch.optim.SGD([{"params": model.parameters()}, *ant.param_groups()], lr=0.1)
+    x = torch.randn(16, 1, 6, 6)
+    ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16))
+    ant.step(opt, skip_nonfinite=False)
+    s = ant.method.loss.s.detach().clone()
+    nan_one = lambda xb, tb: per_sample_loss(model)(xb, tb) * torch.where(  # noqa: E731
+        torch.arange(len(tb)) == 3, float("nan"), 1.0
+    )
+    out = ant.backward(nan_one, x, ant.sample_timesteps(16))  # an off-step
+    assert not bool(out.finite)
+    assert torch.equal(ant.method.loss.s.grad, torch.zeros_like(s))
+    ant.step(opt, skip_nonfinite=False)
+    assert torch.equal(ant.method.loss.s.detach(), s)
+    assert bool(ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16)).finite)
+
+
+def test_skip_with_a_gradscaler_backs_off_as_gradscaler_does():
+    """Scale times the backoff factor and the growth count reset, whichever way the skip
+    happens: through ant.step's read, or (skip_nonfinite=False) through scaler.step, which
+    sees the update made NaN even when the NaN loss left the gradients finite."""
+    x = torch.randn(16, 1, 6, 6)
+    for skip in (True, False):
+        model, ant = setup("pcgrad")
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, backoff_factor=0.25,
+                                      growth_interval=3)  # fmt: skip
+        for _ in range(2):  # two good steps: growth count 2 of 3
+            ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16), scaler=scaler)
+            ant.step(opt, scaler=scaler, skip_nonfinite=skip)
+        before = [p.detach().clone() for p in model.parameters()]
+        lf = per_sample_loss(model)
+        masked_nan = lambda xb, tb, lf=lf: torch.where(  # noqa: E731
+            torch.arange(len(tb)) == 3, float("nan"), lf(xb, tb)  # NaN loss, finite gradients
+        )
+        ant.backward(masked_nan, x, ant.sample_timesteps(16), scaler=scaler)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ant.step(opt, scaler=scaler, skip_nonfinite=skip)
+        assert scaler.get_scale() == 256.0
+        for a, b in zip(before, model.parameters()):
+            assert torch.equal(a, b)
+        ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16), scaler=scaler)
+        ant.step(opt, scaler=scaler, skip_nonfinite=skip)
+        assert scaler.get_scale() == 256.0  # the growth count started again

@@ -598,10 +598,16 @@ class ANT:
         self._scaled(total, scaler).backward()
         c = torch.ones_like(L_global) if loss_m is None else loss_m.slopes(L_global, present)
         finite = torch.isfinite(L_global).all() & torch.isfinite(total)
+        own = [] if loss_m is None else [p.grad for p in loss_m.parameters() if p.grad is not None]
+        for g in own:
+            finite = finite & torch.isfinite(g).all()
         if buf is not None:  # the gradient is row 0 of J: check it in the same pass
             finite = finite & torch.isfinite(buf.J[0].sum())
+            # as on the weight steps: zeroed, or NaN for a GradScaler to skip and back off
+            buf.J[0].masked_fill_(~finite, float("nan") if _scaling(scaler) else 0.0)
             if not _scaling(scaler):
-                buf.J[0].masked_fill_(~finite, 0.0)
+                for g in own:  # the method's own parameters stay as they were
+                    g.masked_fill_(~finite, 0.0)
         # report what an on-step reports: the mean of the cluster losses without a loss method
         shown = total.detach() if loss_m is not None else _present_mean(L_global, present)
         return self._record(
@@ -657,7 +663,7 @@ class ANT:
             inv = 1.0 / scaler._scale.to(G.device).float().reshape(())  # device tensor: no sync
             G = G * inv * inv  # noqa: N806
         finite = finite & torch.isfinite(L_global).all()
-        c = self._loss_stage(L_global, present, scaler, finite)
+        c, finite = self._loss_stage(L_global, present, scaler, finite)
         Gc = G * (c[:, None] * c[None, :])  # noqa: N806
         grad = self.method.grad
         if grad.needs == "grads":
@@ -667,7 +673,7 @@ class ANT:
         else:
             w = grad.weights(torch.where(finite, Gc, torch.zeros_like(Gc)), present, finite)
             if grad.update_every > 1:  # off-steps reuse these weights: redo them if not finite
-                flag = _HostFlag(finite, self.step_count) if finite.is_cuda else None
+                flag = _HostFlag(finite, self.step_count)  # CPU: read at once, no wait
                 self._recompute = _Recompute(flag, self._w, self._w_present)
             prev = self._cached_w(w.device) if self._w is not None else self._equal_weights(present)
             self._w = torch.where(finite, w, prev)
@@ -675,8 +681,9 @@ class ANT:
             self._w_present = torch.where(finite, present, seen)
             w_eff = self._w * c
             combine(w_eff.to(torch.float32), J, out=J[0])
-        if not _scaling(scaler):  # with a GradScaler the inf/NaN must reach scaler.step
-            J[0].masked_fill_(~finite, 0.0)
+        # without a scaler a non-finite update is zeroed; with one it is made NaN, so that
+        # scaler.step skips it and backs off (a NaN loss can leave finite gradients)
+        J[0].masked_fill_(~finite, float("nan") if _scaling(scaler) else 0.0)
         buf.point_grads_at(0, zero=False)
         total = (
             self.method.loss.transform(L_global, present).sum()
@@ -747,13 +754,19 @@ class ANT:
             self._onepass = None
             return None
 
-    def _loss_stage(self, L_global, present, scaler, finite) -> torch.Tensor:  # noqa: N803
-        """c = dT/dL [k], and the loss method's own parameter gradients (e.g. UW's s)."""
+    def _loss_stage(self, L_global, present, scaler, finite):  # noqa: N803
+        """c = dT/dL [k] and the step's finite flag, which now also covers c and the loss
+        method's own parameter gradients (e.g. UW's s; written where the step is finite)."""
         loss_m = self.method.loss
         if loss_m is None:
-            return torch.ones_like(L_global)
+            return torch.ones_like(L_global), finite
         params = [p for p in loss_m.parameters() if p.requires_grad]
         c, grads = loss_m.grads(L_global, present)
+        # a slope that is inf/NaN (exp(-s) overflowing) would carry into every update
+        finite = finite & torch.isfinite(c).all()
+        for g in grads:
+            if g is not None:
+                finite = finite & torch.isfinite(g).all()
         scale = scaler._scale.reshape(()) if _scaling(scaler) else None
         for p, g in zip(params, grads):
             if g is None:
@@ -761,7 +774,7 @@ class ANT:
             g = torch.where(finite, g, 0.0)  # a non-finite step leaves the method untouched
             g = g * scale if scale is not None else g
             p.grad = g if p.grad is None else p.grad + g
-        return c
+        return c, finite
 
     def _grad_buffer(self) -> GradBuffer:
         model = self._model
@@ -815,7 +828,8 @@ class ANT:
         next ``zero_grad``. Otherwise the check reads one flag from the device (a host sync after
         the step's work is queued, like GradScaler) and returns False for a skipped step. With
         ``skip_nonfinite=False`` nothing is read: the engine has already zeroed a non-finite
-        gradient method update, and loss-space steps go through as computed. A non-finite
+        gradient method update (with a GradScaler: made it NaN, so that ``scaler.step`` skips
+        it and backs off), and loss-space steps go through as computed. A non-finite
         weight recompute (``update_every`` > 1) seen in this read is redone by the next
         ``backward``.
 
@@ -862,8 +876,8 @@ class ANT:
                 stacklevel=2,
             )
             optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.update(scaler.get_scale() / 2.0)
+            if _scaling(scaler):
+                _back_off(scaler)
             return False
         if scaler is not None:
             scaler.step(optimizer)
@@ -969,6 +983,15 @@ def _describe(x: Any) -> str:
     if isinstance(x, torch.Tensor):
         return f"tensor of shape {list(x.shape)} and dtype {x.dtype}"
     return type(x).__name__
+
+
+def _back_off(scaler: torch.amp.GradScaler) -> None:
+    """What GradScaler.update does after an inf/NaN step: scale times the backoff factor and
+    the growth count back to 0 (so the scale does not grow again at the next good step)."""
+    scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+    tracker = getattr(scaler, "_growth_tracker", None)
+    if isinstance(tracker, torch.Tensor):
+        tracker.zero_()
 
 
 def _check_ddp_for_gradients(model: nn.Module, reducing: bool) -> None:

@@ -11,9 +11,9 @@ cluster, so cluster i's slice gives exactly row i. A layer whose output would no
 
 Limits: every trainable parameter must belong to a supported layer and be used only through that
 layer's forward, on batch-major tensors (leading dimension B) that derive from the batch; a
-layer's input must not change in place after the layer used it (autograd's own rule), and no
-layer may run again in the backward (activation checkpointing). Each of these raises
-NotServable (mode "auto" then uses "micro").
+layer's input must not change in place after the layer used it (autograd's own rule), no
+layer may run again in the backward (activation checkpointing), and no parameter may carry a
+gradient hook. Each of these raises NotServable (mode "auto" then uses "micro").
 """
 
 from __future__ import annotations
@@ -354,6 +354,14 @@ class OnePass:
         k = buf.J.shape[0]
         self._st = _Step(cid, counts, k, buf.J.dtype)
         off = [p for p in buf.params if p.requires_grad]
+        for p in off:
+            if p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None):
+                name = next((n for n, q in self._inner.named_parameters() if q is p), "?")
+                raise NotServable(
+                    f"mode='onepass': parameter {name!r} has a gradient hook "
+                    "(register_hook / register_post_accumulate_grad_hook), which the per-cluster "
+                    "rows would bypass; use mode='micro' (or 'auto')"
+                )
         handles = []
         try:
             for p in off:  # the layers' weight gradients come from the hooks, per cluster
