@@ -195,3 +195,31 @@ def test_eval_bad_k_and_small_reference_fail_before_sampling(tmp_path: Path, kw,
         kw = {**kw, "ref": tmp_path / kw["ref"]}
     with pytest.raises(ValueError, match=match):
         evaluate_checkpoint(tmp_path / "no_such_run", 100, **kw)
+
+
+@pytest.mark.parametrize("preset", ["digits_ldm", "digits_adm"])
+def test_checkpoint_samples_without_its_data_set(tmp_path: Path, monkeypatch, preset) -> None:
+    """The checkpoint records the data's shape and classes (and holds a latent run's codec):
+    sampling must not read the training set, which may be gone or be 20 GB of latents."""
+    import antdiff.data
+
+    overrides = [
+        *("--train.steps", "1", "--train.batch_size", "8", "--train.ckpt_every", "1"),
+        *("--data.autoencoder_steps", "2", "--train.progress", "false", "--sample.n", "2"),
+        *("--sample.steps", "2", "--train.out_dir", str(tmp_path / "run")),
+    ]
+    if preset == "digits_adm":
+        overrides = [*overrides, "--data.class_conditional", "true"]
+    train(load_config(preset, overrides))
+    full = load_for_sampling(tmp_path / "run")
+
+    def gone(*args, **kwargs):
+        raise FileNotFoundError("the training data moved")
+
+    monkeypatch.setattr(antdiff.data, "load_dataset", gone)
+    loaded = load_for_sampling(tmp_path / "run")
+    assert loaded.data.shape == full.data.shape and loaded.latent == full.latent
+    assert loaded.data.num_classes == full.data.num_classes
+    a, _ = generate(full, 3, steps=2, progress=False, seed=4)
+    b, _ = generate(loaded, 3, steps=2, progress=False, seed=4)
+    assert torch.equal(a, b) and a.shape == (3, 1, 8, 8)

@@ -206,23 +206,26 @@ def model_from_state(
 
     Args:
         state: a loaded ``antdiff train`` checkpoint (:func:`load_checkpoint`).
-        data: the run's :class:`~antdiff.data.Dataset`; None loads it from the config (the
-            model's input shape and classes depend on it; a latent run's codec comes from
-            ``state["codec"]``).
+        data: the run's :class:`~antdiff.data.Dataset`; None: a stand-in with no samples
+            built from the checkpoint's record of the data (input shape, classes, and a latent
+            run's codec from ``state["codec"]``), so sampling needs no data set; checkpoints
+            written before that record load the data set from the config.
         weights: "model" (raw weights) or "ema".
 
     Returns:
         (model, the validated Config, the Dataset).
     """
     from .config import config_from_dict
-    from .data import load_dataset
+    from .data import load_dataset, stand_in_dataset
     from .models import create_model
     from .train import model_kwargs
 
     if weights not in ("model", "ema"):
         raise ValueError(f"weights must be 'model' or 'ema', got {weights!r}")
     cfg = config_from_dict(state["config"])
-    if data is None:
+    if data is None and state.get("data_meta") is not None:
+        data = stand_in_dataset(cfg.data, state["data_meta"], state.get("codec"))
+    elif data is None:
         data = load_dataset(cfg.data, cfg.train.seed, 0, state.get("codec"))
     model = create_model(cfg.model.name, **model_kwargs(cfg, data))
     load_model_state(model, state[weights], state, "EMA" if weights == "ema" else "model")

@@ -203,6 +203,20 @@ def load_dataset(cfg: DataConfig, seed: int = 0, num_workers: int = 0, codec_sta
     return ds
 
 
+def stand_in_dataset(cfg: DataConfig, meta: dict[str, Any], codec_state=None) -> Dataset:
+    """A Dataset with no samples but the run's shape [C, H, W] and classes (``meta``) and its
+    tiny codec (``codec_state``): what building and sampling a model need of the data."""
+    codec = None
+    if codec_state is not None:
+        from .models import TinyAutoencoder
+
+        codec = TinyAutoencoder(in_channels=cfg.channels)
+        codec.load_state_dict(codec_state)
+        codec.eval().requires_grad_(False)
+    x = torch.empty(0, *(int(v) for v in meta["shape"]))
+    return Dataset(x, None, meta.get("num_classes"), codec)
+
+
 def _encode_tiny(ds: Dataset, cfg: DataConfig, seed: int, state: dict | None) -> Dataset:
     from .models import TinyAutoencoder, train_autoencoder
 

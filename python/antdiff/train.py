@@ -288,6 +288,8 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
         "rng": capture_rng(),
         "gen": run.gen.get_state(),
         "codec": None if codec is None else codec.state_dict(),
+        # what sampling needs of the data, so a checkpoint samples without its data set
+        "data_meta": {"shape": list(run.data.shape), "num_classes": run.data.num_classes},
     }
 
 
