@@ -122,3 +122,24 @@ def test_model_mismatch_says_which_model_the_checkpoint_holds():
     c = torch.nn.Linear(3, 2)
     load_model_state(c, a.state_dict(), ckpt)
     assert torch.equal(c.weight, a.weight)
+
+
+def test_written_files_honour_the_umask(tmp_path):
+    """Files come out as a plain open() would make them (0666 minus the umask), not as the
+    private temp file (0600): runs on a shared machine stay readable by the group."""
+    import os
+    import stat
+
+    from antdiff import utils
+
+    for umask in (0o022, 0o077):
+        old = os.umask(umask)
+        try:
+            saved, utils._UMASK = utils._UMASK, utils._read_umask()
+            try:
+                path = utils.atomic_write_text(tmp_path / f"f{umask:o}.txt", "x")
+            finally:
+                utils._UMASK = saved
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask

@@ -150,7 +150,17 @@ def test_errors(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) ->
     assert "not found" in err and "inception-2015-12-05.pt" in err
     err = _err(capsys, [*ck, "--num", "20"])
     assert "rank-deficient" in err and "at least 65 samples" in err
+    assert "allow_rank_deficient" not in err  # an argument of the API the CLI does not have
     assert not (tmp_path / "e.json").exists()
+
+
+def test_cuda_device_without_cuda_is_a_clear_error(monkeypatch) -> None:
+    from antdiff.cli.sample import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device cuda:1: CUDA is not available here"):
+        pick_device("cuda:1")
+    assert pick_device(None) == "cpu" and pick_device("cpu") == "cpu"
 
 
 def test_latent_run_is_decoded(tmp_path: Path) -> None:

@@ -307,6 +307,19 @@ def test_checkpoint_from_another_model(tmp_path):
         )
 
 
+def test_changed_method_on_resume_is_named(tmp_path):
+    """Even with --allow-config-change the method cannot change; the engine says so (the
+    optimiser's "different number of parameter groups" came first when UW was involved)."""
+    train(_cfg("digits_adm", tmp_path, "--train.ckpt_every", "2", "--ant.method", "uw"))
+    with pytest.raises(ValueError, match="trained with method 'uw', this engine uses 'pcgrad'"):
+        train(
+            _cfg("digits_adm", tmp_path, "--train.ckpt_every", "2", "--ant.method", "pcgrad",
+                 steps=3),
+            resume=True,
+            allow_config_change=True,
+        )  # fmt: skip
+
+
 def test_cli_train_and_resume(tmp_path, capsys):
     args = [
         "train",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -48,9 +49,10 @@ def _choice(section: str, key: str, value: Any, valid: tuple) -> None:
 
 
 def _positive(section: str, key: str, value: Any, zero_ok: bool = False) -> None:
-    if value is None or value < 0 or (value == 0 and not zero_ok):
+    # NaN compares False with everything, so it is refused by name, like inf
+    if value is None or not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
         bound = ">= 0" if zero_ok else "> 0"
-        raise ValueError(f"{section}.{key} must be {bound}, got {value!r}")
+        raise ValueError(f"{section}.{key} must be finite and {bound}, got {value!r}")
 
 
 @dataclass
@@ -123,6 +125,8 @@ class DiffusionConfig:
         _choice("diffusion", "prediction", self.prediction, PREDICTIONS)
         _choice("diffusion", "loss_weighting", self.loss_weighting, WEIGHTINGS)
         _positive("diffusion", "min_snr_gamma", self.min_snr_gamma)
+        _positive("diffusion", "p2_gamma", self.p2_gamma, zero_ok=True)
+        _positive("diffusion", "p2_k", self.p2_k, zero_ok=True)
 
 
 @dataclass

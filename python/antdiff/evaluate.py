@@ -266,9 +266,9 @@ def evaluate_checkpoint(
     _check_int("k", k, 1)
     extractor = make_extractor(features, inception, device)
     # the metrics' own checks, before minutes of sampling rather than after
-    check_enough_samples(num, extractor.dim, f"--num {num}", allow_rank_deficient=False)
+    check_enough_samples(num, extractor.dim, f"--num {num}", False, api=False)
     _, real = reference_images(ref)
-    check_enough_samples(len(real), extractor.dim, f"--ref {ref}", allow_rank_deficient=False)
+    check_enough_samples(len(real), extractor.dim, f"--ref {ref}", False, api=False)
     for name, n in ((f"--num {num}", num), (f"--ref {ref}", len(real))):
         if k >= n:  # precision / recall
             raise ValueError(f"--k {k} neighbours need at least {k + 1} samples; got {name}")

@@ -304,8 +304,10 @@ def restore(run: Run, state: dict[str, Any]) -> None:
     if len(ours) == len(saved["param_groups"]):
         saved = {**saved, "param_groups": [{**g, "fused": f}
                                            for g, f in zip(saved["param_groups"], ours)]}
-    run.opt.load_state_dict(saved)
+    # the engine first: it names a changed method or k, where the optimiser would only say
+    # that its parameter groups differ (UW adds one)
     run.ant.load_state_dict(state["ant"])
+    run.opt.load_state_dict(saved)
     run.batches.load_state_dict(state["data"])
     run.step = int(state["step"])
     restore_rng(state["rng"])

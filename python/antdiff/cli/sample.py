@@ -38,7 +38,11 @@ def add_common(p: argparse.ArgumentParser) -> None:
 
 
 def pick_device(name: str | None) -> str:
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return name
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

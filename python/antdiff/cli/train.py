@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--allow-config-change",
         action="store_true",
-        help="resume even if the config differs in more than train.steps / logging settings",
+        help="resume even if the config differs in more than train.steps / logging settings "
+        "(ant.method, ant.k and the model still cannot change: their state would not fit)",
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
     p.epilog = (

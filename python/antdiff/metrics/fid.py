@@ -43,17 +43,24 @@ def min_samples(dim: int) -> int:
     return dim + 1
 
 
-def check_enough_samples(n: int, dim: int, name: str, allow_rank_deficient: bool) -> None:
-    """Raise ValueError when ``n`` samples cannot give a full-rank ``dim``-dim covariance."""
+def check_enough_samples(
+    n: int, dim: int, name: str, allow_rank_deficient: bool, api: bool = True
+) -> None:
+    """Raise ValueError when ``n`` samples cannot give a full-rank ``dim``-dim covariance
+    (``api``: the message mentions the allow_rank_deficient argument, which the CLI lacks)."""
     if n < 2:
         raise ValueError(f"{name}: a covariance needs at least 2 samples; got {n}")
     if n < min_samples(dim) and not allow_rank_deficient:
         raise ValueError(
             f"{name}: {n} samples of {dim}-dim features give a rank-deficient covariance "
             f"(rank <= N - 1 = {n - 1} < {dim}), so FID is undefined/unreliable. Use at least "
-            f"{min_samples(dim)} samples (published FIDs use 10K-50K), or pass "
-            "allow_rank_deficient=True for small-data domain features (the value is then biased "
-            "and comparable only to runs with the same N)."
+            f"{min_samples(dim)} samples (published FIDs use 10K-50K)"
+            + (
+                ", or pass allow_rank_deficient=True for small-data domain features (the value "
+                "is then biased and comparable only to runs with the same N)."
+                if api
+                else "."
+            )
         )
 
 

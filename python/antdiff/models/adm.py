@@ -222,7 +222,11 @@ class UNetModel(nn.Module):
             )
         missing = sorted(set(attention_resolutions) - set(levels))
         if missing:
-            raise ValueError(f"attention_resolutions {missing} never occur; levels are {levels}")
+            raise ValueError(
+                f"attention_resolutions {missing} never occur at image_size {image_size}: the "
+                f"levels are {levels}. Choose among them (model.overrides.attention_resolutions "
+                "in a config), e.g. scaled with the image size"
+            )
         if not 0.0 <= class_dropout_prob < 1.0:
             raise ValueError(f"class_dropout_prob must be in [0, 1), got {class_dropout_prob}")
         self.in_channels, self.model_channels = in_channels, model_channels
