@@ -68,8 +68,9 @@ void UwForwardAt(uintptr_t per, uintptr_t cid, int64_t B, uintptr_t inv, uintptr
                  coef_ds + k);
 }
 
-void UwBackwardAt(uintptr_t g, uintptr_t coef, uintptr_t cid, int64_t B, uintptr_t d_per) {
-  ant::UwBackward(Address<const float>(g), Address<const float>(coef),
+void UwBackwardAt(uintptr_t g, uintptr_t coef, int64_t k, uintptr_t cid, int64_t B,
+                  uintptr_t d_per) {
+  ant::UwBackward(Address<const float>(g), Address<const float>(coef), k,
                   Address<const int64_t>(cid), B, Address<float>(d_per));
 }
 
@@ -146,10 +147,10 @@ Raises:
         "host buffers: per float32 [B], cid int64 [B], inv, present, s float32 [k]; written: "
         "total float32 0-d, lc float32 [2k] (L, c), saved float32 [2k] (coef, ds). Use "
         "antdiff.mtl.native.");
-  m.def("uw_backward", &UwBackwardAt, py::arg("g"), py::arg("coef"), py::arg("cid"), py::arg("B"),
-        py::arg("d_per"),
-        "d_per[n] = g * coef[cid[n]] (float32 g 0-d, coef [k], int64 cid [B], d_per [B] written). "
-        "Use antdiff.mtl.native.");
+  m.def("uw_backward", &UwBackwardAt, py::arg("g"), py::arg("coef"), py::arg("k"), py::arg("cid"),
+        py::arg("B"), py::arg("d_per"),
+        "d_per[n] = g * coef[cid[n]] (float32 g 0-d, coef [k], int64 cid [B] in [0, k), d_per [B] "
+        "written). Use antdiff.mtl.native.");
   m.def("philox_uniform", &PhiloxUniformAt, py::arg("seed"), py::arg("step"), py::arg("offset"),
         py::arg("count"), py::arg("out"),
         "Values offset .. offset + count - 1 of the counter-based uniform stream (seed, step) (see "

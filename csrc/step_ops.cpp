@@ -35,9 +35,17 @@ void UwForward(const float* per, const int64_t* cid, int64_t B, const float* inv
   *total = static_cast<float>(t);
 }
 
-void UwBackward(const float* g, const float* coef, const int64_t* cid, int64_t B, float* d_per) {
+void UwBackward(const float* g, const float* coef, int64_t k, const int64_t* cid, int64_t B,
+                float* d_per) {
   const float gv = *g;
-  for (int64_t n = 0; n < B; ++n) d_per[n] = gv * coef[cid[n]];
+  for (int64_t n = 0; n < B; ++n) {
+    const int64_t i = cid[n];
+    if (i < 0 || i >= k) {  // coef has k entries: never read past them
+      throw std::invalid_argument("UwBackward: cluster id " + std::to_string(i) +
+                                  " outside [0, " + std::to_string(k) + ")");
+    }
+    d_per[n] = gv * coef[i];
+  }
 }
 
 }  // namespace ant

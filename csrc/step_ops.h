@@ -17,7 +17,8 @@ void UwForward(const float* per, const int64_t* cid, int64_t B, const float* inv
                const float* present, const float* s, int64_t k, float* total, float* L, float* c,
                float* coef, float* ds);
 
-// d_per_n = g * coef[cid_n] (cid checked by UwForward).
-void UwBackward(const float* g, const float* coef, const int64_t* cid, int64_t B, float* d_per);
+// d_per_n = g * coef[cid_n], coef [k]; throws std::invalid_argument for a cid outside [0, k).
+void UwBackward(const float* g, const float* coef, int64_t k, const int64_t* cid, int64_t B,
+                float* d_per);
 
 }  // namespace ant

@@ -143,8 +143,7 @@ class _UWTotal(torch.autograd.Function):
         per_sample, ds, cid = ctx.saved_tensors
         d_per, d_s = ctx.dtypes
         if d_per == torch.float32 and native.serves_uw(per_sample, g, cid):
-            d_per = native.uw_backward_unchecked(g, per_sample, cid)
-            return d_per, (g * ds).to(d_s), None, None, None
+            return native.uw_backward(g, per_sample, cid), (g * ds).to(d_s), None, None, None
         return (g * per_sample)[cid].to(d_per), (g * ds).to(d_s), None, None, None
 
 

@@ -139,23 +139,18 @@ def uw_forward(per, s, cid, inv, present) -> tuple[torch.Tensor, ...]:
 
 
 def uw_backward(g, coef, cid) -> torch.Tensor:
-    """d per_n = g * coef[cid_n] (float32 [B]; g 0-d, coef [k], cid [B] as for uw_forward)."""
+    """d per_n = g * coef[cid_n] (float32 [B]; g 0-d, coef [k], cid [B] in [0, k), as for
+    uw_forward; the C++ checks the ids as it reads them)."""
     _check_uw(uw_backward, g=g, coef=coef, cid=cid)
     if g.dim() != 0 or coef.dim() != 1 or cid.dim() != 1:
         raise ValueError(
             f"uw_backward needs g 0-d, coef [k] and cid [B]; got g {tuple(g.shape)}, coef "
             f"{tuple(coef.shape)}, cid {tuple(cid.shape)}"
         )
-    if cid.numel() and not bool(((cid >= 0) & (cid < coef.shape[0])).all()):
-        raise ValueError(f"uw_backward: cluster ids must lie in [0, {coef.shape[0]})")
-    return uw_backward_unchecked(g, coef, cid)
-
-
-def uw_backward_unchecked(g, coef, cid) -> torch.Tensor:
-    """``uw_backward`` without its checks, for UW's autograd node: its inputs come from
-    ``uw_forward``, which checked them (a few microseconds per step saved)."""
     d_per = torch.empty(cid.shape[0], **_HOST32)
-    _C.uw_backward(g.data_ptr(), coef.data_ptr(), cid.data_ptr(), cid.shape[0], d_per.data_ptr())
+    _C.uw_backward(
+        g.data_ptr(), coef.data_ptr(), coef.shape[0], cid.data_ptr(), cid.shape[0], d_per.data_ptr()
+    )
     return d_per
 
 
