@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report is not None:
         write_report(summary, args.report, out)
     for r in summary["rows"]:
-        print(f"{r['name']:>20}: FID {r['fid']['mean']:.3f} +- {r['fid']['std']:.3f}")
+        print(f"{r['name']:>20}: FID {_pm(r['fid'], 3)}")
     return 0
 
 

@@ -673,7 +673,9 @@ class ANT:
         else:
             w = grad.weights(torch.where(finite, Gc, torch.zeros_like(Gc)), present, finite)
             if grad.update_every > 1:  # off-steps reuse these weights: redo them if not finite
-                flag = _HostFlag(finite, self.step_count)  # CPU: read at once, no wait
+                # CPU: the verdict comes from ant.step's read (None under a fused optimiser,
+                # which skips on the device: the recompute then waits for the next cycle)
+                flag = _HostFlag(finite, self.step_count) if finite.is_cuda else None
                 self._recompute = _Recompute(flag, self._w, self._w_present)
             prev = self._cached_w(w.device) if self._w is not None else self._equal_weights(present)
             self._w = torch.where(finite, w, prev)
