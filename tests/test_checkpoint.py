@@ -143,3 +143,16 @@ def test_written_files_honour_the_umask(tmp_path):
         finally:
             os.umask(old)
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_a_mount_that_refuses_chmod_still_gets_its_files(tmp_path, monkeypatch):
+    import os
+
+    from antdiff import utils
+
+    def refuse(fd, mode):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "fchmod", refuse)
+    path = utils.atomic_write_text(tmp_path / "a.txt", "kept")
+    assert path.read_text() == "kept" and not list(tmp_path.glob(".*.tmp"))

@@ -732,7 +732,9 @@ def uw_path(request, monkeypatch):
     else:
         assert native._C is not None, "antdiff._C is not built: run `make build`"
         real = native.uw_forward
-        monkeypatch.setattr(native, "uw_forward", lambda *a: calls.append(1) or real(*a))
+        monkeypatch.setattr(
+            native, "uw_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+        )
     return request.param, calls
 
 

@@ -306,3 +306,23 @@ def test_rlw_draws_are_standard_normal():
     legacy["_extra_state"] = {"rng": {"seed": 2, "device_type": "cpu", "state": used}}
     with pytest.warns(UserWarning, match="restarts from step 0 of seed 2"):
         rlw.load_state_dict(legacy)
+
+
+@pytest.mark.parametrize(
+    ("method", "kwargs", "match"),
+    [
+        ("uw", {"lr": float("inf")}, "lr must be a finite number > 0, got inf"),
+        ("dwa", {"temperature": float("inf")}, "temperature must be a finite number > 0"),
+        ("famo", {"lr": float("nan")}, "lr must be a finite number > 0, got nan"),
+        ("famo", {"gamma": float("inf")}, "gamma must be a finite number >= 0"),
+        ("famo", {"eps": float("nan")}, "eps must be a finite number > 0"),
+        ("famo", {"min_loss": float("nan")}, "min_loss must be a finite number"),
+        ("cagrad", {"c": float("inf")}, "c must be a finite number >= 0, got inf"),
+    ],
+)
+def test_nonfinite_method_hyperparameters_are_refused(method, kwargs, match):
+    """NaN / inf settings would make every step non-finite (each one skipped)."""
+    from antdiff.mtl import make_method
+
+    with pytest.raises(ValueError, match=match):
+        make_method(method, 4, **kwargs)

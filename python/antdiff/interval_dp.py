@@ -257,6 +257,7 @@ def solve_intervals(
     chosen = _pick_backend(backend)
     if data.ndim == 2 and chosen != "cpp":  # the C++ makes this check itself, as fast
         _check_finite(cost, data)
+    _check_magnitude(cost, data, k)
     if chosen == "cpp":
         algo = "dc" if dc else "quadratic"
         try:
@@ -276,10 +277,24 @@ def solve_intervals(
     return np.asarray(bounds, dtype=np.int64), float(total)
 
 
+def _check_magnitude(cost: str, data: np.ndarray, k: int) -> None:
+    """Refuse values whose interval costs or sums could overflow float64 somewhere in the DP:
+    an overflowed candidate would be skipped and the split silently not optimal."""
+    T = data.shape[0]  # noqa: N806
+    with np.errstate(over="ignore", invalid="ignore"):
+        finite = np.abs(data[np.isfinite(data)])  # inf/NaN get their own error (or are unread)
+        top = float(finite.max()) if finite.size else 0.0
+        # bounds of the largest intermediate: n * sum(x^2) (l2), prefix sums, k summed costs
+        bound = {"l2": T * T * top * top, "l1": 4.0 * T * top, "affinity": 2.0 * T * T * top,
+                 "matrix": 2.0 * k * top}[cost]  # fmt: skip
+    if not bound < 1e300:
+        raise _overflow(cost, data)
+
+
 def _overflow(cost: str, data: np.ndarray) -> ValueError:
     return ValueError(
         f"interval DP ({cost}): the costs overflow float64 (the largest |value| is "
-        f"{np.abs(data).max():.3g}); rescale the input"
+        f"{np.nanmax(np.abs(data)):.3g}); rescale the input"
     )
 
 

@@ -377,7 +377,7 @@ def run_ntg(
         source = (cfg if full_run is None else full_run.cfg).data.source
         extractor = DigitsFeatures() if source == "digits" else InceptionTorchScript()
     # the metrics' own check, before the full model and the specialists train
-    check_enough_samples(n_samples, extractor.dim, f"--n-samples {n_samples}", False)
+    check_enough_samples(n_samples, extractor.dim, f"--n-samples {n_samples}", False, api=False)
     if full_run is None:
         d = cfg.to_dict()
         d["train"]["out_dir"] = str(out / "full")

@@ -254,8 +254,8 @@ class CAGrad(GramMethod):
     def __init__(self, k: int, *, reduction: str = "mean", c: float = 0.4, rescale: int = 1):
         super().__init__(k, reduction=reduction)
         _check_subset_k(self.name, self.k)
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or not c >= 0:
-            raise ValueError(f"c must be a number >= 0, got {c!r}")
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c < float("inf"):
+            raise ValueError(f"c must be a finite number >= 0, got {c!r}")
         if rescale not in (0, 1, 2):
             raise ValueError(f"rescale must be 0, 1 or 2, got {rescale!r}")
         self.c = float(c)

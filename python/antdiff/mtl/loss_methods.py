@@ -36,8 +36,8 @@ from .stream import StepStream
 
 
 def _check_positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
 
 
@@ -122,7 +122,9 @@ class _UWTotal(torch.autograd.Function):
         ctx.dtypes = per.dtype, s.dtype
         ctx.set_materialize_grads(False)  # no zero tensors for L's and c's gradients
         if native.serves_uw(per, s, cid, inv, present):  # CPU float32: one C++ call
-            total, L, c, coef, ds = native.uw_forward(per, s, cid, inv, present)  # noqa: N806
+            total, L, c, coef, ds = native.uw_forward(  # noqa: N806
+                per, s, cid, inv, present, checked=False
+            )
             ctx.save_for_backward(coef, ds, cid)
             ctx.mark_non_differentiable(L, c)
             return total, L, c
@@ -143,7 +145,8 @@ class _UWTotal(torch.autograd.Function):
         per_sample, ds, cid = ctx.saved_tensors
         d_per, d_s = ctx.dtypes
         if d_per == torch.float32 and native.serves_uw(per_sample, g, cid):
-            return native.uw_backward(g, per_sample, cid), (g * ds).to(d_s), None, None, None
+            grad_per = native.uw_backward(g, per_sample, cid, checked=False)
+            return grad_per, (g * ds).to(d_s), None, None, None
         return (g * per_sample)[cid].to(d_per), (g * ds).to(d_s), None, None, None
 
 
@@ -250,10 +253,16 @@ class FAMO(LossMethod):
     ) -> None:
         super().__init__(k)
         self.lr = _check_positive("lr", lr)
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma >= 0:
-            raise ValueError(f"gamma must be a number >= 0, got {gamma!r}")
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (
+            0 <= gamma < math.inf
+        ):  # fmt: skip
+            raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
         self.gamma = float(gamma)
         self.eps = _check_positive("eps", eps)
+        if isinstance(min_loss, bool) or not isinstance(min_loss, (int, float)) or not (
+            math.isfinite(min_loss)
+        ):  # fmt: skip
+            raise ValueError(f"min_loss must be a finite number, got {min_loss!r}")
         self.min_loss = float(min_loss)
         for name in ("xi", "exp_avg", "exp_avg_sq", "prev_log"):
             self.register_buffer(name, torch.zeros(self.k, dtype=torch.float64))

@@ -114,12 +114,15 @@ def _check_uw(fn, **tensors: torch.Tensor) -> None:
             )
 
 
-def uw_forward(per, s, cid, inv, present) -> tuple[torch.Tensor, ...]:
+def uw_forward(per, s, cid, inv, present, *, checked: bool = True) -> tuple[torch.Tensor, ...]:
     """UW's reduction of per-sample losses ``per`` [B] in clusters ``cid`` [B] with 1 / counts
     ``inv`` [k], presence ``present`` [k] (float 1 / 0) and log-variances ``s`` [k] (tensors
     that ``serves_uw`` accepts): total (0-d), L, c, coef, ds [k] (csrc/step_ops.h). Three
-    separate tensors: the total, L and c (the caller's), coef and ds (for the backward)."""
-    _check_uw(uw_forward, per=per, s=s, cid=cid, inv=inv, present=present)
+    separate tensors: the total, L and c (the caller's), coef and ds (for the backward).
+    ``checked=False`` skips the dtype / device / layout checks (a caller that asked
+    ``serves_uw`` first: UW's autograd node, every CPU step)."""
+    if checked:
+        _check_uw(uw_forward, per=per, s=s, cid=cid, inv=inv, present=present)
     k, B = inv.shape[0], per.shape[0]  # noqa: N806
     if per.shape != (B,) or cid.shape != (B,) or s.shape != (k,) or present.shape != (k,):
         raise ValueError(
@@ -138,10 +141,11 @@ def uw_forward(per, s, cid, inv, present) -> tuple[torch.Tensor, ...]:
     return total, L, c, coef, ds
 
 
-def uw_backward(g, coef, cid) -> torch.Tensor:
+def uw_backward(g, coef, cid, *, checked: bool = True) -> torch.Tensor:
     """d per_n = g * coef[cid_n] (float32 [B]; g 0-d, coef [k], cid [B] in [0, k), as for
-    uw_forward; the C++ checks the ids as it reads them)."""
-    _check_uw(uw_backward, g=g, coef=coef, cid=cid)
+    uw_forward; the C++ checks the ids as it reads them; ``checked`` as for uw_forward)."""
+    if checked:
+        _check_uw(uw_backward, g=g, coef=coef, cid=cid)
     if g.dim() != 0 or coef.dim() != 1 or cid.dim() != 1:
         raise ValueError(
             f"uw_backward needs g 0-d, coef [k] and cid [B]; got g {tuple(g.shape)}, coef "
