@@ -31,6 +31,7 @@ A step = draw t, forward, the method's backward, optimizer step.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -348,9 +349,18 @@ class _Linear(torch.nn.Module):
         return self.J @ self.theta
 
 
+@functools.cache
 def _jacobians() -> dict[str, torch.Tensor]:
-    """[k, P] float64 Jacobians: the tiny DiT's per-cluster gradients, and a conflicting one."""
+    """[k, P] float64 Jacobians (read-only): the tiny DiT's per-cluster gradients after 50
+    training steps (at initialisation its clusters do not conflict, so PCGrad would be a plain
+    sum), and a random one with a strong conflict."""
     s = Setup("tiny")
+    opt = torch.optim.AdamW(s.model.parameters(), lr=1e-3)
+    for step in range(50):
+        sampler = ANT("linear", k=K, method="vanilla", clustering=s.clusters, seed=100 + step)
+        opt.zero_grad()
+        s.loss_fn(s.batch, sampler.sample_timesteps(s.B)).mean().backward()
+        opt.step()
     sampler = ANT("linear", k=K, method="vanilla", clustering=s.clusters, seed=3)
     t = sampler.sample_timesteps(s.B)
     L = peers.cluster_means(s.loss_fn(s.batch, t), s.clusters.cluster_of(t), K)  # noqa: N806
@@ -378,6 +388,7 @@ def _cases_J() -> list[Any]:
 @pytest.mark.parametrize("which", _cases_J())
 def test_pcgrad_equals_libmtl(which: str) -> None:
     J = _jacobians()[which].float()  # noqa: N806
+    assert int((J @ J.T < 0).sum()) // 2 > 0  # projections happen: the comparison can fail
     lin = _Linear(J)
     host = peers.libmtl_host("pcgrad", lin, K)
     random.seed(11)  # LibMTL shuffles list(range(k)) with `random` once per cluster, in order
@@ -412,8 +423,7 @@ def test_pcgrad_equals_torchjd(which: str) -> None:
     for i in range(K):
         perm = torch.randperm(K).tolist()
         orders.append([i] + [j for j in perm if j != i])
-    conflicts = int((G < 0).sum()) // 2
-    assert which == "real" or conflicts > 0
+    assert int((G < 0).sum()) // 2 > 0  # projections happen: the comparison can fail
     torch.testing.assert_close(_pcgrad_ours(J, orders), w_jd @ J, rtol=1e-10, atol=1e-12)
 
 
@@ -467,6 +477,12 @@ def summarize(raw_json: str, out_stem: str) -> dict[str, Any]:
         machine["gpu"] = info.pop("gpu", None)
         info["rounds"] = b["stats"]["rounds"]
         rows.append(info)
+    kinds = {"cuda" if r.get("gpu") else "cpu" for r in rows}
+    if len(kinds) > 1:  # extras are against the same device's vanilla; one header per file
+        raise ValueError(
+            f"{raw_json} holds both CPU and CUDA cases: summarise one device per file "
+            "(run with -k cpu or -k cuda)"
+        )
     for model in {r["model"] for r in rows}:
         mine = [r for r in rows if r["model"] == model]
         van = next((r for r in mine if r["scenario"] == "vanilla"), None)

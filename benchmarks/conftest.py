@@ -31,6 +31,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "quick: a benchmark case that --quick keeps")
+    # the cases read their own timings (ratios, GB/s): without them they cannot run
+    workers = config.getoption("numprocesses", None) if config.pluginmanager.hasplugin(
+        "xdist"
+    ) else None  # fmt: skip
+    if config.getoption("benchmark_disable", False) or workers:
+        raise pytest.UsageError(
+            "benchmarks/ measures timings, which --benchmark-disable and pytest-xdist (-n) "
+            "switch off: run it without them (the tests live in tests/)"
+        )
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Module | None:

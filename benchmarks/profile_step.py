@@ -23,7 +23,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "python")]  # noqa: E501
 
-from benchmarks.bench_step import Setup, make_step  # noqa: E402
+from benchmarks.bench_step import MODELS, THREADS, Setup, make_step  # noqa: E402
 
 
 def profile(model: str, scenario: str, steps: int, rows: int) -> None:
@@ -81,12 +81,13 @@ def where_syncs(model: str, scenario: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("model")
+    ap.add_argument("model", choices=sorted(MODELS), help="a bench_step model")
     ap.add_argument("scenarios", nargs="+")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--rows", type=int, default=15)
     ap.add_argument("--syncs", action="store_true", help="stacks of the host syncs (CUDA)")
     args = ap.parse_args()
+    torch.set_num_threads(THREADS)  # as the benchmark runs
     for scenario in args.scenarios:
         if args.syncs:
             where_syncs(args.model, scenario)
