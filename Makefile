@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 # CPU wheels by default (local here); a GPU user passes TORCH= (keep their CUDA torch) or a spec.
 TORCH ?= torch==2.13.0
+# where PyPI serves the pin as a CUDA build: TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 TRITON ?= triton==3.8.0
 BIN := $(VENV)/bin
 PY := $(BIN)/python
@@ -15,7 +17,8 @@ all: build
 $(STAMP): pyproject.toml setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	@if [ -n "$(TORCH)" ]; then $(PY) -m pip install -q "$(TORCH)"; fi
+	@if [ -n "$(TORCH)" ]; then $(PY) -m pip install -q "$(TORCH)" \
+		$(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)"); fi
 	@if [ -n "$(TRITON)" ]; then $(PY) -m pip install -q "$(TRITON)"; fi
 	$(PY) -m pip install -q pybind11 cmake ninja
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
