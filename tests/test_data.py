@@ -47,8 +47,54 @@ def test_image_folder_values(tmp_path):
     ds = load_dataset(DataConfig(source="folder", path=str(tmp_path), channels=3))
     ref = np.stack([a.transpose(2, 0, 1) for a in arrays]).astype(np.float64) / 127.5 - 1.0
     np.testing.assert_allclose(ds.x.double().numpy(), ref, atol=1e-6)
-    grey = load_dataset(DataConfig(source="folder", path=str(tmp_path), channels=1), num_workers=2)
+    # colour images are not silently trained as grey levels under the default channels=1
+    with pytest.raises(ValueError, match="is in colour but data.channels=1.*--data.channels 3"):
+        load_dataset(DataConfig(source="folder", path=str(tmp_path), channels=1))
+    grey_dir = tmp_path / "grey"
+    for i, a in enumerate(arrays):  # RGB files whose three channels agree are grey
+        _png(grey_dir / f"g{i}.png", np.repeat(a[..., :1], 3, axis=2))
+    grey = load_dataset(DataConfig(source="folder", path=str(grey_dir), channels=1), num_workers=2)
     assert grey.x.shape == (3, 1, 6, 6)
+    ref_grey = np.stack([a[None, :, :, 0] for a in arrays]).astype(np.float64) / 127.5 - 1.0
+    np.testing.assert_allclose(grey.x.double().numpy(), ref_grey, atol=1e-6)
+
+
+def test_image_folder_follows_linked_class_folders_and_skips_hidden_entries(tmp_path):
+    """Class folders may be symlinks (they were skipped); hidden folders and files
+    (.ipynb_checkpoints, macOS ._ files) are not data (they shifted every label or failed)."""
+    store, root = tmp_path / "store", tmp_path / "root"
+    for cls, n in (("cat", 3), ("dog", 2)):
+        for i in range(n):
+            _png(store / cls / f"{i}.png", np.full((4, 4, 3), 40 * i, np.uint8))
+    root.mkdir()
+    (root / "cat").symlink_to(store / "cat", target_is_directory=True)
+    (root / "dog").symlink_to(store / "dog", target_is_directory=True)
+    _png(root / ".ipynb_checkpoints" / "0-checkpoint.png", np.zeros((4, 4, 3), np.uint8))
+    (root / "cat" / "._0.png").write_bytes(b"not an image")
+    ds = load_dataset(DataConfig(source="folder", path=str(root), channels=3,
+                                 class_conditional=True))  # fmt: skip
+    assert ds.x.shape[0] == 5 and ds.num_classes == 2
+    assert ds.y.tolist() == [0, 0, 0, 1, 1]
+
+
+def test_image_folder_crops_before_resizing_and_follows_exif(tmp_path):
+    """A centre crop takes no pixel from outside the square (resize(box=) blended them into
+    the border), and a photo's EXIF orientation is applied as viewers apply it."""
+    from PIL import Image
+
+    a = np.zeros((8, 16, 3), np.uint8)
+    a[:, :4] = a[:, 12:] = 255  # white outside the centre 8x8 square, black inside
+    _png(tmp_path / "wide" / "a.png", a)
+    ds = load_dataset(DataConfig(source="folder", path=str(tmp_path / "wide"), channels=3,
+                                 image_size=4))  # fmt: skip
+    assert float(ds.x.max()) == -1.0  # all black
+    im = Image.fromarray(np.zeros((4, 8, 3), np.uint8))  # 8 wide, 4 high as stored
+    exif = im.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees to display
+    (tmp_path / "photo").mkdir()
+    im.save(tmp_path / "photo" / "p.jpg", exif=exif)
+    ds = load_dataset(DataConfig(source="folder", path=str(tmp_path / "photo"), channels=3))
+    assert ds.x.shape == (1, 3, 8, 4)  # shown 4 wide, 8 high
 
 
 def test_image_folder_mixed_sizes_is_an_error_naming_two_files(tmp_path):
@@ -178,3 +224,13 @@ def test_get_batch_keeps_labels_aligned():
     idx = torch.tensor([5, 0, 1796])
     b = get_batch(ds, idx)
     assert torch.equal(b["x"], ds.x[idx]) and torch.equal(b["y"], ds.y[idx])
+
+
+def test_batch_iterator_refuses_a_broken_state():
+    it = BatchIterator(11, 4, seed=0)
+    good = it.state_dict()
+    for bad in ({"pos": 99}, {"pos": -1}, {"epoch": -2}):
+        with pytest.raises(ValueError, match="data iterator state is broken"):
+            it.load_state_dict({**good, **bad})
+    it.load_state_dict(good)
+    assert it.next_indices().shape == (4,)

@@ -15,6 +15,7 @@ With ``autoencoder: tiny`` the images are encoded once by a freshly trained
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,13 +63,27 @@ def load_digits_tensor(image_size: int | None = None) -> tuple[torch.Tensor, tor
     return x.contiguous(), torch.from_numpy(d.target.astype(np.int64))
 
 
+def _walk_images(root: Path):
+    """Image files under ``root``, following symlinked folders (a class folder may be a link),
+    skipping hidden entries (.ipynb_checkpoints, macOS ._ files)."""
+    for top, dirs, names in os.walk(root, followlinks=True, onerror=_raise):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                yield Path(top) / name
+
+
+def _raise(exc: OSError) -> None:
+    raise exc
+
+
 def _list_images(root: Path, class_conditional: bool) -> tuple[list[Path], list[int], int | None]:
     if not root.exists():
         raise FileNotFoundError(f"data.path {str(root)!r} does not exist")
     if not root.is_dir():
         raise ValueError(f"data.path {str(root)!r} is not a directory (data.source='folder')")
     try:
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(_walk_images(root))
     except OSError as exc:
         raise ValueError(f"cannot read the image folder {str(root)!r}: {exc}") from exc
     if not files:
@@ -89,7 +104,7 @@ def _list_images(root: Path, class_conditional: bool) -> tuple[list[Path], list[
 
 
 def _read_image(path: Path, channels: int, size: int | None) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
@@ -99,12 +114,21 @@ def _read_image(path: Path, channels: int, size: int | None) -> np.ndarray:
                     f"image {str(path)!r} has mode {im.mode!r} (16-bit or float pixels), which "
                     "would be clipped to 8 bits; convert the folder to 8-bit PNG/JPEG first"
                 )
+            im = ImageOps.exif_transpose(im)  # as viewers show it (phone photos)
+            if channels == 1 and im.mode not in ("L", "LA", "1"):
+                rgb = np.asarray(im.convert("RGB"))
+                if (rgb[..., 0] != rgb[..., 1]).any() or (rgb[..., 1] != rgb[..., 2]).any():
+                    raise ValueError(
+                        f"image {str(path)!r} is in colour but data.channels=1 would train on "
+                        "its grey levels: set --data.channels 3 (or convert the folder to grey)"
+                    )
             im = im.convert("RGB" if channels == 3 else "L")
             if size is not None:
                 w, h = im.size
                 s = min(w, h)
                 box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
-                im = im.resize((size, size), Image.BICUBIC, box=box)
+                # crop first: resize(box=) would blend in pixels from outside the square
+                im = im.crop(box).resize((size, size), Image.BICUBIC)
             a = np.asarray(im, dtype=np.uint8)
     except (OSError, UnidentifiedImageError) as exc:
         raise ValueError(f"cannot read image {str(path)!r}: {exc}") from exc
@@ -146,7 +170,9 @@ def load_image_folder(cfg: DataConfig, num_workers: int = 0) -> Dataset:
             arrays = list(pool.map(read, files))
     else:
         arrays = [read(p) for p in files]
-    x = torch.from_numpy(np.stack(arrays)).float() / 127.5 - 1.0
+    x = torch.from_numpy(np.stack(arrays))
+    del arrays  # uint8 copies: the float tensor below is 4x their size, scaled in place
+    x = x.float().div_(127.5).sub_(1.0)
     y = torch.tensor(labels, dtype=torch.int64) if cfg.class_conditional else None
     return Dataset(x, y, cfg.num_classes or n_cls)
 
@@ -274,7 +300,13 @@ class BatchIterator:
                 f"the checkpoint's data iterator covers {state['n']} samples, this dataset has "
                 f"{self.n}: the data changed since the checkpoint"
             )
-        self.seed, self.epoch, self.pos = int(state["seed"]), int(state["epoch"]), int(state["pos"])
+        epoch, pos = int(state["epoch"]), int(state["pos"])
+        if epoch < 0 or not 0 <= pos < self.n:
+            raise ValueError(
+                f"the checkpoint's data iterator state is broken: epoch {epoch}, position {pos} "
+                f"of {self.n} (need epoch >= 0 and 0 <= position < {self.n})"
+            )
+        self.seed, self.epoch, self.pos = int(state["seed"]), epoch, pos
         self._perm = self._permutation(self.epoch)
 
 
