@@ -273,6 +273,15 @@ def test_precomputed_latents(tmp_path):
     torch.save({"z": z}, tmp_path / "f.pt")
     with pytest.raises(ValueError, match="'latents'"):
         PrecomputedLatents(tmp_path / "f.pt")
+    for labels in ([0, 1, 2, 3, 4, 5], torch.tensor([0.7, 2.9, 1, 1, 0, 0])):  # list; truncated
+        torch.save({"latents": z, "labels": labels}, tmp_path / "g.pt")
+        with pytest.raises(ValueError, match="labels in .* must be an integer tensor of shape"):
+            PrecomputedLatents(tmp_path / "g.pt")
+    bad = z.clone()
+    bad[2, 0, 0, 0] = float("nan")
+    torch.save(bad, tmp_path / "h.pt")
+    with pytest.raises(ValueError, match="hold inf/NaN"):
+        PrecomputedLatents(tmp_path / "h.pt")
     with pytest.raises(ValueError, match="no decoder"):
         a.decode(z)
     ae = TinyAutoencoder()

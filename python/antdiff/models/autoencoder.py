@@ -255,10 +255,19 @@ class PrecomputedLatents(LatentCodec):
                 f"latents in {str(p)!r} have per-sample shape "
                 f"{tuple(z.shape[1:])}, expected {tuple(expected_shape)}"
             )
-        if self.labels is not None and self.labels.shape != (z.shape[0],):
+        labels = self.labels
+        if labels is not None and (
+            not isinstance(labels, torch.Tensor) or labels.shape != (z.shape[0],)
+            or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool
+        ):  # fmt: skip
+            got = (f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor)
+                   else type(labels).__name__)  # fmt: skip
             raise ValueError(
-                f"labels must have shape [{z.shape[0]}], got {tuple(self.labels.shape)}"
+                f"labels in {str(p)!r} must be an integer tensor of shape [{z.shape[0]}], got "
+                f"{got} (e.g. torch.tensor(labels, dtype=torch.int64))"
             )
+        if not torch.isfinite(z).all():
+            raise ValueError(f"latents in {str(p)!r} hold inf/NaN values")
         self.latents = z.float() * scale_factor
         self.scale_factor = float(scale_factor)
         self.decoder = decoder
