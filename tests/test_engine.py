@@ -1205,3 +1205,47 @@ def test_skip_with_a_gradscaler_backs_off_as_gradscaler_does():
         ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16), scaler=scaler)
         ant.step(opt, scaler=scaler, skip_nonfinite=skip)
         assert scaler.get_scale() == 256.0  # the growth count started again
+
+
+def test_api_review_cases():
+    """Unfrozen or converted parameters after attach get a new hook plan (one-pass gave them
+    zero / stale gradients), a loss without grad is an error (one-pass gave a zero update),
+    per-sample non-tensors in the batch are refused (they stayed whole while the images were
+    cut), a failed load changes nothing, and the seed is checked by name."""
+    x = torch.randn(16, 1, 6, 6, generator=torch.Generator().manual_seed(3))
+    for mode in ("onepass", "micro"):
+        model, ant = setup("pcgrad", mode=mode)
+        model.inp.requires_grad_(False)
+        ant.attach(model)
+        t = ant.sample_timesteps(16)
+        ant.backward(per_sample_loss(model), x, t)
+        model.inp.requires_grad_(True)
+        out = ant.backward(per_sample_loss(model), x, t)
+        J_ref, _ = explicit_J(model, x, t, ant.clusters, ant.k)
+        torch.testing.assert_close(flat_grad(model).double(), out.weights.double() @ J_ref,
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+        model.double()
+        out = ant.backward(per_sample_loss(model), x.double(), t)
+        assert model.inp.weight.grad.dtype == torch.float64
+        J_ref, _ = explicit_J(model, x.double(), t, ant.clusters, ant.k)
+        torch.testing.assert_close(flat_grad(model), out.weights.double() @ J_ref,
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+    model, ant = setup("pcgrad", mode="onepass")
+    t = ant.sample_timesteps(16)
+    with pytest.raises(ValueError, match="does not require grad"):
+        ant.backward(lambda xb, tb: per_sample_loss(model)(xb, tb).detach(), x, t)
+    with pytest.raises(TypeError, match=r"batch\[1\]\[0\] is a str"):
+        ant.backward(lambda b, tb: per_sample_loss(model)(b[0], tb), (x, ["a"] * 16), t)
+    src, dst = setup("uw", sampling="equal")[1], setup("uw")[1]
+    src.reduce(torch.rand(16, requires_grad=True), src.sample_timesteps(16))
+    with torch.no_grad():
+        src.method.loss.s.fill_(0.5)
+    before = copy.deepcopy(dst.state_dict())
+    with pytest.raises(ValueError, match="sampling='equal'"):
+        dst.load_state_dict(src.state_dict())
+    assert torch.equal(dst.method.loss.s, before["loss_method"]["s"])
+    with pytest.raises(ValueError, match="not an ANT state"):
+        dst.load_state_dict({})
+    for seed in (None, -1, 2**64, 1.5):
+        with pytest.raises(ValueError, match="seed must be an integer in"):
+            ANT(linear_schedule(T), k=4, method="uw", seed=seed)

@@ -33,7 +33,9 @@ def map_batch(batch: Any, fn) -> Any:
 
 
 def check_batch(batch: Any, n: int) -> None:
-    """Every tensor with a batch dimension must have ``n`` rows (they are cut by cluster)."""
+    """Every tensor with a batch dimension must have ``n`` rows (they are cut by cluster), and
+    nothing else may vary per sample: a list of B captions would not follow its images."""
+    _check_leaves(batch)
 
     def check(x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != n:
@@ -53,3 +55,22 @@ def slice_batch(batch: Any, start: int, stop: int) -> Any:
 
 def take_batch(batch: Any, index: torch.Tensor) -> Any:
     return map_batch(batch, lambda x: x.index_select(0, index.to(x.device)))
+
+
+def _check_leaves(batch: Any, where: str = "batch") -> None:
+    if isinstance(batch, torch.Tensor) or batch is None or isinstance(batch, (bool, int, float)):
+        return
+    if isinstance(batch, dict):
+        for k, v in batch.items():
+            _check_leaves(v, f"{where}[{k!r}]")
+        return
+    if isinstance(batch, (list, tuple)):
+        for i, v in enumerate(batch):
+            _check_leaves(v, f"{where}[{i}]")
+        return
+    raise TypeError(
+        f"{where} is a {type(batch).__name__}: the engine cuts the batch by cluster and can only "
+        "cut tensors (a list of B captions would stay whole while the images are re-sorted). "
+        "Encode it into a tensor with the batch first (e.g. token ids), or pass shared values "
+        "through loss_fn's closure"
+    )

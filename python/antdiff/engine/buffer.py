@@ -57,8 +57,13 @@ class GradBuffer:
             p.grad = v
 
     def matches(self, params: Iterable[torch.nn.Parameter]) -> bool:
+        """The same trainable parameters, still of J's dtype and device (``model.double()`` or
+        ``.to()`` after attach converts them in place)."""
         ps = [p for p in params if p.requires_grad]
-        return len(ps) == len(self.params) and all(a is b for a, b in zip(ps, self.params))
+        return len(ps) == len(self.params) and all(
+            a is b and a.dtype == self.J.dtype and a.device == self.J.device
+            for a, b in zip(ps, self.params)
+        )
 
     def detach_grads(self) -> None:
         """Give every parameter its own gradient tensor again (a copy of the current row 0)."""

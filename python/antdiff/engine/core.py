@@ -215,6 +215,13 @@ class ANT:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not (
+            0 <= seed < 2**64
+        ):  # fmt: skip
+            raise ValueError(
+                f"seed must be an integer in [0, 2**64) (the same on every rank), got {seed!r}"
+            )
+        seed = int(seed)
         self.method = _make_method(method, self.k, seed, method_kwargs or {})
         self.method_name = self.method.name
         if update_every is not None:
@@ -783,6 +790,18 @@ class ANT:
         inner = getattr(model, "module", model)
         if self._buffer is None or not self._buffer.matches(inner.parameters()):
             self._buffer = GradBuffer(inner.parameters(), self.k)
+            if self._onepass is not None or self.mode == "onepass":
+                # parameters unfrozen, added or converted since the plan was made: a new one
+                self._onepass = None
+                try:
+                    self._onepass = OnePass(model)
+                except NotServable:
+                    if self.mode == "onepass":
+                        raise
+                    warnings.warn(
+                        "the model's trainable parameters changed and mode='onepass' cannot "
+                        "serve them all; mode='auto' uses 'micro' from now on", stacklevel=3
+                    )
         return self._buffer
 
     def _record(
@@ -929,8 +948,13 @@ class ANT:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._pending_observe, self._grads_unchecked = None, False  # steps before the load
-        self._recompute = None
+        missing = [key for key in ("clusters", "method", "step", "w", "sampler", "telemetry")
+                   if not isinstance(state, dict) or key not in state]  # fmt: skip
+        if missing:
+            raise ValueError(
+                f"not an ANT state (missing {', '.join(missing)}): pass what ant.state_dict() "
+                "returned"
+            )
         theirs = Clusters.from_dict(state["clusters"])
         if theirs.bounds != self.clusters.bounds:
             raise ValueError(
@@ -942,6 +966,14 @@ class ANT:
                 f"checkpoint was trained with method {state['method']!r}, this engine uses "
                 f"{self.method_name!r}"
             )
+        mode = state["sampler"].get("mode")
+        if mode != self.sampler.mode:  # checked before anything is assigned
+            raise ValueError(
+                f"checkpoint sampled timesteps with mode {mode!r}, this engine uses "
+                f"{self.sampler.mode!r}; construct ANT(..., sampling={mode!r})"
+            )
+        self._pending_observe, self._grads_unchecked = None, False  # steps before the load
+        self._recompute = None
         self.step_count = int(state["step"])
         self._w = state["w"]
         self._w_present = state.get("w_present")

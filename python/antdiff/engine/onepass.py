@@ -400,7 +400,12 @@ class OnePass:
             slots = [s for pair in self._slots for s in pair if s is not None]
             for s in slots:
                 s.fresh = True  # the first write in this step sets all k rows
-            if total.requires_grad and self._st.B > 0:  # an empty (local) batch: zero rows
+            if not total.requires_grad and self._st.B > 0:
+                raise ValueError(
+                    "loss_fn's output does not require grad (detached, or ant.backward called "
+                    "under torch.no_grad): there is no gradient to split by cluster"
+                )
+            if self._st.B > 0:  # an empty (local) batch: zero rows
                 self._in_backward = True
                 try:
                     total.backward()
