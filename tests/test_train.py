@@ -69,6 +69,13 @@ def test_every_method_trains(method, tmp_path):
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
     assert all(np.isfinite(float(r[f"weight_c{i}"])) for r in rows for i in range(1, 6))
     assert (tmp_path / "samples" / "step_00000003.png").is_file()
+    # "loss" is one quantity for every method (the mean of the cluster losses: all present at
+    # B = 10 with k = 5), "objective" the method's own (UW's goes negative as s falls)
+    for r in rows:
+        cluster = [float(r[f"loss_c{i}"]) for i in range(1, 6)]
+        assert float(r["loss"]) == pytest.approx(np.mean(cluster), rel=1e-5)
+    assert float(rows[-1]["objective"]) == pytest.approx(s["objective"], rel=1e-5)
+    assert s["objective"] == pytest.approx(float(run.ant.last.loss))
 
 
 @pytest.mark.parametrize("preset", ["digits_adm", "digits_ldm", "digits_dit"])
@@ -234,7 +241,8 @@ def test_resume_is_bit_exact(preset, method, tmp_path):
     rows = [
         list(csv.reader(open(d / "metrics.csv"))) for d in (tmp_path / "full", tmp_path / "split")
     ]
-    assert rows[0] == [r[:-1] + [r0[-1]] for r, r0 in zip(rows[1], rows[0])]  # all but timing
+    sec = rows[0][0].index("sec_per_step")  # all but the timing column
+    assert [r[:sec] + r[sec + 1 :] for r in rows[0]] == [r[:sec] + r[sec + 1 :] for r in rows[1]]
 
 
 def test_a_fresh_run_refuses_a_directory_with_checkpoints(tmp_path):
@@ -407,3 +415,29 @@ def test_gradient_clustering_from_a_binned_affinity_file(tmp_path):
     run = build_run(cfg)
     assert run.ant.clusters.bounds == (0, 200, 400, 600, 800, 1000)
     assert run.ant.clusters.objective == "gradient"
+
+
+def test_resumed_log_keeps_rows_written_before_the_objective_column(tmp_path):
+    from antdiff.logging_utils import RunLogger, csv_columns
+
+    old = csv_columns(2)[:-1]
+    rows = [old, ["1", "0.5", "0.4", "0.6", "0.5", "0.5", "0.001", "0.1"],
+            ["2", "0.4", "0.3", "0.5", "0.5", "0.5", "0.001", "0.1"]]  # fmt: skip
+    with open(tmp_path / "metrics.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    RunLogger(tmp_path, 2, start=1, total=3, progress=False).close()
+    kept = list(csv.reader(open(tmp_path / "metrics.csv")))
+    assert kept == [csv_columns(2), [*rows[1], "nan"]]
+
+
+def test_compile_with_an_explicit_onepass_is_refused(tmp_path):
+    """One-pass registers hooks every step, so torch.compile would recompile every step."""
+    from antdiff.train import build_run
+
+    cfg = _cfg("digits_adm", tmp_path, "--train.compile", "true", "--ant.mode", "onepass",
+               "--ant.method", "pcgrad")  # fmt: skip
+    with pytest.raises(ValueError, match="recompile every step"):
+        build_run(cfg)
+    # a loss-space method never uses the one-pass hooks: nothing to refuse
+    build_run(_cfg("digits_adm", tmp_path, "--train.compile", "true", "--ant.mode", "onepass",
+                   "--ant.method", "uw"))  # fmt: skip

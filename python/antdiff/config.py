@@ -188,7 +188,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     ema_decay: float = 0.9999
-    grad_clip: float | None = 1.0  # None or 0: no clipping
+    grad_clip: float | None = 1.0  # None or 0: no clipping; the model's gradient norm only
     bf16: bool = False  # bf16 autocast (CPU or CUDA)
     compile: bool = False
     seed: int = 0
@@ -199,7 +199,7 @@ class TrainConfig:
     out_dir: str = "runs/default"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_workers: int = 0  # threads decoding an image folder
-    threads: int = 0  # torch intra-op threads (0: torch's default)
+    threads: int = 0  # torch intra-op threads for the whole process (0: torch's default)
     progress: bool = True
     t_range: list[int] | None = None  # [t1, t2): train only on t1 <= t < t2 (NTG specialists)
 

@@ -32,6 +32,7 @@ def csv_columns(k: int) -> list[str]:
         *[f"weight_c{i + 1}" for i in range(k)],
         "lr",
         "sec_per_step",
+        "objective",
     ]
 
 
@@ -70,7 +71,9 @@ class RunLogger:
             return []
         with open(self.path, newline="") as f:
             rows = list(csv.reader(f))
-        if not rows or rows[0] != self.columns:
+        if rows and rows[0] == self.columns[:-1]:  # written before the objective column
+            rows = [rows[0], *(r + ["nan"] for r in rows[1:] if r)]
+        elif not rows or rows[0] != self.columns:
             return []
         return [r for r in rows[1:] if r and int(r[0]) <= start]
 
@@ -88,11 +91,16 @@ class RunLogger:
                     kept.append(ln if ln.endswith("\n") else ln + "\n")
         return kept
 
-    def log(self, step: int, loss: float, stats: dict[str, Any], lr: float, sec: float) -> None:
+    def log(
+        self, step: int, loss: float, stats: dict[str, Any], lr: float, sec: float,
+        objective: float = math.nan,
+    ) -> None:  # fmt: skip
+        """``loss``: the mean of the present clusters' losses, comparable across methods;
+        ``objective``: what the method minimises (UW's can be negative)."""
         losses = stats.get("loss", [math.nan] * self.k)
         weights = stats.get("weight", [math.nan] * self.k)
         row = [step, f"{loss:.6g}", *(f"{v:.6g}" for v in losses)]
-        row += [*(f"{v:.6g}" for v in weights), f"{lr:.6g}", f"{sec:.4g}"]
+        row += [*(f"{v:.6g}" for v in weights), f"{lr:.6g}", f"{sec:.4g}", f"{objective:.6g}"]
         self._csv.writerow(row)
         self._file.flush()
         # strict JSON: a non-finite value (a skipped step's loss, an unmeasured pair) is null
@@ -101,6 +109,7 @@ class RunLogger:
         self._jsonl.flush()
         if self._tb is not None:
             self._tb.add_scalar("loss", loss, step)
+            self._tb.add_scalar("objective", objective, step)
             self._tb.add_scalar("lr", lr, step)
             self._tb.add_scalar("sec_per_step", sec, step)
             for i, (lo, w) in enumerate(zip(losses, weights)):

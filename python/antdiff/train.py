@@ -160,7 +160,7 @@ def build_run(cfg: Config, codec_state: dict | None = None, dist: DistContext | 
     if dist is not None:
         dist.check_batch(tc.batch_size)
     device = resolve_device(tc.device) if dist is None else dist.device
-    if tc.threads:
+    if tc.threads:  # process-wide: torch has no per-call setting
         torch.set_num_threads(tc.threads)
     seed_everything(tc.seed)
     data = load_dataset(cfg.data, tc.seed, tc.num_workers, codec_state).to(device)
@@ -198,6 +198,11 @@ def build_run(cfg: Config, codec_state: dict | None = None, dist: DistContext | 
         max_size=ac.max_size,
         method_kwargs=ac.method_kwargs,
     ).to(device)
+    if tc.compile and mode == "onepass" and ant.needs_gradients:
+        raise ValueError(
+            "train.compile with ant.mode=onepass: its per-step hooks make torch.compile "
+            "recompile every step (slower than eager); use ant.mode auto (micro under compile)"
+        )
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}, *ant.param_groups()]
     opt = _adamw(groups, tc)
     forward = torch.compile(wrapped, dynamic=True) if tc.compile else wrapped
@@ -272,6 +277,14 @@ def train_step(run: Run, batch: dict[str, torch.Tensor]) -> None:
         last = run.ant.last
         run.ema.update(None if last is None else last.finite)
     run.step += 1
+
+
+def cluster_mean_loss(out: Any) -> float:
+    """The mean of the present clusters' mean losses of a StepOutput: one quantity for every
+    method (the method's own objective, ``out.loss``, differs: UW's goes negative). A host read:
+    for logging, not inside the step."""
+    present = out.present.to(out.cluster_losses.dtype)
+    return float((out.cluster_losses * present).sum() / present.sum().clamp(min=1))
 
 
 def checkpoint_state(run: Run) -> dict[str, Any]:
@@ -379,10 +392,11 @@ def _train(
                 now = time.perf_counter()
                 logger.log(
                     run.step,
-                    float(run.ant.last.loss),
+                    cluster_mean_loss(run.ant.last),
                     run.ant.stats(),
                     run.opt.param_groups[0]["lr"],
                     (now - t_last) / (run.step - s_last),
+                    objective=float(run.ant.last.loss),
                 )
                 t_last, s_last = now, run.step
             if main and tc.sample_every and run.step % tc.sample_every == 0 and run.step < tc.steps:
@@ -399,7 +413,8 @@ def _train(
     last = run.ant.last
     return {
         "step": run.step,
-        "loss": None if last is None else float(last.loss),
+        "loss": None if last is None else cluster_mean_loss(last),
+        "objective": None if last is None else float(last.loss),
         "stats": run.ant.stats(),
         "out_dir": str(out),
         "checkpoint": None if ckpt is None else str(ckpt),
