@@ -1249,3 +1249,6 @@ def test_api_review_cases():
     for seed in (None, -1, 2**64, 1.5):
         with pytest.raises(ValueError, match="seed must be an integer in"):
             ANT(linear_schedule(T), k=4, method="uw", seed=seed)
+    for B in (True, 0, 2.5):  # a bool said "smaller than k"
+        with pytest.raises(ValueError, match="B must be a positive integer batch size"):
+            ANT(linear_schedule(T), k=4, method="uw", sampling="uniform").sample_timesteps(B)

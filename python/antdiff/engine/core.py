@@ -360,7 +360,9 @@ class ANT:
         generator: torch.Generator | None = None,  # noqa: N803
     ) -> torch.Tensor:
         """[B] int64 timesteps sorted by cluster (per-cluster counts known on the host)."""
-        if self.sampler.mode != "uniform" and isinstance(B, (int, np.integer)) and B < self.k:
+        if isinstance(B, bool) or not isinstance(B, (int, np.integer)) or B < 1:
+            raise ValueError(f"B must be a positive integer batch size, got {B!r}")
+        if self.sampler.mode != "uniform" and B < self.k:
             raise ValueError(
                 f"batch size {B} is smaller than k={self.k}: stratified sampling needs at least "
                 "one sample per cluster. Use a batch >= k, fewer clusters, or sampling='uniform'."
