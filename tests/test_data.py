@@ -234,3 +234,25 @@ def test_batch_iterator_refuses_a_broken_state():
             it.load_state_dict({**good, **bad})
     it.load_state_dict(good)
     assert it.next_indices().shape == (4,)
+
+
+def test_class_names_are_recorded_and_a_renamed_class_is_refused_on_resume(tmp_path):
+    """Labels follow the sorted class folder names: the checkpoint records them, sampling
+    knows them, and a resume whose folders changed (same count) is refused."""
+    from antdiff.config import load_config
+    from antdiff.evaluate import load_for_sampling
+    from antdiff.train import train
+
+    data = tmp_path / "data"
+    for cls in ("cat", "dog", "emu"):
+        for i in range(4):
+            _png(data / cls / f"{i}.png", np.full((8, 8), 60 * i, np.uint8))
+    args = ["--data.source", "folder", "--data.path", str(data), "--data.class_conditional",
+            "true", "--train.batch_size", "6", "--train.ckpt_every", "1", "--train.progress",
+            "false", "--sample.steps", "2", "--sample.n", "3", "--train.out_dir",
+            str(tmp_path / "run")]  # fmt: skip
+    train(load_config("digits_adm", [*args, "--train.steps", "1"]))
+    assert load_for_sampling(tmp_path / "run").data.class_names == ("cat", "dog", "emu")
+    (data / "emu").rename(data / "ant")  # still 3 classes, but "ant" now takes label 0
+    with pytest.raises(ValueError, match=r"class folders changed.*\['cat', 'dog', 'emu'\]"):
+        train(load_config("digits_adm", [*args, "--train.steps", "2"]), resume=True)

@@ -38,6 +38,7 @@ class Dataset:
     y: torch.Tensor | None
     num_classes: int | None
     codec: Any = None  # decodes x to images (TinyAutoencoder), or None
+    class_names: tuple[str, ...] | None = None  # label i <-> class folder i (folder data)
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -49,7 +50,7 @@ class Dataset:
     def to(self, device: Any) -> Dataset:
         y = None if self.y is None else self.y.to(device)
         codec = self.codec.to(device) if self.codec is not None else None
-        return Dataset(self.x.to(device), y, self.num_classes, codec)
+        return Dataset(self.x.to(device), y, self.num_classes, codec, self.class_names)
 
 
 def load_digits_tensor(image_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +78,7 @@ def _raise(exc: OSError) -> None:
     raise exc
 
 
-def _list_images(root: Path, class_conditional: bool) -> tuple[list[Path], list[int], int | None]:
+def _list_images(root: Path, class_conditional: bool) -> tuple[list[Path], list[int], list[str]]:
     if not root.exists():
         raise FileNotFoundError(f"data.path {str(root)!r} does not exist")
     if not root.is_dir():
@@ -91,7 +92,7 @@ def _list_images(root: Path, class_conditional: bool) -> tuple[list[Path], list[
             f"no images ({', '.join(IMAGE_SUFFIXES)}) found under data.path {str(root)!r}"
         )
     if not class_conditional:
-        return files, [], None
+        return files, [], []
     classes = sorted({p.relative_to(root).parts[0] for p in files if p.parent != root})
     loose = [p for p in files if p.parent == root]
     if loose or not classes:
@@ -100,7 +101,7 @@ def _list_images(root: Path, class_conditional: bool) -> tuple[list[Path], list[
             f"found images directly in it (e.g. {loose[0].name if loose else '-'})"
         )
     index = {c: i for i, c in enumerate(classes)}
-    return files, [index[p.relative_to(root).parts[0]] for p in files], len(classes)
+    return files, [index[p.relative_to(root).parts[0]] for p in files], classes
 
 
 def _read_image(path: Path, channels: int, size: int | None) -> np.ndarray:
@@ -143,7 +144,7 @@ def load_image_folder(cfg: DataConfig, num_workers: int = 0) -> Dataset:
         raise ImportError(
             "data.source='folder' needs Pillow to read images: pip install pillow"
         ) from exc
-    files, labels, n_cls = _list_images(Path(cfg.path), cfg.class_conditional)
+    files, labels, classes = _list_images(Path(cfg.path), cfg.class_conditional)
     if cfg.image_size is None:
         from PIL import Image
 
@@ -174,7 +175,8 @@ def load_image_folder(cfg: DataConfig, num_workers: int = 0) -> Dataset:
     del arrays  # uint8 copies: the float tensor below is 4x their size, scaled in place
     x = x.float().div_(127.5).sub_(1.0)
     y = torch.tensor(labels, dtype=torch.int64) if cfg.class_conditional else None
-    return Dataset(x, y, cfg.num_classes or n_cls)
+    names = tuple(classes) if cfg.class_conditional else None
+    return Dataset(x, y, cfg.num_classes or len(classes) or None, None, names)
 
 
 def load_latent_file(cfg: DataConfig) -> Dataset:
@@ -240,7 +242,8 @@ def stand_in_dataset(cfg: DataConfig, meta: dict[str, Any], codec_state=None) ->
         codec.load_state_dict(codec_state)
         codec.eval().requires_grad_(False)
     x = torch.empty(0, *(int(v) for v in meta["shape"]))
-    return Dataset(x, None, meta.get("num_classes"), codec)
+    names = meta.get("class_names")
+    return Dataset(x, None, meta.get("num_classes"), codec, None if names is None else tuple(names))
 
 
 def _encode_tiny(ds: Dataset, cfg: DataConfig, seed: int, state: dict | None) -> Dataset:
@@ -255,7 +258,7 @@ def _encode_tiny(ds: Dataset, cfg: DataConfig, seed: int, state: dict | None) ->
     codec.requires_grad_(False)
     with torch.no_grad():
         z = torch.cat([codec.encode(ds.x[i : i + 512]) for i in range(0, len(ds), 512)])
-    return Dataset(z, ds.y, ds.num_classes, codec)
+    return Dataset(z, ds.y, ds.num_classes, codec, ds.class_names)
 
 
 class BatchIterator:

@@ -302,11 +302,22 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
         "gen": run.gen.get_state(),
         "codec": None if codec is None else codec.state_dict(),
         # what sampling needs of the data, so a checkpoint samples without its data set
-        "data_meta": {"shape": list(run.data.shape), "num_classes": run.data.num_classes},
+        "data_meta": {
+            "shape": list(run.data.shape),
+            "num_classes": run.data.num_classes,
+            "class_names": None if run.data.class_names is None else list(run.data.class_names),
+        },
     }
 
 
 def restore(run: Run, state: dict[str, Any]) -> None:
+    saved_names = (state.get("data_meta") or {}).get("class_names")
+    names = None if run.data.class_names is None else list(run.data.class_names)
+    if saved_names is not None and names != saved_names:  # the labels would change meaning
+        raise ValueError(
+            f"the class folders changed since the checkpoint: it was trained with {saved_names}, "
+            f"the data now has {names}; restore the folders (labels follow their sorted names)"
+        )
     load_model_state(run.model, state["model"], state, "model")
     if run.ema is not None:
         load_model_state(run.ema.model, state["ema"], state, "EMA")
