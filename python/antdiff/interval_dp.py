@@ -260,20 +260,11 @@ def solve_intervals(
     _check_magnitude(cost, data, k)
     if chosen == "cpp":
         algo = "dc" if dc else "quadratic"
-        try:
-            bounds, total = _require_cpp().solve_intervals(cost, data, k, lo, hi, algo)
-        except RuntimeError as exc:  # no finite candidate left anywhere to backtrack through
-            if "backtrack" not in str(exc):
-                raise
-            raise _overflow(cost, data) from exc
+        bounds, total = _require_cpp().solve_intervals(cost, data, k, lo, hi, algo)
     elif chosen == "numpy":
-        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below
-            bounds, total = _dp_numpy.solve_numpy(cost, data, k, lo, hi, direction, dc)
+        bounds, total = _dp_numpy.solve_numpy(cost, data, k, lo, hi, direction, dc)
     else:
-        with np.errstate(over="ignore", invalid="ignore"):
-            bounds, total = _dp_numpy.solve_naive(cost, data, k, lo, hi)
-    if not np.isfinite(total):  # finite inputs whose sums or products overflow
-        raise _overflow(cost, data)
+        bounds, total = _dp_numpy.solve_naive(cost, data, k, lo, hi)
     return np.asarray(bounds, dtype=np.int64), float(total)
 
 
@@ -288,14 +279,10 @@ def _check_magnitude(cost: str, data: np.ndarray, k: int) -> None:
         bound = {"l2": T * T * top * top, "l1": 4.0 * T * top, "affinity": 2.0 * T * T * top,
                  "matrix": 2.0 * k * top}[cost]  # fmt: skip
     if not bound < 1e300:
-        raise _overflow(cost, data)
-
-
-def _overflow(cost: str, data: np.ndarray) -> ValueError:
-    return ValueError(
-        f"interval DP ({cost}): the costs overflow float64 (the largest |value| is "
-        f"{np.nanmax(np.abs(data)):.3g}); rescale the input"
-    )
+        raise ValueError(
+            f"interval DP ({cost}): the costs overflow float64 (the largest |value| is "
+            f"{top:.3g}); rescale the input"
+        )
 
 
 def interval_cost(cost: str, bounds: Any, *, values: Any = None, matrix: Any = None) -> float:

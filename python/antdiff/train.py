@@ -283,8 +283,9 @@ def cluster_mean_loss(out: Any) -> float:
     """The mean of the present clusters' mean losses of a StepOutput: one quantity for every
     method (the method's own objective, ``out.loss``, differs: UW's goes negative). A host read:
     for logging, not inside the step."""
-    present = out.present.to(out.cluster_losses.dtype)
-    return float((out.cluster_losses * present).sum() / present.sum().clamp(min=1))
+    from .engine.core import _present_mean
+
+    return float(_present_mean(out.cluster_losses, out.present))
 
 
 def checkpoint_state(run: Run) -> dict[str, Any]:

@@ -87,11 +87,14 @@ def serves_uw(*tensors: torch.Tensor) -> bool:
     does this reduction.)"""
     if _C is None or torch.compiler.is_compiling():
         return False
-    for i, x in enumerate(tensors):
-        want = torch.int64 if i == 2 else torch.float32
-        if x.device.type != "cpu" or x.dtype != want or not x.is_contiguous():
-            return False
-    return True
+    return all(_host_layout(x, torch.int64 if i == 2 else torch.float32)
+               for i, x in enumerate(tensors))  # fmt: skip
+
+
+def _host_layout(x: object, want: torch.dtype) -> bool:
+    """A C-contiguous CPU tensor of dtype ``want``: what the C++ reads through a raw pointer."""
+    return (isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.dtype == want
+            and x.is_contiguous())  # fmt: skip
 
 
 _HOST32 = {"dtype": torch.float32, "device": "cpu"}  # whatever torch's defaults are
@@ -103,9 +106,7 @@ def _check_uw(fn, **tensors: torch.Tensor) -> None:
         raise RuntimeError(f"{fn.__name__}: the C++ extension antdiff._C is not built")
     for name, x in tensors.items():
         want = torch.int64 if name == "cid" else torch.float32
-        if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or x.dtype != want or (
-            not x.is_contiguous()
-        ):  # fmt: skip
+        if not _host_layout(x, want):
             got = (f"{x.dtype} on {x.device}, contiguous={x.is_contiguous()}"
                    if isinstance(x, torch.Tensor) else type(x).__name__)  # fmt: skip
             raise ValueError(
