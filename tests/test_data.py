@@ -46,7 +46,13 @@ def test_image_folder_values(tmp_path):
         _png(tmp_path / f"im{i}.png", a)
     ds = load_dataset(DataConfig(source="folder", path=str(tmp_path), channels=3))
     ref = np.stack([a.transpose(2, 0, 1) for a in arrays]).astype(np.float64) / 127.5 - 1.0
-    np.testing.assert_allclose(ds.x.double().numpy(), ref, atol=1e-6)
+    np.testing.assert_allclose(ds.images().double().numpy(), ref, atol=1e-6)
+    # held as uint8 pixels (a quarter of float32's memory), scaled as each batch is read
+    assert ds.x.dtype == torch.uint8
+    assert torch.equal(ds.x, torch.from_numpy(np.stack([a.transpose(2, 0, 1) for a in arrays])))
+    batch = get_batch(ds, torch.tensor([2, 0]))["x"]
+    assert batch.dtype == torch.float32
+    np.testing.assert_allclose(batch.double().numpy(), ref[[2, 0]], atol=1e-6)
     # colour images are not silently trained as grey levels under the default channels=1
     with pytest.raises(ValueError, match="is in colour but data.channels=1.*--data.channels 3"):
         load_dataset(DataConfig(source="folder", path=str(tmp_path), channels=1))
@@ -56,7 +62,7 @@ def test_image_folder_values(tmp_path):
     grey = load_dataset(DataConfig(source="folder", path=str(grey_dir), channels=1), num_workers=2)
     assert grey.x.shape == (3, 1, 6, 6)
     ref_grey = np.stack([a[None, :, :, 0] for a in arrays]).astype(np.float64) / 127.5 - 1.0
-    np.testing.assert_allclose(grey.x.double().numpy(), ref_grey, atol=1e-6)
+    np.testing.assert_allclose(grey.images().double().numpy(), ref_grey, atol=1e-6)
 
 
 def test_image_folder_follows_linked_class_folders_and_skips_hidden_entries(tmp_path):
@@ -87,7 +93,7 @@ def test_image_folder_crops_before_resizing_and_follows_exif(tmp_path):
     _png(tmp_path / "wide" / "a.png", a)
     ds = load_dataset(DataConfig(source="folder", path=str(tmp_path / "wide"), channels=3,
                                  image_size=4))  # fmt: skip
-    assert float(ds.x.max()) == -1.0  # all black
+    assert float(ds.images().max()) == -1.0  # all black
     im = Image.fromarray(np.zeros((4, 8, 3), np.uint8))  # 8 wide, 4 high as stored
     exif = im.getexif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees to display

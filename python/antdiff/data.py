@@ -32,7 +32,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".g
 
 @dataclass
 class Dataset:
-    """x: [N, C, H, W] float32 (images in [-1, 1], or latents); y: [N] int64 or None."""
+    """x: [N, C, H, W], float32 (images in [-1, 1], or latents) or uint8 (an image folder's
+    pixels, 0..255: a quarter of the float size, on the training device too); y: [N] int64 or
+    None. Read samples through ``rows`` (a batch) or ``images`` (the whole set): both give
+    float32 in [-1, 1] whatever x holds."""
 
     x: torch.Tensor
     y: torch.Tensor | None
@@ -51,6 +54,20 @@ class Dataset:
         y = None if self.y is None else self.y.to(device)
         codec = self.codec.to(device) if self.codec is not None else None
         return Dataset(self.x.to(device), y, self.num_classes, codec, self.class_names)
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """x[idx] as float32 (pixels scaled to [-1, 1]), on x's device."""
+        return _as_float(self.x.index_select(0, idx.to(self.x.device)))
+
+    def images(self) -> torch.Tensor:
+        """The whole of x as float32 (for uint8 pixels a new tensor four times x's size)."""
+        return _as_float(self.x)
+
+
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [-1, 1] (p / 127.5 - 1); float tensors are returned as they
+    are."""
+    return x.float().div_(127.5).sub_(1.0) if x.dtype == torch.uint8 else x
 
 
 def load_digits_tensor(image_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +154,8 @@ def _read_image(path: Path, channels: int, size: int | None) -> np.ndarray:
 
 
 def load_image_folder(cfg: DataConfig, num_workers: int = 0) -> Dataset:
-    """Every image under cfg.path -> [N, C, H, W] in [-1, 1] (+ labels from sub-directories)."""
+    """Every image under cfg.path -> uint8 [N, C, H, W] (+ labels from sub-directories); the
+    Dataset scales a batch to [-1, 1] as it is read (``Dataset.rows``)."""
     try:
         import PIL  # noqa: F401
     except ImportError as exc:
@@ -171,9 +189,8 @@ def load_image_folder(cfg: DataConfig, num_workers: int = 0) -> Dataset:
             arrays = list(pool.map(read, files))
     else:
         arrays = [read(p) for p in files]
-    x = torch.from_numpy(np.stack(arrays))
-    del arrays  # uint8 copies: the float tensor below is 4x their size, scaled in place
-    x = x.float().div_(127.5).sub_(1.0)
+    x = torch.from_numpy(np.stack(arrays))  # uint8: scaled per batch, a quarter of float32's size
+    del arrays
     y = torch.tensor(labels, dtype=torch.int64) if cfg.class_conditional else None
     names = tuple(classes) if cfg.class_conditional else None
     return Dataset(x, y, cfg.num_classes or len(classes) or None, None, names)
@@ -254,11 +271,15 @@ def _encode_tiny(ds: Dataset, cfg: DataConfig, seed: int, state: dict | None) ->
         codec.load_state_dict(state)
         codec.eval()
     else:
-        codec, _ = train_autoencoder(ds.x, steps=cfg.autoencoder_steps, seed=seed)
+        codec, _ = train_autoencoder(ds.images(), steps=cfg.autoencoder_steps, seed=seed)
     codec.requires_grad_(False)
     with torch.no_grad():
-        z = torch.cat([codec.encode(ds.x[i : i + 512]) for i in range(0, len(ds), 512)])
+        z = torch.cat([_encode_rows(codec, ds, i) for i in range(0, len(ds), 512)])
     return Dataset(z, ds.y, ds.num_classes, codec, ds.class_names)
+
+
+def _encode_rows(codec: Any, ds: Dataset, start: int) -> torch.Tensor:
+    return codec.encode(ds.rows(torch.arange(start, min(start + 512, len(ds)))))
 
 
 class BatchIterator:
@@ -316,7 +337,7 @@ class BatchIterator:
 def get_batch(ds: Dataset, idx: torch.Tensor) -> dict[str, torch.Tensor]:
     """{"x": [B, C, H, W], "y": [B]} (y only for class-conditional data) on ds's device."""
     idx = idx.to(ds.x.device)
-    out = {"x": ds.x.index_select(0, idx)}
+    out = {"x": ds.rows(idx)}
     if ds.y is not None:
         out["y"] = ds.y.index_select(0, idx)
     return out

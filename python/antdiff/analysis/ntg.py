@@ -390,7 +390,7 @@ def run_ntg(
         specialists[(t1, t2)] = _trained(scfg, "specialist", "--specialist-steps").ema.model
     decode = data.codec.decode if data.codec is not None else None
     with torch.no_grad():  # latent data: the reference is the decoded training set
-        real = data.x if decode is None else decode(data.x).float().clamp(-1.0, 1.0)
+        real = data.images() if decode is None else decode(data.x).float().clamp(-1.0, 1.0)
     real = real.cpu()
     latents = fc.data.source == "latents" or decode is not None
     result = negative_transfer_gap(

@@ -120,7 +120,7 @@ def _data(args: argparse.Namespace, load: CheckpointLoader) -> tuple[torch.Tenso
     """x0 [N, C, H, W] and labels [N] (or None): --data, else the trainer checkpoint's data."""
     if args.data is None and load.data:
         ds = next(iter(load.data.values()))
-        return ds.x, ds.y
+        return ds.images(), ds.y
     if args.data in (None, "digits"):
         from ..data import load_digits_tensor
 
