@@ -180,6 +180,13 @@ def test_latent_files(tmp_path):
     assert torch.equal(ds.x, z) and ds.y is None
     with pytest.raises(ValueError, match="4 channels but data.channels=3"):
         load_dataset(DataConfig(source="latents", path=str(tmp_path / "z.npy"), channels=3))
+    # channels-last latents get the permute that fixes them
+    np.save(tmp_path / "nhwc.npy", torch.randn(5, 8, 8, 4).numpy())
+    with pytest.raises(ValueError, match=r"channels-last.*permute\(0, 3, 1, 2\)"):
+        load_dataset(DataConfig(source="latents", path=str(tmp_path / "nhwc.npy"), channels=4))
+    # image_size resizes images; latents keep their saved size, so it is refused, not ignored
+    with pytest.raises(ValueError, match="data.image_size=32 resizes images.*drop it"):
+        DataConfig(source="latents", path=str(tmp_path / "z.npy"), channels=4, image_size=32)
     with pytest.raises(ValueError, match="needs labels"):
         load_dataset(
             DataConfig(

@@ -277,6 +277,13 @@ def test_precomputed_latents(tmp_path):
         torch.save({"latents": z, "labels": labels}, tmp_path / "g.pt")
         with pytest.raises(ValueError, match="labels in .* must be an integer tensor of shape"):
             PrecomputedLatents(tmp_path / "g.pt")
+    # a file torch / numpy cannot read: the error names it and says what it must hold
+    (tmp_path / "i.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"cannot read latent file .*i\.pt.*torch\.save"):
+        PrecomputedLatents(tmp_path / "i.pt")
+    np.save(tmp_path / "j.npy", np.array([{"z": 1}], dtype=object))  # needs pickle
+    with pytest.raises(ValueError, match=r"cannot read latent file .*j\.npy.*np\.save"):
+        PrecomputedLatents(tmp_path / "j.npy")
     bad = z.clone()
     bad[2, 0, 0, 0] = float("nan")
     torch.save(bad, tmp_path / "h.pt")

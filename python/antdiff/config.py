@@ -75,6 +75,12 @@ class DataConfig:
             raise ValueError(f"data.path is required for data.source={self.source!r}")
         if self.image_size is not None:
             _positive("data", "image_size", self.image_size)
+            if self.source == "latents":
+                raise ValueError(
+                    f"data.image_size={self.image_size} resizes images on load, but latents "
+                    "(data.source='latents') keep the size they were saved at: drop it "
+                    "(--data.image_size null)"
+                )
         if self.source != "latents":
             _choice("data", "channels", self.channels, (1, 3))
         _positive("data", "channels", self.channels)

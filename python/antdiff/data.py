@@ -201,9 +201,16 @@ def load_latent_file(cfg: DataConfig) -> Dataset:
 
     lat = PrecomputedLatents(cfg.path, scale_factor=cfg.latent_scale)
     if lat.latents.shape[1] != cfg.channels:
+        n, a, b, c = lat.latents.shape
+        if c == cfg.channels:  # [N, h, w, c]: channels last, as some encoders save them
+            raise ValueError(
+                f"latents in {cfg.path!r} have shape [{n}, {a}, {b}, {c}], which looks "
+                f"channels-last ([N, h, w, c] with c = data.channels = {c}); antdiff reads "
+                "[N, c, h, w]: save latents.permute(0, 3, 1, 2).contiguous()"
+            )
         raise ValueError(
-            f"latents in {cfg.path!r} have {lat.latents.shape[1]} channels but data.channels="
-            f"{cfg.channels}; set --data.channels {lat.latents.shape[1]}"
+            f"latents in {cfg.path!r} have {a} channels but data.channels="
+            f"{cfg.channels}; set --data.channels {a}"
         )
     if cfg.class_conditional and lat.labels is None:
         raise ValueError(

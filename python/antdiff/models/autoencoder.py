@@ -233,10 +233,27 @@ class PrecomputedLatents(LatentCodec):
         if not p.is_file():
             raise FileNotFoundError(f"latent file {str(p)!r} does not exist")
         self.labels: torch.Tensor | None = None
+        if p.suffix not in (".npy", ".pt"):
+            raise ValueError(f"latent file must end in .pt or .npy, got {p.name!r}")
+        try:
+            if p.suffix == ".npy":
+                obj = np.load(p, allow_pickle=False)
+                obj = torch.from_numpy(obj) if isinstance(obj, np.ndarray) else obj
+            else:
+                obj = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch / numpy raise many kinds for a file they cannot read
+            kind = ("a numpy array saved with np.save" if p.suffix == ".npy" else
+                    "a tensor, or a dict of tensors, saved with torch.save")  # fmt: skip
+            first = (str(exc).strip().splitlines() or [""])[0][:200]  # torch's run on for pages
+            if first.startswith("Weights only load failed"):  # not advice to follow here
+                first = "not plain tensors: torch.load(weights_only=True) refuses it"
+            raise ValueError(
+                f"cannot read latent file {str(p)!r} ({type(exc).__name__}: {first}); it must "
+                f"hold {kind}"
+            ) from exc
         if p.suffix == ".npy":
-            z = torch.from_numpy(np.load(p, allow_pickle=False))
-        elif p.suffix == ".pt":
-            obj = torch.load(p, map_location="cpu", weights_only=True)
+            z = obj
+        else:
             if isinstance(obj, dict):
                 if "latents" not in obj:
                     raise ValueError(
@@ -245,8 +262,6 @@ class PrecomputedLatents(LatentCodec):
                 z, self.labels = obj["latents"], obj.get("labels")
             else:
                 z = obj
-        else:
-            raise ValueError(f"latent file must end in .pt or .npy, got {p.name!r}")
         if not isinstance(z, torch.Tensor) or z.ndim != 4:
             shape = tuple(z.shape) if hasattr(z, "shape") else type(z).__name__
             raise ValueError(f"latents in {str(p)!r} must be a [N, c, h, w] tensor, got {shape}")
