@@ -63,6 +63,15 @@ def test_sample_pt_format(run_dir: Path, tmp_path: Path) -> None:
     assert rc == 0
     blob = torch.load(tmp_path / "samples.pt", weights_only=True)
     assert blob["x"].shape == (3, 1, 8, 8)
+    # the same --out in the other format: no samples of the earlier run are left beside them
+    (tmp_path / "labels.npy").write_bytes(b"stale")  # as a class-conditional run leaves it
+    (tmp_path / "notes.txt").write_text("mine")
+    x = _sample(run_dir, tmp_path, num=2)
+    assert x.shape == (2, 1, 8, 8)
+    assert sorted(f.name for f in tmp_path.iterdir()) == [
+        "notes.txt", "sample.json", "samples.npy", "samples.png"]  # fmt: skip
+    assert json.loads((tmp_path / "sample.json").read_text())["files"] == [
+        "samples.png", "samples.npy"]  # fmt: skip
 
 
 def test_seeded_sampling_is_deterministic(run_dir: Path, tmp_path: Path) -> None:

@@ -5,7 +5,8 @@
 Writes ``<out>/samples.png`` (a grid of the first ``--grid`` images), ``<out>/samples.npy``
 (or ``.pt`` with ``--format pt``: float32 [N, C, H, W] in [-1, 1]; a .pt also holds the labels),
 ``<out>/labels.npy`` for class-conditional models and ``<out>/sample.json`` (the settings). Every
-file is written atomically. Latent runs are decoded through the run's codec.
+file is written atomically; samples and labels an earlier run left in ``<out>`` that this run does
+not rewrite (the other format's) are removed. Latent runs are decoded through the run's codec.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+OUTPUTS = {"samples.png", "samples.npy", "labels.npy", "samples.pt"}  # what a run may write
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -74,13 +77,19 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     grid = x[: max(1, args.grid)]
     png = save_png(image_grid(grid), out / "samples.png", scale=max(1, 32 // x.shape[-1]))
+    written = []
     if args.format == "npy":
         data = atomic_write(out / "samples.npy", lambda f: np.save(f, x.numpy()))
         if y is not None:
-            atomic_write(out / "labels.npy", lambda f: np.save(f, y.numpy()))
+            written.append(atomic_write(out / "labels.npy", lambda f: np.save(f, y.numpy())))
     else:
         blob = {"x": x, "y": y} if y is not None else {"x": x}
         data = atomic_write(out / "samples.pt", lambda f: torch.save(blob, f))
+    written = [png, data, *written]
+    # an earlier run into the same --out (other format, or labels of a conditional model)
+    # must not leave its samples beside these ones
+    for name in sorted(OUTPUTS - {f.name for f in written}):
+        (out / name).unlink(missing_ok=True)
     meta = {
         "ckpt": str(loaded.path),
         "step": loaded.step,
@@ -92,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         "cfg_scale": args.cfg_scale,
         "batch_size": args.batch_size,
         "shape": list(x.shape),
-        "files": [png.name, data.name],
+        "files": [f.name for f in written],
     }
     atomic_write_text(out / "sample.json", json.dumps(meta, indent=2) + "\n")
     print(f"wrote {args.num} samples {list(x.shape)} to {data} and a grid to {png}")
