@@ -500,6 +500,22 @@ def test_make_method_parses_compositions():
     assert set(GRAD_METHODS) <= set(available_methods(compositions=False))
 
 
+@pytest.mark.parametrize("grad", [g for g in GRAD_METHODS if g != "graddrop"])
+def test_ls_plus_grad_is_the_gradient_method_alone(grad):
+    """Why available_methods() leaves "ls+<grad>" out: its update (weights from the Gram of the
+    terms L_i / k_present, sum reduction) is the gradient method's own (mean reduction)."""
+    k, present = 5, _present(5, (3,))
+    J = _J(k, 64, seed=4, parallel=0.5)
+    kp = int(present.sum())
+    alone, composed = make_method(grad, k), make_method(f"ls+{grad}", k)
+    torch.manual_seed(0)
+    u_alone = alone.weights(J @ J.T, present).double() @ J
+    torch.manual_seed(0)
+    Jt = J / kp  # the rows of the ls terms
+    u_composed = composed.weights(Jt @ Jt.T, present).double() @ Jt
+    torch.testing.assert_close(u_composed, u_alone, rtol=1e-5, atol=1e-6)  # float32 weights
+
+
 @pytest.mark.parametrize("bad", ["foo", "pcgrad+uw", "uw+dwa", "uw+pcgrad+nash", "", "uw+"])
 def test_make_method_rejects_unknown(bad):
     with pytest.raises(ValueError, match="valid names: vanilla, ls, mean, uw") as e:

@@ -122,7 +122,10 @@ class Composite:
 
 
 def available_methods(compositions: bool = True) -> list[str]:
-    """Valid names for ``make_method``: "vanilla", single methods, then "<loss>+<grad>"."""
+    """Valid names for ``make_method``: "vanilla", single methods, then "<loss>+<grad>".
+
+    "ls+<grad>" and "mean+<grad>" are accepted too but not listed: equal weights followed by the
+    gradient method's sum are the gradient method alone (its mean over the present clusters)."""
     names = ["vanilla", *LOSS_METHODS, *GRAD_METHODS]
     if compositions:
         names += [f"{a}+{b}" for a in LOSS_METHODS if a not in ("ls", "mean") for b in GRAD_METHODS]
