@@ -1252,3 +1252,39 @@ def test_api_review_cases():
     for B in (True, 0, 2.5):  # a bool said "smaller than k"
         with pytest.raises(ValueError, match="B must be a positive integer batch size"):
             ANT(linear_schedule(T), k=4, method="uw", sampling="uniform").sample_timesteps(B)
+
+
+@pytest.mark.parametrize("mode", ["micro", "onepass", "retain_graph"])
+@pytest.mark.parametrize("method", ["vanilla", "uw", "pcgrad", "uw+nash"])
+def test_loss_fn_that_runs_another_model_is_an_error(method, mode):
+    """A loss_fn that runs a model other than the attached one (a copy, the EMA model) gave a
+    zero update with no word; now the first step says so, in every mode and step kind."""
+
+    def mlp():
+        return nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
+
+    attached, other = mlp(), mlp()
+    ant = ANT(linear_schedule(100), k=3, method=method, mode=mode, model=attached)
+    x, t = torch.randn(12, 4), ant.sample_timesteps(12)
+    with pytest.raises(ValueError, match="reach none of the attached model's trainable param"):
+        ant.backward(lambda xb, tb: (other(xb) - xb).pow(2).mean(1), x, t)
+    assert all(p.grad is None or not p.grad.any() for p in attached.parameters())
+    ant.backward(lambda xb, tb: (attached(xb) - xb).pow(2).mean(1), x, t)  # the right one
+    assert any(p.grad.any() for p in attached.parameters())
+
+
+def test_reentrant_checkpoint_is_not_mistaken_for_another_model():
+    """A reentrant checkpoint reads its layers' parameters only in the backward: the graph walk
+    cannot see them there and gives no verdict rather than a false error."""
+    from torch.utils.checkpoint import checkpoint
+
+    inner = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
+    ant = ANT(linear_schedule(100), k=3, method="pcgrad", mode="micro", model=inner)
+    x, t = torch.randn(12, 4), ant.sample_timesteps(12)
+
+    def loss_fn(xb, tb):
+        xb = xb.requires_grad_(True)
+        return (checkpoint(inner, xb, use_reentrant=True) - xb).pow(2).mean(1)
+
+    ant.backward(loss_fn, x, t)
+    assert all(p.grad.any() for p in inner.parameters())

@@ -35,7 +35,7 @@ from ..schedules import as_schedule
 from .batch import batch_size, check_batch, slice_batch, take_batch
 from .buffer import GradBuffer
 from .distributed import Comm
-from .onepass import NotServable, OnePass
+from .onepass import MODEL_NOT_RUN, NotServable, OnePass
 from .telemetry import Telemetry
 from .timesteps import TimestepSampler, to_device
 
@@ -253,6 +253,7 @@ class ANT:
         self._buffer: GradBuffer | None = None
         self._onepass: OnePass | None = None  # hook plan when onepass serves the model
         self._model: nn.Module | None = None
+        self._probed = False  # whether a loss was checked to reach the model's parameters
         self._warned_sync = False
         self.last: StepOutput | None = None
         self._pending_flags: list[_HostFlag] = []  # device-side skips not yet reported
@@ -307,6 +308,7 @@ class ANT:
         self._model = model
         self._buffer = None
         self._onepass = None
+        self._probed = False
         # the method's state (UW's log-variances, DWA's history, ...) follows the model
         device = next((q.device for q in model.parameters()), None)
         if device is not None:
@@ -582,6 +584,7 @@ class ANT:
         L_eff, L_global, present, N = self._globalise(sums, counts)  # noqa: N806
         if self.method.is_vanilla:  # the plain batch mean, exactly as ant.reduce
             total, shown = self._batch_mean(per, L_global, N)
+            self._probe(total)
             self._scaled(total, scaler).backward()
             return self._record(
                 shown, L_global, _count_shares(N), present, None, grads_checked=False
@@ -604,6 +607,7 @@ class ANT:
         buf = self._grad_buffer() if self.method.grad is not None else None
         if buf is not None:
             buf.point_grads_at(0)
+        self._probe(total)
         self._scaled(total, scaler).backward()
         c = torch.ones_like(L_global) if loss_m is None else loss_m.slopes(L_global, present)
         finite = torch.isfinite(L_global).all() & torch.isfinite(total)
@@ -624,6 +628,13 @@ class ANT:
             shown, L_global, torch.where(present, w * c, 0.0), present, None, finite,
             grads_checked=buf is not None,
         )
+
+    def _probe(self, loss: torch.Tensor) -> None:
+        """The first loss after attach: check that it reaches the attached model (one walk of
+        its autograd graph on the host; one-pass checks its own steps as they run)."""
+        if not self._probed:
+            _check_reaches(loss, self._model)
+            self._probed = True
 
     def _batch_mean(self, per: torch.Tensor, L_global: torch.Tensor, N: torch.Tensor):  # noqa: N803
         """Vanilla's loss (attached) and its reported value: the mean over the GLOBAL batch.
@@ -740,6 +751,7 @@ class ANT:
                     per = _check_per_sample(loss_fn(slice_batch(batch, a, b), t[a:b]), b - a)
                     s_i = per.float().sum()
                 loss_i = s_i / divisors[i]
+                self._probe(loss_i)
                 if _scaling(scaler):
                     loss_i = scaler.scale(loss_i)
                 loss_i.backward(retain_graph=self.mode == "retain_graph" and i != live[-1])
@@ -998,6 +1010,33 @@ class ANT:
             f"ANT(method={self.method_name!r}, sampling={self.sampler.mode!r}, "
             f"mode={self.mode!r}{self._auto_choice()}, {self.clusters!r})"
         )
+
+
+def _reaches_model(loss: torch.Tensor, model: nn.Module) -> bool | None:
+    """Whether ``loss``'s autograd graph reaches one of ``model``'s trainable parameters: a walk
+    of the graph on the host (no device work). None where the graph cannot tell: a reentrant
+    checkpoint runs its layers, and reads their parameters, only during the backward."""
+    params = {id(p) for p in model.parameters() if p.requires_grad}
+    if not params or loss.grad_fn is None:
+        return None
+    seen, todo, opaque = set(), [loss.grad_fn], False
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        var = getattr(node, "variable", None)  # AccumulateGrad: a leaf tensor
+        if var is not None and id(var) in params:
+            return True
+        opaque = opaque or type(node).__name__ == "CheckpointFunctionBackward"
+        todo.extend(f for f, _ in node.next_functions)
+    return None if opaque else False
+
+
+def _check_reaches(loss: torch.Tensor, model: nn.Module) -> None:
+    """Raise if ``loss`` cannot reach ``model``: the update would be zero, silently."""
+    if _reaches_model(loss, model) is False:
+        raise ValueError(MODEL_NOT_RUN)
 
 
 def _count_shares(N: torch.Tensor) -> torch.Tensor:  # noqa: N803

@@ -117,6 +117,13 @@ class _Slot:
         self.fresh = False
 
 
+MODEL_NOT_RUN = (
+    "loss_fn's losses reach none of the attached model's trainable parameters, so the update "
+    "would be zero: loss_fn must run the model given to ant.attach (or model=). Attach the "
+    "model that loss_fn uses."
+)
+
+
 class _Step:
     """Host bounds and device one-hot of the clusters for the step in progress."""
 
@@ -126,6 +133,7 @@ class _Step:
         self.M = (cid[None, :] == torch.arange(k, device=cid.device)[:, None]).to(dtype)  # [k, B]
         self.cid = cid
         self.anchor = torch.zeros((), device=cid.device, requires_grad=True)
+        self.ran = 0  # calls of the model's served layers in this step's forward
 
 
 def _linear(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor) -> None:
@@ -405,6 +413,8 @@ class OnePass:
                     "loss_fn's output does not require grad (detached, or ant.backward called "
                     "under torch.no_grad): there is no gradient to split by cluster"
                 )
+            if self._st.ran == 0 and self._st.B > 0:
+                raise ValueError(MODEL_NOT_RUN)
             if self._st.B > 0:  # an empty (local) batch: zero rows
                 self._in_backward = True
                 try:
@@ -449,6 +459,7 @@ class OnePass:
                 "torch.arange): all samples share its output, so its gradient has no "
                 "per-cluster rows"
             )
+        st.ran += 1
         new = None
         if not out.requires_grad:
             new = out = _Root.apply(out, st.anchor)
