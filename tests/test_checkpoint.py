@@ -156,3 +156,34 @@ def test_a_mount_that_refuses_chmod_still_gets_its_files(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fchmod", refuse)
     path = utils.atomic_write_text(tmp_path / "a.txt", "kept")
     assert path.read_text() == "kept" and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_checkpoints_that_set_image_size_for_latents_still_load(tmp_path):
+    """Before image_size was refused for latents (it resized nothing), configs could carry it:
+    such checkpoints sample and resume with a warning instead of failing validation."""
+    import warnings
+
+    from antdiff.config import load_config
+    from antdiff.evaluate import load_for_sampling
+    from antdiff.train import train
+
+    torch.save(torch.randn(24, 4, 4, 4), tmp_path / "z.pt")
+    args = ["--data.source", "latents", "--data.path", str(tmp_path / "z.pt"),
+            "--data.channels", "4", "--data.class_conditional", "false",
+            "--sample.cfg_scale", "1.0", "--train.steps", "2", "--train.batch_size", "10",
+            "--train.ckpt_every", "2", "--train.progress", "false", "--sample.n", "2",
+            "--sample.steps", "2", "--train.out_dir", str(tmp_path / "run")]  # fmt: skip
+    train(load_config("digits_dit", args))
+    (path,) = [p for p in (tmp_path / "run").rglob("*.pt")]
+    state = torch.load(path, weights_only=False)
+    state["config"]["data"]["image_size"] = 8  # as an older version saved it
+    torch.save(state, path)
+    with pytest.warns(UserWarning, match="image_size=8 for latents.*ignored"):
+        loaded = load_for_sampling(tmp_path / "run")
+    assert loaded.data.shape == (4, 4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = train(load_config("digits_dit", [*args[:-4], "--train.steps", "3",
+                                             "--train.out_dir", str(tmp_path / "run")]),
+                  resume=True)  # fmt: skip
+    assert s["step"] == 3

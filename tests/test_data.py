@@ -161,6 +161,18 @@ def test_image_folder_class_labels_from_subdirectories(tmp_path):
         )
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
+def test_pixels_scale_to_the_same_bits_on_the_gpu():
+    """The GPU divides by a scalar as a multiply by its reciprocal: the lookup table keeps the
+    CPU's p / 127.5 - 1 bits there (a resumed run reads the same data on either device)."""
+    from antdiff.data import Dataset
+
+    u = torch.arange(256, dtype=torch.uint8).view(256, 1, 1, 1)
+    cpu = u.float().div_(127.5).sub_(1.0)
+    gpu = Dataset(u, None, None).to("cuda").rows(torch.arange(256))
+    assert torch.equal(gpu.cpu(), cpu)
+
+
 def test_latent_files(tmp_path):
     z, y = torch.randn(5, 4, 2, 2), torch.tensor([0, 3, 1, 2, 3])
     torch.save({"latents": z, "labels": y}, tmp_path / "z.pt")
@@ -184,6 +196,10 @@ def test_latent_files(tmp_path):
     np.save(tmp_path / "nhwc.npy", torch.randn(5, 8, 8, 4).numpy())
     with pytest.raises(ValueError, match=r"channels-last.*permute\(0, 3, 1, 2\)"):
         load_dataset(DataConfig(source="latents", path=str(tmp_path / "nhwc.npy"), channels=4))
+    # ... but channels-first latents that merely end in a size equal to data.channels do not
+    np.save(tmp_path / "nchw.npy", torch.randn(5, 8, 4, 4).numpy())
+    with pytest.raises(ValueError, match="have 8 channels but data.channels=4; set --data.chan"):
+        load_dataset(DataConfig(source="latents", path=str(tmp_path / "nchw.npy"), channels=4))
     # image_size resizes images; latents keep their saved size, so it is refused, not ignored
     with pytest.raises(ValueError, match="data.image_size=32 resizes images.*drop it"):
         DataConfig(source="latents", path=str(tmp_path / "z.npy"), channels=4, image_size=32)

@@ -72,6 +72,12 @@ def test_sample_pt_format(run_dir: Path, tmp_path: Path) -> None:
         "notes.txt", "sample.json", "samples.npy", "samples.png"]  # fmt: skip
     assert json.loads((tmp_path / "sample.json").read_text())["files"] == [
         "samples.png", "samples.npy"]  # fmt: skip
+    # a folder no sample run wrote keeps its files, whatever their names
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "samples.pt").write_bytes(b"the user's own")
+    _sample(run_dir, mine, num=2)
+    assert (mine / "samples.pt").read_bytes() == b"the user's own"
 
 
 def test_seeded_sampling_is_deterministic(run_dir: Path, tmp_path: Path) -> None:

@@ -209,3 +209,39 @@ def test_sample_bad_arguments():
         sample(Wavy(), diff, (1, 1, 2, 2), cfg_scale=2.0)
     with pytest.raises(ValueError, match="sampler='ddim' only"):
         sample(Wavy(), diff, (1, 1, 2, 2), sampler="ddpm", eta=0.5)
+    for eta in (float("nan"), 1.5, -0.1):  # NaN gave NaN samples; > 1 clamped DDIM's direction
+        with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
+            sample(Wavy(), diff, (1, 1, 2, 2), eta=eta)
+
+
+def test_guidance_through_an_untrained_null_class_is_refused(tmp_path):
+    """The null label is trained only by label dropout: with class_dropout_prob = 0 (the ADM
+    default) guidance mixed in a random embedding. sample() and the trainer (whose previews
+    guide) refuse it; DiT's default dropout (0.1) and an explicit null_class are accepted."""
+    from antdiff.config import load_config
+    from antdiff.train import build_run
+
+    diff = GaussianDiffusion(linear_schedule(50))
+    adm = create_model("adm-tiny", num_classes=10, in_channels=1)
+    assert adm.class_dropout_prob == 0
+    y = torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="class_dropout_prob=0.*class_dropout_prob 0.1"):
+        sample(adm, diff, (2, 1, 8, 8), steps=2, y=y, cfg_scale=2.0)
+    sample(adm, diff, (2, 1, 8, 8), steps=2, y=y, cfg_scale=1.0)  # plain conditional: fine
+    dit = create_model("dit-tiny", num_classes=10)
+    sample(dit, diff, (2, 1, 8, 8), steps=2, y=y, cfg_scale=2.0)
+    base = ["--data.class_conditional", "true", "--sample.cfg_scale", "2.0",
+            "--train.out_dir", str(tmp_path / "run"), "--train.progress", "false"]  # fmt: skip
+    with pytest.raises(ValueError, match="class_dropout_prob=0"):
+        build_run(load_config("digits_adm", base))
+    cfg = load_config("digits_adm", [*base, "--model.overrides.class_dropout_prob", "0.1"])
+    assert build_run(cfg).model.class_dropout_prob == 0.1
+
+
+def test_timesteps_outside_the_range_are_an_error_not_wrapped():
+    """t = -1 used t = T - 1's coefficients (negative indexing)."""
+    diff = GaussianDiffusion(linear_schedule(50))
+    x = torch.zeros(2, 1, 2, 2)
+    for bad in (-1, 50):
+        with pytest.raises(ValueError, match=r"t must hold timesteps in \[0, 50\)"):
+            diff.q_sample(x, torch.tensor([bad, 3]), x)

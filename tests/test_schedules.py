@@ -22,7 +22,17 @@ def test_cosine_matches_formula():
     np.testing.assert_allclose(cosine_schedule(T).alphas_cumprod, np.cumprod(1 - betas), rtol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_scaled_linear_is_latent_diffusions_schedule():
+    """The LDM configs' betas: linear in sqrt(beta) from 0.0015 to 0.0195 (T = 1000)."""
+    betas = np.array([(0.0015**0.5 + i / 999 * (0.0195**0.5 - 0.0015**0.5)) ** 2
+                      for i in range(1000)])  # fmt: skip
+    s = make_schedule("scaled_linear", 1000)
+    np.testing.assert_allclose(s.alphas_cumprod, np.cumprod(1 - betas), rtol=1e-12)
+    assert s.log_snr[0] == pytest.approx(6.5008, abs=1e-4)  # the paper's Fig. 1 LDM range
+    assert s.log_snr[-1] == pytest.approx(-8.8574, abs=1e-4)
+
+
+@pytest.mark.parametrize("name", ["linear", "scaled_linear", "cosine"])
 def test_snr_and_log_snr_consistent_and_decreasing(name):
     s = make_schedule(name, 500)
     a = s.alphas_cumprod

@@ -215,14 +215,14 @@ def model_from_state(
     Returns:
         (model, the validated Config, the Dataset).
     """
-    from .config import config_from_dict
+    from .config import config_from_dict, upgrade_saved_config
     from .data import load_dataset, stand_in_dataset
     from .models import create_model
     from .train import model_kwargs
 
     if weights not in ("model", "ema"):
         raise ValueError(f"weights must be 'model' or 'ema', got {weights!r}")
-    cfg = config_from_dict(state["config"])
+    cfg = config_from_dict(upgrade_saved_config(state["config"]))
     if data is None and state.get("data_meta") is not None:
         data = stand_in_dataset(cfg.data, state["data_meta"], state.get("codec"))
     elif data is None:
@@ -241,9 +241,12 @@ def resume_state(cfg: Any, resume: str | Path | bool, allow_change: bool) -> dic
     """
     where = cfg.train.out_dir if resume in (True, "", None) else resume
     state, path = load_checkpoint(where)
-    bad = resume_conflicts(state["config"], cfg.to_dict())
+    from .config import upgrade_saved_config
+
+    saved = upgrade_saved_config(state["config"])
+    bad = resume_conflicts(saved, cfg.to_dict())
     if bad and not allow_change:
-        old, new = _flat(state["config"]), _flat(cfg.to_dict())
+        old, new = _flat(saved), _flat(cfg.to_dict())
         lines = "\n".join(f"  {k}: checkpoint {old.get(k)!r} -> now {new.get(k)!r}" for k in bad)
         raise ValueError(
             f"the config differs from the one checkpoint {str(path)!r} was trained with:\n{lines}\n"

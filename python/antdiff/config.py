@@ -14,6 +14,7 @@ import difflib
 import math
 import types
 import typing
+import warnings
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any, Union
 import yaml
 
 SOURCES = ("digits", "folder", "latents")
-SCHEDULES = ("linear", "cosine")
+SCHEDULES = ("linear", "scaled_linear", "cosine")
 PREDICTIONS = ("eps", "x0", "v")
 WEIGHTINGS = (None, "p2", "min_snr")
 CLUSTERINGS = ("snr", "timestep", "gradient")
@@ -342,6 +343,22 @@ def _build(cls: type, d: Any, where: str) -> Any:
 def config_from_dict(d: dict[str, Any]) -> Config:
     """Build and validate a Config from a (possibly partial) nested dict."""
     return _build(Config, d, "")
+
+
+def upgrade_saved_config(d: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config dict as the current Config accepts it (a copy). Older versions
+    took data.image_size with latents and ignored it; it is dropped with a warning, so their
+    checkpoints still sample, evaluate and resume."""
+    data = d.get("data") if isinstance(d, dict) else None
+    if not (isinstance(data, dict) and data.get("source") == "latents"
+            and data.get("image_size") is not None):  # fmt: skip
+        return d
+    warnings.warn(
+        f"the checkpoint's config sets data.image_size={data['image_size']} for latents, which "
+        "resized nothing: ignored",
+        stacklevel=2,
+    )
+    return {**d, "data": {**data, "image_size": None}}
 
 
 # ------------------------------------------------------------------ presets and overrides

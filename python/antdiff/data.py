@@ -64,10 +64,20 @@ class Dataset:
         return _as_float(self.x)
 
 
+_PIXELS: dict[torch.device, torch.Tensor] = {}  # the 256 scaled values, per device
+
+
 def _as_float(x: torch.Tensor) -> torch.Tensor:
     """uint8 pixels -> float32 in [-1, 1] (p / 127.5 - 1); float tensors are returned as they
-    are."""
-    return x.float().div_(127.5).sub_(1.0) if x.dtype == torch.uint8 else x
+    are. The 256 values are computed once on the CPU and looked up, so every device gives the
+    same bits (a GPU divides by a scalar as a multiply by its reciprocal)."""
+    if x.dtype != torch.uint8:
+        return x
+    lut = _PIXELS.get(x.device)
+    if lut is None:
+        cpu = torch.arange(256, dtype=torch.float32).div_(127.5).sub_(1.0)
+        lut = _PIXELS[x.device] = cpu.to(x.device)
+    return lut[x.long()]
 
 
 def load_digits_tensor(image_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,7 +212,7 @@ def load_latent_file(cfg: DataConfig) -> Dataset:
     lat = PrecomputedLatents(cfg.path, scale_factor=cfg.latent_scale)
     if lat.latents.shape[1] != cfg.channels:
         n, a, b, c = lat.latents.shape
-        if c == cfg.channels:  # [N, h, w, c]: channels last, as some encoders save them
+        if c == cfg.channels and a == b != c:  # [N, h, w, c]: channels last, square latents
             raise ValueError(
                 f"latents in {cfg.path!r} have shape [{n}, {a}, {b}, {c}], which looks "
                 f"channels-last ([N, h, w, c] with c = data.channels = {c}); antdiff reads "

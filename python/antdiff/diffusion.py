@@ -166,7 +166,8 @@ class GaussianDiffusion:
                 for k, v in self._np.items()
             }
             self._cache[t.device] = tables
-        return tables[name][t]
+        # index_select, not tables[name][t]: a negative t is an index error, not t + T
+        return tables[name].index_select(0, t)
 
     def _gather(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Table `name` at t, cast to like.dtype, shaped [B, 1, ..., 1] to broadcast."""
@@ -176,7 +177,11 @@ class GaussianDiffusion:
     # ---------------------------------------------------------------- forward process
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Draw x_t ~ q(x_t | x0). x0, noise: [B, ...]; t: [B] int64 -> [B, ...]."""
-        return self._gather("sqrt_ab", t, x0) * x0 + self._gather("sqrt_1m_ab", t, x0) * noise
+        try:  # no read of t's values (a host sync on a GPU): the gather checks its bounds
+            a = self._gather("sqrt_ab", t, x0)
+        except IndexError as e:  # on the CPU; a GPU stops at a device-side assert
+            raise ValueError(f"t must hold timesteps in [0, {self.T}): {e}") from e
+        return a * x0 + self._gather("sqrt_1m_ab", t, x0) * noise
 
     def v_target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """v = sqrt(a_t) eps - sqrt(1 - a_t) x0."""

@@ -125,7 +125,23 @@ def _null_class(model: Any, null_class: int | None) -> int:
             "cfg_scale != 1 needs a null class: pass null_class=... or use a model with a "
             "`num_classes` attribute (the null class is num_classes)"
         )
+    check_guidance_trained(model)
     return int(num)
+
+
+def check_guidance_trained(model: Any, cfg_scale: float | None = None) -> None:
+    """Refuse guidance through a null class that training never saw: the model's null label
+    (index num_classes) is trained only by label dropout, so with class_dropout_prob = 0 the
+    "unconditional" branch is its random initial embedding."""
+    if cfg_scale == 1.0:
+        return
+    if getattr(model, "class_dropout_prob", None) == 0:
+        raise ValueError(
+            "classifier-free guidance (cfg_scale != 1) uses the model's null class, which only "
+            "label dropout trains, but this model has class_dropout_prob=0: its unconditional "
+            "branch is untrained. Train with label dropout (--model.overrides."
+            "class_dropout_prob 0.1), or sample with cfg_scale 1"
+        )
 
 
 @torch.no_grad()
@@ -163,8 +179,8 @@ def sample(
     """
     if sampler not in _SAMPLERS:
         raise ValueError(f"sampler={sampler!r} is not valid; use one of {_SAMPLERS}")
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    if not 0.0 <= eta <= 1.0:  # NaN too; above 1 the DDIM direction term would be clamped off
+        raise ValueError(f"eta must be in [0, 1] (0: DDIM, 1: DDPM-like), got {eta}")
     if sampler == "ddpm" and eta != 0:
         raise ValueError(f"eta={eta} applies to sampler='ddim' only; DDPM's variance is fixed")
     if cfg_scale != 1.0 and y is None:

@@ -103,6 +103,21 @@ def linear_schedule(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0
     return Schedule(np.cumprod(1.0 - betas), name=f"linear(T={T})")
 
 
+def scaled_linear_schedule(
+    T: int = 1000, beta_start: float = 0.0015, beta_end: float = 0.0195  # noqa: N803
+) -> Schedule:
+    """Latent diffusion's schedule: betas linear in sqrt(beta), from beta_start to beta_end
+    (0.0015 and 0.0195 in the LDM FFHQ / CelebA-HQ configs; log-SNR from 6.5 to -8.9 at
+    T = 1000). For T != 1000 the endpoints are rescaled by 1000 / T, as ``linear_schedule``
+    does."""
+    _check_T(T)
+    scale = 1000.0 / T
+    betas = np.linspace(math.sqrt(beta_start * scale), math.sqrt(beta_end * scale), T) ** 2
+    if np.any(betas >= 1.0):
+        raise ValueError(f"T={T} is too small for the scaled_linear schedule: beta would reach 1")
+    return Schedule(np.cumprod(1.0 - betas.astype(np.float64)), name=f"scaled_linear(T={T})")
+
+
 def cosine_schedule(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Schedule:  # noqa: N803
     """Nichol & Dhariwal's cosine schedule, betas clipped at max_beta."""
     _check_T(T)
@@ -117,8 +132,9 @@ def cosine_schedule(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) ->
 
 
 def make_schedule(name: str, T: int = 1000) -> Schedule:  # noqa: N803
-    """Named schedule: "linear" or "cosine"."""
-    makers = {"linear": linear_schedule, "cosine": cosine_schedule}
+    """Named schedule: "linear" (DDPM / ADM), "scaled_linear" (latent diffusion) or "cosine"."""
+    makers = {"linear": linear_schedule, "scaled_linear": scaled_linear_schedule,
+              "cosine": cosine_schedule}  # fmt: skip
     if name not in makers:
         raise ValueError(f"unknown schedule {name!r}; valid: {sorted(makers)}")
     return makers[name](T)

@@ -44,6 +44,7 @@ from .data import BatchIterator, Dataset, get_batch, load_dataset
 from .diffusion import GaussianDiffusion
 from .engine import ANT
 from .logging_utils import RunLogger, write_samples
+from .sampling import check_guidance_trained
 from .schedules import make_schedule
 from .train_dist import DistContext, QuietLogger, init_distributed
 from .utils import atomic_write_text, seed_everything
@@ -166,6 +167,7 @@ def build_run(cfg: Config, codec_state: dict | None = None, dist: DistContext | 
     data = load_dataset(cfg.data, tc.seed, tc.num_workers, codec_state).to(device)
     seed_everything(tc.seed)
     model = create_model(cfg.model.name, **model_kwargs(cfg, data)).to(device).train()
+    check_guidance_trained(model, cfg.sample.cfg_scale)  # previews guide: refuse it before training
     dc = cfg.diffusion
     diffusion = GaussianDiffusion(
         make_schedule(dc.schedule, dc.T),

@@ -57,7 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if any)")
     p.add_argument(
-        "--schedule", default=None, help="linear | cosine (checkpoints without one; else the same)"
+        "--schedule",
+        default=None,
+        help="linear | scaled_linear | cosine (checkpoints without one; else the same)",
     )
     p.add_argument(
         "--T", type=int, default=None, help="timesteps (checkpoints without one; else must match)"
@@ -80,7 +82,7 @@ class CheckpointLoader:
 
     def __call__(self, path: Any, device: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
         from ..checkpoint import FORMAT, load_checkpoint, model_from_state
-        from ..config import config_from_dict
+        from ..config import config_from_dict, upgrade_saved_config
 
         p = Path(path)
         if p.is_file():
@@ -88,7 +90,7 @@ class CheckpointLoader:
             if not (isinstance(raw, dict) and raw.get("format") == FORMAT):
                 return load_affinity_checkpoint(p, device)
         state, _ = load_checkpoint(p, "cpu")
-        data = self.dataset(config_from_dict(state["config"]), state)
+        data = self.dataset(config_from_dict(upgrade_saved_config(state["config"])), state)
         model, _, _ = model_from_state(state, data)
         return model.to(device or "cpu"), state["config"]
 

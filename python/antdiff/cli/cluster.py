@@ -28,7 +28,9 @@ def _limit(s: str) -> int | str | None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--schedule", default="linear", help="linear | cosine | PATH.npy (alphas_cumprod)"
+        "--schedule",
+        default="linear",
+        help="linear | scaled_linear | cosine | PATH.npy (alphas_cumprod)",
     )
     p.add_argument("--T", type=int, default=1000, help="number of timesteps (named schedules)")
     p.add_argument("--k", type=int, default=5, help="number of clusters")

@@ -5,8 +5,9 @@
 Writes ``<out>/samples.png`` (a grid of the first ``--grid`` images), ``<out>/samples.npy``
 (or ``.pt`` with ``--format pt``: float32 [N, C, H, W] in [-1, 1]; a .pt also holds the labels),
 ``<out>/labels.npy`` for class-conditional models and ``<out>/sample.json`` (the settings). Every
-file is written atomically; samples and labels an earlier run left in ``<out>`` that this run does
-not rewrite (the other format's) are removed. Latent runs are decoded through the run's codec.
+file is written atomically; samples and labels an earlier run left in ``<out>`` (as its
+sample.json lists them) that this run does not rewrite are removed, and named. Latent runs are
+decoded through the run's codec.
 """
 
 from __future__ import annotations
@@ -19,6 +20,17 @@ import numpy as np
 import torch
 
 OUTPUTS = {"samples.png", "samples.npy", "labels.npy", "samples.pt"}  # what a run may write
+
+
+def _earlier_outputs(out: Path) -> set[str]:
+    """The files an earlier ``antdiff sample`` into ``out`` wrote, from its sample.json (labels.npy
+    too: runs before sample.json listed every file left it out); empty without one."""
+    try:
+        meta = json.loads((out / "sample.json").read_text())
+        files = set(meta["files"]) if isinstance(meta.get("files"), list) else set()
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return (files | {"labels.npy"}) & OUTPUTS
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -75,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     )
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    earlier = _earlier_outputs(out)  # read before this run rewrites sample.json
     grid = x[: max(1, args.grid)]
     png = save_png(image_grid(grid), out / "samples.png", scale=max(1, 32 // x.shape[-1]))
     written = []
@@ -86,9 +99,10 @@ def run(args: argparse.Namespace) -> int:
         blob = {"x": x, "y": y} if y is not None else {"x": x}
         data = atomic_write(out / "samples.pt", lambda f: torch.save(blob, f))
     written = [png, data, *written]
-    # an earlier run into the same --out (other format, or labels of a conditional model)
-    # must not leave its samples beside these ones
-    for name in sorted(OUTPUTS - {f.name for f in written}):
+    # what an earlier sample run left here in the other format (or its labels) must not sit
+    # beside these samples; only files its sample.json names are removed, never the user's
+    stale = sorted(earlier - {f.name for f in written})
+    for name in stale:
         (out / name).unlink(missing_ok=True)
     meta = {
         "ckpt": str(loaded.path),
@@ -105,4 +119,6 @@ def run(args: argparse.Namespace) -> int:
     }
     atomic_write_text(out / "sample.json", json.dumps(meta, indent=2) + "\n")
     print(f"wrote {args.num} samples {list(x.shape)} to {data} and a grid to {png}")
+    if stale:
+        print(f"removed the earlier run's {', '.join(stale)} from {out}")
     return 0

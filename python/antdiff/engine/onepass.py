@@ -414,7 +414,13 @@ class OnePass:
                     "under torch.no_grad): there is no gradient to split by cluster"
                 )
             if self._st.ran == 0 and self._st.B > 0:
-                raise ValueError(MODEL_NOT_RUN)
+                # micro decides: another model there is an error (MODEL_NOT_RUN), while a
+                # reentrant checkpoint (its layers run without grad in the forward) trains
+                raise NotServable(
+                    "mode='onepass': none of the attached model's layers ran with grad in the "
+                    "forward (loss_fn runs another model, or the layers sit in a reentrant "
+                    "activation checkpoint); use mode='micro' (or 'auto')"
+                )
             if self._st.B > 0:  # an empty (local) batch: zero rows
                 self._in_backward = True
                 try:

@@ -178,7 +178,7 @@ class GramMethod:
             raise ValueError(f"update_every must be an integer >= 1, got {update_every!r}")
         self.reduction = reduction
         self.update_every = update_every
-        # what the engine reuses between recomputations; saved so a resume mid-interval is exact
+        # the last weights returned (for inspection; the engine keeps and saves its own copy)
         self.last_weights: Tensor | None = None
         self._valid: Tensor | None = None  # the current weights() call's validity flag
 
@@ -226,10 +226,21 @@ class GramMethod:
         if "last_weights" not in d:
             raise ValueError(f"{self.name} state needs 'last_weights', got keys {sorted(d)}")
         last = d["last_weights"]
+        check_saved_k(self.name, "last_weights", last, self.k)
         self.last_weights = None if last is None else last.clone()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(k={self.k}, reduction={self.reduction!r})"
+
+
+def check_saved_k(name: str, key: str, value: Any, k: int) -> None:
+    """A saved [k] vector of a method state, or None; else a ValueError naming both k."""
+    if value is not None and (not isinstance(value, Tensor) or tuple(value.shape) != (k,)):
+        got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(
+            f"{name} state: {key!r} has shape {got}, but this method has k={k} clusters: the "
+            "state was saved with another k"
+        )
 
 
 def commit(old: Tensor | None, new: Tensor, valid: Tensor | None) -> Tensor:
@@ -248,8 +259,10 @@ def subset_masks(k: int, device: torch.device) -> Tensor:
 def subset_solve(G: Tensor, masks: Tensor, rhs: Tensor, ridge: float) -> Tensor:
     """Solve G_SS x_S = rhs_S on every support S at once (x = 0 off S).
 
-    The matrix is G restricted to S, identity off S, plus ``ridge`` times the identity, so it
-    is symmetric positive definite for any PSD G and the solve never fails.
+    Solved as C_SS y_S = (rhs / d)_S, x = y / d, with d = sqrt(diag G) and C = G / (d d^T) the
+    cosine matrix: the same solution, but ``ridge`` (on C's unit diagonal, identity off S)
+    weighs the same against every cluster, however far apart their gradient norms are. The
+    matrix is symmetric positive definite for any PSD G and the solve never fails.
 
     Args:
         G: [k, k] float64 PSD. masks: [n, k] bool supports. rhs: [n, k, m].
@@ -258,10 +271,13 @@ def subset_solve(G: Tensor, masks: Tensor, rhs: Tensor, ridge: float) -> Tensor:
         x: [n, k, m].
     """
     m = masks.to(G.dtype)
+    d = G.diagonal().clamp(min=0).sqrt()
+    d = torch.where(d > 0, d, 1.0)  # a zero gradient: its row of C stays zero
+    C = G / (d[:, None] * d[None, :])
     eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-    A = G * (m[:, :, None] * m[:, None, :]) + torch.diag_embed(1.0 - m) + ridge * eye
-    x, _ = torch.linalg.solve_ex(A, rhs * m[:, :, None])
-    return x * m[:, :, None]
+    A = C * (m[:, :, None] * m[:, None, :]) + torch.diag_embed(1.0 - m) + ridge * eye
+    y, _ = torch.linalg.solve_ex(A, rhs * (m / d)[:, :, None])
+    return y * (m / d)[:, :, None]
 
 
 def pick_rows(values: Tensor, index: Tensor) -> Tensor:

@@ -33,7 +33,15 @@ import torch
 from torch import Tensor
 
 from . import native
-from .base import GramMethod, commit, n_present, pick_rows, subset_masks, subset_solve
+from .base import (
+    GramMethod,
+    check_saved_k,
+    commit,
+    n_present,
+    pick_rows,
+    subset_masks,
+    subset_solve,
+)
 from .stream import saved_steps
 
 MAX_SUBSET_K = 12  # 2^k - 1 supports of k x k systems: 4095 tiny solves at k = 12
@@ -87,8 +95,8 @@ class PCGrad(GramMethod):
 
     def __init__(self, k: int, *, reduction: str = "mean", seed: int = 2) -> None:
         super().__init__(k, reduction=reduction)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
         self.seed = seed
         dtype = torch.uint8 if k <= 256 else torch.int16
         self.period = max(16, min(1024, self._TABLE_BYTES // (2 * k * k * dtype.itemsize)))
@@ -187,6 +195,7 @@ class NashMTL(GramMethod):
     def load_state_dict(self, d: dict[str, Any]) -> None:
         super().load_state_dict(d)
         alpha = d["last_alpha"]
+        check_saved_k(self.name, "last_alpha", alpha, self.k)
         self.last_alpha = None if alpha is None else alpha.clone()
 
 
@@ -197,13 +206,16 @@ class IMTLG(GramMethod):
     native = "mean"
 
     def _weights(self, G: Tensor, active: Tensor, present: Tensor) -> Tensor:
-        Gn = _normalised(G, active)
-        norms = Gn.diagonal().clamp(min=0).sqrt()
+        # w ∝ N^-1 C^-1 1 (N the gradient norms, C their cosine matrix): solved on C, whose unit
+        # diagonal makes the ridge weigh alike on every cluster whatever their norms' spread
+        d = G.diagonal().clamp(min=0).sqrt()
+        ok = active & (d > 0)  # a zero gradient (or an inactive cluster) gets weight 0
+        dd = torch.where(ok, d, 1.0)
+        both = (ok[:, None] & ok[None, :]).to(G.dtype)
         eye = torch.eye(self.k, dtype=G.dtype, device=G.device)
-        # identity on inactive rows keeps the system definite and their weight 0
-        A = Gn + torch.diag((~active).to(G.dtype)) + _RIDGE * eye
-        v, _ = torch.linalg.solve_ex(A, norms[:, None])
-        v = v[:, 0]
+        A = G / (dd[:, None] * dd[None, :]) * both + torch.diag((~ok).to(G.dtype)) + _RIDGE * eye
+        u, _ = torch.linalg.solve_ex(A, ok.to(G.dtype)[:, None])
+        v = torch.where(ok, u[:, 0] / dd, 0.0)
         s = v.sum()
         return v / torch.where(s.abs() > torch.finfo(G.dtype).tiny, s, 1.0)
 

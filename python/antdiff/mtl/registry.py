@@ -7,6 +7,10 @@ the gradients of the loss method's transformed terms, which already carry the 1/
 ``reduction`` defaults to "sum" (METHOD.md's UW + PCGrad: update = sum_i g_i'); alone it runs on
 the raw cluster losses with ``reduction="mean"``. Hyperparameters are routed by name to
 whichever of the two methods accepts them (to both when both do).
+
+A loss method before Nash-MTL or IMTL-G changes the step's length, not its direction: both are
+invariant to how each cluster's gradient is scaled, and the loss method's weights are such
+per-cluster scales (e.g. "uw+nash" is Nash-MTL's direction with UW's magnitudes).
 """
 
 from __future__ import annotations
@@ -112,10 +116,18 @@ class Composite:
     def load_state_dict(self, d: dict[str, Any]) -> None:
         if d.get("name") != self.name:
             raise ValueError(f"state is for method {d.get('name')!r}, this is {self.name!r}")
-        if self.loss is not None:
-            self.loss.load_state_dict(d["loss"])
-        if self.grad is not None:
+        if self.grad is not None:  # first: its check names a state saved at another k
             self.grad.load_state_dict(d["grad"])
+        if self.loss is not None:
+            try:
+                self.loss.load_state_dict(d["loss"])
+            except RuntimeError as e:  # torch's own check of the parameter shapes
+                if "size mismatch" not in str(e):
+                    raise
+                raise ValueError(
+                    f"{self.loss.name} state does not fit: this method has k={self.loss.k} "
+                    f"clusters: the state was saved with another k ({str(e).strip()})"
+                ) from e
 
     def __repr__(self) -> str:
         return f"Composite({self.name!r}, loss={self.loss!r}, grad={self.grad!r})"
