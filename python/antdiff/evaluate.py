@@ -218,8 +218,8 @@ def score(
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "reference_stats"
     label, real = reference_images(ref)
     stats = reference_stats(real, extractor, root, label=label)
-    out = fid_vs_reference(fake, stats, extractor)
-    fake_f = extractor(fake)
+    fake_f = extractor(fake)  # one pass of the network for FID and precision / recall
+    out = fid_vs_reference(fake, stats, extractor, fake_features=fake_f)
     pr = precision_recall(
         _real_features(label, real, extractor, root), fake_f, k=k, features=extractor.name
     )

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from antdiff.metrics.features import (
     DIGITS_NAME,
     INCEPTION_URL,
@@ -52,8 +54,12 @@ def fid_vs_reference(
     extractor: FeatureExtractor,
     *,
     allow_rank_deficient: bool = False,
+    fake_features: Any = None,
 ) -> dict[str, Any]:
     """FID of ``fake_images [N, C, H, W]`` (in [-1, 1]) against cached reference statistics.
+
+    ``fake_features``: ``extractor(fake_images)`` if the caller already has it (one pass of the
+    network serves FID and precision / recall).
 
     Returns:
         ``{"fid", "n_fake", "n_real", "dim", "features"}``.
@@ -63,7 +69,13 @@ def fid_vs_reference(
             f"reference statistics came from {reference.extractor!r} but the extractor is "
             f"{extractor.name!r}; FIDs across networks are meaningless"
         )
-    mu, sigma = feature_stats(extractor(fake_images))
+    feats = extractor(fake_images) if fake_features is None else np.asarray(fake_features)
+    if feats.shape != (int(fake_images.shape[0]), extractor.dim):
+        raise ValueError(
+            f"fake_features must be [{int(fake_images.shape[0])}, {extractor.dim}] "
+            f"(extractor(fake_images)), got {tuple(feats.shape)}"
+        )
+    mu, sigma = feature_stats(feats)
     n_fake = int(fake_images.shape[0])
     fid = fid_from_stats(
         reference.mu,

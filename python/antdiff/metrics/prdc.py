@@ -19,11 +19,13 @@ import numpy as np
 import torch
 
 
-def _as_tensor(x: Any, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _as_tensor(x: Any, name: str, device: torch.device) -> torch.Tensor:
+    """[N, D] on ``device`` in its own floating dtype (at least float32), checked."""
     t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
     if t.ndim != 2 or t.shape[0] == 0 or t.shape[1] == 0:
         raise ValueError(f"{name} must be a non-empty 2-D [N, D] array; got shape {tuple(t.shape)}")
-    t = t.detach().to(device=device, dtype=dtype)
+    wide = torch.promote_types(t.dtype, torch.float32) if t.is_floating_point() else torch.float64
+    t = t.detach().to(device=device, dtype=wide)
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} holds NaN or inf values; features must be finite")
     return t
@@ -103,12 +105,18 @@ def precision_recall(
         on = real_features.device if isinstance(real_features, torch.Tensor) else "cpu"
         device = torch.device(on)
     dev = torch.device(device)
-    real = _as_tensor(real_features, "real_features", dev, dtype)
-    fake = _as_tensor(fake_features, "fake_features", dev, dtype)
+    real = _as_tensor(real_features, "real_features", dev)
+    fake = _as_tensor(fake_features, "fake_features", dev)
     if real.shape[1] != fake.shape[1]:
         raise ValueError(
             f"real and fake features must share the dim; got {real.shape[1]} vs {fake.shape[1]}"
         )
+    # distances do not change under a shift: centring on the real mean, in the inputs' own
+    # precision, keeps |a|^2 + |b|^2 - 2 a.b from cancelling in ``dtype`` when the features sit
+    # far from the origin relative to their spread
+    centre = real.mean(0, dtype=torch.float64)
+    real = (real - centre.to(real.dtype)).to(dtype)
+    fake = (fake - centre.to(fake.dtype)).to(dtype)
     for t, name in ((real, "real_features"), (fake, "fake_features")):
         if t.shape[0] <= k:
             raise ValueError(

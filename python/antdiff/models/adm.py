@@ -281,7 +281,12 @@ class UNetModel(nn.Module):
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """x: [B, C, H, W], t: [B] int64, y: [B] int64 -> [B, C or 2C, H, W]."""
+        """x: [B, C, H, W], t: [B] int64, y: [B] int64 -> [B, C or 2C, H, W].
+
+        y holds labels in [0, num_classes], num_classes being the null (unconditional) label;
+        they are not range-checked here (that would read them on the host): the trainer's data
+        loaders check them, and an out-of-range label is an index error (on a GPU a device-side
+        assert)."""
         check_inputs(self, x, t, y)
         down = 2**self.num_downsamples
         if x.shape[2] % down or x.shape[3] % down:

@@ -159,7 +159,12 @@ class DiT(nn.Module):
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """x: [B, C, H, W], t: [B] int64, y: [B] int64 -> [B, C or 2C, H, W]."""
+        """x: [B, C, H, W], t: [B] int64, y: [B] int64 -> [B, C or 2C, H, W].
+
+        y holds labels in [0, num_classes], num_classes being the null (unconditional) label;
+        they are not range-checked here (that would read them on the host): the trainer's data
+        loaders check them, and an out-of-range label is an index error (on a GPU a device-side
+        assert)."""
         if x.shape[-2:] != (self.input_size, self.input_size):
             raise ValueError(
                 f"x must be [B, C, {self.input_size}, {self.input_size}], got {tuple(x.shape)}"
