@@ -76,8 +76,13 @@ def _worker(rank: int, init_file: str, result_file: str) -> None:
             results[method] = {"grad": grad, "w": w, "extra": extra}
         # an engine built before init_process_group reduces too; a rank with no sample at all
         # (one-pass mode) contributes zero rows
+        # retain_graph with an empty rank: its forward must not arm DDP's reduction (the other
+        # rank's backward all-reduced alone: a gloo collective mismatch)
+        retain = ANT(linear_schedule(T), k=4, method="pcgrad", mode="retain_graph", seed=0)
         for name, ant, sl in (("pcgrad:early", early, slice(0, 8) if rank == 0 else slice(8, B)),
-                              ("pcgrad:empty", None, slice(0, 0) if rank == 0 else slice(0, B))):
+                              ("pcgrad:empty", None, slice(0, 0) if rank == 0 else slice(0, B)),
+                              ("pcgrad:retain_empty", retain,
+                               slice(0, 0) if rank == 0 else slice(0, B))):  # fmt: skip
             torch.manual_seed(0)
             model = nn.parallel.DistributedDataParallel(Net())
             x, t = make_data()
@@ -124,7 +129,9 @@ def two_process_results(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [*METHODS, "pcgrad:early", "pcgrad:empty"])
+@pytest.mark.parametrize(
+    "method", [*METHODS, "pcgrad:early", "pcgrad:empty", "pcgrad:retain_empty"]
+)
 def test_two_processes_equal_one_process_on_global_batch(two_process_results, method, monkeypatch):
     """Also vanilla on unequal local batches (each rank's sum is scaled by world / B_global,
     so DDP's average is the global mean, not the mean of the ranks' means)."""

@@ -734,7 +734,10 @@ class ANT:
             if got is not None:
                 return got, N
         if self.mode == "retain_graph":
-            per = _check_per_sample(loss_fn(batch, t), t.shape[0])
+            # DDP decides in the forward whether its backward all-reduces: not here (J is
+            # reduced once, after all clusters; a rank with no live cluster runs no backward)
+            with no_sync() if no_sync is not None else contextlib.nullcontext():
+                per = _check_per_sample(loss_fn(batch, t), t.shape[0])
             sums_all, _ = self._cluster_sums(per, t)
         live = [i for i in range(self.k) if counts[i] > 0]
         for i in range(self.k):
