@@ -234,8 +234,10 @@ def nash_weights_ref(G: torch.Tensor, iters: int = 20, normalize: bool = True) -
         raise ValueError(f"iters must be >= 0, got {iters}")
     G64 = G.to(torch.float64)
     ok = torch.isfinite(G64).all()
-    if normalize:
-        nrm = torch.linalg.matrix_norm(G64)
+    if normalize:  # the Frobenius norm relative to max |G|: no overflow at extreme scales
+        big = G64.abs().amax()
+        big = torch.where(big > 0, big, 1.0)
+        nrm = big * torch.linalg.matrix_norm(G64 / big)
         G64 = G64 / torch.where(nrm > 0, nrm, 1.0)
     act, Gt, a = nash_start(G64)
     H = torch.empty_like(Gt)

@@ -1,5 +1,6 @@
 #include "mtl_solvers.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <stdexcept>
@@ -70,15 +71,19 @@ void NashWeights(const double* gram, int64_t k, int64_t iters, bool normalize, d
     throw std::invalid_argument("iters must be >= 0, got " + std::to_string(iters));
   }
   const size_t kk = static_cast<size_t>(k * k);
-  double frob = 0.0;
+  double big = 0.0;  // max |G|: the squares are summed relative to it (no overflow/underflow)
   for (size_t e = 0; e < kk; ++e) {
     if (!std::isfinite(gram[e])) {
       for (int64_t i = 0; i < k; ++i) alpha[i] = std::numeric_limits<double>::quiet_NaN();
       return;
     }
-    frob += gram[e] * gram[e];
+    big = std::max(big, std::fabs(gram[e]));
   }
-  frob = std::sqrt(frob);
+  double frob = 0.0;
+  if (big > 0.0) {
+    for (size_t e = 0; e < kk; ++e) frob += (gram[e] / big) * (gram[e] / big);
+    frob = big * std::sqrt(frob);
+  }
   const double scale = (normalize && frob > 0.0) ? frob : 1.0;
   // inactive clusters (G[i, i] <= 0): identity row and column, a_i = 1 -> zero gradient and step
   std::vector<char> act(static_cast<size_t>(k));
