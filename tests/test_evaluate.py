@@ -80,6 +80,22 @@ def test_sample_pt_format(run_dir: Path, tmp_path: Path) -> None:
     assert (mine / "samples.pt").read_bytes() == b"the user's own"
 
 
+def test_sample_spacing_and_eta_reach_the_sampler(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """--spacing leading (guided-diffusion's ddimN timesteps) and --eta change the samples and
+    are recorded; a bad eta is refused before anything is written."""
+    base = _sample(run_dir, tmp_path / "a", "--seed", "1", num=4)
+    lead = _sample(run_dir, tmp_path / "b", "--seed", "1", "--spacing", "leading", num=4)
+    noisy = _sample(run_dir, tmp_path / "c", "--seed", "1", "--eta", "1.0", num=4)
+    assert np.abs(base - lead).max() > 1e-3 and np.abs(base - noisy).max() > 1e-3
+    meta = json.loads((tmp_path / "b" / "sample.json").read_text())
+    assert (meta["spacing"], meta["eta"]) == ("leading", 0.0)
+    err = _err(capsys, ["sample", "--ckpt", str(run_dir), "--num", "2", *FAST, "--eta", "2",
+                        "--out", str(tmp_path / "d")])  # fmt: skip
+    assert "eta must be in [0, 1]" in err and not (tmp_path / "d").exists()
+
+
 def test_seeded_sampling_is_deterministic(run_dir: Path, tmp_path: Path) -> None:
     a = _sample(run_dir, tmp_path / "a", "--seed", "7")
     b = _sample(run_dir, tmp_path / "b", "--seed", "7")

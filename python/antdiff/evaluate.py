@@ -90,9 +90,13 @@ def generate(
     seed: int = 0,
     batch_size: int = 500,
     progress: bool = True,
+    spacing: str = "linspace",
+    eta: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Draw ``num`` images from a loaded checkpoint, batch by batch, with a tqdm bar.
 
+    ``spacing`` picks the ``steps`` timesteps ("linspace"; "leading" is guided-diffusion's
+    "ddimN" 0, T/N, ...; "trailing" ends at T - 1); ``eta`` is DDIM's stochasticity.
     One generator seeded with ``seed`` drives all batches, so (seed, batch_size) fix the output.
     Class-conditional models get balanced labels ``i % num_classes``. Latents are sampled
     unclipped and decoded through the run's codec.
@@ -127,6 +131,8 @@ def generate(
                 (n, *loaded.data.shape),
                 sampler=sampler,
                 steps=steps,
+                eta=eta,
+                spacing=spacing,
                 y=y,
                 cfg_scale=cfg_scale,
                 generator=gen,
@@ -244,6 +250,8 @@ def evaluate_checkpoint(
     progress: bool = True,
     cache_dir: str | Path | None = None,
     device: str | torch.device = "cpu",
+    spacing: str = "linspace",
+    eta: float = 0.0,
 ) -> dict[str, Any]:
     """Sample ``num`` images from ``ckpt`` and score them; a JSON-able dict of results + settings.
 
@@ -284,6 +292,8 @@ def evaluate_checkpoint(
         seed=seed,
         batch_size=batch_size,
         progress=progress,
+        spacing=spacing,
+        eta=eta,
     )
     t1 = time.perf_counter()
     metrics = score(fake, extractor, ref, k=k, cache_dir=cache_dir)
@@ -296,6 +306,8 @@ def evaluate_checkpoint(
         "weights": "ema" if ema else "raw",
         "sampler": sampler,
         "steps": steps,
+        "spacing": spacing,
+        "eta": eta,
         "num": num,
         "seed": seed,
         "cfg_scale": cfg_scale,

@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         cache_dir=args.cache_dir,
         device=pick_device(args.device),
+        spacing=args.spacing,
+        eta=args.eta,
     )
     atomic_write_text(args.json, json.dumps(res, indent=2) + "\n")
     print(

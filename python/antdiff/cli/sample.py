@@ -39,6 +39,13 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num", type=int, required=True, help="number of samples (>= 1)")
     p.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"))
     p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    p.add_argument(
+        "--spacing",
+        default="linspace",
+        choices=("linspace", "leading", "trailing"),
+        help="which timesteps the steps visit (leading: guided-diffusion's ddimN)",
+    )
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity in [0, 1]")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance")
     p.add_argument(
         "--ema",
@@ -84,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         progress=not args.no_progress,
+        spacing=args.spacing,
+        eta=args.eta,
     )
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -110,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         "weights": "ema" if args.ema else "raw",
         "sampler": args.sampler,
         "steps": args.steps,
+        "spacing": args.spacing,
+        "eta": args.eta,
         "num": args.num,
         "seed": args.seed,
         "cfg_scale": args.cfg_scale,

@@ -194,6 +194,9 @@ class GramMethod:
 
         Returns:
             w: [k] float32 on G's device; the update is w @ J; 0 for absent clusters.
+            A cluster whose row of G is not finite is treated as absent (weight 0) without a
+            word, since telling would read G on the host: check ``isfinite(G)`` yourself (the
+            engine does, and skips such a step) or pass ``valid``.
         """
         check_gram(G, present, self.k)
         self._valid = valid
