@@ -66,8 +66,11 @@ def _nash_kernel(p_G, p_a, K, ITERS, s_g0, s_g1, NORMALIZE: tl.constexpr, BK: tl
     ).to(tl.float64)
     # NaN exactly when G has a NaN or inf entry; added to the output at the end
     bad = tl.sum(tl.sum(b_G * 0.0, axis=1), axis=0)
-    if NORMALIZE:
-        nrm = tl.sqrt(tl.sum(tl.sum(b_G * b_G, axis=1), axis=0))
+    if NORMALIZE:  # the Frobenius norm relative to max |G|: no overflow at extreme scales
+        big = tl.max(tl.max(tl.abs(b_G), axis=1), axis=0)
+        big = tl.where(big > 0, big, 1.0)
+        b_S = b_G / big
+        nrm = big * tl.sqrt(tl.sum(tl.sum(b_S * b_S, axis=1), axis=0))
         b_G = b_G / tl.where(nrm > 0, nrm, 1.0)
     # [BK] diagonal; padding rows have 0 there and behave like inactive clusters
     b_d = tl.sum(tl.where(m_eye, b_G, 0.0), axis=1)

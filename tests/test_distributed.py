@@ -89,6 +89,7 @@ def _worker(rank: int, init_file: str, result_file: str) -> None:
             grad, w, extra = one_step("pcgrad", model, x[sl], t[sl], ant)
             results[name] = {"grad": grad, "w": w, "extra": extra}
         results["pcgrad:shard"] = _shard_step(rank)
+        results["bn_broadcasts"] = _retain_graph_buffer_broadcasts(rank)
         refused = []
         for kw, dist_flag in ((dict(gradient_as_bucket_view=True), "auto"),
                               (dict(static_graph=True), "auto"), ({}, False)):
@@ -102,6 +103,32 @@ def _worker(rank: int, init_file: str, result_file: str) -> None:
             torch.save(results, result_file)
     finally:
         dist.destroy_process_group()
+
+
+class BNNet(nn.Module):
+    """BatchNorm couples the samples: retain_graph mode, DDP broadcasting its statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.bn, self.out = nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Linear(16, 6)
+
+    def forward(self, x, t):
+        return self.out(torch.tanh(self.bn(self.inp(x))))
+
+
+def _retain_graph_buffer_broadcasts(rank: int) -> int:
+    """How often DDP broadcast the buffers over 3 PCGrad steps in retain_graph mode: once per
+    forward, as in a plain DDP loop (the forward's no_sync had turned it off after step 1)."""
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(BNNet())
+    calls = []
+    sync = model._sync_buffers
+    model._sync_buffers = lambda: (calls.append(1), sync())[1]
+    ant = ANT(linear_schedule(T), k=4, method="pcgrad", mode="retain_graph", seed=0, model=model)
+    x, t = make_data()
+    for _ in range(3):
+        ant.backward(lambda xb, tb: ((model(xb, tb) - xb) ** 2).mean(1), x[rank::2], t[rank::2])
+    return len(calls)
 
 
 def _shard_step(rank: int | None):
@@ -145,6 +172,10 @@ def test_two_processes_equal_one_process_on_global_batch(two_process_results, me
     for a, b in zip(got["extra"], ref_extra):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(got["grad"], ref_grad, rtol=1e-6, atol=1e-6)
+
+
+def test_retain_graph_keeps_broadcasting_buffers(two_process_results):
+    assert two_process_results["bn_broadcasts"] == 3
 
 
 @pytest.mark.slow

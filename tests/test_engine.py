@@ -1266,14 +1266,12 @@ def test_loss_fn_that_runs_another_model_is_an_error(method, mode):
     attached, other = mlp(), mlp()
     ant = ANT(linear_schedule(100), k=3, method=method, mode=mode, model=attached)
     x, t = torch.randn(12, 4), ant.sample_timesteps(12)
-    # explicit one-pass names both causes its hooks cannot tell apart; auto falls back to
-    # micro, whose graph walk finds another model
-    why = "loss_fn runs another model" if mode == "onepass" and ant.needs_gradients else (
-        "reach none of the attached model's trainable param")  # fmt: skip
+    serving = ant._onepass is not None
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # auto's switch to micro
-        with pytest.raises(ValueError, match=why):
+        warnings.simplefilter("error")  # a user's mistake must not switch auto to micro
+        with pytest.raises(ValueError, match="reach none of the attached model's trainable"):
             ant.backward(lambda xb, tb: (other(xb) - xb).pow(2).mean(1), x, t)
+    assert (ant._onepass is not None) == serving  # one-pass keeps serving the fixed loss_fn
     assert all(p.grad is None or not p.grad.any() for p in attached.parameters())
     ant.backward(lambda xb, tb: (attached(xb) - xb).pow(2).mean(1), x, t)  # the right one
     assert any(p.grad.any() for p in attached.parameters())

@@ -63,15 +63,22 @@ def test_sample_pt_format(run_dir: Path, tmp_path: Path) -> None:
     assert rc == 0
     blob = torch.load(tmp_path / "samples.pt", weights_only=True)
     assert blob["x"].shape == (3, 1, 8, 8)
-    # the same --out in the other format: no samples of the earlier run are left beside them
-    (tmp_path / "labels.npy").write_bytes(b"stale")  # as a class-conditional run leaves it
+    # the same --out in the other format: no samples of the earlier run are left beside them;
+    # a labels.npy the earlier run's sample.json does not list is not its own: it stays
+    (tmp_path / "labels.npy").write_bytes(b"the user's own")
     (tmp_path / "notes.txt").write_text("mine")
     x = _sample(run_dir, tmp_path, num=2)
     assert x.shape == (2, 1, 8, 8)
     assert sorted(f.name for f in tmp_path.iterdir()) == [
-        "notes.txt", "sample.json", "samples.npy", "samples.png"]  # fmt: skip
+        "labels.npy", "notes.txt", "sample.json", "samples.npy", "samples.png"]  # fmt: skip
     assert json.loads((tmp_path / "sample.json").read_text())["files"] == [
         "samples.png", "samples.npy"]  # fmt: skip
+    # a sample.json written before every file was listed (no "spacing"): its run's labels.npy
+    meta = json.loads((tmp_path / "sample.json").read_text())
+    del meta["spacing"]
+    (tmp_path / "sample.json").write_text(json.dumps(meta))
+    _sample(run_dir, tmp_path, num=2)
+    assert not (tmp_path / "labels.npy").exists()
     # a folder no sample run wrote keeps its files, whatever their names
     mine = tmp_path / "mine"
     mine.mkdir()

@@ -124,15 +124,20 @@ def test_nash_scaling(kernel_device, force_triton):
     assert (a_raw * (G.double() @ a_raw) - 1).abs().max() < 1e-10
 
 
+@pytest.mark.interpret
 @pytest.mark.parametrize("scale", [1e-200, 1e-170, 1e160, 1e200])
-def test_nash_normalisation_survives_extreme_float64_scales(scale):
+def test_nash_normalisation_survives_extreme_float64_scales(scale, kernel_device, monkeypatch):
     """The Frobenius norm of a float64 G near the ends of its range: the squares overflowed
-    (weights 0) or underflowed (weights 1e84) in the C++ solver and the torch reference."""
+    (weights 0) or underflowed (weights 1e84) in the C++ solver, the torch reference and the
+    Triton kernel."""
     from ant_kernels.reference import nash_weights_ref
 
     G = _make_G(3, "random").double()
     want = nash_weights_ref(G)
     torch.testing.assert_close(nash_weights_ref(G * scale), want, rtol=1e-12, atol=0)
+    monkeypatch.setenv("ANT_KERNELS_BACKEND", "triton")
+    got = nash_weights((G * scale).to(kernel_device)).cpu()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
     from antdiff import _C  # make builds it before the tests
     g, got = (G * scale).contiguous(), torch.empty(3, dtype=torch.float64)
     _C.nash_weights(g.data_ptr(), 3, 20, True, got.data_ptr())  # the C++ solver itself

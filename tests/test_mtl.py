@@ -524,6 +524,28 @@ def test_state_dict_round_trip(name):
             make_method(name, 3).load_state_dict(_roundtrip(a.state_dict()))
 
 
+@pytest.mark.parametrize("name", ["pcgrad", "nash", "imtl", "mgda", "cagrad"])
+@pytest.mark.parametrize("bad", ["nan_row", "inf_diag"])
+def test_a_nonfinite_cluster_counts_as_absent(name, bad):
+    """As documented: a cluster whose gradient holds NaN or inf gets weight 0 and the others
+    solve without it, the mean still dividing by the 4 present (an inf diagonal passed the old
+    diag > 0 test: all-NaN weights)."""
+    k = 4
+    J = _J(k, 32, seed=9, parallel=0.5)
+    G = J @ J.T
+    if bad == "nan_row":
+        G[2, :], G[:, 2] = float("nan"), float("nan")
+    else:
+        G[2, 2] = float("inf")
+    torch.manual_seed(0)
+    got = make_method(name, k).grad.weights(G, _present(k))
+    torch.manual_seed(0)
+    want = make_method(name, k).grad.weights(J @ J.T, _present(k, (2,)))
+    assert got[2] == 0 and torch.isfinite(got).all()
+    # the same weights up to the mean's divisor (4 present here, 3 there)
+    torch.testing.assert_close(got / got.sum(), want / want.sum())
+
+
 def test_loss_method_state_of_another_k_is_a_clear_error():
     with pytest.raises(ValueError, match="uw state does not fit: this method has k=3 clusters"):
         make_method("uw", 3).load_state_dict(_roundtrip(make_method("uw", 5).state_dict()))

@@ -77,7 +77,12 @@ def _as_float(x: torch.Tensor) -> torch.Tensor:
     if lut is None:
         cpu = torch.arange(256, dtype=torch.float32).div_(127.5).sub_(1.0)
         lut = _PIXELS[x.device] = cpu.to(x.device)
-    return lut[x.long()]
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    flat, dst = x.reshape(-1), out.view(-1)
+    step = 1 << 24  # the int64 indices of one chunk: 128 MiB, whatever the data set's size
+    for i in range(0, flat.numel(), step):
+        torch.index_select(lut, 0, flat[i : i + step].long(), out=dst[i : i + step])
+    return out
 
 
 def load_digits_tensor(image_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

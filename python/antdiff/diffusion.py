@@ -177,6 +177,8 @@ class GaussianDiffusion:
     # ---------------------------------------------------------------- forward process
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Draw x_t ~ q(x_t | x0). x0, noise: [B, ...]; t: [B] int64 -> [B, ...]."""
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.is_floating_point():
+            raise ValueError(f"t must be a 1-D integer tensor [B], got {getattr(t, 'shape', t)}")
         try:  # no read of t's values (a host sync on a GPU): the gather checks its bounds
             a = self._gather("sqrt_ab", t, x0)
         except IndexError as e:  # on the CPU; a GPU stops at a device-side assert

@@ -95,8 +95,9 @@ def generate(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Draw ``num`` images from a loaded checkpoint, batch by batch, with a tqdm bar.
 
-    ``spacing`` picks the ``steps`` timesteps ("linspace"; "leading" is guided-diffusion's
-    "ddimN" 0, T/N, ...; "trailing" ends at T - 1); ``eta`` is DDIM's stochasticity.
+    ``spacing`` picks the ``steps`` timesteps ("linspace"; "leading": 0, T//N, 2 T//N, ...,
+    guided-diffusion's "ddimN" when N divides T; "trailing" ends at T - 1); ``eta`` is DDIM's
+    stochasticity.
     One generator seeded with ``seed`` drives all batches, so (seed, batch_size) fix the output.
     Class-conditional models get balanced labels ``i % num_classes``. Latents are sampled
     unclipped and decoded through the run's codec.

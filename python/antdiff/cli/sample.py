@@ -23,14 +23,17 @@ OUTPUTS = {"samples.png", "samples.npy", "labels.npy", "samples.pt"}  # what a r
 
 
 def _earlier_outputs(out: Path) -> set[str]:
-    """The files an earlier ``antdiff sample`` into ``out`` wrote, from its sample.json (labels.npy
-    too: runs before sample.json listed every file left it out); empty without one."""
+    """The files an earlier ``antdiff sample`` into ``out`` wrote, from its sample.json; empty
+    without one. A sample.json from before it listed every file (no "spacing" key) left
+    labels.npy out of its list: a labels.npy beside one of those is taken as that run's."""
     try:
         meta = json.loads((out / "sample.json").read_text())
         files = set(meta["files"]) if isinstance(meta.get("files"), list) else set()
-    except (OSError, ValueError, KeyError, TypeError):
+        if "spacing" not in meta:
+            files.add("labels.npy")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return set()
-    return (files | {"labels.npy"}) & OUTPUTS
+    return files & OUTPUTS
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -43,7 +46,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
         "--spacing",
         default="linspace",
         choices=("linspace", "leading", "trailing"),
-        help="which timesteps the steps visit (leading: guided-diffusion's ddimN)",
+        help="which timesteps the steps visit (leading: 0, T//N, ...; ddimN when N divides T)",
     )
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity in [0, 1]")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance")

@@ -736,6 +736,10 @@ class ANT:
         if self.mode == "retain_graph":
             # DDP decides in the forward whether its backward all-reduces: not here (J is
             # reduced once, after all clusters; a rank with no live cluster runs no backward)
+            if no_sync is not None:  # DDP: its buffers (BatchNorm statistics) still broadcast at
+                # this forward; under no_sync the last one turned that off for the next step.
+                # Every rank runs this one forward per step, so the broadcasts pair up.
+                self._model.require_forward_param_sync = True
             with no_sync() if no_sync is not None else contextlib.nullcontext():
                 per = _check_per_sample(loss_fn(batch, t), t.shape[0])
             sums_all, _ = self._cluster_sums(per, t)
@@ -774,6 +778,9 @@ class ANT:
                     self.clusters.cluster_of(t), counts, N, scaler if _scaling(scaler) else None,
                 )  # fmt: skip
         except NotServable as e:  # seen only in the forward, e.g. a layer off the batch dim
+            loss = getattr(e, "loss", None)
+            if loss is not None and _reaches_model(loss, self._model) is False:
+                raise ValueError(MODEL_NOT_RUN) from e  # a user error: one-pass stays
             if self.mode == "onepass":
                 raise
             warnings.warn(f"{e}; mode='auto' uses 'micro' from now on", stacklevel=4)

@@ -414,13 +414,16 @@ class OnePass:
                     "under torch.no_grad): there is no gradient to split by cluster"
                 )
             if self._st.ran == 0 and self._st.B > 0:
-                # micro decides: another model there is an error (MODEL_NOT_RUN), while a
-                # reentrant checkpoint (its layers run without grad in the forward) trains
-                raise NotServable(
+                # a reentrant checkpoint (its layers run without grad in the forward) trains in
+                # micro; another model is an error there too: the engine tells them apart from
+                # the loss's graph (``loss``) before it leaves one-pass
+                e = NotServable(
                     "mode='onepass': none of the attached model's layers ran with grad in the "
                     "forward (loss_fn runs another model, or the layers sit in a reentrant "
                     "activation checkpoint); use mode='micro' (or 'auto')"
                 )
+                e.loss = total
+                raise e
             if self._st.B > 0:  # an empty (local) batch: zero rows
                 self._in_backward = True
                 try:

@@ -194,15 +194,20 @@ class GramMethod:
 
         Returns:
             w: [k] float32 on G's device; the update is w @ J; 0 for absent clusters.
-            A cluster whose row of G is not finite is treated as absent (weight 0) without a
-            word, since telling would read G on the host: check ``isfinite(G)`` yourself (the
-            engine does, and skips such a step) or pass ``valid``.
+            A cluster whose diagonal entry of G is not finite (its gradient holds NaN or inf)
+            gets weight 0 and the others' weights are those without it (a "mean" reduction
+            still divides by the clusters present), without a word, since telling would read G
+            on the host: check ``isfinite(G)`` yourself (the engine does, and skips such a
+            step) or pass ``valid``.
         """
         check_gram(G, present, self.k)
         self._valid = valid
         G64 = G.detach().to(torch.float64)
         G64 = 0.5 * (G64 + G64.T)
-        active = present & (G64.diagonal() > 0)
+        # a cluster whose gradient has NaN or inf (its diagonal entry does) is left out like an
+        # absent one; its row and column are masked below (diag > 0 alone kept an inf)
+        diag = G64.diagonal()
+        active = present & (diag > 0) & torch.isfinite(diag)
         both = active[:, None] & active[None, :]
         w = self._weights(torch.where(both, G64, 0.0), active, present)
         w = torch.where(active, w, 0.0) * self._scale(present)
