@@ -551,6 +551,21 @@ def test_loss_method_state_of_another_k_is_a_clear_error():
         make_method("uw", 3).load_state_dict(_roundtrip(make_method("uw", 5).state_dict()))
 
 
+def test_a_failed_state_load_changes_nothing():
+    """A k=5 RLW state into k=3: its random stream loaded before the weights' shape failed, so
+    the failed load still moved the stream. Loads are all or nothing now."""
+    m = make_method("rlw", 3)
+    for _ in range(2):
+        m.terms(torch.rand(3, dtype=torch.float64), _present(3))
+    before = _roundtrip(m.state_dict())
+    other = make_method("rlw", 5, seed=11)
+    for _ in range(4):
+        other.terms(torch.rand(5, dtype=torch.float64), _present(5))
+    with pytest.raises(ValueError, match="k=3"):
+        m.load_state_dict(_roundtrip(other.state_dict()))
+    assert repr(_roundtrip(m.state_dict())) == repr(before)
+
+
 @pytest.mark.parametrize("seed", [-5, 2**64, 1.5, True])
 def test_pcgrad_seed_is_checked(seed):
     with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*64\)"):

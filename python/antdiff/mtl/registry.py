@@ -15,6 +15,7 @@ per-cluster scales (e.g. "uw+nash" is Nash-MTL's direction with UW's magnitudes)
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any
 
@@ -114,8 +115,14 @@ class Composite:
         }
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
+        """All or nothing: the state is loaded into a copy first, so a state that fails
+        (another k, missing keys) leaves this method as it was."""
         if d.get("name") != self.name:
             raise ValueError(f"state is for method {d.get('name')!r}, this is {self.name!r}")
+        copy.deepcopy(self)._load(d)
+        self._load(d)
+
+    def _load(self, d: dict[str, Any]) -> None:
         if self.grad is not None:  # first: its check names a state saved at another k
             self.grad.load_state_dict(d["grad"])
         if self.loss is not None:
