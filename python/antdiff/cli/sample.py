@@ -102,15 +102,15 @@ def run(args: argparse.Namespace) -> int:
     earlier = _earlier_outputs(out)  # read before this run rewrites sample.json
     grid = x[: max(1, args.grid)]
     png = save_png(image_grid(grid), out / "samples.png", scale=max(1, 32 // x.shape[-1]))
-    written = []
+    labels = []
     if args.format == "npy":
         data = atomic_write(out / "samples.npy", lambda f: np.save(f, x.numpy()))
         if y is not None:
-            written.append(atomic_write(out / "labels.npy", lambda f: np.save(f, y.numpy())))
+            labels.append(atomic_write(out / "labels.npy", lambda f: np.save(f, y.numpy())))
     else:
         blob = {"x": x, "y": y} if y is not None else {"x": x}
         data = atomic_write(out / "samples.pt", lambda f: torch.save(blob, f))
-    written = [png, data, *written]
+    written = [png, data, *labels]
     # what an earlier sample run left here in the other format (or its labels) must not sit
     # beside these samples; only files its sample.json names are removed, never the user's
     stale = sorted(earlier - {f.name for f in written})

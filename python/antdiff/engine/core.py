@@ -633,7 +633,8 @@ class ANT:
         """The first loss after attach: check that it reaches the attached model (one walk of
         its autograd graph on the host; one-pass checks its own steps as they run)."""
         if not self._probed:
-            _check_reaches(loss, self._model)
+            if _reaches_model(loss, self._model) is False:  # the update would be zero, silently
+                raise ValueError(MODEL_NOT_RUN)
             self._probed = True
 
     def _batch_mean(self, per: torch.Tensor, L_global: torch.Tensor, N: torch.Tensor):  # noqa: N803
@@ -1041,12 +1042,6 @@ def _reaches_model(loss: torch.Tensor, model: nn.Module) -> bool | None:
         opaque = opaque or type(node).__name__ == "CheckpointFunctionBackward"
         todo.extend(f for f, _ in node.next_functions)
     return None if opaque else False
-
-
-def _check_reaches(loss: torch.Tensor, model: nn.Module) -> None:
-    """Raise if ``loss`` cannot reach ``model``: the update would be zero, silently."""
-    if _reaches_model(loss, model) is False:
-        raise ValueError(MODEL_NOT_RUN)
 
 
 def _count_shares(N: torch.Tensor) -> torch.Tensor:  # noqa: N803
