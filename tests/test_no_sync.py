@@ -168,6 +168,19 @@ def test_engine_step_has_no_host_sync(family, method, mode):
             step()
 
 
+@pytest.mark.parametrize("method", ["uw+pcgrad", "nash"])
+def test_no_host_sync_across_a_telemetry_fold(method):
+    """The telemetry folds its kept step tensors every FOLD steps: a window of FOLD + 2 steps
+    crosses one (the other cases run 4 steps and never reach it)."""
+    from antdiff.engine.telemetry import FOLD
+
+    step = _step("dit", method, "auto", B=6, sampling="uniform")
+    step()
+    with NoHostCopy(), NoHostSync():
+        for _ in range(FOLD + 2):
+            step()
+
+
 @pytest.mark.parametrize("method", ["pcgrad", "nash", "uw"])
 def test_no_host_sync_with_empty_clusters(method):
     """Uniform sampling at B = 6, k = 5: most steps leave some cluster empty."""

@@ -61,6 +61,11 @@ def test_smoke_gradient_clustering_resume_and_report(
     assert study.main(argv) == 0
     again = json.loads((out / "results" / "vanilla_s0.json").read_text())
     assert (again["fid"], again["precision"]) == (first["fid"], first["precision"])
+    # ... and reports the training the earlier process did (from its metrics.csv, which times
+    # the steps between log rows), not the idle resume (0.0004 s per step, loss None); the log
+    # rounds the loss to 6 digits
+    assert again["final_loss"] == pytest.approx(first["final_loss"], rel=1e-5)
+    assert first["sec_per_step"] / 3 < again["sec_per_step"] < 3 * first["sec_per_step"]
 
 
 def test_summary_mean_std_and_paired_delta(tmp_path: Path) -> None:

@@ -52,7 +52,8 @@ def _expected(steps):
     n = np.maximum(pairs, 1)
     unseen = pairs == 0  # never measured together: unknown, not 0
     return {
-        "loss_mean": loss_sum / np.maximum(loss_n, 1), "nonfinite_steps": bad,
+        "loss_mean": np.where(loss_n > 0, loss_sum / np.maximum(loss_n, 1), np.nan),
+        "nonfinite_steps": bad,
         "conflict_rate": np.where(unseen, np.nan, conflicts / n),
         "cosine_mean": np.where(unseen, np.nan, cos_sum / n), "cosine": last_cos,
         "loss": steps[-1][0].numpy(),
@@ -163,3 +164,14 @@ def test_pairs_never_measured_together_are_nan_not_zero():
     rate = np.array(snap["conflict_rate"])
     assert np.isnan(rate[2]).all() and np.isnan(rate[:, 2]).all()
     assert np.isfinite(np.delete(np.delete(rate, 2, 0), 2, 1)).all()
+
+
+def test_a_cluster_never_measured_has_no_loss_mean():
+    """Its mean was reported as 0.0 (as if measured at zero loss); pairs already said NaN."""
+    steps = [(L, present & torch.tensor([True, True, False, True]), finite, G)
+             for L, present, finite, G in _steps(10, seed=4)]  # fmt: skip
+    tel = Telemetry(K)
+    for L, present, finite, G in steps:  # noqa: N806
+        tel.update(L, torch.ones(K), present, finite, G)
+    mean = np.array(tel.snapshot()["loss_mean"])
+    assert np.isnan(mean[2]) and np.isfinite(np.delete(mean, 2)).all()

@@ -430,6 +430,42 @@ def test_resumed_log_keeps_rows_written_before_the_objective_column(tmp_path):
     assert kept == [csv_columns(2), [*rows[1], "nan"]]
 
 
+def test_resumed_log_drops_a_row_cut_short_by_a_crash(tmp_path):
+    """A crash while row 40 was written left "4": its step read as 4 <= 30 and stayed."""
+    from antdiff.logging_utils import RunLogger, csv_columns
+
+    full = [[str(s), *["0.5"] * 5, "0.001", "0.1", "0.5"] for s in (10, 20, 30)]
+    with open(tmp_path / "metrics.csv", "w", newline="") as f:
+        csv.writer(f).writerows([csv_columns(2), *full, ["4"]])
+    RunLogger(tmp_path, 2, start=30, total=50, progress=False).close()
+    assert list(csv.reader(open(tmp_path / "metrics.csv"))) == [csv_columns(2), *full]
+
+
+def test_tensorboard_keeps_the_checkpoint_step_and_forgets_a_replaced_run(tmp_path):
+    """purge_step: a resume from step s keeps s's events (it dropped them), and a fresh run
+    in the same directory drops the old run's (the two were mixed)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from antdiff.logging_utils import RunLogger
+
+    def run(start, steps, value):
+        logger = RunLogger(tmp_path, 2, start=start, total=100, progress=False)
+        for s in steps:
+            logger.log(s, value, {}, 1e-3, 0.1)
+        logger.close()
+
+    def logged():
+        acc = EventAccumulator(str(tmp_path / "tb"))
+        acc.Reload()
+        return [(e.step, e.value) for e in acc.Scalars("loss")]
+
+    run(0, (10, 20, 30), 1.0)
+    run(20, (30, 40), 2.0)  # resumed from the checkpoint at 20 (a crash had logged 30)
+    assert logged() == [(10, 1.0), (20, 1.0), (30, 2.0), (40, 2.0)]
+    run(0, (10,), 3.0)  # a fresh run into the same directory
+    assert logged() == [(10, 3.0)]
+
+
 def test_compile_with_an_explicit_onepass_is_refused(tmp_path):
     """One-pass registers hooks every step, so torch.compile would recompile every step."""
     from antdiff.train import build_run

@@ -66,11 +66,12 @@ def plot_curves(ant_csv: Path, vanilla_csv: Path, k: int, path: Path) -> Path:
     a, v = _read_csv(ant_csv), _read_csv(vanilla_csv)
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), dpi=110)
     colors = plt.get_cmap("viridis")(np.linspace(0.05, 0.9, k))
+    dot = {"marker": "o"} if min(len(a["step"]), len(v["step"])) < 2 else {}  # one log: a dot
     for i in range(k):
         label = f"I{i + 1}"
-        axes[0].plot(a["step"], a[f"weight_c{i + 1}"], color=colors[i], label=label)
-        axes[1].plot(a["step"], a[f"loss_c{i + 1}"], color=colors[i], label=label)
-        axes[2].plot(v["step"], v[f"loss_c{i + 1}"], color=colors[i], label=label)
+        axes[0].plot(a["step"], a[f"weight_c{i + 1}"], color=colors[i], label=label, **dot)
+        axes[1].plot(a["step"], a[f"loss_c{i + 1}"], color=colors[i], label=label, **dot)
+        axes[2].plot(v["step"], v[f"loss_c{i + 1}"], color=colors[i], label=label, **dot)
     axes[0].set_title("ANT (UW+PCGrad): effective cluster weights")
     axes[1].set_title("ANT: cluster losses")
     axes[2].set_title("vanilla: cluster losses")

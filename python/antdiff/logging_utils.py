@@ -75,7 +75,8 @@ class RunLogger:
             rows = [rows[0], *(r + ["nan"] for r in rows[1:] if r)]
         elif not rows or rows[0] != self.columns:
             return []
-        return [r for r in rows[1:] if r and int(r[0]) <= start]
+        # a crash may have cut the last row short: only whole rows are kept
+        return [r for r in rows[1:] if len(r) == len(self.columns) and int(r[0]) <= start]
 
     def _kept_lines(self, start: int) -> list[str]:
         if start == 0 or not self.jsonl.is_file():
@@ -153,7 +154,10 @@ def _tensorboard(path: Path, start: int) -> Any:
     except ImportError:
         log.info("tensorboard is not installed: logging to metrics.csv only")
         return None
-    return SummaryWriter(str(path), purge_step=start if start > 0 else None)
+    # events at steps >= purge_step that earlier writers left in ``path`` are dropped: after a
+    # resume from step ``start`` those past it (a crash may have logged ahead of its checkpoint),
+    # in a fresh run (start 0) all of them, so a rerun into the same directory is not mixed in
+    return SummaryWriter(str(path), purge_step=start + 1 if start > 0 else 0)
 
 
 def image_grid(x: torch.Tensor, nrow: int | None = None) -> np.ndarray:

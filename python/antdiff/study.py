@@ -90,6 +90,8 @@ def _run_one(job: dict[str, Any]) -> dict[str, Any]:
         batch_size=job["num"],
         progress=False,
     )
+    if summary["loss"] is None:  # nothing left to train here: the earlier process's log
+        summary.update(_logged(run_dir, steps))
     res.update(
         config=job["name"],
         train_steps=steps,
@@ -103,6 +105,21 @@ def _run_one(job: dict[str, Any]) -> dict[str, Any]:
     path = result_path(Path(job["out"]), job["name"], job["seed"])
     atomic_write_text(path, json.dumps(res, indent=2, default=float))
     return res
+
+
+def _logged(run_dir: Path, steps: int) -> dict[str, float]:
+    """Timing and final loss of a run trained to ``steps`` by an earlier process, from its
+    metrics.csv (a resume that had no step left to train measured nothing)."""
+    import csv
+
+    with open(Path(run_dir) / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    last = max(rows, key=lambda r: int(r["step"]))
+    prev, sec = 0, 0.0
+    for r in sorted(rows, key=lambda r: int(r["step"])):  # each row times the steps since the last
+        sec += float(r["sec_per_step"]) * (int(r["step"]) - prev)
+        prev = int(r["step"])
+    return {"loss": float(last["loss"]), "seconds": sec, "sec_per_step": sec / max(1, prev)}
 
 
 def make_affinity(out: Path, ckpt_dir: Path, bins: int, n_samples: int, threads: int) -> Path:

@@ -8,7 +8,8 @@ rates and mean cosines between the cluster gradients) and writes, atomically:
 - ``weights.png``: the method's per-cluster weights over iterations (UW: the slopes
   c_i = dT_i/dL_i of its loss terms; Nash-MTL / PCGrad: the gradient weights);
 - ``conflict.png``: the rate at which the gradients of clusters i and j conflict
-  (g_i . g_j < 0, the pairs PCGrad projects), averaged over all gradient steps of the run;
+  (g_i . g_j < 0, the pairs PCGrad projects), averaged over the steps that computed the Gram
+  (every step, or with update_every > 1 the recomputation steps only);
 - ``cosine.png``: the mean cosine between cluster gradients.
 
 The two matrices exist only for gradient methods (pcgrad, nash, ...), whose steps compute the
@@ -33,7 +34,7 @@ WEIGHT_NAMES = {
     "uw": "UW loss weights (slope of each cluster's loss term)",
     "nash": "Nash-MTL gradient weights",
     "pcgrad": "PCGrad weights (projected combination of cluster gradients)",
-    "vanilla": "vanilla (equal weights)",
+    "vanilla": "vanilla (each cluster's share of the batch)",
 }
 
 
@@ -149,7 +150,8 @@ def plot_cluster_curves(
     for i, label in enumerate(labels):
         if window > 1:
             ax.plot(steps, v[:, i], color=colors[i], alpha=0.25, lw=0.8)
-        ax.plot(steps, _moving_average(v[:, i], window), color=colors[i], lw=1.6, label=label)
+        ax.plot(steps, _moving_average(v[:, i], window), color=colors[i], lw=1.6, label=label,
+                marker="o" if len(steps) < 2 else None)  # one point draws no line: mark it
     if logy and np.isfinite(v).any():
         ax.set_yscale("log")
     ax.set_xlabel("iteration")

@@ -115,9 +115,9 @@ class Telemetry:
             if name in self.t:
                 out[name] = self.t[name].float().cpu().tolist()
         if "loss_sum" in self.t:
-            out["loss_mean"] = (
-                (self.t["loss_sum"] / self.t["loss_count"].clamp(min=1)).cpu().tolist()
-            )
+            c = self.t["loss_count"]  # a cluster never measured has no mean (NaN), not 0
+            mean = torch.where(c > 0, self.t["loss_sum"] / c.clamp(min=1), float("nan"))
+            out["loss_mean"] = mean.cpu().tolist()
             out["nonfinite_steps"] = int(self.t["nonfinite_steps"].cpu())
         if "pair_count" in self.t:
             # a pair never measured together is unknown (NaN), not "0 conflicts, cosine 0"
@@ -129,11 +129,6 @@ class Telemetry:
             out["cosine_mean"] = torch.where(seen, self.t["cosine_sum"] / n.clamp(min=1), nan)
             out["cosine_mean"] = out["cosine_mean"].cpu().tolist()
         return out
-
-    def reset_running(self) -> None:
-        self._fold()
-        for name in ("loss_sum", "loss_count", "cosine_sum", "conflict_count", "pair_count"):
-            self.t.pop(name, None)
 
     def state_dict(self) -> dict[str, Any]:
         self._fold()
