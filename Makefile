@@ -15,6 +15,8 @@ STAMP := $(VENV)/.antdiff-installed
 all: build
 
 $(STAMP): pyproject.toml setup.py Makefile
+	@if [ -z "$(VENV)" ]; then echo "VENV is empty: name the environment to install into, e.g." \
+		"VENV=\"\$${VIRTUAL_ENV:-\$$CONDA_PREFIX}\" (or leave it out for .venv)" >&2; exit 2; fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	@if [ -n "$(TORCH)" ]; then $(PY) -m pip install -q "$(TORCH)" \

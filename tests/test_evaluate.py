@@ -230,6 +230,8 @@ def test_eval_k_is_checked_before_sampling(tmp_path: Path) -> None:
         (dict(k=2.5), "k must be an integer >= 1, got 2.5"),
         (dict(ref="few.npy"), "--ref .*few.npy: 3 samples of 64-dim features"),
         (dict(ref="many.npy", k=80), "--k 80 neighbours need at least 81 samples; got --ref"),
+        (dict(ref="nhwc.npy"), r"--ref .*nhwc.npy: images must be \[N, C, H, W\] .* C in"),
+        (dict(ref="pixels.npy"), "--ref .*pixels.npy: .*far outside|--ref .*pixels.npy: .*-1, 1"),
     ],
 )
 def test_eval_bad_k_and_small_reference_fail_before_sampling(tmp_path: Path, kw, match) -> None:
@@ -239,10 +241,42 @@ def test_eval_bad_k_and_small_reference_fail_before_sampling(tmp_path: Path, kw,
 
     np.save(tmp_path / "few.npy", np.zeros((3, 1, 8, 8), np.float32))
     np.save(tmp_path / "many.npy", np.zeros((70, 1, 8, 8), np.float32))
+    np.save(tmp_path / "nhwc.npy", np.zeros((70, 8, 8, 1), np.float32))  # channels last
+    np.save(tmp_path / "pixels.npy", np.full((70, 1, 8, 8), 255.0, np.float32))  # [0, 255]
     if "ref" in kw:
         kw = {**kw, "ref": tmp_path / kw["ref"]}
     with pytest.raises(ValueError, match=match):
         evaluate_checkpoint(tmp_path / "no_such_run", 100, **kw)
+
+
+def test_eval_takes_uint8_reference_pixels(tmp_path: Path) -> None:
+    from antdiff.evaluate import reference_images
+
+    u = np.arange(2 * 64, dtype=np.uint8).reshape(2, 1, 8, 8)
+    np.save(tmp_path / "u8.npy", u)
+    _, x = reference_images(tmp_path / "u8.npy")
+    np.testing.assert_allclose(x.numpy(), u / 127.5 - 1.0, atol=1e-6)
+
+
+def test_eval_of_a_latent_run_without_a_decoder_fails_before_sampling(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A run on precomputed latents has no decoder in antdiff: eval said so only after drawing
+    every sample ("C in (1, 3); got (N, 4, ...)")."""
+    import antdiff.evaluate as ev
+    from antdiff.config import load_config
+    from antdiff.evaluate import evaluate_checkpoint
+
+    torch.save(torch.randn(24, 4, 4, 4), tmp_path / "z.pt")
+    train(load_config("digits_dit", [
+        "--data.source", "latents", "--data.path", str(tmp_path / "z.pt"), "--data.channels",
+        "4", "--data.class_conditional", "false", "--sample.cfg_scale", "1.0",
+        "--train.steps", "1", "--train.batch_size", "8", "--train.ckpt_every", "1",
+        "--train.progress", "false", "--sample.n", "2", "--sample.steps", "1",
+        "--train.out_dir", str(tmp_path / "run")]))  # fmt: skip
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: pytest.fail("sampled first"))
+    with pytest.raises(ValueError, match="no decoder for them: eval scores images"):
+        evaluate_checkpoint(tmp_path / "run", 100)
 
 
 @pytest.mark.parametrize("preset", ["digits_ldm", "digits_adm"])

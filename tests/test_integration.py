@@ -67,18 +67,21 @@ def test_adm_style_loop(method):
     # --- README snippet (ADM / DiT style) ---
     ant = antdiff.ANT(linear_schedule(1000), k=5, clustering="snr", method=method, model=model)
     opt = torch.optim.AdamW([{"params": model.parameters()}, *ant.param_groups()], lr=1e-3)
-    x0 = torch.randn(10, 1, 8, 8)
-    t = ant.sample_timesteps(x0.shape[0])
-    if ant.needs_gradients:
-        ant.backward(lambda x, tt: diffusion.training_losses(model, x, tt)["loss"], x0, t)
-    else:
-        ant.reduce(diffusion.training_losses(model, x0, t)["loss"], t).backward()
-    ant.step(opt)
+    loader = [torch.randn(10, 1, 8, 8) for _ in range(2)]
+    for x0 in loader:
+        opt.zero_grad(set_to_none=True)
+        assert all(p.grad is None for p in model.parameters())  # (the test's own check)
+        t = ant.sample_timesteps(x0.shape[0])
+        if ant.needs_gradients:
+            ant.backward(lambda x, tt: diffusion.training_losses(model, x, tt)["loss"], x0, t)
+        else:
+            ant.reduce(diffusion.training_losses(model, x0, t)["loss"], t).backward()
+        ant.step(opt)
     # ---
     assert all(torch.isfinite(p).all() for p in model.parameters())
     s = next(ant.method.loss.parameters())
     assert s.grad is not None and torch.isfinite(s.grad).all()
-    assert ant.stats()["steps"] == 1
+    assert ant.stats()["steps"] == 2
 
 
 @pytest.mark.parametrize("method", ["uw", "uw+pcgrad", "nash"])
@@ -94,20 +97,21 @@ def test_diffusers_loop(method):
     # --- README snippet (diffusers) ---
     ant = antdiff.ANT(scheduler.alphas_cumprod, k=5, method=method, model=unet)
     opt = torch.optim.AdamW([{"params": unet.parameters()}, *ant.param_groups()], lr=1e-4)
-    clean = torch.randn(10, 1, 8, 8)
-    t = ant.sample_timesteps(clean.shape[0])
-
     def per_sample_mse(x, tt):
         noise = torch.randn_like(x)
         pred = unet(scheduler.add_noise(x, noise, tt), tt).sample
         return ((pred - noise) ** 2).mean(dim=(1, 2, 3))
 
-    if ant.needs_gradients:
-        ant.backward(per_sample_mse, clean, t)
-    else:
-        ant.reduce(per_sample_mse(clean, t), t).backward()
-    ant.step(opt)
+    loader = [torch.randn(10, 1, 8, 8) for _ in range(2)]
+    for clean in loader:
+        opt.zero_grad(set_to_none=True)
+        t = ant.sample_timesteps(clean.shape[0])
+        if ant.needs_gradients:
+            ant.backward(per_sample_mse, clean, t)
+        else:
+            ant.reduce(per_sample_mse(clean, t), t).backward()
+        ant.step(opt)
     # ---
     assert ant.T == 1000
     assert all(torch.isfinite(p).all() for p in unet.parameters())
-    assert bool(ant.last.finite) and ant.stats()["steps"] == 1
+    assert bool(ant.last.finite) and ant.stats()["steps"] == 2

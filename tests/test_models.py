@@ -126,6 +126,14 @@ def test_registry_names_and_errors():
     with pytest.raises(ValueError, match=r"attention_resolutions \[3\] never occur at "
                        r"image_size 8: the levels are \[8, 4\].*model.overrides"):  # fmt: skip
         create_model("adm-tiny", attention_resolutions=(3,))
+    # one size, as a CLI override gives it, is that size; anything else is a clear error
+    def names(res):
+        model = create_model("adm-tiny", attention_resolutions=res)
+        return [n for n, _ in model.named_parameters()]
+
+    assert names(4) == names((4,)) != names(()) and names(8) == names((8,)) != names((4,))
+    with pytest.raises(ValueError, match="must be feature-map sizes .integers."):
+        create_model("adm-tiny", attention_resolutions=("4",))
 
 
 def test_timestep_embedding_formula():

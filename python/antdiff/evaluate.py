@@ -187,7 +187,11 @@ def reference_images(ref: str | Path) -> tuple[str, torch.Tensor]:
     else:
         raise ValueError(f"--ref file must be .npy or .pt images [N, C, H, W], got {str(p)!r}")
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
-        raise ValueError(f"--ref {str(p)!r} must hold images [N, C, H, W] in [-1, 1]")
+        raise ValueError(
+            f"--ref {str(p)!r} must hold images [N, C, H, W]: floats in [-1, 1], or uint8 pixels"
+        )
+    if x.dtype == torch.uint8:  # 8-bit pixels, as image files hold them
+        return p.stem, x.float().div_(127.5).sub_(1.0)
     return p.stem, x.float()
 
 
@@ -264,7 +268,8 @@ def evaluate_checkpoint(
         ckpt: checkpoint file or run directory.
         num: samples to draw (>= dim + 1 of the features: 65 digits, 2049 Inception).
         features: "digits", "inception" or "fid-helper" (see :func:`make_extractor`).
-        ref: "digits" or a .npy / .pt file of reference images [N, C, H, W] in [-1, 1].
+        ref: "digits" or a .npy / .pt file of reference images [N, C, H, W]: floats in [-1, 1]
+            or uint8 pixels (channels first).
         k: neighbours for precision / recall.
         cache_dir: reference statistics / features cache (default ~/.cache/antdiff/...).
         device: where the model, the codec and the feature network run.
@@ -276,13 +281,32 @@ def evaluate_checkpoint(
     extractor = make_extractor(features, inception, device)
     # the metrics' own checks, before minutes of sampling rather than after
     check_enough_samples(num, extractor.dim, f"--num {num}", False, api=False)
+    from .metrics.features import check_images
+
     _, real = reference_images(ref)
     check_enough_samples(len(real), extractor.dim, f"--ref {ref}", False, api=False)
     for name, n in ((f"--num {num}", num), (f"--ref {ref}", len(real))):
         if k >= n:  # precision / recall
             raise ValueError(f"--k {k} neighbours need at least {k + 1} samples; got {name}")
+    try:  # the format the feature network takes, checked now rather than after the sampling
+        check_images(real[:2], extractor.channels)
+    except ValueError as e:
+        raise ValueError(f"--ref {ref}: {e} (reference images are [N, C, H, W] floats in "
+                         "[-1, 1], as the samples are)") from e  # fmt: skip
     del real
     loaded = load_for_sampling(ckpt, ema=ema, device=device)
+    if loaded.latent and loaded.data.codec is None:
+        raise ValueError(
+            f"{ckpt} diffuses precomputed latents {list(loaded.data.shape)}, and antdiff holds no "
+            "decoder for them: eval scores images. Draw the samples with `antdiff sample "
+            "--format pt`, decode them with the autoencoder that made the latents, and score "
+            "them with antdiff.evaluate.score (or train with data.autoencoder=tiny)"
+        )
+    if loaded.data.codec is None and loaded.data.shape[0] not in extractor.channels:
+        raise ValueError(
+            f"{ckpt} makes {loaded.data.shape[0]}-channel images; {extractor.name} takes "
+            f"{extractor.channels} channels"
+        )
     t0 = time.perf_counter()
     fake, _ = generate(
         loaded,

@@ -220,12 +220,20 @@ class UNetModel(nn.Module):
             raise ValueError(
                 f"image_size {image_size} is not divisible by 2^{len(channel_mult) - 1}"
             )
+        if isinstance(attention_resolutions, int) and not isinstance(attention_resolutions, bool):
+            attention_resolutions = (attention_resolutions,)  # one size, as a CLI value gives it
+        if not all(isinstance(r, int) and not isinstance(r, bool) for r in attention_resolutions):
+            raise ValueError(
+                "attention_resolutions must be feature-map sizes (integers), e.g. [16] or "
+                "[16, 8] (--model.overrides.attention_resolutions '[16, 8]'), got "
+                f"{attention_resolutions!r}"
+            )
         missing = sorted(set(attention_resolutions) - set(levels))
         if missing:
             raise ValueError(
                 f"attention_resolutions {missing} never occur at image_size {image_size}: the "
-                f"levels are {levels}. Choose among them (model.overrides.attention_resolutions "
-                "in a config), e.g. scaled with the image size"
+                f"levels are {levels}. Choose among them (--model.overrides."
+                "attention_resolutions '[8]', or in a config), e.g. scaled with the image size"
             )
         if not 0.0 <= class_dropout_prob < 1.0:
             raise ValueError(f"class_dropout_prob must be in [0, 1), got {class_dropout_prob}")
