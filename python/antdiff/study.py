@@ -91,7 +91,7 @@ def _run_one(job: dict[str, Any]) -> dict[str, Any]:
         progress=False,
     )
     if summary["loss"] is None:  # nothing left to train here: the earlier process's log
-        summary.update(_logged(run_dir, steps))
+        summary.update(_logged(run_dir))
     res.update(
         config=job["name"],
         train_steps=steps,
@@ -107,8 +107,8 @@ def _run_one(job: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
-def _logged(run_dir: Path, steps: int) -> dict[str, float]:
-    """Timing and final loss of a run trained to ``steps`` by an earlier process, from its
+def _logged(run_dir: Path) -> dict[str, float]:
+    """Timing and final loss of a run an earlier process trained to the end, from its
     metrics.csv (a resume that had no step left to train measured nothing)."""
     import csv
 
