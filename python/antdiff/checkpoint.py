@@ -215,14 +215,14 @@ def model_from_state(
     Returns:
         (model, the validated Config, the Dataset).
     """
-    from .config import config_from_dict, upgrade_saved_config
+    from .config import config_from_saved
     from .data import load_dataset, stand_in_dataset
     from .models import create_model
     from .train import model_kwargs
 
     if weights not in ("model", "ema"):
         raise ValueError(f"weights must be 'model' or 'ema', got {weights!r}")
-    cfg = config_from_dict(upgrade_saved_config(state["config"]))
+    cfg = config_from_saved(state["config"])
     if data is None and state.get("data_meta") is not None:
         data = stand_in_dataset(cfg.data, state["data_meta"], state.get("codec"))
     elif data is None:

@@ -345,6 +345,11 @@ def config_from_dict(d: dict[str, Any]) -> Config:
     return _build(Config, d, "")
 
 
+def config_from_saved(d: dict[str, Any]) -> Config:
+    """The Config of a checkpoint's config dict (``upgrade_saved_config``, then validated)."""
+    return config_from_dict(upgrade_saved_config(d))
+
+
 def upgrade_saved_config(d: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint's config dict as the current Config accepts it (a copy). Older versions
     took data.image_size with latents and ignored it; it is dropped with a warning, so their

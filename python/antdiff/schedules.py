@@ -115,7 +115,7 @@ def scaled_linear_schedule(
     betas = np.linspace(math.sqrt(beta_start * scale), math.sqrt(beta_end * scale), T) ** 2
     if np.any(betas >= 1.0):
         raise ValueError(f"T={T} is too small for the scaled_linear schedule: beta would reach 1")
-    return Schedule(np.cumprod(1.0 - betas.astype(np.float64)), name=f"scaled_linear(T={T})")
+    return Schedule(np.cumprod(1.0 - betas), name=f"scaled_linear(T={T})")
 
 
 def cosine_schedule(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Schedule:  # noqa: N803

@@ -314,11 +314,11 @@ def write_ntg(result: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
 def load_run(path: str | Path) -> Any:
     """A trained antdiff.train.Run from a checkpoint file or run directory (no training)."""
     from ..checkpoint import load_checkpoint
-    from ..config import config_from_dict, upgrade_saved_config
+    from ..config import config_from_saved
     from ..train import build_run, restore
 
     state, _ = load_checkpoint(path)
-    run = build_run(config_from_dict(upgrade_saved_config(state["config"])), state.get("codec"))
+    run = build_run(config_from_saved(state["config"]), state.get("codec"))
     restore(run, state)
     return run
 

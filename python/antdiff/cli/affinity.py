@@ -82,7 +82,7 @@ class CheckpointLoader:
 
     def __call__(self, path: Any, device: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
         from ..checkpoint import FORMAT, load_checkpoint, model_from_state
-        from ..config import config_from_dict, upgrade_saved_config
+        from ..config import config_from_saved
 
         p = Path(path)
         if p.is_file():
@@ -90,7 +90,7 @@ class CheckpointLoader:
             if not (isinstance(raw, dict) and raw.get("format") == FORMAT):
                 return load_affinity_checkpoint(p, device)
         state, _ = load_checkpoint(p, "cpu")
-        data = self.dataset(config_from_dict(upgrade_saved_config(state["config"])), state)
+        data = self.dataset(config_from_saved(state["config"]), state)
         model, _, _ = model_from_state(state, data)
         return model.to(device or "cpu"), state["config"]
 

@@ -58,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..analysis.ntg import run_ntg, uniform_intervals
     from ..checkpoint import load_checkpoint
-    from ..config import config_from_dict, upgrade_saved_config
+    from ..config import config_from_saved
 
     overrides = getattr(args, "overrides", [])
     if args.full is None and args.config is None:
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if args.full is None:
         cfg = load_config(args.config, overrides)
     else:  # the full run's config, without building its model twice
-        cfg = config_from_dict(upgrade_saved_config(load_checkpoint(args.full)[0]["config"]))
+        cfg = config_from_saved(load_checkpoint(args.full)[0]["config"])
     iv = args.intervals
     intervals = uniform_intervals(cfg.diffusion.T, iv) if isinstance(iv, int) else iv
     steps = args.specialist_steps if args.specialist_steps is not None else cfg.train.steps
