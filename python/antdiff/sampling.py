@@ -103,7 +103,7 @@ def guided_output(
     b = x.shape[0]
     out = model(
         torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, torch.full_like(y, null_class)])
-    )
+    ).float()  # the guidance extrapolation in float32, also for a bf16 / fp16 model
     cond, uncond = out[:b], out[b:]
     mean = uncond[:, :channels] + cfg_scale * (cond[:, :channels] - uncond[:, :channels])
     return torch.cat([mean, cond[:, channels:]], dim=1)
@@ -114,6 +114,16 @@ def _default_device(model: Any) -> torch.device:
         for p in model.parameters():
             return p.device
     return torch.device("cpu")
+
+
+def _input_dtype(model: Any) -> torch.dtype:
+    """The dtype a model cast with .to(bf16 / fp16) takes; float32 otherwise (and for autocast,
+    whose parameters stay float32). The chain itself is always kept in float32."""
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    return torch.float32
 
 
 def _null_class(model: Any, null_class: int | None) -> int:
@@ -197,12 +207,13 @@ def sample(
             raise ValueError(f"y must have shape [B] = [{b}], got {tuple(y.shape)}")
     guided = y is not None and cfg_scale != 1.0
     null = _null_class(model, null_class) if guided else -1
+    dtype = _input_dtype(model)
 
     def forward(x: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-        t = tmap_t[i]
+        t, x = tmap_t[i], x.to(dtype)
         if guided:
             return guided_output(model, x, t, y, cfg_scale, null, c)
-        return model(x, t) if y is None else model(x, t, y=y)
+        return (model(x, t) if y is None else model(x, t, y=y)).float()
 
     was_training = isinstance(model, torch.nn.Module) and model.training
     if was_training:

@@ -302,7 +302,10 @@ class UNetModel(nn.Module):
                 f"H and W must be divisible by 2^{self.num_downsamples} = {down} (the "
                 f"downsamplings), got {tuple(x.shape)}"
             )
-        emb = self.time_embed(timestep_embedding(t, self.model_channels))
+        # The sinusoids are made in float32; a model cast to bf16 / fp16 (not autocast) needs
+        # them in its own dtype before the first linear layer.
+        freqs = timestep_embedding(t, self.model_channels).to(self.time_embed[0].weight.dtype)
+        emb = self.time_embed(freqs)
         emb = emb + label_embedding(self, self.label_emb, y)
         hs, h = [], x
         for stage in self.input_blocks:

@@ -171,7 +171,7 @@ class DiT(nn.Module):
             )
         check_inputs(self, x, t, y)
         h = self.patch(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, N, D]
-        c = self.t_embed(timestep_embedding(t, self.freq_dim))
+        c = self.t_embed(timestep_embedding(t, self.freq_dim).to(self.t_embed[0].weight.dtype))
         c = c + label_embedding(self, self.y_embed, y)
         for block in self.blocks:
             h = block(h, c)
