@@ -87,8 +87,14 @@ class GradDrop(GramMethod):
         return res
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "stream": self.stream.state_dict()}
+        # k is saved because nothing else in the state has a k-shaped entry to check
+        return {**super().state_dict(), "k": self.k, "stream": self.stream.state_dict()}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
+        if d.get("k", self.k) != self.k:  # states saved before k was recorded have no "k"
+            raise ValueError(
+                f"{self.name} state was saved with k={d['k']} clusters, but this method has "
+                f"k={self.k}"
+            )
         super().load_state_dict(d)
         self.stream.load_state_dict(d["stream"] if "stream" in d else d["rng"])
