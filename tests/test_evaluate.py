@@ -249,13 +249,36 @@ def test_eval_bad_k_and_small_reference_fail_before_sampling(tmp_path: Path, kw,
         evaluate_checkpoint(tmp_path / "no_such_run", 100, **kw)
 
 
-def test_eval_takes_uint8_reference_pixels(tmp_path: Path) -> None:
+@pytest.mark.parametrize("suffix", [".npy", ".pt"])
+def test_reference_files_are_memory_mapped_and_read_in_batches(tmp_path: Path, suffix) -> None:
+    """--ref files were read whole and turned into float32 (4x a uint8 FFHQ set in memory).
+    Now a .npy / .pt is mapped, uint8 stays uint8, and the features and the cache's data hash
+    read it a batch at a time, equal to those of the float images it stands for."""
     from antdiff.evaluate import reference_images
+    from antdiff.metrics import DigitsFeatures
+    from antdiff.metrics.reference_stats import data_hash
 
-    u = np.arange(2 * 64, dtype=np.uint8).reshape(2, 1, 8, 8)
-    np.save(tmp_path / "u8.npy", u)
-    _, x = reference_images(tmp_path / "u8.npy")
-    np.testing.assert_allclose(x.numpy(), u / 127.5 - 1.0, atol=1e-6)
+    rng = np.random.default_rng(0)
+    u = rng.integers(0, 256, (70, 1, 8, 8), dtype=np.uint8)
+    path = tmp_path / f"u8{suffix}"
+    if suffix == ".npy":
+        np.save(path, u)
+    else:
+        torch.save({"x": torch.from_numpy(u.copy())}, path)
+    _, x = reference_images(path)
+    assert x.dtype == torch.uint8 and torch.equal(x, torch.from_numpy(u))
+    if suffix == ".npy":  # a write to the file shows through: the tensor maps it, no copy
+        m = np.load(path, mmap_mode="r+")
+        m[3, 0, 2, 5] = 255 - u[3, 0, 2, 5]
+        m.flush()
+        assert int(x[3, 0, 2, 5]) == 255 - int(u[3, 0, 2, 5])
+        u[3, 0, 2, 5] = 255 - u[3, 0, 2, 5]
+    floats = torch.from_numpy(u).float() / 127.5 - 1.0  # as the float32 images were made
+    ext = DigitsFeatures()
+    ext.batch_size = 16  # several batches
+    np.testing.assert_array_equal(ext(x), ext(floats))
+    assert data_hash(x) == data_hash(floats) == data_hash(x, chunk_bytes=300)
+    assert data_hash(x) != data_hash(x[:69])
 
 
 def test_eval_of_a_latent_run_without_a_decoder_fails_before_sampling(

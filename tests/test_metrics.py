@@ -293,8 +293,8 @@ def test_image_validation() -> None:
         ext(torch.zeros(3, 8, 8))
     with pytest.raises(ValueError, match=r"got values in \[0.0, 255.0\]"):
         ext(torch.linspace(0, 255, 64).reshape(1, 1, 8, 8))
-    with pytest.raises(ValueError, match="floats"):
-        ext(torch.zeros(1, 1, 8, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"or uint8 pixels; got dtype torch.int16"):
+        ext(torch.zeros(1, 1, 8, 8, dtype=torch.int16))
 
 
 def test_evaluate_and_fid_vs_reference(digits_extractor: DigitsFeatures, tmp_path: Path) -> None:

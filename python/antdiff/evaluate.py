@@ -10,6 +10,7 @@ from different networks are not comparable).
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,7 +170,12 @@ def make_extractor(features: str, inception: str | Path | None = None, device: A
 
 
 def reference_images(ref: str | Path) -> tuple[str, torch.Tensor]:
-    """(label, images [N, C, H, W] in [-1, 1]) of a known data set name or a .npy / .pt file."""
+    """(label, images [N, C, H, W]) of a known data set name or a .npy / .pt file.
+
+    The images are floats in [-1, 1] or uint8 pixels, left as stored: a .npy file (and a .pt
+    saved by torch.save) is memory-mapped, and the feature network and the data hash read it a
+    batch at a time, so a reference set larger than memory works.
+    """
     from .metrics.reference_stats import DATASETS
 
     if isinstance(ref, str) and ref in DATASETS:
@@ -180,19 +186,26 @@ def reference_images(ref: str | Path) -> tuple[str, torch.Tensor]:
             f"--ref {str(ref)!r} is neither a known data set {sorted(DATASETS)} nor a file"
         )
     if p.suffix == ".npy":
-        x = torch.from_numpy(np.load(p, allow_pickle=False))
+        a = np.load(p, mmap_mode="r", allow_pickle=False)
+        if not a.dtype.isnative:  # torch reads native byte order only
+            a = a.astype(a.dtype.newbyteorder("="))
+        with warnings.catch_warnings():  # read-only map: nothing here writes to it
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            x = torch.from_numpy(a)
     elif p.suffix == ".pt":
-        x = torch.load(p, map_location="cpu", weights_only=True)
-        x = x["x"] if isinstance(x, dict) else x
+        try:
+            x = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (non-zip) format cannot be mapped
+            x = torch.load(p, map_location="cpu", weights_only=True)
+        x = x["x"] if isinstance(x, dict) and "x" in x else x
     else:
         raise ValueError(f"--ref file must be .npy or .pt images [N, C, H, W], got {str(p)!r}")
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
         raise ValueError(
-            f"--ref {str(p)!r} must hold images [N, C, H, W]: floats in [-1, 1], or uint8 pixels"
+            f"--ref {str(p)!r} must hold images [N, C, H, W] (or a dict with them under 'x'): "
+            "floats in [-1, 1], or uint8 pixels"
         )
-    if x.dtype == torch.uint8:  # 8-bit pixels, as image files hold them
-        return p.stem, x.float().div_(127.5).sub_(1.0)
-    return p.stem, x.float()
+    return p.stem, x
 
 
 def _real_features(label: str, images: torch.Tensor, extractor: Any, cache_dir: Path) -> np.ndarray:
@@ -292,7 +305,7 @@ def evaluate_checkpoint(
         check_images(real[:2], extractor.channels)
     except ValueError as e:
         raise ValueError(f"--ref {ref}: {e} (reference images are [N, C, H, W] floats in "
-                         "[-1, 1], as the samples are)") from e  # fmt: skip
+                         "[-1, 1], as the samples are, or uint8 pixels)") from e  # fmt: skip
     del real
     loaded = load_for_sampling(ckpt, ema=ema, device=device)
     if loaded.latent and loaded.data.codec is None:

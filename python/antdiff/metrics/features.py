@@ -61,22 +61,38 @@ def default_cache_dir() -> Path:
 
 
 def check_images(images: Any, channels: tuple[int, ...]) -> torch.Tensor:
-    """Validate ``images [N, C, H, W]`` in [-1, 1]; return a float32 tensor clamped to [-1, 1].
+    """Validate ``images [N, C, H, W]``: floats in [-1, 1] or uint8 pixels in [0, 255].
 
-    Values a little outside [-1, 1] (unclamped samples) are clamped; values far outside (e.g. a
-    [0, 255] image passed by mistake) raise.
+    Returns the tensor as given, with no copy (a memory-mapped reference set stays on disk);
+    ``image_batch`` turns rows of it into float32 in [-1, 1]. Float values a little outside
+    [-1, 1] (unclamped samples) are clamped there; values far outside (e.g. [0, 255] floats
+    passed by mistake) raise.
     """
     x = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
     if x.ndim != 4 or x.shape[0] == 0 or x.shape[1] not in channels:
         raise ValueError(
             f"images must be [N, C, H, W] with N >= 1 and C in {channels}; got {tuple(x.shape)}"
         )
+    if x.dtype == torch.uint8:
+        return x.detach()
     if not x.is_floating_point():
-        raise ValueError(f"images must be floats in [-1, 1]; got dtype {x.dtype}")
+        raise ValueError(f"images must be floats in [-1, 1] or uint8 pixels; got dtype {x.dtype}")
     lo, hi = float(x.min()), float(x.max())
     if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -1.5 or hi > 1.5:
         raise ValueError(f"images must be floats in [-1, 1]; got values in [{lo}, {hi}]")
-    return x.detach().float().clamp(-1.0, 1.0)
+    return x.detach()
+
+
+def image_floats(x: torch.Tensor) -> torch.Tensor:
+    """float32 copy of images, uint8 pixels mapped to [-1, 1] (p / 127.5 - 1); not clamped."""
+    if x.dtype == torch.uint8:
+        return x.float().div_(127.5).sub_(1.0)
+    return x.float()
+
+
+def image_batch(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of checked images as float32 in [-1, 1], read only now."""
+    return image_floats(x[start:stop]).clamp(-1.0, 1.0)
 
 
 def to_pixels(x: torch.Tensor, quantize: bool) -> torch.Tensor:
@@ -105,7 +121,10 @@ def legacy_bilinear_resize(x: torch.Tensor, size: int = 299) -> torch.Tensor:
 
 
 class FeatureExtractor:
-    """Common interface: ``name``, ``dim``, ``__call__(images [N, C, H, W] in [-1, 1])``.
+    """Common interface: ``name``, ``dim``, ``__call__(images [N, C, H, W])``.
+
+    ``images``: floats in [-1, 1] or uint8 pixels, read one batch at a time (so a memory-mapped
+    array is never loaded whole).
 
     Subclasses set ``name``, ``dim``, ``channels``, ``device``, ``batch_size`` and implement
     ``_forward(x [B, C, H, W] float32 on device) -> [B, dim]``.
@@ -122,11 +141,11 @@ class FeatureExtractor:
 
     @torch.no_grad()
     def __call__(self, images: Any) -> np.ndarray:
-        """Features ``[N, dim]`` float64 of ``images [N, C, H, W]`` in [-1, 1]."""
+        """Features ``[N, dim]`` float64 of ``images [N, C, H, W]`` (in [-1, 1], or uint8)."""
         x = check_images(images, self.channels)
         out = []
         for i in range(0, x.shape[0], self.batch_size):
-            f = self._forward(x[i : i + self.batch_size].to(self.device))
+            f = self._forward(image_batch(x, i, i + self.batch_size).to(self.device))
             out.append(f.reshape(f.shape[0], -1).double().cpu())
         feats = torch.cat(out).numpy()
         if feats.shape[1] != self.dim:

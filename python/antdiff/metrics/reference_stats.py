@@ -17,7 +17,12 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from antdiff.metrics.features import FeatureExtractor, default_cache_dir, digits_images
+from antdiff.metrics.features import (
+    FeatureExtractor,
+    default_cache_dir,
+    digits_images,
+    image_floats,
+)
 from antdiff.metrics.fid import feature_stats
 from antdiff.utils import atomic_write
 
@@ -42,11 +47,16 @@ def _slug(text: str) -> str:
     return re.sub(r"[^0-9A-Za-z.-]+", "_", text).strip("_")[:80] or "x"
 
 
-def data_hash(images: torch.Tensor) -> str:
-    """SHA-256 (hex) of the shape and float32 bytes of ``images``."""
-    x = images.detach().to("cpu", torch.float32).contiguous()
-    h = hashlib.sha256(repr(tuple(x.shape)).encode())
-    h.update(x.numpy().tobytes())
+def data_hash(images: torch.Tensor, chunk_bytes: int = 1 << 26) -> str:
+    """SHA-256 (hex) of the shape and float32 bytes of ``images`` (uint8 pixels as the floats
+    in [-1, 1] they stand for), read ``chunk_bytes`` at a time: a memory-mapped reference set
+    is hashed without being loaded whole."""
+    h = hashlib.sha256(repr(tuple(images.shape)).encode())
+    n = int(images.shape[0])
+    rows = max(1, chunk_bytes // max(1, 4 * images[:1].numel()))
+    for i in range(0, n, rows):
+        x = image_floats(images[i : i + rows].detach().cpu()).contiguous()
+        h.update(x.numpy().tobytes())
     return h.hexdigest()
 
 
