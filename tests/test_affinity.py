@@ -187,15 +187,15 @@ def test_save_load_roundtrip(setup, tmp_path):
         res.save(tmp_path / "c.txt")
 
 
-def _tiny_adm_checkpoint(path, seed: int, channels: int = 8) -> None:
+def _tiny_adm_checkpoint(path, seed: int, channels: int = 8, T: int = 100, **extra) -> None:  # noqa: N803
     torch.manual_seed(seed)
-    overrides = dict(model_channels=channels, num_head_channels=channels)
+    overrides = dict(model_channels=channels, num_head_channels=channels, **extra)
     model = create_model("adm-tiny", **overrides)
     for p in model.parameters():  # the zero-initialised output conv would hide the rest
         p.data.add_(0.05 * torch.randn_like(p))
     cfg = {
         "model": {"name": "adm-tiny", "overrides": overrides},
-        "diffusion": {"schedule": "linear", "T": 100},
+        "diffusion": {"schedule": "linear", "T": T},
     }
     torch.save({"model": model.state_dict(), "config": cfg}, path)
 
@@ -239,6 +239,44 @@ def test_cli_writes_what_cluster_accepts(tmp_path, capsys):
         == 0
     )
     assert main([*cluster, "--affinity", str(npy)]) == 0
+
+
+def test_cli_data_files_labels_pixels_and_early_errors(tmp_path, capsys, monkeypatch):
+    """--data files: a .pt's labels reach a class-conditional model (they were dropped for the
+    null class), uint8 pixels are scaled to [-1, 1] (they were used as 0..255), an untrained
+    null class, a dict without 'x' and a bad --out are clear errors, the last before the pass;
+    the default bins fit T < 50."""
+    import antdiff.cli.affinity as cli_affinity
+
+    seen: dict = {}
+    real = cli_affinity.task_affinity
+
+    def spy(ckpts, diffusion, x, **kw):
+        seen.update(x=x, y=kw["model_kwargs"].get("y"), bins=kw["bins"])
+        return real(ckpts, diffusion, x, **kw)
+
+    monkeypatch.setattr(cli_affinity, "task_affinity", spy)
+    ck = tmp_path / "c.pt"
+    _tiny_adm_checkpoint(ck, 0, T=40, num_classes=10)  # label dropout 0: null class untrained
+    u8 = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    labels = torch.tensor([3, 1, 4, 1, 5, 9])
+    torch.save({"x": u8, "y": labels}, tmp_path / "d.pt")
+    np.save(tmp_path / "d.npy", u8.numpy())
+    torch.save({"images": u8}, tmp_path / "nox.pt")
+    base = ["affinity", str(ck), "--n-samples", "2", "--batch-size", "2", "--device", "cpu",
+            "--no-plot", "--out", str(tmp_path / "a.npz")]  # fmt: skip
+    assert main([*base, "--data", str(tmp_path / "d.pt")]) == 0
+    assert torch.equal(seen["y"], labels) and seen["bins"] is None  # None: min(50, T) = 40
+    torch.testing.assert_close(seen["x"], u8.float() / 127.5 - 1.0)
+    with np.load(tmp_path / "a.npz") as z:
+        assert z["affinity"].shape == (40, 40)
+    capsys.readouterr()
+    for data, err in (("d.npy", "null class was never trained"), ("nox.pt", "under 'x'")):
+        assert main([*base, "--data", str(tmp_path / data)]) == 2
+        assert err in capsys.readouterr().err
+    seen.clear()
+    assert main([*base[:-1], str(tmp_path / "a.txt"), "--data", str(tmp_path / "d.pt")]) == 2
+    assert "--out must end in .npz or .npy" in capsys.readouterr().err and not seen
 
 
 def test_cli_rejects_mixed_checkpoints(tmp_path, capsys):

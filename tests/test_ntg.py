@@ -161,8 +161,10 @@ def test_run_ntg_writes_outputs_and_reuses_specialists(tmp_path):
         assert im.format == "PNG" and im.size[0] > 200
     spec_cfg = (out / "specialist_0_500" / "config.yaml").read_text()
     assert "t_range:\n  - 0\n  - 500" in spec_cfg and "method: vanilla" in spec_cfg
-    # a second call loads the checkpoints (no training) and reproduces every number
-    again = run_ntg(cfg, uniform_intervals(1000, 2), full=out / "full", **kw)
+    assert saved["full_model"]["method"] == "vanilla"
+    # a second call loads the checkpoints (no training) and reproduces every number; with
+    # full= the config comes from its checkpoint (none needed, another T not consulted)
+    again = run_ntg(None, uniform_intervals(1000, 2), full=out / "full", **kw)
     assert [r["fid"] for r in again["intervals"]] == [r["fid"] for r in res["intervals"]]
     assert again["full"]["fid"] == res["full"]["fid"]
     # specialists trained past the steps asked for are not passed off as fewer
@@ -194,6 +196,21 @@ def test_cli_rejects_bad_intervals(tmp_path, capsys):
     rc = cli_main(["ntg", "--config", "digits_adm", *args])
     assert rc == 2
     assert "[0, 0)" in capsys.readouterr().err
+
+
+def test_cli_full_model_trains_vanilla_unless_told(tmp_path, monkeypatch):
+    """The paper's NTG compares a vanilla full model with vanilla specialists; from a preset
+    whose method is UW the CLI trained the full model with UW."""
+    import antdiff.analysis.ntg as ntg
+
+    seen = []
+    monkeypatch.setattr(ntg, "run_ntg", lambda cfg, *a, **kw: seen.append(cfg) or {
+        "full": {}, "seed_gap": 0.0, "intervals": [], "features": "x"})  # fmt: skip
+    base = ["ntg", "--config", "digits_adm", "--out", str(tmp_path), "--train.steps", "1"]
+    assert load_config("digits_adm").ant.method != "vanilla"
+    assert cli_main(base) == 0 and seen[-1].ant.method == "vanilla"
+    assert cli_main([*base, "--ant.method", "uw"]) == 0 and seen[-1].ant.method == "uw"
+    assert cli_main([*base, "--full", str(tmp_path)]) == 2  # one source of the full model
 
 
 def test_too_few_samples_fail_before_any_training(tmp_path):

@@ -18,6 +18,7 @@ sampling noise alone produces. Intervals are 0-based and half-open: the paper's 
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ import torch
 from torch import nn
 
 from ..utils import atomic_write, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "IntervalRouter",
@@ -340,7 +343,7 @@ def _trained(cfg: Any, what: str, flag: str) -> Any:
 
 
 def run_ntg(
-    cfg: Any,
+    cfg: Any | None,
     intervals: list[tuple[int, int]],
     *,
     specialist_steps: int,
@@ -355,7 +358,9 @@ def run_ntg(
     ``ntg.json`` / ``ntg.png`` in ``out_dir``.
 
     Args:
-        cfg: the full model's Config (ignored when ``full`` is given: its checkpoint's is used).
+        cfg: the full model's Config, trained as given (the paper's NTG uses
+            ``ant.method="vanilla"``, as ``antdiff ntg --config`` does by default); None or
+            ignored when ``full`` is given (its checkpoint's config is used).
         intervals: [(t1, t2), ...], 0-based half-open, inside [0, T).
         specialist_steps: training steps of each specialist.
         out_dir: results; the full model trains in ``full/``, specialists in
@@ -369,12 +374,18 @@ def run_ntg(
     from ..metrics.fid import check_enough_samples
 
     out = Path(out_dir)
-    intervals = check_intervals(intervals, cfg.diffusion.T)  # fail before any training
+    if full is None and cfg is None:
+        raise ValueError("cfg: give the full model's Config, or full= a trained run")
     full_run = None if full is None else load_run(full)
+    base = cfg if full_run is None else full_run.cfg
+    intervals = check_intervals(intervals, base.diffusion.T)  # fail before any training
+    if base.ant.method != "vanilla":
+        log.warning("the full model trains / trained with method %r; the paper's NTG compares "
+                    "vanilla models (ant.method vanilla)", base.ant.method)  # fmt: skip
     if extractor is None:
         from ..metrics import DigitsFeatures, InceptionTorchScript
 
-        source = (cfg if full_run is None else full_run.cfg).data.source
+        source = base.data.source
         extractor = DigitsFeatures() if source == "digits" else InceptionTorchScript()
     # the metrics' own check, before the full model and the specialists train
     check_enough_samples(n_samples, extractor.dim, f"--n-samples {n_samples}", False, api=False)
@@ -400,7 +411,9 @@ def run_ntg(
         num_classes=data.num_classes if fc.data.class_conditional else None,
         clip_denoised=not latents, decode=decode,
     )  # fmt: skip
-    result["full_model"] = {"run": str(full or out / "full"), "steps": full_run.step}
+    result["full_model"] = {
+        "run": str(full or out / "full"), "steps": full_run.step, "method": fc.ant.method
+    }
     result["specialist_steps"] = specialist_steps
     write_ntg(result, out)
     return result

@@ -42,11 +42,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data",
         default=None,
-        help="'digits' (sklearn 8x8, in [-1, 1]) or a .npy / .pt file of x0 [N, C, H, W]; "
+        help="'digits' (sklearn 8x8, in [-1, 1]) or a .npy / .pt file of x0 [N, C, H, W] "
+        "(floats as trained on, or uint8 pixels; a .pt may hold {'x': x0, 'y': labels}); "
         "default: the trainer checkpoint's data set, else digits",
     )
     p.add_argument("--image-size", type=int, default=None, help="resize digits to this size")
-    p.add_argument("--bins", type=int, default=50, help="number of near-equal timestep bins")
+    p.add_argument(
+        "--bins", type=int, default=None, help="number of near-equal timestep bins (min(50, T))"
+    )
     p.add_argument(
         "--bin-edges", type=Path, default=None, help=".npy of [nb + 1] edges (overrides --bins)"
     )
@@ -130,22 +133,53 @@ def _data(args: argparse.Namespace, load: CheckpointLoader) -> tuple[torch.Tenso
     path = Path(args.data)
     if not path.is_file():
         raise FileNotFoundError(f"--data {path} does not exist (use 'digits' or a .npy/.pt file)")
+    y = None
     if path.suffix == ".npy":
-        return torch.from_numpy(np.load(path)).float(), None
-    x = torch.load(path, map_location="cpu", weights_only=True)
-    return (x["x"] if isinstance(x, dict) else x), None
+        x = torch.from_numpy(np.load(path, allow_pickle=False))
+    else:
+        x = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(x, dict):  # e.g. antdiff sample's {"x": samples, "y": labels}
+            if "x" not in x:
+                raise ValueError(f"--data {path}: a dict must hold the images under 'x' (and "
+                                 f"may hold labels under 'y'); got keys {sorted(x)}")  # fmt: skip
+            x, y = x["x"], x.get("y")
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"--data {path} must hold x0 [N, C, H, W]; got {got}")
+    if x.dtype == torch.uint8:  # 8-bit pixels: the model trained on [-1, 1]
+        x = x.float().div_(127.5).sub_(1.0)
+    elif not x.is_floating_point():
+        raise ValueError(f"--data {path}: x0 must be floats (or uint8 pixels), got {x.dtype}")
+    if y is not None and (not isinstance(y, torch.Tensor) or tuple(y.shape) != (len(x),)):
+        raise ValueError(f"--data {path}: labels 'y' must be a tensor [N] = [{len(x)}]")
+    return x.float(), None if y is None else y.long()
+
+
+def _labels(model: Any, y: torch.Tensor | None, n: int) -> dict[str, torch.Tensor]:
+    """The model's class inputs: the data's labels, else its null class when trained."""
+    num_classes = getattr(model, "num_classes", None)
+    if not num_classes:
+        return {}
+    if y is not None:
+        return {"y": y}
+    if getattr(model, "class_dropout_prob", None) == 0:
+        raise ValueError(
+            "the model is class-conditional and --data gave no labels, but its null class was "
+            "never trained (class_dropout_prob 0): give a .pt holding {'x': images, 'y': "
+            "labels}, or leave --data out to use the checkpoint's data set"
+        )
+    return {"y": torch.full((n,), num_classes, dtype=torch.long)}  # unconditional branch
 
 
 def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.out.suffix not in (".npz", ".npy"):  # before the pass, not after it
+        raise ValueError(f"--out must end in .npz or .npy, got {str(args.out)!r}")
     load = CheckpointLoader()
     model, cfg = load(args.checkpoints[0], device)
     diffusion = _diffusion(cfg, args)
     x, y = _data(args, load)
-    kwargs = {}
-    num_classes = getattr(model, "num_classes", None)
-    if num_classes:  # class-conditional: true labels when known, else the null class
-        kwargs["y"] = y if y is not None else torch.full((len(x),), num_classes, dtype=torch.long)
+    kwargs = _labels(model, y, len(x))
     edges = np.load(args.bin_edges) if args.bin_edges is not None else None
     del model
     start = time.perf_counter()

@@ -1,9 +1,10 @@
 """``antdiff ntg``: negative transfer gap per timestep interval (paper Eq. 3, Fig. 2).
 
-antdiff ntg --config digits_adm --ant.method vanilla --intervals 5 --specialist-steps 1000
+antdiff ntg --config digits_adm --intervals 5 --specialist-steps 1000
 antdiff ntg --full runs/digits_adm --intervals 0:200,800:1000 --out runs/ntg
 
-Trains the full model (unless --full names a trained run) and one vanilla specialist per
+Trains the full model (unless --full names a trained run; from --config it trains vanilla, as
+in the paper's NTG, unless --ant.method names another method) and one vanilla specialist per
 interval (0-based, half-open [t1, t2)), samples both ways with the same noise and writes
 ``ntg.json`` and ``ntg.png`` to --out. Digits runs use domain features (DigitsFeatures), which
 are not comparable to published FIDs.
@@ -15,7 +16,7 @@ import argparse
 import json
 import logging
 
-from ..config import available_presets, load_config
+from ..config import available_presets, load_config, parse_overrides
 from .train import _collect_overrides
 
 
@@ -63,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
     overrides = getattr(args, "overrides", [])
     if args.full is None and args.config is None:
         raise ValueError("--config: give the full model's config, or --full RUN_DIR")
+    if args.full is not None and args.config is not None:
+        raise ValueError("--config and --full: give one; the full model trains from --config or "
+                         "is the trained --full run (whose config it keeps)")  # fmt: skip
     if args.full is not None and overrides:
         raise ValueError(f"overrides {overrides} apply to --config, not to a trained --full run")
     if args.n_samples < 2 or args.batch < 1:
@@ -70,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
                          f"{args.batch}")  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.full is None:
+        if "ant.method" not in [key for key, _ in parse_overrides(overrides)]:
+            # the paper's NTG compares vanilla models; the specialists are vanilla too
+            overrides = [*overrides, "--ant.method", "vanilla"]
         cfg = load_config(args.config, overrides)
     else:  # the full run's config, without building its model twice
         cfg = config_from_saved(load_checkpoint(args.full)[0]["config"])
