@@ -86,7 +86,11 @@ def backend_reasons(op: str, *tensors: torch.Tensor, k: int | None = None) -> li
     devices = {t.device for t in tensors}
     if len(devices) > 1:
         reasons.append(f"tensors are on several devices: {sorted(map(str, devices))}")
-    if any(not t.is_cuda for t in tensors):
+    others = sorted({str(t.device) for t in tensors if t.device.type not in ("cuda", "cpu")})
+    if others:  # meta, mps, xpu, ...: neither a GPU kernel nor the interpreter reads them
+        reasons.append(f"tensors on {', '.join(others)}: Triton runs CUDA tensors (or CPU ones "
+                       "under TRITON_INTERPRET=1)")  # fmt: skip
+    elif any(not t.is_cuda for t in tensors):
         if not interpreting():
             reasons.append("tensors are not on CUDA and TRITON_INTERPRET!=1")
         elif HAS_TRITON and True not in _jit_interpreted:

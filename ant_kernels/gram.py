@@ -509,6 +509,9 @@ def gram_triton(
             _kernel(meta)[grid](*_args(part, work[start : start + n]), **meta)
         start += n
     G = work.sum(0)  # fixed-order reduction over the spans
+    # Each span's block is symmetric, but the sum may add the spans in another order at [i, j]
+    # than at [j, i] (vector lanes, tails): one triangle, mirrored, keeps G exactly symmetric.
+    G = G.triu() + G.triu(1).mT
     return G, torch.isfinite(G.diagonal()).all()
 
 

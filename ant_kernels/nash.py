@@ -130,7 +130,7 @@ def nash_weights(G: torch.Tensor, iters: int = 20, normalize: bool = True) -> to
         alpha: [k] float64; 0 for clusters with G[i, i] <= 0; NaN everywhere if G is not finite.
     """
     check_G(G)
-    if not isinstance(iters, int) or iters < 0:
+    if not isinstance(iters, int) or isinstance(iters, bool) or iters < 0:
         raise ValueError(f"iters must be an int >= 0, got {iters!r}")
     if use_triton("nash", G, k=G.shape[0]):
         return nash_triton(G, iters, normalize)

@@ -42,8 +42,10 @@ def _pcgrad_kernel(p_G, p_O, p_w, K, s_g0, s_g1, s_o0, s_o1, BK: tl.constexpr):
     b_C = tl.where(o_k[:, None] == o_k[None, :], 1.0, 0.0).to(p_G.dtype.element_ty)
     for t in range(K):
         # [BK] j_i = orders[i, t]; an entry outside range(k) reads zeros and is skipped
-        b_j = tl.load(p_O + o_k * s_o0 + t * s_o1, mask=m_k, other=-1).to(tl.int32)
-        m_j = (b_j >= 0) & (b_j < K)
+        # (the range test on the stored integer: an int64 2**32 + 1 cast first would wrap to 1)
+        b_o = tl.load(p_O + o_k * s_o0 + t * s_o1, mask=m_k, other=-1)
+        m_j = (b_o >= 0) & (b_o < K)
+        b_j = tl.where(m_j, b_o, 0).to(tl.int32)
         # [BK, BK] row i holds column j_i of the original G
         b_g = tl.load(
             p_G + o_k[None, :] * s_g0 + b_j[:, None] * s_g1,

@@ -27,16 +27,19 @@ def _orders(k: int) -> torch.Tensor:
     return torch.stack([torch.randperm(k) for _ in range(k)])
 
 
+def _project(J: torch.Tensor, i: int, order: list[int]) -> torch.Tensor:
+    """g_i projected against the clusters in ``order``, P-space, float64."""
+    g = J[i].clone()
+    for j in order:
+        d, n2 = g @ J[j], J[j] @ J[j]
+        if d < 0 and n2 != 0:
+            g = g - (d / n2) * J[j]
+    return g
+
+
 def _pspace(J: torch.Tensor, orders: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """PCGrad done the expensive way: project P-length vectors, float64."""
-    projected = []
-    for i in range(J.shape[0]):
-        g = J[i].clone()
-        for j in orders[i].tolist():
-            d, n2 = g @ J[j], J[j] @ J[j]
-            if d < 0 and n2 != 0:
-                g = g - (d / n2) * J[j]
-        projected.append(g)
+    projected = [_project(J, i, orders[i].tolist()) for i in range(J.shape[0])]
     return torch.stack(projected).sum(0), projected
 
 
@@ -57,6 +60,29 @@ def test_pcgrad_gram_space_equals_p_space(k, kind, kernel_device, force_triton):
     assert w32.dtype == torch.float32
     w32_ref = pcgrad_weights_ref(G.float(), orders)
     torch.testing.assert_close(w32, w32_ref, rtol=1e-4, atol=1e-4 * w32_ref.abs().max().item())
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("odt", [torch.int64, torch.int32])
+def test_pcgrad_kernel_skips_order_entries_outside_range_k(odt, kernel_device):
+    """As documented, the kernel skips an order entry outside range(k). An int64 2**32 + 1 was
+    cast to int32 before the range test and projected onto cluster 1."""
+    from ant_kernels.pcgrad import pcgrad_triton
+
+    if backend_reasons("pcgrad", torch.zeros(1, device=kernel_device), k=4):
+        pytest.skip("no GPU here")  # only the interpreter runs the kernel on a CPU
+    J = _make_J(4, "conflicts")
+    J[1] = -J[0] + 0.1 * J[1]  # 0 and 1 conflict: a wrapped index 1 projects g_0 on g_1
+    wide = [2**32 + 1, -1, -(2**31), 7] if odt == torch.int64 else [2**31 - 1, -1, -(2**31), 7]
+    # row i: i, an entry outside range(4), then the clusters but 1 and i, padded with 7s
+    bad = torch.tensor([
+        ([i, v] + [j for j in (0, 2, 3) if j != i] + [7, 7])[:4] for i, v in enumerate(wide)
+    ])  # fmt: skip
+    expected = sum(
+        _project(J, i, [j for j in row if 0 <= j < 4]) for i, row in enumerate(bad.tolist())
+    )
+    w = pcgrad_triton((J @ J.T).to(kernel_device), bad.to(odt).to(kernel_device)).cpu()
+    torch.testing.assert_close(w @ J, expected, rtol=0, atol=1e-10 * J.abs().max().item() * 8)
 
 
 @pytest.mark.interpret
@@ -122,6 +148,10 @@ def test_pcgrad_dispatch_reasons(monkeypatch):
     assert any("k=65" in r for r in reasons) and any("TRITON_INTERPRET" in r for r in reasons)
     with pytest.raises(RuntimeError, match="k=65"):
         pcgrad_weights(G, orders)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # not even the interpreter reads meta tensors
+    meta = backend_reasons("pcgrad", G.to("meta"), orders.to("meta"), k=5)
+    assert meta == ["tensors on meta: Triton runs CUDA tensors (or CPU ones under "
+                    "TRITON_INTERPRET=1)"]  # fmt: skip
 
 
 @pytest.mark.gpu
