@@ -53,6 +53,33 @@ def test_cluster_cli_errors_are_messages_not_tracebacks(tmp_path, capsys):
     assert "min_size" in capsys.readouterr().err
 
 
+def test_cluster_cli_affinity_rules_and_missing_extension(tmp_path, capsys, monkeypatch):
+    """--affinity without --objective gradient was ignored (SNR clusters, rc 0); T comes from
+    the affinity (it assumed 1000); a .pt dict and a missing C++ extension are messages."""
+    import torch
+
+    from antdiff import interval_dp
+
+    T = 100
+    blocks = np.arange(T) // 25
+    A = np.where(blocks[:, None] == blocks[None, :], 1.0, 0.0)
+    np.savez(tmp_path / "aff.npz", affinity=A[::5, ::5], bin_edges=np.arange(0, T + 1, 5))
+    np.save(tmp_path / "full.npy", A)
+    torch.save({"affinity": torch.from_numpy(A)}, tmp_path / "dict.pt")
+    assert main(["cluster", "--k", "4", "--affinity", str(tmp_path / "aff.npz")]) == 2
+    assert "add --objective gradient" in capsys.readouterr().err
+    grad = ["cluster", "--k", "4", "--objective", "gradient", "--affinity"]
+    for name in ("aff.npz", "full.npy"):  # no --T: the affinity's 100 timesteps
+        assert main([*grad, str(tmp_path / name)]) == 0
+        assert '"bounds": [0, 25, 50, 75, 100]' in capsys.readouterr().out
+    assert main([*grad, str(tmp_path / "dict.pt")]) == 2
+    assert "must hold the affinity matrix as one tensor, got dict" in capsys.readouterr().err
+    monkeypatch.setattr(interval_dp, "_load_cpp", lambda: None)
+    monkeypatch.setitem(interval_dp._cpp, "error", "not built")
+    assert main(["cluster", "--backend", "cpp"]) == 2
+    assert "antdiff._C is missing (not built)" in capsys.readouterr().err
+
+
 def test_info_reports_extension_and_env(capsys):
     d = info.collect()
     assert d["antdiff._C"].startswith("built")

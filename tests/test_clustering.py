@@ -91,6 +91,23 @@ def test_json_round_trip_and_repr():
     assert "k=5" in r and "[0,153)" in r and "snr" in r
 
 
+def test_numpy_integer_limits_are_stored_as_ints():
+    """np.int64 limits were stored as given: to_json raised and torch.load(weights_only=True)
+    refused an ANT state holding them."""
+    import io
+
+    import antdiff
+
+    c = cluster_timesteps(linear_schedule(1000), 5, min_size=np.int64(50), max_size=np.int32(400))
+    assert type(c.meta["min_size"]) is int and type(c.meta["max_size"]) is int
+    assert json.loads(c.to_json())["meta"]["min_size"] == 50
+    ant = antdiff.ANT(linear_schedule(1000), k=5, min_size=np.int64(50))
+    buf = io.BytesIO()
+    torch.save(ant.state_dict(), buf)
+    buf.seek(0)
+    assert torch.load(buf, weights_only=True)["clusters"]["meta"]["min_size"] == 50
+
+
 def test_uniform_constructor():
     assert Clusters.uniform(10, 3).bounds == (0, 3, 6, 10)
 
@@ -107,6 +124,8 @@ def test_uniform_constructor():
         (dict(k=5, max_size=100), "max_size"),
         (dict(k=5, min_size=-1), "min_size"),
         (dict(k=5, snr="ln"), "snr must be"),
+        (dict(k=5, affinity=np.eye(1000)), "objective='gradient' only"),  # was ignored
+        (dict(k=5, objective="timestep", bin_edges=[0, 1000]), "objective='gradient' only"),
     ],
 )
 def test_bad_input(kwargs, match):

@@ -192,6 +192,11 @@ def cluster_timesteps(
     T = sched.T  # noqa: N806
     _check_k(k, T)
     lo, hi = _resolve_limits(T, k, min_size, max_size)
+    if objective != "gradient" and (affinity is not None or bin_edges is not None):
+        raise ValueError(
+            f"affinity / bin_edges apply to objective='gradient' only (got objective="
+            f"{objective!r}, which would ignore them)"
+        )
     meta: dict[str, Any] = {"schedule": sched.name, "min_size": lo, "max_size": hi}
     if objective == "timestep":
         bounds, cost = solve_intervals(
@@ -237,7 +242,8 @@ def _resolve_limits(T: int, k: int, lo: Any, hi: Any) -> tuple[int | None, int |
     for name, v in (("min_size", lo), ("max_size", hi)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
             raise ValueError(f"{name} must be a positive integer, None or 'default', got {v!r}")
-    return lo, hi
+    # plain ints: numpy integers broke to_json and torch.load(weights_only=True) of the meta
+    return (None if lo is None else int(lo)), (None if hi is None else int(hi))
 
 
 def _gradient_clusters(affinity, bin_edges, T, k, lo, hi, backend):  # noqa: N803
@@ -317,7 +323,11 @@ def load_affinity(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     if path.suffix == ".pt":
         import torch
 
-        return torch.load(path, map_location="cpu", weights_only=True).numpy(), None
+        a = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(a, torch.Tensor):
+            raise ValueError(f"{path} must hold the affinity matrix as one tensor, got "
+                             f"{type(a).__name__} (the .npz of antdiff affinity holds its edges too)")  # fmt: skip
+        return a.double().numpy(), None
     edges_path = path.with_name(path.stem + "_edges.npy")
     edges = np.load(edges_path) if edges_path.is_file() else None
     return np.load(path, allow_pickle=False), edges

@@ -17,7 +17,8 @@ whose split points, read from the last backwards, are lexicographically smallest
 among costs as computed in floating point: where two splits tie exactly in real arithmetic but
 their costs round differently (non-integer data), "dc" and "quadratic", or the naive
 reference (which sums each interval directly), may return different optima, equal up to
-rounding. On exact data (small integers) all of them return the same split.
+rounding. On exact data (small integers) "l1", "matrix" and "affinity" return the same split
+with every method; "l2" divides by the interval length, so its costs are not exact there.
 
 Backends: the C++ extension antdiff._C (GIL released), its numpy twin (bit-identical tables)
 and the naive O(k T^3) reference. A missing extension falls back to numpy with one warning;

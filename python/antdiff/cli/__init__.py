@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return int(module.run(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, ImportError) as exc:  # ImportError: a missing extra
         print(f"antdiff {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

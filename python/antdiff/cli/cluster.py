@@ -32,7 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="linear",
         help="linear | scaled_linear | cosine | PATH.npy (alphas_cumprod)",
     )
-    p.add_argument("--T", type=int, default=1000, help="number of timesteps (named schedules)")
+    p.add_argument(
+        "--T", type=int, default=None,
+        help="number of timesteps of a named schedule (default: the affinity's, else 1000)",
+    )  # fmt: skip
     p.add_argument("--k", type=int, default=5, help="number of clusters")
     p.add_argument("--objective", default="snr", choices=["timestep", "snr", "gradient"])
     p.add_argument("--snr", default="log", choices=["log", "raw"], help="SNR scale for 'snr'")
@@ -70,12 +73,18 @@ def load_schedule(name: str, T: int) -> Schedule:  # noqa: N803
 
 
 def run(args: argparse.Namespace) -> int:
-    sched = load_schedule(args.schedule, args.T)
     affinity = edges = None
     if args.objective == "gradient":
         if args.affinity is None:
             raise ValueError("--objective gradient needs --affinity FILE (from `antdiff affinity`)")
         affinity, edges = load_affinity(args.affinity)
+    elif args.affinity is not None:
+        raise ValueError(f"--affinity applies to --objective gradient, not {args.objective!r}: "
+                         "add --objective gradient")  # fmt: skip
+    T = args.T  # noqa: N806
+    if T is None:  # the affinity's timesteps: its last bin edge, or the side of a [T, T] one
+        T = 1000 if affinity is None else int(edges[-1]) if edges is not None else len(affinity)  # noqa: N806
+    sched = load_schedule(args.schedule, T)
     clusters = cluster_timesteps(
         sched,
         args.k,

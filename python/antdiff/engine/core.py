@@ -366,8 +366,9 @@ class ANT:
             raise ValueError(f"B must be a positive integer batch size, got {B!r}")
         if self.sampler.mode != "uniform" and B < self.k:
             raise ValueError(
-                f"batch size {B} is smaller than k={self.k}: stratified sampling needs at least "
-                "one sample per cluster. Use a batch >= k, fewer clusters, or sampling='uniform'."
+                f"batch size {B} is smaller than k={self.k}: every step would leave clusters "
+                f"without a sample ({self.sampler.mode!r} sampling stratifies the batch over the "
+                "clusters). Use a batch >= k, fewer clusters, or sampling='uniform'."
             )
         return self.sampler.sample(B, device, generator)[0]
 
