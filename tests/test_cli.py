@@ -80,6 +80,38 @@ def test_cluster_cli_affinity_rules_and_missing_extension(tmp_path, capsys, monk
     assert "antdiff._C is missing (not built)" in capsys.readouterr().err
 
 
+def test_bad_output_paths_and_devices_fail_first_without_tracebacks(tmp_path, capsys,
+                                                                   monkeypatch):
+    """A file given as --out folder, a folder as --json file, or an unknown --device was a
+    traceback, for sample and eval only after all the sampling; now each is a message before
+    any work (a missing checkpoint would be the error otherwise). Ctrl-C exits 130 quietly."""
+    import antdiff.cli.cluster as cluster_cli
+
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    missing = str(tmp_path / "no_ckpt")
+    cases = [
+        (["sample", "--ckpt", missing, "--num", "2", "--out", str(a_file)], "is a file"),
+        (["eval", "--ckpt", missing, "--num", "2", "--json", str(tmp_path)], "is a folder"),
+        (["eval", "--ckpt", missing, "--num", "2", "--json", str(a_file / "r.json")],
+         "is a file, not a folder"),
+        (["sample", "--ckpt", missing, "--num", "2", "--out", str(tmp_path / "s"),
+          "--device", "tpu"], "'tpu' is not a device"),
+        (["cluster", "--json", str(tmp_path)], "is a folder"),
+        (["demo", "--out", str(a_file)], "is a file"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cluster_cli, "run", interrupted)
+    assert main(["cluster"]) == 130
+    assert capsys.readouterr().err.strip() == "antdiff cluster: interrupted"
+
+
 def test_info_reports_extension_and_env(capsys):
     d = info.collect()
     assert d["antdiff._C"].startswith("built")

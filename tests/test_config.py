@@ -141,6 +141,8 @@ def test_unknown_preset_lists_presets():
         (["--ant.method", "graddrop", "--ant.update_every", "5"], "keeps no weights to reuse"),
         (["--train.seed", str(2**64)], "train.seed must be below 2"),
         (["--sample.cfg_scale", "3"], "needs a class-conditional model"),
+        (["--sample.cfg_scale", ".nan"], "sample.cfg_scale must be a finite number, got nan"),
+        (["--train.out_dir", "''"], "train.out_dir must name a folder"),
     ],
 )
 def test_validation_messages(overrides, match):

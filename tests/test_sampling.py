@@ -212,6 +212,9 @@ def test_sample_bad_arguments():
     for eta in (float("nan"), 1.5, -0.1):  # NaN gave NaN samples; > 1 clamped DDIM's direction
         with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
             sample(Wavy(), diff, (1, 1, 2, 2), eta=eta)
+    for scale in (float("nan"), float("inf")):  # every sample was NaN, without a word
+        with pytest.raises(ValueError, match="cfg_scale must be a finite number"):
+            sample(Wavy(), diff, (1, 1, 2, 2), y=torch.tensor([1]), cfg_scale=scale)
 
 
 def test_guidance_through_an_untrained_null_class_is_refused(tmp_path):

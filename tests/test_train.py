@@ -289,12 +289,20 @@ def test_resume_with_a_different_config_lists_the_keys(tmp_path):
         )
     assert "train.lr: checkpoint 0.0002 -> now 0.5" in str(e.value)
     assert "--allow-config-change" in str(e.value)
+    changed = ["--train.lr", "0.5", "--train.weight_decay", "0.25", "--train.betas", "[0.5, 0.6]",
+               "--ant.method_kwargs", "{lr: 0.125}"]  # fmt: skip
     s = train(
-        _cfg("digits_adm", tmp_path, "--train.ckpt_every", "2", "--train.lr", "0.5", steps=3),
+        _cfg("digits_adm", tmp_path, "--train.ckpt_every", "2", *changed, steps=3),
         resume=True,
         allow_config_change=True,
     )
     assert s["step"] == 3
+    # the changed hyperparameters are the ones the optimiser uses (it kept the checkpoint's)
+    model_group, uw_group = s["run"].opt.param_groups
+    assert (model_group["lr"], model_group["weight_decay"]) == (0.5, 0.25)
+    assert tuple(model_group["betas"]) == (0.5, 0.6) and uw_group["lr"] == 0.125
+    with open(tmp_path / "metrics.csv") as f:
+        assert list(csv.DictReader(f))[-1]["lr"] == "0.5"
 
 
 def test_checkpoint_from_another_model(tmp_path):
@@ -326,6 +334,27 @@ def test_changed_method_on_resume_is_named(tmp_path):
             resume=True,
             allow_config_change=True,
         )  # fmt: skip
+
+
+def test_resume_into_a_folder_of_another_run_is_refused(tmp_path):
+    """--resume runs/a with an out_dir that holds run b (e.g. a preset's default folder) wrote
+    a's continuation among b's checkpoints and logs; into an empty folder it branches a."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(_cfg("digits_adm", a, "--train.ckpt_every", "2"))
+    train(_cfg("digits_adm", b, "--train.ckpt_every", "2"))
+    with pytest.raises(ValueError, match="holds another run .* --train.out_dir '.*a'"):
+        train(_cfg("digits_adm", b, "--train.ckpt_every", "2", steps=4), resume=a)
+    assert [p.name for p in ck.list_checkpoints(b)] == ["ckpt_00000002.pt"]
+    first = a / "checkpoints" / "ckpt_00000002.pt"
+    branched = train(_cfg("digits_adm", tmp_path / "c", steps=3), resume=first)
+    assert branched["step"] == 3
+    assert train(_cfg("digits_adm", a, steps=3), resume=a)["step"] == 3  # in place: fine
+    ckpt = ck.list_checkpoints(a)[-1]  # a file inside the run's checkpoints/: in place too
+    assert train(_cfg("digits_adm", a, steps=4), resume=ckpt)["step"] == 4
+    # fewer steps than the checkpoint's (step 2): it trained nothing and wrote the lower count
+    with pytest.raises(ValueError, match="train.steps=1 is below the checkpoint's step 2"):
+        train(_cfg("digits_adm", a, steps=1), resume=True)
+    assert "steps: 4" in (a / "config.yaml").read_text()
 
 
 def test_cli_train_and_resume(tmp_path, capsys):

@@ -325,8 +325,10 @@ def load_affinity(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
 
         a = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(a, torch.Tensor):
-            raise ValueError(f"{path} must hold the affinity matrix as one tensor, got "
-                             f"{type(a).__name__} (the .npz of antdiff affinity holds its edges too)")  # fmt: skip
+            raise ValueError(
+                f"{path} must hold the affinity matrix as one tensor, got {type(a).__name__} "
+                "(the .npz that antdiff affinity writes holds its bin edges too)"
+            )
         return a.double().numpy(), None
     edges_path = path.with_name(path.stem + "_edges.npy")
     edges = np.load(edges_path) if edges_path.is_file() else None

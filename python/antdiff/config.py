@@ -225,6 +225,8 @@ class TrainConfig:
             raise ValueError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.seed >= 2**63:
             raise ValueError(f"train.seed must be below 2**63 (torch seeds), got {self.seed}")
+        if not str(self.out_dir).strip():  # "" trained into the working directory
+            raise ValueError("train.out_dir must name a folder for the run, got ''")
         tr = self.t_range
         if tr is not None and (len(tr) != 2 or not 0 <= tr[0] < tr[1]):
             raise ValueError(f"train.t_range must be [t1, t2] with 0 <= t1 < t2, got {tr!r}")
@@ -243,6 +245,8 @@ class SampleConfig:
         _choice("sample", "sampler", self.sampler, SAMPLERS)
         _positive("sample", "steps", self.steps)
         _positive("sample", "n", self.n)
+        if not isinstance(self.cfg_scale, (int, float)) or not math.isfinite(self.cfg_scale):
+            raise ValueError(f"sample.cfg_scale must be a finite number, got {self.cfg_scale!r}")
 
 
 @dataclass

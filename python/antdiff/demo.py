@@ -253,6 +253,9 @@ Re-run: `make demo` or `antdiff demo --out demo_out [--steps N]`.
 
 
 def run(args: argparse.Namespace) -> int:
+    from .utils import check_output
+
+    check_output(args.out, "--out", folder=True)
     s = run_demo(args.out, args.steps, args.batch_size, args.seed, not args.no_progress)
     print(json.dumps({k: s[k] for k in ("seconds_total", "final_loss", "files")}, indent=2))
     return 0

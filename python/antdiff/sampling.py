@@ -17,6 +17,7 @@ half of the channels) is taken from the conditional half; DDPM uses it, DDIM ign
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -193,6 +194,8 @@ def sample(
         raise ValueError(f"eta must be in [0, 1] (0: DDIM, 1: DDPM-like), got {eta}")
     if sampler == "ddpm" and eta != 0:
         raise ValueError(f"eta={eta} applies to sampler='ddim' only; DDPM's variance is fixed")
+    if not math.isfinite(cfg_scale):  # NaN / inf: every sample non-finite
+        raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale}")
     if cfg_scale != 1.0 and y is None:
         raise ValueError(f"cfg_scale={cfg_scale} needs class labels y=[B] (got y=None)")
     device = torch.device(device) if device is not None else _default_device(model)

@@ -325,12 +325,15 @@ def restore(run: Run, state: dict[str, Any]) -> None:
     if run.ema is not None:
         load_model_state(run.ema.model, state["ema"], state, "EMA")
     saved = state["optimizer"]
-    # the optimiser's kernel is this run's choice, not the checkpoint's (one saved before the
-    # trainer fused AdamW says fused=None): torch then moves the step counts where it needs them
-    ours = [g.get("fused") for g in run.opt.param_groups]
+    # The hyperparameters (lr, betas, weight decay, UW's own lr) and the kernel are this run's
+    # config, not the checkpoint's: a resume with --allow-config-change --train.lr X trained at
+    # the old rate while config.yaml said X. Nothing schedules them, so the config is the truth.
+    # (A checkpoint saved before the trainer fused AdamW says fused=None: torch then moves the
+    # step counts where this run's kernel needs them.)
+    ours = [{key: v for key, v in g.items() if key != "params"} for g in run.opt.param_groups]
     if len(ours) == len(saved["param_groups"]):
-        saved = {**saved, "param_groups": [{**g, "fused": f}
-                                           for g, f in zip(saved["param_groups"], ours)]}
+        saved = {**saved, "param_groups": [{**g, **h}
+                                           for g, h in zip(saved["param_groups"], ours)]}
     # the engine first: it names a changed method or k, where the optimiser would only say
     # that its parameter groups differ (UW adds one)
     run.ant.load_state_dict(state["ant"])
@@ -378,7 +381,25 @@ def _train(
             f"{list_checkpoints(out)[-1].name}): pass --resume to continue it, or choose a new "
             "train.out_dir (a fresh run there would prune them and mix its logs with theirs)"
         )
+    if not fresh and resume not in (True, ""):
+        src_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
+        if src_dir.name == "checkpoints":  # <run>/checkpoints/ckpt_N.pt: the run is above
+            src_dir = src_dir.parent
+        if src_dir.resolve() != out.resolve() and (
+            list_checkpoints(out) or (out / "metrics.csv").exists()
+        ):
+            raise ValueError(
+                f"--resume {str(resume)!r} would continue into train.out_dir={str(out)!r}, which "
+                "holds another run (its checkpoints and logs would mix with this one's): pass "
+                f"--train.out_dir {str(src_dir)!r} to continue that run in place, or an empty "
+                "train.out_dir to branch it"
+            )
     state = None if fresh else resume_state(cfg, resume, allow_config_change)
+    if state is not None and int(state["step"]) > cfg.train.steps:
+        raise ValueError(  # it would train nothing and write the lower count to config.yaml
+            f"train.steps={cfg.train.steps} is below the checkpoint's step {state['step']}: "
+            f"raise --train.steps above {state['step']} to continue the run"
+        )
     run = build_run(cfg, None if state is None else state.get("codec"), dist)
     if state is not None:
         restore(run, state)

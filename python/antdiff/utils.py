@@ -64,6 +64,28 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text), mode="w")
 
 
+def check_output(path: str | Path, flag: str, *, folder: bool) -> Path:
+    """Raise a ValueError now, before hours of work, if ``path`` cannot be written later.
+
+    ``folder``: the path is a folder the command fills (else a file it writes). Checked: a
+    folder is not a file, a file is not a folder, and the nearest existing ancestor is a
+    writable folder. Nothing is created.
+    """
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a file; give a folder for the outputs")
+    if not folder and path.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a folder; give a file name")
+    parent = path if folder else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {str(path)!r}: {str(parent)!r} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {str(path)!r}: no permission to write in {str(parent)!r}")
+    return path
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))

@@ -40,9 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return int(module.run(args) or 0)
-    except (ValueError, FileNotFoundError, ImportError) as exc:  # ImportError: a missing extra
+    except (ValueError, OSError, ImportError) as exc:  # OSError: paths; ImportError: an extra
         print(f"antdiff {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a training run keeps its last complete checkpoint
+        print(f"antdiff {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import torch
 from ..analysis import load_affinity_checkpoint, plot_affinity_figures, task_affinity
 from ..diffusion import GaussianDiffusion
 from ..schedules import make_schedule
+from ..utils import check_output
 
 _DIFFUSION_KEYS = (
     "prediction",
@@ -175,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.out.suffix not in (".npz", ".npy"):  # before the pass, not after it
         raise ValueError(f"--out must end in .npz or .npy, got {str(args.out)!r}")
+    check_output(args.out, "--out", folder=False)
     load = CheckpointLoader()
     model, cfg = load(args.checkpoints[0], device)
     diffusion = _diffusion(cfg, args)

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..clustering import cluster_timesteps, load_affinity, plot_clusters
 from ..schedules import Schedule, make_schedule
-from ..utils import atomic_write_text
+from ..utils import atomic_write_text, check_output
 
 
 def _limit(s: str) -> int | str | None:
@@ -73,6 +73,9 @@ def load_schedule(name: str, T: int) -> Schedule:  # noqa: N803
 
 
 def run(args: argparse.Namespace) -> int:
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None:
+            check_output(path, flag, folder=False)
     affinity = edges = None
     if args.objective == "gradient":
         if args.affinity is None:

@@ -33,10 +33,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..evaluate import evaluate_checkpoint
-    from ..utils import atomic_write_text
+    from ..utils import atomic_write_text, check_output
 
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
+    check_output(args.json, "--json", folder=False)  # before the sampling, not after it
     res = evaluate_checkpoint(
         args.ckpt,
         args.num,

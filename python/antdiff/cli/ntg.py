@@ -17,6 +17,7 @@ import json
 import logging
 
 from ..config import available_presets, load_config, parse_overrides
+from ..utils import check_output
 from .train import _collect_overrides
 
 
@@ -72,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if args.n_samples < 2 or args.batch < 1:
         raise ValueError(f"--n-samples must be >= 2 and --batch >= 1, got {args.n_samples}, "
                          f"{args.batch}")  # fmt: skip
+    check_output(args.out, "--out", folder=True)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.full is None:
         if "ant.method" not in [key for key, _ in parse_overrides(overrides)]:

@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..analysis.report import plot_run
+    from ..utils import check_output
 
+    if args.out is not None:
+        check_output(args.out, "--out", folder=True)
     print(json.dumps(plot_run(args.run, args.out), indent=2))
     return 0

@@ -65,7 +65,11 @@ def add_common(p: argparse.ArgumentParser) -> None:
 def pick_device(name: str | None) -> str:
     if name is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
     return name
 
@@ -80,10 +84,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..evaluate import generate, load_for_sampling
     from ..logging_utils import image_grid, save_png
-    from ..utils import atomic_write, atomic_write_text
+    from ..utils import atomic_write, atomic_write_text, check_output
 
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
+    check_output(args.out, "--out", folder=True)  # before the sampling, not after it
     loaded = load_for_sampling(args.ckpt, ema=args.ema, device=pick_device(args.device))
     x, y = generate(
         loaded,
