@@ -91,6 +91,33 @@ def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch
     assert state["step"] == 5 and path.name == "ckpt_00000005.pt"
 
 
+def test_a_kill_just_after_the_file_lands_resumes_from_it(tmp_path, monkeypatch):
+    """The "latest" pointer was written after the checkpoint: a kill in between resumed from
+    the step before, a whole ckpt_every earlier. The pointer now goes first."""
+    save_checkpoint(tmp_path, 2, _state(2))
+    real = ck.atomic_write
+
+    def land_then_die(path, write, mode="wb"):
+        out = real(path, write, mode)
+        if path.name.startswith("ckpt_"):
+            raise KeyboardInterrupt("killed")
+        return out
+
+    monkeypatch.setattr(ck, "atomic_write", land_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 3, _state(3), keep=5)
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path)[0]["step"] == 3
+
+
+def test_latest_outranks_a_higher_step_of_an_abandoned_branch(tmp_path):
+    """Resumed in place from ckpt 2 while ckpt 4 exists: the new step 3 is the run's newest."""
+    for s in (2, 4):
+        save_checkpoint(tmp_path, s, _state(s), keep=5)
+    save_checkpoint(tmp_path, 3, _state(3), keep=5)
+    assert load_checkpoint(tmp_path)[0]["step"] == 3
+
+
 def test_the_next_save_removes_what_a_killed_save_left(tmp_path):
     """A process killed inside torch.save cannot clean up (no exception runs): its full-size
     temp file would stay for good; the next save deletes it."""
@@ -105,6 +132,18 @@ def test_not_a_checkpoint_and_missing(tmp_path):
     torch.save({"hello": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not an antdiff training checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
+    # a YAML / text file: was "holds Python objects" or an IndexError / KeyError traceback
+    for name, text in (("config.yaml", "model:\n  name: x\n"), ("a.yaml", "a: 1\n"),
+                       ("notes.txt", "hello world\n")):  # fmt: skip
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match="is not a torch checkpoint"):
+            load_checkpoint(tmp_path / name)
+    # a text file named like a checkpoint inside a run folder is skipped like a corrupted one
+    save_checkpoint(tmp_path / "run", 1, _state(1), keep=5)
+    (tmp_path / "run" / "checkpoints" / "ckpt_00000002.pt").write_text("a: 1\n")
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("ckpt_00000002.pt\n")
+    with pytest.warns(UserWarning, match="ckpt_00000002.pt.*corrupted"):
+        assert load_checkpoint(tmp_path / "run")[0]["step"] == 1
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.pt")
     (tmp_path / "empty").mkdir()

@@ -99,6 +99,7 @@ def test_bad_output_paths_and_devices_fail_first_without_tracebacks(tmp_path, ca
           "--device", "tpu"], "'tpu' is not a device"),
         (["cluster", "--json", str(tmp_path)], "is a folder"),
         (["demo", "--out", str(a_file)], "is a file"),
+        (["affinity", str(a_file), "--out", str(tmp_path / "a.npz")], "is not a torch checkpoint"),
     ]  # fmt: skip
     for argv, message in cases:
         assert main(argv) == 2, argv

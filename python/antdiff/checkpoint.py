@@ -54,24 +54,37 @@ def save_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep:
     path = d / f"ckpt_{step:08d}.pt"
     for stale in d.glob(".ckpt_*.tmp"):  # a save killed mid-write left it (full size)
         stale.unlink(missing_ok=True)
-    atomic_write(path, lambda f: torch.save(state, f))
+    # The pointer first: a kill between the two then leaves it naming a file that is not there
+    # (skipped: the newest complete one loads), not a complete newer file passed over for the
+    # older one it still named.
     atomic_write_text(d / "latest", path.name + "\n")
+    atomic_write(path, lambda f: torch.save(state, f))
     for old in list_checkpoints(d)[:-keep]:
         old.unlink(missing_ok=True)
     return path
 
 
+def is_torch_file(path: str | Path) -> bool:
+    """Whether ``path`` starts like a torch.save file (its zip container; a YAML, a text file
+    or an empty file do not). Truncated checkpoints still do."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
 def _load_file(path: Path, map_location: Any) -> dict[str, Any]:
+    if not is_torch_file(path):
+        raise _Corrupted("not a torch.save file")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        if "Unsupported global" in str(exc):
             raise ValueError(
                 f"{str(path)!r} holds Python objects that weights-only loading refuses; it was "
                 "not written by antdiff train"
             ) from exc
-        raise _Corrupted(str(exc)) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise _Corrupted(str(exc).splitlines()[0]) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, IndexError,
+            KeyError) as exc:  # fmt: skip
         raise _Corrupted(str(exc)) from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r} is not an antdiff training checkpoint ({FORMAT})")
@@ -83,7 +96,8 @@ class _Corrupted(Exception):
 
 
 def _candidates(directory: Path) -> list[Path]:
-    """Newest first: the "latest" pointer's target, then every other checkpoint by step."""
+    """Newest first: the "latest" pointer's target (it outranks a higher step left by a branch
+    resumed from an earlier checkpoint), then every other checkpoint by step."""
     files = list_checkpoints(directory)[::-1]
     d = files[0].parent if files else directory
     pointer = d / "latest"
@@ -122,6 +136,11 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> tuple[dict[s
                 continue
             return state, f
         raise ValueError(f"every checkpoint in {str(p)!r} is corrupted: {[str(f) for f in files]}")
+    if p.stat().st_size and not is_torch_file(p):
+        raise ValueError(
+            f"{str(p)!r} is not a torch checkpoint (antdiff train writes "
+            "<run>/checkpoints/ckpt_N.pt; give that file or the run folder)"
+        )
     try:
         return _load_file(p, map_location), p
     except _Corrupted as exc:

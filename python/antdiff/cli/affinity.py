@@ -85,11 +85,14 @@ class CheckpointLoader:
         self.data: dict[str, Any] = {}
 
     def __call__(self, path: Any, device: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
-        from ..checkpoint import FORMAT, load_checkpoint, model_from_state
+        from ..checkpoint import FORMAT, is_torch_file, load_checkpoint, model_from_state
         from ..config import config_from_saved
 
         p = Path(path)
         if p.is_file():
+            if not is_torch_file(p):
+                raise ValueError(f"{str(p)!r} is not a torch checkpoint (give checkpoint files "
+                                 "or run folders of one model)")  # fmt: skip
             raw = torch.load(p, map_location="cpu", weights_only=True)
             if not (isinstance(raw, dict) and raw.get("format") == FORMAT):
                 return load_affinity_checkpoint(p, device)
