@@ -170,6 +170,12 @@ def test_run_ntg_writes_outputs_and_reuses_specialists(tmp_path):
     # specialists trained past the steps asked for are not passed off as fewer
     with pytest.raises(ValueError, match="specialist trained for 2 steps.*--specialist-steps 2"):
         run_ntg(cfg, uniform_intervals(1000, 2), **{**kw, "specialist_steps": 1})
+    # a full model of another config: ntg's own advice (train's --allow-config-change is not
+    # an ntg flag)
+    other = _cfg(tmp_path / "unused", "--train.lr", "0.001", steps=2)
+    with pytest.raises(ValueError, match=r"full model trained with another config:\n  train.lr"
+                                         r".*\nuse another --out"):  # fmt: skip
+        run_ntg(other, uniform_intervals(1000, 2), **kw)
 
 
 def test_latent_ntg_clamps_decoded_images(tmp_path, monkeypatch):

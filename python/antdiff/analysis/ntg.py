@@ -333,7 +333,23 @@ def _trained(cfg: Any, what: str, flag: str) -> Any:
     from ..checkpoint import list_checkpoints
     from ..train import train
 
-    run = train(cfg, resume=True if list_checkpoints(cfg.train.out_dir) else None)["run"]
+    found = list_checkpoints(cfg.train.out_dir)
+    done = int(found[-1].stem.split("_")[-1]) if found else 0  # ckpt_<step>.pt
+    if done > cfg.train.steps:
+        raise ValueError(
+            f"{cfg.train.out_dir} holds a {what} trained for {done} steps, not the "
+            f"{cfg.train.steps} asked for: pass {flag} {done} or another --out"
+        )
+    try:
+        run = train(cfg, resume=True if found else None)["run"]
+    except ValueError as exc:
+        if not found or "config differs" not in str(exc):
+            raise
+        keys = "\n".join(ln for ln in str(exc).splitlines() if ln.startswith("  "))
+        raise ValueError(  # train's advice (--allow-config-change) is not an ntg flag
+            f"{cfg.train.out_dir} holds a {what} trained with another config:\n{keys}\n"
+            "use another --out, or remove that folder"
+        ) from None
     if run.step != cfg.train.steps:
         raise ValueError(
             f"{cfg.train.out_dir} holds a {what} trained for {run.step} steps, not the "
