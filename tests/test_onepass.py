@@ -242,6 +242,37 @@ def test_engine_step_equals_micro(method):
     torch.testing.assert_close(grads["onepass"][1], grads["micro"][1], rtol=1e-4, atol=1e-6)
 
 
+def test_grouped_conv_weight_gradients_of_a_conv_called_twice():
+    """On the CPU the conv weight gradients of all clusters come from one grouped call over
+    cluster-padded inputs (uneven counts, a one-sample cluster); a conv run twice adds its
+    second call's rows to the first's."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Conv2d(3, 3, 3, padding=1)
+            self.g = nn.Conv2d(3, 6, 3, padding=1, groups=3)
+            self.out = nn.Linear(6 * 16, 1)
+
+        def forward(self, x, t):
+            h = self.c(torch.tanh(self.c(x)))
+            return self.out(torch.tanh(self.g(h)).flatten(1)).squeeze(1) * (1 + t / T)
+
+    torch.manual_seed(0)
+    model = Twice().double()
+    ant = ANT(linear_schedule(T), k=4, method="pcgrad", model=model, sampling="uniform")
+    x = torch.randn(9, 3, 4, 4, dtype=torch.float64)
+    t = torch.tensor([3, 4, 5, 6, 40, 41, 60, 61, 95])
+    b2, t2, counts = ant._sorted(x, t)
+    assert sorted(counts) != [counts[0]] * 4 and 1 in counts  # padding is exercised
+
+    def loss_fn(b, tt):
+        return model(b, tt) ** 2
+
+    J = fill(ant, loss_fn, b2, t2, "onepass", counts=counts)  # noqa: N806
+    close(J, reference_J(model, loss_fn, b2, t2, ant.clusters, 4), rtol=1e-10, atol=1e-12)
+
+
 def test_empty_clusters_give_zero_rows():
     torch.manual_seed(0)
     model = Toy()

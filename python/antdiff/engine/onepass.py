@@ -110,6 +110,12 @@ class _Slot:
                 mat.copy_(v) if fresh else mat.add_(v)
         self.fresh = False
 
+    def put_all(self, st: _Step, rows: torch.Tensor) -> None:
+        """All rows := (or +=) ``rows`` [k, ...] (one row per cluster, absent ones zero)."""
+        rows = rows.reshape(self.cols.shape)
+        self.cols.copy_(rows) if self.fresh else self.cols.add_(rows)
+        self.fresh = False
+
     def put_seg(self, st: _Step, per_sample: torch.Tensor) -> None:
         """All rows := (or +=) the per-cluster sums of ``per_sample`` [B, n], one product."""
         s = per_sample.to(st.M.dtype)
@@ -134,6 +140,17 @@ class _Step:
         self.cid = cid
         self.anchor = torch.zeros((), device=cid.device, requires_grad=True)
         self.ran = 0  # calls of the model's served layers in this step's forward
+        self.k = k
+        self._blocks: tuple[int, torch.Tensor] | None = None
+
+    def blocks(self) -> tuple[int, torch.Tensor]:
+        """(n, dest): the cluster-padded layout [n, k] of the batch (n = the largest cluster):
+        sample j of cluster i goes to slot j * k + i, ``dest`` [B] (built once per step)."""
+        if self._blocks is None:
+            counts = [b - a for a, b in itertools.pairwise(self.bounds)]
+            dest = [j * self.k + i for i, c in enumerate(counts) for j in range(c)]
+            self._blocks = max(counts), torch.tensor(dest, device=self.cid.device)
+        return self._blocks
 
 
 def _linear(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor) -> None:
@@ -189,12 +206,28 @@ def _conv(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor) -> N
         weight, stride, dilation = m.weight.detach().to(g.dtype), list(m.stride), list(m.dilation)
         zeros, mask = [0] * d, [False, True, False]
 
-        def value_of(a: int, c: int) -> torch.Tensor:
-            return torch.ops.aten.convolution_backward(
-                g[a:c], x[a:c], weight, None, stride, pad, dilation, False, zeros, m.groups, mask
-            )[1]
+        if g.device.type == "cpu" and sum(a < b for a, b in itertools.pairwise(st.bounds)) > 1:
+            # One grouped call for all k clusters: each cluster's samples padded with zeros to
+            # the largest cluster's count, the clusters side by side as k groups of channels.
+            # On the CPU each small per-cluster call has a fixed cost (8x8 ADM-tiny, B = 32:
+            # 13 ms a step in place of 17 for the 20 3x3 layers); GPUs keep the calls below
+            # until this is measured there.
+            n, dest = st.blocks()
+            xp, gp = (v.new_zeros(n * st.k, *v.shape[1:]).index_copy_(0, dest, v) for v in (x, g))
+            xp, gp = (v.view(n, st.k * v.shape[1], *v.shape[2:]) for v in (xp, gp))
+            wk = weight.expand(st.k, *weight.shape).reshape(-1, *weight.shape[1:])
+            w.put_all(st, torch.ops.aten.convolution_backward(
+                gp, xp, wk, None, stride, pad, dilation, False, zeros, st.k * m.groups, mask
+            )[1])  # fmt: skip
+        else:
 
-        w.put_rows(st, value_of)
+            def value_of(a: int, c: int) -> torch.Tensor:
+                return torch.ops.aten.convolution_backward(
+                    g[a:c], x[a:c], weight, None, stride, pad, dilation, False, zeros, m.groups,
+                    mask,
+                )[1]  # fmt: skip
+
+            w.put_rows(st, value_of)
     if b is not None:
         b.put_seg(st, g.reshape(st.B, g.shape[1], -1).sum(-1))
 
