@@ -242,17 +242,19 @@ def test_engine_step_equals_micro(method):
     torch.testing.assert_close(grads["onepass"][1], grads["micro"][1], rtol=1e-4, atol=1e-6)
 
 
-def test_grouped_conv_weight_gradients_of_a_conv_called_twice():
+@pytest.mark.parametrize("size", [4, 16])
+def test_grouped_conv_weight_gradients_of_a_conv_called_twice(size):
     """On the CPU the conv weight gradients of all clusters come from one grouped call over
-    cluster-padded inputs (uneven counts, a one-sample cluster); a conv run twice adds its
-    second call's rows to the first's."""
+    cluster-padded inputs when the clusters have few output positions (4x4: 9 * 16 <= 512 per
+    live cluster), else from one call per cluster (16x16); uneven counts, a one-sample cluster,
+    and a conv run twice, whose second call's rows add to the first's."""
 
     class Twice(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.c = nn.Conv2d(3, 3, 3, padding=1)
             self.g = nn.Conv2d(3, 6, 3, padding=1, groups=3)
-            self.out = nn.Linear(6 * 16, 1)
+            self.out = nn.Linear(6 * size * size, 1)
 
         def forward(self, x, t):
             h = self.c(torch.tanh(self.c(x)))
@@ -261,7 +263,7 @@ def test_grouped_conv_weight_gradients_of_a_conv_called_twice():
     torch.manual_seed(0)
     model = Twice().double()
     ant = ANT(linear_schedule(T), k=4, method="pcgrad", model=model, sampling="uniform")
-    x = torch.randn(9, 3, 4, 4, dtype=torch.float64)
+    x = torch.randn(9, 3, size, size, dtype=torch.float64)
     t = torch.tensor([3, 4, 5, 6, 40, 41, 60, 61, 95])
     b2, t2, counts = ant._sorted(x, t)
     assert sorted(counts) != [counts[0]] * 4 and 1 in counts  # padding is exercised

@@ -206,12 +206,14 @@ def _conv(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor) -> N
         weight, stride, dilation = m.weight.detach().to(g.dtype), list(m.stride), list(m.dilation)
         zeros, mask = [0] * d, [False, True, False]
 
-        if g.device.type == "cpu" and sum(a < b for a, b in itertools.pairwise(st.bounds)) > 1:
+        live = sum(a < b for a, b in itertools.pairwise(st.bounds))
+        if g.device.type == "cpu" and live > 1 and st.B * math.prod(g.shape[2:]) <= 512 * live:
             # One grouped call for all k clusters: each cluster's samples padded with zeros to
             # the largest cluster's count, the clusters side by side as k groups of channels.
-            # On the CPU each small per-cluster call has a fixed cost (8x8 ADM-tiny, B = 32:
-            # 13 ms a step in place of 17 for the 20 3x3 layers); GPUs keep the calls below
-            # until this is measured there.
+            # On the CPU a per-cluster call has a fixed cost that dominates when a cluster has
+            # few output positions (8x8 ADM-tiny, B = 32: 13 ms a step in place of 17 for the
+            # 20 3x3 layers); with more (32x32 inputs, B = 128) oneDNN's grouped kernel is the
+            # slower one, so the k calls stay. GPUs keep the calls until this is measured there.
             n, dest = st.blocks()
             xp, gp = (v.new_zeros(n * st.k, *v.shape[1:]).index_copy_(0, dest, v) for v in (x, g))
             xp, gp = (v.view(n, st.k * v.shape[1], *v.shape[2:]) for v in (xp, gp))
