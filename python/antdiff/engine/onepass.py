@@ -217,7 +217,7 @@ def _conv(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor) -> N
             n, dest = st.blocks()
             xp, gp = (v.new_zeros(n * st.k, *v.shape[1:]).index_copy_(0, dest, v) for v in (x, g))
             xp, gp = (v.view(n, st.k * v.shape[1], *v.shape[2:]) for v in (xp, gp))
-            wk = weight.expand(st.k, *weight.shape).reshape(-1, *weight.shape[1:])
+            wk = weight.new_empty(st.k * weight.shape[0], *weight.shape[1:])  # shape only: no dX
             w.put_all(st, torch.ops.aten.convolution_backward(
                 gp, xp, wk, None, stride, pad, dilation, False, zeros, st.k * m.groups, mask
             )[1])  # fmt: skip
