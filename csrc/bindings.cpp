@@ -112,6 +112,9 @@ std::vector<uint32_t> Philox4x32Words(const std::vector<uint32_t>& ctr,
 PYBIND11_MODULE(_C, m) {
   m.doc() = "antdiff C++ core: exact constrained interval clustering (see csrc/interval_dp.h).";
   m.attr("AUTO_DC_MIN_T") = ant::kAutoDcMinT;
+  // The Python side (antdiff.interval_dp.ABI_VERSION) refuses a build of another version: bump
+  // both whenever a binding's name, arguments or meaning changes.
+  m.attr("ABI_VERSION") = 1;
   m.def("solve_intervals", &SolveIntervals, py::arg("cost"), py::arg("data"), py::arg("k"),
         py::arg("min_size") = py::none(), py::arg("max_size") = py::none(),
         py::arg("algorithm") = "auto",

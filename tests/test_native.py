@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -186,6 +187,37 @@ def test_uw_forward_propagates_nonfinite_values():
     assert math.isnan(float(native.uw_forward(per, s2, cid, inv, present)[0]))
 
 
+def test_graddrop_of_a_negative_view_equals_the_reference(no_interpreter):
+    from ant_kernels.reference import graddrop_ref
+
+    J = torch.randn(3, 20)
+    present, div, step = torch.ones(3, dtype=torch.bool), torch.tensor(3.0), torch.tensor(2)
+    got = native.graddrop(torch._neg_view(-J), present, 1, step, 0.0, div)
+    assert torch.equal(got, graddrop_ref(J, present, 1, step, 0.0, div))
+
+
+def test_a_stale_extension_is_refused_with_the_rebuild_hint(monkeypatch):
+    """A build from older sources imported fine, then failed mid-step with AttributeError
+    (a binding it lacks): now it counts as missing, with a message that says to rebuild."""
+    import importlib
+
+    from antdiff import _C, interval_dp
+
+    monkeypatch.setattr(_C, "ABI_VERSION", interval_dp.ABI_VERSION - 1)
+    monkeypatch.setattr(interval_dp, "_cpp", {"tried": False, "module": None, "error": None,
+                                              "warned": False})  # fmt: skip
+    with pytest.raises(ImportError, match="is stale: built with bindings version"):
+        interval_dp.solve_intervals("l1", 2, values=np.arange(6.0), backend="cpp")
+    try:
+        with pytest.warns(RuntimeWarning, match="stale.*using the torch references"):
+            importlib.reload(native)
+        assert native._C is None and not native.serves_uw(*_uw_inputs(4, 16, 1))
+    finally:
+        monkeypatch.undo()
+        importlib.reload(native)
+    assert native._C is not None
+
+
 def test_uw_serves_only_contiguous_cpu_float32():
     per, s, cid, inv, present = _uw_inputs(4, 16, 1)
     assert native.serves_uw(per, s, cid, inv, present)
@@ -201,6 +233,13 @@ def test_uw_forward_refuses_bad_input():
         native.uw_forward(per, s, cid[:-1], inv, present)
     with pytest.raises(ValueError, match="needs per, cid"):
         native.uw_forward(per, s, cid, torch.ones(5), present)
+    for bad_inv in (torch.empty(4, 0), torch.ones(4, 2)):  # [4, 0] read 4 floats at address 0
+        with pytest.raises(ValueError, match="needs per, cid"):
+            native.uw_forward(per, s, cid, bad_inv, present)
+    # a negative view stores -per: read raw it gave the total's sign flipped
+    with pytest.raises(ValueError, match="a negative view"):
+        native.uw_forward(torch._neg_view(-per), s, cid, inv, present)
+    assert not native.serves_uw(torch._neg_view(-per), s, cid, inv, present)
     cid[5] = 4
     with pytest.raises(ValueError, match="cluster id 4 outside"):
         native.uw_forward(per, s, cid, inv, present)

@@ -37,11 +37,11 @@ def collect() -> dict[str, str]:
         "triton": _version("triton"),
     }
     try:
-        from antdiff import _C
+        from antdiff.interval_dp import _import_extension
 
-        info["antdiff._C"] = f"built ({_C.__file__})"
+        info["antdiff._C"] = f"built ({_import_extension().__file__})"
     except ImportError as exc:
-        info["antdiff._C"] = f"NOT built ({exc}); run `make build`"
+        info["antdiff._C"] = f"NOT usable ({exc}); run `make build`"
     try:
         import torch
 

@@ -47,12 +47,23 @@ BUILD_HINT = (
     "build it with `make build` or `python setup.py build_ext --inplace` from the repository root"
 )
 
+# The bindings this code calls; csrc/bindings.cpp sets the same number on the module.
+ABI_VERSION = 1
+
 _cpp: dict[str, Any] = {"tried": False, "module": None, "error": None, "warned": False}
 
 
 def _import_extension() -> ModuleType:
+    """antdiff._C, or ImportError if it is missing or was built from other sources (a stale
+    build after a pull without `make build`: it imported, then failed mid-step)."""
     from antdiff import _C
 
+    built = getattr(_C, "ABI_VERSION", 0)
+    if built != ABI_VERSION:
+        raise ImportError(
+            f"antdiff._C at {_C.__file__} is stale: built with bindings version {built}, this "
+            f"code needs {ABI_VERSION}; rebuild it"
+        )
     return _C
 
 

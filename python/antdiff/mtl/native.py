@@ -16,16 +16,22 @@ indefinite G, which has no Nash solution, gives NaN where the reference's LU giv
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 import ant_kernels
 from ant_kernels._dispatch import backend, backend_reasons
 from ant_kernels.reference import check_G, check_graddrop, check_orders, check_uniform
+from antdiff.interval_dp import BUILD_HINT, _import_extension
 
 try:
-    from antdiff import _C
-except ImportError:  # not built: ant_kernels serves every device
+    _C = _import_extension()
+except ImportError as _exc:  # not built: ant_kernels serves every device
     _C = None
+    if "stale" in str(_exc):  # built from older sources: say so once, then use the references
+        warnings.warn(f"{_exc} ({BUILD_HINT}); using the torch references meanwhile",
+                      RuntimeWarning, stacklevel=2)  # fmt: skip
 
 
 def _cpu_cpp(op: str, *tensors, k: int | None = None) -> bool:
@@ -94,7 +100,7 @@ def serves_uw(*tensors: torch.Tensor) -> bool:
 def _host_layout(x: object, want: torch.dtype) -> bool:
     """A C-contiguous CPU tensor of dtype ``want``: what the C++ reads through a raw pointer."""
     return (isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.dtype == want
-            and x.is_contiguous())  # fmt: skip
+            and x.is_contiguous() and not x.is_neg())  # fmt: skip
 
 
 _HOST32 = {"dtype": torch.float32, "device": "cpu"}  # whatever torch's defaults are
@@ -108,6 +114,7 @@ def _check_uw(fn, **tensors: torch.Tensor) -> None:
         want = torch.int64 if name == "cid" else torch.float32
         if not _host_layout(x, want):
             got = (f"{x.dtype} on {x.device}, contiguous={x.is_contiguous()}"
+                   + (", a negative view (resolve_neg() first)" if x.is_neg() else "")
                    if isinstance(x, torch.Tensor) else type(x).__name__)  # fmt: skip
             raise ValueError(
                 f"{fn.__name__}: {name} must be a contiguous CPU {want} tensor, got {got} "
@@ -125,7 +132,8 @@ def uw_forward(per, s, cid, inv, present, *, checked: bool = True) -> tuple[torc
     if checked:
         _check_uw(uw_forward, per=per, s=s, cid=cid, inv=inv, present=present)
     k, B = inv.shape[0], per.shape[0]  # noqa: N806
-    if per.shape != (B,) or cid.shape != (B,) or s.shape != (k,) or present.shape != (k,):
+    if (per.shape != (B,) or cid.shape != (B,) or s.shape != (k,) or inv.shape != (k,)
+            or present.shape != (k,)):  # fmt: skip
         raise ValueError(
             f"uw_forward needs per, cid [B] and s, inv, present [k]; got per "
             f"{tuple(per.shape)}, cid {tuple(cid.shape)}, s {tuple(s.shape)}, inv "
@@ -180,10 +188,12 @@ def graddrop(J, present, seed, step, leak, divisor, out=None) -> torch.Tensor:
     cpp = (
         _cpu_cpp("graddrop", J, present, step, divisor, *(() if out is None else (out,)))
         and J.dtype == torch.float32
+        and not J.is_neg()  # a negative view's memory holds -J
         and J.dim() == 2
         and (J.shape[1] <= 1 or J.stride(1) == 1)
         and (J.shape[0] == 1 or J.stride(0) >= J.shape[1])  # rows apart (not an expand)
-        and (out is None or (out.dtype == torch.float32 and out.is_contiguous()))
+        and (out is None or (out.dtype == torch.float32 and out.is_contiguous()
+                             and not out.is_neg()))
     )
     if not cpp:  # ant_kernels checks the arguments and names what does not fit
         return ant_kernels.graddrop(J, present, seed, step, leak, divisor, out)
