@@ -44,6 +44,7 @@ def test_paper_presets_hold_the_paper_settings(
     assert (cfg.diffusion.schedule, cfg.diffusion.T) == (schedule, 1000)
     assert cfg.diffusion.learn_sigma is learn_sigma
     assert cfg.ant.k == 5 and cfg.sample.sampler == sampler
+    assert cfg.train.grad_clip is None  # the paper and the code it builds on do not clip
     if name.startswith("dit"):
         assert cfg.data.class_conditional and cfg.data.num_classes == 1000
         assert cfg.sample.steps == 250

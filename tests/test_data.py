@@ -101,6 +101,14 @@ def test_image_folder_crops_before_resizing_and_follows_exif(tmp_path):
     im.save(tmp_path / "photo" / "p.jpg", exif=exif)
     ds = load_dataset(DataConfig(source="folder", path=str(tmp_path / "photo"), channels=3))
     assert ds.x.shape == (1, 3, 8, 4)  # shown 4 wide, 8 high
+    # the size check sees photos as they are read: an upright 4x8 beside it is the same size
+    # (was numpy's "all input arrays must have the same shape"), a stored 8x4 one is not
+    Image.fromarray(np.zeros((8, 4, 3), np.uint8)).save(tmp_path / "photo" / "q.jpg")
+    ds = load_dataset(DataConfig(source="folder", path=str(tmp_path / "photo"), channels=3))
+    assert ds.x.shape == (2, 3, 8, 4)
+    Image.fromarray(np.zeros((4, 8, 3), np.uint8)).save(tmp_path / "photo" / "r.jpg")
+    with pytest.raises(ValueError, match="images of different sizes"):
+        load_dataset(DataConfig(source="folder", path=str(tmp_path / "photo"), channels=3))
 
 
 def test_image_folder_mixed_sizes_is_an_error_naming_two_files(tmp_path):
@@ -154,11 +162,27 @@ def test_image_folder_class_labels_from_subdirectories(tmp_path):
         DataConfig(source="folder", path=str(tmp_path), channels=1, class_conditional=True)
     )
     assert ds.y.tolist() == [0, 0, 1, 1, 1] and ds.num_classes == 2
+    # a class folder without images was dropped, shifting the labels of the ones after it
+    (tmp_path / "cow").mkdir()
+    (tmp_path / "cow" / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"class folders without images .*\['cow'\]"):
+        load_dataset(
+            DataConfig(source="folder", path=str(tmp_path), channels=1, class_conditional=True)
+        )
+    (tmp_path / "cow" / "notes.txt").unlink()
+    (tmp_path / "cow").rmdir()
     _png(tmp_path / "loose.png", np.zeros((4, 4), np.uint8))
     with pytest.raises(ValueError, match="sub-directory per class"):
         load_dataset(
             DataConfig(source="folder", path=str(tmp_path), channels=1, class_conditional=True)
         )
+
+
+def test_image_folder_symlink_loop_is_named(tmp_path):
+    _png(tmp_path / "a" / "0.png", np.zeros((4, 4), np.uint8))
+    (tmp_path / "a" / "up").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(ValueError, match="symlink loop"):
+        load_dataset(DataConfig(source="folder", path=str(tmp_path), channels=1))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
@@ -209,6 +233,14 @@ def test_latent_files(tmp_path):
                 source="latents", path=str(tmp_path / "z.npy"), channels=4, class_conditional=True
             )
         )
+    # a negative label was told to set the num_classes it had; N = 0 was a torch error
+    cond = dict(source="latents", channels=4, class_conditional=True)
+    torch.save({"latents": z, "labels": torch.tensor([0, -1, 1, 2, 2])}, tmp_path / "neg.pt")
+    with pytest.raises(ValueError, match="labels must be class indices >= 0; the smallest is -1"):
+        load_dataset(DataConfig(path=str(tmp_path / "neg.pt"), num_classes=3, **cond))
+    torch.save({"latents": z[:0], "labels": y[:0]}, tmp_path / "none.pt")
+    with pytest.raises(ValueError, match="holds no samples"):
+        load_dataset(DataConfig(path=str(tmp_path / "none.pt"), **cond))
 
 
 def test_tiny_autoencoder_latents():

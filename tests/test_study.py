@@ -128,7 +128,17 @@ def test_rerun_with_other_settings_is_refused(tmp_path: Path) -> None:
     args = study._parse(["--out", str(out), "--steps", "2"])
     study._check_settings(out, args)
     study._check_settings(out, args)  # the same settings resume
+    other = study._parse(["--out", str(out), "--steps", "6", "--lr", "5e-4"])
+    study._check_settings(out, other)  # no results yet (a failed first try): nothing to keep
+    study._check_settings(out, args)
+    (out / "results").mkdir()
+    (out / "results" / "vanilla_s0.json").write_text("{}")
     with pytest.raises(SystemExit, match=r"--steps 6 \(results made with 2\).*--lr 0.0005"):
-        study._check_settings(
-            out, study._parse(["--out", str(out), "--steps", "6", "--lr", "5e-4"])
-        )
+        study._check_settings(out, other)
+
+
+def test_too_few_samples_for_fid_fail_at_parse_time(tmp_path: Path, capsys) -> None:
+    """--num 20 trained the first run, then failed at the FID (64-d digits features)."""
+    with pytest.raises(SystemExit):
+        study._parse(["--out", str(tmp_path), "--num", "20"])
+    assert "Use at least 65 samples" in capsys.readouterr().err

@@ -99,7 +99,13 @@ def load_digits_tensor(image_size: int | None = None) -> tuple[torch.Tensor, tor
 def _walk_images(root: Path):
     """Image files under ``root``, following symlinked folders (a class folder may be a link),
     skipping hidden entries (.ipynb_checkpoints, macOS ._ files)."""
+    seen: set[tuple[int, int]] = set()
     for top, dirs, names in os.walk(root, followlinks=True, onerror=_raise):
+        st = os.stat(top)
+        if (st.st_dev, st.st_ino) in seen:  # a link back up the tree: os.walk would recurse
+            raise ValueError(f"the image folder has a symlink loop: {top!r} is a folder seen "
+                             "before; remove the link")  # fmt: skip
+        seen.add((st.st_dev, st.st_ino))
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in names:
             if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
@@ -131,6 +137,13 @@ def _list_images(root: Path, class_conditional: bool) -> tuple[list[Path], list[
         raise ValueError(
             f"data.class_conditional needs one sub-directory per class under {str(root)!r}; "
             f"found images directly in it (e.g. {loose[0].name if loose else '-'})"
+        )
+    folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    empty = [d for d in folders if d not in classes]
+    if empty:  # dropping it would shift the labels of the classes after it
+        raise ValueError(
+            f"class folders without images under {str(root)!r}: {empty}; every sub-folder is a "
+            "class (labelled in sorted name order): add its images or move the folder out"
         )
     index = {c: i for i, c in enumerate(classes)}
     return files, [index[p.relative_to(root).parts[0]] for p in files], classes
@@ -185,7 +198,10 @@ def load_image_folder(cfg: DataConfig, num_workers: int = 0) -> Dataset:
         for p in files:
             try:
                 with Image.open(p) as im:
-                    sizes.setdefault(im.size, p)
+                    w, h = im.size
+                    # the size as read: _read_image turns EXIF-rotated photos upright
+                    turned = im.getexif().get(0x0112) in (5, 6, 7, 8)
+                    sizes.setdefault((h, w) if turned else (w, h), p)
             except OSError as exc:
                 raise ValueError(f"cannot read image {str(p)!r}: {exc}") from exc
             if len(sizes) > 1:
@@ -233,15 +249,20 @@ def load_latent_file(cfg: DataConfig) -> Dataset:
             'dict {"latents": [N, C, H, W], "labels": [N]}'
         )
     y = lat.labels.long() if cfg.class_conditional else None
+    if len(lat.latents) == 0:
+        raise ValueError(f"the latent file {cfg.path!r} holds no samples (N = 0)")
     n_cls = cfg.num_classes or (int(y.max()) + 1 if y is not None else None)
     return _check_labels(Dataset(lat.latents.contiguous(), y, n_cls))
 
 
 def _check_labels(ds: Dataset) -> Dataset:
     """A clear error where a label has no class embedding row (an IndexError in the model)."""
-    if ds.y is not None and len(ds.y) and not 0 <= int(ds.y.min()) <= int(ds.y.max()) < (
-        ds.num_classes or 0
-    ):
+    if ds.y is not None and len(ds.y) and int(ds.y.min()) < 0:
+        raise ValueError(
+            f"labels must be class indices >= 0; the smallest is {int(ds.y.min())} (map the "
+            "classes to 0 .. num_classes - 1)"
+        )
+    if ds.y is not None and len(ds.y) and not int(ds.y.max()) < (ds.num_classes or 0):
         raise ValueError(
             f"data.num_classes={ds.num_classes} but the labels run from {int(ds.y.min())} to "
             f"{int(ds.y.max())}: set --data.num_classes {int(ds.y.max()) + 1} (or leave it null "

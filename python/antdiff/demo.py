@@ -14,6 +14,7 @@ import csv
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -154,6 +155,9 @@ def run_demo(
             file=sys.stderr,
         )
         jobs[name] = (cfg, over)
+    for name in jobs:  # a rerun replaces the demo's own runs (they keep no checkpoints, so an
+        # earlier run's sample grids and TensorBoard events would sit beside the new ones)
+        shutil.rmtree(out / "runs" / name, ignore_errors=True)
     # the twins train at once, one thread each: both cores busy, no thread oversubscription
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     ctx = multiprocessing.get_context("spawn")

@@ -7,13 +7,17 @@ import os
 import platform
 import sys
 
-# Every environment variable antdiff reads, with its meaning (also listed in the README).
+# Every environment variable antdiff and its benchmarks read, with its meaning (also listed in
+# the README).
 ENV_VARS = {
     "ANT_REQUIRE_CPP": "1 = error instead of the numpy DP fallback when antdiff._C is missing",
     "ANT_KERNELS_BACKEND": "auto | triton | torch: which implementation serves the kernels",
     "ANT_INCEPTION": "path of the FID Inception TorchScript file",
-    "ANT_PEAK_BW": "the GPU's peak memory bandwidth in B/s for bench_kernels.py",
     "TRITON_INTERPRET": "1 = run Triton kernels on CPU tensors through the interpreter (tests)",
+    "ANT_PEAK_BW": "benchmarks: the GPU's peak memory bandwidth in B/s (bench_kernels.py)",
+    "ANT_BENCH_THREADS": "benchmarks: torch threads of bench_step.py (2)",
+    "ANT_BENCH_ROUNDS": "benchmarks: timed rounds per bench_step.py case (10)",
+    "ANT_GIT_SHA": "benchmarks: the commit recorded in results where the tree has no .git",
 }
 
 

@@ -264,6 +264,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.seeds < 1 or args.steps < 1 or args.num < 1 or args.jobs < 1:
         p.error("--seeds, --steps, --num and --jobs must be >= 1")
+    from .metrics.fid import check_enough_samples
+
+    try:  # the digits features are 64-d: found now, not after the first run has trained
+        check_enough_samples(args.num, 64, f"--num {args.num}", False, api=False)
+    except ValueError as exc:
+        p.error(str(exc))
     return args
 
 
@@ -318,6 +324,9 @@ def _check_settings(out: Path, args: argparse.Namespace) -> None:
         return
     then = json.loads(path.read_text())
     diff = {k: (then.get(k), v) for k, v in now.items() if then.get(k) != v}
+    if diff and not any((out / "results").glob("*.json")):  # nothing made with them yet
+        atomic_write_text(path, json.dumps(now, indent=2) + "\n")
+        return
     if diff:
         said = ", ".join(f"--{k.replace('_', '-')} {v} (results made with {was})"
                          for k, (was, v) in diff.items())  # fmt: skip

@@ -1,0 +1,23 @@
+"""The demo (``make demo``): both runs, the report's files, and a rerun into the same folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from antdiff.demo import run_demo
+
+
+def test_demo_writes_its_report_and_a_rerun_replaces_its_runs(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    first = run_demo(out, steps=3, batch_size=16, progress=False)
+    for name in ("samples.png", "summary.json"):
+        assert (out / name).stat().st_size > 0
+    assert json.loads((out / "summary.json").read_text())["final_loss"] == first["final_loss"]
+    grids = {p.name for p in (out / "runs" / "ant" / "samples").iterdir()}
+    assert "step_00000003.png" in grids
+    # fewer steps into the same folder: nothing of the first run's stays beside the second's
+    run_demo(out, steps=2, batch_size=16, progress=False)
+    grids = {p.name for p in (out / "runs" / "ant" / "samples").iterdir()}
+    assert "step_00000003.png" not in grids and "step_00000002.png" in grids
+    assert len(list((out / "runs" / "ant" / "tb").glob("events.*"))) == 1
