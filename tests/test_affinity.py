@@ -274,6 +274,12 @@ def test_cli_data_files_labels_pixels_and_early_errors(tmp_path, capsys, monkeyp
     for data, err in (("d.npy", "null class was never trained"), ("nox.pt", "under 'x'")):
         assert main([*base, "--data", str(tmp_path / data)]) == 2
         assert err in capsys.readouterr().err
+    # labels outside the model's classes (its null class 10 untrained here): a message, not an
+    # IndexError traceback inside the model
+    for bad in (12, -1, 10):
+        torch.save({"x": u8, "y": labels.clone().fill_(bad)}, tmp_path / "bad.pt")
+        assert main([*base, "--data", str(tmp_path / "bad.pt")]) == 2
+        assert "labels must be class indices in [0, 9]" in capsys.readouterr().err
     seen.clear()
     assert main([*base[:-1], str(tmp_path / "a.txt"), "--data", str(tmp_path / "d.pt")]) == 2
     assert "--out must end in .npz or .npy" in capsys.readouterr().err and not seen

@@ -110,10 +110,22 @@ def test_a_kill_just_after_the_file_lands_resumes_from_it(tmp_path, monkeypatch)
     assert load_checkpoint(tmp_path)[0]["step"] == 3
 
 
-def test_latest_outranks_a_higher_step_of_an_abandoned_branch(tmp_path):
-    """Resumed in place from ckpt 2 while ckpt 4 exists: the new step 3 is the run's newest."""
+def test_latest_outranks_a_higher_step_of_an_abandoned_branch(tmp_path, monkeypatch):
+    """Resumed in place from ckpt 2 while ckpt 4 exists (a branch abandoned): the new step 3 is
+    the run's newest; and a kill while step 3 is written leaves the run at 2, not at 4."""
+    (tmp_path / "checkpoints").mkdir()
     for s in (2, 4):
-        save_checkpoint(tmp_path, s, _state(s), keep=5)
+        torch.save(_state(s), tmp_path / "checkpoints" / f"ckpt_{s:08d}.pt")
+    (tmp_path / "checkpoints" / "latest").write_text("ckpt_00000002.pt\n")  # resumed from 2
+
+    def killed(obj, f):
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(ck.torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 3, _state(3), keep=5)
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path)[0]["step"] == 2
     save_checkpoint(tmp_path, 3, _state(3), keep=5)
     assert load_checkpoint(tmp_path)[0]["step"] == 3
 

@@ -100,6 +100,8 @@ def test_bad_output_paths_and_devices_fail_first_without_tracebacks(tmp_path, ca
         (["cluster", "--json", str(tmp_path)], "is a folder"),
         (["demo", "--out", str(a_file)], "is a file"),
         (["affinity", str(a_file), "--out", str(tmp_path / "a.npz")], "is not a torch checkpoint"),
+        (["sample", "--ckpt", missing, "--num", "2", "--out", str(tmp_path / "s"),
+          "--device", "meta"], "'meta' is not a device antdiff runs on"),
     ]  # fmt: skip
     for argv, message in cases:
         assert main(argv) == 2, argv

@@ -180,6 +180,11 @@ def test_image_folder_class_labels_from_subdirectories(tmp_path):
 
 def test_image_folder_symlink_loop_is_named(tmp_path):
     _png(tmp_path / "a" / "0.png", np.zeros((4, 4), np.uint8))
+    _png(tmp_path / "shared" / "1.png", np.zeros((4, 4), np.uint8))
+    # two links to one folder are no loop: its images count once per link
+    (tmp_path / "a" / "s1").symlink_to(tmp_path / "shared", target_is_directory=True)
+    (tmp_path / "a" / "s2").symlink_to(tmp_path / "shared", target_is_directory=True)
+    assert len(load_dataset(DataConfig(source="folder", path=str(tmp_path), channels=1)).x) == 4
     (tmp_path / "a" / "up").symlink_to(tmp_path, target_is_directory=True)
     with pytest.raises(ValueError, match="symlink loop"):
         load_dataset(DataConfig(source="folder", path=str(tmp_path), channels=1))

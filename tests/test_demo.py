@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from antdiff.demo import run_demo
 
 
@@ -21,3 +23,13 @@ def test_demo_writes_its_report_and_a_rerun_replaces_its_runs(tmp_path: Path) ->
     grids = {p.name for p in (out / "runs" / "ant" / "samples").iterdir()}
     assert "step_00000003.png" not in grids and "step_00000002.png" in grids
     assert len(list((out / "runs" / "ant" / "tb").glob("events.*"))) == 1
+
+
+def test_demo_never_deletes_a_run_it_did_not_write(tmp_path: Path) -> None:
+    """runs/ant under --out may be the user's own training run: refused, not replaced."""
+    ckpt = tmp_path / "runs" / "ant" / "checkpoints" / "ckpt_00050000.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"weights")
+    with pytest.raises(ValueError, match="holds files the demo did not write"):
+        run_demo(tmp_path, steps=2, batch_size=16, progress=False)
+    assert ckpt.read_bytes() == b"weights"

@@ -279,6 +279,9 @@ def test_reference_files_are_memory_mapped_and_read_in_batches(tmp_path: Path, s
     np.testing.assert_array_equal(ext(x), ext(floats))
     assert data_hash(x) == data_hash(floats) == data_hash(x, chunk_bytes=300)
     assert data_hash(x) != data_hash(x[:69])
+    (tmp_path / "notes.pt").write_text("not a tensor file")  # was a bare KeyError
+    with pytest.raises(ValueError, match="is not a torch.save file"):
+        reference_images(tmp_path / "notes.pt")
 
 
 def test_eval_of_a_latent_run_without_a_decoder_fails_before_sampling(

@@ -192,8 +192,10 @@ def test_graddrop_of_a_negative_view_equals_the_reference(no_interpreter):
 
     J = torch.randn(3, 20)
     present, div, step = torch.ones(3, dtype=torch.bool), torch.tensor(3.0), torch.tensor(2)
-    got = native.graddrop(torch._neg_view(-J), present, 1, step, 0.0, div)
-    assert torch.equal(got, graddrop_ref(J, present, 1, step, 0.0, div))
+    want = graddrop_ref(J, present, 1, step, 0.0, div)
+    assert torch.equal(native.graddrop(torch._neg_view(-J), present, 1, step, 0.0, div), want)
+    neg_div, neg_step = torch._neg_view(-div), torch._neg_view(-step)  # scalars too
+    assert torch.equal(native.graddrop(J, present, 1, neg_step, 0.0, neg_div), want)
 
 
 def test_a_stale_extension_is_refused_with_the_rebuild_hint(monkeypatch):

@@ -106,6 +106,10 @@ def _candidates(directory: Path) -> list[Path]:
         if named in files:
             files.remove(named)
             files.insert(0, named)
+        elif m := _NAME.match(named.name):  # a save killed before its file landed: the run
+            # was at a step below it (a higher one is an abandoned branch's), newest first
+            below = [f for f in files if int(_NAME.match(f.name).group(1)) < int(m.group(1))]
+            files = below + [f for f in files if f not in below]
     return files
 
 

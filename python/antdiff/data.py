@@ -99,13 +99,12 @@ def load_digits_tensor(image_size: int | None = None) -> tuple[torch.Tensor, tor
 def _walk_images(root: Path):
     """Image files under ``root``, following symlinked folders (a class folder may be a link),
     skipping hidden entries (.ipynb_checkpoints, macOS ._ files)."""
-    seen: set[tuple[int, int]] = set()
     for top, dirs, names in os.walk(root, followlinks=True, onerror=_raise):
-        st = os.stat(top)
-        if (st.st_dev, st.st_ino) in seen:  # a link back up the tree: os.walk would recurse
-            raise ValueError(f"the image folder has a symlink loop: {top!r} is a folder seen "
-                             "before; remove the link")  # fmt: skip
-        seen.add((st.st_dev, st.st_ino))
+        real, parts = os.path.realpath(top), Path(top).relative_to(root).parts
+        for up in (root.joinpath(*parts[:i]) for i in range(len(parts))):  # root .. parent
+            if os.path.realpath(up) == real:  # a link back up the tree: os.walk would recurse
+                raise ValueError(f"the image folder has a symlink loop: {top!r} is the folder "
+                                 f"{str(up)!r} above it; remove the link")  # fmt: skip
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in names:
             if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:

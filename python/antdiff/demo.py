@@ -126,6 +126,21 @@ def side_by_side(ant_png: Path, vanilla_png: Path, path: Path) -> Path:
     return _save(fig, path)
 
 
+MARK = ".antdiff_demo"  # in the demo's run folders: a rerun may replace them
+
+
+def _demo_owned(run_dir: Path) -> bool:
+    """A folder the demo wrote: marked, or (from before the mark) a checkpoint-less run of the
+    demo's preset."""
+    if (run_dir / MARK).is_file():
+        return True
+    cfg = run_dir / "config.yaml"
+    if not cfg.is_file() or any((run_dir / "checkpoints").glob("ckpt_*.pt")):
+        return False
+    first = cfg.read_text().splitlines()[:1]
+    return first == [f"name: {PRESET}"]
+
+
 def run_demo(
     out: str | Path = "demo_out",
     steps: int | None = None,
@@ -156,8 +171,18 @@ def run_demo(
         )
         jobs[name] = (cfg, over)
     for name in jobs:  # a rerun replaces the demo's own runs (they keep no checkpoints, so an
-        # earlier run's sample grids and TensorBoard events would sit beside the new ones)
-        shutil.rmtree(out / "runs" / name, ignore_errors=True)
+        # earlier run's sample grids and TensorBoard events would sit beside the new ones);
+        # only folders the demo marked as its own, never a run of the user's
+        run_dir = out / "runs" / name
+        if _demo_owned(run_dir):
+            shutil.rmtree(run_dir)
+        elif run_dir.exists() and any(run_dir.iterdir()):
+            raise ValueError(
+                f"{str(run_dir)!r} holds files the demo did not write (a training run?): give "
+                "the demo another --out"
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / MARK).write_text("written by antdiff demo; a rerun replaces this folder\n")
     # the twins train at once, one thread each: both cores busy, no thread oversubscription
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     ctx = multiprocessing.get_context("spawn")

@@ -193,6 +193,10 @@ def reference_images(ref: str | Path) -> tuple[str, torch.Tensor]:
             warnings.filterwarnings("ignore", "The given NumPy array is not writable")
             x = torch.from_numpy(a)
     elif p.suffix == ".pt":
+        from .checkpoint import is_torch_file
+
+        if not is_torch_file(p):
+            raise ValueError(f"--ref {str(p)!r} is not a torch.save file (images [N, C, H, W])")
         try:
             x = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # the legacy (non-zip) format cannot be mapped

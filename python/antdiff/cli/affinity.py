@@ -164,9 +164,17 @@ def _labels(model: Any, y: torch.Tensor | None, n: int) -> dict[str, torch.Tenso
     num_classes = getattr(model, "num_classes", None)
     if not num_classes:
         return {}
+    untrained_null = getattr(model, "class_dropout_prob", None) == 0
     if y is not None:
+        top = num_classes - 1 if untrained_null else num_classes  # the null class if trained
+        if len(y) and not 0 <= int(y.min()) <= int(y.max()) <= top:
+            raise ValueError(
+                f"--data labels must be class indices in [0, {top}] for this model "
+                f"({num_classes} classes{'' if untrained_null else ' + its null class'}); got "
+                f"{int(y.min())} .. {int(y.max())}"
+            )
         return {"y": y}
-    if getattr(model, "class_dropout_prob", None) == 0:
+    if untrained_null:
         raise ValueError(
             "the model is class-conditional and --data gave no labels, but its null class was "
             "never trained (class_dropout_prob 0): give a .pt holding {'x': images, 'y': "

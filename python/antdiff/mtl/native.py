@@ -176,7 +176,7 @@ def uniform(seed: int, step: torch.Tensor, n: int, offset: int = 0) -> torch.Ten
         return ant_kernels.uniform(seed, step, n, offset=offset)
     check_uniform(seed, step, n, offset=offset)
     out = torch.empty(n, **_HOST32)
-    s = step.detach().reshape(1).contiguous()
+    s = step.detach().resolve_neg().reshape(1).contiguous()
     _C.philox_uniform(seed, s.data_ptr(), offset, n, out.data_ptr())
     return out
 
@@ -202,8 +202,8 @@ def graddrop(J, present, seed, step, leak, divisor, out=None) -> torch.Tensor:
     k, P = J.shape  # noqa: N806
     out = torch.empty(P, **_HOST32) if out is None else out
     keep = present.to(torch.float32).contiguous()
-    div = divisor.detach().reshape(1).to(torch.float32).contiguous()
-    s = step.detach().reshape(1).contiguous()
+    div = divisor.detach().resolve_neg().reshape(1).to(torch.float32).contiguous()
+    s = step.detach().resolve_neg().reshape(1).contiguous()
     _C.graddrop(J.data_ptr(), k, P, J.stride(0) if k > 1 else P, keep.data_ptr(), seed,
                 s.data_ptr(), float(leak), div.data_ptr(), out.data_ptr())  # fmt: skip
     return out
