@@ -279,6 +279,9 @@ def test_reference_files_are_memory_mapped_and_read_in_batches(tmp_path: Path, s
     np.testing.assert_array_equal(ext(x), ext(floats))
     assert data_hash(x) == data_hash(floats) == data_hash(x, chunk_bytes=300)
     assert data_hash(x) != data_hash(x[:69])
+    legacy = tmp_path / "legacy.pt"  # torch's pre-zip format: read, though it cannot be mapped
+    torch.save(torch.from_numpy(u), legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(reference_images(legacy)[1], torch.from_numpy(u))
     (tmp_path / "notes.pt").write_text("not a tensor file")  # was a bare KeyError
     with pytest.raises(ValueError, match="is not a torch.save file"):
         reference_images(tmp_path / "notes.pt")

@@ -65,10 +65,11 @@ def save_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep:
 
 
 def is_torch_file(path: str | Path) -> bool:
-    """Whether ``path`` starts like a torch.save file (its zip container; a YAML, a text file
-    or an empty file do not). Truncated checkpoints still do."""
+    """Whether ``path`` starts like a torch.save file: its zip container, or a pickle (the
+    legacy format); a YAML, a text file or an empty file do not. Truncated files still do."""
     with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
+        head = f.read(4)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
 def _load_file(path: Path, map_location: Any) -> dict[str, Any]:
