@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import os
+import warnings
 
 import pytest
 import torch
@@ -63,7 +65,7 @@ def _worker(rank: int, init_file: str, result_file: str) -> None:
     os.environ["ANT_KERNELS_BACKEND"] = "torch"
     early = ANT(linear_schedule(T), k=4, method="pcgrad", seed=0)  # before the group exists
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD)
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=120))
     try:
         results = {}
         for method in METHODS:
@@ -90,12 +92,21 @@ def _worker(rank: int, init_file: str, result_file: str) -> None:
             results[name] = {"grad": grad, "w": w, "extra": extra}
         results["pcgrad:shard"] = _shard_step(rank)
         results["bn_broadcasts"] = _retain_graph_buffer_broadcasts(rank)
+        results["recompute_paths"] = _redo_after_a_nonfinite_recompute(rank)
         refused = []
         for kw, dist_flag in ((dict(gradient_as_bucket_view=True), "auto"),
                               (dict(static_graph=True), "auto"), ({}, False)):
             try:
                 ANT(linear_schedule(T), k=4, method="pcgrad", distributed=dist_flag,
                     model=nn.parallel.DistributedDataParallel(Net(), **kw))
+            except ValueError as e:
+                refused.append(str(e))
+        # a model without DDP under an initialised group (the ranks drifted apart), and UW's
+        # state with distributed=False (each rank's log-variances followed its own losses)
+        for method, dist_flag, net in (("uw", "auto", Net()),
+                                       ("uw", False, nn.parallel.DistributedDataParallel(Net()))):
+            try:
+                ANT(linear_schedule(T), k=4, method=method, distributed=dist_flag, model=net)
             except ValueError as e:
                 refused.append(str(e))
         results["refused"] = refused
@@ -129,6 +140,51 @@ def _retain_graph_buffer_broadcasts(rank: int) -> int:
     for _ in range(3):
         ant.backward(lambda xb, tb: ((model(xb, tb) - xb) ** 2).mean(1), x[rank::2], t[rank::2])
     return len(calls)
+
+
+class _ReadyOnRankZero:
+    """A non-finite recompute's flag as a fused optimiser leaves it (no verdict): its CUDA event
+    is ready on rank 0 and not yet on rank 1, as host timing differences give on GPUs."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def ready(self) -> bool:
+        return self.rank == 0
+
+    def read(self, wait: bool = False) -> bool:
+        return False
+
+
+def _redo_after_a_nonfinite_recompute(rank: int) -> list[list[str]]:
+    """Each rank's path (recompute / off-step) over the two steps after a non-finite weight
+    recompute with update_every = 3: rank 0 redid the recompute (all-reducing J) while rank 1
+    took an off-step (DDP's all-reduce): mixed collectives. Every rank's paths, gathered."""
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(Net())
+    ant = ANT(linear_schedule(T), k=4, method="pcgrad", update_every=3, seed=0, model=model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    paths: list[str] = []
+    gradient_step, weighted_step = ant._gradient_step, ant._weighted_step
+    ant._gradient_step = lambda *a: (paths.append("recompute"), gradient_step(*a))[1]
+    ant._weighted_step = lambda *a: (paths.append("off-step"), weighted_step(*a))[1]
+    x, t = make_data()
+    for s in range(3):
+        xs = x.clone()
+        if s == 0:
+            xs[3, 0] = float("nan")  # the first (recompute) step is not finite on every rank
+        opt.zero_grad()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ant.backward(lambda xb, tb: ((model(xb, tb) - xb) ** 2).mean(1), xs[rank::2],
+                         t[rank::2])  # fmt: skip
+            ant.step(opt)
+        if s == 0:
+            assert ant._recompute is not None and ant._recompute.verdict is None
+            ant._recompute.flag = _ReadyOnRankZero(rank)
+    gathered: list[list[str]] = [[] for _ in range(WORLD)]
+    dist.all_gather_object(gathered, paths)
+    return gathered
 
 
 def _shard_step(rank: int | None):
@@ -174,6 +230,11 @@ def test_two_processes_equal_one_process_on_global_batch(two_process_results, me
     torch.testing.assert_close(got["grad"], ref_grad, rtol=1e-6, atol=1e-6)
 
 
+def test_every_rank_takes_the_same_path_after_a_nonfinite_recompute(two_process_results):
+    paths = two_process_results["recompute_paths"]
+    assert paths[0] == paths[1] and paths[0][0] == "recompute", paths
+
+
 def test_retain_graph_keeps_broadcasting_buffers(two_process_results):
     assert two_process_results["bn_broadcasts"] == 3
 
@@ -182,7 +243,9 @@ def test_retain_graph_keeps_broadcasting_buffers(two_process_results):
 def test_ddp_settings_that_break_gradient_methods_are_refused(two_process_results):
     """gradient_as_bucket_view points .grad away from J (cluster gradients were lost),
     static_graph forbids no_sync, and distributed=False would let every rank step alone."""
-    bucket, static, local = two_process_results["refused"]
+    bucket, static, local, plain, uw_local = two_process_results["refused"]
+    assert "not wrapped in DistributedDataParallel" in plain and "distributed=False" in plain
+    assert "'uw' and distributed=False" in uw_local
     assert "gradient_as_bucket_view=True" in bucket
     assert "DDP(model, gradient_as_bucket_view=False)" in bucket
     assert "static_graph=True" in static and "no_sync" in static

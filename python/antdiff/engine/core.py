@@ -290,8 +290,24 @@ class ANT:
                 )
         ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         self.comm.resolve()
+        if self.comm.active and self.comm.world > 1 and not hasattr(model, "no_sync"):
+            raise ValueError(
+                "torch.distributed is initialised and the engine reduces across its "
+                f"{self.comm.world} ranks, but the model is not wrapped in "
+                "DistributedDataParallel: the cluster losses assume DDP averages the gradients "
+                "(without it the ranks drift apart). Wrap it, DDP(model, ...), or pass "
+                "ANT(..., distributed=False) to train each rank on its own"
+            )
         if ddp and self.needs_gradients:
             _check_ddp_for_gradients(model, self.comm.active)
+        loss = self.method.loss
+        if ddp and not self.comm.active and loss is not None and loss.name in _LOCAL_STATE:
+            raise ValueError(
+                f"a DistributedDataParallel model with {loss.name!r} and distributed=False: its "
+                "state follows each rank's own cluster losses (and UW's log-variances are not "
+                "DDP's to average), so the ranks would drift apart. Use distributed='auto' (the "
+                "default) or True"
+            )
         if (
             ddp
             and self.needs_gradients
@@ -302,7 +318,8 @@ class ANT:
             raise ValueError(
                 "DDP(..., broadcast_buffers=True) with module buffers: the per-cluster passes may "
                 "differ in number between ranks and the buffer broadcasts would deadlock. Wrap the "
-                "model with DDP(model, broadcast_buffers=False) (GroupNorm/LayerNorm models keep "
+                "model with DDP(model, broadcast_buffers=False) (forward_sync_buffers=False in "
+                "newer torch) (GroupNorm/LayerNorm models keep "
                 "no running statistics to broadcast)."
             )
         self._model = model
@@ -553,7 +570,11 @@ class ANT:
         if rec is None:
             return False
         ok = rec.verdict
-        if ok is None and rec.flag is not None and rec.flag.ready():
+        # under torch.distributed only the verdict, which every rank sets at the same step, may
+        # decide: whether a CUDA event is ready yet differs between ranks, and a rank that
+        # recomputed (all-reducing J) while another took an off-step (DDP's all-reduce) would
+        # mix collectives (a hang or a size mismatch)
+        if ok is None and rec.flag is not None and not self.comm.active and rec.flag.ready():
             ok = rec.flag.read()
         if ok is None:  # not known yet: ask again at the next step
             return False
@@ -1073,6 +1094,10 @@ def _back_off(scaler: torch.amp.GradScaler) -> None:
     tracker = getattr(scaler, "_growth_tracker", None)
     if isinstance(tracker, torch.Tensor):
         tracker.zero_()
+
+
+# loss-space methods whose state follows the cluster losses (all-reduced when distributed)
+_LOCAL_STATE = ("uw", "dwa", "famo")
 
 
 def _check_ddp_for_gradients(model: nn.Module, reducing: bool) -> None:
