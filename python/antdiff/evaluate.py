@@ -185,6 +185,17 @@ def reference_images(ref: str | Path) -> tuple[str, torch.Tensor]:
         raise FileNotFoundError(
             f"--ref {str(ref)!r} is neither a known data set {sorted(DATASETS)} nor a file"
         )
+    return p.stem, load_image_file(p, "--ref")[0]
+
+
+def load_image_file(path: str | Path, flag: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(images [N, C, H, W], labels [N] or None) of a .npy array or a .pt tensor / dict with
+    "x" (and "y"), left as stored (floats, or uint8 pixels): memory-mapped where the format
+    allows, so a set larger than memory is read only where it is used. ``flag`` names the
+    source in errors."""
+    from .checkpoint import is_torch_file
+
+    p, y = Path(path), None
     if p.suffix == ".npy":
         a = np.load(p, mmap_mode="r", allow_pickle=False)
         if not a.dtype.isnative:  # torch reads native byte order only
@@ -193,23 +204,30 @@ def reference_images(ref: str | Path) -> tuple[str, torch.Tensor]:
             warnings.filterwarnings("ignore", "The given NumPy array is not writable")
             x = torch.from_numpy(a)
     elif p.suffix == ".pt":
-        from .checkpoint import is_torch_file
-
         if not is_torch_file(p):
-            raise ValueError(f"--ref {str(p)!r} is not a torch.save file (images [N, C, H, W])")
+            raise ValueError(f"{flag} {str(p)!r} is not a torch.save file (images [N, C, H, W])")
         try:
             x = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # the legacy (non-zip) format cannot be mapped
             x = torch.load(p, map_location="cpu", weights_only=True)
-        x = x["x"] if isinstance(x, dict) and "x" in x else x
+        if isinstance(x, dict):  # e.g. antdiff sample's {"x": samples, "y": labels}
+            if "x" not in x:
+                raise ValueError(
+                    f"{flag} {str(p)!r}: a dict must hold the images under 'x' (and may hold "
+                    f"labels under 'y'); got keys {sorted(x)}"
+                )
+            x, y = x["x"], x.get("y")
     else:
-        raise ValueError(f"--ref file must be .npy or .pt images [N, C, H, W], got {str(p)!r}")
+        raise ValueError(f"{flag} file must be .npy or .pt images [N, C, H, W], got {str(p)!r}")
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(
-            f"--ref {str(p)!r} must hold images [N, C, H, W] (or a dict with them under 'x'): "
-            "floats in [-1, 1], or uint8 pixels"
+            f"{flag} {str(p)!r} must hold images [N, C, H, W] (or a dict with them under 'x'): "
+            f"floats in [-1, 1], or uint8 pixels; got {got}"
         )
-    return p.stem, x
+    if y is not None and (not isinstance(y, torch.Tensor) or tuple(y.shape) != (len(x),)):
+        raise ValueError(f"{flag} {str(p)!r}: labels 'y' must be a tensor [N] = [{len(x)}]")
+    return x, y
 
 
 def _real_features(label: str, images: torch.Tensor, extractor: Any, cache_dir: Path) -> np.ndarray:

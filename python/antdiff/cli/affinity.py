@@ -137,26 +137,14 @@ def _data(args: argparse.Namespace, load: CheckpointLoader) -> tuple[torch.Tenso
     path = Path(args.data)
     if not path.is_file():
         raise FileNotFoundError(f"--data {path} does not exist (use 'digits' or a .npy/.pt file)")
-    y = None
-    if path.suffix == ".npy":
-        x = torch.from_numpy(np.load(path, allow_pickle=False))
-    else:
-        x = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(x, dict):  # e.g. antdiff sample's {"x": samples, "y": labels}
-            if "x" not in x:
-                raise ValueError(f"--data {path}: a dict must hold the images under 'x' (and "
-                                 f"may hold labels under 'y'); got keys {sorted(x)}")  # fmt: skip
-            x, y = x["x"], x.get("y")
-    if not isinstance(x, torch.Tensor) or x.ndim != 4:
-        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"--data {path} must hold x0 [N, C, H, W]; got {got}")
-    if x.dtype == torch.uint8:  # 8-bit pixels: the model trained on [-1, 1]
-        x = x.float().div_(127.5).sub_(1.0)
-    elif not x.is_floating_point():
+    from ..data import _as_float
+    from ..evaluate import load_image_file
+
+    x, y = load_image_file(path, "--data")
+    if not (x.is_floating_point() or x.dtype == torch.uint8):
         raise ValueError(f"--data {path}: x0 must be floats (or uint8 pixels), got {x.dtype}")
-    if y is not None and (not isinstance(y, torch.Tensor) or tuple(y.shape) != (len(x),)):
-        raise ValueError(f"--data {path}: labels 'y' must be a tensor [N] = [{len(x)}]")
-    return x.float(), None if y is None else y.long()
+    # 8-bit pixels: the model trained on [-1, 1]
+    return _as_float(x).float(), None if y is None else y.long()
 
 
 def _labels(model: Any, y: torch.Tensor | None, n: int) -> dict[str, torch.Tensor]:
