@@ -100,18 +100,32 @@ _CHUNKED_FROM = 1 << 16  # columns; below this one product is as fast
 _CHUNKS = 64
 
 
+def _chunks(J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: N803
+    """[k, P] (any strides) -> (body [64, k, L], tail [k, P - 64 L]): 64 column blocks
+    as one batch of products, and the columns left over."""
+    k, P = J.shape  # noqa: N806
+    L = P // _CHUNKS  # noqa: N806
+    return J[:, : L * _CHUNKS].view(k, _CHUNKS, L).transpose(0, 1), J[:, L * _CHUNKS :]
+
+
 def _chunked_gram(J: torch.Tensor) -> torch.Tensor:  # noqa: N803
     """J J^T as the sum of 64 partial Grams over column blocks (one batched product).
 
     A single [k, P] x [P, k] product with k << P keeps one long reduction per entry, which CPU
     BLAS runs slowly (about 5x slower at k = 5, P = 755009) and sums less accurately.
     """
-    k, P = J.shape  # noqa: N806
-    L = P // _CHUNKS  # noqa: N806
-    body = J[:, : L * _CHUNKS].view(k, _CHUNKS, L).transpose(0, 1)  # [chunks, k, L]
+    body, tail = _chunks(J)
     G = torch.bmm(body, body.transpose(1, 2)).sum(0)  # noqa: N806
-    tail = J[:, L * _CHUNKS :]
     return G + tail @ tail.T if tail.shape[1] else G
+
+
+def _chunked_combine(w: torch.Tensor, J: torch.Tensor) -> list[torch.Tensor]:  # noqa: N803
+    """w @ J as [head, tail] temporaries over 64 column blocks (one batched product) and the
+    columns left over: CPU BLAS runs the single [1, k] x [k, P] product on one long row, about
+    4x slower at k = 5, P = 755009."""
+    body, tail = _chunks(J)
+    head = torch.bmm(w.expand(_CHUNKS, 1, -1), body).view(-1)  # blocks in column order
+    return [head, w @ tail]
 
 
 def gram_ref(J: torch.Tensor, upcast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,7 +144,7 @@ def gram_ref(J: torch.Tensor, upcast: bool = False) -> tuple[torch.Tensor, torch
     check_J(J)
     Jf = J.to(torch.float64 if upcast else torch.float32)
     with ieee_fp32_matmul():  # the fp32 G the kernel is tested against, never TF32 or bf16
-        chunked = Jf.stride(1) == 1 and Jf.shape[1] >= _CHUNKED_FROM
+        chunked = Jf.shape[1] >= _CHUNKED_FROM
         G = _chunked_gram(Jf) if chunked else Jf @ Jf.T
     G = (G + G.T) * 0.5
     # a NaN/inf in row i makes the sum of squares G[i, i] NaN/inf: no second pass over J
@@ -151,11 +165,15 @@ def combine_ref(w: torch.Tensor, J: torch.Tensor, out: torch.Tensor | None = Non
     """
     check_combine(w, J, out)
     acc = torch.float64 if J.dtype == torch.float64 else torch.float32
-    with ieee_fp32_matmul():
-        res = w.to(acc) @ J.to(acc)  # a temporary, so `out` may alias a row of J
+    Ja, wa = J.to(acc), w.to(acc)
+    with ieee_fp32_matmul():  # temporaries, so `out` may alias a row of J
+        chunked = Ja.shape[1] >= _CHUNKED_FROM
+        parts = _chunked_combine(wa, Ja) if chunked else [wa @ Ja]
     if out is None:
-        return res
-    return out.copy_(res)
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+    for part, dst in zip(parts, out.split([p.shape[0] for p in parts])):
+        dst.copy_(part)
+    return out
 
 
 def pcgrad_weights_ref(G: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:

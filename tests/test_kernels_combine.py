@@ -99,6 +99,25 @@ def test_combine_strided(view, kernel_device, force_triton):
         assert torch.equal(big[1::2], torch.zeros(P, device=kernel_device))
 
 
+@pytest.mark.parametrize("P", [1 << 16, (1 << 16) + 7, 755009])  # 64 blocks, + a tail
+@pytest.mark.parametrize("where", ["row-of-J", "strided", "new"])
+def test_combine_ref_in_column_blocks(P, where):
+    """The reference's blocked product (64 column blocks, then the tail) equals float64 w @ J,
+    also written into a row of J it reads or into a strided out."""
+    J = torch.randn(5, P)
+    w = torch.randn(5)
+    J0 = J.clone()
+    big = torch.zeros(2 * P)
+    out = {"row-of-J": J[3], "strided": big[::2], "new": None}[where]
+    res = combine_ref(w, J, out)
+    assert res.shape == (P,) and res.dtype == torch.float32 and (out is None or res is out)
+    _check(res, w, J0)
+    if where == "strided":
+        assert torch.equal(big[1::2], torch.zeros(P))
+    J[3] = J0[3]
+    assert torch.equal(J, J0)  # the other rows are untouched
+
+
 @pytest.mark.parametrize(
     "w,J,out,match",
     [

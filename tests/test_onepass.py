@@ -243,11 +243,13 @@ def test_engine_step_equals_micro(method):
 
 
 @pytest.mark.parametrize("size", [4, 16])
-def test_grouped_conv_weight_gradients_of_a_conv_called_twice(size):
+@pytest.mark.parametrize("empty", [False, True])
+def test_grouped_conv_weight_gradients_of_a_conv_called_twice(size, empty):
     """On the CPU the conv weight gradients of all clusters come from one grouped call over
     cluster-padded inputs when the clusters have few output positions (4x4: 9 * 16 <= 512 per
     live cluster), else from one call per cluster (16x16); uneven counts, a one-sample cluster,
-    and a conv run twice, whose second call's rows add to the first's."""
+    empty clusters (their padding slots read another cluster's sample), and a conv run twice,
+    whose second call's rows add to the first's."""
 
     class Twice(nn.Module):
         def __init__(self) -> None:
@@ -264,9 +266,11 @@ def test_grouped_conv_weight_gradients_of_a_conv_called_twice(size):
     model = Twice().double()
     ant = ANT(linear_schedule(T), k=4, method="pcgrad", model=model, sampling="uniform")
     x = torch.randn(9, 3, size, size, dtype=torch.float64)
-    t = torch.tensor([3, 4, 5, 6, 40, 41, 60, 61, 95])
+    ts = [3, 4, 5, 6, 7, 8, 9, 10, 95] if empty else [3, 4, 5, 6, 40, 41, 60, 61, 95]
+    t = torch.tensor(ts)
     b2, t2, counts = ant._sorted(x, t)
     assert sorted(counts) != [counts[0]] * 4 and 1 in counts  # padding is exercised
+    assert (0 in counts) == empty
 
     def loss_fn(b, tt):
         return model(b, tt) ** 2

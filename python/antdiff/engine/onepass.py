@@ -141,15 +141,21 @@ class _Step:
         self.anchor = torch.zeros((), device=cid.device, requires_grad=True)
         self.ran = 0  # calls of the model's served layers in this step's forward
         self.k = k
-        self._blocks: tuple[int, torch.Tensor] | None = None
+        self._blocks: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
-    def blocks(self) -> tuple[int, torch.Tensor]:
-        """(n, dest): the cluster-padded layout [n, k] of the batch (n = the largest cluster):
-        sample j of cluster i goes to slot j * k + i, ``dest`` [B] (built once per step)."""
+    def blocks(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(n, src, keep): the cluster-padded layout [n, k] of the batch (n = the largest
+        cluster). Slot j * k + i holds sample j of cluster i: ``src`` [n k] is the sample each
+        slot reads, for a padding slot its cluster's first sample (sample 0 for an empty
+        cluster), and ``keep`` [n k] is 1 for a real slot and 0 for padding. Built once a step."""
         if self._blocks is None:
             counts = [b - a for a, b in itertools.pairwise(self.bounds)]
-            dest = [j * self.k + i for i, c in enumerate(counts) for j in range(c)]
-            self._blocks = max(counts), torch.tensor(dest, device=self.cid.device)
+            n, dev = max(counts), self.cid.device
+            slots = [(i, j) for j in range(n) for i in range(self.k)]
+            src = [self.bounds[i] + j if j < counts[i] else self.bounds[i] * (counts[i] > 0)
+                   for i, j in slots]  # fmt: skip
+            keep = [float(j < counts[i]) for i, j in slots]
+            self._blocks = n, torch.tensor(src, device=dev), torch.tensor(keep, device=dev)
         return self._blocks
 
 
@@ -208,14 +214,17 @@ def _conv(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor) -> N
 
         live = sum(a < b for a, b in itertools.pairwise(st.bounds))
         if g.device.type == "cpu" and live > 1 and st.B * math.prod(g.shape[2:]) <= 512 * live:
-            # One grouped call for all k clusters: each cluster's samples padded with zeros to
-            # the largest cluster's count, the clusters side by side as k groups of channels.
+            # One grouped call for all k clusters: each cluster's samples padded to the largest
+            # cluster's count, the clusters side by side as k groups of channels.
             # On the CPU a per-cluster call has a fixed cost that dominates when a cluster has
             # few output positions (8x8 ADM-tiny, B = 32: 13 ms a step in place of 17 for the
             # 20 3x3 layers); with more (32x32 inputs, B = 128) oneDNN's grouped kernel is the
             # slower one, so the k calls stay. GPUs keep the calls until this is measured there.
-            n, dest = st.blocks()
-            xp, gp = (v.new_zeros(n * st.k, *v.shape[1:]).index_copy_(0, dest, v) for v in (x, g))
+            # A padding slot reads a real sample's input and output gradient (one gather each,
+            # no zero fill) and zeroes the gradient, so it adds nothing to the weight gradient.
+            n, src, keep = st.blocks()
+            gp = g.index_select(0, src).mul_(keep.to(g.dtype).view(-1, *[1] * (g.dim() - 1)))
+            xp = x.index_select(0, src)
             xp, gp = (v.view(n, st.k * v.shape[1], *v.shape[2:]) for v in (xp, gp))
             wk = weight.new_empty(st.k * weight.shape[0], *weight.shape[1:])  # shape only: no dX
             w.put_all(st, torch.ops.aten.convolution_backward(
