@@ -116,6 +116,14 @@ def test_combine_ref_in_column_blocks(P, where):
         assert torch.equal(big[1::2], torch.zeros(P))
     J[3] = J0[3]
     assert torch.equal(J, J0)  # the other rows are untouched
+    # independent of the reference: small integers are exact in any order of summation, and
+    # a float64 J stays float64 (blocks in column order, tail included)
+    Ji = torch.randint(-8, 9, (5, P))
+    wi = torch.randint(-4, 5, (5,))
+    assert torch.equal(combine_ref(wi.float(), Ji.float()), (wi @ Ji).float())
+    res64 = combine_ref(w.double(), J0.double())
+    assert res64.dtype == torch.float64
+    torch.testing.assert_close(res64, w.double() @ J0.double(), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize(
