@@ -202,7 +202,8 @@ def _conv(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor) -> N
         # 1x1 with many positions (the UNet's skips at 8x8): every sample's own product
         # [Cout, L] @ [L, Cin] in one batched call on the layer's layout, then one product with
         # the cluster one-hot; its [B, Cout, Cin] temporary is no larger than the transposed
-        # copies of g and x that the per-cluster products below need
+        # copies of g and x that the per-cluster products below need (half-precision
+        # gradients add its float32 copy for the product)
         x3, g3 = x.to(g.dtype).reshape(st.B, cin, L), g.reshape(st.B, cout, L)
         w.put_seg(st, torch.bmm(g3, x3.transpose(1, 2)).view(st.B, -1))
     elif w is not None and _patchwise(m):
