@@ -195,10 +195,10 @@ def _patch_rows(x: torch.Tensor, kernel, out) -> torch.Tensor:
 
 def _conv(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor) -> None:
     w, b = slots
-    pointwise = w is not None and all(v == 1 for v in m.kernel_size) and _patchwise(m)
+    patches = w is not None and _patchwise(m)
     L = math.prod(g.shape[2:])  # output positions per sample
     cout, cin = g.shape[1], x.shape[1]
-    if pointwise and cout * cin <= L * (cout + cin):
+    if patches and all(v == 1 for v in m.kernel_size) and cout * cin <= L * (cout + cin):
         # 1x1 with many positions (the UNet's skips at 8x8): every sample's own product
         # [Cout, L] @ [L, Cin] in one batched call on the layer's layout, then one product with
         # the cluster one-hot; its [B, Cout, Cin] temporary is no larger than the transposed
@@ -206,7 +206,7 @@ def _conv(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor) -> N
         # gradients add its float32 copy for the product)
         x3, g3 = x.to(g.dtype).reshape(st.B, cin, L), g.reshape(st.B, cout, L)
         w.put_seg(st, torch.bmm(g3, x3.transpose(1, 2)).view(st.B, -1))
-    elif w is not None and _patchwise(m):
+    elif patches:
         # 1x1 (attention qkv, skips) and patch embeddings: one matmul per cluster on the
         # non-overlapping patches beats convolution_backward's per-call cost
         gt = g.reshape(st.B, g.shape[1], -1).transpose(0, 1).flatten(1)  # [Cout, B*L]
@@ -224,7 +224,7 @@ def _conv(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor) -> N
         zeros, mask = [0] * d, [False, True, False]
 
         live = sum(a < b for a, b in itertools.pairwise(st.bounds))
-        if g.device.type == "cpu" and live > 1 and st.B * math.prod(g.shape[2:]) <= 512 * live:
+        if g.device.type == "cpu" and live > 1 and st.B * L <= 512 * live:
             # One grouped call for all k clusters: each cluster's samples padded to the largest
             # cluster's count, the clusters side by side as k groups of channels.
             # On the CPU a per-cluster call has a fixed cost that dominates when a cluster has
