@@ -57,17 +57,17 @@ class Dataset:
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """x[idx] as float32 (pixels scaled to [-1, 1]), on x's device."""
-        return _as_float(self.x.index_select(0, idx.to(self.x.device)))
+        return as_float(self.x.index_select(0, idx.to(self.x.device)))
 
     def images(self) -> torch.Tensor:
         """The whole of x as float32 (for uint8 pixels a new tensor four times x's size)."""
-        return _as_float(self.x)
+        return as_float(self.x)
 
 
 _PIXELS: dict[torch.device, torch.Tensor] = {}  # the 256 scaled values, per device
 
 
-def _as_float(x: torch.Tensor) -> torch.Tensor:
+def as_float(x: torch.Tensor) -> torch.Tensor:
     """uint8 pixels -> float32 in [-1, 1] (p / 127.5 - 1); float tensors are returned as they
     are. The 256 values are computed once on the CPU and looked up, so every device gives the
     same bits (a GPU divides by a scalar as a multiply by its reciprocal)."""

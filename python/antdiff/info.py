@@ -41,9 +41,9 @@ def collect() -> dict[str, str]:
         "triton": _version("triton"),
     }
     try:
-        from antdiff.interval_dp import _import_extension
+        from antdiff.interval_dp import import_extension
 
-        info["antdiff._C"] = f"built ({_import_extension().__file__})"
+        info["antdiff._C"] = f"built ({import_extension().__file__})"
     except ImportError as exc:
         info["antdiff._C"] = f"NOT usable ({exc}); run `make build`"
     try:

@@ -53,7 +53,7 @@ ABI_VERSION = 1
 _cpp: dict[str, Any] = {"tried": False, "module": None, "error": None, "warned": False}
 
 
-def _import_extension() -> ModuleType:
+def import_extension() -> ModuleType:
     """antdiff._C, or ImportError if it is missing or was built from other sources (a stale
     build after a pull without `make build`: it imported, then failed mid-step)."""
     from antdiff import _C
@@ -71,7 +71,7 @@ def _load_cpp() -> ModuleType | None:
     if not _cpp["tried"]:
         _cpp["tried"] = True
         try:
-            _cpp["module"] = _import_extension()
+            _cpp["module"] = import_extension()
         except ImportError as exc:
             _cpp["error"] = exc
     return _cpp["module"]

@@ -137,14 +137,14 @@ def _data(args: argparse.Namespace, load: CheckpointLoader) -> tuple[torch.Tenso
     path = Path(args.data)
     if not path.is_file():
         raise FileNotFoundError(f"--data {path} does not exist (use 'digits' or a .npy/.pt file)")
-    from ..data import _as_float
     from ..evaluate import load_image_file
+    from ..metrics.features import image_floats
 
     x, y = load_image_file(path, "--data")
     if not (x.is_floating_point() or x.dtype == torch.uint8):
         raise ValueError(f"--data {path}: x0 must be floats (or uint8 pixels), got {x.dtype}")
     # 8-bit pixels: the model trained on [-1, 1]
-    return _as_float(x).float(), None if y is None else y.long()
+    return image_floats(x), None if y is None else y.long()
 
 
 def _labels(model: Any, y: torch.Tensor | None, n: int) -> dict[str, torch.Tensor]:

@@ -85,9 +85,9 @@ def check_images(images: Any, channels: tuple[int, ...]) -> torch.Tensor:
 
 def image_floats(x: torch.Tensor) -> torch.Tensor:
     """float32 copy of images, uint8 pixels mapped to [-1, 1] (p / 127.5 - 1); not clamped."""
-    from antdiff.data import _as_float  # the trainer's mapping: the same bits on every device
+    from antdiff.data import as_float  # the trainer's mapping: the same bits on every device
 
-    return _as_float(x).float()
+    return as_float(x).float()
 
 
 def image_batch(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:

@@ -23,10 +23,10 @@ import torch
 import ant_kernels
 from ant_kernels._dispatch import backend, backend_reasons
 from ant_kernels.reference import check_G, check_graddrop, check_orders, check_uniform
-from antdiff.interval_dp import BUILD_HINT, _import_extension
+from antdiff.interval_dp import BUILD_HINT, import_extension
 
 try:
-    _C = _import_extension()
+    _C = import_extension()
 except ImportError as _exc:  # not built: ant_kernels serves every device
     _C = None
     if "stale" in str(_exc):  # built from older sources: say so once, then use the references
