@@ -279,6 +279,46 @@ def test_grouped_conv_weight_gradients_of_a_conv_called_twice(size, empty):
     close(J, reference_J(model, loss_fn, b2, t2, ant.clusters, 4), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("frozen", [None, "weight", "bias"])
+def test_group_norm_rows_from_the_forward_statistics_and_without_them(frozen):
+    """GroupNorm's rows: from the statistics the forward kept (its backward node's mean and
+    1 / std) for a norm on an activation, recomputed for a norm on the raw batch (its input
+    does not require grad, so no statistics were kept); a channels-last activation, a
+    [B, C] input, and a frozen weight or bias (the other still gets its rows)."""
+
+    class Norms(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n0 = nn.GroupNorm(2, 4)  # on the batch itself
+            self.c = nn.Conv2d(4, 6, 3, padding=1)
+            self.n1 = nn.GroupNorm(3, 6)
+            self.n2 = nn.GroupNorm(2, 6)
+            self.out = nn.Linear(6, 1)
+
+        def forward(self, x, t):
+            h = self.c(self.n0(x) * (1 + t[:, None, None, None] / T))
+            h = self.n1(torch.tanh(h).contiguous(memory_format=torch.channels_last))
+            v = self.n2(torch.tanh(h).mean(dim=(2, 3)))  # [B, C]
+            return self.out(torch.tanh(v)).squeeze(1)
+
+    torch.manual_seed(0)
+    model = _randomise(Norms().double())
+    if frozen is not None:
+        for m in (model.n0, model.n1, model.n2):
+            getattr(m, frozen).requires_grad_(False)
+    ant = ANT(linear_schedule(T), k=3, method="pcgrad", model=model, mode="onepass")
+    x = torch.randn(10, 4, 5, 5, dtype=torch.float64) * 2 + 1
+    t = ant.sample_timesteps(10)
+
+    def loss_fn(b, tt):
+        return model(b, tt) ** 2
+
+    J = fill(ant, loss_fn, x, t, "onepass")  # noqa: N806
+    ref = reference_J(model, loss_fn, x, t, ant.clusters, 3)
+    assert ref.abs().sum(1).min() > 0
+    torch.testing.assert_close(J, ref, rtol=1e-10, atol=1e-12)
+
+
 def test_empty_clusters_give_zero_rows():
     torch.manual_seed(0)
     model = Toy()

@@ -159,7 +159,7 @@ class _Step:
         return self._blocks
 
 
-def _linear(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor) -> None:
+def _linear(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor, node) -> None:
     w, b = slots
     g2 = g.reshape(-1, g.shape[-1])  # [B * tokens, out]
     n = g2.shape[0] // st.B
@@ -193,7 +193,7 @@ def _patch_rows(x: torch.Tensor, kernel, out) -> torch.Tensor:
     return x.permute(perm).reshape(x.shape[0] * math.prod(out), -1)
 
 
-def _conv(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor) -> None:
+def _conv(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor, node) -> None:
     w, b = slots
     patches = w is not None and _patchwise(m)
     L = math.prod(g.shape[2:])  # output positions per sample
@@ -254,11 +254,29 @@ def _conv(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor) -> N
         b.put_seg(st, g.reshape(st.B, g.shape[1], -1).sum(-1))
 
 
-def _norm(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor) -> None:
+def _norm(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor, node) -> None:
     w, b = slots
     dt = torch.promote_types(g.dtype, torch.float32)  # half precision: normalise in fp32
     g, x = g.to(dt), x.to(dt)
-    if isinstance(m, nn.GroupNorm):
+    if isinstance(m, nn.GroupNorm) and type(node).__name__ == "NativeGroupNormBackward0":
+        # With the forward's own statistics, the B samples' groups are the B * G groups of one
+        # [1, B C, HW] GroupNorm, whose weight and bias gradients are then per sample: one
+        # pass over x and g (0.1 ms a layer in place of 0.2-0.4 for recomputing the norm)
+        n, c = st.B, m.num_channels
+        hw = x.numel() // (n * c)
+        stats = (node._saved_result1, node._saved_result2)  # mean, 1 / std: [B, G]
+        mean, rstd = (v.to(dt).reshape(1, n * m.num_groups) for v in stats)
+        dw, db = torch.ops.aten.native_group_norm_backward(
+            g.reshape(1, n * c, hw), x.reshape(1, n * c, hw), mean, rstd,
+            x.new_ones(n * c),  # only its shape is read: no input gradient is asked for
+            1, n * c, hw, n * m.num_groups, [False, w is not None, b is not None],
+        )[1:]  # fmt: skip
+        if w is not None:
+            w.put_seg(st, dw.view(n, c))
+        if b is not None:
+            b.put_seg(st, db.view(n, c))
+        return
+    if isinstance(m, nn.GroupNorm):  # no statistics kept (the input did not require grad)
         n = m.num_channels
         g3 = g.reshape(st.B, n, -1)  # [B, C, spatial]: reduce the last dim
         yh = F.group_norm(x, m.num_groups, eps=m.eps) if w is not None else None
@@ -274,7 +292,7 @@ def _norm(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor) -> N
         b.put_seg(st, g3.sum(red))
 
 
-def _embedding(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor) -> None:
+def _embedding(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor, node) -> None:
     w, d, idx = slots[0], g.shape[-1], x.reshape(-1)
     if w is None:
         return
@@ -528,6 +546,9 @@ class OnePass:
         if not out.requires_grad:
             new = out = _Root.apply(out, st.anchor)
         grad_fn, slots = self.layers[j][2], self._slots[j]
+        # GroupNorm's backward node keeps the forward's statistics (read in the backward, where
+        # the node has not yet run and freed them)
+        node = out.grad_fn if isinstance(m, nn.GroupNorm) else None
         held = [x]  # released once used: the graph's nodes (and this hook) live to the end
         version = x._version  # autograd's own rule for the inputs it saves
 
@@ -545,7 +566,7 @@ class OnePass:
                     "from the modified values (autograd refuses this too); use mode='micro' "
                     "(or 'auto'), or avoid the in-place operation"
                 )
-            grad_fn(st, m, slots, x, g)
+            grad_fn(st, m, slots, x, g, node)
 
         out.register_hook(hook)
         return new
