@@ -3,6 +3,8 @@ type it serves and on the registry's models; state is restored; unsupported mode
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -280,11 +282,12 @@ def test_grouped_conv_weight_gradients_of_a_conv_called_twice(size, empty):
 
 
 @pytest.mark.parametrize("frozen", [None, "weight", "bias"])
-def test_group_norm_rows_from_the_forward_statistics_and_without_them(frozen):
+def test_group_norm_rows_from_the_forward_statistics_and_without_them(frozen, monkeypatch):
     """GroupNorm's rows: from the statistics the forward kept (its backward node's mean and
-    1 / std) for a norm on an activation, recomputed for a norm on the raw batch (its input
-    does not require grad, so no statistics were kept); a channels-last activation, a
-    [B, C] input, and a frozen weight or bias (the other still gets its rows)."""
+    1 / std: one native backward call per norm on an activation), recomputed for a norm on
+    the raw batch (its input does not require grad, so no statistics were kept); a
+    channels-last activation, an output gradient expanded over the positions (a sum right
+    after the norm), a [B, C] input, and a frozen weight or bias (the other keeps its rows)."""
 
     class Norms(nn.Module):
         def __init__(self) -> None:
@@ -293,18 +296,29 @@ def test_group_norm_rows_from_the_forward_statistics_and_without_them(frozen):
             self.c = nn.Conv2d(4, 6, 3, padding=1)
             self.n1 = nn.GroupNorm(3, 6)
             self.n2 = nn.GroupNorm(2, 6)
+            self.n3 = nn.GroupNorm(3, 6)
             self.out = nn.Linear(6, 1)
 
         def forward(self, x, t):
             h = self.c(self.n0(x) * (1 + t[:, None, None, None] / T))
             h = self.n1(torch.tanh(h).contiguous(memory_format=torch.channels_last))
-            v = self.n2(torch.tanh(h).mean(dim=(2, 3)))  # [B, C]
+            s = self.n3(h).sum(dim=(2, 3))  # n3's output gradient: stride 0 over positions
+            v = self.n2(torch.tanh(h).mean(dim=(2, 3)) + s)  # [B, C]
             return self.out(torch.tanh(v)).squeeze(1)
+
+    native = torch.ops.aten.native_group_norm_backward
+    calls = []
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return native(*args)
+
+    monkeypatch.setattr(torch.ops.aten, "native_group_norm_backward", counted)
 
     torch.manual_seed(0)
     model = _randomise(Norms().double())
     if frozen is not None:
-        for m in (model.n0, model.n1, model.n2):
+        for m in (model.n0, model.n1, model.n2, model.n3):
             getattr(m, frozen).requires_grad_(False)
     ant = ANT(linear_schedule(T), k=3, method="pcgrad", model=model, mode="onepass")
     x = torch.randn(10, 4, 5, 5, dtype=torch.float64) * 2 + 1
@@ -314,6 +328,8 @@ def test_group_norm_rows_from_the_forward_statistics_and_without_them(frozen):
         return model(b, tt) ** 2
 
     J = fill(ant, loss_fn, x, t, "onepass")  # noqa: N806
+    assert calls == [(1, 60, 1), (1, 60, 25), (1, 60, 25)]  # n2, n3, n1 (not n0)
+    del calls[:]
     ref = reference_J(model, loss_fn, x, t, ant.clusters, 3)
     assert ref.abs().sum(1).min() > 0
     torch.testing.assert_close(J, ref, rtol=1e-10, atol=1e-12)
@@ -481,6 +497,49 @@ def test_input_modified_in_place_after_the_layer_is_refused():
         fill(ant, lambda b, tb: model(b, tb), x, t, "onepass")
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         fill(ant, lambda b, tb: model(b, tb), x, t, "micro")
+
+
+class NormThenInPlace(nn.Module):
+    """A GroupNorm, then a Linear whose input changes in place after use (``modify``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(2, 4, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 4)
+        self.lin = nn.Linear(64, 1)
+
+    def forward(self, x, t, modify=False):
+        h = torch.tanh(self.gn(self.c(x))).flatten(1) * (1 + t[:, None] / T)
+        out = self.lin(h)
+        if modify:
+            h.mul_(2.0)
+        return out.squeeze(1) ** 2
+
+
+def test_steps_leave_no_reference_cycles():
+    """The hooks drop what they hold (a layer's input, GroupNorm's backward node) when the step
+    ends, also when the backward stops early (here at the Linear, before the GroupNorm's hook
+    ran): no step leaves a reference cycle, which would keep its graph and saved activations
+    alive until a full garbage collection."""
+    torch.manual_seed(0)
+    model = NormThenInPlace()
+    ant, x, t = _engine(model, 8, (2, 4, 4))
+    fill(ant, lambda b, tb: model(b, tb), x, t, "onepass")  # warm-up: one-time objects
+    gc.collect()
+    gc.disable()
+    try:
+        fill(ant, lambda b, tb: model(b, tb), x, t, "onepass")
+        assert gc.collect() == 0
+        try:
+            fill(ant, lambda b, tb: model(b, tb, modify=True), x, t, "onepass")
+        except ValueError as e:
+            assert "'lin' was modified in place" in str(e)  # noqa: PT017
+            e.__traceback__ = None  # its frames would be a cycle of the test's own making
+        else:
+            raise AssertionError("the in-place change was not refused")
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
 
 
 class PositionTable(nn.Module):

@@ -267,7 +267,9 @@ def _norm(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor, node
         stats = (node._saved_result1, node._saved_result2)  # mean, 1 / std: [B, G]
         mean, rstd = (v.to(dt).reshape(1, n * m.num_groups) for v in stats)
         dw, db = torch.ops.aten.native_group_norm_backward(
-            g.reshape(1, n * c, hw), x.reshape(1, n * c, hw), mean, rstd,
+            # contiguous: the kernel reads them densely (an expanded gradient, e.g. from a
+            # sum over positions, would reshape to a stride-0 view)
+            g.reshape(1, n * c, hw).contiguous(), x.reshape(1, n * c, hw).contiguous(), mean, rstd,
             x.new_ones(n * c),  # only its shape is read: no input gradient is asked for
             1, n * c, hw, n * m.num_groups, [False, w is not None, b is not None],
         )[1:]  # fmt: skip
@@ -396,6 +398,7 @@ class OnePass:
         self._slots: list[tuple[_Slot | None, ...]] = []
         self._st: _Step | None = None
         self._in_backward = False  # a served layer's forward now is a recompute (checkpointing)
+        self._held: list[list] = []  # per layer call of this step: its input (and GroupNorm node)
         self._audited = False  # the first forward checks that no weight is used elsewhere
         self._audit: _SharedWeightAudit | None = None  # during that forward
         self._inner = inner  # its parameters and buffers are the audit's first constants
@@ -515,6 +518,9 @@ class OnePass:
             self._in_backward = False
             for h in handles:
                 h.remove()
+            for held in self._held:  # also after an aborted backward
+                held.clear()
+            self._held.clear()
         return sums
 
     def _forward_hook(self, j: int, m: nn.Module, args, kwargs, out):
@@ -546,10 +552,12 @@ class OnePass:
         if not out.requires_grad:
             new = out = _Root.apply(out, st.anchor)
         grad_fn, slots = self.layers[j][2], self._slots[j]
-        # GroupNorm's backward node keeps the forward's statistics (read in the backward, where
-        # the node has not yet run and freed them)
-        node = out.grad_fn if isinstance(m, nn.GroupNorm) else None
-        held = [x]  # released once used: the graph's nodes (and this hook) live to the end
+        # held until used, and dropped by fill when the step ends: the graph's nodes (and this
+        # hook) may live longer, and GroupNorm's own node (whose kept statistics the backward
+        # reads before the node runs and frees them) would otherwise be in a reference cycle
+        # with its hook
+        held = [x, out.grad_fn if isinstance(m, nn.GroupNorm) else None]
+        self._held.append(held)
         version = x._version  # autograd's own rule for the inputs it saves
 
         def hook(g: torch.Tensor) -> None:
@@ -558,7 +566,8 @@ class OnePass:
                     f"mode='onepass': the backward reached layer {self.layers[j][0]!r} twice; "
                     "retain_graph and double backward are not supported, use mode='micro'"
                 )
-            x = held.pop()
+            x, node = held
+            held.clear()
             if x._version != version:
                 raise NotServable(
                     f"mode='onepass': the input of layer {self.layers[j][0]!r} was modified in "
