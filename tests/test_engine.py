@@ -1277,6 +1277,37 @@ def test_loss_fn_that_runs_another_model_is_an_error(method, mode):
     assert any(p.grad.any() for p in attached.parameters())
 
 
+@pytest.mark.parametrize("method", ["vanilla", "uw", "rlw"])
+def test_reduce_of_another_models_loss_is_an_error(method, monkeypatch):
+    """ant.reduce with a model attached: the first loss after attach is checked to reach it
+    (the losses of a copy or of the EMA model gave it a zero update with no word); a loss
+    without a graph (computed under no_grad) is not judged, the walk runs once, and without an
+    attached model there is nothing to check."""
+    import antdiff.engine.core as core
+
+    def mlp():
+        return nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
+
+    attached, other = mlp(), mlp()
+    ant = ANT(linear_schedule(100), k=3, method=method, model=attached)
+    x, t = torch.randn(12, 4), ant.sample_timesteps(12)
+    with pytest.raises(ValueError, match="per_sample_loss reaches none of the attached model"):
+        ant.reduce((other(x) - x).pow(2).mean(1), t)
+    with torch.no_grad():
+        ant.reduce((other(x) - x).pow(2).mean(1), t)  # no graph: no verdict
+    walks = []
+    walk = core._reaches_model
+    monkeypatch.setattr(core, "_reaches_model", lambda *a: walks.append(1) or walk(*a))
+    for _ in range(2):
+        ant.reduce((attached(x) - x).pow(2).mean(1), t).backward()
+    assert len(walks) == 1 and all(p.grad.any() for p in attached.parameters())
+    ant.attach(other)  # a new model: its first loss is checked again
+    with pytest.raises(ValueError, match="per_sample_loss reaches none of the attached model"):
+        ant.reduce((attached(x) - x).pow(2).mean(1), t)
+    free = ANT(linear_schedule(100), k=3, method=method)
+    free.reduce((other(x) - x).pow(2).mean(1), t).backward()  # no model: nothing to check
+
+
 @pytest.mark.parametrize("mode", ["micro", "auto"])
 def test_reentrant_checkpoint_is_not_mistaken_for_another_model(mode):
     """A reentrant checkpoint reads its layers' parameters only in the backward: the graph walk

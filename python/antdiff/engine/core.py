@@ -444,6 +444,10 @@ class ANT:
     def reduce(self, per_sample_loss: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Total training loss of a loss-space method; call ``.backward()`` on it.
 
+        With a model attached, the first loss after ``attach`` that has an autograd graph is
+        checked to reach the model's trainable parameters (one walk of the graph on the host):
+        the losses of a copy or of the EMA model would give it a zero update.
+
         Args:
             per_sample_loss: [B] loss of every sample (already weighted, e.g. P2 / Min-SNR).
             t: [B] timesteps of those samples.
@@ -460,6 +464,10 @@ class ANT:
         )
         self._check_t(t, per.shape[0])
         self._check_device(per.device)
+        if self._model is not None and not self._probed and per.grad_fn is not None:
+            if _reaches_model(per, self._model) is False:  # the update would be zero, silently
+                raise ValueError(REDUCE_MODEL_NOT_RUN)
+            self._probed = True
         if self.method.loss is None:  # vanilla: the plain batch mean
             sums, counts = self._cluster_sums(per.detach(), t)
             _, L_global, present, N = self._globalise(sums, counts)  # noqa: N806
@@ -1043,6 +1051,13 @@ class ANT:
             f"ANT(method={self.method_name!r}, sampling={self.sampler.mode!r}, "
             f"mode={self.mode!r}{self._auto_choice()}, {self.clusters!r})"
         )
+
+
+REDUCE_MODEL_NOT_RUN = (
+    "ant.reduce: per_sample_loss reaches none of the attached model's trainable parameters, so "
+    "the update would be zero: pass the losses of the model given to ant.attach (or model=), "
+    "or attach the model they come from"
+)
 
 
 def _reaches_model(loss: torch.Tensor, model: nn.Module) -> bool | None:
