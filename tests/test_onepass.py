@@ -4,6 +4,7 @@ type it serves and on the registry's models; state is restored; unsupported mode
 from __future__ import annotations
 
 import gc
+import weakref
 
 import pytest
 import torch
@@ -500,7 +501,8 @@ def test_input_modified_in_place_after_the_layer_is_refused():
 
 
 class NormThenInPlace(nn.Module):
-    """A GroupNorm, then a Linear whose input changes in place after use (``modify``)."""
+    """A GroupNorm, then a Linear whose input changes in place after use (``modify``) or that
+    is called on all samples but the last (``drop``: refused in the forward)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -508,9 +510,9 @@ class NormThenInPlace(nn.Module):
         self.gn = nn.GroupNorm(2, 4)
         self.lin = nn.Linear(64, 1)
 
-    def forward(self, x, t, modify=False):
+    def forward(self, x, t, modify=False, drop=False):
         h = torch.tanh(self.gn(self.c(x))).flatten(1) * (1 + t[:, None] / T)
-        out = self.lin(h)
+        out = self.lin(h[:-1] if drop else h)
         if modify:
             h.mul_(2.0)
         return out.squeeze(1) ** 2
@@ -519,25 +521,31 @@ class NormThenInPlace(nn.Module):
 def test_steps_leave_no_reference_cycles():
     """The hooks drop what they hold (a layer's input, GroupNorm's backward node) when the step
     ends, also when the backward stops early (here at the Linear, before the GroupNorm's hook
-    ran): no step leaves a reference cycle, which would keep its graph and saved activations
-    alive until a full garbage collection."""
+    ran) or the forward does (the Linear on B - 1 samples, after the GroupNorm ran): the
+    GroupNorm's input is freed as soon as the step is over, and no step leaves a reference
+    cycle, which would keep its graph and saved activations alive until a full garbage
+    collection (or as long as the engine holds them)."""
     torch.manual_seed(0)
     model = NormThenInPlace()
     ant, x, t = _engine(model, 8, (2, 4, 4))
+    inputs = []
+    model.gn.register_forward_hook(lambda m, args, out: inputs.append(weakref.ref(args[0])))
     fill(ant, lambda b, tb: model(b, tb), x, t, "onepass")  # warm-up: one-time objects
     gc.collect()
     gc.disable()
     try:
         fill(ant, lambda b, tb: model(b, tb), x, t, "onepass")
-        assert gc.collect() == 0
-        try:
-            fill(ant, lambda b, tb: model(b, tb, modify=True), x, t, "onepass")
-        except ValueError as e:
-            assert "'lin' was modified in place" in str(e)  # noqa: PT017
-            e.__traceback__ = None  # its frames would be a cycle of the test's own making
-        else:
-            raise AssertionError("the in-place change was not refused")
-        assert gc.collect() == 0
+        assert inputs[-1]() is None and gc.collect() == 0
+        for kw, error in (("modify", "'lin' was modified in place"), ("drop", "not batch-major")):
+            try:
+                fill(ant, lambda b, tb: model(b, tb, **{kw: True}), x, t, "onepass")  # noqa: B023
+            except ValueError as e:
+                assert error in str(e)  # noqa: PT017
+                e.__traceback__ = None  # its frames would be a cycle of the test's own making
+            else:
+                raise AssertionError(f"{kw}: not refused")
+            assert inputs[-1]() is None, kw
+            assert gc.collect() == 0, kw
     finally:
         gc.enable()
 

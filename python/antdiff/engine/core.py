@@ -1055,8 +1055,8 @@ class ANT:
 
 REDUCE_MODEL_NOT_RUN = (
     "ant.reduce: per_sample_loss reaches none of the attached model's trainable parameters, so "
-    "the update would be zero: pass the losses of the model given to ant.attach (or model=), "
-    "or attach the model they come from"
+    "the update would be zero: pass the losses of the model given to ant.attach (or "
+    "ANT(..., model=)), or attach the model they come from"
 )
 
 

@@ -469,8 +469,7 @@ class OnePass:
                         h.remove()
                 self._audited = True
         except BaseException:
-            for h in handles:
-                h.remove()
+            self._end_step(handles)
             raise
         finally:
             for p in off:  # the graph's edges are fixed: the backward still skips them
@@ -514,14 +513,20 @@ class OnePass:
                 if s.fresh:
                     s.cols.zero_()
         finally:
-            self._st = None
-            self._in_backward = False
-            for h in handles:
-                h.remove()
-            for held in self._held:  # also after an aborted backward
-                held.clear()
-            self._held.clear()
+            self._end_step(handles)
         return sums
+
+    def _end_step(self, handles: list) -> None:
+        """Remove the step's hooks and drop what they held, also after an aborted forward or
+        backward (a GroupNorm's node and its hook's closure would otherwise be a reference
+        cycle holding the layer's input and the graph behind it)."""
+        self._st = None
+        self._in_backward = False
+        for h in handles:
+            h.remove()
+        for held in self._held:
+            held.clear()
+        self._held.clear()
 
     def _forward_hook(self, j: int, m: nn.Module, args, kwargs, out):
         if self._in_backward and torch.is_grad_enabled():
