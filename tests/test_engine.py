@@ -365,6 +365,42 @@ def test_state_dict_round_trip_gives_identical_next_step():
     torch.testing.assert_close(flat_grad(model2), flat_grad(model))
 
 
+@pytest.mark.parametrize("bad", ["sampler_used", "sampler_rng", "method_state"])
+def test_a_load_that_fails_half_way_leaves_the_engine_as_it_was(bad):
+    """A malformed checkpoint is refused after the step count, weights and method states were
+    assigned (the sampler comes last): the load is undone, not left half applied."""
+    model, ant = setup("uw+pcgrad")
+    x = torch.randn(16, 1, 6, 6)
+    for _ in range(2):
+        ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16))
+    before = ant.state_dict()
+    other_model, other = setup("uw+pcgrad", seed=5)
+    for _ in range(5):
+        other.backward(per_sample_loss(other_model), x, other.sample_timesteps(16))
+    state = other.state_dict()
+    if bad == "sampler_used":
+        state["sampler"]["used"] = 99
+    elif bad == "sampler_rng":
+        state["sampler"]["rng"] = {"bit_generator": "none"}
+    else:
+        state["grad_method"] = {"not": "a PCGrad state"}
+    with pytest.raises((ValueError, KeyError, TypeError)):
+        ant.load_state_dict(state)
+    after = ant.state_dict()
+    assert after["step"] == before["step"] == 2
+    torch.testing.assert_close(after["w"], before["w"])
+    torch.testing.assert_close(after["loss_method"], before["loss_method"])
+    assert after["grad_method"].keys() == before["grad_method"].keys()
+    assert after["sampler"]["rng"] == before["sampler"]["rng"]
+    _, twin = setup("uw+pcgrad", seed=7)
+    twin.load_state_dict(before)
+    draws = []
+    for engine in (ant, twin):  # the host counts come from the sampler's state
+        torch.manual_seed(0)  # the within-cluster draws from torch's
+        draws.append([engine.sample_timesteps(16).tolist() for _ in range(3)])
+    assert draws[0] == draws[1]
+
+
 def test_nonfinite_step_is_skipped_with_warning_and_state_untouched():
     model, ant = setup("uw+nash")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -443,11 +479,25 @@ def test_optimizer_loaded_from_a_non_fused_state_skips_on_the_host():
 
 
 def test_timesteps_sampled_in_inference_mode():
+    """Drawn under inference mode, t is still a normal tensor: a change in place after the
+    draw is seen (an inference tensor has no change counter), so its stale host counts are not
+    used and its range is checked."""
     _, ant = setup("uw")
     with torch.inference_mode():
         t = ant.sample_timesteps(16)
-        assert ant.sampler.counts_for(t) is not None
+        assert ant.sampler.counts_for(t) is not None and not t.is_inference()
         ant.reduce(torch.ones(16), t)
+        t.fill_(5 * T)
+        assert ant.sampler.counts_for(t) is None
+        with pytest.raises(ValueError, match=r"\[0, T=100\)"):
+            ant.reduce(torch.ones(16), t)
+    vanilla = ANT(linear_schedule(T), k=4, method="vanilla")
+    with torch.inference_mode():
+        t = vanilla.sample_timesteps(16)
+        t.zero_()  # every sample in cluster 0: the engine counts again
+        vanilla.reduce(torch.arange(16.0), t)
+    assert vanilla.last.present.tolist() == [True, False, False, False]
+    assert float(vanilla.last.cluster_losses[0]) == 7.5  # the mean of 0..15
 
 
 def test_stats_report_conflicts_and_cosines():
@@ -491,6 +541,9 @@ def test_bad_input_messages():
     _, uw = setup("uw")
     with pytest.raises(ValueError, match="PER SAMPLE"):
         uw.reduce(torch.ones(8, 2), t)
+    for bad in (t.bool(), t.float(), t.to(torch.complex64)):  # a bool t read as t = 0 / 1
+        with pytest.raises(ValueError, match="t must be a 1-D integer tensor"):
+            uw.reduce(torch.ones(8), bad)
 
 
 def test_user_timesteps_not_sorted_still_exact():
@@ -807,9 +860,11 @@ def test_cached_placements_give_the_placement_formula(mode):
     a = twin.sample_timesteps(12, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, ant.sample_timesteps(12, generator=torch.Generator().manual_seed(3)))
     ant.sampler._placements.clear()
-    with torch.inference_mode():  # inference tensors are not kept for later training steps
-        ant.sampler.sample(12)
-    assert not ant.sampler._placements
+    with torch.inference_mode():  # drawn as normal tensors: kept, and fit for training steps
+        t = ant.sampler.sample(12)[0]
+    kept = [x for tensors, _ in ant.sampler._placements.values() for x in tensors]
+    assert not t.is_inference() and not any(x.is_inference() for x in kept)
+    assert bool(kept) == (mode != "uniform")
 
 
 @pytest.mark.parametrize("mode", ["proportional", "uniform"])

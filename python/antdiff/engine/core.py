@@ -20,6 +20,7 @@ multi-process result equal to the single-process one on the global batch.
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -390,7 +391,10 @@ class ANT:
         return self.sampler.sample(B, device, generator)[0]
 
     def _check_t(self, t: torch.Tensor, n: int | None = None) -> None:
-        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype.is_floating_point:
+        if (
+            not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype == torch.bool
+            or t.dtype.is_floating_point or t.dtype.is_complex
+        ):  # fmt: skip
             raise ValueError(f"t must be a 1-D integer tensor of timesteps, got {_describe(t)}")
         if n is not None and t.shape[0] != n:
             raise ValueError(f"t has {t.shape[0]} entries but the batch/loss has {n} samples")
@@ -1027,6 +1031,14 @@ class ANT:
                 f"checkpoint sampled timesteps with mode {mode!r}, this engine uses "
                 f"{self.sampler.mode!r}; construct ANT(..., sampling={mode!r})"
             )
+        backup = copy.deepcopy(self.state_dict())  # a load that fails half-way is undone
+        try:
+            self._assign_state(state)
+        except BaseException:
+            self._assign_state(backup)
+            raise
+
+    def _assign_state(self, state: dict[str, Any]) -> None:
         self._pending_observe, self._grads_unchecked = None, False  # steps before the load
         self._recompute = None
         self.step_count = int(state["step"])

@@ -159,15 +159,18 @@ class TimestepSampler:
             else:  # too many batch sizes to keep tables for: one allocation
                 u = self._uniform() if _extra(int(B), self.shares, self.mode) else 0.0
                 counts = np.array(_systematic(int(B), self.shares, self.mode, u), np.int64)
-        r = torch.randint(0, _DRAW_HIGH, (int(B),), device=device, generator=generator)
 
         def build() -> tuple[torch.Tensor, ...]:
             # per sample: the first timestep and the length of its cluster's interval, its cluster
             lo, size = np.repeat(self._lo, counts), np.repeat(self._size, counts)
             return _placement(lo, size, np.repeat(np.arange(len(counts)), counts), device=r.device)
 
-        parts = self._cached((counts.tobytes(), r.device, "place"), build)
-        t = _place_on(r, parts)
+        # a normal tensor also under torch.inference_mode: an inference tensor has no in-place
+        # change counter, so a change after the draw (t.zero_()) would keep its stale counts
+        with torch.inference_mode(False):
+            r = torch.randint(0, _DRAW_HIGH, (int(B),), device=device, generator=generator)
+            parts = self._cached((counts.tobytes(), r.device, "place"), build)
+            t = _place_on(r, parts)
         self.remember(t, counts, parts[2])
         return t, counts
 
@@ -197,7 +200,8 @@ class TimestepSampler:
         """Device tensors for ``key``: built once per count vector ("proportional" and "equal"
         draw from a handful of them), so a step reuses them instead of building and copying.
 
-        Not cached: "uniform" counts (too many vectors) and tensors built in inference mode. On
+        Not cached: "uniform" counts (too many vectors) and tensors built in inference mode
+        (``sample`` builds its own outside it, as normal tensors). On
         CUDA an event marks the end of the copy; a step on another stream waits for it there.
         """
         hit = self._placements.get(key)
