@@ -130,6 +130,20 @@ def test_latest_outranks_a_higher_step_of_an_abandoned_branch(tmp_path, monkeypa
     assert load_checkpoint(tmp_path)[0]["step"] == 3
 
 
+def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
+    """Resumed in place from ckpt 2 while 4 and 6 exist (an abandoned branch), with a smaller
+    keep: pruning by step number removed the new ckpt 3 (and 2) and kept the abandoned ones,
+    so "latest" named a missing file and the next resume took step 6. The new checkpoint
+    supersedes the later ones; the older ones are pruned around it."""
+    for step in (2, 4, 6):
+        save_checkpoint(tmp_path, step, _state(step), keep=3)
+    save_checkpoint(tmp_path, 3, _state(3), keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_00000002.pt", "ckpt_00000003.pt"]
+    assert load_checkpoint(tmp_path)[0]["step"] == 3
+    save_checkpoint(tmp_path, 5, _state(5), keep=1)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_00000005.pt"]
+
+
 def test_the_next_save_removes_what_a_killed_save_left(tmp_path):
     """A process killed inside torch.save cannot clean up (no exception runs): its full-size
     temp file would stay for good; the next save deletes it."""

@@ -15,6 +15,7 @@ from PIL import Image
 import antdiff.checkpoint as ck
 from antdiff.cli import main as cli_main
 from antdiff.config import load_config
+from antdiff.data import get_batch
 from antdiff.train import build_run, checkpoint_state, restore, train, train_step
 
 METHODS = (
@@ -167,13 +168,13 @@ def test_cuda_train_step_has_no_host_sync(method, tmp_path):
     """The trainer's step on a GPU (fused AdamW, EMA) under torch's own sync detector."""
     cfg = _cfg("digits_adm", tmp_path, "--ant.method", method, "--train.device", "cuda")
     run = build_run(cfg)
-    batches = [run.data.x[run.batches.next_indices()].cuda() for _ in range(4)]
-    train_step(run, {"x": batches[0]})
+    assert run.data.x.is_cuda  # the batch is gathered on the device from host indices
+    train_step(run, get_batch(run.data, run.batches.next_indices()))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for x in batches[1:]:
-            train_step(run, {"x": x})
+        for _ in range(3):  # the trainer's own loop body: indices -> batch -> step
+            train_step(run, get_batch(run.data, run.batches.next_indices()))
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
@@ -247,7 +248,8 @@ def test_resume_is_bit_exact(preset, method, tmp_path):
 
 def test_a_fresh_run_refuses_a_directory_with_checkpoints(tmp_path):
     """A fresh run there would prune the old checkpoints by step number (its own first one
-    among them) and leave a later --resume to continue the old run."""
+    among them) and leave a later --resume to continue the old run; a run that kept no
+    checkpoints still has logs that a fresh run would overwrite."""
     extra = ["--ant.method", "uw", "--train.ckpt_every", "2"]
     train(_cfg("digits_adm", tmp_path / "run", *extra, steps=2))
     with pytest.raises(ValueError, match="already holds checkpoints.*ckpt_00000002.pt.*--resume"):
@@ -255,6 +257,11 @@ def test_a_fresh_run_refuses_a_directory_with_checkpoints(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         train(_cfg("digits_adm", tmp_path / "file", *extra, steps=2))
+    train(_cfg("digits_adm", tmp_path / "logs", "--ant.method", "uw", steps=1))  # no checkpoint
+    before = (tmp_path / "logs" / "metrics.csv").read_text()
+    with pytest.raises(ValueError, match="holds another run's logs.*--train.out_dir"):
+        train(_cfg("digits_adm", tmp_path / "logs", "--ant.method", "uw", steps=1))
+    assert (tmp_path / "logs" / "metrics.csv").read_text() == before
 
 
 def test_crash_mid_checkpoint_resumes_from_the_last_complete_one(tmp_path, monkeypatch):

@@ -49,7 +49,11 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
 
 
 def save_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoint ``step`` atomically, point "latest" at it, keep the last ``keep``."""
+    """Write checkpoint ``step`` atomically, point "latest" at it, keep the last ``keep``.
+
+    Checkpoints of later steps are those of a run continued from an earlier checkpoint in
+    place: this one supersedes them, so they go first (kept, they would outrank it in the
+    pruning and, should "latest" be lost, in the choice of the newest)."""
     d = checkpoint_dir(out_dir)
     path = d / f"ckpt_{step:08d}.pt"
     for stale in d.glob(".ckpt_*.tmp"):  # a save killed mid-write left it (full size)
@@ -59,7 +63,14 @@ def save_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep:
     # older one it still named.
     atomic_write_text(d / "latest", path.name + "\n")
     atomic_write(path, lambda f: torch.save(state, f))
-    for old in list_checkpoints(d)[:-keep]:
+    older = []
+    for p in list_checkpoints(d):
+        n = int(_NAME.match(p.name).group(1))
+        if n > step:
+            p.unlink(missing_ok=True)
+        elif n < step:
+            older.append(p)
+    for old in older[: max(len(older) - (keep - 1), 0)]:
         old.unlink(missing_ok=True)
     return path
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from .config import DataConfig
+from .engine.timesteps import to_device
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
@@ -377,8 +378,11 @@ class BatchIterator:
 
 
 def get_batch(ds: Dataset, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-    """{"x": [B, C, H, W], "y": [B]} (y only for class-conditional data) on ds's device."""
-    idx = idx.to(ds.x.device)
+    """{"x": [B, C, H, W], "y": [B]} (y only for class-conditional data) on ds's device.
+
+    Host indices reach a GPU through pinned memory without blocking: a plain copy from pageable
+    memory waits for the stream, i.e. for the previous training step, every step."""
+    idx = to_device(idx, ds.x.device)
     out = {"x": ds.rows(idx)}
     if ds.y is not None:
         out["y"] = ds.y.index_select(0, idx)

@@ -381,6 +381,12 @@ def _train(
             f"{list_checkpoints(out)[-1].name}): pass --resume to continue it, or choose a new "
             "train.out_dir (a fresh run there would prune them and mix its logs with theirs)"
         )
+    if fresh and (out / "metrics.csv").exists():  # a run that kept no checkpoints
+        raise ValueError(
+            f"train.out_dir={str(out)!r} holds another run's logs (metrics.csv; it kept no "
+            "checkpoints to resume): a fresh run there would overwrite them. Choose a new "
+            "--train.out_dir, or remove that folder"
+        )
     if not fresh and resume not in (True, ""):
         src_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
         if src_dir.name == "checkpoints":  # <run>/checkpoints/ckpt_N.pt: the run is above
