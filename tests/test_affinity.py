@@ -387,6 +387,9 @@ def test_cli_reads_trainer_checkpoints(tmp_path, capsys):
         assert main(["affinity", str(first), *args, *flag]) == 2
         assert f"{flag[0]} {flag[1]}: the checkpoint was trained with" in capsys.readouterr().err
     assert main(["affinity", str(first), *args, "--T", "100", "--schedule", "linear"]) == 0
+    capsys.readouterr()
+    assert main(["affinity", str(first), *args, "--image-size", "16"]) == 2  # ignored before
+    assert "drop --image-size" in capsys.readouterr().err
 
 
 def test_paths_equal_modules(tmp_path):

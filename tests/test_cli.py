@@ -39,6 +39,25 @@ def test_cluster_cli_schedule_file(tmp_path, capsys):
     assert main(["cluster", "--schedule", str(tmp_path / "ac.npy"), "--objective",
                  "timestep"]) == 0
     assert '"bounds": [0, 200, 400, 600, 800, 1000]' in capsys.readouterr().out
+    # the file has its own length: a --T beside it was ignored, now refused
+    assert main(["cluster", "--schedule", str(tmp_path / "ac.npy"), "--T", "500"]) == 2
+    assert "drop --T" in capsys.readouterr().err
+
+
+def test_train_cli_options_mistyped_or_idle_are_errors(tmp_path, capsys):
+    """An option mistyped as an override, --allow-config-change without --resume (ignored
+    before) and --resume where there is nothing to resume name their fix."""
+    base = ["train", "--config", "digits_adm", "--train.out_dir", str(tmp_path / "run")]
+    for typo, meant in (("--resum", "--resume"), ("--allow_config_change",
+                                                  "--allow-config-change")):  # fmt: skip
+        assert main([*base, typo, "x"]) == 2
+        assert f"unknown option {typo} (did you mean {meant}?)" in capsys.readouterr().err
+    assert main([*base, "--allow-config-change"]) == 2
+    assert "applies when resuming: add --resume" in capsys.readouterr().err
+    assert main([*base, "--resume"]) == 2
+    assert "drop --resume to start a fresh run" in capsys.readouterr().err
+    assert main([*base, "--name", "mine", "--print-config"]) == 0  # a top-level key of its own
+    assert "name: mine" in capsys.readouterr().out
 
 
 def test_cluster_cli_errors_are_messages_not_tracebacks(tmp_path, capsys):

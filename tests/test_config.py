@@ -180,3 +180,38 @@ def test_cli_print_config_and_errors(capsys):
     assert "unknown config key 'ant.kk'" in err
     assert cli_main(["train", "--config", "nope"]) == 2
     assert "Available presets" in capsys.readouterr().err
+
+
+def test_model_overrides_of_the_wrong_kind_are_refused_before_any_data_loads():
+    """A mistyped override raised a TypeError from inside torch, after the data loaded; now
+    the config refuses it and names the key and the kind its default has."""
+    for value, shown in (("abc", "'abc'"), ("12.5", "12.5")):
+        with pytest.raises(ValueError, match=f"model_channels={shown} .*default 32 .an integer"):
+            load_config("digits_adm", ["--model.overrides.model_channels", value])
+    with pytest.raises(ValueError, match="use_scale_shift_norm=1 .*true or false"):
+        load_config("digits_adm", ["--model.overrides.use_scale_shift_norm", "1"])
+    cfg = load_config("digits_adm", ["--model.overrides.channel_mult", "[1, 2]"])
+    assert cfg.model.overrides["channel_mult"] == [1, 2]
+    from antdiff.models import create_model
+
+    with pytest.raises(ValueError, match="do not fit 'adm-tiny'"):  # one value, not a list
+        create_model("adm-tiny", channel_mult=5)
+
+
+def test_a_nested_override_into_an_empty_yaml_mapping(tmp_path):
+    """``method_kwargs:`` with nothing under it reads as null: an override below it fills it."""
+    path = tmp_path / "c.yaml"
+    path.write_text("ant:\n  method: uw\n  method_kwargs:\n")
+    cfg = load_config(str(path), ["--ant.method_kwargs.lr", "0.1"])
+    assert cfg.ant.method_kwargs == {"lr": 0.1}
+
+
+def test_text_keys_given_a_date_or_number_say_how_to_quote_it():
+    """YAML reads 2024-01-01 as a date and 123 as a number: a text key says to quote it."""
+    with pytest.raises(ValueError, match="train.out_dir must be text.*quote it.*'2024-01-01'"):
+        load_config("digits_adm", ["--train.out_dir", "2024-01-01"])
+    with pytest.raises(ValueError, match="data.path must be text, got 123 .int.: quote it"):
+        load_config("digits_adm", ["--data.path", "123"])
+    assert load_config("digits_adm", ["--train.out_dir", "'2024-01-01'"]).train.out_dir == (
+        "2024-01-01"
+    )

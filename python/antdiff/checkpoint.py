@@ -275,7 +275,15 @@ def resume_state(cfg: Any, resume: str | Path | bool, allow_change: bool) -> dic
     checkpoint file or directory.
     """
     where = cfg.train.out_dir if resume in (True, "", None) else resume
-    state, path = load_checkpoint(where)
+    try:
+        state, path = load_checkpoint(where)
+    except FileNotFoundError as exc:
+        if resume not in (True, "", None):
+            raise
+        raise FileNotFoundError(
+            f"--resume: {exc} (train.out_dir): nothing to resume there; drop --resume to start "
+            "a fresh run, or pass --resume PATH of a checkpoint"
+        ) from exc
     from .config import upgrade_saved_config
 
     saved = upgrade_saved_config(state["config"])

@@ -104,7 +104,7 @@ class ModelConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from .models import available_models
+        from .models import available_models, model_config
 
         if self.name not in available_models():
             close = difflib.get_close_matches(self.name, available_models(), n=1)
@@ -113,6 +113,9 @@ class ModelConfig:
                 f"model.name {self.name!r} is not a registered model{hint}; "
                 f"available: {available_models()}"
             )
+        if not isinstance(self.overrides, dict):
+            raise ValueError(f"model.overrides must be a mapping, got {self.overrides!r}")
+        model_config(self.name, **self.overrides)  # names and kinds, before any data loads
 
 
 @dataclass
@@ -300,11 +303,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin in (Union, types.UnionType):
         if type(None) in args and (value is None or value in ("none", "None")):
             return None
+        text_error = None
         for arg in (a for a in args if a is not type(None)):
             try:
                 return _coerce(value, arg, where)
-            except ValueError:
-                continue
+            except ValueError as exc:
+                text_error = exc if arg is str else text_error
+        if text_error is not None and len(args) <= 2:  # text or None: say how to quote it
+            raise text_error
         raise ValueError(f"{where} must be {tp}, got {value!r}")
     if tp is bool and isinstance(value, bool):
         return value
@@ -317,6 +323,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             pass
     if tp is str and isinstance(value, str):
         return value
+    if tp is str and value is not None and not isinstance(value, (list, dict)):
+        raise ValueError(  # YAML read a date, number or true/false where text was meant
+            f"{where} must be text, got {value!r} ({type(value).__name__}): quote it, e.g. "
+            f"--{where} \"'{value}'\" on the command line, or '{value}' in a YAML file"
+        )
     if origin is list and isinstance(value, (list, tuple)):
         return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict and isinstance(value, dict):
@@ -439,9 +450,14 @@ def apply_overrides(d: dict[str, Any], overrides: list[tuple[str, Any]]) -> dict
         if len(parts) == 2:
             section[parts[1]] = value
         elif typing.get_origin(typing.get_type_hints(section_cls)[parts[1]]) is dict:
-            node = section.setdefault(parts[1], {})
-            for p in parts[2:-1]:
-                node = node.setdefault(p, {})
+            node = section
+            for i, p in enumerate(parts[1:-1], 2):  # an empty YAML mapping reads as null
+                if node.get(p) is None:
+                    node[p] = {}
+                elif not isinstance(node[p], dict):
+                    where = ".".join(parts[:i])
+                    raise ValueError(f"{where} is {node[p]!r}, not a mapping; cannot set {key!r}")
+                node = node[p]
             node[parts[-1]] = value
         else:
             raise ValueError(f"{parts[0]}.{parts[1]} is not a mapping; cannot set {key!r}")

@@ -336,7 +336,13 @@ def restore(run: Run, state: dict[str, Any]) -> None:
                                            for g, h in zip(saved["param_groups"], ours)]}
     # the engine first: it names a changed method or k, where the optimiser would only say
     # that its parameter groups differ (UW adds one)
-    run.ant.load_state_dict(state["ant"])
+    try:
+        run.ant.load_state_dict(state["ant"])
+    except ValueError as exc:
+        raise ValueError(
+            f"{exc}. When resuming, keep the checkpoint's ant.method, ant.k, ant.clustering and "
+            "ant.sampling (its config.yaml has them): --allow-config-change cannot change them"
+        ) from exc
     run.opt.load_state_dict(saved)
     run.batches.load_state_dict(state["data"])
     run.step = int(state["step"])

@@ -128,6 +128,11 @@ def _diffusion(cfg: dict[str, Any], args: argparse.Namespace) -> GaussianDiffusi
 def _data(args: argparse.Namespace, load: CheckpointLoader) -> tuple[torch.Tensor, Any]:
     """x0 [N, C, H, W] and labels [N] (or None): --data, else the trainer checkpoint's data."""
     if args.data is None and load.data:
+        if args.image_size is not None:
+            raise ValueError(
+                "--image-size resizes the built-in digits; the checkpoint's own data keeps the "
+                "size it trained at: drop --image-size (or pass --data digits)"
+            )
         ds = next(iter(load.data.values()))
         return ds.images(), ds.y
     if args.data in (None, "digits"):

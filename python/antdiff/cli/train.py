@@ -9,6 +9,8 @@ torchrun --nproc_per_node 4 -m antdiff train --config digits_adm   # 4 GPUs, glo
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import json
 import logging
 import os
@@ -35,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--allow-config-change",
         action="store_true",
         help="resume even if the config differs in more than train.steps / logging settings "
-        "(ant.method, ant.k and the model still cannot change: their state would not fit)",
+        "(ant.method, ant.k, ant.clustering, ant.sampling and the model still cannot change: "
+        "their state would not fit)",
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
     p.epilog = (
@@ -62,10 +65,33 @@ def _collect_overrides(p: argparse.ArgumentParser) -> None:
     p.parse_known_args = parse_known_args  # type: ignore[method-assign]
 
 
+_OPTIONS = ("--config", "--resume", "--allow-config-change", "--print-config")
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Options mistyped as overrides (--allow_config_change, --resum) and options that would
+    be ignored get an error naming the fix."""
+    from ..config import Config
+
+    top = {f"--{f.name}" for f in dataclasses.fields(Config)}  # --name: a key of its own
+    for tok in getattr(args, "overrides", []):
+        key = tok.partition("=")[0]
+        if tok.startswith("--") and "." not in key and key not in top:
+            close = difflib.get_close_matches(key.replace("_", "-"), _OPTIONS, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(
+                f"unknown option {key}{hint}: the options are {', '.join(_OPTIONS)}; config "
+                "keys are set as --section.key VALUE"
+            )
+    if args.allow_config_change and args.resume is None:
+        raise ValueError("--allow-config-change applies when resuming: add --resume")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..config import dump_config
     from ..train import train
 
+    _check_options(args)
     cfg = load_config(args.config, getattr(args, "overrides", []))
     if args.print_config:
         print(dump_config(cfg), end="")

@@ -61,10 +61,56 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
         raise ValueError(
             f"unknown override(s) {bad} for {name!r} ({cls.__name__}); valid: {sorted(valid)}"
         )
+    defaults = {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items()}
+    for key, value in overrides.items():
+        like = cfg.get(key, defaults.get(key))
+        if not _same_kind(value, like):
+            raise ValueError(
+                f"model override {key}={value!r} for {name!r} must be of the kind of its "
+                f"default {like!r} ({_kind(like)})"
+            )
     return {**cfg, **overrides}
+
+
+def _kind(x: Any) -> str:
+    if isinstance(x, bool):
+        return "true or false"
+    if isinstance(x, int):
+        return "an integer"
+    if isinstance(x, float):
+        return "a number"
+    if isinstance(x, (tuple, list)):
+        item = _kind(x[0]).removeprefix("an ").removeprefix("a ") if x else ""
+        return f"a list of {item}s" if item else "a list"
+    return type(x).__name__
+
+
+def _same_kind(value: Any, like: Any) -> bool:
+    """Whether an override fits its default's kind: an integer, a number, true / false, or a
+    list (its items, or one item given alone as a CLI value gives it, are the constructor's to
+    check). None (an option switched off) and other defaults are not judged."""
+    if value is None or like is None or like is inspect.Parameter.empty:
+        return True
+    if isinstance(like, bool):
+        return isinstance(value, bool)
+    if isinstance(like, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(like, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(like, (tuple, list)):
+        return isinstance(value, (tuple, list)) or (bool(like) and _same_kind(value, like[0]))
+    return True
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:
     """Build the named size, e.g. create_model("DiT-S/2", num_classes=10, input_size=8)."""
     cfg = model_config(name, **overrides)
-    return _REGISTRY[name][0](**cfg)
+    cls = _REGISTRY[name][0]
+    try:
+        return cls(**cfg)
+    except TypeError as exc:  # e.g. a list override given one value the constructor cannot take
+        if not overrides:
+            raise
+        raise ValueError(
+            f"model overrides {overrides} do not fit {name!r} ({cls.__name__}): {exc}"
+        ) from exc
