@@ -330,6 +330,16 @@ def test_checkpoint_from_another_model(tmp_path):
         )
 
 
+def test_a_changed_seed_on_resume_is_refused(tmp_path):
+    """The data order and the random streams continue from the checkpoint: a new train.seed
+    under --allow-config-change was ignored while config.yaml recorded it."""
+    train(_cfg("digits_adm", tmp_path, "--train.ckpt_every", "2", "--ant.method", "uw"))
+    with pytest.raises(ValueError, match="train.seed cannot change on resume.*drop --train.seed"):
+        cfg = _cfg("digits_adm", tmp_path, "--train.ckpt_every", "2", "--ant.method", "uw",
+                   "--train.seed", "7", steps=3)  # fmt: skip
+        train(cfg, resume=True, allow_config_change=True)
+
+
 def test_changed_method_on_resume_is_named(tmp_path):
     """Even with --allow-config-change the method cannot change; the engine says so (the
     optimiser's "different number of parameter groups" came first when UW was involved)."""

@@ -288,6 +288,13 @@ def resume_state(cfg: Any, resume: str | Path | bool, allow_change: bool) -> dic
 
     saved = upgrade_saved_config(state["config"])
     bad = resume_conflicts(saved, cfg.to_dict())
+    if "train.seed" in bad:  # config.yaml would name a seed that nothing in the run uses
+        raise ValueError(
+            f"train.seed cannot change on resume (checkpoint {str(path)!r}: "
+            f"{_get(saved, 'train.seed')!r}, now {cfg.train.seed!r}): the data order and every "
+            "random stream continue from the checkpoint's state; drop --train.seed, or start "
+            "a fresh run (a new train.out_dir) for another seed"
+        )
     if bad and not allow_change:
         old, new = _flat(saved), _flat(cfg.to_dict())
         lines = "\n".join(f"  {k}: checkpoint {old.get(k)!r} -> now {new.get(k)!r}" for k in bad)
