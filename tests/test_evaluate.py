@@ -232,6 +232,7 @@ def test_eval_k_is_checked_before_sampling(tmp_path: Path) -> None:
         (dict(ref="many.npy", k=80), "--k 80 neighbours need at least 81 samples; got --ref"),
         (dict(ref="nhwc.npy"), r"--ref .*nhwc.npy: images must be \[N, C, H, W\] .* C in"),
         (dict(ref="pixels.npy"), "--ref .*pixels.npy: .*far outside|--ref .*pixels.npy: .*-1, 1"),
+        (dict(ref="unit.npy"), r"--ref .*unit.npy: .*look like floats in \[0, 1\].*2 \* x - 1"),
     ],
 )
 def test_eval_bad_k_and_small_reference_fail_before_sampling(tmp_path: Path, kw, match) -> None:
@@ -243,10 +244,27 @@ def test_eval_bad_k_and_small_reference_fail_before_sampling(tmp_path: Path, kw,
     np.save(tmp_path / "many.npy", np.zeros((70, 1, 8, 8), np.float32))
     np.save(tmp_path / "nhwc.npy", np.zeros((70, 8, 8, 1), np.float32))  # channels last
     np.save(tmp_path / "pixels.npy", np.full((70, 1, 8, 8), 255.0, np.float32))  # [0, 255]
+    unit = np.random.default_rng(0).random((70, 1, 8, 8), dtype=np.float32)  # [0, 1]: passed
+    np.save(tmp_path / "unit.npy", unit)
     if "ref" in kw:
         kw = {**kw, "ref": tmp_path / kw["ref"]}
     with pytest.raises(ValueError, match=match):
         evaluate_checkpoint(tmp_path / "no_such_run", 100, **kw)
+
+
+def test_eval_refuses_a_reference_of_another_size_before_sampling(
+    run_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """8x8 samples against 16x16 references were scored (the feature network resized both):
+    even the training data read as FID 144 against itself resized. Refused, before sampling."""
+    import antdiff.evaluate as ev
+    from antdiff.data import load_digits_tensor
+
+    torch.save(load_digits_tensor(16)[0], tmp_path / "digits16.pt")
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: pytest.fail("sampled first"))
+    with pytest.raises(ValueError, match=r"holds images of shape \[1, 16, 16\], .* makes "
+                       r"\[1, 8, 8\].*shape \[1, 8, 8\]"):  # fmt: skip
+        ev.evaluate_checkpoint(run_dir, 100, ref=tmp_path / "digits16.pt", progress=False)
 
 
 @pytest.mark.parametrize("suffix", [".npy", ".pt"])

@@ -169,6 +169,22 @@ def make_extractor(features: str, inception: str | Path | None = None, device: A
     raise ValueError(f"features must be one of {list(FEATURES)}, got {features!r}")
 
 
+def check_reference_range(real: torch.Tensor, name: str, rows: int = 256) -> None:
+    """Refuse float reference images that never reach below 0 in their first ``rows``: floats
+    in [0, 1] (a common way to save images) would pass the range check as [-1, 1] ones and give
+    a large FID with no word; real images in [-1, 1] always have dark pixels near -1."""
+    if real.dtype == torch.uint8 or not real.is_floating_point():
+        return
+    head = torch.as_tensor(real[:rows])
+    low = float(head.min())
+    if low >= -0.05:
+        raise ValueError(
+            f"{name}: its first {len(head)} images have no value below {low:.3f}, so they look "
+            "like floats in [0, 1]; reference floats must be in [-1, 1] like the samples: save "
+            "2 * x - 1 (or uint8 pixels)"
+        )
+
+
 def reference_images(ref: str | Path) -> tuple[str, torch.Tensor]:
     """(label, images [N, C, H, W]) of a known data set name or a .npy / .pt file.
 
@@ -263,6 +279,7 @@ def score(
 
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "reference_stats"
     label, real = reference_images(ref)
+    check_reference_range(real, f"ref {ref}")
     stats = reference_stats(real, extractor, root, label=label)
     fake_f = extractor(fake)  # one pass of the network for FID and precision / recall
     out = fid_vs_reference(fake, stats, extractor, fake_features=fake_f)
@@ -328,6 +345,8 @@ def evaluate_checkpoint(
     except ValueError as e:
         raise ValueError(f"--ref {ref}: {e} (reference images are [N, C, H, W] floats in "
                          "[-1, 1], as the samples are, or uint8 pixels)") from e  # fmt: skip
+    check_reference_range(real, f"--ref {ref}")
+    ref_shape = tuple(real.shape[1:])
     del real
     loaded = load_for_sampling(ckpt, ema=ema, device=device)
     if loaded.latent and loaded.data.codec is None:
@@ -341,6 +360,17 @@ def evaluate_checkpoint(
         raise ValueError(
             f"{ckpt} makes {loaded.data.shape[0]}-channel images; {extractor.name} takes "
             f"{extractor.channels} channels"
+        )
+    made = tuple(loaded.data.shape)
+    if loaded.data.codec is None and ref_shape != made:
+        size = loaded.cfg.data.image_size
+        hint = (f", e.g. antdiff.data.load_digits_tensor({size})[0] for digits resized as in "
+                "training" if size else "")  # fmt: skip
+        raise ValueError(
+            f"--ref {ref} holds images of shape {list(ref_shape)}, {ckpt} makes {list(made)}: "
+            "features of different sizes do not compare (the network resizes both, and a "
+            "resize does not undo the other's blur); pass --ref FILE with reference images of "
+            f"shape {list(made)}{hint}, saved with torch.save or np.save"
         )
     t0 = time.perf_counter()
     fake, _ = generate(
