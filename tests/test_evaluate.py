@@ -129,6 +129,30 @@ def test_generate_batches_match_one_batch_per_seed(run_dir: Path) -> None:
     x2, _ = generate(loaded, 6, steps=5, seed=1, batch_size=6, progress=False)
     assert y is None and x.shape == (6, 1, 8, 8)
     torch.testing.assert_close(x, x2, rtol=0, atol=0)
+    seen: list[torch.Tensor] = []  # handed over batch by batch, not kept (eval's features)
+    kept, _ = generate(loaded, 6, steps=5, seed=1, batch_size=4, progress=False,
+                       on_batch=seen.append)  # fmt: skip
+    assert kept is None and [len(b) for b in seen] == [4, 2]
+    x4, _ = generate(loaded, 6, steps=5, seed=1, batch_size=4, progress=False)
+    torch.testing.assert_close(torch.cat(seen), x4, rtol=0, atol=0)
+
+
+def test_eval_keeps_features_not_images(run_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """eval hands each batch of samples to the feature network and keeps only the features
+    (50,000 RGB samples at 256 px would be 39 GB as float32 images)."""
+    import antdiff.evaluate as ev
+
+    real_generate = ev.generate
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("on_batch"))
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "generate", spy)
+    res = ev.evaluate_checkpoint(run_dir, 70, steps=2, batch_size=32, progress=False,
+                                 cache_dir=tmp_path / "cache")  # fmt: skip
+    assert calls and calls[0] is not None and res["n_fake"] == 70
 
 
 def _frechet64(a: np.ndarray, b: np.ndarray) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,8 +94,13 @@ def generate(
     progress: bool = True,
     spacing: str = "linspace",
     eta: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    on_batch: Callable[[torch.Tensor], None] | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Draw ``num`` images from a loaded checkpoint, batch by batch, with a tqdm bar.
+
+    ``on_batch``: called with each batch (float32 in [-1, 1], on the model's device) instead of
+    keeping it: the images are then not returned (None), e.g. to keep only their features
+    (50,000 RGB samples at 256 px are 39 GB as float32).
 
     ``spacing`` picks the ``steps`` timesteps ("linspace"; "leading": 0, T//N, 2 T//N, ...,
     guided-diffusion's "ddimN" when N divides T; "trailing" ends at T - 1); ``eta`` is DDIM's
@@ -143,13 +149,17 @@ def generate(
             if loaded.data.codec is not None:
                 with torch.no_grad():
                     x = loaded.data.codec.decode(x)
-            out.append(x.float().clamp(-1.0, 1.0).cpu())
+            x = x.float().clamp(-1.0, 1.0)
+            if on_batch is not None:
+                on_batch(x)
+            else:
+                out.append(x.cpu())
             if bar is not None:
                 bar.update(n)
     finally:
         if bar is not None:
             bar.close()
-    return torch.cat(out), labels
+    return (torch.cat(out) if on_batch is None else None), labels
 
 
 def make_extractor(features: str, inception: str | Path | None = None, device: Any = "cpu"):
@@ -262,17 +272,19 @@ def _real_features(label: str, images: torch.Tensor, extractor: Any, cache_dir: 
 
 
 def score(
-    fake: torch.Tensor,
+    fake: torch.Tensor | None,
     extractor: Any,
     ref: str | Path = "digits",
     *,
     k: int = 3,
     cache_dir: str | Path | None = None,
+    fake_features: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """FID (against cached reference statistics) and precision / recall (k-NN, ``k``).
 
     Args:
-        fake: images [N, C, H, W] in [-1, 1].
+        fake: images [N, C, H, W] in [-1, 1] (None with ``fake_features``).
+        fake_features: ``extractor(fake)`` [N, dim], if the caller already has it.
     """
     from .metrics import fid_vs_reference, precision_recall, reference_stats
     from .metrics.features import default_cache_dir
@@ -281,7 +293,9 @@ def score(
     label, real = reference_images(ref)
     check_reference_range(real, f"ref {ref}")
     stats = reference_stats(real, extractor, root, label=label)
-    fake_f = extractor(fake)  # one pass of the network for FID and precision / recall
+    if fake_features is None:  # one pass of the network for FID and precision / recall
+        fake_features = extractor(fake)
+    fake_f = fake_features
     out = fid_vs_reference(fake, stats, extractor, fake_features=fake_f)
     pr = precision_recall(
         _real_features(label, real, extractor, root), fake_f, k=k, features=extractor.name
@@ -373,7 +387,8 @@ def evaluate_checkpoint(
             f"shape {list(made)}{hint}, saved with torch.save or np.save"
         )
     t0 = time.perf_counter()
-    fake, _ = generate(
+    feats: list[np.ndarray] = []  # the samples' features, batch by batch: not the images
+    generate(
         loaded,
         num,
         sampler=sampler,
@@ -384,9 +399,11 @@ def evaluate_checkpoint(
         progress=progress,
         spacing=spacing,
         eta=eta,
+        on_batch=lambda x: feats.append(extractor(x)),
     )
     t1 = time.perf_counter()
-    metrics = score(fake, extractor, ref, k=k, cache_dir=cache_dir)
+    metrics = score(None, extractor, ref, k=k, cache_dir=cache_dir,
+                    fake_features=np.concatenate(feats))  # fmt: skip
     cfg = loaded.cfg
     return {
         **metrics,

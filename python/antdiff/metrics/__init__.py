@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from antdiff.metrics.features import (
     DIGITS_NAME,
     INCEPTION_URL,
@@ -22,7 +20,7 @@ from antdiff.metrics.features import (
     find_inception,
     train_digits_classifier,
 )
-from antdiff.metrics.fid import feature_stats, fid_from_features, fid_from_stats
+from antdiff.metrics.fid import as_features, feature_stats, fid_from_features, fid_from_stats
 from antdiff.metrics.prdc import precision_recall
 from antdiff.metrics.reference_stats import ReferenceStats, reference_stats
 
@@ -59,7 +57,8 @@ def fid_vs_reference(
     """FID of ``fake_images [N, C, H, W]`` (in [-1, 1]) against cached reference statistics.
 
     ``fake_features``: ``extractor(fake_images)`` if the caller already has it (one pass of the
-    network serves FID and precision / recall).
+    network serves FID and precision / recall); ``fake_images`` may then be None (features
+    gathered while sampling, the images not kept).
 
     Returns:
         ``{"fid", "n_fake", "n_real", "dim", "features"}``.
@@ -69,14 +68,17 @@ def fid_vs_reference(
             f"reference statistics came from {reference.extractor!r} but the extractor is "
             f"{extractor.name!r}; FIDs across networks are meaningless"
         )
-    feats = extractor(fake_images) if fake_features is None else np.asarray(fake_features)
-    if feats.shape != (int(fake_images.shape[0]), extractor.dim):
+    if fake_images is None and fake_features is None:
+        raise ValueError("fid_vs_reference needs fake_images or fake_features")
+    feats = (extractor(fake_images) if fake_features is None
+             else as_features(fake_features, "fake_features"))  # fmt: skip
+    n_fake = int(fake_images.shape[0]) if fake_images is not None else len(feats)
+    if feats.shape != (n_fake, extractor.dim):
         raise ValueError(
-            f"fake_features must be [{int(fake_images.shape[0])}, {extractor.dim}] "
+            f"fake_features must be [{n_fake}, {extractor.dim}] "
             f"(extractor(fake_images)), got {tuple(feats.shape)}"
         )
     mu, sigma = feature_stats(feats)
-    n_fake = int(fake_images.shape[0])
     fid = fid_from_stats(
         reference.mu,
         reference.sigma,
