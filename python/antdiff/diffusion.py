@@ -266,8 +266,10 @@ class GaussianDiffusion:
     def per_sample_weight(self, t: torch.Tensor) -> torch.Tensor:
         """Loss weight w(t) [B] float32 (float64 tables gathered, then cast); ones if unweighted.
 
-        P2: 1 / (p2_k + SNR)^p2_gamma. Min-SNR-gamma: min(SNR, g) / SNR (eps),
-        min(SNR, g) (x0), min(SNR, g) / (SNR + 1) (v).
+        P2: 1 / (p2_k + SNR)^p2_gamma on the MSE of whatever the model predicts (as P2's own
+        code applies it; defined for eps prediction, where an x0 or v MSE differs by SNR or
+        SNR / (SNR + 1), which P2 does not convert). Min-SNR-gamma, converted per prediction:
+        min(SNR, g) / SNR (eps), min(SNR, g) (x0), min(SNR, g) / (SNR + 1) (v).
         """
         snr = self.table("snr", t)
         if self.loss_weighting == "p2":
