@@ -113,6 +113,17 @@ def test_tasks_fixed_by_seed_only():
         assert int(ta.min()) >= edges[k] and int(ta.max()) < edges[k + 1]
 
 
+def test_blocked_bf16_model_sums_every_entry_in_float32(setup):
+    """A bf16 model's J is bf16: the streamed bins' entries of G came from a bf16 product (the
+    others from gram's float32 sums), so the affinity moved with block_rows (1.3e-3)."""
+    model, diffusion, data = setup
+    model, data = copy.deepcopy(model).bfloat16(), data.bfloat16()
+    kw = dict(bins=7, n_samples=6, batch_size=4, seed=1)
+    one = task_affinity(model, diffusion, data, **kw)
+    blocked = task_affinity(model, diffusion, data, block_rows=2, **kw)
+    np.testing.assert_allclose(blocked.affinity, one.affinity, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("rows, passes", [(2, 7 + 6 + 5 + 4 + 3 + 2), (3, 7 + 5 + 3), (4, 7 + 4)])
 def test_blocked_equals_single_pass(setup, rows, passes):
     model, diffusion, data = setup

@@ -143,6 +143,37 @@ def test_bad_bounds():
     assert Clusters((0, 2.0, np.int64(5))).bounds == (0, 2, 5)
 
 
+def test_from_dict_checks_what_it_reads():
+    """k, T and sizes must agree with the bounds (a dict that says k = 3 loaded as one cluster),
+    and cost, objective, meta and bounds have their types (a text cost broke repr, a NaN one
+    wrote invalid JSON, a dict of bounds was read as its keys)."""
+    good = Clusters((0, 3, 10), "snr", 1.5, {"a": 1})
+    assert Clusters.from_dict(good.to_dict()) == good
+    for d, match in (
+        ({"bounds": [0, 5], "T": 10, "k": 3}, "k=3 does not match its bounds"),
+        ({"bounds": [0, 5], "sizes": [4]}, "sizes=.4. does not match"),
+        ({"bounds": [0, 5], "cost": "abc"}, "cost must be a finite number"),
+        ({"bounds": [0, 5], "cost": float("nan")}, "cost must be a finite number"),
+        ({"bounds": [0, 5], "objective": 3}, "objective must be text"),
+        ({"bounds": {0: 1, 5: 2}}, "needs a 'bounds' list"),
+        ({"bounds": [0, None]}, "bounds must be integers"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            Clusters.from_dict(d)
+
+
+def test_binned_gradient_clustering_checks_limits_and_edges_first():
+    """Limits no split of [0, T) can meet were blamed on the bins ("use finer bins"), and
+    fractional bin edges were truncated."""
+    A, edges = np.eye(10), np.arange(0, 1001, 100)  # noqa: N806
+    with pytest.raises(ValueError, match="min_size=300 is infeasible for k=5"):
+        cluster_timesteps("linear", 5, "gradient", affinity=A, bin_edges=edges, min_size=300)
+    with pytest.raises(ValueError, match="bin_edges must be integers"):
+        cluster_timesteps("linear", 2, "gradient", affinity=np.eye(2), bin_edges=[0, 499.7, 1000])
+    c = cluster_timesteps("linear", 2, "gradient", affinity=np.eye(2), bin_edges=[0, 500.0, 1000])
+    assert c.bounds == (0, 500, 1000)
+
+
 def test_plot_writes_png(tmp_path):
     s = linear_schedule(1000)
     out = plot_clusters(cluster_timesteps(s, 5, "snr"), s, tmp_path / "c.png")

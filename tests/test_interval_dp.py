@@ -341,3 +341,10 @@ def test_finite_inputs_whose_costs_overflow_are_refused(backend, cost, data):
     an overflowed candidate was skipped and the split silently not optimal (l2 at 1e153)."""
     with pytest.raises(ValueError, match=f"interval DP \\({cost}\\): the costs overflow float64"):
         solve_intervals(cost, 2, backend=backend, **data)
+
+
+def test_a_scalar_is_not_taken_for_one_timestep():
+    """np.ascontiguousarray makes a 0-d array 1-D: a scalar passed as values was solved as
+    T = 1 (the C++ entry point refuses it)."""
+    with pytest.raises(ValueError, match=r"values must be a 1-D array \[T\].*shape \(\)"):
+        solve_intervals("l1", 1, values=3.0)

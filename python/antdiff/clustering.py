@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .interval_dp import solve_intervals
+from .interval_dp import solve_intervals, validate_sizes
 from .schedules import Schedule, as_schedule
 from .utils import atomic_write
 
@@ -130,11 +130,27 @@ class Clusters:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Clusters:
-        if "bounds" not in d:
-            raise ValueError("a Clusters dict needs a 'bounds' list")
-        return cls(
-            tuple(d["bounds"]), d.get("objective", "custom"), d.get("cost"), d.get("meta", {})
-        )
+        if not isinstance(d, dict) or not isinstance(d.get("bounds"), (list, tuple)):
+            raise ValueError("a Clusters dict needs a 'bounds' list (what to_dict() returns)")
+        if any(not isinstance(x, (int, float, np.integer, np.floating)) for x in d["bounds"]):
+            raise ValueError(f"bounds must be integers (timestep indices), got {d['bounds']!r}")
+        objective, cost, meta = d.get("objective", "custom"), d.get("cost"), d.get("meta", {})
+        if not isinstance(objective, str) or not isinstance(meta, dict):
+            raise ValueError(
+                f"a Clusters dict's objective must be text and its meta a mapping; got "
+                f"{objective!r} and {type(meta).__name__}"
+            )
+        finite = isinstance(cost, (int, float, np.integer, np.floating)) and math.isfinite(cost)
+        if cost is not None and (isinstance(cost, bool) or not finite):
+            raise ValueError(f"a Clusters dict's cost must be a finite number or None: {cost!r}")
+        out = cls(tuple(d["bounds"]), objective, None if cost is None else float(cost), meta)
+        for key, have in (("k", out.k), ("T", out.T), ("sizes", out.sizes.tolist())):
+            if key in d and d[key] != have:
+                raise ValueError(
+                    f"a Clusters dict's {key}={d[key]!r} does not match its bounds "
+                    f"{list(out.bounds)} ({key} = {have!r}): the dict was edited or corrupted"
+                )
+        return out
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -255,7 +271,10 @@ def _gradient_clusters(affinity, bin_edges, T, k, lo, hi, backend):  # noqa: N80
                 "for a binned matrix pass bin_edges too"
             )
         return solve_intervals("affinity", k, matrix=A, min_size=lo, max_size=hi, backend=backend)
-    edges = np.asarray(bin_edges, dtype=np.int64)
+    raw = np.asarray(bin_edges)
+    if raw.dtype.kind not in "iuf" or (raw.dtype.kind == "f" and not np.all(raw == np.round(raw))):
+        raise ValueError(f"bin_edges must be integers (timestep indices), got {raw.tolist()[:8]}")
+    edges = raw.astype(np.int64)
     nb = edges.size - 1
     if edges.ndim != 1 or nb < 1 or edges[0] != 0 or edges[-1] != T or np.any(np.diff(edges) <= 0):
         raise ValueError(
@@ -268,6 +287,7 @@ def _gradient_clusters(affinity, bin_edges, T, k, lo, hi, backend):  # noqa: N80
         raise ValueError("affinity contains NaN or inf; recompute it or drop the bad bins")
     if k > nb:
         raise ValueError(f"k={k} exceeds the number of bins ({nb}); use finer bins or a smaller k")
+    validate_sizes(T, k, lo, hi)  # limits no split of [0, T) meets: not the bins' fault
     C = _binned_cost_matrix(A, edges, lo, hi)  # noqa: N806
     bins, cost = solve_intervals("matrix", k, matrix=C, backend=backend)
     bounds = edges[bins]

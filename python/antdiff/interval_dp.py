@@ -143,13 +143,14 @@ def _validate_data(cost: str, values: Any, matrix: Any) -> tuple[np.ndarray, int
         raise ValueError(f"cost='{cost}' needs {name}={shape}; got {name}=None")
     if hasattr(given, "detach"):  # a torch tensor, without importing torch
         given = given.detach().cpu().double().numpy()
-    data = np.ascontiguousarray(np.asarray(given, dtype=np.float64))
+    data = np.asarray(given, dtype=np.float64)  # its shape checked before the copy below
     if one_d and (data.ndim != 1 or data.shape[0] < 1):
         raise ValueError(f"values must be a 1-D array [T] with T >= 1; got shape {data.shape}")
     if not one_d and (data.ndim != 2 or data.shape[0] != data.shape[1] or data.shape[0] < 1):
         raise ValueError(
             f"matrix must be a square 2-D array [T, T] with T >= 1; got shape {data.shape}"
         )
+    data = np.ascontiguousarray(data)  # (which would make a scalar 1-D)
     direction = 0
     if one_d:
         _check_finite(cost, data)
@@ -181,7 +182,7 @@ def _check_finite(cost: str, data: np.ndarray) -> None:
     )
 
 
-def _validate_sizes(T: int, k: Any, min_size: Any, max_size: Any) -> tuple[int, int, int]:
+def validate_sizes(T: int, k: Any, min_size: Any, max_size: Any) -> tuple[int, int, int]:
     """Returns (k, resolved min size, resolved max size <= T)."""
     k = _as_int("k", k)
     if k < 1:
@@ -264,7 +265,7 @@ def solve_intervals(
     _check_choice("backend", backend, BACKENDS)
     data, direction = _validate_data(cost, values, matrix)
     T = data.shape[0]
-    k, lo, hi = _validate_sizes(T, k, min_size, max_size)
+    k, lo, hi = validate_sizes(T, k, min_size, max_size)
     dc = _resolve_algorithm(algorithm, cost, direction, T)
     chosen = _pick_backend(backend)
     if data.ndim == 2 and chosen != "cpp":  # the C++ makes this check itself, as fast

@@ -291,7 +291,11 @@ def _model_gram(model, diffusion, x0, kw, tasks, batch_size, block_rows, max_byt
             G[start:stop, start:stop] = _gram64(buf.J[: stop - start])
             for b in range(stop, nb):  # stream the later bins through the spare row
                 _fill_row(buf, m - 1, b, model, diffusion, x0, kw, tasks, batch_size)
-                cross = (buf.J[: stop - start] @ buf.J[m - 1]).double().cpu().numpy()
+                # the block's rows are 0 .. m - 2 and the spare row m - 1: gram over all m
+                # rows is one pass over J like a product with the spare row, and it sums in
+                # float32 whatever J's dtype, as the block's own entries were (a bf16 product
+                # would give these entries half precision)
+                cross = _gram64(buf.J)[: stop - start, m - 1]
                 G[start:stop, b] = G[b, start:stop] = cross
             n_pass += nb - start
             start = stop
