@@ -401,6 +401,60 @@ def test_a_load_that_fails_half_way_leaves_the_engine_as_it_was(bad):
     assert draws[0] == draws[1]
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("how", ["reduce", "backward"])
+def test_absent_clusters_keep_their_uw_state(fused, how):
+    """A cluster without samples has weight 0 and a zero gradient for its s_i, but an Adam
+    step moved s_i anyway (by its moments) and decayed the moments: ant.step now leaves both
+    as they were for the absent clusters, and moves the present one."""
+    method = "uw" if how == "reduce" else "uw+pcgrad"
+    model, ant = setup(method, sampling="uniform")
+    opt = torch.optim.AdamW([*model.parameters(), *ant.method.loss.parameters()], lr=0.05,
+                            fused=fused)  # fmt: skip
+    x = torch.randn(16, 1, 6, 6)
+
+    def step(t):
+        opt.zero_grad(set_to_none=True)
+        if how == "reduce":
+            ant.reduce(per_sample_loss(model)(x, t), t).backward()
+        else:
+            ant.backward(per_sample_loss(model), x, t)
+        ant.step(opt)
+
+    for _ in range(3):  # every cluster present: moments build up
+        step(ant.sample_timesteps(16))
+    s = ant.method.loss.s
+    before = s.detach().clone()
+    moments = {n: v.clone() for n, v in opt.state[s].items() if v.shape == s.shape}
+    assert moments and all(v[1:].abs().min() > 0 for v in moments.values())
+    step(torch.full((16,), 3))  # cluster 0 only
+    assert not torch.equal(s[0], before[0])
+    torch.testing.assert_close(s.detach()[1:], before[1:], rtol=0, atol=0)
+    for n, v in moments.items():
+        torch.testing.assert_close(opt.state[s][n][1:], v[1:], rtol=0, atol=0)
+        assert not torch.equal(opt.state[s][n][0], v[0])
+
+
+def test_nan_weights_from_a_solver_void_the_step(monkeypatch):
+    """The step's finite flag also covers the method's weights: a solver returning NaN on a
+    finite Gram stepped the optimiser with NaN gradients and kept the NaN weights."""
+    model, ant = setup("nash", update_every=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(16, 1, 6, 6)
+    ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16))
+    ant.step(opt)
+    w_before = ant._w.clone()
+    params = [p.detach().clone() for p in model.parameters()]
+    real = ant.method.grad.weights
+    monkeypatch.setattr(ant.method.grad, "weights", lambda *a: real(*a) * float("nan"))
+    out = ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16))
+    assert not bool(out.finite)
+    with pytest.warns(UserWarning, match="non-finite"):
+        assert ant.step(opt) is False
+    torch.testing.assert_close(ant._w, w_before, rtol=0, atol=0)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+
+
 def test_nonfinite_step_is_skipped_with_warning_and_state_untouched():
     model, ant = setup("uw+nash")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

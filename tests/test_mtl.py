@@ -665,3 +665,25 @@ def test_cuda_no_sync():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("name", ["uw+pcgrad", "rlw+nash"])
+def test_composite_weights_pass_the_valid_flag(name):
+    """Composite.weights dropped ``valid``: a non-finite step advanced PCGrad's orders and
+    replaced Nash's warm start through the composite API."""
+    m = make_method(name, 4, seed=0)
+    J = _J(4, 50, 0, parallel=0.5)  # noqa: N806
+    G, present = J @ J.T, torch.ones(4, dtype=torch.bool)  # noqa: N806
+    J2 = _J(4, 50, 1, parallel=0.5)  # noqa: N806
+    m.weights(G, present)
+    before = m.grad.state_dict()
+    m.weights(J2 @ J2.T, present, torch.tensor(False))
+    after = m.grad.state_dict()
+    assert before.keys() == after.keys()
+    for key in before:
+        a, b = before[key], after[key]
+        assert torch.equal(a, b) if torch.is_tensor(a) else a == b, key
+    m.weights(J2 @ J2.T, present, torch.tensor(True))
+    changed = m.grad.state_dict()
+    assert any(not (torch.equal(changed[key], before[key]) if torch.is_tensor(before[key])
+                    else changed[key] == before[key]) for key in before)  # fmt: skip

@@ -255,6 +255,7 @@ class ANT:
         self._onepass: OnePass | None = None  # hook plan when onepass serves the model
         self._model: nn.Module | None = None
         self._probed = False  # whether a loss was checked to reach the model's parameters
+        self._maybe_absent = True  # whether a cluster may be empty in the last step (host view)
         self._warned_sync = False
         self.last: StepOutput | None = None
         self._pending_flags: list[_HostFlag] = []  # device-side skips not yet reported
@@ -468,6 +469,8 @@ class ANT:
         )
         self._check_t(t, per.shape[0])
         self._check_device(per.device)
+        host = self.sampler.counts_for(t)  # None: counted on the device, maybe with empty ones
+        self._maybe_absent = host is None or bool((host == 0).any())
         if self._model is not None and not self._probed and per.grad_fn is not None:
             if _reaches_model(per, self._model) is False:  # the update would be zero, silently
                 raise ValueError(REDUCE_MODEL_NOT_RUN)
@@ -538,6 +541,7 @@ class ANT:
         check_batch(batch, t.shape[0])
         self._flush_observe()
         batch, t, counts = self._sorted(batch, t)
+        self._maybe_absent = bool((np.asarray(counts) == 0).any())
         grad = self.method.grad
         redo = self._failed_update()
         on_step = grad is not None and (
@@ -727,6 +731,9 @@ class ANT:
             w_eff = c
         else:
             w = grad.weights(torch.where(finite, Gc, torch.zeros_like(Gc)), present, finite)
+            # a solver that failed on a finite Gram (NaN weights) voids the step like a
+            # non-finite loss would, instead of stepping the optimiser with NaN gradients
+            finite = finite & torch.isfinite(w).all()
             if grad.update_every > 1:  # off-steps reuse these weights: redo them if not finite
                 # CPU: the verdict comes from ant.step's read (None under a fused optimiser,
                 # which skips on the device: the recompute then waits for the next cycle)
@@ -934,6 +941,7 @@ class ANT:
             self.last = StepOutput(last.loss, last.cluster_losses, last.weights, last.present, ok)
         self._grads_unchecked = False
         self._flush_observe()
+        hold = self._hold_absent(optimizer)
         if skip_nonfinite and self.last is not None and scaler is None and _skips_on_device(
             optimizer
         ):  # fmt: skip
@@ -944,6 +952,7 @@ class ANT:
             finally:
                 del optimizer.grad_scale, optimizer.found_inf
             self._pending_flags.append(_HostFlag(bad, self.telemetry.steps))
+            _restore_absent(optimizer, hold)
             return True
         ok = not skip_nonfinite or self.last is None or bool(self.last.finite)
         rec = self._recompute
@@ -964,7 +973,25 @@ class ANT:
             scaler.update()
         else:
             optimizer.step()
+        _restore_absent(optimizer, hold)
         return True
+
+    def _hold_absent(self, optimizer: torch.optim.Optimizer):
+        """The loss method's per-cluster parameters (UW's s [k]) and their optimiser state,
+        kept when a cluster may be absent this step: an Adam step would still move an absent
+        cluster's s_i (its gradient is 0, its moments are not) and decay its moments. Nothing
+        when the host counts show every cluster present (sampled batches, B >= k)."""
+        loss_m = self.method.loss
+        if not self._maybe_absent or loss_m is None or self.last is None:
+            return None
+        held = []
+        for p in loss_m.parameters():
+            if p.shape == (self.k,):
+                state = optimizer.state.get(p, {})
+                kept = {n: v.clone() for n, v in state.items() if torch.is_tensor(v)
+                        and v.shape == p.shape}  # fmt: skip
+                held.append((p, p.detach().clone(), kept))
+        return (self.last.present, held) if held else None
 
     def _report_skipped(self, wait: bool = False) -> None:
         """Warn for the device-side skips whose flags have reached the host (all: ``wait``)."""
@@ -1070,6 +1097,21 @@ REDUCE_MODEL_NOT_RUN = (
     "the update would be zero: pass the losses of the model given to ant.attach (or "
     "ANT(..., model=)), or attach the model they come from"
 )
+
+
+def _restore_absent(optimizer: torch.optim.Optimizer, hold) -> None:
+    """Put back what ``ANT._hold_absent`` kept for the clusters absent this step (device-side
+    selects: no host read). The optimiser's step count, one per parameter, still advances."""
+    if hold is None:
+        return
+    present, held = hold
+    with torch.no_grad():
+        for p, old, kept in held:
+            here = present.to(p.device)
+            p.copy_(torch.where(here, p, old))
+            state = optimizer.state.get(p, {})
+            for name, v in kept.items():
+                state[name].copy_(torch.where(here, state[name], v))
 
 
 def _reaches_model(loss: torch.Tensor, model: nn.Module) -> bool | None:

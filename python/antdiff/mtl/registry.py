@@ -83,10 +83,14 @@ class Composite:
         check_losses(L, present, self.grad.k)
         return torch.where(present, L, 0.0)
 
-    def weights(self, G: Tensor, present: Tensor) -> Tensor:
+    def weights(self, G: Tensor, present: Tensor, valid: Tensor | None = None) -> Tensor:
+        """The gradient method's weights; ``valid`` (0-d bool) False leaves its state as it was
+        (a non-finite step), as the gradient method's own ``weights`` does."""
         if self.grad is None:
             raise ValueError(f"{self.name} has no gradient method")
-        return self.grad.weights(G, present)
+        if valid is None:
+            return self.grad.weights(G, present)
+        return self.grad.weights(G, present, valid)
 
     def combine_grads(
         self, J: Tensor, present: Tensor, valid: Tensor | None = None, out: Tensor | None = None
