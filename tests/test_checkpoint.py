@@ -126,7 +126,8 @@ def test_latest_outranks_a_higher_step_of_an_abandoned_branch(tmp_path, monkeypa
         save_checkpoint(tmp_path, 3, _state(3), keep=5)
     monkeypatch.undo()
     assert load_checkpoint(tmp_path)[0]["step"] == 2
-    save_checkpoint(tmp_path, 3, _state(3), keep=5)
+    with pytest.warns(UserWarning, match="supersedes the later ckpt_00000004.pt"):
+        save_checkpoint(tmp_path, 3, _state(3), keep=5)
     assert load_checkpoint(tmp_path)[0]["step"] == 3
 
 
@@ -137,7 +138,9 @@ def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
     supersedes the later ones; the older ones are pruned around it."""
     for step in (2, 4, 6):
         save_checkpoint(tmp_path, step, _state(step), keep=3)
-    save_checkpoint(tmp_path, 3, _state(3), keep=2)
+    with pytest.warns(UserWarning, match="ckpt_00000003.pt supersedes the later ckpt_00000004.pt, "
+                      "ckpt_00000006.pt"):  # fmt: skip
+        save_checkpoint(tmp_path, 3, _state(3), keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_00000002.pt", "ckpt_00000003.pt"]
     assert load_checkpoint(tmp_path)[0]["step"] == 3
     save_checkpoint(tmp_path, 5, _state(5), keep=1)

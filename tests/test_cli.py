@@ -41,7 +41,8 @@ def test_cluster_cli_schedule_file(tmp_path, capsys):
     assert '"bounds": [0, 200, 400, 600, 800, 1000]' in capsys.readouterr().out
     # the file has its own length: a --T beside it was ignored, now refused
     assert main(["cluster", "--schedule", str(tmp_path / "ac.npy"), "--T", "500"]) == 2
-    assert "drop --T" in capsys.readouterr().err
+    assert "holds 1000 timesteps" in capsys.readouterr().err
+    assert main(["cluster", "--schedule", str(tmp_path / "ac.npy"), "--T", "1000"]) == 0
 
 
 def test_train_cli_options_mistyped_or_idle_are_errors(tmp_path, capsys):

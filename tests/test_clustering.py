@@ -149,6 +149,8 @@ def test_from_dict_checks_what_it_reads():
     wrote invalid JSON, a dict of bounds was read as its keys)."""
     good = Clusters((0, 3, 10), "snr", 1.5, {"a": 1})
     assert Clusters.from_dict(good.to_dict()) == good
+    by_hand = {"bounds": np.array([0, 3, 10]), "sizes": (3, 7), "k": np.int64(2), "meta": None}
+    assert Clusters.from_dict(by_hand).bounds == (0, 3, 10)
     for d, match in (
         ({"bounds": [0, 5], "T": 10, "k": 3}, "k=3 does not match its bounds"),
         ({"bounds": [0, 5], "sizes": [4]}, "sizes=.4. does not match"),

@@ -192,6 +192,10 @@ def test_model_overrides_of_the_wrong_kind_are_refused_before_any_data_loads():
         load_config("digits_adm", ["--model.overrides.use_scale_shift_norm", "1"])
     cfg = load_config("digits_adm", ["--model.overrides.channel_mult", "[1, 2]"])
     assert cfg.model.overrides["channel_mult"] == [1, 2]
+    from antdiff.models import model_config
+
+    cfg = load_config("digits_adm", ["--model.overrides.dropout", "1e-1"])  # YAML: text
+    assert model_config("adm-tiny", **cfg.model.overrides)["dropout"] == 0.1
     from antdiff.models import create_model
 
     with pytest.raises(ValueError, match="do not fit 'adm-tiny'"):  # one value, not a list
@@ -208,9 +212,9 @@ def test_a_nested_override_into_an_empty_yaml_mapping(tmp_path):
 
 def test_text_keys_given_a_date_or_number_say_how_to_quote_it():
     """YAML reads 2024-01-01 as a date and 123 as a number: a text key says to quote it."""
-    with pytest.raises(ValueError, match="train.out_dir must be text.*quote it.*'2024-01-01'"):
+    with pytest.raises(ValueError, match="train.out_dir must be text.*a date.: quote it"):
         load_config("digits_adm", ["--train.out_dir", "2024-01-01"])
-    with pytest.raises(ValueError, match="data.path must be text, got 123 .int.: quote it"):
+    with pytest.raises(ValueError, match="data.path must be text, got 123 .YAML read a int"):
         load_config("digits_adm", ["--data.path", "123"])
     assert load_config("digits_adm", ["--train.out_dir", "'2024-01-01'"]).train.out_dir == (
         "2024-01-01"

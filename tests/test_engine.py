@@ -435,6 +435,28 @@ def test_absent_clusters_keep_their_uw_state(fused, how):
         assert not torch.equal(opt.state[s][n][0], v[0])
 
 
+def test_accumulated_micro_batches_keep_every_present_clusters_uw_update():
+    """reduce on cluster 3's samples, reduce on cluster 0's, one step: presence comes from the
+    last reduce, but s_3 has a gradient and keeps its update; s_1, s_2 stay as they were."""
+    model, ant = setup("uw", sampling="uniform")
+    opt = torch.optim.AdamW([*model.parameters(), *ant.method.loss.parameters()], lr=0.05)
+    x = torch.randn(8, 1, 6, 6)
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        t = ant.sample_timesteps(8)
+        ant.reduce(per_sample_loss(model)(x, t), t).backward()
+        ant.step(opt)
+    s = ant.method.loss.s
+    before = s.detach().clone()
+    opt.zero_grad(set_to_none=True)
+    for t_one in (T - 1, 0):  # cluster 3, then cluster 0
+        t = torch.full((8,), t_one)
+        (0.5 * ant.reduce(per_sample_loss(model)(x, t), t)).backward()
+    ant.step(opt)
+    moved = s.detach() != before
+    assert moved.tolist() == [True, False, False, True]
+
+
 def test_nan_weights_from_a_solver_void_the_step(monkeypatch):
     """The step's finite flag also covers the method's weights: a solver returning NaN on a
     finite Gram stepped the optimiser with NaN gradients and kept the NaN weights."""

@@ -259,9 +259,11 @@ def test_a_fresh_run_refuses_a_directory_with_checkpoints(tmp_path):
         train(_cfg("digits_adm", tmp_path / "file", *extra, steps=2))
     train(_cfg("digits_adm", tmp_path / "logs", "--ant.method", "uw", steps=1))  # no checkpoint
     before = (tmp_path / "logs" / "metrics.csv").read_text()
-    with pytest.raises(ValueError, match="holds another run's logs.*--train.out_dir"):
-        train(_cfg("digits_adm", tmp_path / "logs", "--ant.method", "uw", steps=1))
+    with pytest.raises(ValueError, match="holds the logs of a run with another config.*out_dir"):
+        train(_cfg("digits_adm", tmp_path / "logs", "--ant.method", "vanilla", steps=1))
     assert (tmp_path / "logs" / "metrics.csv").read_text() == before
+    # the same config again (a run killed before its first checkpoint, restarted) replaces them
+    train(_cfg("digits_adm", tmp_path / "logs", "--ant.method", "uw", steps=1))
 
 
 def test_crash_mid_checkpoint_resumes_from_the_last_complete_one(tmp_path, monkeypatch):

@@ -63,13 +63,21 @@ def save_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep:
     # older one it still named.
     atomic_write_text(d / "latest", path.name + "\n")
     atomic_write(path, lambda f: torch.save(state, f))
-    older = []
+    older, later = [], []
     for p in list_checkpoints(d):
         n = int(_NAME.match(p.name).group(1))
         if n > step:
-            p.unlink(missing_ok=True)
+            later.append(p)
         elif n < step:
             older.append(p)
+    if later:
+        warnings.warn(
+            f"checkpoint {path.name} supersedes the later {', '.join(p.name for p in later)} "
+            "(a run continued in place from an earlier checkpoint): removed",
+            stacklevel=2,
+        )
+    for p in later:
+        p.unlink(missing_ok=True)
     for old in older[: max(len(older) - (keep - 1), 0)]:
         old.unlink(missing_ok=True)
     return path
@@ -291,9 +299,10 @@ def resume_state(cfg: Any, resume: str | Path | bool, allow_change: bool) -> dic
     if "train.seed" in bad:  # config.yaml would name a seed that nothing in the run uses
         raise ValueError(
             f"train.seed cannot change on resume (checkpoint {str(path)!r}: "
-            f"{_get(saved, 'train.seed')!r}, now {cfg.train.seed!r}): the data order and every "
-            "random stream continue from the checkpoint's state; drop --train.seed, or start "
-            "a fresh run (a new train.out_dir) for another seed"
+            f"{_get(saved, 'train.seed')!r}, now {cfg.train.seed!r}): the data order and the "
+            "random streams continue from the checkpoint's state (and ranks reseed from the "
+            "run's seed), so a new seed would mix two runs; drop --train.seed, or start a fresh "
+            "run (a new train.out_dir) for another seed"
         )
     if bad and not allow_change:
         old, new = _flat(saved), _flat(cfg.to_dict())

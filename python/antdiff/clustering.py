@@ -130,11 +130,14 @@ class Clusters:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Clusters:
-        if not isinstance(d, dict) or not isinstance(d.get("bounds"), (list, tuple)):
+        bounds = d.get("bounds") if isinstance(d, dict) else None
+        if not isinstance(bounds, (list, tuple, np.ndarray)) or np.ndim(bounds) != 1:
             raise ValueError("a Clusters dict needs a 'bounds' list (what to_dict() returns)")
-        if any(not isinstance(x, (int, float, np.integer, np.floating)) for x in d["bounds"]):
-            raise ValueError(f"bounds must be integers (timestep indices), got {d['bounds']!r}")
-        objective, cost, meta = d.get("objective", "custom"), d.get("cost"), d.get("meta", {})
+        bounds = bounds.tolist() if isinstance(bounds, np.ndarray) else bounds
+        if any(not isinstance(x, (int, float, np.integer, np.floating)) for x in bounds):
+            raise ValueError(f"bounds must be integers (timestep indices), got {bounds!r}")
+        objective, cost = d.get("objective", "custom"), d.get("cost")
+        meta = {} if d.get("meta") is None else d["meta"]
         if not isinstance(objective, str) or not isinstance(meta, dict):
             raise ValueError(
                 f"a Clusters dict's objective must be text and its meta a mapping; got "
@@ -143,9 +146,9 @@ class Clusters:
         finite = isinstance(cost, (int, float, np.integer, np.floating)) and math.isfinite(cost)
         if cost is not None and (isinstance(cost, bool) or not finite):
             raise ValueError(f"a Clusters dict's cost must be a finite number or None: {cost!r}")
-        out = cls(tuple(d["bounds"]), objective, None if cost is None else float(cost), meta)
+        out = cls(tuple(bounds), objective, None if cost is None else float(cost), meta)
         for key, have in (("k", out.k), ("T", out.T), ("sizes", out.sizes.tolist())):
-            if key in d and d[key] != have:
+            if key in d and np.asarray(d[key]).tolist() != have:
                 raise ValueError(
                     f"a Clusters dict's {key}={d[key]!r} does not match its bounds "
                     f"{list(out.bounds)} ({key} = {have!r}): the dict was edited or corrupted"

@@ -325,8 +325,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp is str and value is not None and not isinstance(value, (list, dict)):
         raise ValueError(  # YAML read a date, number or true/false where text was meant
-            f"{where} must be text, got {value!r} ({type(value).__name__}): quote it, e.g. "
-            f"--{where} \"'{value}'\" on the command line, or '{value}' in a YAML file"
+            f"{where} must be text, got {value!r} (YAML read a {type(value).__name__}): quote "
+            f"it, --{where} \"'TEXT'\" on the command line or '...' in a YAML file"
         )
     if origin is list and isinstance(value, (list, tuple)):
         return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]

@@ -339,6 +339,9 @@ def restore(run: Run, state: dict[str, Any]) -> None:
     try:
         run.ant.load_state_dict(state["ant"])
     except ValueError as exc:
+        fixed = ("trained with method", "sampled timesteps with mode", "checkpoint clusters")
+        if not any(s in str(exc) for s in fixed):
+            raise
         raise ValueError(
             f"{exc}. When resuming, keep the checkpoint's ant.method, ant.k, ant.clustering and "
             "ant.sampling (its config.yaml has them): --allow-config-change cannot change them"
@@ -388,11 +391,15 @@ def _train(
             "train.out_dir (a fresh run there would prune them and mix its logs with theirs)"
         )
     if fresh and (out / "metrics.csv").exists():  # a run that kept no checkpoints
-        raise ValueError(
-            f"train.out_dir={str(out)!r} holds another run's logs (metrics.csv; it kept no "
-            "checkpoints to resume): a fresh run there would overwrite them. Choose a new "
-            "--train.out_dir, or remove that folder"
-        )
+        saved = out / "config.yaml"
+        # the same config again (a rerun of a run killed before its first checkpoint, as the
+        # study and NTG pipelines do) replaces its own logs; another run's are kept
+        if not (saved.is_file() and saved.read_text() == dump_config(cfg)):
+            raise ValueError(
+                f"train.out_dir={str(out)!r} holds the logs of a run with another config "
+                "(metrics.csv, config.yaml; no checkpoint to resume): a fresh run there would "
+                "overwrite them. Choose a new --train.out_dir, or remove that folder"
+            )
     if not fresh and resume not in (True, ""):
         src_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
         if src_dir.name == "checkpoints":  # <run>/checkpoints/ckpt_N.pt: the run is above

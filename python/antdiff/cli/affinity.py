@@ -128,13 +128,14 @@ def _diffusion(cfg: dict[str, Any], args: argparse.Namespace) -> GaussianDiffusi
 def _data(args: argparse.Namespace, load: CheckpointLoader) -> tuple[torch.Tensor, Any]:
     """x0 [N, C, H, W] and labels [N] (or None): --data, else the trainer checkpoint's data."""
     if args.data is None and load.data:
-        if args.image_size is not None:
-            raise ValueError(
-                "--image-size resizes the built-in digits; the checkpoint's own data keeps the "
-                "size it trained at: drop --image-size (or pass --data digits)"
-            )
         ds = next(iter(load.data.values()))
-        return ds.images(), ds.y
+        x = ds.images()
+        if args.image_size is not None and args.image_size != x.shape[-1]:
+            raise ValueError(
+                f"--image-size {args.image_size}: the checkpoint's own data keeps the size it "
+                f"trained at ({x.shape[-1]}); drop --image-size (or pass --data digits)"
+            )
+        return x, ds.y
     if args.data in (None, "digits"):
         from ..data import load_digits_tensor
 

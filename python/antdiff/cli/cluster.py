@@ -86,9 +86,12 @@ def run(args: argparse.Namespace) -> int:
                          "add --objective gradient")  # fmt: skip
     T = args.T  # noqa: N806
     if T is not None and Path(args.schedule).suffix == ".npy":
-        raise ValueError(
-            f"--T applies to a named schedule; {args.schedule} has its own length: drop --T"
-        )
+        own = len(load_schedule(args.schedule, 1).alphas_cumprod)
+        if own != T:
+            raise ValueError(
+                f"--T {T}: {args.schedule} holds {own} timesteps (a file has its own length); "
+                "drop --T"
+            )
     if T is None:  # the affinity's timesteps: its last bin edge, or the side of a [T, T] one
         T = 1000 if affinity is None else int(edges[-1]) if edges is not None else len(affinity)  # noqa: N806
     sched = load_schedule(args.schedule, T)

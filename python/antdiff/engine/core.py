@@ -733,6 +733,7 @@ class ANT:
             w = grad.weights(torch.where(finite, Gc, torch.zeros_like(Gc)), present, finite)
             # a solver that failed on a finite Gram (NaN weights) voids the step like a
             # non-finite loss would, instead of stepping the optimiser with NaN gradients
+            # (the method has already counted the step in its own state: PCGrad's orders)
             finite = finite & torch.isfinite(w).all()
             if grad.update_every > 1:  # off-steps reuse these weights: redo them if not finite
                 # CPU: the verdict comes from ant.step's read (None under a fused optimiser,
@@ -1107,11 +1108,15 @@ def _restore_absent(optimizer: torch.optim.Optimizer, hold) -> None:
     present, held = hold
     with torch.no_grad():
         for p, old, kept in held:
-            here = present.to(p.device)
-            p.copy_(torch.where(here, p, old))
+            # absent in the last step and no gradient: a cluster absent in an earlier
+            # accumulated micro-batch only (reduce, reduce, step) keeps its update
+            idle = ~present.to(p.device)
+            if p.grad is not None:
+                idle = idle & (p.grad == 0)
+            p.copy_(torch.where(idle, old, p))
             state = optimizer.state.get(p, {})
             for name, v in kept.items():
-                state[name].copy_(torch.where(here, state[name], v))
+                state[name].copy_(torch.where(idle, v, state[name]))
 
 
 def _reaches_model(loss: torch.Tensor, model: nn.Module) -> bool | None:

@@ -62,8 +62,14 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
             f"unknown override(s) {bad} for {name!r} ({cls.__name__}); valid: {sorted(valid)}"
         )
     defaults = {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items()}
+    overrides = dict(overrides)
     for key, value in overrides.items():
         like = cfg.get(key, defaults.get(key))
+        if isinstance(like, float) and isinstance(value, str):  # YAML 1.1 leaves 1e-1 as text
+            try:
+                value = overrides[key] = float(value)
+            except ValueError:
+                pass
         if not _same_kind(value, like):
             raise ValueError(
                 f"model override {key}={value!r} for {name!r} must be of the kind of its "
