@@ -460,13 +460,7 @@ def test_accumulated_micro_batches_keep_every_present_clusters_uw_update():
 def test_nan_weights_from_a_solver_void_the_step(monkeypatch):
     """The step's finite flag also covers the method's weights: a solver returning NaN on a
     finite Gram stepped the optimiser with NaN gradients and kept the NaN weights."""
-    model, ant = setup("nash", update_every=1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x = torch.randn(16, 1, 6, 6)
-    ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16))
-    ant.step(opt)
-    w_before = ant._w.clone()
-    params = [p.detach().clone() for p in model.parameters()]
+    model, ant, opt, x, w_before, params = _after_one_step("nash", update_every=1)
     real = ant.method.grad.weights
     monkeypatch.setattr(ant.method.grad, "weights", lambda *a: real(*a) * float("nan"))
     out = ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16))
@@ -477,14 +471,19 @@ def test_nan_weights_from_a_solver_void_the_step(monkeypatch):
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
 
 
-def test_nonfinite_step_is_skipped_with_warning_and_state_untouched():
-    model, ant = setup("uw+nash")
+def _after_one_step(method: str, **kw):
+    """A weight method's engine after one SGD step: model, ant, opt, x and copies of the
+    weights and parameters then."""
+    model, ant = setup(method, **kw)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randn(16, 1, 6, 6)
     ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16))
     ant.step(opt)
-    w_before = ant._w.clone()
-    params_before = [p.detach().clone() for p in model.parameters()]
+    return model, ant, opt, x, ant._w.clone(), [p.detach().clone() for p in model.parameters()]
+
+
+def test_nonfinite_step_is_skipped_with_warning_and_state_untouched():
+    model, ant, opt, x, w_before, params_before = _after_one_step("uw+nash")
 
     def bad(xb, tb):
         return per_sample_loss(model)(xb, tb) * float("nan")
