@@ -85,16 +85,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--affinity applies to --objective gradient, not {args.objective!r}: "
                          "add --objective gradient")  # fmt: skip
     T = args.T  # noqa: N806
-    if T is not None and Path(args.schedule).suffix == ".npy":
-        own = len(load_schedule(args.schedule, 1).alphas_cumprod)
-        if own != T:
-            raise ValueError(
-                f"--T {T}: {args.schedule} holds {own} timesteps (a file has its own length); "
-                "drop --T"
-            )
     if T is None:  # the affinity's timesteps: its last bin edge, or the side of a [T, T] one
         T = 1000 if affinity is None else int(edges[-1]) if edges is not None else len(affinity)  # noqa: N806
-    sched = load_schedule(args.schedule, T)
+    sched = load_schedule(args.schedule, T)  # a .npy file has its own length
+    if args.T is not None and len(sched.alphas_cumprod) != args.T:
+        raise ValueError(
+            f"--T {args.T}: {args.schedule} holds {len(sched.alphas_cumprod)} timesteps (a file "
+            "has its own length); drop --T"
+        )
     clusters = cluster_timesteps(
         sched,
         args.k,
