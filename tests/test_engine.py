@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import bisect
 import copy
+import itertools
+import math
 import warnings
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -216,13 +219,13 @@ def test_allocation_table_equals_systematic_sampling(mode):
     for _ in range(300):
         k = int(r.integers(1, 12))
         sizes = r.integers(1, 300, k)
-        shares, B = sizes / sizes.sum(), int(r.integers(1, 200))  # noqa: N806
-        table = _Allocations(B, shares, mode)
+        B = int(r.integers(1, 200))  # noqa: N806
+        table = _Allocations(B, sizes, mode)
         assert len(table.counts) == len(table.breaks) + 1 <= k + 1
         probes = [*r.random(20), *(b + d for b in table.breaks for d in (-1e-9, 1e-9))]
         for u in (u for u in probes if 1e-12 < u < 1 - 1e-12):  # off u + j's rounding
             got = table.counts[bisect.bisect_right(table.breaks, u)]
-            assert got.tolist() == _systematic(B, shares, mode, u)
+            assert got.tolist() == _systematic(B, sizes, mode, u)
             assert got.sum() == B
 
 
@@ -237,7 +240,7 @@ def test_sampler_counts_equal_one_allocate_per_step(mode, monkeypatch):
     sampler, ref = TimestepSampler(clusters, mode=mode, seed=2), np.random.default_rng(2)
     sizes = [10, 7, 20, 13, 10, 33, 7, 40, 11] * 12
     got = [sampler.sample(B)[1].tolist() for B in sizes]
-    want = [allocate(B, clusters.sizes / 100, mode, ref).tolist() for B in sizes]
+    want = [allocate(B, clusters.sizes, mode, ref).tolist() for B in sizes]
     assert got == want
     assert len(sampler._allocations) == 3
     state = sampler.state_dict()
@@ -256,7 +259,7 @@ def test_allocation_table_draw_follows_the_sampler_rng():
     assert len({tuple(c) for c in seq}) > 1  # the remainders move between clusters
     # the same sequence as one host draw per step (the uniforms come in batches of 64)
     ref = np.random.default_rng(5)
-    assert seq == [allocate(7, clusters.sizes / 100, "proportional", ref).tolist()
+    assert seq == [allocate(7, clusters.sizes, "proportional", ref).tolist()
                    for _ in range(150)]  # fmt: skip
     for n in (0, 3, 64 - 150 % 64 - 1, 64 - 150 % 64):  # resume inside a batch and at its end
         for _ in range(n):
@@ -270,7 +273,7 @@ def test_allocation_table_draw_follows_the_sampler_rng():
         c.load_state_dict({**state, "used": 64})
     legacy = {"mode": "proportional", "rng": np.random.default_rng(8).bit_generator.state}
     c.load_state_dict(legacy)  # a checkpoint from before the batched draws
-    want = allocate(7, clusters.sizes / 100, "proportional", np.random.default_rng(8))
+    want = allocate(7, clusters.sizes, "proportional", np.random.default_rng(8))
     assert c.sample(7)[1].tolist() == want.tolist()
     counts = a.sample(7)[1]
     counts[0] += 100  # does not reach the table
@@ -297,38 +300,56 @@ def test_marginal_over_t_is_uniform(mode):
     B, n = 7, 20000
     total = np.zeros(4)
     for _ in range(n):
-        total += allocate(B, shares, mode, rng)
+        total += allocate(B, clusters.sizes, mode, rng)
     np.testing.assert_allclose(total / (n * B), shares, atol=0.006)
 
 
-def _allocate_numpy(B, shares, mode, rng):  # noqa: N803
-    """The systematic-sampling allocation written with numpy arrays (reference)."""
-    quota = np.full_like(shares, B / shares.size) if mode == "equal" else B * shares
-    counts = np.floor(quota).astype(np.int64)
-    extra = int(B - counts.sum())
+def _allocate_exact(B, sizes, mode, rng):  # noqa: N803
+    """The systematic-sampling allocation in exact fractions (reference)."""
+    k, T = len(sizes), int(sum(sizes))  # noqa: N806
+    quota = [Fraction(B, k)] * k if mode == "equal" else [Fraction(B * int(s), T) for s in sizes]
+    counts = [math.floor(q) for q in quota]
+    extra = B - sum(counts)
     if extra > 0:
-        picks = np.searchsorted(np.cumsum(quota - counts), rng.random() + np.arange(extra), "right")
-        counts += np.bincount(np.minimum(picks, shares.size - 1), minlength=shares.size)
+        u = Fraction(rng.random())
+        edges = list(itertools.accumulate(q - c for q, c in zip(quota, counts)))
+        for j in range(extra):
+            counts[min(bisect.bisect_right(edges, u + j), k - 1)] += 1
     return counts
 
 
-def test_allocate_equals_numpy_reference():
+def test_allocate_equals_exact_reference():
     r = np.random.default_rng(0)
     for trial in range(3000):
         k = int(r.integers(1, 40))
         sizes = r.integers(1, 300, k)
-        shares, B = sizes / sizes.sum(), int(r.integers(1, 600))  # noqa: N806
+        B = int(r.integers(1, 600))  # noqa: N806
         mode = ("proportional", "equal")[trial % 2]
-        got = allocate(B, shares, mode, np.random.default_rng(trial))
-        ref = _allocate_numpy(B, shares, mode, np.random.default_rng(trial))
-        assert got.dtype == np.int64 and got.tolist() == ref.tolist() and got.sum() == B
+        got = allocate(B, sizes, mode, np.random.default_rng(trial))
+        ref = _allocate_exact(B, sizes, mode, np.random.default_rng(trial))
+        assert got.dtype == np.int64 and got.tolist() == ref and got.sum() == B
+
+
+def test_allocate_floors_whole_quotas_exactly():
+    """B |I_i| / T whole: its floor is the quota itself (1500 * (18 / 1000) rounds to
+    26.999999999999996 in floating point); every count of a whole-quota allocation is exact,
+    for any start, and no draw is made."""
+    sizes = np.array([18, 36, 946])
+    for B in (1500, 750 * 4):
+        want = [B * s // 1000 for s in sizes]
+        for u in (0.0, 0.5, 1 - 1e-12):
+            assert _systematic(B, sizes, "proportional", u) == want
+        assert _Allocations(B, sizes, "proportional").extra == 0
+        rng = np.random.default_rng(0)
+        assert allocate(B, sizes, "proportional", rng).tolist() == want
+        assert rng.random() == np.random.default_rng(0).random()  # no draw was used
 
 
 def test_equal_mode_is_stratified():
     rng = np.random.default_rng(0)
-    counts = allocate(12, np.array([0.1, 0.2, 0.3, 0.4]), "equal", rng)
+    counts = allocate(12, np.array([1, 2, 3, 4]), "equal", rng)
     assert counts.tolist() == [3, 3, 3, 3]
-    c = allocate(7, np.array([0.1, 0.2, 0.3, 0.4]), "equal", rng)
+    c = allocate(7, np.array([1, 2, 3, 4]), "equal", rng)
     assert sorted(c.tolist()) == [1, 2, 2, 2]
 
 
