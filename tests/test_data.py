@@ -219,6 +219,9 @@ def test_latent_files(tmp_path):
     np.save(tmp_path / "z.npy", z.numpy())
     ds = load_dataset(DataConfig(source="latents", path=str(tmp_path / "z.npy"), channels=4))
     assert torch.equal(ds.x, z) and ds.y is None
+    shifted = DataConfig(source="latents", path=str(tmp_path / "z.npy"), channels=4,
+                         latent_scale=0.5, latent_shift=0.25)  # fmt: skip
+    torch.testing.assert_close(load_dataset(shifted).x, (z - 0.25) * 0.5)
     with pytest.raises(ValueError, match="4 channels but data.channels=3"):
         load_dataset(DataConfig(source="latents", path=str(tmp_path / "z.npy"), channels=3))
     # channels-last latents get the permute that fixes them

@@ -257,16 +257,11 @@ def test_diffusers_vae_without_diffusers(tmp_path, monkeypatch):
         DiffusersVAE.from_local(tmp_path)
 
 
-def test_diffusers_vae_round_trip(tmp_path):
-    try:
-        from diffusers import AutoencoderKL
-    except ImportError:  # without diffusers the loader must say how to get it
-        (tmp_path / "config.json").write_text("{}")
-        with pytest.raises(ImportError, match="pip install diffusers"):
-            DiffusersVAE.from_local(tmp_path)
-        return
+def _tiny_vae(**config):
+    from diffusers import AutoencoderKL
+
     torch.manual_seed(0)
-    vae = AutoencoderKL(
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         latent_channels=4,
@@ -276,8 +271,19 @@ def test_diffusers_vae_round_trip(tmp_path):
         layers_per_block=1,
         norm_num_groups=4,
         sample_size=16,
-        scaling_factor=0.5,
+        **config,
     )
+
+
+def test_diffusers_vae_round_trip(tmp_path):
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:  # without diffusers the loader must say how to get it
+        (tmp_path / "config.json").write_text("{}")
+        with pytest.raises(ImportError, match="pip install diffusers"):
+            DiffusersVAE.from_local(tmp_path)
+        return
+    vae = _tiny_vae(scaling_factor=0.5)
     vae.save_pretrained(tmp_path / "vae")
     codec = DiffusersVAE.from_local(tmp_path / "vae")
     assert codec.scale_factor == 0.5
@@ -290,6 +296,49 @@ def test_diffusers_vae_round_trip(tmp_path):
         torch.testing.assert_close(
             codec.decode(z), vae.decode(want / 0.5).sample, atol=1e-5, rtol=1e-5
         )
+
+
+def test_diffusers_vae_shift_factor_and_low_precision(tmp_path):
+    """A VAE whose config has a shift_factor (SD3 / FLUX style) gives (z - shift) * scale and
+    decodes z / scale + shift; a bf16 VAE takes float32 images and latents and gives float32."""
+    vae = _tiny_vae(scaling_factor=1.5, shift_factor=0.25)  # diffusers: a test extra
+    vae.save_pretrained(tmp_path / "vae")
+    codec = DiffusersVAE.from_local(tmp_path / "vae")
+    assert (codec.scale_factor, codec.shift_factor) == (1.5, 0.25)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    z = codec.encode(x, sample=False)
+    with torch.no_grad():
+        raw = vae.encode(x).latent_dist.mode()
+        torch.testing.assert_close(z, (raw - 0.25) * 1.5, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(codec.decode(z), vae.decode(raw).sample, atol=1e-5, rtol=1e-5)
+    assert DiffusersVAE(vae, shift_factor=0.0).shift_factor == 0.0  # an explicit value wins
+    # latents stored raw: the file's (scale, shift) map them, the decoder's map them back
+    torch.save(raw, tmp_path / "raw.pt")
+    stored = PrecomputedLatents(tmp_path / "raw.pt", scale_factor=0.5, shift_factor=-1.0,
+                                decoder=codec)  # fmt: skip
+    torch.testing.assert_close(stored.latents, (raw + 1.0) * 0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            stored.decode(stored.latents), vae.decode(raw).sample, atol=1e-5, rtol=1e-5
+        )
+    low = DiffusersVAE.from_local(tmp_path / "vae", dtype=torch.bfloat16)
+    assert low.vae.dtype == torch.bfloat16
+    zl = low.encode(x, sample=False)
+    assert zl.dtype == torch.float32 and low.decode(zl).dtype == torch.float32
+    torch.testing.assert_close(zl, z, atol=0.1, rtol=0.1)
+
+
+def test_autoencoder_scale_from_chunked_latent_std(monkeypatch):
+    """train_autoencoder measures the latents' std over the data in chunks: the same scale as
+    one pass over all of it."""
+    import antdiff.models.autoencoder as ae_mod
+
+    data = _digits()[:300]
+    monkeypatch.setattr(ae_mod, "_STD_CHUNK", 64)  # 5 chunks, the last one short
+    ae, _ = train_autoencoder(data, steps=3, batch_size=16, seed=0, hidden=8)
+    with torch.no_grad():
+        want = 1.0 / ae.encoder(data).double().std()
+    assert ae.scale_factor == pytest.approx(float(want), rel=1e-6)
 
 
 def test_precomputed_latents(tmp_path):

@@ -314,6 +314,27 @@ def test_resume_with_a_different_config_lists_the_keys(tmp_path):
         assert list(csv.DictReader(f))[-1]["lr"] == "0.5"
 
 
+def test_a_run_from_before_a_new_config_key_resumes_and_reruns(tmp_path):
+    """A checkpoint (and a config.yaml) written before a config key existed resumes, and a
+    fresh rerun over its logs is the same config: the missing key takes its default."""
+    import yaml
+
+    train(_cfg("digits_adm", tmp_path / "ck", "--train.ckpt_every", "2"))
+    path = ck.list_checkpoints(tmp_path / "ck")[-1]
+    state = torch.load(path, weights_only=False)
+    del state["config"]["data"]["latent_shift"]
+    torch.save(state, path)
+    s = train(_cfg("digits_adm", tmp_path / "ck", "--train.ckpt_every", "2", steps=3), resume=True)
+    assert s["step"] == 3
+    train(_cfg("digits_adm", tmp_path / "logs", steps=1))  # no checkpoint: logs only
+    saved = yaml.safe_load((tmp_path / "logs" / "config.yaml").read_text())
+    del saved["data"]["latent_shift"]
+    (tmp_path / "logs" / "config.yaml").write_text(yaml.safe_dump(saved))
+    train(_cfg("digits_adm", tmp_path / "logs", steps=1))  # the same run again
+    with pytest.raises(ValueError, match="holds the logs of a run with another config"):
+        train(_cfg("digits_adm", tmp_path / "logs", "--train.lr", "0.5", steps=1))
+
+
 def test_checkpoint_from_another_model(tmp_path):
     train(_cfg("digits_adm", tmp_path, "--train.ckpt_every", "2"))
     with pytest.raises(ValueError, match="weights are for model 'adm-tiny'"):

@@ -292,9 +292,13 @@ def resume_state(cfg: Any, resume: str | Path | bool, allow_change: bool) -> dic
             f"--resume: {exc} (train.out_dir): nothing to resume there; drop --resume to start "
             "a fresh run, or pass --resume PATH of a checkpoint"
         ) from exc
-    from .config import upgrade_saved_config
+    from .config import config_from_saved, upgrade_saved_config
 
     saved = upgrade_saved_config(state["config"])
+    try:  # keys added since the checkpoint was written take their defaults, not "changed"
+        saved = config_from_saved(saved).to_dict()
+    except (TypeError, ValueError):  # a config this version refuses: compared as saved
+        pass
     bad = resume_conflicts(saved, cfg.to_dict())
     if "train.seed" in bad:  # config.yaml would name a seed that nothing in the run uses
         raise ValueError(

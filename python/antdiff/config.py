@@ -67,6 +67,7 @@ class DataConfig:
     class_conditional: bool = False  # labels: digits 0-9, folder sub-directories, latent labels
     num_classes: int | None = None  # None: inferred from the data
     latent_scale: float = 1.0  # multiplies stored latents (1 when the file holds scaled ones)
+    latent_shift: float = 0.0  # subtracted before the scaling (SD3 / FLUX VAEs' shift_factor)
     autoencoder: str | None = None  # "tiny": train a TinyAutoencoder, diffuse its latents
     autoencoder_steps: int = 300
 
@@ -92,6 +93,14 @@ class DataConfig:
             raise ValueError("data.autoencoder encodes images; data.source='latents' has none")
         _positive("data", "autoencoder_steps", self.autoencoder_steps)
         _positive("data", "latent_scale", self.latent_scale)
+        if isinstance(self.latent_shift, bool) or not math.isfinite(self.latent_shift):
+            shift = self.latent_shift
+            raise ValueError(f"data.latent_shift must be a finite number, got {shift!r}")
+        if self.latent_shift != 0.0 and self.source != "latents":
+            raise ValueError(
+                f"data.latent_shift={self.latent_shift} applies to stored latents "
+                "(data.source='latents'); drop it for images"
+            )
 
 
 @dataclass

@@ -230,7 +230,9 @@ def load_image_folder(cfg: DataConfig, num_workers: int = 0) -> Dataset:
 def load_latent_file(cfg: DataConfig) -> Dataset:
     from .models import PrecomputedLatents
 
-    lat = PrecomputedLatents(cfg.path, scale_factor=cfg.latent_scale)
+    lat = PrecomputedLatents(
+        cfg.path, scale_factor=cfg.latent_scale, shift_factor=cfg.latent_shift
+    )
     if lat.latents.shape[1] != cfg.channels:
         n, a, b, c = lat.latents.shape
         if c == cfg.channels and a == b != c:  # [N, h, w, c]: channels last, square latents

@@ -377,6 +377,19 @@ def train(
             dist.close()
 
 
+def _same_config(saved: Path, cfg: Config) -> bool:
+    """Whether the config.yaml at ``saved`` is ``cfg`` (keys added since it was written count
+    as their defaults; a file this version cannot read is another config)."""
+    import yaml
+
+    from .config import config_from_saved
+
+    try:
+        return config_from_saved(yaml.safe_load(saved.read_text())).to_dict() == cfg.to_dict()
+    except (TypeError, ValueError, yaml.YAMLError):
+        return False
+
+
 def _train(
     cfg: Config, resume: Any, allow_config_change: bool, dist: DistContext | None
 ) -> dict[str, Any]:
@@ -394,7 +407,7 @@ def _train(
         saved = out / "config.yaml"
         # the same config again (a rerun of a run killed before its first checkpoint, as the
         # study and NTG pipelines do) replaces its own logs; another run's are kept
-        if not (saved.is_file() and saved.read_text() == dump_config(cfg)):
+        if not (saved.is_file() and _same_config(saved, cfg)):
             raise ValueError(
                 f"train.out_dir={str(out)!r} holds the logs of a run with another config "
                 "(metrics.csv, config.yaml; no checkpoint to resume): a fresh run there would "

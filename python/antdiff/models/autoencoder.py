@@ -1,9 +1,10 @@
 """Latent codecs for latent diffusion: a trainable tiny autoencoder, a local diffusers VAE, and
 latents precomputed to a file.
 
-Every codec follows :class:`LatentCodec`: ``encode(x) -> z`` returns latents already multiplied
-by ``scale_factor`` (so they have roughly unit variance, the scale diffusion expects) and
-``decode(z)`` undoes that scaling before decoding.
+Every codec follows :class:`LatentCodec`: ``encode(x) -> z`` returns latents normalised as
+``(raw - shift_factor) * scale_factor`` (so they have roughly zero mean and unit variance, the
+scale diffusion expects; shift_factor is 0 for SD-style VAEs, nonzero for SD3 / FLUX ones) and
+``decode(z)`` undoes that normalisation before decoding.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class LatentCodec:
     """Interface: encode(x [B, C, H, W]) -> z [B, c, h, w]; decode(z) -> x; latent_shape."""
 
     scale_factor: float = 1.0
+    shift_factor: float = 0.0
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -98,6 +100,9 @@ class TinyAutoencoder(nn.Module, LatentCodec):
         return (*lead, self.latent_channels, h // f, w // f)
 
 
+_STD_CHUNK = 512  # images per encoder call when train_autoencoder measures the latents' std
+
+
 def train_autoencoder(
     data: torch.Tensor,
     steps: int = 300,
@@ -133,10 +138,14 @@ def train_autoencoder(
         opt.step()
         losses.append(loss.detach())
     model.eval()
-    with torch.no_grad():
-        model._scale.fill_(1.0)
-        std = model.encoder(data).std()
-        model._scale.copy_(1.0 / std.clamp(min=1e-8))
+    with torch.no_grad():  # the latents' std over the data, in chunks (the whole set at once
+        total = torch.zeros(3, dtype=torch.float64, device=data.device)  # held ~2 N*32*H*W*4 B)
+        for chunk in data.split(_STD_CHUNK):
+            z = model.encoder(chunk).double()
+            total += torch.stack([z.new_tensor(z.numel()), z.sum(), z.square().sum()])
+        n, s1, s2 = total.unbind()
+        var = (s2 - s1 * s1 / n) / (n - 1).clamp(min=1)  # unbiased, as Tensor.std
+        model._scale.copy_(1.0 / var.clamp(min=0).sqrt().clamp(min=1e-8))
     return model, torch.stack(losses).float().cpu()
 
 
@@ -155,16 +164,23 @@ def _local_dir(path: str | Path) -> Path:
 class DiffusersVAE(LatentCodec):
     """A diffusers AutoencoderKL loaded from a local directory (never from the hub).
 
-    encode draws z ~ q(z|x) (or takes its mode with sample=False) and multiplies by
-    scale_factor (the config's scaling_factor unless given, e.g. 0.18215 for SD's VAE).
+    encode draws z ~ q(z|x) (or takes its mode with sample=False) and returns
+    (z - shift_factor) * scale_factor: the config's scaling_factor (e.g. 0.18215 for SD's VAE)
+    and shift_factor (SD3 / FLUX VAEs; 0 where the config has none) unless given. Inputs are
+    cast to the VAE's dtype, and latents and images come back in float32.
     """
 
-    def __init__(self, vae: Any, scale_factor: float | None = None) -> None:
+    def __init__(
+        self, vae: Any, scale_factor: float | None = None, shift_factor: float | None = None
+    ) -> None:
         self.vae = vae
         cfg = vae.config
         self.scale_factor = float(
             scale_factor if scale_factor is not None else getattr(cfg, "scaling_factor", 1.0)
         )
+        if shift_factor is None:
+            shift_factor = getattr(cfg, "shift_factor", None)
+        self.shift_factor = float(shift_factor or 0.0)
         self.latent_channels = int(cfg.latent_channels)
         self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
 
@@ -175,8 +191,9 @@ class DiffusersVAE(LatentCodec):
         scale_factor: float | None = None,
         device: Any = None,
         dtype: torch.dtype | None = None,
+        shift_factor: float | None = None,
     ) -> DiffusersVAE:
-        """Load `path` (a directory holding config.json and the weights)."""
+        """Load `path` (a directory holding config.json and the weights), in ``dtype``."""
         p = _local_dir(path)
         try:
             from diffusers import AutoencoderKL
@@ -184,21 +201,23 @@ class DiffusersVAE(LatentCodec):
             raise ImportError(
                 "DiffusersVAE needs the `diffusers` package: pip install diffusers"
             ) from e
-        vae = AutoencoderKL.from_pretrained(str(p), local_files_only=True)
-        vae = vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        return cls(vae, scale_factor)
+        kwargs = {} if dtype is None else {"torch_dtype": dtype}
+        vae = AutoencoderKL.from_pretrained(str(p), local_files_only=True, **kwargs)
+        vae = vae.to(device=device).eval().requires_grad_(False)
+        return cls(vae, scale_factor, shift_factor)
 
     @torch.no_grad()
     def encode(
         self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        dist = self.vae.encode(x).latent_dist
+        dist = self.vae.encode(x.to(self.vae.dtype)).latent_dist
         z = dist.sample(generator=generator) if sample else dist.mode()
-        return z * self.scale_factor
+        return (z.float() - self.shift_factor) * self.scale_factor
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(z / self.scale_factor).sample
+        raw = z.float() / self.scale_factor + self.shift_factor
+        return self.vae.decode(raw.to(self.vae.dtype)).sample.float()
 
     def latent_shape(self, image_shape: tuple[int, ...]) -> tuple[int, ...]:
         lead, _, h, w = _split_shape(tuple(image_shape))
@@ -215,11 +234,12 @@ class PrecomputedLatents(LatentCodec):
     Args:
         path: the file.
         expected_shape: per-sample (c, h, w) to check against, or None.
-        scale_factor: multiplies the stored latents to give diffusion-space latents (1 if the
-            file already holds scaled latents).
+        scale_factor: diffusion-space latents are (stored - shift_factor) * scale_factor
+            (scale 1 and shift 0 if the file already holds normalised latents).
+        shift_factor: subtracted from the stored latents before the scaling (SD3 / FLUX VAEs).
         decoder: a codec that can decode these latents. The stored latents are taken to be
-            `decoder`'s raw (unscaled) latents when scale_factor != 1, and its scaled
-            latents when scale_factor == 1.
+            `decoder`'s raw latents when (scale_factor, shift_factor) != (1, 0), and its
+            normalised latents otherwise.
     """
 
     def __init__(
@@ -228,6 +248,7 @@ class PrecomputedLatents(LatentCodec):
         expected_shape: tuple[int, ...] | None = None,
         scale_factor: float = 1.0,
         decoder: LatentCodec | None = None,
+        shift_factor: float = 0.0,
     ) -> None:
         p = Path(path)
         if not p.is_file():
@@ -283,8 +304,8 @@ class PrecomputedLatents(LatentCodec):
             )
         if not torch.isfinite(z).all():
             raise ValueError(f"latents in {str(p)!r} hold inf/NaN values")
-        self.latents = z.float() * scale_factor
-        self.scale_factor = float(scale_factor)
+        self.latents = (z.float() - shift_factor) * scale_factor
+        self.scale_factor, self.shift_factor = float(scale_factor), float(shift_factor)
         self.decoder = decoder
 
     def __len__(self) -> int:
@@ -304,8 +325,9 @@ class PrecomputedLatents(LatentCodec):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         if self.decoder is None:
             raise ValueError("PrecomputedLatents has no decoder: pass decoder=<a LatentCodec>")
-        if self.scale_factor != 1.0:
-            z = z / self.scale_factor * self.decoder.scale_factor
+        if self.scale_factor != 1.0 or self.shift_factor != 0.0:  # raw, then the decoder's
+            raw = z / self.scale_factor + self.shift_factor
+            z = (raw - self.decoder.shift_factor) * self.decoder.scale_factor
         return self.decoder.decode(z)
 
     def latent_shape(self, image_shape: tuple[int, ...] | None = None) -> tuple[int, ...]:
