@@ -421,3 +421,9 @@ def test_paths_equal_modules(tmp_path):
     assert from_paths.meta["checkpoints"] == [str(p) for p in paths]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         task_affinity([tmp_path / "missing.pt"], diffusion, x, **kw)
+    # weights of another model than the config names: the error says which model they are for
+    ckpt = torch.load(paths[0], weights_only=True)
+    ckpt["model"]["label_emb.weight"] = torch.zeros(11, 32)
+    torch.save(ckpt, tmp_path / "c.pt")
+    with pytest.raises(ValueError, match="weights are for model 'adm-tiny'.*unexpected keys"):
+        load_affinity_checkpoint(tmp_path / "c.pt")

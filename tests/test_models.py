@@ -192,6 +192,24 @@ def test_dit_adaln_zero_init_patch_layout_and_pos_embed():
     assert pe.shape == (16, 64) and torch.cdist(pe, pe).add(torch.eye(16)).min() > 0.1
 
 
+def test_dit_built_on_meta_and_loaded_has_its_position_table():
+    """A DiT built on the meta device, materialised with to_empty() and loaded from a state
+    dict computes what the model it was saved from does (the fixed position table is not in
+    state dicts: it held uninitialised memory)."""
+    torch.manual_seed(0)
+    ref = create_model("dit-tiny")
+    for p in ref.parameters():  # nonzero everywhere, so the position table reaches the output
+        p.data.normal_(0, 0.05)
+    with torch.device("meta"):
+        model = create_model("dit-tiny")
+    model = model.to_empty(device="cpu")
+    model.pos_embed.fill_(1e4)  # what to_empty() may leave there
+    model.load_state_dict(ref.state_dict())
+    assert torch.equal(model.pos_embed, ref.pos_embed)
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([1, 700]), torch.tensor([0, 3])
+    assert torch.equal(model.eval()(x, t, y=y), ref.eval()(x, t, y=y))
+
+
 def test_label_dropout_only_in_training_mode():
     model, _ = _build("dit-tiny")
     x = torch.randn(200, 1, 8, 8)
@@ -403,8 +421,35 @@ def test_wrong_inputs_get_errors_naming_the_argument(name):
         model(x, torch.tensor(3), y)
     with pytest.raises(ValueError, match=r"y must be \[B\] = \[2\] integer"):
         model(x, t, torch.tensor([1]))
-    with pytest.raises(ValueError, match="integer class labels"):
-        model(x, t, torch.tensor([1.0, 2.0]))
+    for bad in (torch.tensor([1.0, 2.0]), torch.tensor([True, False]), y.to(torch.uint8)):
+        with pytest.raises(ValueError, match="integer class labels"):
+            model(x, t, bad)
+    assert torch.equal(model(x, t, y.int()), model(x, t, y))
+    with pytest.raises(ValueError, match=r"x is torch.float32 but the model's weights are "
+                       r"torch.bfloat16: pass x.to\(torch.bfloat16\)"):  # fmt: skip
+        copy.deepcopy(model).to(torch.bfloat16)(x, t, y)
+
+
+@pytest.mark.parametrize(
+    "name, overrides, match",
+    [
+        ("adm-tiny", dict(model_channels=0), r"model_channels must be a positive integer, got 0 "
+         r"\(--model.overrides.model_channels\)"),
+        ("adm-tiny", dict(num_heads=0, num_head_channels=-1), "num_heads must be a positive"),
+        ("adm-tiny", dict(channel_mult=()), "channel_mult must list one positive width"),
+        ("adm-tiny", dict(channel_mult=(1, 0)), "channel_mult must list one positive width"),
+        ("adm-tiny", dict(num_classes=0), r"None for an unconditional model"),
+        ("adm-tiny", dict(num_res_blocks=0), "num_res_blocks must be a positive integer"),
+        ("dit-tiny", dict(patch_size=0), r"patch_size must be a positive integer"),
+        ("dit-tiny", dict(depth=0), r"depth must be a positive integer"),
+        ("dit-tiny", dict(num_classes=0), r"None for an unconditional model"),
+        ("dit-tiny", dict(patch_size=3), "--model.overrides.patch_size to a divisor"),
+    ],
+)
+def test_model_sizes_are_checked_by_name(name, overrides, match):
+    """Sizes that gave a ZeroDivisionError, an empty model or a misleading message."""
+    with pytest.raises(ValueError, match=match):
+        create_model(name, **overrides)
 
 
 def test_adm_size_must_divide_by_its_downsamplings():

@@ -214,6 +214,9 @@ def test_sample_bad_arguments():
         sample(Wavy(), diff, (1, 1, 2, 2), steps=1001)
     with pytest.raises(ValueError, match="y must have shape"):
         sample(Wavy(), diff, (2, 1, 2, 2), y=torch.tensor([1]))
+    for y in (torch.tensor([2.7, 9.9]), torch.tensor([True, False])):  # 2.7 became class 2
+        with pytest.raises(ValueError, match="y must hold integer class labels"):
+            sample(Wavy(), diff, (2, 1, 2, 2), y=y)
     with pytest.raises(ValueError, match="null class"):
         sample(Wavy(), diff, (1, 1, 2, 2), y=torch.tensor([1]), cfg_scale=2.0)
     with pytest.raises(ValueError, match="needs class labels"):

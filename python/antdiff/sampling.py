@@ -176,7 +176,9 @@ def sample(
     """Draw samples [B, C, ...] = `shape` from the model.
 
     Args:
-        model: called as model(x_t, t, **kw) with t the ORIGINAL timestep indices [B].
+        model: called as model(x_t, t, **kw) with t the ORIGINAL timestep indices [B]. An
+            nn.Module is put in eval mode while sampling (label dropout and dropout off) and
+            back after; a plain callable must switch its model to eval itself.
         diffusion: the training diffusion (its schedule, prediction and learn_sigma).
         sampler: "ddim" or "ddpm" (ancestral; uses the learned variance when learn_sigma).
         steps: number of sampling steps S (<= T), chosen by `spacing`.
@@ -205,6 +207,12 @@ def sample(
     tmap_t = torch.as_tensor(tmap, device=device)
     b, c = shape[0], shape[1]
     if y is not None:
+        y = torch.as_tensor(y)
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise ValueError(
+                f"y must hold integer class labels, got dtype {y.dtype} (a float label would be "
+                "truncated to another class): pass y.long() of whole labels"
+            )
         y = y.to(device=device, dtype=torch.long)
         if y.shape != (b,):
             raise ValueError(f"y must have shape [B] = [{b}], got {tuple(y.shape)}")

@@ -450,5 +450,7 @@ def load_affinity_checkpoint(path: str | Path, device: Any = None) -> tuple[nn.M
     name = mcfg.pop("name")
     overrides = {**mcfg.pop("overrides", {}), **mcfg}
     model = create_model(name, **overrides)
-    model.load_state_dict(ckpt["model"])
+    from ..checkpoint import load_model_state
+
+    load_model_state(model, ckpt["model"], ckpt)
     return model.to(device or "cpu"), cfg

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -33,11 +34,35 @@ def check_inputs(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Te
         )
     if t.shape != (x.shape[0],):
         raise ValueError(f"t must be [B] = [{x.shape[0]}] timesteps, got shape {tuple(t.shape)}")
-    if y is not None and (y.shape != (x.shape[0],) or y.is_floating_point() or y.is_complex()):
+    if y is not None and (y.shape != (x.shape[0],) or y.dtype not in (torch.int64, torch.int32)):
         raise ValueError(
-            f"y must be [B] = [{x.shape[0]}] integer class labels, got shape {tuple(y.shape)} "
-            f"and dtype {y.dtype}"
+            f"y must be [B] = [{x.shape[0]}] integer class labels (int64 or int32), got shape "
+            f"{tuple(y.shape)} and dtype {y.dtype}"
         )
+    weight = next(model.parameters(), None)
+    if (
+        weight is not None
+        and x.dtype != weight.dtype
+        and not torch.is_autocast_enabled(x.device.type)
+    ):
+        raise ValueError(
+            f"x is {x.dtype} but the model's weights are {weight.dtype}: pass "
+            f"x.to({weight.dtype}), or keep the model in float32 and run it under torch.autocast"
+        )
+
+
+def check_sizes(**sizes: Any) -> None:
+    """Constructor sizes that must be positive integers (a 0 gave a ZeroDivisionError or an
+    empty model), named as the override that sets them. ``num_classes`` may also be None."""
+    for key, value in sizes.items():
+        if key == "num_classes" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            hint = " (None for an unconditional model)" if key == "num_classes" else ""
+            raise ValueError(
+                f"{key} must be a positive integer{hint}, got {value!r} "
+                f"(--model.overrides.{key})"
+            )
 
 
 def label_embedding(model: nn.Module, embed: nn.Embedding | None, y: torch.Tensor | None):
@@ -72,6 +97,10 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 def _norm(ch: int) -> nn.GroupNorm:
+    """GroupNorm with 32 groups, as ADM, where ch is a multiple of 32; narrower or odd widths
+    (the tiny CPU sizes) take gcd(32, ch) groups: 8 channels -> 8 groups, 33 -> 1 group (a
+    LayerNorm over the channels), so keep model_channels * channel_mult multiples of 32 for the
+    published architecture."""
     return nn.GroupNorm(math.gcd(32, ch), ch)
 
 
@@ -215,6 +244,21 @@ class UNetModel(nn.Module):
         learn_sigma: bool = False,
     ) -> None:
         super().__init__()
+        if (
+            isinstance(channel_mult, (str, bytes))
+            or not len(channel_mult)
+            or not all(isinstance(m, int) and not isinstance(m, bool) and m > 0
+                       for m in channel_mult)
+        ):  # fmt: skip
+            raise ValueError(
+                f"channel_mult must list one positive width multiplier per level, e.g. "
+                f"[1, 2, 2], got {channel_mult!r} (--model.overrides.channel_mult)"
+            )
+        check_sizes(image_size=image_size, in_channels=in_channels,
+                    model_channels=model_channels, num_res_blocks=num_res_blocks,
+                    num_classes=num_classes)  # fmt: skip
+        if num_head_channels <= 0:
+            check_sizes(num_heads=num_heads)
         levels = [image_size // 2**i for i in range(len(channel_mult))]
         if image_size % 2 ** (len(channel_mult) - 1):
             raise ValueError(

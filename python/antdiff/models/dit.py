@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from antdiff.models.adm import check_inputs, label_embedding, timestep_embedding
+from antdiff.models.adm import check_inputs, check_sizes, label_embedding, timestep_embedding
 
 __all__ = ["DIT_SIZES", "DiT", "sincos_pos_embed_2d"]
 
@@ -103,8 +103,16 @@ class DiT(nn.Module):
         frequency_embedding_size: int = 256,
     ) -> None:
         super().__init__()
+        check_sizes(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
+                    hidden_size=hidden_size, depth=depth, num_heads=num_heads,
+                    num_classes=num_classes,
+                    frequency_embedding_size=frequency_embedding_size)  # fmt: skip
         if input_size % patch_size:
-            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+            raise ValueError(
+                f"input_size {input_size} is not divisible by patch_size {patch_size}: set "
+                "--data.image_size (or the latents' size) to a multiple of it, or "
+                "--model.overrides.patch_size to a divisor of it"
+            )
         if not 0.0 <= class_dropout_prob < 1.0:
             raise ValueError(f"class_dropout_prob must be in [0, 1), got {class_dropout_prob}")
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
@@ -130,6 +138,14 @@ class DiT(nn.Module):
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
         self.final = nn.Linear(hidden_size, patch_size * patch_size * self.out_channels)
         self._init_weights()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        # the fixed position table is not in state dicts: a model built on the meta device and
+        # materialised with to_empty() holds uninitialised memory there until it is rebuilt
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        with torch.no_grad():
+            table = sincos_pos_embed_2d(self.pos_embed.shape[-1], self.grid)[None]
+            self.pos_embed.copy_(table.to(self.pos_embed.device, self.pos_embed.dtype))
 
     def _init_weights(self) -> None:
         for m in self.modules():
