@@ -65,6 +65,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def interpreted(t: torch.Tensor) -> bool:
+    """Whether a launch on ``t`` runs under the CPU interpreter, and so takes its few, large
+    blocks: CPU tensors only reach Triton there, CUDA tensors when the kernels were built with
+    ``TRITON_INTERPRET=1``. Not the variable at launch time: set after the import on a GPU, it
+    gave compiled kernels the interpreter's tiles (18 KB of spills a thread in gram)."""
+    return not t.is_cuda or True in _jit_interpreted
+
+
 def backend_reasons(op: str, *tensors: torch.Tensor, k: int | None = None) -> list[str]:
     """Every reason the Triton kernel of ``op`` cannot serve ``tensors``; empty if it can.
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import column_parts, interpreting, jit, on_device, use_triton
+from ._dispatch import column_parts, interpreted, interpreting, jit, on_device, use_triton
 from .reference import check_combine, combine_ref
 
 try:
@@ -64,22 +64,24 @@ def _combine_kernel(
     tl.store(p_out + o_p * s_o, b_acc.to(p_out.dtype.element_ty), mask=m_p)
 
 
-def _config(k: int) -> tuple[int, int]:
+def _config(k: int, interp: bool | None = None) -> tuple[int, int]:
     """(BLOCK_P, num_warps): fixed, no autotune (also under the interpreter).
 
     All k row loads of a block are in flight at once, k * BLOCK_P / 128 values per thread, so
     the block shrinks as k grows: sm_90 builds of these configurations keep every value in
     registers (no local-memory spills; ``python -m ant_kernels.aot``).
     """
-    if interpreting():
+    if interpreting() if interp is None else interp:
         return 32768, 4  # few, large blocks: the interpreter's cost is per program
     return (2048 if k <= 8 else 512 if k <= 16 else 256 if k <= 32 else 128), 4
 
 
-def _plan(J: torch.Tensor, block_p: int | None = None) -> tuple[int, dict]:
+def _plan(
+    J: torch.Tensor, block_p: int | None = None, interp: bool | None = None
+) -> tuple[int, dict]:
     """(number of programs, constexpr and launch options) for J [k, P]."""
     k, P = J.shape
-    bp, warps = _config(k)
+    bp, warps = _config(k, interp)
     bp = block_p or bp
     # no FMA contraction: the same bits as the sequential loop (module docstring)
     return -(-P // bp), {"K": k, "BLOCK_P": bp, "num_warps": warps, "enable_fp_fusion": False}
@@ -96,7 +98,7 @@ def combine_triton(
     """Launch the Triton kernel (no dispatch). ``block_p`` overrides the tiling."""
     with on_device(J):
         for cols in column_parts(J.shape[1]):
-            nprog, meta = _plan(J[:, cols], block_p)
+            nprog, meta = _plan(J[:, cols], block_p, interpreted(J))
             _combine_kernel[(nprog,)](*_args(w, J[:, cols], out[cols]), **meta)
     return out
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import column_parts, interpreting, jit, on_device, use_triton
+from ._dispatch import column_parts, interpreted, interpreting, jit, on_device, use_triton
 from .reference import check_graddrop, check_uniform, graddrop_ref
 
 try:
@@ -97,10 +97,10 @@ def _graddrop_kernel(
     tl.store(p_out + o_p * s_o, tl.math.div_rn(b_res, b_div).to(p_out.dtype.element_ty), mask=m_p)
 
 
-def _config(k: int) -> tuple[int, int]:
+def _config(k: int, interp: bool | None = None) -> tuple[int, int]:
     """(BLOCK_P, num_warps): fixed, no autotune; the block shrinks as k grows (one row segment
     and the running sums in registers at a time)."""
-    if interpreting():
+    if interpreting() if interp is None else interp:
         return 32768, 4  # few, large blocks: the interpreter's cost is per program
     return (1024 if k <= 8 else 512 if k <= 16 else 256 if k <= 32 else 128), 4
 
@@ -124,7 +124,7 @@ def graddrop_triton(
     """Launch the Triton kernel (no dispatch). ``keep``: [k] float32 1 / 0; ``div``: one-element
     float32. ``block_p`` (a multiple of 4) overrides the tiling."""
     k, P = J.shape
-    bp, warps = _config(k)
+    bp, warps = _config(k, interpreted(J))
     bp = block_p or bp
     with on_device(J):
         for cols in column_parts(P):

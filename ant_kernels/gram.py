@@ -46,7 +46,15 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import column_parts, interpreting, jit, next_pow2, on_device, use_triton
+from ._dispatch import (
+    column_parts,
+    interpreted,
+    interpreting,
+    jit,
+    next_pow2,
+    on_device,
+    use_triton,
+)
 from .reference import check_J, gram_ref
 
 try:
@@ -364,7 +372,7 @@ TILINGS = [
 ]  # fmt: skip
 
 
-def _config(k: int, element_size: int = 4) -> tuple[int, ...]:
+def _config(k: int, element_size: int = 4, interp: bool | None = None) -> tuple[int, ...]:
     """(TB, VEC, CHUNKS, num_warps[, STAGES, FOLD]): fixed, no autotune (also under the
     interpreter).
 
@@ -378,7 +386,7 @@ def _config(k: int, element_size: int = 4) -> tuple[int, ...]:
     3235-3869 GB/s fp32, 2366-3347 GB/s bf16 for k = 3, 4, 6, 7, 8. k <= 2 is one
     tile; k > 8 tiles of 8 (VEC = 1), as timed at P = 1e7. No configuration spills on sm_90
     (``python -m ant_kernels.aot``)."""
-    if interpreting():
+    if interpreting() if interp is None else interp:
         # few, large blocks: the interpreter's cost is per program and per op; row tiles of at
         # most 8 keep a [TB, TB, 4096] block under Triton's 2^20 elements for any k
         return min(next_pow2(k, 1), 8), 1, 4, 4
@@ -392,16 +400,18 @@ def _config(k: int, element_size: int = 4) -> tuple[int, ...]:
 
 def _plan(
     J: torch.Tensor, block_p: int | None = None, chunks: int | None = None,
-    config: tuple[int, ...] | None = None,
+    config: tuple[int, ...] | None = None, interp: bool | None = None,
 ) -> tuple[tuple[int], dict]:  # fmt: skip
     """(grid, constexpr and launch options) for J [k, P]; ``config`` replaces ``_config``.
-    The grid has one axis, spans x tile pairs (``_grid``; ``_spans`` recovers the spans)."""
+    The grid has one axis, spans x tile pairs (``_grid``; ``_spans`` recovers the spans).
+    ``interp``: interpreter tiles (default: ``interpreting()``, the environment variable)."""
     k, P = J.shape
     if config is not None:
         _check_config(config)
-    tb, vec, ch, warps, *rest = config or _config(k, J.dtype.itemsize)
+    interp = interpreting() if interp is None else interp
+    tb, vec, ch, warps, *rest = config or _config(k, J.dtype.itemsize, interp)
     stages, fold, chain, pairs = (*rest, *(1, 1, 0, 0)[len(rest) :])
-    bp = block_p or (4096 if interpreting() else 32 * warps * vec)
+    bp = block_p or (4096 if interp else 32 * warps * vec)
     ch = chunks or ch
     spans = -(-P // (bp * ch))
     if tb == 0:  # the split kernel: tile A = the largest power of two <= min(k, 4), B the rest
@@ -499,7 +509,7 @@ def gram_triton(
     ``config`` = (TB, VEC, CHUNKS, num_warps[, STAGES[, FOLD[, CHAIN[, PAIRS]]]]) the whole
     configuration (PAIRS applies where ``_word_aligned``; other columns are read plainly)."""
     parts = [J[:, cols] for cols in column_parts(J.shape[1])]
-    plans = [_plan(part, block_p, chunks, config) for part in parts]
+    plans = [_plan(part, block_p, chunks, config, interpreted(J)) for part in parts]
     k = J.shape[0]
     spans = [_spans(*plan) for plan in plans]
     work = torch.empty((sum(spans), k, k), dtype=torch.float32, device=J.device)

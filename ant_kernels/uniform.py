@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import interpreting, jit, on_device, use_triton
+from ._dispatch import interpreted, interpreting, jit, on_device, use_triton
 from .reference import check_uniform, uniform_ref
 
 try:
@@ -50,9 +50,9 @@ def _uniform_kernel(p_step, p_out, N, offset, seed, BLOCK: tl.constexpr):
     tl.store(p_out + o_v, b_u, mask=(o_v >= 0) & (o_v < N))
 
 
-def _config() -> tuple[int, int]:
+def _config(interp: bool | None = None) -> tuple[int, int]:
     """(BLOCK counters, num_warps): fixed, no autotune."""
-    if interpreting():
+    if interpreting() if interp is None else interp:
         return 16384, 4  # few, large blocks: the interpreter's cost is per program
     return 256, 4
 
@@ -71,7 +71,7 @@ def uniform_triton(
     offset: int = 0,
 ) -> torch.Tensor:
     """Launch the Triton kernel (no dispatch). ``block`` overrides the counters per program."""
-    bc, warps = _config()
+    bc, warps = _config(interpreted(out))
     bc = block or bc
     if n > 0:
         blocks = (offset + n + 3) // 4 - offset // 4

@@ -231,6 +231,31 @@ def test_forced_triton_without_interpreter_raises(monkeypatch):
         gram(J)
 
 
+def test_tiles_follow_how_the_kernels_were_built(monkeypatch):
+    """The tiling of a launch follows where it runs: CPU tensors in the interpreter, CUDA
+    tensors compiled unless the kernels were built under the interpreter; the variable set
+    after the import on a GPU gave compiled kernels the interpreter's 4096-wide blocks."""
+    import types
+
+    from ant_kernels import _dispatch
+
+    # ant_kernels.gram etc. are the functions; the modules are reachable through sys.modules
+    gram_mod, combine, graddrop, uniform = (
+        sys.modules[f"ant_kernels.{m}"] for m in ("gram", "combine", "graddrop", "uniform")
+    )
+    cuda = types.SimpleNamespace(is_cuda=True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_dispatch, "_jit_interpreted", {False})  # compiled kernels
+    assert not _dispatch.interpreted(cuda) and _dispatch.interpreted(torch.empty(1))
+    monkeypatch.setattr(_dispatch, "_jit_interpreted", {True})
+    assert _dispatch.interpreted(cuda)
+    J = torch.empty(5, 10**6)
+    assert gram_mod._plan(J, interp=True)[1] != gram_mod._plan(J, interp=False)[1]
+    assert combine._config(5, interp=False) == (2048, 4) != combine._config(5, interp=True)
+    assert graddrop._config(5, interp=False) != graddrop._config(5, interp=True)
+    assert uniform._config(interp=False) == (256, 4) != uniform._config(interp=True)
+
+
 def test_forced_triton_lists_every_reason(monkeypatch):
     monkeypatch.setenv("ANT_KERNELS_BACKEND", "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
