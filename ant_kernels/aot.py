@@ -95,7 +95,8 @@ def _launches() -> list[tuple[str, Any, tuple, dict]]:
             bk, warps = nash._config(k)
             args = nash._args(G, _Mock(torch.float64, k), 20)
             out.append((f"nash k={k} {dt}", nash._nash_kernel, args,
-                        {"NORMALIZE": True, "BK": bk, "num_warps": warps}))  # fmt: skip
+                        {"NORMALIZE": True, "BK": bk, "TOL": nash.NASH_TOL,
+                         "num_warps": warps}))  # fmt: skip
     graddrop = mod["graddrop"]
     for k, dt, (P, n) in itertools.product(K_VALUES, ("fp32", "bf16"), parts):
         if k <= max_k["graddrop"]:

@@ -10,7 +10,11 @@ worst case measured over random, badly scaled and nearly parallel (cosine 0.999+
 k <= 32 needs 9 steps for max|a (G a) - 1| < 1e-10, hence the fixed default of 20.
 
 Degenerate input: clusters with G[i, i] <= 0 get an identity row and column and a_i = 1 in the
-solve (zero gradient, zero step) and weight 0 on output. A non-finite G gives NaN weights.
+solve (zero gradient, zero step) and weight 0 on output. A non-finite G gives NaN weights, and
+so does a solve that ends without a solution (some a_i <= 0 or max|a (G a) - 1| > NASH_TOL =
+1e-6): one cluster's gradient nearly opposing the others' sum puts the solution far away (k = 8,
+one row -(sum of the rest) + 1% noise: 40 steps), or nowhere for a G that float32 rounding left
+slightly indefinite (a full Newton step then went negative). NaN weights void the step.
 
 Tiling: a single program holds G as a [BK, BK] float64 register tile. Each Newton step solves
 H x = g by Gauss-Jordan elimination without pivoting (H is symmetric positive definite), k
@@ -25,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import jit, next_pow2, on_device, use_triton
-from .reference import check_G, nash_weights_ref
+from .reference import NASH_TOL, check_G, nash_weights_ref
 
 try:
     import triton
@@ -54,7 +58,9 @@ def _solve_spd(b_A, b_x, o_k, K, BK: tl.constexpr):
 
 
 @jit
-def _nash_kernel(p_G, p_a, K, ITERS, s_g0, s_g1, NORMALIZE: tl.constexpr, BK: tl.constexpr):
+def _nash_kernel(
+    p_G, p_a, K, ITERS, s_g0, s_g1, NORMALIZE: tl.constexpr, BK: tl.constexpr, TOL: tl.constexpr
+):
     o_k = tl.arange(0, BK)
     m_k = o_k < K
     m_eye = o_k[:, None] == o_k[None, :]
@@ -89,7 +95,11 @@ def _nash_kernel(p_G, p_a, K, ITERS, s_g0, s_g1, NORMALIZE: tl.constexpr, BK: tl
         lam = tl.sqrt(tl.maximum(tl.sum(b_g * b_x, axis=0), 0.0))
         step = tl.where(lam < 0.25, 1.0, 1.0 / (1.0 + lam))
         b_a = b_a - step * b_x
-    b_a = tl.where(m_act, b_a, 0.0) + bad
+    # a solution or nothing (comparisons with NaN are False)
+    b_res = tl.abs(b_a * tl.sum(b_Gt * b_a[None, :], axis=1) - 1.0)
+    m_ok = ((b_res <= TOL) & (b_a > 0.0)) | ~m_act
+    solved = tl.min(tl.where(m_ok, 1.0, 0.0), axis=0) > 0.5
+    b_a = tl.where(solved, tl.where(m_act, b_a, 0.0), float("nan")) + bad
     tl.store(p_a + o_k, b_a, mask=m_k)
 
 
@@ -103,7 +113,9 @@ def nash_triton(G: torch.Tensor, iters: int = 20, normalize: bool = True) -> tor
     bk, warps = _config(G.shape[0])
     a = torch.empty(G.shape[0], dtype=torch.float64, device=G.device)
     with on_device(G):
-        _nash_kernel[(1,)](*_args(G, a, iters), NORMALIZE=normalize, BK=bk, num_warps=warps)
+        _nash_kernel[(1,)](
+            *_args(G, a, iters), NORMALIZE=normalize, BK=bk, TOL=NASH_TOL, num_warps=warps
+        )
     return a
 
 
@@ -127,7 +139,8 @@ def nash_weights(G: torch.Tensor, iters: int = 20, normalize: bool = True) -> to
         normalize: divide G by its Frobenius norm first (Nash-MTL's normalisation).
 
     Returns:
-        alpha: [k] float64; 0 for clusters with G[i, i] <= 0; NaN everywhere if G is not finite.
+        alpha: [k] float64; 0 for clusters with G[i, i] <= 0; NaN everywhere if G is not finite
+        or the fixed steps end without a solution (module docstring).
     """
     check_G(G)
     if not isinstance(iters, int) or isinstance(iters, bool) or iters < 0:

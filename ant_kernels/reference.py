@@ -227,6 +227,9 @@ def nash_start(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return act, Gt, torch.where(act, s * u, 1.0)
 
 
+NASH_TOL = 1e-6  # largest max_i |a_i (G a)_i - 1| (G normalised or not) accepted as a solution
+
+
 def nash_weights_ref(G: torch.Tensor, iters: int = 20, normalize: bool = True) -> torch.Tensor:
     """Nash-MTL weights: alpha > 0 with alpha * (G alpha) = 1, solved in float64.
 
@@ -236,9 +239,11 @@ def nash_weights_ref(G: torch.Tensor, iters: int = 20, normalize: bool = True) -
     by a fixed amount), and a full step once lambda < 1/4 (quadratic convergence).
 
     Degenerate input: a cluster with G[i, i] <= 0 (no samples, zero gradient) gets weight 0 and
-    is left out of the solve. A non-finite G gives an all-NaN result. If the active clusters
-    admit a > 0 with G a = 0 (exactly opposing gradients) no solution exists; the result then
-    stays finite but is meaningless.
+    is left out of the solve. A non-finite G gives an all-NaN result, and so does a solve that
+    did not reach a solution: some a_i <= 0 or max_i |a_i (G a)_i - 1| > ``NASH_TOL`` after the
+    fixed steps. That happens where the active clusters nearly admit a > 0 with G a = 0 (one
+    cluster's gradient opposing the others' sum: the solution is huge, or, for a G with a
+    negative eigenvalue from float32 rounding, absent); NaN weights void the engine's step.
 
     Args:
         G: [k, k] Gram matrix. iters: fixed number of Newton steps (no early exit).
@@ -267,7 +272,10 @@ def nash_weights_ref(G: torch.Tensor, iters: int = 20, normalize: bool = True) -
         lam = torch.dot(grad, x).clamp_min_(0.0).sqrt_()
         step = torch.where(lam < 0.25, 1.0, (1.0 + lam).reciprocal())
         a = a - step * x
-    return torch.where(ok & act, a, torch.where(ok, 0.0, torch.nan))
+    res = (a * torch.mv(Gt, a) - 1.0).abs()
+    solved = ((res <= NASH_TOL) & (a > 0)) | ~act  # False for NaN
+    ok = ok & solved.all()
+    return torch.where(ok, torch.where(act, a, 0.0), torch.nan)
 
 
 _M32 = 0xFFFFFFFF

@@ -128,7 +128,17 @@ void NashWeights(const double* gram, int64_t k, int64_t iters, bool normalize, d
     const double step = lam < 0.25 ? 1.0 : 1.0 / (1.0 + lam);
     for (int64_t i = 0; i < k; ++i) a[i] -= step * x[i];
   }
-  for (int64_t i = 0; i < k; ++i) alpha[i] = act[i] ? a[i] : 0.0;
+  // a solution or nothing: a_i > 0 and |a_i (G a)_i - 1| <= kNashTol on every active row
+  bool solved = true;
+  for (int64_t i = 0; i < k; ++i) {
+    double ga = 0.0;
+    for (int64_t j = 0; j < k; ++j) ga += g[i * k + j] * a[j];
+    const double res = std::fabs(a[i] * ga - 1.0);
+    if (act[i] && !(res <= kNashTol && a[i] > 0.0)) solved = false;  // also false for NaN
+  }
+  for (int64_t i = 0; i < k; ++i) {
+    alpha[i] = !solved ? std::numeric_limits<double>::quiet_NaN() : act[i] ? a[i] : 0.0;
+  }
 }
 
 }  // namespace ant

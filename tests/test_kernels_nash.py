@@ -167,6 +167,49 @@ def test_nash_degenerate_inputs(backend, kernel_device, monkeypatch):
         assert torch.isnan(nash_weights(Gb.to(kernel_device))).all()
 
 
+# float32 Gram of J [3, 1e5] with g3 = -(g1 + g2) + 1e-3 noise: rounding left it indefinite
+# (smallest eigenvalue of G / |G| -1.5e-7), and a full Newton step took the weights to -14144
+_INDEFINITE = [[100819.640625, -319.37799072265625, -100500.65625],
+               [-319.37799072265625, 100183.484375, -99863.78125],
+               [-100500.65625, -99863.78125, 200364.359375]]  # fmt: skip
+
+
+def _opposed(k: int, noise: float) -> torch.Tensor:
+    """Gram of k gradients, the last one the negated sum of the others plus noise: the solution
+    lies far from the start (scale ~ 1 / noise)."""
+    g = torch.Generator().manual_seed(0)
+    J = torch.randn(k, 1000, generator=g, dtype=torch.float64)
+    J[-1] = -J[:-1].sum(0) + noise * torch.randn(1000, generator=g, dtype=torch.float64)
+    return J @ J.T
+
+
+@pytest.mark.interpret
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("backend", ["triton", "torch", "native"])
+def test_nash_without_a_solution_gives_nan(backend, kernel_device, monkeypatch):
+    """A solve that ends without a solution says so (NaN: the engine voids the step) instead of
+    handing out wrong weights: negative ones for an indefinite float32 G, far-off ones where 20
+    steps do not reach a distant solution; with enough steps the same G is solved."""
+    from antdiff.mtl import native
+
+    if backend == "native":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU G: the C++ solver
+        monkeypatch.setenv("ANT_KERNELS_BACKEND", "auto")
+        assert native._C is not None, "antdiff._C is not built: run `make build`"
+        solve, dev = native.nash_weights, "cpu"
+    else:
+        monkeypatch.setenv("ANT_KERNELS_BACKEND", backend)
+        solve, dev = nash_weights, kernel_device
+    G = torch.tensor(_INDEFINITE, dtype=torch.float32)
+    assert torch.linalg.eigvalsh(G.double()).min() < 0
+    for iters in (20, 40):
+        assert solve(G.to(dev), iters=iters).isnan().all()
+    G = _opposed(8, 0.01)
+    assert solve(G.to(dev), iters=20).isnan().all()  # residual 3.5 after 20 steps
+    a = solve(G.to(dev), iters=40).cpu()
+    assert (a > 0).all() and _residual(G, a) < 1e-9
+
+
 def test_nash_k_limit_and_bad_input(monkeypatch):
     G = _make_G(33, "random")
     monkeypatch.setenv("ANT_KERNELS_BACKEND", "auto")

@@ -76,7 +76,11 @@ def test_nash_degenerate_inputs(no_interpreter):
     bad = G.clone()
     bad[2, 3] = float("nan")
     assert native.nash_weights(bad).isnan().all() and nash_weights_ref(bad).isnan().all()
-    torch.testing.assert_close(native.nash_weights(G, iters=0), nash_weights_ref(G, 0))
+    # no steps: the start point, which solves orthogonal or parallel gradients only, is refused
+    assert native.nash_weights(G, iters=0).isnan().all() and nash_weights_ref(G, 0).isnan().all()
+    diag = torch.diag(torch.tensor([1.0, 4.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(native.nash_weights(diag, iters=0), nash_weights_ref(diag, 0))
+    assert torch.isfinite(native.nash_weights(diag, iters=0)).all()
 
 
 def test_float32_gram_matches_the_reference_on_the_same_values(no_interpreter):

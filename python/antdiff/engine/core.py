@@ -961,8 +961,9 @@ class ANT:
             rec.verdict = ok  # the read above: backward redoes a non-finite recompute
         if not ok:
             warnings.warn(
-                f"step {self.telemetry.steps}: non-finite cluster losses or gradients; the "
-                "optimiser step was skipped and the method state left unchanged",
+                f"step {self.telemetry.steps}: non-finite cluster losses or gradients"
+                f"{_NO_WEIGHTS}; the optimiser step was skipped and the method state left "
+                "unchanged",
                 stacklevel=2,
             )
             optimizer.zero_grad(set_to_none=True)
@@ -1001,9 +1002,9 @@ class ANT:
             if wait or flag.ready():
                 if flag.read(wait):
                     warnings.warn(
-                        f"step {flag.step}: non-finite cluster losses or gradients; the "
-                        "optimiser skipped the step on the device and the method state was left "
-                        "unchanged",
+                        f"step {flag.step}: non-finite cluster losses or gradients"
+                        f"{_NO_WEIGHTS}; the optimiser skipped the step on the device and the "
+                        "method state was left unchanged",
                         stacklevel=3,
                     )
             else:
@@ -1138,6 +1139,14 @@ def _reaches_model(loss: torch.Tensor, model: nn.Module) -> bool | None:
         opaque = opaque or type(node).__name__ == "CheckpointFunctionBackward"
         todo.extend(f for f, _ in node.next_functions)
     return None if opaque else False
+
+
+# the other cause of a voided step: a weight solver that ended without a solution
+_NO_WEIGHTS = (
+    ", or no weights from the method (Nash-MTL's Newton steps ended without a solution: one "
+    "cluster's gradient nearly opposes the others'; more steps may reach it: "
+    "method_kwargs={'iters': 40}, --ant.method_kwargs '{iters: 40}' in the CLI)"
+)
 
 
 def _count_shares(N: torch.Tensor) -> torch.Tensor:  # noqa: N803
