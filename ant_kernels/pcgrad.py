@@ -63,7 +63,11 @@ def _pcgrad_kernel(p_G, p_O, p_w, K, s_g0, s_g1, s_o0, s_o1, BK: tl.constexpr):
             b_q = tl.math.div_rn(b_d, b_den)
         b_coef = tl.where(hit, b_q, 0.0)
         b_C = b_C - tl.where(o_k[None, :] == b_j[:, None], b_coef[:, None], 0.0)
-    tl.store(p_w + o_k, tl.sum(b_C, axis=0), mask=m_k)
+    # NaN exactly when G has a NaN or inf entry (a NaN d fails d < 0: finite weights otherwise)
+    b_G = tl.load(p_G + o_k[:, None] * s_g0 + o_k[None, :] * s_g1,
+                  mask=m_k[:, None] & m_k[None, :], other=0.0)  # fmt: skip
+    bad = tl.sum(tl.sum(b_G * 0.0, axis=1), axis=0)
+    tl.store(p_w + o_k, tl.sum(b_C, axis=0) + bad, mask=m_k)
 
 
 def _args(G: torch.Tensor, orders: torch.Tensor, w: torch.Tensor) -> tuple:
@@ -99,7 +103,8 @@ def pcgrad_weights(G: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
             bounds, the reference raises an indexing error.
 
     Returns:
-        w: [k] in G's dtype with ``w @ J = sum_i g_i'``. No host sync.
+        w: [k] in G's dtype with ``w @ J = sum_i g_i'``; NaN everywhere if G has a NaN or inf
+        entry. No host sync.
     """
     check_G(G)
     check_orders(G, orders)

@@ -187,7 +187,8 @@ def pcgrad_weights_ref(G: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
         G: [k, k] Gram matrix (fp32 or fp64). orders: [k, k] int, each row a permutation.
 
     Returns:
-        w = C.sum(0): [k] in G's dtype.
+        w = C.sum(0): [k] in G's dtype; NaN everywhere if G has a NaN or inf entry (a NaN
+        dot product fails ``d < 0`` and would leave finite weights).
     """
     check_G(G)
     check_orders(G, orders)
@@ -203,7 +204,7 @@ def pcgrad_weights_ref(G: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
         hit = (d < 0) & (g_jj != 0)
         coef = torch.where(hit, d / torch.where(g_jj != 0, g_jj, torch.ones_like(g_jj)), 0.0)
         C.scatter_add_(1, j[:, None], -coef[:, None])
-    return C.sum(0)
+    return C.sum(0) + (G * 0).sum()
 
 
 def nash_start(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -114,7 +114,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("AUTO_DC_MIN_T") = ant::kAutoDcMinT;
   // The Python side (antdiff.interval_dp.ABI_VERSION) refuses a build of another version: bump
   // both whenever a binding's name, arguments or meaning changes.
-  m.attr("ABI_VERSION") = 2;  // 2: nash_weights returns NaN for a solve without a solution
+  m.attr("ABI_VERSION") = 2;  // 2: NaN from nash_weights without a solution, pcgrad_weights of a non-finite G
   m.def("solve_intervals", &SolveIntervals, py::arg("cost"), py::arg("data"), py::arg("k"),
         py::arg("min_size") = py::none(), py::arg("max_size") = py::none(),
         py::arg("algorithm") = "auto",

@@ -58,10 +58,12 @@ void PcgradWeights(const double* gram, const int64_t* orders, int64_t k, double*
       if (d < 0.0 && gjj != 0.0) c[i * k + j] -= d / gjj;
     }
   }
+  double bad = 0.0;  // NaN exactly when G has a NaN or inf entry (a NaN d fails d < 0)
+  for (int64_t e = 0; e < k * k; ++e) bad += gram[e] * 0.0;
   for (int64_t m = 0; m < k; ++m) {
     double s = 0.0;
     for (int64_t i = 0; i < k; ++i) s += c[i * k + m];
-    weights[m] = s;
+    weights[m] = s + bad;
   }
 }
 

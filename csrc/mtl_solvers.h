@@ -13,7 +13,8 @@ namespace ant {
 // Gram-space PCGrad. gram: row-major [k, k]; orders: row-major [k, k], row i the order in which
 // g_i' is projected (entries outside [0, k) are skipped). C = I; for t = 0..k-1 and every row i,
 // j = orders[i, t]: d = C[i] . G[:, j]; if d < 0 and G[j, j] != 0, C[i, j] -= d / G[j, j].
-// weights[m] = sum_i C[i, m]. Throws std::invalid_argument for k < 1.
+// weights[m] = sum_i C[i, m], NaN everywhere if G has a NaN or inf entry. Throws
+// std::invalid_argument for k < 1.
 void PcgradWeights(const double* gram, const int64_t* orders, int64_t k, double* weights);
 
 // Nash-MTL: alpha > 0 with alpha * (G alpha) = 1 by damped Newton (a fixed `iters` steps, no

@@ -111,6 +111,31 @@ def test_pcgrad_k2_leaves_no_conflict(trial, kernel_device, force_triton):
     torch.testing.assert_close(w @ J, projected[0] + projected[1], rtol=0, atol=1e-9)
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize("backend", ["triton", "torch", "native"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_pcgrad_nonfinite_gram_gives_nan(backend, bad, kernel_device, monkeypatch):
+    """A NaN dot product fails ``d < 0``: weights of a non-finite G were finite ([1, 1, 1.8])
+    in every implementation; they are NaN now, as Nash-MTL's."""
+    from antdiff.mtl import native
+
+    if backend == "native":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU G: the C++ solver
+        monkeypatch.setenv("ANT_KERNELS_BACKEND", "auto")
+        assert native._C is not None, "antdiff._C is not built: run `make build`"
+        solve, dev = native.pcgrad_weights, "cpu"
+    else:
+        monkeypatch.setenv("ANT_KERNELS_BACKEND", backend)
+        solve, dev = pcgrad_weights, kernel_device
+    J = _make_J(3, "conflicts")
+    G = J @ J.T
+    for i, j in ((0, 1), (2, 2)):
+        Gb = G.clone()
+        Gb[i, j] = bad
+        assert solve(Gb.to(dev), _orders(3).to(dev)).isnan().all()
+    assert torch.isfinite(solve(G.to(dev), _orders(3).to(dev))).all()
+
+
 def test_pcgrad_closed_form_k2():
     # g1 = (1, 0), g2 = (-1, 1): g1' = g1 - (-1/2) g2 = (1/2, 1/2); g2' = g2 - (-1) g1 = (0, 1)
     J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)

@@ -48,7 +48,7 @@ BUILD_HINT = (
 )
 
 # The bindings this code calls; csrc/bindings.cpp sets the same number on the module.
-ABI_VERSION = 2  # 2: nash_weights gives NaN where its steps end without a solution
+ABI_VERSION = 2  # 2: NaN from nash_weights without a solution and pcgrad_weights of a non-finite G
 
 _cpp: dict[str, Any] = {"tried": False, "module": None, "error": None, "warned": False}
 
