@@ -114,7 +114,8 @@ PYBIND11_MODULE(_C, m) {
   m.attr("AUTO_DC_MIN_T") = ant::kAutoDcMinT;
   // The Python side (antdiff.interval_dp.ABI_VERSION) refuses a build of another version: bump
   // both whenever a binding's name, arguments or meaning changes.
-  m.attr("ABI_VERSION") = 2;  // 2: NaN from nash_weights without a solution, pcgrad_weights of a non-finite G
+  // 2: NaN from nash_weights without a solution and from pcgrad_weights of a non-finite G
+  m.attr("ABI_VERSION") = 2;
   m.def("solve_intervals", &SolveIntervals, py::arg("cost"), py::arg("data"), py::arg("k"),
         py::arg("min_size") = py::none(), py::arg("max_size") = py::none(),
         py::arg("algorithm") = "auto",
