@@ -217,7 +217,10 @@ def test_cli_writes_what_cluster_accepts(tmp_path, capsys):
     _tiny_adm_checkpoint(b, 1)
     out = tmp_path / "aff.npz"
     args = ["affinity", str(a), str(b), "--bins", "5", "--n-samples", "4", "--batch-size", "4"]
+    capsys.readouterr()
     assert main([*args, "--out", str(out), "--device", "cpu"]) == 0
+    # the hint names the checkpoint's schedule (cluster's default is linear, whatever trained)
+    assert f"--affinity {out} --T 100 --schedule linear" in capsys.readouterr().out
     for name in ("aff.npz", "aff_timestep.png", "aff_logsnr.png"):
         assert (tmp_path / name).stat().st_size > 0
     with np.load(out) as z:
@@ -421,6 +424,15 @@ def test_paths_equal_modules(tmp_path):
     assert from_paths.meta["checkpoints"] == [str(p) for p in paths]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         task_affinity([tmp_path / "missing.pt"], diffusion, x, **kw)
+    # uint8 pixels: only the rows the pass uses are converted (the same numbers)
+    pix = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    np.testing.assert_array_equal(
+        task_affinity(models[:1], diffusion, pix, **kw).affinity,
+        task_affinity(models[:1], diffusion, pix.float() / 127.5 - 1, **kw).affinity,
+    )
+    frozen = models[0].requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        task_affinity([frozen], diffusion, x, **kw)
     # weights of another model than the config names: the error says which model they are for
     ckpt = torch.load(paths[0], weights_only=True)
     ckpt["model"]["label_emb.weight"] = torch.zeros(11, 32)

@@ -226,3 +226,15 @@ def test_too_few_samples_fail_before_any_training(tmp_path):
         run_ntg(_cfg(tmp_path / "unused", steps=2), uniform_intervals(1000, 2),
                 specialist_steps=2, out_dir=tmp_path / "ntg", n_samples=4)  # fmt: skip
     assert not (tmp_path / "ntg").exists()
+
+
+def test_precomputed_latents_fail_before_any_training(tmp_path):
+    """Precomputed latents have no decoder here: their NTG failed on the FID's image check
+    after the full model and every specialist had trained."""
+    torch.save(torch.randn(40, 1, 8, 8) * 2, tmp_path / "z.pt")
+    cfg = _cfg(tmp_path / "unused", "--data.source", "latents", "--data.path",
+               str(tmp_path / "z.pt"), steps=2)  # fmt: skip
+    with pytest.raises(ValueError, match="precomputed latents .* no decoder"):
+        run_ntg(cfg, uniform_intervals(1000, 2), specialist_steps=2, out_dir=tmp_path / "ntg",
+                n_samples=66)  # fmt: skip
+    assert not (tmp_path / "ntg").exists()

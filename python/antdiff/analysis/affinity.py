@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data import as_float
 from ..engine.buffer import GradBuffer
 from ..utils import atomic_write
 
@@ -194,7 +195,7 @@ def task_affinity(
             architecture, parameter shapes and config).
         diffusion: a :class:`~antdiff.diffusion.GaussianDiffusion`; its per-sample ``"loss"``
             defines the tasks.
-        data: x0 [N, C, ...] training samples.
+        data: x0 [N, C, ...] training samples (floats in [-1, 1], or uint8 pixels).
         bins: number of near-equal timestep bins (default min(50, T)); or give ``bin_edges``.
         bin_edges: [nb + 1] increasing ints from 0 to T.
         n_samples: data points per bin (>= 1).
@@ -221,7 +222,8 @@ def task_affinity(
     for item, label in zip(items, labels):
         model = load(item, device)[0] if isinstance(item, (str, Path)) else item
         dev = _model_device(model, label, device)
-        x0 = data.index_select(0, tasks.index).to(dev)
+        # the rows used, as float32 (uint8 pixels are converted here, not the whole set)
+        x0 = as_float(data.index_select(0, tasks.index.to(data.device))).to(dev)
         kw = {k: v.index_select(0, tasks.index.to(v.device)).to(dev) for k, v in kwargs.items()}
         G, rows_used, n_pass = _model_gram(  # noqa: N806
             model, diffusion, x0, kw, tasks, batch_size, block_rows, max_bytes
@@ -275,6 +277,11 @@ def _cosine(G: np.ndarray, label: str) -> tuple[np.ndarray, np.ndarray]:  # noqa
 def _model_gram(model, diffusion, x0, kw, tasks, batch_size, block_rows, max_bytes):
     """G [nb, nb] float64 for one model, the rows of J used, and the bin gradients computed."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(
+            "the model has no trainable parameters (requires_grad=False everywhere): task "
+            "affinity compares gradients; call model.requires_grad_(True)"
+        )
     saved = [p.grad for p in params]
     was_training = model.training
     model.eval()

@@ -395,6 +395,14 @@ def run_ntg(
     full_run = None if full is None else load_run(full)
     base = cfg if full_run is None else full_run.cfg
     intervals = check_intervals(intervals, base.diffusion.T)  # fail before any training
+    if base.data.source == "latents":  # no decoder: FID would read raw latents as images
+        raise ValueError(
+            f"the full model diffuses precomputed latents ({base.data.path}), and antdiff holds "
+            "no decoder for them, so its samples cannot be scored as images: NTG compares FIDs. "
+            "Run it on image data (data.source digits or folder, with data.autoencoder tiny for "
+            "latent diffusion), or sample each model with `antdiff sample --format pt`, decode "
+            "with your autoencoder and score with antdiff.evaluate.score"
+        )
     if base.ant.method != "vanilla":
         log.warning("the full model trains / trained with method %r; the paper's NTG compares "
                     "vanilla models (ant.method vanilla)", base.ant.method)  # fmt: skip
@@ -417,7 +425,9 @@ def run_ntg(
         specialists[(t1, t2)] = _trained(scfg, "specialist", "--specialist-steps").ema.model
     decode = data.codec.decode if data.codec is not None else None
     with torch.no_grad():  # latent data: the reference is the decoded training set
-        real = data.images() if decode is None else decode(data.x).float().clamp(-1.0, 1.0)
+        # images as stored (uint8 pixels are a quarter of a float32 copy; the extractor takes
+        # them), on the host
+        real = data.x if decode is None else decode(data.x).float().clamp(-1.0, 1.0)
     real = real.cpu()
     latents = fc.data.source == "latents" or decode is not None
     result = negative_transfer_gap(

@@ -110,6 +110,11 @@ class CheckpointLoader:
         return self.data[key]
 
 
+def _schedule_name(cfg: dict[str, Any], args: argparse.Namespace) -> str:
+    """The schedule the affinity uses: --schedule, else the checkpoint's, else linear."""
+    return args.schedule or (cfg.get("diffusion") or {}).get("schedule", "linear")
+
+
 def _diffusion(cfg: dict[str, Any], args: argparse.Namespace) -> GaussianDiffusion:
     dcfg = dict(cfg.get("diffusion") or {})
     for flag, key in (("--schedule", "schedule"), ("--T", "T")):
@@ -119,7 +124,7 @@ def _diffusion(cfg: dict[str, Any], args: argparse.Namespace) -> GaussianDiffusi
                 f"{flag} {given}: the checkpoint was trained with {key} = {dcfg[key]}, which "
                 f"the affinity uses; drop {flag}"
             )
-    name = args.schedule or dcfg.get("schedule", "linear")
+    name = _schedule_name(cfg, args)
     T = args.T or dcfg.get("T", 1000)  # noqa: N806
     kwargs = {k: dcfg[k] for k in _DIFFUSION_KEYS if k in dcfg}
     return GaussianDiffusion(make_schedule(name, T), **kwargs)
@@ -129,7 +134,7 @@ def _data(args: argparse.Namespace, load: CheckpointLoader) -> tuple[torch.Tenso
     """x0 [N, C, H, W] and labels [N] (or None): --data, else the trainer checkpoint's data."""
     if args.data is None and load.data:
         ds = next(iter(load.data.values()))
-        x = ds.images()
+        x = ds.x  # as stored (uint8 pixels: only the rows the pass uses become float32)
         if args.image_size is not None and args.image_size != x.shape[-1]:
             raise ValueError(
                 f"--image-size {args.image_size}: the checkpoint's own data keeps the size it "
@@ -215,5 +220,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_plot:
         for p in plot_affinity_figures(result, diffusion.schedule, args.out.with_suffix("")):
             print(f"wrote {p}")
-    print(f"next: antdiff cluster --objective gradient --affinity {out} --T {diffusion.T}")
+    print(
+        f"next: antdiff cluster --objective gradient --affinity {out} --T {diffusion.T} "
+        f"--schedule {_schedule_name(cfg, args)}"
+    )
     return 0
