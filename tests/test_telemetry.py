@@ -44,7 +44,8 @@ def _expected(steps):
         g = G.double().numpy()
         d = np.sqrt(np.maximum(np.diag(g), 1e-30))
         cos = g / np.outer(d, d)
-        last_cos = cos
+        p = p & (np.diag(g) > 0)  # a zero gradient has no direction: no cosine
+        last_cos = np.where(np.outer(p, p), cos, np.nan)
         both = np.outer(p, p) & ok
         cos_sum[both] += cos[both]
         conflicts[both & (cos < 0)] += 1
@@ -56,7 +57,7 @@ def _expected(steps):
         "nonfinite_steps": bad,
         "conflict_rate": np.where(unseen, np.nan, conflicts / n),
         "cosine_mean": np.where(unseen, np.nan, cos_sum / n), "cosine": last_cos,
-        "loss": steps[-1][0].numpy(),
+        "loss": np.where(steps[-1][1].numpy(), steps[-1][0].numpy(), np.nan),
     }  # fmt: skip
 
 
@@ -175,3 +176,23 @@ def test_a_cluster_never_measured_has_no_loss_mean():
         tel.update(L, torch.ones(K), present, finite, G)
     mean = np.array(tel.snapshot()["loss_mean"])
     assert np.isnan(mean[2]) and np.isfinite(np.delete(mean, 2)).all()
+
+
+def test_absent_and_zero_gradient_clusters_have_no_last_loss_or_cosine():
+    """The last step's loss of an absent cluster was logged as 0 (metrics.csv, TensorBoard)
+    while its running mean said NaN; a present cluster with a zero gradient counted as
+    cosine 0 with everyone (means pulled to 0, the diagonal below 1)."""
+    J = torch.randn(K, 6, dtype=torch.float64)  # noqa: N806
+    J[1] = 0.0  # present, zero gradient
+    G = (J @ J.T).float()  # noqa: N806
+    present = torch.tensor([True, True, True, False])
+    tel = Telemetry(K)
+    for _ in range(3):
+        tel.update(torch.rand(K) + 1, torch.ones(K), present, torch.tensor(True), G)
+    snap = tel.snapshot()
+    assert np.isnan(snap["loss"][3]) and np.isfinite(snap["loss"][:3]).all()
+    assert snap["weight"][3] == 1.0  # weights are reported as given
+    cos, mean = np.array(snap["cosine"]), np.array(snap["cosine_mean"])
+    for m in (cos, mean):
+        assert np.isnan(m[1]).all() and np.isnan(m[:, 1]).all() and np.isnan(m[3]).all()
+        np.testing.assert_allclose(np.diag(m)[[0, 2]], 1.0, rtol=1e-6)

@@ -95,17 +95,24 @@ class Telemetry:
         grams = [p for p in pending if p[3] is not None]
         if not grams:
             return
-        cos = self._cosine(torch.stack([p[3].to(dev) for p in grams]))
+        Gs = torch.stack([p[3].to(dev) for p in grams])  # noqa: N806
+        cos = self._cosine(Gs)
         pres, fin = present, finite
         if len(grams) < len(pending):  # stacked again: indexing with a list would copy the
             # index to the device, a host sync on CUDA
             pres = torch.stack([p[1].to(dev) for p in grams])
             fin = torch.stack([p[2].to(dev).reshape(()) for p in grams])
+        # a pair counts where both clusters were present with a nonzero gradient (a zero one
+        # has no direction: its "cosine 0" would pull the means to 0 and the diagonal below 1)
+        pres = pres & (Gs.diagonal(dim1=-2, dim2=-1) > 0)
         both = (pres[:, :, None] & pres[:, None, :] & fin[:, None, None]).float()
         self._acc("cosine_sum", torch.where(both > 0, cos, 0.0).sum(0))
         self._acc("conflict_count", (both * (cos < 0).float()).sum(0))
         self._acc("pair_count", both.sum(0))
-        self.t["cosine"] = cos[-1].clone()  # of the last step with a Gram (not a view of all)
+        # of the last step with a Gram (a new tensor, not a view of all); NaN for a pair with an
+        # absent or zero-gradient cluster
+        last = pres[-1][:, None] & pres[-1][None, :]
+        self.t["cosine"] = torch.where(last, cos[-1], float("nan"))
 
     def snapshot(self) -> dict[str, Any]:
         """Host copies: last-step values and running means (a sync; call outside the step)."""
@@ -113,7 +120,11 @@ class Telemetry:
         out: dict[str, Any] = {"steps": self.steps}
         for name in ("loss", "weight", "cosine"):
             if name in self.t:
-                out[name] = self.t[name].float().cpu().tolist()
+                value = self.t[name].float()
+                if name == "loss" and "present" in self.t:  # an absent cluster has no loss this
+                    # step (NaN, as in loss_mean), not 0; its weight is 0
+                    value = torch.where(self.t["present"].to(value.device), value, float("nan"))
+                out[name] = value.cpu().tolist()
         if "loss_sum" in self.t:
             c = self.t["loss_count"]  # a cluster never measured has no mean (NaN), not 0
             mean = torch.where(c > 0, self.t["loss_sum"] / c.clamp(min=1), float("nan"))
