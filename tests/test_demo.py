@@ -33,3 +33,17 @@ def test_demo_never_deletes_a_run_it_did_not_write(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="holds files the demo did not write"):
         run_demo(tmp_path, steps=2, batch_size=16, progress=False)
     assert ckpt.read_bytes() == b"weights"
+
+
+def test_demo_errors_name_its_own_flags(tmp_path: Path, capsys) -> None:
+    """A bad --batch-size said "train.batch_size ... or set ant.sampling=uniform", neither of
+    them a demo flag; `python -m antdiff.demo` printed a traceback."""
+    from antdiff.demo import main
+
+    for argv, msg in ((["--batch-size", "2"], "--batch-size must be an integer >= 5"),
+                      (["--steps", "0"], "--steps must be an integer >= 1")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            main([*argv, "--out", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err and "train." not in err
+    assert not (tmp_path / "runs").exists()

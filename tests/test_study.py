@@ -142,3 +142,33 @@ def test_too_few_samples_for_fid_fail_at_parse_time(tmp_path: Path, capsys) -> N
     with pytest.raises(SystemExit):
         study._parse(["--out", str(tmp_path), "--num", "20"])
     assert "Use at least 65 samples" in capsys.readouterr().err
+
+
+def test_mistyped_methods_and_clusterings_fail_at_parse_time(tmp_path: Path, capsys) -> None:
+    """A mistyped method failed when its run came up, after every other run had trained."""
+    for flag, value, msg in (("--methods", "foo,uw", "--methods foo"),
+                             ("--clusterings", "snr,grad", "--clusterings: unknown ['grad']"),
+                             ("--lr", "-1", "train.lr must be finite and > 0")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            study._parse(["--out", str(tmp_path), flag, value])
+        assert msg in capsys.readouterr().err
+
+
+def test_a_failed_run_is_reported_without_waiting_for_the_queue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that raises stops the study at once: the runs still queued are cancelled (the
+    error used to come after every one of them had run)."""
+    calls = []
+
+    def run_one(job):
+        calls.append(job["name"])
+        raise RuntimeError(f"run {job['name']} failed")
+
+    monkeypatch.setattr(study, "run_one", run_one)
+    argv = ["--out", str(tmp_path / "s"), "--seeds", "2", "--steps", "2", "--num", "70",
+            "--methods", "uw,pcgrad", "--clusterings", "snr", "--jobs", "1"]  # fmt: skip
+    with pytest.raises(RuntimeError, match="run vanilla failed"):
+        study.main(argv)
+    # 6 runs queued: the one that failed, and at most one the worker took before the cancel
+    assert calls[0] == "vanilla" and len(calls) <= 2

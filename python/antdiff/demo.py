@@ -153,6 +153,12 @@ def run_demo(
     from .schedules import make_schedule
 
     out = Path(out)
+    k = load_config(PRESET).ant.k
+    for flag, value, least in (("--steps", steps, 1), ("--batch-size", batch_size, k)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < least):  # fmt: skip
+            why = f" (the ANT run stratifies each batch over its {k} clusters)" if least > 1 else ""
+            raise ValueError(f"{flag} must be an integer >= {least}{why}, got {value!r}")
     extra = ["--train.seed", str(seed), "--train.progress", str(progress).lower()]
     if steps is not None:
         extra += ["--train.steps", str(steps)]
@@ -293,7 +299,11 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m antdiff.demo", description=__doc__)
     add_arguments(p)
-    return run(p.parse_args(argv))
+    args = p.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as exc:  # bad input: the message, not a traceback
+        p.error(str(exc))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .utils import atomic_write_text
+from .utils import atomic_write, atomic_write_text
 
 METHODS = ("uw", "pcgrad", "nash", "uw+pcgrad")
 CLUSTERINGS = ("timestep", "snr", "gradient")
@@ -139,7 +139,8 @@ def make_affinity(out: Path, ckpt_dir: Path, bins: int, n_samples: int, threads:
     # per-timestep matrix: every timestep takes its bin's row/column
     which = np.repeat(np.arange(res.nb), np.diff(res.bin_edges))
     full = out / "affinity_T.npy"
-    np.save(full, res.affinity[np.ix_(which, which)].astype(np.float32))
+    table = res.affinity[np.ix_(which, which)].astype(np.float32)
+    atomic_write(full, lambda f: np.save(f, table))  # its existence means "done" on a resume
     return full
 
 
@@ -270,7 +271,30 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         check_enough_samples(args.num, 64, f"--num {args.num}", False, api=False)
     except ValueError as exc:
         p.error(str(exc))
+    _check_runs(p, args)
     return args
+
+
+def _check_runs(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every run's config validated now (a mistyped method failed when its run came up, after
+    the others had trained)."""
+    from .config import load_config
+
+    clusterings = args.clusterings.split(",")
+    unknown = [c for c in clusterings if c not in CLUSTERINGS]
+    if unknown:
+        p.error(f"--clusterings: unknown {unknown}; choose among {list(CLUSTERINGS)}")
+    for m, c in product(["vanilla", *args.methods.split(",")], clusterings):
+        overrides = [
+            *("--ant.method", m, "--ant.clustering", "snr" if c == "gradient" else c),
+            *("--train.steps", str(args.steps), "--train.batch_size", str(args.batch)),
+            *("--train.lr", str(args.lr), "--train.ema_decay", str(args.ema)),
+            *("--sample.sampler", args.sampler, "--sample.steps", str(args.sample_steps)),
+        ]  # the gradient clustering's affinity file comes from the study's first run
+        try:
+            load_config("digits_adm", overrides)
+        except ValueError as exc:
+            p.error(f"--methods {m} / --clusterings {c}: {exc}")
 
 
 def _schedule(out: Path, todo: list[dict[str, Any]], args: argparse.Namespace, t0: float) -> None:
@@ -292,20 +316,30 @@ def _schedule(out: Path, todo: list[dict[str, Any]], args: argparse.Namespace, t
     )
     with pool_cm as pool:
         running = {pool.submit(run_one, j): j for j in ready}
-        while running:
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for f in done:
-                j, r = running.pop(f), f.result()
-                print(
-                    f"[{time.perf_counter() - t0:6.0f} s] {j['name']} seed {j['seed']}: "
-                    f"FID {r['fid']:.3f} P {r['precision']:.3f} R {r['recall']:.3f} "
-                    f"({r['sec_per_step']:.3f} s/step)",
-                    flush=True,
-                )
-                if held and (j["name"], j["seed"]) == ("vanilla", 0):
-                    make_affinity(out, vdir, args.bins, args.affinity_samples, 1)
-                    running.update({pool.submit(run_one, h): h for h in held})
-                    held = []
+        try:
+            _collect(pool, running, held, out, vdir, args, t0)
+        except BaseException:  # reported now: the queued runs are dropped, not waited for
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def _collect(pool, running, held, out, vdir, args, t0) -> None:  # noqa: ANN001
+    """Report the runs as they finish; submit the held gradient-clustering runs once the
+    vanilla seed-0 run has made the affinity."""
+    while running:
+        done, _ = wait(running, return_when=FIRST_COMPLETED)
+        for f in done:
+            j, r = running.pop(f), f.result()
+            print(
+                f"[{time.perf_counter() - t0:6.0f} s] {j['name']} seed {j['seed']}: "
+                f"FID {r['fid']:.3f} P {r['precision']:.3f} R {r['recall']:.3f} "
+                f"({r['sec_per_step']:.3f} s/step)",
+                flush=True,
+            )
+            if held and (j["name"], j["seed"]) == ("vanilla", 0):
+                make_affinity(out, vdir, args.bins, args.affinity_samples, 1)
+                running.update({pool.submit(run_one, h): h for h in held})
+                held = []
     if held:
         raise RuntimeError("the gradient runs need the vanilla seed-0 run, which did not run")
 
