@@ -493,6 +493,25 @@ def test_nan_weights_from_a_solver_void_the_step(monkeypatch):
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
 
 
+def test_a_nash_solve_without_a_solution_leaves_the_method_state(monkeypatch):
+    """NaN weights from the solver (its steps ended without a solution) void the step and
+    keep Nash's last alpha and weights: they were overwritten with NaN."""
+    from antdiff.mtl import native
+
+    model, ant, opt, x, w_before, params = _after_one_step("nash", update_every=1)
+    nash = ant.method.grad
+    alpha, last = nash.last_alpha.clone(), nash.last_weights.clone()
+    unsolved = lambda G, **kw: torch.full((G.shape[0],), float("nan"), dtype=G.dtype)  # noqa: E731
+    monkeypatch.setattr(native, "nash_weights", unsolved)
+    assert not bool(ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16)).finite)
+    with pytest.warns(UserWarning, match="Newton steps ended without a solution"):
+        assert ant.step(opt) is False
+    torch.testing.assert_close(nash.last_alpha, alpha, rtol=0, atol=0)
+    torch.testing.assert_close(nash.last_weights, last, rtol=0, atol=0)
+    torch.testing.assert_close(ant._w, w_before, rtol=0, atol=0)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+
+
 def _after_one_step(method: str, **kw):
     """A weight method's engine after one SGD step: model, ant, opt, x and copies of the
     weights and parameters then."""

@@ -187,7 +187,9 @@ class NashMTL(GramMethod):
 
     def _weights(self, G: Tensor, active: Tensor, present: Tensor) -> Tensor:
         alpha = native.nash_weights(G, iters=self.iters, normalize=True)
-        self.last_alpha = commit(self.last_alpha, alpha, self._valid)
+        solved = torch.isfinite(alpha).all()  # NaN: the steps ended without a solution
+        valid = solved if self._valid is None else self._valid.to(solved.device) & solved
+        self.last_alpha = commit(self.last_alpha, alpha, valid)
         return alpha
 
     def state_dict(self) -> dict[str, Any]:
