@@ -342,7 +342,7 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
 
 @pytest.mark.slow
 def test_o1_affinity_falls_with_timestep_distance():
-    """METHOD.md O1 on digits: Spearman(affinity_ij, |i - j|) over i < j <= -0.8.
+    """the paper's observation O1 on digits: Spearman(affinity_ij, |i - j|) over i < j <= -0.8.
 
     adm-tiny, vanilla eps-MSE training (linear schedule, T = 1000, AdamW lr 1e-3, batch 64) for
     500 steps; the 20-bin affinity over 256 samples, averaged over the checkpoints at steps 300

@@ -28,7 +28,7 @@ def test_every_preset_loads_and_validates():
 
 @pytest.mark.parametrize(
     "name, model, batch, steps, schedule, sampler, learn_sigma",
-    [  # METHOD.md section 6 and the paper's Appendix E
+    [  # the paper's Appendix E
         ("adm_light_ffhq256", "adm-light", 8, 1_000_000, "linear", "ddim", True),
         ("ldm_ffhq256", "ldm-ffhq", 30, 400_000, "scaled_linear", "ddim", False),
         ("dit_s2_imagenet256", "DiT-S/2", 50, 800_000, "cosine", "ddpm", True),

@@ -1,6 +1,6 @@
 """Interval clustering of the T diffusion timesteps into k contiguous clusters.
 
-Three objectives (METHOD.md section 2), all solved exactly by the interval DP in
+Three objectives (the paper's section 4.1 and Appendix G), all solved exactly by the interval DP in
 :mod:`antdiff.interval_dp`:
 
 - ``"timestep"``: squared deviations of t, whose optimum is the uniform split;

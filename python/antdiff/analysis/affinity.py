@@ -1,4 +1,4 @@
-"""Task affinity between timestep bins (METHOD.md O1): cosines of per-bin gradients.
+"""Task affinity between timestep bins (the paper's observation O1): cosines of per-bin gradients.
 
 Bins are half-open timestep ranges ``[e_b, e_{b+1})`` with ``e_0 = 0`` and ``e_nb = T``. For one
 model, the task gradient of bin b over all P trainable parameters is

@@ -1,6 +1,6 @@
 """The ANT engine: cluster-aware timestep sampling, loss reduction and per-cluster gradients.
 
-Two entry points cover every method (METHOD.md sections 3-4):
+Two entry points cover every method (the paper's section 4.2):
 
 - ``loss = ant.reduce(per_sample_loss, t)``; ``loss.backward()``: loss-space methods (UW, RLW,
   DWA, FAMO, LS) and vanilla, at the cost of a vanilla step.

@@ -1,4 +1,4 @@
-"""MTL methods applied to the k per-cluster losses or gradients (ANT, METHOD.md section 3).
+"""MTL methods applied to the k per-cluster losses or gradients (ANT, the paper's section 4.2).
 
 ``make_method(name, k)`` returns a ``Composite`` of at most one ``LossMethod`` (loss space:
 cluster losses -> terms whose sum is the loss) and one ``GramMethod`` (gradient space:

@@ -10,13 +10,13 @@ Two families act on the k cluster losses L: [k] of one training step:
 Scaling conventions (every method):
 
 - The equal-weight baseline is the mean over PRESENT clusters: total = sum_i L_i / k_present.
-  An empty cluster just drops out; with every cluster present this is METHOD.md's
+  An empty cluster just drops out; with every cluster present this is ANT's
   "cluster losses pre-divided by k".
 - A ``GramMethod`` with ``reduction="mean"`` (the default when it stands alone) expects the rows
   of J to be gradients of the raw cluster losses L_i; its weights are on the scale of
   1 / k_present (equal weights give the mean). With ``reduction="sum"`` (what ``make_method``
   sets after a loss method, e.g. "uw+pcgrad") the rows are gradients of the transformed terms,
-  which already carry the 1/k, and equal weights are 1 (the update is a sum, METHOD.md's
+  which already carry the 1/k, and equal weights are 1 (the update is a sum, ANT's
   "update = sum_i g_i'"). Each method states its native convention; the base class rescales.
 - Absent clusters get weight exactly 0. So do clusters whose gradient is exactly zero
   (G[i, i] == 0), which the gradient methods cannot place.

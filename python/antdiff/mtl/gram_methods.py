@@ -14,7 +14,7 @@ GPU with ant_kernels' Triton kernels and on the CPU with the C++ solvers of ``an
 - ``NashMTL`` ("nash", Navon et al. 2022): native "sum": alpha > 0 with alpha * (G_n alpha) = 1
   on G_n = G / ||G||_F (``ant_kernels.nash_weights``). The engine recomputes w every
   ``update_every`` (25) steps and reuses it in between, so on- and off-steps both apply
-  ``alpha_i / k_present`` to the raw cluster losses (METHOD.md's sum_i alpha_i L_i / k).
+  ``alpha_i / k_present`` to the raw cluster losses (ANT's sum_i alpha_i L_i / k).
 - ``IMTLG`` ("imtl", Liu et al. 2021): native "mean": sum w = 1 and the update has the same
   projection onto every unit gradient u_i, i.e. G w = c * sqrt(diag G): w ∝ G^{-1} sqrt(diag G).
 - ``MGDA`` ("mgda", Sener & Koltun 2018): native "mean": the min-norm point of the convex hull,

@@ -2,7 +2,7 @@
 
 Scaling (see ``antdiff.mtl.base``): the equal-weight baseline is sum_i L_i / k_present, so every
 method's effective weights d(total)/dL_i sum to 1 over present clusters, except UW, which is
-exactly METHOD.md's formula with the fixed k.
+exactly ANT's formula with the fixed k.
 
 - ``LS`` ("ls", "mean"): L_i / k_present.
 - ``UW`` ("uw", Kendall et al. 2018): 0.5 * (exp(-s_i) L_i / k + s_i), s_i learnable (init 0),
