@@ -7,14 +7,16 @@ a <- a - x / (1 + lambda) while lambda >= 1/4 (stays inside a > 0, decreases f b
 amount), a <- a - x after (quadratic convergence). Start: a_i = s / sqrt(G_ii) with the best
 scale s along that ray, exact for orthogonal and for parallel gradients; from there the
 worst case measured over random, badly scaled and nearly parallel (cosine 0.999+) G with
-k <= 32 needs 9 steps for max|a (G a) - 1| < 1e-10, hence the fixed default of 20.
+k <= 32 needs 9 steps for max|a (G a) - 1| < 1e-10, but gradients of mixed signs along a few
+shared directions (k = 16-32, two factors) need up to 39, hence the fixed default of 40.
 
 Degenerate input: clusters with G[i, i] <= 0 get an identity row and column and a_i = 1 in the
 solve (zero gradient, zero step) and weight 0 on output. A non-finite G gives NaN weights, and
 so does a solve that ends without a solution (some a_i <= 0 or max|a (G a) - 1| > NASH_TOL =
 1e-6): one cluster's gradient nearly opposing the others' sum puts the solution far away (k = 8,
-one row -(sum of the rest) + 1% noise: 40 steps), or nowhere for a G that float32 rounding left
-slightly indefinite (a full Newton step then went negative). NaN weights void the step.
+one row -(sum of the rest) + 1% noise: 40 steps), and a G that float32 rounding left slightly
+indefinite may have none (a full Newton step went negative there). The engine keeps the last
+weights for a step whose solve is NaN.
 
 Tiling: a single program holds G as a [BK, BK] float64 register tile. Each Newton step solves
 H x = g by Gauss-Jordan elimination without pivoting (H is symmetric positive definite), k
@@ -108,7 +110,7 @@ def _args(G: torch.Tensor, a: torch.Tensor, iters: int) -> tuple:
     return G, a, G.shape[0], iters, G.stride(0), G.stride(1)
 
 
-def nash_triton(G: torch.Tensor, iters: int = 20, normalize: bool = True) -> torch.Tensor:
+def nash_triton(G: torch.Tensor, iters: int = 40, normalize: bool = True) -> torch.Tensor:
     """Launch the Triton kernel (no dispatch)."""
     bk, warps = _config(G.shape[0])
     a = torch.empty(G.shape[0], dtype=torch.float64, device=G.device)
@@ -128,14 +130,15 @@ def _config(k: int) -> tuple[int, int]:
     return bk, 4 if bk >= 16 else 1
 
 
-def nash_weights(G: torch.Tensor, iters: int = 20, normalize: bool = True) -> torch.Tensor:
+def nash_weights(G: torch.Tensor, iters: int = 40, normalize: bool = True) -> torch.Tensor:
     """Nash-MTL bargaining weights alpha > 0 with alpha * (G alpha) = 1.
 
     Args:
         G: [k, k] Gram matrix (float32 or float64). The Triton kernel takes k <= 32; larger
             k uses the reference under ``auto`` and raises under ``ANT_KERNELS_BACKEND=triton``.
-        iters: fixed number of Newton steps (no early exit, no host sync); 20 is enough for a
-            residual < 1e-10 with ample margin (see the module docstring).
+        iters: fixed number of Newton steps (no early exit, no host sync); 40 covers every
+            family measured (see the module docstring); a solve that ends without a solution
+            is NaN.
         normalize: divide G by its Frobenius norm first (Nash-MTL's normalisation).
 
     Returns:

@@ -231,7 +231,7 @@ def nash_start(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 NASH_TOL = 1e-6  # largest max_i |a_i (G a)_i - 1| (G normalised or not) accepted as a solution
 
 
-def nash_weights_ref(G: torch.Tensor, iters: int = 20, normalize: bool = True) -> torch.Tensor:
+def nash_weights_ref(G: torch.Tensor, iters: int = 40, normalize: bool = True) -> torch.Tensor:
     """Nash-MTL weights: alpha > 0 with alpha * (G alpha) = 1, solved in float64.
 
     alpha minimises f(a) = 0.5 a^T G a - sum_i log a_i (self-concordant). Each iteration takes
@@ -242,9 +242,11 @@ def nash_weights_ref(G: torch.Tensor, iters: int = 20, normalize: bool = True) -
     Degenerate input: a cluster with G[i, i] <= 0 (no samples, zero gradient) gets weight 0 and
     is left out of the solve. A non-finite G gives an all-NaN result, and so does a solve that
     did not reach a solution: some a_i <= 0 or max_i |a_i (G a)_i - 1| > ``NASH_TOL`` after the
-    fixed steps. That happens where the active clusters nearly admit a > 0 with G a = 0 (one
-    cluster's gradient opposing the others' sum: the solution is huge, or, for a G with a
-    negative eigenvalue from float32 rounding, absent); NaN weights void the engine's step.
+    fixed steps (also with ``iters=0`` unless the start solves G: orthogonal or parallel
+    gradients). That happens where the active clusters nearly admit a > 0 with G a = 0 (one
+    cluster's gradient opposing the others' sum: the solution is far away, and for a G that
+    float32 rounding left slightly indefinite it may not exist); the engine then keeps the last
+    weights for that step.
 
     Args:
         G: [k, k] Gram matrix. iters: fixed number of Newton steps (no early exit).

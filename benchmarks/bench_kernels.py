@@ -408,15 +408,15 @@ def summarize_nash(raw_json: str, out_stem: str) -> dict:
         for b in raw["benchmarks"] if b["name"].startswith("test_nash_cpu")
     ]  # fmt: skip
     machine = raw["machine_info"].get("antdiff", {})
-    summary = {"benchmark": "Nash-MTL solve, float64 damped Newton, 20 iterations: torch "
+    summary = {"benchmark": "Nash-MTL solve, float64 damped Newton, 40 iterations: torch "
                "reference vs the C++ solver (antdiff.mtl.native) on CPU tensors",
                "machine": machine, "target": "< 1 ms for k <= 16, residual < 1e-10",
                "rows": rows}  # fmt: skip
     Path(out_stem + ".json").write_text(json.dumps(summary, indent=1) + "\n")
     lines = [
-        "# Nash-MTL solve on the CPU (float64, 20 Newton iterations)", "",
+        "# Nash-MTL solve on the CPU (float64, 40 Newton iterations)", "",
         f"{machine.get('device')} ({machine.get('cpu_model')}); torch {machine.get('torch')}; "
-        f"git {machine.get('git_sha')}. ref = ant_kernels.reference.nash_weights_ref (about 400 "
+        f"git {machine.get('git_sha')}. ref = ant_kernels.reference.nash_weights_ref (about 800 "
         "torch operators), native = the C++ solver a CPU training step calls. Residual = "
         "max_i |a_i (G a)_i - 1| on G / ||G||_F.", "",
         "| impl | k | clusters | median ms | min ms | residual |", "|---|---|---|---|---|---|",

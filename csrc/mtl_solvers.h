@@ -20,9 +20,9 @@ void PcgradWeights(const double* gram, const int64_t* orders, int64_t k, double*
 // Nash-MTL: alpha > 0 with alpha * (G alpha) = 1 by damped Newton (a fixed `iters` steps, no
 // early exit) on G / ||G||_F when `normalize`. Clusters with G[i, i] <= 0 get weight 0; a
 // non-finite G gives NaN everywhere, and so does a solve that ends without a solution (some
-// alpha_i <= 0, or |alpha_i (G alpha)_i - 1| > kNashTol). G must be positive semidefinite (a
-// Gram matrix): each step factors H = G + diag(1/a^2) by Cholesky, which yields NaN for an
-// indefinite G. Throws std::invalid_argument for k < 1 or iters < 0.
+// alpha_i <= 0, or |alpha_i (G alpha)_i - 1| > kNashTol). G is meant to be positive
+// semidefinite (a Gram matrix): each step factors H = G + diag(1/a^2) by Cholesky, NaN where H
+// is not definite. Throws std::invalid_argument for k < 1 or iters < 0.
 constexpr double kNashTol = 1e-6;  // as ant_kernels.reference.NASH_TOL
 void NashWeights(const double* gram, int64_t k, int64_t iters, bool normalize, double* alpha);
 

@@ -478,38 +478,53 @@ def test_accumulated_micro_batches_keep_every_present_clusters_uw_update():
     assert moved.tolist() == [True, False, False, True]
 
 
-def test_nan_weights_from_a_solver_void_the_step(monkeypatch):
-    """The step's finite flag also covers the method's weights: a solver returning NaN on a
-    finite Gram stepped the optimiser with NaN gradients and kept the NaN weights."""
-    model, ant, opt, x, w_before, params = _after_one_step("nash", update_every=1)
-    real = ant.method.grad.weights
-    monkeypatch.setattr(ant.method.grad, "weights", lambda *a: real(*a) * float("nan"))
-    out = ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16))
-    assert not bool(out.finite)
-    with pytest.warns(UserWarning, match=r"non-finite .*Newton steps ended without a solution"
-                      r".*'iters': 40"):  # fmt: skip
-        assert ant.step(opt) is False
-    torch.testing.assert_close(ant._w, w_before, rtol=0, atol=0)
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
-
-
-def test_a_nash_solve_without_a_solution_leaves_the_method_state(monkeypatch):
-    """NaN weights from the solver (its steps ended without a solution) void the step and
-    keep Nash's last alpha and weights: they were overwritten with NaN."""
+@pytest.mark.parametrize("first", [False, True])
+def test_a_solve_without_a_solution_keeps_the_last_weights(first, monkeypatch):
+    """NaN weights from the solver on a finite Gram (Nash-MTL's Newton steps ended without a
+    solution) neither step the optimiser with NaN gradients nor void the step: the step uses
+    the last weights (equal weights before any), as an off-step would, and keeps the method's
+    state (its NaN alpha and weights were stored); stats() counts and reports it once."""
     from antdiff.mtl import native
 
-    model, ant, opt, x, w_before, params = _after_one_step("nash", update_every=1)
-    nash = ant.method.grad
-    alpha, last = nash.last_alpha.clone(), nash.last_weights.clone()
     unsolved = lambda G, **kw: torch.full((G.shape[0],), float("nan"), dtype=G.dtype)  # noqa: E731
+    if first:
+        model, ant = setup("nash", update_every=1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x = torch.randn(16, 1, 6, 6)
+        w_before = ant._equal_weights(torch.ones(4, dtype=torch.bool))  # "mean": 1/4 each
+        nash = ant.method.grad
+        alpha = last = None
+    else:
+        model, ant, opt, x, w_before, _ = _after_one_step("nash", update_every=1)
+        nash = ant.method.grad
+        alpha, last = nash.last_alpha.clone(), nash.last_weights.clone()
     monkeypatch.setattr(native, "nash_weights", unsolved)
-    assert not bool(ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16)).finite)
-    with pytest.warns(UserWarning, match="Newton steps ended without a solution"):
-        assert ant.step(opt) is False
-    torch.testing.assert_close(nash.last_alpha, alpha, rtol=0, atol=0)
-    torch.testing.assert_close(nash.last_weights, last, rtol=0, atol=0)
-    torch.testing.assert_close(ant._w, w_before, rtol=0, atol=0)
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    t = ant.sample_timesteps(16)
+    J_ref, _ = explicit_J(model, x, t, ant.clusters, ant.k)  # noqa: N806
+    out = ant.backward(per_sample_loss(model), x, t)
+    assert bool(out.finite)
+    torch.testing.assert_close(out.weights, w_before, rtol=0, atol=0)
+    torch.testing.assert_close(flat_grad(model).double(), w_before.double() @ J_ref,
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    if not first:
+        torch.testing.assert_close(nash.last_alpha, alpha, rtol=0, atol=0)
+        torch.testing.assert_close(nash.last_weights, last, rtol=0, atol=0)
+        torch.testing.assert_close(ant._w, w_before, rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ant.step(opt) is True
+    with pytest.warns(UserWarning, match=r"1 weight solve\(s\) .*ended without a solution "
+                      r"\(nash\): those steps reused the last weights.*'iters': 80"):  # fmt: skip
+        assert ant.stats()["unsolved_weight_steps"] == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ant.stats()  # reported once
+    state = ant.state_dict()  # a resume does not report it again
+    ant2 = setup("nash", update_every=1)[1]
+    ant2.load_state_dict(state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ant2.stats()["unsolved_weight_steps"] == 1
 
 
 def _after_one_step(method: str, **kw):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +165,7 @@ def test_a_failed_run_is_reported_without_waiting_for_the_queue(
 
     def run_one(job):
         calls.append(job["name"])
+        time.sleep(0.05)  # the study sees the failure long before a queue of them would drain
         raise RuntimeError(f"run {job['name']} failed")
 
     monkeypatch.setattr(study, "run_one", run_one)
@@ -172,3 +175,20 @@ def test_a_failed_run_is_reported_without_waiting_for_the_queue(
         study.main(argv)
     # 6 runs queued: the one that failed, and at most one the worker took before the cancel
     assert calls[0] == "vanilla" and len(calls) <= 2
+    # several jobs (a process pool: here threads, so the stub reaches them): one shutdown that
+    # cancels (a second, waiting one, as a `with` block's exit, let the queue run on)
+    shutdowns = []
+
+    class Pool(ThreadPoolExecutor):
+        def __init__(self, n, mp_context=None):  # noqa: ARG002
+            super().__init__(n)
+
+        def shutdown(self, wait=True, *, cancel_futures=False):
+            shutdowns.append((wait, cancel_futures))
+            super().shutdown(wait, cancel_futures=cancel_futures)
+
+    monkeypatch.setattr(study, "ProcessPoolExecutor", Pool)
+    calls.clear()
+    with pytest.raises(RuntimeError, match="failed"):
+        study.main([*argv[:-1], "2"])
+    assert shutdowns == [(False, True)] and len(calls) < 6, calls

@@ -309,18 +309,20 @@ def _schedule(out: Path, todo: list[dict[str, Any]], args: argparse.Namespace, t
     ready = sorted((j for j in todo if j not in held), key=lambda j: j["seed"] != 0)
     ready.sort(key=lambda j: (j["name"], j["seed"]) != ("vanilla", 0))
     # one job at a time runs in this process (no start-up cost); more get spawned processes
-    pool_cm = (
+    pool = (
         ThreadPoolExecutor(1)
         if args.jobs == 1
         else ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"))
     )
-    with pool_cm as pool:
+    # one shutdown, not a `with` block: its exit's shutdown(wait=True) after a cancelling one
+    # let a process pool start every queued run anyway (CPython 3.11 resets the cancel flag)
+    try:
         running = {pool.submit(run_one, j): j for j in ready}
-        try:
-            _collect(pool, running, held, out, vdir, args, t0)
-        except BaseException:  # reported now: the queued runs are dropped, not waited for
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+        _collect(pool, running, held, out, vdir, args, t0)
+    except BaseException:  # reported now; the queued runs are dropped, the running ones end
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 def _collect(pool, running, held, out, vdir, args, t0) -> None:  # noqa: ANN001

@@ -251,6 +251,7 @@ class ANT:
         self._w: torch.Tensor | None = None  # last gradient-method weights (before c)
         self._w_present: torch.Tensor | None = None  # clusters present when _w was computed
         self._recompute: _Recompute | None = None  # the last weight recompute (see backward)
+        self._unsolved_reported = 0  # weight solves without a solution that stats() reported
         self._buffer: GradBuffer | None = None
         self._onepass: OnePass | None = None  # hook plan when onepass serves the model
         self._model: nn.Module | None = None
@@ -731,20 +732,26 @@ class ANT:
             w_eff = c
         else:
             w = grad.weights(torch.where(finite, Gc, torch.zeros_like(Gc)), present, finite)
-            # a solver that failed on a finite Gram (NaN weights) voids the step like a
-            # non-finite loss would, instead of stepping the optimiser with NaN gradients
-            # (the method has already counted the step in its own state: PCGrad's orders)
-            finite = finite & torch.isfinite(w).all()
             if grad.update_every > 1:  # off-steps reuse these weights: redo them if not finite
                 # CPU: the verdict comes from ant.step's read (None under a fused optimiser,
                 # which skips on the device: the recompute then waits for the next cycle)
                 flag = _HostFlag(finite, self.step_count) if finite.is_cuda else None
                 self._recompute = _Recompute(flag, self._w, self._w_present)
-            prev = self._cached_w(w.device) if self._w is not None else self._equal_weights(present)
-            self._w = torch.where(finite, w, prev)
+            # a solver that ended without a solution on a finite Gram (NaN weights: Nash-MTL's
+            # Newton steps did not converge) leaves the weights as they were, and this step
+            # uses them as an off-step of update_every would (equal weights before any):
+            # counted, and reported by stats(); no host read here
+            solved = torch.isfinite(w).all()
+            use = finite & solved
+            if self._w is not None:
+                kept, fallback = self._cached_w(w.device), self._off_weights(w.device)
+            else:
+                kept = fallback = self._equal_weights(present)
+            self._w = torch.where(use, w, kept)
             seen = present if self._w_present is None else self._w_present.to(present.device)
-            self._w_present = torch.where(finite, present, seen)
-            w_eff = self._w * c
+            self._w_present = torch.where(use, present, seen)
+            self.telemetry.count_unsolved(finite & ~solved)
+            w_eff = torch.where(use, w, fallback) * c
             combine(w_eff.to(torch.float32), J, out=J[0])
         # without a scaler a non-finite update is zeroed; with one it is made NaN, so that
         # scaler.step skips it and backs off (a NaN loss can leave finite gradients)
@@ -961,9 +968,8 @@ class ANT:
             rec.verdict = ok  # the read above: backward redoes a non-finite recompute
         if not ok:
             warnings.warn(
-                f"step {self.telemetry.steps}: non-finite cluster losses or gradients"
-                f"{_NO_WEIGHTS}; the optimiser step was skipped and the method state left "
-                "unchanged",
+                f"step {self.telemetry.steps}: non-finite cluster losses or gradients; the "
+                "optimiser step was skipped and the method state left unchanged",
                 stacklevel=2,
             )
             optimizer.zero_grad(set_to_none=True)
@@ -1002,9 +1008,9 @@ class ANT:
             if wait or flag.ready():
                 if flag.read(wait):
                     warnings.warn(
-                        f"step {flag.step}: non-finite cluster losses or gradients"
-                        f"{_NO_WEIGHTS}; the optimiser skipped the step on the device and the "
-                        "method state was left unchanged",
+                        f"step {flag.step}: non-finite cluster losses or gradients; the "
+                        "optimiser skipped the step on the device and the method state was left "
+                        "unchanged",
                         stacklevel=3,
                     )
             else:
@@ -1016,6 +1022,17 @@ class ANT:
         conflict rates; plus the clusters. Copies to the host: call it outside the step."""
         self._report_skipped(wait=True)
         out = self.telemetry.snapshot()
+        unsolved = out.get("unsolved_weight_steps", 0)
+        if unsolved > self._unsolved_reported:
+            warnings.warn(
+                f"{unsolved - self._unsolved_reported} weight solve(s) since the last report "
+                f"ended without a solution ({self.method_name}): those steps reused the last "
+                "weights. Nash-MTL's Newton steps fall short where cluster gradients nearly "
+                "cancel: raise its iters (method_kwargs={'iters': 80}, --ant.method_kwargs "
+                "'{iters: 80}' in the CLI)",
+                stacklevel=2,
+            )
+        self._unsolved_reported = unsolved
         out["bounds"] = list(self.clusters.bounds)
         out["method"] = self.method_name
         return out
@@ -1081,6 +1098,7 @@ class ANT:
             self.method.grad.load_state_dict(state["grad_method"])
         self.sampler.load_state_dict(state["sampler"])
         self.telemetry.load_state_dict(state["telemetry"])
+        self._unsolved_reported = self.telemetry.unsolved()  # reported before the checkpoint
 
     def _auto_choice(self) -> str:
         if self.mode != "auto":
@@ -1139,14 +1157,6 @@ def _reaches_model(loss: torch.Tensor, model: nn.Module) -> bool | None:
         opaque = opaque or type(node).__name__ == "CheckpointFunctionBackward"
         todo.extend(f for f, _ in node.next_functions)
     return None if opaque else False
-
-
-# the other cause of a voided step: a weight solver that ended without a solution
-_NO_WEIGHTS = (
-    ", or no weights from the method (Nash-MTL's Newton steps ended without a solution: one "
-    "cluster's gradient nearly opposes the others'; more steps may reach it: "
-    "method_kwargs={'iters': 40}, --ant.method_kwargs '{iters: 40}' in the CLI)"
-)
 
 
 def _count_shares(N: torch.Tensor) -> torch.Tensor:  # noqa: N803

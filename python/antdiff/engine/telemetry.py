@@ -72,6 +72,15 @@ class Telemetry:
                 self._acc("loss_count", -out.float())
         self.t["finite"] = after
 
+    def count_unsolved(self, flag: torch.Tensor) -> None:
+        """A weight step whose solver ended without a solution (0-d bool; one device add)."""
+        self._acc("unsolved_steps", flag.reshape(()).float())
+
+    def unsolved(self) -> int:
+        """The count so far (a host read: outside the step)."""
+        t = self.t.get("unsolved_steps")
+        return 0 if t is None else int(t.cpu())
+
     @staticmethod
     def _cosine(G: torch.Tensor) -> torch.Tensor:  # noqa: N803
         """Cosines of Gram matrices [..., k, k] (0 rows/columns stay 0)."""
@@ -130,6 +139,8 @@ class Telemetry:
             mean = torch.where(c > 0, self.t["loss_sum"] / c.clamp(min=1), float("nan"))
             out["loss_mean"] = mean.cpu().tolist()
             out["nonfinite_steps"] = int(self.t["nonfinite_steps"].cpu())
+        if "unsolved_steps" in self.t:
+            out["unsolved_weight_steps"] = self.unsolved()
         if "pair_count" in self.t:
             # a pair never measured together is unknown (NaN), not "0 conflicts, cosine 0"
             n = self.t["pair_count"]

@@ -168,16 +168,16 @@ class NashMTL(GramMethod):
         k: number of clusters.
         reduction: "mean" (w = alpha / k_present) or "sum" (w = alpha).
         update_every: steps between recomputations (25, as in the paper's experiments).
-        iters: Newton iterations of the solver (fixed, no host sync). A solve that ends
-            without a solution gives NaN weights and the engine voids that step with a warning;
-            clusters whose gradients nearly cancel may need more (40 for k = 8 at 1% noise).
+        iters: Newton iterations of the solver (fixed, no host sync; 40). A solve that ends
+            without a solution gives NaN weights: the engine keeps the last weights for that
+            step and ``ant.stats()`` warns. Gradients that nearly cancel may need more.
     """
 
     name = "nash"
     native = "sum"
 
     def __init__(
-        self, k: int, *, reduction: str = "mean", update_every: int = 25, iters: int = 20
+        self, k: int, *, reduction: str = "mean", update_every: int = 25, iters: int = 40
     ) -> None:
         super().__init__(k, reduction=reduction, update_every=update_every)
         if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:

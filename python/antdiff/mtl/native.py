@@ -2,7 +2,7 @@
 
 On a GPU the Triton kernels of ant_kernels compute these weights without a host sync. On the CPU
 the host is the device, and the per-step cost of the [k, k] problems is the number of operators:
-the torch references issue about 100 (PCGrad) and 400 (Nash-MTL, 20 Newton steps) tiny
+the torch references issue about 100 (PCGrad) and 800 (Nash-MTL, 40 Newton steps) tiny
 operators, 0.2 and 0.7-0.85 ms at k = 5 on a 2-core machine, 3-5% of a small model's training step.
 The C++ versions do the same arithmetic in float64 in one call.
 
@@ -10,8 +10,8 @@ The C++ versions do the same arithmetic in float64 in one call.
 (``ANT_KERNELS_BACKEND``) is ``auto``, Triton does not serve them (it does under the interpreter,
 ``TRITON_INTERPRET=1``) and the extension is built; everything else goes to ant_kernels. For
 positive semidefinite G (every Gram matrix) results agree with the float64 references to
-rounding (tests/test_native.py); the Nash solve factors H = G + diag(1/a^2) by Cholesky, so an
-indefinite G, which has no Nash solution, gives NaN where the reference's LU gives finite values.
+rounding (tests/test_native.py). The Nash solve factors H = G + diag(1/a^2) by Cholesky (NaN
+where H is not definite); a solve that ends without a solution is NaN in every implementation.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def pcgrad_weights(G: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
     return w
 
 
-def nash_weights(G: torch.Tensor, iters: int = 20, normalize: bool = True) -> torch.Tensor:
+def nash_weights(G: torch.Tensor, iters: int = 40, normalize: bool = True) -> torch.Tensor:
     """``ant_kernels.nash_weights``, in C++ for CPU tensors; float64 [k]."""
     if not isinstance(G, torch.Tensor) or not serves("nash", G):
         return ant_kernels.nash_weights(G, iters=iters, normalize=normalize).to(torch.float64)
