@@ -256,6 +256,31 @@ def test_tiles_follow_how_the_kernels_were_built(monkeypatch):
     assert uniform._config(interp=False) == (256, 4) != uniform._config(interp=True)
 
 
+@pytest.mark.interpret
+def test_every_launcher_asks_where_its_launch_runs(monkeypatch, force_triton):
+    """gram, combine, graddrop and uniform each pick their tiles from ``interpreted(tensor)``
+    (a launcher that read the environment variable instead would pass the test above)."""
+    import ant_kernels
+
+    seen = []
+
+    def spy(t):
+        seen.append(t.shape)
+        return True  # the interpreter's tiles: these CPU launches run there
+
+    mods = {m: sys.modules[f"ant_kernels.{m}"] for m in ("gram", "combine", "graddrop", "uniform")}
+    for m in mods.values():
+        monkeypatch.setattr(m, "interpreted", spy)
+    J, step = torch.randn(3, 100), torch.zeros(1, dtype=torch.int64)
+    for launch in (lambda: ant_kernels.gram(J),
+                   lambda: ant_kernels.combine(torch.ones(3), J, out=torch.empty(100)),
+                   lambda: ant_kernels.graddrop(J, torch.ones(3, dtype=torch.bool), 1, step),
+                   lambda: ant_kernels.uniform(1, step, 10)):  # fmt: skip
+        before = len(seen)
+        launch()
+        assert len(seen) > before
+
+
 def test_forced_triton_lists_every_reason(monkeypatch):
     monkeypatch.setenv("ANT_KERNELS_BACKEND", "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
