@@ -425,7 +425,7 @@ def test_wrong_inputs_get_errors_naming_the_argument(name):
         with pytest.raises(ValueError, match="integer class labels"):
             model(x, t, bad)
     assert torch.equal(model(x, t, y.int()), model(x, t, y))
-    with pytest.raises(ValueError, match=r"x is torch.float32 but the model's weights are "
+    with pytest.raises(ValueError, match=r"x is torch.float32 but the model's input layer is "
                        r"torch.bfloat16: pass x.to\(torch.bfloat16\)"):  # fmt: skip
         copy.deepcopy(model).to(torch.bfloat16)(x, t, y)
 

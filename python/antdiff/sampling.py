@@ -120,6 +120,9 @@ def _default_device(model: Any) -> torch.device:
 def _input_dtype(model: Any) -> torch.dtype:
     """The dtype a model cast with .to(bf16 / fp16) takes; float32 otherwise (and for autocast,
     whose parameters stay float32). The chain itself is always kept in float32."""
+    layer = getattr(model, "input_layer", None)  # antdiff's models: the layer that takes x
+    if isinstance(layer, torch.nn.Module) and getattr(layer, "weight", None) is not None:
+        return layer.weight.dtype
     if isinstance(model, torch.nn.Module):
         for p in model.parameters():
             if p.is_floating_point():

@@ -39,14 +39,10 @@ def check_inputs(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Te
             f"y must be [B] = [{x.shape[0]}] integer class labels (int64 or int32), got shape "
             f"{tuple(y.shape)} and dtype {y.dtype}"
         )
-    weight = next(model.parameters(), None)
-    if (
-        weight is not None
-        and x.dtype != weight.dtype
-        and not torch.is_autocast_enabled(x.device.type)
-    ):
+    weight = model.input_layer.weight  # the layer that takes x
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
         raise ValueError(
-            f"x is {x.dtype} but the model's weights are {weight.dtype}: pass "
+            f"x is {x.dtype} but the model's input layer is {weight.dtype}: pass "
             f"x.to({weight.dtype}), or keep the model in float32 and run it under torch.autocast"
         )
 
@@ -329,6 +325,11 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(
             _norm(ch), nn.SiLU(), _zero(nn.Conv2d(ch, self.out_channels, 3, padding=1))
         )
+
+    @property
+    def input_layer(self) -> nn.Conv2d:
+        """The layer that takes x (its dtype is the one x must have without autocast)."""
+        return self.input_blocks[0][0]
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None

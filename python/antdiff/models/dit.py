@@ -172,6 +172,11 @@ class DiT(nn.Module):
         x = x.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(b, c, g * p, g * p)
 
+    @property
+    def input_layer(self) -> nn.Conv2d:
+        """The layer that takes x (its dtype is the one x must have without autocast)."""
+        return self.patch
+
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
     ) -> torch.Tensor:
