@@ -212,7 +212,7 @@ class GramMethod:
         w = self._weights(torch.where(both, G64, 0.0), active, present)
         w = torch.where(active, w, 0.0) * self._scale(present)
         w = w.to(torch.float32)
-        solved = torch.isfinite(w).all()  # NaN: a solver without a solution (the step is void)
+        solved = torch.isfinite(w).all()  # NaN: a solver without a solution (weights unused)
         valid = solved if valid is None else valid.to(solved.device) & solved
         self.last_weights = commit(self.last_weights, w, valid)
         return w
