@@ -531,7 +531,7 @@ def _after_one_step(method: str, **kw):
     """A weight method's engine after one SGD step: model, ant, opt, x and copies of the
     weights and parameters then."""
     model, ant = setup(method, **kw)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = torch.optim.SGD([{"params": model.parameters()}, *ant.param_groups()], lr=0.1)
     x = torch.randn(16, 1, 6, 6)
     ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16))
     ant.step(opt)
@@ -1111,7 +1111,7 @@ def test_finite_loss_with_nonfinite_gradient_is_skipped(method, opt_kind):
 
 def test_check_grads_false_lets_a_finite_loss_step_through():
     model, ant = setup("uw")
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = torch.optim.SGD([{"params": model.parameters()}, *ant.param_groups()], lr=0.1)
     t = ant.sample_timesteps(16)
     per = per_sample_loss(model)(torch.randn(16, 1, 6, 6), t)
     ant.reduce(per + torch.sqrt(model.out.bias.sum() * 0.0), t).backward()
@@ -1518,3 +1518,19 @@ def test_reentrant_checkpoint_is_not_mistaken_for_another_model(mode):
     onepass = ANT(linear_schedule(100), k=3, method="pcgrad", mode="onepass", model=inner)
     with pytest.raises(ValueError, match="reentrant activation checkpoint.*mode='micro'"):
         onepass.backward(loss_fn, x, t)
+
+
+def test_an_optimizer_without_the_methods_parameters_is_refused():
+    """UW's log-variances left out of the optimiser never moved: UW silently became a fixed
+    weighting. ant.step names the fix; an optimiser that holds them (or a method without
+    parameters of its own) goes through."""
+    model, ant = setup("uw")
+    x = torch.randn(16, 1, 6, 6)
+    t = ant.sample_timesteps(16)
+    ant.reduce(per_sample_loss(model)(x, t), t).backward()
+    with pytest.raises(ValueError, match=r"does not hold uw's own parameters .*ant.param_groups"):
+        ant.step(torch.optim.AdamW(model.parameters()))
+    ant.step(torch.optim.AdamW([{"params": model.parameters()}, *ant.param_groups()]))
+    model, ant = setup("pcgrad")
+    ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16))
+    ant.step(torch.optim.SGD(model.parameters(), lr=0.1))

@@ -547,3 +547,33 @@ def test_compile_with_an_explicit_onepass_is_refused(tmp_path):
     # a loss-space method never uses the one-pass hooks: nothing to refuse
     build_run(_cfg("digits_adm", tmp_path, "--train.compile", "true", "--ant.mode", "onepass",
                    "--ant.method", "uw"))  # fmt: skip
+
+
+def test_a_diverged_run_stops_and_says_what_to_change(tmp_path, monkeypatch, capsys):
+    """lr 1e6: after a step or two every step is non-finite and skipped; the run went on to
+    its last step (exit 0, useless checkpoints, a warning per step). It now stops once the
+    skipped steps run DIVERGED_STEPS in a row, naming train.lr; the CLI says so without a
+    traceback, and its JSON summary has null, not NaN."""
+    import json
+
+    import antdiff.train as tr
+
+    monkeypatch.setattr(tr, "DIVERGED_STEPS", 4)
+    args = ["--ant.method", "uw", "--train.lr", "1e6", "--train.log_every", "2"]
+    cli = ["train", "--config", "digits_adm", "--train.batch_size", "10", "--train.progress",
+           "false", "--train.ckpt_every", "0", *args]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(tr.TrainingDiverged, match=r"training diverged: the last \d+ steps "
+                           r".*Lower train.lr \(now 1e\+06\)"):  # fmt: skip
+            train(_cfg("digits_adm", tmp_path / "a", *args, steps=40))
+        capsys.readouterr()
+        rc = cli_main([*cli, "--train.steps", "40", "--train.out_dir", str(tmp_path / "b")])
+        err = capsys.readouterr().err
+        assert rc == 1 and "training diverged" in err and "Traceback" not in err
+        rows = list(csv.DictReader(open(tmp_path / "b" / "metrics.csv")))
+        assert int(rows[-1]["step"]) < 40  # stopped early
+        # a diverged run too short to stop prints strict JSON: null for its NaN loss
+        assert cli_main([*cli, "--train.steps", "4", "--train.out_dir", str(tmp_path / "c")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["loss"] is None

@@ -47,7 +47,7 @@ from .logging_utils import RunLogger, write_samples
 from .sampling import check_guidance_trained
 from .schedules import make_schedule
 from .train_dist import DistContext, QuietLogger, init_distributed
-from .utils import atomic_write_text, seed_everything
+from .utils import TrainingDiverged, atomic_write_text, seed_everything
 
 log = logging.getLogger("antdiff.train")
 
@@ -377,6 +377,33 @@ def train(
             dist.close()
 
 
+DIVERGED_STEPS = 100  # consecutive skipped (non-finite) steps after which training stops
+
+
+class _SkipWatch:
+    """Stops a run whose steps have all been skipped as non-finite for ``DIVERGED_STEPS`` in a
+    row (a diverged run went on to its last step, writing useless checkpoints). Read at the
+    log points, from the telemetry's count (no extra host read)."""
+
+    def __init__(self, run: Run) -> None:
+        self.run, self.before, self.row = run, None, 0
+
+    def check(self, stats: dict[str, Any], steps: int, ckpt: Path | None) -> None:
+        now = stats.get("nonfinite_steps", 0)
+        if self.before is not None:
+            self.row = self.row + steps if now - self.before >= steps else 0
+        self.before = now
+        if self.row >= DIVERGED_STEPS:
+            tc = self.run.cfg.train
+            last = f"the last checkpoint, {ckpt}," if ckpt else "no checkpoint of this process"
+            raise TrainingDiverged(
+                f"training diverged: the last {self.row} steps (to step {self.run.step}) were all "
+                f"non-finite and skipped. Lower train.lr (now {tc.lr:g}) or set "
+                f"train.grad_clip (now {tc.grad_clip}); {last} may already hold the diverged "
+                "weights: resume from an earlier one (--resume PATH) or start over"
+            )
+
+
 def _same_config(saved: Path, cfg: Config) -> bool:
     """Whether the config.yaml at ``saved`` is ``cfg`` (keys added since it was written count
     as their defaults; a file this version cannot read is another config)."""
@@ -449,6 +476,7 @@ def _train(
         time.perf_counter(),
         run.step,
     )
+    skipped = _SkipWatch(run)
     try:
         while run.step < tc.steps:
             if dist is not None:  # per rank and step: a resumed run draws what an unbroken one does
@@ -457,14 +485,16 @@ def _train(
             logger.advance()
             if run.step % tc.log_every == 0 or run.step == tc.steps:
                 now = time.perf_counter()
+                stats = run.ant.stats()
                 logger.log(
                     run.step,
                     cluster_mean_loss(run.ant.last),
-                    run.ant.stats(),
+                    stats,
                     run.opt.param_groups[0]["lr"],
                     (now - t_last) / (run.step - s_last),
                     objective=float(run.ant.last.loss),
                 )
+                skipped.check(stats, run.step - s_last, ckpt)
                 t_last, s_last = now, run.step
             if main and tc.sample_every and run.step % tc.sample_every == 0 and run.step < tc.steps:
                 write_samples(run, out / "samples" / f"step_{run.step:08d}.png")

@@ -21,6 +21,10 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+class TrainingDiverged(RuntimeError):
+    """A training run whose steps were all non-finite (and skipped) for many steps in a row."""
+
+
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
     """Write through ``write(fileobj)`` into a temp file beside ``path``, fsync, then rename.
 

@@ -38,11 +38,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(COMMANDS[args.command][0])
+    from ..utils import TrainingDiverged
+
     try:
         return int(module.run(args) or 0)
     except (ValueError, OSError, ImportError) as exc:  # OSError: paths; ImportError: an extra
         print(f"antdiff {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingDiverged as exc:
+        print(f"antdiff {args.command}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # a training run keeps its last complete checkpoint
         print(f"antdiff {args.command}: interrupted", file=sys.stderr)
         return 130

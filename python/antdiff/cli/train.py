@@ -16,6 +16,7 @@ import logging
 import os
 
 from ..config import available_presets, load_config
+from ..logging_utils import _finite_or_none
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -104,5 +105,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     stats = summary.pop("stats", {})
     summary["cluster_weights"] = stats.get("weight")
-    print(json.dumps(summary, indent=2))
+    # strict JSON: a non-finite loss (a diverged run) is null, not NaN
+    print(json.dumps(_finite_or_none(summary), indent=2, default=str, allow_nan=False))
     return 0

@@ -252,6 +252,7 @@ class ANT:
         self._w_present: torch.Tensor | None = None  # clusters present when _w was computed
         self._recompute: _Recompute | None = None  # the last weight recompute (see backward)
         self._unsolved_reported = 0  # weight solves without a solution that stats() reported
+        self._optimizer_checked: tuple[int, int] | None = None  # see _check_optimizer
         self._buffer: GradBuffer | None = None
         self._onepass: OnePass | None = None  # hook plan when onepass serves the model
         self._model: nn.Module | None = None
@@ -936,6 +937,7 @@ class ANT:
         ``check_grads=False`` leaves the gradients unchecked (the pass costs 0.2-0.5 ms per
         step on a 2-core CPU for the benchmark's small models, little on a GPU).
         """
+        self._check_optimizer(optimizer)
         self._report_skipped()
         if self._grads_unchecked and check_grads and (
             skip_nonfinite or self._pending_observe is not None
@@ -983,6 +985,24 @@ class ANT:
             optimizer.step()
         _restore_absent(optimizer, hold)
         return True
+
+    def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Refuse an optimiser that lacks the method's own trainable parameters (UW's s): they
+        would never move, and UW would silently be a fixed weighting. Once per optimiser and
+        parameter-group count (a host check, no device read)."""
+        loss_m = self.method.loss
+        key = (id(optimizer), len(optimizer.param_groups))
+        if loss_m is None or key == self._optimizer_checked:
+            return
+        own = [p for p in loss_m.parameters() if p.requires_grad]
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        if any(id(p) not in held for p in own):
+            raise ValueError(
+                f"the optimizer does not hold {self.method_name}'s own parameters (e.g. UW's "
+                "log-variances), which would then never be trained: build it with "
+                "[{'params': model.parameters()}, *ant.param_groups()]"
+            )
+        self._optimizer_checked = key
 
     def _hold_absent(self, optimizer: torch.optim.Optimizer):
         """The loss method's per-cluster parameters (UW's s [k]) and their optimiser state,
