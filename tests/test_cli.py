@@ -141,3 +141,18 @@ def test_info_reports_extension_and_env(capsys):
     assert "ANT_REQUIRE_CPP" in d and "torch" in d and "triton" in d
     info.main()
     assert "antdiff._C" in capsys.readouterr().out
+
+
+def test_sample_takes_the_runs_own_guidance_unless_told(tmp_path, capsys):
+    """`antdiff sample` of a digits_dit run (its preview grids guided at 2.0) sampled at 1.0
+    unless --cfg-scale was given; it now takes the run's sample.cfg_scale."""
+    run = tmp_path / "dit"
+    assert main(["train", "--config", "digits_dit", "--train.steps", "2", "--train.batch_size",
+                 "10", "--train.progress", "false", "--sample.n", "4", "--sample.steps", "2",
+                 "--train.out_dir", str(run)]) == 0  # fmt: skip
+    for extra, want in (([], 2.0), (["--cfg-scale", "1.0"], 1.0)):
+        out = tmp_path / f"s{want}"
+        assert main(["sample", "--ckpt", str(run), "--num", "2", "--steps", "2", "--out",
+                     str(out), "--no-progress", *extra]) == 0  # fmt: skip
+        assert json.loads((out / "sample.json").read_text())["cfg_scale"] == want
+    capsys.readouterr()

@@ -386,6 +386,9 @@ def test_resume_into_a_folder_of_another_run_is_refused(tmp_path):
     with pytest.raises(ValueError, match="holds another run .* --train.out_dir '.*a'"):
         train(_cfg("digits_adm", b, "--train.ckpt_every", "2", steps=4), resume=a)
     assert [p.name for p in ck.list_checkpoints(b)] == ["ckpt_00000002.pt"]
+    # a mistyped path: said so, not "pass --train.out_dir <its parent>"
+    with pytest.raises(FileNotFoundError, match=r"--resume '.*aa' does not exist"):
+        train(_cfg("digits_adm", b, "--train.ckpt_every", "2", steps=4), resume=tmp_path / "aa")
     first = a / "checkpoints" / "ckpt_00000002.pt"
     branched = train(_cfg("digits_adm", tmp_path / "c", steps=3), resume=first)
     assert branched["step"] == 3

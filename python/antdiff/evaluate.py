@@ -310,7 +310,7 @@ def evaluate_checkpoint(
     *,
     sampler: str = "ddim",
     steps: int = 50,
-    cfg_scale: float = 1.0,
+    cfg_scale: float | None = None,
     seed: int = 0,
     ema: bool = True,
     features: str = "digits",
@@ -333,6 +333,7 @@ def evaluate_checkpoint(
     Args:
         ckpt: checkpoint file or run directory.
         num: samples to draw (>= dim + 1 of the features: 65 digits, 2049 Inception).
+        cfg_scale: classifier-free guidance; None takes the run's own (sample.cfg_scale).
         features: "digits", "inception" or "fid-helper" (see :func:`make_extractor`).
         ref: "digits" or a .npy / .pt file of reference images [N, C, H, W]: floats in [-1, 1]
             or uint8 pixels (channels first).
@@ -394,6 +395,9 @@ def evaluate_checkpoint(
         start = time.perf_counter()
         feats.append(extractor(x))
         t_feat[0] += time.perf_counter() - start
+
+    if cfg_scale is None:  # the guidance the run trained its preview grids with
+        cfg_scale = loaded.cfg.sample.cfg_scale
     generate(
         loaded,
         num,

@@ -441,6 +441,11 @@ def _train(
                 "overwrite them. Choose a new --train.out_dir, or remove that folder"
             )
     if not fresh and resume not in (True, ""):
+        if not Path(resume).exists():  # before the out_dir check, whose advice assumes a run
+            raise FileNotFoundError(
+                f"--resume {str(resume)!r} does not exist: pass a run folder or a checkpoint "
+                "file, or --resume alone for the newest checkpoint in train.out_dir"
+            )
         src_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
         if src_dir.name == "checkpoints":  # <run>/checkpoints/ckpt_N.pt: the run is above
             src_dir = src_dir.parent

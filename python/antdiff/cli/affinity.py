@@ -220,8 +220,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_plot:
         for p in plot_affinity_figures(result, diffusion.schedule, args.out.with_suffix("")):
             print(f"wrote {p}")
+    few = f" --k {result.nb}" if result.nb < 5 else ""  # cluster's default k = 5 needs 5 bins
     print(
         f"next: antdiff cluster --objective gradient --affinity {out} --T {diffusion.T} "
-        f"--schedule {_schedule_name(cfg, args)}"
+        f"--schedule {_schedule_name(cfg, args)}{few}"
     )
     return 0

@@ -49,7 +49,12 @@ def add_common(p: argparse.ArgumentParser) -> None:
         help="which timesteps the steps visit (leading: 0, T//N, ...; ddimN when N divides T)",
     )
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity in [0, 1]")
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance")
+    p.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance (default: the run's own, sample.cfg_scale)",
+    )
     p.add_argument(
         "--ema",
         action=argparse.BooleanOptionalAction,
@@ -96,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--num must be >= 1, got {args.num}")
     check_output(args.out, "--out", folder=True)  # before the sampling, not after it
     loaded = load_for_sampling(args.ckpt, ema=args.ema, device=pick_device(args.device))
+    if args.cfg_scale is None:  # the guidance the run trained its preview grids with
+        args.cfg_scale = loaded.cfg.sample.cfg_scale
     x, y = generate(
         loaded,
         args.num,

@@ -206,8 +206,9 @@ def find_inception(path: str | Path | None = None) -> Path:
     places = "\n  ".join(str(p) for p in looked)
     raise FileNotFoundError(
         f"{INCEPTION_FILENAME} not found; looked in {origin}:\n  {places}\n"
-        f"Put the file at {default_cache_dir() / INCEPTION_FILENAME}, or point ANT_INCEPTION or "
-        f"path= at it. Official source (fetch on a connected machine): {INCEPTION_URL}"
+        f"Put the file at {default_cache_dir() / INCEPTION_FILENAME}, or point ANT_INCEPTION, "
+        f"--inception (CLI) or path= (Python) at it. Official source (fetch on a connected "
+        f"machine): {INCEPTION_URL}"
     )
 
 
