@@ -377,6 +377,21 @@ def test_changed_method_on_resume_is_named(tmp_path):
         )  # fmt: skip
 
 
+def test_a_resume_that_changes_what_the_state_fixes_says_so_first(tmp_path):
+    """Another method or model: the message said "pass --allow-config-change", which then
+    failed on the weights; it now names what no flag can change. Other keys keep the flag's
+    advice (ant.method_kwargs is not ant.method)."""
+    train(_cfg("digits_adm", tmp_path, "--train.ckpt_every", "2", "--ant.method", "uw"))
+    for extra in (["--ant.method", "pcgrad"], ["--model.name", "dit-tiny"]):
+        with pytest.raises(ValueError, match=r"cannot change on resume, not even with "
+                           r"--allow-config-change.*fresh run"):  # fmt: skip
+            train(_cfg("digits_adm", tmp_path, "--train.ckpt_every", "2", "--ant.method", "uw",
+                       *extra, steps=3), resume=True)  # fmt: skip
+    with pytest.raises(ValueError, match=r"ant.method_kwargs.*\n.*pass --allow-config-change"):
+        train(_cfg("digits_adm", tmp_path, "--train.ckpt_every", "2", "--ant.method", "uw",
+                   "--ant.method_kwargs", "{lr: 0.5}", steps=3), resume=True)  # fmt: skip
+
+
 def test_resume_into_a_folder_of_another_run_is_refused(tmp_path):
     """--resume runs/a with an out_dir that holds run b (e.g. a preset's default folder) wrote
     a's continuation among b's checkpoints and logs; into an empty folder it branches a."""

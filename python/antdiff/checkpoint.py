@@ -311,13 +311,31 @@ def resume_state(cfg: Any, resume: str | Path | bool, allow_change: bool) -> dic
     if bad and not allow_change:
         old, new = _flat(saved), _flat(cfg.to_dict())
         lines = "\n".join(f"  {k}: checkpoint {old.get(k)!r} -> now {new.get(k)!r}" for k in bad)
+        fixed = [k for k in bad if _fixed_on_resume(k)]
+        advice = (
+            f"{', '.join(fixed)} cannot change on resume, not even with --allow-config-change "
+            "(the saved weights and method state are theirs): keep the checkpoint's values, or "
+            "start a fresh run in a new train.out_dir"
+            if fixed
+            else "Only train.steps and logging settings may change on resume; pass "
+            "--allow-config-change to resume anyway"
+        )
         raise ValueError(
             f"the config differs from the one checkpoint {str(path)!r} was trained with:\n{lines}\n"
-            "Only train.steps and logging settings may change on resume; pass "
-            "--allow-config-change to resume anyway"
+            f"{advice}"
         )
     log.info("resuming from %s (step %d)", path, state["step"])
     return state
+
+
+# what the saved state fixes: the model's weights (its size, its inputs and labels) and the
+# engine's method state
+_FIXED_ON_RESUME = ("ant.method", "ant.k", "ant.clustering", "ant.sampling", "model.",
+                    "data.class_conditional", "data.num_classes", "data.channels")  # fmt: skip
+
+
+def _fixed_on_resume(key: str) -> bool:
+    return any(key == f or (f.endswith(".") and key.startswith(f)) for f in _FIXED_ON_RESUME)
 
 
 def _flat(d: dict[str, Any]) -> dict[str, Any]:
