@@ -156,3 +156,23 @@ def test_sample_takes_the_runs_own_guidance_unless_told(tmp_path, capsys):
                      str(out), "--no-progress", *extra]) == 0  # fmt: skip
         assert json.loads((out / "sample.json").read_text())["cfg_scale"] == want
     capsys.readouterr()
+
+
+def test_sigterm_stops_train_with_a_message_and_the_handler_is_restored(monkeypatch, capsys):
+    """A scheduler's SIGTERM ended a run with exit 143 and no word; it now stops like Ctrl-C
+    (the last complete checkpoint kept), says how to continue, and leaves SIGTERM as it was."""
+    import os
+    import signal
+
+    import antdiff.train
+
+    def stopped(*a, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the run")
+
+    monkeypatch.setattr(antdiff.train, "train", stopped)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["train", "--config", "digits_adm"]) == 130
+    assert "interrupted: its last complete checkpoint is kept; continue with the same command " \
+           "and --resume" in capsys.readouterr().err  # fmt: skip
+    assert signal.getsignal(signal.SIGTERM) is before

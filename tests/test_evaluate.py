@@ -137,6 +137,16 @@ def test_generate_batches_match_one_batch_per_seed(run_dir: Path) -> None:
     torch.testing.assert_close(torch.cat(seen), x4, rtol=0, atol=0)
 
 
+def test_samples_of_diverged_weights_are_an_error(run_dir: Path) -> None:
+    """A model whose weights hold NaN wrote NaN samples without a word (sample) or failed with
+    "images must be floats in [-1, 1]; got values in [nan, nan]" (eval)."""
+    loaded = load_for_sampling(run_dir)
+    with torch.no_grad():
+        next(loaded.model.parameters()).fill_(float("nan"))
+    with pytest.raises(ValueError, match="samples are not finite.*diverged.*lower train.lr"):
+        generate(loaded, 2, steps=2, progress=False)
+
+
 def test_eval_keeps_features_not_images(run_dir: Path, tmp_path: Path, monkeypatch) -> None:
     """eval hands each batch of samples to the feature network and keeps only the features
     (50,000 RGB samples at 256 px would be 39 GB as float32 images)."""

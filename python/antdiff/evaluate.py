@@ -149,6 +149,12 @@ def generate(
             if loaded.data.codec is not None:
                 with torch.no_grad():
                     x = loaded.data.codec.decode(x)
+            if not bool(torch.isfinite(x).all()):  # clamp keeps NaN: say why, not "[nan, nan]"
+                raise ValueError(
+                    f"{loaded.path}: the samples are not finite (NaN/inf): the model's weights "
+                    "diverged or hold NaN. Sample an earlier checkpoint (--ckpt PATH of a "
+                    "checkpoint file), and retrain with a lower train.lr"
+                )
             x = x.float().clamp(-1.0, 1.0)
             if on_batch is not None:
                 on_batch(x)

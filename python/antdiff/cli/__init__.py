@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 # sub-command -> module (each module defines add_arguments(parser) and run(args) -> int)
 COMMANDS = {
@@ -31,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:  # noqa: ARG001
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -40,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[args.command][0])
     from ..utils import TrainingDiverged
 
+    previous = None
+    if args.command == "train" and threading.current_thread() is threading.main_thread():
+        # a scheduler's SIGTERM stops a run like Ctrl-C: a message, not a silent exit 143
+        previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return int(module.run(args) or 0)
     except (ValueError, OSError, ImportError) as exc:  # OSError: paths; ImportError: an extra
@@ -49,8 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"antdiff {args.command}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a training run keeps its last complete checkpoint
-        print(f"antdiff {args.command}: interrupted", file=sys.stderr)
+        hint = (": its last complete checkpoint is kept; continue with the same command and "
+                "--resume" if args.command == "train" else "")  # fmt: skip
+        print(f"antdiff {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
