@@ -192,3 +192,20 @@ def test_a_failed_run_is_reported_without_waiting_for_the_queue(
     with pytest.raises(RuntimeError, match="failed"):
         study.main([*argv[:-1], "2"])
     assert shutdowns == [(False, True)] and len(calls) < 6, calls
+
+
+def test_report_mentions_the_affinity_only_for_a_gradient_study(tmp_path: Path) -> None:
+    """A study without gradient clustering described its affinity files, which it never made
+    (under a fixed folder name, not the report's)."""
+    meta = {"command": "x", "steps": 2, "batch": 8, "lr": 1e-3, "ema": 0.99, "seeds": 1,
+            "num": 70, "sampler": "ddim", "sample_steps": 3, "bins": 4, "affinity_samples": 8,
+            "machine": "m", "jobs": 1, "wall_seconds": 60.0, "git_sha": "abc"}  # fmt: skip
+    for clustering, expect in (("snr", False), ("gradient", True)):
+        configs = study.study_configs(("uw",), (clustering,))
+        root = tmp_path / clustering
+        _write_results(root, {c["name"]: [4.0] for c in configs})
+        summary = {**study.summarize(root, configs, [0]), "meta": meta}
+        study.write_report(summary, root / "rep" / "R", root)
+        md = (root / "rep" / "R.md").read_text()
+        assert ("Gradient clustering" in md) is expect
+        assert ("R/affinity_*.png" in md) is expect and "study_digits" not in md

@@ -219,9 +219,11 @@ def write_report(summary: dict[str, Any], prefix: Path, out: Path) -> None:
         "the init, data order and noise streams of every config).",
         f"- Samples: {meta['num']} per run, {meta['sampler'].upper()}-{meta['sample_steps']}, "
         "EMA weights, sampling seed = training seed; precision / recall with k = 3.",
-        f"- Gradient clustering: affinity of {meta['bins']} bins "
-        f"({meta['affinity_samples']} samples per bin) from the vanilla seed-0 checkpoint "
-        "(study_digits/affinity_*.png, affinity.npz).",
+        *([f"- Gradient clustering: affinity of {meta['bins']} bins "
+           f"({meta['affinity_samples']} samples per bin) from the vanilla seed-0 checkpoint "
+           f"({prefix.name}/affinity_*.png, affinity.npz)."]
+          if any(r["clustering"] == "gradient" and r["method"] != "vanilla" for r in rows)
+          else []),  # fmt: skip
         f"- Machine: {meta['machine']}, shared with other jobs; {meta['jobs']} runs in parallel, "
         "1 torch thread each; s/step are therefore contended timings.",
         f"- Wall time: {meta['wall_seconds'] / 60:.1f} min from the study's first start to this "
@@ -237,12 +239,16 @@ def write_report(summary: dict[str, Any], prefix: Path, out: Path) -> None:
 
 
 def git_sha() -> str:
+    """The checkout's commit (of the package's own tree, wherever the study is run from), else
+    ANT_GIT_SHA, else "unknown"."""
+    here = Path(__file__).resolve().parent
     try:
         return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=here,
+        ).stdout.strip()  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("ANT_GIT_SHA", "unknown")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
