@@ -458,6 +458,11 @@ def _train(
                 f"--train.out_dir {str(src_dir)!r} to continue that run in place, or an empty "
                 "train.out_dir to branch it"
             )
+        if src_dir.resolve() != out.resolve():
+            log.warning(
+                "branching: the run continues in train.out_dir=%s; %s is left as it was "
+                "(--train.out_dir %s continues it in place)", out, src_dir, src_dir,
+            )
     state = None if fresh else resume_state(cfg, resume, allow_config_change)
     if state is not None and int(state["step"]) > cfg.train.steps:
         raise ValueError(  # it would train nothing and write the lower count to config.yaml
