@@ -55,3 +55,23 @@ def kernel_device() -> torch.device:
 def force_triton(monkeypatch: pytest.MonkeyPatch) -> None:
     """Force the Triton backend, so a test fails rather than fall back to the reference."""
     monkeypatch.setenv("ANT_KERNELS_BACKEND", "triton")
+
+
+@pytest.fixture
+def solver_on(monkeypatch: pytest.MonkeyPatch, kernel_device: torch.device):
+    """``pick(backend, op)`` -> (solver, device) for op "pcgrad" or "nash": backend "triton" or
+    "torch" (ant_kernels under that policy), or "native" (the C++ solver a CPU step calls)."""
+
+    def pick(backend: str, op: str):
+        import ant_kernels
+        from antdiff.mtl import native
+
+        if backend == "native":
+            monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU G: the C++ solver
+            monkeypatch.setenv("ANT_KERNELS_BACKEND", "auto")
+            assert native._C is not None, "antdiff._C is not built: run `make build`"
+            return getattr(native, f"{op}_weights"), torch.device("cpu")
+        monkeypatch.setenv("ANT_KERNELS_BACKEND", backend)
+        return getattr(ant_kernels, f"{op}_weights"), kernel_device
+
+    return pick

@@ -205,20 +205,12 @@ def _opposed(k: int, noise: float) -> torch.Tensor:
 @pytest.mark.interpret
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("backend", ["triton", "torch", "native"])
-def test_nash_without_a_solution_gives_nan(backend, kernel_device, monkeypatch):
-    """A solve that ends without a solution says so (NaN: the engine voids the step) instead of
-    handing out wrong weights: negative ones for an indefinite float32 G, far-off ones where 20
-    steps do not reach a distant solution; with enough steps the same G is solved."""
-    from antdiff.mtl import native
-
-    if backend == "native":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU G: the C++ solver
-        monkeypatch.setenv("ANT_KERNELS_BACKEND", "auto")
-        assert native._C is not None, "antdiff._C is not built: run `make build`"
-        solve, dev = native.nash_weights, "cpu"
-    else:
-        monkeypatch.setenv("ANT_KERNELS_BACKEND", backend)
-        solve, dev = nash_weights, kernel_device
+def test_nash_without_a_solution_gives_nan(backend, solver_on):
+    """A solve that ends without a solution says so (NaN: the engine keeps the last weights)
+    instead of handing out wrong weights: negative ones for an indefinite float32 G, far-off
+    ones where 20 steps do not reach a distant solution; with enough steps the same G is
+    solved."""
+    solve, dev = solver_on(backend, "nash")
     G = torch.tensor(_INDEFINITE, dtype=torch.float32)
     assert torch.linalg.eigvalsh(G.double()).min() < 0
     for iters in (20, 40):

@@ -114,19 +114,10 @@ def test_pcgrad_k2_leaves_no_conflict(trial, kernel_device, force_triton):
 @pytest.mark.interpret
 @pytest.mark.parametrize("backend", ["triton", "torch", "native"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_pcgrad_nonfinite_gram_gives_nan(backend, bad, kernel_device, monkeypatch):
+def test_pcgrad_nonfinite_gram_gives_nan(backend, bad, solver_on):
     """A NaN dot product fails ``d < 0``: weights of a non-finite G were finite ([1, 1, 1.8])
     in every implementation; they are NaN now, as Nash-MTL's."""
-    from antdiff.mtl import native
-
-    if backend == "native":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU G: the C++ solver
-        monkeypatch.setenv("ANT_KERNELS_BACKEND", "auto")
-        assert native._C is not None, "antdiff._C is not built: run `make build`"
-        solve, dev = native.pcgrad_weights, "cpu"
-    else:
-        monkeypatch.setenv("ANT_KERNELS_BACKEND", backend)
-        solve, dev = pcgrad_weights, kernel_device
+    solve, dev = solver_on(backend, "pcgrad")
     J = _make_J(3, "conflicts")
     G = J @ J.T
     for i, j in ((0, 1), (2, 2)):
