@@ -207,6 +207,8 @@ def build_run(cfg: Config, codec_state: dict | None = None, dist: DistContext | 
         )
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}, *ant.param_groups()]
     opt = _adamw(groups, tc)
+    if tc.compile:  # the compilation happens in the first steps, silently otherwise
+        log.info("train.compile: the first steps compile the model (minutes on a CPU)")
     forward = torch.compile(wrapped, dynamic=True) if tc.compile else wrapped
     batches = BatchIterator(len(data), tc.batch_size, tc.seed)
     ema = EMA(model, tc.ema_decay) if dist is None or dist.is_main else None
