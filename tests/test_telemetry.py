@@ -125,11 +125,17 @@ def test_update_queues_no_operators_between_folds():
             return func(*args, **(kwargs or {}))
 
     steps, w = _steps(FOLD), torch.ones(K)
+    unsolved = [torch.tensor(i % 5 == 2) for i in range(FOLD)]  # a weight solve's verdict
     tel = Telemetry(K)
     with Count():
-        for L, present, finite, G in steps:  # noqa: N806
+        for (L, present, finite, G), flag in zip(steps, unsolved):  # noqa: N806
             tel.update(L, w, present, finite, G)
+            tel.count_unsolved(flag)
     assert Count.n == 0
+    assert tel.snapshot()["unsolved_weight_steps"] == sum(bool(f) for f in unsolved)
+    tel = Telemetry(K)
+    for L, present, finite, G in steps:  # noqa: N806
+        tel.update(L, w, present, finite, G)
     with Count():
         tel.update(steps[0][0], w, *steps[0][1:])
     assert Count.n > 0  # the fold

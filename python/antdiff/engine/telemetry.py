@@ -28,6 +28,7 @@ class Telemetry:
         # per step not yet folded: [L, present, finite, G or None]
         self._pending: list[list[Any]] = []
         self._last_folded: tuple[torch.Tensor, torch.Tensor] | None = None  # its L, present
+        self._unsolved: list[torch.Tensor] = []  # count_unsolved's flags not yet folded
 
     def _acc(self, name: str, value: torch.Tensor) -> None:
         prev = self.t.get(name)
@@ -73,11 +74,13 @@ class Telemetry:
         self.t["finite"] = after
 
     def count_unsolved(self, flag: torch.Tensor) -> None:
-        """A weight step whose solver ended without a solution (0-d bool; one device add)."""
-        self._acc("unsolved_steps", flag.reshape(()).float())
+        """A weight step whose solver ended without a solution (0-d bool): kept, and summed when
+        the steps are folded (no operator in the step)."""
+        self._unsolved.append(flag)
 
     def unsolved(self) -> int:
         """The count so far (a host read: outside the step)."""
+        self._fold()
         t = self.t.get("unsolved_steps")
         return 0 if t is None else int(t.cpu())
 
@@ -89,6 +92,11 @@ class Telemetry:
 
     def _fold(self) -> None:
         """Add the kept steps to the running sums (batched over the steps)."""
+        if self._unsolved:
+            flags, self._unsolved = self._unsolved, []
+            dev = flags[-1].device
+            stacked = torch.stack([f.to(dev).reshape(()) for f in flags])
+            self._acc("unsolved_steps", stacked.sum(0).float())
         pending, self._pending = self._pending, []
         if not pending:
             return
@@ -158,5 +166,5 @@ class Telemetry:
 
     def load_state_dict(self, d: dict[str, Any], device: Any = None) -> None:
         self.steps = int(d["steps"])
-        self._pending, self._last_folded = [], None
+        self._pending, self._last_folded, self._unsolved = [], None, []
         self.t = {k: v.to(device) if device is not None else v for k, v in d["t"].items()}
