@@ -241,6 +241,46 @@ def test_nash_cpu(bench, impl, k, cosine):
     )
 
 
+@needs_gpu
+@pytest.mark.parametrize("cosine", [None, 0.999], ids=["random", "cos0.999"])
+@pytest.mark.parametrize("k", [2, 5, 8, 16, 32])
+def test_nash_cuda(bench, k, cosine):
+    """The Triton Nash-MTL kernel a GPU training step runs: device time per solve (rounds of
+    REPS back-to-back launches, one sync per round) and the host's cost of one launch (the call
+    alone, the device idle), with the residual of its float64 solution."""
+    import time
+
+    from ant_kernels.nash import nash_triton
+
+    G = _gram_with_cosine(k, cosine).cuda()
+    fn = lambda: nash_triton(G)  # noqa: E731
+
+    def timed():
+        for _ in range(REPS):
+            fn()
+        torch.cuda.synchronize()
+
+    timed()  # compile and warm up
+    host = []
+    for _ in range(50):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        host.append(time.perf_counter() - t0)
+    bench.group = "nash-cuda"
+    bench.pedantic(timed, rounds=20, warmup_rounds=2, iterations=1)
+    a = fn().cpu()
+    Gn = G.cpu() / torch.linalg.matrix_norm(G.cpu())
+    residual = float((a * (Gn @ a) - 1).abs().max())
+    assert residual < 1e-10
+    bench.extra_info.update(_environment())
+    bench.extra_info.update(
+        {"impl": "triton", "k": k, "cosine": cosine, "reps": REPS, "residual": residual,
+         "ms_per_solve": bench.stats.stats.median / REPS * 1e3,
+         "launch_us": sorted(host)[len(host) // 2] * 1e6}
+    )  # fmt: skip
+
+
 @pytest.mark.quick
 @pytest.mark.parametrize("impl", ["ref", "native"])
 def test_graddrop_cpu(bench, impl):
@@ -306,6 +346,32 @@ def test_summarize_reads_the_median_round_and_the_pair(tmp_path):
     assert pair["GB/s"] == pytest.approx(4.4e9 / 2e-3 / 1e9)
     assert pair["peak_fraction"] == pytest.approx(0.55)
     assert "- P = 1e+08, fp32: 2200 GB/s, 55% of peak" in (tmp_path / "s.md").read_text()
+
+
+@pytest.mark.quick
+def test_summarize_nash_gives_time_per_solve(tmp_path):
+    """A CUDA case's rounds hold REPS solves each: the table divides by them and names the card
+    and the launch cost; a CPU case's round is one solve (synthetic rounds, no GPU)."""
+    import json
+
+    def case(name, info, median):
+        return {"name": name, "extra_info": {"cosine": None, "residual": 1e-15, **info},
+                "stats": {"median": median, "min": median / 2}}  # fmt: skip
+
+    cuda = {"impl": "triton", "k": 5, "reps": 10, "launch_us": 12.3, "kernel_device": "card X",
+            "torch_runtime": "t", "triton": "x"}  # fmt: skip
+    raw = {"machine_info": {"antdiff": {"git_sha": "abc"}}, "benchmarks": [
+        case("test_nash_cuda[5-random]", cuda, 2e-3)]}  # fmt: skip
+    (tmp_path / "raw.json").write_text(json.dumps(raw))
+    out = summarize_nash(str(tmp_path / "raw.json"), str(tmp_path / "s"))
+    assert out["rows"][0]["median_ms"] == pytest.approx(0.2)
+    md = (tmp_path / "s.md").read_text()
+    assert "card X" in md and "| triton | 5 | random | 0.200 | 0.100 | 12 |" in md
+    raw["benchmarks"] = [case("test_nash_cpu[native-5-random]", {"impl": "native", "k": 5}, 2e-3)]
+    (tmp_path / "raw.json").write_text(json.dumps(raw))
+    assert summarize_nash(str(tmp_path / "raw.json"), str(tmp_path / "s"))["rows"][0][
+        "median_ms"] == pytest.approx(2.0)  # fmt: skip
+    assert "| native | 5 | random | 2.000 | 1.000 | - |" in (tmp_path / "s.md").read_text()
 
 
 def summarize(raw_json: str, out_stem: str) -> dict:
@@ -403,28 +469,43 @@ def summarize_nash(raw_json: str, out_stem: str) -> dict:
     raw = json.loads(Path(raw_json).read_text())
     rows = [
         {"impl": b["extra_info"]["impl"], "k": b["extra_info"]["k"],
-         "cosine": b["extra_info"]["cosine"], "median_ms": b["stats"]["median"] * 1e3,
-         "min_ms": b["stats"]["min"] * 1e3, "residual": b["extra_info"]["residual"]}
-        for b in raw["benchmarks"] if b["name"].startswith("test_nash_cpu")
+         "cosine": b["extra_info"]["cosine"],
+         "median_ms": b["stats"]["median"] * 1e3 / b["extra_info"].get("reps", 1),
+         "min_ms": b["stats"]["min"] * 1e3 / b["extra_info"].get("reps", 1),
+         "launch_us": b["extra_info"].get("launch_us"), "residual": b["extra_info"]["residual"]}
+        for b in raw["benchmarks"] if b["name"].startswith("test_nash_")
     ]  # fmt: skip
+    cuda = [b["extra_info"] for b in raw["benchmarks"] if b["name"].startswith("test_nash_cuda")]
     machine = raw["machine_info"].get("antdiff", {})
-    summary = {"benchmark": "Nash-MTL solve, float64 damped Newton, 40 iterations: torch "
-               "reference vs the C++ solver (antdiff.mtl.native) on CPU tensors",
+    if cuda:
+        where = (f"{cuda[0]['kernel_device']}; torch {cuda[0]['torch_runtime']}, triton "
+                 f"{cuda[0]['triton']}; git {machine.get('git_sha')}. triton = the kernel a GPU "
+                 f"training step launches (ant_kernels.nash); ms = device time per solve, the "
+                 f"median of 20 rounds of {cuda[0]['reps']} back-to-back launches with one sync "
+                 "per round; launch us = the host's time for one call (median of 50, device "
+                 "idle).")  # fmt: skip
+        what = "the Triton kernel on CUDA tensors"
+    else:
+        where = (f"{machine.get('device')} ({machine.get('cpu_model')}); torch "
+                 f"{machine.get('torch')}; git {machine.get('git_sha')}. ref = "
+                 "ant_kernels.reference.nash_weights_ref (about 800 torch operators), native = "
+                 "the C++ solver a CPU training step calls.")  # fmt: skip
+        what = "torch reference vs the C++ solver (antdiff.mtl.native) on CPU tensors"
+    summary = {"benchmark": f"Nash-MTL solve, float64 damped Newton, 40 iterations: {what}",
                "machine": machine, "target": "< 1 ms for k <= 16, residual < 1e-10",
                "rows": rows}  # fmt: skip
     Path(out_stem + ".json").write_text(json.dumps(summary, indent=1) + "\n")
     lines = [
-        "# Nash-MTL solve on the CPU (float64, 40 Newton iterations)", "",
-        f"{machine.get('device')} ({machine.get('cpu_model')}); torch {machine.get('torch')}; "
-        f"git {machine.get('git_sha')}. ref = ant_kernels.reference.nash_weights_ref (about 800 "
-        "torch operators), native = the C++ solver a CPU training step calls. Residual = "
-        "max_i |a_i (G a)_i - 1| on G / ||G||_F.", "",
-        "| impl | k | clusters | median ms | min ms | residual |", "|---|---|---|---|---|---|",
+        f"# Nash-MTL solve on the {'GPU' if cuda else 'CPU'} (float64, 40 Newton iterations)",
+        "", where + " Residual = max_i |a_i (G a)_i - 1| on G / ||G||_F.", "",
+        "| impl | k | clusters | median ms | min ms | launch us | residual |",
+        "|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in sorted(rows, key=lambda r: (r["impl"] != "native", r["k"], r["cosine"] or 0)):
         kind = "random" if r["cosine"] is None else f"cosine {r['cosine']}"
+        launch = "-" if r["launch_us"] is None else f"{r['launch_us']:.0f}"
         lines.append(f"| {r['impl']} | {r['k']} | {kind} | {r['median_ms']:.3f} | "
-                     f"{r['min_ms']:.3f} | {r['residual']:.1e} |")  # fmt: skip
+                     f"{r['min_ms']:.3f} | {launch} | {r['residual']:.1e} |")  # fmt: skip
     Path(out_stem + ".md").write_text("\n".join(lines) + "\n")
     return summary
 

@@ -8,15 +8,18 @@
 # and logs.tgz (all logs and raw pytest-benchmark JSON). Every stage has its own time limit, so
 # the script ends (and reports) even when one hangs.
 #
-#   bash scripts/gpu_check.sh [all|tests|tilings|kernels|step]
+#   bash scripts/gpu_check.sh [all | STAGE...]   STAGE: nash tests tilings kernels step
 #   (tests: everything but the gram tilings, about 8 min on an H100, so give the device call
-#   timeout_s 600; tilings: the 144 compiled gram configurations, about 3 min; all: every
-#   stage, more than one 10-minute device call)
+#   timeout_s 600; ANT_GPU_TEST_LIMIT (s, default 540) caps each test stage, whose first
+#   files are the ones most often changed; tilings: the 144 compiled gram configurations,
+#   about 3 min; nash: the Nash-MTL kernel's solve time, under a minute; all: every stage,
+#   more than one 10-minute device call). Several stages run in the order given.
 #   ANT_GIT_SHA=$(git rev-parse HEAD) names the commit when the tree travels without .git.
 #   ANT_GPU_TESTS_K replaces a test stage's pytest -k selection.
 #   No network is needed: peers (LibMTL, torchjd) are not used; pytest-xdist is used if present.
 set -uo pipefail
-STAGE=${1:-all}
+STAGES=" ${*:-all} "
+has() { [[ $STAGES == *" all "* || $STAGES == *" $1 "* ]]; }
 DEST=${OUT:-gpu_out}
 W=${ANT_GPU_WORK:-/tmp/ant_gpu}
 PY=${PY:-python3}
@@ -33,7 +36,7 @@ run() {  # run <seconds> <log> <command...>: time-limited, output to $W/<log>
     return $rc
 }
 keep() {  # copy the summaries and a tarball of everything to $DEST
-    for f in kernels_gpu.md kernels_gpu.json step_gpu_small.md step_gpu_small.json \
+    for f in kernels_gpu.md kernels_gpu.json nash_gpu.md nash_gpu.json step_gpu_small.md step_gpu_small.json \
         step_gpu_tiny.md step_gpu_tiny.json failures.txt; do
         [ -f "$W/$f" ] && cp "$W/$f" "$DEST/"
     done
@@ -58,27 +61,36 @@ if ! run 180 build.log $PY setup.py build_ext --inplace; then
 fi
 keep
 
-if [ "$STAGE" = all ] || [ "$STAGE" = tests ] || [ "$STAGE" = tilings ]; then
+if has nash; then
+    run 120 bench_nash.log $PY -m pytest -q -p no:cacheprovider benchmarks/bench_kernels.py \
+        -k nash_cuda --benchmark-json="$W/nash_raw.json"
+    [ -f "$W/nash_raw.json" ] && $PY benchmarks/bench_kernels.py "$W/nash_raw.json" \
+        "$W/nash_gpu" nash && cat "$W/nash_gpu.md"
+    keep
+fi
+
+if has tests || has tilings; then
     # -v: under xdist each result is printed with its name as it finishes, so a stage stopped
     # by its time limit still names its failures (failures.txt); -q printed them only at the end
     : >"$W/failures.txt"
-    parts="tests tilings"
-    [ "$STAGE" = all ] || parts=$STAGE
+    parts=""
+    has tests && parts="tests"
+    has tilings && parts="$parts tilings"
     [ -n "${ANT_GPU_TESTS_K:-}" ] && parts=tests  # one run of the given selection
     for part in $parts; do
         if [ "$part" = tilings ]; then SEL="tilings_cuda"; else SEL="not tilings_cuda"; fi
         SEL=${ANT_GPU_TESTS_K:-$SEL}  # e.g. "padded or tilings_cuda and 4-1-4": a short check
-        run 540 "$part.log" $PY -m pytest -v -p no:cacheprovider -p no:benchmark $XDIST -rfEs \
+        run "${ANT_GPU_TEST_LIMIT:-540}" "$part.log" $PY -m pytest -v -p no:cacheprovider -p no:benchmark $XDIST -rfEs \
             --tb=short --durations=20 -k "$SEL" \
-            tests/test_kernels_gram.py tests/test_kernels_combine.py tests/test_kernels_pcgrad.py \
-            tests/test_kernels_nash.py tests/test_kernels_aot.py tests/test_kernels_uniform.py \
-            tests/test_kernels_graddrop.py \
+            tests/test_kernels_nash.py tests/test_kernels_pcgrad.py \
             tests/test_no_sync.py::test_cuda_engine_step_has_no_host_sync \
             tests/test_no_sync.py::test_cuda_fused_optimizer_skip_check_has_no_host_sync \
             tests/test_engine.py::test_gpu_step_has_no_host_sync tests/test_mtl.py::test_cuda_no_sync \
-            tests/test_onepass.py::test_registry_models_equal_micro \
             tests/test_train.py::test_cuda_train_step_has_no_host_sync \
-            tests/test_telemetry.py::test_updates_and_folds_have_no_host_sync_on_cuda
+            tests/test_telemetry.py::test_updates_and_folds_have_no_host_sync_on_cuda \
+            tests/test_onepass.py::test_registry_models_equal_micro \
+            tests/test_kernels_aot.py tests/test_kernels_uniform.py tests/test_kernels_graddrop.py \
+            tests/test_kernels_combine.py tests/test_kernels_gram.py
         grep -E "FAILED|ERROR" "$W/$part.log" >>"$W/failures.txt"
         echo "$part: $(grep -c PASSED "$W/$part.log") passed, $(grep -c FAILED "$W/$part.log") failed"
         grep -E "^E |Error" "$W/$part.log" | head -20
@@ -86,7 +98,7 @@ if [ "$STAGE" = all ] || [ "$STAGE" = tests ] || [ "$STAGE" = tilings ]; then
     done
 fi
 
-if [ "$STAGE" = all ] || [ "$STAGE" = kernels ]; then
+if has kernels; then
     run 300 bench_kernels.log $PY -m pytest -q -p no:cacheprovider benchmarks/bench_kernels.py \
         -k cuda --benchmark-json="$W/kernels_raw.json"
     [ -f "$W/kernels_raw.json" ] && $PY benchmarks/bench_kernels.py "$W/kernels_raw.json" \
@@ -94,7 +106,7 @@ if [ "$STAGE" = all ] || [ "$STAGE" = kernels ]; then
     keep
 fi
 
-if [ "$STAGE" = all ] || [ "$STAGE" = step ]; then
+if has step; then
     # peers (LibMTL, torchjd) are not installed there: our scenarios against vanilla only;
     # the GPU-sized models first, then the CPU suite's tiny ones (launch-bound on a GPU)
     export ANT_BENCH_ROUNDS=${ANT_BENCH_ROUNDS:-15}
