@@ -493,6 +493,7 @@ def summarize_nash(raw_json: str, out_stem: str) -> dict:
         what = "torch reference vs the C++ solver (antdiff.mtl.native) on CPU tensors"
     summary = {"benchmark": f"Nash-MTL solve, float64 damped Newton, 40 iterations: {what}",
                "machine": machine, "target": "< 1 ms for k <= 16, residual < 1e-10",
+               "kernel_device": cuda[0]["kernel_device"] if cuda else None,
                "rows": rows}  # fmt: skip
     Path(out_stem + ".json").write_text(json.dumps(summary, indent=1) + "\n")
     lines = [

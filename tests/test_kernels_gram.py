@@ -257,24 +257,28 @@ def test_tiles_follow_how_the_kernels_were_built(monkeypatch):
 
 
 @pytest.mark.interpret
-def test_every_launcher_asks_where_its_launch_runs(monkeypatch, force_triton):
+def test_every_launcher_asks_where_its_launch_runs(monkeypatch, force_triton, kernel_device):
     """gram, combine, graddrop and uniform each pick their tiles from ``interpreted(tensor)``
     (a launcher that read the environment variable instead would pass the test above)."""
     import ant_kernels
+    from ant_kernels._dispatch import interpreted
 
     seen = []
 
     def spy(t):
         seen.append(t.shape)
-        return True  # the interpreter's tiles: these CPU launches run there
+        return interpreted(t)
 
     mods = {m: sys.modules[f"ant_kernels.{m}"] for m in ("gram", "combine", "graddrop", "uniform")}
     for m in mods.values():
         monkeypatch.setattr(m, "interpreted", spy)
-    J, step = torch.randn(3, 100), torch.zeros(1, dtype=torch.int64)
+    dev = kernel_device  # CUDA tensors where there is a GPU, CPU ones under the interpreter
+    J, step = torch.randn(3, 100, device=dev), torch.zeros(1, dtype=torch.int64, device=dev)
     for launch in (lambda: ant_kernels.gram(J),
-                   lambda: ant_kernels.combine(torch.ones(3), J, out=torch.empty(100)),
-                   lambda: ant_kernels.graddrop(J, torch.ones(3, dtype=torch.bool), 1, step),
+                   lambda: ant_kernels.combine(torch.ones(3, device=dev), J,
+                                               out=torch.empty(100, device=dev)),
+                   lambda: ant_kernels.graddrop(J, torch.ones(3, dtype=torch.bool, device=dev),
+                                                1, step),
                    lambda: ant_kernels.uniform(1, step, 10)):  # fmt: skip
         before = len(seen)
         launch()
