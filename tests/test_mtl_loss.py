@@ -177,6 +177,60 @@ def test_dwa_matches_definition():
         hist.append((L, present))
 
 
+@pytest.mark.parametrize("window", [2, 3])
+def test_dwa_window_compares_loss_averages(window):
+    """With ``window`` steps per average (DWA's epochs), the ratio is of each cluster's last two
+    window means over its observed steps; the weights stay put inside a window; a cluster
+    absent through a whole window keeps its averages. A mid-window state round trip continues
+    exactly."""
+    k, T = 4, 2.0
+    m = DWA(k, temperature=T, window=window)
+    hist: list[tuple[torch.Tensor, torch.Tensor]] = []
+    masks = [(), (2,), (1,), (), (3,), (3,), (3,), (), (0,), (), (), (1,), ()]
+    for step, absent in enumerate(masks):
+        present = _present(k, absent)
+        L = _losses(k, 30 + step, present)
+        w = _dloss(m, L, present)
+        means: list[list[float]] = [[] for _ in range(k)]
+        for start in range(0, len(hist) - len(hist) % window, window):
+            for i in range(k):
+                obs = [float(Lh[i]) for Lh, ph in hist[start : start + window] if ph[i]]
+                if obs:
+                    means[i].append(sum(obs) / len(obs))
+        ratio = torch.tensor([v[-1] / v[-2] if len(v) >= 2 else 1.0 for v in means],
+                             dtype=torch.float64)  # fmt: skip
+        ref = torch.zeros(k, dtype=torch.float64)
+        ref[present] = torch.softmax(ratio[present] / T, 0)
+        torch.testing.assert_close(w, ref, rtol=1e-12, atol=0)
+        m.observe(L, present)
+        hist.append((L, present))
+        if step == 4:  # mid-window for both windows: a fresh method continues exactly
+            fresh = DWA(k, temperature=T, window=window)
+            fresh.load_state_dict(_roundtrip(m.state_dict()))
+            m = fresh
+    assert (m.count >= 2).all()  # the ratios above were exercised for every cluster
+
+
+def test_dwa_state_from_before_the_window_loads():
+    """A state saved before ``window`` existed (last, prev, count) loads and goes on comparing
+    single steps, as it did."""
+    k = 3
+    a, b = DWA(k), DWA(k)
+    for step in range(3):
+        a.observe(_losses(k, step, _present(k)), _present(k))
+    old = {key: v for key, v in a.state_dict().items() if key in ("last", "prev", "count")}
+    b.load_state_dict(old)
+    for step in range(3, 6):
+        p = _present(k, (step % k,))
+        L = _losses(k, step, p)
+        assert torch.equal(a.transform(L, p), b.transform(L, p))
+        a.observe(L, p), b.observe(L, p)
+    with pytest.raises(ValueError, match="window must be an int >= 1"):
+        DWA(k, window=0)
+    with pytest.raises(ValueError, match="window must be an int >= 1"):
+        make_method("dwa", k, window=2.5)
+
+
 # ---------------------------------------------------------------- FAMO
 def test_famo_transform_weights_sum_to_one():
     k = 5

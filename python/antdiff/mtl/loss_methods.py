@@ -11,8 +11,9 @@ exactly ANT's formula with the fixed k.
   times L_i. The draw for the next step is made in ``observe`` (so ``transform`` is pure),
   by Box-Muller from a counter-based stream that only a step with a present cluster advances.
 - ``DWA`` ("dwa", Liu et al. 2019): softmax over present clusters of r_i / T with
-  r_i = L_i(t-1) / L_i(t-2) (the last two observed losses of cluster i; 1 until it has two),
-  T = 2. The paper's weights sum to K on a summed loss; ours sum to 1 on the same losses.
+  r_i = L_i(t-1) / L_i(t-2), the last two averages of cluster i's loss (1 until it has two),
+  T = 2. The paper averages over epochs; here over ``window`` steps (1 by default: single
+  steps). The paper's weights sum to K on a summed loss; ours sum to 1 on the same losses.
 - ``FAMO`` ("famo", Liu et al. 2023): z = softmax(xi) over present clusters, term
   z_i log(L_i - min_i + eps) / c with c = sum_j z_j / (L_j - min_j + eps) held constant, so the
   effective weights z_i / (c (L_i - min_i + eps)) sum to 1. ``observe`` moves xi by Adam
@@ -192,21 +193,37 @@ class RLW(LossMethod):
 
 
 class DWA(LossMethod):
-    """Dynamic weight average over the last two observed losses of each cluster.
+    """Dynamic weight average: w = softmax(r / T) over the present clusters, r_i the ratio of
+    cluster i's last two observed loss averages (1 until two are known).
+
+    DWA as published averages each task's loss over an epoch and compares the last two epochs.
+    ``window`` is that period in steps here: each cluster's losses are averaged over the
+    ``window`` steps observed (its steps without samples left out; a step skipped as non-finite
+    is not observed) and the weights move once a window closes. ``window=1`` (the default)
+    compares single steps, whose cluster losses carry the batch's sampling noise; steps per
+    epoch (data size / batch size) gives the published scheme.
 
     Args:
         k: number of clusters.
         temperature: softmax temperature T (2).
+        window: steps per loss average (1).
     """
 
     name = "dwa"
 
-    def __init__(self, k: int, *, temperature: float = 2.0) -> None:
+    def __init__(self, k: int, *, temperature: float = 2.0, window: int = 1) -> None:
         super().__init__(k)
         self.temperature = _check_positive("temperature", temperature)
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be an int >= 1 (steps per loss average), got {window!r}")
+        self.window = window
         self.register_buffer("last", torch.zeros(self.k, dtype=torch.float64))
         self.register_buffer("prev", torch.zeros(self.k, dtype=torch.float64))
-        self.register_buffer("count", torch.zeros(self.k, dtype=torch.int64))
+        self.register_buffer("count", torch.zeros(self.k, dtype=torch.int64))  # averages known
+        # the window in progress: sums and counts of each cluster's losses, steps observed
+        self.register_buffer("acc", torch.zeros(self.k, dtype=torch.float64))
+        self.register_buffer("n", torch.zeros(self.k, dtype=torch.int64))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.int64))
 
     def cluster_weights(self, present: Tensor) -> Tensor:
         """[k] float64 weights (sum 1 over present clusters) for the next step."""
@@ -222,9 +239,28 @@ class DWA(LossMethod):
     def observe(self, L: Tensor, present: Tensor) -> None:
         check_losses(L, present, self.k)
         L = L.detach().to(self.last)
-        self.prev.copy_(torch.where(present, self.last, self.prev))
-        self.last.copy_(torch.where(present, L, self.last))
-        self.count.add_(present.to(self.count.dtype))
+        self.acc.add_(torch.where(present, L, 0.0))
+        self.n.add_(present.to(self.n.dtype))
+        counted = present.any()  # the engine observes a skipped step with none present: no step
+        self.seen.add_(counted.to(self.seen.dtype))
+        end = counted & (self.seen % self.window == 0)  # 0-d, on the device: no host read
+        close = end & (self.n > 0)  # a cluster with no samples in the window keeps its averages
+        self.prev.copy_(torch.where(close, self.last, self.prev))
+        self.last.copy_(torch.where(close, self.acc / self.n.clamp(min=1), self.last))
+        self.count.add_(close.to(self.count.dtype))
+        keep = (~end).to(self.acc.dtype)
+        self.acc.mul_(keep)
+        self.n.mul_(keep.to(self.n.dtype))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # states saved before the window existed compared single steps: an empty window
+        for key in ("acc", "n", "seen"):
+            if prefix + key not in state_dict and prefix + "last" in state_dict:
+                state_dict[prefix + key] = torch.zeros_like(getattr(self, key))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, temperature={self.temperature}, window={self.window}"
 
 
 class FAMO(LossMethod):
