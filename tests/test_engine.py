@@ -1534,3 +1534,28 @@ def test_an_optimizer_without_the_methods_parameters_is_refused():
     model, ant = setup("pcgrad")
     ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16))
     ant.step(torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+@pytest.mark.parametrize("method", ["uw", "pcgrad"])
+def test_step_without_a_reduce_or_backward_since_the_last_is_an_error(method):
+    """ant.step before any engine step, or twice after one, would apply missing or stale
+    gradients (a silent no-op or a repeated update): a RuntimeError names the fix."""
+    model, ant = setup(method)
+    params = [*model.parameters(), *(p for g in ant.param_groups() for p in g["params"])]
+    opt = torch.optim.SGD(params, lr=0.1)
+    x = torch.randn(8, 1, 6, 6)
+    with pytest.raises(RuntimeError, match=r"no ant.reduce or ant.backward since the last"):
+        ant.step(opt)
+    t = ant.sample_timesteps(8)
+    if method == "uw":
+        ant.reduce(per_sample_loss(model)(x, t), t).backward()
+    else:
+        ant.backward(lambda b, tt: per_sample_loss(model)(b, tt), x, t)
+    assert ant.step(opt) is True
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"Call ant.reduce\(per_sample_loss, t\).backward\(\)"):
+        ant.step(opt)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    ant.load_state_dict(ant.state_dict())  # a loaded engine waits for its next step too
+    with pytest.raises(RuntimeError, match="its state loaded"):
+        ant.step(opt)

@@ -260,6 +260,7 @@ class ANT:
         self._maybe_absent = True  # whether a cluster may be empty in the last step (host view)
         self._warned_sync = False
         self.last: StepOutput | None = None
+        self._unstepped = False  # a reduce/backward since the last ant.step
         self._pending_flags: list[_HostFlag] = []  # device-side skips not yet reported
         # loss-space steps: the engine never sees the gradients, so ant.step checks them, and a
         # loss method's observe waits for that verdict (or for the next step, if step is skipped)
@@ -889,6 +890,7 @@ class ANT:
         self.telemetry.update(L_global, w, present, finite, G)
         out = StepOutput(total, L_global, w, present, finite)
         self.last = out
+        self._unstepped = True
         self._grads_unchecked = not grads_checked
         if self.method.loss is not None and self.method.loss.observes:
             self._pending_observe = (L_global, present)
@@ -937,7 +939,16 @@ class ANT:
         ``check_grads=False`` leaves the gradients unchecked (the pass costs 0.2-0.5 ms per
         step on a 2-core CPU for the benchmark's small models, little on a GPU).
         """
+        if not self._unstepped:
+            raise RuntimeError(
+                "ant.step: no ant.reduce or ant.backward since the last ant.step (or since "
+                "the engine was built or its state loaded): the optimiser would apply stale or "
+                "missing gradients. Call "
+                "ant.reduce(per_sample_loss, t).backward() or ant.backward(loss_fn, batch, t) "
+                "before each ant.step (a loss the engine did not see steps with optimizer.step())"
+            )
         self._check_optimizer(optimizer)
+        self._unstepped = False
         self._report_skipped()
         if self._grads_unchecked and check_grads and (
             skip_nonfinite or self._pending_observe is not None
@@ -1106,6 +1117,7 @@ class ANT:
 
     def _assign_state(self, state: dict[str, Any]) -> None:
         self._pending_observe, self._grads_unchecked = None, False  # steps before the load
+        self._unstepped = False
         self._recompute = None
         self.step_count = int(state["step"])
         self._w = state["w"]
