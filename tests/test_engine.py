@@ -1559,3 +1559,43 @@ def test_step_without_a_reduce_or_backward_since_the_last_is_an_error(method):
     ant.load_state_dict(ant.state_dict())  # a loaded engine waits for its next step too
     with pytest.raises(RuntimeError, match="its state loaded"):
         ant.step(opt)
+
+
+@pytest.mark.parametrize(("at_backward", "at_step"), [(True, False), (False, True), (True, "other")])
+def test_a_scaler_at_backward_and_not_at_step_is_an_error(at_backward, at_step):
+    """ant.backward's scaler and ant.step's must be the same (or both absent): else the update
+    is applied still scaled (by the scale, 2 ** 16 by default) or divided by a scale it never
+    had. A disabled GradScaler counts as none."""
+    model, ant = setup("pcgrad")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    s = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    other = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x = torch.randn(8, 1, 6, 6)
+    t = ant.sample_timesteps(8)
+    ant.backward(per_sample_loss(model), x, t, scaler=s if at_backward else None)
+    given = {True: s, False: None, "other": other}[at_step]
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="pass the same scaler= to both"):
+        ant.step(opt, scaler=given)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert ant.step(opt, scaler=s if at_backward else None) is True  # the matching call goes on
+    off = torch.amp.GradScaler("cpu", enabled=False)
+    ant.backward(per_sample_loss(model), x, t, scaler=off)
+    assert ant.step(opt) is True
+
+
+@pytest.mark.parametrize("mode", ["onepass", "micro", "retain_graph"])
+def test_a_loss_without_grad_is_named_in_every_mode(mode):
+    """A detached loss, or ant.backward under torch.no_grad, gives the engine's message in
+    every mode (micro and retain_graph gave torch's 'element 0 of tensors ...'); micro names a
+    wrongly shaped loss as one cluster's sub-batch."""
+    model, ant = setup("pcgrad", mode=mode)
+    x = torch.randn(16, 1, 6, 6)
+    t = ant.sample_timesteps(16)
+    with pytest.raises(ValueError, match="does not require grad"):
+        ant.backward(lambda xb, tb: per_sample_loss(model)(xb, tb).detach(), x, t)
+    with torch.no_grad(), pytest.raises(ValueError, match="does not require grad"):
+        ant.backward(per_sample_loss(model), x, t)
+    if mode == "micro":
+        with pytest.raises(ValueError, match="one cluster's sub-batch of 4 samples"):
+            ant.backward(lambda xb, tb: per_sample_loss(model)(xb, tb)[:, None], x, t)

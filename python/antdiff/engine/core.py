@@ -36,7 +36,7 @@ from ..schedules import as_schedule
 from .batch import batch_size, check_batch, slice_batch, take_batch
 from .buffer import GradBuffer
 from .distributed import Comm
-from .onepass import MODEL_NOT_RUN, NotServable, OnePass
+from .onepass import LOSS_WITHOUT_GRAD, MODEL_NOT_RUN, NotServable, OnePass
 from .telemetry import Telemetry
 from .timesteps import TimestepSampler, to_device
 
@@ -261,6 +261,9 @@ class ANT:
         self._warned_sync = False
         self.last: StepOutput | None = None
         self._unstepped = False  # a reduce/backward since the last ant.step
+        # the enabled GradScaler the last ant.backward scaled with (None: none); False after
+        # ant.reduce, whose loss the caller scales
+        self._backward_scaler: torch.amp.GradScaler | None | bool = False
         self._pending_flags: list[_HostFlag] = []  # device-side skips not yet reported
         # loss-space steps: the engine never sees the gradients, so ant.step checks them, and a
         # loss method's observe waits for that verdict (or for the next step, if step is skipped)
@@ -467,6 +470,7 @@ class ANT:
             )
         self.comm.resolve()
         self._flush_observe()
+        self._backward_scaler = False  # a loss the caller scales (or not) itself
         per = _check_per_sample(
             per_sample_loss, t.shape[0] if isinstance(t, torch.Tensor) else None
         )
@@ -561,6 +565,7 @@ class ANT:
         else:
             out = self._weighted_step(loss_fn, batch, t, scaler)
         self.step_count += 1
+        self._backward_scaler = scaler if _scaling(scaler) else None  # ant.step must match it
         return out
 
     def shard(self, batch: Any, t: torch.Tensor) -> tuple[Any, torch.Tensor]:
@@ -794,6 +799,8 @@ class ANT:
                 self._model.require_forward_param_sync = True
             with no_sync() if no_sync is not None else contextlib.nullcontext():
                 per = _check_per_sample(loss_fn(batch, t), t.shape[0])
+            if not per.requires_grad:
+                raise ValueError(LOSS_WITHOUT_GRAD)
             sums_all, _ = self._cluster_sums(per, t)
         live = [i for i in range(self.k) if counts[i] > 0]
         for i in range(self.k):
@@ -807,7 +814,11 @@ class ANT:
                     s_i = sums_all[i]
                 else:
                     a, b = int(bounds[i]), int(bounds[i + 1])
-                    per = _check_per_sample(loss_fn(slice_batch(batch, a, b), t[a:b]), b - a)
+                    per = _check_per_sample(
+                        loss_fn(slice_batch(batch, a, b), t[a:b]), b - a, sub_batch=True
+                    )
+                    if not per.requires_grad:
+                        raise ValueError(LOSS_WITHOUT_GRAD)
                     s_i = per.float().sum()
                 loss_i = s_i / divisors[i]
                 self._probe(loss_i)
@@ -946,6 +957,15 @@ class ANT:
                 "missing gradients. Call "
                 "ant.reduce(per_sample_loss, t).backward() or ant.backward(loss_fn, batch, t) "
                 "before each ant.step (a loss the engine did not see steps with optimizer.step())"
+            )
+        bw = self._backward_scaler
+        if bw is not False and bw is not (scaler if _scaling(scaler) else None):
+            said = "no GradScaler" if bw is None else "a GradScaler"
+            got = "none" if not _scaling(scaler) else "a GradScaler" if bw is None else "another"
+            raise ValueError(
+                f"ant.backward ran with {said} but ant.step got {got}: pass the same scaler= to "
+                "both, or to neither (the update would be applied still scaled, or divided by a "
+                "scale it never had)"
             )
         self._check_optimizer(optimizer)
         self._unstepped = False
@@ -1254,10 +1274,13 @@ def _check_ddp_for_gradients(model: nn.Module, reducing: bool) -> None:
             )
 
 
-def _check_per_sample(per: Any, n: int | None) -> torch.Tensor:
+def _check_per_sample(per: Any, n: int | None, sub_batch: bool = False) -> torch.Tensor:
+    """``per`` as a [n] float tensor, else a ValueError; ``sub_batch``: loss_fn ran on one
+    cluster's rows (micro mode), which the message says, since its shapes are not the batch's."""
     if not isinstance(per, torch.Tensor) or per.dim() != 1 or not per.is_floating_point():
+        where = f" (from loss_fn on one cluster's sub-batch of {n} samples)" if sub_batch else ""
         raise ValueError(
-            f"the loss must be PER SAMPLE: a 1-D float tensor [B], got {_describe(per)}. "
+            f"the loss must be PER SAMPLE: a 1-D float tensor [B], got {_describe(per)}{where}. "
             "Reduce over every dimension but the batch (e.g. mean over C, H, W), not over B."
         )
     if n is not None and per.shape[0] != n:

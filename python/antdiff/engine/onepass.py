@@ -130,6 +130,12 @@ MODEL_NOT_RUN = (
 )
 
 
+LOSS_WITHOUT_GRAD = (
+    "loss_fn's output does not require grad (detached, or ant.backward called under "
+    "torch.no_grad): there is no gradient to split by cluster"
+)
+
+
 class _Step:
     """Host bounds and device one-hot of the clusters for the step in progress."""
 
@@ -484,10 +490,7 @@ class OnePass:
             for s in slots:
                 s.fresh = True  # the first write in this step sets all k rows
             if not total.requires_grad and self._st.B > 0:
-                raise ValueError(
-                    "loss_fn's output does not require grad (detached, or ant.backward called "
-                    "under torch.no_grad): there is no gradient to split by cluster"
-                )
+                raise ValueError(LOSS_WITHOUT_GRAD)
             if self._st.ran == 0 and self._st.B > 0:
                 # a reentrant checkpoint (its layers run without grad in the forward) trains in
                 # micro; another model is an error there too: the engine tells them apart from
