@@ -1561,7 +1561,9 @@ def test_step_without_a_reduce_or_backward_since_the_last_is_an_error(method):
         ant.step(opt)
 
 
-@pytest.mark.parametrize(("at_backward", "at_step"), [(True, False), (False, True), (True, "other")])
+@pytest.mark.parametrize(
+    ("at_backward", "at_step"), [(True, False), (False, True), (True, "other")]
+)
 def test_a_scaler_at_backward_and_not_at_step_is_an_error(at_backward, at_step):
     """ant.backward's scaler and ant.step's must be the same (or both absent): else the update
     is applied still scaled (by the scale, 2 ** 16 by default) or divided by a scale it never
@@ -1599,3 +1601,47 @@ def test_a_loss_without_grad_is_named_in_every_mode(mode):
     if mode == "micro":
         with pytest.raises(ValueError, match="one cluster's sub-batch of 4 samples"):
             ant.backward(lambda xb, tb: per_sample_loss(model)(xb, tb)[:, None], x, t)
+
+
+@pytest.mark.parametrize("mode", ["onepass", "micro", "retain_graph"])
+def test_channels_last_parameters_get_gradients_in_their_layout(mode):
+    """A channels_last model's .grad views are laid out like its parameters (autograd's layout
+    contract): the values equal the contiguous model's, and a fused AdamW step (which reads
+    parameter and gradient element by element in memory) equals the unfused one. With
+    contiguous views the fused step moved the weights by up to 2 lr wrongly."""
+    x = torch.randn(12, 1, 6, 6)
+    ref_model, ref_ant = setup("pcgrad", mode=mode)
+    t = ref_ant.sample_timesteps(12)
+    ref_ant.backward(per_sample_loss(ref_model), x, t)
+    ref = {n: p.grad.clone() for n, p in ref_model.named_parameters()}
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = TinyNet().to(memory_format=torch.channels_last)
+        ant = ANT(linear_schedule(T), k=4, method="pcgrad", model=model, seed=0, mode=mode)
+        assert not model.out.weight.is_contiguous()
+        ant.sample_timesteps(12)  # the same draw as the reference's
+        ant.backward(per_sample_loss(model), x, t)
+        for n, p in model.named_parameters():
+            real = [d for d in range(p.dim()) if p.shape[d] > 1]  # size-1 strides are free
+            assert [p.grad.stride(d) for d in real] == [p.stride(d) for d in real], n
+            torch.testing.assert_close(p.grad, ref[n], rtol=1e-5, atol=1e-6)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01, fused=fused)
+        assert ant.step(opt) is True
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_param_view_follows_the_memory_order():
+    from antdiff.engine.buffer import dense_layout, param_view
+
+    J = torch.arange(2 * 40, dtype=torch.float32).view(2, 40)
+    p = torch.empty(2, 3, 2, 2).to(memory_format=torch.channels_last)
+    v = param_view(J, 5, p)
+    assert v.shape == (2, *p.shape) and v.stride()[1:] == p.stride()
+    # element (c=1, h=0, w=1) of output channel 0 sits at memory position (h, w, c) = 1 * 3 + 1
+    assert v[1, 0, 1, 0, 1] == J[1, 5 + 4]
+    assert param_view(J[0], 0, torch.empty(3, 4)).is_contiguous()
+    assert dense_layout(torch.empty(4, 5).t()) and not dense_layout(torch.empty(4, 5)[:, ::2])
+    assert param_view(J[0], 0, torch.empty(4, 5)[:, ::2]).is_contiguous()  # no dense order

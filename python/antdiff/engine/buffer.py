@@ -19,6 +19,31 @@ import torch
 ROW_ALIGN = 16  # elements
 
 
+def dense_layout(p: torch.Tensor) -> bool:
+    """Whether ``p`` covers its numel elements without gaps or overlaps in some dimension order
+    (contiguous, channels_last, a transpose, ...)."""
+    expect = 1
+    for d in sorted(range(p.dim()), key=p.stride):
+        if p.size(d) != 1:
+            if p.stride(d) != expect:
+                return False
+            expect *= p.size(d)
+    return True
+
+
+def param_view(rows: torch.Tensor, offset: int, p: torch.Tensor) -> torch.Tensor:
+    """Elements [offset, offset + numel) of the last dimension of ``rows`` ([P] or [k, P], last
+    stride 1) shaped like ``p`` and laid out in its memory order, as autograd lays out a
+    gradient (the gradient layout contract): a fused optimiser reads .grad and the parameter
+    element by element in memory, so a channels_last parameter needs a channels_last .grad. A
+    parameter without a dense layout gets the contiguous order."""
+    n = p.numel()
+    seg = rows[..., offset : offset + n]
+    if p.is_contiguous() or not dense_layout(p):
+        return seg.view(*rows.shape[:-1], *p.shape)
+    return seg.as_strided((*rows.shape[:-1], *p.shape), (*rows.stride()[:-1], *p.stride()))
+
+
 class GradBuffer:
     """J: [k, P] over the trainable parameters of a model, with per-row ``.grad`` views."""
 
@@ -45,7 +70,7 @@ class GradBuffer:
     def _row_views(self, i: int) -> list[torch.Tensor]:
         out, o = [], 0
         for p, n in zip(self.params, self.numels):
-            out.append(self.J[i, o : o + n].view_as(p))
+            out.append(param_view(self.J[i], o, p))
             o += n
         return out
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F  # noqa: N812
 import torch.utils.checkpoint
 from torch import nn
 
-from .buffer import GradBuffer
+from .buffer import GradBuffer, dense_layout, param_view
 
 # exact types only: a subclass may use its parameters in its own way
 _KINDS = {nn.Linear: "linear", nn.Conv1d: "conv", nn.Conv2d: "conv", nn.GroupNorm: "norm",
@@ -76,10 +76,20 @@ class _Slot:
 
     def __init__(self, J: torch.Tensor, offset: int, p: torch.Tensor) -> None:  # noqa: N803
         n = p.numel()
-        self.cols = J[:, offset : offset + n]
-        self.rows = [J[i, offset : offset + n].view_as(p) for i in range(J.shape[0])]
+        self.target: torch.Tensor | None = None
+        if p.is_contiguous() or not dense_layout(p):
+            self.cols = J[:, offset : offset + n]
+        else:  # J's rows hold p's memory order (channels_last, ...): written here, then copied
+            self.cols = J.new_empty(J.shape[0], n)
+            self.target = param_view(J, offset, p)  # [k, *p.shape], strided like p
+        self.rows = [self.cols[i].view_as(p) for i in range(J.shape[0])]
         self.mats = [r.view(p.shape[0], -1) if p.dim() else r for r in self.rows]
         self.fresh = True  # not yet written in this step: the first write sets every row
+
+    def flush(self) -> None:
+        """The step's rows into J in the parameter's memory order (a no-op for contiguous ones)."""
+        if self.target is not None:
+            self.target.copy_(self.cols.view(self.target.shape))
 
     def put_rows(self, st: _Step, value_of: Callable[[int, int], torch.Tensor]) -> None:
         """Row i := (or +=) value_of(a, b) for the live clusters (batch rows a:b)."""
@@ -515,6 +525,7 @@ class OnePass:
             for s in slots:  # layers the loss never reached: zero rows, as in micro
                 if s.fresh:
                     s.cols.zero_()
+                s.flush()
         finally:
             self._end_step(handles)
         return sums
