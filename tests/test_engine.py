@@ -1645,3 +1645,25 @@ def test_param_view_follows_the_memory_order():
     assert param_view(J[0], 0, torch.empty(3, 4)).is_contiguous()
     assert dense_layout(torch.empty(4, 5).t()) and not dense_layout(torch.empty(4, 5)[:, ::2])
     assert param_view(J[0], 0, torch.empty(4, 5)[:, ::2]).is_contiguous()  # no dense order
+
+
+@pytest.mark.parametrize("mode", ["onepass", "micro", "retain_graph"])
+def test_trainable_tensors_outside_the_model_are_refused_by_gradient_methods(mode):
+    """J holds the attached model's per-cluster gradients; a trainable tensor that loss_fn uses
+    besides would get the unweighted sum over the clusters (MGDA's weights ignored), and
+    accumulate across steps. The first step names it; a detached one trains as usual."""
+    model, ant = setup("mgda", mode=mode)
+    extra = nn.Parameter(torch.tensor(1.0))
+    x = torch.randn(12, 1, 6, 6)
+    t = ant.sample_timesteps(12)
+
+    def loss_fn(xb, tb):
+        return per_sample_loss(model)(xb, tb) * extra
+
+    with pytest.raises(ValueError, match=r"outside the attached model \(a float32 tensor of "
+                       r"shape \[\]\)"):  # fmt: skip
+        ant.backward(loss_fn, x, t)
+    assert extra.grad is None
+    extra.requires_grad_(False)
+    out = ant.backward(loss_fn, x, t)
+    assert bool(out.finite) and model.out.weight.grad.abs().sum() > 0

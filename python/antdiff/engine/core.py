@@ -257,6 +257,7 @@ class ANT:
         self._onepass: OnePass | None = None  # hook plan when onepass serves the model
         self._model: nn.Module | None = None
         self._probed = False  # whether a loss was checked to reach the model's parameters
+        self._leaves_checked = False  # whether a J step's loss was checked for other leaves
         self._maybe_absent = True  # whether a cluster may be empty in the last step (host view)
         self._warned_sync = False
         self.last: StepOutput | None = None
@@ -334,6 +335,7 @@ class ANT:
         self._buffer = None
         self._onepass = None
         self._probed = False
+        self._leaves_checked = False
         # the method's state (UW's log-variances, DWA's history, ...) follows the model
         device = next((q.device for q in model.parameters()), None)
         if device is not None:
@@ -683,6 +685,26 @@ class ANT:
                 raise ValueError(MODEL_NOT_RUN)
             self._probed = True
 
+    def _check_leaves(self, loss: torch.Tensor, *also: torch.Tensor) -> None:
+        """The first J step's loss: refuse trainable tensors outside the attached model. J holds
+        the model's per-cluster gradients alone, so such a tensor's gradient would be the plain
+        sum over the clusters, whatever the method's weights (one walk of the graph). ``also``:
+        leaves of the engine's own (one-pass's anchor)."""
+        if self._leaves_checked:
+            return
+        own = {id(p) for p in [*self._model.parameters(), *also]}
+        other = _other_leaves(loss, own)
+        if other:
+            raise ValueError(
+                "loss_fn's losses depend on trainable tensors outside the attached model ("
+                + ", ".join(other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else "")
+                + "): the gradient method weights only the model's per-cluster gradients, so "
+                "these would get the unweighted sum over the clusters. Make them parameters of "
+                "the model (e.g. a submodule), or stop their gradient (requires_grad_(False) or "
+                ".detach())"
+            )
+        self._leaves_checked = True
+
     def _batch_mean(self, per: torch.Tensor, L_global: torch.Tensor, N: torch.Tensor):  # noqa: N803
         """Vanilla's loss (attached) and its reported value: the mean over the GLOBAL batch.
         Under DDP each rank's sum is scaled by world / B_global, so DDP's average of the ranks'
@@ -822,6 +844,7 @@ class ANT:
                     s_i = per.float().sum()
                 loss_i = s_i / divisors[i]
                 self._probe(loss_i)
+                self._check_leaves(loss_i)
                 if _scaling(scaler):
                     loss_i = scaler.scale(loss_i)
                 loss_i.backward(retain_graph=self.mode == "retain_graph" and i != live[-1])
@@ -839,6 +862,7 @@ class ANT:
                 return self._onepass.fill(
                     buf, lambda: _check_per_sample(loss_fn(batch, t), t.shape[0]),
                     self.clusters.cluster_of(t), counts, N, scaler if _scaling(scaler) else None,
+                    probe=None if self._leaves_checked else self._check_leaves,
                 )  # fmt: skip
         except NotServable as e:  # seen only in the forward, e.g. a layer off the batch dim
             loss = getattr(e, "loss", None)
@@ -1209,6 +1233,25 @@ def _reaches_model(loss: torch.Tensor, model: nn.Module) -> bool | None:
         opaque = opaque or type(node).__name__ == "CheckpointFunctionBackward"
         todo.extend(f for f, _ in node.next_functions)
     return None if opaque else False
+
+
+def _other_leaves(loss: torch.Tensor, own: set[int]) -> list[str]:
+    """The trainable leaf tensors that ``loss``'s autograd graph reaches other than ``own``
+    (ids), described by shape and dtype (a walk of the graph on the host)."""
+    if loss.grad_fn is None:
+        return []
+    seen, todo, out = set(), [loss.grad_fn], []
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        var = getattr(node, "variable", None)  # AccumulateGrad: a leaf tensor
+        if var is not None and id(var) not in own:
+            out.append(f"a {str(var.dtype).removeprefix('torch.')} tensor of shape "
+                       f"{list(var.shape)}")  # fmt: skip
+        todo.extend(f for f, _ in node.next_functions)
+    return out
 
 
 def _count_shares(N: torch.Tensor) -> torch.Tensor:  # noqa: N803

@@ -440,6 +440,7 @@ class OnePass:
         counts,
         N: torch.Tensor,  # noqa: N803
         scaler: torch.amp.GradScaler | None = None,
+        probe: Callable[..., None] | None = None,
     ) -> torch.Tensor:
         """Write J [k, P] into ``buf.J``; return the local cluster loss sums [k].
 
@@ -448,6 +449,8 @@ class OnePass:
             per_sample: runs the forward on the cluster-sorted batch -> per-sample losses [B].
             cid: [B] cluster of every sample; counts: [k] host ints (the same partition).
             N: [k] cluster divisors (global counts under DDP); scaler: an enabled GradScaler.
+            probe: ``probe(loss, anchor)`` before the step's backward (the engine's graph
+                checks; ``anchor`` is this step's own leaf).
         """
         if self._buf is not buf:
             self._bind(buf)
@@ -512,6 +515,8 @@ class OnePass:
                 )
                 e.loss = total
                 raise e
+            if probe is not None and self._st.B > 0:
+                probe(total, self._st.anchor)
             if self._st.B > 0:  # an empty (local) batch: zero rows
                 self._in_backward = True
                 try:
