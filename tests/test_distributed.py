@@ -64,6 +64,8 @@ METHODS = ["vanilla", "uw", "pcgrad", "nash", "uw+pcgrad", "mgda"]
 def _worker(rank: int, init_file: str, result_file: str) -> None:
     os.environ["ANT_KERNELS_BACKEND"] = "torch"
     early = ANT(linear_schedule(T), k=4, method="pcgrad", seed=0)  # before the group exists
+    plain_net = Net()  # attached before the group exists, and never wrapped in DDP
+    early_plain = ANT(linear_schedule(T), k=4, method="uw", seed=0, model=plain_net)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD, timeout=datetime.timedelta(seconds=120))
     try:
@@ -109,6 +111,11 @@ def _worker(rank: int, init_file: str, result_file: str) -> None:
                 ANT(linear_schedule(T), k=4, method=method, distributed=dist_flag, model=net)
             except ValueError as e:
                 refused.append(str(e))
+        try:  # the reduction turns on at the first step: the model is checked then
+            x, t = make_data()
+            early_plain.reduce(((plain_net(x, t) - torch.sin(x)) ** 2).mean(dim=1), t)
+        except ValueError as e:
+            refused.append(str(e))
         results["refused"] = refused
         if rank == 0:
             torch.save(results, result_file)
@@ -242,9 +249,12 @@ def test_retain_graph_keeps_broadcasting_buffers(two_process_results):
 @pytest.mark.slow
 def test_ddp_settings_that_break_gradient_methods_are_refused(two_process_results):
     """gradient_as_bucket_view points .grad away from J (cluster gradients were lost),
-    static_graph forbids no_sync, and distributed=False would let every rank step alone."""
-    bucket, static, local, plain, uw_local = two_process_results["refused"]
-    assert "not wrapped in DistributedDataParallel" in plain and "distributed=False" in plain
+    static_graph forbids no_sync, and distributed=False would let every rank step alone; a
+    model not wrapped in DDP is refused also when it was attached before the group existed
+    (each rank applied world x its own gradient)."""
+    bucket, static, local, plain, uw_local, plain_early = two_process_results["refused"]
+    for msg in (plain, plain_early):  # also a model attached before init_process_group
+        assert "not wrapped in DistributedDataParallel" in msg and "distributed=False" in msg
     assert "'uw' and distributed=False" in uw_local
     assert "gradient_as_bucket_view=True" in bucket
     assert "DDP(model, gradient_as_bucket_view=False)" in bucket

@@ -283,22 +283,11 @@ class ANT:
     def needs_gradients(self) -> bool:
         return self.method.grad is not None
 
-    def attach(self, model: nn.Module) -> ANT:
-        """Use ``model``'s trainable parameters for the per-cluster gradients."""
-        if self.mode != "retain_graph" and self.needs_gradients:
-            bn = [
-                n
-                for n, m in model.named_modules()
-                if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            ]
-            if bn:
-                raise ValueError(
-                    f"the model has BatchNorm layers ({', '.join(bn[:3])}...), which couple the "
-                    "samples of a batch, so per-cluster sub-batches would not give the exact "
-                    "per-cluster gradients. Use ANT(..., mode='retain_graph') or GroupNorm."
-                )
+    def _check_distributed(self, model: nn.Module) -> None:
+        """What the engine's reduction across ranks needs of the model; run at attach and again
+        when the reduction turns on later (an engine built, and a model attached, before
+        ``init_process_group``)."""
         ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-        self.comm.resolve()
         if self.comm.active and self.comm.world > 1 and not hasattr(model, "no_sync"):
             raise ValueError(
                 "torch.distributed is initialised and the engine reduces across its "
@@ -317,6 +306,31 @@ class ANT:
                 "DDP's to average), so the ranks would drift apart. Use distributed='auto' (the "
                 "default) or True"
             )
+
+    def _resolve_comm(self) -> None:
+        """``comm.resolve()``, with the model's checks when the reduction turns on."""
+        was = self.comm.active
+        self.comm.resolve()
+        if self.comm.active and not was and self._model is not None:
+            self._check_distributed(self._model)
+
+    def attach(self, model: nn.Module) -> ANT:
+        """Use ``model``'s trainable parameters for the per-cluster gradients."""
+        if self.mode != "retain_graph" and self.needs_gradients:
+            bn = [
+                n
+                for n, m in model.named_modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            ]
+            if bn:
+                raise ValueError(
+                    f"the model has BatchNorm layers ({', '.join(bn[:3])}...), which couple the "
+                    "samples of a batch, so per-cluster sub-batches would not give the exact "
+                    "per-cluster gradients. Use ANT(..., mode='retain_graph') or GroupNorm."
+                )
+        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        self.comm.resolve()
+        self._check_distributed(model)
         if (
             ddp
             and self.needs_gradients
@@ -470,7 +484,7 @@ class ANT:
                 f"method {self.method_name!r} acts on per-cluster gradients; use "
                 "ant.backward(loss_fn, batch, t) instead of ant.reduce"
             )
-        self.comm.resolve()
+        self._resolve_comm()
         self._flush_observe()
         self._backward_scaler = False  # a loss the caller scales (or not) itself
         per = _check_per_sample(
@@ -544,7 +558,7 @@ class ANT:
             self.attach(model)
         if self._model is None:
             raise ValueError("no model: call ant.attach(model) or pass model= to ant.backward")
-        self.comm.resolve()
+        self._resolve_comm()
         n = batch_size(batch)
         self._check_t(t, n)
         check_batch(batch, t.shape[0])
@@ -580,7 +594,7 @@ class ANT:
         cluster counts (no device read). Rank r of W gets rows [r B // W, (r + 1) B // W).
         Single process: the whole batch.
         """
-        self.comm.resolve()
+        self._resolve_comm()
         check_batch(batch, t.shape[0])
         if not self.comm.active:
             return batch, t
