@@ -1667,3 +1667,43 @@ def test_trainable_tensors_outside_the_model_are_refused_by_gradient_methods(mod
     extra.requires_grad_(False)
     out = ant.backward(loss_fn, x, t)
     assert bool(out.finite) and model.out.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("method", ["dwa", "famo", "rlw"])
+def test_accumulated_micro_batches_are_observed_only_once_the_step_passes(method):
+    """Gradient accumulation (reduce + backward per micro-batch, one ant.step): a micro-batch
+    with finite losses and NaN gradients makes the step skip, and none of its micro-batches
+    reaches the method's state (the second reduce observed the first on its losses alone)."""
+    model, ant = setup(method)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(16, 1, 6, 6)
+
+    def micro(poison: bool):
+        t = ant.sample_timesteps(8)
+        per = per_sample_loss(model)(x[:8], t)
+        if poison:  # sqrt'(0) = inf times a zero factor: a NaN gradient, a finite loss
+            per = per + torch.sqrt(model.out.bias.sum() * 0.0)
+        ant.reduce(per, t).backward()
+
+    def flat(v):  # tensors and the nested dicts of RLW's stream state
+        if isinstance(v, dict):
+            return [x for key in sorted(v) for x in flat(v[key])]
+        return [v.clone() if isinstance(v, torch.Tensor) else torch.tensor(v)]
+
+    def state():
+        return flat(ant.method.loss.state_dict())
+
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        micro(False), micro(False)
+        assert ant.step(opt) is True
+    before = state()
+    opt.zero_grad(set_to_none=True)
+    micro(True), micro(False)
+    with pytest.warns(UserWarning, match="non-finite"):
+        assert ant.step(opt) is False
+    assert all(torch.equal(a, b) for a, b in zip(state(), before))
+    opt.zero_grad(set_to_none=True)
+    micro(False), micro(False)
+    assert ant.step(opt) is True
+    assert any(not torch.equal(a, b) for a, b in zip(state(), before))

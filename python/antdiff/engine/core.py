@@ -269,7 +269,9 @@ class ANT:
         # loss-space steps: the engine never sees the gradients, so ant.step checks them, and a
         # loss method's observe waits for that verdict (or for the next step, if step is skipped)
         self._grads_unchecked = False
-        self._pending_observe: tuple[torch.Tensor, torch.Tensor] | None = None
+        # (L, present, finite) of steps whose loss method's observe waits for a verdict
+        self._pending_observe: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._uses_step = False  # ant.step has been called: a reduce before it accumulates
         self._check_buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         if model is not None:
             self.attach(model)
@@ -485,7 +487,10 @@ class ANT:
                 "ant.backward(loss_fn, batch, t) instead of ant.reduce"
             )
         self._resolve_comm()
-        self._flush_observe()
+        # a reduce before the last one's ant.step: gradient accumulation, whose steps wait for
+        # the verdict on all their gradients (a trainer that never calls ant.step observes now)
+        if not (self._uses_step and self._grads_unchecked) or len(self._pending_observe) >= 256:
+            self._flush_observe()
         self._backward_scaler = False  # a loss the caller scales (or not) itself
         per = _check_per_sample(
             per_sample_loss, t.shape[0] if isinstance(t, torch.Tensor) else None
@@ -942,19 +947,18 @@ class ANT:
         self._unstepped = True
         self._grads_unchecked = not grads_checked
         if self.method.loss is not None and self.method.loss.observes:
-            self._pending_observe = (L_global, present)
+            self._pending_observe.append((L_global, present, finite))
             if grads_checked:
                 self._flush_observe()
         return out
 
-    def _flush_observe(self) -> None:
-        """The loss method's observe for the last step, masked by its finite flag."""
-        if self._pending_observe is None:
-            return
-        L, present = self._pending_observe  # noqa: N806
-        self._pending_observe = None
-        finite = self.last.finite
-        self.method.loss.observe(torch.where(finite, L, 0.0), present & finite)
+    def _flush_observe(self, verdict: torch.Tensor | None = None) -> None:
+        """The loss method's observe for the steps that wait for it, each masked by its finite
+        flag and by ``verdict`` (ant.step's check of all their gradients) when given."""
+        pending, self._pending_observe = self._pending_observe, []
+        for L, present, finite in pending:  # noqa: N806
+            ok = finite if verdict is None else finite & verdict
+            self.method.loss.observe(torch.where(ok, L, 0.0), present & ok)
 
     # -- optimiser step, state, stats ------------------------------------------------------------
     def step(
@@ -1008,8 +1012,10 @@ class ANT:
         self._check_optimizer(optimizer)
         self._unstepped = False
         self._report_skipped()
+        self._uses_step = True
+        verdict = None
         if self._grads_unchecked and check_grads and (
-            skip_nonfinite or self._pending_observe is not None
+            skip_nonfinite or self._pending_observe
         ):  # fmt: skip
             # a loss-space step: finite losses can still give inf/NaN gradients (fp16 overflow)
             ok = self.last.finite
@@ -1018,8 +1024,9 @@ class ANT:
             self.telemetry.count_nonfinite(self.last.finite, ok)
             last = self.last  # a new record (dataclasses.replace costs 25 us in a CPU step)
             self.last = StepOutput(last.loss, last.cluster_losses, last.weights, last.present, ok)
+            verdict = ok
         self._grads_unchecked = False
-        self._flush_observe()
+        self._flush_observe(verdict)
         hold = self._hold_absent(optimizer)
         if skip_nonfinite and self.last is not None and scaler is None and _skips_on_device(
             optimizer
@@ -1174,7 +1181,7 @@ class ANT:
             raise
 
     def _assign_state(self, state: dict[str, Any]) -> None:
-        self._pending_observe, self._grads_unchecked = None, False  # steps before the load
+        self._pending_observe, self._grads_unchecked = [], False  # steps before the load
         self._unstepped = False
         self._recompute = None
         self.step_count = int(state["step"])
