@@ -1707,3 +1707,32 @@ def test_accumulated_micro_batches_are_observed_only_once_the_step_passes(method
     micro(False), micro(False)
     assert ant.step(opt) is True
     assert any(not torch.equal(a, b) for a, b in zip(state(), before))
+
+
+@pytest.mark.parametrize("read", [True, False])
+def test_a_resume_after_a_nonfinite_recompute_redoes_it_as_an_unbroken_run(read):
+    """update_every > 1: a non-finite weight recompute whose verdict ant.step read is redone at
+    the next backward; a checkpoint taken right after it carries that (the resumed run took
+    off-steps with the fallback weights until the next scheduled recompute). Without the read
+    (CPU, no ant.step) neither run redoes it."""
+    x = torch.randn(16, 1, 6, 6, generator=torch.Generator().manual_seed(3))
+    t2 = torch.randint(0, T, (16,), generator=torch.Generator().manual_seed(4))
+    runs = []
+    for resume in (False, True):
+        model, ant = setup("mgda", update_every=4)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights alone are compared
+        ant.backward(_nan_loss(model), x, ant.sample_timesteps(16))
+        if read:
+            with pytest.warns(UserWarning, match="non-finite"):
+                assert ant.step(opt) is False
+        if resume:
+            state = ant.state_dict()
+            assert state["redo_weights"] is read
+            model2, ant = setup("mgda", update_every=4)
+            model2.load_state_dict(model.state_dict())
+            model = model2
+            ant.load_state_dict(state)
+        runs.append(ant.backward(per_sample_loss(model), x, t2).weights.clone())
+    torch.testing.assert_close(runs[1], runs[0])
+    fallback = torch.allclose(runs[0], torch.full((4,), 0.25))
+    assert fallback is not read  # recomputed after the read, the fallback without it

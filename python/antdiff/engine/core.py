@@ -1136,7 +1136,16 @@ class ANT:
     def state_dict(self) -> dict[str, Any]:
         self._flush_observe()
         loss_m, grad = self.method.loss, self.method.grad
+        rec, redo = self._recompute, False
+        if rec is not None:  # a non-finite weight recompute that the next backward redoes,
+            # as far as an unbroken run would know it: ant.step's read, or the GPU's flag copy
+            # (waited for here, outside the step; an unbroken run sees it by its next step)
+            ok = rec.verdict
+            if ok is None and rec.flag is not None and not self.comm.active:
+                ok = rec.flag.read(wait=True)
+            redo = ok is False
         return {
+            "redo_weights": redo,
             "clusters": self.clusters.to_dict(),
             "method": self.method_name,
             "step": self.step_count,
@@ -1189,6 +1198,8 @@ class ANT:
         self._w_present = state.get("w_present")
         if self._w is not None and self._w_present is None:
             self._w_present = torch.ones(self.k, dtype=torch.bool)
+        if state.get("redo_weights"):  # saved after a non-finite recompute: the next step redoes it
+            self._recompute = _Recompute(None, self._w, self._w_present, verdict=False)
         if self.method.loss is not None:
             self.method.loss.load_state_dict(state["loss_method"])
         if self.method.grad is not None:
