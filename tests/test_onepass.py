@@ -582,6 +582,100 @@ def test_layer_on_a_batch_free_tensor_is_refused_even_when_its_length_is_b():
         fill(ant, fn, x, t, "onepass")
 
 
+class AttributeTable(PositionTable):
+    """The index tensor made once and kept as a plain attribute (neither buffer nor made in the
+    forward)."""
+
+    def __init__(self, L: int) -> None:  # noqa: N803
+        super().__init__(L)
+        self.ids = torch.arange(L)
+
+    def forward(self, x, t):
+        h = self.inp(x) + self.pos(self.ids)[None] + t[:, None, None].float() / T
+        return self.out(torch.tanh(h)).pow(2).mean((1, 2))
+
+
+class SequenceFirst(nn.Module):
+    """A block run on [L, B, D] (nn.Transformer's default layout), through transpose, permute,
+    movedim or .mT."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.inp, self.mix, self.out = nn.Linear(2, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x, t):
+        h = self.inp(x) + t[:, None, None].float() / T  # [B, L, 4]
+        h = {"transpose": lambda v: v.transpose(0, 1), "permute": lambda v: v.permute(1, 0, 2),
+             "movedim": lambda v: torch.movedim(v, 0, 1),
+             "mT": lambda v: v.permute(1, 2, 0).mT}[self.how](h)  # fmt: skip
+        h = torch.tanh(self.mix(h)).transpose(0, 1)  # back to [B, L, 4]
+        return self.out(h).pow(2).mean((1, 2))
+
+
+@pytest.mark.parametrize("how", ["transpose", "permute", "movedim", "mT"])
+def test_sequence_first_layer_is_refused_even_when_its_length_is_b(how):
+    """A layer on [L, B, D] passes the shape check when L == B, but its rows are positions,
+    not samples (J was 11% off): the first forward follows the batch dimension from the batch
+    to the layer's input."""
+    torch.manual_seed(0)
+    model = SequenceFirst(how)
+    ant, x, t = _engine(model, 8, (8, 2))
+    fn = lambda b, tb: model(b, tb)  # noqa: E731
+    ref = reference_J(model, fn, x, t, ant.clusters, 2)
+    with pytest.warns(UserWarning, match="'mix' .*batch dimension is 1, not 0"):
+        J = fill(ant, fn, x, t, "auto")  # noqa: N806
+    close(J, ref)
+    ant._onepass = None
+    with pytest.raises(ValueError, match="sequence-first"):
+        fill(ant, fn, x, t, "onepass")
+
+
+def test_a_position_index_kept_as_a_plain_attribute_is_a_constant():
+    """self.ids = torch.arange(L) set in __init__ is neither a buffer nor made in the forward:
+    the audit takes modules' tensor attributes as constants too (J was 4% off at L == B)."""
+    torch.manual_seed(0)
+    model = AttributeTable(8)
+    ant, x, t = _engine(model, 8, (8, 2))
+    fn = lambda b, tb: model(b, tb)  # noqa: E731
+    ref = reference_J(model, fn, x, t, ant.clusters, 2)
+    with pytest.warns(UserWarning, match="'pos' .*computed without the batch"):
+        J = fill(ant, fn, x, t, "auto")  # noqa: N806
+    close(J, ref)
+
+
+def test_batch_dimension_rules():
+    from antdiff.engine.onepass import _batch_dim_after as after
+
+    x = torch.empty(5, 3, 4)
+    cases = [
+        (torch.transpose, (x, 0, 1), {}, 0, 1), (torch.transpose, (x, -1, 0), {}, 0, 2),
+        (torch.Tensor.permute, (x, 2, 0, 1), {}, 0, 1), (torch.Tensor.permute, (x, (1, 2, 0)), {},
+                                                         0, 2),
+        (torch.movedim, (x, 0, 2), {}, 0, 2), (torch.movedim, (x, (0, 1), (2, 0)), {}, 0, 2),
+        (torch.movedim, (x, (0, 1), (2, 0)), {}, 1, 0),
+        (torch.add, (x, 1.0), {}, 0, 0), (torch.Tensor.reshape, (x, 5, 12), {}, 0, 0),
+        (torch.Tensor.reshape, (x, 15, 4), {}, 0, None), (torch.sum, (x, 1), {}, 0, 0),
+    ]  # fmt: skip
+    for func, args, kwargs, d, want in cases:
+        r = func(*args, **kwargs)
+        assert after(func, args, kwargs, x, r, d) == want, (func, args, d)
+    got = {}
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if getattr(func, "__name__", "") == "__get__":
+                got[func.__self__.__name__] = after(func, args, kwargs or {}, args[0], out, 0)
+            return out
+
+    with Spy():
+        x.mT  # noqa: B018
+        x[0].T  # noqa: B018
+    assert got == {"mT": 0, "T": 1}
+    assert after(torch.Tensor.permute, (x, 1, 0, 2), {}, x, x.permute(1, 0, 2), None) is None
+
+
 class BufferTable(nn.Module):
     """A Linear applied to a fixed float buffer [L, 2] (no batch in it), broadcast over B."""
 

@@ -708,7 +708,7 @@ class ANT:
         """The first J step's loss: refuse trainable tensors outside the attached model. J holds
         the model's per-cluster gradients alone, so such a tensor's gradient would be the plain
         sum over the clusters, whatever the method's weights (one walk of the graph). ``also``:
-        leaves of the engine's own (one-pass's anchor)."""
+        leaves that are not parameters (what loss_fn was given, one-pass's anchor)."""
         if self._leaves_checked:
             return
         own = {id(p) for p in [*self._model.parameters(), *also]}
@@ -844,6 +844,7 @@ class ANT:
                 raise ValueError(LOSS_WITHOUT_GRAD)
             sums_all, _ = self._cluster_sums(per, t)
         live = [i for i in range(self.k) if counts[i] > 0]
+        inputs = _tensors((batch, t))  # what loss_fn gets may require grad: not a parameter
         for i in range(self.k):
             if counts[i] == 0:
                 buf.J[i].zero_()
@@ -855,15 +856,15 @@ class ANT:
                     s_i = sums_all[i]
                 else:
                     a, b = int(bounds[i]), int(bounds[i + 1])
-                    per = _check_per_sample(
-                        loss_fn(slice_batch(batch, a, b), t[a:b]), b - a, sub_batch=True
-                    )
+                    sub = (slice_batch(batch, a, b), t[a:b])
+                    inputs = _tensors((batch, t, sub))
+                    per = _check_per_sample(loss_fn(*sub), b - a, sub_batch=True)
                     if not per.requires_grad:
                         raise ValueError(LOSS_WITHOUT_GRAD)
                     s_i = per.float().sum()
                 loss_i = s_i / divisors[i]
                 self._probe(loss_i)
-                self._check_leaves(loss_i)
+                self._check_leaves(loss_i, *inputs)
                 if _scaling(scaler):
                     loss_i = scaler.scale(loss_i)
                 loss_i.backward(retain_graph=self.mode == "retain_graph" and i != live[-1])
@@ -876,12 +877,15 @@ class ANT:
             self._onepass = OnePass(self._model)
         if self._onepass is None:
             return None
+        inputs = _tensors((batch, t))
         try:
             with no_sync() if no_sync is not None else contextlib.nullcontext():
                 return self._onepass.fill(
                     buf, lambda: _check_per_sample(loss_fn(batch, t), t.shape[0]),
                     self.clusters.cluster_of(t), counts, N, scaler if _scaling(scaler) else None,
-                    probe=None if self._leaves_checked else self._check_leaves,
+                    probe=None if self._leaves_checked else (
+                        lambda loss, *own: self._check_leaves(loss, *own, *inputs)),
+                    seeds=inputs,
                 )  # fmt: skip
         except NotServable as e:  # seen only in the forward, e.g. a layer off the batch dim
             loss = getattr(e, "loss", None)
@@ -1265,6 +1269,11 @@ def _reaches_model(loss: torch.Tensor, model: nn.Module) -> bool | None:
         opaque = opaque or type(node).__name__ == "CheckpointFunctionBackward"
         todo.extend(f for f, _ in node.next_functions)
     return None if opaque else False
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    """The tensors of a nested tuple / list / dict."""
+    return [v for v in torch.utils._pytree.tree_leaves(tree) if isinstance(v, torch.Tensor)]
 
 
 def _other_leaves(loss: torch.Tensor, own: set[int]) -> list[str]:

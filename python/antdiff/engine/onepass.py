@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -328,6 +328,52 @@ def _embedding(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor,
 _GRADS = {"linear": _linear, "conv": _conv, "norm": _norm, "embedding": _embedding}
 
 
+_SWAPS = {"transpose", "transpose_", "swapaxes", "swapaxes_", "swapdims", "swapdims_"}
+
+
+def _batch_dim_after(func, args, kwargs, src: torch.Tensor, r: torch.Tensor, d):
+    """Where the batch dimension ``d`` of ``src`` (an input of op ``name``) lands in its output
+    ``r``: exact for the transposes and permutes, else the same dimension counted from the
+    right (broadcasting, new leading dimensions) or from the left (reshapes, reductions that
+    keep dim 0), provided it has the batch's size there; None where it is lost."""
+    if d is None or r.dim() == 0:
+        return None
+    name = getattr(func, "__name__", "")
+    if name == "__get__":  # a property: x.T, x.mT, ...
+        name = getattr(getattr(func, "__self__", None), "__name__", "")
+        if name in ("T", "H"):
+            return src.dim() - 1 - d
+        if name in ("mT", "mH"):
+            name, args, kwargs = "transpose", (src, -2, -1), {}
+    rest = [*args[1:], *kwargs.values()]
+    ints = [v for v in rest if isinstance(v, int)]
+    try:
+        if name in _SWAPS and len(ints) == 2:
+            a, b = (v % src.dim() for v in ints)
+            return b if d == a else a if d == b else d
+        if name in ("t", "t_"):
+            return 1 - d if src.dim() == 2 else d
+        if name == "permute":
+            dims = rest[0] if len(rest) == 1 and not isinstance(rest[0], int) else ints
+            return [v % src.dim() for v in dims].index(d)
+        if name in ("movedim", "moveaxis") and len(rest) == 2:
+            a, b = ([v] if isinstance(v, int) else list(v) for v in rest)
+            order = [i for i in range(src.dim()) if i not in [v % src.dim() for v in a]]
+            for s_, t_ in sorted(zip((v % src.dim() for v in a), (v % r.dim() for v in b)),
+                                 key=lambda st: st[1]):  # fmt: skip
+                order.insert(t_, s_)
+            return order.index(d)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    size = src.shape[d]
+    right = d + r.dim() - src.dim()
+    if 0 <= right < r.dim() and r.shape[right] == size:
+        return right
+    if d < r.dim() and r.shape[d] == size:
+        return d
+    return None
+
+
 class _SharedWeightAudit(torch.overrides.TorchFunctionMode):
     """Raises NotServable if a served layer's weight is computed with outside that layer.
 
@@ -345,10 +391,15 @@ class _SharedWeightAudit(torch.overrides.TorchFunctionMode):
     _META = {"size", "dim", "numel", "element_size", "is_floating_point", "is_complex",
              "data_ptr", "stride", "__repr__", "__format__", "__len__"}  # fmt: skip
 
-    def __init__(self, layers, handles: list, constants=()) -> None:
+    def __init__(self, layers, handles: list, constants=(), seeds=()) -> None:
         super().__init__()
         # by id, holding them (first forward only): tensors compare by value, not identity
         self.constants: dict[int, torch.Tensor] = {id(c): c for c in constants}
+        # tensors computed from the batch (``seeds``: its tensors and t) -> (tensor, the index
+        # of their batch dimension, None where the ops on the way lost it)
+        self.batch_dim: dict[int, tuple[torch.Tensor, int | None]] = {
+            id(c): (c, 0) for c in seeds if c.dim() > 0
+        }
         self.owner = {id(p): id(m) for _, m, _ in layers for p in m.parameters(recurse=False)}
         self.names = {id(p): f"{n}.{pn}" for n, m, _ in layers for pn, p in
                       m.named_parameters(recurse=False)}  # fmt: skip
@@ -379,6 +430,7 @@ class _SharedWeightAudit(torch.overrides.TorchFunctionMode):
         leaves = [a for a in torch.utils._pytree.tree_leaves((args, kwargs))
                   if isinstance(a, torch.Tensor)]  # fmt: skip
         const = all(id(a) in self.constants for a in leaves)
+        src = next((a for a in leaves if id(a) in self.batch_dim), None)
         for r in torch.utils._pytree.tree_leaves(out):
             if not isinstance(r, torch.Tensor):
                 continue
@@ -386,6 +438,9 @@ class _SharedWeightAudit(torch.overrides.TorchFunctionMode):
                 self.constants[id(r)] = r
             else:  # in place (add_ returns its input): a constant that took batch data is no more
                 self.constants.pop(id(r), None)
+            if src is not None:
+                d = _batch_dim_after(func, args, kwargs, src, r, self.batch_dim[id(src)][1])
+                self.batch_dim[id(r)] = (r, d)
         return out
 
 
@@ -441,6 +496,7 @@ class OnePass:
         N: torch.Tensor,  # noqa: N803
         scaler: torch.amp.GradScaler | None = None,
         probe: Callable[..., None] | None = None,
+        seeds: Sequence[torch.Tensor] = (),
     ) -> torch.Tensor:
         """Write J [k, P] into ``buf.J``; return the local cluster loss sums [k].
 
@@ -451,6 +507,8 @@ class OnePass:
             N: [k] cluster divisors (global counts under DDP); scaler: an enabled GradScaler.
             probe: ``probe(loss, anchor)`` before the step's backward (the engine's graph
                 checks; ``anchor`` is this step's own leaf).
+            seeds: the batch's tensors and t, whose batch dimension (0) the first forward
+                follows to every served layer's input.
         """
         if self._buf is not buf:
             self._bind(buf)
@@ -476,9 +534,12 @@ class OnePass:
                 per = per_sample()
             else:
                 audit_handles: list = []
-                # read now: Module.to() replaces buffer tensors after the plan was made
-                constants = [*self._inner.parameters(), *self._inner.buffers()]
-                self._audit = _SharedWeightAudit(self.layers, audit_handles, constants)
+                # read now: Module.to() replaces buffer tensors after the plan was made; plain
+                # tensor attributes (self.ids = torch.arange(L)) are constants as buffers are
+                constants = [*self._inner.parameters(), *self._inner.buffers(),
+                             *(v for mod in self._inner.modules() for v in vars(mod).values()
+                               if isinstance(v, torch.Tensor))]  # fmt: skip
+                self._audit = _SharedWeightAudit(self.layers, audit_handles, constants, seeds)
                 try:
                     with self._audit:
                         per = per_sample()
@@ -571,10 +632,20 @@ class OnePass:
                 "torch.arange): all samples share its output, so its gradient has no "
                 "per-cluster rows"
             )
+        d = None if self._audit is None else self._audit.batch_dim.get(id(x), (None, 0))[1]
+        if d:  # tracked from the batch to another dimension than 0
+            raise NotServable(
+                f"mode='onepass': layer {self.layers[j][0]!r} ({type(m).__name__}) was called "
+                f"on a tensor of shape {list(x.shape)} whose batch dimension is {d}, not 0 (a "
+                "sequence-first layout?): its rows are not samples"
+            )
         st.ran += 1
         new = None
         if not out.requires_grad:
-            new = out = _Root.apply(out, st.anchor)
+            new = _Root.apply(out, st.anchor)
+            if self._audit is not None and id(out) in self._audit.batch_dim:
+                self._audit.batch_dim[id(new)] = (new, self._audit.batch_dim[id(out)][1])
+            out = new
         grad_fn, slots = self.layers[j][2], self._slots[j]
         # held until used, and dropped by fill when the step ends: the graph's nodes (and this
         # hook) may live longer, and GroupNorm's own node (whose kept statistics the backward
