@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -328,6 +329,7 @@ def _embedding(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor,
 _GRADS = {"linear": _linear, "conv": _conv, "norm": _norm, "embedding": _embedding}
 
 
+_UNTRACKED = object()  # what _SharedWeightAudit.batch_dim gives for a tensor off the batch
 _SWAPS = {"transpose", "transpose_", "swapaxes", "swapaxes_", "swapdims", "swapdims_"}
 
 
@@ -395,11 +397,13 @@ class _SharedWeightAudit(torch.overrides.TorchFunctionMode):
         super().__init__()
         # by id, holding them (first forward only): tensors compare by value, not identity
         self.constants: dict[int, torch.Tensor] = {id(c): c for c in constants}
-        # tensors computed from the batch (``seeds``: its tensors and t) -> (tensor, the index
-        # of their batch dimension, None where the ops on the way lost it)
-        self.batch_dim: dict[int, tuple[torch.Tensor, int | None]] = {
-            id(c): (c, 0) for c in seeds if c.dim() > 0
-        }
+        # tensors computed from the batch (``seeds``: its tensors and t) -> the index of their
+        # batch dimension (None where the ops on the way lost it); held weakly, so that the
+        # forward's temporaries are freed as usual (and a reused id is not mistaken for them)
+        self._batch_dim: dict[int, tuple[weakref.ref, int | None]] = {}
+        for c in seeds:
+            if c.dim() > 0:
+                self.mark(c, 0)
         self.owner = {id(p): id(m) for _, m, _ in layers for p in m.parameters(recurse=False)}
         self.names = {id(p): f"{n}.{pn}" for n, m, _ in layers for pn, p in
                       m.named_parameters(recurse=False)}  # fmt: skip
@@ -407,6 +411,16 @@ class _SharedWeightAudit(torch.overrides.TorchFunctionMode):
         for _, m, _ in layers:
             handles.append(m.register_forward_pre_hook(self._enter))
             handles.append(m.register_forward_hook(self._leave))
+
+    def mark(self, t: torch.Tensor, d: int | None) -> None:
+        """Record ``t`` as computed from the batch, with its batch dimension ``d``."""
+        self._batch_dim[id(t)] = (weakref.ref(t), d)
+
+    def batch_dim(self, t: torch.Tensor):
+        """``t``'s batch dimension (None: lost on the way), or _UNTRACKED if ``t`` was not
+        computed from the batch (or by an op the audit does not see)."""
+        entry = self._batch_dim.get(id(t))
+        return entry[1] if entry is not None and entry[0]() is t else _UNTRACKED
 
     def _enter(self, module: nn.Module, args) -> None:
         self.active.append(id(module))
@@ -430,7 +444,7 @@ class _SharedWeightAudit(torch.overrides.TorchFunctionMode):
         leaves = [a for a in torch.utils._pytree.tree_leaves((args, kwargs))
                   if isinstance(a, torch.Tensor)]  # fmt: skip
         const = all(id(a) in self.constants for a in leaves)
-        src = next((a for a in leaves if id(a) in self.batch_dim), None)
+        src = next((a for a in leaves if self.batch_dim(a) is not _UNTRACKED), None)
         for r in torch.utils._pytree.tree_leaves(out):
             if not isinstance(r, torch.Tensor):
                 continue
@@ -439,8 +453,7 @@ class _SharedWeightAudit(torch.overrides.TorchFunctionMode):
             else:  # in place (add_ returns its input): a constant that took batch data is no more
                 self.constants.pop(id(r), None)
             if src is not None:
-                d = _batch_dim_after(func, args, kwargs, src, r, self.batch_dim[id(src)][1])
-                self.batch_dim[id(r)] = (r, d)
+                self.mark(r, _batch_dim_after(func, args, kwargs, src, r, self.batch_dim(src)))
         return out
 
 
@@ -632,8 +645,8 @@ class OnePass:
                 "torch.arange): all samples share its output, so its gradient has no "
                 "per-cluster rows"
             )
-        d = None if self._audit is None else self._audit.batch_dim.get(id(x), (None, 0))[1]
-        if d:  # tracked from the batch to another dimension than 0
+        d = None if self._audit is None else self._audit.batch_dim(x)
+        if d not in (None, 0, _UNTRACKED):  # followed from the batch to another dimension
             raise NotServable(
                 f"mode='onepass': layer {self.layers[j][0]!r} ({type(m).__name__}) was called "
                 f"on a tensor of shape {list(x.shape)} whose batch dimension is {d}, not 0 (a "
@@ -643,8 +656,8 @@ class OnePass:
         new = None
         if not out.requires_grad:
             new = _Root.apply(out, st.anchor)
-            if self._audit is not None and id(out) in self._audit.batch_dim:
-                self._audit.batch_dim[id(new)] = (new, self._audit.batch_dim[id(out)][1])
+            if self._audit is not None and self._audit.batch_dim(out) is not _UNTRACKED:
+                self._audit.mark(new, self._audit.batch_dim(out))
             out = new
         grad_fn, slots = self.layers[j][2], self._slots[j]
         # held until used, and dropped by fill when the step ends: the graph's nodes (and this
