@@ -222,3 +222,22 @@ def test_text_keys_given_a_date_or_number_say_how_to_quote_it():
     assert load_config("digits_adm", ["--train.out_dir", "'2024-01-01'"]).train.out_dir == (
         "2024-01-01"
     )
+
+
+def test_bad_yaml_and_duplicate_keys_are_named(tmp_path):
+    """A config file or override that does not parse is a ValueError naming it (it was a
+    yaml traceback); a key given twice is refused (YAML kept the last silently, dropping
+    train.steps below)."""
+    from antdiff.config import load_config
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  steps: [1\n")
+    with pytest.raises(ValueError, match=r"config '.*bad.yaml' is not valid YAML"):
+        load_config(bad)
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("train:\n  steps: 5\ntrain:\n  lr: 1.0\n")
+    with pytest.raises(ValueError, match="key 'train' is given twice"):
+        load_config(dup)
+    with pytest.raises(ValueError, match=r"the value of --train.betas \('\[0.9,'\) is not valid"):
+        load_config("digits_adm", ["--train.betas", "[0.9,"])
+    assert load_config("digits_adm", ["--train.betas", "[0.9, 0.99]"]).train.betas == [0.9, 0.99]

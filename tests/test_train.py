@@ -382,11 +382,13 @@ def test_a_resume_that_changes_what_the_state_fixes_says_so_first(tmp_path):
     failed on the weights; it now names what no flag can change. Other keys keep the flag's
     advice (ant.method_kwargs is not ant.method)."""
     train(_cfg("digits_adm", tmp_path, "--train.ckpt_every", "2", "--ant.method", "uw"))
-    for extra in (["--ant.method", "pcgrad"], ["--model.name", "dit-tiny"]):
-        with pytest.raises(ValueError, match=r"cannot change on resume, not even with "
-                           r"--allow-config-change.*fresh run"):  # fmt: skip
-            train(_cfg("digits_adm", tmp_path, "--train.ckpt_every", "2", "--ant.method", "uw",
-                       *extra, steps=3), resume=True)  # fmt: skip
+    for extra in (["--ant.method", "pcgrad"], ["--model.name", "dit-tiny"],
+                  ["--diffusion.learn_sigma", "true"], ["--diffusion.T", "500"]):
+        for allow in (False, True):  # named up front, with the flag too (it failed on the state)
+            with pytest.raises(ValueError, match=r"cannot change on resume, not even with "
+                               r"--allow-config-change.*fresh run"):  # fmt: skip
+                train(_cfg("digits_adm", tmp_path, "--train.ckpt_every", "2", "--ant.method",
+                           "uw", *extra, steps=3), resume=True, allow_config_change=allow)
     with pytest.raises(ValueError, match=r"ant.method_kwargs.*\n.*pass --allow-config-change"):
         train(_cfg("digits_adm", tmp_path, "--train.ckpt_every", "2", "--ant.method", "uw",
                    "--ant.method_kwargs", "{lr: 0.5}", steps=3), resume=True)  # fmt: skip

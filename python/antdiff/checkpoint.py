@@ -308,10 +308,10 @@ def resume_state(cfg: Any, resume: str | Path | bool, allow_change: bool) -> dic
             "run's seed), so a new seed would mix two runs; drop --train.seed, or start a fresh "
             "run (a new train.out_dir) for another seed"
         )
-    if bad and not allow_change:
+    fixed = [k for k in bad if _fixed_on_resume(k)]
+    if fixed or (bad and not allow_change):  # fixed keys: not even --allow-config-change
         old, new = _flat(saved), _flat(cfg.to_dict())
         lines = "\n".join(f"  {k}: checkpoint {old.get(k)!r} -> now {new.get(k)!r}" for k in bad)
-        fixed = [k for k in bad if _fixed_on_resume(k)]
         advice = (
             f"{', '.join(fixed)} cannot change on resume, not even with --allow-config-change "
             "(the saved weights and method state are theirs): keep the checkpoint's values, or "
@@ -331,7 +331,8 @@ def resume_state(cfg: Any, resume: str | Path | bool, allow_change: bool) -> dic
 # what the saved state fixes: the model's weights (its size, its inputs and labels) and the
 # engine's method state
 _FIXED_ON_RESUME = ("ant.method", "ant.k", "ant.clustering", "ant.sampling", "model.",
-                    "data.class_conditional", "data.num_classes", "data.channels")  # fmt: skip
+                    "data.class_conditional", "data.num_classes", "data.channels",
+                    "data.autoencoder", "diffusion.T", "diffusion.learn_sigma")  # fmt: skip
 
 
 def _fixed_on_resume(key: str) -> bool:

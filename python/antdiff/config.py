@@ -396,6 +396,35 @@ def available_presets() -> list[str]:
     return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping key given twice (plain YAML keeps the last silently)."""
+
+
+def _no_duplicate_keys(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice (the first value would be lost)",
+                key_node.start_mark,
+            )  # fmt: skip
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicate_keys)
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """YAML ``text`` (safe types only, no duplicate keys); a ValueError naming ``where`` (a file
+    or an override) and the problem for text that does not parse."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{where} is not valid YAML: {' '.join(str(e).split())}") from None
+
+
 def _read_yaml(name_or_path: str | Path) -> tuple[dict[str, Any], str]:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.is_file():
@@ -412,7 +441,7 @@ def _read_yaml(name_or_path: str | Path) -> tuple[dict[str, Any], str]:
                 f"{', '.join(available_presets())}; or pass the path of a YAML file"
             )
         text, name = res.read_text(), str(name_or_path)
-    d = yaml.safe_load(text) or {}
+    d = load_yaml(text, f"config {str(name_or_path)!r}") or {}
     if not isinstance(d, dict):
         raise ValueError(f"config {str(name_or_path)!r} must hold a YAML mapping")
     d.setdefault("name", name)
@@ -431,7 +460,7 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
             if i + 1 >= len(args) or args[i + 1].startswith("--"):
                 raise ValueError(f"override --{key} needs a value (--{key} VALUE)")
             raw, i = args[i + 1], i + 1
-        out.append((key, yaml.safe_load(raw) if raw.strip() else raw))
+        out.append((key, load_yaml(raw, f"the value of --{key} ({raw!r})") if raw.strip() else raw))
         i += 1
     return out
 

@@ -345,8 +345,10 @@ def restore(run: Run, state: dict[str, Any]) -> None:
         if not any(s in str(exc) for s in fixed):
             raise
         raise ValueError(
-            f"{exc}. When resuming, keep the checkpoint's ant.method, ant.k, ant.clustering and "
-            "ant.sampling (its config.yaml has them): --allow-config-change cannot change them"
+            f"{exc}. When resuming, keep the checkpoint's ant.method, ant.k, ant.clustering, "
+            "ant.sampling, and what places the clusters (diffusion.schedule, ant.min_size, "
+            "ant.max_size, ant.affinity): its config.yaml has them; --allow-config-change cannot "
+            "change them"
         ) from exc
     run.opt.load_state_dict(saved)
     run.batches.load_state_dict(state["data"])
