@@ -404,6 +404,10 @@ def test_cli_reads_trainer_checkpoints(tmp_path, capsys):
     capsys.readouterr()
     assert main(["affinity", str(first), *args, "--image-size", "16"]) == 2  # ignored before
     assert "drop --image-size" in capsys.readouterr().err
+    cut = tmp_path / "cut.pt"  # a truncated checkpoint: a message, not torch's traceback
+    cut.write_bytes(first.read_bytes()[: first.stat().st_size // 2])
+    assert main(["affinity", str(cut), *args]) == 2
+    assert "is corrupted or truncated" in capsys.readouterr().err
 
 
 def test_paths_equal_modules(tmp_path):

@@ -220,6 +220,9 @@ def test_errors(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) ->
     err = _err(capsys, [*ck, "--num", "5", "--features", "inception",
                         "--inception", str(tmp_path / "inception.pt")])  # fmt: skip
     assert "not found" in err and "inception-2015-12-05.pt" in err
+    err = _err(capsys, [*ck, "--num", "70", "--features", "digits",  # the file was ignored
+                        "--inception", str(tmp_path / "inception.pt")])  # fmt: skip
+    assert "features='digits', which uses its own network: drop --inception" in err
     err = _err(capsys, [*ck, "--num", "20"])
     assert "rank-deficient" in err and "at least 65 samples" in err
     assert "allow_rank_deficient" not in err  # an argument of the API the CLI does not have
@@ -386,3 +389,20 @@ def test_checkpoint_samples_without_its_data_set(tmp_path: Path, monkeypatch, pr
     a, _ = generate(full, 3, steps=2, progress=False, seed=4)
     b, _ = generate(loaded, 3, steps=2, progress=False, seed=4)
     assert torch.equal(a, b) and a.shape == (3, 1, 8, 8)
+
+
+def test_train_device_is_checked_like_the_cli_device(monkeypatch) -> None:
+    """train.device names a device that exists here (cuda:5 on a one-GPU machine failed at
+    .to() with torch's error), as --device does."""
+    from antdiff.train import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"train.device cuda:5: this machine has 1 CUDA device"):
+        resolve_device("cuda:5")
+    with pytest.raises(ValueError, match="train.device 'tpu' is not a device antdiff runs on"):
+        resolve_device("tpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="train.device cuda: CUDA is not available here"):
+        resolve_device("cuda")

@@ -367,7 +367,8 @@ class BatchIterator:
         if int(state["n"]) != self.n:
             raise ValueError(
                 f"the checkpoint's data iterator covers {state['n']} samples, this dataset has "
-                f"{self.n}: the data changed since the checkpoint"
+                f"{self.n}: the data changed since the checkpoint. Resume on the data it was "
+                "trained on, or start a fresh run (a new train.out_dir) on this data"
             )
         epoch, pos = int(state["epoch"]), int(state["pos"])
         if epoch < 0 or not 0 <= pos < self.n:

@@ -177,6 +177,12 @@ def make_extractor(features: str, inception: str | Path | None = None, device: A
     from .metrics import DigitsFeatures, FidHelperInception, InceptionTorchScript
 
     if features == "digits":
+        if inception is not None:  # a given path is used or refused, never dropped silently
+            raise ValueError(
+                f"an Inception file ({str(inception)!r}) was given with features='digits', "
+                "which uses its own network: drop --inception, or pick --features inception or "
+                "fid-helper"
+            )
         return DigitsFeatures(device=device)
     if features == "inception":
         return InceptionTorchScript(inception, device=device)

@@ -20,6 +20,7 @@ ENV_VARS = {
     "ANT_GIT_SHA": "benchmarks, study: the commit recorded in results where there is no .git",
     "ANT_GPU_WORK": "scripts/gpu_check.sh: its work folder (/tmp/ant_gpu)",
     "ANT_GPU_TESTS_K": "scripts/gpu_check.sh: a pytest -k selection replacing the test stage's",
+    "ANT_GPU_TEST_LIMIT": "scripts/gpu_check.sh: each test stage's time limit in s (540)",
 }
 
 

@@ -47,7 +47,7 @@ from .logging_utils import RunLogger, write_samples
 from .sampling import check_guidance_trained
 from .schedules import make_schedule
 from .train_dist import DistContext, QuietLogger, init_distributed
-from .utils import TrainingDiverged, atomic_write_text, seed_everything
+from .utils import TrainingDiverged, atomic_write_text, check_device, seed_everything
 
 log = logging.getLogger("antdiff.train")
 
@@ -120,9 +120,7 @@ class Run:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name!r} but CUDA is not available; use cpu or auto")
-    return torch.device(name)
+    return check_device(name, "train.device")
 
 
 def model_kwargs(cfg: Config, data: Dataset) -> dict[str, Any]:

@@ -90,6 +90,27 @@ def check_output(path: str | Path, flag: str, *, folder: bool) -> Path:
     return path
 
 
+def check_device(name: str, flag: str) -> Any:
+    """``torch.device(name)`` for a device antdiff runs on (cpu, cuda, cuda:N that exists here),
+    else a ValueError that names ``flag`` (e.g. "--device", "train.device") and the fix."""
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{flag} {name!r} is not a device antdiff runs on: use cpu, cuda or "
+                         "cuda:N")  # fmt: skip
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{flag} {name}: CUDA is not available here; use cpu")
+    n = torch.cuda.device_count() if dev.type == "cuda" else 0
+    if dev.type == "cuda" and dev.index is not None and dev.index >= n:
+        raise ValueError(f"{flag} {name}: this machine has {n} CUDA device(s), cuda:0 .. "
+                         f"cuda:{n - 1}")  # fmt: skip
+    return dev
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))

@@ -93,7 +93,14 @@ class CheckpointLoader:
             if not is_torch_file(p):
                 raise ValueError(f"{str(p)!r} is not a torch checkpoint (give checkpoint files "
                                  "or run folders of one model)")  # fmt: skip
-            raw = torch.load(p, map_location="cpu", weights_only=True)
+            try:
+                raw = torch.load(p, map_location="cpu", weights_only=True)
+            except Exception as exc:  # noqa: BLE001 (truncated zip, bad pickle, ...: named below)
+                first = (str(exc).splitlines() or [type(exc).__name__])[0]
+                raise ValueError(
+                    f"{str(p)!r} cannot be read ({first}): the file is corrupted or truncated; "
+                    "give another checkpoint, or the run folder to take its newest complete one"
+                ) from None
             if not (isinstance(raw, dict) and raw.get("format") == FORMAT):
                 return load_affinity_checkpoint(p, device)
         state, _ = load_checkpoint(p, "cpu")

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..utils import check_device
+
 OUTPUTS = {"samples.png", "samples.npy", "labels.npy", "samples.pt"}  # what a run may write
 
 
@@ -70,18 +72,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
 def pick_device(name: str | None) -> str:
     if name is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name!r} is not a device antdiff runs on: use cpu, cuda or "
-                         "cuda:N")  # fmt: skip
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
-                         f"device(s), cuda:0 .. cuda:{torch.cuda.device_count() - 1}")  # fmt: skip
+    check_device(name, "--device")
     return name
 
 
