@@ -241,3 +241,22 @@ def test_bad_yaml_and_duplicate_keys_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"the value of --train.betas \('\[0.9,'\) is not valid"):
         load_config("digits_adm", ["--train.betas", "[0.9,"])
     assert load_config("digits_adm", ["--train.betas", "[0.9, 0.99]"]).train.betas == [0.9, 0.99]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["--data.path", "/data/imgs"], r"data.path='/data/imgs' is not read by data.source="
+                                        r"'digits'.*--data.source folder"),
+        (["--data.latent_scale", "3"], r"data.latent_scale=3.0 applies to stored latents"),
+        (["--data.num_classes", "5"], "add --data.class_conditional true"),
+        (["--ant.affinity", "foo.npy"], "read only by ant.clustering='gradient'"),
+    ],
+)
+def test_settings_the_run_would_ignore_are_refused(overrides, match):
+    """Each trained on digits without a word (data.path without data.source folder trained on
+    the built-in set); each now names the setting that would read it."""
+    from antdiff.config import load_config
+
+    with pytest.raises(ValueError, match=match):
+        load_config("digits_adm", overrides)

@@ -88,6 +88,11 @@ class DataConfig:
         _positive("data", "channels", self.channels)
         if self.num_classes is not None:
             _positive("data", "num_classes", self.num_classes)
+            if not self.class_conditional:
+                raise ValueError(
+                    f"data.num_classes={self.num_classes} applies to class-conditional training: "
+                    "add --data.class_conditional true, or drop it (--data.num_classes null)"
+                )
         _choice("data", "autoencoder", self.autoencoder, (None, "tiny"))
         if self.autoencoder and self.source == "latents":
             raise ValueError("data.autoencoder encodes images; data.source='latents' has none")
@@ -100,6 +105,17 @@ class DataConfig:
             raise ValueError(
                 f"data.latent_shift={self.latent_shift} applies to stored latents "
                 "(data.source='latents'); drop it for images"
+            )
+        if self.latent_scale != 1.0 and self.source != "latents":
+            raise ValueError(
+                f"data.latent_scale={self.latent_scale} applies to stored latents "
+                "(data.source='latents'); drop it for images"
+            )
+        if self.source == "digits" and self.path:
+            raise ValueError(
+                f"data.path={self.path!r} is not read by data.source='digits' (the built-in "
+                "set): add --data.source folder (images) or latents, or drop data.path "
+                "(--data.path null)"
             )
 
 
@@ -170,6 +186,12 @@ class AntConfig:
 
         _positive("ant", "k", self.k)
         _choice("ant", "clustering", self.clustering, CLUSTERINGS)
+        if self.affinity and self.clustering != "gradient":
+            raise ValueError(
+                f"ant.affinity={self.affinity!r} is read only by ant.clustering='gradient' (this "
+                f"run clusters by {self.clustering!r}): add --ant.clustering gradient, or drop "
+                "ant.affinity (--ant.affinity null)"
+            )
         if self.clustering == "gradient" and not self.affinity:
             raise ValueError(
                 "ant.clustering='gradient' needs ant.affinity=<file from `antdiff affinity`>"
