@@ -161,6 +161,32 @@ def test_resume_from_a_non_fused_optimizer_state(tmp_path):
     assert all(torch.isfinite(p).all() for p in run2.model.parameters())
 
 
+@pytest.mark.parametrize("recorded", [True, False])
+def test_a_generator_saved_on_another_device_type_is_named(recorded, tmp_path, caplog):
+    """A run trained on a GPU (train.device auto) and resumed on a CPU: the step generator's
+    CUDA state (16 bytes) does not fit a CPU generator (torch's RuntimeError was a traceback).
+    Refused with the device named; --allow-config-change reseeds it with a warning. Checkpoints
+    from before gen_device are told by the state's size."""
+    cfg = _cfg("digits_adm", tmp_path, "--ant.method", "uw")
+    run = build_run(cfg)
+    state = checkpoint_state(run)
+    assert state["gen_device"] == "cpu"
+    state["gen"] = torch.zeros(16, dtype=torch.uint8)  # what a CUDA generator's get_state gives
+    if recorded:
+        state["gen_device"] = "cuda"
+    else:
+        del state["gen_device"]
+    with pytest.raises(ValueError, match="drew its timesteps and noise on cuda, this one runs on "
+                       "cpu.*--train.device cuda.*--allow-config-change"):  # fmt: skip
+        restore(build_run(cfg), state)
+    run2 = build_run(cfg)
+    with caplog.at_level("WARNING", logger="antdiff.train"):
+        restore(run2, state, allow_config_change=True)
+    assert "step generator is reseeded" in caplog.text
+    idx = run2.batches.next_indices()
+    train_step(run2, {"x": run2.data.x[idx]})
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
 @pytest.mark.parametrize("method", ["uw", "uw+pcgrad"])

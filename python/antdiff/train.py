@@ -303,6 +303,7 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
         "data": run.batches.state_dict(),
         "rng": capture_rng(),
         "gen": run.gen.get_state(),
+        "gen_device": run.gen.device.type,  # a generator's state is its device type's
         "codec": None if codec is None else codec.state_dict(),
         # what sampling needs of the data, so a checkpoint samples without its data set
         "data_meta": {
@@ -313,7 +314,9 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
     }
 
 
-def restore(run: Run, state: dict[str, Any]) -> None:
+def restore(run: Run, state: dict[str, Any], allow_config_change: bool = False) -> None:
+    """Load a checkpoint's ``state`` into ``run`` (``allow_config_change``: a generator saved on
+    another device type is reseeded, with a warning, instead of refused)."""
     saved_names = (state.get("data_meta") or {}).get("class_names")
     names = None if run.data.class_names is None else list(run.data.class_names)
     if saved_names is not None and names != saved_names:  # the labels would change meaning
@@ -353,7 +356,24 @@ def restore(run: Run, state: dict[str, Any]) -> None:
     run.step = int(state["step"])
     restore_rng(state["rng"])
     if "gen" in state:  # absent from checkpoints of older versions
-        run.gen.set_state(state["gen"])
+        # a CPU generator's state is 5056 bytes, a CUDA one's 16 (checkpoints before gen_device)
+        saved = state.get("gen_device") or ("cpu" if state["gen"].numel() > 16 else "cuda")
+        if saved == run.gen.device.type:
+            run.gen.set_state(state["gen"])
+        elif not allow_config_change:
+            raise ValueError(
+                f"the checkpoint's run drew its timesteps and noise on {saved}, this one runs on "
+                f"{run.gen.device.type} (train.device={run.cfg.train.device!r}): a generator's "
+                "state does not carry across device types, so the resume would not be exact. "
+                f"Resume on {saved} (--train.device {saved}), or pass --allow-config-change to go "
+                "on with that generator reseeded"
+            )
+        else:
+            run.gen.manual_seed(_derived_seed(run.cfg.train.seed) + run.step)
+            log.warning(
+                "resumed on %s a run that drew on %s: the step generator is reseeded, so the "
+                "continuation differs from an unbroken run", run.gen.device.type, saved,
+            )
 
 
 def train(
@@ -473,7 +493,7 @@ def _train(
         )
     run = build_run(cfg, None if state is None else state.get("codec"), dist)
     if state is not None:
-        restore(run, state)
+        restore(run, state, allow_config_change)
         del state
     tc = cfg.train
     main = dist is None or dist.is_main  # rank 0 alone writes files
