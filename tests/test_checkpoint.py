@@ -153,8 +153,12 @@ def test_the_next_save_removes_what_a_killed_save_left(tmp_path):
     save_checkpoint(tmp_path, 5, _state(5))
     d = tmp_path / "checkpoints"
     (d / ".ckpt_00000006.pt.abc123.tmp").write_bytes(b"x" * 1000)
+    (d / ".latest.x1.tmp").write_text("ckpt")  # and the pointer's, the run's logs' and config's
+    for name in (".metrics.csv.x2.tmp", ".config.yaml.x3.tmp"):
+        (tmp_path / name).write_text("partial")
     save_checkpoint(tmp_path, 7, _state(7))
     assert sorted(p.name for p in d.iterdir()) == ["ckpt_00000005.pt", "ckpt_00000007.pt", "latest"]
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_not_a_checkpoint_and_missing(tmp_path):

@@ -56,7 +56,9 @@ def save_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep:
     pruning and, should "latest" be lost, in the choice of the newest)."""
     d = checkpoint_dir(out_dir)
     path = d / f"ckpt_{step:08d}.pt"
-    for stale in d.glob(".ckpt_*.tmp"):  # a save killed mid-write left it (full size)
+    # temp files that a write killed mid-way left (a checkpoint's is full size): the trainer
+    # is the run's only writer and writes nothing else while it saves
+    for stale in [*d.glob(".*.tmp"), *Path(out_dir).glob(".*.tmp")]:
         stale.unlink(missing_ok=True)
     # The pointer first: a kill between the two then leaves it naming a file that is not there
     # (skipped: the newest complete one loads), not a complete newer file passed over for the
