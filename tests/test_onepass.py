@@ -565,21 +565,27 @@ class PositionTable(nn.Module):
         return self.out(torch.tanh(h)).pow(2).mean((1, 2))
 
 
+def _falls_back_and_is_refused(model: nn.Module, why: str, refused: str) -> None:
+    """At B = L = 8: auto warns ``why`` and takes micro's J (equal to the reference); an
+    explicit onepass raises ``refused``."""
+    ant, x, t = _engine(model, 8, (8, 2))
+    fn = lambda b, tb: model(b, tb)  # noqa: E731
+    ref = reference_J(model, fn, x, t, ant.clusters, 2)
+    with pytest.warns(UserWarning, match=why):
+        J = fill(ant, fn, x, t, "auto")  # noqa: N806
+    close(J, ref)
+    ant._onepass = None
+    with pytest.raises(ValueError, match=refused):
+        fill(ant, fn, x, t, "onepass")
+
+
 def test_layer_on_a_batch_free_tensor_is_refused_even_when_its_length_is_b():
     """pos(arange(L)) is shared by all samples (autograd sums its output gradient over the
     batch): with L == B the shape check passes, so the first forward's audit must see that the
     index tensor was made without the batch."""
     torch.manual_seed(0)
-    model = PositionTable(8)
-    ant, x, t = _engine(model, 8, (8, 2))
-    fn = lambda b, tb: model(b, tb)  # noqa: E731
-    ref = reference_J(model, fn, x, t, ant.clusters, 2)
-    with pytest.warns(UserWarning, match="computed without the batch"):
-        J = fill(ant, fn, x, t, "auto")  # noqa: N806
-    close(J, ref)
-    ant._onepass = None
-    with pytest.raises(ValueError, match="'pos' .*computed without the batch"):
-        fill(ant, fn, x, t, "onepass")
+    _falls_back_and_is_refused(PositionTable(8), "computed without the batch",
+                               "'pos' .*computed without the batch")  # fmt: skip
 
 
 class AttributeTable(PositionTable):
@@ -619,29 +625,16 @@ def test_sequence_first_layer_is_refused_even_when_its_length_is_b(how):
     not samples (J was 11% off): the first forward follows the batch dimension from the batch
     to the layer's input."""
     torch.manual_seed(0)
-    model = SequenceFirst(how)
-    ant, x, t = _engine(model, 8, (8, 2))
-    fn = lambda b, tb: model(b, tb)  # noqa: E731
-    ref = reference_J(model, fn, x, t, ant.clusters, 2)
-    with pytest.warns(UserWarning, match="'mix' .*batch dimension is 1, not 0"):
-        J = fill(ant, fn, x, t, "auto")  # noqa: N806
-    close(J, ref)
-    ant._onepass = None
-    with pytest.raises(ValueError, match="sequence-first"):
-        fill(ant, fn, x, t, "onepass")
+    _falls_back_and_is_refused(SequenceFirst(how), "'mix' .*batch dimension is 1, not 0",
+                               "sequence-first")  # fmt: skip
 
 
 def test_a_position_index_kept_as_a_plain_attribute_is_a_constant():
     """self.ids = torch.arange(L) set in __init__ is neither a buffer nor made in the forward:
     the audit takes modules' tensor attributes as constants too (J was 4% off at L == B)."""
     torch.manual_seed(0)
-    model = AttributeTable(8)
-    ant, x, t = _engine(model, 8, (8, 2))
-    fn = lambda b, tb: model(b, tb)  # noqa: E731
-    ref = reference_J(model, fn, x, t, ant.clusters, 2)
-    with pytest.warns(UserWarning, match="'pos' .*computed without the batch"):
-        J = fill(ant, fn, x, t, "auto")  # noqa: N806
-    close(J, ref)
+    _falls_back_and_is_refused(AttributeTable(8), "'pos' .*computed without the batch",
+                               "'pos' .*computed without the batch")  # fmt: skip
 
 
 def test_batch_dimension_rules():

@@ -1255,20 +1255,27 @@ def _reaches_model(loss: torch.Tensor, model: nn.Module) -> bool | None:
     of the graph on the host (no device work). None where the graph cannot tell: a reentrant
     checkpoint runs its layers, and reads their parameters, only during the backward."""
     params = {id(p) for p in model.parameters() if p.requires_grad}
-    if not params or loss.grad_fn is None:
+    if not params:
         return None
-    seen, todo, opaque = set(), [loss.grad_fn], False
+    opaque = False
+    for node in _graph_nodes(loss):
+        var = getattr(node, "variable", None)  # AccumulateGrad: a leaf tensor
+        if var is not None and id(var) in params:
+            return True
+        opaque = opaque or type(node).__name__ == "CheckpointFunctionBackward"
+    return None if opaque or loss.grad_fn is None else False
+
+
+def _graph_nodes(loss: torch.Tensor):
+    """Every node of ``loss``'s autograd graph, once each (a walk on the host)."""
+    seen, todo = set(), [loss.grad_fn]
     while todo:
         node = todo.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        var = getattr(node, "variable", None)  # AccumulateGrad: a leaf tensor
-        if var is not None and id(var) in params:
-            return True
-        opaque = opaque or type(node).__name__ == "CheckpointFunctionBackward"
+        yield node
         todo.extend(f for f, _ in node.next_functions)
-    return None if opaque else False
 
 
 def _tensors(tree: Any) -> list[torch.Tensor]:
@@ -1279,20 +1286,11 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
 def _other_leaves(loss: torch.Tensor, own: set[int]) -> list[str]:
     """The trainable leaf tensors that ``loss``'s autograd graph reaches other than ``own``
     (ids), described by shape and dtype (a walk of the graph on the host)."""
-    if loss.grad_fn is None:
-        return []
-    seen, todo, out = set(), [loss.grad_fn], []
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        var = getattr(node, "variable", None)  # AccumulateGrad: a leaf tensor
-        if var is not None and id(var) not in own:
-            out.append(f"a {str(var.dtype).removeprefix('torch.')} tensor of shape "
-                       f"{list(var.shape)}")  # fmt: skip
-        todo.extend(f for f, _ in node.next_functions)
-    return out
+    return [
+        f"a {str(var.dtype).removeprefix('torch.')} tensor of shape {list(var.shape)}"
+        for var in (getattr(node, "variable", None) for node in _graph_nodes(loss))
+        if var is not None and id(var) not in own  # AccumulateGrad: a leaf tensor
+    ]
 
 
 def _count_shares(N: torch.Tensor) -> torch.Tensor:  # noqa: N803
