@@ -156,9 +156,10 @@ def test_the_next_save_removes_what_a_killed_save_left(tmp_path):
     (d / ".latest.x1.tmp").write_text("ckpt")  # and the pointer's, the run's logs' and config's
     for name in (".metrics.csv.x2.tmp", ".config.yaml.x3.tmp"):
         (tmp_path / name).write_text("partial")
+    (tmp_path / ".eval.json.x4.tmp").write_text("another tool's, being written")
     save_checkpoint(tmp_path, 7, _state(7))
     assert sorted(p.name for p in d.iterdir()) == ["ckpt_00000005.pt", "ckpt_00000007.pt", "latest"]
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert [p.name for p in tmp_path.glob(".*.tmp")] == [".eval.json.x4.tmp"]
 
 
 def test_not_a_checkpoint_and_missing(tmp_path):
@@ -231,8 +232,9 @@ def test_a_mount_that_refuses_chmod_still_gets_its_files(tmp_path, monkeypatch):
 
 
 def test_checkpoints_that_set_image_size_for_latents_still_load(tmp_path):
-    """Before image_size was refused for latents (it resized nothing), configs could carry it:
-    such checkpoints sample and resume with a warning instead of failing validation."""
+    """Before image_size was refused for latents (it resized nothing), configs could carry it,
+    and other settings the run did not read: such checkpoints sample and resume with a warning
+    instead of failing validation."""
     import warnings
 
     from antdiff.config import load_config
@@ -249,8 +251,11 @@ def test_checkpoints_that_set_image_size_for_latents_still_load(tmp_path):
     (path,) = [p for p in (tmp_path / "run").rglob("*.pt")]
     state = torch.load(path, weights_only=False)
     state["config"]["data"]["image_size"] = 8  # as an older version saved it
+    state["config"]["data"]["num_classes"] = 3  # also ignored then (not class-conditional)
+    state["config"]["ant"]["affinity"] = "a.npy"  # also ignored then (SNR clusters)
     torch.save(state, path)
-    with pytest.warns(UserWarning, match="image_size=8 for latents.*ignored"):
+    with pytest.warns(UserWarning, match=r"data.image_size=8, data.num_classes=3, ant.affinity="
+                      r"'a.npy', which the run did not read: ignored"):  # fmt: skip
         loaded = load_for_sampling(tmp_path / "run")
     assert loaded.data.shape == (4, 4, 4)
     with warnings.catch_warnings():

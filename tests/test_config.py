@@ -241,6 +241,12 @@ def test_bad_yaml_and_duplicate_keys_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"the value of --train.betas \('\[0.9,'\) is not valid"):
         load_config("digits_adm", ["--train.betas", "[0.9,"])
     assert load_config("digits_adm", ["--train.betas", "[0.9, 0.99]"]).train.betas == [0.9, 0.99]
+    merged = tmp_path / "merge.yaml"  # anchors and merge keys stay valid, overrides included
+    merged.write_text("base: &b {steps: 5, lr: 0.5}\ntrain:\n  <<: *b\n  lr: 0.25\n"
+                      "model: {name: adm-tiny}\n")
+    from antdiff.config import load_yaml
+
+    assert load_yaml(merged.read_text(), "m")["train"] == {"steps": 5, "lr": 0.25}
 
 
 @pytest.mark.parametrize(

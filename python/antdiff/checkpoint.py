@@ -56,9 +56,11 @@ def save_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep:
     pruning and, should "latest" be lost, in the choice of the newest)."""
     d = checkpoint_dir(out_dir)
     path = d / f"ckpt_{step:08d}.pt"
-    # temp files that a write killed mid-way left (a checkpoint's is full size): the trainer
-    # is the run's only writer and writes nothing else while it saves
-    for stale in [*d.glob(".*.tmp"), *Path(out_dir).glob(".*.tmp")]:
+    # temp files of the trainer's own writes that a kill left mid-way (a checkpoint's is full
+    # size); other tools' (antdiff eval --json in the run folder) are theirs to finish
+    for stale in [*d.glob(".ckpt_*.tmp"), *d.glob(".latest.*.tmp"),
+                  *(f for name in ("config.yaml", "metrics.csv", "telemetry.jsonl")
+                    for f in Path(out_dir).glob(f".{name}.*.tmp"))]:  # fmt: skip
         stale.unlink(missing_ok=True)
     # The pointer first: a kill between the two then leaves it naming a file that is not there
     # (skipped: the newest complete one loads), not a complete newer file passed over for the

@@ -398,18 +398,43 @@ def config_from_saved(d: dict[str, Any]) -> Config:
 
 def upgrade_saved_config(d: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint's config dict as the current Config accepts it (a copy). Older versions
-    took data.image_size with latents and ignored it; it is dropped with a warning, so their
-    checkpoints still sample, evaluate and resume."""
-    data = d.get("data") if isinstance(d, dict) else None
-    if not (isinstance(data, dict) and data.get("source") == "latents"
-            and data.get("image_size") is not None):  # fmt: skip
+    took settings that the run did not read and ignored them (data.image_size with latents,
+    data.path with the built-in digits, data.latent_scale for images, data.num_classes without
+    data.class_conditional, ant.affinity without gradient clustering): each is dropped with a
+    warning, so their checkpoints still sample, evaluate and resume."""
+    if not isinstance(d, dict):
+        return d
+    data = dict(d.get("data") or {}) if isinstance(d.get("data") or {}, dict) else d.get("data")
+    ant = dict(d.get("ant") or {}) if isinstance(d.get("ant") or {}, dict) else d.get("ant")
+    dropped = []
+    if isinstance(data, dict):
+        source = data.get("source", "digits")
+        unread = {
+            "image_size": source == "latents" and data.get("image_size") is not None,
+            "path": source == "digits" and bool(data.get("path")),
+            "latent_scale": source != "latents" and data.get("latent_scale", 1.0) != 1.0,
+            "num_classes": not data.get("class_conditional") and data.get("num_classes")
+            is not None,
+        }  # fmt: skip
+        for key, drop in unread.items():
+            if drop:
+                dropped.append(f"data.{key}={data[key]!r}")
+                data[key] = 1.0 if key == "latent_scale" else None
+    if isinstance(ant, dict) and ant.get("affinity") and ant.get("clustering", "snr") != "gradient":
+        dropped.append(f"ant.affinity={ant['affinity']!r}")
+        ant["affinity"] = None
+    if not dropped:
         return d
     warnings.warn(
-        f"the checkpoint's config sets data.image_size={data['image_size']} for latents, which "
-        "resized nothing: ignored",
+        f"the checkpoint's config sets {', '.join(dropped)}, which the run did not read: ignored",
         stacklevel=2,
     )
-    return {**d, "data": {**data, "image_size": None}}
+    out = dict(d)
+    if "data" in d or isinstance(data, dict) and data:
+        out["data"] = data
+    if "ant" in d or isinstance(ant, dict) and ant:
+        out["ant"] = ant
+    return out
 
 
 # ------------------------------------------------------------------ presets and overrides
@@ -425,6 +450,8 @@ class _StrictLoader(yaml.SafeLoader):
 def _no_duplicate_keys(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
     seen = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # <<: *anchor; its keys may be overridden
+            continue
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(

@@ -1141,13 +1141,10 @@ class ANT:
         self._flush_observe()
         loss_m, grad = self.method.loss, self.method.grad
         rec, redo = self._recompute, False
-        if rec is not None:  # a non-finite weight recompute that the next backward redoes,
-            # as far as an unbroken run would know it: ant.step's read, or the GPU's flag copy
-            # (waited for here, outside the step; an unbroken run sees it by its next step)
-            ok = rec.verdict
-            if ok is None and rec.flag is not None and not self.comm.active:
-                ok = rec.flag.read(wait=True)
-            redo = ok is False
+        if rec is not None:  # a non-finite weight recompute that the next backward redoes, as
+            # ant.step's read decided it (a GPU flag still on its way is timing, which an
+            # unbroken run does not fix either: the resumed one takes the off-steps)
+            redo = rec.verdict is False
         return {
             "redo_weights": redo,
             "clusters": self.clusters.to_dict(),
