@@ -627,3 +627,48 @@ def test_a_diverged_run_stops_and_says_what_to_change(tmp_path, monkeypatch, cap
         assert cli_main([*cli, "--train.steps", "4", "--train.out_dir", str(tmp_path / "c")]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["loss"] is None
+
+
+def test_a_continuation_stopped_before_its_first_save_leaves_the_logs_of_the_newer_one(
+    tmp_path, monkeypatch
+):
+    """Continuing in place from an earlier checkpoint trimmed metrics.csv / telemetry.jsonl
+    at once: stopped before its first save, a later --resume of the newer checkpoints found
+    their rows gone. Now its rows wait in a pending file until it saves (then replace them)."""
+    import antdiff.train as tr
+
+    def steps(name):
+        return [int(r[0]) for r in list(csv.reader(open(tmp_path / name)))[1:]]
+
+    def jsonl_steps():
+        import json
+
+        return [json.loads(ln)["step"] for ln in open(tmp_path / "telemetry.jsonl")]
+
+    cfg = lambda n: _cfg("digits_adm", tmp_path, "--train.ckpt_every", "2",  # noqa: E731
+                         "--train.keep_ckpts", "3", steps=n)  # fmt: skip
+    train(cfg(6))
+    assert steps("metrics.csv") == [1, 2, 3, 4, 5, 6]
+    real, calls = tr.train_step, []
+
+    def stopped(run, batch):
+        calls.append(run.step)
+        if len(calls) == 2:  # after one step of the continuation: before its save at 6
+            raise KeyboardInterrupt
+        real(run, batch)
+
+    monkeypatch.setattr(tr, "train_step", stopped)
+    ckpt4 = tmp_path / "checkpoints" / "ckpt_00000004.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(8), resume=str(ckpt4))
+    assert steps("metrics.csv") == [1, 2, 3, 4, 5, 6] and jsonl_steps() == [1, 2, 3, 4, 5, 6]
+    monkeypatch.setattr(tr, "train_step", real)
+    assert train(cfg(8), resume=True)["step"] == 8  # the newest checkpoint: 6
+    assert steps("metrics.csv") == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert jsonl_steps() == [1, 2, 3, 4, 5, 6, 7, 8]
+    # a continuation that saves supersedes the later rows, with its own
+    before = list(csv.reader(open(tmp_path / "metrics.csv")))
+    train(cfg(6), resume=str(ckpt4))
+    after = list(csv.reader(open(tmp_path / "metrics.csv")))
+    assert steps("metrics.csv") == [1, 2, 3, 4, 5, 6] and after[1:5] == before[1:5]
+    assert not list(tmp_path.glob(".*.pending"))

@@ -50,14 +50,23 @@ class RunLogger:
     def __init__(self, out_dir: Path, k: int, start: int, total: int, progress: bool) -> None:
         self.k, self.columns = k, csv_columns(k)
         self.path = Path(out_dir) / "metrics.csv"
-        rows = [self.columns, *self._kept_rows(start)]
-        atomic_write(self.path, lambda f: csv.writer(f).writerows(rows), mode="w")
-        self._file = open(self.path, "a", newline="")  # noqa: SIM115 - closed in close()
-        self._csv = csv.writer(self._file)
         self.jsonl = Path(out_dir) / "telemetry.jsonl"
-        kept = self._kept_lines(start)
-        atomic_write(self.jsonl, lambda f: f.writelines(kept), mode="w")
-        self._jsonl = open(self.jsonl, "a")  # noqa: SIM115 - closed in close()
+        # rows of a continuation that stopped before its first checkpoint: dropped with it
+        self._pending_paths = (Path(out_dir) / ".metrics.csv.pending",
+                               Path(out_dir) / ".telemetry.jsonl.pending")  # fmt: skip
+        for p in self._pending_paths:
+            p.unlink(missing_ok=True)
+        rows, later = self._kept_rows(start)
+        lines, later_lines = self._kept_lines(start)
+        self._kept = (rows, lines)
+        # Rows past ``start`` belong to a run continued further from an earlier checkpoint (or
+        # logged past its checkpoint before a crash): its newer checkpoints outrank this one
+        # until this one saves, so its rows stay until then, and this run's go to the pending
+        # files (``commit``).
+        self._pending = bool(later or later_lines)
+        if not self._pending:
+            self._write_logs([])
+        self._open()
         self._tb = _tensorboard(Path(out_dir) / "tb", start)
         self._bar = None
         if progress:
@@ -65,32 +74,66 @@ class RunLogger:
 
             self._bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
 
-    def _kept_rows(self, start: int) -> list[list[str]]:
-        """Rows of an earlier process up to ``start`` (a crash may have logged past its ckpt)."""
+    def _open(self) -> None:
+        csv_path, jsonl_path = self._pending_paths if self._pending else (self.path, self.jsonl)
+        self._file = open(csv_path, "a", newline="")  # noqa: SIM115 - closed in close()
+        self._csv = csv.writer(self._file)
+        self._jsonl = open(jsonl_path, "a")  # noqa: SIM115 - closed in close()
+
+    def _write_logs(self, pending: list[Path]) -> None:
+        """metrics.csv and telemetry.jsonl := the kept rows + those of the ``pending`` files."""
+        rows, lines = self._kept
+        if pending:
+            with open(pending[0], newline="") as f:
+                rows = [*rows, *(r for r in csv.reader(f) if len(r) == len(self.columns))]
+            with open(pending[1]) as f:
+                lines = [*lines, *(ln for ln in f if ln.endswith("\n"))]
+        atomic_write(self.path, lambda f: csv.writer(f).writerows([self.columns, *rows]),
+                     mode="w")  # fmt: skip
+        atomic_write(self.jsonl, lambda f: f.writelines(lines), mode="w")
+
+    def commit(self) -> None:
+        """This run has saved a checkpoint (or finished): its rows replace those past its start
+        step. Called by the trainer after each save (a no-op once done)."""
+        if not self._pending:
+            return
+        self._file.close()
+        self._jsonl.close()
+        self._write_logs(list(self._pending_paths))
+        for p in self._pending_paths:
+            p.unlink(missing_ok=True)
+        self._pending = False
+        self._open()
+
+    def _kept_rows(self, start: int) -> tuple[list[list[str]], list[list[str]]]:
+        """Whole rows of an earlier process up to ``start``, and those after it (a run continued
+        further from an earlier checkpoint, or a crash that logged past its checkpoint)."""
         if start == 0 or not self.path.is_file():
-            return []
+            return [], []
         with open(self.path, newline="") as f:
             rows = list(csv.reader(f))
         if rows and rows[0] == self.columns[:-1]:  # written before the objective column
             rows = [rows[0], *(r + ["nan"] for r in rows[1:] if r)]
         elif not rows or rows[0] != self.columns:
-            return []
+            return [], []
         # a crash may have cut the last row short: only whole rows are kept
-        return [r for r in rows[1:] if len(r) == len(self.columns) and int(r[0]) <= start]
+        whole = [r for r in rows[1:] if len(r) == len(self.columns)]
+        return [r for r in whole if int(r[0]) <= start], [r for r in whole if int(r[0]) > start]
 
-    def _kept_lines(self, start: int) -> list[str]:
+    def _kept_lines(self, start: int) -> tuple[list[str], list[str]]:
         if start == 0 or not self.jsonl.is_file():
-            return []
-        kept = []
+            return [], []
+        kept, later = [], []
         with open(self.jsonl) as f:
             for ln in f:
                 try:  # a crash may have cut the last line short
                     step = json.loads(ln).get("step")
                 except ValueError:
                     continue
-                if isinstance(step, int) and step <= start:
-                    kept.append(ln if ln.endswith("\n") else ln + "\n")
-        return kept
+                if isinstance(step, int):
+                    (kept if step <= start else later).append(ln if ln.endswith("\n")
+                                                              else ln + "\n")  # fmt: skip
+        return kept, later
 
     def log(
         self, step: int, loss: float, stats: dict[str, Any], lr: float, sec: float,
@@ -123,7 +166,11 @@ class RunLogger:
         if self._bar is not None:
             self._bar.update(n)
 
-    def close(self) -> None:
+    def close(self, commit: bool = True) -> None:
+        """``commit``: this run's rows replace later ones still pending (False for a run stopped
+        before it saved: its rows are dropped, as its steps are)."""
+        if commit:
+            self.commit()
         self._file.close()
         self._jsonl.close()
         if self._tb is not None:

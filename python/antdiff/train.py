@@ -509,6 +509,7 @@ def _train(
         run.step,
     )
     skipped = _SkipWatch(run)
+    done = False
     try:
         while run.step < tc.steps:
             if dist is not None:  # per rank and step: a resumed run draws what an unbroken one does
@@ -533,10 +534,12 @@ def _train(
             if tc.ckpt_every and (run.step % tc.ckpt_every == 0 or run.step == tc.steps):
                 if main:
                     ckpt = save_checkpoint(out, run.step, checkpoint_state(run), tc.keep_ckpts)
+                    logger.commit()  # its rows now replace those of a continuation it supersedes
                 if dist is not None:  # the checkpoint is complete before any rank goes on
                     dist.barrier()
+        done = True
     finally:
-        logger.close()
+        logger.close(commit=done)  # a run stopped before it saved leaves the logs as they were
     seconds = time.perf_counter() - t0
     samples = write_samples(run, out / "samples" / f"step_{run.step:08d}.png") if main else None
     last = run.ant.last
