@@ -149,6 +149,21 @@ def test_sixteen_bit_images_are_refused_not_clipped(tmp_path):
         load_dataset(DataConfig(source="folder", path=str(tmp_path), channels=1))
 
 
+def test_transparent_pixels_are_refused_and_an_opaque_alpha_is_read(tmp_path):
+    """convert('RGB') dropped alpha: a transparent pixel trained on the colour stored under
+    it (green here, where a viewer shows the background). An alpha channel that is opaque
+    everywhere (common in PNG folders) reads as the RGB it holds."""
+    px = np.zeros((4, 4, 4), dtype=np.uint8)
+    px[..., 1], px[..., 3] = 255, 255
+    Image.fromarray(px, "RGBA").save(tmp_path / "opaque.png")
+    ds = load_dataset(DataConfig(source="folder", path=str(tmp_path), channels=3))
+    assert ds.images()[0, 1].min() == 1.0 and ds.images()[0, 0].max() == -1.0
+    px[0, 0, 3] = 0
+    Image.fromarray(px, "RGBA").save(tmp_path / "sprite.png")
+    with pytest.raises(ValueError, match="sprite.png.*transparent pixels.*alpha_composite"):
+        load_dataset(DataConfig(source="folder", path=str(tmp_path), channels=3))
+
+
 def test_labels_beyond_num_classes_are_an_error_naming_the_setting():
     with pytest.raises(ValueError, match=r"data.num_classes=3 but the labels run from 0 to 9"):
         load_dataset(DataConfig(source="digits", class_conditional=True, num_classes=3))
@@ -228,6 +243,9 @@ def test_latent_files(tmp_path):
     np.save(tmp_path / "nhwc.npy", torch.randn(5, 8, 8, 4).numpy())
     with pytest.raises(ValueError, match=r"channels-last.*permute\(0, 3, 1, 2\)"):
         load_dataset(DataConfig(source="latents", path=str(tmp_path / "nhwc.npy"), channels=4))
+    np.save(tmp_path / "nhwc3.npy", torch.randn(5, 16, 16, 3).numpy())  # and of other c
+    with pytest.raises(ValueError, match=r"channels-last.*permute.*set --data.channels 3"):
+        load_dataset(DataConfig(source="latents", path=str(tmp_path / "nhwc3.npy"), channels=4))
     # ... but channels-first latents that merely end in a size equal to data.channels do not
     np.save(tmp_path / "nchw.npy", torch.randn(5, 8, 4, 4).numpy())
     with pytest.raises(ValueError, match="have 8 channels but data.channels=4; set --data.chan"):

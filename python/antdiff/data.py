@@ -168,6 +168,14 @@ def _read_image(path: Path, channels: int, size: int | None) -> np.ndarray:
                         f"image {str(path)!r} is in colour but data.channels=1 would train on "
                         "its grey levels: set --data.channels 3 (or convert the folder to grey)"
                     )
+            if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+                alpha = im.convert("RGBA").getchannel("A")
+                if alpha.getextrema()[0] < 255:  # an opaque alpha channel is common and fine
+                    raise ValueError(
+                        f"image {str(path)!r} has transparent pixels, whose hidden colours would "
+                        "be trained on: flatten the folder onto a background first (e.g. "
+                        "Image.alpha_composite on white), or drop those images"
+                    )
             im = im.convert("RGB" if channels == 3 else "L")
             if size is not None:
                 w, h = im.size
@@ -235,11 +243,12 @@ def load_latent_file(cfg: DataConfig) -> Dataset:
     )
     if lat.latents.shape[1] != cfg.channels:
         n, a, b, c = lat.latents.shape
-        if c == cfg.channels and a == b != c:  # [N, h, w, c]: channels last, square latents
+        if a == b != c and (c == cfg.channels or c <= 16):  # [N, h, w, c]: channels last
+            fix = "" if c == cfg.channels else f", and set --data.channels {c}"
             raise ValueError(
                 f"latents in {cfg.path!r} have shape [{n}, {a}, {b}, {c}], which looks "
-                f"channels-last ([N, h, w, c] with c = data.channels = {c}); antdiff reads "
-                "[N, c, h, w]: save latents.permute(0, 3, 1, 2).contiguous()"
+                f"channels-last ([N, h, w, c], c = {c}); antdiff reads [N, c, h, w]: save "
+                f"latents.permute(0, 3, 1, 2).contiguous(){fix}"
             )
         raise ValueError(
             f"latents in {cfg.path!r} have {a} channels but data.channels="
