@@ -359,6 +359,24 @@ def test_autoencoder_scale_from_chunked_latent_std(monkeypatch):
     assert ae.scale_factor == pytest.approx(float(want), rel=1e-6)
 
 
+def test_autoencoder_trains_on_a_pixel_dataset_row_by_row(monkeypatch):
+    """An image folder's Dataset (uint8 pixels) trains the autoencoder through float rows on
+    demand: the same weights and scale as its whole float copy (4x the pixels in memory,
+    which ds.images() made), and that copy is never made."""
+    import antdiff.models.autoencoder as ae_mod
+    from antdiff.data import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    ds = Dataset(torch.randint(0, 256, (96, 3, 8, 8), dtype=torch.uint8, generator=g), None, None)
+    monkeypatch.setattr(ae_mod, "_STD_CHUNK", 40)
+    ref, ref_losses = train_autoencoder(ds.images(), steps=3, batch_size=16, seed=0, hidden=8)
+    monkeypatch.setattr(Dataset, "images", lambda self: pytest.fail("the whole set as float"))
+    got, losses = train_autoencoder(ds, steps=3, batch_size=16, seed=0, hidden=8)
+    assert torch.equal(losses, ref_losses) and got.scale_factor == ref.scale_factor
+    for a, b in zip(got.state_dict().values(), ref.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_precomputed_latents(tmp_path):
     z = torch.randn(6, 4, 2, 2)
     torch.save(z, tmp_path / "a.pt")

@@ -325,7 +325,7 @@ def _encode_tiny(ds: Dataset, cfg: DataConfig, seed: int, state: dict | None) ->
         codec.load_state_dict(state)
         codec.eval()
     else:
-        codec, _ = train_autoencoder(ds.images(), steps=cfg.autoencoder_steps, seed=seed)
+        codec, _ = train_autoencoder(ds, steps=cfg.autoencoder_steps, seed=seed)  # row by row
     codec.requires_grad_(False)
     with torch.no_grad():
         z = torch.cat([_encode_rows(codec, ds, i) for i in range(0, len(ds), 512)])

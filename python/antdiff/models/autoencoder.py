@@ -104,7 +104,7 @@ _STD_CHUNK = 512  # images per encoder call when train_autoencoder measures the 
 
 
 def train_autoencoder(
-    data: torch.Tensor,
+    data: Any,
     steps: int = 300,
     batch_size: int = 64,
     lr: float = 2e-3,
@@ -112,26 +112,36 @@ def train_autoencoder(
     seed: int = 0,
     **model_kwargs: Any,
 ) -> tuple[TinyAutoencoder, torch.Tensor]:
-    """Train a TinyAutoencoder by MSE on `data` [N, C, H, W] (in [-1, 1]); set its scale_factor.
+    """Train a TinyAutoencoder by MSE on `data` (in [-1, 1]); set its scale_factor.
+
+    Args:
+        data: a [N, C, H, W] float tensor, or an ``antdiff.data.Dataset``, whose rows are
+            scaled to float batch by batch (its uint8 pixels are never copied whole).
 
     Returns:
         (model in eval mode, losses [steps] float32 on CPU). scale_factor = 1 / std of the
         unscaled latents of `data`, as in latent diffusion.
     """
-    if data.ndim != 4:
-        raise ValueError(f"data must be [N, C, H, W], got shape {tuple(data.shape)}")
+    if isinstance(data, torch.Tensor):
+        x_all = data
+        get = lambda idx: data[idx.to(data.device)]  # noqa: E731
+    else:  # a Dataset: float rows on demand
+        x_all, get = data.x, data.rows
+    if x_all.ndim != 4:
+        raise ValueError(f"data must be [N, C, H, W], got shape {tuple(x_all.shape)}")
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
+    n_all = x_all.shape[0]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     if model is None:
         torch.manual_seed(seed)
-        model = TinyAutoencoder(in_channels=data.shape[1], **model_kwargs)
-    model = model.to(data.device).train()
+        model = TinyAutoencoder(in_channels=x_all.shape[1], **model_kwargs)
+    model = model.to(x_all.device).train()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
     for _ in range(steps):
-        idx = torch.randint(0, data.shape[0], (min(batch_size, data.shape[0]),), generator=gen)
-        x = data[idx.to(data.device)]
+        idx = torch.randint(0, n_all, (min(batch_size, n_all),), generator=gen)
+        x = get(idx)
         loss = F.mse_loss(model(x), x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -139,9 +149,9 @@ def train_autoencoder(
         losses.append(loss.detach())
     model.eval()
     with torch.no_grad():  # the latents' std over the data, in chunks (the whole set at once
-        total = torch.zeros(3, dtype=torch.float64, device=data.device)  # held ~2 N*32*H*W*4 B)
-        for chunk in data.split(_STD_CHUNK):
-            z = model.encoder(chunk).double()
+        total = torch.zeros(3, dtype=torch.float64, device=x_all.device)  # held ~2 N*32*H*W*4 B)
+        for start in range(0, n_all, _STD_CHUNK):
+            z = model.encoder(get(torch.arange(start, min(start + _STD_CHUNK, n_all)))).double()
             total += torch.stack([z.new_tensor(z.numel()), z.sum(), z.square().sum()])
         n, s1, s2 = total.unbind()
         var = (s2 - s1 * s1 / n) / (n - 1).clamp(min=1)  # unbiased, as Tensor.std
