@@ -631,7 +631,7 @@ def test_sequence_first_layer_is_refused_even_when_its_length_is_b(how):
 
 def test_a_position_index_kept_as_a_plain_attribute_is_a_constant():
     """self.ids = torch.arange(L) set in __init__ is neither a buffer nor made in the forward:
-    the audit takes modules' tensor attributes as constants too (J was 4% off at L == B)."""
+    the audit takes modules' tensor attributes as constants too (J was off by 0.10 at L == B)."""
     torch.manual_seed(0)
     _falls_back_and_is_refused(AttributeTable(8), "'pos' .*computed without the batch",
                                "'pos' .*computed without the batch")  # fmt: skip
