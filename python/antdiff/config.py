@@ -404,8 +404,7 @@ def upgrade_saved_config(d: dict[str, Any]) -> dict[str, Any]:
     warning, so their checkpoints still sample, evaluate and resume."""
     if not isinstance(d, dict):
         return d
-    data = dict(d.get("data") or {}) if isinstance(d.get("data") or {}, dict) else d.get("data")
-    ant = dict(d.get("ant") or {}) if isinstance(d.get("ant") or {}, dict) else d.get("ant")
+    data, ant = (dict(v) if isinstance(v, dict) else v for v in (d.get("data"), d.get("ant")))
     dropped = []
     if isinstance(data, dict):
         source = data.get("source", "digits")
@@ -429,12 +428,7 @@ def upgrade_saved_config(d: dict[str, Any]) -> dict[str, Any]:
         f"the checkpoint's config sets {', '.join(dropped)}, which the run did not read: ignored",
         stacklevel=2,
     )
-    out = dict(d)
-    if "data" in d or isinstance(data, dict) and data:
-        out["data"] = data
-    if "ant" in d or isinstance(ant, dict) and ant:
-        out["ant"] = ant
-    return out
+    return {**d, **{k: v for k, v in (("data", data), ("ant", ant)) if k in d}}
 
 
 # ------------------------------------------------------------------ presets and overrides

@@ -65,7 +65,7 @@ class RunLogger:
         # files (``commit``).
         self._pending = bool(later or later_lines)
         if not self._pending:
-            self._write_logs([])
+            self._write_logs(with_pending=False)
         self._open()
         self._tb = _tensorboard(Path(out_dir) / "tb", start)
         self._bar = None
@@ -80,13 +80,13 @@ class RunLogger:
         self._csv = csv.writer(self._file)
         self._jsonl = open(jsonl_path, "a")  # noqa: SIM115 - closed in close()
 
-    def _write_logs(self, pending: list[Path]) -> None:
-        """metrics.csv and telemetry.jsonl := the kept rows + those of the ``pending`` files."""
+    def _write_logs(self, with_pending: bool) -> None:
+        """metrics.csv and telemetry.jsonl := the kept rows (+ those of the pending files)."""
         rows, lines = self._kept
-        if pending:
-            with open(pending[0], newline="") as f:
+        if with_pending:
+            with open(self._pending_paths[0], newline="") as f:
                 rows = [*rows, *(r for r in csv.reader(f) if len(r) == len(self.columns))]
-            with open(pending[1]) as f:
+            with open(self._pending_paths[1]) as f:
                 lines = [*lines, *(ln for ln in f if ln.endswith("\n"))]
         atomic_write(self.path, lambda f: csv.writer(f).writerows([self.columns, *rows]),
                      mode="w")  # fmt: skip
@@ -99,7 +99,7 @@ class RunLogger:
             return
         self._file.close()
         self._jsonl.close()
-        self._write_logs(list(self._pending_paths))
+        self._write_logs(with_pending=True)
         for p in self._pending_paths:
             p.unlink(missing_ok=True)
         self._pending = False
