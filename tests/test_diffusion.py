@@ -198,6 +198,13 @@ def test_bad_arguments_raise():
         diff.training_losses(ConstModel(torch.zeros(2, 3, 2, 2)), x0, torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="shape \\[B\\]"):
         diff.training_losses(ConstModel(torch.zeros(2, 6, 2, 2)), x0, torch.tensor([1]))
+    # noise that only broadcasts would give every sample the same draw
+    model = ConstModel(torch.zeros(2, 6, 2, 2))
+    for noise in (torch.zeros(1, 3, 2, 2), torch.zeros(3, 2, 2)):
+        with pytest.raises(ValueError, match="noise must have x0's shape \\(2, 3, 2, 2\\)"):
+            diff.training_losses(model, x0, torch.tensor([1, 2]), noise)
+    with pytest.raises(ValueError, match="1-D integer tensor.*bool"):  # not an index error
+        diff.q_sample(x0, torch.tensor([True, False]), x0)
 
 
 def test_split_output_checks_the_channels_without_learned_sigma():

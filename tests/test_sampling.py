@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -62,6 +64,20 @@ def test_space_timesteps(spacing):
         space_timesteps(10, 11, spacing)
     with pytest.raises(ValueError, match="spacing"):
         space_timesteps(10, 5, "uniform")
+
+
+def test_leading_spacing_that_starts_inside_the_process_warns():
+    """"leading" with stride T // S = 1 (S > T/2) or 2 (S = 334) started sampling from pure
+    noise at t = S - 1 or 666, where x_t still holds 28% or 10% of the data, silently."""
+    diff = GaussianDiffusion("linear")
+    zero = Wavy()
+    for steps, start in ((501, 500), (334, 666)):
+        with pytest.warns(UserWarning, match=f"steps={steps} starts the chain at t={start}"):
+            sample(zero, diff, (1, 1, 2, 2), sampler="ddim", steps=steps, spacing="leading")
+    with warnings.catch_warnings():  # 50 steps divide T; 30 start at t = 957; linspace ends at T-1
+        warnings.simplefilter("error")
+        for steps, spacing in ((50, "leading"), (30, "leading"), (501, "linspace")):
+            sample(zero, diff, (1, 1, 2, 2), sampler="ddim", steps=steps, spacing=spacing)
 
 
 def test_respaced_schedule_consistent_with_original():

@@ -177,8 +177,12 @@ class GaussianDiffusion:
     # ---------------------------------------------------------------- forward process
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Draw x_t ~ q(x_t | x0). x0, noise: [B, ...]; t: [B] int64 -> [B, ...]."""
-        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.is_floating_point():
-            raise ValueError(f"t must be a 1-D integer tensor [B], got {getattr(t, 'shape', t)}")
+        if (not isinstance(t, torch.Tensor) or t.dim() != 1 or t.is_floating_point()
+                or t.dtype == torch.bool):  # fmt: skip
+            raise ValueError(
+                f"t must be a 1-D integer tensor [B], got "
+                f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
+            )
         try:  # no read of t's values (a host sync on a GPU): the gather checks its bounds
             a = self._gather("sqrt_ab", t, x0)
         except IndexError as e:  # on the CPU; a GPU stops at a device-side assert
@@ -319,6 +323,11 @@ class GaussianDiffusion:
             raise ValueError(f"t must have shape [B] = [{x0.shape[0]}], got {tuple(t.shape)}")
         if noise is None:
             noise = torch.randn_like(x0)
+        elif noise.shape != x0.shape:  # broadcasting would give every sample the same noise
+            raise ValueError(
+                f"noise must have x0's shape {tuple(x0.shape)} (one draw per sample), got "
+                f"{tuple(noise.shape)}"
+            )
         x_t = self.q_sample(x0, t, noise)
         out = model(x_t, t, **(model_kwargs or {}))
         pred, var_values = self.split_output(out, x0.shape[1])

@@ -6,7 +6,9 @@ The network still sees the ORIGINAL indices tau_i. Spacings (:func:`space_timest
 
 - "linspace" (default): round(linspace(0, T-1, S)); always keeps t = 0 and t = T-1.
 - "trailing": T-1, T-1-T/S, ... (rounded); keeps t = T-1, spreads evenly from the noisy end.
-- "leading": 0, T//S, 2T//S, ... (the original DDIM spacing; never reaches t = T-1).
+- "leading": 0, T//S, 2T//S, ... (the original DDIM spacing; never reaches t = T-1). Where
+  T % S is large (S > T/3 at T = 1000) the chain starts well inside the process; sampling
+  warns when the start keeps a visible part of the data.
 
 One step (S = 1) is t = T-1 under every spacing: a single denoising step from pure noise.
 
@@ -18,6 +20,7 @@ half of the channels) is taken from the conditional half; DDPM uses it, DDIM ign
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -206,7 +209,17 @@ def sample(
     device = torch.device(device) if device is not None else _default_device(model)
     if generator is not None and generator.device.type != device.type:
         raise ValueError(f"generator is on {generator.device} but sampling runs on {device}")
-    resp, tmap = respace(diffusion, space_timesteps(diffusion.T, steps, spacing))
+    ts = space_timesteps(diffusion.T, steps, spacing)
+    signal = np.sqrt(diffusion.schedule.alphas_cumprod[[ts[-1], diffusion.T - 1]])
+    if signal[0] > 2 * signal[1] + 0.02:  # "leading" with T % steps large (stride T // steps)
+        warnings.warn(
+            f"spacing={spacing!r} with steps={steps} starts the chain at t={ts[-1]} of "
+            f"{diffusion.T}, where x_t keeps sqrt(alpha_bar) = {signal[0]:.3f} of the data, "
+            f"but from pure noise (training saw {signal[1]:.3f} at t={diffusion.T - 1}); use "
+            "spacing='linspace' or 'trailing', or steps that divide T",
+            stacklevel=2,
+        )
+    resp, tmap = respace(diffusion, ts)
     tmap_t = torch.as_tensor(tmap, device=device)
     b, c = shape[0], shape[1]
     if y is not None:
