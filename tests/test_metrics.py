@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -198,8 +199,23 @@ def test_score_runs_the_network_once_on_the_samples(
     assert sizes.count(80) == 1  # the reference set comes in other sizes, and is cached
     stats = reference_stats(digits_images("all")[0], digits_extractor, tmp_path, label="digits")
     assert out["fid"] == fid_vs_reference(fake, stats, digits_extractor)["fid"]
+    # the cached reference features, truncated, are recomputed (a zipfile error before)
+    (cached,) = (tmp_path / "features").glob("*.npz")
+    cached.write_bytes(cached.read_bytes()[:100])
+    assert score(fake, digits_extractor, "digits", cache_dir=tmp_path) == out
     with pytest.raises(ValueError, match=r"fake_features must be \[80, 64\]"):
         fid_vs_reference(fake, stats, digits_extractor, fake_features=np.zeros((79, 64)))
+
+
+def test_images_in_zero_one_warn(digits_extractor) -> None:
+    """Floats in [0, 1] passed as samples were scored as all-bright [-1, 1] images, silently
+    (FID 1553 against digits, precision and recall 0)."""
+    real = digits_images("test")[0]
+    with pytest.warns(UserWarning, match="no value below 0.000: floats in \\[0, 1\\]"):
+        digits_extractor((real + 1) / 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        digits_extractor(real)
 
 
 @pytest.mark.parametrize("offset", [100.0, 1000.0])
@@ -373,6 +389,14 @@ def test_reference_stats_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     np.testing.assert_array_equal(second.sigma, first.sigma)
     assert (second.n, second.extractor) == (50, ext.name)
     monkeypatch.undo()
+
+    # A truncated cache file (a full disk, a copy cut short) is recomputed, not a zipfile error
+    data = files[0].read_bytes()
+    files[0].write_bytes(data[: len(data) // 2])
+    ext.calls = 0
+    third = reference_stats(images, ext, tmp_path, label="toy")
+    assert ext.calls > 0 and files[0].read_bytes() == data
+    np.testing.assert_array_equal(third.sigma, first.sigma)
 
     # Changed data or another network: a new key, recomputed.
     reference_stats(images[:40], ext, tmp_path, label="toy")

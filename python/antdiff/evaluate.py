@@ -270,16 +270,22 @@ def load_image_file(path: str | Path, flag: str) -> tuple[torch.Tensor, torch.Te
 
 def _real_features(label: str, images: torch.Tensor, extractor: Any, cache_dir: Path) -> np.ndarray:
     """Features [N, D] of the reference images, cached like the reference statistics."""
-    from .metrics.reference_stats import cache_path, data_hash
+    from .metrics.reference_stats import UNREADABLE, cache_path, data_hash
     from .utils import atomic_write
 
-    path = cache_path(label, extractor.name, data_hash(images), cache_dir / "features")
+    digest = data_hash(images)
+    path = cache_path(label, extractor.name, digest, cache_dir / "features")
     if path.is_file():
-        with np.load(path, allow_pickle=False) as z:
-            if str(z["extractor"]) == extractor.name:
-                return z["features"]
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if str(z["extractor"]) == extractor.name and str(z["data_sha256"]) == digest:
+                    return z["features"]
+        except UNREADABLE:
+            pass  # truncated, corrupt or from an older antdiff: recompute and overwrite
     feats = extractor(images)
-    atomic_write(path, lambda f: np.savez(f, features=feats, extractor=np.str_(extractor.name)))
+    atomic_write(path, lambda f: np.savez(
+        f, features=feats, extractor=np.str_(extractor.name), data_sha256=np.str_(digest)
+    ))  # fmt: skip
     return feats
 
 
@@ -309,8 +315,9 @@ def score(
         fake_features = extractor(fake)
     fake_f = fake_features
     out = fid_vs_reference(fake, stats, extractor, fake_features=fake_f)
-    pr = precision_recall(
-        _real_features(label, real, extractor, root), fake_f, k=k, features=extractor.name
+    pr = precision_recall(  # on the network's device: 50k x 50k distances are slow on a CPU
+        _real_features(label, real, extractor, root), fake_f, k=k, features=extractor.name,
+        device=extractor.device,
     )
     out.update(precision=pr["precision"], recall=pr["recall"], k=k, reference=label)
     return out

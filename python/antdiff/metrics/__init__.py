@@ -113,7 +113,9 @@ def evaluate(
     """
     real = extractor(real_images)
     fake = extractor(fake_images)
-    out = precision_recall(real, fake, k=k, block=block, features=extractor.name)
+    out = precision_recall(
+        real, fake, k=k, block=block, features=extractor.name, device=extractor.device
+    )
     out["fid"] = fid_from_features(real, fake, allow_rank_deficient=allow_rank_deficient)
     out["dim"] = extractor.dim
     return out

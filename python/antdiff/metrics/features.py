@@ -80,6 +80,13 @@ def check_images(images: Any, channels: tuple[int, ...]) -> torch.Tensor:
     lo, hi = float(x.min()), float(x.max())
     if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -1.5 or hi > 1.5:
         raise ValueError(f"images must be floats in [-1, 1]; got values in [{lo}, {hi}]")
+    if lo >= -0.05 and x.numel() >= 4096:  # too many values to all be bright by chance
+        warnings.warn(
+            f"images [{tuple(x.shape)}] have no value below {lo:.3f}: floats in [0, 1]? They "
+            "are read as [-1, 1] (all bright), which inflates FID; pass 2 * x - 1 (or uint8 "
+            "pixels). Ignore this for samples of a model that never draws dark pixels.",
+            stacklevel=3,
+        )
     return x.detach()
 
 
@@ -298,7 +305,7 @@ DIGITS_NAME = "digits domain classifier features (not comparable to published FI
 def digits_images(split: str = "all", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """sklearn's 8 x 8 digits as ``images [N, 1, 8, 8]`` in [-1, 1] and ``labels [N]``.
 
-    ``split``: "all" (1797), or a seeded 80/20 "train" (1437) / "test" (360) split.
+    ``split``: "all" (1797), or a seeded 80/20 "train" (1438) / "test" (359) split.
     """
     from sklearn.datasets import load_digits
 

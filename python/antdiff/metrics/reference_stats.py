@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -79,13 +80,17 @@ def cache_path(label: str, extractor_name: str, digest: str, cache_dir: str | Pa
     return Path(cache_dir) / f"{_slug(label)}__{_slug(extractor_name)}__{digest[:16]}.npz"
 
 
+# what reading a truncated, corrupt or foreign .npz cache file raises
+UNREADABLE = (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile)
+
+
 def _load(path: Path, extractor_name: str, digest: str) -> ReferenceStats | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             if str(z["extractor"]) != extractor_name or str(z["data_sha256"]) != digest:
                 return None
             return ReferenceStats(z["mu"], z["sigma"], int(z["n"]), extractor_name)
-    except (OSError, KeyError, ValueError):
+    except UNREADABLE:
         return None  # unreadable or foreign file: recompute and overwrite
 
 
