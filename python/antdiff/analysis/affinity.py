@@ -193,8 +193,9 @@ def task_affinity(
     Args:
         models_or_checkpoints: one model or checkpoint path, or a sequence of them (all the same
             architecture, parameter shapes and config).
-        diffusion: a :class:`~antdiff.diffusion.GaussianDiffusion`; its per-sample ``"loss"``
-            defines the tasks.
+        diffusion: a :class:`~antdiff.diffusion.GaussianDiffusion`; its per-sample unweighted
+            ``"mse"`` (in its prediction's parameterisation) defines the tasks: a training
+            weighting (P2, Min-SNR) and a learned variance's VB term are left out.
         data: x0 [N, C, ...] training samples (floats in [-1, 1], or uint8 pixels).
         bins: number of near-equal timestep bins (default min(50, T)); or give ``bin_edges``.
         bin_edges: [nb + 1] increasing ints from 0 to T.
@@ -324,7 +325,9 @@ def _fill_row(buf, r, b, model, diffusion, x0, kw, tasks, batch_size) -> None:
         e = min(n, s + batch_size)
         sub_kw = {k: v[s:e] for k, v in kw.items()}
         out = diffusion.training_losses(model, x0[s:e], t[s:e], noise=eps[s:e], model_kwargs=sub_kw)
-        (out["loss"].float().sum() / n).backward()
+        # the task's own loss L_t (the paper's Eq. 2): the unweighted MSE, without the training
+        # weight (P2, Min-SNR: it would reweight the timesteps inside a bin) or the VB term
+        (out["mse"].float().sum() / n).backward()
 
 
 def _gram64(J: torch.Tensor) -> np.ndarray:  # noqa: N802
