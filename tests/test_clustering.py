@@ -18,6 +18,21 @@ def test_timestep_objective_is_uniform_split():
     assert c.bounds == (0, 200, 400, 600, 800, 1000)
 
 
+@pytest.mark.parametrize("T,k,limits", [(1003, 5, {}), (97, 7, {}), (50, 3, {"min_size": 16}),
+                                        (61, 4, {"min_size": None, "max_size": None})])
+def test_timestep_objective_is_the_uniform_split_and_optimal(T, k, limits):  # noqa: N803
+    """Where T % k leaves several optima the split is Clusters.uniform's (NTG's intervals):
+    the DP's tie-break gave (0, 200, 400, 601, 802, 1003) at T = 1003, k = 5."""
+    from antdiff.interval_dp import solve_intervals
+
+    c = cluster_timesteps(linear_schedule(T), k, "timestep", **limits)
+    assert c.bounds == Clusters.uniform(T, k).bounds
+    lo, hi = c.meta["min_size"], c.meta["max_size"]
+    _, best = solve_intervals("l2", k, values=np.arange(T, dtype=np.float64), min_size=lo,
+                              max_size=hi)  # fmt: skip
+    assert c.cost == pytest.approx(best, rel=1e-12)
+
+
 def test_snr_golden_linear_schedule():
     c = cluster_timesteps(linear_schedule(1000), 5, "snr", min_size=None, max_size=None)
     assert c.bounds == (0, 153, 394, 624, 823, 1000)

@@ -148,9 +148,13 @@ def test_too_few_samples_for_fid_fail_at_parse_time(tmp_path: Path, capsys) -> N
 
 def test_mistyped_methods_and_clusterings_fail_at_parse_time(tmp_path: Path, capsys) -> None:
     """A mistyped method failed when its run came up, after every other run had trained."""
+    study._parse(["--out", str(tmp_path), "--bins", "0", "--clusterings", "snr"])  # unread
     for flag, value, msg in (("--methods", "foo,uw", "--methods foo"),
                              ("--clusterings", "snr,grad", "--clusterings: unknown ['grad']"),
-                             ("--lr", "-1", "train.lr must be finite and > 0")):  # fmt: skip
+                             ("--lr", "-1", "train.lr must be finite and > 0"),
+                             # these failed after the vanilla run had trained
+                             ("--bins", "0", "--bins must be in [1, T=1000], got 0"),
+                             ("--affinity-samples", "0", "must be >= 1")):  # fmt: skip
         with pytest.raises(SystemExit):
             study._parse(["--out", str(tmp_path), flag, value])
         assert msg in capsys.readouterr().err

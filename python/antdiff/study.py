@@ -298,9 +298,13 @@ def _check_runs(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             *("--sample.sampler", args.sampler, "--sample.steps", str(args.sample_steps)),
         ]  # the gradient clustering's affinity file comes from the study's first run
         try:
-            load_config("digits_adm", overrides)
+            cfg = load_config("digits_adm", overrides)
         except ValueError as exc:
             p.error(f"--methods {m} / --clusterings {c}: {exc}")
+        if c == "gradient" and not 1 <= args.bins <= cfg.diffusion.T:  # checked after a run
+            p.error(f"--bins must be in [1, T={cfg.diffusion.T}], got {args.bins}")
+    if args.affinity_samples < 1:
+        p.error(f"--affinity-samples must be >= 1, got {args.affinity_samples}")
 
 
 def _schedule(out: Path, todo: list[dict[str, Any]], args: argparse.Namespace, t0: float) -> None:
