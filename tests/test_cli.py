@@ -59,6 +59,13 @@ def test_train_cli_options_mistyped_or_idle_are_errors(tmp_path, capsys):
     assert "drop --resume to start a fresh run" in capsys.readouterr().err
     assert main([*base, "--name", "mine", "--print-config"]) == 0  # a top-level key of its own
     assert "name: mine" in capsys.readouterr().out
+    # a key given twice on the command line (the last one won, silently)
+    assert main([*base, "--train.batch_size", "48", "--train.batch_size=32"]) == 2
+    assert "--train.batch_size is given twice ('48', then '32'); give it once" in (
+        capsys.readouterr().err)
+    # a mistyped key's suggestion names the whole key
+    assert main([*base, "--ant.methd", "uw", "--print-config"]) == 2
+    assert "Did you mean 'ant.method'?" in capsys.readouterr().err
 
 
 def test_cluster_cli_errors_are_messages_not_tracebacks(tmp_path, capsys):
@@ -140,6 +147,8 @@ def test_info_reports_extension_and_env(capsys):
     assert d["antdiff._C"].startswith("built")
     assert "ANT_REQUIRE_CPP" in d and "torch" in d and "triton" in d
     info.main()
+    assert "antdiff._C" in capsys.readouterr().out
+    assert main(["info"]) == 0  # the sub-command, as the README writes it
     assert "antdiff._C" in capsys.readouterr().out
 
 

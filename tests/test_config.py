@@ -101,7 +101,7 @@ def test_unknown_key_names_it_lists_valid_keys_and_suggests():
 def test_unknown_key_in_a_yaml_file(tmp_path):
     p = tmp_path / "x.yaml"
     p.write_text("ant:\n  methdo: uw\n")
-    with pytest.raises(ValueError, match="'ant.methdo'.*Did you mean 'method'"):
+    with pytest.raises(ValueError, match="'ant.methdo'.*Did you mean 'ant.method'"):
         load_config(p)
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
         load_config(tmp_path / "missing.yaml")

@@ -396,15 +396,20 @@ def test_changed_method_on_resume_is_named(tmp_path):
     before anything is built (the optimiser's "different number of parameter groups" came
     first when UW was involved)."""
     train(_cfg("digits_adm", tmp_path, "--train.ckpt_every", "2", "--ant.method", "uw"))
+    own = tmp_path / "config.yaml"
     with pytest.raises(ValueError, match="ant.method: checkpoint 'uw' -> now 'pcgrad'\n"
                        "ant.method cannot change on resume, not even with "
-                       "--allow-config-change"):  # fmt: skip
+                       "--allow-config-change.*To repeat every setting the run was started "
+                       f"with: antdiff train --config {own} --resume"):  # fmt: skip
         train(
             _cfg("digits_adm", tmp_path, "--train.ckpt_every", "2", "--ant.method", "pcgrad",
                  steps=3),
             resume=True,
             allow_config_change=True,
         )  # fmt: skip
+    # the command it names resumes (the preset's own method would be another change)
+    out = train(load_config(str(own), ["--train.steps", "3"]), resume=True)
+    assert out["step"] == 3
 
 
 def test_a_resume_that_changes_what_the_state_fixes_says_so_first(tmp_path):

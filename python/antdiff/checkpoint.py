@@ -326,6 +326,12 @@ def resume_state(cfg: Any, resume: str | Path | bool, allow_change: bool) -> dic
             else "Only train.steps and logging settings may change on resume; pass "
             "--allow-config-change to resume anyway"
         )
+        own = Path(str(_get(saved, "train.out_dir"))) / "config.yaml"  # written at its start
+        if own.is_file():
+            advice += (
+                f". To repeat every setting the run was started with: antdiff train --config "
+                f"{own} --resume"
+            )
         raise ValueError(
             f"the config differs from the one checkpoint {str(path)!r} was trained with:\n{lines}\n"
             f"{advice}"

@@ -323,7 +323,7 @@ class Config:
 # ------------------------------------------------------------------ building from dicts
 def _unknown_key(where: str, key: str, valid: list[str]) -> ValueError:
     close = difflib.get_close_matches(key, valid, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
+    hint = f" Did you mean {(f'{where}.' if where else '') + close[0]!r}?" if close else ""
     full = f"{where}.{key}" if where else key
     section = f" of {where!r}" if where else ""
     return ValueError(f"unknown config key {full!r}.{hint} Valid keys{section}: {sorted(valid)}")
@@ -491,9 +491,12 @@ def _read_yaml(name_or_path: str | Path) -> tuple[dict[str, Any], str]:
     return d, name
 
 
-def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
-    """["--a.b", "1", "--c.d=x"] -> [("a.b", 1), ("c.d", "x")]; values via yaml.safe_load."""
-    out, i = [], 0
+def parse_overrides(args: list[str], once: bool = False) -> list[tuple[str, Any]]:
+    """["--a.b", "1", "--c.d=x"] -> [("a.b", 1), ("c.d", "x")]; values via yaml.safe_load.
+
+    A key given twice takes its last value, or with ``once`` (a user's command line) raises.
+    """
+    out, i, seen = [], 0, {}
     while i < len(args):
         tok = args[i]
         if not tok.startswith("--") or len(tok) < 3:
@@ -503,6 +506,11 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
             if i + 1 >= len(args) or args[i + 1].startswith("--"):
                 raise ValueError(f"override --{key} needs a value (--{key} VALUE)")
             raw, i = args[i + 1], i + 1
+        if once and key in seen:
+            raise ValueError(
+                f"--{key} is given twice ({seen[key]!r}, then {raw!r}); give it once"
+            )
+        seen[key] = raw
         out.append((key, load_yaml(raw, f"the value of --{key} ({raw!r})") if raw.strip() else raw))
         i += 1
     return out

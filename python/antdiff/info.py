@@ -1,4 +1,5 @@
-"""``python -m antdiff.info``: versions, the C++ extension, Triton / CUDA, ANT_* settings."""
+"""``antdiff info`` (or ``python -m antdiff.info``): versions, the C++ extension, Triton /
+CUDA, ANT_* settings."""
 
 from __future__ import annotations
 
@@ -65,6 +66,15 @@ def collect() -> dict[str, str]:
     for k in ENV_VARS:
         info[k] = os.environ.get(k, "(unset)")
     return info
+
+
+def add_arguments(p) -> None:  # noqa: ARG001  (``antdiff info`` takes no options)
+    pass
+
+
+def run(args) -> int:  # noqa: ARG001
+    main()
+    return 0
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ COMMANDS = {
     "ntg": ("antdiff.cli.ntg", "negative transfer gap per timestep interval -> JSON + PNG"),
     "plot": ("antdiff.cli.plot", "figures of a run's logs: cluster losses, weights, conflicts"),
     "demo": ("antdiff.demo", "ANT vs vanilla on digits in a few CPU minutes -> demo_out/"),
+    "info": ("antdiff.info", "versions, the C++ extension, Triton / CUDA, ANT_* settings"),
 }
 
 

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.out, "--out", folder=True)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.full is None:
-        if "ant.method" not in [key for key, _ in parse_overrides(overrides)]:
+        if "ant.method" not in [key for key, _ in parse_overrides(overrides, once=True)]:
             # the paper's NTG compares vanilla models; the specialists are vanilla too
             overrides = [*overrides, "--ant.method", "vanilla"]
         cfg = load_config(args.config, overrides)

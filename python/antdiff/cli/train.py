@@ -15,7 +15,7 @@ import json
 import logging
 import os
 
-from ..config import available_presets, load_config
+from ..config import available_presets, load_config, parse_overrides
 from ..logging_utils import _finite_or_none
 
 
@@ -84,6 +84,7 @@ def _check_options(args: argparse.Namespace) -> None:
                 f"unknown option {key}{hint}: the options are {', '.join(_OPTIONS)}; config "
                 "keys are set as --section.key VALUE"
             )
+    parse_overrides(getattr(args, "overrides", []), once=True)  # a key twice: which one?
     if args.allow_config_change and args.resume is None:
         raise ValueError("--allow-config-change applies when resuming: add --resume")
 
