@@ -509,7 +509,7 @@ def _train(
         run.step,
     )
     skipped = _SkipWatch(run)
-    done = False
+    done, paused = False, 0.0
     try:
         while run.step < tc.steps:
             if dist is not None:  # per rank and step: a resumed run draws what an unbroken one does
@@ -529,6 +529,7 @@ def _train(
                 )
                 skipped.check(stats, run.step - s_last, ckpt)
                 t_last, s_last = now, run.step
+            p0 = time.perf_counter()  # sample grids and checkpoints: not training time
             if main and tc.sample_every and run.step % tc.sample_every == 0 and run.step < tc.steps:
                 write_samples(run, out / "samples" / f"step_{run.step:08d}.png")
             if tc.ckpt_every and (run.step % tc.ckpt_every == 0 or run.step == tc.steps):
@@ -537,6 +538,8 @@ def _train(
                     logger.commit()  # its rows now replace those of a continuation it supersedes
                 if dist is not None:  # the checkpoint is complete before any rank goes on
                     dist.barrier()
+            pause = time.perf_counter() - p0
+            t_last, paused = t_last + pause, paused + pause
         done = True
     finally:
         logger.close(commit=done)  # a run stopped before it saved leaves the logs as they were
@@ -551,7 +554,7 @@ def _train(
         "out_dir": str(out),
         "checkpoint": None if ckpt is None else str(ckpt),
         "samples": None if samples is None else str(samples),
-        "seconds": seconds,
-        "sec_per_step": seconds / max(1, run.step - s0),
+        "seconds": seconds,  # sample grids and checkpoints included
+        "sec_per_step": (seconds - paused) / max(1, run.step - s0),  # training steps only
         "run": run,
     }
