@@ -61,7 +61,7 @@ def check_orders(G: torch.Tensor, orders: torch.Tensor) -> None:
         raise TypeError(f"orders must be a torch.Tensor, got {type(orders).__name__}")
     if orders.shape != (k, k) or orders.dtype not in (torch.int64, torch.int32):
         raise ValueError(
-            f"orders must be an int64 tensor of shape [k, k]=[{k}, {k}], "
+            f"orders must be an int64 or int32 tensor of shape [k, k]=[{k}, {k}], "
             f"got {tuple(orders.shape)} {orders.dtype}"
         )
     if orders.device != G.device:
@@ -146,7 +146,9 @@ def gram_ref(J: torch.Tensor, upcast: bool = False) -> tuple[torch.Tensor, torch
     with ieee_fp32_matmul():  # the fp32 G the kernel is tested against, never TF32 or bf16
         chunked = Jf.shape[1] >= _CHUNKED_FROM
         G = _chunked_gram(Jf) if chunked else Jf @ Jf.T
-    G = (G + G.T) * 0.5
+    # one triangle, mirrored (as the kernel does): (G + G.T) / 2 overflowed entries above
+    # FLT_MAX / 2 that fit, which read as a non-finite J
+    G = G.triu() + G.triu(1).mT
     # a NaN/inf in row i makes the sum of squares G[i, i] NaN/inf: no second pass over J
     return G, torch.isfinite(G.diagonal()).all()
 
@@ -256,8 +258,8 @@ def nash_weights_ref(G: torch.Tensor, iters: int = 40, normalize: bool = True) -
         alpha: [k] float64.
     """
     check_G(G)
-    if iters < 0:
-        raise ValueError(f"iters must be >= 0, got {iters}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"iters must be an int >= 0, got {iters!r}")
     G64 = G.to(torch.float64)
     ok = torch.isfinite(G64).all()
     if normalize:  # the Frobenius norm relative to max |G|: no overflow at extreme scales

@@ -184,6 +184,19 @@ def test_gram_nonfinite_flag(bad, where, kernel_device, force_triton):
     assert not bool(gram_ref(J.cpu())[1])
 
 
+@pytest.mark.interpret
+def test_gram_entries_near_the_float32_limit_are_finite(kernel_device, force_triton):
+    """G[0, 0] = 1.96e38 fits float32; the reference's (G + G.T) / 2 overflowed it to inf and
+    called J non-finite while the kernel did not."""
+    J = torch.zeros(2, 37, device=kernel_device)
+    J[0, 0], J[1, 0] = 1.4e19, 1.0
+    for G, finite in (gram(J), gram_ref(J.cpu())):
+        assert bool(finite) and G[0, 0].item() == pytest.approx(1.96e38, rel=1e-6)
+        assert torch.equal(G, G.T)
+    J[0, 1] = 1.4e19  # now the squared norm itself overflows: not finite on both paths
+    assert not bool(gram(J)[1]) and not bool(gram_ref(J.cpu())[1])
+
+
 def test_gram_ref_upcast_is_exact_on_integers():
     # small integers: every fp64 partial sum is exact, so G must equal the integer product
     Ji = torch.randint(-50, 50, (4, 777))

@@ -146,7 +146,7 @@ def test_pcgrad_no_conflict_is_plain_sum():
     "G,orders,match",
     [
         (torch.eye(3), torch.zeros(3, 2, dtype=torch.int64), "orders must"),
-        (torch.eye(3), torch.zeros(3, 3), "orders must"),
+        (torch.eye(3), torch.zeros(3, 3), "orders must be an int64 or int32 tensor"),
         (torch.ones(3, 2), torch.zeros(3, 3, dtype=torch.int64), "G must"),
     ],
     ids=["orders-shape", "orders-float", "G-shape"],
