@@ -289,6 +289,24 @@ def test_imtl_keeps_equal_projections_across_far_apart_norms(spread):
     torch.testing.assert_close(proj, proj.mean().expand(4), rtol=1e-5, atol=0)
 
 
+def test_imtl_of_a_float32_gram_of_nearly_parallel_gradients_is_not_its_rounding():
+    """Cosines 1 - 1e-8 apart (the diffusion case) are below a float32 Gram's rounding: solved
+    as exact, its noise set the weights (0.67 / 0.12 / 0.21 where float64 gives 0.32 / 0.30 /
+    0.37). The ridge now matches the Gram's precision; a float64 Gram keeps its exact answer."""
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal(100)
+    J = torch.tensor(np.stack([v, 1.01 * v, 0.99 * v]) + 1e-4 * rng.standard_normal((3, 100)))
+    exact = IMTLG(3).weights(J @ J.T, _present(3)).double()
+    w32 = IMTLG(3).weights((J @ J.T).float(), _present(3)).double()
+    assert (w32 > 0).all() and (w32 - exact).abs().max() < 0.05
+    # float64: the closed form, unchanged by the float32 ridge
+    U = J / J.norm(dim=1, keepdim=True)
+    D, Ud = J[0] - J[1:], U[0] - U[1:]
+    rest = (J[0] @ Ud.T) @ torch.linalg.inv(D @ Ud.T)
+    torch.testing.assert_close(exact, torch.cat([1 - rest.sum().reshape(1), rest]), rtol=1e-4,
+                               atol=1e-5)  # fmt: skip
+
+
 # ---------------------------------------------------------------- MGDA
 def test_mgda_k2_closed_form():
     for seed in range(6):

@@ -181,6 +181,7 @@ class GramMethod:
         # the last weights returned (for inspection; the engine keeps and saves its own copy)
         self.last_weights: Tensor | None = None
         self._valid: Tensor | None = None  # the current weights() call's validity flag
+        self._g_eps = torch.finfo(torch.float64).eps  # the current call's Gram precision
 
     def weights(self, G: Tensor, present: Tensor, valid: Tensor | None = None) -> Tensor:
         """Weights of the per-cluster gradients.
@@ -198,10 +199,12 @@ class GramMethod:
             gets weight 0 and the others' weights are those without it (a "mean" reduction
             still divides by the clusters present), without a word, since telling would read G
             on the host: check ``isfinite(G)`` yourself (the engine does, and skips such a
-            step) or pass ``valid``.
+            step) or pass ``valid``. A NaN off the diagonal with a finite diagonal (which a
+            Gram of finite rows cannot hold) gives NaN weights: unsolved, as above.
         """
         check_gram(G, present, self.k)
         self._valid = valid
+        self._g_eps = torch.finfo(G.dtype).eps  # the Gram's own rounding, before the upcast
         G64 = G.detach().to(torch.float64)
         G64 = 0.5 * (G64 + G64.T)
         # a cluster whose gradient has NaN or inf (its diagonal entry does) is left out like an

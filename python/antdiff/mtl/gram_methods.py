@@ -211,13 +211,18 @@ class IMTLG(GramMethod):
 
     def _weights(self, G: Tensor, active: Tensor, present: Tensor) -> Tensor:
         # w ∝ N^-1 C^-1 1 (N the gradient norms, C their cosine matrix): solved on C, whose unit
-        # diagonal makes the ridge weigh alike on every cluster whatever their norms' spread
+        # diagonal makes the ridge weigh alike on every cluster whatever their norms' spread.
+        # The ridge is at least the Gram's own rounding (k eps of its dtype): nearly parallel
+        # gradients (the diffusion case) make C nearly singular, and a float32 Gram solved as
+        # exact gave weights of its rounding noise (0.67 / 0.12 / 0.21 where float64 gives
+        # 0.32 / 0.30 / 0.37); at that ridge they tend to 1 / N, IMTL-G's parallel limit.
+        ridge = max(_RIDGE, self.k * self._g_eps)
         d = G.diagonal().clamp(min=0).sqrt()
         ok = active & (d > 0)  # a zero gradient (or an inactive cluster) gets weight 0
         dd = torch.where(ok, d, 1.0)
         both = (ok[:, None] & ok[None, :]).to(G.dtype)
         eye = torch.eye(self.k, dtype=G.dtype, device=G.device)
-        A = G / (dd[:, None] * dd[None, :]) * both + torch.diag((~ok).to(G.dtype)) + _RIDGE * eye
+        A = G / (dd[:, None] * dd[None, :]) * both + torch.diag((~ok).to(G.dtype)) + ridge * eye
         u, _ = torch.linalg.solve_ex(A, ok.to(G.dtype)[:, None])
         v = torch.where(ok, u[:, 0] / dd, 0.0)
         s = v.sum()
