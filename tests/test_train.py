@@ -699,3 +699,19 @@ def test_sec_per_step_leaves_out_sample_grids_and_checkpoints(tmp_path, monkeypa
     assert len(rows) == 6 and out["seconds"] > 3.0  # the 2 grids inside the loop count here
     assert max(float(r["sec_per_step"]) for r in rows) < 0.75
     assert out["sec_per_step"] < 0.75
+
+
+def test_nash_without_gradient_clipping_warns(tmp_path, caplog):
+    """The paper's presets clip nothing; Nash-MTL's weights are unbounded as gradients come to
+    oppose, and its authors clip at 1.0: a Nash-MTL run without clipping says so."""
+    import logging
+
+    for method, clip, warned in (("nash", "null", True), ("uw+nash", "null", True),
+                                 ("nash", "1.0", False), ("nash", "0", False),
+                                 ("pcgrad", "null", False)):  # fmt: skip
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="antdiff"):
+            build_run(_cfg("digits_adm", tmp_path, "--ant.method", method, "--train.grad_clip",
+                           clip))  # fmt: skip
+        said = "without gradient clipping" in caplog.text
+        assert said == warned, (method, clip)

@@ -156,6 +156,13 @@ def build_run(cfg: Config, codec_state: dict | None = None, dist: DistContext | 
     from .models import create_model
 
     tc, ac = cfg.train, cfg.ant
+    if "nash" in ac.method.replace(" ", "").split("+") and tc.grad_clip is None:
+        log.warning(
+            "ant.method=%s without gradient clipping (train.grad_clip: null, as the paper's "
+            "presets set): Nash-MTL's weights grow without bound as cluster gradients come to "
+            "oppose each other, and its authors clip the gradient norm at 1.0; pass "
+            "--train.grad_clip 1.0 (or 0 to train unclipped without this warning)", ac.method,
+        )
     if dist is not None:
         dist.check_batch(tc.batch_size)
     device = resolve_device(tc.device) if dist is None else dist.device
