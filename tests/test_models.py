@@ -259,6 +259,10 @@ def test_tiny_autoencoder_shapes_and_training():
     assert z.shape == (32, 4, 4, 4) and rec.shape == (32, 1, 8, 8)
     assert abs(z_all.std().item() - 1.0) < 1e-3  # scale_factor makes latents unit-variance
     torch.testing.assert_close(rec, ae(data[:32]))
+    # an odd size decoded to another size (7x7 -> 8x8)
+    for run in (ae.encode, ae):
+        with pytest.raises(ValueError, match="must be divisible by 2"):
+            run(torch.zeros(1, 1, 7, 7))
 
 
 def test_diffusers_vae_missing_paths(tmp_path):
@@ -462,12 +466,17 @@ def test_wrong_inputs_get_errors_naming_the_argument(name):
         ("dit-tiny", dict(depth=0), r"depth must be a positive integer"),
         ("dit-tiny", dict(num_classes=0), r"None for an unconditional model"),
         ("dit-tiny", dict(patch_size=3), "--model.overrides.patch_size to a divisor"),
+        # these built a model blind to t, an MLP 0 wide, or a negative-size tensor error
+        ("dit-tiny", dict(frequency_embedding_size=1), "timestep embedding needs dim >= 2"),
+        ("dit-tiny", dict(mlp_ratio=0.0), "mlp_ratio must give an MLP at least 1 wide"),
+        ("dit-tiny", dict(mlp_ratio=-1.0), "mlp_ratio must give an MLP at least 1 wide"),
     ],
 )
 def test_model_sizes_are_checked_by_name(name, overrides, match):
     """Sizes that gave a ZeroDivisionError, an empty model or a misleading message."""
     with pytest.raises(ValueError, match=match):
-        create_model(name, **overrides)
+        model = create_model(name, **overrides)
+        model(torch.randn(2, 1, 8, 8), torch.tensor([1, 2]))  # the embedding checks its width
 
 
 def test_adm_size_must_divide_by_its_downsamplings():

@@ -83,6 +83,8 @@ def label_embedding(model: nn.Module, embed: nn.Embedding | None, y: torch.Tenso
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of integer timesteps. t: [B] -> [B, dim] (cos half, sin half)."""
+    if dim < 2:  # no sinusoid fits: the embedding would be zeros, blind to t
+        raise ValueError(f"the timestep embedding needs dim >= 2, got {dim}")
     half = dim // 2
     freqs = torch.exp(
         -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
@@ -207,7 +209,9 @@ class UNetModel(nn.Module):
     """ADM UNet. Called as model(x [B, C, H, W], t [B] int64, y [B] int64 | None).
 
     Args:
-        image_size: H = W of the input (used to place attention by resolution).
+        image_size: H = W of the input (used to place attention by resolution). The network
+            is fully convolutional: another size divisible by the downsamplings runs too, with
+            attention at the same levels (so at other resolutions than named).
         in_channels: C.
         model_channels: base width; level l has model_channels * channel_mult[l] channels.
         num_res_blocks: ResBlocks per level in the encoder (decoder has one more).

@@ -83,6 +83,7 @@ class TinyAutoencoder(nn.Module, LatentCodec):
         return float(self._scale)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        self.latent_shape(x.shape)  # an odd size would decode to another size
         return self.encoder(x) * self._scale
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -90,6 +91,7 @@ class TinyAutoencoder(nn.Module, LatentCodec):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstruction without latent scaling. x: [B, C, H, W] -> [B, C, H, W]."""
+        self.latent_shape(x.shape)
         return self.decoder(self.encoder(x))
 
     def latent_shape(self, image_shape: tuple[int, ...]) -> tuple[int, ...]:

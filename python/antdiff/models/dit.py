@@ -51,6 +51,11 @@ class DiTBlock(nn.Module):
         super().__init__()
         if hidden % heads:
             raise ValueError(f"hidden size {hidden} is not divisible by num_heads {heads}")
+        if not mlp_ratio > 0 or int(hidden * mlp_ratio) < 1:
+            raise ValueError(
+                f"mlp_ratio must give an MLP at least 1 wide (hidden {hidden} x mlp_ratio), got "
+                f"{mlp_ratio} (--model.overrides.mlp_ratio 4.0)"
+            )
         self.heads = heads
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.qkv = nn.Linear(hidden, 3 * hidden)
