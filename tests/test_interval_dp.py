@@ -262,6 +262,21 @@ def test_non_integer_k_is_a_type_error() -> None:
         solve_intervals("l1", 2, values=V5, min_size=1.5)
 
 
+def test_complex_values_and_tables_beyond_memory_are_refused(monkeypatch) -> None:
+    """A complex array lost its imaginary part with only a ComplexWarning; a k x T table past
+    the memory available (k = 20000 at T = 1e5: 30 GiB) met the OOM killer, not an error."""
+    import torch
+
+    for bad in (np.array([1 + 1j, 2.0]), torch.tensor([1 + 1j, 2.0])):
+        with pytest.raises(ValueError, match="values must be real"):
+            solve_intervals("l1", 1, values=bad)
+    monkeypatch.setattr(interval_dp, "_available_bytes", lambda: 1 << 20)
+    for backend in ("numpy", "cpp"):
+        with pytest.raises(ValueError, match=r"k=20, T=10000 needs 0.0 GiB .* fewer clusters"):
+            solve_intervals("l1", 20, values=np.arange(10000.0), backend=backend)
+    solve_intervals("l1", 2, values=np.arange(1000.0))  # 32 KiB of tables: within the 1 MiB
+
+
 def test_interval_cost_checks_bounds() -> None:
     with pytest.raises(ValueError, match="bounds"):
         interval_cost("l1", [0, 3, 2, 5], values=V5)

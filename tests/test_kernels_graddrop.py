@@ -96,8 +96,8 @@ def test_cpp_equals_reference(k, P, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("ANT_KERNELS_BACKEND", "auto")
     called = []
-    real = native._C.graddrop
-    monkeypatch.setattr(native._C, "graddrop", lambda *a: called.append(1) or real(*a),
+    real = native._C._graddrop_at
+    monkeypatch.setattr(native._C, "_graddrop_at", lambda *a: called.append(1) or real(*a),
                         raising=False)  # fmt: skip
     J, present = _case(k, P)
     step = torch.tensor([5])
@@ -152,7 +152,7 @@ def test_cpp_declines_what_it_cannot_read(monkeypatch):
     handles or names them: C++ never reads a device pointer or overlapping rows."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("ANT_KERNELS_BACKEND", "auto")
-    monkeypatch.setattr(native._C, "graddrop", lambda *a: pytest.fail("C++ was called"),
+    monkeypatch.setattr(native._C, "_graddrop_at", lambda *a: pytest.fail("C++ was called"),
                         raising=False)  # fmt: skip
     row = torch.randn(50)
     J, present = row.expand(3, 50), torch.ones(3, dtype=torch.bool)

@@ -128,7 +128,13 @@ def test_bad_input(no_interpreter):
     with pytest.raises(ValueError, match="iters must be an integer >= 0"):
         native.nash_weights(G, iters=-1)
     with pytest.raises(ValueError, match="k must be >= 1"):
-        native._C.nash_weights(G.data_ptr(), 0, 20, True, G.data_ptr())
+        native._C._nash_weights_at(G.data_ptr(), 0, 20, True, G.data_ptr())
+    # the address-taking solvers are private and refuse a null address (it was a segfault)
+    with pytest.raises(ValueError, match="null buffer address"):
+        native._C._pcgrad_weights_at(0, 0, 3, 0)
+    with pytest.raises(ValueError, match="null buffer address"):
+        native._C._philox_uniform_at(1, 0, 0, 4, 0)
+    assert not hasattr(native._C, "pcgrad_weights")
 
 
 @pytest.mark.parametrize("name", ["pcgrad", "nash"])

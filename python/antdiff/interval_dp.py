@@ -30,6 +30,7 @@ from __future__ import annotations
 import operator
 import os
 import warnings
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -48,7 +49,9 @@ BUILD_HINT = (
 )
 
 # The bindings this code calls; csrc/bindings.cpp sets the same number on the module.
-ABI_VERSION = 2  # 2: NaN from nash_weights without a solution and pcgrad_weights of a non-finite G
+# 2: NaN from nash_weights without a solution and pcgrad_weights of a non-finite G;
+# 3: the address-taking solvers are private (_C._pcgrad_weights_at, ...) and refuse null
+ABI_VERSION = 3
 
 _cpp: dict[str, Any] = {"tried": False, "module": None, "error": None, "warned": False}
 
@@ -142,7 +145,11 @@ def _validate_data(cost: str, values: Any, matrix: Any) -> tuple[np.ndarray, int
         shape = "[T]" if one_d else "[T, T]"
         raise ValueError(f"cost='{cost}' needs {name}={shape}; got {name}=None")
     if hasattr(given, "detach"):  # a torch tensor, without importing torch
+        if given.is_complex():
+            raise ValueError(f"{name} must be real; got a complex tensor")
         given = given.detach().cpu().double().numpy()
+    if np.iscomplexobj(given):  # the cast would drop the imaginary part with a mere warning
+        raise ValueError(f"{name} must be real; got a complex array")
     data = np.asarray(given, dtype=np.float64)  # its shape checked before the copy below
     if one_d and (data.ndim != 1 or data.shape[0] < 1):
         raise ValueError(f"values must be a 1-D array [T] with T >= 1; got shape {data.shape}")
@@ -271,6 +278,7 @@ def solve_intervals(
     if data.ndim == 2 and chosen != "cpp":  # the C++ makes this check itself, as fast
         _check_finite(cost, data)
     _check_magnitude(cost, data, k)
+    _check_table_memory(T, k)
     if chosen == "cpp":
         algo = "dc" if dc else "quadratic"
         bounds, total = _require_cpp().solve_intervals(cost, data, k, lo, hi, algo)
@@ -279,6 +287,31 @@ def solve_intervals(
     else:
         bounds, total = _dp_numpy.solve_naive(cost, data, k, lo, hi)
     return np.asarray(bounds, dtype=np.int64), float(total)
+
+
+def _available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None (no check)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_table_memory(T: int, k: int) -> None:
+    """The DP keeps a cost and a split table of (k + 1) x (T + 1) entries (16 bytes each):
+    refused up front when it exceeds the memory available (the kernel's OOM killer would end
+    the process instead of an error)."""
+    need = 16 * (k + 1) * (T + 1)
+    have = _available_bytes()
+    if have is not None and need > have:
+        raise ValueError(
+            f"the interval DP for k={k}, T={T} needs {need / 2**30:.1f} GiB of tables "
+            f"((k + 1) (T + 1) x 16 bytes) and {have / 2**30:.1f} GiB is available: use "
+            "fewer clusters, or bins of timesteps (a coarser T)"
+        )
 
 
 def _check_magnitude(cost: str, data: np.ndarray, k: int) -> None:

@@ -68,7 +68,7 @@ def pcgrad_weights(G: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
     k = G.shape[0]
     g, o = _host64(G, torch.float64), _host64(orders, torch.int64)
     w = torch.empty(k, dtype=torch.float64)
-    _C.pcgrad_weights(g.data_ptr(), o.data_ptr(), k, w.data_ptr())
+    _C._pcgrad_weights_at(g.data_ptr(), o.data_ptr(), k, w.data_ptr())
     return w
 
 
@@ -82,7 +82,7 @@ def nash_weights(G: torch.Tensor, iters: int = 40, normalize: bool = True) -> to
     k = G.shape[0]
     g = _host64(G, torch.float64)
     alpha = torch.empty(k, dtype=torch.float64)
-    _C.nash_weights(g.data_ptr(), k, iters, normalize, alpha.data_ptr())
+    _C._nash_weights_at(g.data_ptr(), k, iters, normalize, alpha.data_ptr())
     return alpha
 
 
@@ -141,7 +141,7 @@ def uw_forward(per, s, cid, inv, present, *, checked: bool = True) -> tuple[torc
         )
     total = torch.empty((), **_HOST32)
     Lc, saved = torch.empty(2 * k, **_HOST32), torch.empty(2 * k, **_HOST32)  # noqa: N806
-    _C.uw_forward(
+    _C._uw_forward_at(
         per.data_ptr(), cid.data_ptr(), B, inv.data_ptr(), present.data_ptr(), s.data_ptr(),
         k, total.data_ptr(), Lc.data_ptr(), saved.data_ptr(),
     )  # fmt: skip
@@ -161,7 +161,7 @@ def uw_backward(g, coef, cid, *, checked: bool = True) -> torch.Tensor:
             f"{tuple(coef.shape)}, cid {tuple(cid.shape)}"
         )
     d_per = torch.empty(cid.shape[0], **_HOST32)
-    _C.uw_backward(
+    _C._uw_backward_at(
         g.data_ptr(), coef.data_ptr(), coef.shape[0], cid.data_ptr(), cid.shape[0], d_per.data_ptr()
     )
     return d_per
@@ -177,7 +177,7 @@ def uniform(seed: int, step: torch.Tensor, n: int, offset: int = 0) -> torch.Ten
     check_uniform(seed, step, n, offset=offset)
     out = torch.empty(n, **_HOST32)
     s = step.detach().resolve_neg().reshape(1).contiguous()
-    _C.philox_uniform(seed, s.data_ptr(), offset, n, out.data_ptr())
+    _C._philox_uniform_at(seed, s.data_ptr(), offset, n, out.data_ptr())
     return out
 
 
@@ -204,6 +204,6 @@ def graddrop(J, present, seed, step, leak, divisor, out=None) -> torch.Tensor:
     keep = present.to(torch.float32).contiguous()
     div = divisor.detach().resolve_neg().reshape(1).to(torch.float32).contiguous()
     s = step.detach().resolve_neg().reshape(1).contiguous()
-    _C.graddrop(J.data_ptr(), k, P, J.stride(0) if k > 1 else P, keep.data_ptr(), seed,
+    _C._graddrop_at(J.data_ptr(), k, P, J.stride(0) if k > 1 else P, keep.data_ptr(), seed,
                 s.data_ptr(), float(leak), div.data_ptr(), out.data_ptr())  # fmt: skip
     return out
