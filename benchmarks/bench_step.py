@@ -135,11 +135,11 @@ class Setup:
 def make_step(scenario: str, s: Setup) -> Callable[[], None]:
     """A closure running one full training step of ``scenario`` on ``s``."""
     lib, _, method = scenario.partition("-")
-    if lib in ("libmtl", "torchjd"):
-        sampler = ANT("linear", k=K, method="vanilla", clustering=s.clusters)
-        step = peers.peer_step(lib, method, s.model, s.loss_fn, s.clusters)
-        return lambda: step(s.batch, sampler.sample_timesteps(s.B, s.device))
     fused = s.device.type == "cuda"  # there ant.step then skips non-finite steps on the device
+    if lib in ("libmtl", "torchjd"):  # the same AdamW as vanilla and ours, fused on a GPU
+        sampler = ANT("linear", k=K, method="vanilla", clustering=s.clusters)
+        step = peers.peer_step(lib, method, s.model, s.loss_fn, s.clusters, fused=fused)
+        return lambda: step(s.batch, sampler.sample_timesteps(s.B, s.device))
     if lib == "vanilla":
         opt = torch.optim.AdamW(s.model.parameters(), lr=1e-4, fused=fused)
 

@@ -106,10 +106,13 @@ def libmtl_host(method: str, model: nn.Module, k: int) -> nn.Module:
     return Host()
 
 
-def libmtl_step(method: str, model: nn.Module, loss_fn: LossFn, clusters: Any, lr: float) -> Step:
-    """One LibMTL training step: forward, ``host.backward(cluster losses)``, AdamW step."""
+def libmtl_step(
+    method: str, model: nn.Module, loss_fn: LossFn, clusters: Any, lr: float, fused: bool = False
+) -> Step:
+    """One LibMTL training step: forward, ``host.backward(cluster losses)``, AdamW step
+    (``fused``: torch's fused AdamW, as vanilla and antdiff get on a GPU)."""
     host = libmtl_host(method, model, clusters.k)
-    opt = torch.optim.AdamW(host.parameters(), lr=lr)
+    opt = torch.optim.AdamW(host.parameters(), lr=lr, fused=fused)
     kwargs = {"mgda_gn": "none"} if method == "mgda" else {}
 
     def step(batch: Any, t: torch.Tensor) -> None:
@@ -135,14 +138,16 @@ def torchjd_aggregator(method: str, k: int) -> Any:
     raise ValueError(f"method must be one of {TORCHJD_METHODS}, got {method!r}")
 
 
-def torchjd_step(method: str, model: nn.Module, loss_fn: LossFn, clusters: Any, lr: float) -> Step:
+def torchjd_step(
+    method: str, model: nn.Module, loss_fn: LossFn, clusters: Any, lr: float, fused: bool = False
+) -> Step:
     """One torchjd step: forward, ``autojac.backward`` of the k cluster losses,
-    ``jac_to_grad`` with the aggregator, AdamW step."""
+    ``jac_to_grad`` with the aggregator, AdamW step (``fused`` as in libmtl_step)."""
     from torchjd.autojac import backward, jac_to_grad
 
     aggregator = torchjd_aggregator(method, clusters.k)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
+    opt = torch.optim.AdamW(params, lr=lr, fused=fused)
 
     def step(batch: Any, t: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
@@ -156,11 +161,12 @@ def torchjd_step(method: str, model: nn.Module, loss_fn: LossFn, clusters: Any, 
 
 
 def peer_step(
-    lib: str, method: str, model: nn.Module, loss_fn: LossFn, clusters: Any, lr: float = 1e-4
+    lib: str, method: str, model: nn.Module, loss_fn: LossFn, clusters: Any, lr: float = 1e-4,
+    fused: bool = False,
 ) -> Step:
     """A full training step of ``lib`` ("libmtl" or "torchjd") running ``method``."""
     if lib == "libmtl":
-        return libmtl_step(method, model, loss_fn, clusters, lr)
+        return libmtl_step(method, model, loss_fn, clusters, lr, fused)
     if lib == "torchjd":
-        return torchjd_step(method, model, loss_fn, clusters, lr)
+        return torchjd_step(method, model, loss_fn, clusters, lr, fused)
     raise ValueError(f"lib must be 'libmtl' or 'torchjd', got {lib!r}")

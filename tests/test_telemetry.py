@@ -45,7 +45,7 @@ def _expected(steps):
         d = np.sqrt(np.maximum(np.diag(g), 1e-30))
         cos = g / np.outer(d, d)
         p = p & (np.diag(g) > 0)  # a zero gradient has no direction: no cosine
-        last_cos = np.where(np.outer(p, p), cos, np.nan)
+        last_cos = np.where(np.outer(p, p) & ok, cos, np.nan)  # a skipped step: all NaN
         both = np.outer(p, p) & ok
         cos_sum[both] += cos[both]
         conflicts[both & (cos < 0)] += 1
@@ -202,3 +202,18 @@ def test_absent_and_zero_gradient_clusters_have_no_last_loss_or_cosine():
     for m in (cos, mean):
         assert np.isnan(m[1]).all() and np.isnan(m[:, 1]).all() and np.isnan(m[3]).all()
         np.testing.assert_allclose(np.diag(m)[[0, 2]], 1.0, rtol=1e-6)
+
+
+def test_the_last_cosine_of_a_skipped_step_is_nan():
+    """stats()["cosine"] showed the matrix of a step skipped as non-finite (its running mean
+    left it out)."""
+    J = torch.randn(K, 6, dtype=torch.float64)  # noqa: N806
+    G = (J @ J.T).float()  # noqa: N806
+    tel = Telemetry(K)
+    ones = torch.ones(K, dtype=torch.bool)
+    tel.update(torch.rand(K), torch.ones(K), ones, torch.tensor(True), G)
+    J[1] = -J[0]  # a conflicting pair in the skipped step
+    tel.update(torch.rand(K), torch.ones(K), ones, torch.tensor(False), (J @ J.T).float())
+    snap = tel.snapshot()
+    assert np.isnan(np.array(snap["cosine"])).all()
+    assert np.isfinite(np.array(snap["cosine_mean"])).all()  # the finite step's

@@ -161,6 +161,31 @@ def test_device_per_process():
             rank_device("cuda", 0)
 
 
+def test_collective_timeout_is_set_and_checked(monkeypatch):
+    """The process group took NCCL's 10-minute default, which a large checkpoint's write on
+    rank 0 can outlast while the others wait at the barrier."""
+    import datetime
+
+    from antdiff import train_dist
+
+    seen = {}
+    monkeypatch.setattr(train_dist.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(train_dist.dist, "init_process_group",
+                        lambda backend, **kw: seen.update(backend=backend, **kw))  # fmt: skip
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("ANT_DIST_TIMEOUT", raising=False)
+    assert init_distributed("cpu") is not None
+    assert seen == {"backend": "gloo", "timeout": datetime.timedelta(minutes=30)}
+    monkeypatch.setenv("ANT_DIST_TIMEOUT", "90")
+    init_distributed("cpu")
+    assert seen["timeout"] == datetime.timedelta(minutes=90)
+    for bad in ("0", "-5", "soon", "inf"):
+        monkeypatch.setenv("ANT_DIST_TIMEOUT", bad)
+        with pytest.raises(ValueError, match="ANT_DIST_TIMEOUT must be a positive number"):
+            init_distributed("cpu")
+
+
 def test_single_process_without_torchrun(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert init_distributed("auto") is None

@@ -22,6 +22,8 @@ ENV_VARS = {
     "ANT_GPU_WORK": "scripts/gpu_check.sh: its work folder (/tmp/ant_gpu)",
     "ANT_GPU_TESTS_K": "scripts/gpu_check.sh: a pytest -k selection replacing the test stage's",
     "ANT_GPU_TEST_LIMIT": "scripts/gpu_check.sh: each test stage's time limit in s (540)",
+    "ANT_DIST_TIMEOUT": "torchrun training: minutes a collective (a checkpoint's barrier) waits "
+    "(30)",
 }
 
 

@@ -156,7 +156,8 @@ def build_run(cfg: Config, codec_state: dict | None = None, dist: DistContext | 
     from .models import create_model
 
     tc, ac = cfg.train, cfg.ant
-    if "nash" in ac.method.replace(" ", "").split("+") and tc.grad_clip is None:
+    main = dist is None or dist.is_main  # one warning, not one per process
+    if main and "nash" in ac.method.replace(" ", "").split("+") and tc.grad_clip is None:
         log.warning(
             "ant.method=%s without gradient clipping (train.grad_clip: null, as the paper's "
             "presets set): Nash-MTL's weights grow without bound as cluster gradients come to "
@@ -424,7 +425,9 @@ class _SkipWatch:
         self.before = now
         if self.row >= DIVERGED_STEPS:
             tc = self.run.cfg.train
-            last = f"the last checkpoint, {ckpt}," if ckpt else "no checkpoint of this process"
+            last = (f"the last checkpoint, {ckpt}," if ckpt else "no checkpoint of this run"
+                    if self.run.dist is None or self.run.dist.is_main
+                    else "the last checkpoint (written by rank 0)")  # fmt: skip
             raise TrainingDiverged(
                 f"training diverged: the last {self.row} steps (to step {self.run.step}) were all "
                 f"non-finite and skipped. Lower train.lr (now {tc.lr:g}) or set "

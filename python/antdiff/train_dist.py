@@ -20,12 +20,16 @@ Models that draw random numbers in their forward (dropout, label dropout) get a 
 stream instead, so for them the runs agree in distribution, not bit for bit.
 
 Rank 0 alone keeps the EMA, logs, writes sample grids and checkpoints (the others wait at a
-barrier after each checkpoint). A resume loads the same checkpoint on every rank; checkpoints
-hold the plain model's weights, so a run may resume with another world size (or one process).
+barrier after each checkpoint, up to ANT_DIST_TIMEOUT minutes, default 30). A resume loads the
+same checkpoint on every rank, so on several nodes train.out_dir must be on a shared file
+system; checkpoints hold the plain model's weights, so a run may resume with another world size
+(or one process). Every rank loads the whole global batch and draws its noise, then keeps its
+slice: that is what makes the run equal one process, at B / W times the data loading.
 """
 
 from __future__ import annotations
 
+import datetime
 import inspect
 import os
 from dataclasses import dataclass
@@ -153,8 +157,22 @@ def init_distributed(device: str) -> DistContext | None:
     if owns:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=_timeout())
     return DistContext(rank, world, local_rank, dev, owns)
+
+
+def _timeout() -> datetime.timedelta:
+    """How long a collective waits (ANT_DIST_TIMEOUT minutes, default 30): the other ranks wait
+    at a barrier while rank 0 writes a checkpoint, which for a large model (weights, EMA and
+    Adam's moments) on a slow file system can outlast NCCL's 10-minute default."""
+    raw = os.environ.get("ANT_DIST_TIMEOUT", "30")
+    try:
+        minutes = float(raw)
+    except ValueError:
+        minutes = float("nan")
+    if not minutes > 0 or minutes == float("inf"):
+        raise ValueError(f"ANT_DIST_TIMEOUT must be a positive number of minutes, got {raw!r}")
+    return datetime.timedelta(minutes=minutes)
 
 
 class QuietLogger:

@@ -143,7 +143,7 @@ def plot_cluster_curves(
     plt = _pyplot()
     v = np.asarray(values, dtype=np.float64)
     if logy:
-        v = np.where(v > 0, v, np.nan)  # a cluster absent from a step logs 0
+        v = np.where(v > 0, v, np.nan)  # no log of 0 (an absent cluster logs NaN already)
     window = max(1, len(steps) // 20)
     fig, ax = plt.subplots(figsize=(6.4, 3.9), dpi=120)
     colors = plt.get_cmap("viridis")(np.linspace(0.0, 0.9, v.shape[1]))

@@ -127,8 +127,8 @@ class Telemetry:
         self._acc("conflict_count", (both * (cos < 0).float()).sum(0))
         self._acc("pair_count", both.sum(0))
         # of the last step with a Gram (a new tensor, not a view of all); NaN for a pair with an
-        # absent or zero-gradient cluster
-        last = pres[-1][:, None] & pres[-1][None, :]
+        # absent or zero-gradient cluster, and all NaN when that step was skipped (not finite)
+        last = pres[-1][:, None] & pres[-1][None, :] & fin[-1]
         self.t["cosine"] = torch.where(last, cos[-1], float("nan"))
 
     def snapshot(self) -> dict[str, Any]:
