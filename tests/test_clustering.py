@@ -33,6 +33,14 @@ def test_timestep_objective_is_the_uniform_split_and_optimal(T, k, limits):  # n
     assert c.cost == pytest.approx(best, rel=1e-12)
 
 
+def test_timestep_objective_refuses_limits_no_split_meets():
+    """The uniform split was returned under limits it breaks (min_size 300 for k = 4)."""
+    for limits, name in (({"min_size": 300}, "min_size"),
+                         ({"min_size": None, "max_size": 100}, "max_size")):
+        with pytest.raises(ValueError, match=f"{name}=.* is infeasible for k=4, T=1000"):
+            cluster_timesteps(linear_schedule(1000), 4, "timestep", **limits)
+
+
 def test_snr_golden_linear_schedule():
     c = cluster_timesteps(linear_schedule(1000), 5, "snr", min_size=None, max_size=None)
     assert c.bounds == (0, 153, 394, 624, 823, 1000)

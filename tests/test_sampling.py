@@ -78,6 +78,10 @@ def test_leading_spacing_that_starts_inside_the_process_warns():
         warnings.simplefilter("error")
         for steps, spacing in ((50, "leading"), (30, "leading"), (501, "linspace")):
             sample(zero, diff, (1, 1, 2, 2), sampler="ddim", steps=steps, spacing=spacing)
+        # the cosine schedule: DDIM-50 (a divisor of T) starts at t = 980, sqrt(alpha_bar) 0.03
+        cos = GaussianDiffusion("cosine")
+        for steps in (10, 25, 50):
+            sample(zero, cos, (1, 1, 2, 2), sampler="ddim", steps=steps, spacing="leading")
 
 
 def test_respaced_schedule_consistent_with_original():

@@ -222,6 +222,7 @@ def cluster_timesteps(
         # near-equal split is optimal under any feasible limits (lo <= T // k <= hi). Taken
         # as is, it is the split of Clusters.uniform and NTG's intervals also where T % k
         # leaves several optima (the DP's tie-break picked another at T = 1003, k = 5).
+        validate_sizes(T, k, lo, hi)  # limits no split meets are refused as the DP refused them
         bounds = Clusters.uniform(T, k).bounds
         cost = sum(n * (n * n - 1) / 12 for n in np.diff(bounds).tolist())
     elif objective == "snr":

@@ -211,7 +211,8 @@ def sample(
         raise ValueError(f"generator is on {generator.device} but sampling runs on {device}")
     ts = space_timesteps(diffusion.T, steps, spacing)
     signal = np.sqrt(diffusion.schedule.alphas_cumprod[[ts[-1], diffusion.T - 1]])
-    if signal[0] > 2 * signal[1] + 0.02:  # "leading" with T % steps large (stride T // steps)
+    # "leading" where T % steps is large (stride T // steps); a divisor is DDIM's own spacing
+    if diffusion.T % steps and signal[0] > 2 * signal[1] + 0.02:
         warnings.warn(
             f"spacing={spacing!r} with steps={steps} starts the chain at t={ts[-1]} of "
             f"{diffusion.T}, where x_t keeps sqrt(alpha_bar) = {signal[0]:.3f} of the data, "

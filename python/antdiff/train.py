@@ -157,7 +157,7 @@ def build_run(cfg: Config, codec_state: dict | None = None, dist: DistContext | 
 
     tc, ac = cfg.train, cfg.ant
     main = dist is None or dist.is_main  # one warning, not one per process
-    if main and "nash" in ac.method.replace(" ", "").split("+") and tc.grad_clip is None:
+    if main and "nash" in ac.method.replace(" ", "").lower().split("+") and tc.grad_clip is None:
         log.warning(
             "ant.method=%s without gradient clipping (train.grad_clip: null, as the paper's "
             "presets set): Nash-MTL's weights grow without bound as cluster gradients come to "
@@ -425,14 +425,18 @@ class _SkipWatch:
         self.before = now
         if self.row >= DIVERGED_STEPS:
             tc = self.run.cfg.train
-            last = (f"the last checkpoint, {ckpt}," if ckpt else "no checkpoint of this run"
-                    if self.run.dist is None or self.run.dist.is_main
-                    else "the last checkpoint (written by rank 0)")  # fmt: skip
+            earlier = "may already hold the diverged weights: resume from an earlier one " \
+                "(--resume PATH) or start over"
+            if ckpt is not None:
+                advice = f"the last checkpoint, {ckpt}, {earlier}"
+            elif self.run.dist is None or self.run.dist.is_main:
+                advice = "no checkpoint was written yet: start over"
+            else:  # rank 0 alone writes checkpoints
+                advice = f"rank 0's last checkpoint, if any, {earlier}"
             raise TrainingDiverged(
                 f"training diverged: the last {self.row} steps (to step {self.run.step}) were all "
                 f"non-finite and skipped. Lower train.lr (now {tc.lr:g}) or set "
-                f"train.grad_clip (now {tc.grad_clip}); {last} may already hold the diverged "
-                "weights: resume from an earlier one (--resume PATH) or start over"
+                f"train.grad_clip (now {tc.grad_clip}); {advice}"
             )
 
 
@@ -539,10 +543,15 @@ def _train(
                 )
                 skipped.check(stats, run.step - s_last, ckpt)
                 t_last, s_last = now, run.step
+            grid = main and tc.sample_every and run.step % tc.sample_every == 0 \
+                and run.step < tc.steps
+            save = tc.ckpt_every and (run.step % tc.ckpt_every == 0 or run.step == tc.steps)
+            if (grid or save) and run.device.type == "cuda":  # the step's queued kernels count
+                torch.cuda.synchronize(run.device)  # as training time, not as the write's
             p0 = time.perf_counter()  # sample grids and checkpoints: not training time
-            if main and tc.sample_every and run.step % tc.sample_every == 0 and run.step < tc.steps:
+            if grid:
                 write_samples(run, out / "samples" / f"step_{run.step:08d}.png")
-            if tc.ckpt_every and (run.step % tc.ckpt_every == 0 or run.step == tc.steps):
+            if save:
                 if main:
                     ckpt = save_checkpoint(out, run.step, checkpoint_state(run), tc.keep_ckpts)
                     logger.commit()  # its rows now replace those of a continuation it supersedes
