@@ -80,12 +80,14 @@ def check_images(images: Any, channels: tuple[int, ...]) -> torch.Tensor:
     lo, hi = float(x.min()), float(x.max())
     if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -1.5 or hi > 1.5:
         raise ValueError(f"images must be floats in [-1, 1]; got values in [{lo}, {hi}]")
-    if lo >= -0.05 and x.numel() >= 4096:  # too many values to all be bright by chance
+    # floats in [0, 1] have their darkest pixels at 0; images in [-1, 1] have them near -1,
+    # and a model's all-bright samples (a degenerate model) have none near 0
+    if abs(lo) <= 0.05 and x.numel() >= 4096:  # too many values for a chance darkest 0
         warnings.warn(
-            f"images [{tuple(x.shape)}] have no value below {lo:.3f}: floats in [0, 1]? They "
-            "are read as [-1, 1] (all bright), which inflates FID; pass 2 * x - 1 (or uint8 "
-            "pixels). Ignore this for samples of a model that never draws dark pixels.",
-            stacklevel=3,
+            f"images [{tuple(x.shape)}] have their darkest value at {lo:.3f}: floats in [0, 1]? "
+            "They are read as [-1, 1] (all bright), which inflates FID; pass 2 * x - 1 (or "
+            "uint8 pixels). Ignore this for samples of a model that never draws dark pixels.",
+            stacklevel=2,
         )
     return x.detach()
 
