@@ -1174,6 +1174,7 @@ def _nash_after_first_step(skip_first, x, t):
     out = ant.backward(counting, x, t)
     got = (calls["n"], out.weights.clone(), flat_grad(model).clone())
     calls["n"] = 0
+    ant.step(opt)
     again = ant.backward(counting, x, t)  # an off-step with those weights
     assert calls["n"] == 1
     torch.testing.assert_close(again.weights, out.weights)
@@ -1707,6 +1708,57 @@ def test_accumulated_micro_batches_are_observed_only_once_the_step_passes(method
     micro(False), micro(False)
     assert ant.step(opt) is True
     assert any(not torch.equal(a, b) for a, b in zip(state(), before))
+
+
+@pytest.mark.parametrize("method", ["dwa", "famo"])
+def test_accumulated_micro_batches_are_one_observation_per_optimiser_step(method):
+    """4 micro-batches per ant.step: FAMO took 4 Adam steps of its logits per optimiser step
+    (mostly comparing micro-batches under the same weights) and DWA counted 4 steps; they now
+    observe each cluster's mean over the micro-batches once per step."""
+    model, ant = setup(method)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 1, 6, 6)
+    seen = []
+    real = ant.method.loss.observe
+    ant.method.loss.observe = lambda L, present: seen.append((L.clone(), present.clone())) or \
+        real(L, present)  # fmt: skip
+    for _ in range(2):  # until its first ant.step the engine cannot tell accumulation apart
+        # from a trainer that never calls it (each reduce then observes the one before)
+        t = ant.sample_timesteps(8)
+        ant.reduce(per_sample_loss(model)(x, t), t).backward()
+    ant.step(opt)
+    seen.clear()
+    for _ in range(3):
+        opt.zero_grad(set_to_none=True)
+        parts = []
+        for _ in range(4):
+            t = ant.sample_timesteps(8)
+            ant.reduce(per_sample_loss(model)(x, t), t).div(4).backward()
+            parts.append((ant.last.cluster_losses.clone(), ant.last.present.clone()))
+        assert ant.step(opt) is True
+        L, present = seen[-1]
+        want = torch.stack([torch.where(p, c, 0.0) for c, p in parts]).sum(0) / torch.stack(
+            [p.float() for _, p in parts]).sum(0).clamp(min=1)  # fmt: skip
+        assert torch.equal(present, torch.stack([p for _, p in parts]).any(0))
+        torch.testing.assert_close(L, torch.where(present, want, 0.0))
+    assert len(seen) == 3
+
+
+def test_backward_again_without_step_warns_that_it_replaces():
+    """backward, backward, step (the usual way to accumulate) trained on the last micro-batch
+    alone, silently."""
+    model, ant = setup("pcgrad")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 1, 6, 6)
+    loss = per_sample_loss(model)
+    for _ in range(2):  # backward + step: no warning
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ant.backward(loss, x, ant.sample_timesteps(8))
+        ant.step(opt)
+    ant.backward(loss, x, ant.sample_timesteps(8))
+    with pytest.warns(UserWarning, match="replaced, not accumulated"):
+        ant.backward(loss, x, ant.sample_timesteps(8))
 
 
 @pytest.mark.parametrize("read", [True, False])

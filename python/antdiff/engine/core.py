@@ -567,6 +567,14 @@ class ANT:
         n = batch_size(batch)
         self._check_t(t, n)
         check_batch(batch, t.shape[0])
+        if self._uses_step and self._unstepped:  # a trainer that calls ant.step skipped it
+            warnings.warn(
+                "ant.backward again without ant.step since the last one: its gradients are "
+                "replaced, not accumulated (each call rebuilds J and the update). To accumulate, "
+                "pass the larger batch to one ant.backward (its per-cluster passes already bound "
+                "the activation memory); to skip a step on purpose, ignore this warning",
+                stacklevel=2,
+            )
         self._flush_observe()
         batch, t, counts = self._sorted(batch, t)
         self._maybe_absent = bool((np.asarray(counts) == 0).any())
@@ -958,8 +966,19 @@ class ANT:
 
     def _flush_observe(self, verdict: torch.Tensor | None = None) -> None:
         """The loss method's observe for the steps that wait for it, each masked by its finite
-        flag and by ``verdict`` (ant.step's check of all their gradients) when given."""
+        flag. With ``verdict`` (ant.step's check of all their gradients) they are the micro-
+        batches of ONE optimiser step: observed once, each cluster's loss the mean over the
+        micro-batches it was present in (FAMO took an Adam step and DWA counted a step per
+        micro-batch)."""
         pending, self._pending_observe = self._pending_observe, []
+        if verdict is not None and len(pending) > 1:
+            dev = pending[-1][0].device
+            use = [(p & (f & verdict).to(p.device)).to(dev) for _, p, f in pending]
+            num = sum(torch.where(u, L.to(dev), 0.0) for (L, _, _), u in zip(pending, use))
+            den = sum(u.to(num.dtype) for u in use)
+            present = den > 0
+            self.method.loss.observe(torch.where(present, num / den.clamp(min=1), 0.0), present)
+            return
         for L, present, finite in pending:  # noqa: N806
             ok = finite if verdict is None else finite & verdict
             self.method.loss.observe(torch.where(ok, L, 0.0), present & ok)
