@@ -87,6 +87,30 @@ def test_sample_pt_format(run_dir: Path, tmp_path: Path) -> None:
     assert (mine / "samples.pt").read_bytes() == b"the user's own"
 
 
+def test_an_interrupted_sample_run_never_leaves_two_runs_mixed(
+    run_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A rerun into the same --out stopped while writing samples.npy left the new grid beside
+    the old samples and the old sample.json (seed 1 claimed, seed 2's grid)."""
+    import antdiff.utils as utils
+
+    out = tmp_path / "g"
+    _sample(run_dir, out, "--seed", "1", num=3)
+    real = utils.atomic_write
+
+    def stop_at_the_array(path, write):
+        if Path(path).name == "samples.npy":
+            raise KeyboardInterrupt
+        return real(path, write)
+
+    monkeypatch.setattr(utils, "atomic_write", stop_at_the_array)
+    assert main(["sample", "--ckpt", str(run_dir), "--num", "3", *FAST, "--seed", "2",
+                 "--out", str(out)]) == 130  # interrupted  # fmt: skip
+    assert not (out / "sample.json").exists() and not (out / "samples.npy").exists()
+    assert main(["sample", "--ckpt", str(run_dir), "--num", "3", *FAST, "--grid", "0", "--out",
+                 str(tmp_path / "h")]) == 2  # fmt: skip
+
+
 def test_sample_spacing_and_eta_reach_the_sampler(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -80,7 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common(p)
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--format", default="npy", choices=("npy", "pt"), help="samples file type")
-    p.add_argument("--grid", type=int, default=100, help="images in the PNG grid")
+    p.add_argument("--grid", type=int, default=100, help="images in the PNG grid (>= 1)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
+    if args.grid < 1:
+        raise ValueError(f"--grid must be >= 1 (images in samples.png), got {args.grid}")
     check_output(args.out, "--out", folder=True)  # before the sampling, not after it
     loaded = load_for_sampling(args.ckpt, ema=args.ema, device=pick_device(args.device))
     if args.cfg_scale is None:  # the guidance the run trained its preview grids with
@@ -109,7 +111,13 @@ def run(args: argparse.Namespace) -> int:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     earlier = _earlier_outputs(out)  # read before this run rewrites sample.json
-    grid = x[: max(1, args.grid)]
+    # the earlier run's record and files go first: a run stopped while writing leaves some of
+    # its own files and no sample.json, never a folder that mixes two runs (only files that
+    # sample.json names are removed, never the user's)
+    (out / "sample.json").unlink(missing_ok=True)
+    for name in earlier:
+        (out / name).unlink(missing_ok=True)
+    grid = x[: args.grid]
     png = save_png(image_grid(grid), out / "samples.png", scale=max(1, 32 // x.shape[-1]))
     labels = []
     if args.format == "npy":
@@ -120,11 +128,7 @@ def run(args: argparse.Namespace) -> int:
         blob = {"x": x, "y": y} if y is not None else {"x": x}
         data = atomic_write(out / "samples.pt", lambda f: torch.save(blob, f))
     written = [png, data, *labels]
-    # what an earlier sample run left here in the other format (or its labels) must not sit
-    # beside these samples; only files its sample.json names are removed, never the user's
-    stale = sorted(earlier - {f.name for f in written})
-    for name in stale:
-        (out / name).unlink(missing_ok=True)
+    stale = sorted(earlier - {f.name for f in written})  # removed above, and not written again
     meta = {
         "ckpt": str(loaded.path),
         "step": loaded.step,
