@@ -65,10 +65,16 @@ def test_logs_match_csv_and_conflicts_match_cosines(pcgrad_run):
     assert logs["bounds"][0] == 0 and logs["bounds"][-1] == 1000
 
 
-def test_vanilla_run_has_curves_but_no_matrices(tmp_path):
+def test_vanilla_run_has_curves_but_no_matrices(pcgrad_run, tmp_path):
     train(_cfg(tmp_path / "run", "vanilla", 3))
     res = plot_run(tmp_path / "run")
     assert res["conflict"] is None and res["cosine"] is None
+    # into a folder that holds a gradient run's figures: its matrices are not left beside
+    # these curves
+    plot_run(pcgrad_run, tmp_path / "shared")
+    plot_run(tmp_path / "run", tmp_path / "shared")
+    assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == ["losses.png",
+                                                                        "weights.png"]
     _valid_png(tmp_path / "run" / "plots" / "losses.png")
     _valid_png(tmp_path / "run" / "plots" / "weights.png")
 

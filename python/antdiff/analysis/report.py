@@ -219,8 +219,12 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str
     ))  # fmt: skip
     last = next((t for t in reversed(logs["telemetry"]) if "conflict_rate" in t), None)
     res["conflict"] = res["cosine"] = None
-    if last is not None:
-        n = f"{method}, mean over the Gram steps up to step {int(steps[-1])}"
+    if last is None:  # a loss-space run: no matrices, and none of another run's left in `out`
+        for name in ("conflict.png", "cosine.png"):
+            (out / name).unlink(missing_ok=True)
+    else:
+        upto = int(last.get("step", steps[-1]))  # the telemetry record's own step
+        n = f"{method}, mean over the Gram steps up to step {upto}"
         rate = np.array(last["conflict_rate"], dtype=np.float64)  # null (unmeasured): NaN
         cos = np.array(last["cosine_mean"], dtype=np.float64)
         res["conflict"] = str(plot_matrix(
