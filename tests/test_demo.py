@@ -23,6 +23,36 @@ def test_demo_writes_its_report_and_a_rerun_replaces_its_runs(tmp_path: Path) ->
     grids = {p.name for p in (out / "runs" / "ant" / "samples").iterdir()}
     assert "step_00000003.png" not in grids and "step_00000002.png" in grids
     assert len(list((out / "runs" / "ant" / "tb").glob("events.*"))) == 1
+    readme = (out / "README.md").read_text()
+    assert f"antdiff demo --out {out} --steps 2 --batch-size 16" in readme  # the real command
+
+
+def test_an_interrupted_rerun_leaves_no_old_report(tmp_path: Path, monkeypatch) -> None:
+    """A rerun stopped while training left the earlier run's summary.json, README.md and
+    figures beside the new runs' logs; the stop also left the other worker running."""
+    import antdiff.demo as demo
+
+    out = tmp_path / "demo"
+    run_demo(out, steps=2, batch_size=16, progress=False)
+    (out / "mine.txt").write_text("the user's own")
+    stopped = []
+
+    class Stopping:  # the pool of a run interrupted at its first wait
+        def __init__(self, *args, **kwargs):
+            self._processes = {1: type("P", (), {"terminate": lambda _: stopped.append(1)})()}
+
+        def submit(self, *args):
+            raise KeyboardInterrupt
+
+        def shutdown(self, wait=True, cancel_futures=False):
+            stopped.append("shutdown")
+
+    monkeypatch.setattr(demo, "ProcessPoolExecutor", Stopping)
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(out, steps=3, batch_size=16, progress=False)
+    assert stopped == [1, "shutdown"]
+    left = sorted(p.name for p in out.iterdir())
+    assert left == ["mine.txt", "runs"], left
 
 
 def test_demo_never_deletes_a_run_it_did_not_write(tmp_path: Path) -> None:

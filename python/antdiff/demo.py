@@ -77,7 +77,7 @@ def plot_curves(ant_csv: Path, vanilla_csv: Path, k: int, path: Path) -> Path:
     axes[1].set_title("ANT: cluster losses")
     axes[2].set_title("vanilla: cluster losses")
     axes[0].set_yscale("log")
-    top = max(np.nanpercentile(a[f"loss_c{i + 1}"], 98) for i in range(k))
+    top = max(np.nanpercentile(r[f"loss_c{i + 1}"], 98) for r in (a, v) for i in range(k))
     for ax in axes[1:]:
         ax.set_yscale("log")
         ax.set_ylim(top=top * 1.5)
@@ -189,12 +189,21 @@ def run_demo(
             )
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / MARK).write_text("written by antdiff demo; a rerun replaces this folder\n")
+    _remove_old_report(out)
     # the twins train at once, one thread each: both cores busy, no thread oversubscription
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=2, mp_context=ctx) as pool:
+    pool = ProcessPoolExecutor(max_workers=2, mp_context=ctx)
+    try:
         futures = {n: pool.submit(_train_child, over) for n, (_, over) in jobs.items()}
         results = {n: (jobs[n][0], f.result()) for n, f in futures.items()}
+    except BaseException:  # Ctrl-C, SIGTERM, a worker's error: the other worker stops too (the
+        # pool's exit waited for both runs to finish)
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            proc.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     cfg, ant = results["ant"]
     clusters = Clusters.from_dict(ant["clusters"])
     files = {
@@ -222,6 +231,20 @@ def run_demo(
     return summary
 
 
+def _remove_old_report(out: Path) -> None:
+    """An earlier demo's report (its summary.json, README.md and the files the summary lists)
+    goes before the new runs train: stopped mid-way, a rerun left the old report beside the
+    new runs' logs. Only files an antdiff demo summary names."""
+    try:
+        old = json.loads((out / "summary.json").read_text())
+        names = [*old["files"].values()] if old.get("preset") == PRESET else []
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        return
+    for name in [*names, "README.md", "summary.json"]:
+        if isinstance(name, str) and "/" not in name:
+            (out / name).unlink(missing_ok=True)
+
+
 def _train_child(overrides: list[str]) -> dict:
     """Train one run in a worker process; return its picklable summary."""
     from .train import train
@@ -244,6 +267,7 @@ def _summary(results: dict, files: dict, seconds: float) -> dict:
         "what": "adm-tiny on sklearn digits (8x8), ANT (k=5 log-SNR clusters, UW+PCGrad) vs "
         "vanilla, same seed and steps; samples from the EMA weights with DDIM",
         "preset": PRESET,
+        "out": str(Path(cfg.train.out_dir).parent.parent),
         "steps": cfg.train.steps,
         "batch_size": cfg.train.batch_size,
         "seed": cfg.train.seed,
@@ -267,7 +291,8 @@ def _readme(s: dict) -> str:
 
 What ran: {s["what"]}.
 Preset `{s["preset"]}`; {s["steps"]} steps of batch {s["batch_size"]} per run, seed {s["seed"]};
-total {s["seconds_total"]} s (ANT {s["seconds"]["ant"]} s, vanilla {s["seconds"]["vanilla"]} s).
+total {s["seconds_total"]} s, of which training (side by side) ANT {s["seconds"]["ant"]} s, vanilla
+{s["seconds"]["vanilla"]} s.
 Clusters (half-open timestep intervals [l, r), t = 0 least noisy): {s["clusters"]}.
 
 | file | content |
@@ -283,7 +308,8 @@ Final effective weights (UW x PCGrad): {[round(w, 3) for w in s["ant_final_weigh
 Conflict rate between the least and the most noisy cluster: {far:.2f}.
 A few minutes of CPU training is far from convergence: the point is the mechanics (clusters,
 weights, conflicts) and a like-for-like comparison, not sample quality.
-Re-run: `make demo` or `antdiff demo --out demo_out [--steps N]`.
+Re-run: `antdiff demo --out {s["out"]} --steps {s["steps"]} --batch-size {s["batch_size"]} \
+--seed {s["seed"]}` (`make demo`: the defaults into demo_out).
 """
 
 
