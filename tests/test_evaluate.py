@@ -286,9 +286,9 @@ def test_eval_k_is_checked_before_sampling(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
-        (dict(k=0), "k must be an integer >= 1, got 0"),
-        (dict(k=-1), "k must be an integer >= 1, got -1"),
-        (dict(k=2.5), "k must be an integer >= 1, got 2.5"),
+        (dict(k=0), r"k \(--k\) must be an integer >= 1, got 0"),
+        (dict(k=-1), "must be an integer >= 1, got -1"),
+        (dict(k=2.5), "must be an integer >= 1, got 2.5"),
         (dict(ref="few.npy"), "--ref .*few.npy: 3 samples of 64-dim features"),
         (dict(ref="many.npy", k=80), "--k 80 neighbours need at least 81 samples; got --ref"),
         (dict(ref="nhwc.npy"), r"--ref .*nhwc.npy: images must be \[N, C, H, W\] .* C in"),

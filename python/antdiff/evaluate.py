@@ -79,7 +79,8 @@ def load_for_sampling(
 
 def _check_int(name: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        flag = "--" + name.replace("_", "-")  # the sample / eval command's flag of that name
+        raise ValueError(f"{name} ({flag}) must be an integer >= {low}, got {value!r}")
 
 
 def generate(
