@@ -145,6 +145,19 @@ def test_ntg_definition_against_independent_fid(tmp_path):
     assert json.loads(js.read_text())["intervals"][1]["ntg"] == other["ntg"]
     with Image.open(png) as im:
         im.verify()
+    # a rewrite stopped at the figure leaves no numbers of the earlier result beside it
+    import antdiff.analysis.ntg as ntg_mod
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    real_plot, ntg_mod.plot_ntg = ntg_mod.plot_ntg, stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            write_ntg(res, tmp_path / "out")
+    finally:
+        ntg_mod.plot_ntg = real_plot
+    assert not js.exists()
     with pytest.raises(ValueError, match="no step"):  # 4 DDIM steps: 0, 333, 666, 999
         negative_transfer_gap(full, {(400, 600): spec}, diffusion, real, extractor, **kw)
 

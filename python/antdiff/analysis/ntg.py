@@ -305,12 +305,15 @@ def plot_ntg(result: dict[str, Any], path: str | Path, title: str | None = None)
 
 
 def write_ntg(result: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
-    """``ntg.json`` and ``ntg.png`` in ``out_dir``, both written atomically."""
+    """``ntg.json`` and ``ntg.png`` in ``out_dir``, both written atomically: an earlier
+    ntg.json goes first and the new one comes last, so a stop in between never leaves one
+    run's figure beside another's numbers."""
     import json
 
     out = Path(out_dir)
-    js = atomic_write_text(out / "ntg.json", json.dumps(result, indent=2) + "\n")
-    return js, plot_ntg(result, out / "ntg.png")
+    (out / "ntg.json").unlink(missing_ok=True)
+    png = plot_ntg(result, out / "ntg.png")
+    return atomic_write_text(out / "ntg.json", json.dumps(result, indent=2) + "\n"), png
 
 
 # ------------------------------------------------------------------ training the models
