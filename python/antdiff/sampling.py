@@ -7,8 +7,8 @@ The network still sees the ORIGINAL indices tau_i. Spacings (:func:`space_timest
 - "linspace" (default): round(linspace(0, T-1, S)); always keeps t = 0 and t = T-1.
 - "trailing": T-1, T-1-T/S, ... (rounded); keeps t = T-1, spreads evenly from the noisy end.
 - "leading": 0, T//S, 2T//S, ... (the original DDIM spacing; never reaches t = T-1). Where
-  T % S is large (S > T/3 at T = 1000) the chain starts well inside the process; sampling
-  warns when the start keeps a visible part of the data.
+  T % S is large (S = 334 or 501 at T = 1000) the chain starts well inside the process;
+  sampling warns when the start keeps a visible part of the data (never for S dividing T).
 
 One step (S = 1) is t = T-1 under every spacing: a single denoising step from pure noise.
 
