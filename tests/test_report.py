@@ -123,3 +123,16 @@ def test_telemetry_is_strict_json_and_a_cut_off_row_is_skipped(pcgrad_run, tmp_p
         f.write("11,0.9,0.8\n")
     logs = load_run_logs(run)
     assert int(logs["steps"][-1]) == 10
+
+
+def test_moving_average_is_centred():
+    """An even window (steps // 20) was off centre by half a row: a step moved its mean early."""
+    from antdiff.analysis.report import _moving_average
+
+    y = np.zeros(21)
+    y[10] = 1.0
+    for window in (4, 5):
+        m = _moving_average(y, window)
+        np.testing.assert_allclose(m, m[::-1])  # symmetric around the step, as y is
+    m = _moving_average(np.array([1.0, np.nan, 3.0]), 3)
+    np.testing.assert_allclose(m, [1.0, 2.0, 3.0])  # NaNs left out, not counted as 0

@@ -101,9 +101,10 @@ def _labels(k: int, bounds: list[int] | None) -> list[str]:
 
 
 def _moving_average(y: np.ndarray, window: int) -> np.ndarray:
-    """Centred mean over ``window`` rows that ignores NaNs (y: [n])."""
+    """Centred mean over ``window`` rows (made odd: an even one is off centre by half a row)
+    that ignores NaNs (y: [n])."""
     ok = np.isfinite(y)
-    kern = np.ones(window)
+    kern = np.ones(window | 1)
     num = np.convolve(np.where(ok, y, 0.0), kern, mode="same")
     den = np.convolve(ok.astype(np.float64), kern, mode="same")
     with np.errstate(invalid="ignore", divide="ignore"):
