@@ -555,7 +555,9 @@ def _markdown(summary: dict[str, Any]) -> str:
         f"python {m['python']}; {pv}; git {m['git_sha']}.",
         "k = 5 SNR clusters, linear schedule, eps-MSE, AdamW. Ratio = median over rounds of the "
         "scenario's step time over a vanilla step run back to back with it (order alternating); "
-        "*nash25: total over one 25-step cycle over its paired vanilla steps' total. Step ms: "
+        "*nash25: total over one 25-step cycle over its paired vanilla steps' total. Vanilla "
+        "draws t with torch.randint, ours and the peers with ANT's stratified sampler (its cost "
+        "is in their ratios). Step ms: "
         "absolute times "
         "drift with the machine's load between rows; compare ratios. "
         "Peak = allocated tensor bytes above the pre-step level over two steps from a fresh "
