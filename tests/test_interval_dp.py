@@ -270,7 +270,7 @@ def test_complex_values_and_tables_beyond_memory_are_refused(monkeypatch) -> Non
     for bad in (np.array([1 + 1j, 2.0]), torch.tensor([1 + 1j, 2.0])):
         with pytest.raises(ValueError, match="values must be real"):
             solve_intervals("l1", 1, values=bad)
-    monkeypatch.setattr(interval_dp, "_available_bytes", lambda: 1 << 20)
+    monkeypatch.setattr(interval_dp, "available_host_bytes", lambda: 1 << 20)
     for backend in ("numpy", "cpp"):
         with pytest.raises(ValueError, match=r"k=20, T=10000 needs 0.0 GiB .* fewer clusters"):
             solve_intervals("l1", 20, values=np.arange(10000.0), backend=backend)

@@ -30,13 +30,13 @@ from __future__ import annotations
 import operator
 import os
 import warnings
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 from antdiff import _dp_numpy
+from antdiff.utils import available_host_bytes
 
 __all__ = ["COSTS", "cpp_available", "interval_cost", "solve_intervals"]
 
@@ -289,24 +289,13 @@ def solve_intervals(
     return np.asarray(bounds, dtype=np.int64), float(total)
 
 
-def _available_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), else None (no check)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def _check_table_memory(T: int, k: int) -> None:
     """The DP keeps a cost and a split table of (k + 1) x (T + 1) entries (16 bytes each):
     refused up front when it exceeds the memory available (the kernel's OOM killer would end
     the process instead of an error)."""
     need = 16 * (k + 1) * (T + 1)
-    have = _available_bytes()
-    if have is not None and need > have:
+    have = available_host_bytes()
+    if need > have:
         raise ValueError(
             f"the interval DP for k={k}, T={T} needs {need / 2**30:.1f} GiB of tables "
             f"((k + 1) (T + 1) x 16 bytes) and {have / 2**30:.1f} GiB is available: use "

@@ -27,7 +27,6 @@ same in either mode. The parameters' ``.grad`` are restored afterwards too.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from torch import nn
 
 from ..data import as_float
 from ..engine.buffer import GradBuffer
-from ..utils import atomic_write
+from ..utils import atomic_write, available_host_bytes
 
 __all__ = [
     "AffinityResult",
@@ -356,13 +355,7 @@ def _rows(
 def _free_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return available_host_bytes()
 
 
 def _as_list(x: Any) -> list[Any]:
