@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <iomanip>
 #include <limits>
 #include <memory>
 #include <sstream>
@@ -73,6 +74,39 @@ void CheckFinite(const CostInput& in, int64_t T) {
              "]; every entry must be finite");
       }
     }
+  }
+}
+
+// Refuses data whose interval costs or prefix sums could overflow float64 anywhere in the DP: an
+// overflowed candidate would be skipped (and the split silently not optimal) or leave no split.
+// The bound is on the largest intermediate: n * sum(x^2) (l2), prefix sums (l1), the affinity's
+// 2-D prefix sums, k summed matrix entries. Only the entries the cost reads count.
+void CheckMagnitude(const CostInput& in, int64_t T, int64_t k) {
+  double top = 0.0;
+  if (in.kind == CostKind::kL1 || in.kind == CostKind::kL2) {
+    for (int64_t t = 0; t < T; ++t) top = std::max(top, std::fabs(in.data[t]));
+  } else {  // cost='matrix' reads only the upper triangle
+    for (int64_t r = 0; r < T; ++r) {
+      for (int64_t c = in.kind == CostKind::kMatrix ? r : 0; c < T; ++c) {
+        top = std::max(top, std::fabs(in.data[r * T + c]));
+      }
+    }
+  }
+  const double t = static_cast<double>(T);
+  double bound = 0.0;
+  switch (in.kind) {
+    case CostKind::kL2: bound = t * t * top * top; break;
+    case CostKind::kL1: bound = 4.0 * t * top; break;
+    case CostKind::kAffinity: bound = 2.0 * t * t * top; break;
+    case CostKind::kMatrix: bound = 2.0 * static_cast<double>(k) * top; break;
+  }
+  if (!(bound < 1e300)) {
+    const char* names[] = {"l1", "l2", "affinity", "matrix"};
+    std::ostringstream msg;
+    msg << "interval DP (" << names[static_cast<int>(in.kind)]
+        << "): the costs overflow float64 (the largest |value| is " << std::setprecision(3) << top
+        << "); rescale the input";
+    Fail(msg.str());
   }
 }
 
@@ -382,6 +416,7 @@ IntervalSplit SolveIntervals(const CostInput& input, int64_t k, std::optional<in
   int direction = 0;
   const int64_t T = ValidateInput(input, &direction);
   const Window w = ValidateSizes(T, k, min_size, max_size);
+  CheckMagnitude(input, T, k);
   const bool monge = input.kind == CostKind::kL1 || (input.kind == CostKind::kL2 && direction);
   if (algorithm == Algorithm::kDivideConquer && !monge) {
     Fail(std::string("algorithm='dc' needs the quadrangle inequality: cost='l1', or cost='l2' ") +

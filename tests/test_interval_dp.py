@@ -358,6 +358,28 @@ def test_finite_inputs_whose_costs_overflow_are_refused(backend, cost, data):
         solve_intervals(cost, 2, backend=backend, **data)
 
 
+@pytest.mark.parametrize(
+    ("cost", "data"),
+    [("l2", np.array([1.0, -2.0, 3.0, 1e153, -1e153, 2e153, 5.0])),
+     ("matrix", np.full((4, 4), 1e308))],
+)  # fmt: skip
+def test_the_extension_refuses_overflowing_costs_itself(cost, data):
+    """antdiff._C.solve_intervals called directly (not through interval_dp) answered an
+    overflow with an internal 'broken backtrack' error, or a split that skipped overflowed
+    candidates."""
+    with pytest.raises(ValueError, match=f"interval DP \\({cost}\\): the costs overflow float64"):
+        _C.solve_intervals(cost, data, 2, None, None, "quadratic")
+
+
+@pytest.mark.parametrize("backend", ["cpp", "numpy", "naive"])
+def test_an_unread_triangle_of_the_cost_matrix_may_be_large(backend):
+    """cost='matrix' reads C[l, r] for l <= r only: huge entries below the diagonal are not
+    costs of any interval and do not count as an overflow."""
+    m = np.triu(np.ones((6, 6))) + np.tril(np.full((6, 6), 1e308), -1)
+    bounds, total = solve_intervals("matrix", 2, matrix=m, backend=backend)
+    assert total == 2.0 and bounds[0] == 0 and bounds[-1] == 6
+
+
 def test_a_scalar_is_not_taken_for_one_timestep():
     """np.ascontiguousarray makes a 0-d array 1-D: a scalar passed as values was solved as
     T = 1 (the C++ entry point refuses it)."""

@@ -275,9 +275,10 @@ def solve_intervals(
     k, lo, hi = validate_sizes(T, k, min_size, max_size)
     dc = _resolve_algorithm(algorithm, cost, direction, T)
     chosen = _pick_backend(backend)
-    if data.ndim == 2 and chosen != "cpp":  # the C++ makes this check itself, as fast
-        _check_finite(cost, data)
-    _check_magnitude(cost, data, k)
+    if chosen != "cpp":  # the C++ makes these checks itself, as fast
+        if data.ndim == 2:
+            _check_finite(cost, data)
+        _check_magnitude(cost, data, k)
     _check_table_memory(T, k)
     if chosen == "cpp":
         algo = "dc" if dc else "quadratic"
@@ -307,8 +308,9 @@ def _check_magnitude(cost: str, data: np.ndarray, k: int) -> None:
     """Refuse values whose interval costs or sums could overflow float64 somewhere in the DP:
     an overflowed candidate would be skipped and the split silently not optimal."""
     T = data.shape[0]  # noqa: N806
+    read = np.triu(data) if cost == "matrix" else data  # the matrix cost reads one triangle
     with np.errstate(over="ignore", invalid="ignore"):
-        finite = np.abs(data[np.isfinite(data)])  # inf/NaN get their own error (or are unread)
+        finite = np.abs(read[np.isfinite(read)])  # inf/NaN get their own error (or are unread)
         top = float(finite.max()) if finite.size else 0.0
         # bounds of the largest intermediate: n * sum(x^2) (l2), prefix sums, k summed costs
         bound = {"l2": T * T * top * top, "l1": 4.0 * T * top, "affinity": 2.0 * T * T * top,
