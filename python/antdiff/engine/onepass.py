@@ -255,9 +255,16 @@ def _conv(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor, node
             xp = x.index_select(0, src)
             xp, gp = (v.view(n, st.k * v.shape[1], *v.shape[2:]) for v in (xp, gp))
             wk = weight.new_empty(st.k * weight.shape[0], *weight.shape[1:])  # shape only: no dX
-            w.put_all(st, torch.ops.aten.convolution_backward(
-                gp, xp, wk, None, stride, pad, dilation, False, zeros, st.k * m.groups, mask
-            )[1])  # fmt: skip
+            # the bias rows come from the same call (k Cout sums over the padded layout)
+            with_b = b is not None
+            _, dw, db = torch.ops.aten.convolution_backward(
+                gp, xp, wk, [wk.shape[0]] if with_b else None, stride, pad, dilation, False,
+                zeros, st.k * m.groups, [False, True, with_b],
+            )  # fmt: skip
+            w.put_all(st, dw)
+            if with_b:
+                b.put_all(st, db)
+                return
         else:
 
             def value_of(a: int, c: int) -> torch.Tensor:
