@@ -872,7 +872,7 @@ def test_reduce_flags_any_nonfinite_sample(method, bad):
     per = torch.full((20,), 1e37)
     if bad is not None:
         per[7] = bad
-    ant.reduce(per, t)
+    ant.reduce(per.requires_grad_(), t)
     assert bool(ant.last.finite) is (bad is None)
 
 
@@ -1788,3 +1788,165 @@ def test_a_resume_after_a_nonfinite_recompute_redoes_it_as_an_unbroken_run(read)
     torch.testing.assert_close(runs[1], runs[0])
     fallback = torch.allclose(runs[0], torch.full((4,), 0.25))
     assert fallback is not read  # recomputed after the read, the fallback without it
+
+
+@pytest.mark.parametrize("mode", ["micro", "onepass"])
+@pytest.mark.parametrize("method", ["imtl", "nash", "pcgrad", "mgda"])
+def test_autocast_around_backward_leaves_the_gram_and_combine_in_float32(mode, method):
+    """A trainer's autocast around ant.backward (not only inside loss_fn) made the Gram and
+    the combine bf16 matmuls: weights and .grad moved by ~1e-3 (an fp16 Gram overflowed at a
+    GradScaler's scale). The update must equal the one with autocast inside loss_fn alone."""
+    got = []
+    for outer in (False, True):
+        torch.manual_seed(0)
+        model = TinyNet()
+        ant = ANT(linear_schedule(T), k=5, method=method, mode=mode, model=model)
+        x, t = torch.randn(20, 1, 6, 6), ant.sample_timesteps(20)
+        inner = per_sample_loss(model)
+
+        def fn(xb, tb, inner=inner):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return inner(xb, tb).float()
+
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=outer):
+            ant.backward(fn, x, t)
+        got.append((flat_grad(model), ant.last.weights))
+    assert torch.equal(got[0][0], got[1][0])
+    assert torch.equal(got[0][1], got[1][1])
+
+
+def _tiny_setup(method="pcgrad", mode="auto", B=10):
+    torch.manual_seed(0)
+    model = TinyNet()
+    ant = ANT(linear_schedule(T), k=5, method=method, mode=mode, model=model)
+    return model, ant, torch.randn(B, 1, 6, 6)
+
+
+@pytest.mark.parametrize("mode", ["onepass", "micro"])
+@pytest.mark.parametrize("as_list", [list, tuple])
+def test_a_list_of_per_sample_numbers_in_the_batch_is_refused(mode, as_list):
+    """list(labels) passed in the batch stayed in its order while the tensors were sorted by
+    cluster (t not from sample_timesteps): every sample was paired with another's label."""
+    model, ant, x = _tiny_setup(mode=mode)
+    t = torch.randint(0, T, (10,))
+    labels = as_list(torch.arange(10.0))
+    with pytest.raises(TypeError, match=r"batch\[1\] is a .* of B=10 numbers.*torch.tensor"):
+        ant.backward(lambda b, tb: per_sample_loss(model)(b[0], tb), (x, labels), t)
+    # a short list of settings is not per sample: it passes through
+    ant.backward(lambda b, tb: per_sample_loss(model)(b[0], tb), (x, [0.5, 2.0]), t)
+
+
+@pytest.mark.parametrize("batch", [None, [1, 2], torch.tensor(3.0)])
+def test_a_batch_without_a_batch_tensor_is_refused(batch):
+    """A loss_fn reading x from its closure got timesteps sorted by cluster, x unsorted."""
+    model, ant, x = _tiny_setup(mode="onepass")
+    t = torch.randint(0, T, (10,))
+    with pytest.raises(ValueError, match="the batch holds no tensor with a batch dimension"):
+        ant.backward(lambda _, tb: per_sample_loss(model)(x, tb), batch, t)
+
+
+def test_micro_length_mismatch_names_the_sub_batch():
+    model, ant, x = _tiny_setup(mode="micro")
+    t = ant.sample_timesteps(10)
+    with pytest.raises(ValueError, match=r"entries but there are \d+ timesteps \(loss_fn on one "):
+        ant.backward(lambda b, tb: per_sample_loss(model)(b, tb)[1:], x, t)
+
+
+@pytest.mark.parametrize("method", ["uw", "vanilla", "dwa"])
+def test_reduce_refuses_a_loss_without_graph_while_grad_is_enabled(method):
+    """UW trained only its own s on detached losses (the model never moved), silently."""
+    model, ant, x = _tiny_setup(method=method)
+    t = ant.sample_timesteps(10)
+    with torch.no_grad():
+        per = per_sample_loss(model)(x, t)
+        ant.reduce(per, t)  # evaluation under no_grad: accepted
+    with pytest.raises(ValueError, match="per_sample_loss does not require grad"):
+        ant.reduce(per, t)
+
+
+def test_reduce_names_a_scalar_t_and_t_on_another_device():
+    ant = ANT(linear_schedule(T), k=5, method="uw")
+    with pytest.raises(ValueError, match="t must be a 1-D integer tensor"):
+        ant.reduce(torch.randn(1, requires_grad=True), torch.tensor(5))
+    with pytest.raises(ValueError, match="t is on meta but the per-sample loss on cpu"):
+        t = torch.zeros(4, dtype=torch.long, device="meta")
+        ant.reduce(torch.randn(4, requires_grad=True), t)
+
+
+def test_step_refuses_an_optimizer_of_none_of_the_models_parameters():
+    model, ant, x = _tiny_setup(method="pcgrad")
+    other = TinyNet()
+    t = ant.sample_timesteps(10)
+    ant.backward(per_sample_loss(model), x, t)
+    with pytest.raises(ValueError, match="holds none of the attached model's trainable"):
+        ant.step(torch.optim.SGD(other.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match="ant.step needs the optimizer"):
+        ant.step(model)
+    # an optimiser of part of the model (one of several) is accepted
+    ant.step(torch.optim.SGD(model.out.parameters(), lr=0.1))
+
+
+def test_constructor_names_wrong_types_and_accepts_numpy_numbers():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        ANT(linear_schedule(T), k=5, method="pcgrad", model="net")
+    with pytest.raises(TypeError, match="method_kwargs must be a dict"):
+        ANT(linear_schedule(T), k=5, method="nash", method_kwargs=[("iters", 5)])
+    with pytest.raises(ValueError, match="update_every is given twice"):
+        ANT(linear_schedule(T), k=5, method="nash", update_every=2,
+            method_kwargs={"update_every": 7})  # fmt: skip
+    ant = ANT(linear_schedule(T), k=np.int64(5), method="nash", update_every=np.int64(3),
+              method_kwargs={"iters": np.int64(50)})  # fmt: skip
+    assert (ant.method.grad.update_every, ant.method.grad.iters) == (3, 50)
+    assert type(ant.method.grad.update_every) is int
+    famo = ANT(linear_schedule(T), k=5, method="famo", method_kwargs={"lr": np.float32(0.5)})
+    assert famo.method.loss.lr == 0.5
+    with pytest.raises(ValueError, match="update_every must be an integer >= 1, got True"):
+        ANT(linear_schedule(T), k=5, method="nash", update_every=True)
+
+
+def test_batchnorm_message_names_the_layers():
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    with pytest.raises(ValueError, match=r"BatchNorm layers \('1'\), which couple"):
+        ANT(linear_schedule(T), k=5, method="pcgrad", model=model)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [("w", torch.ones(3), r"w must be a float tensor \[k=5\]"),
+     ("w_present", torch.ones(5), r"w_present must be a bool tensor \[k=5\]"),
+     ("step", "abc", "the state's step must be an integer >= 0"),
+     ("step", -4, "the state's step must be an integer >= 0")],
+)  # fmt: skip
+def test_load_state_dict_refuses_damaged_weights_and_step(key, value, match):
+    """A w of shape [3] in a k = 5 state loaded and failed at the next off-step with a size
+    mismatch; a step of 'abc' raised int()'s message. The engine keeps its state."""
+    model, ant, x = _tiny_setup(method="nash")
+    ant.backward(per_sample_loss(model), x, ant.sample_timesteps(10))
+    state = ant.state_dict()
+    before = copy.deepcopy(state)
+    bad = {**state, key: value}
+    with pytest.raises(ValueError, match=match):
+        ant.load_state_dict(bad)
+    assert torch.equal(ant.state_dict()["w"], before["w"]) and ant.step_count == before["step"]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_famo_names_losses_below_its_min_loss_on_a_skipped_step(fused):
+    """Finite cluster losses below FAMO's min_loss make log(L - min_loss) NaN: every step was
+    skipped as 'non-finite cluster losses or gradients', with no hint of min_loss."""
+    model, ant, x = _tiny_setup(method="famo")
+    opt = torch.optim.AdamW([{"params": model.parameters()}, *ant.param_groups()], fused=fused)
+    t = ant.sample_timesteps(10)
+    per = per_sample_loss(model)(x, t) - 10.0  # finite, below min_loss = 0
+    ant.reduce(per, t).backward()
+    with pytest.warns(UserWarning, match=r"below FAMO's min_loss=0.*'min_loss'"):
+        ant.step(opt)
+        ant.stats()  # the fused optimiser's skip is reported once its flag is read
+    # a NaN loss is no min_loss problem: the plain message
+    ant.reduce(per_sample_loss(model)(x, t) * float("nan"), t).backward()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ant.step(opt)
+        ant.stats()
+    msgs = [str(w.message) for w in seen if "non-finite" in str(w.message)]
+    assert msgs and not any("min_loss" in m for m in msgs)

@@ -34,8 +34,17 @@ def map_batch(batch: Any, fn) -> Any:
 
 def check_batch(batch: Any, n: int) -> None:
     """Every tensor with a batch dimension must have ``n`` rows (they are cut by cluster), and
-    nothing else may vary per sample: a list of B captions would not follow its images."""
-    _check_leaves(batch)
+    nothing else may vary per sample: a list of B captions, or of B labels (``list(y)``), would
+    not follow its images. A batch must hold at least one such tensor: a loss_fn that reads its
+    data from its closure would pair it with timesteps sorted (or cut) by cluster."""
+    _check_leaves(batch, n=n)
+    if batch_size(batch) is None:
+        raise ValueError(
+            f"the batch holds no tensor with a batch dimension (got {type(batch).__name__}): "
+            "pass the per-sample tensors (x0, noise, labels, ...) as ant.backward's batch, so "
+            "that the engine cuts and sorts them by cluster together with t; data that loss_fn "
+            "reads from its closure would be paired with the wrong timesteps"
+        )
 
     def check(x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != n:
@@ -57,16 +66,28 @@ def take_batch(batch: Any, index: torch.Tensor) -> Any:
     return map_batch(batch, lambda x: x.index_select(0, index.to(x.device)))
 
 
-def _check_leaves(batch: Any, where: str = "batch") -> None:
+def _scalar(v: Any) -> bool:
+    return isinstance(v, (bool, int, float)) or (isinstance(v, torch.Tensor) and v.dim() == 0)
+
+
+def _check_leaves(batch: Any, where: str = "batch", n: int | None = None) -> None:
     if isinstance(batch, torch.Tensor) or batch is None or isinstance(batch, (bool, int, float)):
         return
     if isinstance(batch, dict):
         for k, v in batch.items():
-            _check_leaves(v, f"{where}[{k!r}]")
+            _check_leaves(v, f"{where}[{k!r}]", n)
         return
     if isinstance(batch, (list, tuple)):
+        if n is not None and len(batch) == n and all(_scalar(v) for v in batch):
+            raise TypeError(
+                f"{where} is a {type(batch).__name__} of B={n} numbers: per-sample values "
+                "(e.g. list(labels)) must be a tensor, which the engine cuts and sorts by "
+                "cluster with the rest of the batch (the list would stay in its order): pass "
+                "torch.tensor(...) of it, or, if it is not per sample, pass it through "
+                "loss_fn's closure"
+            )
         for i, v in enumerate(batch):
-            _check_leaves(v, f"{where}[{i}]")
+            _check_leaves(v, f"{where}[{i}]", n)
         return
     raise TypeError(
         f"{where} is a {type(batch).__name__}: the engine cuts the batch by cluster and can only "

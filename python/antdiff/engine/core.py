@@ -32,6 +32,7 @@ from torch import nn
 
 from .. import mtl
 from ..clustering import Clusters, cluster_timesteps
+from ..mtl.base import check_int
 from ..schedules import as_schedule
 from .batch import batch_size, check_batch, slice_batch, take_batch
 from .buffer import GradBuffer
@@ -58,6 +59,7 @@ class _HostFlag:
 
     def __init__(self, flag: torch.Tensor, step: int) -> None:
         self.step, self.event = step, None
+        self.out: StepOutput | None = None  # the step a skip warning explains
         if flag.device.type == "cuda":
             self.host = torch.empty((), dtype=flag.dtype, pin_memory=True)
             self.host.copy_(flag, non_blocking=True)
@@ -223,6 +225,15 @@ class ANT:
                 f"seed must be an integer in [0, 2**64) (the same on every rank), got {seed!r}"
             )
         seed = int(seed)
+        if method_kwargs is not None and not isinstance(method_kwargs, dict):
+            raise TypeError(
+                f"method_kwargs must be a dict of the method's hyper-parameters (e.g. "
+                f"{{'iters': 80}}), got {type(method_kwargs).__name__}"
+            )
+        if update_every is not None and "update_every" in (method_kwargs or {}):
+            raise ValueError(
+                "update_every is given twice (as update_every= and in method_kwargs): give it once"
+            )
         self.method = _make_method(method, self.k, seed, method_kwargs or {})
         self.method_name = self.method.name
         if update_every is not None:
@@ -230,12 +241,7 @@ class ANT:
                 raise ValueError(
                     f"update_every applies to gradient methods; {self.method_name!r} has none"
                 )
-            if (
-                isinstance(update_every, bool)
-                or not isinstance(update_every, int)
-                or update_every < 1
-            ):
-                raise ValueError(f"update_every must be an integer >= 1, got {update_every!r}")
+            update_every = check_int("update_every", update_every)
             if update_every > 1 and self.method.grad.needs == "grads":
                 raise ValueError(
                     f"update_every={update_every} with method {self.method_name!r}: it combines "
@@ -318,6 +324,11 @@ class ANT:
 
     def attach(self, model: nn.Module) -> ANT:
         """Use ``model``'s trainable parameters for the per-cluster gradients."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"model must be a torch.nn.Module (the network loss_fn runs), got "
+                f"{type(model).__name__}"
+            )
         if self.mode != "retain_graph" and self.needs_gradients:
             bn = [
                 n
@@ -326,7 +337,8 @@ class ANT:
             ]
             if bn:
                 raise ValueError(
-                    f"the model has BatchNorm layers ({', '.join(bn[:3])}...), which couple the "
+                    f"the model has BatchNorm layers ({', '.join(repr(n) for n in bn[:3])}"
+                    f"{', ...' if len(bn) > 3 else ''}), which couple the "
                     "samples of a batch, so per-cluster sub-batches would not give the exact "
                     "per-cluster gradients. Use ANT(..., mode='retain_graph') or GroupNorm."
                 )
@@ -493,10 +505,23 @@ class ANT:
             self._flush_observe()
         self._backward_scaler = False  # a loss the caller scales (or not) itself
         per = _check_per_sample(
-            per_sample_loss, t.shape[0] if isinstance(t, torch.Tensor) else None
+            per_sample_loss, t.shape[0] if isinstance(t, torch.Tensor) and t.dim() == 1 else None
         )
         self._check_t(t, per.shape[0])
         self._check_device(per.device)
+        if t.device != per.device:
+            raise ValueError(
+                f"t is on {t.device} but the per-sample loss on {per.device}: draw the "
+                "timesteps on the loss's device (ant.sample_timesteps(B, device))"
+            )
+        if not per.requires_grad and torch.is_grad_enabled() and (
+            self._model is not None
+            or (self.method.loss is not None
+                and any(p.requires_grad for p in self.method.loss.parameters()))
+        ):  # fmt: skip
+            # the model (attached, or the one whose losses UW's parameters would weigh) would
+            # get no gradient while the method's own parameters move
+            raise ValueError(REDUCE_LOSS_WITHOUT_GRAD)
         host = self.sampler.counts_for(t)  # None: counted on the device, maybe with empty ones
         self._maybe_absent = host is None or bool((host == 0).any())
         if self._model is not None and not self._probed and per.grad_fn is not None:
@@ -774,43 +799,47 @@ class ANT:
         present = N > 0
         from ant_kernels import combine, gram
 
-        G, finite = gram(J)  # noqa: N806
-        if _scaling(scaler):
-            inv = 1.0 / scaler._scale.to(G.device).float().reshape(())  # device tensor: no sync
-            G = G * inv * inv  # noqa: N806
-        finite = finite & torch.isfinite(L_global).all()
-        c, finite = self._loss_stage(L_global, present, scaler, finite)
-        Gc = G * (c[:, None] * c[None, :])  # noqa: N806
-        grad = self.method.grad
-        if grad.needs == "grads":
-            J.mul_(c[:, None].to(J.dtype))
-            grad.combine_grads(J, present, finite, out=J[0])
-            w_eff = c
-        else:
-            w = grad.weights(torch.where(finite, Gc, torch.zeros_like(Gc)), present, finite)
-            if grad.update_every > 1:  # off-steps reuse these weights: redo them if not finite
-                # CPU: the verdict comes from ant.step's read (None under a fused optimiser,
-                # which skips on the device: the recompute then waits for the next cycle)
-                flag = _HostFlag(finite, self.step_count) if finite.is_cuda else None
-                self._recompute = _Recompute(flag, self._w, self._w_present)
-            # a solver that ended without a solution on a finite Gram (NaN weights: Nash-MTL's
-            # Newton steps did not converge) leaves the weights as they were, and this step
-            # uses them as an off-step of update_every would (equal weights before any):
-            # counted, and reported by stats(); no host read here
-            solved = torch.isfinite(w).all()
-            use = finite & solved
-            if self._w is not None:
-                kept, fallback = self._cached_w(w.device), self._off_weights(w.device)
+        # the Gram, the weights and the combine in their own precision, also when the caller's
+        # autocast wraps ant.backward (it made the Gram fp16 / bf16: an fp16 Gram overflows
+        # at a GradScaler's scale and rounds a small cluster's norm to 0)
+        with torch.autocast(J.device.type, enabled=False):
+            G, finite = gram(J)  # noqa: N806
+            if _scaling(scaler):
+                inv = 1.0 / scaler._scale.to(G.device).float().reshape(())  # device tensor: no sync
+                G = G * inv * inv  # noqa: N806
+            finite = finite & torch.isfinite(L_global).all()
+            c, finite = self._loss_stage(L_global, present, scaler, finite)
+            Gc = G * (c[:, None] * c[None, :])  # noqa: N806
+            grad = self.method.grad
+            if grad.needs == "grads":
+                J.mul_(c[:, None].to(J.dtype))
+                grad.combine_grads(J, present, finite, out=J[0])
+                w_eff = c
             else:
-                kept = fallback = self._equal_weights(present)
-            self._w = torch.where(use, w, kept)
-            seen = present if self._w_present is None else self._w_present.to(present.device)
-            self._w_present = torch.where(use, present, seen)
-            self.telemetry.count_unsolved(finite & ~solved)
-            w_eff = torch.where(use, w, fallback) * c
-            combine(w_eff.to(torch.float32), J, out=J[0])
-        # without a scaler a non-finite update is zeroed; with one it is made NaN, so that
-        # scaler.step skips it and backs off (a NaN loss can leave finite gradients)
+                w = grad.weights(torch.where(finite, Gc, torch.zeros_like(Gc)), present, finite)
+                if grad.update_every > 1:  # off-steps reuse these weights: redo them if not finite
+                    # CPU: the verdict comes from ant.step's read (None under a fused optimiser,
+                    # which skips on the device: the recompute then waits for the next cycle)
+                    flag = _HostFlag(finite, self.step_count) if finite.is_cuda else None
+                    self._recompute = _Recompute(flag, self._w, self._w_present)
+                # a solver that ended without a solution on a finite Gram (NaN weights: Nash-MTL's
+                # Newton steps did not converge) leaves the weights as they were, and this step
+                # uses them as an off-step of update_every would (equal weights before any):
+                # counted, and reported by stats(); no host read here
+                solved = torch.isfinite(w).all()
+                use = finite & solved
+                if self._w is not None:
+                    kept, fallback = self._cached_w(w.device), self._off_weights(w.device)
+                else:
+                    kept = fallback = self._equal_weights(present)
+                self._w = torch.where(use, w, kept)
+                seen = present if self._w_present is None else self._w_present.to(present.device)
+                self._w_present = torch.where(use, present, seen)
+                self.telemetry.count_unsolved(finite & ~solved)
+                w_eff = torch.where(use, w, fallback) * c
+                combine(w_eff.to(torch.float32), J, out=J[0])
+            # without a scaler a non-finite update is zeroed; with one it is made NaN, so that
+            # scaler.step skips it and backs off (a NaN loss can leave finite gradients)
         _void_unless(finite, J[0], scaler)
         buf.point_grads_at(0, zero=False)
         total = (
@@ -1060,7 +1089,9 @@ class ANT:
                 optimizer.step()
             finally:
                 del optimizer.grad_scale, optimizer.found_inf
-            self._pending_flags.append(_HostFlag(bad, self.telemetry.steps))
+            flag = _HostFlag(bad, self.telemetry.steps)
+            flag.out = self.last  # what the warning explains once the flag is read
+            self._pending_flags.append(flag)
             _restore_absent(optimizer, hold)
             return True
         ok = not skip_nonfinite or self.last is None or bool(self.last.finite)
@@ -1070,7 +1101,8 @@ class ANT:
         if not ok:
             warnings.warn(
                 f"step {self.telemetry.steps}: non-finite cluster losses or gradients; the "
-                "optimiser step was skipped and the method state left unchanged",
+                f"optimiser step was skipped and the method state left unchanged"
+                f"{self._skip_detail(self.last)}",
                 stacklevel=2,
             )
             optimizer.zero_grad(set_to_none=True)
@@ -1088,13 +1120,31 @@ class ANT:
     def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Refuse an optimiser that lacks the method's own trainable parameters (UW's s): they
         would never move, and UW would silently be a fixed weighting. Once per optimiser and
-        parameter-group count (a host check, no device read)."""
+        parameter-group count (a host check, no device read). An optimiser that holds none of
+        the attached model's trainable parameters is refused too (another model's optimiser:
+        the model would never move); one that holds some of them may be one of several."""
+        if not isinstance(getattr(optimizer, "param_groups", None), list) or not callable(
+            getattr(optimizer, "step", None)
+        ):  # fmt: skip
+            raise TypeError(
+                f"ant.step needs the optimizer (a torch.optim.Optimizer, or an object with "
+                f"param_groups and step()), got {type(optimizer).__name__}"
+            )
         loss_m = self.method.loss
         key = (id(optimizer), len(optimizer.param_groups))
-        if loss_m is None or key == self._optimizer_checked:
+        if key == self._optimizer_checked:
             return
-        own = [p for p in loss_m.parameters() if p.requires_grad]
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        if self._model is not None:
+            mine = [p for p in self._model.parameters() if p.requires_grad]
+            if mine and not any(id(p) in held for p in mine):
+                raise ValueError(
+                    "the optimizer holds none of the attached model's trainable parameters (an "
+                    "optimizer of another model, or of ant.param_groups() alone?): the model "
+                    "would never be updated; build it with "
+                    "[{'params': model.parameters()}, *ant.param_groups()]"
+                )
+        own = [p for p in loss_m.parameters() if p.requires_grad] if loss_m is not None else []
         if any(id(p) not in held for p in own):
             raise ValueError(
                 f"the optimizer does not hold {self.method_name}'s own parameters (e.g. UW's "
@@ -1129,12 +1179,21 @@ class ANT:
                     warnings.warn(
                         f"step {flag.step}: non-finite cluster losses or gradients; the "
                         "optimiser skipped the step on the device and the method state was left "
-                        "unchanged",
+                        f"unchanged{self._skip_detail(flag.out)}",
                         stacklevel=3,
                     )
             else:
                 pending.append(flag)
         self._pending_flags = pending
+
+    def _skip_detail(self, out: StepOutput | None) -> str:
+        """The loss method's reason for a skipped step, if it has one (the host has already
+        read the step's verdict: reading its k losses costs no further wait)."""
+        loss_m = self.method.loss
+        if loss_m is None or out is None:
+            return ""
+        why = loss_m.nonfinite_reason(out.cluster_losses.detach().cpu(), out.present.cpu())
+        return f" ({why})" if why else ""
 
     def stats(self) -> dict[str, Any]:
         """Telemetry for logging: last and running per-cluster losses, weights, cosines,
@@ -1213,9 +1272,18 @@ class ANT:
         self._pending_observe, self._grads_unchecked = [], False  # steps before the load
         self._unstepped = False
         self._recompute = None
-        self.step_count = int(state["step"])
+        self.step_count = check_int("the state's step", state["step"], minimum=0)
         self._w = state["w"]
         self._w_present = state.get("w_present")
+        for name, v, kind in (("w", self._w, "float"), ("w_present", self._w_present, "bool")):
+            if v is not None and not (
+                isinstance(v, torch.Tensor) and v.shape == (self.k,)
+                and (v.dtype == torch.bool if kind == "bool" else v.is_floating_point())
+            ):  # fmt: skip
+                raise ValueError(
+                    f"the state's {name} must be a {kind} tensor [k={self.k}] or None, got "
+                    f"{_describe(v)}: the checkpoint is damaged or not of this engine"
+                )
         if self._w is not None and self._w_present is None:
             self._w_present = torch.ones(self.k, dtype=torch.bool)
         if state.get("redo_weights"):  # saved after a non-finite recompute: the next step redoes it
@@ -1238,6 +1306,14 @@ class ANT:
             f"ANT(method={self.method_name!r}, sampling={self.sampler.mode!r}, "
             f"mode={self.mode!r}{self._auto_choice()}, {self.clusters!r})"
         )
+
+
+REDUCE_LOSS_WITHOUT_GRAD = (
+    "ant.reduce: per_sample_loss does not require grad (detached, or computed under "
+    "torch.no_grad) while grad is enabled: the model would get no update (only the method's "
+    "own parameters, e.g. UW's, would move). Pass the losses with their graph; under "
+    "torch.no_grad (evaluation) reduce accepts them"
+)
 
 
 REDUCE_MODEL_NOT_RUN = (
@@ -1382,7 +1458,10 @@ def _check_per_sample(per: Any, n: int | None, sub_batch: bool = False) -> torch
             "Reduce over every dimension but the batch (e.g. mean over C, H, W), not over B."
         )
     if n is not None and per.shape[0] != n:
-        raise ValueError(f"per-sample loss has {per.shape[0]} entries but there are {n} timesteps")
+        where = f" (loss_fn on one cluster's sub-batch of {n} samples)" if sub_batch else ""
+        raise ValueError(
+            f"per-sample loss has {per.shape[0]} entries but there are {n} timesteps{where}"
+        )
     return per
 
 

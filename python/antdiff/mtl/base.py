@@ -26,6 +26,7 @@ Nothing here synchronises with the host: no ``.item()``, no Python branch on a t
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, ClassVar
 
 import torch
@@ -34,11 +35,24 @@ from torch import Tensor
 _REDUCTIONS = ("mean", "sum")
 
 
+def check_int(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as an int (numpy integers too), or a ValueError if it is not an integer >=
+    ``minimum`` (bools are refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def real_or_none(value: Any) -> float | None:
+    """``value`` as a float if it is a real number (numpy scalars too, not bools), else None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
 def check_k(k: Any) -> int:
     """Return ``k`` as an int, or raise if it is not an integer >= 1."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    return k
+    return check_int("k", k)
 
 
 def check_losses(L: Tensor, present: Tensor, k: int) -> None:
@@ -110,6 +124,11 @@ class LossMethod(torch.nn.Module):
         """
         raise NotImplementedError
 
+    def nonfinite_reason(self, L: Tensor, present: Tensor) -> str | None:
+        """Why cluster losses ``L`` (host tensors) gave a non-finite step, where the method can
+        tell (read on a skipped step only, once the host has the verdict); else None."""
+        return None
+
     def forward(self, L: Tensor, present: Tensor) -> Tensor:
         """Total loss: ``transform(L, present).sum()``."""
         return self.transform(L, present).sum()
@@ -174,10 +193,8 @@ class GramMethod:
         self.k = check_k(k)
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
-            raise ValueError(f"update_every must be an integer >= 1, got {update_every!r}")
         self.reduction = reduction
-        self.update_every = update_every
+        self.update_every = check_int("update_every", update_every)
         # the last weights returned (for inspection; the engine keeps and saves its own copy)
         self.last_weights: Tensor | None = None
         self._valid: Tensor | None = None  # the current weights() call's validity flag

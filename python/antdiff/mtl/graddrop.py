@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import native
-from .base import GramMethod, check_present, n_present
+from .base import GramMethod, check_present, n_present, real_or_none
 from .stream import StepStream
 
 
@@ -41,9 +41,9 @@ class GradDrop(GramMethod):
         self, k: int, *, reduction: str = "mean", leak: float = 0.0, seed: int = 3
     ) -> None:
         super().__init__(k, reduction=reduction)
-        if isinstance(leak, bool) or not isinstance(leak, (int, float)) or not 0 <= leak <= 1:
+        if (v := real_or_none(leak)) is None or not 0 <= v <= 1:
             raise ValueError(f"leak must be a number in [0, 1], got {leak!r}")
-        self.leak = float(leak)
+        self.leak = v
         self.stream = StepStream(seed, tag=1)
 
     def weights(self, G: Tensor, present: Tensor) -> Tensor:

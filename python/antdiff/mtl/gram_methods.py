@@ -35,10 +35,12 @@ from torch import Tensor
 from . import native
 from .base import (
     GramMethod,
+    check_int,
     check_saved_k,
     commit,
     n_present,
     pick_rows,
+    real_or_none,
     subset_masks,
     subset_solve,
 )
@@ -180,9 +182,7 @@ class NashMTL(GramMethod):
         self, k: int, *, reduction: str = "mean", update_every: int = 25, iters: int = 40
     ) -> None:
         super().__init__(k, reduction=reduction, update_every=update_every)
-        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-            raise ValueError(f"iters must be an integer >= 1, got {iters!r}")
-        self.iters = iters
+        self.iters = check_int("iters", iters)
         self.last_alpha: Tensor | None = None
 
     def _weights(self, G: Tensor, active: Tensor, present: Tensor) -> Tensor:
@@ -275,11 +275,11 @@ class CAGrad(GramMethod):
     def __init__(self, k: int, *, reduction: str = "mean", c: float = 0.4, rescale: int = 1):
         super().__init__(k, reduction=reduction)
         _check_subset_k(self.name, self.k)
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c < float("inf"):
+        if (v := real_or_none(c)) is None or not 0 <= v < float("inf"):
             raise ValueError(f"c must be a finite number >= 0, got {c!r}")
         if rescale not in (0, 1, 2):
             raise ValueError(f"rescale must be 0, 1 or 2, got {rescale!r}")
-        self.c = float(c)
+        self.c = v
         self.rescale = rescale
 
     def dual_weights(self, Gn: Tensor, b: Tensor, active: Tensor) -> Tensor:

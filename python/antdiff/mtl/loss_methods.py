@@ -32,14 +32,14 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import native
-from .base import LossMethod, check_losses, masked_softmax, n_present
+from .base import LossMethod, check_losses, masked_softmax, n_present, real_or_none
 from .stream import StepStream
 
 
 def _check_positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+    if (v := real_or_none(value)) is None or not 0 < v < math.inf:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return v
 
 
 class LS(LossMethod):
@@ -289,17 +289,13 @@ class FAMO(LossMethod):
     ) -> None:
         super().__init__(k)
         self.lr = _check_positive("lr", lr)
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (
-            0 <= gamma < math.inf
-        ):  # fmt: skip
+        if (g := real_or_none(gamma)) is None or not 0 <= g < math.inf:
             raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
-        self.gamma = float(gamma)
+        self.gamma = g
         self.eps = _check_positive("eps", eps)
-        if isinstance(min_loss, bool) or not isinstance(min_loss, (int, float)) or not (
-            math.isfinite(min_loss)
-        ):  # fmt: skip
+        if (m := real_or_none(min_loss)) is None or not math.isfinite(m):
             raise ValueError(f"min_loss must be a finite number, got {min_loss!r}")
-        self.min_loss = float(min_loss)
+        self.min_loss = m
         for name in ("xi", "exp_avg", "exp_avg_sq", "prev_log"):
             self.register_buffer(name, torch.zeros(self.k, dtype=torch.float64))
         self.register_buffer("steps", torch.zeros(self.k, dtype=torch.float64))
@@ -343,3 +339,14 @@ class FAMO(LossMethod):
     def cluster_weights(self, present: Tensor) -> Tensor:
         """[k] float64 softmax weights z over present clusters."""
         return masked_softmax(self.xi, present)
+
+    def nonfinite_reason(self, L: Tensor, present: Tensor) -> str | None:
+        low = present & torch.isfinite(L) & (L.double() - self.min_loss + self.eps <= 0)
+        if not bool(low.any()):
+            return None
+        vals = ", ".join(f"{v:.4g}" for v in L[low].tolist())
+        return (
+            f"cluster loss(es) {vals} at or below FAMO's min_loss={self.min_loss:g}, whose log "
+            "(of L - min_loss) is not finite: pass method_kwargs={'min_loss': m} with m below "
+            "every cluster loss"
+        )
