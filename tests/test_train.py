@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import warnings
 
 import numpy as np
@@ -678,6 +679,46 @@ def test_a_continuation_stopped_before_its_first_save_leaves_the_logs_of_the_new
     after = list(csv.reader(open(tmp_path / "metrics.csv")))
     assert steps("metrics.csv") == [1, 2, 3, 4, 5, 6] and after[1:5] == before[1:5]
     assert not list(tmp_path.glob(".*.pending"))
+
+
+def test_a_continuation_killed_between_its_first_save_and_its_log_commit_keeps_its_rows(
+    tmp_path, monkeypatch
+):
+    """A continuation (from ckpt 4, with a new lr) that saved ckpt 6 and died before its rows
+    replaced the logs: the resume from ckpt 6 kept the superseded run's rows 5-6 beside the
+    continuation's weights (the pending rows were deleted). The checkpoint now carries them."""
+    from antdiff.logging_utils import RunLogger
+
+    def rows(d):
+        return [r[:-2] + r[-1:] for r in csv.reader(open(d / "metrics.csv"))]  # no sec_per_step
+
+    def cfg(d, *extra):
+        return _cfg("digits_adm", d, "--train.ckpt_every", "2", "--train.keep_ckpts", "4",
+                    "--ant.method", "uw", *extra, steps=8)  # fmt: skip
+
+    for d in (tmp_path / "a", tmp_path / "b"):
+        train(cfg(d))
+    new_lr = ("--train.lr", "3e-3")
+    train(cfg(tmp_path / "b", *new_lr), resume=str(tmp_path / "b/checkpoints/ckpt_00000004.pt"),
+          allow_config_change=True)  # fmt: skip  # the reference: not killed
+    real = RunLogger.commit
+
+    def killed(self):
+        if self._pending:
+            raise KeyboardInterrupt  # after the save at step 6, before the rows are committed
+        real(self)
+
+    monkeypatch.setattr(RunLogger, "commit", killed)
+    a = tmp_path / "a"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(a, *new_lr), resume=str(a / "checkpoints/ckpt_00000004.pt"),
+              allow_config_change=True)  # fmt: skip
+    monkeypatch.setattr(RunLogger, "commit", real)
+    train(cfg(a, *new_lr), resume=True)  # the newest checkpoint: the continuation's 6
+    assert rows(a) == rows(tmp_path / "b")
+    assert [ln.split(",")[0] for ln in open(a / "metrics.csv")][1:] == [str(i) for i in range(1, 9)]
+    jl = [json.loads(ln)["step"] for ln in open(a / "telemetry.jsonl")]
+    assert jl == list(range(1, 9))
 
 
 def test_sec_per_step_leaves_out_sample_grids_and_checkpoints(tmp_path, monkeypatch):

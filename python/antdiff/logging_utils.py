@@ -45,9 +45,15 @@ class RunLogger:
         start: the first step of this process (a resumed run drops CSV rows after it).
         total: the final step, for the progress bar.
         progress: show a tqdm bar.
+        branch: ``branch_state()`` of the process that wrote the resumed checkpoint, which it
+            saved before its rows replaced the logs (a kill between its save and ``commit``):
+            the logs are rebuilt from the rows up to its start and its own rows.
     """
 
-    def __init__(self, out_dir: Path, k: int, start: int, total: int, progress: bool) -> None:
+    def __init__(
+        self, out_dir: Path, k: int, start: int, total: int, progress: bool,
+        branch: dict[str, Any] | None = None,
+    ) -> None:  # fmt: skip
         self.k, self.columns = k, csv_columns(k)
         self.path = Path(out_dir) / "metrics.csv"
         self.jsonl = Path(out_dir) / "telemetry.jsonl"
@@ -56,8 +62,14 @@ class RunLogger:
                                Path(out_dir) / ".telemetry.jsonl.pending")  # fmt: skip
         for p in self._pending_paths:
             p.unlink(missing_ok=True)
+        self._start = start
+        self._branch: tuple[list[list[str]], list[str]] = ([], [])  # this run's rows, pending
         rows, later = self._kept_rows(start)
         lines, later_lines = self._kept_lines(start)
+        if branch is not None:  # its rows, not what the logs hold between its start and ``start``
+            rows = [*self._kept_rows(branch["start"])[0],
+                    *([str(v) for v in r] for r in branch["rows"])]  # fmt: skip
+            lines = [*self._kept_lines(branch["start"])[0], *branch["lines"]]
         self._kept = (rows, lines)
         # Rows past ``start`` belong to a run continued further from an earlier checkpoint (or
         # logged past its checkpoint before a crash): its newer checkpoints outrank this one
@@ -103,7 +115,17 @@ class RunLogger:
         for p in self._pending_paths:
             p.unlink(missing_ok=True)
         self._pending = False
+        self._branch = ([], [])
         self._open()
+
+    def branch_state(self) -> dict[str, Any] | None:
+        """For the checkpoint being saved while this run's rows are pending (a continuation
+        from an earlier checkpoint, before its first save): its start and rows, so that a kill
+        before ``commit`` cannot leave the superseded run's rows beside this checkpoint."""
+        if not self._pending:
+            return None
+        rows, lines = self._branch
+        return {"start": self._start, "rows": [list(r) for r in rows], "lines": list(lines)}
 
     def _kept_rows(self, start: int) -> tuple[list[list[str]], list[list[str]]]:
         """Whole rows of an earlier process up to ``start``, and those after it (a run continued
@@ -149,8 +171,12 @@ class RunLogger:
         self._file.flush()
         # strict JSON: a non-finite value (a skipped step's loss, an unmeasured pair) is null
         record = _finite_or_none({"step": step, **stats})
-        self._jsonl.write(json.dumps(record, default=_plain, allow_nan=False) + "\n")
+        line = json.dumps(record, default=_plain, allow_nan=False) + "\n"
+        self._jsonl.write(line)
         self._jsonl.flush()
+        if self._pending:
+            self._branch[0].append([str(v) for v in row])
+            self._branch[1].append(line)
         if self._tb is not None:
             self._tb.add_scalar("loss", loss, step)
             self._tb.add_scalar("objective", objective, step)

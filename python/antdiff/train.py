@@ -506,15 +506,21 @@ def _train(
             f"raise --train.steps above {state['step']} to continue the run"
         )
     run = build_run(cfg, None if state is None else state.get("codec"), dist)
+    branch = None
     if state is not None:
         restore(run, state, allow_config_change)
+        branch = state.get("log_branch")  # saved before its logs were committed
         del state
     tc = cfg.train
     main = dist is None or dist.is_main  # rank 0 alone writes files
     if main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", dump_config(cfg))
-    logger = RunLogger(out, run.ant.k, run.step, tc.steps, tc.progress) if main else QuietLogger()
+    logger = (
+        RunLogger(out, run.ant.k, run.step, tc.steps, tc.progress, branch)
+        if main
+        else QuietLogger()
+    )
     ckpt, t_last, s_last, t0, s0 = (
         None,
         time.perf_counter(),
@@ -553,7 +559,11 @@ def _train(
                 write_samples(run, out / "samples" / f"step_{run.step:08d}.png")
             if save:
                 if main:
-                    ckpt = save_checkpoint(out, run.step, checkpoint_state(run), tc.keep_ckpts)
+                    state = checkpoint_state(run)
+                    if (pending := logger.branch_state()) is not None:  # rows not committed
+                        state["log_branch"] = pending
+                    ckpt = save_checkpoint(out, run.step, state, tc.keep_ckpts)
+                    del state
                     logger.commit()  # its rows now replace those of a continuation it supersedes
                 if dist is not None:  # the checkpoint is complete before any rank goes on
                     dist.barrier()
