@@ -38,8 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--allow-config-change",
         action="store_true",
         help="resume even if the config differs in more than train.steps / logging settings "
-        "(ant.method, ant.k, ant.clustering, ant.sampling and the model still cannot change: "
-        "their state would not fit)",
+        "(still fixed: ant.method, ant.k, ant.clustering, ant.sampling, the model, the data's "
+        "channels / classes / autoencoder, diffusion.T and learn_sigma, whose state would not "
+        "fit, and train.seed, which the data order and RNG streams continue)",
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
     p.epilog = (
