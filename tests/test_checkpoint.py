@@ -264,3 +264,31 @@ def test_checkpoints_that_set_image_size_for_latents_still_load(tmp_path):
                                              "--train.out_dir", str(tmp_path / "run")]),
                   resume=True)  # fmt: skip
     assert s["step"] == 3
+
+
+def test_a_full_disk_names_itself_and_the_last_complete_checkpoint(tmp_path, monkeypatch):
+    """A write that ran out of space surfaced as torch's 'enforce fail at
+    inline_container.cc ... unexpected pos' with ENOSPC only in the chained exception."""
+    import errno
+
+    save_checkpoint(tmp_path, 10, _state(10), keep=3)
+    real = torch.save
+
+    def full(obj, f):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as e:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos") from e
+
+    monkeypatch.setattr(ck.torch, "save", full)
+    with pytest.raises(OSError, match=r"could not write checkpoint .*ckpt_00000020.pt \(No space "
+                       r"left on device\); the last complete checkpoint is ckpt_00000010.pt") as e:
+        save_checkpoint(tmp_path, 20, _state(20), keep=3)
+    assert e.value.errno == errno.ENOSPC
+    monkeypatch.setattr(ck.torch, "save", real)
+    state, path = load_checkpoint(tmp_path)  # the pointer names the missing 20: 10 loads
+    assert state["step"] == 10
+    # an error that is not the file system's is not renamed
+    monkeypatch.setattr(ck.torch, "save", lambda obj, f: (_ for _ in ()).throw(RuntimeError("x")))
+    with pytest.raises(RuntimeError, match="^x$"):
+        save_checkpoint(tmp_path, 30, _state(30), keep=3)

@@ -217,3 +217,26 @@ def test_the_last_cosine_of_a_skipped_step_is_nan():
     snap = tel.snapshot()
     assert np.isnan(np.array(snap["cosine"])).all()
     assert np.isfinite(np.array(snap["cosine_mean"])).all()  # the finite step's
+
+
+@pytest.mark.parametrize("at", [5, FOLD - 1, FOLD + 3])
+def test_a_save_and_load_between_folds_keeps_the_running_sums_bit_exact(at):
+    """state_dict folded the pending steps: a resumed run summed them in other groups than an
+    unbroken run, and its logged means differed by an ulp. The unfolded steps are saved."""
+    steps = _steps(3 * FOLD, seed=3)
+    w = torch.full((K,), 0.25)
+    ref, snaps = Telemetry(K), []
+    for i, s in enumerate(steps):
+        ref.update(s[0], w, s[1], s[2], s[3])
+        if i + 1 in (2 * FOLD - 7, 3 * FOLD):
+            snaps.append(ref.snapshot())
+    first = Telemetry(K)
+    for s in steps[:at]:
+        first.update(s[0], w, s[1], s[2], s[3])
+    resumed, got = Telemetry(K), []
+    resumed.load_state_dict(first.state_dict())
+    for i, s in enumerate(steps[at:], start=at):
+        resumed.update(s[0], w, s[1], s[2], s[3])
+        if i + 1 in (2 * FOLD - 7, 3 * FOLD):
+            got.append(resumed.snapshot())
+    assert got == snaps  # exact

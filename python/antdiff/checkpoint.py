@@ -66,7 +66,21 @@ def save_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep:
     # (skipped: the newest complete one loads), not a complete newer file passed over for the
     # older one it still named.
     atomic_write_text(d / "latest", path.name + "\n")
-    atomic_write(path, lambda f: torch.save(state, f))
+    try:
+        atomic_write(path, lambda f: torch.save(state, f))
+    except (OSError, RuntimeError) as exc:  # torch.save wraps a failed write in a RuntimeError
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        done = list_checkpoints(d)
+        raise OSError(
+            cause.errno,
+            f"could not write checkpoint {path} ({cause.strerror or cause}); the last complete "
+            f"checkpoint is {done[-1].name if done else 'none'}: free the space (or fix the "
+            "folder) and continue with --resume",
+        ) from exc
     older, later = [], []
     for p in list_checkpoints(d):
         n = int(_NAME.match(p.name).group(1))

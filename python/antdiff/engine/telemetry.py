@@ -16,9 +16,9 @@ class Telemetry:
 
     ``update`` queues no device work: it keeps the step's tensors (fresh ones that the engine
     never writes again; ``ant.last``'s tensors are read-only for the same reason) and folds
-    them into the running sums every ``FOLD`` steps, or when ``snapshot`` or ``state_dict``
-    asks (both called by loggers and checkpoints, outside the step; ``snapshot`` is the one
-    place that copies to the host).
+    them into the running sums every ``FOLD`` steps, or when ``snapshot`` asks (called by
+    loggers, outside the step; the one place that copies to the host besides ``state_dict``,
+    which saves the unfolded steps as they are).
     """
 
     def __init__(self, k: int) -> None:
@@ -161,10 +161,30 @@ class Telemetry:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        self._fold()
-        return {"steps": self.steps, "t": {k: v.detach().cpu() for k, v in self.t.items()}}
+        """Running sums and the steps not yet folded into them, kept apart: a fold at a
+        checkpoint would group the steps otherwise than an unbroken run does, and float sums
+        differ with the grouping (by an ulp: a resumed run's logs were not bit-exact)."""
+
+        def host(v: Any) -> Any:
+            return v.detach().cpu() if isinstance(v, torch.Tensor) else v
+
+        return {
+            "steps": self.steps,
+            "t": {k: host(v) for k, v in self.t.items()},
+            "pending": [[host(v) for v in p] for p in self._pending],
+            "unsolved": [host(f) for f in self._unsolved],
+            "last_folded": None if self._last_folded is None else [host(v) for v in
+                                                                   self._last_folded],
+        }  # fmt: skip
 
     def load_state_dict(self, d: dict[str, Any], device: Any = None) -> None:
+        def moved(v: Any) -> Any:
+            return v.to(device) if device is not None and isinstance(v, torch.Tensor) else v
+
         self.steps = int(d["steps"])
-        self._pending, self._last_folded, self._unsolved = [], None, []
-        self.t = {k: v.to(device) if device is not None else v for k, v in d["t"].items()}
+        self.t = {k: moved(v) for k, v in d["t"].items()}
+        # checkpoints written before the pending steps were saved had folded them
+        self._pending = [[moved(v) for v in p] for p in d.get("pending", [])]
+        self._unsolved = [moved(f) for f in d.get("unsolved", [])]
+        last = d.get("last_folded")
+        self._last_folded = None if last is None else (moved(last[0]), moved(last[1]))
