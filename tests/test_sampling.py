@@ -66,6 +66,18 @@ def test_space_timesteps(spacing):
         space_timesteps(10, 5, "uniform")
 
 
+def test_spacings_round_ties_as_guided_diffusion_and_diffusers_do():
+    """linspace rounded ties half up (S = 25 at T = 1000 visited 167 and 833 where ADM's
+    --timestep_respacing 25 visits 166 and 832: 299 of the 1000 S differed); trailing rounded
+    half up where diffusers' trailing spacing rounds half to even (S = 400 started at t = 2)."""
+    ts = space_timesteps(1000, 25, "linspace").tolist()
+    assert 166 in ts and 832 in ts and 167 not in ts and 833 not in ts
+    assert space_timesteps(1000, 400, "trailing").tolist()[:4] == [1, 4, 7, 9]
+    for S in range(2, 1001):  # noqa: N806 - no two steps merge, whatever the ties
+        for spacing in ("linspace", "trailing"):
+            assert np.all(np.diff(space_timesteps(1000, S, spacing)) > 0)
+
+
 def test_leading_spacing_that_starts_inside_the_process_warns():
     """"leading" with stride T // S = 1 (S > T/2) or 2 (S = 334) started sampling from pure
     noise at t = S - 1 or 666, where x_t still holds 28% or 10% of the data, silently."""

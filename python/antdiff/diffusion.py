@@ -57,7 +57,9 @@ def discretized_gaussian_log_likelihood(
 ) -> torch.Tensor:
     """Elementwise log-likelihood (nats) of data in [-1, 1] quantised to 256 bins.
 
-    The end bins extend to -inf / +inf so the probabilities sum to one.
+    The end bins extend to -inf / +inf so the probabilities sum to one. The normal CDF is the
+    exact one (erf); guided-diffusion's tanh approximation of it gives t = 0's decoder term
+    up to ~1e-2 bits/dim more or less (0.4%), every other term alike.
     """
     centred = x - means
     inv_std = torch.exp(-log_scales)

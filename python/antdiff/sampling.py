@@ -4,8 +4,11 @@ Respacing keeps `steps` of the T training timesteps, tau_0 < ... < tau_{S-1}, an
 S-step diffusion whose alphas_cumprod are a[tau_i] (so its betas are 1 - a[tau_i] / a[tau_{i-1}]).
 The network still sees the ORIGINAL indices tau_i. Spacings (:func:`space_timesteps`):
 
-- "linspace" (default): round(linspace(0, T-1, S)); always keeps t = 0 and t = T-1.
-- "trailing": T-1, T-1-T/S, ... (rounded); keeps t = T-1, spreads evenly from the noisy end.
+- "linspace" (default): 0, d, 2d, ..., T-1 with d = (T-1)/(S-1), each rounded half to even
+  after summing the strides one by one: guided-diffusion's respacing of one section (ADM's
+  ``--timestep_respacing S``), timestep for timestep; always keeps t = 0 and t = T-1.
+- "trailing": T-1, T-1-T/S, ... (rounded half to even, as diffusers' "trailing" spacing);
+  keeps t = T-1, spreads evenly from the noisy end.
 - "leading": 0, T//S, 2T//S, ... (the original DDIM spacing; never reaches t = T-1). Where
   T % S is large (S = 334 or 501 at T = 1000) the chain starts well inside the process;
   sampling warns when the start keeps a visible part of the data (never for S dividing T).
@@ -45,10 +48,16 @@ def space_timesteps(T: int, steps: int, spacing: str = "linspace") -> np.ndarray
     if steps == 1:  # one step can only start from pure noise (t = T-1), whatever the spacing
         return np.array([T - 1], dtype=np.int64)
     if spacing == "linspace":
-        # floor(x + 0.5) rather than np.round: banker's rounding can merge neighbours.
-        ts = np.floor(np.linspace(0.0, T - 1.0, steps) + 0.5)
+        # the strides summed in float64 one at a time and rounded half to even (Python's
+        # round), as guided-diffusion does: its ties (S = 25: 166.5, 832.5) go its way; no two
+        # steps merge, since the stride is > 1 wherever a tie can occur
+        stride, cur, taken = (T - 1) / (steps - 1), 0.0, []
+        for _ in range(steps):
+            taken.append(round(cur))
+            cur += stride
+        ts = np.array(taken, dtype=np.float64)
     elif spacing == "trailing":
-        ts = np.floor(np.arange(T, 0, -T / steps)[:steps] + 0.5)[::-1] - 1.0
+        ts = np.round(np.arange(T, 0, -T / steps)[:steps])[::-1] - 1.0
     else:
         ts = np.arange(steps, dtype=np.float64) * (T // steps)
     out = ts.astype(np.int64)
@@ -193,7 +202,9 @@ def sample(
         cfg_scale: classifier-free guidance scale; 1 means plain conditional sampling.
         generator: makes the run deterministic; must live on `device`.
         device: defaults to the model's parameters' device.
-        clip_denoised: clamp predicted x0 to [-1, 1] (turn off for latents).
+        clip_denoised: clamp predicted x0 to [-1, 1] (turn off for latents). DDIM then takes
+            its noise direction from the clamped x0, as ADM does (diffusers' DDIMScheduler
+            keeps the model's eps unless ``use_clipped_model_output=True``).
         null_class: the unconditional label (defaults to model.num_classes).
     """
     if sampler not in _SAMPLERS:
