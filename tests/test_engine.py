@@ -1906,8 +1906,62 @@ def test_constructor_names_wrong_types_and_accepts_numpy_numbers():
 
 def test_batchnorm_message_names_the_layers():
     model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
-    with pytest.raises(ValueError, match=r"BatchNorm layers \('1'\), which couple"):
+    with pytest.raises(ValueError, match=r"BatchNorm layers in training mode \('1'\), which"):
         ANT(linear_schedule(T), k=5, method="pcgrad", model=model)
+
+
+@pytest.mark.parametrize("mode", ["onepass", "micro"])
+def test_a_batchnorm_in_eval_mode_is_served_until_it_trains(mode):
+    """A frozen BatchNorm in eval mode (a pretrained part) couples no samples: it was refused
+    like a training one. One put back in training mode is refused at the next backward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    model[1].eval().requires_grad_(False)
+    ant = ANT(linear_schedule(T), k=5, method="pcgrad", mode=mode, model=model)
+
+    def fn(x, t):
+        return (model(x)[:, 0] - t.float() / T) ** 2
+
+    x = torch.randn(20, 3)
+    t = ant.sample_timesteps(20)
+    ant.backward(fn, x, t)
+    got = flat_grad_of([model[0], model[2]])
+    ref = ANT(linear_schedule(T), k=5, method="pcgrad", mode="retain_graph", model=model)
+    ref.backward(fn, x, t)
+    torch.testing.assert_close(got, flat_grad_of([model[0], model[2]]), rtol=1e-5, atol=1e-7)
+    model[1].train()
+    with pytest.raises(ValueError, match="BatchNorm layers in training mode"):
+        ant.backward(fn, x, t)
+
+
+def flat_grad_of(mods):
+    return torch.cat([p.grad.reshape(-1) for m in mods for p in m.parameters()]).clone()
+
+
+def test_a_compiled_model_is_served_by_micro_under_auto():
+    """torch.compile's wrapper got the one-pass hooks (a graph break at every served layer),
+    also for an explicit mode='onepass'."""
+    model = TinyNet()
+    compiled = torch.compile(model)
+    assert ANT(linear_schedule(T), k=5, method="pcgrad", model=compiled)._onepass is None
+    with pytest.raises(ValueError, match="torch.compile'd model"):
+        ANT(linear_schedule(T), k=5, method="pcgrad", mode="onepass", model=compiled)
+
+
+def test_sorting_the_batch_by_cluster_warns_once():
+    """A per-sample tensor that loss_fn takes from its closure keeps its order when the engine
+    sorts the batch (t not from sample_timesteps): silently misaligned in one-pass."""
+    model, ant, x = _tiny_setup(mode="onepass")
+    t = torch.tensor([95, 3, 50, 20, 70, 1, 88, 40, 10, 60])  # not in cluster order
+    with pytest.warns(UserWarning, match="sorts the batch by cluster"):
+        ant.backward(per_sample_loss(model), x, t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ant.backward(per_sample_loss(model), x, t)  # once
+        sorted_t, _ = torch.sort(torch.arange(10) * 97 % T)
+        ANT(linear_schedule(T), k=5, method="pcgrad", model=model).backward(
+            per_sample_loss(model), x, sorted_t
+        )  # already in cluster order: nothing moves, no warning
 
 
 @pytest.mark.parametrize(

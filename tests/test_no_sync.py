@@ -15,6 +15,8 @@ is not part of these steps.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -138,6 +140,8 @@ def _step(
             ant.reduce(loss_fn((x, noise, y), t), t).backward()
         ant.step(opt, skip_nonfinite=skip_nonfinite)
 
+    step.x = x  # the batch's x0, shared by every step (tests poison it)
+    step.ant = ant
     return step
 
 
@@ -239,3 +243,42 @@ def test_cuda_fused_optimizer_skip_check_has_no_host_sync(family, method, mode):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+def _poisoned_run(method: str, device: str, sync_check: bool) -> list[str]:
+    """A fused AdamW run with one NaN batch among finite ones; the warnings it gave."""
+    step = _step("unet", method, "auto", B=20, device=device, skip_nonfinite=True, fused=True)
+    step()
+    keep = step.x.clone()
+    if sync_check:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            step.x.fill_(float("nan"))
+            step()
+            step.x.copy_(keep)
+            for _ in range(3):
+                step()
+    finally:
+        if sync_check:
+            torch.cuda.set_sync_debug_mode("default")
+    step.ant.stats()  # reports what is still in flight (a sync: after the check)
+    return [str(w.message) for w in seen]
+
+
+@pytest.mark.parametrize("method", ["uw", "pcgrad"])
+def test_a_skipped_step_under_a_fused_optimizer_is_reported(method):
+    msgs = _poisoned_run(method, "cpu", sync_check=False)
+    assert any("skipped the step on the device" in m for m in msgs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
+@pytest.mark.parametrize("method", ["uw", "famo", "pcgrad"])
+def test_cuda_a_skipped_step_is_reported_without_a_host_sync(method):
+    """A non-finite step under a fused AdamW is skipped on the device and warned about at a
+    later ant.step, from host copies made beside the flag: FAMO's reason (its losses) read
+    there blocked on the queued step before."""
+    _poisoned_run(method, "cuda", sync_check=True)

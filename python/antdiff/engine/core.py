@@ -57,16 +57,17 @@ class _HostFlag:
     """A 0-d device flag on its way to the host: a non-blocking copy into pinned memory and an
     event, so that ``ready`` and ``read`` never wait for the device (CPU flags: read as is)."""
 
-    def __init__(self, flag: torch.Tensor, step: int) -> None:
+    def __init__(self, flag: torch.Tensor, step: int, extra: tuple[torch.Tensor, ...] = ()) -> None:
+        """``extra``: small tensors copied with the flag (read with it, e.g. to explain it)."""
         self.step, self.event = step, None
-        self.out: StepOutput | None = None  # the step a skip warning explains
         if flag.device.type == "cuda":
             self.host = torch.empty((), dtype=flag.dtype, pin_memory=True)
             self.host.copy_(flag, non_blocking=True)
+            self.extra = tuple(_pinned_copy(v) for v in extra)
             self.event = torch.cuda.Event()
-            self.event.record(torch.cuda.current_stream(flag.device))  # the copy's stream
+            self.event.record(torch.cuda.current_stream(flag.device))  # the copies' stream
         else:
-            self.host = flag
+            self.host, self.extra = flag, extra
 
     def ready(self) -> bool:
         return self.event is None or self.event.query()
@@ -76,6 +77,11 @@ class _HostFlag:
         if wait and self.event is not None:
             self.event.synchronize()
         return bool(self.host)
+
+
+def _pinned_copy(v: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+    return out.copy_(v, non_blocking=True)
 
 
 @dataclass
@@ -262,6 +268,8 @@ class ANT:
         self._buffer: GradBuffer | None = None
         self._onepass: OnePass | None = None  # hook plan when onepass serves the model
         self._model: nn.Module | None = None
+        self._batchnorms: list[tuple[str, nn.Module]] = []  # the attached model's, see attach
+        self._warned_reorder = False
         self._probed = False  # whether a loss was checked to reach the model's parameters
         self._leaves_checked = False  # whether a J step's loss was checked for other leaves
         self._maybe_absent = True  # whether a cluster may be empty in the last step (host view)
@@ -329,19 +337,18 @@ class ANT:
                 f"model must be a torch.nn.Module (the network loss_fn runs), got "
                 f"{type(model).__name__}"
             )
-        if self.mode != "retain_graph" and self.needs_gradients:
-            bn = [
-                n
-                for n, m in model.named_modules()
-                if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            ]
-            if bn:
-                raise ValueError(
-                    f"the model has BatchNorm layers ({', '.join(repr(n) for n in bn[:3])}"
-                    f"{', ...' if len(bn) > 3 else ''}), which couple the "
-                    "samples of a batch, so per-cluster sub-batches would not give the exact "
-                    "per-cluster gradients. Use ANT(..., mode='retain_graph') or GroupNorm."
-                )
+        # BatchNorm in training mode couples the samples of a batch (its batch statistics); one
+        # in eval mode (a frozen pretrained part) does not: checked here and at each backward
+        bn_types = nn.modules.batchnorm._BatchNorm
+        self._batchnorms = [(n, m) for n, m in model.named_modules() if isinstance(m, bn_types)]
+        self._check_batchnorm()
+        compiled = hasattr(model, "_orig_mod")  # torch.compile's wrapper
+        if compiled and self.mode == "onepass" and self.needs_gradients:
+            raise NotServable(
+                "mode='onepass' with a torch.compile'd model: its per-step layer hooks break the "
+                "compiled graph at every served layer; use mode='micro' (or 'auto', which picks "
+                "micro for a compiled model)"
+            )
         ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         self.comm.resolve()
         self._check_distributed(model)
@@ -368,13 +375,27 @@ class ANT:
         device = next((q.device for q in model.parameters()), None)
         if device is not None:
             self.to(device)
-        if self.mode in ("auto", "onepass") and self.needs_gradients:
+        if self.mode in ("auto", "onepass") and self.needs_gradients and not compiled:
             try:
                 self._onepass = OnePass(model)
             except NotServable:
                 if self.mode == "onepass":
                     raise
         return self
+
+    def _check_batchnorm(self) -> None:
+        if self.mode == "retain_graph" or not self.needs_gradients:
+            return
+        bn = [n for n, m in self._batchnorms if m.training]
+        if bn:
+            names = ", ".join(repr(n) for n in bn[:3]) + (", ..." if len(bn) > 3 else "")
+            raise ValueError(
+                f"the model has BatchNorm layers in training mode ({names}), which couple the "
+                "samples of a batch, so "
+                "per-cluster sub-batches would not give the exact per-cluster gradients. Use "
+                "ANT(..., mode='retain_graph'), GroupNorm, or keep them in eval mode (frozen "
+                "running statistics)."
+            )
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimiser parameter groups of the method itself (UW's log-variances), or []."""
@@ -589,6 +610,7 @@ class ANT:
         if self._model is None:
             raise ValueError("no model: call ant.attach(model) or pass model= to ant.backward")
         self._resolve_comm()
+        self._check_batchnorm()  # put in training mode since attach
         n = batch_size(batch)
         self._check_t(t, n)
         check_batch(batch, t.shape[0])
@@ -673,8 +695,21 @@ class ANT:
             )
             self._warned_sync = True
         cid = self.clusters.cluster_of(t)
+        ordered = (cid[1:] >= cid[:-1]).all().reshape(1).long()
+        read = torch.cat([torch.bincount(cid, minlength=self.k), ordered]).cpu().numpy()
+        counts = read[:-1]
+        if read[-1]:  # already in cluster order: nothing to move
+            return batch, t, counts
+        if not self._warned_reorder:
+            warnings.warn(
+                "ant.backward sorts the batch by cluster (t was not drawn by "
+                "ant.sample_timesteps): every per-sample tensor loss_fn uses must come through "
+                "batch; one it takes from its closure (noise, text embeddings) keeps the old "
+                "order and would be paired with other samples' timesteps",
+                stacklevel=3,
+            )
+            self._warned_reorder = True
         order = torch.argsort(cid, stable=True)
-        counts = torch.bincount(cid, minlength=self.k).cpu().numpy()
         return take_batch(batch, order), t.index_select(0, order), counts
 
     def _weighted_step(self, loss_fn, batch, t, scaler) -> StepOutput:
@@ -1089,8 +1124,8 @@ class ANT:
                 optimizer.step()
             finally:
                 del optimizer.grad_scale, optimizer.found_inf
-            flag = _HostFlag(bad, self.telemetry.steps)
-            flag.out = self.last  # what the warning explains once the flag is read
+            explain = (self.last.cluster_losses.detach(), self.last.present)
+            flag = _HostFlag(bad, self.telemetry.steps, explain if self._explains() else ())
             self._pending_flags.append(flag)
             _restore_absent(optimizer, hold)
             return True
@@ -1102,7 +1137,7 @@ class ANT:
             warnings.warn(
                 f"step {self.telemetry.steps}: non-finite cluster losses or gradients; the "
                 f"optimiser step was skipped and the method state left unchanged"
-                f"{self._skip_detail(self.last)}",
+                f"{self._skip_detail(self.last.cluster_losses, self.last.present)}",
                 stacklevel=2,
             )
             optimizer.zero_grad(set_to_none=True)
@@ -1179,20 +1214,29 @@ class ANT:
                     warnings.warn(
                         f"step {flag.step}: non-finite cluster losses or gradients; the "
                         "optimiser skipped the step on the device and the method state was left "
-                        f"unchanged{self._skip_detail(flag.out)}",
+                        f"unchanged{self._skip_detail(*flag.extra)}",
                         stacklevel=3,
                     )
             else:
                 pending.append(flag)
         self._pending_flags = pending
 
-    def _skip_detail(self, out: StepOutput | None) -> str:
-        """The loss method's reason for a skipped step, if it has one (the host has already
-        read the step's verdict: reading its k losses costs no further wait)."""
+    def _explains(self) -> bool:
+        """Whether the loss method can say why a step was not finite (FAMO)."""
         loss_m = self.method.loss
-        if loss_m is None or out is None:
+        return loss_m is not None and type(loss_m).nonfinite_reason is not (
+            mtl.base.LossMethod.nonfinite_reason
+        )  # fmt: skip
+
+    def _skip_detail(
+        self, L: torch.Tensor | None = None, present: torch.Tensor | None = None  # noqa: N803
+    ) -> str:
+        """The loss method's reason for a skipped step, if it has one. Called once the host has
+        the step's verdict: on the device-side skip with the losses copied beside the flag (no
+        wait), on the host-read skip after that read (the losses are computed by then)."""
+        if L is None or present is None or not self._explains():
             return ""
-        why = loss_m.nonfinite_reason(out.cluster_losses.detach().cpu(), out.present.cpu())
+        why = self.method.loss.nonfinite_reason(L.detach().cpu(), present.cpu())
         return f" ({why})" if why else ""
 
     def stats(self) -> dict[str, Any]:
