@@ -123,7 +123,8 @@ PYBIND11_MODULE(_C, m) {
   // both whenever a binding's name, arguments or meaning changes.
   // 2: NaN from nash_weights without a solution and from pcgrad_weights of a non-finite G
   // 3: the address-taking solvers are private (_pcgrad_weights_at, ...) and refuse null
-  m.attr("ABI_VERSION") = 3;
+  // 4: solve_intervals refuses costs that overflow float64 (the Python side relies on it)
+  m.attr("ABI_VERSION") = 4;
   m.def("solve_intervals", &SolveIntervals, py::arg("cost"), py::arg("data"), py::arg("k"),
         py::arg("min_size") = py::none(), py::arg("max_size") = py::none(),
         py::arg("algorithm") = "auto",

@@ -1832,8 +1832,10 @@ def test_a_list_of_per_sample_numbers_in_the_batch_is_refused(mode, as_list):
     labels = as_list(torch.arange(10.0))
     with pytest.raises(TypeError, match=r"batch\[1\] is a .* of B=10 numbers.*torch.tensor"):
         ant.backward(lambda b, tb: per_sample_loss(model)(b[0], tb), (x, labels), t)
-    # a short list of settings is not per sample: it passes through
+    # a short list of settings is not per sample: it passes through, also where B equals its
+    # length (a smoke run with B = 3 and an RGB mean)
     ant.backward(lambda b, tb: per_sample_loss(model)(b[0], tb), (x, [0.5, 2.0]), t)
+    ant.backward(lambda b, tb: per_sample_loss(model)(b[0], tb), (x[:3], [0.5, 0.4, 0.4]), t[:3])
 
 
 @pytest.mark.parametrize("batch", [None, [1, 2], torch.tensor(3.0)])
@@ -1884,6 +1886,10 @@ def test_step_refuses_an_optimizer_of_none_of_the_models_parameters():
         ant.step(model)
     # an optimiser of part of the model (one of several) is accepted
     ant.step(torch.optim.SGD(model.out.parameters(), lr=0.1))
+    # UW's log-variances in an optimiser of their own, beside the model's: accepted
+    uw_model, uw, _ = _tiny_setup(method="uw")
+    uw.reduce(per_sample_loss(uw_model)(x, t), t).backward()
+    assert uw.step(torch.optim.Adam(uw.param_groups()))
 
 
 def test_constructor_names_wrong_types_and_accepts_numpy_numbers():
@@ -1932,6 +1938,11 @@ def test_a_batchnorm_in_eval_mode_is_served_until_it_trains(mode):
     model[1].train()
     with pytest.raises(ValueError, match="BatchNorm layers in training mode"):
         ant.backward(fn, x, t)
+    # a refused attach leaves the engine on its model: the rejected one's layers are not checked
+    model[1].eval()
+    with pytest.raises(ValueError, match="BatchNorm layers in training mode"):
+        ant.attach(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)))
+    ant.backward(fn, x, t)
 
 
 def flat_grad_of(mods):
@@ -1941,9 +1952,19 @@ def flat_grad_of(mods):
 def test_a_compiled_model_is_served_by_micro_under_auto():
     """torch.compile's wrapper got the one-pass hooks (a graph break at every served layer),
     also for an explicit mode='onepass'."""
+    torch.manual_seed(0)
     model = TinyNet()
-    compiled = torch.compile(model)
-    assert ANT(linear_schedule(T), k=5, method="pcgrad", model=compiled)._onepass is None
+    compiled = torch.compile(model, backend="eager")  # no code generation: fast on the CPU
+    ant = ANT(linear_schedule(T), k=5, method="pcgrad", model=compiled)
+    assert ant._onepass is None
+    x = torch.randn(10, 1, 6, 6)
+    t = ant.sample_timesteps(10)
+    ant.backward(per_sample_loss(compiled), x, t)
+    got = flat_grad(model).clone()
+    ANT(linear_schedule(T), k=5, method="pcgrad", mode="micro", model=model).backward(
+        per_sample_loss(model), x, t
+    )
+    torch.testing.assert_close(got, flat_grad(model))
     with pytest.raises(ValueError, match="torch.compile'd model"):
         ANT(linear_schedule(T), k=5, method="pcgrad", mode="onepass", model=compiled)
 
@@ -2004,3 +2025,30 @@ def test_famo_names_losses_below_its_min_loss_on_a_skipped_step(fused):
         ant.stats()
     msgs = [str(w.message) for w in seen if "non-finite" in str(w.message)]
     assert msgs and not any("min_loss" in m for m in msgs)
+
+
+def test_an_engine_resumed_between_folds_logs_the_running_means_of_an_unbroken_run():
+    """The load counted the unsolved steps by folding the loaded ones: the running means of a
+    resumed engine differed from an unbroken run's by an ulp."""
+    def run(split):
+        torch.manual_seed(0)
+        model = TinyNet()
+        ant = ANT(linear_schedule(T), k=5, method="uw", model=model, seed=3)
+        opt = torch.optim.SGD([{"params": model.parameters()}, *ant.param_groups()], lr=0.01)
+        x = torch.randn(10, 1, 6, 6)
+        for i in range(40):
+            if i == split:
+                state = copy.deepcopy(ant.state_dict())
+                ant = ANT(linear_schedule(T), k=5, method="uw", model=model, seed=3)
+                ant.load_state_dict(state)
+                opt.param_groups[1]["params"] = list(ant.param_groups()[0]["params"])
+                opt.state.clear()
+            t = ant.sample_timesteps(10)
+            ant.reduce(per_sample_loss(model)(x, t), t).backward()
+            ant.step(opt)
+            opt.zero_grad()
+        return ant.stats()
+
+    ref = run(None)
+    got = run(5)
+    assert got["loss_mean"] == ref["loss_mean"]

@@ -71,16 +71,16 @@ def save_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep:
     except (OSError, RuntimeError) as exc:  # torch.save wraps a failed write in a RuntimeError
         cause: BaseException | None = exc
         while cause is not None and not isinstance(cause, OSError):
-            cause = cause.__cause__ or cause.__context__
+            cause = cause.__cause__  # what raised it (not what it caught on the way)
         if cause is None:
             raise
         done = list_checkpoints(d)
-        raise OSError(
-            cause.errno,
+        msg = (
             f"could not write checkpoint {path} ({cause.strerror or cause}); the last complete "
             f"checkpoint is {done[-1].name if done else 'none'}: free the space (or fix the "
-            "folder) and continue with --resume",
-        ) from exc
+            "folder) and continue with --resume"
+        )
+        raise (OSError(cause.errno, msg) if cause.errno is not None else OSError(msg)) from exc
     older, later = [], []
     for p in list_checkpoints(d):
         n = int(_NAME.match(p.name).group(1))

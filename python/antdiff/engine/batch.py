@@ -78,7 +78,8 @@ def _check_leaves(batch: Any, where: str = "batch", n: int | None = None) -> Non
             _check_leaves(v, f"{where}[{k!r}]", n)
         return
     if isinstance(batch, (list, tuple)):
-        if n is not None and len(batch) == n and all(_scalar(v) for v in batch):
+        # (B > 4: a short tuple of settings, an image size or an RGB mean, may match a tiny B)
+        if n is not None and n > 4 and len(batch) == n and all(_scalar(v) for v in batch):
             raise TypeError(
                 f"{where} is a {type(batch).__name__} of B={n} numbers: per-sample values "
                 "(e.g. list(labels)) must be a tensor, which the engine cuts and sorts by "

@@ -340,9 +340,10 @@ class ANT:
         # BatchNorm in training mode couples the samples of a batch (its batch statistics); one
         # in eval mode (a frozen pretrained part) does not: checked here and at each backward
         bn_types = nn.modules.batchnorm._BatchNorm
-        self._batchnorms = [(n, m) for n, m in model.named_modules() if isinstance(m, bn_types)]
-        self._check_batchnorm()
-        compiled = hasattr(model, "_orig_mod")  # torch.compile's wrapper
+        batchnorms = [(n, m) for n, m in model.named_modules() if isinstance(m, bn_types)]
+        self._check_batchnorm(batchnorms)
+        # torch.compile's wrapper, also inside DDP
+        compiled = any(hasattr(m, "_orig_mod") for m in (model, getattr(model, "module", None)))
         if compiled and self.mode == "onepass" and self.needs_gradients:
             raise NotServable(
                 "mode='onepass' with a torch.compile'd model: its per-step layer hooks break the "
@@ -367,6 +368,7 @@ class ANT:
                 "no running statistics to broadcast)."
             )
         self._model = model
+        self._batchnorms = batchnorms
         self._buffer = None
         self._onepass = None
         self._probed = False
@@ -383,10 +385,10 @@ class ANT:
                     raise
         return self
 
-    def _check_batchnorm(self) -> None:
+    def _check_batchnorm(self, batchnorms: list[tuple[str, nn.Module]] | None = None) -> None:
         if self.mode == "retain_graph" or not self.needs_gradients:
             return
-        bn = [n for n, m in self._batchnorms if m.training]
+        bn = [n for n, m in (self._batchnorms if batchnorms is None else batchnorms) if m.training]
         if bn:
             names = ", ".join(repr(n) for n in bn[:3]) + (", ..." if len(bn) > 3 else "")
             raise ValueError(
@@ -1170,7 +1172,9 @@ class ANT:
         if key == self._optimizer_checked:
             return
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        if self._model is not None:
+        own = [p for p in loss_m.parameters() if p.requires_grad] if loss_m is not None else []
+        if self._model is not None and not (own and all(id(p) in held for p in own)):
+            # (an optimiser of the method's own parameters alone, beside the model's: accepted)
             mine = [p for p in self._model.parameters() if p.requires_grad]
             if mine and not any(id(p) in held for p in mine):
                 raise ValueError(
@@ -1179,7 +1183,6 @@ class ANT:
                     "would never be updated; build it with "
                     "[{'params': model.parameters()}, *ant.param_groups()]"
                 )
-        own = [p for p in loss_m.parameters() if p.requires_grad] if loss_m is not None else []
         if any(id(p) not in held for p in own):
             raise ValueError(
                 f"the optimizer does not hold {self.method_name}'s own parameters (e.g. UW's "
@@ -1224,8 +1227,8 @@ class ANT:
     def _explains(self) -> bool:
         """Whether the loss method can say why a step was not finite (FAMO)."""
         loss_m = self.method.loss
-        return loss_m is not None and type(loss_m).nonfinite_reason is not (
-            mtl.base.LossMethod.nonfinite_reason
+        return loss_m is not None and type(loss_m).nonfinite_cause is not (
+            mtl.base.LossMethod.nonfinite_cause
         )  # fmt: skip
 
     def _skip_detail(
@@ -1236,8 +1239,12 @@ class ANT:
         wait), on the host-read skip after that read (the losses are computed by then)."""
         if L is None or present is None or not self._explains():
             return ""
-        why = self.method.loss.nonfinite_reason(L.detach().cpu(), present.cpu())
-        return f" ({why})" if why else ""
+        L = L.detach().cpu()  # noqa: N806
+        cause = self.method.loss.nonfinite_cause(L, present.cpu())
+        if cause is None or not bool(cause[0].any()):
+            return ""
+        values = ", ".join(f"{v:.4g}" for v in L[cause[0]].tolist())
+        return f" ({cause[1].replace('{values}', values)})"
 
     def stats(self) -> dict[str, Any]:
         """Telemetry for logging: last and running per-cluster losses, weights, cosines,
@@ -1338,7 +1345,8 @@ class ANT:
             self.method.grad.load_state_dict(state["grad_method"])
         self.sampler.load_state_dict(state["sampler"])
         self.telemetry.load_state_dict(state["telemetry"])
-        self._unsolved_reported = self.telemetry.unsolved()  # reported before the checkpoint
+        # reported before the checkpoint; counted without folding (see Telemetry.state_dict)
+        self._unsolved_reported = self.telemetry.unsolved(fold=False)
 
     def _auto_choice(self) -> str:
         if self.mode != "auto":

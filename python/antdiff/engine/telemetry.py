@@ -78,11 +78,14 @@ class Telemetry:
         the steps are folded (no operator in the step)."""
         self._unsolved.append(flag)
 
-    def unsolved(self) -> int:
-        """The count so far (a host read: outside the step)."""
-        self._fold()
+    def unsolved(self, fold: bool = True) -> int:
+        """The count so far (a host read: outside the step). ``fold=False`` counts the steps
+        not yet folded without folding them (a fold changes how later sums group)."""
+        if fold:
+            self._fold()
         t = self.t.get("unsolved_steps")
-        return 0 if t is None else int(t.cpu())
+        n = 0 if t is None else int(t.cpu())
+        return n + sum(int(f.cpu()) for f in self._unsolved)
 
     @staticmethod
     def _cosine(G: torch.Tensor) -> torch.Tensor:  # noqa: N803

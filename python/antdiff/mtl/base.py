@@ -124,9 +124,11 @@ class LossMethod(torch.nn.Module):
         """
         raise NotImplementedError
 
-    def nonfinite_reason(self, L: Tensor, present: Tensor) -> str | None:
-        """Why cluster losses ``L`` (host tensors) gave a non-finite step, where the method can
-        tell (read on a skipped step only, once the host has the verdict); else None."""
+    def nonfinite_cause(self, L: Tensor, present: Tensor) -> tuple[Tensor, str] | None:
+        """Where the method can tell why finite cluster losses ``L`` gave a non-finite step:
+        the [k] bool mask of the clusters at fault and a message whose ``{values}`` the
+        engine replaces with their losses (it reads the mask on a skipped step only, once the
+        host has the verdict); else None."""
         return None
 
     def forward(self, L: Tensor, present: Tensor) -> Tensor:

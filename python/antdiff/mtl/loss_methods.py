@@ -340,13 +340,10 @@ class FAMO(LossMethod):
         """[k] float64 softmax weights z over present clusters."""
         return masked_softmax(self.xi, present)
 
-    def nonfinite_reason(self, L: Tensor, present: Tensor) -> str | None:
+    def nonfinite_cause(self, L: Tensor, present: Tensor) -> tuple[Tensor, str] | None:
         low = present & torch.isfinite(L) & (L.double() - self.min_loss + self.eps <= 0)
-        if not bool(low.any()):
-            return None
-        vals = ", ".join(f"{v:.4g}" for v in L[low].tolist())
-        return (
-            f"cluster loss(es) {vals} at or below FAMO's min_loss={self.min_loss:g}, whose log "
-            "(of L - min_loss) is not finite: pass method_kwargs={'min_loss': m} with m below "
-            "every cluster loss"
+        return low, (
+            f"cluster loss(es) {{values}} at or below FAMO's min_loss={self.min_loss:g}, whose "
+            "log (of L - min_loss) is not finite: pass method_kwargs={'min_loss': m} with m "
+            "below every cluster loss"
         )
