@@ -632,6 +632,13 @@ def test_make_method_rejects_unknown(bad):
     assert "pcgrad" in str(e.value) and "graddrop" in str(e.value)
 
 
+@pytest.mark.parametrize(("typo", "meant"), [("pcgard", "pcgrad"), ("UW+PCGard", "uw+pcgrad"),
+                                             ("nash_mtl", "nash")])  # fmt: skip
+def test_a_mistyped_method_name_gets_a_suggestion(typo, meant):
+    with pytest.raises(ValueError, match=f"did you mean '{re.escape(meant)}'"):
+        make_method(typo, 5)
+
+
 def test_make_method_rejects_bad_arguments():
     with pytest.raises(ValueError, match="unknown hyperparameters.*'c'"):
         make_method("uw", 5, c=0.3)

@@ -68,3 +68,10 @@ def test_bad_names_and_T():
         make_schedule("quadratic")
     with pytest.raises(ValueError, match="T must be"):
         linear_schedule(0)
+
+
+def test_diffusers_name_of_the_cosine_schedule():
+    """'squaredcos_cap_v2' (diffusers' name of the same schedule) was an unknown schedule."""
+    a = make_schedule("squaredcos_cap_v2").alphas_cumprod
+    np.testing.assert_array_equal(a, cosine_schedule(1000).alphas_cumprod)
+    np.testing.assert_array_equal(as_schedule("squaredcos_cap_v2").alphas_cumprod, a)

@@ -132,9 +132,10 @@ def cosine_schedule(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) ->
 
 
 def make_schedule(name: str, T: int = 1000) -> Schedule:  # noqa: N803
-    """Named schedule: "linear" (DDPM / ADM), "scaled_linear" (latent diffusion) or "cosine"."""
+    """Named schedule: "linear" (DDPM / ADM), "scaled_linear" (latent diffusion) or "cosine"
+    (also under diffusers' name "squaredcos_cap_v2", the same schedule)."""
     makers = {"linear": linear_schedule, "scaled_linear": scaled_linear_schedule,
-              "cosine": cosine_schedule}  # fmt: skip
+              "cosine": cosine_schedule, "squaredcos_cap_v2": cosine_schedule}  # fmt: skip
     if name not in makers:
         raise ValueError(f"unknown schedule {name!r}; valid: {sorted(makers)}")
     return makers[name](T)

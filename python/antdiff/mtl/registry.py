@@ -16,6 +16,7 @@ per-cluster scales (e.g. "uw+nash" is Nash-MTL's direction with UW's magnitudes)
 from __future__ import annotations
 
 import copy
+import difflib
 import inspect
 from typing import Any
 
@@ -161,8 +162,12 @@ def _hparam_names(cls: type) -> set[str]:
 
 
 def _unknown_name(name: str) -> ValueError:
+    names = ["vanilla", *LOSS_METHODS, *GRAD_METHODS,
+             *(f"{a}+{b}" for a in LOSS_METHODS for b in GRAD_METHODS)]  # fmt: skip
+    close = difflib.get_close_matches(name.lower().replace(" ", ""), names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
     return ValueError(
-        f"unknown MTL method {name!r}; valid names: vanilla, {', '.join(LOSS_METHODS)}, "
+        f"unknown MTL method {name!r}{hint}; valid names: vanilla, {', '.join(LOSS_METHODS)}, "
         f"{', '.join(GRAD_METHODS)}, or '<loss>+<grad>' with <loss> in "
         f"{{{', '.join(LOSS_METHODS)}}} and <grad> in {{{', '.join(GRAD_METHODS)}}}"
     )
