@@ -85,6 +85,7 @@ if has tests || has tilings; then
             tests/test_kernels_nash.py tests/test_kernels_pcgrad.py \
             tests/test_no_sync.py::test_cuda_engine_step_has_no_host_sync \
             tests/test_no_sync.py::test_cuda_fused_optimizer_skip_check_has_no_host_sync \
+            tests/test_no_sync.py::test_cuda_a_skipped_step_is_reported_without_a_host_sync \
             tests/test_engine.py::test_gpu_step_has_no_host_sync tests/test_mtl.py::test_cuda_no_sync \
             tests/test_train.py::test_cuda_train_step_has_no_host_sync \
             tests/test_telemetry.py::test_updates_and_folds_have_no_host_sync_on_cuda \

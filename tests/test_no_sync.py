@@ -105,6 +105,7 @@ def test_detector_catches_value_reads():
 def _step(
     family: str, method: str, mode: str, B: int, skip_nonfinite: bool = False,
     sampling: str = "proportional", device: str = "cpu", amp: bool = False, fused: bool = False,
+    method_kwargs: dict | None = None,
 ):  # fmt: skip
     """One training step as a trainer writes it (``ant.step`` without the non-finite read);
     ``amp``: the forward under bf16 autocast; ``fused``: a fused AdamW (which skips a
@@ -117,7 +118,8 @@ def _step(
     x, noise = torch.randn(shape, device=device), torch.randn(shape, device=device)
     y = torch.randint(0, 10, (B,), device=device)
     every = 3 if "nash" in method else None
-    ant = ANT("linear", k=5, method=method, mode=mode, update_every=every, sampling=sampling)
+    ant = ANT("linear", k=5, method=method, mode=mode, update_every=every, sampling=sampling,
+              method_kwargs=method_kwargs)  # fmt: skip
     ant.attach(model)
     # SGD: AdamW's step counters are host tensors, whose reads this CPU check cannot tell apart
     groups = [{"params": list(model.parameters())}, *ant.param_groups()]
@@ -246,9 +248,10 @@ def test_cuda_fused_optimizer_skip_check_has_no_host_sync(family, method, mode):
     torch.cuda.synchronize()
 
 
-def _poisoned_run(method: str, device: str, sync_check: bool) -> list[str]:
+def _poisoned_run(method: str, device: str, sync_check: bool, **kw) -> list[str]:
     """A fused AdamW run with one NaN batch among finite ones; the warnings it gave."""
-    step = _step("unet", method, "auto", B=20, device=device, skip_nonfinite=True, fused=True)
+    step = _step("unet", method, "auto", B=20, device=device, skip_nonfinite=True, fused=True,
+                 **kw)  # fmt: skip
     step()
     keep = step.x.clone()
     if sync_check:
@@ -275,6 +278,9 @@ def _poisoned_run(method: str, device: str, sync_check: bool) -> list[str]:
 def test_a_skipped_step_under_a_fused_optimizer_is_reported(method):
     msgs = _poisoned_run(method, "cpu", sync_check=False)
     assert any("skipped the step on the device" in m for m in msgs)  # before any stats()
+    if method == "uw":  # FAMO's reason for finite losses below its min_loss comes along
+        msgs = _poisoned_run("famo", "cpu", sync_check=False, method_kwargs={"min_loss": 1e3})
+        assert any("below FAMO's min_loss=1000" in m for m in msgs)
 
 
 @pytest.mark.gpu
@@ -286,3 +292,6 @@ def test_cuda_a_skipped_step_is_reported_without_a_host_sync(method):
     there blocked on the queued step before."""
     msgs = _poisoned_run(method, "cuda", sync_check=True)
     assert any("skipped the step on the device" in m for m in msgs)  # inside the checked window
+    if method == "famo":  # finite losses below min_loss: the reason, from the pinned copies
+        msgs = _poisoned_run(method, "cuda", sync_check=True, method_kwargs={"min_loss": 1e3})
+        assert any("below FAMO's min_loss=1000" in m for m in msgs)

@@ -537,8 +537,8 @@ def _train(
             train_step(run, get_batch(run.data, run.batches.next_indices()))
             logger.advance()
             if run.step % tc.log_every == 0 or run.step == tc.steps:
+                stats = run.ant.stats()  # waits for the step's queued work on a GPU: then time
                 now = time.perf_counter()
-                stats = run.ant.stats()
                 logger.log(
                     run.step,
                     cluster_mean_loss(run.ant.last),

@@ -100,7 +100,7 @@ class _Allocations:
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Host tensor -> device; on CUDA through pinned memory with non_blocking (no stream sync)."""
-    if device.type == "cuda":
+    if device.type == "cuda" and x.device.type == "cpu":
         return x.pin_memory().to(device, non_blocking=True)
     return x.to(device)
 
