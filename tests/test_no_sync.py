@@ -163,6 +163,10 @@ STEP_CASES = [
     ("dit", "famo", "auto"),
     ("dit", "dwa", "auto"),
     ("dit", "rlw", "auto"),
+    ("unet", "vanilla", "auto"),
+    ("unet", "ls", "auto"),
+    ("unet", "famo+mgda", "onepass"),
+    ("dit", "imtl", "onepass"),
 ]  # fmt: skip
 
 
