@@ -117,6 +117,27 @@ def _worker(rank: int, init_file: str, result_file: str) -> None:
         except ValueError as e:
             refused.append(str(e))
         results["refused"] = refused
+        more = []
+        syncbn = nn.Sequential(nn.Linear(6, 4), nn.SyncBatchNorm(4), nn.Linear(4, 6))
+        compiled = torch.compile(nn.parallel.DistributedDataParallel(
+            Net(), gradient_as_bucket_view=True), backend="eager")  # fmt: skip
+        # (DDP refuses a SyncBatchNorm on the CPU: the engine's check comes first anyway)
+        for mode, net in (("retain_graph", syncbn), ("micro", compiled)):
+            try:
+                ANT(linear_schedule(T), k=4, method="pcgrad", mode=mode, model=net)
+            except ValueError as e:
+                more.append(str(e))
+        results["refused_more"] = more
+        # a rank's slice of 5 samples next to a tuple of 5 settings: not taken for per-sample
+        # numbers on one rank alone (the other has 11 samples: both must decide alike)
+        torch.manual_seed(0)
+        model = nn.parallel.DistributedDataParallel(Net())
+        ant = ANT(linear_schedule(T), k=4, method="pcgrad", seed=0, model=model)
+        x, t = make_data()
+        sl = slice(0, 5) if rank == 0 else slice(5, B)
+        ant.backward(lambda b, tb: ((model(b[0], tb) - torch.sin(b[0])) ** 2).mean(dim=1),
+                     (x[sl], (1.0,) * 5), t[sl])  # fmt: skip
+        results["settings_tuple_ok"] = True
         if rank == 0:
             torch.save(results, result_file)
     finally:
@@ -268,3 +289,15 @@ def test_shard_of_a_global_draw_equals_one_process(two_process_results, monkeypa
     ref, got = _shard_step(None), two_process_results["pcgrad:shard"]
     torch.testing.assert_close(got["w"], ref["w"], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(got["grad"], ref["grad"], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_ddp_cases_today_refused_or_served_alike_on_every_rank(two_process_results):
+    """A training SyncBatchNorm under several ranks all-reduced once per cluster pass (ranks
+    ran different numbers: a hang or mixed rows), also in retain_graph mode; torch.compile
+    around DDP hid DDP's settings from the checks; a tuple of settings as long as one rank's
+    slice was refused on that rank alone (the other waited in a collective)."""
+    syncbn, compiled = two_process_results["refused_more"]
+    assert "SyncBatchNorm layers in training mode" in syncbn
+    assert "gradient_as_bucket_view=True" in compiled
+    assert two_process_results["settings_tuple_ok"]

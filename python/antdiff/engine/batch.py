@@ -32,12 +32,14 @@ def map_batch(batch: Any, fn) -> Any:
     return batch
 
 
-def check_batch(batch: Any, n: int) -> None:
+def check_batch(batch: Any, n: int, lists: bool = True) -> None:
     """Every tensor with a batch dimension must have ``n`` rows (they are cut by cluster), and
     nothing else may vary per sample: a list of B captions, or of B labels (``list(y)``), would
     not follow its images. A batch must hold at least one such tensor: a loss_fn that reads its
-    data from its closure would pair it with timesteps sorted (or cut) by cluster."""
-    _check_leaves(batch, n=n)
+    data from its closure would pair it with timesteps sorted (or cut) by cluster. ``lists``:
+    look for lists of n numbers (off for a rank's slice of a global batch, whose n differs
+    between ranks: the global batch was checked, and every rank must decide alike)."""
+    _check_leaves(batch, n=n if lists else None)
     if batch_size(batch) is None:
         raise ValueError(
             f"the batch holds no tensor with a batch dimension (got {type(batch).__name__}): "

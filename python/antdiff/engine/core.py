@@ -303,6 +303,7 @@ class ANT:
         """What the engine's reduction across ranks needs of the model; run at attach and again
         when the reduction turns on later (an engine built, and a model attached, before
         ``init_process_group``)."""
+        model = getattr(model, "_orig_mod", model)  # torch.compile(DDP(m)): the DDP inside
         ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         if self.comm.active and self.comm.world > 1 and not hasattr(model, "no_sync"):
             raise ValueError(
@@ -341,24 +342,25 @@ class ANT:
         # in eval mode (a frozen pretrained part) does not: checked here and at each backward
         bn_types = nn.modules.batchnorm._BatchNorm
         batchnorms = [(n, m) for n, m in model.named_modules() if isinstance(m, bn_types)]
+        self.comm.resolve()
         self._check_batchnorm(batchnorms)
-        # torch.compile's wrapper, also inside DDP
+        # torch.compile's wrapper, also inside DDP (and DDP inside it)
         compiled = any(hasattr(m, "_orig_mod") for m in (model, getattr(model, "module", None)))
+        inner = getattr(model, "_orig_mod", model)
         if compiled and self.mode == "onepass" and self.needs_gradients:
             raise NotServable(
                 "mode='onepass' with a torch.compile'd model: its per-step layer hooks break the "
                 "compiled graph at every served layer; use mode='micro' (or 'auto', which picks "
                 "micro for a compiled model)"
             )
-        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-        self.comm.resolve()
+        ddp = isinstance(inner, nn.parallel.DistributedDataParallel)
         self._check_distributed(model)
         if (
             ddp
             and self.needs_gradients
             and self.mode != "retain_graph"
-            and getattr(model, "broadcast_buffers", False)
-            and any(True for _ in model.buffers())
+            and getattr(inner, "broadcast_buffers", False)
+            and any(True for _ in inner.buffers())
         ):
             raise ValueError(
                 "DDP(..., broadcast_buffers=True) with module buffers: the per-cluster passes may "
@@ -386,9 +388,23 @@ class ANT:
         return self
 
     def _check_batchnorm(self, batchnorms: list[tuple[str, nn.Module]] | None = None) -> None:
-        if self.mode == "retain_graph" or not self.needs_gradients:
+        if not self.needs_gradients:
             return
-        bn = [n for n, m in (self._batchnorms if batchnorms is None else batchnorms) if m.training]
+        training = [(n, m) for n, m in (self._batchnorms if batchnorms is None else batchnorms)
+                    if m.training]  # fmt: skip
+        sync = [n for n, m in training if isinstance(m, nn.SyncBatchNorm)]
+        if sync and self.comm.active and self.comm.world > 1:
+            raise ValueError(
+                f"SyncBatchNorm layers in training mode ({', '.join(repr(n) for n in sync[:3])}) "
+                "under several ranks: their backward all-reduces once per cluster pass, and the "
+                "ranks run different numbers of passes (a hang, or rows of different clusters "
+                "mixed); a cluster's loss also depends on every rank's samples. Use GroupNorm, "
+                "keep them in eval mode, or convert them back to BatchNorm (per-rank statistics) "
+                "with mode='retain_graph'"
+            )
+        if self.mode == "retain_graph":
+            return
+        bn = [n for n, _ in training]
         if bn:
             names = ", ".join(repr(n) for n in bn[:3]) + (", ..." if len(bn) > 3 else "")
             raise ValueError(
@@ -615,7 +631,7 @@ class ANT:
         self._check_batchnorm()  # put in training mode since attach
         n = batch_size(batch)
         self._check_t(t, n)
-        check_batch(batch, t.shape[0])
+        check_batch(batch, t.shape[0], lists=not self.comm.active)
         if self._uses_step and self._unstepped:  # a trainer that calls ant.step skipped it
             warnings.warn(
                 "ant.backward again without ant.step since the last one: its gradients are "
@@ -911,7 +927,7 @@ class ANT:
             if no_sync is not None:  # DDP: its buffers (BatchNorm statistics) still broadcast at
                 # this forward; under no_sync the last one turned that off for the next step.
                 # Every rank runs this one forward per step, so the broadcasts pair up.
-                self._model.require_forward_param_sync = True
+                getattr(self._model, "_orig_mod", self._model).require_forward_param_sync = True
             with no_sync() if no_sync is not None else contextlib.nullcontext():
                 per = _check_per_sample(loss_fn(batch, t), t.shape[0])
             if not per.requires_grad:
@@ -1181,13 +1197,13 @@ class ANT:
                     "the optimizer holds none of the attached model's trainable parameters (an "
                     "optimizer of another model, or of ant.param_groups() alone?): the model "
                     "would never be updated; build it with "
-                    "[{'params': model.parameters()}, *ant.param_groups()]"
+                    "[{'params': list(model.parameters())}, *ant.param_groups()]"
                 )
         if any(id(p) not in held for p in own):
             raise ValueError(
                 f"the optimizer does not hold {self.method_name}'s own parameters (e.g. UW's "
                 "log-variances), which would then never be trained: build it with "
-                "[{'params': model.parameters()}, *ant.param_groups()]"
+                "[{'params': list(model.parameters())}, *ant.param_groups()]"
             )
         self._optimizer_checked = key
 
