@@ -139,7 +139,9 @@ def nash_weights(G: torch.Tensor, iters: int = 40, normalize: bool = True) -> to
         iters: fixed number of Newton steps (no early exit, no host sync); 40 covers every
             family measured (see the module docstring); a solve that ends without a solution
             is NaN.
-        normalize: divide G by its Frobenius norm first (Nash-MTL's normalisation).
+        normalize: solve on G / ||G||_F (better conditioned): alpha then satisfies the
+            fixed point on the normalised G; alpha / sqrt(||G||_F) satisfies it on G itself
+            (what ``antdiff.mtl.NashMTL`` returns, as Nash-MTL's authors do).
 
     Returns:
         alpha: [k] float64; 0 for clusters with G[i, i] <= 0; NaN everywhere if G is not finite

@@ -209,6 +209,14 @@ def pcgrad_weights_ref(G: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
     return C.sum(0) + (G * 0).sum()
 
 
+def frobenius(G: torch.Tensor) -> torch.Tensor:
+    """||G||_F as a 0-d tensor, computed relative to max |G| (no overflow or underflow at
+    extreme scales; 0 for an all-zero G, NaN when G is not finite)."""
+    big = G.abs().amax()
+    big = torch.where(big > 0, big, 1.0)
+    return big * torch.linalg.matrix_norm(G / big)
+
+
 def nash_start(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Active-cluster mask, masked Gram and the Newton start point (all float64).
 
@@ -252,7 +260,7 @@ def nash_weights_ref(G: torch.Tensor, iters: int = 40, normalize: bool = True) -
 
     Args:
         G: [k, k] Gram matrix. iters: fixed number of Newton steps (no early exit).
-        normalize: divide G by its Frobenius norm first.
+        normalize: solve on G / ||G||_F (alpha / sqrt(||G||_F) then solves it on G).
 
     Returns:
         alpha: [k] float64.
@@ -262,10 +270,8 @@ def nash_weights_ref(G: torch.Tensor, iters: int = 40, normalize: bool = True) -
         raise ValueError(f"iters must be an int >= 0, got {iters!r}")
     G64 = G.to(torch.float64)
     ok = torch.isfinite(G64).all()
-    if normalize:  # the Frobenius norm relative to max |G|: no overflow at extreme scales
-        big = G64.abs().amax()
-        big = torch.where(big > 0, big, 1.0)
-        nrm = big * torch.linalg.matrix_norm(G64 / big)
+    if normalize:
+        nrm = frobenius(G64)
         G64 = G64 / torch.where(nrm > 0, nrm, 1.0)
     act, Gt, a = nash_start(G64)
     H = torch.empty_like(Gt)

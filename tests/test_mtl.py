@@ -220,7 +220,7 @@ def test_pcgrad_and_nash_default_dispatch():
     n = NashMTL(k)
     n.weights(J @ J.T, present)
     Gm = torch.where(present[:, None] & present[None, :], J @ J.T, 0.0)
-    res = n.last_alpha * (Gm / Gm.norm() @ n.last_alpha)
+    res = n.last_alpha * (Gm @ n.last_alpha)
     torch.testing.assert_close(res[present], torch.ones(k - 1, dtype=torch.float64))
 
 
@@ -243,19 +243,27 @@ def test_pcgrad_k2_removes_conflict():
 # ---------------------------------------------------------------- Nash-MTL
 @pytest.mark.parametrize("parallel", [0.0, 5.0])
 @pytest.mark.parametrize("absent", [(), (2,)])
-def test_nash_fixed_point(parallel, absent):
+@pytest.mark.parametrize("scale", [1e-3, 7.0])
+def test_nash_fixed_point(parallel, absent, scale):
+    """alpha_i (G alpha)_i = 1 on the raw Gram (Nash-MTL's bargaining solution, which its
+    authors' solver reaches although it normalises G): the update has norm sqrt(k_present)
+    whatever the gradients' scale, and the weights scale as 1 / |g|."""
     k = 5
-    J = _J(k, 13, seed=3, parallel=parallel)
+    J = _J(k, 13, seed=3, parallel=parallel) * scale
     present = _present(k, absent)
     Gm = torch.where(present[:, None] & present[None, :], J @ J.T, 0.0)
-    Gn = Gm / Gm.norm()
     m = NashMTL(k)
     assert m.update_every == 25
     w = m.weights(J @ J.T, present)
     alpha = m.last_alpha
-    res = alpha * (Gn @ alpha)
+    res = alpha * (Gm @ alpha)
     torch.testing.assert_close(res[present], torch.ones(int(present.sum()), dtype=torch.float64))
     assert (alpha[present] > 0).all() and (w[~present] == 0).all()
+    kp = int(present.sum())
+    torch.testing.assert_close((alpha @ J).norm(), torch.tensor(kp**0.5, dtype=torch.float64))
+    unit = NashMTL(k)
+    unit.weights((J / scale) @ (J / scale).T, present)
+    torch.testing.assert_close(alpha * scale, unit.last_alpha)
     torch.testing.assert_close(w.double(), alpha / present.sum(), rtol=1e-6, atol=0)
     w_sum = NashMTL(k, reduction="sum").weights(J @ J.T, present)
     torch.testing.assert_close(w_sum.double(), alpha, rtol=1e-6, atol=0)
@@ -623,6 +631,24 @@ def test_ls_plus_grad_is_the_gradient_method_alone(grad):
     Jt = J / kp  # the rows of the ls terms
     u_composed = composed.weights(Jt @ Jt.T, present).double() @ Jt
     torch.testing.assert_close(u_composed, u_alone, rtol=1e-5, atol=1e-6)  # float32 weights
+
+
+def test_a_loss_method_before_nash_leaves_its_update_unchanged():
+    """Nash-MTL's weights absorb per-cluster scales (alpha_i / c_i for a gradient c_i g_i), so
+    "uw+nash" with any log-variances updates the model exactly as "nash" alone."""
+    k, present = 5, _present(5, (1,))
+    J = _J(k, 64, seed=8, parallel=0.5) * 3.0
+    alone, composed = make_method("nash", k), make_method("uw+nash", k)
+    with torch.no_grad():
+        composed.loss.s.copy_(torch.tensor([0.3, -1.2, 0.0, 2.0, -0.4]))
+    L = torch.rand(k, dtype=torch.float64) + 0.5
+    c = torch.autograd.functional.jacobian(
+        lambda v: composed.loss.transform(v, present).sum(), L
+    ).detach()  # the terms' slopes: the rows of J the composition sees are c_i g_i
+    Jt = c[:, None] * J
+    u_composed = composed.weights(Jt @ Jt.T, present).double() @ Jt
+    u_alone = alone.weights(J @ J.T, present).double() @ J
+    torch.testing.assert_close(u_composed, u_alone, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("bad", ["foo", "pcgrad+uw", "uw+dwa", "uw+pcgrad+nash", "", "uw+"])

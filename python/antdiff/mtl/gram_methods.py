@@ -11,8 +11,10 @@ GPU with ant_kernels' Triton kernels and on the CPU with the C++ solvers of ``an
 - ``MeanGram`` ("mean"): equal weights 1/k_present.
 - ``PCGrad`` ("pcgrad", Yu et al. 2020): native "sum": w = C.sum(0) where row i of C expresses
   the projected g_i' in the basis of the original g's (``ant_kernels.pcgrad_weights``).
-- ``NashMTL`` ("nash", Navon et al. 2022): native "sum": alpha > 0 with alpha * (G_n alpha) = 1
-  on G_n = G / ||G||_F (``ant_kernels.nash_weights``). The engine recomputes w every
+- ``NashMTL`` ("nash", Navon et al. 2022): native "sum": alpha > 0 with alpha * (G alpha) = 1,
+  solved on G_n = G / ||G||_F for conditioning (``ant_kernels.nash_weights``) and scaled back by
+  1 / sqrt(||G||_F), as its authors' solver does: the update alpha @ J has norm sqrt(k_active)
+  whatever the gradients' scale (divided by k_present with "mean"). The engine recomputes w every
   ``update_every`` (25) steps and reuses it in between, so on- and off-steps both apply
   ``alpha_i / k_present`` to the raw cluster losses (ANT's sum_i alpha_i L_i / k).
 - ``IMTLG`` ("imtl", Liu et al. 2021): native "mean": sum w = 1 and the update has the same
@@ -31,6 +33,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from ant_kernels.reference import frobenius
 
 from . import native
 from .base import (
@@ -166,6 +170,10 @@ class PCGrad(GramMethod):
 class NashMTL(GramMethod):
     """Nash-MTL bargaining weights, recomputed every ``update_every`` steps by the engine.
 
+    alpha > 0 solves alpha_i (G alpha)_i = 1 on the raw Gram of the cluster-loss gradients, so
+    the weights scale as 1 / |g| and the update sum_i alpha_i g_i has norm sqrt(k_active) (the
+    authors' normalisation of G only conditions their solver). ``last_alpha`` holds alpha.
+
     Args:
         k: number of clusters.
         reduction: "mean" (w = alpha / k_present) or "sum" (w = alpha).
@@ -186,7 +194,13 @@ class NashMTL(GramMethod):
         self.last_alpha: Tensor | None = None
 
     def _weights(self, G: Tensor, active: Tensor, present: Tensor) -> Tensor:
+        # solved on G / ||G||_F for conditioning, then scaled back: alpha / sqrt(||G||_F) solves
+        # alpha * (G alpha) = 1 on G itself, the bargaining solution of Nash-MTL's authors (whose
+        # solver also normalises G and multiplies the norm back into its constraint). Its update
+        # alpha @ J has norm sqrt(k) whatever the gradients' scale.
+        nrm = frobenius(G)
         alpha = native.nash_weights(G, iters=self.iters, normalize=True)
+        alpha = alpha / torch.where(nrm > 0, nrm, 1.0).sqrt()
         solved = torch.isfinite(alpha).all()  # NaN: the steps ended without a solution
         valid = solved if self._valid is None else self._valid.to(solved.device) & solved
         self.last_alpha = commit(self.last_alpha, alpha, valid)

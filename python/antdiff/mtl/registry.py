@@ -8,9 +8,13 @@ the gradients of the loss method's transformed terms, which already carry the 1/
 the raw cluster losses with ``reduction="mean"``. Hyperparameters are routed by name to
 whichever of the two methods accepts them (to both when both do).
 
-A loss method before Nash-MTL or IMTL-G changes the step's length, not its direction: both are
-invariant to how each cluster's gradient is scaled, and the loss method's weights are such
-per-cluster scales (e.g. "uw+nash" is Nash-MTL's direction with UW's magnitudes).
+A loss method's weights are per-cluster scales of the gradients. Before IMTL-G they change the
+step's length, not its direction. Before Nash-MTL they change neither: its weights solve
+alpha_i (G alpha)_i = 1 on the gradients it is given, so a cluster scaled by c_i gets
+alpha_i / c_i and the update is the same; the terms' 1/k is absorbed with them, so a
+composition keeps Nash-MTL's "mean" reduction, and "uw+nash" updates the model as "nash" does
+at each recomputation (between them the kept weights meet UW's current scales; UW still trains
+its s_i).
 """
 
 from __future__ import annotations
@@ -213,7 +217,7 @@ def make_method(name: str, k: int, **hparams: Any) -> Composite:
     grad = None
     if grad_cls is not None:
         grad_kw = {a: hparams[a] for a in grad_keys & set(hparams)}
-        if loss is not None:
-            grad_kw.setdefault("reduction", "sum")
+        if loss is not None:  # Nash-MTL absorbs the terms' 1/k (see the module docstring)
+            grad_kw.setdefault("reduction", "mean" if grad_cls is NashMTL else "sum")
         grad = grad_cls(k, **grad_kw)
     return Composite("+".join(parts), loss, grad)
