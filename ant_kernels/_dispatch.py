@@ -106,6 +106,11 @@ def backend_reasons(op: str, *tensors: torch.Tensor, k: int | None = None) -> li
                 "kernels were built without the interpreter: set TRITON_INTERPRET=1 "
                 "before importing ant_kernels"
             )
+    if any(t.is_neg() or t.is_conj() for t in tensors):  # a lazy view: the raw memory lacks it
+        reasons.append(
+            "a tensor carries torch's lazy negation or conjugation bit, which a kernel reading "
+            "its memory would not apply: call .resolve_neg() / .resolve_conj() on it"
+        )
     if tensors and tensors[0].dtype not in DTYPES[op]:
         names = ", ".join(str(d) for d in DTYPES[op])
         reasons.append(f"{op}: dtype {tensors[0].dtype} is not supported (supported: {names})")

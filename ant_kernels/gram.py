@@ -529,12 +529,14 @@ def gram(J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gram matrix of the per-cluster gradients, in one pass over J.
 
     Args:
-        J: [k, P] float32/bf16/fp16 (any strides, e.g. a view into a larger buffer).
+        J: [k, P] float32/bf16/fp16 (any strides, e.g. a view into a larger buffer); a
+            float64 J (a model in double precision) takes the torch reference in float64.
 
     Returns:
-        G: [k, k] float32 = J J^T accumulated in float32, exactly symmetric, deterministic.
+        G: [k, k] = J J^T accumulated in float32 (float64 for a float64 J), exactly
+            symmetric, deterministic.
         finite: 0-d bool, False if J has a NaN/inf entry (or a squared row norm overflows
-            float32). Both on J's device; no host sync.
+            G's dtype). Both on J's device; no host sync.
     """
     check_J(J)
     if use_triton("gram", J, k=J.shape[0]):

@@ -34,6 +34,17 @@ def check_G(G: torch.Tensor) -> None:
         raise ValueError(f"G must be a float tensor, got {G.dtype}")
 
 
+def check_out_distinct(out: torch.Tensor) -> None:
+    """Raise if the [P] tensor ``out`` has a zero stride: its elements share one memory
+    location, so a kernel would leave one of the P results there (torch refuses such writes)."""
+    if out.numel() > 1 and out.stride(0) == 0:
+        raise ValueError(
+            "out has stride 0 (an expanded tensor): its elements share one memory location, so "
+            "the P results cannot all be written; pass a tensor with one element per column "
+            "(e.g. torch.empty(P) or out.clone())"
+        )
+
+
 def check_combine(w: torch.Tensor, J: torch.Tensor, out: torch.Tensor | None) -> None:
     """Raise unless ``w: [k]``, ``J: [k, P]`` and ``out: [P]`` (or None) fit together."""
     check_J(J)
@@ -49,6 +60,7 @@ def check_combine(w: torch.Tensor, J: torch.Tensor, out: torch.Tensor | None) ->
                 else type(out).__name__
             )
             raise ValueError(f"out must be a float tensor of shape [P]=[{P}], got {got}")
+        check_out_distinct(out)
     devices = {t.device for t in (w, J, out) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"w, J and out must share one device, got {sorted(map(str, devices))}")
@@ -136,13 +148,15 @@ def gram_ref(J: torch.Tensor, upcast: bool = False) -> tuple[torch.Tensor, torch
         upcast: compute in float64 (test oracle) instead of float32.
 
     Returns:
-        G: [k, k] = J J^T (float32, or float64 with ``upcast``), exactly symmetric; float32
-            in full precision whatever the matmul precision setting (``ieee_fp32_matmul``).
+        G: [k, k] = J J^T (float32; float64 with ``upcast`` or for a float64 J, whose Gram
+            float32 would round: nearly parallel clusters' weights then move), exactly
+            symmetric; float32 in full precision whatever the matmul precision setting
+            (``ieee_fp32_matmul``).
         finite: 0-d bool, False if J has a NaN/inf entry (or a squared row norm overflows
-            float32, which makes G unusable too).
+            G's dtype, which makes G unusable too).
     """
     check_J(J)
-    Jf = J.to(torch.float64 if upcast else torch.float32)
+    Jf = J.to(torch.float64 if upcast or J.dtype == torch.float64 else torch.float32)
     with ieee_fp32_matmul():  # the fp32 G the kernel is tested against, never TF32 or bf16
         chunked = Jf.shape[1] >= _CHUNKED_FROM
         G = _chunked_gram(Jf) if chunked else Jf @ Jf.T
@@ -408,6 +422,8 @@ def check_graddrop(
         got = f"{tuple(out.shape)} {out.dtype}" if isinstance(
             out, torch.Tensor) else type(out).__name__  # fmt: skip
         raise ValueError(f"out must be a float tensor of shape [P]=[{P}], got {got}")
+    if out is not None:
+        check_out_distinct(out)
     devices = {t.device for t in (J, present, divisor, out, step) if isinstance(t, torch.Tensor)}
     if len(devices) > 1:
         raise ValueError(

@@ -134,12 +134,55 @@ def test_combine_ref_in_column_blocks(P, where):
         (torch.ones(4), torch.ones(4, 10), torch.ones(10, dtype=torch.int64), "out must"),
         (torch.ones(4, dtype=torch.int64), torch.ones(4, 10), None, "w must"),
         (torch.ones(4), torch.ones(10), None, "J must"),
+        (torch.ones(4), torch.ones(4, 10), torch.ones(1).expand(10), "stride 0"),
     ],
-    ids=["w-len", "out-len", "out-int", "w-int", "J-1d"],
+    ids=["w-len", "out-len", "out-int", "w-int", "J-1d", "out-expanded"],
 )
 def test_combine_bad_input(w, J, out, match):
     with pytest.raises(ValueError, match=match):
         combine(w, J, out)
+
+
+def _negated(x: torch.Tensor) -> torch.Tensor:
+    """A tensor equal to ``x`` that carries torch's lazy negation bit (public API only)."""
+    v = torch.complex(torch.zeros_like(x), -x).conj().imag  # -(-x), the sign kept lazily
+    assert v.is_neg() and torch.equal(v, x)
+    return v
+
+
+@pytest.mark.interpret
+def test_kernels_refuse_or_resolve_the_lazy_negation_bit(kernel_device, monkeypatch):
+    """A view with the negation bit holds -x in memory: the kernels read memory, so forced
+    Triton must refuse it (naming resolve_neg) and auto must take the reference, which applies
+    it. Triton gave combine and GradDrop the wrong sign, PCGrad and Nash-MTL wrong weights."""
+    import ant_kernels
+
+    gen = torch.Generator().manual_seed(5)
+    J = torch.randn(4, 37, generator=gen).to(kernel_device)
+    w = torch.randn(4, generator=gen).to(kernel_device)
+    G = (J @ J.T).double()
+    orders = torch.stack([torch.randperm(4, generator=gen) for _ in range(4)]).to(kernel_device)
+    present = torch.ones(4, dtype=torch.bool, device=kernel_device)
+    step = torch.zeros(1, dtype=torch.int64, device=kernel_device)
+    calls = {
+        "combine": (lambda J, w, G: ant_kernels.combine(w, J), (J, w, G)),
+        "pcgrad": (lambda J, w, G: ant_kernels.pcgrad_weights(G, orders), (J, w, G)),
+        "nash": (lambda J, w, G: ant_kernels.nash_weights(G), (J, w, G)),
+        "graddrop": (lambda J, w, G: ant_kernels.graddrop(J, present, 3, step), (J, w, G)),
+    }
+    for name, (call, (J0, w0, G0)) in calls.items():
+        expected = call(J0, w0, G0)
+        neg = {"combine": (_negated(J0), _negated(w0), G0), "graddrop": (_negated(J0), w0, G0),
+               "pcgrad": (J0, w0, _negated(G0)), "nash": (J0, w0, _negated(G0))}[name]  # fmt: skip
+        monkeypatch.setenv("ANT_KERNELS_BACKEND", "triton")
+        with pytest.raises(RuntimeError, match="resolve_neg"):
+            call(*neg)
+        monkeypatch.setenv("ANT_KERNELS_BACKEND", "auto")
+        torch.testing.assert_close(call(*neg), expected, msg=name)
+    out = _negated(torch.zeros(37, device=kernel_device))
+    monkeypatch.setenv("ANT_KERNELS_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="resolve_neg"):
+        ant_kernels.combine(w, J, out)
 
 
 def test_combine_reference_path_float64(monkeypatch):

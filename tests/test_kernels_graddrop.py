@@ -174,6 +174,8 @@ def test_bad_input():
         graddrop(J, present, 1, step, 0.0, torch.tensor([1.0, 2.0]))
     with pytest.raises(ValueError, match=r"out must be a float tensor of shape \[P\]=\[10\]"):
         graddrop(J, present, 1, step, 0.0, div, out=torch.empty(9))
+    with pytest.raises(ValueError, match="out has stride 0"):  # the kernel wrote one of P results
+        graddrop(J, present, 1, step, 0.0, div, out=torch.empty(1).expand(10))
     with pytest.raises(ValueError, match="seed must be an int in"):
         graddrop(J, present, -3, step, 0.0, div)
     with pytest.raises(ValueError, match="one-element int64 tensor"):

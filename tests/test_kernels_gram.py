@@ -205,6 +205,20 @@ def test_gram_ref_upcast_is_exact_on_integers():
     assert torch.equal(G, (Ji @ Ji.T).double())
 
 
+def test_gram_of_a_float64_J_is_float64():
+    """A double-precision model's J keeps its precision in G: a float32 Gram of nearly
+    cancelling clusters moved their Nash-MTL weights by 27%, and entries above float32's range
+    read as a non-finite J (a dropped step)."""
+    g = torch.randn(2, 100_000, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    J = torch.cat([g, -(g.sum(0, keepdim=True)) + 1e-3 * torch.randn(1, 100_000).double()])
+    G, finite = gram(J)
+    assert G.dtype == torch.float64 and bool(finite)
+    torch.testing.assert_close(G, J @ J.T, rtol=1e-12, atol=0)
+    big = torch.full((2, 3), 1e30, dtype=torch.float64)
+    G, finite = gram(big)
+    assert bool(finite) and G[0, 0].item() == pytest.approx(3e60)
+
+
 @pytest.mark.parametrize(
     "J,match",
     [
