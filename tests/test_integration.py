@@ -96,7 +96,7 @@ def test_diffusers_loop(method):
     scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000)
     # --- README snippet (diffusers) ---
     ant = antdiff.ANT(scheduler.alphas_cumprod, k=5, method=method, model=unet)
-    opt = torch.optim.AdamW([{"params": unet.parameters()}, *ant.param_groups()], lr=1e-4)
+    opt = torch.optim.AdamW([{"params": list(unet.parameters())}, *ant.param_groups()], lr=1e-4)
     def per_sample_mse(x, tt):
         noise = torch.randn_like(x)
         pred = unet(scheduler.add_noise(x, noise, tt), tt).sample

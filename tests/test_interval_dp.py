@@ -11,6 +11,7 @@ import math
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -332,6 +333,18 @@ def test_missing_extension_falls_back_once(monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(ImportError, match="make build"):
         solve_intervals("l2", 2, values=V5)
     assert solve_intervals("l2", 2, values=V5, backend="numpy")[0][0] == 0
+
+
+def test_build_hint_fits_where_the_package_runs_from(tmp_path, monkeypatch) -> None:
+    """From the source checkout: make build there. From an installed wheel or sdist (no
+    repository root), reinstalling is the way to rebuild."""
+    assert "make build" in interval_dp.BUILD_HINT
+    assert str(Path(interval_dp.__file__).resolve().parents[2]) in interval_dp.BUILD_HINT
+    site = tmp_path / "site-packages" / "antdiff"
+    site.mkdir(parents=True)
+    monkeypatch.setattr(interval_dp, "__file__", str(site / "interval_dp.py"))
+    hint = interval_dp._build_hint()
+    assert "pip install --force-reinstall --no-deps antdiff" in hint and "make" not in hint
 
 
 def test_cpp_available() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import warnings
 
 import numpy as np
@@ -452,6 +453,13 @@ def test_resume_into_a_folder_of_another_run_is_refused(tmp_path):
     with pytest.raises(ValueError, match="train.steps=1 is below the checkpoint's step 2"):
         train(_cfg("digits_adm", a, steps=1), resume=True)
     assert "steps: 4" in (a / "config.yaml").read_text()
+    # a checkpoint copied out of its run: its folder is no run to continue in place (that
+    # advice wrote logs and samples into, e.g., the working folder)
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    shutil.copy(first, loose / "c2.pt")
+    with pytest.raises(ValueError, match=r"pass a new, empty --train.out_dir .*holds no run"):
+        train(_cfg("digits_adm", b, steps=4), resume=loose / "c2.pt")
 
 
 def test_cli_train_and_resume(tmp_path, capsys):

@@ -46,12 +46,12 @@ def collect() -> dict[str, str]:
         "torch": _version("torch"),
         "triton": _version("triton"),
     }
-    try:
-        from antdiff.interval_dp import import_extension
+    from antdiff.interval_dp import BUILD_HINT, import_extension
 
+    try:
         info["antdiff._C"] = f"built ({import_extension().__file__})"
     except ImportError as exc:
-        info["antdiff._C"] = f"NOT usable ({exc}); run `make build`"
+        info["antdiff._C"] = f"NOT usable ({exc}); {BUILD_HINT}"
     try:
         import torch
 

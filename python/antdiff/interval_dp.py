@@ -30,6 +30,7 @@ from __future__ import annotations
 import operator
 import os
 import warnings
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -44,9 +45,17 @@ COSTS = ("l1", "l2", "affinity", "matrix")
 BACKENDS = ("auto", "cpp", "numpy", "naive")
 ALGORITHMS = ("auto", "quadratic", "dc")
 AUTO_DC_MIN_T = 4096  # "auto" uses "dc" when it is valid and T > this (as the C++ does)
-BUILD_HINT = (
-    "build it with `make build` or `python setup.py build_ext --inplace` from the repository root"
-)
+
+def _build_hint() -> str:
+    """How to (re)build antdiff._C: from the source checkout this package runs from, else (an
+    installed wheel or sdist, with no repository root) by reinstalling the package."""
+    root = Path(__file__).resolve().parents[2]
+    if (root / "setup.py").is_file() and (root / "csrc").is_dir():
+        return (f"build it with `make build` or `python setup.py build_ext --inplace` in {root}")
+    return "reinstall antdiff to build it: `pip install --force-reinstall --no-deps antdiff`"
+
+
+BUILD_HINT = _build_hint()
 
 # The bindings this code calls; csrc/bindings.cpp sets the same number on the module.
 # 2: NaN from nash_weights without a solution and pcgrad_weights of a non-finite G;

@@ -485,16 +485,24 @@ def _train(
         src_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
         if src_dir.name == "checkpoints":  # <run>/checkpoints/ckpt_N.pt: the run is above
             src_dir = src_dir.parent
+        # a checkpoint copied out of its run (e.g. into the working folder) has no run to
+        # continue in place: its folder is not one to write logs and samples into
+        a_run = (src_dir / "config.yaml").is_file() or (src_dir / "checkpoints").is_dir()
+        in_place = (
+            f"--train.out_dir {str(src_dir)!r} to continue that run in place, or an empty "
+            "train.out_dir to branch it" if a_run else
+            f"a new, empty --train.out_dir to continue from it ({str(src_dir)!r} holds no run: "
+            "no config.yaml or checkpoints/)"
+        )  # fmt: skip
         if src_dir.resolve() != out.resolve() and (
             list_checkpoints(out) or (out / "metrics.csv").exists()
         ):
             raise ValueError(
                 f"--resume {str(resume)!r} would continue into train.out_dir={str(out)!r}, which "
-                "holds another run (its checkpoints and logs would mix with this one's): pass "
-                f"--train.out_dir {str(src_dir)!r} to continue that run in place, or an empty "
-                "train.out_dir to branch it"
+                f"holds another run (its checkpoints and logs would mix with this one's): pass "
+                f"{in_place}"
             )
-        if src_dir.resolve() != out.resolve():
+        if src_dir.resolve() != out.resolve() and a_run:
             log.warning(
                 "branching: the run continues in train.out_dir=%s; %s is left as it was "
                 "(--train.out_dir %s continues it in place)", out, src_dir, src_dir,
