@@ -387,6 +387,32 @@ def test_eval_of_a_latent_run_without_a_decoder_fails_before_sampling(
         evaluate_checkpoint(tmp_path / "run", 100)
 
 
+def test_samples_of_a_latent_run_without_a_decoder_are_not_clipped(tmp_path: Path) -> None:
+    """`antdiff sample` of a run on precomputed latents writes the latents to decode elsewhere:
+    they were clamped to [-1, 1] (a quarter of unit-variance latents hard-clipped), so the
+    decoded images were wrong. Pixel runs stay clamped."""
+    from antdiff.sampling import sample
+
+    torch.save(2.0 * torch.randn(24, 4, 4, 4), tmp_path / "z.pt")
+    train(load_config("digits_dit", [
+        "--data.source", "latents", "--data.path", str(tmp_path / "z.pt"), "--data.channels",
+        "4", "--data.class_conditional", "false", "--sample.cfg_scale", "1.0",
+        "--train.steps", "1", "--train.batch_size", "8", "--train.ckpt_every", "1",
+        "--train.progress", "false", "--sample.n", "2", "--sample.steps", "1",
+        "--train.out_dir", str(tmp_path / "run")]))  # fmt: skip
+    out = tmp_path / "s"
+    main(["sample", "--ckpt", str(tmp_path / "run"), "--num", "6", "--steps", "3",
+          "--format", "pt", "--no-progress", "--out", str(out)])  # fmt: skip
+    x = torch.load(out / "samples.pt")["x"]
+    assert x.abs().max() > 1.0  # unclipped
+    meta = json.loads((out / "sample.json").read_text())
+    assert meta["space"] == "latent"
+    loaded = load_for_sampling(tmp_path / "run")
+    direct = sample(loaded.model, loaded.diffusion, (6, 4, 4, 4), sampler="ddim", steps=3,
+                    generator=torch.Generator().manual_seed(0), clip_denoised=False)  # fmt: skip
+    torch.testing.assert_close(x, direct)
+
+
 @pytest.mark.parametrize("preset", ["digits_ldm", "digits_adm"])
 def test_checkpoint_samples_without_its_data_set(tmp_path: Path, monkeypatch, preset) -> None:
     """The checkpoint records the data's shape and classes (and holds a latent run's codec):

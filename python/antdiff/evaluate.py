@@ -99,7 +99,7 @@ def generate(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Draw ``num`` images from a loaded checkpoint, batch by batch, with a tqdm bar.
 
-    ``on_batch``: called with each batch (float32 in [-1, 1], on the model's device) instead of
+    ``on_batch``: called with each batch (float32 on the model's device) instead of
     keeping it: the images are then not returned (None), e.g. to keep only their features
     (50,000 RGB samples at 256 px are 39 GB as float32).
 
@@ -108,10 +108,12 @@ def generate(
     stochasticity.
     One generator seeded with ``seed`` drives all batches, so (seed, batch_size) fix the output.
     Class-conditional models get balanced labels ``i % num_classes``. Latents are sampled
-    unclipped and decoded through the run's codec.
+    unclipped and decoded through the run's codec; a run on precomputed latents without one
+    returns the latents themselves, unclipped (decode them with the autoencoder that made them).
 
     Returns:
-        (images [num, C, H, W] float32 in [-1, 1] on the CPU, labels [num] int64 or None).
+        (images [num, C, H, W] float32 in [-1, 1] (raw latents: their own range) on the CPU,
+        labels [num] int64 or None).
     """
     from .sampling import sample
 
@@ -156,7 +158,9 @@ def generate(
                     "diverged or hold NaN. Sample an earlier checkpoint (--ckpt PATH of a "
                     "checkpoint file), and retrain with a lower train.lr"
                 )
-            x = x.float().clamp(-1.0, 1.0)
+            x = x.float()
+            if loaded.data.codec is not None or not loaded.latent:  # pixels: raw latents are
+                x = x.clamp(-1.0, 1.0)  # unbounded (clipped, they decoded to wrong images)
             if on_batch is not None:
                 on_batch(x)
             else:

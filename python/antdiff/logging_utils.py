@@ -233,15 +233,15 @@ def _tensorboard(path: Path, start: int) -> Any:
     return SummaryWriter(str(path), purge_step=start + 1 if start > 0 else 0)
 
 
-def image_grid(x: torch.Tensor, nrow: int | None = None) -> np.ndarray:
+def image_grid(x: torch.Tensor, nrow: int | None = None, latent: bool = False) -> np.ndarray:
     """[N, C, H, W] in [-1, 1] -> [rows*(H+1)+1, cols*(W+1)+1, 3] uint8 with 1px borders.
 
-    More than 3 channels (latents without a decoder) show their first three, each rescaled to
-    its own range.
+    Latents without a decoder (``latent``, or more than 3 channels) are not in [-1, 1]: their
+    first three channels are shown, each rescaled to its own range.
     """
     x = x.detach().float().cpu()
     n, c, h, w = x.shape
-    if c > 3:
+    if c > 3 or latent:
         x = x[:, :3]
         lo = x.amin(dim=(0, 2, 3), keepdim=True)
         hi = x.amax(dim=(0, 2, 3), keepdim=True)
@@ -296,4 +296,5 @@ def write_samples(run: Any, path: Path) -> Path:
     if data.codec is not None:
         with torch.no_grad():
             x = data.codec.decode(x)
-    return save_png(image_grid(x), path, scale=max(1, 64 // x.shape[-1]))
+    raw = latents and data.codec is None  # latents without a decoder: not in [-1, 1]
+    return save_png(image_grid(x, latent=raw), path, scale=max(1, 64 // x.shape[-1]))

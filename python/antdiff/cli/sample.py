@@ -7,7 +7,9 @@ Writes ``<out>/samples.png`` (a grid of the first ``--grid`` images), ``<out>/sa
 ``<out>/labels.npy`` for class-conditional models and ``<out>/sample.json`` (the settings). Every
 file is written atomically; samples and labels an earlier run left in ``<out>`` (as its
 sample.json lists them) that this run does not rewrite are removed, and named. Latent runs are
-decoded through the run's codec.
+decoded through the run's codec; a run on precomputed latents (no codec in antdiff) writes the
+sampled latents unclipped, and sample.json says "space": "latent" (decode them with the
+autoencoder that made them; samples.png shows their first channels rescaled).
 """
 
 from __future__ import annotations
@@ -118,7 +120,9 @@ def run(args: argparse.Namespace) -> int:
     for name in earlier:
         (out / name).unlink(missing_ok=True)
     grid = x[: args.grid]
-    png = save_png(image_grid(grid), out / "samples.png", scale=max(1, 32 // x.shape[-1]))
+    raw = loaded.latent and loaded.data.codec is None  # undecoded latents
+    scale = max(1, 32 // x.shape[-1])
+    png = save_png(image_grid(grid, latent=raw), out / "samples.png", scale=scale)
     labels = []
     if args.format == "npy":
         data = atomic_write(out / "samples.npy", lambda f: np.save(f, x.numpy()))
@@ -142,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         "cfg_scale": args.cfg_scale,
         "batch_size": args.batch_size,
         "shape": list(x.shape),
+        "space": "latent" if raw else "pixel",
         "files": [f.name for f in written],
     }
     atomic_write_text(out / "sample.json", json.dumps(meta, indent=2) + "\n")
