@@ -84,8 +84,8 @@ def test_image_folder_follows_linked_class_folders_and_skips_hidden_entries(tmp_
 
 
 def test_image_folder_crops_before_resizing_and_follows_exif(tmp_path):
-    """A centre crop takes no pixel from outside the square (resize(box=) blended them into
-    the border), and a photo's EXIF orientation is applied as viewers apply it."""
+    """The centre crop takes the centre (at scale 1 no pixel from outside the square), and a
+    photo's EXIF orientation is applied as viewers apply it."""
     from PIL import Image
 
     a = np.zeros((8, 16, 3), np.uint8)
@@ -234,6 +234,9 @@ def test_latent_files(tmp_path):
     np.save(tmp_path / "z.npy", z.numpy())
     ds = load_dataset(DataConfig(source="latents", path=str(tmp_path / "z.npy"), channels=4))
     assert torch.equal(ds.x, z) and ds.y is None
+    np.save(tmp_path / "big.npy", z.numpy().astype(">f4"))  # a big-endian machine's file
+    ds = load_dataset(DataConfig(source="latents", path=str(tmp_path / "big.npy"), channels=4))
+    assert torch.equal(ds.x, z)
     shifted = DataConfig(source="latents", path=str(tmp_path / "z.npy"), channels=4,
                          latent_scale=0.5, latent_shift=0.25)  # fmt: skip
     torch.testing.assert_close(load_dataset(shifted).x, (z - 0.25) * 0.5)
@@ -304,6 +307,66 @@ def test_iterator_state_resumes_the_exact_sequence():
     assert not torch.equal(
         BatchIterator(13, 13, 1).next_indices(), BatchIterator(13, 13, 2).next_indices()
     )
+
+
+def test_iterator_flips_keep_the_order_and_resume_exactly():
+    """Mirroring is drawn per epoch position after the order, from the same generator: the
+    order is the one without flips, about half the images flip, and a restored state gives the
+    same flips (a resume stays bit-exact)."""
+    plain, flipping = BatchIterator(50, 7, seed=4), BatchIterator(50, 7, seed=4, flip=True)
+    assert plain.next_batch()[1] is None
+    plain = BatchIterator(50, 7, seed=4)
+    got = [flipping.next_batch() for _ in range(30)]
+    assert all(torch.equal(plain.next_indices(), idx) for idx, _ in got)
+    rate = torch.cat([f for _, f in got]).float().mean().item()
+    assert 0.35 < rate < 0.65
+    state = flipping.state_dict()
+    want = [flipping.next_batch() for _ in range(9)]
+    again = BatchIterator(50, 7, seed=0, flip=True)
+    again.load_state_dict(state)
+    for (i1, f1), (i2, f2) in zip(want, [again.next_batch() for _ in range(9)]):
+        assert torch.equal(i1, i2) and torch.equal(f1, f2)
+
+
+def test_get_batch_mirrors_the_flagged_images():
+    ds = load_dataset(DataConfig(source="digits", class_conditional=True))
+    idx, flip = torch.tensor([5, 0, 1796]), torch.tensor([True, False, True])
+    b = get_batch(ds, idx, flip)
+    plain = get_batch(ds, idx)
+    assert torch.equal(b["x"][1], plain["x"][1]) and torch.equal(b["y"], plain["y"])
+    assert torch.equal(b["x"][[0, 2]], plain["x"][[0, 2]].flip(-1))
+    assert not torch.equal(b["x"][0], plain["x"][0])
+
+
+def test_random_flip_defaults_and_refusals(tmp_path):
+    """On for image folders (as ADM, LDM, DiT and the ANT code train), off for digits and
+    latents; asked for on latents (encoded once) it is refused with the way to get flips."""
+    from antdiff.config import upgrade_saved_config
+
+    assert DataConfig(source="folder", path="x").random_flip is True
+    assert DataConfig(source="digits").random_flip is False
+    assert DataConfig(source="digits", autoencoder="tiny").random_flip is False
+    assert DataConfig(source="latents", path="z.pt", channels=4).random_flip is False
+    assert DataConfig(source="digits", random_flip=True).random_flip is True  # if asked
+    with pytest.raises(ValueError, match="store mirrored copies in the latent file"):
+        DataConfig(source="latents", path="z.pt", channels=4, random_flip=True)
+    with pytest.raises(ValueError, match="store mirrored copies"):
+        DataConfig(source="folder", path="x", autoencoder="tiny", random_flip=True)
+    old = {"data": {"source": "folder", "path": "x"}, "train": {"steps": 3}}
+    assert upgrade_saved_config(old)["data"]["random_flip"] is False  # those runs never flipped
+    assert "random_flip" not in old["data"]
+
+
+def test_resize_is_box_halving_then_bicubic_then_centre_crop(tmp_path):
+    """The preparation of ADM, DiT and the ANT code: a 2x2-block image halved to the target
+    size is its exact block averages (one bicubic resize of the crop blended them)."""
+    blocks = np.random.default_rng(0).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    a = blocks.repeat(2, axis=0).repeat(2, axis=1)  # 12 x 16: 2x2 blocks of one colour
+    _png(tmp_path / "f" / "a.png", a)
+    ds = load_dataset(DataConfig(source="folder", path=str(tmp_path / "f"), channels=3,
+                                 image_size=6))  # fmt: skip
+    want = blocks[:, 1:7].transpose(2, 0, 1)  # halved to 6 x 8, then the centre 6 columns
+    assert torch.equal(ds.x[0], torch.from_numpy(np.ascontiguousarray(want)))
 
 
 def test_get_batch_keeps_labels_aligned():

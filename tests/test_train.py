@@ -256,12 +256,12 @@ def _states_equal(a, b):
 
 
 @pytest.mark.parametrize(
-    "preset, method",
-    [("digits_adm", "uw+pcgrad"), ("digits_dit", "nash"), ("digits_ldm", "rlw"),
-     ("digits_dit", "graddrop")],
+    "preset, method, more",
+    [("digits_adm", "uw+pcgrad", ()), ("digits_dit", "nash", ()), ("digits_ldm", "rlw", ()),
+     ("digits_dit", "graddrop", ()), ("digits_adm", "uw", ("--data.random_flip", "true"))],
 )  # fmt: skip
-def test_resume_is_bit_exact(preset, method, tmp_path):
-    extra = ["--ant.method", method, *_every(method), "--train.ckpt_every", "2"]
+def test_resume_is_bit_exact(preset, method, more, tmp_path):
+    extra = ["--ant.method", method, *_every(method), "--train.ckpt_every", "2", *more]
     full = train(_cfg(preset, tmp_path / "full", *extra, steps=4))["run"]
     train(_cfg(preset, tmp_path / "split", *extra, steps=2))
     split = train(_cfg(preset, tmp_path / "split", *extra, steps=4), resume=True)["run"]

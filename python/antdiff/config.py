@@ -70,6 +70,9 @@ class DataConfig:
     latent_shift: float = 0.0  # subtracted before the scaling (SD3 / FLUX VAEs' shift_factor)
     autoencoder: str | None = None  # "tiny": train a TinyAutoencoder, diffuse its latents
     autoencoder_steps: int = 300
+    # mirror each image left-right with probability 1/2 as it is read (ADM, LDM, DiT and the
+    # ANT code do); None: on for image folders, off for digits (not mirror-symmetric) and latents
+    random_flip: bool | None = None
 
     def __post_init__(self) -> None:
         _choice("data", "source", self.source, SOURCES)
@@ -94,6 +97,15 @@ class DataConfig:
                     "add --data.class_conditional true, or drop it (--data.num_classes null)"
                 )
         _choice("data", "autoencoder", self.autoencoder, (None, "tiny"))
+        if self.random_flip is None:
+            self.random_flip = self.source == "folder" and self.autoencoder is None
+        elif self.random_flip and (self.source == "latents" or self.autoencoder):
+            raise ValueError(
+                "data.random_flip mirrors images as they are read, but this run diffuses "
+                "latents encoded once (data.source='latents' or data.autoencoder): store "
+                "mirrored copies in the latent file when extracting it (the DiT and LDM "
+                "pipelines encode flipped images), and set --data.random_flip false"
+            )
         if self.autoencoder and self.source == "latents":
             raise ValueError("data.autoencoder encodes images; data.source='latents' has none")
         _positive("data", "autoencoder_steps", self.autoencoder_steps)
@@ -401,13 +413,17 @@ def upgrade_saved_config(d: dict[str, Any]) -> dict[str, Any]:
     took settings that the run did not read and ignored them (data.image_size with latents,
     data.path with the built-in digits, data.latent_scale for images, data.num_classes without
     data.class_conditional, ant.affinity without gradient clustering): each is dropped with a
-    warning, so their checkpoints still sample, evaluate and resume."""
+    warning, so their checkpoints still sample, evaluate and resume. A config from before
+    data.random_flip gets it false (those runs never flipped), so a resume that would start
+    flipping says so."""
     if not isinstance(d, dict):
         return d
     data, ant = (dict(v) if isinstance(v, dict) else v for v in (d.get("data"), d.get("ant")))
-    dropped = []
+    dropped, added = [], False
     if isinstance(data, dict):
         source = data.get("source", "digits")
+        if "random_flip" not in data:  # written before data.random_flip: it never flipped
+            data["random_flip"], added = False, True
         unread = {
             "image_size": source == "latents" and data.get("image_size") is not None,
             "path": source == "digits" and bool(data.get("path")),
@@ -423,7 +439,7 @@ def upgrade_saved_config(d: dict[str, Any]) -> dict[str, Any]:
         dropped.append(f"ant.affinity={ant['affinity']!r}")
         ant["affinity"] = None
     if not dropped:
-        return d
+        return {**d, "data": data} if added else d
     warnings.warn(
         f"the checkpoint's config sets {', '.join(dropped)}, which the run did not read: ignored",
         stacklevel=2,

@@ -149,6 +149,22 @@ def _list_images(root: Path, class_conditional: bool) -> tuple[list[Path], list[
     return files, [index[p.relative_to(root).parts[0]] for p in files], classes
 
 
+def _centre_square(im: Any, size: int) -> Any:
+    """The centre size x size square of ``im`` resized as ADM, DiT and the ANT code prepare
+    their data: halved with a box filter while the short side is at least 2 size (an exact
+    average of 2x2 blocks, e.g. FFHQ's 1024 px to 256), then bicubic to a short side of size
+    (sides rounded), then the centre crop; an image whose short side is size is only cropped."""
+    from PIL import Image
+
+    while min(im.size) >= 2 * size:
+        im = im.resize(tuple(v // 2 for v in im.size), resample=Image.BOX)
+    scale = size / min(im.size)
+    im = im.resize(tuple(round(v * scale) for v in im.size), resample=Image.BICUBIC)
+    w, h = im.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
 def _read_image(path: Path, channels: int, size: int | None) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -178,11 +194,7 @@ def _read_image(path: Path, channels: int, size: int | None) -> np.ndarray:
                     )
             im = im.convert("RGB" if channels == 3 else "L")
             if size is not None:
-                w, h = im.size
-                s = min(w, h)
-                box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
-                # crop first: resize(box=) would blend in pixels from outside the square
-                im = im.crop(box).resize((size, size), Image.BICUBIC)
+                im = _centre_square(im, size)
             a = np.asarray(im, dtype=np.uint8)
     except (OSError, UnidentifiedImageError) as exc:
         raise ValueError(f"cannot read image {str(path)!r}: {exc}") from exc
@@ -343,31 +355,41 @@ class BatchIterator:
     A batch may span two epochs; any batch size works (also larger than the dataset).
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int = 0) -> None:
+    def __init__(self, n: int, batch_size: int, seed: int = 0, flip: bool = False) -> None:
         if n < 1:
             raise ValueError(f"the dataset is empty (n={n})")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.n, self.batch_size, self.seed, self.flip = n, batch_size, seed, bool(flip)
         self.epoch, self.pos = 0, 0
-        self._perm = self._permutation(0)
+        self._perm, self._flips = self._draws(0)
 
-    def _permutation(self, epoch: int) -> torch.Tensor:
+    def _draws(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Epoch ``epoch``'s order and, with ``flip``, which of its positions are mirrored
+        (drawn after the order from the same generator: the order is the same either way)."""
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (2**63))
-        return torch.randperm(self.n, generator=g)
+        perm = torch.randperm(self.n, generator=g)
+        return perm, (torch.rand(self.n, generator=g) < 0.5) if self.flip else None
 
-    def next_indices(self) -> torch.Tensor:
-        """[batch_size] int64 dataset indices."""
-        parts, need = [], self.batch_size
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """([batch_size] int64 dataset indices, [batch_size] bool: mirror that image; None
+        without ``flip``)."""
+        parts, flips, need = [], [], self.batch_size
         while need > 0:
             take = min(need, self.n - self.pos)
             parts.append(self._perm[self.pos : self.pos + take])
+            if self._flips is not None:
+                flips.append(self._flips[self.pos : self.pos + take])
             self.pos += take
             need -= take
             if self.pos == self.n:
                 self.epoch, self.pos = self.epoch + 1, 0
-                self._perm = self._permutation(self.epoch)
-        return torch.cat(parts)
+                self._perm, self._flips = self._draws(self.epoch)
+        return torch.cat(parts), torch.cat(flips) if flips else None
+
+    def next_indices(self) -> torch.Tensor:
+        """[batch_size] int64 dataset indices (``next_batch`` without the flips)."""
+        return self.next_batch()[0]
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "pos": self.pos, "n": self.n, "seed": self.seed}
@@ -386,16 +408,22 @@ class BatchIterator:
                 f"of {self.n} (need epoch >= 0 and 0 <= position < {self.n})"
             )
         self.seed, self.epoch, self.pos = int(state["seed"]), epoch, pos
-        self._perm = self._permutation(self.epoch)
+        self._perm, self._flips = self._draws(self.epoch)
 
 
-def get_batch(ds: Dataset, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-    """{"x": [B, C, H, W], "y": [B]} (y only for class-conditional data) on ds's device.
+def get_batch(
+    ds: Dataset, idx: torch.Tensor, flip: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """{"x": [B, C, H, W], "y": [B]} (y only for class-conditional data) on ds's device;
+    ``flip`` [B] bool mirrors those images left-right.
 
     Host indices reach a GPU through pinned memory without blocking: a plain copy from pageable
     memory waits for the stream, i.e. for the previous training step, every step."""
     idx = to_device(idx, ds.x.device)
-    out = {"x": ds.rows(idx)}
+    x = ds.rows(idx)
+    if flip is not None:
+        x = torch.where(to_device(flip, x.device).view(-1, *[1] * (x.dim() - 1)), x.flip(-1), x)
+    out = {"x": x}
     if ds.y is not None:
         out["y"] = ds.y.index_select(0, idx)
     return out

@@ -216,7 +216,7 @@ def build_run(cfg: Config, codec_state: dict | None = None, dist: DistContext | 
     if tc.compile:  # the compilation happens in the first steps, silently otherwise
         log.info("train.compile: the first steps compile the model (minutes on a CPU)")
     forward = torch.compile(wrapped, dynamic=True) if tc.compile else wrapped
-    batches = BatchIterator(len(data), tc.batch_size, tc.seed)
+    batches = BatchIterator(len(data), tc.batch_size, tc.seed, flip=cfg.data.random_flip)
     ema = EMA(model, tc.ema_decay) if dist is None or dist.is_main else None
     gen = torch.Generator(device).manual_seed(_derived_seed(tc.seed))
     return Run(cfg, device, data, batches, model, forward, ema, diffusion, ant, opt, gen, dist)
@@ -542,7 +542,7 @@ def _train(
         while run.step < tc.steps:
             if dist is not None:  # per rank and step: a resumed run draws what an unbroken one does
                 dist.seed_model_rng(tc.seed, run.step)
-            train_step(run, get_batch(run.data, run.batches.next_indices()))
+            train_step(run, get_batch(run.data, *run.batches.next_batch()))
             logger.advance()
             if run.step % tc.log_every == 0 or run.step == tc.steps:
                 stats = run.ant.stats()  # waits for the step's queued work on a GPU: then time

@@ -161,8 +161,10 @@ def _data(args: argparse.Namespace, load: CheckpointLoader) -> tuple[torch.Tenso
     x, y = load_image_file(path, "--data")
     if not (x.is_floating_point() or x.dtype == torch.uint8):
         raise ValueError(f"--data {path}: x0 must be floats (or uint8 pixels), got {x.dtype}")
-    # 8-bit pixels: the model trained on [-1, 1]
-    return image_floats(x), None if y is None else y.long()
+    # 8-bit pixels stay as stored (the pass scales the rows it uses to [-1, 1], as it does for
+    # the checkpoint's data: a whole uint8 file as float32 is four times its size in memory)
+    x = x if x.dtype == torch.uint8 else image_floats(x)
+    return x, None if y is None else y.long()
 
 
 def _labels(model: Any, y: torch.Tensor | None, n: int) -> dict[str, torch.Tensor]:

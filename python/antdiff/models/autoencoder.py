@@ -271,6 +271,8 @@ class PrecomputedLatents(LatentCodec):
         try:
             if p.suffix == ".npy":
                 obj = np.load(p, allow_pickle=False)
+                if isinstance(obj, np.ndarray) and not obj.dtype.isnative:  # saved big-endian
+                    obj = obj.astype(obj.dtype.newbyteorder("="))
                 obj = torch.from_numpy(obj) if isinstance(obj, np.ndarray) else obj
             else:
                 obj = torch.load(p, map_location="cpu", weights_only=True)
