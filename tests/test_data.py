@@ -343,11 +343,12 @@ def test_random_flip_defaults_and_refusals(tmp_path):
     latents; asked for on latents (encoded once) it is refused with the way to get flips."""
     from antdiff.config import upgrade_saved_config
 
-    assert DataConfig(source="folder", path="x").random_flip is True
-    assert DataConfig(source="digits").random_flip is False
-    assert DataConfig(source="digits", autoencoder="tiny").random_flip is False
-    assert DataConfig(source="latents", path="z.pt", channels=4).random_flip is False
-    assert DataConfig(source="digits", random_flip=True).random_flip is True  # if asked
+    assert DataConfig(source="folder", path="x").flips is True
+    assert DataConfig(source="digits").flips is False
+    assert DataConfig(source="digits", autoencoder="tiny").flips is False
+    assert DataConfig(source="latents", path="z.pt", channels=4).flips is False
+    assert DataConfig(source="digits", random_flip=True).flips is True  # if asked
+    assert DataConfig(source="folder", path="x", random_flip=False).flips is False
     with pytest.raises(ValueError, match="store mirrored copies in the latent file"):
         DataConfig(source="latents", path="z.pt", channels=4, random_flip=True)
     with pytest.raises(ValueError, match="store mirrored copies"):

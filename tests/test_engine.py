@@ -527,6 +527,22 @@ def test_a_solve_without_a_solution_keeps_the_last_weights(first, monkeypatch):
         assert ant2.stats()["unsolved_weight_steps"] == 1
 
 
+def test_a_first_unsolved_uw_nash_step_is_uw_s_own_update(monkeypatch):
+    """Before any solve, the fallback after a loss method is one per term (its terms carry the
+    1/k): the loss method's own update. With Nash-MTL's "mean" reduction in the composition it
+    was divided by k once more."""
+    from antdiff.mtl import native
+
+    model, ant = setup("uw+nash")
+    monkeypatch.setattr(native, "nash_weights",
+                        lambda G, **kw: torch.full((G.shape[0],), float("nan"), dtype=G.dtype))
+    x = torch.randn(16, 1, 6, 6)
+    t = ant.sample_timesteps(16)
+    out = ant.backward(per_sample_loss(model), x, t)
+    slopes = 0.5 * torch.exp(-ant.method.loss.s.detach()) / ant.k  # d term_i / d L_i at s
+    torch.testing.assert_close(out.weights, slopes * out.present)
+
+
 def _after_one_step(method: str, **kw):
     """A weight method's engine after one SGD step: model, ant, opt, x and copies of the
     weights and parameters then."""
@@ -1342,6 +1358,37 @@ def test_nonfinite_uw_slope_skips_a_gradient_method_step(s0):
         assert ant.step(opt) is False
     for a, b in zip(before, model.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method", ["nash", "uw+nash"])
+def test_a_nash_state_from_before_raw_gram_weights_is_recomputed(method):
+    """A checkpoint whose Nash-MTL weights solved G / ||G||_F (sqrt(||G||_F) times larger; and
+    "uw+nash" then used the sum reduction) resumed its off-steps on them: the load warns and
+    the next step, an off-step, solves anew; a current state keeps its off-steps."""
+    model, ant, opt, x, w_before, _ = _after_one_step(method, update_every=25)
+    state = copy.deepcopy(ant.state_dict())
+    old = copy.deepcopy(state)
+    del old["grad_method"]["alpha_scale"]
+    old["grad_method"].pop("reduction")
+    old["w"] = old["w"] * 7.0  # what the old scale kept
+    t = ant.sample_timesteps(16)
+    for saved, redo in ((state, False), (old, True)):
+        m2, fresh = setup(method, update_every=25)
+        m2.load_state_dict(model.state_dict())
+        if redo:
+            with pytest.warns(UserWarning, match="Nash-MTL state from an earlier antdiff"):
+                fresh.load_state_dict(saved)
+        else:
+            fresh.load_state_dict(saved)
+        out = fresh.backward(per_sample_loss(m2), x, t)
+        if redo:  # solved on this step's Gram, as an engine's first step is
+            m3, first = setup(method, update_every=25)
+            m3.load_state_dict(model.state_dict())
+            ref = first.backward(per_sample_loss(m3), x, t)
+            torch.testing.assert_close(out.weights, ref.weights)
+            assert not torch.allclose(fresh._w, saved["w"])  # not the kept 7x weights
+        else:
+            torch.testing.assert_close(fresh._w, saved["w"])  # an off-step: kept
 
 
 def test_off_step_nan_leaves_uw_untouched_without_the_skip():

@@ -406,7 +406,7 @@ def test_samples_of_a_latent_run_without_a_decoder_are_not_clipped(tmp_path: Pat
     x = torch.load(out / "samples.pt")["x"]
     assert x.abs().max() > 1.0  # unclipped
     meta = json.loads((out / "sample.json").read_text())
-    assert meta["space"] == "latent"
+    assert meta["space"] == "latent" and (meta["latent_scale"], meta["latent_shift"]) == (1.0, 0.0)
     loaded = load_for_sampling(tmp_path / "run")
     direct = sample(loaded.model, loaded.diffusion, (6, 4, 4, 4), sampler="ddim", steps=3,
                     generator=torch.Generator().manual_seed(0), clip_denoised=False)  # fmt: skip

@@ -344,7 +344,7 @@ def test_build_hint_fits_where_the_package_runs_from(tmp_path, monkeypatch) -> N
     site.mkdir(parents=True)
     monkeypatch.setattr(interval_dp, "__file__", str(site / "interval_dp.py"))
     hint = interval_dp._build_hint()
-    assert "pip install --force-reinstall --no-deps antdiff" in hint and "make" not in hint
+    assert "pip install --force-reinstall --no-deps <its wheel" in hint and "make" not in hint
 
 
 def test_cpp_available() -> None:

@@ -41,8 +41,8 @@ def test_a_missing_pybind11_is_named(tmp_path):
     cmake = str(local) if local.exists() else shutil.which("cmake")
     assert cmake, "cmake is a build requirement (pip install cmake)"
     run = subprocess.run(
-        [cmake, str(ROOT), f"-Dpybind11_DIR={tmp_path / 'none'}",
-         f"-DPython_EXECUTABLE={sys.executable}"],
+        [cmake, str(ROOT), "-DCMAKE_DISABLE_FIND_PACKAGE_pybind11=TRUE",
+         f"-Dpybind11_DIR={tmp_path / 'none'}", f"-DPython_EXECUTABLE={sys.executable}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode != 0

@@ -363,6 +363,41 @@ def test_a_run_from_before_a_new_config_key_resumes_and_reruns(tmp_path):
         train(_cfg("digits_adm", tmp_path / "logs", "--train.lr", "0.5", steps=1))
 
 
+def test_a_folder_run_from_before_random_flip_resumes_without_flips(tmp_path):
+    """A folder run written before data.random_flip never flipped: resumed from its own
+    config.yaml (no such key) it keeps not flipping, without a refusal (the refusal advised
+    that very command); asking for flips then is a change the resume names. A fresh folder run
+    records the flips it takes."""
+    import yaml
+
+    from antdiff.train import build_run
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    for i in range(12):
+        img = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+        Image.fromarray(img).save(tmp_path / "img" / f"{i}.png")
+    folder = ["--data.source", "folder", "--data.path", str(tmp_path / "img"),
+              "--train.ckpt_every", "2"]  # fmt: skip
+    run = tmp_path / "run"
+    train(_cfg("digits_adm", run, *folder))
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["random_flip"] is True
+    path = ck.list_checkpoints(run)[-1]
+    state = torch.load(path, weights_only=False)
+    del state["config"]["data"]["random_flip"]  # as an earlier antdiff wrote them
+    torch.save(state, path)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["data"]["random_flip"]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    again = load_config(str(run / "config.yaml"), ["--train.steps", "3"])
+    assert train(again, resume=True)["step"] == 3
+    assert again.data.random_flip is False
+    assert build_run(again).batches.flip is False
+    with pytest.raises(ValueError, match="data.random_flip: checkpoint False -> now True"):
+        train(load_config(str(run / "config.yaml"), ["--train.steps", "4",
+                                                     "--data.random_flip", "true"]), resume=True)
+
+
 def test_checkpoint_from_another_model(tmp_path):
     """Named by the config check before the model is built, also with --allow-config-change."""
     train(_cfg("digits_adm", tmp_path, "--train.ckpt_every", "2"))

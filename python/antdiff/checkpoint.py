@@ -319,6 +319,9 @@ def resume_state(cfg: Any, resume: str | Path | bool, allow_change: bool) -> dic
         saved = config_from_saved(saved).to_dict()
     except (TypeError, ValueError):  # a config this version refuses: compared as saved
         pass
+    if cfg.data.random_flip is None:  # not given: the run's own (runs from before it: false)
+        got = _get(saved, "data.random_flip")
+        cfg.data.random_flip = got if isinstance(got, bool) else cfg.data.flips
     bad = resume_conflicts(saved, cfg.to_dict())
     if "train.seed" in bad:  # config.yaml would name a seed that nothing in the run uses
         raise ValueError(
@@ -350,6 +353,10 @@ def resume_state(cfg: Any, resume: str | Path | bool, allow_change: bool) -> dic
             f"the config differs from the one checkpoint {str(path)!r} was trained with:\n{lines}\n"
             f"{advice}"
         )
+    if bad:  # what --allow-config-change let through: said, not silent
+        old, new = _flat(saved), _flat(cfg.to_dict())
+        log.warning("resuming with a changed config (--allow-config-change): %s", "; ".join(
+            f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in bad))  # fmt: skip
     log.info("resuming from %s (step %d)", path, state["step"])
     return state
 

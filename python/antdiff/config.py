@@ -71,7 +71,8 @@ class DataConfig:
     autoencoder: str | None = None  # "tiny": train a TinyAutoencoder, diffuse its latents
     autoencoder_steps: int = 300
     # mirror each image left-right with probability 1/2 as it is read (ADM, LDM, DiT and the
-    # ANT code do); None: on for image folders, off for digits (not mirror-symmetric) and latents
+    # ANT code do); None: a fresh run takes ``flips`` (on for image folders, off for digits,
+    # which are not mirror-symmetric, and latents), a resume the checkpoint's own setting
     random_flip: bool | None = None
 
     def __post_init__(self) -> None:
@@ -97,9 +98,7 @@ class DataConfig:
                     "add --data.class_conditional true, or drop it (--data.num_classes null)"
                 )
         _choice("data", "autoencoder", self.autoencoder, (None, "tiny"))
-        if self.random_flip is None:
-            self.random_flip = self.source == "folder" and self.autoencoder is None
-        elif self.random_flip and (self.source == "latents" or self.autoencoder):
+        if self.random_flip and (self.source == "latents" or self.autoencoder):
             raise ValueError(
                 "data.random_flip mirrors images as they are read, but this run diffuses "
                 "latents encoded once (data.source='latents' or data.autoencoder): store "
@@ -109,6 +108,7 @@ class DataConfig:
         if self.autoencoder and self.source == "latents":
             raise ValueError("data.autoencoder encodes images; data.source='latents' has none")
         _positive("data", "autoencoder_steps", self.autoencoder_steps)
+        # (random_flip's None is resolved by the trainer: see ``flips``)
         _positive("data", "latent_scale", self.latent_scale)
         if isinstance(self.latent_shift, bool) or not math.isfinite(self.latent_shift):
             shift = self.latent_shift
@@ -129,6 +129,14 @@ class DataConfig:
                 "set): add --data.source folder (images) or latents, or drop data.path "
                 "(--data.path null)"
             )
+
+    @property
+    def flips(self) -> bool:
+        """Whether images are mirrored: ``random_flip``, or where it is None, True for image
+        folders diffused as pixels."""
+        if self.random_flip is not None:
+            return self.random_flip
+        return self.source == "folder" and self.autoencoder is None
 
 
 @dataclass

@@ -52,7 +52,8 @@ def _build_hint() -> str:
     root = Path(__file__).resolve().parents[2]
     if (root / "setup.py").is_file() and (root / "csrc").is_dir():
         return (f"build it with `make build` or `python setup.py build_ext --inplace` in {root}")
-    return "reinstall antdiff to build it: `pip install --force-reinstall --no-deps antdiff`"
+    return ("reinstall antdiff from what you installed it from to build it: `pip install "
+            "--force-reinstall --no-deps <its wheel, sdist or source folder>`")
 
 
 BUILD_HINT = _build_hint()

@@ -160,9 +160,11 @@ def build_run(cfg: Config, codec_state: dict | None = None, dist: DistContext | 
     if main and "nash" in ac.method.replace(" ", "").lower().split("+") and tc.grad_clip is None:
         log.warning(
             "ant.method=%s without gradient clipping (train.grad_clip: null, as the paper's "
-            "presets set): Nash-MTL's weights grow without bound as cluster gradients come to "
-            "oppose each other, and its authors clip the gradient norm at 1.0; pass "
-            "--train.grad_clip 1.0 (or 0 to train unclipped without this warning)", ac.method,
+            "presets set): Nash-MTL's update has norm 1/sqrt(k) where its weights are solved, "
+            "but the weights grow as the cluster gradients shrink or come to cancel, and the "
+            "steps between solves (ant.update_every) apply them to new gradients; its authors "
+            "clip the gradient norm at 1.0: pass --train.grad_clip 1.0 (or 0 to train "
+            "unclipped without this warning)", ac.method,
         )
     if dist is not None:
         dist.check_batch(tc.batch_size)
@@ -216,7 +218,7 @@ def build_run(cfg: Config, codec_state: dict | None = None, dist: DistContext | 
     if tc.compile:  # the compilation happens in the first steps, silently otherwise
         log.info("train.compile: the first steps compile the model (minutes on a CPU)")
     forward = torch.compile(wrapped, dynamic=True) if tc.compile else wrapped
-    batches = BatchIterator(len(data), tc.batch_size, tc.seed, flip=cfg.data.random_flip)
+    batches = BatchIterator(len(data), tc.batch_size, tc.seed, flip=cfg.data.flips)
     ema = EMA(model, tc.ema_decay) if dist is None or dist.is_main else None
     gen = torch.Generator(device).manual_seed(_derived_seed(tc.seed))
     return Run(cfg, device, data, batches, model, forward, ema, diffusion, ant, opt, gen, dist)
@@ -460,6 +462,8 @@ def _train(
     if out.exists() and not out.is_dir():
         raise ValueError(f"train.out_dir={str(out)!r} is a file; give a directory for the run")
     fresh = resume is None or resume is False
+    if fresh and cfg.data.random_flip is None:  # written so into config.yaml and checkpoints
+        cfg.data.random_flip = cfg.data.flips  # (a resume takes the checkpoint's: resume_state)
     if fresh and list_checkpoints(out):
         raise ValueError(
             f"train.out_dir={str(out)!r} already holds checkpoints of a run (newest: "

@@ -8,8 +8,9 @@ Writes ``<out>/samples.png`` (a grid of the first ``--grid`` images), ``<out>/sa
 file is written atomically; samples and labels an earlier run left in ``<out>`` (as its
 sample.json lists them) that this run does not rewrite are removed, and named. Latent runs are
 decoded through the run's codec; a run on precomputed latents (no codec in antdiff) writes the
-sampled latents unclipped, and sample.json says "space": "latent" (decode them with the
-autoencoder that made them; samples.png shows their first channels rescaled).
+sampled latents unclipped, and sample.json says "space": "latent" with the run's latent_scale
+and latent_shift (decode x / latent_scale + latent_shift with the autoencoder that made the
+latents; samples.png shows their first channels rescaled).
 """
 
 from __future__ import annotations
@@ -147,6 +148,9 @@ def run(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "shape": list(x.shape),
         "space": "latent" if raw else "pixel",
+        # the file's latents are (z - shift) * scale: decode(x / scale + shift)
+        **({"latent_scale": loaded.cfg.data.latent_scale,
+            "latent_shift": loaded.cfg.data.latent_shift} if raw else {}),  # fmt: skip
         "files": [f.name for f in written],
     }
     atomic_write_text(out / "sample.json", json.dumps(meta, indent=2) + "\n")

@@ -832,9 +832,13 @@ class ANT:
         return self._w
 
     def _equal_weights(self, present: torch.Tensor) -> torch.Tensor:
-        """The equal-weight fallback in the gradient method's scale (mean or sum)."""
+        """The equal-weight fallback: after a loss method 1 per term (its terms carry the 1/k:
+        the loss method's own update, whatever the gradient method's reduction, which is "mean"
+        for Nash-MTL there), alone in the gradient method's scale (mean or sum)."""
         w = present.float()
-        return w / present.sum().clamp(min=1) if self.method.grad.reduction == "mean" else w
+        if self.method.loss is not None or self.method.grad.reduction == "sum":
+            return w
+        return w / present.sum().clamp(min=1)
 
     def _off_weights(self, device: torch.device) -> torch.Tensor:
         """Cached weights; clusters absent at the last update get the mean present weight."""
@@ -1359,6 +1363,9 @@ class ANT:
             self.method.loss.load_state_dict(state["loss_method"])
         if self.method.grad is not None:
             self.method.grad.load_state_dict(state["grad_method"])
+            if getattr(self.method.grad, "stale_weights", False):  # on another scale: redone at
+                self.method.grad.stale_weights = False  # the next step, as after a failed one
+                self._recompute = _Recompute(None, self._w, self._w_present, verdict=False)
         self.sampler.load_state_dict(state["sampler"])
         self.telemetry.load_state_dict(state["telemetry"])
         # reported before the checkpoint; counted without folding (see Telemetry.state_dict)

@@ -192,6 +192,9 @@ class NashMTL(GramMethod):
         super().__init__(k, reduction=reduction, update_every=update_every)
         self.iters = check_int("iters", iters)
         self.last_alpha: Tensor | None = None
+        # a loaded state whose weights are on another scale (see load_state_dict): the engine
+        # recomputes them at its next step and clears this
+        self.stale_weights = False
 
     def _weights(self, G: Tensor, active: Tensor, present: Tensor) -> Tensor:
         # solved on G / ||G||_F for conditioning, then scaled back: alpha / sqrt(||G||_F) solves
@@ -208,13 +211,26 @@ class NashMTL(GramMethod):
 
     def state_dict(self) -> dict[str, Any]:
         alpha = None if self.last_alpha is None else self.last_alpha.clone()
-        return {**super().state_dict(), "last_alpha": alpha}
+        return {**super().state_dict(), "last_alpha": alpha, "alpha_scale": "raw",
+                "reduction": self.reduction}  # fmt: skip
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         super().load_state_dict(d)
         alpha = d["last_alpha"]
         check_saved_k(self.name, "last_alpha", alpha, self.k)
         self.last_alpha = None if alpha is None else alpha.clone()
+        if d.get("alpha_scale") != "raw" or d.get("reduction", self.reduction) != self.reduction:
+            # saved before the weights solved alpha * (G alpha) = 1 on the raw Gram (they were
+            # sqrt(||G||_F) times larger; "uw+nash" also divided by k once less), or with another
+            # reduction: the kept weights are not this method's
+            self.stale_weights = True
+            warnings.warn(
+                "Nash-MTL state from an earlier antdiff: its weights solved G / ||G||_F (a step "
+                "sqrt(||G||_F) times the authors'), these solve G itself; the engine recomputes "
+                "them at the next step. The optimiser's moments saw the old step sizes: expect "
+                "a transient (a fresh optimiser state or a short warm-up avoids it)",
+                stacklevel=2,
+            )
 
 
 class IMTLG(GramMethod):
