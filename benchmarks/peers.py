@@ -67,7 +67,8 @@ def libmtl_weighting() -> types.ModuleType:
 def cluster_means(per: torch.Tensor, cid: torch.Tensor, k: int) -> torch.Tensor:
     """[k] mean of ``per`` [B] over the samples of each cluster (``cid`` [B] in [0, k))."""
     sums = torch.zeros(k, dtype=per.dtype, device=per.device).index_add(0, cid, per)
-    counts = torch.bincount(cid, minlength=k).to(per.dtype)
+    # counted by index_add, not bincount (which reads its size on the host: a sync on CUDA)
+    counts = torch.zeros_like(sums).index_add(0, cid, torch.ones_like(per))
     return sums / counts.clamp(min=1)
 
 
@@ -134,7 +135,9 @@ def torchjd_aggregator(method: str, k: int) -> Any:
     if method in ("nash", "nash25"):
         from torchjd.aggregation import NashMTL
 
-        return NashMTL(n_tasks=k, update_weights_every=25 if method == "nash25" else 1)
+        # max_norm=0: no clipping, as ours (its default 1.0 adds a norm and a host read a step)
+        return NashMTL(n_tasks=k, update_weights_every=25 if method == "nash25" else 1,
+                       max_norm=0.0)
     raise ValueError(f"method must be one of {TORCHJD_METHODS}, got {method!r}")
 
 

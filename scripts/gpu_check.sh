@@ -14,7 +14,8 @@
 #   files are the ones most often changed; tilings: the 144 compiled gram configurations,
 #   about 3 min; nash: the Nash-MTL kernel's solve time, under a minute; all: every stage,
 #   more than one 10-minute device call). Several stages run in the order given.
-#   ANT_GIT_SHA=$(git rev-parse HEAD) names the commit when the tree travels without .git.
+#   ANT_GIT_SHA=$(git describe --always --dirty --abbrev=40) names the commit (and an uncommitted
+#   change) when the tree travels without .git.
 #   ANT_GPU_TESTS_K replaces a test stage's pytest -k selection.
 #   No network is needed: peers (LibMTL, torchjd) are not used; pytest-xdist is used if present.
 set -uo pipefail
