@@ -366,22 +366,26 @@ def test_reference_files_are_memory_mapped_and_read_in_batches(tmp_path: Path, s
         reference_images(tmp_path / "notes.pt")
 
 
-def test_eval_of_a_latent_run_without_a_decoder_fails_before_sampling(
-    tmp_path: Path, monkeypatch
-) -> None:
-    """A run on precomputed latents has no decoder in antdiff: eval said so only after drawing
-    every sample ("C in (1, 3); got (N, 4, ...)")."""
-    import antdiff.evaluate as ev
-    from antdiff.config import load_config
-    from antdiff.evaluate import evaluate_checkpoint
-
-    torch.save(torch.randn(24, 4, 4, 4), tmp_path / "z.pt")
+def _latent_run(tmp_path: Path, z: torch.Tensor) -> None:
+    """A one-step DiT run on the precomputed latents ``z`` (no decoder) in tmp_path / "run"."""
+    torch.save(z, tmp_path / "z.pt")
     train(load_config("digits_dit", [
         "--data.source", "latents", "--data.path", str(tmp_path / "z.pt"), "--data.channels",
         "4", "--data.class_conditional", "false", "--sample.cfg_scale", "1.0",
         "--train.steps", "1", "--train.batch_size", "8", "--train.ckpt_every", "1",
         "--train.progress", "false", "--sample.n", "2", "--sample.steps", "1",
         "--train.out_dir", str(tmp_path / "run")]))  # fmt: skip
+
+
+def test_eval_of_a_latent_run_without_a_decoder_fails_before_sampling(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A run on precomputed latents has no decoder in antdiff: eval said so only after drawing
+    every sample ("C in (1, 3); got (N, 4, ...)")."""
+    import antdiff.evaluate as ev
+    from antdiff.evaluate import evaluate_checkpoint
+
+    _latent_run(tmp_path, torch.randn(24, 4, 4, 4))
     monkeypatch.setattr(ev, "generate", lambda *a, **k: pytest.fail("sampled first"))
     with pytest.raises(ValueError, match="no decoder for them: eval scores images"):
         evaluate_checkpoint(tmp_path / "run", 100)
@@ -393,13 +397,7 @@ def test_samples_of_a_latent_run_without_a_decoder_are_not_clipped(tmp_path: Pat
     decoded images were wrong. Pixel runs stay clamped."""
     from antdiff.sampling import sample
 
-    torch.save(2.0 * torch.randn(24, 4, 4, 4), tmp_path / "z.pt")
-    train(load_config("digits_dit", [
-        "--data.source", "latents", "--data.path", str(tmp_path / "z.pt"), "--data.channels",
-        "4", "--data.class_conditional", "false", "--sample.cfg_scale", "1.0",
-        "--train.steps", "1", "--train.batch_size", "8", "--train.ckpt_every", "1",
-        "--train.progress", "false", "--sample.n", "2", "--sample.steps", "1",
-        "--train.out_dir", str(tmp_path / "run")]))  # fmt: skip
+    _latent_run(tmp_path, 2.0 * torch.randn(24, 4, 4, 4))
     out = tmp_path / "s"
     main(["sample", "--ckpt", str(tmp_path / "run"), "--num", "6", "--steps", "3",
           "--format", "pt", "--no-progress", "--out", str(out)])  # fmt: skip
