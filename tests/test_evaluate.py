@@ -411,6 +411,21 @@ def test_samples_of_a_latent_run_without_a_decoder_are_not_clipped(tmp_path: Pat
     torch.testing.assert_close(x, direct)
 
 
+def test_loading_a_checkpoint_leaves_the_global_stream_alone(tmp_path: Path) -> None:
+    """The model is built (its random init, then overwritten by the saved weights) without
+    drawing from the caller's torch stream: a seeded script's draws after a load were shifted
+    by each checkpoint it loaded."""
+    train(load_config("digits_adm", ["--train.steps", "1", "--train.batch_size", "8",
+                                     "--train.ckpt_every", "1", "--train.progress", "false",
+                                     "--sample.n", "2", "--sample.steps", "1",
+                                     "--train.out_dir", str(tmp_path / "run")]))  # fmt: skip
+    torch.manual_seed(5)
+    want = torch.rand(2)
+    torch.manual_seed(5)
+    load_for_sampling(tmp_path / "run")
+    assert torch.equal(torch.rand(2), want)
+
+
 @pytest.mark.parametrize("preset", ["digits_ldm", "digits_adm"])
 def test_checkpoint_samples_without_its_data_set(tmp_path: Path, monkeypatch, preset) -> None:
     """The checkpoint records the data's shape and classes (and holds a latent run's codec):

@@ -484,3 +484,16 @@ def test_adm_size_must_divide_by_its_downsamplings():
     model(torch.randn(1, 1, 16, 16), torch.tensor([5]))  # fully convolutional: any multiple
     with pytest.raises(ValueError, match="divisible by 2"):
         model(torch.randn(1, 1, 9, 9), torch.tensor([5]))
+
+
+def test_train_autoencoder_leaves_the_global_stream_alone():
+    """Its initial weights come from ``seed`` without reseeding the caller's stream (after the
+    call, torch.rand continued from ``seed`` whatever the caller had seeded)."""
+    data = torch.rand(16, 1, 8, 8) * 2 - 1
+    torch.manual_seed(123)
+    want = torch.rand(3)
+    torch.manual_seed(123)
+    a, _ = train_autoencoder(data, steps=1, batch_size=4, seed=0, hidden=4)
+    assert torch.equal(torch.rand(3), want)
+    b, _ = train_autoencoder(data, steps=1, batch_size=4, seed=0, hidden=4)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -290,7 +290,8 @@ def model_from_state(
         data = stand_in_dataset(cfg.data, state["data_meta"], state.get("codec"))
     elif data is None:
         data = load_dataset(cfg.data, cfg.train.seed, 0, state.get("codec"))
-    model = create_model(cfg.model.name, **model_kwargs(cfg, data))
+    with torch.random.fork_rng(devices=[]):  # its initial weights, overwritten below, would
+        model = create_model(cfg.model.name, **model_kwargs(cfg, data))  # draw from the caller's
     load_model_state(model, state[weights], state, "EMA" if weights == "ema" else "model")
     return model, cfg, data
 

@@ -66,7 +66,9 @@ def add_common(p: argparse.ArgumentParser) -> None:
         default=True,
         help="EMA weights (default) or the raw ones (--no-ema)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="noise seed: one stream for all batches, so (seed, batch size) fix the "
+                   "samples (another --batch-size draws other noise from sample batch-size on)")
     p.add_argument("--batch-size", type=int, default=500, help="samples per sampling batch")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if any)")

@@ -135,9 +135,10 @@ def train_autoencoder(
         raise ValueError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
     n_all = x_all.shape[0]
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    if model is None:
-        torch.manual_seed(seed)
-        model = TinyAutoencoder(in_channels=x_all.shape[1], **model_kwargs)
+    if model is None:  # initialised from ``seed``, leaving the caller's global stream as it was
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = TinyAutoencoder(in_channels=x_all.shape[1], **model_kwargs)
     model = model.to(x_all.device).train()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
