@@ -133,10 +133,48 @@ def test_rerun_with_other_settings_is_refused(tmp_path: Path) -> None:
     other = study._parse(["--out", str(out), "--steps", "6", "--lr", "5e-4"])
     study._check_settings(out, other)  # no results yet (a failed first try): nothing to keep
     study._check_settings(out, args)
+    (out / "runs" / "vanilla_s0").mkdir(parents=True)  # a run begun (killed mid-training):
+    (out / "runs" / "vanilla_s0" / "config.yaml").write_text("train: {}\n")  # made with them
+    with pytest.raises(SystemExit, match=r"--steps 6 \(results made with 2\)"):
+        study._check_settings(out, other)  # (the run then failed on its folder's old logs)
+    (out / "runs" / "vanilla_s0" / "config.yaml").unlink()
     (out / "results").mkdir()
     (out / "results" / "vanilla_s0.json").write_text("{}")
     with pytest.raises(SystemExit, match=r"--steps 6 \(results made with 2\).*--lr 0.0005"):
         study._check_settings(out, other)
+
+
+def test_a_second_study_on_the_same_out_is_refused(tmp_path: Path) -> None:
+    """Two studies on one --out trained the same run folders side by side."""
+    import fcntl
+
+    out = tmp_path / "study"
+    out.mkdir()
+    with open(out / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242\n")
+        held.flush()
+        with pytest.raises(SystemExit, match=r"another study is running on .*pid 4242"):
+            study._lock(out)
+    mine = study._lock(out)  # free again
+    assert (out / ".lock").read_text().strip() == str(__import__("os").getpid())
+    mine.close()
+
+
+def _watched(parent: int) -> None:
+    study._die_with_parent(parent, every=0.05)
+    time.sleep(60)  # ended by the watch, not by this
+
+
+def test_a_worker_ends_when_its_study_is_gone() -> None:
+    """A study killed with -9 left its spawned workers training (and then idle) for good: a
+    worker whose parent is no longer the study it started under exits."""
+    from multiprocessing import get_context
+
+    p = get_context("spawn").Process(target=_watched, args=(1,))  # a parent it does not have
+    p.start()
+    p.join(timeout=30)
+    assert p.exitcode == 1
 
 
 def test_too_few_samples_for_fid_fail_at_parse_time(tmp_path: Path, capsys) -> None:
@@ -184,8 +222,8 @@ def test_a_failed_run_is_reported_without_waiting_for_the_queue(
     shutdowns = []
 
     class Pool(ThreadPoolExecutor):
-        def __init__(self, n, mp_context=None):  # noqa: ARG002
-            super().__init__(n)
+        def __init__(self, n, mp_context=None, initializer=None, initargs=()):  # noqa: ARG002
+            super().__init__(n)  # (the parent watch is for processes: not started in threads)
 
         def shutdown(self, wait=True, *, cancel_futures=False):
             shutdowns.append((wait, cancel_futures))

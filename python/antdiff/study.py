@@ -17,8 +17,8 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from itertools import product
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .utils import atomic_write, atomic_write_text
+from .utils import atomic_write, atomic_write_text, git_describe
 
 METHODS = ("uw", "pcgrad", "nash", "uw+pcgrad")
 CLUSTERINGS = ("timestep", "snr", "gradient")
@@ -101,6 +101,7 @@ def _run_one(job: dict[str, Any]) -> dict[str, Any]:
         final_loss=summary["loss"],
         cluster_bounds=list(run.ant.clusters.bounds),
         cluster_weights=summary["stats"].get("weight"),
+        git_sha=git_describe(),  # the code that made this result (a study may span commits)
     )
     path = result_path(Path(job["out"]), job["name"], job["seed"])
     atomic_write_text(path, json.dumps(res, indent=2, default=float))
@@ -227,7 +228,8 @@ def write_report(summary: dict[str, Any], prefix: Path, out: Path) -> None:
         f"- Machine: {meta['machine']}, shared with other jobs; {meta['jobs']} runs in parallel, "
         "1 torch thread each; s/step are therefore contended timings.",
         f"- Wall time: {meta['wall_seconds'] / 60:.1f} min from the study's first start to this "
-        f"report; git sha {meta['git_sha']}.",
+        f"report; git sha {meta['git_sha']} (results made at "
+        f"{', '.join(meta.get('results_made_at') or ['?'])}).",
     ]
     prefix.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(prefix.with_suffix(".md"), "\n".join(lines) + "\n")
@@ -239,16 +241,8 @@ def write_report(summary: dict[str, Any], prefix: Path, out: Path) -> None:
 
 
 def git_sha() -> str:
-    """The checkout's commit (of the package's own tree, wherever the study is run from), else
-    ANT_GIT_SHA, else "unknown"."""
-    here = Path(__file__).resolve().parent
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-            cwd=here,
-        ).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("ANT_GIT_SHA", "unknown")
+    """The package checkout's commit ("-dirty" with uncommitted changes), else ANT_GIT_SHA."""
+    return git_describe()
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -322,8 +316,9 @@ def _schedule(out: Path, todo: list[dict[str, Any]], args: argparse.Namespace, t
     pool = (
         ThreadPoolExecutor(1)
         if args.jobs == 1
-        else ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"))
-    )
+        else ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"),
+                                 initializer=_die_with_parent, initargs=(os.getpid(),))
+    )  # fmt: skip
     # one shutdown, not a `with` block: its exit's shutdown(wait=True) after a cancelling one
     # let a process pool start every queued run anyway (CPython 3.11 resets the cancel flag)
     try:
@@ -333,6 +328,44 @@ def _schedule(out: Path, todo: list[dict[str, Any]], args: argparse.Namespace, t
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
+
+
+def _die_with_parent(parent: int, every: float = 1.0) -> None:
+    """A worker's initializer: end the worker once its study process ``parent`` is gone (a
+    kill -9 or an OOM kill of the study left its workers training on, beside the rerun, in the
+    same run folders, and then idle for good)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="antdiff-parent-watch").start()
+
+
+def _lock(out: Path):  # noqa: ANN202
+    """Hold ``out``/.lock for this process's lifetime, or exit naming the study holding it: two
+    studies on one --out trained the same run folders side by side."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return None
+    f = open(out / ".lock", "a+")  # noqa: SIM115 (held open until the process ends)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise SystemExit(
+            f"study: another study is running on {out} (pid {holder} holds {out / '.lock'}): "
+            "wait for it to end, or pass another --out"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def _collect(pool, running, held, out, vdir, args, t0) -> None:  # noqa: ANN001
@@ -370,15 +403,16 @@ def _check_settings(out: Path, args: argparse.Namespace) -> None:
         return
     then = json.loads(path.read_text())
     diff = {k: (then.get(k), v) for k, v in now.items() if then.get(k) != v}
-    if diff and not any((out / "results").glob("*.json")):  # nothing made with them yet
+    made = any((out / "results").glob("*.json")) or any((out / "runs").glob("*/config.yaml"))
+    if diff and not made:  # nothing made with them yet (no result, no run begun)
         atomic_write_text(path, json.dumps(now, indent=2) + "\n")
         return
     if diff:
         said = ", ".join(f"--{k.replace('_', '-')} {v} (results made with {was})"
                          for k, (was, v) in diff.items())  # fmt: skip
         raise SystemExit(
-            f"study: {out} holds results made with other settings: {said}. Repeat those "
-            "settings to resume it, or pass another --out"
+            f"study: {out} holds results or runs made with other settings: {said}. Repeat "
+            "those settings to resume it, or pass another --out"
         )
 
 
@@ -386,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     t0, out = time.perf_counter(), args.out
     out.mkdir(parents=True, exist_ok=True)
+    lock = _lock(out)  # noqa: F841 (released when the process ends)
     if not (out / "started.txt").is_file():  # wall time counts from the first invocation
         atomic_write_text(out / "started.txt", f"{time.time():.1f}\n")
     _check_settings(out, args)
@@ -407,6 +442,11 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m antdiff.study " + " ".join(sys.argv[1:] if argv is None else argv),
         "wall_seconds": round(time.time() - float((out / "started.txt").read_text()), 1),
         "git_sha": git_sha(),
+        # the code of each result, which a resumed study may have made over several commits
+        "results_made_at": sorted({
+            json.loads(result_path(out, c["name"], s).read_text()).get("git_sha", "unrecorded")
+            for c in configs for s in seeds if result_path(out, c["name"], s).is_file()
+        }),  # fmt: skip
         "machine": f"CPU, {os.cpu_count()} cores",
         **{k: v for k, v in vars(args).items() if k not in ("out", "report")},
     }

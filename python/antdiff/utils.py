@@ -111,6 +111,21 @@ def check_device(name: str, flag: str) -> Any:
     return dev
 
 
+def git_describe() -> str:
+    """The commit of the package's own checkout, with "-dirty" for uncommitted changes to it
+    (``git describe --always --dirty``), else ANT_GIT_SHA (a copy without .git), else
+    "unknown": what a result file records as the code that made it."""
+    import subprocess
+
+    try:
+        return subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
+            text=True, check=True, cwd=Path(__file__).resolve().parent, timeout=30,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("ANT_GIT_SHA", "unknown")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))

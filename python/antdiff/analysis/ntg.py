@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..utils import atomic_write, atomic_write_text
+from ..utils import atomic_write, atomic_write_text, git_describe
 
 log = logging.getLogger(__name__)
 
@@ -444,5 +444,7 @@ def run_ntg(
         "run": str(full or out / "full"), "steps": full_run.step, "method": fc.ant.method
     }
     result["specialist_steps"] = specialist_steps
+    result["cfg_scale"] = fc.sample.cfg_scale
+    result["git_sha"] = git_describe()  # the code that made it
     write_ntg(result, out)
     return result
