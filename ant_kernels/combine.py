@@ -111,7 +111,8 @@ def combine(w: torch.Tensor, J: torch.Tensor, out: torch.Tensor | None = None) -
     Args:
         w: [k] weights (float32; other float dtypes are read and cast to float32).
         J: [k, P] float32/bf16/fp16, any strides.
-        out: [P] any float dtype, any stride; may be one of J's rows. None: a new float32
+        out: [P] any float dtype, any non-zero stride (an expanded tensor is refused); may be one
+            of J's rows. None: a new float32
             tensor (float64 for a float64 J, which always takes the reference path).
 
     Returns:

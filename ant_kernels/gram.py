@@ -1,7 +1,8 @@
 """G = J J^T for the per-cluster gradients J [k, P], in one pass over J.
 
-Maths: G[i, j] = sum_p J[i, p] J[j, p], accumulated in float32 whatever J's dtype (products of
-bf16/fp16 values are exact in float32).
+Maths: G[i, j] = sum_p J[i, p] J[j, p], accumulated in float32 for a float32 / bf16 / fp16 J
+(products of bf16/fp16 values are exact in float32); a float64 J takes the reference in
+float64 under ``auto`` (forced ``triton`` refuses it).
 
 Why no tl.dot: k is small (5 in the paper), so the work is 2 * k^2 flops per column against
 k * 4 bytes, far below what a GPU computes per byte it reads; the bound is memory. A matrix-unit
@@ -530,7 +531,8 @@ def gram(J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     Args:
         J: [k, P] float32/bf16/fp16 (any strides, e.g. a view into a larger buffer); a
-            float64 J (a model in double precision) takes the torch reference in float64.
+            float64 J (a model in double precision) takes the torch reference in float64
+            (under auto; forced triton refuses it).
 
     Returns:
         G: [k, k] = J J^T accumulated in float32 (float64 for a float64 J), exactly

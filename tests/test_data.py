@@ -351,7 +351,7 @@ def test_random_flip_defaults_and_refusals(tmp_path):
     assert DataConfig(source="folder", path="x", random_flip=False).flips is False
     with pytest.raises(ValueError, match="store mirrored copies in the latent file"):
         DataConfig(source="latents", path="z.pt", channels=4, random_flip=True)
-    with pytest.raises(ValueError, match="store mirrored copies"):
+    with pytest.raises(ValueError, match="encodes each image once, unflipped"):
         DataConfig(source="folder", path="x", autoencoder="tiny", random_flip=True)
     old = {"data": {"source": "folder", "path": "x"}, "train": {"steps": 3}}
     assert upgrade_saved_config(old)["data"]["random_flip"] is False  # those runs never flipped

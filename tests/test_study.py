@@ -135,12 +135,12 @@ def test_rerun_with_other_settings_is_refused(tmp_path: Path) -> None:
     study._check_settings(out, args)
     (out / "runs" / "vanilla_s0").mkdir(parents=True)  # a run begun (killed mid-training):
     (out / "runs" / "vanilla_s0" / "config.yaml").write_text("train: {}\n")  # made with them
-    with pytest.raises(SystemExit, match=r"--steps 6 \(results made with 2\)"):
+    with pytest.raises(SystemExit, match=r"--steps 6 \(made with 2\)"):
         study._check_settings(out, other)  # (the run then failed on its folder's old logs)
     (out / "runs" / "vanilla_s0" / "config.yaml").unlink()
     (out / "results").mkdir()
     (out / "results" / "vanilla_s0.json").write_text("{}")
-    with pytest.raises(SystemExit, match=r"--steps 6 \(results made with 2\).*--lr 0.0005"):
+    with pytest.raises(SystemExit, match=r"--steps 6 \(made with 2\).*--lr 0.0005"):
         study._check_settings(out, other)
 
 

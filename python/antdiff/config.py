@@ -99,11 +99,15 @@ class DataConfig:
                 )
         _choice("data", "autoencoder", self.autoencoder, (None, "tiny"))
         if self.random_flip and (self.source == "latents" or self.autoencoder):
+            fix = (
+                "store mirrored copies in the latent file when extracting it (the DiT and LDM "
+                "pipelines encode flipped images)" if self.source == "latents" else
+                "the tiny autoencoder encodes each image once, unflipped"
+            )  # fmt: skip
             raise ValueError(
                 "data.random_flip mirrors images as they are read, but this run diffuses "
-                "latents encoded once (data.source='latents' or data.autoencoder): store "
-                "mirrored copies in the latent file when extracting it (the DiT and LDM "
-                "pipelines encode flipped images), and set --data.random_flip false"
+                f"latents encoded once (data.source='latents' or data.autoencoder): {fix}; set "
+                "--data.random_flip false"
             )
         if self.autoencoder and self.source == "latents":
             raise ValueError("data.autoencoder encodes images; data.source='latents' has none")

@@ -4,8 +4,12 @@ Sources (``DataConfig.source``):
     "digits": sklearn's 1797 8x8 digits, values 0..16 -> [-1, 1], labels 0..9; resized with
         bilinear interpolation when ``image_size`` is set.
     "folder": image files under ``path`` (PIL). All images must share one size unless
-        ``image_size`` is set (then each is centre-cropped to a square and resized). With
-        ``class_conditional`` the labels are the sub-directory names, sorted.
+        ``image_size`` is set (then each is halved with a box filter while its short side is
+        at least 2 image_size, resized bicubic to a short side of image_size and centre-cropped,
+        as ADM and DiT prepare theirs). With ``class_conditional`` the labels are the
+        sub-directory names, sorted. With ``random_flip`` (on for a fresh folder run)
+        :class:`BatchIterator` marks about half the positions of each epoch and
+        :func:`get_batch` mirrors those images left-right.
     "latents": a .pt / .npy file with latents [N, C, H, W] (and optional labels, see
         :class:`antdiff.models.PrecomputedLatents`).
 

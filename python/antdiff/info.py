@@ -18,7 +18,7 @@ ENV_VARS = {
     "ANT_PEAK_BW": "benchmarks: the GPU's peak memory bandwidth in B/s (bench_kernels.py)",
     "ANT_BENCH_THREADS": "benchmarks: torch threads of bench_step.py (2)",
     "ANT_BENCH_ROUNDS": "benchmarks: timed rounds per bench_step.py case (10)",
-    "ANT_GIT_SHA": "benchmarks, study: the commit recorded in results where there is no .git",
+    "ANT_GIT_SHA": "benchmarks, study, ntg: the commit recorded in results where there is no .git",
     "ANT_GPU_WORK": "scripts/gpu_check.sh: its work folder (/tmp/ant_gpu)",
     "ANT_GPU_TESTS_K": "scripts/gpu_check.sh: a pytest -k selection replacing the test stage's",
     "ANT_GPU_TEST_LIMIT": "scripts/gpu_check.sh: each test stage's time limit in s (540)",

@@ -408,7 +408,7 @@ def _check_settings(out: Path, args: argparse.Namespace) -> None:
         atomic_write_text(path, json.dumps(now, indent=2) + "\n")
         return
     if diff:
-        said = ", ".join(f"--{k.replace('_', '-')} {v} (results made with {was})"
+        said = ", ".join(f"--{k.replace('_', '-')} {v} (made with {was})"
                          for k, (was, v) in diff.items())  # fmt: skip
         raise SystemExit(
             f"study: {out} holds results or runs made with other settings: {said}. Repeat "

@@ -3,7 +3,8 @@
     antdiff sample --ckpt runs/digits_adm --num 64 --sampler ddim --steps 50 --out samples/
 
 Writes ``<out>/samples.png`` (a grid of the first ``--grid`` images), ``<out>/samples.npy``
-(or ``.pt`` with ``--format pt``: float32 [N, C, H, W] in [-1, 1]; a .pt also holds the labels),
+(or ``.pt`` with ``--format pt``: float32 [N, C, H, W] in [-1, 1], undecoded latents in their
+own range; a .pt also holds the labels),
 ``<out>/labels.npy`` for class-conditional models and ``<out>/sample.json`` (the settings). Every
 file is written atomically; samples and labels an earlier run left in ``<out>`` (as its
 sample.json lists them) that this run does not rewrite are removed, and named. Latent runs are
@@ -68,7 +69,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0,
                    help="noise seed: one stream for all batches, so (seed, batch size) fix the "
-                   "samples (another --batch-size draws other noise from sample batch-size on)")
+                   "samples (another --batch-size gives other samples)")
     p.add_argument("--batch-size", type=int, default=500, help="samples per sampling batch")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if any)")

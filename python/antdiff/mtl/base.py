@@ -15,8 +15,10 @@ Scaling conventions (every method):
 - A ``GramMethod`` with ``reduction="mean"`` (the default when it stands alone) expects the rows
   of J to be gradients of the raw cluster losses L_i; its weights are on the scale of
   1 / k_present (equal weights give the mean). With ``reduction="sum"`` (what ``make_method``
-  sets after a loss method, e.g. "uw+pcgrad"; Nash-MTL, whose weights absorb any per-cluster
-  scale, keeps "mean" there) the rows are gradients of the transformed terms,
+  sets after a loss method, e.g. "uw+pcgrad"; Nash-MTL keeps "mean" there on the terms'
+  gradients: its weights absorb any per-cluster scale, and the engine's equal-weight fallback
+  after a loss method is 1 per term, the loss method's own update) the rows are gradients of
+  the transformed terms,
   which already carry the 1/k, and equal weights are 1 (the update is a sum, ANT's
   "update = sum_i g_i'"). Each method states its native convention; the base class rescales.
 - Absent clusters get weight exactly 0. So do clusters whose gradient is exactly zero

@@ -4,7 +4,8 @@ Names: "vanilla" (no method: the engine uses the plain mean of per-sample losses
 method ("ls"/"mean", "uw", "rlw", "dwa", "famo"), one gradient method ("pcgrad", "nash", "imtl",
 "mgda", "cagrad", "graddrop"), or "<loss>+<grad>". In a composition the gradient method runs on
 the gradients of the loss method's transformed terms, which already carry the 1/k, so its
-``reduction`` defaults to "sum" (ANT's UW + PCGrad: update = sum_i g_i'); alone it runs on
+``reduction`` defaults to "sum" (ANT's UW + PCGrad: update = sum_i g_i'; Nash-MTL keeps "mean",
+see below); alone it runs on
 the raw cluster losses with ``reduction="mean"``. Hyperparameters are routed by name to
 whichever of the two methods accepts them (to both when both do).
 
