@@ -543,6 +543,40 @@ def test_a_first_unsolved_uw_nash_step_is_uw_s_own_update(monkeypatch):
     torch.testing.assert_close(out.weights, slopes * out.present)
 
 
+@pytest.mark.parametrize("method", ["dwa", "famo", "uw", "vanilla"])
+def test_a_validation_reduce_under_no_grad_records_nothing(method):
+    """The refusal of a graph-less loss invites ``with torch.no_grad(): ant.reduce(...)`` for a
+    validation loss: it entered the telemetry, counted as a step and was averaged into DWA /
+    FAMO's next observation (their weights then followed validation losses). It now gives the
+    total alone; two runs, one with validation reduces between its steps, stay identical."""
+    runs = []
+    for validate in (False, True):
+        model, ant = setup(method)
+        opt = torch.optim.SGD([{"params": model.parameters()}, *ant.param_groups()], lr=0.05)
+        x = torch.randn(16, 1, 6, 6)
+        for _ in range(4):
+            opt.zero_grad(set_to_none=True)
+            t = ant.sample_timesteps(16)
+            ant.reduce(per_sample_loss(model)(x, t), t).backward()
+            ant.step(opt)
+            if validate:
+                tv = torch.randint(0, T, (16,), generator=torch.Generator().manual_seed(1))
+                with torch.no_grad():
+                    val = ant.reduce(per_sample_loss(model)(100 * x, tv), tv)
+                assert val.dim() == 0 and bool(torch.isfinite(val))
+        runs.append((model, ant))
+    (m1, a1), (m2, a2) = runs
+    assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
+    assert a1.stats() == a2.stats()
+    s1, s2 = a1.state_dict(), a2.state_dict()
+    assert str(s1["loss_method"]) == str(s2["loss_method"]) and s1["step"] == s2["step"]
+    # and a step right after a validation reduce still needs a training reduce
+    with torch.no_grad():
+        a2.reduce(per_sample_loss(m2)(x, tv), tv)
+    with pytest.raises(RuntimeError, match="reduce"):
+        a2.step(torch.optim.SGD(m2.parameters(), lr=0.05))
+
+
 def _after_one_step(method: str, **kw):
     """A weight method's engine after one SGD step: model, ant, opt, x and copies of the
     weights and parameters then."""

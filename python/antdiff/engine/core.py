@@ -108,6 +108,10 @@ class StepOutput:
     finite: torch.Tensor  # 0-d bool: losses and gradients were finite
 
 
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    """What a reduce under torch.no_grad records: nothing."""
+
+
 def _grads_nonfinite(optimizer: torch.optim.Optimizer, buffers: dict) -> list[torch.Tensor]:
     """0-d float flags, one per device of the optimiser's gradients: 1 where one of them holds
     an inf/NaN. GradScaler's own multi-tensor check (with an unscale factor of 1, which leaves
@@ -524,6 +528,8 @@ class ANT:
     def reduce(self, per_sample_loss: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Total training loss of a loss-space method; call ``.backward()`` on it.
 
+        Under ``torch.no_grad`` (a validation loss) it returns the same total and records
+        nothing: no telemetry, no observation for DWA / FAMO / RLW, nothing for ``ant.step``.
         With a model attached, the first loss after ``attach`` that has an autograd graph is
         checked to reach the model's trainable parameters (one walk of the graph on the host):
         the losses of a copy or of the EMA model would give it a zero update.
@@ -538,11 +544,18 @@ class ANT:
                 "ant.backward(loss_fn, batch, t) instead of ant.reduce"
             )
         self._resolve_comm()
+        # under torch.no_grad (a validation loss): the total only; nothing is recorded, observed
+        # or marked for ant.step (it entered the telemetry and DWA / FAMO's next observation)
+        evaluating = not torch.is_grad_enabled()
+        record = _ignore if evaluating else self._record
         # a reduce before the last one's ant.step: gradient accumulation, whose steps wait for
         # the verdict on all their gradients (a trainer that never calls ant.step observes now)
-        if not (self._uses_step and self._grads_unchecked) or len(self._pending_observe) >= 256:
+        if not evaluating and (
+            not (self._uses_step and self._grads_unchecked) or len(self._pending_observe) >= 256
+        ):
             self._flush_observe()
-        self._backward_scaler = False  # a loss the caller scales (or not) itself
+        if not evaluating:
+            self._backward_scaler = False  # a loss the caller scales (or not) itself
         per = _check_per_sample(
             per_sample_loss, t.shape[0] if isinstance(t, torch.Tensor) and t.dim() == 1 else None
         )
@@ -562,7 +575,8 @@ class ANT:
             # get no gradient while the method's own parameters move
             raise ValueError(REDUCE_LOSS_WITHOUT_GRAD)
         host = self.sampler.counts_for(t)  # None: counted on the device, maybe with empty ones
-        self._maybe_absent = host is None or bool((host == 0).any())
+        if not evaluating:
+            self._maybe_absent = host is None or bool((host == 0).any())
         if self._model is not None and not self._probed and per.grad_fn is not None:
             if _reaches_model(per, self._model) is False:  # the update would be zero, silently
                 raise ValueError(REDUCE_MODEL_NOT_RUN)
@@ -571,7 +585,7 @@ class ANT:
             sums, counts = self._cluster_sums(per.detach(), t)
             _, L_global, present, N = self._globalise(sums, counts)  # noqa: N806
             total, shown = self._batch_mean(per, L_global, N)
-            self._record(shown, L_global, _count_shares(N), present, None, grads_checked=False)
+            record(shown, L_global, _count_shares(N), present, None, grads_checked=False)
             return total
         if self.method.loss.fused_total is not None and not self.comm.active:
             cid = self.sampler.cid_for(t)
@@ -580,14 +594,14 @@ class ANT:
             inv, pf, present = self._inverse_counts(per, t, cid)
             total, L, c = self.method.loss.fused_total(per, cid, inv, pf)  # noqa: N806
             value = total.detach()  # finite iff every present cluster mean is (fused_total)
-            self._record(value, L, c, present, None, value * 0 == 0, grads_checked=False)
+            record(value, L, c, present, None, value * 0 == 0, grads_checked=False)
             return total
         sums, counts = self._cluster_sums(per, t)
         L_eff, L_global, present, _ = self._globalise(sums, counts)  # noqa: N806
         terms = self.method.loss.transform(L_eff, present)
         total = terms.sum()
         c = self.method.loss.slopes(L_global, present)
-        self._record(total.detach(), L_global, c, present, None, grads_checked=False)
+        record(total.detach(), L_global, c, present, None, grads_checked=False)
         return total
 
     # -- gradient methods ------------------------------------------------------------------------
