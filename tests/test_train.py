@@ -679,6 +679,50 @@ def test_a_diverged_run_stops_and_says_what_to_change(tmp_path, monkeypatch, cap
     assert summary["loss"] is None
 
 
+def test_the_divergence_guard_counts_the_first_interval(monkeypatch):
+    """A run non-finite from its first step was stopped two log intervals late: the first
+    interval only recorded the count."""
+    from types import SimpleNamespace
+
+    import antdiff.train as tr
+
+    monkeypatch.setattr(tr, "DIVERGED_STEPS", 4)
+    cfg = SimpleNamespace(train=SimpleNamespace(lr=1e6, grad_clip=None))
+    run = SimpleNamespace(ant=SimpleNamespace(stats=lambda: {"nonfinite_steps": 0}), cfg=cfg,
+                          step=4, dist=None)  # fmt: skip
+    watch = tr._SkipWatch(run)
+    watch.check({"nonfinite_steps": 2}, 2, None)
+    with pytest.raises(tr.TrainingDiverged, match="the last 4 steps"):
+        watch.check({"nonfinite_steps": 4}, 2, None)
+
+
+def test_logged_rows_are_interval_means(tmp_path):
+    """A row of metrics.csv was the logging step's single batch; it is the mean over the steps
+    since the last row (loss, the clusters' losses, the objective), as ADM and DiT log, and a
+    resume inside an interval continues its sums."""
+    every = train(_cfg("digits_adm", tmp_path / "a", "--ant.method", "uw", steps=6))
+    assert every["step"] == 6
+    train(_cfg("digits_adm", tmp_path / "b", "--ant.method", "uw", "--train.log_every", "3",
+               steps=6))  # fmt: skip
+    one = list(csv.DictReader(open(tmp_path / "a" / "metrics.csv")))
+    three = list(csv.DictReader(open(tmp_path / "b" / "metrics.csv")))
+    assert [r["step"] for r in three] == ["3", "6"]
+    cols = [c for c in three[0] if c == "loss" or c.startswith("loss_c") or c == "objective"]
+    for row, block in ((three[0], one[0:3]), (three[1], one[3:6])):
+        for c in cols:
+            want = sum(float(r[c]) for r in block) / 3
+            assert float(row[c]) == pytest.approx(want, rel=1e-5), c
+    # resumed from step 4, inside the interval 4-6: the row at 6 still averages steps 4-6
+    extra = ["--ant.method", "uw", "--train.log_every", "3", "--train.ckpt_every", "4",
+             "--train.keep_ckpts", "2"]  # fmt: skip
+    train(_cfg("digits_adm", tmp_path / "c", *extra, steps=6))
+    at4 = tmp_path / "c" / "checkpoints" / "ckpt_00000004.pt"
+    train(_cfg("digits_adm", tmp_path / "c", *extra, steps=6), resume=at4)
+    resumed = list(csv.DictReader(open(tmp_path / "c" / "metrics.csv")))
+    assert [r["step"] for r in resumed] == ["3", "6"]
+    assert all(resumed[1][c] == three[1][c] for c in cols)
+
+
 def test_a_continuation_stopped_before_its_first_save_leaves_the_logs_of_the_newer_one(
     tmp_path, monkeypatch
 ):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -300,6 +301,49 @@ def cluster_mean_loss(out: Any) -> float:
     return float(_present_mean(out.cluster_losses, out.present))
 
 
+class _LogMeans:
+    """Sums of each step's logged quantities since the last log point, kept on the device (no
+    host read in the step): a row of metrics.csv / telemetry.jsonl is the mean over its
+    interval, as ADM and DiT log (a row was one batch's values). A skipped (non-finite) step
+    adds nothing; a cluster absent from a step adds nothing to its column."""
+
+    def __init__(self) -> None:
+        self.sums: torch.Tensor | None = None  # [loss, objective, steps, k cluster sums, k counts]
+
+    def add(self, out: Any) -> None:
+        from .engine.core import _present_mean
+
+        if out is None:
+            return
+        ok = out.finite.reshape(()).to(out.cluster_losses.device)
+        present = out.present & ok
+        L = out.cluster_losses.float()  # noqa: N806
+        row = torch.cat([
+            torch.where(ok, torch.stack([_present_mean(L, out.present),
+                                         out.loss.float().reshape(())]), 0.0),
+            ok.float().reshape(1), torch.where(present, L, 0.0), present.float(),
+        ])  # fmt: skip
+        self.sums = row if self.sums is None else self.sums + row
+
+    def take(self, k: int) -> tuple[float, float, list[float]]:
+        """(loss, objective, per-cluster losses) over the interval, NaN where nothing was
+        measured; then a new interval starts. A host read: at log points only."""
+        if self.sums is None:
+            return math.nan, math.nan, [math.nan] * k
+        v = self.sums.double().cpu()
+        self.sums = None
+        n, sums, counts = v[2], v[3 : 3 + k], v[3 + k :]
+        loss, obj = ((v[:2] / n).tolist() if n > 0 else [math.nan, math.nan])
+        per = torch.where(counts > 0, sums / counts.clamp(min=1), math.nan).tolist()
+        return loss, obj, per
+
+    def state_dict(self) -> torch.Tensor | None:
+        return None if self.sums is None else self.sums.detach().cpu()
+
+    def load_state_dict(self, sums: torch.Tensor | None, device: torch.device) -> None:
+        self.sums = None if sums is None else sums.to(device)
+
+
 def checkpoint_state(run: Run) -> dict[str, Any]:
     codec = run.data.codec
     return {
@@ -418,12 +462,14 @@ class _SkipWatch:
     log points, from the telemetry's count (no extra host read)."""
 
     def __init__(self, run: Run) -> None:
-        self.run, self.before, self.row = run, None, 0
+        # the count at the start (0, or a resumed run's): the first interval counts too (a run
+        # that diverged at its first steps was stopped two intervals late)
+        self.run, self.row = run, 0
+        self.before = run.ant.stats().get("nonfinite_steps", 0)
 
     def check(self, stats: dict[str, Any], steps: int, ckpt: Path | None) -> None:
         now = stats.get("nonfinite_steps", 0)
-        if self.before is not None:
-            self.row = self.row + steps if now - self.before >= steps else 0
+        self.row = self.row + steps if now - self.before >= steps else 0
         self.before = now
         if self.row >= DIVERGED_STEPS:
             tc = self.run.cfg.train
@@ -518,10 +564,11 @@ def _train(
             f"raise --train.steps above {state['step']} to continue the run"
         )
     run = build_run(cfg, None if state is None else state.get("codec"), dist)
-    branch = None
+    branch, means = None, _LogMeans()
     if state is not None:
         restore(run, state, allow_config_change)
         branch = state.get("log_branch")  # saved before its logs were committed
+        means.load_state_dict(state.get("log_means"), run.device)  # a log interval under way
         del state
     tc = cfg.train
     main = dist is None or dist.is_main  # rank 0 alone writes files
@@ -547,17 +594,19 @@ def _train(
             if dist is not None:  # per rank and step: a resumed run draws what an unbroken one does
                 dist.seed_model_rng(tc.seed, run.step)
             train_step(run, get_batch(run.data, *run.batches.next_batch()))
+            means.add(run.ant.last)
             logger.advance()
             if run.step % tc.log_every == 0 or run.step == tc.steps:
                 stats = run.ant.stats()  # waits for the step's queued work on a GPU: then time
                 now = time.perf_counter()
+                loss, objective, per_cluster = means.take(run.ant.k)
                 logger.log(
                     run.step,
-                    cluster_mean_loss(run.ant.last),
-                    stats,
+                    loss,
+                    {**stats, "loss": per_cluster},
                     run.opt.param_groups[0]["lr"],
                     (now - t_last) / (run.step - s_last),
-                    objective=float(run.ant.last.loss),
+                    objective=objective,
                 )
                 skipped.check(stats, run.step - s_last, ckpt)
                 t_last, s_last = now, run.step
@@ -574,6 +623,7 @@ def _train(
                     state = checkpoint_state(run)
                     if (pending := logger.branch_state()) is not None:  # rows not committed
                         state["log_branch"] = pending
+                    state["log_means"] = means.state_dict()
                     ckpt = save_checkpoint(out, run.step, state, tc.keep_ckpts)
                     del state
                     logger.commit()  # its rows now replace those of a continuation it supersedes
