@@ -688,8 +688,8 @@ def test_the_divergence_guard_counts_the_first_interval(monkeypatch):
 
     monkeypatch.setattr(tr, "DIVERGED_STEPS", 4)
     cfg = SimpleNamespace(train=SimpleNamespace(lr=1e6, grad_clip=None))
-    run = SimpleNamespace(ant=SimpleNamespace(stats=lambda: {"nonfinite_steps": 0}), cfg=cfg,
-                          step=4, dist=None)  # fmt: skip
+    ant = SimpleNamespace(telemetry=SimpleNamespace(nonfinite=lambda: 0))
+    run = SimpleNamespace(ant=ant, cfg=cfg, step=4, dist=None)
     watch = tr._SkipWatch(run)
     watch.check({"nonfinite_steps": 2}, 2, None)
     with pytest.raises(tr.TrainingDiverged, match="the last 4 steps"):
@@ -721,6 +721,20 @@ def test_logged_rows_are_interval_means(tmp_path):
     resumed = list(csv.DictReader(open(tmp_path / "c" / "metrics.csv")))
     assert [r["step"] for r in resumed] == ["3", "6"]
     assert all(resumed[1][c] == three[1][c] for c in cols)
+
+
+def test_a_resume_between_log_points_keeps_the_telemetry_bit_exact(tmp_path):
+    """The divergence guard read the non-finite count through stats(), whose fold at the
+    checkpoint's step grouped the running sums otherwise than an unbroken run (loss_mean an
+    ulp off in telemetry.jsonl)."""
+    extra = ["--ant.method", "dwa", "--train.log_every", "8", "--train.ckpt_every", "3",
+             "--train.keep_ckpts", "3"]  # fmt: skip
+    run = tmp_path / "run"
+    train(_cfg("digits_adm", run, *extra, steps=8))
+    unbroken = (run / "telemetry.jsonl").read_text()
+    at3 = run / "checkpoints" / "ckpt_00000003.pt"  # inside the interval 1-8
+    train(_cfg("digits_adm", run, *extra, steps=8), resume=at3)  # its row replaces 8
+    assert (run / "telemetry.jsonl").read_text() == unbroken
 
 
 def test_a_continuation_stopped_before_its_first_save_leaves_the_logs_of_the_newer_one(

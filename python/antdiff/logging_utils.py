@@ -1,7 +1,9 @@
 """Training logs: a CSV file, TensorBoard (when installed), a tqdm bar, and PNG sample grids.
 
 ``telemetry.jsonl`` beside ``metrics.csv`` holds one ``{"step": s, **ant.stats()}`` object per
-logged step (cosine and PCGrad conflict-rate matrices included) for ``antdiff plot``.
+logged step (cosine and PCGrad conflict-rate matrices included) for ``antdiff plot``, whose
+"loss" (as metrics.csv's loss columns) the trainer replaces by the means over the steps since
+the previous row; "weight" and "cosine" are the logged step's, "loss_mean" runs from the start.
 
 The logger only sees host numbers that the trainer read from ``ant.stats()`` every ``log_every``
 steps, so it never adds a device sync to a training step.

@@ -465,7 +465,7 @@ class _SkipWatch:
         # the count at the start (0, or a resumed run's): the first interval counts too (a run
         # that diverged at its first steps was stopped two intervals late)
         self.run, self.row = run, 0
-        self.before = run.ant.stats().get("nonfinite_steps", 0)
+        self.before = run.ant.telemetry.nonfinite()  # no fold: a resume stays bit-exact
 
     def check(self, stats: dict[str, Any], steps: int, ckpt: Path | None) -> None:
         now = stats.get("nonfinite_steps", 0)
@@ -565,6 +565,7 @@ def _train(
         )
     run = build_run(cfg, None if state is None else state.get("codec"), dist)
     branch, means = None, _LogMeans()
+    logged = (None, None)  # the last row's interval means of (loss, objective)
     if state is not None:
         restore(run, state, allow_config_change)
         branch = state.get("log_branch")  # saved before its logs were committed
@@ -594,12 +595,14 @@ def _train(
             if dist is not None:  # per rank and step: a resumed run draws what an unbroken one does
                 dist.seed_model_rng(tc.seed, run.step)
             train_step(run, get_batch(run.data, *run.batches.next_batch()))
-            means.add(run.ant.last)
+            if main:  # rank 0 alone logs
+                means.add(run.ant.last)
             logger.advance()
             if run.step % tc.log_every == 0 or run.step == tc.steps:
                 stats = run.ant.stats()  # waits for the step's queued work on a GPU: then time
                 now = time.perf_counter()
                 loss, objective, per_cluster = means.take(run.ant.k)
+                logged = (loss, objective)
                 logger.log(
                     run.step,
                     loss,
@@ -637,10 +640,12 @@ def _train(
     seconds = time.perf_counter() - t0
     samples = write_samples(run, out / "samples" / f"step_{run.step:08d}.png") if main else None
     last = run.ant.last
+    if not main or logged[0] is None:  # no row logged here: the last step's own values
+        logged = (None, None) if last is None else (cluster_mean_loss(last), float(last.loss))
     return {
         "step": run.step,
-        "loss": None if last is None else cluster_mean_loss(last),
-        "objective": None if last is None else float(last.loss),
+        "loss": logged[0],  # the last row's (None when this call trained no step)
+        "objective": logged[1],
         "stats": run.ant.stats(),
         "out_dir": str(out),
         "checkpoint": None if ckpt is None else str(ckpt),

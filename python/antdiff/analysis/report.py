@@ -43,7 +43,8 @@ def load_run_logs(run_dir: str | Path) -> dict[str, Any]:
 
     Returns:
         {"steps": [n], "loss": [n], "cluster_loss": [n, k], "weight": [n, k] (float64 arrays),
-        "k", "method", "bounds" (list or None), "telemetry": list of ant.stats() dicts}.
+        "k", "method", "bounds" (list or None), "telemetry": list of ant.stats() dicts, their
+        "loss" the means over each row's interval}.
     """
     d = Path(run_dir)
     if not d.is_dir():

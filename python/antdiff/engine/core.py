@@ -528,8 +528,9 @@ class ANT:
     def reduce(self, per_sample_loss: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Total training loss of a loss-space method; call ``.backward()`` on it.
 
-        Under ``torch.no_grad`` (a validation loss) it returns the same total and records
-        nothing: no telemetry, no observation for DWA / FAMO / RLW, nothing for ``ant.step``.
+        Under ``torch.no_grad`` or ``torch.inference_mode`` (a validation loss) it returns the
+        same total and records nothing: no telemetry, no observation for DWA / FAMO / RLW,
+        nothing for ``ant.step``; under several processes every rank must call it.
         With a model attached, the first loss after ``attach`` that has an autograd graph is
         checked to reach the model's trainable parameters (one walk of the graph on the host):
         the losses of a copy or of the EMA model would give it a zero update.
@@ -544,7 +545,7 @@ class ANT:
                 "ant.backward(loss_fn, batch, t) instead of ant.reduce"
             )
         self._resolve_comm()
-        # under torch.no_grad (a validation loss): the total only; nothing is recorded, observed
+        # grad disabled (a validation loss): the total only; nothing is recorded, observed
         # or marked for ant.step (it entered the telemetry and DWA / FAMO's next observation)
         evaluating = not torch.is_grad_enabled()
         record = _ignore if evaluating else self._record
@@ -600,8 +601,9 @@ class ANT:
         L_eff, L_global, present, _ = self._globalise(sums, counts)  # noqa: N806
         terms = self.method.loss.transform(L_eff, present)
         total = terms.sum()
-        c = self.method.loss.slopes(L_global, present)
-        record(total.detach(), L_global, c, present, None, grads_checked=False)
+        if not evaluating:  # (the slopes take an autograd pass, which inference_mode refuses)
+            c = self.method.loss.slopes(L_global, present)
+            record(total.detach(), L_global, c, present, None, grads_checked=False)
         return total
 
     # -- gradient methods ------------------------------------------------------------------------

@@ -87,6 +87,13 @@ class Telemetry:
         n = 0 if t is None else int(t.cpu())
         return n + sum(int(f.cpu()) for f in self._unsolved)
 
+    def nonfinite(self) -> int:
+        """Steps skipped as non-finite so far, without folding the kept steps (a host read:
+        outside the step; a fold changes how later sums group)."""
+        t = self.t.get("nonfinite_steps")
+        n = 0 if t is None else int(t.cpu())
+        return n + sum(int((~p[2].reshape(())).cpu()) for p in self._pending)
+
     @staticmethod
     def _cosine(G: torch.Tensor) -> torch.Tensor:  # noqa: N803
         """Cosines of Gram matrices [..., k, k] (0 rows/columns stay 0)."""
