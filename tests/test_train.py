@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import shutil
+import time
 import warnings
 
 import numpy as np
@@ -618,6 +619,9 @@ def test_tensorboard_keeps_the_checkpoint_step_and_forgets_a_replaced_run(tmp_pa
     from antdiff.logging_utils import RunLogger
 
     def run(start, steps, value):
+        # a second apart: event files of one second sort by a per-process counter, as text
+        # ("...10" before "...9": in a long test session the reader took them out of order)
+        time.sleep(1.1)
         logger = RunLogger(tmp_path, 2, start=start, total=100, progress=False)
         for s in steps:
             logger.log(s, value, {}, 1e-3, 0.1)
