@@ -456,6 +456,14 @@ def test_absent_clusters_keep_their_uw_state(fused, how):
         assert not torch.equal(opt.state[s][n][0], v[0])
 
 
+def _reduce_step(model, ant, opt, x):
+    """One loss-space training step on x: zero_grad, draw t, reduce, backward, ant.step."""
+    opt.zero_grad(set_to_none=True)
+    t = ant.sample_timesteps(x.shape[0])
+    ant.reduce(per_sample_loss(model)(x, t), t).backward()
+    ant.step(opt)
+
+
 def test_accumulated_micro_batches_keep_every_present_clusters_uw_update():
     """reduce on cluster 3's samples, reduce on cluster 0's, one step: presence comes from the
     last reduce, but s_3 has a gradient and keeps its update; s_1, s_2 stay as they were."""
@@ -463,10 +471,7 @@ def test_accumulated_micro_batches_keep_every_present_clusters_uw_update():
     opt = torch.optim.AdamW([*model.parameters(), *ant.method.loss.parameters()], lr=0.05)
     x = torch.randn(8, 1, 6, 6)
     for _ in range(2):
-        opt.zero_grad(set_to_none=True)
-        t = ant.sample_timesteps(8)
-        ant.reduce(per_sample_loss(model)(x, t), t).backward()
-        ant.step(opt)
+        _reduce_step(model, ant, opt, x)
     s = ant.method.loss.s
     before = s.detach().clone()
     opt.zero_grad(set_to_none=True)
@@ -556,10 +561,7 @@ def test_a_validation_reduce_under_no_grad_records_nothing(method, mode):
         opt = torch.optim.SGD([{"params": model.parameters()}, *ant.param_groups()], lr=0.05)
         x = torch.randn(16, 1, 6, 6)
         for _ in range(4):
-            opt.zero_grad(set_to_none=True)
-            t = ant.sample_timesteps(16)
-            ant.reduce(per_sample_loss(model)(x, t), t).backward()
-            ant.step(opt)
+            _reduce_step(model, ant, opt, x)
             if validate:
                 tv = torch.randint(0, T, (16,), generator=torch.Generator().manual_seed(1))
                 with mode():  # (inference_mode: DWA / FAMO's slopes failed, an autograd pass)
