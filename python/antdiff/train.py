@@ -459,7 +459,8 @@ DIVERGED_STEPS = 100  # consecutive skipped (non-finite) steps after which train
 class _SkipWatch:
     """Stops a run whose steps have all been skipped as non-finite for ``DIVERGED_STEPS`` in a
     row (a diverged run went on to its last step, writing useless checkpoints). Read at the
-    log points, from the telemetry's count (no extra host read)."""
+    log points, from the telemetry's count (no extra host read in the loop; one at the
+    start)."""
 
     def __init__(self, run: Run) -> None:
         # the count at the start (0, or a resumed run's): the first interval counts too (a run
