@@ -302,46 +302,46 @@ def cluster_mean_loss(out: Any) -> float:
 
 
 class _LogMeans:
-    """Sums of each step's logged quantities since the last log point, kept on the device (no
-    host read in the step): a row of metrics.csv / telemetry.jsonl is the mean over its
+    """Each step's logged quantities since the last log point, kept as references to the
+    step's own device tensors (no operator and no host read in the step) and averaged at the
+    log point in one batched pass: a row of metrics.csv / telemetry.jsonl is the mean over its
     interval, as ADM and DiT log (a row was one batch's values). A skipped (non-finite) step
     adds nothing; a cluster absent from a step adds nothing to its column."""
 
     def __init__(self) -> None:
-        self.sums: torch.Tensor | None = None  # [loss, objective, steps, k cluster sums, k counts]
+        self.steps: list[tuple[torch.Tensor, ...]] = []  # (loss, cluster losses, present, finite)
 
     def add(self, out: Any) -> None:
-        from .engine.core import _present_mean
-
-        if out is None:
-            return
-        ok = out.finite.reshape(()).to(out.cluster_losses.device)
-        present = out.present & ok
-        L = out.cluster_losses.float()  # noqa: N806
-        row = torch.cat([
-            torch.where(ok, torch.stack([_present_mean(L, out.present),
-                                         out.loss.float().reshape(())]), 0.0),
-            ok.float().reshape(1), torch.where(present, L, 0.0), present.float(),
-        ])  # fmt: skip
-        self.sums = row if self.sums is None else self.sums + row
+        if out is not None:
+            self.steps.append((out.loss, out.cluster_losses, out.present, out.finite))
 
     def take(self, k: int) -> tuple[float, float, list[float]]:
         """(loss, objective, per-cluster losses) over the interval, NaN where nothing was
         measured; then a new interval starts. A host read: at log points only."""
-        if self.sums is None:
+        steps, self.steps = self.steps, []
+        if not steps:
             return math.nan, math.nan, [math.nan] * k
-        v = self.sums.double().cpu()
-        self.sums = None
-        n, sums, counts = v[2], v[3 : 3 + k], v[3 + k :]
-        loss, obj = ((v[:2] / n).tolist() if n > 0 else [math.nan, math.nan])
-        per = torch.where(counts > 0, sums / counts.clamp(min=1), math.nan).tolist()
-        return loss, obj, per
+        dev = steps[-1][1].device
+        obj = torch.stack([s[0].to(dev).double().reshape(()) for s in steps])
+        L = torch.stack([s[1].to(dev).double() for s in steps])  # noqa: N806
+        present = torch.stack([s[2].to(dev) for s in steps])
+        ok = torch.stack([s[3].to(dev).reshape(()) for s in steps])
+        counted = present & ok[:, None]
+        # each step's mean of its present clusters' losses (cluster_mean_loss, batched)
+        mean = torch.where(present, L, 0.0).sum(1) / present.sum(1).clamp(min=1)
+        n = ok.double().sum()
+        per = torch.where(counted, L, 0.0).sum(0) / counted.double().sum(0)  # NaN: unmeasured
+        both = torch.stack([torch.where(ok, mean, 0.0).sum(), torch.where(ok, obj, 0.0).sum()])
+        v = torch.cat([both / n, per]).cpu().tolist()  # n = 0: NaN
+        return v[0], v[1], v[2:]
 
-    def state_dict(self) -> torch.Tensor | None:
-        return None if self.sums is None else self.sums.detach().cpu()
+    def state_dict(self) -> list[tuple[torch.Tensor, ...]]:
+        return [tuple(x.detach().cpu() for x in s) for s in self.steps]
 
-    def load_state_dict(self, sums: torch.Tensor | None, device: torch.device) -> None:
-        self.sums = None if sums is None else sums.to(device)
+    def load_state_dict(self, steps: Any, device: torch.device) -> None:
+        if not isinstance(steps, list):  # none saved (or a development form): a new interval
+            steps = []
+        self.steps = [tuple(x.to(device) for x in s) for s in steps]
 
 
 def checkpoint_state(run: Run) -> dict[str, Any]:
