@@ -240,11 +240,6 @@ def write_report(summary: dict[str, Any], prefix: Path, out: Path) -> None:
             shutil.copy2(out / name, prefix / name)
 
 
-def git_sha() -> str:
-    """The package checkout's commit ("-dirty" with uncommitted changes), else ANT_GIT_SHA."""
-    return git_describe()
-
-
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m antdiff.study", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="runs, results and affinity go here")
@@ -441,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["meta"] = {
         "command": "python -m antdiff.study " + " ".join(sys.argv[1:] if argv is None else argv),
         "wall_seconds": round(time.time() - float((out / "started.txt").read_text()), 1),
-        "git_sha": git_sha(),
+        "git_sha": git_describe(),
         # the code of each result, which a resumed study may have made over several commits
         "results_made_at": sorted({
             json.loads(result_path(out, c["name"], s).read_text()).get("git_sha", "unrecorded")
