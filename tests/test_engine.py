@@ -580,6 +580,42 @@ def test_a_validation_reduce_under_no_grad_records_nothing(method, mode):
         a2.step(torch.optim.SGD(m2.parameters(), lr=0.05))
 
 
+@pytest.mark.parametrize("method", ["pcgrad", "nash", "uw+pcgrad"])
+def test_a_gradient_methods_validation_reduce(method):
+    """A gradient method's ``ant.reduce`` refused every call, also the validation loss under
+    no_grad that a trainer takes for any method. It now gives its loss method's total (UW's
+    for "uw+pcgrad") or the plain batch mean, records nothing (two runs, one validating
+    between its steps, stay identical) and still refuses to train with grad enabled."""
+    runs = []
+    for validate in (False, True):
+        model, ant = setup(method)
+        opt = torch.optim.SGD([{"params": model.parameters()}, *ant.param_groups()], lr=0.05)
+        x = torch.randn(16, 1, 6, 6)
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16))
+            ant.step(opt)
+            if validate:
+                tv = torch.randint(0, T, (16,), generator=torch.Generator().manual_seed(1))
+                with torch.no_grad():
+                    per = per_sample_loss(model)(x, tv)
+                    val = ant.reduce(per, tv)
+                if ant.method.loss is None:
+                    torch.testing.assert_close(val, per.mean())
+                else:  # the same total as a UW engine holding the same s
+                    uw = ANT(linear_schedule(T), k=ant.k, method="uw")
+                    uw.method.loss.load_state_dict(ant.method.loss.state_dict())
+                    with torch.no_grad():
+                        torch.testing.assert_close(val, uw.reduce(per, tv))
+        runs.append((model, ant))
+    (m1, a1), (m2, a2) = runs
+    assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
+    assert a1.stats() == a2.stats()
+    tv = ant.sample_timesteps(16)
+    with pytest.raises(ValueError, match=r"ant\.backward\(loss_fn, batch, t\) instead"):
+        a2.reduce(per_sample_loss(m2)(x, tv), tv)
+
+
 def _after_one_step(method: str, **kw):
     """A weight method's engine after one SGD step: model, ant, opt, x and copies of the
     weights and parameters then."""

@@ -530,7 +530,9 @@ class ANT:
 
         Under ``torch.no_grad`` or ``torch.inference_mode`` (a validation loss) it returns the
         same total and records nothing: no telemetry, no observation for DWA / FAMO / RLW,
-        nothing for ``ant.step``; under several processes every rank must call it.
+        nothing for ``ant.step``; under several processes every rank must call it. A gradient
+        method (trained with ``ant.backward``) has a validation total too: its loss method's
+        (``"uw+pcgrad"``: UW's) or, without one, the plain batch mean, as vanilla's.
         With a model attached, the first loss after ``attach`` that has an autograd graph is
         checked to reach the model's trainable parameters (one walk of the graph on the host):
         the losses of a copy or of the EMA model would give it a zero update.
@@ -539,10 +541,11 @@ class ANT:
             per_sample_loss: [B] loss of every sample (already weighted, e.g. P2 / Min-SNR).
             t: [B] timesteps of those samples.
         """
-        if self.needs_gradients:
+        if self.needs_gradients and torch.is_grad_enabled():
             raise ValueError(
                 f"method {self.method_name!r} acts on per-cluster gradients; use "
-                "ant.backward(loss_fn, batch, t) instead of ant.reduce"
+                "ant.backward(loss_fn, batch, t) instead of ant.reduce to train (under "
+                "torch.no_grad, ant.reduce gives a validation loss)"
             )
         self._resolve_comm()
         # grad disabled (a validation loss): the total only; nothing is recorded, observed
