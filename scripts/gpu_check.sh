@@ -89,6 +89,7 @@ if has tests || has tilings; then
             tests/test_no_sync.py::test_cuda_a_skipped_step_is_reported_without_a_host_sync \
             tests/test_engine.py::test_gpu_step_has_no_host_sync tests/test_mtl.py::test_cuda_no_sync \
             tests/test_train.py::test_cuda_train_step_has_no_host_sync \
+            tests/test_train.py::test_deterministic_cuda_reruns_are_bit_identical \
             tests/test_telemetry.py::test_updates_and_folds_have_no_host_sync_on_cuda \
             tests/test_onepass.py::test_registry_models_equal_micro \
             tests/test_kernels_aot.py tests/test_kernels_uniform.py tests/test_kernels_graddrop.py \

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 import time
 import warnings
@@ -254,6 +255,43 @@ def test_bf16_autocast_step(tmp_path):
 def _states_equal(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     return all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("method", ["uw", "pcgrad", "graddrop"])
+def test_deterministic_run_holds_the_mode_and_restores_it(method, tmp_path, monkeypatch):
+    """train.deterministic runs every step under torch.use_deterministic_algorithms (no
+    operator of the step refuses it) and leaves the caller's setting as it was, also when the
+    run fails."""
+    import antdiff.train as tr
+
+    seen, real = [], tr.train_step
+    monkeypatch.setattr(tr, "train_step", lambda *a, **kw: (
+        seen.append(torch.are_deterministic_algorithms_enabled()), real(*a, **kw))[1])
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    s = train(_cfg("digits_adm", tmp_path / "a", "--ant.method", method,
+                   "--train.deterministic", "true"))  # fmt: skip
+    assert np.isfinite(s["loss"]) and seen == [True, True]
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    monkeypatch.setattr(tr, "_train", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        train(_cfg("digits_adm", tmp_path / "b", "--train.deterministic", "true"))
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
+@pytest.mark.parametrize("method", ["uw", "pcgrad", "nash", "graddrop"])
+def test_deterministic_cuda_reruns_are_bit_identical(method, tmp_path):
+    """On a GPU, two runs of one config with train.deterministic end with identical weights
+    (the cluster sums' index_add, cuDNN and cuBLAS take their deterministic kernels)."""
+    runs = [
+        train(_cfg("digits_adm", tmp_path / str(i), "--ant.method", method, *_every(method),
+                   "--train.device", "cuda", "--train.deterministic", "true", steps=3))["run"]
+        for i in range(2)
+    ]  # fmt: skip
+    assert _states_equal(runs[0].model, runs[1].model)
+    assert runs[0].ant.stats()["weight"] == runs[1].ant.stats()["weight"]
 
 
 @pytest.mark.parametrize(

@@ -265,6 +265,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_workers: int = 0  # threads decoding an image folder
     threads: int = 0  # torch intra-op threads for the whole process (0: torch's default)
+    # torch.use_deterministic_algorithms for the run: GPU reruns bit-identical (CPU runs are)
+    deterministic: bool = False
     progress: bool = True
     t_range: list[int] | None = None  # [t1, t2): train only on t1 <= t < t2 (NTG specialists)
 

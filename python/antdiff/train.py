@@ -22,6 +22,7 @@ import contextlib
 import copy
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -445,12 +446,40 @@ def train(
 
     Under torchrun every process calls it with the same arguments (antdiff.train_dist).
     """
-    dist = init_distributed(cfg.train.device)
+    with deterministic_algorithms(cfg.train.deterministic):
+        dist = init_distributed(cfg.train.device)
+        try:
+            return _train(cfg, resume, allow_config_change, dist)
+        finally:
+            if dist is not None:
+                dist.close()
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(on: bool = True):
+    """``torch.use_deterministic_algorithms(True)`` while the block runs (``train.deterministic``),
+    then the caller's setting again.
+
+    On a GPU this makes a rerun of the same config on the same card and software bit-identical
+    (cuDNN, cuBLAS and index_add pick their deterministic kernels; cuBLAS needs
+    ``CUBLAS_WORKSPACE_CONFIG``, set here to ``:4096:8`` unless given, which takes effect only
+    if CUDA has not run a matrix product in this process yet: the CLI sets it first thing).
+    An operator with no deterministic kernel raises torch's RuntimeError naming it. CPU runs
+    are bit-identical without it.
+    """
+    if not on:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(True)
     try:
-        return _train(cfg, resume, allow_config_change, dist)
+        yield
     finally:
-        if dist is not None:
-            dist.close()
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 DIVERGED_STEPS = 100  # consecutive skipped (non-finite) steps after which training stops
