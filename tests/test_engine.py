@@ -2173,3 +2173,36 @@ def test_an_engine_resumed_between_folds_logs_the_running_means_of_an_unbroken_r
     ref = run(None)
     got = run(5)
     assert got["loss_mean"] == ref["loss_mean"]
+
+
+@pytest.mark.parametrize("fold_between", [False, True])
+def test_a_skipped_accumulated_step_leaves_the_telemetry_whole(fold_between):
+    """reduce + reduce + ant.step whose gradients come out non-finite: both micro-batches are
+    skipped (the loss method's observe dropped both), so both leave the running losses and
+    both count as non-finite; only the last one did, also when a fold fell between them."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    ant = ANT("linear", k=2, clustering="timestep", method="uw", model=model)
+    opt = torch.optim.SGD([{"params": list(model.parameters())}, *ant.param_groups()], lr=0.0)
+    bad = [False]
+    model.weight.register_hook(lambda g: g * float("inf") if bad[0] else g)
+
+    def micro(value):
+        t = ant.sample_timesteps(4)
+        ant.reduce(model(torch.ones(4, 3)).squeeze(1) * 0 + value, t).backward()
+
+    opt.zero_grad()
+    micro(1.0)
+    micro(1.0)
+    assert ant.step(opt)
+    opt.zero_grad()
+    micro(100.0)
+    if fold_between:
+        ant.stats()  # folds the first micro-batch into the running sums
+    bad[0] = True
+    micro(100.0)
+    bad[0] = False
+    with pytest.warns(UserWarning, match="non-finite"):
+        assert not ant.step(opt)
+    st = ant.stats()
+    assert st["loss_mean"] == [1.0, 1.0] and st["nonfinite_steps"] == 2 and st["steps"] == 4

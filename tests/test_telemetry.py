@@ -102,9 +102,9 @@ def test_a_step_found_nonfinite_later_is_not_counted_as_finite(folded_first):
     for L, present, finite, G in steps:  # noqa: N806
         tel.update(L, torch.ones(K), present, finite, G)
     assert bool(steps[-1][2])
-    if folded_first:  # a checkpoint between the step's reduce and ant.step
-        tel.state_dict()
-    tel.count_nonfinite(torch.tensor(True), torch.tensor(False))
+    if folded_first:  # a stats() call between the step's reduce and ant.step
+        tel.snapshot()
+    tel.count_nonfinite(torch.tensor(False))
     snap = tel.snapshot()
     assert snap["nonfinite_steps"] == _expected(steps)["nonfinite_steps"] + 1
     L, present, _, G = steps[-1]  # noqa: N806

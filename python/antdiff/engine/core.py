@@ -280,6 +280,7 @@ class ANT:
         self._warned_sync = False
         self.last: StepOutput | None = None
         self._unstepped = False  # a reduce/backward since the last ant.step
+        self._records = 0  # steps recorded since then (micro-batches of one optimiser step)
         # the enabled GradScaler the last ant.backward scaled with (None: none); False after
         # ant.reduce, whose loss the caller scales
         self._backward_scaler: torch.amp.GradScaler | None | bool = False
@@ -1062,6 +1063,7 @@ class ANT:
         out = StepOutput(total, L_global, w, present, finite)
         self.last = out
         self._unstepped = True
+        self._records += 1
         self._grads_unchecked = not grads_checked
         if self.method.loss is not None and self.method.loss.observes:
             self._pending_observe.append((L_global, present, finite))
@@ -1139,6 +1141,7 @@ class ANT:
             )
         self._check_optimizer(optimizer)
         self._unstepped = False
+        records, self._records = self._records, 0
         self._report_skipped()
         self._uses_step = True
         verdict = None
@@ -1149,11 +1152,12 @@ class ANT:
             ok = self.last.finite
             for found in _grads_nonfinite(optimizer, self._check_buffers):
                 ok = ok & (found == 0).to(ok.device, non_blocking=True)
-            self.telemetry.count_nonfinite(self.last.finite, ok)
+            self.telemetry.count_nonfinite(ok, records)
             last = self.last  # a new record (dataclasses.replace costs 25 us in a CPU step)
             self.last = StepOutput(last.loss, last.cluster_losses, last.weights, last.present, ok)
             verdict = ok
         self._grads_unchecked = False
+        self.telemetry.close()
         self._flush_observe(verdict)
         hold = self._hold_absent(optimizer)
         if skip_nonfinite and self.last is not None and scaler is None and _skips_on_device(
@@ -1360,7 +1364,7 @@ class ANT:
 
     def _assign_state(self, state: dict[str, Any]) -> None:
         self._pending_observe, self._grads_unchecked = [], False  # steps before the load
-        self._unstepped = False
+        self._unstepped, self._records = False, 0
         self._recompute = None
         self.step_count = check_int("the state's step", state["step"], minimum=0)
         self._w = state["w"]

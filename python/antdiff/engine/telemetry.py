@@ -9,6 +9,7 @@ import torch
 # steps whose tensors are kept before their running sums are folded in (a handful of batched
 # operators every FOLD steps instead of about ten small ones per step)
 FOLD = 32
+TAIL = 1024  # folded micro-batches of one optimiser step that its verdict can still reach
 
 
 class Telemetry:
@@ -27,7 +28,9 @@ class Telemetry:
         self.steps = 0
         # per step not yet folded: [L, present, finite, G or None]
         self._pending: list[list[Any]] = []
-        self._last_folded: tuple[torch.Tensor, torch.Tensor] | None = None  # its L, present
+        # steps folded since the last optimiser step (``close``): micro-batches whose gradients
+        # ant.step may still find non-finite (a fold can fall between them and the step)
+        self._tail: list[list[Any]] = []
         self._unsolved: list[torch.Tensor] = []  # count_unsolved's flags not yet folded
 
     def _acc(self, name: str, value: torch.Tensor) -> None:
@@ -58,20 +61,34 @@ class Telemetry:
         self.t["finite"] = finite
         self._pending.append([L, present, finite, G])
 
-    def count_nonfinite(self, before: torch.Tensor, after: torch.Tensor) -> None:
-        """The last step's finite flag went from ``before`` to ``after`` (0-d bools, after
-        implies before): its gradients were found non-finite after ``update`` recorded it."""
-        if self._pending:  # the running sums fold the final flag of every step
+    def count_nonfinite(self, after: torch.Tensor, n: int = 1) -> None:
+        """ant.step's verdict ``after`` (0-d bool; it implies the last step's own flag) on the
+        gradients of the last ``n`` recorded steps, the micro-batches of one optimiser step:
+        each one's flag becomes its own and ``after``, also where it was folded already (a
+        ``stats`` call or a fold between the micro-batches and the step)."""
+        m = min(n, len(self._pending))
+        if m:  # the running sums fold the final flag of every step
             self._pending[-1][2] = after
-        else:  # already folded (a checkpoint between the step's reduce and ant.step)
-            dropped = before ^ after
-            self._acc("nonfinite_steps", dropped.float())
-            if self._last_folded is not None:  # take its losses back out of the running sums
-                L, present = self._last_folded  # noqa: N806
-                out = present & dropped.to(present.device)
-                self._acc("loss_sum", -torch.where(out, L, 0.0))
-                self._acc("loss_count", -out.float())
+            for p in self._pending[len(self._pending) - m : -1]:  # earlier micro-batches
+                p[2] = p[2] & after.to(p[2].device)
+        gone = self._tail[len(self._tail) - min(n - m, len(self._tail)) :] if n > m else []
+        if gone:  # folded: take what they added out of the running sums
+            dev = gone[-1][0].device
+            L = torch.stack([g[0].to(dev).float() for g in gone])  # noqa: N806
+            present = torch.stack([g[1].to(dev) for g in gone])
+            was = torch.stack([g[2].to(dev).reshape(()) for g in gone])
+            now = was & after.to(dev)
+            out = present & (was & ~now)[:, None]
+            self._acc("nonfinite_steps", (was & ~now).float().sum())
+            self._acc("loss_sum", -torch.where(out, L, 0.0).sum(0))
+            self._acc("loss_count", -out.float().sum(0))
+            for g, f in zip(gone, now.unbind()):
+                g[2] = f
         self.t["finite"] = after
+
+    def close(self) -> None:
+        """An optimiser step ended: its steps' flags are final."""
+        self._tail = []
 
     def count_unsolved(self, flag: torch.Tensor) -> None:
         """A weight step whose solver ended without a solution (0-d bool): kept, and summed when
@@ -118,7 +135,8 @@ class Telemetry:
         self._acc("nonfinite_steps", (~finite).float().sum())
         self._acc("loss_sum", torch.where(counted, L, 0.0).sum(0))
         self._acc("loss_count", counted.float().sum(0))
-        self._last_folded = (L[-1], present[-1])
+        # (bounded: a trainer that never calls ant.step never closes a step)
+        self._tail = [*self._tail, *(p[:3] for p in pending)][-TAIL:]
         grams = [p for p in pending if p[3] is not None]
         if not grams:
             return
@@ -183,9 +201,8 @@ class Telemetry:
             "t": {k: host(v) for k, v in self.t.items()},
             "pending": [[host(v) for v in p] for p in self._pending],
             "unsolved": [host(f) for f in self._unsolved],
-            "last_folded": None if self._last_folded is None else [host(v) for v in
-                                                                   self._last_folded],
-        }  # fmt: skip
+            "tail": [[host(v) for v in p] for p in self._tail],
+        }
 
     def load_state_dict(self, d: dict[str, Any], device: Any = None) -> None:
         def moved(v: Any) -> Any:
@@ -196,5 +213,4 @@ class Telemetry:
         # checkpoints written before the pending steps were saved had folded them
         self._pending = [[moved(v) for v in p] for p in d.get("pending", [])]
         self._unsolved = [moved(f) for f in d.get("unsolved", [])]
-        last = d.get("last_folded")
-        self._last_folded = None if last is None else (moved(last[0]), moved(last[1]))
+        self._tail = [[moved(v) for v in p] for p in d.get("tail", [])]  # (not in old states)
