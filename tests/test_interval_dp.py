@@ -398,3 +398,16 @@ def test_a_scalar_is_not_taken_for_one_timestep():
     T = 1 (the C++ entry point refuses it)."""
     with pytest.raises(ValueError, match=r"values must be a 1-D array \[T\].*shape \(\)"):
         solve_intervals("l1", 1, values=3.0)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "numpy"])
+def test_values_float64_cannot_resolve_are_refused(backend):
+    """Two groups 1e8 apart, each of unit spread: the l2 prefix sums' rounding swamps the
+    clusters' costs, and the DP returned a split that is not optimal (cost 63.9 against 38.1)
+    with a total of 0. Refused with the reason; the same values rescaled still solve."""
+    rng = np.random.default_rng(0)
+    v = np.r_[np.sort(rng.normal(0, 1, 40)), np.sort(rng.normal(0, 1, 40)) + 1e8]
+    with pytest.raises(ValueError, match="float64 cannot resolve.*cost='matrix'"):
+        solve_intervals("l2", 3, values=v, backend=backend)
+    bounds, total = solve_intervals("l2", 3, values=v[:40], backend=backend)
+    assert total == pytest.approx(interval_cost("l2", bounds, values=v[:40]), rel=1e-9)

@@ -277,7 +277,9 @@ def solve_intervals(
         total: the optimal summed cost (float).
 
     Raises:
-        ValueError: bad input, naming the argument, the value and what is valid.
+        ValueError: bad input, naming the argument, the value and what is valid; l1 / l2
+            values whose interval costs float64 cannot resolve (the split would not be sure
+            to be optimal).
         ImportError: backend="cpp" (or ANT_REQUIRE_CPP=1) and the extension is not built.
     """
     _check_choice("backend", backend, BACKENDS)
@@ -298,7 +300,44 @@ def solve_intervals(
         bounds, total = _dp_numpy.solve_numpy(cost, data, k, lo, hi, direction, dc)
     else:
         bounds, total = _dp_numpy.solve_naive(cost, data, k, lo, hi)
-    return np.asarray(bounds, dtype=np.int64), float(total)
+    bounds = np.asarray(bounds, dtype=np.int64)
+    if cost in ("l1", "l2") and chosen != "naive":
+        _check_precision(cost, data, bounds, float(total))
+    return bounds, float(total)
+
+
+# a split is trusted when the prefix sums' worst rounding error is below this share of its cost
+PRECISION = 1e-6
+
+
+def _check_precision(cost: str, data: np.ndarray, bounds: np.ndarray, total: float) -> None:
+    """Refuse a split whose interval costs the DP could not resolve in float64.
+
+    The l1 / l2 costs of an interval come from differences of prefix sums over the centred
+    values (of |x| for l1, of x^2 for l2), which carry a rounding error up to about
+    eps T S (S: the sum of |x| or x^2). Values far apart at the scale of the clusters' own
+    spread (two groups 1e8 apart, each of unit spread) make that error exceed the costs being
+    compared: the split is then not the optimal one, and the total not its cost."""
+    T = data.shape[0]
+    if cost == "l2":
+        x = data - data[int(np.argmin(np.abs(data - data.sum() / T)))]
+        scale = float(np.dot(x, x))
+    else:
+        scale = float(np.abs(data - data[(T - 1) // 2]).sum())
+    err = T * np.finfo(np.float64).eps * scale
+    if err <= PRECISION * total:  # then the total is the split's cost to within k err
+        return
+    true = sum(_dp_numpy.direct_cost(cost, data, int(a), int(b))
+               for a, b in zip(bounds[:-1], bounds[1:], strict=True))  # fmt: skip
+    if true <= 0.0 or err <= PRECISION * true:  # a split of zero cost is optimal anyway
+        return
+    raise ValueError(
+        f"interval DP ({cost}): float64 cannot resolve these values' interval costs: the "
+        f"prefix sums' rounding error (up to {err:.3g}) is not small against the split's cost "
+        f"({true:.6g}; the DP's total read {total:.6g}), so the split may not be optimal. The "
+        "values span a range far wider than the clusters' own spread: transform them (e.g. "
+        "take logs), or pass the interval costs computed directly as cost='matrix'"
+    )
 
 
 def _check_table_memory(T: int, k: int) -> None:
