@@ -2175,11 +2175,12 @@ def test_an_engine_resumed_between_folds_logs_the_running_means_of_an_unbroken_r
     assert got["loss_mean"] == ref["loss_mean"]
 
 
-@pytest.mark.parametrize("fold_between", [False, True])
-def test_a_skipped_accumulated_step_leaves_the_telemetry_whole(fold_between):
-    """reduce + reduce + ant.step whose gradients come out non-finite: both micro-batches are
-    skipped (the loss method's observe dropped both), so both leave the running losses and
-    both count as non-finite; only the last one did, also when a fold fell between them."""
+@pytest.mark.parametrize("case", ["grads", "fold_between", "unchecked"])
+def test_a_skipped_accumulated_step_leaves_the_telemetry_whole(case):
+    """reduce + reduce + ant.step that skips: both micro-batches are skipped (the loss method's
+    observe dropped both), so both leave the running losses and both count as non-finite; only
+    the last one did. Skipped for its gradients (also with a fold between the micro-batches)
+    or, with check_grads=False, for the last micro-batch's own losses."""
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
     ant = ANT("linear", k=2, clustering="timestep", method="uw", model=model)
@@ -2197,12 +2198,15 @@ def test_a_skipped_accumulated_step_leaves_the_telemetry_whole(fold_between):
     assert ant.step(opt)
     opt.zero_grad()
     micro(100.0)
-    if fold_between:
+    if case == "fold_between":
         ant.stats()  # folds the first micro-batch into the running sums
-    bad[0] = True
-    micro(100.0)
-    bad[0] = False
+    if case == "unchecked":
+        micro(float("nan"))
+    else:
+        bad[0] = True
+        micro(100.0)
+        bad[0] = False
     with pytest.warns(UserWarning, match="non-finite"):
-        assert not ant.step(opt)
+        assert not ant.step(opt, check_grads=case != "unchecked")
     st = ant.stats()
     assert st["loss_mean"] == [1.0, 1.0] and st["nonfinite_steps"] == 2 and st["steps"] == 4

@@ -404,10 +404,18 @@ def test_a_scalar_is_not_taken_for_one_timestep():
 def test_values_float64_cannot_resolve_are_refused(backend):
     """Two groups 1e8 apart, each of unit spread: the l2 prefix sums' rounding swamps the
     clusters' costs, and the DP returned a split that is not optimal (cost 63.9 against 38.1)
-    with a total of 0. Refused with the reason; the same values rescaled still solve."""
+    with a total of 0. Refused with the reason; one group alone still solves, and so do
+    exact or well-scaled values with many clusters (timesteps, log-SNR at T = 20000)."""
     rng = np.random.default_rng(0)
     v = np.r_[np.sort(rng.normal(0, 1, 40)), np.sort(rng.normal(0, 1, 40)) + 1e8]
     with pytest.raises(ValueError, match="float64 cannot resolve.*cost='matrix'"):
         solve_intervals("l2", 3, values=v, backend=backend)
     bounds, total = solve_intervals("l2", 3, values=v[:40], backend=backend)
     assert total == pytest.approx(interval_cost("l2", bounds, values=v[:40]), rel=1e-9)
+    if backend == "numpy":  # (the check runs after either backend; numpy's DP is slow here)
+        return
+    T = 20000
+    a = np.cumprod(1.0 - np.linspace(1e-4, 0.02, T) * (1000.0 / T))
+    for values, k in ((np.arange(float(T)), 500), (np.log(a) - np.log1p(-a), 300)):
+        bounds, total = solve_intervals("l2", k, values=values, backend=backend)
+        assert total == pytest.approx(interval_cost("l2", bounds, values=values), rel=1e-7)

@@ -267,7 +267,8 @@ def test_deterministic_run_holds_the_mode_and_restores_it(method, tmp_path, monk
     seen, real = [], tr.train_step
     monkeypatch.setattr(tr, "train_step", lambda *a, **kw: (
         seen.append(torch.are_deterministic_algorithms_enabled()), real(*a, **kw))[1])
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # restored (or removed) after the test
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
     assert not torch.are_deterministic_algorithms_enabled()
     s = train(_cfg("digits_adm", tmp_path / "a", "--ant.method", method,
                    "--train.deterministic", "true"))  # fmt: skip

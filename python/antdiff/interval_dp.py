@@ -27,6 +27,7 @@ ANT_REQUIRE_CPP=1 makes that an error.
 
 from __future__ import annotations
 
+import math
 import operator
 import os
 import warnings
@@ -306,26 +307,28 @@ def solve_intervals(
     return bounds, float(total)
 
 
-# a split is trusted when the prefix sums' worst rounding error is below this share of its cost
-PRECISION = 1e-6
+# a split is trusted when the estimated rounding error of its cost is below this share of it
+PRECISION = 1e-4
 
 
 def _check_precision(cost: str, data: np.ndarray, bounds: np.ndarray, total: float) -> None:
     """Refuse a split whose interval costs the DP could not resolve in float64.
 
-    The l1 / l2 costs of an interval come from differences of prefix sums over the centred
-    values (of |x| for l1, of x^2 for l2), which carry a rounding error up to about
-    eps T S (S: the sum of |x| or x^2). Values far apart at the scale of the clusters' own
-    spread (two groups 1e8 apart, each of unit spread) make that error exceed the costs being
-    compared: the split is then not the optimal one, and the total not its cost."""
+    The l1 / l2 cost of an interval is a difference of prefix sums over the centred values x
+    (of x for l1, of x^2 for l2). Their rounding error grows with the largest prefix S (the
+    sum of |x| or of x^2) and the steps summed: about eps S per cost in the final formula,
+    plus eps S sqrt(T) accumulated along the sums (nothing on integer data, whose sums are
+    exact below 2^53). Values far apart at the scale of the clusters' own spread (two groups
+    1e8 apart, each of unit spread) make it exceed the costs being compared: the split is then
+    not the optimal one, and the total not its cost. This estimates the error over the k
+    clusters and refuses a split whose cost it does not leave resolved to 1e-4."""
     T = data.shape[0]
-    if cost == "l2":
-        x = data - data[int(np.argmin(np.abs(data - data.sum() / T)))]
-        scale = float(np.dot(x, x))
-    else:
-        scale = float(np.abs(data - data[(T - 1) // 2]).sum())
-    err = T * np.finfo(np.float64).eps * scale
-    if err <= PRECISION * total:  # then the total is the split's cost to within k err
+    x = data - (data[int(np.argmin(np.abs(data - data.sum() / T)))] if cost == "l2"
+                else data[(T - 1) // 2])  # fmt: skip
+    scale = float((x * x).sum()) if cost == "l2" else float(np.abs(x).sum())
+    exact = scale < 2.0**53 and bool(np.all(data == np.round(data)))
+    err = len(bounds) * np.finfo(np.float64).eps * scale * (1.0 if exact else math.sqrt(T))
+    if err <= PRECISION * total:  # then the total is the split's cost, resolved
         return
     true = sum(_dp_numpy.direct_cost(cost, data, int(a), int(b))
                for a, b in zip(bounds[:-1], bounds[1:], strict=True))  # fmt: skip
@@ -333,7 +336,7 @@ def _check_precision(cost: str, data: np.ndarray, bounds: np.ndarray, total: flo
         return
     raise ValueError(
         f"interval DP ({cost}): float64 cannot resolve these values' interval costs: the "
-        f"prefix sums' rounding error (up to {err:.3g}) is not small against the split's cost "
+        f"prefix sums' rounding error (about {err:.3g}) is not small against the split's cost "
         f"({true:.6g}; the DP's total read {total:.6g}), so the split may not be optimal. The "
         "values span a range far wider than the clusters' own spread: transform them (e.g. "
         "take logs), or pass the interval costs computed directly as cost='matrix'"

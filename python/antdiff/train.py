@@ -462,10 +462,11 @@ def deterministic_algorithms(on: bool = True):
 
     On a GPU this makes a rerun of the same config on the same card and software bit-identical
     (cuDNN, cuBLAS and index_add pick their deterministic kernels; cuBLAS needs
-    ``CUBLAS_WORKSPACE_CONFIG``, set here to ``:4096:8`` unless given, which takes effect only
-    if CUDA has not run a matrix product in this process yet: the CLI sets it first thing).
-    An operator with no deterministic kernel raises torch's RuntimeError naming it. CPU runs
-    are bit-identical without it.
+    ``CUBLAS_WORKSPACE_CONFIG``, set here to ``:4096:8`` unless given, and left set: it takes
+    effect only if CUDA has not run a matrix product in this process yet, which ``train``
+    ensures by entering this before any CUDA work of its own). An operator with no
+    deterministic kernel raises torch's RuntimeError naming it. On the CPU, runs of the same
+    config, machine and thread count are reproducible without it.
     """
     if not on:
         yield

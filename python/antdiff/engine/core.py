@@ -1156,6 +1156,10 @@ class ANT:
             last = self.last  # a new record (dataclasses.replace costs 25 us in a CPU step)
             self.last = StepOutput(last.loss, last.cluster_losses, last.weights, last.present, ok)
             verdict = ok
+        elif skip_nonfinite and records > 1 and self._grads_unchecked:
+            # unchecked gradients (check_grads=False): the last micro-batch's losses decide
+            # for the step, so a skip voids its earlier micro-batches too
+            self.telemetry.count_nonfinite(self.last.finite, records)
         self._grads_unchecked = False
         self.telemetry.close()
         self._flush_observe(verdict)
