@@ -301,3 +301,24 @@ def test_ddp_cases_today_refused_or_served_alike_on_every_rank(two_process_resul
     assert "SyncBatchNorm layers in training mode" in syncbn
     assert "gradient_as_bucket_view=True" in compiled
     assert two_process_results["settings_tuple_ok"]
+
+
+def test_sharded_models_are_refused_for_gradient_methods(tmp_path):
+    """FSDP passed the DDP check (it has no_sync): a gradient method then left the parameters
+    unchanged, or hung when the ranks' cluster counts differed. Refused by name at attach; a
+    loss-space method still attaches."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0,
+                            world_size=1)  # fmt: skip
+    try:
+        torch.manual_seed(0)
+        with warnings.catch_warnings():  # (NO_SHARD at world size 1)
+            warnings.simplefilter("ignore")
+            model = FullyShardedDataParallel(Net(), device_id=torch.device("cpu"))
+        with pytest.raises(ValueError, match="sharded by FullyShardedDataParallel.*"
+                           "DistributedDataParallel instead"):  # fmt: skip
+            ANT("linear", k=4, method="pcgrad", model=model)
+        ANT("linear", k=4, method="uw", model=model)
+    finally:
+        dist.destroy_process_group()

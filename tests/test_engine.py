@@ -2210,3 +2210,101 @@ def test_a_skipped_accumulated_step_leaves_the_telemetry_whole(case):
         assert not ant.step(opt, check_grads=case != "unchecked")
     st = ant.stats()
     assert st["loss_mean"] == [1.0, 1.0] and st["nonfinite_steps"] == 2 and st["steps"] == 4
+
+
+class _Holder(nn.Module):
+    """A model whose child is named ``module`` (no DDP wrapper) beside a layer of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.module = TinyNet()
+        self.head = nn.Conv2d(1, 1, 1)
+
+    def forward(self, x, t):
+        return self.head(self.module(x, t))
+
+
+@pytest.mark.parametrize("mode", ["micro", "onepass"])
+def test_a_child_named_module_is_part_of_the_model(mode):
+    """The engine took any attribute ``module`` for a DDP wrapper's model: J covered that child
+    only, and the head got the unweighted sum of the cluster gradients (4x PCGrad's 1/4)."""
+    torch.manual_seed(0)
+    model = _Holder()
+    ant = ANT(linear_schedule(T), k=4, method="pcgrad", model=model, mode=mode)
+    x = torch.randn(16, 1, 6, 6)
+    t = ant.sample_timesteps(16)
+    J_ref, _ = explicit_J(model, x, t, ant.clusters, ant.k)
+    out = ant.backward(per_sample_loss(model), x, t)
+    assert ant.mode == mode
+    torch.testing.assert_close(flat_grad(model).double(), out.weights.double() @ J_ref,
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+class _Accumulating(torch.optim.SGD):
+    """An optimiser that says it is accumulating, as accelerate's does inside
+    ``accelerator.accumulate`` (its step is then a no-op)."""
+
+    def __init__(self, params, sync_every: int) -> None:
+        super().__init__(params, lr=0.1)
+        self.calls, self.sync_every = 0, sync_every
+        self.gradient_state = type("State", (), {"sync_gradients": False})()
+
+    def step(self, closure=None):
+        self.calls += 1
+        if self.gradient_state.sync_gradients:
+            return super().step(closure)
+        return None
+
+
+def test_accumulating_optimizer_micro_steps():
+    """Under accelerate's accumulate, ant.step runs on every micro-batch. A gradient method
+    dropped all but the last micro-batch without a word: refused. A loss method observed (and
+    judged) each micro-batch as a step of its own: the syncing call now does it for all."""
+    torch.manual_seed(0)
+    model, ant = setup("pcgrad")
+    opt = _Accumulating(model.parameters(), 2)
+    x = torch.randn(16, 1, 6, 6)
+    ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16))
+    with pytest.raises(ValueError, match="sync_gradients=False.*one ant.backward"):
+        ant.step(opt)
+    runs = []
+    for accumulate in (False, True):
+        model, ant = setup("dwa")
+        opt = _Accumulating(model.parameters(), 2)
+        xs = [torch.randn(8, 1, 6, 6, generator=torch.Generator().manual_seed(i))
+              for i in range(4)]  # fmt: skip
+        for i, xb in enumerate(xs):
+            t = ant.sample_timesteps(8)
+            ant.reduce(per_sample_loss(model)(xb, t), t).backward()
+            sync = not accumulate or i % 2 == 1
+            opt.gradient_state.sync_gradients = sync
+            assert ant.step(opt)
+            if sync:
+                opt.zero_grad()
+        runs.append(ant)
+    assert runs[0].stats()["steps"] == runs[1].stats()["steps"] == 4
+    # two optimiser steps of two micro-batches each: DWA observed two steps, not four
+    seen = [int(a.method.loss.state_dict()["seen"]) for a in runs]
+    assert seen == [4, 2], seen
+
+
+def test_skip_warnings_leave_no_registry_entry_per_step():
+    """Each skipped step's warning names its step, so each was a new entry in the caller's
+    __warningregistry__, kept for the whole run. They are shown as before, and kept nowhere."""
+    model, ant = setup("uw")
+    opt = torch.optim.SGD([{"params": model.parameters()}, *ant.param_groups()], lr=0.05)
+    x = torch.randn(16, 1, 6, 6)
+    registry = globals().setdefault("__warningregistry__", {})
+    registry.clear()
+    shown = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for _ in range(5):
+            opt.zero_grad(set_to_none=True)
+            t = ant.sample_timesteps(16)
+            ant.reduce(per_sample_loss(model)(x, t) * float("nan"), t).backward()
+            assert not ant.step(opt)
+        shown = [str(w.message) for w in caught if "non-finite" in str(w.message)]
+        assert caught[0].filename == __file__  # still reported at the caller's line
+    assert len(shown) == 5 and len(set(shown)) == 5
+    assert not [k for k in registry if k != "version"]

@@ -19,6 +19,16 @@ import torch
 ROW_ALIGN = 16  # elements
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model a DistributedDataParallel / DataParallel wrapper holds (also under
+    torch.compile); any other model as it is: its child named ``module``, if it has one, is a
+    part of it, not the model."""
+    m = getattr(model, "_orig_mod", model)
+    if isinstance(m, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        return m.module
+    return model
+
+
 def dense_layout(p: torch.Tensor) -> bool:
     """Whether ``p`` covers its numel elements without gaps or overlaps in some dimension order
     (contiguous, channels_last, a transpose, ...)."""

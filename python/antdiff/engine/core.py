@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from ..clustering import Clusters, cluster_timesteps
 from ..mtl.base import check_int
 from ..schedules import as_schedule
 from .batch import batch_size, check_batch, slice_batch, take_batch
-from .buffer import GradBuffer
+from .buffer import GradBuffer, unwrap
 from .distributed import Comm
 from .onepass import LOSS_WITHOUT_GRAD, MODEL_NOT_RUN, NotServable, OnePass
 from .telemetry import Telemetry
@@ -77,6 +78,17 @@ class _HostFlag:
         if wait and self.event is not None:
             self.event.synchronize()
         return bool(self.host)
+
+
+def _warn_unique(message: str, stacklevel: int) -> None:
+    """``warnings.warn`` for a message that differs every time (it names a step or a count),
+    without the entry in the caller's ``__warningregistry__`` that each distinct message would
+    keep for good (one per skipped step over a long run)."""
+    frame = sys._getframe(stacklevel)
+    warnings.warn_explicit(
+        message, UserWarning, frame.f_code.co_filename, frame.f_lineno,
+        module=frame.f_globals.get("__name__"), registry=None, module_globals=frame.f_globals,
+    )  # fmt: skip
 
 
 def _pinned_copy(v: torch.Tensor) -> torch.Tensor:
@@ -310,12 +322,21 @@ class ANT:
         ``init_process_group``)."""
         model = getattr(model, "_orig_mod", model)  # torch.compile(DDP(m)): the DDP inside
         ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        sharded = _sharded_by(model)
+        if sharded is not None and self.needs_gradients:
+            raise ValueError(
+                f"the model is sharded by {sharded}: a gradient method needs every rank to hold "
+                "the full per-cluster gradients J [k, P] as views of one flat buffer, which "
+                "sharded parameters do not give (the update came out zero, or ranks with "
+                "different cluster counts hung). Wrap it in DistributedDataParallel instead"
+            )
         if self.comm.active and self.comm.world > 1 and not hasattr(model, "no_sync"):
+            how = "" if sharded is None else f" (it is sharded by {sharded})"
             raise ValueError(
                 "torch.distributed is initialised and the engine reduces across its "
                 f"{self.comm.world} ranks, but the model is not wrapped in "
-                "DistributedDataParallel: the cluster losses assume DDP averages the gradients "
-                "(without it the ranks drift apart). Wrap it, DDP(model, ...), or pass "
+                f"DistributedDataParallel{how}: the cluster losses assume DDP averages the "
+                "gradients (without it the ranks drift apart). Wrap it, DDP(model, ...), or pass "
                 "ANT(..., distributed=False) to train each rank on its own"
             )
         if ddp and self.needs_gradients:
@@ -671,7 +692,7 @@ class ANT:
         # overwrite, not accumulate: the method's own parameters always, the model's where no
         # gradient buffer row is zeroed for them (loss-space methods)
         own = list(self.method.loss.parameters()) if self.method.loss is not None else []
-        model_params = getattr(self._model, "module", self._model).parameters()
+        model_params = unwrap(self._model).parameters()
         for p in [*own, *(model_params if grad is None else ())]:
             p.grad = None
         if on_step:
@@ -1035,7 +1056,7 @@ class ANT:
 
     def _grad_buffer(self) -> GradBuffer:
         model = self._model
-        inner = getattr(model, "module", model)
+        inner = unwrap(model)
         if self._buffer is None or not self._buffer.matches(inner.parameters()):
             self._buffer = GradBuffer(inner.parameters(), self.k)
             if self._onepass is not None or self.mode == "onepass":
@@ -1121,7 +1142,26 @@ class ANT:
         it runs at the next ``reduce``/``backward``/``state_dict`` on the losses' flag alone.
         ``check_grads=False`` leaves the gradients unchecked (the pass costs 0.2-0.5 ms per
         step on a 2-core CPU for the benchmark's small models, little on a GPU).
+
+        An optimiser that says it is accumulating (accelerate's, inside
+        ``accelerator.accumulate`` on a micro-step that does not sync:
+        ``optimizer.gradient_state.sync_gradients`` False) makes this a no-op for a loss method,
+        whose micro-batches then count as one step at the syncing call; a gradient method
+        refuses it, as each ``ant.backward`` replaces the gradients.
         """
+        syncing = getattr(getattr(optimizer, "gradient_state", None), "sync_gradients", True)
+        if syncing is False:
+            if self.needs_gradients:
+                raise ValueError(
+                    f"ant.step on an accumulating micro-step (the optimiser's gradient_state "
+                    f"says sync_gradients=False, e.g. inside accelerator.accumulate): method "
+                    f"{self.method_name!r} builds its update from one ant.backward, whose "
+                    "gradients replace, not add to, the earlier micro-batches' (they would be "
+                    "dropped). Pass the whole batch to one ant.backward (its per-cluster passes "
+                    "already bound the activation memory) with gradient_accumulation_steps=1"
+                )
+            self._uses_step = True  # (the micro-batches wait for the verdict of that step)
+            return True  # the syncing micro-step steps for all of them
         if not self._unstepped:
             raise RuntimeError(
                 "ant.step: no ant.reduce or ant.backward since the last ant.step (or since "
@@ -1183,7 +1223,7 @@ class ANT:
         if skip_nonfinite and rec is not None and rec.out is self.last:
             rec.verdict = ok  # the read above: backward redoes a non-finite recompute
         if not ok:
-            warnings.warn(
+            _warn_unique(
                 f"step {self.telemetry.steps}: non-finite cluster losses or gradients; the "
                 f"optimiser step was skipped and the method state left unchanged"
                 f"{self._skip_detail(self.last.cluster_losses, self.last.present)}",
@@ -1261,7 +1301,7 @@ class ANT:
         for flag in self._pending_flags:
             if wait or flag.ready():
                 if flag.read(wait):
-                    warnings.warn(
+                    _warn_unique(
                         f"step {flag.step}: non-finite cluster losses or gradients; the "
                         "optimiser skipped the step on the device and the method state was left "
                         f"unchanged{self._skip_detail(*flag.extra)}",
@@ -1300,7 +1340,7 @@ class ANT:
         out = self.telemetry.snapshot()
         unsolved = out.get("unsolved_weight_steps", 0)
         if unsolved > self._unsolved_reported:
-            warnings.warn(
+            _warn_unique(
                 f"{unsolved - self._unsolved_reported} weight solve(s) since the last report "
                 f"ended without a solution ({self.method_name}): those steps reused the last "
                 "weights. Nash-MTL's Newton steps fall short where cluster gradients nearly "
@@ -1527,6 +1567,21 @@ def _back_off(scaler: torch.amp.GradScaler) -> None:
 
 # loss-space methods whose state follows the cluster losses (all-reduced when distributed)
 _LOCAL_STATE = ("uw", "dwa", "famo")
+
+
+def _sharded_by(model: nn.Module) -> str | None:
+    """The FSDP flavour that shards ``model`` or one of its submodules, else None."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None  # an FSDP model exists only under a process group
+    import torch.distributed.fsdp as fsdp
+
+    kinds = [(getattr(fsdp, "FullyShardedDataParallel", None), "FullyShardedDataParallel"),
+             (getattr(fsdp, "FSDPModule", None), "fully_shard (FSDP2)")]  # fmt: skip
+    for m in model.modules():
+        for cls, name in kinds:
+            if cls is not None and isinstance(m, cls):
+                return name
+    return None
 
 
 def _check_ddp_for_gradients(model: nn.Module, reducing: bool) -> None:

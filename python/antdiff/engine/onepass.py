@@ -29,7 +29,7 @@ import torch.nn.functional as F  # noqa: N812
 import torch.utils.checkpoint
 from torch import nn
 
-from .buffer import GradBuffer, dense_layout, param_view
+from .buffer import GradBuffer, dense_layout, param_view, unwrap
 
 # exact types only: a subclass may use its parameters in its own way
 _KINDS = {nn.Linear: "linear", nn.Conv1d: "conv", nn.Conv2d: "conv", nn.GroupNorm: "norm",
@@ -471,7 +471,7 @@ class OnePass:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        inner = getattr(model, "module", model)
+        inner = unwrap(model)
         bad = unsupported_parameters(inner)
         if bad:
             more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
