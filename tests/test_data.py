@@ -339,7 +339,7 @@ def test_get_batch_mirrors_the_flagged_images():
 
 
 def test_random_flip_defaults_and_refusals(tmp_path):
-    """On for image folders (as ADM, LDM, DiT and the ANT code train), off for digits and
+    """On for image folders (as ADM, DiT and the ANT code train), off for digits and
     latents; asked for on latents (encoded once) it is refused with the way to get flips."""
     from antdiff.config import upgrade_saved_config
 

@@ -469,3 +469,26 @@ def test_train_device_is_checked_like_the_cli_device(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="train.device cuda: CUDA is not available here"):
         resolve_device("cuda")
+
+
+def test_sample_and_eval_default_to_the_runs_own_sampler(tmp_path: Path) -> None:
+    """A paper preset sets its evaluation protocol in sample.* (DDPM-250 for the DiT presets),
+    but sample and eval always drew DDIM-50 unless told: they now take the run's own sampler
+    and steps, as they took its guidance."""
+    run = tmp_path / "run"
+    train(load_config("digits_adm", [
+        "--train.steps", "2", "--train.batch_size", "8", "--train.out_dir", str(run),
+        "--train.progress", "false", "--sample.n", "2", "--sample.sampler", "ddpm",
+        "--sample.steps", "3"]))  # fmt: skip
+    assert main(["sample", "--ckpt", str(run), "--num", "2", "--no-progress",
+                 "--out", str(tmp_path / "s")]) == 0  # fmt: skip
+    meta = json.loads((tmp_path / "s" / "sample.json").read_text())
+    assert (meta["sampler"], meta["steps"]) == ("ddpm", 3)
+    assert main(["sample", "--ckpt", str(run), "--num", "2", "--no-progress", "--sampler",
+                 "ddim", "--steps", "4", "--out", str(tmp_path / "t")]) == 0  # fmt: skip
+    meta = json.loads((tmp_path / "t" / "sample.json").read_text())
+    assert (meta["sampler"], meta["steps"]) == ("ddim", 4)
+    from antdiff.evaluate import evaluate_checkpoint
+
+    res = evaluate_checkpoint(run, 70, batch_size=70, progress=False)
+    assert (res["sampler"], res["steps"]) == ("ddpm", 3)

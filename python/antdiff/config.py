@@ -70,9 +70,10 @@ class DataConfig:
     latent_shift: float = 0.0  # subtracted before the scaling (SD3 / FLUX VAEs' shift_factor)
     autoencoder: str | None = None  # "tiny": train a TinyAutoencoder, diffuse its latents
     autoencoder_steps: int = 300
-    # mirror each image left-right with probability 1/2 as it is read (ADM, LDM, DiT and the
-    # ANT code do); None: a fresh run takes ``flips`` (on for image folders, off for digits,
-    # which are not mirror-symmetric, and latents), a resume the checkpoint's own setting
+    # mirror each image left-right with probability 1/2 as it is read (ADM, DiT and the ANT
+    # code do; LDM's FFHQ loader does not); None: a fresh run takes ``flips`` (on for image
+    # folders, off for digits, which are not mirror-symmetric, and latents), a resume the
+    # checkpoint's own setting
     random_flip: bool | None = None
 
     def __post_init__(self) -> None:
@@ -100,8 +101,8 @@ class DataConfig:
         _choice("data", "autoencoder", self.autoencoder, (None, "tiny"))
         if self.random_flip and (self.source == "latents" or self.autoencoder):
             fix = (
-                "store mirrored copies in the latent file when extracting it (the DiT and LDM "
-                "pipelines encode flipped images)" if self.source == "latents" else
+                "store mirrored copies in the latent file when extracting it (DiT's pipeline "
+                "encodes flipped images)" if self.source == "latents" else
                 "the tiny autoencoder encodes each image once, unflipped"
             )  # fmt: skip
             raise ValueError(

@@ -332,8 +332,8 @@ def evaluate_checkpoint(
     ckpt: str | Path,
     num: int,
     *,
-    sampler: str = "ddim",
-    steps: int = 50,
+    sampler: str | None = None,
+    steps: int | None = None,
     cfg_scale: float | None = None,
     seed: int = 0,
     ema: bool = True,
@@ -357,7 +357,8 @@ def evaluate_checkpoint(
     Args:
         ckpt: checkpoint file or run directory.
         num: samples to draw (>= dim + 1 of the features: 65 digits, 2049 Inception).
-        cfg_scale: classifier-free guidance; None takes the run's own (sample.cfg_scale).
+        sampler, steps, cfg_scale: None takes the run's own (sample.sampler, sample.steps,
+            sample.cfg_scale: a paper preset's evaluation protocol).
         features: "digits", "inception" or "fid-helper" (see :func:`make_extractor`).
         ref: "digits" or a .npy / .pt file of reference images [N, C, H, W]: floats in [-1, 1]
             or uint8 pixels (channels first).
@@ -420,7 +421,9 @@ def evaluate_checkpoint(
         feats.append(extractor(x))
         t_feat[0] += time.perf_counter() - start
 
-    if cfg_scale is None:  # the guidance the run trained its preview grids with
+    sampler = sampler or loaded.cfg.sample.sampler  # the run's own (its preview grids')
+    steps = loaded.cfg.sample.steps if steps is None else steps
+    if cfg_scale is None:
         cfg_scale = loaded.cfg.sample.cfg_scale
     generate(
         loaded,

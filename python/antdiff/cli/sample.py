@@ -46,8 +46,10 @@ def add_common(p: argparse.ArgumentParser) -> None:
     """Arguments shared by ``antdiff sample`` and ``antdiff eval``."""
     p.add_argument("--ckpt", type=Path, required=True, help="checkpoint file or run directory")
     p.add_argument("--num", type=int, required=True, help="number of samples (>= 1)")
-    p.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"))
-    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    p.add_argument("--sampler", default=None, choices=("ddim", "ddpm"),
+                   help="default: the run's own, sample.sampler (a paper preset's protocol)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: the run's own, sample.steps)")
     p.add_argument(
         "--spacing",
         default="linspace",
@@ -100,7 +102,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--grid must be >= 1 (images in samples.png), got {args.grid}")
     check_output(args.out, "--out", folder=True)  # before the sampling, not after it
     loaded = load_for_sampling(args.ckpt, ema=args.ema, device=pick_device(args.device))
-    if args.cfg_scale is None:  # the guidance the run trained its preview grids with
+    # the sampler, steps and guidance the run's config gives (its preview grids use them)
+    args.sampler = args.sampler or loaded.cfg.sample.sampler
+    args.steps = loaded.cfg.sample.steps if args.steps is None else args.steps
+    if args.cfg_scale is None:
         args.cfg_scale = loaded.cfg.sample.cfg_scale
     x, y = generate(
         loaded,
