@@ -492,3 +492,29 @@ def test_sample_and_eval_default_to_the_runs_own_sampler(tmp_path: Path) -> None
 
     res = evaluate_checkpoint(run, 70, batch_size=70, progress=False)
     assert (res["sampler"], res["steps"]) == ("ddpm", 3)
+
+
+def test_cfg_channels_follow_the_run_and_are_checked(tmp_path: Path) -> None:
+    """sample.cfg_channels (the DiT presets: 3) reaches sample / eval as the run's own, with
+    --cfg-channels N | all over it, and is recorded; more channels than the run diffuses is
+    refused before training, 0 when the config is read."""
+    base = ["--train.steps", "1", "--train.batch_size", "10", "--train.progress", "false",
+            "--sample.n", "2", "--sample.steps", "2", "--data.class_conditional", "true",
+            "--sample.cfg_scale", "2.0"]  # fmt: skip
+    assert load_config("dit_s2_imagenet256").sample.cfg_channels == 3
+    with pytest.raises(ValueError, match="sample.cfg_channels must be finite and > 0"):
+        load_config("digits_dit", [*base, "--sample.cfg_channels", "0"])
+    with pytest.raises(ValueError, match="sample.cfg_channels=2 exceeds the 1 channels"):
+        train(load_config("digits_dit", [*base, "--sample.cfg_channels", "2",
+                                         "--train.out_dir", str(tmp_path / "bad")]))  # fmt: skip
+    run = tmp_path / "run"
+    train(load_config("digits_dit", [*base, "--sample.cfg_channels", "1",
+                                     "--train.out_dir", str(run)]))  # fmt: skip
+    for extra, want in (((), 1), (("--cfg-channels", "all"), None)):
+        out = tmp_path / f"s{want}"
+        assert main(["sample", "--ckpt", str(run), "--num", "2", "--no-progress",
+                     "--out", str(out), *extra]) == 0  # fmt: skip
+        assert json.loads((out / "sample.json").read_text())["cfg_channels"] == want
+    with pytest.raises(SystemExit):
+        main(["sample", "--ckpt", str(run), "--num", "2", "--cfg-channels", "0",
+              "--out", str(tmp_path / "x")])  # fmt: skip

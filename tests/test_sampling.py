@@ -294,3 +294,28 @@ def test_timesteps_outside_the_range_are_an_error_not_wrapped():
     for bad in (-1, 50):
         with pytest.raises(ValueError, match=r"t must hold timesteps in \[0, 50\)"):
             diff.q_sample(x, torch.tensor([bad, 3]), x)
+
+
+def test_cfg_on_the_first_channels_only():
+    """cfg_channels=N guides the first N mean channels and takes the others (and the learned
+    variance) from the conditional half, as the DiT code does with 3 of 4 latent channels;
+    N = C is plain guidance, and an N outside [1, C] is refused."""
+    model = _randomised(create_model("dit-tiny", in_channels=4, learn_sigma=True))
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([2, 9])
+    with torch.no_grad():
+        cond = model(x, t, y=y)
+        uncond = model(x, t, y=torch.full_like(y, 10))
+        g3 = guided_output(model, x, t, y, 3.0, 10, channels=4, guided=3)
+        g4 = guided_output(model, x, t, y, 3.0, 10, channels=4, guided=4)
+        gall = guided_output(model, x, t, y, 3.0, 10, channels=4)
+    torch.testing.assert_close(g3[:, :3], (uncond + 3.0 * (cond - uncond))[:, :3])
+    torch.testing.assert_close(g3[:, 3:], cond[:, 3:])
+    torch.testing.assert_close(g4, gall)
+    diff = GaussianDiffusion("cosine", learn_sigma=True)
+    draw = [sample(model, diff, (2, 4, 8, 8), steps=4, y=y, cfg_scale=3.0, cfg_channels=n,
+                   generator=torch.Generator().manual_seed(0), clip_denoised=False)
+            for n in (3, None)]  # fmt: skip
+    assert not torch.equal(*draw)
+    for bad in (0, 5, True, 2.0):
+        with pytest.raises(ValueError, match=r"cfg_channels must be None or an int in \[1, 4\]"):
+            sample(model, diff, (2, 4, 8, 8), steps=2, y=y, cfg_scale=3.0, cfg_channels=bad)

@@ -96,6 +96,7 @@ def generate(
     spacing: str = "linspace",
     eta: float = 0.0,
     on_batch: Callable[[torch.Tensor], None] | None = None,
+    cfg_channels: int | None | str = "run",
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Draw ``num`` images from a loaded checkpoint, batch by batch, with a tqdm bar.
 
@@ -105,7 +106,8 @@ def generate(
 
     ``spacing`` picks the ``steps`` timesteps ("linspace"; "leading": 0, T//N, 2 T//N, ...,
     guided-diffusion's "ddimN" when N divides T; "trailing" ends at T - 1); ``eta`` is DDIM's
-    stochasticity.
+    stochasticity. ``cfg_channels``: the mean channels that guidance acts on (None: all),
+    "run" (default) the run's own ``sample.cfg_channels``.
     One generator seeded with ``seed`` drives all batches, so (seed, batch_size) fix the output.
     Class-conditional models get balanced labels ``i % num_classes``. Latents are sampled
     unclipped and decoded through the run's codec; a run on precomputed latents without one
@@ -146,6 +148,8 @@ def generate(
                 spacing=spacing,
                 y=y,
                 cfg_scale=cfg_scale,
+                cfg_channels=loaded.cfg.sample.cfg_channels if cfg_channels == "run"
+                else cfg_channels,
                 generator=gen,
                 clip_denoised=not loaded.latent,
             )
@@ -347,6 +351,7 @@ def evaluate_checkpoint(
     device: str | torch.device = "cpu",
     spacing: str = "linspace",
     eta: float = 0.0,
+    cfg_channels: int | None | str = "run",
 ) -> dict[str, Any]:
     """Sample ``num`` images from ``ckpt`` and score them; a JSON-able dict of results + settings.
 
@@ -358,7 +363,8 @@ def evaluate_checkpoint(
         ckpt: checkpoint file or run directory.
         num: samples to draw (>= dim + 1 of the features: 65 digits, 2049 Inception).
         sampler, steps, cfg_scale: None takes the run's own (sample.sampler, sample.steps,
-            sample.cfg_scale: a paper preset's evaluation protocol).
+            sample.cfg_scale: a paper preset's evaluation protocol); cfg_channels: "run" takes
+            its sample.cfg_channels (the mean channels guidance acts on; None: all).
         features: "digits", "inception" or "fid-helper" (see :func:`make_extractor`).
         ref: "digits" or a .npy / .pt file of reference images [N, C, H, W]: floats in [-1, 1]
             or uint8 pixels (channels first).
@@ -425,6 +431,8 @@ def evaluate_checkpoint(
     steps = loaded.cfg.sample.steps if steps is None else steps
     if cfg_scale is None:
         cfg_scale = loaded.cfg.sample.cfg_scale
+    if cfg_channels == "run":
+        cfg_channels = loaded.cfg.sample.cfg_channels
     generate(
         loaded,
         num,
@@ -437,6 +445,7 @@ def evaluate_checkpoint(
         spacing=spacing,
         eta=eta,
         on_batch=keep_features,
+        cfg_channels=cfg_channels,
     )
     t1 = time.perf_counter()
     metrics = score(None, extractor, ref, k=k, cache_dir=cache_dir,
@@ -455,6 +464,7 @@ def evaluate_checkpoint(
         "num": num,
         "seed": seed,
         "cfg_scale": cfg_scale,
+        "cfg_channels": cfg_channels,
         "batch_size": batch_size,
         "model": cfg.model.name,
         "method": cfg.ant.method,

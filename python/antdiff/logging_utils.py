@@ -292,6 +292,7 @@ def write_samples(run: Any, path: Path) -> Path:
         steps=sc.steps,
         y=y,
         cfg_scale=sc.cfg_scale,
+        cfg_channels=sc.cfg_channels,
         generator=gen,
         clip_denoised=not latents,
     )

@@ -102,6 +102,7 @@ def guided_output(
     cfg_scale: float,
     null_class: int,
     channels: int,
+    guided: int | None = None,
 ) -> torch.Tensor:
     """Classifier-free guided model output from one batched cond + uncond forward.
 
@@ -109,17 +110,19 @@ def guided_output(
         x: [B, C, ...]; t: [B] int64 original timesteps; y: [B] int64 labels.
         null_class: the label index meaning "no class".
         channels: C, the number of mean channels (extra channels = learned variance).
+        guided: guide the first ``guided`` mean channels only (None: all C), as the DiT code
+            guides 3 of 4 latent channels.
 
     Returns:
-        [B, C_out, ...]: mean channels u + s (c - u), other channels from the cond half.
+        [B, C_out, ...]: guided channels u + s (c - u), every other channel from the cond half.
     """
-    b = x.shape[0]
+    b, g = x.shape[0], channels if guided is None else guided
     out = model(
         torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, torch.full_like(y, null_class)])
     ).float()  # the guidance extrapolation in float32, also for a bf16 / fp16 model
     cond, uncond = out[:b], out[b:]
-    mean = uncond[:, :channels] + cfg_scale * (cond[:, :channels] - uncond[:, :channels])
-    return torch.cat([mean, cond[:, channels:]], dim=1)
+    mean = uncond[:, :g] + cfg_scale * (cond[:, :g] - uncond[:, :g])
+    return torch.cat([mean, cond[:, g:]], dim=1)
 
 
 def _default_device(model: Any) -> torch.device:
@@ -187,6 +190,7 @@ def sample(
     clip_denoised: bool = True,
     spacing: str = "linspace",
     null_class: int | None = None,
+    cfg_channels: int | None = None,
 ) -> torch.Tensor:
     """Draw samples [B, C, ...] = `shape` from the model.
 
@@ -206,6 +210,8 @@ def sample(
             its noise direction from the clamped x0, as ADM does (diffusers' DDIMScheduler
             keeps the model's eps unless ``use_clipped_model_output=True``).
         null_class: the unconditional label (defaults to model.num_classes).
+        cfg_channels: guide the first N of the C mean channels, the others taken from the
+            conditional output (None: all; 3 reproduces the DiT code's sampler on 4 channels).
     """
     if sampler not in _SAMPLERS:
         raise ValueError(f"sampler={sampler!r} is not valid; use one of {_SAMPLERS}")
@@ -234,6 +240,11 @@ def sample(
     resp, tmap = respace(diffusion, ts)
     tmap_t = torch.as_tensor(tmap, device=device)
     b, c = shape[0], shape[1]
+    if cfg_channels is not None and not (
+        isinstance(cfg_channels, int) and not isinstance(cfg_channels, bool)
+        and 1 <= cfg_channels <= c
+    ):  # fmt: skip
+        raise ValueError(f"cfg_channels must be None or an int in [1, {c}], got {cfg_channels!r}")
     if y is not None:
         y = torch.as_tensor(y)
         if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
@@ -251,7 +262,7 @@ def sample(
     def forward(x: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
         t, x = tmap_t[i], x.to(dtype)
         if guided:
-            return guided_output(model, x, t, y, cfg_scale, null, c)
+            return guided_output(model, x, t, y, cfg_scale, null, c, cfg_channels)
         return (model(x, t) if y is None else model(x, t, y=y)).float()
 
     was_training = isinstance(model, torch.nn.Module) and model.training

@@ -175,6 +175,12 @@ def build_run(cfg: Config, codec_state: dict | None = None, dist: DistContext | 
         torch.set_num_threads(tc.threads)
     seed_everything(tc.seed)
     data = load_dataset(cfg.data, tc.seed, tc.num_workers, codec_state).to(device)
+    guided = cfg.sample.cfg_channels
+    if guided is not None and guided > data.shape[0]:  # the previews would fail after training
+        raise ValueError(
+            f"sample.cfg_channels={guided} exceeds the {data.shape[0]} channels this run "
+            "diffuses: give at most that many, or null (all)"
+        )
     seed_everything(tc.seed)
     model = create_model(cfg.model.name, **model_kwargs(cfg, data)).to(device).train()
     check_guidance_trained(model, cfg.sample.cfg_scale)  # previews guide: refuse it before training

@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         device=pick_device(args.device),
         spacing=args.spacing,
         eta=args.eta,
+        cfg_channels=args.cfg_channels,
     )
     atomic_write_text(args.json, json.dumps(res, indent=2) + "\n")
     print(

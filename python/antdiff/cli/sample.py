@@ -42,6 +42,19 @@ def _earlier_outputs(out: Path) -> set[str]:
     return files & OUTPUTS
 
 
+def _cfg_channels(text: str) -> int | str | None:
+    """--cfg-channels: 'all' (None), 'run' (the run's own) or a positive int."""
+    if text in ("all", "run"):
+        return None if text == "all" else text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 'all', 'run' or an int >= 1, got {text!r}")
+    return n
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     """Arguments shared by ``antdiff sample`` and ``antdiff eval``."""
     p.add_argument("--ckpt", type=Path, required=True, help="checkpoint file or run directory")
@@ -62,6 +75,13 @@ def add_common(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="classifier-free guidance (default: the run's own, sample.cfg_scale)",
+    )
+    p.add_argument(
+        "--cfg-channels",
+        type=_cfg_channels,
+        default="run",
+        help="guide the first N mean channels only, or 'all' (default 'run': the run's own, "
+        "sample.cfg_channels; 3 reproduces the DiT code's sampler on 4 latent channels)",
     )
     p.add_argument(
         "--ema",
@@ -107,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
     args.steps = loaded.cfg.sample.steps if args.steps is None else args.steps
     if args.cfg_scale is None:
         args.cfg_scale = loaded.cfg.sample.cfg_scale
+    if args.cfg_channels == "run":
+        args.cfg_channels = loaded.cfg.sample.cfg_channels
     x, y = generate(
         loaded,
         args.num,
@@ -118,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         spacing=args.spacing,
         eta=args.eta,
+        cfg_channels=args.cfg_channels,
     )
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -153,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
         "num": args.num,
         "seed": args.seed,
         "cfg_scale": args.cfg_scale,
+        "cfg_channels": args.cfg_channels,
         "batch_size": args.batch_size,
         "shape": list(x.shape),
         "space": "latent" if raw else "pixel",
