@@ -13,7 +13,7 @@
 #   timeout_s 600; ANT_GPU_TEST_LIMIT (s, default 540) caps each test stage, whose first
 #   files are the ones most often changed; tilings: the 144 compiled gram configurations,
 #   about 3 min; nash: the Nash-MTL kernel's solve time, under a minute; all: every stage,
-#   more than one 10-minute device call). Several stages run in the order given.
+#   more than one 10-minute device call). Named stages run in the order listed above, whatever order they are given in.
 #   ANT_GIT_SHA=$(git describe --always --dirty --abbrev=40) names the commit (and an uncommitted
 #   change) when the tree travels without .git.
 #   ANT_GPU_TESTS_K replaces a test stage's pytest -k selection.

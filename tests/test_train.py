@@ -875,16 +875,16 @@ def test_sec_per_step_leaves_out_sample_grids_and_checkpoints(tmp_path, monkeypa
     real = train_mod.write_samples
 
     def slow(*args, **kwargs):
-        time.sleep(1.5)
+        time.sleep(3.0)  # far above a step, also on a loaded machine (a step read 1.2 s)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(train_mod, "write_samples", slow)
     out = train(_cfg("digits_adm", tmp_path, "--train.sample_every", "2", "--train.ckpt_every",
                      "2", "--ant.method", "uw", steps=6))  # fmt: skip
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
-    assert len(rows) == 6 and out["seconds"] > 3.0  # the 2 grids inside the loop count here
-    assert max(float(r["sec_per_step"]) for r in rows) < 0.75
-    assert out["sec_per_step"] < 0.75
+    assert len(rows) == 6 and out["seconds"] > 6.0  # the 2 grids inside the loop count here
+    assert max(float(r["sec_per_step"]) for r in rows) < 2.0  # >= 3 with a grid counted
+    assert out["sec_per_step"] < 2.0
 
 
 def test_nash_without_gradient_clipping_warns(tmp_path, caplog):

@@ -244,7 +244,10 @@ def sample(
         isinstance(cfg_channels, int) and not isinstance(cfg_channels, bool)
         and 1 <= cfg_channels <= c
     ):  # fmt: skip
-        raise ValueError(f"cfg_channels must be None or an int in [1, {c}], got {cfg_channels!r}")
+        raise ValueError(
+            f"cfg_channels must be None (all channels; 'all' on the command line) or an int in "
+            f"[1, {c}] (the channels sampled), got {cfg_channels!r}"
+        )
     if y is not None:
         y = torch.as_tensor(y)
         if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
