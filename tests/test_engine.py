@@ -2175,12 +2175,13 @@ def test_an_engine_resumed_between_folds_logs_the_running_means_of_an_unbroken_r
     assert got["loss_mean"] == ref["loss_mean"]
 
 
-@pytest.mark.parametrize("case", ["grads", "fold_between", "unchecked"])
+@pytest.mark.parametrize("case", ["grads", "fold_between", "unchecked", "unchecked_first"])
 def test_a_skipped_accumulated_step_leaves_the_telemetry_whole(case):
     """reduce + reduce + ant.step that skips: both micro-batches are skipped (the loss method's
     observe dropped both), so both leave the running losses and both count as non-finite; only
     the last one did. Skipped for its gradients (also with a fold between the micro-batches)
-    or, with check_grads=False, for the last micro-batch's own losses."""
+    or, with check_grads=False, for a micro-batch's own losses (the first one's too: its NaN
+    gradients were applied)."""
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
     ant = ANT("linear", k=2, clustering="timestep", method="uw", model=model)
@@ -2197,17 +2198,20 @@ def test_a_skipped_accumulated_step_leaves_the_telemetry_whole(case):
     micro(1.0)
     assert ant.step(opt)
     opt.zero_grad()
-    micro(100.0)
+    micro(float("nan") if case == "unchecked_first" else 100.0)
     if case == "fold_between":
         ant.stats()  # folds the first micro-batch into the running sums
     if case == "unchecked":
         micro(float("nan"))
+    elif case == "unchecked_first":
+        micro(100.0)
     else:
         bad[0] = True
         micro(100.0)
         bad[0] = False
     with pytest.warns(UserWarning, match="non-finite"):
-        assert not ant.step(opt, check_grads=case != "unchecked")
+        assert not ant.step(opt, check_grads=not case.startswith("unchecked"))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
     st = ant.stats()
     assert st["loss_mean"] == [1.0, 1.0] and st["nonfinite_steps"] == 2 and st["steps"] == 4
 
@@ -2267,6 +2271,11 @@ def test_accumulating_optimizer_micro_steps():
     ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16))
     with pytest.raises(ValueError, match="sync_gradients=False.*one ant.backward"):
         ant.step(opt)
+    model, ant = setup("uw")  # a loss method trained through ant.backward replaces them too
+    opt = _Accumulating(model.parameters(), 2)
+    ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16))
+    with pytest.raises(ValueError, match="sync_gradients=False.*ant.reduce"):
+        ant.step(opt)
     runs = []
     for accumulate in (False, True):
         model, ant = setup("dwa")
@@ -2308,3 +2317,12 @@ def test_skip_warnings_leave_no_registry_entry_per_step():
         assert caught[0].filename == __file__  # still reported at the caller's line
     assert len(shown) == 5 and len(set(shown)) == 5
     assert not [k for k in registry if k != "version"]
+
+
+def test_a_unique_warning_from_a_shallow_stack():
+    """sys._getframe(stacklevel) raised where the stack was shorter (ant.step called from a
+    thread's entry function), so the skip path stopped before zero_grad and the back-off."""
+    from antdiff.engine import core
+
+    with pytest.warns(UserWarning, match="shallow"):
+        core._warn_unique("shallow", stacklevel=500)

@@ -176,7 +176,7 @@ def test_run_ntg_writes_outputs_and_reuses_specialists(tmp_path):
         assert im.format == "PNG" and im.size[0] > 200
     spec_cfg = (out / "specialist_0_500" / "config.yaml").read_text()
     assert "t_range:\n  - 0\n  - 500" in spec_cfg and "method: vanilla" in spec_cfg
-    assert saved["full_model"]["method"] == "vanilla"
+    assert saved["full_model"]["method"] == "vanilla" and saved["cfg_channels"] is None
     # a second call loads the checkpoints (no training) and reproduces every number; with
     # full= the config comes from its checkpoint (none needed, another T not consulted)
     again = run_ntg(None, uniform_intervals(1000, 2), full=out / "full", **kw)
@@ -253,3 +253,19 @@ def test_precomputed_latents_fail_before_any_training(tmp_path):
         run_ntg(cfg, uniform_intervals(1000, 2), specialist_steps=2, out_dir=tmp_path / "ntg",
                 n_samples=66)  # fmt: skip
     assert not (tmp_path / "ntg").exists()
+
+
+def test_sample_images_passes_the_guided_channels(monkeypatch):
+    """NTG samples with the run's own sample.cfg_channels (it was left out: all channels)."""
+    import antdiff.sampling
+
+    seen = []
+
+    def fake(model, diffusion, shape, **kw):
+        seen.append(kw.get("cfg_channels"))
+        return torch.zeros(shape)
+
+    monkeypatch.setattr(antdiff.sampling, "sample", fake)
+    model = torch.nn.Linear(1, 1)
+    sample_images(model, None, 4, (1, 2, 2), seed=0, batch=2, cfg_channels=1)
+    assert seen == [1, 1]

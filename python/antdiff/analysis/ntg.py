@@ -140,6 +140,7 @@ def sample_images(
     num_classes: int | None = None,
     cfg_scale: float = 1.0,
     clip_denoised: bool = True,
+    cfg_channels: int | None = None,
 ) -> torch.Tensor:
     """``n`` samples [n, *shape]; batch j draws its noise from a generator seeded seed + j,
     so two models sampled with the same arguments see identical noise."""
@@ -154,6 +155,7 @@ def sample_images(
         x = sample(
             model, diffusion, (b, *shape), sampler=sampler, steps=steps, y=y,
             cfg_scale=cfg_scale, generator=gen, clip_denoised=clip_denoised,
+            cfg_channels=cfg_channels,
         )  # fmt: skip
         out.append(x.cpu())
     return torch.cat(out)
@@ -185,6 +187,7 @@ def negative_transfer_gap(
     cfg_scale: float = 1.0,
     clip_denoised: bool = True,
     decode: Any = None,
+    cfg_channels: int | None = None,
     seed_gap: bool = True,
     allow_rank_deficient: bool = False,
 ) -> dict[str, Any]:
@@ -197,7 +200,7 @@ def negative_transfer_gap(
         real_images: [N, C, H, W] reference images in [-1, 1].
         extractor: a FeatureExtractor (DigitsFeatures for digits: domain features).
         n_samples / shape / seed / sampler / steps / batch / num_classes / cfg_scale /
-            clip_denoised: see :func:`sample_images`.
+            clip_denoised / cfg_channels: see :func:`sample_images`.
         decode: maps samples to images (latent models), or None.
         seed_gap: also sample the full model with seed + 10**6 (the noise-only FID change).
         allow_rank_deficient: accept n_samples <= feature dim (biased FID; tiny tests only).
@@ -219,7 +222,7 @@ def negative_transfer_gap(
             )
     kw = dict(
         shape=shape, sampler=sampler, steps=steps, batch=batch, num_classes=num_classes,
-        cfg_scale=cfg_scale, clip_denoised=clip_denoised,
+        cfg_scale=cfg_scale, clip_denoised=clip_denoised, cfg_channels=cfg_channels,
     )  # fmt: skip
     real_feats = extractor(real_images)
 
@@ -438,13 +441,14 @@ def run_ntg(
         n_samples=n_samples, shape=tuple(data.shape), seed=seed, sampler=fc.sample.sampler,
         steps=fc.sample.steps, batch=batch, cfg_scale=fc.sample.cfg_scale,
         num_classes=data.num_classes if fc.data.class_conditional else None,
-        clip_denoised=not latents, decode=decode,
+        clip_denoised=not latents, decode=decode, cfg_channels=fc.sample.cfg_channels,
     )  # fmt: skip
     result["full_model"] = {
         "run": str(full or out / "full"), "steps": full_run.step, "method": fc.ant.method
     }
     result["specialist_steps"] = specialist_steps
     result["cfg_scale"] = fc.sample.cfg_scale
+    result["cfg_channels"] = fc.sample.cfg_channels
     result["git_sha"] = git_describe()  # the code that made it
     write_ntg(result, out)
     return result

@@ -84,7 +84,9 @@ def _warn_unique(message: str, stacklevel: int) -> None:
     """``warnings.warn`` for a message that differs every time (it names a step or a count),
     without the entry in the caller's ``__warningregistry__`` that each distinct message would
     keep for good (one per skipped step over a long run)."""
-    frame = sys._getframe(stacklevel)
+    frame = sys._getframe(1)  # the caller; then up to stacklevel - 1 more, as far as there are
+    for _ in range(stacklevel - 1):
+        frame = frame.f_back or frame
     warnings.warn_explicit(
         message, UserWarning, frame.f_code.co_filename, frame.f_lineno,
         module=frame.f_globals.get("__name__"), registry=None, module_globals=frame.f_globals,
@@ -293,6 +295,8 @@ class ANT:
         self.last: StepOutput | None = None
         self._unstepped = False  # a reduce/backward since the last ant.step
         self._records = 0  # steps recorded since then (micro-batches of one optimiser step)
+        self._finite_since: torch.Tensor | None = None  # their finite flags, and-ed
+        self._from_backward = False  # the pending gradients came from ant.backward
         # the enabled GradScaler the last ant.backward scaled with (None: none); False after
         # ant.reduce, whose loss the caller scales
         self._backward_scaler: torch.amp.GradScaler | None | bool = False
@@ -582,6 +586,7 @@ class ANT:
             self._flush_observe()
         if not evaluating:
             self._backward_scaler = False  # a loss the caller scales (or not) itself
+            self._from_backward = False
         per = _check_per_sample(
             per_sample_loss, t.shape[0] if isinstance(t, torch.Tensor) and t.dim() == 1 else None
         )
@@ -682,6 +687,7 @@ class ANT:
                 stacklevel=2,
             )
         self._flush_observe()
+        self._from_backward = True
         batch, t, counts = self._sorted(batch, t)
         self._maybe_absent = bool((np.asarray(counts) == 0).any())
         grad = self.method.grad
@@ -1084,6 +1090,8 @@ class ANT:
         out = StepOutput(total, L_global, w, present, finite)
         self.last = out
         self._unstepped = True
+        # every micro-batch's own flag since the last ant.step (one op from the second on)
+        self._finite_since = finite if self._records == 0 else self._finite_since & finite
         self._records += 1
         self._grads_unchecked = not grads_checked
         if self.method.loss is not None and self.method.loss.observes:
@@ -1151,14 +1159,16 @@ class ANT:
         """
         syncing = getattr(getattr(optimizer, "gradient_state", None), "sync_gradients", True)
         if syncing is False:
-            if self.needs_gradients:
+            if self.needs_gradients or self._from_backward:
                 raise ValueError(
                     f"ant.step on an accumulating micro-step (the optimiser's gradient_state "
-                    f"says sync_gradients=False, e.g. inside accelerator.accumulate): method "
-                    f"{self.method_name!r} builds its update from one ant.backward, whose "
-                    "gradients replace, not add to, the earlier micro-batches' (they would be "
-                    "dropped). Pass the whole batch to one ant.backward (its per-cluster passes "
-                    "already bound the activation memory) with gradient_accumulation_steps=1"
+                    f"says sync_gradients=False, e.g. inside accelerator.accumulate) after "
+                    f"ant.backward (method {self.method_name!r}): each ant.backward replaces "
+                    "the gradients, so the earlier micro-batches' would be dropped. Pass the "
+                    "whole batch to one ant.backward (its per-cluster passes already bound the "
+                    "activation memory) with gradient_accumulation_steps=1"
+                    + ("" if self.needs_gradients else
+                       ", or accumulate with ant.reduce(...).backward()")
                 )
             self._uses_step = True  # (the micro-batches wait for the verdict of that step)
             return True  # the syncing micro-step steps for all of them
@@ -1189,7 +1199,7 @@ class ANT:
             skip_nonfinite or self._pending_observe
         ):  # fmt: skip
             # a loss-space step: finite losses can still give inf/NaN gradients (fp16 overflow)
-            ok = self.last.finite
+            ok = self.last.finite if records < 2 else self._finite_since
             for found in _grads_nonfinite(optimizer, self._check_buffers):
                 ok = ok & (found == 0).to(ok.device, non_blocking=True)
             self.telemetry.count_nonfinite(ok, records)
@@ -1197,9 +1207,13 @@ class ANT:
             self.last = StepOutput(last.loss, last.cluster_losses, last.weights, last.present, ok)
             verdict = ok
         elif skip_nonfinite and records > 1 and self._grads_unchecked:
-            # unchecked gradients (check_grads=False): the last micro-batch's losses decide
-            # for the step, so a skip voids its earlier micro-batches too
-            self.telemetry.count_nonfinite(self.last.finite, records)
+            # unchecked gradients (check_grads=False): every micro-batch's losses decide for
+            # the step (one NaN one makes its gradients NaN), and a skip voids them all
+            ok = self._finite_since
+            self.telemetry.count_nonfinite(ok, records)
+            last = self.last
+            self.last = StepOutput(last.loss, last.cluster_losses, last.weights, last.present, ok)
+            verdict = ok
         self._grads_unchecked = False
         self.telemetry.close()
         self._flush_observe(verdict)
@@ -1408,7 +1422,7 @@ class ANT:
 
     def _assign_state(self, state: dict[str, Any]) -> None:
         self._pending_observe, self._grads_unchecked = [], False  # steps before the load
-        self._unstepped, self._records = False, 0
+        self._unstepped, self._records, self._from_backward = False, 0, False
         self._recompute = None
         self.step_count = check_int("the state's step", state["step"], minimum=0)
         self._w = state["w"]
