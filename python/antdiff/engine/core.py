@@ -1153,9 +1153,10 @@ class ANT:
 
         An optimiser that says it is accumulating (accelerate's, inside
         ``accelerator.accumulate`` on a micro-step that does not sync:
-        ``optimizer.gradient_state.sync_gradients`` False) makes this a no-op for a loss method,
-        whose micro-batches then count as one step at the syncing call; a gradient method
-        refuses it, as each ``ant.backward`` replaces the gradients.
+        ``optimizer.gradient_state.sync_gradients`` False) makes this a no-op after
+        ``ant.reduce``, whose micro-batches then count as one step at the syncing call; after
+        ``ant.backward`` (a gradient method, or a loss method trained through it) it is refused,
+        as each ``ant.backward`` replaces the gradients.
         """
         syncing = getattr(getattr(optimizer, "gradient_state", None), "sync_gradients", True)
         if syncing is False:
