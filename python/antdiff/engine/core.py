@@ -296,7 +296,6 @@ class ANT:
         self._unstepped = False  # a reduce/backward since the last ant.step
         self._records = 0  # steps recorded since then (micro-batches of one optimiser step)
         self._finite_since: torch.Tensor | None = None  # their finite flags, and-ed
-        self._from_backward = False  # the pending gradients came from ant.backward
         # the enabled GradScaler the last ant.backward scaled with (None: none); False after
         # ant.reduce, whose loss the caller scales
         self._backward_scaler: torch.amp.GradScaler | None | bool = False
@@ -586,7 +585,6 @@ class ANT:
             self._flush_observe()
         if not evaluating:
             self._backward_scaler = False  # a loss the caller scales (or not) itself
-            self._from_backward = False
         per = _check_per_sample(
             per_sample_loss, t.shape[0] if isinstance(t, torch.Tensor) and t.dim() == 1 else None
         )
@@ -687,7 +685,6 @@ class ANT:
                 stacklevel=2,
             )
         self._flush_observe()
-        self._from_backward = True
         batch, t, counts = self._sorted(batch, t)
         self._maybe_absent = bool((np.asarray(counts) == 0).any())
         grad = self.method.grad
@@ -1160,7 +1157,8 @@ class ANT:
         """
         syncing = getattr(getattr(optimizer, "gradient_state", None), "sync_gradients", True)
         if syncing is False:
-            if self.needs_gradients or self._from_backward:
+            # (_backward_scaler is False after ant.reduce, None or the scaler after ant.backward)
+            if self.needs_gradients or self._backward_scaler is not False:
                 raise ValueError(
                     f"ant.step on an accumulating micro-step (the optimiser's gradient_state "
                     f"says sync_gradients=False, e.g. inside accelerator.accumulate) after "
@@ -1423,7 +1421,7 @@ class ANT:
 
     def _assign_state(self, state: dict[str, Any]) -> None:
         self._pending_observe, self._grads_unchecked = [], False  # steps before the load
-        self._unstepped, self._records, self._from_backward = False, 0, False
+        self._unstepped, self._records = False, 0
         self._recompute = None
         self.step_count = check_int("the state's step", state["step"], minimum=0)
         self._w = state["w"]
