@@ -83,6 +83,25 @@ def _check_int(name: str, value: Any, low: int) -> None:
         raise ValueError(f"{name} ({flag}) must be an integer >= {low}, got {value!r}")
 
 
+def run_settings(
+    loaded: Loaded,
+    sampler: str | None = None,
+    steps: int | None = None,
+    cfg_scale: float | None = None,
+    cfg_channels: int | None | str = "run",
+) -> tuple[str, int, float, int | None]:
+    """(sampler, steps, cfg_scale, cfg_channels) with the unset ones (None; "run" for
+    cfg_channels, whose None means all channels) taken from the run's own ``sample`` config:
+    what its preview grids used, a paper preset's evaluation protocol."""
+    sc = loaded.cfg.sample
+    return (
+        sampler or sc.sampler,
+        sc.steps if steps is None else steps,
+        sc.cfg_scale if cfg_scale is None else cfg_scale,
+        sc.cfg_channels if cfg_channels == "run" else cfg_channels,
+    )
+
+
 def generate(
     loaded: Loaded,
     num: int,
@@ -427,12 +446,9 @@ def evaluate_checkpoint(
         feats.append(extractor(x))
         t_feat[0] += time.perf_counter() - start
 
-    sampler = sampler or loaded.cfg.sample.sampler  # the run's own (its preview grids')
-    steps = loaded.cfg.sample.steps if steps is None else steps
-    if cfg_scale is None:
-        cfg_scale = loaded.cfg.sample.cfg_scale
-    if cfg_channels == "run":
-        cfg_channels = loaded.cfg.sample.cfg_channels
+    sampler, steps, cfg_scale, cfg_channels = run_settings(
+        loaded, sampler, steps, cfg_scale, cfg_channels
+    )
     generate(
         loaded,
         num,

@@ -112,7 +112,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluate import generate, load_for_sampling
+    from ..evaluate import generate, load_for_sampling, run_settings
     from ..logging_utils import image_grid, save_png
     from ..utils import atomic_write, atomic_write_text, check_output
 
@@ -122,13 +122,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--grid must be >= 1 (images in samples.png), got {args.grid}")
     check_output(args.out, "--out", folder=True)  # before the sampling, not after it
     loaded = load_for_sampling(args.ckpt, ema=args.ema, device=pick_device(args.device))
-    # the sampler, steps and guidance the run's config gives (its preview grids use them)
-    args.sampler = args.sampler or loaded.cfg.sample.sampler
-    args.steps = loaded.cfg.sample.steps if args.steps is None else args.steps
-    if args.cfg_scale is None:
-        args.cfg_scale = loaded.cfg.sample.cfg_scale
-    if args.cfg_channels == "run":
-        args.cfg_channels = loaded.cfg.sample.cfg_channels
+    args.sampler, args.steps, args.cfg_scale, args.cfg_channels = run_settings(
+        loaded, args.sampler, args.steps, args.cfg_scale, args.cfg_channels
+    )
     x, y = generate(
         loaded,
         args.num,
