@@ -1,7 +1,8 @@
 """Nash-MTL weights: alpha > 0 with alpha * (G alpha) = 1, by damped Newton in float64.
 
 Maths: alpha is the unique minimiser of the self-concordant f(a) = 0.5 a^T G a - sum log a_i
-(G = J J^T, divided by its Frobenius norm when ``normalize``). Gradient g = G a - 1/a,
+(G = J J^T divided by its Frobenius norm; without ``normalize`` the result is divided by
+sqrt(||G||_F), the weights of G itself). Gradient g = G a - 1/a,
 Hessian H = G + diag(1/a^2), step x = H^{-1} g, Newton decrement lambda = sqrt(g . x).
 a <- a - x / (1 + lambda) while lambda >= 1/4 (stays inside a > 0, decreases f by a fixed
 amount), a <- a - x after (quadratic convergence). Start: a_i = s / sqrt(G_ii) with the best
@@ -74,12 +75,14 @@ def _nash_kernel(
     ).to(tl.float64)
     # NaN exactly when G has a NaN or inf entry; added to the output at the end
     bad = tl.sum(tl.sum(b_G * 0.0, axis=1), axis=0)
-    if NORMALIZE:  # the Frobenius norm relative to max |G|: no overflow at extreme scales
-        big = tl.max(tl.max(tl.abs(b_G), axis=1), axis=0)
-        big = tl.where(big > 0, big, 1.0)
-        b_S = b_G / big
-        nrm = big * tl.sqrt(tl.sum(tl.sum(b_S * b_S, axis=1), axis=0))
-        b_G = b_G / tl.where(nrm > 0, nrm, 1.0)
+    # solved on G / ||G||_F either way, the norm in two factors (max |G| and the norm of
+    # G / max |G|, in [1, k]): no overflow or underflow at any scale
+    big = tl.max(tl.max(tl.abs(b_G), axis=1), axis=0)
+    big = tl.where(big > 0, big, 1.0)
+    b_G = b_G / big
+    rel = tl.sqrt(tl.sum(tl.sum(b_G * b_G, axis=1), axis=0))
+    rel = tl.where(rel > 0, rel, 1.0)
+    b_G = b_G / rel
     # [BK] diagonal; padding rows have 0 there and behave like inactive clusters
     b_d = tl.sum(tl.where(m_eye, b_G, 0.0), axis=1)
     m_act = b_d > 0
@@ -101,6 +104,8 @@ def _nash_kernel(
     b_res = tl.abs(b_a * tl.sum(b_Gt * b_a[None, :], axis=1) - 1.0)
     m_ok = ((b_res <= TOL) & (b_a > 0.0)) | ~m_act
     solved = tl.min(tl.where(m_ok, 1.0, 0.0), axis=0) > 0.5
+    if not NORMALIZE:  # the weights of G itself: / sqrt(||G||_F)
+        b_a = b_a / tl.sqrt(big) / tl.sqrt(rel)
     b_a = tl.where(solved, tl.where(m_act, b_a, 0.0), float("nan")) + bad
     tl.store(p_a + o_k, b_a, mask=m_k)
 
@@ -139,9 +144,10 @@ def nash_weights(G: torch.Tensor, iters: int = 40, normalize: bool = True) -> to
         iters: fixed number of Newton steps (no early exit, no host sync); 40 covers every
             family measured (see the module docstring); a solve that ends without a solution
             is NaN.
-        normalize: solve on G / ||G||_F (better conditioned): alpha then satisfies the
-            fixed point on the normalised G; alpha / sqrt(||G||_F) satisfies it on G itself
-            (what ``antdiff.mtl.NashMTL`` returns, as Nash-MTL's authors do).
+        normalize: return the weights of G / ||G||_F; else those of G itself, the former
+            divided by sqrt(||G||_F) (what ``antdiff.mtl.NashMTL`` uses, as Nash-MTL's authors
+            do). Both are solved on G / ||G||_F (better conditioned, no overflow or underflow
+            from subnormal entries to 1e308).
 
     Returns:
         alpha: [k] float64; 0 for clusters with G[i, i] <= 0; NaN everywhere if G is not finite

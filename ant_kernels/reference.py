@@ -223,14 +223,6 @@ def pcgrad_weights_ref(G: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
     return C.sum(0) + (G * 0).sum()
 
 
-def frobenius(G: torch.Tensor) -> torch.Tensor:
-    """||G||_F as a 0-d tensor, computed relative to max |G| (no overflow or underflow at
-    extreme scales; 0 for an all-zero G, NaN when G is not finite)."""
-    big = G.abs().amax()
-    big = torch.where(big > 0, big, 1.0)
-    return big * torch.linalg.matrix_norm(G / big)
-
-
 def nash_start(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Active-cluster mask, masked Gram and the Newton start point (all float64).
 
@@ -274,7 +266,10 @@ def nash_weights_ref(G: torch.Tensor, iters: int = 40, normalize: bool = True) -
 
     Args:
         G: [k, k] Gram matrix. iters: fixed number of Newton steps (no early exit).
-        normalize: solve on G / ||G||_F (alpha / sqrt(||G||_F) then solves it on G).
+        normalize: return the weights of G / ||G||_F; else those of G itself (the former
+            divided by sqrt(||G||_F)). Either is solved on G / ||G||_F, the norm taken in two
+            factors (max |G| and the norm relative to it) so that no scale overflows or
+            underflows, from subnormal entries to 1e308.
 
     Returns:
         alpha: [k] float64.
@@ -284,9 +279,15 @@ def nash_weights_ref(G: torch.Tensor, iters: int = 40, normalize: bool = True) -
         raise ValueError(f"iters must be an int >= 0, got {iters!r}")
     G64 = G.to(torch.float64)
     ok = torch.isfinite(G64).all()
-    if normalize:
-        nrm = frobenius(G64)
-        G64 = G64 / torch.where(nrm > 0, nrm, 1.0)
+    # solved on G / ||G||_F whatever ``normalize`` says (Newton's iterates are invariant under
+    # G -> c G, a -> a / sqrt(c)), the norm taken in two factors so that neither overflows nor
+    # underflows: max |G| and the norm of G / max |G| (in [1, k])
+    big = G64.abs().amax()
+    big = torch.where(big > 0, big, 1.0)
+    G64 = G64 / big
+    rel = torch.linalg.matrix_norm(G64)
+    rel = torch.where(rel > 0, rel, 1.0)
+    G64 = G64 / rel
     act, Gt, a = nash_start(G64)
     H = torch.empty_like(Gt)
     for _ in range(iters):
@@ -300,6 +301,8 @@ def nash_weights_ref(G: torch.Tensor, iters: int = 40, normalize: bool = True) -
     res = (a * torch.mv(Gt, a) - 1.0).abs()
     solved = ((res <= NASH_TOL) & (a > 0)) | ~act  # False for NaN
     ok = ok & solved.all()
+    if not normalize:  # a / sqrt(||G||_F) solves G itself
+        a = a / big.sqrt() / rel.sqrt()
     return torch.where(ok, torch.where(act, a, 0.0), torch.nan)
 
 

@@ -124,7 +124,9 @@ PYBIND11_MODULE(_C, m) {
   // 2: NaN from nash_weights without a solution and from pcgrad_weights of a non-finite G
   // 3: the address-taking solvers are private (_pcgrad_weights_at, ...) and refuse null
   // 4: solve_intervals refuses costs that overflow float64 (the Python side relies on it)
-  m.attr("ABI_VERSION") = 4;
+  // 5: _nash_weights_at solves every scale (no norm overflow); normalize=False gives the
+  //    weights of G itself
+  m.attr("ABI_VERSION") = 5;
   m.def("solve_intervals", &SolveIntervals, py::arg("cost"), py::arg("data"), py::arg("k"),
         py::arg("min_size") = py::none(), py::arg("max_size") = py::none(),
         py::arg("algorithm") = "auto",

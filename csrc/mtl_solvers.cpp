@@ -81,19 +81,20 @@ void NashWeights(const double* gram, int64_t k, int64_t iters, bool normalize, d
     }
     big = std::max(big, std::fabs(gram[e]));
   }
-  double frob = 0.0;
-  if (big > 0.0) {
-    for (size_t e = 0; e < kk; ++e) frob += (gram[e] / big) * (gram[e] / big);
-    frob = big * std::sqrt(frob);
-  }
-  const double scale = (normalize && frob > 0.0) ? frob : 1.0;
+  // Solved on G / ||G||_F whatever `normalize` says (Newton's iterates are invariant under
+  // G -> c G, a -> a / sqrt(c)); the norm in two factors, max |G| and the norm of G / max |G|
+  // (in [1, k]), so that neither overflows nor underflows
+  if (big == 0.0) big = 1.0;
+  double rel = 0.0;
+  for (size_t e = 0; e < kk; ++e) rel += (gram[e] / big) * (gram[e] / big);
+  rel = rel > 0.0 ? std::sqrt(rel) : 1.0;
   // inactive clusters (G[i, i] <= 0): identity row and column, a_i = 1 -> zero gradient and step
   std::vector<char> act(static_cast<size_t>(k));
-  for (int64_t i = 0; i < k; ++i) act[i] = gram[i * k + i] / scale > 0.0;
+  for (int64_t i = 0; i < k; ++i) act[i] = gram[i * k + i] / big / rel > 0.0;
   std::vector<double> g(kk);
   for (int64_t i = 0; i < k; ++i) {
     for (int64_t j = 0; j < k; ++j) {
-      g[i * k + j] = (act[i] && act[j]) ? gram[i * k + j] / scale : (i == j ? 1.0 : 0.0);
+      g[i * k + j] = (act[i] && act[j]) ? gram[i * k + j] / big / rel : (i == j ? 1.0 : 0.0);
     }
   }
   // start a_i = s / sqrt(G_ii), s optimal along that ray
@@ -139,6 +140,7 @@ void NashWeights(const double* gram, int64_t k, int64_t iters, bool normalize, d
     if (act[i] && !(res <= kNashTol && a[i] > 0.0)) solved = false;  // also false for NaN
   }
   for (int64_t i = 0; i < k; ++i) {
+    if (!normalize) a[i] = a[i] / std::sqrt(big) / std::sqrt(rel);  // G itself: / sqrt(||G||_F)
     alpha[i] = !solved ? std::numeric_limits<double>::quiet_NaN() : act[i] ? a[i] : 0.0;
   }
 }

@@ -164,6 +164,40 @@ def test_nash_normalisation_survives_extreme_float64_scales(scale, kernel_device
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("top", [1e-318, 1e-310, 1.5e308])
+def test_nash_solves_the_ends_of_the_float64_range(top, kernel_device, monkeypatch):
+    """max |G| subnormal or near 1.7e308 with ||G||_F > 1.8e308: the norm overflowed (weights 0
+    from the C++ solver, the torch reference and the Triton kernel), and without normalising
+    the reference's solve went NaN on subnormal entries. Each backend must give, normalised or
+    not, the weights of the same G moved into the normal range by an exact power of 2."""
+    G = _make_G(5, "near-parallel").double()  # every entry near max |G|: ||G||_F ~ 5 max |G|
+    e = math.floor(math.log2(top / G.abs().max().item()))
+    Gs = torch.ldexp(G, torch.tensor(e))  # the G under test
+    shift = -e - e % 2  # an even power of 2 back into the normal range: exact on Gs
+    Gn = torch.ldexp(Gs, torch.tensor(shift))
+    assert torch.equal(torch.ldexp(Gn, torch.tensor(-shift)), Gs)
+    from antdiff import _C  # make builds it before the tests
+
+    def cpp(g: torch.Tensor, normalize: bool) -> torch.Tensor:
+        g, out = g.contiguous(), torch.empty(5, dtype=torch.float64)
+        _C._nash_weights_at(g.data_ptr(), 5, 40, normalize, out.data_ptr())
+        return out
+
+    monkeypatch.setenv("ANT_KERNELS_BACKEND", "triton")
+    for normalize in (True, False):
+        want = nash_weights_ref(Gn, normalize=normalize)
+        if not normalize:  # a (Gn) = a (Gs * 2^shift) = a (Gs) / 2^(shift / 2)
+            want = torch.ldexp(want, torch.tensor(shift // 2))
+        assert torch.isfinite(want).all() and (want > 0).all()
+        for got in (
+            nash_weights_ref(Gs, normalize=normalize),
+            cpp(Gs, normalize),
+            nash_weights(Gs.to(kernel_device), normalize=normalize).cpu(),
+        ):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.interpret
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_nash_degenerate_inputs(backend, kernel_device, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import re
 import warnings
 from pathlib import Path
@@ -267,6 +268,21 @@ def test_nash_fixed_point(parallel, absent, scale):
     torch.testing.assert_close(w.double(), alpha / present.sum(), rtol=1e-6, atol=0)
     w_sum = NashMTL(k, reduction="sum").weights(J @ J.T, present)
     torch.testing.assert_close(w_sum.double(), alpha, rtol=1e-6, atol=0)
+
+
+def test_nash_weights_at_the_top_of_the_float64_range():
+    """A float64 Gram whose Frobenius norm exceeds 1.8e308 (entries near 1.5e308): the norm
+    overflowed and every weight was 0. The weights are those of G / 4^e times 2^-e."""
+    k = 5
+    J = _J(k, 13, seed=4, parallel=5.0)
+    G = J @ J.T
+    e = math.floor(math.log2(1.5e308 / G.abs().max().item()) / 2)
+    big, unit = NashMTL(k), NashMTL(k)
+    big.weights(torch.ldexp(G, torch.tensor(2 * e)), _present(k))
+    unit.weights(G, _present(k))
+    assert (big.last_alpha > 0).all()
+    torch.testing.assert_close(big.last_alpha, torch.ldexp(unit.last_alpha, torch.tensor(-e)),
+                               rtol=1e-12, atol=0)  # fmt: skip
 
 
 # ---------------------------------------------------------------- IMTL-G

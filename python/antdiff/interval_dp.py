@@ -63,7 +63,7 @@ BUILD_HINT = _build_hint()
 # 2: NaN from nash_weights without a solution and pcgrad_weights of a non-finite G;
 # 3: the address-taking solvers are private (_C._pcgrad_weights_at, ...) and refuse null;
 # 4: solve_intervals refuses costs that overflow float64 (no Python check for it here)
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 _cpp: dict[str, Any] = {"tried": False, "module": None, "error": None, "warned": False}
 

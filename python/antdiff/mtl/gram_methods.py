@@ -34,7 +34,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ant_kernels.reference import frobenius
 
 from . import native
 from .base import (
@@ -197,13 +196,11 @@ class NashMTL(GramMethod):
         self.stale_weights = False
 
     def _weights(self, G: Tensor, active: Tensor, present: Tensor) -> Tensor:
-        # solved on G / ||G||_F for conditioning, then scaled back: alpha / sqrt(||G||_F) solves
-        # alpha * (G alpha) = 1 on G itself, the bargaining solution of Nash-MTL's authors (whose
-        # solver also normalises G and multiplies the norm back into its constraint). Its update
-        # alpha @ J has norm sqrt(k) whatever the gradients' scale.
-        nrm = frobenius(G)
-        alpha = native.nash_weights(G, iters=self.iters, normalize=True)
-        alpha = alpha / torch.where(nrm > 0, nrm, 1.0).sqrt()
+        # alpha * (G alpha) = 1 on G itself (solved on G / ||G||_F for conditioning, then
+        # scaled back), the bargaining solution of Nash-MTL's authors (whose solver also
+        # normalises G and multiplies the norm back into its constraint). Its update alpha @ J
+        # has norm sqrt(k) whatever the gradients' scale.
+        alpha = native.nash_weights(G, iters=self.iters, normalize=False)
         solved = torch.isfinite(alpha).all()  # NaN: the steps ended without a solution
         valid = solved if self._valid is None else self._valid.to(solved.device) & solved
         self.last_alpha = commit(self.last_alpha, alpha, valid)
