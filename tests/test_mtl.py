@@ -331,6 +331,60 @@ def test_imtl_of_a_float32_gram_of_nearly_parallel_gradients_is_not_its_rounding
                                atol=1e-5)  # fmt: skip
 
 
+@pytest.mark.parametrize("k", [5, 8])
+def test_imtl_of_a_float32_gram_never_points_uphill(k):
+    """A float32 Gram of gradients with cosines >= 1 - 5e-8: rounding made the cosine matrix
+    indefinite (lambda ~ -5e-7) next to the ridge (k eps ~ 6e-7), and the update's projection
+    on every unit gradient was negative in 4-12 of 100 such cases (seed 7, k 5: -312 each,
+    weights 7.9 / -3.3 / -0.7 / -2.1 / -0.8), or the update was 3-200x the norm of the float64
+    Gram's. Every projection must be positive and the norm within 2.5x of float64's."""
+    present = _present(k)
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        J = torch.randn(1, 4096, generator=g) * torch.linspace(0.5, 2, k)[:, None]
+        J = J + 1e-4 * torch.randn(k, 4096, generator=g)
+        w = IMTLG(k).weights(J @ J.T, present).double()  # float32, as the engine computes it
+        J64 = J.double()
+        proj = J64 @ (w @ J64) / J64.norm(dim=1)
+        assert (proj > 0).all(), (seed, w, proj)
+        assert w.sum().sub(1).abs() < 1e-6
+        w64 = IMTLG(k).weights(J64 @ J64.T, present).double()
+        assert (w @ J64).norm() < 2.5 * (w64 @ J64).norm(), (seed, w, w64)
+
+
+def test_gram_methods_refuse_an_infinite_entry_between_finite_clusters():
+    """inf off the diagonal with a finite diagonal (no Gram of finite rows holds it): IMTL-G and
+    MGDA gave finite weights [0, 0, 1] (PCGrad, CAGrad and Nash-MTL NaN); NaN from every one."""
+    G = torch.eye(3)
+    G[0, 1] = G[1, 0] = float("inf")
+    for cls in GRAM_CLASSES:
+        if cls is MeanGram:  # the mean never reads G off its diagonal
+            continue
+        w = cls(3).weights(G, _present(3))
+        assert torch.isnan(w).all(), (cls.name, w)
+
+
+def test_gram_methods_take_a_finite_gram_near_the_float64_maximum():
+    """G = diag(1e308, 1): its symmetrised copy (G + G^T) / 2 overflowed on the diagonal and the
+    first cluster was dropped as non-finite (mean weights [0, 0.5])."""
+    G = torch.tensor([[1e308, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    for cls in (MeanGram, PCGrad):  # orthogonal: no conflict, both the plain mean
+        torch.testing.assert_close(cls(2).weights(G, _present(2)), torch.full((2,), 0.5))
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-200])
+def test_nash_weights_beyond_float32_are_unsolved_not_zero(scale):
+    """Nash-MTL's weights scale as 1 / sqrt(||G||): for a float64 Gram of norm 1e200 they are
+    1e-100, which float32 rounded to 0 and returned as a solved, zero update; 1e-200 gave inf.
+    Both are unsolved (NaN) and the kept weights stay."""
+    m = NashMTL(2)
+    m.weights(torch.eye(2, dtype=torch.float64), _present(2))
+    kept = m.last_weights.clone()
+    w = m.weights(torch.eye(2, dtype=torch.float64) * scale, _present(2))
+    assert torch.isnan(w).all()
+    assert torch.equal(m.last_weights, kept)
+
+
 # ---------------------------------------------------------------- MGDA
 def test_mgda_k2_closed_form():
     for seed in range(6):

@@ -221,23 +221,35 @@ class GramMethod:
             gets weight 0 and the others' weights are those without it (a "mean" reduction
             still divides by the clusters present), without a word, since telling would read G
             on the host: check ``isfinite(G)`` yourself (the engine does, and skips such a
-            step) or pass ``valid``. A NaN off the diagonal with a finite diagonal (which a
-            Gram of finite rows cannot hold) gives NaN weights: unsolved, as above.
+            step) or pass ``valid``. All weights are NaN where the method has no solution
+            (``valid`` or not, the saved state then keeps its previous value): a NaN or inf
+            off the diagonal between finite clusters (which a Gram of finite rows cannot
+            hold), a solver that ended without one, weights out of float32's range (inf, or
+            all rounded to 0).
         """
         check_gram(G, present, self.k)
         self._valid = valid
         self._g_eps = torch.finfo(G.dtype).eps  # the Gram's own rounding, before the upcast
         G64 = G.detach().to(torch.float64)
-        G64 = 0.5 * (G64 + G64.T)
+        G64 = 0.5 * G64 + 0.5 * G64.T  # halves first: a finite G near 1.8e308 stays finite
         # a cluster whose gradient has NaN or inf (its diagonal entry does) is left out like an
         # absent one; its row and column are masked below (diag > 0 alone kept an inf)
         diag = G64.diagonal()
         active = present & (diag > 0) & torch.isfinite(diag)
         both = active[:, None] & active[None, :]
-        w = self._weights(torch.where(both, G64, 0.0), active, present)
+        Gm = torch.where(both, G64, 0.0)
+        # NaN or inf off the diagonal between finite clusters (no Gram of finite rows has it):
+        # NaN weights, since some solvers would pass over it to finite but arbitrary weights
+        odd = torch.where(torch.isfinite(Gm).all(), 0.0, torch.nan)
+        w = self._weights(Gm, active, present) + odd
         w = torch.where(active, w, 0.0) * self._scale(present)
-        w = w.to(torch.float32)
-        solved = torch.isfinite(w).all()  # NaN: a solver without a solution (weights unused)
+        w32 = w.to(torch.float32)
+        # NaN: a solver without a solution (weights unused); also weights out of float32's
+        # range (inf; or all rounded to 0, a silent zero update: Nash-MTL's scale as
+        # 1 / sqrt(||G||), out of range for a float64 Gram of norm beyond ~1e90 or below ~1e-76)
+        lost = ((w32.abs().amax() == 0) & (w.abs().amax() > 0)) | ~torch.isfinite(w32).all()
+        w = torch.where(lost, torch.nan, w32)
+        solved = torch.isfinite(w).all()
         valid = solved if valid is None else valid.to(solved.device) & solved
         self.last_weights = commit(self.last_weights, w, valid)
         return w
