@@ -34,7 +34,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-
 from . import native
 from .base import (
     GramMethod,
