@@ -250,6 +250,7 @@ def test_checkpoints_that_set_image_size_for_latents_still_load(tmp_path):
     train(load_config("digits_dit", args))
     (path,) = [p for p in (tmp_path / "run").rglob("*.pt")]
     state = torch.load(path, weights_only=False)
+    del state["crc32"]  # older versions wrote no checksum (and an edit must drop it)
     state["config"]["data"]["image_size"] = 8  # as an older version saved it
     state["config"]["data"]["num_classes"] = 3  # also ignored then (not class-conditional)
     state["config"]["ant"]["affinity"] = "a.npy"  # also ignored then (SNR clusters)
@@ -264,6 +265,61 @@ def test_checkpoints_that_set_image_size_for_latents_still_load(tmp_path):
                                              "--train.out_dir", str(tmp_path / "run")]),
                   resume=True)  # fmt: skip
     assert s["step"] == 3
+
+
+def test_bytes_damaged_inside_a_checkpoint_are_detected(tmp_path):
+    """4 KiB zeroed in the middle of the newest file (inside a tensor's bytes, which torch's zip
+    reader does not check): it loaded silently with the damaged values."""
+    for s in (10, 20):
+        save_checkpoint(tmp_path, s, {**_state(s), "big": torch.randn(2**18)}, keep=2)
+    newest = list_checkpoints(tmp_path)[-1]
+    size = newest.stat().st_size
+    with open(newest, "r+b") as f:
+        f.seek(size // 2)
+        f.write(bytes(4096))
+    with pytest.warns(UserWarning, match=r"ckpt_00000020.pt' is corrupted \(its contents do not "
+                      r"match the checksum saved with them: damaged, or edited after saving "
+                      r"\(an edit must delete the 'crc32' entry\)\); falling back"):  # fmt: skip
+        state, path = load_checkpoint(tmp_path)
+    assert state["step"] == 10 and path.name == "ckpt_00000010.pt"
+    assert "crc32" not in state  # the loader's own key stays out of the state it returns
+    with pytest.raises(ValueError, match=r"ckpt_00000020.pt' is corrupted .*damaged.*use "
+                       r".*ckpt_00000010.pt' instead"):  # fmt: skip
+        load_checkpoint(newest)
+    # a checkpoint saved without the checksum (an earlier antdiff) still loads
+    old = dict(state, step=30)
+    torch.save(old, tmp_path / "checkpoints" / "ckpt_00000030.pt")
+    assert load_checkpoint(tmp_path / "checkpoints" / "ckpt_00000030.pt")[0]["step"] == 30
+
+
+def test_a_real_write_error_inside_torch_save_names_itself(tmp_path):
+    """The file system's error raised inside torch.save's zip writer, which then fails again
+    while closing: the OSError is the RuntimeError's __context__ (not its __cause__), and the
+    user got torch's 'enforce fail ... unexpected pos' traceback. A file-size limit
+    (RLIMIT_FSIZE, EFBIG) makes the write fail for real, in a child process."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import resource, signal, torch
+        from antdiff.checkpoint import FORMAT, save_checkpoint
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        state = {{"format": FORMAT, "step": 10, "w": torch.zeros(8)}}
+        save_checkpoint({str(tmp_path)!r}, 10, state)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+        try:
+            save_checkpoint({str(tmp_path)!r}, 20, {{**state, "step": 20,
+                                                    "w": torch.zeros(2**19)}})
+        except OSError as e:
+            print("OSError", e.errno, e)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "OSError 27 [Errno 27] could not write checkpoint" in out.stdout, out.stdout + out.stderr[-2000:]
+    assert "(File too large); the last complete checkpoint is ckpt_00000010.pt" in out.stdout
+    assert load_checkpoint(tmp_path)[0]["step"] == 10
 
 
 def test_a_full_disk_names_itself_and_the_last_complete_checkpoint(tmp_path, monkeypatch):

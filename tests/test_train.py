@@ -390,6 +390,7 @@ def test_a_run_from_before_a_new_config_key_resumes_and_reruns(tmp_path):
     train(_cfg("digits_adm", tmp_path / "ck", "--train.ckpt_every", "2"))
     path = ck.list_checkpoints(tmp_path / "ck")[-1]
     state = torch.load(path, weights_only=False)
+    del state["crc32"]  # earlier versions wrote no checksum (and an edit must drop it)
     del state["config"]["data"]["latent_shift"]
     torch.save(state, path)
     s = train(_cfg("digits_adm", tmp_path / "ck", "--train.ckpt_every", "2", steps=3), resume=True)
@@ -424,6 +425,7 @@ def test_a_folder_run_from_before_random_flip_resumes_without_flips(tmp_path):
     assert yaml.safe_load((run / "config.yaml").read_text())["data"]["random_flip"] is True
     path = ck.list_checkpoints(run)[-1]
     state = torch.load(path, weights_only=False)
+    del state["crc32"]  # earlier versions wrote no checksum (and an edit must drop it)
     del state["config"]["data"]["random_flip"]  # as an earlier antdiff wrote them
     torch.save(state, path)
     saved = yaml.safe_load((run / "config.yaml").read_text())
@@ -901,3 +903,24 @@ def test_nash_without_gradient_clipping_warns(tmp_path, caplog):
                            clip))  # fmt: skip
         said = "without gradient clipping" in caplog.text
         assert said == warned, (method, clip)
+
+
+def test_a_second_run_into_a_busy_out_dir_is_refused(tmp_path):
+    """Two processes resumed into one out_dir (a scheduler restarting a job whose old process
+    still runs) deleted each other's checkpoints: the second is refused while the first holds
+    the folder, and goes once it is released (the kernel drops the lock of a killed process)."""
+    from antdiff.train import OutDirInUse, out_dir_lock
+
+    run = tmp_path / "run"
+    train(_cfg("digits_adm", run, "--train.ckpt_every", "2"))
+    with out_dir_lock(run):  # another run's hold on the folder (a second fd: flock conflicts)
+        with pytest.raises(OutDirInUse, match=rf"train.out_dir='{run}' is in use by another "
+                           rf"antdiff train \(pid {os.getpid()}, holding .train.lock\)"):  # fmt: skip
+            train(_cfg("digits_adm", run, "--train.ckpt_every", "2", steps=4), resume=True)
+        assert [p.name for p in ck.list_checkpoints(run)] == ["ckpt_00000002.pt"]
+    (tmp_path / "new").mkdir()
+    with out_dir_lock(tmp_path / "new"), pytest.raises(OutDirInUse):  # a fresh run as well
+        train(_cfg("digits_adm", tmp_path / "new"))
+    assert not (tmp_path / "new" / "config.yaml").exists()
+    assert train(_cfg("digits_adm", run, "--train.ckpt_every", "2", steps=4),
+                 resume=True)["step"] == 4  # fmt: skip

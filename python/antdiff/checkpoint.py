@@ -3,7 +3,8 @@
 Layout under ``<out_dir>/checkpoints/``: ``ckpt_00001000.pt`` ... (the last ``keep`` of them)
 and ``latest`` (a text file naming the newest complete one). Each file is written to a temp file,
 fsynced and renamed (:func:`antdiff.utils.atomic_write`), so a run killed at any moment leaves
-complete checkpoints only; a file damaged afterwards (truncated copy, full disk) is detected on
+complete checkpoints only; a file damaged afterwards (truncated copy, full disk, bytes changed
+inside it: each file carries a CRC-32 of everything it holds, checked on load) is detected on
 load and, when loading from a directory, skipped in favour of the previous complete one.
 
 Everything stored is loadable with ``torch.load(weights_only=True)``: tensors, dicts, lists,
@@ -19,6 +20,7 @@ import random
 import re
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +68,11 @@ def save_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep:
     # (skipped: the newest complete one loads), not a complete newer file passed over for the
     # older one it still named.
     atomic_write_text(d / "latest", path.name + "\n")
+    state = {**state, _CRC: content_crc(state)}
     try:
         atomic_write(path, lambda f: torch.save(state, f))
     except (OSError, RuntimeError) as exc:  # torch.save wraps a failed write in a RuntimeError
-        cause: BaseException | None = exc
-        while cause is not None and not isinstance(cause, OSError):
-            cause = cause.__cause__  # what raised it (not what it caught on the way)
+        cause = _os_error(exc)
         if cause is None:
             raise
         done = list_checkpoints(d)
@@ -101,6 +102,46 @@ def save_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep:
     return path
 
 
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc``: itself, what it was raised from, or what was being handled
+    when it was raised (torch's zip writer fails again while closing after a write's ENOSPC:
+    the OSError is then its __context__, not its __cause__)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        todo += [e.__cause__, e.__context__]
+    return None
+
+
+_CRC = "crc32"  # the key of a checkpoint's checksum
+
+
+def content_crc(obj: Any, crc: int = 0) -> int:
+    """CRC-32 of a checkpoint's contents: every tensor's dtype, shape and bytes, every other
+    value's repr and every key, in order (what torch.load gives back hashes the same)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        crc = zlib.crc32(f"T{t.dtype}{tuple(obj.shape)}".encode(), crc)
+        return zlib.crc32(t.view(torch.uint8).numpy(), crc) if t.numel() else crc
+    if isinstance(obj, dict):
+        crc = zlib.crc32(b"D%d" % len(obj), crc)
+        for key, value in obj.items():
+            crc = content_crc(value, zlib.crc32(repr(key).encode(), crc))
+        return crc
+    if isinstance(obj, (list, tuple)):
+        crc = zlib.crc32(b"L%d" % len(obj), crc)
+        for value in obj:
+            crc = content_crc(value, crc)
+        return crc
+    return zlib.crc32(repr(obj).encode(), crc)
+
+
 def is_torch_file(path: str | Path) -> bool:
     """Whether ``path`` starts like a torch.save file: its zip container, or a pickle (the
     legacy format); a YAML, a text file or an empty file do not. Truncated files still do."""
@@ -126,6 +167,12 @@ def _load_file(path: Path, map_location: Any) -> dict[str, Any]:
         raise _Corrupted(str(exc)) from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r} is not an antdiff training checkpoint ({FORMAT})")
+    saved = state.pop(_CRC, None)  # absent in checkpoints of earlier antdiff versions
+    if saved is not None and saved != content_crc(state):
+        raise _Corrupted(
+            "its contents do not match the checksum saved with them: damaged, or edited after "
+            "saving (an edit must delete the 'crc32' entry)"
+        )
     return state
 
 
@@ -190,7 +237,8 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> tuple[dict[s
         good = next((f for f in others if _loads(f)), None)
         hint = f"; use {str(good)!r} instead" if good else "; no other complete checkpoint found"
         raise ValueError(
-            f"checkpoint {str(p)!r} is corrupted (truncated or not a torch file: {exc}){hint}"
+            f"checkpoint {str(p)!r} is corrupted (truncated, damaged or not a torch file: "
+            f"{exc}){hint}"
         ) from None
 
 

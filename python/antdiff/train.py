@@ -455,10 +455,49 @@ def train(
     with deterministic_algorithms(cfg.train.deterministic):
         dist = init_distributed(cfg.train.device)
         try:
-            return _train(cfg, resume, allow_config_change, dist)
+            with contextlib.ExitStack() as hold:  # the out_dir's lock, once _train takes it
+                return _train(cfg, resume, allow_config_change, dist, hold)
         finally:
             if dist is not None:
                 dist.close()
+
+
+class OutDirInUse(OSError):
+    """Another live process is training into the same ``train.out_dir``."""
+
+
+LOCK_NAME = ".train.lock"
+
+
+@contextlib.contextmanager
+def out_dir_lock(out: Path):
+    """Hold an exclusive lock on ``out`` (``<out>/.train.lock``, flock) while a run writes
+    there, or raise OutDirInUse at once: two runs resumed into one folder (a scheduler
+    restarting a job whose old process still runs) deleted each other's checkpoints. The
+    kernel releases the lock when its process ends, killed or not, so no stale lock is left
+    to clear. Systems without flock (Windows) go unlocked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = out / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise OutDirInUse(
+                f"train.out_dir={str(out)!r} is in use by another antdiff train (pid {holder}, "
+                f"holding {path.name}): wait for it to end or stop it, then --resume; or choose "
+                "another --train.out_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 @contextlib.contextmanager
@@ -539,7 +578,11 @@ def _same_config(saved: Path, cfg: Config) -> bool:
 
 
 def _train(
-    cfg: Config, resume: Any, allow_config_change: bool, dist: DistContext | None
+    cfg: Config,
+    resume: Any,
+    allow_config_change: bool,
+    dist: DistContext | None,
+    hold: contextlib.ExitStack,
 ) -> dict[str, Any]:
     out = Path(cfg.train.out_dir)
     if out.exists() and not out.is_dir():
@@ -612,6 +655,8 @@ def _train(
     main = dist is None or dist.is_main  # rank 0 alone writes files
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        # before anything is written; a run that lost the race read a checkpoint only
+        hold.enter_context(out_dir_lock(out))
         atomic_write_text(out / "config.yaml", dump_config(cfg))
     logger = (
         RunLogger(out, run.ant.k, run.step, tc.steps, tc.progress, branch)
