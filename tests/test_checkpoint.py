@@ -317,7 +317,8 @@ def test_a_real_write_error_inside_torch_save_names_itself(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "OSError 27 [Errno 27] could not write checkpoint" in out.stdout, out.stdout + out.stderr[-2000:]
+    said = out.stdout + out.stderr[-2000:]
+    assert "OSError 27 [Errno 27] could not write checkpoint" in out.stdout, said
     assert "(File too large); the last complete checkpoint is ckpt_00000010.pt" in out.stdout
     assert load_checkpoint(tmp_path)[0]["step"] == 10
 
