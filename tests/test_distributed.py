@@ -138,10 +138,52 @@ def _worker(rank: int, init_file: str, result_file: str) -> None:
         ant.backward(lambda b, tb: ((model(b[0], tb) - torch.sin(b[0])) ** 2).mean(dim=1),
                      (x[sl], (1.0,) * 5), t[sl])  # fmt: skip
         results["settings_tuple_ok"] = True
+        results["totals"] = _totals(rank)
         if rank == 0:
             torch.save(results, result_file)
     finally:
         dist.destroy_process_group()
+
+
+TOTAL_METHODS = ("vanilla", "pcgrad", "uw")
+
+
+def _totals(rank: int | None) -> dict[str, list[float]]:
+    """Each method's ``ant.reduce`` total of the per-sample losses 0..B-1 on uneven local
+    batches, under no_grad (a validation loss) and, for the loss methods, with grad: every
+    rank's value (one process: its own, once)."""
+    out: dict[str, list[float]] = {}
+    x, t = make_data()
+    per = torch.arange(B, dtype=torch.float32)
+    sl = slice(0, B) if rank is None else slice(0, 5) if rank == 0 else slice(5, B)
+    for method in TOTAL_METHODS:
+        torch.manual_seed(0)
+        net = Net() if rank is None else nn.parallel.DistributedDataParallel(Net())
+        ant = ANT(linear_schedule(T), k=4, method=method, model=net, seed=0)
+        for grad in (False, True):
+            if grad and ant.needs_gradients:
+                continue
+            with torch.set_grad_enabled(grad):
+                lossy = per[sl] + 0 * net(x[sl], t[sl]).sum(1)  # reaches the model
+                value = ant.reduce(lossy, t[sl]).detach().reshape(1)
+            values = [value] if rank is None else [torch.zeros(1) for _ in range(WORLD)]
+            if rank is not None:
+                dist.all_gather(values, value)
+            out[f"{method}:{'train' if grad else 'eval'}"] = [float(v) for v in values]
+    return out
+
+
+@pytest.mark.slow
+def test_every_rank_reports_the_global_total(two_process_results):
+    """Vanilla's total (and a gradient method's validation total, the plain batch mean) was
+    each rank's sum scaled by world / B_global: 1.25 and 13.75 where the global mean is 7.5,
+    a different loss per rank. Every rank must report the one-process value."""
+    ref = _totals(None)
+    got = two_process_results["totals"]
+    assert set(got) == set(ref)
+    for key, (want,) in ref.items():
+        assert got[key] == pytest.approx([want] * WORLD, rel=1e-6), key
+    assert ref["vanilla:eval"] == [pytest.approx((B - 1) / 2)]
 
 
 class BNNet(nn.Module):

@@ -856,15 +856,17 @@ class ANT:
 
     def _batch_mean(self, per: torch.Tensor, L_global: torch.Tensor, N: torch.Tensor):  # noqa: N803
         """Vanilla's loss (attached) and its reported value: the mean over the GLOBAL batch.
-        Under DDP each rank's sum is scaled by world / B_global, so DDP's average of the ranks'
+        Under DDP the loss's value is that mean on every rank (a validation or logged loss; it
+        was each rank's sum scaled by world / B_global, a different number per rank) and its
+        gradient that of the rank's sum scaled so, so that DDP's average of the ranks'
         gradients is the global-batch gradient also for unequal local batches."""
         if not self.comm.active:
             total = per.mean()
             return total, total.detach()
         n = N.sum().clamp(min=1)
-        total = per.sum() * (self.comm.world / n).to(per.dtype)
+        scaled = per.sum() * (self.comm.world / n).to(per.dtype)
         shown = (L_global * N).sum() / n  # absent clusters: L 0, N 0
-        return total, shown
+        return shown.to(per.dtype) + (scaled - scaled.detach()), shown
 
     def _scaled(self, loss: torch.Tensor, scaler) -> torch.Tensor:
         return scaler.scale(loss) if _scaling(scaler) else loss
