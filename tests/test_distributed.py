@@ -139,6 +139,7 @@ def _worker(rank: int, init_file: str, result_file: str) -> None:
                      (x[sl], (1.0,) * 5), t[sl])  # fmt: skip
         results["settings_tuple_ok"] = True
         results["totals"] = _totals(rank)
+        results["per_rank"] = _per_rank_draws(rank)
         if rank == 0:
             torch.save(results, result_file)
     finally:
@@ -184,6 +185,44 @@ def test_every_rank_reports_the_global_total(two_process_results):
     for key, (want,) in ref.items():
         assert got[key] == pytest.approx([want] * WORLD, rel=1e-6), key
     assert ref["vanilla:eval"] == [pytest.approx((B - 1) / 2)]
+
+
+def _per_rank_draws(rank: int) -> dict[str, torch.Tensor]:
+    """Each rank draws its own batch of 6 (sample_timesteps on every rank, no shard) for 60
+    steps with the shared seed: the cluster counts of every rank and step [steps, W, k]."""
+    out = {}
+    for mode in ("uniform", "proportional"):
+        ant = ANT(linear_schedule(T), k=4, method="vanilla", seed=0, sampling=mode)
+        rows = []
+        for _ in range(60):
+            t = ant.sample_timesteps(6)
+            counts = torch.from_numpy(ant.sampler.counts_for(t).copy())
+            ant.reduce(torch.zeros(6), t)  # a training step's loss
+            both = [torch.zeros_like(counts) for _ in range(WORLD)]
+            dist.all_gather(both, counts)
+            rows.append(torch.stack(both))
+        out[mode] = torch.stack(rows)
+        out["sizes"] = torch.tensor(ant.clusters.sizes)
+    return out
+
+
+@pytest.mark.slow
+def test_ranks_drawing_their_own_batches_draw_different_allocations(two_process_results):
+    """With the shared seed every rank drew the same cluster counts at every step (a global
+    batch of copies: under "uniform" a cluster was empty in it twice as often as i.i.d.
+    timesteps leave it). After the first step the ranks' counts differ ("uniform": as often as
+    independent draws do) and, "proportional", add up to the global batch's stratified
+    allocation (every count the floor or ceiling of its share of 12)."""
+    got = two_process_results["per_rank"]
+    uni, prop, sizes = got["uniform"], got["proportional"], got["sizes"].double()
+    assert torch.equal(uni[0, 0], uni[0, 1])  # the first step: not yet known to be per rank
+    same = (uni[1:, 0] == uni[1:, 1]).all(1).double().mean()
+    assert same < 0.3, same
+    quota = 12 * sizes / sizes.sum()
+    total = prop[1:].sum(1).double()  # [steps, k]
+    assert ((total == quota.floor()) | (total == quota.ceil())).all(), (total, quota)
+    assert (total.sum(1) == 12).all()
+    assert not (prop[1:, 0] == prop[1:, 1]).all()
 
 
 class BNNet(nn.Module):

@@ -280,6 +280,35 @@ def test_allocation_table_draw_follows_the_sampler_rng():
     assert all(c.sum() == 7 for c in a._allocations[7].counts)
 
 
+@pytest.mark.parametrize("mode", ["uniform", "proportional"])
+def test_per_rank_draws_resume_and_tile_the_global_allocation(mode):
+    """Ranks drawing their own batches (TimestepSampler.per_rank, set by the engine under
+    several processes): the flag survives a state_dict round trip (a resume drew like the
+    first step again) and is off for a state saved before it; with rank offsets the ranks'
+    "proportional" counts add up to the systematic allocation of the global batch."""
+    clusters = Clusters((0, 10, 40, 50, 100))
+    a = TimestepSampler(clusters, mode=mode, seed=5)
+    a.per_rank = True
+    a.sample(7, rank=(1, 3))
+    b = TimestepSampler(clusters, mode=mode, seed=1)
+    b.load_state_dict(a.state_dict())
+    assert b.per_rank
+    for _ in range(20):
+        assert np.array_equal(a.sample(7, rank=(1, 3))[1], b.sample(7, rank=(1, 3))[1])
+    state = {k: v for k, v in a.state_dict().items() if k != "per_rank"}
+    b.load_state_dict(state)
+    assert not b.per_rank
+    if mode == "proportional":
+        quota = 21 * np.asarray(clusters.sizes) / 100
+        for _ in range(50):
+            saved = a.state_dict()
+            total = 0
+            for r in range(3):  # every rank from the same shared state
+                a.load_state_dict(saved)
+                total = total + a.sample(7, rank=(r, 3))[1]
+            assert ((total == np.floor(quota)) | (total == np.ceil(quota))).all(), total
+
+
 def test_sample_timesteps_follows_the_torch_seed():
     ant = ANT(linear_schedule(1000), k=5, method="vanilla")
     ant2 = ANT(linear_schedule(1000), k=5, method="vanilla")

@@ -493,7 +493,19 @@ class ANT:
                 f"without a sample ({self.sampler.mode!r} sampling stratifies the batch over the "
                 "clusters). Use a batch >= k, fewer clusters, or sampling='uniform'."
             )
-        return self.sampler.sample(B, device, generator)[0]
+        rank = None
+        if self.sampler.per_rank and self.comm.active:
+            rank = (torch.distributed.get_rank(self.comm.group), self.comm.world)
+        return self.sampler.sample(B, device, generator, rank)[0]
+
+    def _note_per_rank_draw(self, t: torch.Tensor) -> None:
+        """Under several processes, timesteps that ``sample_timesteps`` drew on this rank and
+        that reach a training step without ``shard``: each rank draws its own batch. The shared
+        seed gave every rank the same cluster counts (a global batch of W copies of one
+        allocation, also under "uniform"); from the next draw on the ranks' allocations differ
+        and add up to a global one (TimestepSampler.sample)."""
+        if self.comm.active and not self.sampler.per_rank and self.sampler.whole_draw(t):
+            self.sampler.per_rank = True
 
     def _check_t(self, t: torch.Tensor, n: int | None = None) -> None:
         if (
@@ -589,6 +601,8 @@ class ANT:
             per_sample_loss, t.shape[0] if isinstance(t, torch.Tensor) and t.dim() == 1 else None
         )
         self._check_t(t, per.shape[0])
+        if not evaluating:
+            self._note_per_rank_draw(t)
         self._check_device(per.device)
         if t.device != per.device:
             raise ValueError(
@@ -675,6 +689,7 @@ class ANT:
         self._check_batchnorm()  # put in training mode since attach
         n = batch_size(batch)
         self._check_t(t, n)
+        self._note_per_rank_draw(t)
         check_batch(batch, t.shape[0], lists=not self.comm.active)
         if self._uses_step and self._unstepped:  # a trainer that calls ant.step skipped it
             warnings.warn(

@@ -148,27 +148,44 @@ class TimestepSampler:
         self._draws: list[float] = []
         self._draws_state: dict[str, Any] | None = None
         self._used = 0
+        # each rank draws its own batch (no global draw sliced by ANT.shard): with the shared
+        # seed the ranks' allocations were identical; set by the engine when it sees one
+        self.per_rank = False
 
     def sample(
         self,
         B: int,
         device: Any = None,
         generator: torch.Generator | None = None,  # noqa: N803
+        rank: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, np.ndarray]:
-        """t: [B] int64 on ``device`` sorted by cluster; counts: [k] host int64."""
+        """t: [B] int64 on ``device`` sorted by cluster; counts: [k] host int64.
+
+        ``rank`` (r, W): rank r of W draws its own batch from the stream all ranks share
+        (``per_rank``). "uniform": its counts come from a generator seeded by the stream's next
+        integer and r, so the ranks' counts are independent (their sum has the law of one
+        draw of W B); "proportional" / "equal": its systematic start is the shared one plus
+        r / W, so with equal local batches the ranks' allocations add up to the systematic
+        allocation of the global batch. The stream advances alike on every rank.
+        """
         if isinstance(B, bool) or not isinstance(B, (int, np.integer)) or B < 1:
             raise ValueError(f"batch size B must be a positive integer, got {B!r}")
         device = torch.device(device) if device is not None else torch.device("cpu")
+        r, world = rank if rank is not None and rank[1] > 1 else (0, 1)
         if self.mode == "uniform":
-            counts = allocate(int(B), self.sizes, self.mode, self.rng)
+            rng = self.rng
+            if world > 1:
+                rng = np.random.default_rng([int(self.rng.integers(1 << 62)), r])
+            counts = allocate(int(B), self.sizes, self.mode, rng)
         else:
             table = self._allocations.get(int(B))
             if table is None and len(self._allocations) < _MAX_PLACEMENTS:
                 table = self._allocations[int(B)] = _Allocations(int(B), self.sizes, self.mode)
+            extra = table.extra if table is not None else _extra(int(B), self.sizes, self.mode)
+            u = (self._uniform() + r / world) % 1.0 if extra else 0.0
             if table is not None:
-                counts = table.draw(self._uniform() if table.extra else 0.0)
+                counts = table.draw(u)
             else:  # too many batch sizes to keep tables for: one allocation
-                u = self._uniform() if _extra(int(B), self.sizes, self.mode) else 0.0
                 counts = np.array(_systematic(int(B), self.sizes, self.mode, u), np.int64)
 
         def build() -> tuple[torch.Tensor, ...]:
@@ -237,11 +254,17 @@ class TimestepSampler:
         return {**self.__dict__, "_placements": {}}
 
     def remember(
-        self, t: torch.Tensor, counts: np.ndarray, cid: torch.Tensor | None = None
+        self, t: torch.Tensor, counts: np.ndarray, cid: torch.Tensor | None = None,
+        sliced: bool = False,
     ) -> None:
         """Record ``t`` (cluster-sorted, in [0, T)), its host counts [k] and, if given, its
-        cluster ids (a read-only [B] tensor on t's device) as the last draw."""
-        self.last = (t, counts, _version(t), cid)
+        cluster ids (a read-only [B] tensor on t's device) as the last draw; ``sliced``: a
+        rank's slice of a global draw (``local_slice``)."""
+        self.last = (t, counts, _version(t), cid, sliced)
+
+    def whole_draw(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` is this sampler's last draw itself, not a rank's slice of it."""
+        return self.counts_for(t) is not None and not self.last[4]
 
     def local_slice(self, t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """``t[start:stop]``, with its host counts remembered when ``t`` is this sampler's last
@@ -251,7 +274,7 @@ class TimestepSampler:
         if counts is not None:
             edges = np.concatenate([[0], np.cumsum(counts)])
             inside = np.minimum(edges[1:], stop) - np.maximum(edges[:-1], start)
-            self.remember(local, np.clip(inside, 0, None).astype(np.int64))
+            self.remember(local, np.clip(inside, 0, None).astype(np.int64), sliced=True)
         return local
 
     def cid_for(self, t: torch.Tensor) -> torch.Tensor | None:
@@ -268,8 +291,10 @@ class TimestepSampler:
 
     def state_dict(self) -> dict[str, Any]:
         if self._used < len(self._draws):  # mid-batch: the state before it, and the position
-            return {"mode": self.mode, "rng": copy.deepcopy(self._draws_state), "used": self._used}
-        return {"mode": self.mode, "rng": self.rng.bit_generator.state, "used": 0}
+            d = {"mode": self.mode, "rng": copy.deepcopy(self._draws_state), "used": self._used}
+        else:
+            d = {"mode": self.mode, "rng": self.rng.bit_generator.state, "used": 0}
+        return {**d, "per_rank": self.per_rank}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("mode") != self.mode:
@@ -284,6 +309,7 @@ class TimestepSampler:
                 "checkpoint was not written by this version's sampler"
             )
         self.rng.bit_generator.state = state["rng"]
+        self.per_rank = bool(state.get("per_rank", False))  # absent: saved before it existed
         self._draws, self._used = [], 0
         if used:
             self._uniform()
