@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -232,6 +233,31 @@ def test_cli_full_model_trains_vanilla_unless_told(tmp_path, monkeypatch):
     assert cli_main(base) == 0 and seen[-1].ant.method == "vanilla"
     assert cli_main([*base, "--ant.method", "uw"]) == 0 and seen[-1].ant.method == "uw"
     assert cli_main([*base, "--full", str(tmp_path)]) == 2  # one source of the full model
+    # a paper preset stratifies "equal" for ANT's methods: the vanilla full model drew t by
+    # cluster (B / k each), a reweighted objective; it draws t uniformly unless told
+    paper = ["ntg", "--config", "adm_light_ffhq256", "--out", str(tmp_path),
+             "--data.path", str(tmp_path), "--train.steps", "1"]  # fmt: skip
+    assert load_config("adm_light_ffhq256").ant.sampling == "equal"
+    assert cli_main(paper) == 0 and seen[-1].ant.sampling == "proportional"
+    assert cli_main([*paper, "--ant.sampling", "equal"]) == 0
+    assert seen[-1].ant.sampling == "equal"
+    assert cli_main([*paper, "--ant.method", "uw"]) == 0 and seen[-1].ant.sampling == "equal"
+
+
+def test_a_fresh_vanilla_run_with_equal_sampling_warns(tmp_path):
+    """vanilla with "equal" sampling (a paper preset with --ant.method vanilla) trains a
+    reweighted objective, not the plain-training baseline: said at the start of the run."""
+    from antdiff.train import train
+
+    args = ["--ant.method", "vanilla", "--train.steps", "1", "--train.batch_size", "10",
+            "--train.progress", "false", "--train.ckpt_every", "0", "--sample.n", "2",
+            "--sample.steps", "2", "--train.out_dir", str(tmp_path / "run")]  # fmt: skip
+    with pytest.warns(UserWarning, match="not the plain-training baseline. Add --ant.sampling "
+                      "proportional"):  # fmt: skip
+        train(load_config("digits_adm", [*args, "--ant.sampling", "equal"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(load_config("digits_adm", [*args, "--train.out_dir", str(tmp_path / "b")]))
 
 
 def test_too_few_samples_fail_before_any_training(tmp_path):

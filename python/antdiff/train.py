@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -642,6 +643,16 @@ def _train(
         raise ValueError(  # it would train nothing and write the lower count to config.yaml
             f"train.steps={cfg.train.steps} is below the checkpoint's step {state['step']}: "
             f"raise --train.steps above {state['step']} to continue the run"
+        )
+    if fresh and cfg.ant.method == "vanilla" and cfg.ant.sampling == "equal" and (
+        cfg.train.t_range is None  # a t_range draws t uniformly in it, not by cluster
+    ):
+        warnings.warn(
+            "ant.method='vanilla' with ant.sampling='equal' (the paper presets' setting for ANT's "
+            "methods): every cluster gets B / k samples whatever its length, so t is not uniform "
+            "and the plain mean trains a reweighted objective, not the plain-training baseline. "
+            "Add --ant.sampling proportional for that baseline (t uniform, as stratified)",
+            stacklevel=3,
         )
     run = build_run(cfg, None if state is None else state.get("codec"), dist)
     branch, means = None, _LogMeans()

@@ -76,9 +76,13 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.out, "--out", folder=True)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.full is None:
-        if "ant.method" not in [key for key, _ in parse_overrides(overrides, once=True)]:
+        given = [key for key, _ in parse_overrides(overrides, once=True)]
+        if "ant.method" not in given:
             # the paper's NTG compares vanilla models; the specialists are vanilla too
             overrides = [*overrides, "--ant.method", "vanilla"]
+            if "ant.sampling" not in given:  # uniform t, as plain training draws it (the paper
+                # presets stratify "equal" for ANT's methods: a reweighted objective here)
+                overrides = [*overrides, "--ant.sampling", "proportional"]
         cfg = load_config(args.config, overrides)
     else:  # the full run's config, without building its model twice
         cfg = config_from_saved(load_checkpoint(args.full)[0]["config"])
