@@ -924,3 +924,17 @@ def test_a_second_run_into_a_busy_out_dir_is_refused(tmp_path):
     assert not (tmp_path / "new" / "config.yaml").exists()
     assert train(_cfg("digits_adm", run, "--train.ckpt_every", "2", steps=4),
                  resume=True)["step"] == 4  # fmt: skip
+
+
+def test_a_mount_without_flock_trains_unlocked(tmp_path, monkeypatch):
+    """Lustre without -o flock (ENOSYS), NFSv3 without lockd (ENOLCK): flock's error stopped
+    every run there from starting. It trains, with a warning that it holds no lock."""
+    import errno
+    import fcntl
+
+    def refuse(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    with pytest.warns(UserWarning, match="its file system refuses flock \\(No locks available"):
+        assert train(_cfg("digits_adm", tmp_path / "run"))["step"] == 2

@@ -227,3 +227,33 @@ def test_resume_with_dropout_is_bit_exact_under_two_processes(tmp_path):
     assert full.keys() == split.keys()
     for key in full:
         assert torch.equal(full[key], split[key]), key
+
+
+def _busy_worker(rank: int, out: str, port: int, said: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    from antdiff.train import OutDirInUse
+
+    try:
+        train(_cfg(out, "uw"))
+        msg = "trained"
+    except OutDirInUse as exc:
+        msg = f"refused: {exc}"
+    with open(f"{said}.{rank}", "w") as f:
+        f.write(msg)
+
+
+def test_a_busy_out_dir_refuses_every_rank(tmp_path):
+    """Another run holds the out_dir: rank 0 refused after DDP's first collective and the other
+    ranks went on into the step's all-reduce (a hang until the collective's timeout, outside
+    torchrun). Every rank must raise, at once."""
+    from antdiff.train import out_dir_lock
+
+    (tmp_path / "run").mkdir()
+    with out_dir_lock(tmp_path / "run"):
+        mp.spawn(_busy_worker, args=(str(tmp_path / "run"), _free_port(), str(tmp_path / "said")),
+                 nprocs=WORLD)  # fmt: skip
+    for r in range(WORLD):
+        said = (tmp_path / f"said.{r}").read_text()
+        assert said.startswith("refused: train.out_dir=") and "in use by another" in said, said

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import logging
 import math
 import os
@@ -476,7 +477,9 @@ def out_dir_lock(out: Path):
     there, or raise OutDirInUse at once: two runs resumed into one folder (a scheduler
     restarting a job whose old process still runs) deleted each other's checkpoints. The
     kernel releases the lock when its process ends, killed or not, so no stale lock is left
-    to clear. Systems without flock (Windows) go unlocked."""
+    to clear (on NFS, a crashed node's lock lasts until its lease expires, ~90 s). Systems or
+    mounts without flock (Windows; Lustre without -o flock, NFSv3 without lockd, some FUSE
+    file systems) go unlocked, with a warning for the mounts."""
     try:
         import fcntl
     except ImportError:
@@ -494,11 +497,24 @@ def out_dir_lock(out: Path):
                 f"holding {path.name}): wait for it to end or stop it, then --resume; or choose "
                 "another --train.out_dir"
             ) from None
+        except OSError as exc:
+            if exc.errno not in _NO_FLOCK:
+                raise
+            warnings.warn(
+                f"train.out_dir={str(out)!r}: its file system refuses flock ({exc.strerror}), so "
+                "the run goes without the lock that keeps a second run from writing there",
+                stacklevel=3,
+            )
+            yield
+            return
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+_NO_FLOCK = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL}
 
 
 @contextlib.contextmanager
@@ -654,6 +670,23 @@ def _train(
             "Add --ant.sampling proportional for that baseline (t uniform, as stratified)",
             stacklevel=3,
         )
+    # rank 0 locks the folder before the ranks build anything together (a rank 0 that raised
+    # after DDP's first collective left the others waiting in the next one); every rank
+    # learns whether it got the lock
+    main = dist is None or dist.is_main  # rank 0 alone writes files
+    busy = None
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        try:  # before anything is written; a run that lost the race read a checkpoint only
+            hold.enter_context(out_dir_lock(out))
+        except OutDirInUse as exc:
+            busy = str(exc)
+    if dist is not None:
+        said = [busy]
+        torch.distributed.broadcast_object_list(said, src=0)
+        busy = said[0]
+    if busy is not None:
+        raise OutDirInUse(busy)
     run = build_run(cfg, None if state is None else state.get("codec"), dist)
     branch, means = None, _LogMeans()
     logged = (None, None)  # the last row's interval means of (loss, objective)
@@ -663,11 +696,7 @@ def _train(
         means.load_state_dict(state.get("log_means"), run.device)  # a log interval under way
         del state
     tc = cfg.train
-    main = dist is None or dist.is_main  # rank 0 alone writes files
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        # before anything is written; a run that lost the race read a checkpoint only
-        hold.enter_context(out_dir_lock(out))
         atomic_write_text(out / "config.yaml", dump_config(cfg))
     logger = (
         RunLogger(out, run.ant.k, run.step, tc.steps, tc.progress, branch)
