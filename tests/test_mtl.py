@@ -352,6 +352,23 @@ def test_imtl_of_a_float32_gram_never_points_uphill(k):
         assert (w @ J64).norm() < 2.5 * (w64 @ J64).norm(), (seed, w, w64)
 
 
+def test_imtl_of_a_float64_gram_keeps_its_own_solution():
+    """Float64 Grams of well-spread gradients (row scales 1e-3..1e3): the projections on the
+    unit gradients are equal, also where their common value is negative (IMTL-G's solution
+    there; a positivity gate had swapped it for the 1 / |g_i| limit in ~1% of cases)."""
+    rng = np.random.default_rng(1)
+    negative = 0
+    for _ in range(1000):
+        k = int(rng.integers(2, 7))
+        scales = np.logspace(-3, 3, k)[rng.permutation(k)]
+        J = torch.tensor(rng.standard_normal((k, 20)) * scales[:, None])
+        w = IMTLG(k).weights(J @ J.T, _present(k)).double()
+        proj = (J @ (w @ J)) / J.norm(dim=1)
+        torch.testing.assert_close(proj, proj.mean().expand(k), rtol=1e-4, atol=0)
+        negative += int(proj.mean() < 0)
+    assert negative > 0  # the case the gate replaced occurs among these
+
+
 def test_gram_methods_refuse_an_infinite_entry_between_finite_clusters():
     """inf off the diagonal with a finite diagonal (no Gram of finite rows holds it): IMTL-G and
     MGDA gave finite weights [0, 0, 1] (PCGrad, CAGrad and Nash-MTL NaN); NaN from every one."""

@@ -238,7 +238,7 @@ class IMTLG(GramMethod):
     def _weights(self, G: Tensor, active: Tensor, present: Tensor) -> Tensor:
         # w ∝ N^-1 C^-1 1 (N the gradient norms, C their cosine matrix): solved on C, whose unit
         # diagonal makes the ridge weigh alike on every cluster whatever their norms' spread.
-        # The ridge is at least the Gram's own rounding (k eps of its dtype): nearly parallel
+        # The ridge is at least the Gram's own rounding (2 k eps of its dtype): nearly parallel
         # gradients (the diffusion case) make C nearly singular, and a float32 Gram solved as
         # exact gave weights of its rounding noise (0.67 / 0.12 / 0.21 where float64 gives
         # 0.32 / 0.30 / 0.37); at that ridge they tend to 1 / N, IMTL-G's parallel limit.
@@ -248,9 +248,10 @@ class IMTLG(GramMethod):
         # the float64 update's norm). So the ridges r0, 10 r0, ..., 1e6 r0 (r0 = 2 k eps) are
         # solved at once and the smallest one is kept that is at least 4 times the rounding's
         # negative eigenvalue (C + r / 4 is definite: the noise then moves the solution by a
-        # third at most) and gives positive projections (1 - r u_i) / s on every unit gradient;
-        # where none does, the parallel limit 1 / N. Over 1440 noisy nearly parallel float32
-        # cases (k 3-8, P 4096 and 65536) the update's norm stays within 2x of float64's.
+        # third at most); where none is, the parallel limit 1 / N. Over 1440 noisy nearly
+        # parallel float32 cases (k 3-8, P 4096 and 65536) the update's norm stays within 2x of
+        # float64's and projects positively on every cluster gradient. A definite C (a float64
+        # Gram) keeps r0: IMTL-G's own solution, also where its equal projections are negative.
         ridge = max(_RIDGE, 2 * self.k * self._g_eps)
         d = G.diagonal().clamp(min=0).sqrt()
         ok = active & (d > 0)  # a zero gradient (or an inactive cluster) gets weight 0
@@ -261,9 +262,8 @@ class IMTLG(GramMethod):
         eye = torch.eye(self.k, dtype=G.dtype, device=G.device)
         u = torch.linalg.solve_ex(C + r * eye, okd.expand(len(r), -1)[..., None])[0][..., 0]
         v = torch.where(ok, u / dd, 0.0)  # [m, k]
-        s = v.sum(1)  # [m]; the projection on unit gradient i is (1 - r u_i) / s
-        fine = (((1 - r[:, 0] * u) * s[:, None] > 0) | ~ok).all(1)
-        fine = fine & (torch.linalg.cholesky_ex(C + r / 4 * eye)[1] == 0)  # no host sync
+        s = v.sum(1)  # [m]
+        fine = torch.linalg.cholesky_ex(C + r / 4 * eye)[1] == 0  # [m]; no host sync
         limit = torch.where(ok, 1 / dd, 0.0)
         v = torch.cat([v, limit[None]])  # the parallel limit as the last candidate
         s = torch.cat([s, limit.sum()[None]])
