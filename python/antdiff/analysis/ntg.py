@@ -354,7 +354,9 @@ def _trained(cfg: Any, what: str, flag: str) -> Any:
         keys = "\n".join(ln for ln in str(exc).splitlines() if ln.startswith("  "))
         raise ValueError(  # train's advice (--allow-config-change) is not an ntg flag
             f"{cfg.train.out_dir} holds a {what} trained with another config:\n{keys}\n"
-            "use another --out, or remove that folder"
+            "use another --out, pass the values it was trained with (e.g. --ant.sampling equal "
+            "for a vanilla full model that an earlier antdiff trained from a paper preset), or "
+            "remove that folder"
         ) from None
     if run.step != cfg.train.steps:
         raise ValueError(

@@ -4,7 +4,8 @@ antdiff ntg --config digits_adm --intervals 5 --specialist-steps 1000
 antdiff ntg --full runs/digits_adm --intervals 0:200,800:1000 --out runs/ntg
 
 Trains the full model (unless --full names a trained run; from --config it trains vanilla, as
-in the paper's NTG, unless --ant.method names another method) and one vanilla specialist per
+in the paper's NTG, unless --ant.method names another method; a vanilla one draws t uniformly,
+--ant.sampling proportional, unless --ant.sampling says otherwise) and one vanilla specialist per
 interval (0-based, half-open [t1, t2)), samples both ways with the same noise and writes
 ``ntg.json`` and ``ntg.png`` to --out. Digits runs use domain features (DigitsFeatures), which
 are not comparable to published FIDs.
@@ -76,13 +77,14 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.out, "--out", folder=True)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.full is None:
-        given = [key for key, _ in parse_overrides(overrides, once=True)]
+        given = dict(parse_overrides(overrides, once=True))
         if "ant.method" not in given:
             # the paper's NTG compares vanilla models; the specialists are vanilla too
             overrides = [*overrides, "--ant.method", "vanilla"]
-            if "ant.sampling" not in given:  # uniform t, as plain training draws it (the paper
-                # presets stratify "equal" for ANT's methods: a reweighted objective here)
-                overrides = [*overrides, "--ant.sampling", "proportional"]
+        if given.get("ant.method", "vanilla") == "vanilla" and "ant.sampling" not in given:
+            # uniform t, as plain training draws it (the paper presets stratify "equal" for
+            # ANT's methods: with vanilla a reweighted objective)
+            overrides = [*overrides, "--ant.sampling", "proportional"]
         cfg = load_config(args.config, overrides)
     else:  # the full run's config, without building its model twice
         cfg = config_from_saved(load_checkpoint(args.full)[0]["config"])
