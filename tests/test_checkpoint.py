@@ -292,6 +292,21 @@ def test_bytes_damaged_inside_a_checkpoint_are_detected(tmp_path):
     assert load_checkpoint(tmp_path / "checkpoints" / "ckpt_00000030.pt")[0]["step"] == 30
 
 
+def test_the_checksum_holds_for_every_kind_of_content(tmp_path):
+    """A set's repr follows its iteration order, which a reload may change (the state was then
+    taken for damaged), and a conjugate view could not be hashed (its save raised)."""
+    z = torch.randn(3, dtype=torch.complex64)
+    odd = {"names": {f"cluster_{i}" for i in range(40)}, "conj": z.conj(), "neg": z.conj().imag,
+           "bf16": torch.randn(4, dtype=torch.bfloat16), "view": torch.randn(4, 6)[:, 1::2],
+           "none": None, "np": np.float64(0.5), "empty": torch.zeros(0)}  # fmt: skip
+    crc = ck.content_crc(odd)
+    shuffled = {**odd, "names": set(sorted(odd["names"], reverse=True))}
+    assert ck.content_crc(shuffled) == crc
+    resolved = {**odd, "conj": z.conj().resolve_conj(), "neg": odd["neg"].resolve_neg()}
+    assert ck.content_crc(resolved) == crc
+    assert ck.content_crc({**odd, "np": np.float64(0.25)}) != crc
+
+
 def test_a_real_write_error_inside_torch_save_names_itself(tmp_path):
     """The file system's error raised inside torch.save's zip writer, which then fails again
     while closing: the OSError is the RuntimeError's __context__ (not its __cause__), and the

@@ -125,8 +125,8 @@ _CRC = "crc32"  # the key of a checkpoint's checksum
 def content_crc(obj: Any, crc: int = 0) -> int:
     """CRC-32 of a checkpoint's contents: every tensor's dtype, shape and bytes, every other
     value's repr and every key, in order (what torch.load gives back hashes the same)."""
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous().reshape(-1)
+    if isinstance(obj, torch.Tensor):  # conjugate / negative views: their values' bytes
+        t = obj.detach().resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
         crc = zlib.crc32(f"T{t.dtype}{tuple(obj.shape)}".encode(), crc)
         return zlib.crc32(t.view(torch.uint8).numpy(), crc) if t.numel() else crc
     if isinstance(obj, dict):
@@ -138,6 +138,11 @@ def content_crc(obj: Any, crc: int = 0) -> int:
         crc = zlib.crc32(b"L%d" % len(obj), crc)
         for value in obj:
             crc = content_crc(value, crc)
+        return crc
+    if isinstance(obj, (set, frozenset)):  # their order is not kept: sorted by repr
+        crc = zlib.crc32(b"S%d" % len(obj), crc)
+        for text in sorted(repr(value) for value in obj):
+            crc = zlib.crc32(text.encode(), crc)
         return crc
     return zlib.crc32(repr(obj).encode(), crc)
 
