@@ -64,6 +64,9 @@ METHODS = ["vanilla", "uw", "pcgrad", "nash", "uw+pcgrad", "mgda"]
 def _worker(rank: int, init_file: str, result_file: str) -> None:
     os.environ["ANT_KERNELS_BACKEND"] = "torch"
     early = ANT(linear_schedule(T), k=4, method="pcgrad", seed=0)  # before the group exists
+    # before the group too, resumed from a state of per-rank draws
+    early_draws = ANT(linear_schedule(T), k=4, method="vanilla", seed=0, sampling="uniform")
+    early_draws.sampler.per_rank = True
     plain_net = Net()  # attached before the group exists, and never wrapped in DDP
     early_plain = ANT(linear_schedule(T), k=4, method="uw", seed=0, model=plain_net)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
@@ -139,7 +142,7 @@ def _worker(rank: int, init_file: str, result_file: str) -> None:
                      (x[sl], (1.0,) * 5), t[sl])  # fmt: skip
         results["settings_tuple_ok"] = True
         results["totals"] = _totals(rank)
-        results["per_rank"] = _per_rank_draws(rank)
+        results["per_rank"] = _per_rank_draws(rank, early_draws)
         if rank == 0:
             torch.save(results, result_file)
     finally:
@@ -187,22 +190,35 @@ def test_every_rank_reports_the_global_total(two_process_results):
     assert ref["vanilla:eval"] == [pytest.approx((B - 1) / 2)]
 
 
-def _per_rank_draws(rank: int) -> dict[str, torch.Tensor]:
+def _gather_counts(ant: ANT, t: torch.Tensor) -> torch.Tensor:
+    """[W, k]: every rank's host cluster counts of its draw ``t``."""
+    counts = torch.from_numpy(ant.sampler.counts_for(t).copy())
+    both = [torch.zeros_like(counts) for _ in range(WORLD)]
+    dist.all_gather(both, counts)
+    return torch.stack(both)
+
+
+def _per_rank_draws(rank: int, early: ANT) -> dict[str, torch.Tensor]:
     """Each rank draws its own batch of 6 (sample_timesteps on every rank, no shard) for 60
-    steps with the shared seed: the cluster counts of every rank and step [steps, W, k]."""
+    steps with the shared seed: the cluster counts of every rank and step [steps, W, k]; then
+    a global draw for ant.shard (and the next one), and ``early``'s first draws."""
     out = {}
     for mode in ("uniform", "proportional"):
         ant = ANT(linear_schedule(T), k=4, method="vanilla", seed=0, sampling=mode)
         rows = []
         for _ in range(60):
             t = ant.sample_timesteps(6)
-            counts = torch.from_numpy(ant.sampler.counts_for(t).copy())
+            rows.append(_gather_counts(ant, t))
             ant.reduce(torch.zeros(6), t)  # a training step's loss
-            both = [torch.zeros_like(counts) for _ in range(WORLD)]
-            dist.all_gather(both, counts)
-            rows.append(torch.stack(both))
         out[mode] = torch.stack(rows)
         out["sizes"] = torch.tensor(ant.clusters.sizes)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ant.shard(torch.zeros(12), ant.sample_timesteps(12))  # a global draw to slice
+    out["shard_warned"] = torch.tensor([any("each rank drew" in str(w.message) for w in seen)])
+    out["after_shard"] = _gather_counts(ant, ant.sample_timesteps(12))
+    out["early"] = torch.stack([_gather_counts(early, early.sample_timesteps(6))
+                                for _ in range(5)])  # fmt: skip
     return out
 
 
@@ -223,6 +239,15 @@ def test_ranks_drawing_their_own_batches_draw_different_allocations(two_process_
     assert ((total == quota.floor()) | (total == quota.ceil())).all(), (total, quota)
     assert (total.sum(1) == 12).all()
     assert not (prop[1:, 0] == prop[1:, 1]).all()
+    # ant.shard of a global draw: the ranks go back to drawing alike, with a warning about the
+    # draw that was still offset
+    assert got["shard_warned"].item()
+    after = got["after_shard"]
+    assert torch.equal(after[0], after[1])
+    # an engine built before init_process_group and resumed with per-rank draws: its first
+    # draws already differ between the ranks (it did not know the group yet: all alike)
+    early = got["early"]
+    assert not (early[:, 0] == early[:, 1]).all()
 
 
 class BNNet(nn.Module):

@@ -494,6 +494,8 @@ class ANT:
                 "clusters). Use a batch >= k, fewer clusters, or sampling='uniform'."
             )
         rank = None
+        if self.sampler.per_rank:  # an engine built before init_process_group: resolved here
+            self._resolve_comm()
         if self.sampler.per_rank and self.comm.active:
             rank = (torch.distributed.get_rank(self.comm.group), self.comm.world)
         return self.sampler.sample(B, device, generator, rank)[0]
@@ -735,6 +737,17 @@ class ANT:
         check_batch(batch, t.shape[0])
         if not self.comm.active:
             return batch, t
+        if self.sampler.per_rank:
+            # this draw was offset per rank (the ranks' own batches before): its slices do not
+            # tile one global batch; from the next draw on every rank draws the same again
+            self.sampler.per_rank = False
+            warnings.warn(
+                "ant.shard after steps on timesteps that each rank drew for itself: this draw "
+                "differs between the ranks (so its slices do not tile one stratified batch); "
+                "the next ones are the same on every rank again, as shard needs. Use one of "
+                "the two ways throughout",
+                stacklevel=2,
+            )
         B, W = t.shape[0], self.comm.world  # noqa: N806
         r = torch.distributed.get_rank(self.comm.group)
         a, b = r * B // W, (r + 1) * B // W
