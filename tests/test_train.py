@@ -938,3 +938,9 @@ def test_a_mount_without_flock_trains_unlocked(tmp_path, monkeypatch):
     monkeypatch.setattr(fcntl, "flock", refuse)
     with pytest.warns(UserWarning, match="its file system refuses flock \\(No locks available"):
         assert train(_cfg("digits_adm", tmp_path / "run"))["step"] == 2
+    from antdiff.train import out_dir_lock
+
+    with pytest.warns(UserWarning), pytest.raises(ValueError) as e:
+        with out_dir_lock(tmp_path / "run"):
+            raise ValueError("the run's own error")
+    assert e.value.__context__ is None  # not "during handling of" flock's ENOLCK

@@ -233,13 +233,11 @@ def _busy_worker(rank: int, out: str, port: int, said: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
-    from antdiff.train import OutDirInUse
-
     try:
         train(_cfg(out, "uw"))
         msg = "trained"
-    except OutDirInUse as exc:
-        msg = f"refused: {exc}"
+    except Exception as exc:  # noqa: BLE001 -- what each rank was told
+        msg = f"{type(exc).__name__}: {exc}"
     with open(f"{said}.{rank}", "w") as f:
         f.write(msg)
 
@@ -256,4 +254,13 @@ def test_a_busy_out_dir_refuses_every_rank(tmp_path):
                  nprocs=WORLD)  # fmt: skip
     for r in range(WORLD):
         said = (tmp_path / f"said.{r}").read_text()
-        assert said.startswith("refused: train.out_dir=") and "in use by another" in said, said
+        assert said.startswith("OutDirInUse: train.out_dir=") and "in use by another" in said
+    # any other failure to take the folder (here its parent is a file) reaches every rank too
+    (tmp_path / "afile").write_text("")
+    mp.spawn(_busy_worker, args=(str(tmp_path / "afile" / "run"), _free_port(),
+                                 str(tmp_path / "said2")), nprocs=WORLD)  # fmt: skip
+    assert (tmp_path / "said2.0").read_text().startswith("NotADirectoryError")
+    said = (tmp_path / "said2.1").read_text()
+    assert said.startswith("RuntimeError: rank 0 could not take train.out_dir=") and (
+        "Not a directory" in said
+    ), said

@@ -500,15 +500,18 @@ def out_dir_lock(out: Path):
         except OSError as exc:
             if exc.errno not in _NO_FLOCK:
                 raise
+            refused = exc.strerror
+        else:
+            refused = None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        if refused is not None:  # warned and yielded outside the except: errors of the run
+            # itself then do not carry flock's as their context
             warnings.warn(
-                f"train.out_dir={str(out)!r}: its file system refuses flock ({exc.strerror}), so "
-                "the run goes without the lock that keeps a second run from writing there",
+                f"train.out_dir={str(out)!r}: its file system refuses flock ({refused}), so the "
+                "run goes without the lock that keeps a second run from writing there",
                 stacklevel=3,
             )
-            yield
-            return
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -674,19 +677,23 @@ def _train(
     # after DDP's first collective left the others waiting in the next one); every rank
     # learns whether it got the lock
     main = dist is None or dist.is_main  # rank 0 alone writes files
-    busy = None
+    failed: BaseException | None = None
     if main:
-        out.mkdir(parents=True, exist_ok=True)
         try:  # before anything is written; a run that lost the race read a checkpoint only
+            out.mkdir(parents=True, exist_ok=True)
             hold.enter_context(out_dir_lock(out))
-        except OutDirInUse as exc:
-            busy = str(exc)
+        except Exception as exc:  # noqa: BLE001 -- every rank learns of it, then it is raised
+            failed = exc
     if dist is not None:
-        said = [busy]
-        torch.distributed.broadcast_object_list(said, src=0)
-        busy = said[0]
-    if busy is not None:
-        raise OutDirInUse(busy)
+        said = [None if failed is None else (type(failed) is OutDirInUse, str(failed))]
+        torch.distributed.broadcast_object_list(said, src=0, device=dist.device)
+        if not main and said[0] is not None:
+            busy, msg = said[0]
+            raise OutDirInUse(msg) if busy else RuntimeError(
+                f"rank 0 could not take train.out_dir={str(out)!r}: {msg}"
+            )
+    if failed is not None:
+        raise failed
     run = build_run(cfg, None if state is None else state.get("codec"), dist)
     branch, means = None, _LogMeans()
     logged = (None, None)  # the last row's interval means of (loss, objective)
