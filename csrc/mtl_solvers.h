@@ -19,8 +19,9 @@ void PcgradWeights(const double* gram, const int64_t* orders, int64_t k, double*
 
 // Nash-MTL: alpha > 0 with alpha * (G alpha) = 1 by damped Newton (a fixed `iters` steps, no
 // early exit) on G / ||G||_F (its norm in two factors: no overflow or underflow at any scale);
-// the weights of G itself (divided by sqrt(||G||_F)) unless `normalize`. Clusters with G[i, i] <= 0 get weight 0; a
-// non-finite G gives NaN everywhere, and so does a solve that ends without a solution (some
+// the weights of G itself (divided by sqrt(||G||_F)) unless `normalize`. Clusters with
+// G[i, i] <= 0 get weight 0; a non-finite G gives NaN everywhere, and so does a solve that
+// ends without a solution (some
 // alpha_i <= 0, or |alpha_i (G alpha)_i - 1| > kNashTol). G is meant to be positive
 // semidefinite (a Gram matrix): each step factors H = G + diag(1/a^2) by Cholesky, NaN where H
 // is not definite. Throws std::invalid_argument for k < 1 or iters < 0.

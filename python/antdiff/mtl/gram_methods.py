@@ -262,13 +262,11 @@ class IMTLG(GramMethod):
         eye = torch.eye(self.k, dtype=G.dtype, device=G.device)
         u = torch.linalg.solve_ex(C + r * eye, okd.expand(len(r), -1)[..., None])[0][..., 0]
         v = torch.where(ok, u / dd, 0.0)  # [m, k]
-        s = v.sum(1)  # [m]
         fine = torch.linalg.cholesky_ex(C + r / 4 * eye)[1] == 0  # [m]; no host sync
-        limit = torch.where(ok, 1 / dd, 0.0)
-        v = torch.cat([v, limit[None]])  # the parallel limit as the last candidate
-        s = torch.cat([s, limit.sum()[None]])
+        limit = torch.where(ok, 1 / dd, 0.0)  # the parallel limit as the last candidate
         first = torch.cat([fine, fine.new_ones(1)]).to(torch.int8).argmax()  # the first True
-        v, s = pick_rows(v, first), pick_rows(s[:, None], first)[0]
+        v = pick_rows(torch.cat([v, limit[None]]), first)
+        s = v.sum()
         return v / torch.where(s.abs() > torch.finfo(G.dtype).tiny, s, 1.0)
 
 
