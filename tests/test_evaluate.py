@@ -518,3 +518,36 @@ def test_cfg_channels_follow_the_run_and_are_checked(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         main(["sample", "--ckpt", str(run), "--num", "2", "--cfg-channels", "0",
               "--out", str(tmp_path / "x")])  # fmt: skip
+
+
+def test_ddpm_variance_follows_the_run_and_the_flag(tmp_path: Path, capsys) -> None:
+    """sample.variance (DDPM's beta_t "large" or beta_tilde "small") reaches previews, sample and
+    eval as the run's own, with --variance over it, and is recorded; DDIM records none, and a
+    learn_sigma model refuses it when the config is read."""
+    run = tmp_path / "run"
+    train(load_config("digits_adm", [
+        "--train.steps", "2", "--train.batch_size", "8", "--train.out_dir", str(run),
+        "--train.progress", "false", "--sample.n", "2", "--sample.sampler", "ddpm",
+        "--sample.steps", "3", "--sample.variance", "large"]))  # fmt: skip
+    got = {}
+    for name, extra in (("run", []), ("small", ["--variance", "small"]),
+                        ("large", ["--variance", "large"]), ("ddim", ["--sampler", "ddim"])):
+        out = tmp_path / name
+        assert main(["sample", "--ckpt", str(run), "--num", "3", "--no-progress", "--seed", "1",
+                     "--out", str(out), *extra]) == 0  # fmt: skip
+        got[name] = (np.load(out / "samples.npy"),
+                     json.loads((out / "sample.json").read_text())["variance"])  # fmt: skip
+    assert [got[n][1] for n in ("run", "small", "large", "ddim")] == [
+        "large", "small", "large", None]
+    assert np.array_equal(got["run"][0], got["large"][0])
+    assert np.abs(got["run"][0] - got["small"][0]).max() > 1e-3
+    from antdiff.evaluate import evaluate_checkpoint
+
+    assert evaluate_checkpoint(run, 70, batch_size=70, progress=False)["variance"] == "large"
+    err = _err(capsys, ["sample", "--ckpt", str(run), "--num", "2", "--no-progress", "--sampler",
+                        "ddim", "--variance", "large", "--out", str(tmp_path / "bad")])  # fmt: skip
+    assert "applies to sampler='ddpm'" in err and not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match="learns its variance"):
+        load_config("digits_adm", ["--diffusion.learn_sigma", "true", "--sample.variance", "large"])
+    with pytest.raises(ValueError, match="sample.variance must be one of"):
+        load_config("digits_adm", ["--sample.variance", "big"])

@@ -319,3 +319,26 @@ def test_cfg_on_the_first_channels_only():
     for bad in (0, 5, True, 2.0):
         with pytest.raises(ValueError, match=r"must be None \(all.*an int in \[1, 4\]"):
             sample(model, diff, (2, 4, 8, 8), steps=2, y=y, cfg_scale=3.0, cfg_channels=bad)
+
+
+def test_ddpm_variance_large_is_beta_t_and_checked():
+    """variance="large" samples DDPM with beta_t (the diffusion built with fixed_variance=
+    "large" gives the same chain), "small" with beta_tilde; DDIM and learn_sigma refuse it."""
+    shape, kw = (2, 1, 3, 3), dict(sampler="ddpm", steps=20)
+
+    def draw(diff, **extra):
+        return sample(Wavy(), diff, shape, generator=torch.Generator().manual_seed(3), **kw,
+                      **extra)  # fmt: skip
+
+    small = GaussianDiffusion("linear")
+    large = draw(small, variance="large")
+    torch.testing.assert_close(large, draw(GaussianDiffusion("linear", fixed_variance="large")),
+                               rtol=0, atol=0)  # fmt: skip
+    assert torch.equal(draw(small, variance="small"), draw(small))
+    assert (large - draw(small)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="one of"):
+        draw(small, variance="huge")
+    with pytest.raises(ValueError, match="applies to sampler='ddpm', not 'ddim'"):
+        sample(Wavy(), small, shape, steps=5, variance="large")
+    with pytest.raises(ValueError, match="learns its variance"):
+        draw(GaussianDiffusion("linear", learn_sigma=True), variance="large")

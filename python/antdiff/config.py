@@ -29,6 +29,7 @@ WEIGHTINGS = (None, "p2", "min_snr")
 CLUSTERINGS = ("snr", "timestep", "gradient")
 SAMPLINGS = ("proportional", "equal", "uniform")
 SAMPLERS = ("ddim", "ddpm")
+VARIANCES = (None, "small", "large")  # DDPM's fixed reverse variance (None: "small")
 # keys a resumed run may change without --allow-config-change (they never touch the numbers)
 RESUME_FREE = (
     "name",
@@ -304,9 +305,13 @@ class SampleConfig:
     # the DiT code guides 3 of the 4 latent channels, which its published FIDs used)
     cfg_channels: int | None = None
     n: int = 16
+    # DDPM's reverse variance where diffusion.learn_sigma is off: "small" (beta_tilde; None
+    # means it too) or "large" (beta_t)
+    variance: str | None = None
 
     def __post_init__(self) -> None:
         _choice("sample", "sampler", self.sampler, SAMPLERS)
+        _choice("sample", "variance", self.variance, VARIANCES)
         if self.cfg_channels is not None:
             _positive("sample", "cfg_channels", self.cfg_channels)
         _positive("sample", "steps", self.steps)
@@ -342,6 +347,12 @@ class Config:
             raise ValueError(
                 f"sample.cfg_scale={self.sample.cfg_scale} needs a class-conditional model "
                 "(data.class_conditional=true); set it to 1 for this run"
+            )
+        if self.sample.variance is not None and self.diffusion.learn_sigma:
+            raise ValueError(
+                f"sample.variance={self.sample.variance!r} applies to a fixed variance; this model "
+                "learns its variance (diffusion.learn_sigma=true), which DDPM uses: leave "
+                "sample.variance unset"
             )
         if self.sample.steps > self.diffusion.T:
             raise ValueError(

@@ -27,7 +27,7 @@ __all__ = ["GaussianDiffusion", "mean_flat", "normal_kl", "discretized_gaussian_
 
 _PREDICTIONS = ("eps", "x0", "v")
 _WEIGHTINGS = (None, "p2", "min_snr")
-_FIXED_VARIANCES = ("small", "large")
+FIXED_VARIANCES = ("small", "large")
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
@@ -105,9 +105,9 @@ class GaussianDiffusion:
             raise ValueError(
                 f"loss_weighting={loss_weighting!r} is not valid; use one of {_WEIGHTINGS}"
             )
-        if fixed_variance not in _FIXED_VARIANCES:
+        if fixed_variance not in FIXED_VARIANCES:
             raise ValueError(
-                f"fixed_variance={fixed_variance!r} is not valid; use one of {_FIXED_VARIANCES}"
+                f"fixed_variance={fixed_variance!r} is not valid; use one of {FIXED_VARIANCES}"
             )
         if min_snr_gamma <= 0:
             raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma}")

@@ -102,6 +102,25 @@ def run_settings(
     )
 
 
+def ddpm_variance(loaded: Loaded, sampler: str, variance: str | None = "run") -> str | None:
+    """The ``variance`` for :func:`antdiff.sampling.sample`: "run" (default) takes the run's own
+    ``sample.variance`` for DDPM (None for DDIM, whose noise eta sets); anything else passes."""
+    if variance == "run":
+        return loaded.cfg.sample.variance if sampler == "ddpm" else None
+    return variance
+
+
+def variance_used(loaded: Loaded, sampler: str, variance: str | None = "run") -> str | None:
+    """What a record names as the reverse variance of ``variance`` (as :func:`ddpm_variance`
+    takes it): "small" / "large" for DDPM on a fixed-variance model, "learned" for learn_sigma
+    models, None for DDIM."""
+    if sampler != "ddpm":
+        return None
+    if loaded.diffusion.learn_sigma:
+        return "learned"
+    return ddpm_variance(loaded, sampler, variance) or loaded.diffusion.fixed_variance
+
+
 def generate(
     loaded: Loaded,
     num: int,
@@ -116,6 +135,7 @@ def generate(
     eta: float = 0.0,
     on_batch: Callable[[torch.Tensor], None] | None = None,
     cfg_channels: int | None | str = "run",
+    variance: str | None = "run",
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Draw ``num`` images from a loaded checkpoint, batch by batch, with a tqdm bar.
 
@@ -126,7 +146,9 @@ def generate(
     ``spacing`` picks the ``steps`` timesteps ("linspace"; "leading": 0, T//N, 2 T//N, ...,
     guided-diffusion's "ddimN" when N divides T; "trailing" ends at T - 1); ``eta`` is DDIM's
     stochasticity. ``cfg_channels``: the mean channels that guidance acts on (None: all),
-    "run" (default) the run's own ``sample.cfg_channels``.
+    "run" (default) the run's own ``sample.cfg_channels``. ``variance``: DDPM's reverse variance
+    for a fixed-variance model ("small" / "large"; "run", the default: the run's own
+    ``sample.variance``).
     One generator seeded with ``seed`` drives all batches, so (seed, batch_size) fix the output.
     Class-conditional models get balanced labels ``i % num_classes``. Latents are sampled
     unclipped and decoded through the run's codec; a run on precomputed latents without one
@@ -169,6 +191,7 @@ def generate(
                 cfg_scale=cfg_scale,
                 cfg_channels=loaded.cfg.sample.cfg_channels if cfg_channels == "run"
                 else cfg_channels,
+                variance=ddpm_variance(loaded, sampler, variance),
                 generator=gen,
                 clip_denoised=not loaded.latent,
             )
@@ -371,6 +394,7 @@ def evaluate_checkpoint(
     spacing: str = "linspace",
     eta: float = 0.0,
     cfg_channels: int | None | str = "run",
+    variance: str | None = "run",
 ) -> dict[str, Any]:
     """Sample ``num`` images from ``ckpt`` and score them; a JSON-able dict of results + settings.
 
@@ -383,7 +407,8 @@ def evaluate_checkpoint(
         num: samples to draw (>= dim + 1 of the features: 65 digits, 2049 Inception).
         sampler, steps, cfg_scale: None takes the run's own (sample.sampler, sample.steps,
             sample.cfg_scale: a paper preset's evaluation protocol); cfg_channels: "run" takes
-            its sample.cfg_channels (the mean channels guidance acts on; None: all).
+            its sample.cfg_channels (the mean channels guidance acts on; None: all);
+            variance: DDPM's "small" / "large" reverse variance, "run" the run's own.
         features: "digits", "inception" or "fid-helper" (see :func:`make_extractor`).
         ref: "digits" or a .npy / .pt file of reference images [N, C, H, W]: floats in [-1, 1]
             or uint8 pixels (channels first).
@@ -462,6 +487,7 @@ def evaluate_checkpoint(
         eta=eta,
         on_batch=keep_features,
         cfg_channels=cfg_channels,
+        variance=variance,
     )
     t1 = time.perf_counter()
     metrics = score(None, extractor, ref, k=k, cache_dir=cache_dir,
@@ -481,6 +507,7 @@ def evaluate_checkpoint(
         "seed": seed,
         "cfg_scale": cfg_scale,
         "cfg_channels": cfg_channels,
+        "variance": variance_used(loaded, sampler, variance),
         "batch_size": batch_size,
         "model": cfg.model.name,
         "method": cfg.ant.method,

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from antdiff.diffusion import FIXED_VARIANCES as _VARIANCES
 from antdiff.diffusion import GaussianDiffusion
 from antdiff.schedules import Schedule
 
@@ -67,13 +68,15 @@ def space_timesteps(T: int, steps: int, spacing: str = "linspace") -> np.ndarray
 
 
 def respace(
-    diffusion: GaussianDiffusion, timesteps: np.ndarray
+    diffusion: GaussianDiffusion, timesteps: np.ndarray, fixed_variance: str | None = None
 ) -> tuple[GaussianDiffusion, np.ndarray]:
     """A diffusion over the kept timesteps, and the map from its indices to the original ones.
 
     Args:
         diffusion: the training diffusion (T steps).
         timesteps: [S] strictly increasing original indices to keep.
+        fixed_variance: "small" / "large" reverse variance of the respaced chain (None: the
+            diffusion's own).
 
     Returns:
         (respaced diffusion with S steps, timestep_map [S] int64).
@@ -89,7 +92,7 @@ def respace(
         sched,
         prediction=diffusion.prediction,
         learn_sigma=diffusion.learn_sigma,
-        fixed_variance=diffusion.fixed_variance,
+        fixed_variance=fixed_variance or diffusion.fixed_variance,
     )
     return new, ts
 
@@ -191,6 +194,7 @@ def sample(
     spacing: str = "linspace",
     null_class: int | None = None,
     cfg_channels: int | None = None,
+    variance: str | None = None,
 ) -> torch.Tensor:
     """Draw samples [B, C, ...] = `shape` from the model.
 
@@ -212,6 +216,9 @@ def sample(
         null_class: the unconditional label (defaults to model.num_classes).
         cfg_channels: guide the first N of the C mean channels, the others taken from the
             conditional output (None: all; 3 reproduces the DiT code's sampler on 4 channels).
+        variance: DDPM's reverse variance for a model without learn_sigma: "small" (beta_tilde,
+            the posterior's) or "large" (beta_t, the DDPM paper's other choice); None: the
+            diffusion's own (``fixed_variance``, "small" by default).
     """
     if sampler not in _SAMPLERS:
         raise ValueError(f"sampler={sampler!r} is not valid; use one of {_SAMPLERS}")
@@ -219,6 +226,19 @@ def sample(
         raise ValueError(f"eta must be in [0, 1] (0: DDIM, 1: DDPM-like), got {eta}")
     if sampler == "ddpm" and eta != 0:
         raise ValueError(f"eta={eta} applies to sampler='ddim' only; DDPM's variance is fixed")
+    if variance is not None:
+        if variance not in _VARIANCES:
+            raise ValueError(f"variance={variance!r} is not valid; use one of {_VARIANCES}")
+        if sampler != "ddpm":
+            raise ValueError(
+                f"variance={variance!r} applies to sampler='ddpm', not {sampler!r} (whose noise "
+                "eta sets): sample with ddpm, or leave variance unset"
+            )
+        if diffusion.learn_sigma:
+            raise ValueError(
+                f"variance={variance!r} applies to models with a fixed variance; this one learns "
+                "its variance (learn_sigma), which DDPM uses: leave variance unset"
+            )
     if not math.isfinite(cfg_scale):  # NaN / inf: every sample non-finite
         raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale}")
     if cfg_scale != 1.0 and y is None:
@@ -237,7 +257,7 @@ def sample(
             "spacing='linspace' or 'trailing', or steps that divide T",
             stacklevel=2,
         )
-    resp, tmap = respace(diffusion, ts)
+    resp, tmap = respace(diffusion, ts, variance)
     tmap_t = torch.as_tensor(tmap, device=device)
     b, c = shape[0], shape[1]
     if cfg_channels is not None and not (

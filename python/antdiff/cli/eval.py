@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         spacing=args.spacing,
         eta=args.eta,
         cfg_channels=args.cfg_channels,
+        variance=args.variance,
     )
     atomic_write_text(args.json, json.dumps(res, indent=2) + "\n")
     print(

@@ -84,6 +84,13 @@ def add_common(p: argparse.ArgumentParser) -> None:
         "sample.cfg_channels; 3 reproduces the DiT code's sampler on 4 latent channels)",
     )
     p.add_argument(
+        "--variance",
+        default="run",
+        choices=("run", "small", "large"),
+        help="DDPM's reverse variance for a model without learn_sigma: small (beta_tilde) or "
+        "large (beta_t); default 'run': the run's own, sample.variance (small if unset)",
+    )
+    p.add_argument(
         "--ema",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -112,7 +119,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluate import generate, load_for_sampling, run_settings
+    from ..evaluate import generate, load_for_sampling, run_settings, variance_used
     from ..logging_utils import image_grid, save_png
     from ..utils import atomic_write, atomic_write_text, check_output
 
@@ -137,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         spacing=args.spacing,
         eta=args.eta,
         cfg_channels=args.cfg_channels,
+        variance=args.variance,
     )
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -173,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "cfg_scale": args.cfg_scale,
         "cfg_channels": args.cfg_channels,
+        "variance": variance_used(loaded, args.sampler, args.variance),
         "batch_size": args.batch_size,
         "shape": list(x.shape),
         "space": "latent" if raw else "pixel",
