@@ -369,6 +369,14 @@ def test_imtl_of_a_float64_gram_keeps_its_own_solution():
     assert negative > 0  # the case the gate replaced occurs among these
 
 
+def _same_state(a: object, b: object) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_state(a[n], b[n]) for n in a)
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return a == b
+
+
 def test_gram_methods_refuse_an_infinite_entry_between_finite_clusters():
     """inf off the diagonal with a finite diagonal (no Gram of finite rows holds it): IMTL-G and
     MGDA gave finite weights [0, 0, 1] (PCGrad, CAGrad and Nash-MTL NaN); NaN from every one."""
@@ -377,8 +385,13 @@ def test_gram_methods_refuse_an_infinite_entry_between_finite_clusters():
     for cls in GRAM_CLASSES:
         if cls is MeanGram:  # the mean never reads G off its diagonal
             continue
-        w = cls(3).weights(G, _present(3))
+        m = cls(3)
+        m.weights(torch.eye(3), _present(3))
+        state = m.state_dict()
+        w = m.weights(G, _present(3))
         assert torch.isnan(w).all(), (cls.name, w)
+        # nothing of an unsolved step is kept (PCGrad's order counter advanced on it)
+        assert _same_state(m.state_dict(), state), cls.name
 
 
 def test_gram_methods_take_a_finite_gram_near_the_float64_maximum():
@@ -397,9 +410,11 @@ def test_nash_weights_beyond_float32_are_unsolved_not_zero(scale):
     m = NashMTL(2)
     m.weights(torch.eye(2, dtype=torch.float64), _present(2))
     kept = m.last_weights.clone()
+    alpha = m.last_alpha.clone()
     w = m.weights(torch.eye(2, dtype=torch.float64) * scale, _present(2))
     assert torch.isnan(w).all()
     assert torch.equal(m.last_weights, kept)
+    assert torch.equal(m.last_alpha, alpha)  # the saved alpha took the rejected solve's
 
 
 # ---------------------------------------------------------------- MGDA

@@ -944,3 +944,29 @@ def test_a_mount_without_flock_trains_unlocked(tmp_path, monkeypatch):
         with out_dir_lock(tmp_path / "run"):
             raise ValueError("the run's own error")
     assert e.value.__context__ is None  # not "during handling of" flock's ENOLCK
+
+
+def test_another_users_lock_file_in_a_shared_out_dir_still_locks(tmp_path, monkeypatch):
+    """`.train.lock` stays after a run, 0644 after the umask: another user resuming in a
+    group-shared folder got PermissionError opening it read-write, and could not train there.
+    flock needs no write access: the lock is taken on a read-only descriptor (no pid written)."""
+    from antdiff.train import LOCK_NAME, OutDirInUse, out_dir_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = run / LOCK_NAME
+    lock.write_text("4242\n")
+    lock.chmod(0o444)
+    if os.geteuid() == 0:  # root passes permission checks: refuse the write as they would
+        real_open = os.open
+
+        def open_(path, flags, *args):
+            if str(path) == str(lock) and flags & (os.O_RDWR | os.O_WRONLY):
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_open(path, flags, *args)
+
+        monkeypatch.setattr(os, "open", open_)
+    with out_dir_lock(run):
+        with pytest.raises(OutDirInUse, match=r"pid 4242"), out_dir_lock(run):
+            pass
+    assert lock.read_text() == "4242\n"

@@ -486,7 +486,10 @@ def out_dir_lock(out: Path):
         yield
         return
     path = out / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fd, writable = os.open(path, os.O_RDWR | os.O_CREAT, 0o666), True
+    except PermissionError:  # another user's lock file (0644 after the umask) in a shared
+        fd, writable = os.open(path, os.O_RDONLY), False  # folder: flock needs no write access
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -503,8 +506,9 @@ def out_dir_lock(out: Path):
             refused = exc.strerror
         else:
             refused = None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            if writable:  # the holder's pid, for the message a second run gets
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         if refused is not None:  # warned and yielded outside the except: errors of the run
             # itself then do not carry flock's as their context
             warnings.warn(

@@ -202,7 +202,6 @@ class GramMethod:
         self.update_every = check_int("update_every", update_every)
         # the last weights returned (for inspection; the engine keeps and saves its own copy)
         self.last_weights: Tensor | None = None
-        self._valid: Tensor | None = None  # the current weights() call's validity flag
         self._g_eps = torch.finfo(torch.float64).eps  # the current call's Gram precision
 
     def weights(self, G: Tensor, present: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -222,13 +221,12 @@ class GramMethod:
             still divides by the clusters present), without a word, since telling would read G
             on the host: check ``isfinite(G)`` yourself (the engine does, and skips such a
             step) or pass ``valid``. All weights are NaN where the method has no solution
-            (``valid`` or not, the saved state then keeps its previous value): a NaN or inf
+            (the saved state then keeps its previous value, as for ``valid`` False): a NaN or inf
             off the diagonal between finite clusters (which a Gram of finite rows cannot
             hold), a solver that ended without one, weights out of float32's range (inf, or
             all rounded to 0).
         """
         check_gram(G, present, self.k)
-        self._valid = valid
         self._g_eps = torch.finfo(G.dtype).eps  # the Gram's own rounding, before the upcast
         G64 = G.detach().to(torch.float64)
         G64 = 0.5 * G64 + 0.5 * G64.T  # halves first: a finite G near 1.8e308 stays finite
@@ -252,11 +250,17 @@ class GramMethod:
         solved = torch.isfinite(w).all()
         valid = solved if valid is None else valid.to(solved.device) & solved
         self.last_weights = commit(self.last_weights, w, valid)
+        self._commit(valid)
         return w
 
     def _weights(self, G: Tensor, active: Tensor, present: Tensor) -> Tensor:
-        """Native float64 weights [k] from the masked Gram (inactive rows/cols are 0)."""
+        """Native float64 weights [k] from the masked Gram (inactive rows/cols are 0). A
+        stateful method keeps its new state aside for :meth:`_commit`."""
         raise NotImplementedError
+
+    def _commit(self, valid: Tensor) -> None:
+        """Take the state the last ``_weights`` computed where ``valid`` (0-d bool: the step is
+        finite and its weights solved, all of them in float32's range), else keep the old."""
 
     def _scale(self, present: Tensor) -> Tensor | float:
         if self.native == self.reduction:

@@ -140,9 +140,10 @@ class PCGrad(GramMethod):
         pick = second.index_select(0, n // m % m).long()
         orders = torch.gather(first.index_select(0, n % m), 2, pick)
         self.last_orders = orders[0].long()
-        valid = self._valid  # a bool adds 0 or 1
-        self._count = n + (1 if valid is None else valid.to(n.device))
         return native.pcgrad_weights(G, self.last_orders)
+
+    def _commit(self, valid: Tensor) -> None:
+        self._count = self._count + valid.to(self._count.device)  # a bool adds 0 or 1
 
     def state_dict(self) -> dict[str, Any]:
         count = self._count if self._count is not None else torch.tensor(self._count_saved)
@@ -190,6 +191,7 @@ class NashMTL(GramMethod):
         super().__init__(k, reduction=reduction, update_every=update_every)
         self.iters = check_int("iters", iters)
         self.last_alpha: Tensor | None = None
+        self._alpha: Tensor | None = None  # the last solve's, until _commit
         # a loaded state whose weights are on another scale (see load_state_dict): the engine
         # recomputes them at its next step and clears this
         self.stale_weights = False
@@ -199,11 +201,11 @@ class NashMTL(GramMethod):
         # scaled back), the bargaining solution of Nash-MTL's authors (whose solver also
         # normalises G and multiplies the norm back into its constraint). Its update alpha @ J
         # has norm sqrt(k) whatever the gradients' scale.
-        alpha = native.nash_weights(G, iters=self.iters, normalize=False)
-        solved = torch.isfinite(alpha).all()  # NaN: the steps ended without a solution
-        valid = solved if self._valid is None else self._valid.to(solved.device) & solved
-        self.last_alpha = commit(self.last_alpha, alpha, valid)
-        return alpha
+        self._alpha = native.nash_weights(G, iters=self.iters, normalize=False)
+        return self._alpha  # NaN: the steps ended without a solution
+
+    def _commit(self, valid: Tensor) -> None:
+        self.last_alpha = commit(self.last_alpha, self._alpha, valid)
 
     def state_dict(self) -> dict[str, Any]:
         alpha = None if self.last_alpha is None else self.last_alpha.clone()
