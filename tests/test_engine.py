@@ -6,6 +6,8 @@ import bisect
 import copy
 import itertools
 import math
+import subprocess
+import sys
 import warnings
 from fractions import Fraction
 
@@ -949,6 +951,17 @@ def test_more_bad_input():
     with pytest.raises(ValueError, match="leading dimension B=8"):
         ant.backward(lambda b, tb: per_sample_loss(model)(b["x"], tb),
                      {"x": x, "shared": torch.ones(1, 3)}, ant.sample_timesteps(8))
+    with pytest.raises(TypeError, match="loss_fn must be a callable"):  # not deep in onepass
+        ant.backward(None, x, ant.sample_timesteps(8))
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        ant.sample_timesteps(8, generator=5)
+    # an empty batch stepped the optimiser (weight decay, momentum) as if it had trained
+    empty = torch.zeros(0, dtype=torch.long)
+    with pytest.raises(ValueError, match="the batch is empty"):
+        ant.backward(per_sample_loss(model), x[:0], empty)
+    uw = ANT(linear_schedule(T), k=4, method="uw")
+    with pytest.raises(ValueError, match="the batch is empty"):
+        uw.reduce(per_sample_loss(model)(x, ant.sample_timesteps(8))[:0], empty)
 
 
 @pytest.mark.parametrize("method", ["uw", "dwa", "uw+pcgrad"])
@@ -2140,7 +2153,11 @@ def test_sorting_the_batch_by_cluster_warns_once():
     [("w", torch.ones(3), r"w must be a float tensor \[k=5\]"),
      ("w_present", torch.ones(5), r"w_present must be a bool tensor \[k=5\]"),
      ("step", "abc", "the state's step must be an integer >= 0"),
-     ("step", -4, "the state's step must be an integer >= 0")],
+     ("step", -4, "the state's step must be an integer >= 0"),
+     # an AttributeError, a KeyError and a TypeError from the parts' own loads before
+     ("sampler", None, "the state's sampler must be a dict, got None"),
+     ("telemetry", {}, r"damaged or not of this engine \(KeyError"),
+     ("grad_method", None, r"damaged or not of this engine \(TypeError")],
 )  # fmt: skip
 def test_load_state_dict_refuses_damaged_weights_and_step(key, value, match):
     """A w of shape [3] in a k = 5 state loaded and failed at the next off-step with a size
@@ -2355,3 +2372,16 @@ def test_a_unique_warning_from_a_shallow_stack():
 
     with pytest.warns(UserWarning, match="shallow"):
         core._warn_unique("shallow", stacklevel=500)
+
+
+def test_a_unique_warning_from_python_c():
+    """Under ``python -c`` the caller's globals are __main__'s, whose loader has no source:
+    passing them to warn_explicit made linecache raise ImportError, so a skipped step crashed
+    a script given on the command line."""
+    code = ("from antdiff.engine import core\n"
+            "def step():\n    core._warn_unique('skipped', stacklevel=2)\n"
+            "step()\nprint('went on')")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 0 and "went on" in out.stdout, out.stderr
+    assert "UserWarning: skipped" in out.stderr

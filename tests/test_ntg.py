@@ -90,6 +90,9 @@ def test_t_range_config_trains_only_inside(tmp_path):
         _cfg(tmp_path, "--train.t_range", "[0,1001]")
     with pytest.raises(ValueError, match="t_range"):
         _cfg(tmp_path, "--train.t_range", "[300,300]")
+    # t is drawn uniformly inside, not by cluster: pcgrad trained on one cluster, k - 1 empty
+    with pytest.raises(ValueError, match="ant.method='pcgrad' would see clusters that never"):
+        _cfg(tmp_path, "--train.t_range", "[0,10]", "--ant.method", "pcgrad")
     # log-SNR clusters of T=1000, k=5 start [0, 153), [153, 394), ...: [160, 380) is inside c2
     cfg = _cfg(tmp_path, "--train.t_range", "[160,380]", "--train.ckpt_every", "0", steps=4)
     seen = []

@@ -87,9 +87,10 @@ def _warn_unique(message: str, stacklevel: int) -> None:
     frame = sys._getframe(1)  # the caller; then up to stacklevel - 1 more, as far as there are
     for _ in range(stacklevel - 1):
         frame = frame.f_back or frame
+    # no module_globals: those of ``python -c``'s __main__ make linecache raise ImportError
     warnings.warn_explicit(
         message, UserWarning, frame.f_code.co_filename, frame.f_lineno,
-        module=frame.f_globals.get("__name__"), registry=None, module_globals=frame.f_globals,
+        module=frame.f_globals.get("__name__"), registry=None,
     )  # fmt: skip
 
 
@@ -493,6 +494,11 @@ class ANT:
                 f"without a sample ({self.sampler.mode!r} sampling stratifies the batch over the "
                 "clusters). Use a batch >= k, fewer clusters, or sampling='uniform'."
             )
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"generator must be a torch.Generator (on the timesteps' device) or None, got "
+                f"{type(generator).__name__}"
+            )
         rank = None
         if self.sampler.per_rank:  # an engine built before init_process_group: resolved here
             self._resolve_comm()
@@ -517,6 +523,11 @@ class ANT:
             raise ValueError(f"t must be a 1-D integer tensor of timesteps, got {_describe(t)}")
         if n is not None and t.shape[0] != n:
             raise ValueError(f"t has {t.shape[0]} entries but the batch/loss has {n} samples")
+        if t.shape[0] == 0 and not self.comm.active:  # under DDP a rank's slice may be empty
+            raise ValueError(
+                "the batch is empty (0 samples): there is nothing to train on, and the "
+                "optimiser would still step (weight decay, momentum); skip the step instead"
+            )
         if self.sampler.counts_for(t) is not None:  # drawn by sample_timesteps, in range
             return
         ok = (t >= 0) & (t < self.T)
@@ -683,6 +694,11 @@ class ANT:
             model: the model (if not attached); may be DDP-wrapped.
             scaler: a GradScaler for fp16; weights come from the unscaled Gram.
         """
+        if not callable(loss_fn):
+            raise TypeError(
+                f"loss_fn must be a callable (sub_batch, sub_t) -> per-sample losses [b], got "
+                f"{type(loss_fn).__name__}"
+            )
         if model is not None and model is not self._model:
             self.attach(model)
         if self._model is None:
@@ -1436,6 +1452,12 @@ class ANT:
                 f"checkpoint was trained with method {state['method']!r}, this engine uses "
                 f"{self.method_name!r}"
             )
+        for key in ("sampler", "telemetry"):
+            if not isinstance(state[key], dict):
+                raise ValueError(
+                    f"the state's {key} must be a dict, got {_describe(state[key])}: the "
+                    "checkpoint is damaged or not of this engine"
+                )
         mode = state["sampler"].get("mode")
         if mode != self.sampler.mode:  # checked before anything is assigned
             raise ValueError(
@@ -1445,8 +1467,13 @@ class ANT:
         backup = copy.deepcopy(self.state_dict())  # a load that fails half-way is undone
         try:
             self._assign_state(state)
-        except BaseException:
+        except BaseException as exc:
             self._assign_state(backup)
+            if isinstance(exc, (KeyError, TypeError, AttributeError)):  # a part's own lookup
+                raise ValueError(
+                    f"the ANT state is damaged or not of this engine ({type(exc).__name__}: "
+                    f"{exc}); load what ant.state_dict() of an engine built alike returned"
+                ) from exc
             raise
 
     def _assign_state(self, state: dict[str, Any]) -> None:
