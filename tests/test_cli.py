@@ -78,6 +78,21 @@ def test_cluster_cli_errors_are_messages_not_tracebacks(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["cluster", "--k", "5", "--min-size", "300"]) == 2
     assert "min_size" in capsys.readouterr().err
+    # a [5, 7] affinity was read as T = 5 ("T=5 is too small for the linear schedule"); a text
+    # file got numpy's advice to load it with allow_pickle
+    np.save(tmp_path / "wide.npy", np.ones((5, 7)))
+    (tmp_path / "text.npy").write_text("not numbers\n")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    for name, want in (("wide.npy", "must be a square matrix [T, T] (or [nb, nb] with bin "
+                                    "edges), got shape [5, 7]"),
+                       ("text.npy", "text.npy' is not a numeric numpy file (an affinity"),
+                       ("objects.npy", "holds pickled Python objects, not numbers")):
+        assert main(["cluster", "--objective", "gradient", "--affinity",
+                     str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert want in err and "allow_pickle" not in err, err
+    assert main(["cluster", "--schedule", str(tmp_path / "text.npy")]) == 2
+    assert "is not a numeric numpy file (alphas_cumprod [T]" in capsys.readouterr().err
 
 
 def test_cluster_cli_affinity_rules_and_missing_extension(tmp_path, capsys, monkeypatch):
@@ -125,6 +140,8 @@ def test_bad_output_paths_and_devices_fail_first_without_tracebacks(tmp_path, ca
         (["sample", "--ckpt", missing, "--num", "2", "--out", str(tmp_path / "s"),
           "--device", "tpu"], "'tpu' is not a device"),
         (["cluster", "--json", str(tmp_path)], "is a folder"),
+        (["eval", "--ckpt", missing, "--num", "2", "--json", str(tmp_path / "r.json"),
+          "--cache-dir", str(a_file)], "--cache-dir"),  # was [Errno 17] File exists, at the end
         (["demo", "--out", str(a_file)], "is a file"),
         (["affinity", str(a_file), "--out", str(tmp_path / "a.npz")], "is not a torch checkpoint"),
         (["sample", "--ckpt", missing, "--num", "2", "--out", str(tmp_path / "s"),

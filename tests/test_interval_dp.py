@@ -419,3 +419,14 @@ def test_values_float64_cannot_resolve_are_refused(backend):
     for values, k in ((np.arange(float(T)), 500), (np.log(a) - np.log1p(-a), 300)):
         bounds, total = solve_intervals("l2", k, values=values, backend=backend)
         assert total == pytest.approx(interval_cost("l2", bounds, values=values), rel=1e-7)
+
+
+def test_an_infeasible_min_size_is_named_not_the_default_max_size():
+    """min_size=500 with k = 5, T = 1000 said "min_size (500) must be <= max_size (400)": a
+    max_size the caller never set (the default 2T/k), and no fix."""
+    from antdiff.interval_dp import validate_sizes
+
+    with pytest.raises(ValueError, match=r"min_size=500 is infeasible .* use min_size <= T // k"):
+        validate_sizes(1000, 5, 500, 400)
+    with pytest.raises(ValueError, match=r"max_size=150 is infeasible .* >= ceil\(T / k\)"):
+        validate_sizes(1000, 5, 180, 150)

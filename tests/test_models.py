@@ -462,6 +462,7 @@ def test_wrong_inputs_get_errors_naming_the_argument(name):
         ("adm-tiny", dict(channel_mult=(1, 0)), "channel_mult must list one positive width"),
         ("adm-tiny", dict(num_classes=0), r"None for an unconditional model"),
         ("adm-tiny", dict(num_res_blocks=0), "num_res_blocks must be a positive integer"),
+        ("adm-tiny", dict(image_size=7), r"not divisible by 2 = 2\^1: .*--data.image_size"),
         ("dit-tiny", dict(patch_size=0), r"patch_size must be a positive integer"),
         ("dit-tiny", dict(depth=0), r"depth must be a positive integer"),
         ("dit-tiny", dict(num_classes=0), r"None for an unconditional model"),

@@ -770,6 +770,9 @@ def test_a_mistyped_method_name_gets_a_suggestion(typo, meant):
 def test_make_method_rejects_bad_arguments():
     with pytest.raises(ValueError, match="unknown hyperparameters.*'c'"):
         make_method("uw", 5, c=0.3)
+    # nash takes update_every among its own; pcgrad's said only "unknown" (it is the engine's)
+    with pytest.raises(ValueError, match=r"update_every is set for every method by ANT\(upd"):
+        make_method("pcgrad", 5, update_every=2)
     with pytest.raises(ValueError, match="k must be"):
         make_method("uw", 0)
     with pytest.raises(ValueError, match="k <= 12"):

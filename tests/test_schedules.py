@@ -75,3 +75,15 @@ def test_diffusers_name_of_the_cosine_schedule():
     a = make_schedule("squaredcos_cap_v2").alphas_cumprod
     np.testing.assert_array_equal(a, cosine_schedule(1000).alphas_cumprod)
     np.testing.assert_array_equal(as_schedule("squaredcos_cap_v2").alphas_cumprod, a)
+
+
+def test_a_linear_schedule_too_short_names_the_shortest_that_works():
+    """T = 10 said only "beta would reach 1": the message now names T >= 21 (beta_end = 0.02
+    rescaled by 1000 / T stays below 1 from there) and the cosine schedule."""
+    from antdiff.schedules import linear_schedule
+
+    with pytest.raises(ValueError, match=r"use T >= 21, or the cosine schedule"):
+        linear_schedule(10)
+    with pytest.raises(ValueError, match=r"use T >= 21"):
+        linear_schedule(20)
+    assert linear_schedule(21).T == 21

@@ -25,7 +25,7 @@ import numpy as np
 
 from .interval_dp import solve_intervals, validate_sizes
 from .schedules import Schedule, as_schedule
-from .utils import atomic_write
+from .utils import atomic_write, load_npy
 
 __all__ = ["Clusters", "cluster_timesteps", "default_limits", "load_affinity", "plot_clusters"]
 
@@ -338,11 +338,11 @@ def load_affinity(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     if not path.is_file():
         raise FileNotFoundError(f"affinity file {path} does not exist (make one: antdiff affinity)")
     if path.suffix == ".npz":
-        with np.load(path) as z:
+        with load_npy(path, "an affinity [T, T] and its bin_edges") as z:
             if "affinity" not in z:
                 raise ValueError(f"{path} has no 'affinity' array (keys: {sorted(z.files)})")
-            return z["affinity"], (z["bin_edges"] if "bin_edges" in z else None)
-    if path.suffix == ".pt":
+            a, edges = z["affinity"], (z["bin_edges"] if "bin_edges" in z else None)
+    elif path.suffix == ".pt":
         import torch
 
         a = torch.load(path, map_location="cpu", weights_only=True)
@@ -351,10 +351,17 @@ def load_affinity(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
                 f"{path} must hold the affinity matrix as one tensor, got {type(a).__name__} "
                 "(the .npz that antdiff affinity writes holds its bin edges too)"
             )
-        return a.double().numpy(), None
-    edges_path = path.with_name(path.stem + "_edges.npy")
-    edges = np.load(edges_path) if edges_path.is_file() else None
-    return np.load(path, allow_pickle=False), edges
+        a, edges = a.double().numpy(), None
+    else:
+        edges_path = path.with_name(path.stem + "_edges.npy")
+        edges = load_npy(edges_path, "bin edges [nb + 1]") if edges_path.is_file() else None
+        a = load_npy(path, "an affinity matrix [T, T] or [nb, nb]")
+    if a.ndim != 2 or a.shape[0] != a.shape[1]:  # before anything reads its side as T
+        raise ValueError(
+            f"{path}: the affinity must be a square matrix [T, T] (or [nb, nb] with bin edges), "
+            f"got shape {list(a.shape)}"
+        )
+    return a, edges
 
 
 def plot_clusters(clusters: Clusters, schedule: Schedule | Any, path: str | Path) -> Path:

@@ -283,10 +283,11 @@ def load_image_file(path: str | Path, flag: str) -> tuple[torch.Tensor, torch.Te
     allows, so a set larger than memory is read only where it is used. ``flag`` names the
     source in errors."""
     from .checkpoint import is_torch_file
+    from .utils import load_npy
 
     p, y = Path(path), None
     if p.suffix == ".npy":
-        a = np.load(p, mmap_mode="r", allow_pickle=False)
+        a = load_npy(p, f"{flag}: images [N, C, H, W]", mmap_mode="r")
         if not a.dtype.isnative:  # torch reads native byte order only
             a = a.astype(a.dtype.newbyteorder("="))
         with warnings.catch_warnings():  # read-only map: nothing here writes to it

@@ -99,7 +99,11 @@ def linear_schedule(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0
     scale = 1000.0 / T
     betas = np.linspace(beta_start * scale, beta_end * scale, T, dtype=np.float64)
     if np.any(betas >= 1.0):
-        raise ValueError(f"T={T} is too small for the linear schedule: beta would reach 1")
+        least = math.floor(max(beta_start, beta_end) * 1000) + 1  # first T with every beta < 1
+        raise ValueError(
+            f"T={T} is too small for the linear schedule: its betas, rescaled by 1000 / T, "
+            f"would reach 1; use T >= {least}, or the cosine schedule (any T)"
+        )
     return Schedule(np.cumprod(1.0 - betas), name=f"linear(T={T})")
 
 

@@ -146,3 +146,19 @@ def available_host_bytes() -> int:
     except (OSError, ValueError, IndexError):
         pass
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def load_npy(path: str | Path, what: str, **kwargs: Any) -> Any:
+    """``np.load(path, allow_pickle=False, **kwargs)`` with one clear error for a file numpy
+    cannot read as numbers (text, pickled objects, a truncated file): numpy's own messages name
+    no file, or advise loading it unsafely. ``what`` says what the file should hold."""
+    try:
+        return np.load(path, allow_pickle=False, **kwargs)
+    except (ValueError, OSError, EOFError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        if "pickled" in first or "Object arrays" in first:  # not advice to follow here
+            first = "it holds pickled Python objects, not numbers"
+        raise ValueError(
+            f"{str(path)!r} is not a numeric numpy file ({what}, written by np.save / "
+            f"np.savez): {first}"
+        ) from exc

@@ -18,13 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..analysis import load_affinity_checkpoint, plot_affinity_figures, task_affinity
 from ..diffusion import GaussianDiffusion
 from ..schedules import make_schedule
-from ..utils import check_output
+from ..utils import check_output, load_npy
 
 _DIFFUSION_KEYS = (
     "prediction",
@@ -201,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     diffusion = _diffusion(cfg, args)
     x, y = _data(args, load)
     kwargs = _labels(model, y, len(x))
-    edges = np.load(args.bin_edges) if args.bin_edges is not None else None
+    edges = None if args.bin_edges is None else load_npy(args.bin_edges, "bin edges [nb + 1]")
     del model
     start = time.perf_counter()
     result = task_affinity(

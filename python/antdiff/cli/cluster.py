@@ -6,11 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 from ..clustering import cluster_timesteps, load_affinity, plot_clusters
 from ..schedules import Schedule, make_schedule
-from ..utils import atomic_write_text, check_output
+from ..utils import atomic_write_text, check_output, load_npy
 
 
 def _limit(s: str) -> int | str | None:
@@ -68,7 +66,7 @@ def load_schedule(name: str, T: int) -> Schedule:  # noqa: N803
     if path.suffix == ".npy":
         if not path.is_file():
             raise FileNotFoundError(f"schedule file {path} does not exist")
-        return Schedule(np.load(path), name=path.stem)
+        return Schedule(load_npy(path, "alphas_cumprod [T]"), name=path.stem)
     return make_schedule(name, T)
 
 

@@ -38,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
     check_output(args.json, "--json", folder=False)  # before the sampling, not after it
+    if args.cache_dir is not None:
+        check_output(args.cache_dir, "--cache-dir", folder=True)
     res = evaluate_checkpoint(
         args.ckpt,
         args.num,

@@ -261,8 +261,12 @@ class UNetModel(nn.Module):
             check_sizes(num_heads=num_heads)
         levels = [image_size // 2**i for i in range(len(channel_mult))]
         if image_size % 2 ** (len(channel_mult) - 1):
+            m = 2 ** (len(channel_mult) - 1)
             raise ValueError(
-                f"image_size {image_size} is not divisible by 2^{len(channel_mult) - 1}"
+                f"image_size {image_size} is not divisible by {m} = 2^{len(channel_mult) - 1}: "
+                f"the model halves it at each of its {len(channel_mult)} levels but the last. "
+                f"Resize the images (--data.image_size, a multiple of {m}) or use fewer levels "
+                "(--model.overrides.channel_mult, e.g. '[1, 2]')"
             )
         if isinstance(attention_resolutions, int) and not isinstance(attention_resolutions, bool):
             attention_resolutions = (attention_resolutions,)  # one size, as a CLI value gives it

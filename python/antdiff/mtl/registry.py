@@ -210,9 +210,11 @@ def make_method(name: str, k: int, **hparams: Any) -> Composite:
     grad_keys = _hparam_names(grad_cls) if grad_cls else set()
     unknown = set(hparams) - loss_keys - grad_keys
     if unknown:
+        hint = ("; update_every is set for every method by ANT(update_every=N) (config: "
+                "ant.update_every)" if "update_every" in unknown else "")  # fmt: skip
         raise ValueError(
             f"unknown hyperparameters {sorted(unknown)} for {name!r}; "
-            f"valid: {sorted(loss_keys | grad_keys)}"
+            f"valid: {sorted(loss_keys | grad_keys)}{hint}"
         )
     loss = loss_cls(k, **{a: hparams[a] for a in loss_keys & set(hparams)}) if loss_cls else None
     grad = None
