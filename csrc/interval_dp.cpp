@@ -153,10 +153,8 @@ Window ValidateSizes(int64_t T, int64_t k, std::optional<int64_t> min_size,
   };
   check_positive("min_size", min_size);
   check_positive("max_size", max_size);
-  if (min_size && max_size && *min_size > *max_size) {
-    Fail("min_size (" + std::to_string(*min_size) + ") must be <= max_size (" +
-         std::to_string(*max_size) + ")");
-  }
+  // feasible sizes satisfy min_size <= T / k <= ceil(T / k) <= max_size, so min <= max too:
+  // checked this way, the message names the size that is out
   const std::string where = " is infeasible for k=" + ks + ", T=" + ts;
   if (min_size && *min_size > T / k) {
     Fail("min_size=" + std::to_string(*min_size) + where + " (k * min_size > T); use min_size <= " +

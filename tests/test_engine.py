@@ -2132,6 +2132,29 @@ def test_a_compiled_model_is_served_by_micro_under_auto():
         ANT(linear_schedule(T), k=5, method="pcgrad", mode="onepass", model=compiled)
 
 
+def test_a_compiled_loss_fn_is_served_by_micro_under_auto():
+    """A torch.compile'd loss_fn over the plain model got the one-pass hooks: dynamo met them,
+    skipped the function and ran it eagerly (exact, never compiled), without a word."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    x = torch.randn(10, 1, 6, 6)
+    ant = ANT(linear_schedule(T), k=5, method="pcgrad", model=model)
+    assert ant._onepass is not None
+    t = ant.sample_timesteps(10)
+    loss_fn = torch.compile(per_sample_loss(model), backend="eager")
+    with pytest.warns(UserWarning, match="torch.compile'd loss_fn.*uses 'micro' from now on"):
+        ant.backward(loss_fn, x, t)
+    assert ant._onepass is None
+    got = flat_grad(model).clone()
+    ANT(linear_schedule(T), k=5, method="pcgrad", mode="micro", model=model).backward(
+        per_sample_loss(model), x, t
+    )
+    torch.testing.assert_close(got, flat_grad(model))
+    one = ANT(linear_schedule(T), k=5, method="pcgrad", mode="onepass", model=model)
+    with pytest.raises(ValueError, match="torch.compile'd loss_fn"):
+        one.backward(loss_fn, x, one.sample_timesteps(10))
+
+
 def test_sorting_the_batch_by_cluster_warns_once():
     """A per-sample tensor that loss_fn takes from its closure keeps its order when the engine
     sorts the batch (t not from sample_timesteps): silently misaligned in one-pass."""

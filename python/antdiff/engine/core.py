@@ -1063,6 +1063,12 @@ class ANT:
             return None
         inputs = _tensors((batch, t))
         try:
+            if hasattr(loss_fn, "_torchdynamo_orig_callable") or hasattr(loss_fn, "_orig_mod"):
+                raise NotServable(  # dynamo would skip the function and run it eagerly
+                    "mode='onepass' with a torch.compile'd loss_fn: the per-step layer hooks "
+                    "break its graph, so dynamo runs it uncompiled. Pass the plain loss_fn and "
+                    "the compiled model to ANT(model=...) / attach (auto then picks 'micro')"
+                )
             with no_sync() if no_sync is not None else contextlib.nullcontext():
                 return self._onepass.fill(
                     buf, lambda: _check_per_sample(loss_fn(batch, t), t.shape[0]),
