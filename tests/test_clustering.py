@@ -204,3 +204,11 @@ def test_plot_writes_png(tmp_path):
     out = plot_clusters(cluster_timesteps(s, 5, "snr"), s, tmp_path / "c.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_the_default_size_limits_are_t_over_2k_and_2t_over_k():
+    """Pinned by value: another test compared sizes with default_limits() itself, so a changed
+    upper limit (3T/k) passed; raw-SNR clusters of the linear schedule meet the upper one."""
+    assert default_limits(1000, 5) == (100, 400)
+    raw = cluster_timesteps(linear_schedule(1000), 5, "snr", snr="raw")
+    assert max(raw.sizes) == 400 and min(raw.sizes) >= 100

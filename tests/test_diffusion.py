@@ -108,6 +108,23 @@ def test_parameterisations_round_trip_float64(prediction):
     target = {"eps": eps, "x0": x0, "v": a.sqrt() * eps - (1 - a).sqrt() * x0}[prediction]
     torch.testing.assert_close(diff.predict_x0(target, xt, t), x0, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(diff.predict_eps(target, xt, t), eps, rtol=1e-9, atol=1e-8)
+    if prediction == "v":  # the training target is the one predict_* invert (its sign too)
+        torch.testing.assert_close(diff.v_target(x0, t, eps), target, rtol=1e-12, atol=1e-12)
+
+
+def test_the_log_variances_at_t0_take_beta_tilde_1():
+    """beta_tilde_0 = 0: log(beta_tilde_1) stands in at t = 0 (improved DDPM), in the posterior
+    log-variance (the learned-sigma interpolation, the hybrid loss's t = 0 term) and in the
+    "large" variance; no sampling test sees it (DDPM adds no noise at t = 0)."""
+    s = linear_schedule(1000)
+    b, ab = s.betas, s.alphas_cumprod
+    want = b[1] * (1 - ab[0]) / (1 - ab[1])
+    zero = torch.tensor([0])
+    for variance in ("small", "large"):
+        d = GaussianDiffusion(s, fixed_variance=variance)
+        assert float(d.table("log_post_var", zero)) == pytest.approx(np.log(want), rel=1e-12)
+        assert float(d.table("log_fixed_var", zero)) == pytest.approx(np.log(want), rel=1e-12)
+    assert float(d.table("log_fixed_var", torch.tensor([7]))) == pytest.approx(np.log(b[7]))
 
 
 def test_training_losses_shape_mse_and_per_sample_independence():

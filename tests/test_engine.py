@@ -2408,3 +2408,20 @@ def test_a_unique_warning_from_python_c():
                          timeout=120)  # fmt: skip
     assert out.returncode == 0 and "went on" in out.stdout, out.stderr
     assert "UserWarning: skipped" in out.stderr
+
+
+@pytest.mark.parametrize("method", ["pcgrad", "nash", "uw+nash"])
+def test_a_gradient_steps_cluster_losses_are_the_per_cluster_means(method):
+    """ant.last.cluster_losses of ant.backward (telemetry, the step's losses, and what a loss
+    method before a gradient method trains on: UW's s in uw+nash) was never compared with the
+    per-cluster means: a wrong divisor passed every test."""
+    model, ant = setup(method)
+    x = torch.randn(13, 1, 6, 6, generator=torch.Generator().manual_seed(3))
+    t = ant.sample_timesteps(13)
+    per = per_sample_loss(model)(x, t).detach().float()
+    ant.backward(per_sample_loss(model), x, t)
+    cid = ant.clusters.cluster_of(t)
+    n = torch.bincount(cid, minlength=ant.k).float()
+    assert len(set(n.tolist())) > 1  # unequal counts: a wrong divisor shows
+    want = torch.zeros(ant.k).index_add(0, cid, per) / n.clamp(min=1)
+    torch.testing.assert_close(ant.last.cluster_losses, want)
