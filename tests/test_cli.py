@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from antdiff import info
 from antdiff.cli import main
@@ -93,6 +94,12 @@ def test_cluster_cli_errors_are_messages_not_tracebacks(tmp_path, capsys):
         assert want in err and "allow_pickle" not in err, err
     assert main(["cluster", "--schedule", str(tmp_path / "text.npy")]) == 2
     assert "is not a numeric numpy file (alphas_cumprod [T]" in capsys.readouterr().err
+    from antdiff.utils import load_npy
+
+    for missing, error in ((tmp_path / "nope.npy", FileNotFoundError),
+                           (tmp_path, IsADirectoryError)):  # the OS's own words, not "numeric"
+        with pytest.raises(error):
+            load_npy(missing, "bin edges")
 
 
 def test_cluster_cli_affinity_rules_and_missing_extension(tmp_path, capsys, monkeypatch):

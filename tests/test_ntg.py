@@ -92,7 +92,8 @@ def test_t_range_config_trains_only_inside(tmp_path):
         _cfg(tmp_path, "--train.t_range", "[300,300]")
     # t is drawn uniformly inside, not by cluster: pcgrad trained on one cluster, k - 1 empty
     with pytest.raises(ValueError, match="ant.method='pcgrad' would see clusters that never"):
-        _cfg(tmp_path, "--train.t_range", "[0,10]", "--ant.method", "pcgrad")
+        train(_cfg(tmp_path, "--train.t_range", "[0,10]", "--ant.method", "pcgrad"))
+    assert not (tmp_path / "config.yaml").exists()  # refused before anything was written
     # log-SNR clusters of T=1000, k=5 start [0, 153), [153, 394), ...: [160, 380) is inside c2
     cfg = _cfg(tmp_path, "--train.t_range", "[160,380]", "--train.ckpt_every", "0", steps=4)
     seen = []
@@ -300,3 +301,23 @@ def test_sample_images_passes_the_guided_channels(monkeypatch):
     model = torch.nn.Linear(1, 1)
     sample_images(model, None, 4, (1, 2, 2), seed=0, batch=2, cfg_channels=1)
     assert seen == [1, 1]
+
+
+def test_ntg_samples_with_the_runs_ddpm_variance(tmp_path, monkeypatch):
+    """sample.variance (DDPM's beta_t "large") reached sample / eval but not NTG, whose FIDs
+    then came from beta_tilde samples: not comparable with eval's. It is passed and recorded."""
+    import antdiff.sampling
+
+    real, seen = antdiff.sampling.sample, []
+
+    def spy(*args, **kw):
+        seen.append(kw.get("variance"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(antdiff.sampling, "sample", spy)
+    cfg = _cfg(tmp_path / "unused", "--sample.sampler", "ddpm", "--sample.variance", "large",
+               steps=2)  # fmt: skip
+    res = run_ntg(cfg, uniform_intervals(1000, 2), specialist_steps=2, out_dir=tmp_path / "ntg",
+                  n_samples=66, batch=66)  # fmt: skip
+    assert seen and set(seen) == {"large"}
+    assert res["variance"] == "large" and res["sampler"] == "ddpm"

@@ -949,7 +949,9 @@ def test_a_mount_without_flock_trains_unlocked(tmp_path, monkeypatch):
 def test_another_users_lock_file_in_a_shared_out_dir_still_locks(tmp_path, monkeypatch):
     """`.train.lock` stays after a run, 0644 after the umask: another user resuming in a
     group-shared folder got PermissionError opening it read-write, and could not train there.
-    flock needs no write access: the lock is taken on a read-only descriptor (no pid written)."""
+    flock needs no write access: the lock is taken on a read-only descriptor (no pid written,
+    so a second run names none rather than the earlier run's); a new lock file takes its
+    folder's group and other write bits."""
     from antdiff.train import LOCK_NAME, OutDirInUse, out_dir_lock
 
     run = tmp_path / "run"
@@ -961,12 +963,21 @@ def test_another_users_lock_file_in_a_shared_out_dir_still_locks(tmp_path, monke
         real_open = os.open
 
         def open_(path, flags, *args):
-            if str(path) == str(lock) and flags & (os.O_RDWR | os.O_WRONLY):
+            excl = flags & os.O_EXCL  # the file exists: FileExistsError from the real open
+            if str(path) == str(lock) and flags & (os.O_RDWR | os.O_WRONLY) and not excl:
                 raise PermissionError(13, "Permission denied", str(path))
             return real_open(path, flags, *args)
 
         monkeypatch.setattr(os, "open", open_)
     with out_dir_lock(run):
-        with pytest.raises(OutDirInUse, match=r"pid 4242"), out_dir_lock(run):
+        with pytest.raises(OutDirInUse, match=r"pid unknown, holding"), out_dir_lock(run):
             pass
     assert lock.read_text() == "4242\n"
+    monkeypatch.undo()
+    for mode, want in ((0o755, 0o644), (0o775, 0o664), (0o777, 0o666)):
+        shared = tmp_path / f"shared{mode:o}"
+        shared.mkdir()
+        shared.chmod(mode)
+        with out_dir_lock(shared):
+            assert (shared / LOCK_NAME).stat().st_mode & 0o777 == want, oct(mode)
+            assert (shared / LOCK_NAME).read_text() == f"{os.getpid()}\n"

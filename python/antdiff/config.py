@@ -343,13 +343,6 @@ class Config:
                 f"train.t_range={t_range!r} must satisfy 0 <= t1 < t2 <= diffusion.T="
                 f"{self.diffusion.T} (half-open [t1, t2), 0-based)"
             )
-        if t_range is not None and self.ant.method != "vanilla":
-            raise ValueError(
-                f"train.t_range={t_range!r} draws t uniformly in [t1, t2), not by cluster, so "
-                f"ant.method={self.ant.method!r} would see clusters that never get a sample: "
-                "t_range trains an interval specialist (antdiff ntg) with ant.method=vanilla; "
-                "set that, or drop train.t_range"
-            )
         if self.sample.cfg_scale != 1.0 and not self.data.class_conditional:
             raise ValueError(
                 f"sample.cfg_scale={self.sample.cfg_scale} needs a class-conditional model "

@@ -114,11 +114,9 @@ def variance_used(loaded: Loaded, sampler: str, variance: str | None = "run") ->
     """What a record names as the reverse variance of ``variance`` (as :func:`ddpm_variance`
     takes it): "small" / "large" for DDPM on a fixed-variance model, "learned" for learn_sigma
     models, None for DDIM."""
-    if sampler != "ddpm":
-        return None
-    if loaded.diffusion.learn_sigma:
-        return "learned"
-    return ddpm_variance(loaded, sampler, variance) or loaded.diffusion.fixed_variance
+    from .sampling import variance_name
+
+    return variance_name(loaded.diffusion, sampler, ddpm_variance(loaded, sampler, variance))
 
 
 def generate(

@@ -97,6 +97,17 @@ def respace(
     return new, ts
 
 
+def variance_name(
+    diffusion: GaussianDiffusion, sampler: str, variance: str | None = None
+) -> str | None:
+    """What a record names as the reverse variance that :func:`sample` used with ``variance``:
+    "small" / "large" for DDPM on a fixed-variance model, "learned" for learn_sigma, None for
+    DDIM (whose noise eta sets)."""
+    if sampler != "ddpm":
+        return None
+    return "learned" if diffusion.learn_sigma else variance or diffusion.fixed_variance
+
+
 def guided_output(
     model: Callable[..., torch.Tensor],
     x: torch.Tensor,

@@ -486,19 +486,18 @@ def out_dir_lock(out: Path):
         yield
         return
     path = out / LOCK_NAME
-    try:
-        fd, writable = os.open(path, os.O_RDWR | os.O_CREAT, 0o666), True
-    except PermissionError:  # another user's lock file (0644 after the umask) in a shared
-        fd, writable = os.open(path, os.O_RDONLY), False  # folder: flock needs no write access
+    fd, writable = _open_lock(path)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            # a holder that could not write its pid leaves an earlier run's there: this one
+            # cannot write either, so it reads no pid rather than maybe a stale one
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() if writable else ""
             raise OutDirInUse(
-                f"train.out_dir={str(out)!r} is in use by another antdiff train (pid {holder}, "
-                f"holding {path.name}): wait for it to end or stop it, then --resume; or choose "
-                "another --train.out_dir"
+                f"train.out_dir={str(out)!r} is in use by another antdiff train (pid "
+                f"{holder or 'unknown'}, holding {path.name}): wait for it to end or stop it, "
+                "then --resume; or choose another --train.out_dir"
             ) from None
         except OSError as exc:
             if exc.errno not in _NO_FLOCK:
@@ -522,6 +521,33 @@ def out_dir_lock(out: Path):
 
 
 _NO_FLOCK = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL}
+
+
+def _open_lock(path: Path) -> tuple[int, bool]:
+    """(fd, writable) of the lock file. A new one is writable by whoever may write its folder
+    (its group's and others' write bits), so another user resuming in a shared folder can
+    record its pid; one it cannot write (another user's, made before) is locked read-only:
+    flock needs no write access."""
+    while True:  # again if the file goes between the two opens
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            pass
+        else:
+            try:
+                os.fchmod(fd, 0o644 | (path.parent.stat().st_mode & 0o022))
+            except OSError:  # a file system without modes: keep what it gave
+                pass
+            return fd, True
+        try:
+            return os.open(path, os.O_RDWR), True
+        except FileNotFoundError:
+            continue
+        except PermissionError as exc:
+            try:
+                return os.open(path, os.O_RDONLY), False
+            except OSError:  # not readable either: the write error is the one to show
+                raise exc from None
 
 
 @contextlib.contextmanager
@@ -611,6 +637,14 @@ def _train(
     out = Path(cfg.train.out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"train.out_dir={str(out)!r} is a file; give a directory for the run")
+    t_range = cfg.train.t_range  # refused when training, not when a saved config is read
+    if t_range is not None and cfg.ant.method != "vanilla":
+        raise ValueError(
+            f"train.t_range={t_range!r} draws t uniformly in [t1, t2), not by cluster, so "
+            f"ant.method={cfg.ant.method!r} would see clusters that never get a sample: "
+            "t_range trains an interval specialist (antdiff ntg) with ant.method=vanilla; "
+            "set that, or drop train.t_range"
+        )
     fresh = resume is None or resume is False
     if fresh and cfg.data.random_flip is None:  # written so into config.yaml and checkpoints
         cfg.data.random_flip = cfg.data.flips  # (a resume takes the checkpoint's: resume_state)

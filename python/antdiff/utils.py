@@ -154,6 +154,8 @@ def load_npy(path: str | Path, what: str, **kwargs: Any) -> Any:
     no file, or advise loading it unsafely. ``what`` says what the file should hold."""
     try:
         return np.load(path, allow_pickle=False, **kwargs)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise  # the file's own trouble, in the OS's words
     except (ValueError, OSError, EOFError) as exc:
         first = (str(exc).strip().splitlines() or [""])[0][:160]
         if "pickled" in first or "Object arrays" in first:  # not advice to follow here

@@ -141,9 +141,11 @@ def sample_images(
     cfg_scale: float = 1.0,
     clip_denoised: bool = True,
     cfg_channels: int | None = None,
+    variance: str | None = None,
 ) -> torch.Tensor:
     """``n`` samples [n, *shape]; batch j draws its noise from a generator seeded seed + j,
-    so two models sampled with the same arguments see identical noise."""
+    so two models sampled with the same arguments see identical noise. ``variance``: DDPM's
+    fixed reverse variance (see :func:`antdiff.sampling.sample`)."""
     from ..sampling import sample
 
     device = next(model.parameters()).device
@@ -155,7 +157,7 @@ def sample_images(
         x = sample(
             model, diffusion, (b, *shape), sampler=sampler, steps=steps, y=y,
             cfg_scale=cfg_scale, generator=gen, clip_denoised=clip_denoised,
-            cfg_channels=cfg_channels,
+            cfg_channels=cfg_channels, variance=variance,
         )  # fmt: skip
         out.append(x.cpu())
     return torch.cat(out)
@@ -188,6 +190,7 @@ def negative_transfer_gap(
     clip_denoised: bool = True,
     decode: Any = None,
     cfg_channels: int | None = None,
+    variance: str | None = None,
     seed_gap: bool = True,
     allow_rank_deficient: bool = False,
 ) -> dict[str, Any]:
@@ -200,7 +203,7 @@ def negative_transfer_gap(
         real_images: [N, C, H, W] reference images in [-1, 1].
         extractor: a FeatureExtractor (DigitsFeatures for digits: domain features).
         n_samples / shape / seed / sampler / steps / batch / num_classes / cfg_scale /
-            clip_denoised / cfg_channels: see :func:`sample_images`.
+            clip_denoised / cfg_channels / variance: see :func:`sample_images`.
         decode: maps samples to images (latent models), or None.
         seed_gap: also sample the full model with seed + 10**6 (the noise-only FID change).
         allow_rank_deficient: accept n_samples <= feature dim (biased FID; tiny tests only).
@@ -210,7 +213,7 @@ def negative_transfer_gap(
         "intervals": [{"t_range", "label", "steps_inside", "fid", "precision", "recall",
         "ntg"}, ...], plus the sampling settings}.
     """
-    from ..sampling import space_timesteps
+    from ..sampling import space_timesteps, variance_name
 
     intervals = check_intervals(list(specialists), diffusion.T)
     ts = space_timesteps(diffusion.T, steps)
@@ -223,6 +226,7 @@ def negative_transfer_gap(
     kw = dict(
         shape=shape, sampler=sampler, steps=steps, batch=batch, num_classes=num_classes,
         cfg_scale=cfg_scale, clip_denoised=clip_denoised, cfg_channels=cfg_channels,
+        variance=variance,
     )  # fmt: skip
     real_feats = extractor(real_images)
 
@@ -258,6 +262,7 @@ def negative_transfer_gap(
         "n_real": int(real_images.shape[0]),
         "sampler": sampler,
         "sampling_steps": steps,
+        "variance": variance_name(diffusion, sampler, variance),
         "seed": seed,
         "full": base,
         "seed_gap": gap,
@@ -444,6 +449,7 @@ def run_ntg(
         steps=fc.sample.steps, batch=batch, cfg_scale=fc.sample.cfg_scale,
         num_classes=data.num_classes if fc.data.class_conditional else None,
         clip_denoised=not latents, decode=decode, cfg_channels=fc.sample.cfg_channels,
+        variance=fc.sample.variance if fc.sample.sampler == "ddpm" else None,
     )  # fmt: skip
     result["full_model"] = {
         "run": str(full or out / "full"), "steps": full_run.step, "method": fc.ant.method

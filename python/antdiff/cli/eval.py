@@ -38,8 +38,9 @@ def run(args: argparse.Namespace) -> int:
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
     check_output(args.json, "--json", folder=False)  # before the sampling, not after it
-    if args.cache_dir is not None:
-        check_output(args.cache_dir, "--cache-dir", folder=True)
+    if args.cache_dir is not None and args.cache_dir.exists() and not args.cache_dir.is_dir():
+        # only "a file": a read-only cache that already holds the statistics is fine
+        raise ValueError(f"--cache-dir {str(args.cache_dir)!r} is a file; give a folder")
     res = evaluate_checkpoint(
         args.ckpt,
         args.num,
