@@ -2425,3 +2425,15 @@ def test_a_gradient_steps_cluster_losses_are_the_per_cluster_means(method):
     assert len(set(n.tolist())) > 1  # unequal counts: a wrong divisor shows
     want = torch.zeros(ant.k).index_add(0, cid, per) / n.clamp(min=1)
     torch.testing.assert_close(ant.last.cluster_losses, want)
+
+
+def test_batch_helpers_keep_zero_dim_tensors_whole():
+    """A 0-d tensor in the batch (a shared scalar) has no batch dimension: checking, slicing
+    and gathering the batch leave it as it is."""
+    from antdiff.engine.batch import check_batch, slice_batch, take_batch
+
+    s = torch.tensor(0.5)
+    b = {"x": torch.arange(6.0).view(6, 1), "s": s}
+    check_batch(b, 6)
+    assert slice_batch(b, 1, 3)["s"] is s and slice_batch(b, 1, 3)["x"].shape[0] == 2
+    assert take_batch(b, torch.tensor([4, 0]))["s"] is s

@@ -293,3 +293,14 @@ def test_launches_make_the_tensors_device_current(monkeypatch):
     assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
     assert isinstance(on_device(OnCuda(0)), contextlib.nullcontext)
     assert isinstance(on_device(torch.zeros(2)), contextlib.nullcontext)
+
+
+def test_reference_keeps_float32_weights_for_half_precision_rows():
+    """The reference accumulates in float32 with the weights as given, also for a bf16 J:
+    the weights are not rounded to J's dtype first."""
+    J = torch.ones(3, 8, dtype=torch.bfloat16)  # noqa: N806
+    w = torch.tensor([1 / 3, 1 / 3, 1 / 3 + 1e-3], dtype=torch.float32)
+    out = combine_ref(w, J)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.full((8,), float(w.double().sum())), rtol=1e-6,
+                               atol=1e-6)  # fmt: skip

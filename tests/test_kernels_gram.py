@@ -508,3 +508,19 @@ def test_gram_cuda_more_spans_than_grid_axis_1_allows(k, P, force_triton):
     G, finite = gram(J)
     assert bool(finite)
     assert torch.equal(G, torch.full((k, k), float(P), device="cuda"))
+
+
+def test_kernel_k_limits_are_inclusive_and_devices_are_named():
+    """k == MAX_K is a kernel's largest tile and is served, MAX_K + 1 is not; tensors on
+    several devices are a reason of their own (cpu + cuda under the interpreter, or two GPUs,
+    would otherwise reach a kernel)."""
+    from ant_kernels import _dispatch
+
+    t = torch.zeros(4, 4)
+    for op, mk in _dispatch.MAX_K.items():
+        if mk is None:
+            continue
+        assert not any("exceeds" in r for r in backend_reasons(op, t, k=mk)), op
+        assert any("exceeds" in r for r in backend_reasons(op, t, k=mk + 1)), op
+    reasons = backend_reasons("combine", torch.zeros(3), torch.zeros(3, 4, device="meta"))
+    assert any("several devices" in r for r in reasons), reasons

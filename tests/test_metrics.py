@@ -530,3 +530,11 @@ def test_fid_helper_cuda_matches_cpu(fid_helper: FidHelperInception) -> None:
     imgs = torch.rand(4, 3, 64, 64) * 2 - 1
     gpu = FidHelperInception(device="cuda")
     np.testing.assert_allclose(gpu(imgs), fid_helper(imgs), rtol=1e-3, atol=1e-3)
+
+
+def test_a_sample_on_a_balls_boundary_is_inside_the_manifold():
+    """A k-NN ball is closed (distance <= radius, Kynkaanniemi et al.): a fake point at exactly
+    a real point's k-th neighbour distance counts for precision."""
+    real = torch.tensor([[0.0], [1.0], [2.0], [3.0]], dtype=torch.float64)
+    fake = torch.tensor([[4.0], [4.0]], dtype=torch.float64)  # 1 from 3: its radius
+    assert precision_recall(real, fake, k=1, device="cpu")["precision"] == 1.0

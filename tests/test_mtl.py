@@ -843,3 +843,15 @@ def test_composite_weights_pass_the_valid_flag(name):
     changed = m.grad.state_dict()
     assert any(not (torch.equal(changed[key], before[key]) if torch.is_tensor(before[key])
                     else changed[key] == before[key]) for key in before)  # fmt: skip
+
+
+def test_imtl_falls_back_to_the_parallel_limit_where_no_ridge_helps():
+    """A Gram that is not PSD (a cosine above 1) defeats every ridge of IMTL-G's ladder: its
+    last candidate is the parallel limit w ~ 1 / |g_i| (equal projections of parallel
+    gradients), summing to 1: norms 1 and 2 give (2/3, 1/3). The path had no test."""
+    c = 1 + 1e-5
+    d = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    G = torch.tensor([[1.0, c], [c, 1.0]], dtype=torch.float64) * d[:, None] * d[None, :]  # noqa: N806
+    w = IMTLG(2).weights(G, _present(2))
+    torch.testing.assert_close(w.double(), torch.tensor([2 / 3, 1 / 3], dtype=torch.float64),
+                               rtol=1e-6, atol=1e-7)  # fmt: skip

@@ -740,3 +740,54 @@ def test_ddp_single_process_gloo(tmp_path):
         dist.destroy_process_group()
     want = [p.grad for p in ref.parameters() if p.requires_grad]
     close(torch.cat([g.reshape(-1) for g in got]), torch.cat([g.reshape(-1) for g in want]))
+
+
+class _ConvNet(nn.Module):
+    def __init__(self, cin: int, cout: int, side: int) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(cin, cout, 3, padding=1)
+        self.out = nn.Linear(cout * side * side, 1)
+
+    def forward(self, x, t):
+        return self.out(torch.tanh(self.c(x)).flatten(1)).squeeze(1) * (1 + t / T)
+
+
+def test_grouped_conv_rows_with_the_last_cluster_empty():
+    """The grouped CPU conv call pads an empty cluster with a real sample: with the LAST
+    cluster empty its start bound is B, past the batch (only middle ones were tested)."""
+    torch.manual_seed(0)
+    model = _ConvNet(3, 3, 4).double()
+    ant = ANT(linear_schedule(T), k=4, method="pcgrad", model=model, sampling="uniform")
+    x = torch.randn(9, 3, 4, 4, dtype=torch.float64)
+    t = torch.tensor([3, 4, 5, 6, 40, 41, 60, 61, 62])  # clusters 0, 1, 2; cluster 3 empty
+    b2, t2, counts = ant._sorted(x, t)
+    assert counts[-1] == 0 and sum(c > 0 for c in counts) > 1
+
+    def loss_fn(b, tt):
+        return model(b, tt) ** 2
+
+    J = fill(ant, loss_fn, b2, t2, "onepass", counts=counts)  # noqa: N806
+    close(J, reference_J(model, loss_fn, b2, t2, ant.clusters, 4), rtol=1e-10, atol=1e-12)
+
+
+def test_float64_rows_keep_float64_precision_in_every_mode():
+    """micro and retain_graph summed a float64 loss in float32, so the backward's 1 / N was
+    float32 (J 3e-8 off in relative terms): every mode now matches autograd to 1e-10; and a
+    channels_last conv weight's rows are in its memory order in every mode alike."""
+    torch.manual_seed(0)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        model = _ConvNet(2, 4, 6).double().to(memory_format=layout)
+        ant = ANT(linear_schedule(T), k=3, method="pcgrad", model=model)
+        x = torch.randn(9, 2, 6, 6, dtype=torch.float64)
+        b2, t2, counts = ant._sorted(x, ant.sample_timesteps(9))
+
+        def loss_fn(b, tt, model=model):
+            return model(b, tt) ** 2
+
+        rows = {m: fill(ant, loss_fn, b2, t2, m, counts=counts)
+                for m in ("onepass", "micro", "retain_graph")}  # fmt: skip
+        want = (reference_J(model, loss_fn, b2, t2, ant.clusters, 3)
+                if layout == torch.contiguous_format else rows["onepass"])  # fmt: skip
+        assert layout == torch.contiguous_format or not model.c.weight.is_contiguous()
+        for J in rows.values():  # noqa: N806
+            close(J, want, rtol=1e-10, atol=1e-13)

@@ -240,3 +240,15 @@ def test_a_save_and_load_between_folds_keeps_the_running_sums_bit_exact(at):
         if i + 1 in (2 * FOLD - 7, 3 * FOLD):
             got.append(resumed.snapshot())
     assert got == snaps  # exact
+
+
+def test_orthogonal_clusters_are_not_a_conflict():
+    """A conflict is a negative cosine (g_i . g_j < 0): exactly orthogonal gradients (disjoint
+    parameters) are not one."""
+    tel = Telemetry(2)
+    G = torch.tensor([[2.0, 0.0], [0.0, 3.0]])  # noqa: N806
+    for _ in range(3):
+        tel.update(torch.ones(2), torch.full((2,), 0.5), torch.ones(2, dtype=torch.bool),
+                   torch.tensor(True), G)  # fmt: skip
+    s = tel.snapshot()
+    assert s["conflict_rate"] == [[0.0, 0.0], [0.0, 0.0]] and s["cosine_mean"][0][1] == 0.0

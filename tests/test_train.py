@@ -981,3 +981,53 @@ def test_another_users_lock_file_in_a_shared_out_dir_still_locks(tmp_path, monke
         with out_dir_lock(shared):
             assert (shared / LOCK_NAME).stat().st_mode & 0o777 == want, oct(mode)
             assert (shared / LOCK_NAME).read_text() == f"{os.getpid()}\n"
+
+
+def test_ema_buffers_keep_their_value_when_the_step_was_not_taken():
+    """EMA.update(taken=False) leaves the EMA as it was, buffers included; a taken step copies
+    the buffers (running statistics are not averaged)."""
+    from torch import nn
+
+    from antdiff.train import EMA
+
+    model = nn.BatchNorm1d(3)
+    ema = EMA(model, 0.9)
+    with torch.no_grad():
+        model.running_mean.fill_(5.0)
+        model.weight.fill_(2.0)
+    ema.update(torch.tensor(False))
+    assert torch.equal(ema.model.running_mean, torch.zeros(3))
+    assert torch.equal(ema.model.weight, torch.ones(3))
+    ema.update(torch.tensor(True))
+    assert torch.equal(ema.model.running_mean, torch.full((3,), 5.0))
+
+
+def test_grad_clip_and_lr_reach_the_optimiser(tmp_path, monkeypatch):
+    """train.grad_clip bounds the norm of the gradient the optimiser steps with (only its
+    warnings were tested), and a fresh run's AdamW has train.lr (only resumed runs' was)."""
+    from antdiff.train import engine_step
+
+    run = build_run(_cfg("digits_adm", tmp_path, "--ant.method", "uw", "--train.grad_clip",
+                         "1e-4", "--train.lr", "0.0123"))  # fmt: skip
+    assert run.opt.param_groups[0]["lr"] == 0.0123
+    seen, orig = [], run.opt.step
+
+    def step(*a, **kw):
+        grads = [p.grad.norm() for p in run.model.parameters() if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack(grads))))
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(run.opt, "step", step)
+    engine_step(run, get_batch(run.data, *run.batches.next_batch()))
+    assert seen and 0 < seen[0] <= 1e-4 * (1 + 1e-3), seen
+
+
+def test_the_last_step_is_logged_and_saved_off_the_cadence(tmp_path):
+    """steps = 3 with log_every = ckpt_every = 2: rows at steps 2 and 3, and the final state
+    saved at step 3 (there is no save after the loop: without it the run ended at step 2)."""
+    out = train(_cfg("digits_adm", tmp_path, "--ant.method", "uw", "--train.log_every", "2",
+                     "--train.ckpt_every", "2", steps=3))  # fmt: skip
+    with open(tmp_path / "metrics.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [2, 3]
+    assert [p.name for p in ck.list_checkpoints(tmp_path)][-1] == "ckpt_00000003.pt"
+    assert out["step"] == 3
