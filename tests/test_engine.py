@@ -713,6 +713,43 @@ def test_fused_optimizer_skips_nonfinite_step_on_the_device(method):
     assert not torch.equal(params[0].detach(), before[0])
 
 
+@pytest.mark.parametrize("method", ["uw", "pcgrad"])
+def test_a_disabled_grad_scaler_keeps_the_skip_on_the_device(method):
+    """GradScaler(enabled=False), the usual fp16 switch turned off, counts as no scaler
+    everywhere else; ant.step tested `scaler is None`, so with a fused optimiser it read the
+    finite flag on the host every step (a GPU sync) instead of passing it as found_inf."""
+    model, ant = setup(method)
+    params = [*model.parameters(), *(p for g in ant.param_groups() for p in g["params"])]
+    opt = torch.optim.AdamW(params, lr=0.1, fused=True)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    seen, step = [], opt.step
+
+    def spy(*a, **kw):
+        seen.append(getattr(opt, "found_inf", None))
+        return step(*a, **kw)
+
+    opt.step = spy
+    x = torch.randn(16, 1, 6, 6)
+    t = ant.sample_timesteps(16)
+    if ant.needs_gradients:
+        ant.backward(per_sample_loss(model), x, t, scaler=scaler)
+    else:
+        ant.reduce(per_sample_loss(model)(x, t), t).backward()
+    assert ant.step(opt, scaler=scaler) is True
+    assert len(seen) == 1 and isinstance(seen[0], torch.Tensor), seen  # the device-side skip
+
+
+def test_a_state_without_w_present_gets_it_on_the_weights_device():
+    """A state saved before w_present existed, loaded onto a GPU: w_present was made on the
+    CPU beside w on the GPU, and the first off-step mixed the two devices."""
+    _, ant = setup("nash", update_every=3)
+    state = ant.state_dict()
+    state["w"] = torch.full((ant.k,), 0.25, device="meta")
+    del state["w_present"]
+    ant._assign_state(state)
+    assert ant._w_present.device == ant._w.device == torch.device("meta")
+
+
 def test_optimizer_loaded_from_a_non_fused_state_skips_on_the_host():
     """A fused AdamW whose groups came from a non-fused state dict runs the non-fused kernel,
     which takes no found_inf: ant.step must take the host path (and still skip)."""

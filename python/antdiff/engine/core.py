@@ -1011,6 +1011,10 @@ class ANT:
         sums = torch.zeros(self.k, device=dev, dtype=torch.float32)
         bounds = np.concatenate([[0], np.cumsum(counts)])
         no_sync = getattr(self._model, "no_sync", None)
+        if _scaling(scaler) and getattr(scaler, "_scale", None) is None:
+            # a rank whose slice is empty scales no loss on its first step: the scale the Gram
+            # is unscaled by must exist all the same (scale() creates it on first use)
+            scaler.scale(torch.zeros((), device=dev))
         if self.mode in ("auto", "onepass"):
             got = self._fill_J_onepass(buf, loss_fn, batch, t, counts, N, scaler, no_sync)
             if got is not None:
@@ -1107,7 +1111,7 @@ class ANT:
             if g is None:
                 continue
             g = torch.where(finite, g, 0.0)  # a non-finite step leaves the method untouched
-            g = g * scale if scale is not None else g
+            g = g * scale.to(g.device) if scale is not None else g  # the scaler's own GPU
             p.grad = g if p.grad is None else p.grad + g
         return c, finite
 
@@ -1271,7 +1275,9 @@ class ANT:
         self.telemetry.close()
         self._flush_observe(verdict)
         hold = self._hold_absent(optimizer)
-        if skip_nonfinite and self.last is not None and scaler is None and _skips_on_device(
+        # a disabled GradScaler (enabled=False: the usual fp16 switch turned off) is no scaler
+        scaling = _scaling(scaler)
+        if skip_nonfinite and self.last is not None and not scaling and _skips_on_device(
             optimizer
         ):  # fmt: skip
             bad = (~self.last.finite).to(torch.float32)
@@ -1300,7 +1306,7 @@ class ANT:
             if _scaling(scaler):
                 _back_off(scaler)
             return False
-        if scaler is not None:
+        if scaling:
             scaler.step(optimizer)
             scaler.update()
         else:
@@ -1501,7 +1507,7 @@ class ANT:
                     f"{_describe(v)}: the checkpoint is damaged or not of this engine"
                 )
         if self._w is not None and self._w_present is None:
-            self._w_present = torch.ones(self.k, dtype=torch.bool)
+            self._w_present = torch.ones(self.k, dtype=torch.bool, device=self._w.device)
         if state.get("redo_weights"):  # saved after a non-finite recompute: the next step redoes it
             self._recompute = _Recompute(None, self._w, self._w_present, verdict=False)
         if self.method.loss is not None:
