@@ -551,3 +551,35 @@ def test_ddpm_variance_follows_the_run_and_the_flag(tmp_path: Path, capsys) -> N
         load_config("digits_adm", ["--diffusion.learn_sigma", "true", "--sample.variance", "large"])
     with pytest.raises(ValueError, match="sample.variance must be one of"):
         load_config("digits_adm", ["--sample.variance", "big"])
+
+
+def test_generate_labels_are_i_mod_num_classes_batch_by_batch(monkeypatch):
+    """A class-conditional run: generate() hands batch [start, start + n) the labels
+    (start..start+n-1) % num_classes, and returns exactly those (the suite's run is
+    unconditional, so the label path was never exercised)."""
+    from types import SimpleNamespace
+
+    import antdiff.sampling
+    from antdiff.evaluate import generate
+
+    calls: list[torch.Tensor] = []
+
+    def fake_sample(model, diffusion, shape, *, y=None, **kw):  # noqa: ANN001, ANN202
+        calls.append(y.clone())
+        return torch.zeros(shape)
+
+    monkeypatch.setattr(antdiff.sampling, "sample", fake_sample)
+    loaded = SimpleNamespace(
+        model=torch.nn.Linear(1, 1),
+        diffusion=None,
+        data=SimpleNamespace(num_classes=4, shape=(1, 2, 2), codec=None),
+        cfg=SimpleNamespace(data=SimpleNamespace(class_conditional=True),
+                            sample=SimpleNamespace(cfg_channels=None, variance=None)),
+        latent=False,
+        path="fake",
+    )
+    x, labels = generate(loaded, 11, steps=2, batch_size=3, progress=False)
+    assert x.shape == (11, 1, 2, 2)
+    want = [i % 4 for i in range(11)]
+    assert labels.tolist() == want
+    assert [c.tolist() for c in calls] == [want[0:3], want[3:6], want[6:9], want[9:11]]

@@ -342,3 +342,25 @@ def test_ddpm_variance_large_is_beta_t_and_checked():
         sample(Wavy(), small, shape, steps=5, variance="large")
     with pytest.raises(ValueError, match="learns its variance"):
         draw(GaussianDiffusion("linear", learn_sigma=True), variance="large")
+
+
+class _LabelSpy(nn.Module):
+    num_classes = 10
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x, t, y=None):  # noqa: ANN001, ANN201
+        self.seen.append(y.clone())
+        return torch.zeros_like(x)
+
+
+def test_default_null_class_is_num_classes():
+    """cfg without null_class: the unconditional half gets label model.num_classes."""
+    model = _LabelSpy()
+    y = torch.tensor([0, 3, 9])
+    sample(model, GaussianDiffusion("cosine"), (3, 1, 4, 4), steps=2, y=y, cfg_scale=3.0)
+    assert model.seen
+    for labels in model.seen:
+        assert labels.tolist() == [0, 3, 9, 10, 10, 10]

@@ -87,3 +87,15 @@ def test_a_linear_schedule_too_short_names_the_shortest_that_works():
     with pytest.raises(ValueError, match=r"use T >= 21"):
         linear_schedule(20)
     assert linear_schedule(21).T == 21
+
+
+def test_scaled_linear_rescales_its_endpoints_for_other_T():
+    """scaled_linear at T != 1000: betas from beta_start * 1000 / T to beta_end * 1000 / T,
+    linear in sqrt(beta) (the suite checks T = 1000 only, where the scale is 1)."""
+    from antdiff.schedules import scaled_linear_schedule
+
+    for T in (250, 500, 2000):  # noqa: N806
+        b = scaled_linear_schedule(T).betas
+        s = 1000.0 / T
+        np.testing.assert_allclose(b[[0, -1]], [0.0015 * s, 0.0195 * s], rtol=1e-9)
+        np.testing.assert_allclose(np.diff(np.sqrt(b), 2), 0.0, atol=1e-12)
