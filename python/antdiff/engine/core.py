@@ -674,8 +674,9 @@ class ANT:
         """Compute the method's update and write it into the parameters' ``.grad``.
 
         The ``.grad`` tensors are overwritten, not accumulated: call it once per optimiser step
-        (for gradient accumulation, use a larger batch: the per-cluster passes already bound
-        the activation memory to one cluster's sub-batch).
+        (for gradient accumulation, use a larger batch: under ``mode="micro"`` the per-cluster
+        passes bound the activation memory to one cluster's sub-batch; one-pass holds the
+        whole batch's).
 
         With ``update_every`` > 1, a recompute of the weights that was not finite (e.g. a
         GradScaler overflow) leaves the weights as they were (none before the first) and the
@@ -713,8 +714,9 @@ class ANT:
             warnings.warn(
                 "ant.backward again without ant.step since the last one: its gradients are "
                 "replaced, not accumulated (each call rebuilds J and the update). To accumulate, "
-                "pass the larger batch to one ant.backward (its per-cluster passes already bound "
-                "the activation memory); to skip a step on purpose, ignore this warning",
+                "pass the larger batch to one ant.backward (with mode='micro' its per-cluster "
+                "passes bound the activation memory to one cluster's); to skip a step on "
+                "purpose, ignore this warning",
                 stacklevel=2,
             )
         self._flush_observe()
@@ -1222,8 +1224,9 @@ class ANT:
                     f"says sync_gradients=False, e.g. inside accelerator.accumulate) after "
                     f"ant.backward (method {self.method_name!r}): each ant.backward replaces "
                     "the gradients, so the earlier micro-batches' would be dropped. Pass the "
-                    "whole batch to one ant.backward (its per-cluster passes already bound the "
-                    "activation memory) with gradient_accumulation_steps=1"
+                    "whole batch to one ant.backward (with mode='micro' its per-cluster passes "
+                    "bound the activation memory to one cluster's) with "
+                    "gradient_accumulation_steps=1"
                     + ("" if self.needs_gradients else
                        ", or accumulate with ant.reduce(...).backward()")
                 )
