@@ -456,3 +456,15 @@ def test_paths_equal_modules(tmp_path):
     torch.save(ckpt, tmp_path / "c.pt")
     with pytest.raises(ValueError, match="weights are for model 'adm-tiny'.*unexpected keys"):
         load_affinity_checkpoint(tmp_path / "c.pt")
+
+
+def test_logsnr_edges_sit_half_a_step_before_each_bin_edge():
+    """Bin [e_b, e_{b+1}) spans log-SNR at t = e_b - 1/2 .. e_{b+1} - 1/2, clamped to the first
+    and last timestep: an inner edge is the mean of its neighbours' log-SNR."""
+    from antdiff.analysis.plots import logsnr_edges
+    from antdiff.schedules import as_schedule, linear_schedule
+
+    sched = as_schedule(linear_schedule(100))
+    ls = np.asarray(sched.log_snr, dtype=np.float64)
+    got = logsnr_edges(np.array([0, 50, 100]), sched)
+    np.testing.assert_allclose(got, [ls[0], (ls[49] + ls[50]) / 2, ls[99]], rtol=1e-12)

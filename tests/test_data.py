@@ -407,3 +407,32 @@ def test_class_names_are_recorded_and_a_renamed_class_is_refused_on_resume(tmp_p
     (data / "emu").rename(data / "ant")  # still 3 classes, but "ant" now takes label 0
     with pytest.raises(ValueError, match=r"class folders changed.*\['cat', 'dog', 'emu'\]"):
         train(load_config("digits_adm", [*args, "--train.steps", "2"]), resume=True)
+
+
+def test_digits_with_three_channels_is_refused():
+    """data.channels=3 on the grey digits: load_dataset must refuse (the model would be built
+    for 3 channels, or train silently on 1)."""
+    with pytest.raises(ValueError, match=r"images have 1 channels but data.channels=3"):
+        load_dataset(DataConfig(source="digits", channels=3))
+
+
+def test_precomputed_latents_decode_undoes_shift_and_scale(tmp_path):
+    """Stored raw latents z: encode gives (z - shift) * scale, and decode hands the decoder its
+    own normalised latents (raw - d.shift) * d.scale: with an identity decoder of scale 2,
+    shift 0.25, decode(encode(i)) == (z - 0.25) * 2 for a file read with shift 0.5, scale 3."""
+    from antdiff.models import PrecomputedLatents
+    from antdiff.models.autoencoder import LatentCodec
+
+    class Identity(LatentCodec):
+        scale_factor, shift_factor = 2.0, 0.25
+
+        def decode(self, z):
+            return z
+
+    raw = torch.randn(5, 2, 3, 3)
+    torch.save(raw, tmp_path / "z.pt")
+    lat = PrecomputedLatents(tmp_path / "z.pt", scale_factor=3.0, shift_factor=0.5,
+                             decoder=Identity())
+    idx = torch.tensor([4, 1])
+    torch.testing.assert_close(lat.encode(idx), (raw[idx] - 0.5) * 3.0)
+    torch.testing.assert_close(lat.decode(lat.encode(idx)), (raw[idx] - 0.25) * 2.0)

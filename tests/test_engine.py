@@ -2474,3 +2474,97 @@ def test_batch_helpers_keep_zero_dim_tensors_whole():
     check_batch(b, 6)
     assert slice_batch(b, 1, 3)["s"] is s and slice_batch(b, 1, 3)["x"].shape[0] == 2
     assert take_batch(b, torch.tensor([4, 0]))["s"] is s
+
+
+def test_a_rank_slice_is_not_a_whole_draw():
+    """local_slice remembers the slice's counts but marks it sliced: ``whole_draw`` (which
+    turns on per-rank draws in the engine) must be False for it and True for the draw."""
+    from antdiff.clustering import cluster_timesteps
+    from antdiff.engine.timesteps import TimestepSampler
+    from antdiff.schedules import linear_schedule
+
+    s = TimestepSampler(cluster_timesteps(linear_schedule(100), 4, "snr"), "proportional", seed=0)
+    t, counts = s.sample(16)
+    assert s.whole_draw(t)
+    local = s.local_slice(t, 0, 8)
+    assert s.counts_for(local) is not None
+    assert not s.whole_draw(local)
+
+
+def test_engine_shard_tiles_a_batch_not_divisible_by_the_world(monkeypatch):
+    """ant.shard: rank r of W gets rows [r B // W, (r + 1) B // W), so the ranks' slices cover
+    every row also when W does not divide B (B=10, W=3: 3, 3, 4 rows)."""
+    import torch.distributed as tdist
+
+    from antdiff import ANT
+    from antdiff.schedules import linear_schedule
+
+    B, W = 10, 3  # noqa: N806
+    ant = ANT(linear_schedule(100), k=4, method="vanilla", seed=0)
+    ant.comm.active, ant.comm.world = True, W  # as under a group of 3 processes
+    t = ant.sample_timesteps(B)
+    x = torch.arange(B * 2).reshape(B, 2)
+    got_t, got_x = [], []
+    for r in range(W):
+        monkeypatch.setattr(tdist, "get_rank", lambda group=None, r=r: r)
+        ant.sampler.remember(t, ant.sampler.last[1], ant.sampler.last[3])  # every rank's draw
+        lx, lt = ant.shard(x, t)
+        assert lt.shape[0] == lx.shape[0] == (r + 1) * B // W - r * B // W
+        got_t.append(lt)
+        got_x.append(lx)
+    assert torch.equal(torch.cat(got_t), t) and torch.equal(torch.cat(got_x), x)
+
+
+class _SkipNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(6, 16)
+        self.emb = torch.nn.Embedding(100, 16)
+        self.out = torch.nn.Linear(16, 6)
+
+    def forward(self, x, t):
+        return self.out(torch.tanh(self.inp(x) + self.emb(t)))
+
+
+def test_a_host_skipped_step_clears_the_gradients():
+    """A non-finite step skipped on the host (non-fused Adam): ant.step returns False and
+    leaves no NaN gradients behind (zero_grad(set_to_none)), so a loop that accumulates into
+    .grad recovers at the next step."""
+    from antdiff import ANT
+    from antdiff.schedules import linear_schedule
+
+    torch.manual_seed(0)
+    net = _SkipNet()
+    ant = ANT(linear_schedule(100), k=4, method="vanilla", model=net, seed=0)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    x = torch.randn(16, 6)
+    t = ant.sample_timesteps(16)
+    ant.reduce(((net(x, t) - x) ** 2).mean(1) * float("nan"), t).backward()
+    with pytest.warns(UserWarning, match="non-finite"):
+        assert ant.step(opt) is False
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_load_state_dict_refuses_other_clusters():
+    """A state of an engine with other cluster bounds (same k, method and sampler) is refused
+    before anything is assigned."""
+    from antdiff import ANT
+    from antdiff.schedules import linear_schedule
+
+    a = ANT(linear_schedule(100), k=4, method="vanilla", clustering="snr", seed=0)
+    b = ANT(linear_schedule(100), k=4, method="vanilla", clustering="timestep", seed=0)
+    assert list(a.clusters.bounds) != list(b.clusters.bounds)
+    with pytest.raises(ValueError, match="checkpoint clusters"):
+        b.load_state_dict(a.state_dict())
+
+
+def test_load_state_dict_names_another_method():
+    """A state of another gradient method is refused with the method named (pcgrad's state
+    into an MGDA engine would otherwise load)."""
+    from antdiff import ANT
+    from antdiff.schedules import linear_schedule
+
+    a = ANT(linear_schedule(100), k=4, method="pcgrad", seed=0)
+    b = ANT(linear_schedule(100), k=4, method="mgda", seed=0)
+    with pytest.raises(ValueError, match="trained with method 'pcgrad'"):
+        b.load_state_dict(a.state_dict())

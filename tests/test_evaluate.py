@@ -583,3 +583,30 @@ def test_generate_labels_are_i_mod_num_classes_batch_by_batch(monkeypatch):
     want = [i % 4 for i in range(11)]
     assert labels.tolist() == want
     assert [c.tolist() for c in calls] == [want[0:3], want[3:6], want[6:9], want[9:11]]
+
+
+def test_sample_cli_flags_reach_generate_and_the_grid(run_dir, tmp_path, monkeypatch):
+    """--seed, --batch-size, --spacing reach evaluate.generate; --grid N puts the first N
+    samples in samples.png, upscaled 4x for 8 px images (both axes)."""
+    from matplotlib import image as mpimg
+
+    import antdiff.evaluate as ev
+    from antdiff.cli import main
+
+    seen = {}
+    real = ev.generate
+
+    def spy(*a, **kw):
+        seen.update(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ev, "generate", spy)
+    out = tmp_path / "s"
+    argv = ["sample", "--ckpt", str(run_dir), "--num", "6", "--steps", "2", "--no-progress",
+            "--seed", "5", "--batch-size", "4", "--spacing", "leading", "--grid", "4",
+            "--out", str(out)]
+    assert main(argv) == 0
+    assert (seen["seed"], seen["batch_size"], seen["spacing"]) == (5, 4, "leading")
+    png = mpimg.imread(out / "samples.png")
+    side = (2 * 9 + 1) * 4  # a 2 x 2 grid of 8 px images with 1 px borders, times 4
+    assert png.shape[:2] == (side, side)

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from antdiff.analysis.report import load_run_logs, plot_run
@@ -136,3 +137,81 @@ def test_moving_average_is_centred():
         np.testing.assert_allclose(m, m[::-1])  # symmetric around the step, as y is
     m = _moving_average(np.array([1.0, np.nan, 3.0]), 3)
     np.testing.assert_allclose(m, [1.0, 2.0, 3.0])  # NaNs left out, not counted as 0
+
+
+def test_image_grid_layout_and_nrow():
+    """image_grid: nrow columns, image i at row i // nrow, column i % nrow, 1 px borders of
+    white, pixel values (v + 1) * 127.5."""
+    from antdiff.logging_utils import image_grid
+
+    h, w = 3, 2
+    vals = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0])
+    x = vals.view(5, 1, 1, 1).expand(5, 1, h, w).clone()
+    img = image_grid(x, nrow=2)
+    assert img.shape == (3 * (h + 1) + 1, 2 * (w + 1) + 1, 3) and img.dtype == np.uint8
+    for i, v in enumerate(vals.tolist()):
+        r, q = divmod(i, 2)
+        cell = img[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + q * (w + 1): 1 + q * (w + 1) + w]
+        assert (cell == round((v + 1) * 127.5)).all(), i
+    assert (img[0] == 255).all() and (img[:, 0] == 255).all()
+    # default: ceil(sqrt(n)) columns
+    assert image_grid(x).shape == (2 * (h + 1) + 1, 3 * (w + 1) + 1, 3)
+
+
+def test_save_png_upscales_both_axes(tmp_path):
+    from matplotlib import image as mpimg
+
+    from antdiff.logging_utils import save_png
+
+    img = np.zeros((3, 5, 3), dtype=np.uint8)
+    img[1, 2] = 200
+    out = save_png(img, tmp_path / "a.png", scale=4)
+    back = mpimg.imread(out)
+    assert back.shape[:2] == (12, 20)
+    assert np.allclose(back[4:8, 8:12, 0], 200 / 255, atol=1e-3)
+    assert np.allclose(back[:4, :, 0], 0) and np.allclose(back[:, :8, 0], 0)
+
+
+def test_metrics_csv_columns_hold_their_values(tmp_path):
+    """Every metrics.csv value sits under its own header: lr under "lr", the step time under
+    "sec_per_step", cluster losses / weights under loss_ci / weight_ci, objective last."""
+    import csv
+
+    from antdiff.logging_utils import RunLogger
+
+    log = RunLogger(tmp_path, k=2, start=0, total=1, progress=False)
+    log.log(5, 0.75, {"loss": [1.5, 2.5], "weight": [0.25, 0.125]}, lr=0.003, sec=42.0,
+            objective=-1.25)
+    log.close()
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    got = {k: float(v) for k, v in row.items()}
+    assert got == {"step": 5, "loss": 0.75, "loss_c1": 1.5, "loss_c2": 2.5, "weight_c1": 0.25,
+                   "weight_c2": 0.125, "lr": 0.003, "sec_per_step": 42.0, "objective": -1.25}
+
+
+def test_latent_grid_spans_the_full_pixel_range():
+    """image_grid(latent=True) rescales each shown channel to its own range: the smallest
+    value of a channel is pixel 0, the largest 255."""
+    from antdiff.logging_utils import image_grid
+
+    x = torch.linspace(-7.0, 3.0, 2 * 4 * 2 * 2).reshape(2, 4, 2, 2)
+    img = image_grid(x, latent=True)
+    inner = img[1:3, 1:3]  # the first image's pixels
+    assert img[1:-1, 1:-1].min() == 0 and img[1:-1, 1:-1].max() == 255
+    assert inner.shape == (2, 2, 3)
+
+
+def test_report_reads_weights_from_the_weight_columns(tmp_path):
+    """load_run_logs: "weight" from weight_ci, "cluster_loss" from loss_ci."""
+    from antdiff.analysis.report import load_run_logs
+    from antdiff.logging_utils import RunLogger
+
+    log = RunLogger(tmp_path, k=2, start=0, total=2, progress=False)
+    log.log(1, 0.75, {"loss": [1.5, 2.5], "weight": [0.25, 0.125]}, lr=0.1, sec=1.0)
+    log.log(2, 0.5, {"loss": [1.0, 3.0], "weight": [0.5, 0.0625]}, lr=0.1, sec=1.0)
+    log.close()
+    logs = load_run_logs(tmp_path)
+    np.testing.assert_array_equal(logs["steps"], [1, 2])
+    np.testing.assert_array_equal(logs["cluster_loss"], [[1.5, 2.5], [1.0, 3.0]])
+    np.testing.assert_array_equal(logs["weight"], [[0.25, 0.125], [0.5, 0.0625]])

@@ -264,3 +264,37 @@ def test_a_busy_out_dir_refuses_every_rank(tmp_path):
     assert said.startswith("RuntimeError: rank 0 could not take train.out_dir=") and (
         "Not a directory" in said
     ), said
+
+
+def test_model_rng_differs_per_rank_and_step():
+    """seed_model_rng: dropout masks must differ between ranks (and steps), and be fixed by
+    (seed, step, rank)."""
+    from antdiff.train_dist import DistContext
+
+    def draw(rank, step):
+        with torch.random.fork_rng(devices=[]):
+            DistContext(rank, 2, rank, torch.device("cpu"), False).seed_model_rng(7, step)
+            return torch.rand(8)
+
+    assert torch.equal(draw(0, 3), draw(0, 3))
+    assert not torch.equal(draw(0, 3), draw(1, 3))
+    assert not torch.equal(draw(0, 3), draw(0, 4))
+
+
+def test_local_rank_defaults_to_the_rank(monkeypatch):
+    """Launched with RANK / WORLD_SIZE but no LOCAL_RANK (one node), process r is local rank r
+    (its GPU cuda:r), not 0 for all."""
+    import torch.distributed as tdist
+
+    from antdiff import train_dist
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(tdist, "init_process_group", lambda *a, **k: None)
+    seen = []
+    monkeypatch.setattr(train_dist, "rank_device",
+                        lambda name, lr: seen.append(lr) or torch.device("cpu"))
+    ctx = train_dist.init_distributed("cpu")
+    assert ctx is not None and (ctx.rank, ctx.world, ctx.local_rank) == (1, 2, 1)
+    assert seen == [1]
