@@ -123,6 +123,15 @@ def test_cluster_cli_affinity_rules_and_missing_extension(tmp_path, capsys, monk
         assert '"bounds": [0, 25, 50, 75, 100]' in capsys.readouterr().out
     assert main([*grad, str(tmp_path / "dict.pt")]) == 2
     assert "must hold the affinity matrix as one tensor, got dict" in capsys.readouterr().err
+    # an affinity measured on a cosine run: its log-SNR ranges (and plot) were the linear
+    # schedule's unless --schedule was repeated; the file's meta now names it
+    np.savez(tmp_path / "cos.npz", affinity=A[::5, ::5], bin_edges=np.arange(0, T + 1, 5),
+             meta=np.array(json.dumps({"schedule": f"cosine(T={T})"})))  # fmt: skip
+    for extra, want in (([], "cosine"), (["--schedule", "linear"], "linear")):
+        assert main([*grad, str(tmp_path / "cos.npz"), "--json", str(tmp_path / "c.json"),
+                     *extra]) == 0  # fmt: skip
+        assert json.loads((tmp_path / "c.json").read_text())["meta"]["schedule"] == f"{want}(T={T})"
+    capsys.readouterr()
     monkeypatch.setattr(interval_dp, "_load_cpp", lambda: None)
     monkeypatch.setitem(interval_dp._cpp, "error", "not built")
     assert main(["cluster", "--backend", "cpp"]) == 2

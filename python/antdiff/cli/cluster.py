@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..clustering import cluster_timesteps, load_affinity, plot_clusters
+from ..config import SCHEDULES
 from ..schedules import Schedule, make_schedule
 from ..utils import atomic_write_text, check_output, load_npy
 
@@ -27,8 +28,9 @@ def _limit(s: str) -> int | str | None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--schedule",
-        default="linear",
-        help="linear | scaled_linear | cosine | PATH.npy (alphas_cumprod)",
+        default=None,
+        help="linear | scaled_linear | cosine | PATH.npy (alphas_cumprod); default: the one an "
+        "affinity .npz was measured on (its meta), else linear",
     )
     p.add_argument(
         "--T", type=int, default=None,
@@ -70,6 +72,17 @@ def load_schedule(name: str, T: int) -> Schedule:  # noqa: N803
     return make_schedule(name, T)
 
 
+def _affinity_schedule(path: Path) -> str:
+    """The named schedule an ``antdiff affinity`` .npz records in its meta ("cosine(T=1000)"
+    -> "cosine"); "linear" for files without one (a .npy, a .pt, a custom schedule)."""
+    if Path(path).suffix != ".npz":
+        return "linear"
+    with load_npy(path, "an affinity [T, T] and its bin_edges") as z:
+        meta = json.loads(str(z["meta"])) if "meta" in z else {}
+    name = str(meta.get("schedule", "")).split("(")[0]
+    return name if name in SCHEDULES else "linear"
+
+
 def run(args: argparse.Namespace) -> int:
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path is not None:
@@ -85,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
     T = args.T  # noqa: N806
     if T is None:  # the affinity's timesteps: its last bin edge, or the side of a [T, T] one
         T = 1000 if affinity is None else int(edges[-1]) if edges is not None else len(affinity)  # noqa: N806
+    if args.schedule is None:
+        args.schedule = _affinity_schedule(args.affinity) if affinity is not None else "linear"
     sched = load_schedule(args.schedule, T)  # a .npy file has its own length
     if args.T is not None and len(sched.alphas_cumprod) != args.T:
         raise ValueError(
