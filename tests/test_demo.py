@@ -65,6 +65,24 @@ def test_demo_never_deletes_a_run_it_did_not_write(tmp_path: Path) -> None:
     assert ckpt.read_bytes() == b"weights"
 
 
+def test_a_refused_demo_touches_neither_run_and_says_no_training(tmp_path: Path, capsys) -> None:
+    """A foreign runs/vanilla: the demo's own earlier runs/ant was already deleted, and
+    "[demo] training ..." printed, before the refusal. Both are checked first now."""
+    from antdiff.demo import MARK
+
+    own = tmp_path / "runs" / "ant"
+    own.mkdir(parents=True)
+    (own / MARK).write_text("written by antdiff demo\n")
+    (own / "samples.png").write_bytes(b"png")
+    theirs = tmp_path / "runs" / "vanilla" / "notes.txt"
+    theirs.parent.mkdir(parents=True)
+    theirs.write_text("mine")
+    with pytest.raises(ValueError, match="runs/vanilla' holds files the demo did not write"):
+        run_demo(tmp_path, steps=2, batch_size=16, progress=False)
+    assert (own / "samples.png").read_bytes() == b"png" and theirs.read_text() == "mine"
+    assert "[demo] training" not in capsys.readouterr().err
+
+
 def test_demo_errors_name_its_own_flags(tmp_path: Path, capsys) -> None:
     """A bad --batch-size said "train.batch_size ... or set ant.sampling=uniform", neither of
     them a demo flag; `python -m antdiff.demo` printed a traceback."""

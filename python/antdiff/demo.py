@@ -169,24 +169,25 @@ def run_demo(
     for name, method in (("ant", None), ("vanilla", "vanilla")):
         over = [*extra, "--train.out_dir", str(out / "runs" / name)]
         over += (["--ant.method", method] if method else []) + ["--train.threads", "1"]
-        cfg = load_config(PRESET, over)
+        jobs[name] = (load_config(PRESET, over), over)
+    for name in jobs:  # both checked before either is touched
+        run_dir = out / "runs" / name
+        if not _demo_owned(run_dir) and run_dir.exists() and any(run_dir.iterdir()):
+            raise ValueError(
+                f"{str(run_dir)!r} holds files the demo did not write (a training run?): give "
+                "the demo another --out"
+            )
+    for name, (cfg, _) in jobs.items():  # a rerun replaces the demo's own runs (they keep no
+        # checkpoints, so an earlier run's sample grids and TensorBoard events would sit beside
+        # the new ones); only folders the demo marked as its own, never a run of the user's
         print(
             f"[demo] training {name}: {cfg.ant.method}, {cfg.train.steps} steps, batch "
             f"{cfg.train.batch_size}",
             file=sys.stderr,
         )
-        jobs[name] = (cfg, over)
-    for name in jobs:  # a rerun replaces the demo's own runs (they keep no checkpoints, so an
-        # earlier run's sample grids and TensorBoard events would sit beside the new ones);
-        # only folders the demo marked as its own, never a run of the user's
         run_dir = out / "runs" / name
         if _demo_owned(run_dir):
             shutil.rmtree(run_dir)
-        elif run_dir.exists() and any(run_dir.iterdir()):
-            raise ValueError(
-                f"{str(run_dir)!r} holds files the demo did not write (a training run?): give "
-                "the demo another --out"
-            )
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / MARK).write_text("written by antdiff demo; a rerun replaces this folder\n")
     _remove_old_report(out)
