@@ -96,6 +96,8 @@ def _worker(rank: int, init_file: str, result_file: str) -> None:
             grad, w, extra = one_step("pcgrad", model, x[sl], t[sl], ant)
             results[name] = {"grad": grad, "w": w, "extra": extra}
         results["pcgrad:shard"] = _shard_step(rank)
+        for mode in ("micro", "retain_graph"):
+            results[f"scaled_empty:{mode}"] = _scaled_step(rank, mode)
         results["bn_broadcasts"] = _retain_graph_buffer_broadcasts(rank)
         results["recompute_paths"] = _redo_after_a_nonfinite_recompute(rank)
         refused = []
@@ -337,6 +339,27 @@ def _shard_step(rank: int | None):
     return {"grad": grad, "w": w, "extra": extra}
 
 
+def _scaled_step(rank: int | None, mode: str):
+    """fp16 losses and a fresh GradScaler, rank 0's slice empty: that rank scales no loss on
+    its first step, so the scale the Gram is unscaled by did not exist yet (it raised)."""
+    torch.manual_seed(0)
+    net = Net()
+    model = net if rank is None else nn.parallel.DistributedDataParallel(net)
+    ant = ANT(linear_schedule(T), k=4, method="pcgrad", seed=0, model=model, mode=mode)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, t = make_data()
+    sl = slice(0, B) if rank is None else slice(0, 0) if rank == 0 else slice(0, B)
+
+    def loss_fn(xb, tb):
+        return ((model(xb, tb) - torch.sin(xb)) ** 2).mean(dim=1).half()
+
+    out = ant.backward(loss_fn, x[sl], t[sl], scaler=scaler)
+    assert ant.step(opt, scaler=scaler)
+    params = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    return {"params": params, "w": out.weights.detach(), "scale": scaler.get_scale()}
+
+
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
@@ -387,6 +410,15 @@ def test_ddp_settings_that_break_gradient_methods_are_refused(two_process_result
     assert "DDP(model, gradient_as_bucket_view=False)" in bucket
     assert "static_graph=True" in static and "no_sync" in static
     assert "distributed=False" in local and "own update" in local
+
+
+@pytest.mark.parametrize("mode", ["micro", "retain_graph"])
+def test_a_rank_without_samples_under_a_grad_scaler(two_process_results, mode, monkeypatch):
+    monkeypatch.setenv("ANT_KERNELS_BACKEND", "torch")
+    ref, got = _scaled_step(None, mode), two_process_results[f"scaled_empty:{mode}"]
+    assert got["scale"] == ref["scale"]
+    torch.testing.assert_close(got["w"], ref["w"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got["params"], ref["params"], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.slow
