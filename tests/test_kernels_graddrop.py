@@ -199,3 +199,20 @@ def test_cuda_matches_reference_without_host_sync(force_triton):
         torch.cuda.set_sync_debug_mode("default")
     ref = graddrop_ref(J, present, 2**63 + 3, torch.tensor([4]), 0.3, torch.tensor(5.0))
     assert torch.equal(got.cpu(), ref)
+
+
+@pytest.mark.interpret
+def test_triton_purity_tie_drops_both_signs(kernel_device, force_triton):
+    """Columns whose purity equals their draw U exactly (g = (U, -(1 - U)): purity = U, every
+    operation exact in float32): both strict comparisons are false, so with leak 0 the column
+    is 0; a >= or <= would keep one sign. Random J never ties (U has 24 bits)."""
+    P, seed = 4099, 2**63 + 7  # noqa: N806
+    step = torch.tensor([2**33 + 1], dtype=torch.int64)
+    u = uniform_ref(seed, step, P)
+    J = torch.stack([u, -(1 - u)])  # noqa: N806
+    present, div = torch.ones(2, dtype=torch.bool), torch.tensor(1.0)
+    ref = graddrop_ref(J, present, seed, step, 0.0, div)
+    assert torch.equal(ref, torch.zeros(P))  # the definition
+    got = graddrop(J.to(kernel_device), present.to(kernel_device), seed, step.to(kernel_device),
+                   0.0, div.to(kernel_device))  # fmt: skip
+    assert torch.equal(got.cpu(), ref)

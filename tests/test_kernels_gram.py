@@ -524,3 +524,24 @@ def test_kernel_k_limits_are_inclusive_and_devices_are_named():
         assert any("exceeds" in r for r in backend_reasons(op, t, k=mk + 1)), op
     reasons = backend_reasons("combine", torch.zeros(3), torch.zeros(3, 4, device="meta"))
     assert any("several devices" in r for r in reasons), reasons
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("kernel", ["row-tile", "split"])
+@pytest.mark.parametrize("k", [1, 5, 7])
+def test_triton_reads_nothing_past_column_p(kernel, k, kernel_device, force_triton):
+    """J = the first P columns of a buffer whose other entries are NaN: every column >= P and
+    row >= k stays masked on every tile load (a NaN read times a masked 0 is still NaN). The
+    other tests' tail columns lie past the tensor's end or hold finite values, so an unmasked
+    load was caught only when stray memory happened to be non-finite."""
+    P = 4099  # noqa: N806  (a 4096-column block and a 3-column tail)
+    buf = torch.full((k + 1, P + 4 * 4096 + 16), float("nan"))
+    ints = torch.randint(-8, 9, (k, P)).float()
+    buf[:k, :P] = ints
+    J = buf.to(kernel_device)[:k, :P]  # noqa: N806
+    if kernel == "row-tile":
+        G, finite = gram(J)  # noqa: N806
+    else:
+        G, finite = gram_triton(J, block_p=2048, chunks=2, config=(0, 4, 2, 4, 1, 4))  # noqa: N806
+    assert bool(finite)
+    assert torch.equal(G.cpu(), ints @ ints.T)

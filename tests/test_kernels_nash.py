@@ -284,3 +284,26 @@ def test_nash_cuda_no_host_sync(kind, force_triton):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(a.cpu(), nash_weights_ref(G), rtol=1e-12, atol=0)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("case", ["opposed8", "random5"])
+def test_triton_takes_exactly_iters_steps(case, kernel_device, force_triton):
+    """The kernel runs exactly ``iters`` damped steps from the reference's start: at step
+    counts around the first whose result passes the tolerance (28 for an opposed k = 8 Gram,
+    3 for a random k = 5 one) its weights are NaN or finite exactly where the reference's are,
+    and equal them. Converged weights (the other tests') do not depend on the step count, the
+    start or where the damping ends."""
+    if case == "opposed8":
+        G, counts = _opposed(8, 0.01), (27, 28, 30)  # noqa: N806
+    else:
+        g = torch.Generator().manual_seed(5)
+        J = torch.randn(5, 200, generator=g, dtype=torch.float64)  # noqa: N806
+        G, counts = J @ J.T, (2, 3, 4)  # noqa: N806
+    finite = []
+    for iters in counts:
+        want = nash_weights_ref(G, iters=iters)
+        got = nash_weights(G.to(kernel_device), iters=iters).cpu()
+        finite.append(bool(torch.isfinite(want).all()))
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=0, equal_nan=True)
+    assert finite[0] is False and finite[-1] is True  # the counts straddle convergence

@@ -168,3 +168,31 @@ def test_cuda_equals_cpu_without_host_sync(force_triton):
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(got.cpu(), uniform_ref(5, _step(2**33 + 2), n))
     assert torch.equal(nxt.cpu(), uniform_ref(5, _step(2**33 + 3), n))
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("offset", [1, 2, 3, 6, 2**33 + 3])
+@pytest.mark.parametrize("n", [1, 5, 4099])
+def test_triton_writes_only_its_out(offset, n, kernel_device, force_triton):
+    """out = a window of a larger buffer, at an offset that is not a multiple of 4: the first
+    counter covers stream positions before ``offset`` and the last ones past offset + n; neither
+    may be written (only a fresh or a strided, copied-back out was tested)."""
+    buf = torch.full((n + 16,), -1.0, device=kernel_device)
+    out = buf[8 : 8 + n]
+    assert uniform(7, _step(9, kernel_device), n, out=out, offset=offset) is out
+    assert torch.equal(out.cpu(), uniform_ref(7, _step(9), n, offset=offset))
+    assert bool((buf[:8] == -1).all()) and bool((buf[8 + n :] == -1).all())
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize(("offset", "n"), [(3, 2), (1, 4), (6, 7), (3, 5)])
+@pytest.mark.parametrize("block", [1, 2])
+def test_triton_launch_covers_an_unaligned_range(offset, n, block, kernel_device, force_triton):
+    """The grid counts the counters [offset, offset + n) touches, (offset + n + 3) // 4 -
+    offset // 4, not (n + 3) // 4: offset % 4 + n % 4 > 4 straddles one more counter; small
+    blocks make it a program of its own (the small-block test used offset 0)."""
+    from ant_kernels.uniform import uniform_triton
+
+    got = uniform_triton(7, _step(9, kernel_device), n,
+                         torch.full((n,), -1.0, device=kernel_device), block=block, offset=offset)
+    assert torch.equal(got.cpu(), uniform_ref(7, _step(9), n, offset=offset))
