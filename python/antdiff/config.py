@@ -309,6 +309,11 @@ class SampleConfig:
     # means it too) or "large" (beta_t)
     variance: str | None = None
 
+    def ddpm_variance(self, sampler: str | None = None) -> str | None:
+        """The ``variance`` for :func:`antdiff.sampling.sample` with ``sampler`` (default this
+        config's own): ``variance`` for DDPM, None for DDIM (whose noise eta sets)."""
+        return self.variance if (sampler or self.sampler) == "ddpm" else None
+
     def __post_init__(self) -> None:
         _choice("sample", "sampler", self.sampler, SAMPLERS)
         _choice("sample", "variance", self.variance, VARIANCES)

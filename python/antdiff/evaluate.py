@@ -105,9 +105,7 @@ def run_settings(
 def ddpm_variance(loaded: Loaded, sampler: str, variance: str | None = "run") -> str | None:
     """The ``variance`` for :func:`antdiff.sampling.sample`: "run" (default) takes the run's own
     ``sample.variance`` for DDPM (None for DDIM, whose noise eta sets); anything else passes."""
-    if variance == "run":
-        return loaded.cfg.sample.variance if sampler == "ddpm" else None
-    return variance
+    return loaded.cfg.sample.ddpm_variance(sampler) if variance == "run" else variance
 
 
 def variance_used(loaded: Loaded, sampler: str, variance: str | None = "run") -> str | None:

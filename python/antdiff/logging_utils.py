@@ -293,7 +293,7 @@ def write_samples(run: Any, path: Path) -> Path:
         y=y,
         cfg_scale=sc.cfg_scale,
         cfg_channels=sc.cfg_channels,
-        variance=sc.variance if sc.sampler == "ddpm" else None,
+        variance=sc.ddpm_variance(),
         generator=gen,
         clip_denoised=not latents,
     )

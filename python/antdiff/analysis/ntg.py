@@ -449,7 +449,7 @@ def run_ntg(
         steps=fc.sample.steps, batch=batch, cfg_scale=fc.sample.cfg_scale,
         num_classes=data.num_classes if fc.data.class_conditional else None,
         clip_denoised=not latents, decode=decode, cfg_channels=fc.sample.cfg_channels,
-        variance=fc.sample.variance if fc.sample.sampler == "ddpm" else None,
+        variance=fc.sample.ddpm_variance(),
     )  # fmt: skip
     result["full_model"] = {
         "run": str(full or out / "full"), "steps": full_run.step, "method": fc.ant.method
