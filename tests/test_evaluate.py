@@ -560,6 +560,7 @@ def test_generate_labels_are_i_mod_num_classes_batch_by_batch(monkeypatch):
     from types import SimpleNamespace
 
     import antdiff.sampling
+    from antdiff.config import SampleConfig
     from antdiff.evaluate import generate
 
     calls: list[torch.Tensor] = []
@@ -574,7 +575,7 @@ def test_generate_labels_are_i_mod_num_classes_batch_by_batch(monkeypatch):
         diffusion=None,
         data=SimpleNamespace(num_classes=4, shape=(1, 2, 2), codec=None),
         cfg=SimpleNamespace(data=SimpleNamespace(class_conditional=True),
-                            sample=SimpleNamespace(cfg_channels=None, variance=None)),
+                            sample=SampleConfig()),
         latent=False,
         path="fake",
     )
