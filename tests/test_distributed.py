@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from antdiff import ANT
 from antdiff.schedules import linear_schedule
@@ -98,6 +99,8 @@ def _worker(rank: int, init_file: str, result_file: str) -> None:
         results["pcgrad:shard"] = _shard_step(rank)
         for mode in ("micro", "retain_graph"):
             results[f"scaled_empty:{mode}"] = _scaled_step(rank, mode)
+        for method in WINDOW_METHODS:
+            results[f"window:{method}"] = _window_steps(rank, method)
         results["bn_broadcasts"] = _retain_graph_buffer_broadcasts(rank)
         results["recompute_paths"] = _redo_after_a_nonfinite_recompute(rank)
         refused = []
@@ -360,6 +363,50 @@ def _scaled_step(rank: int | None, mode: str):
     return {"params": params, "w": out.weights.detach(), "scale": scaler.get_scale()}
 
 
+def _window_steps(rank: int | None, method: str):
+    """Two optimiser steps of two micro-batches each through ant.backward(accumulate=True)
+    (Nash: an on-step and an off-step); every rank holds an uneven slice of each global
+    micro-batch, and J / DDP's gradients are all-reduced at each window's last call only."""
+    torch.manual_seed(0)
+    net = Net()
+    model = net if rank is None else nn.parallel.DistributedDataParallel(net)
+    kw = {"update_every": 2} if method == "nash" else {}
+    ant = ANT(linear_schedule(T), k=4, method=method, seed=0, model=model, **kw)
+    params = [*net.parameters(), *(ant.method.loss.parameters() if ant.method.loss else ())]
+    opt = torch.optim.SGD(params, lr=0.1)
+    g = torch.Generator().manual_seed(2)
+
+    def loss_fn(xb, tb):
+        return ((model(xb, tb) - torch.sin(xb)) ** 2).mean(dim=1)
+
+    reduced = [0]  # DDP's bucket all-reduces
+    if rank is not None:
+        def hook(state, bucket):
+            reduced[0] += 1
+            return allreduce_hook(state, bucket)
+
+        model.register_comm_hook(None, hook)
+    weights, early = [], []
+    for _ in range(2):
+        for m in range(2):
+            x, t = torch.randn(B, 6, generator=g), torch.randint(0, T, (B,), generator=g)
+            sl = slice(0, B) if rank is None else slice(0, 5 + m) if rank == 0 else slice(5 + m, B)
+            before = reduced[0]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # timesteps not from the sampler
+                out = ant.backward(loss_fn, x[sl], t[sl], accumulate=m == 0)
+            if m == 0:
+                early.append(reduced[0] - before)
+        weights.append(out.weights.detach())
+        assert ant.step(opt)
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    return {"params": flat, "w": torch.stack(weights), "step": ant.step_count,
+            "reduced_early": early}  # fmt: skip
+
+
+WINDOW_METHODS = ("pcgrad", "nash", "uw")
+
+
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
@@ -419,6 +466,17 @@ def test_a_rank_without_samples_under_a_grad_scaler(two_process_results, mode, m
     assert got["scale"] == ref["scale"]
     torch.testing.assert_close(got["w"], ref["w"], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(got["params"], ref["params"], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", WINDOW_METHODS)
+def test_accumulation_windows_under_ddp_equal_one_process(two_process_results, method,
+                                                          monkeypatch):  # fmt: skip
+    monkeypatch.setenv("ANT_KERNELS_BACKEND", "torch")
+    ref, got = _window_steps(None, method), two_process_results[f"window:{method}"]
+    assert got["step"] == ref["step"] == 2
+    assert got["reduced_early"] == [0, 0]  # a window's first call all-reduces nothing in DDP
+    torch.testing.assert_close(got["w"], ref["w"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got["params"], ref["params"], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.slow

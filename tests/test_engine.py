@@ -2368,19 +2368,20 @@ class _Accumulating(torch.optim.SGD):
 
 def test_accumulating_optimizer_micro_steps():
     """Under accelerate's accumulate, ant.step runs on every micro-batch. A gradient method
-    dropped all but the last micro-batch without a word: refused. A loss method observed (and
-    judged) each micro-batch as a step of its own: the syncing call now does it for all."""
+    dropped all but the last micro-batch without a word: refused unless ant.backward was told
+    to accumulate (test_accumulate.py). A loss method observed (and judged) each micro-batch as
+    a step of its own: the syncing call now does it for all."""
     torch.manual_seed(0)
     model, ant = setup("pcgrad")
     opt = _Accumulating(model.parameters(), 2)
     x = torch.randn(16, 1, 6, 6)
     ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16))
-    with pytest.raises(ValueError, match="sync_gradients=False.*one ant.backward"):
+    with pytest.raises(ValueError, match="sync_gradients=False.*accumulate=not accelerator"):
         ant.step(opt)
     model, ant = setup("uw")  # a loss method trained through ant.backward replaces them too
     opt = _Accumulating(model.parameters(), 2)
     ant.backward(per_sample_loss(model), x, ant.sample_timesteps(16))
-    with pytest.raises(ValueError, match="sync_gradients=False.*ant.reduce"):
+    with pytest.raises(ValueError, match="sync_gradients=False.*accumulate=not accelerator"):
         ant.step(opt)
     runs = []
     for accumulate in (False, True):

@@ -105,11 +105,12 @@ def test_detector_catches_value_reads():
 def _step(
     family: str, method: str, mode: str, B: int, skip_nonfinite: bool = False,
     sampling: str = "proportional", device: str = "cpu", amp: bool = False, fused: bool = False,
-    method_kwargs: dict | None = None,
+    method_kwargs: dict | None = None, micro_batches: int = 1,
 ):  # fmt: skip
     """One training step as a trainer writes it (``ant.step`` without the non-finite read);
     ``amp``: the forward under bf16 autocast; ``fused``: a fused AdamW (which skips a
-    non-finite step on the device) instead of SGD."""
+    non-finite step on the device) instead of SGD; ``micro_batches``: the step's batch in that
+    many micro-batches (ant.backward(accumulate=True) or ant.reduce for each)."""
     torch.manual_seed(0)
     model = create_model("adm-tiny" if family == "unet" else "dit-tiny").to(device)
     cond = family == "dit"
@@ -134,13 +135,17 @@ def _step(
             out = diffusion.training_losses(model, x0, t, eps, {"y": labels} if cond else None)
         return out["loss"]
 
+    b = B // micro_batches
+
     def step():
         opt.zero_grad(set_to_none=True)
-        t = ant.sample_timesteps(B, device=device)
-        if ant.needs_gradients:
-            ant.backward(loss_fn, (x, noise, y), t)
-        else:
-            ant.reduce(loss_fn((x, noise, y), t), t).backward()
+        for m in range(micro_batches):
+            t = ant.sample_timesteps(b, device=device)
+            batch = tuple(v[m * b : (m + 1) * b] for v in (x, noise, y))
+            if ant.needs_gradients:
+                ant.backward(loss_fn, batch, t, accumulate=m < micro_batches - 1)
+            else:
+                ant.reduce(loss_fn(batch, t), t).backward()
         ant.step(opt, skip_nonfinite=skip_nonfinite)
 
     step.x = x  # the batch's x0, shared by every step (tests poison it)
@@ -177,6 +182,41 @@ def test_engine_step_has_no_host_sync(family, method, mode):
     with NoHostCopy(), NoHostSync():
         for _ in range(4):  # covers Nash's off-steps (update_every=3)
             step()
+
+
+WINDOW_CASES = [
+    ("unet", "pcgrad", "onepass"),
+    ("unet", "pcgrad", "micro"),
+    ("dit", "uw+nash", "onepass"),
+    ("dit", "graddrop", "onepass"),
+    ("unet", "uw", "auto"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("family", "method", "mode"), WINDOW_CASES)
+def test_accumulated_micro_batches_have_no_host_sync(family, method, mode):
+    """Two micro-batches a step (ant.backward(accumulate=True) for gradient methods)."""
+    step = _step(family, method, mode, B=20, micro_batches=2)
+    step()
+    with NoHostCopy(), NoHostSync():
+        for _ in range(4):  # Nash's off-steps too
+            step()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
+@pytest.mark.parametrize(("family", "method", "mode"), WINDOW_CASES)
+def test_cuda_accumulated_micro_batches_have_no_host_sync(family, method, mode):
+    step = _step(family, method, mode, B=20, device="cuda", micro_batches=2)
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(4):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
 
 
 @pytest.mark.parametrize("method", ["uw+pcgrad", "nash"])

@@ -3,6 +3,7 @@ and the paper presets (real model configs, reduced inputs) for two steps."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -247,6 +248,68 @@ def test_labels_travel_with_their_images(tmp_path, monkeypatch):
     assert len(seen) > 1 and all(seen)  # one call per cluster sub-batch, all aligned
 
 
+@pytest.mark.parametrize("method", ["pcgrad", "nash"])
+def test_micro_batches_are_accumulated_into_one_step(method, tmp_path, monkeypatch):
+    """train.micro_batch: each micro-batch draws its own stratified timesteps and goes through
+    ant.backward(accumulate=True) but the last; one optimiser step, one logged output."""
+    cfg = _cfg("digits_adm", tmp_path, "--ant.method", method, *_every(method),
+               "--train.micro_batch", "5")  # fmt: skip
+    run = build_run(cfg)
+    calls, real = [], run.ant.backward
+
+    def spy(loss_fn, batch, t, **kw):
+        calls.append((batch["x"].shape[0], kw.get("accumulate"), t.clone()))
+        return real(loss_fn, batch, t, **kw)
+
+    monkeypatch.setattr(run.ant, "backward", spy)
+    for step in range(2):  # Nash: an on- and an off-step
+        idx = run.batches.next_indices()
+        train_step(run, {"x": run.data.x[idx]})
+        assert run.ant.step_count == step + 1 and len(run.outputs) == 1
+        assert run.outputs[0] is run.ant.last and bool(run.outputs[0].weights.sum() > 0)
+    # two micro-batches of 5 a step, each with timesteps of its own
+    assert [c[:2] for c in calls] == [(5, True), (5, False)] * 2
+    assert len({tuple(c[2].tolist()) for c in calls}) == 4
+
+
+def test_loss_space_micro_batches_average_their_gradients(tmp_path, monkeypatch):
+    """vanilla with train.micro_batch: the step's gradient is the mean of the micro-batches'
+    batch-mean gradients (each ant.reduce(...) / n), from their own timesteps and noise."""
+    cfg = _cfg("digits_adm", tmp_path, "--ant.method", "vanilla", "--train.micro_batch", "5",
+               "--train.grad_clip", "0")  # fmt: skip
+    run = build_run(cfg)
+    seen, real = [], run.diffusion.training_losses
+
+    def record(model, x0, t, noise=None, model_kwargs=None):
+        seen.append((x0.clone(), t.clone(), noise.clone()))
+        return real(model, x0, t, noise, model_kwargs)
+
+    monkeypatch.setattr(run.diffusion, "training_losses", record)
+    before = copy.deepcopy(run.model)
+    monkeypatch.setattr(run.opt, "step", lambda *a, **kw: None)  # keep the gradients to compare
+    idx = run.batches.next_indices()
+    train_step(run, {"x": run.data.x[idx]})
+    assert [len(t) for _, t, _ in seen] == [5, 5]
+    assert not torch.equal(seen[0][1], seen[1][1])  # each micro-batch its own timesteps
+    want = [torch.zeros_like(p) for p in before.parameters()]
+    for x0, t, noise in seen:
+        loss = real(before, x0, t, noise)["loss"].mean() / 2
+        for w, g in zip(want, torch.autograd.grad(loss, list(before.parameters()))):
+            w += g
+    for w, p in zip(want, run.model.parameters()):
+        torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-7)
+
+
+def test_micro_batch_settings_are_checked():
+    with pytest.raises(ValueError, match="micro_batch=4 does not divide train.batch_size=10"):
+        load_config("digits_adm", ["--train.batch_size", "10", "--train.micro_batch", "4"])
+    with pytest.raises(ValueError, match="micro_batch=2 is smaller than ant.k=5"):
+        load_config("digits_adm", ["--train.batch_size", "10", "--train.micro_batch", "2"])
+    cfg = load_config("digits_adm", ["--train.batch_size", "10", "--train.micro_batch", "2",
+                                     "--ant.sampling", "uniform"])  # fmt: skip
+    assert cfg.train.micro_batch == 2
+
+
 def test_bf16_autocast_step(tmp_path):
     s = train(_cfg("digits_adm", tmp_path, "--train.bf16", "true", "--ant.method", "uw+pcgrad"))
     assert np.isfinite(s["loss"])
@@ -298,7 +361,9 @@ def test_deterministic_cuda_reruns_are_bit_identical(method, tmp_path):
 @pytest.mark.parametrize(
     "preset, method, more",
     [("digits_adm", "uw+pcgrad", ()), ("digits_dit", "nash", ()), ("digits_ldm", "rlw", ()),
-     ("digits_dit", "graddrop", ()), ("digits_adm", "uw", ("--data.random_flip", "true"))],
+     ("digits_dit", "graddrop", ()), ("digits_adm", "uw", ("--data.random_flip", "true")),
+     ("digits_adm", "uw+pcgrad", ("--train.micro_batch", "5")),
+     ("digits_dit", "dwa", ("--train.micro_batch", "5"))],
 )  # fmt: skip
 def test_resume_is_bit_exact(preset, method, more, tmp_path):
     extra = ["--ant.method", method, *_every(method), "--train.ckpt_every", "2", *more]

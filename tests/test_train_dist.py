@@ -31,14 +31,20 @@ METHODS = {
     "pcgrad": ["--ant.update_every", "2"],
     "nash": [],  # update_every 25: steps 2 and 3 reuse the step-1 weights
     "uw+pcgrad": ["--ant.update_every", "2"],
-}
+    # two micro-batches of 10 a step, each rank holding 5 of each (ant.backward's windows)
+    "uw+pcgrad:micro": ["--ant.update_every", "2", "--train.batch_size", "20",
+                        "--train.micro_batch", "10"],
+    "uw:micro": ["--train.batch_size", "20", "--train.micro_batch", "10"],
+}  # fmt: skip
 
 
-def _cfg(out, method):
+def _cfg(out, name):
+    extra = METHODS[name]
+    batch = [] if "--train.batch_size" in extra else ["--train.batch_size", str(BATCH)]
     return load_config(
         "digits_adm",
-        ["--ant.method", method, *METHODS[method], "--train.steps", str(STEPS),
-         "--train.batch_size", str(BATCH), "--train.log_every", "1", "--train.ckpt_every",
+        ["--ant.method", name.partition(":")[0], *extra, *batch, "--train.steps", str(STEPS),
+         "--train.log_every", "1", "--train.ckpt_every",
          str(STEPS), "--train.progress", "false", "--train.device", "cpu", "--sample.steps", "1",
          "--sample.n", "1", "--train.out_dir", str(out)],
     )  # fmt: skip
@@ -147,9 +153,12 @@ def test_shards_partition_the_cluster_sorted_global_batch():
 
 
 def test_global_batch_must_divide_among_the_processes():
-    with pytest.raises(ValueError, match=r"train.batch_size=10 is the GLOBAL batch.*\(4\)"):
+    with pytest.raises(ValueError, match=r"train.batch_size=10 is GLOBAL.*\(4\); use e.g. 8 or 12"):
         _ctx(0, 4).check_batch(10)
     _ctx(0, 4).check_batch(12)
+    with pytest.raises(ValueError, match=r"train.micro_batch=6 is GLOBAL.*\(4\); use e.g. 4 or 8"):
+        _ctx(0, 4).check_batch(12, 6)
+    _ctx(0, 4).check_batch(24, 8)
 
 
 def test_device_per_process():

@@ -251,6 +251,9 @@ class AntConfig:
 class TrainConfig:
     steps: int = 1000
     batch_size: int = 64
+    # 0: the whole batch at once; else batch_size / micro_batch micro-batches accumulated into
+    # each optimiser step (ant.backward(accumulate=True)), each with its own timesteps
+    micro_batch: int = 0
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -275,8 +278,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "lr", "log_every", "keep_ckpts"):
             _positive("train", key, getattr(self, key))
-        for key in ("weight_decay", "sample_every", "ckpt_every", "num_workers", "seed", "threads"):
+        for key in ("weight_decay", "sample_every", "ckpt_every", "num_workers", "seed", "threads",
+                    "micro_batch"):  # fmt: skip
             _positive("train", key, getattr(self, key), zero_ok=True)
+        if self.micro_batch and self.batch_size % self.micro_batch:
+            raise ValueError(
+                f"train.micro_batch={self.micro_batch} does not divide train.batch_size="
+                f"{self.batch_size}: every optimiser step takes batch_size / micro_batch "
+                "micro-batches of one size; pick a divisor (or 0 for the whole batch)"
+            )
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"train.betas must be two numbers in [0, 1), got {self.betas!r}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -341,6 +351,13 @@ class Config:
                 f"train.batch_size={self.train.batch_size} is smaller than ant.k={self.ant.k}: "
                 "stratified sampling needs one sample per cluster; raise the batch size, lower "
                 "k, or set ant.sampling=uniform"
+            )
+        mb = self.train.micro_batch
+        if self.ant.sampling != "uniform" and 0 < mb < self.ant.k:
+            raise ValueError(
+                f"train.micro_batch={mb} is smaller than ant.k={self.ant.k}: each micro-batch "
+                "draws its own stratified timesteps, one per cluster at least; raise "
+                "micro_batch, lower k, or set ant.sampling=uniform"
             )
         t_range = self.train.t_range
         if t_range is not None and not 0 <= t_range[0] < t_range[1] <= self.diffusion.T:

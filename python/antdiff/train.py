@@ -10,7 +10,10 @@ ant.step(optimizer) (skips non-finite steps: on the device with the fused AdamW 
 has one, so the step reads nothing back) and the EMA update (a device-side no-op for a skipped
 step). A resumed run continues the exact sequence of batches, timesteps, noise and method
 states (bit-for-bit on CPU). Timesteps and noise come from the run's own generator, drawn for
-the whole (global) batch.
+the whole (global) batch. With ``train.micro_batch`` the batch goes through in micro-batches of
+that size, each with its own timesteps and noise, accumulated into one optimiser step
+(``ant.backward(..., accumulate=True)``; loss-space methods: each micro-batch's
+``ant.reduce(...) / n``).
 
 Under torchrun (``torchrun --nproc_per_node N -m antdiff train ...``) the same code trains on N
 processes with DDP and gives the single-process result: see :mod:`antdiff.train_dist`.
@@ -26,7 +29,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +122,9 @@ class Run:
     gen: torch.Generator  # the timesteps and noise of every step (same on every rank)
     dist: DistContext | None = None  # None in a single process
     step: int = 0
+    # what the last step's engine calls reported: its micro-batches' (loss-space methods) or
+    # the update's (ant.backward)
+    outputs: list = field(default_factory=list)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -171,7 +177,7 @@ def build_run(cfg: Config, codec_state: dict | None = None, dist: DistContext | 
             "unclipped without this warning)", ac.method,
         )
     if dist is not None:
-        dist.check_batch(tc.batch_size)
+        dist.check_batch(tc.batch_size, tc.micro_batch)
     device = resolve_device(tc.device) if dist is None else dist.device
     if tc.threads:  # process-wide: torch has no per-call setting
         torch.set_num_threads(tc.threads)
@@ -253,8 +259,9 @@ def _derived_seed(seed: int) -> int:
 
 
 def engine_step(run: Run, batch: dict[str, torch.Tensor]) -> bool:
-    """Timesteps, loss, backward, clipping, optimiser step; False if ant.step skipped the
-    step on the host (a fused optimiser skips a non-finite step on the device instead).
+    """Timesteps, loss, backward (per micro-batch with ``train.micro_batch``), clipping,
+    optimiser step; False if ant.step skipped the step on the host (a fused optimiser skips a
+    non-finite step on the device instead).
 
     No host sync with a fused optimiser; otherwise the engine's non-finite check in ant.step().
     """
@@ -273,21 +280,33 @@ def engine_step(run: Run, batch: dict[str, torch.Tensor]) -> bool:
             )
         return out["loss"].float()
 
-    B, t_range, gen = batch["x"].shape[0], cfg.train.t_range, run.gen
-    if t_range is None:
-        t = ant.sample_timesteps(B, run.device, generator=gen)
-    else:  # an interval specialist (NTG): only the tasks t1 <= t < t2, uniformly
-        t = torch.randint(t_range[0], t_range[1], (B,), device=run.device, generator=gen)
-    # noise of the whole batch up front: it stays with its sample whatever the slicing
-    noise = torch.randn(batch["x"].shape, dtype=batch["x"].dtype, device=run.device, generator=gen)
-    batch = {**batch, "noise": noise}
-    if run.dist is not None:  # this rank's slice of the global batch
-        batch, t = run.dist.shard(batch, t, ant.sampler)
+    t_range, gen = cfg.train.t_range, run.gen
+    B = batch["x"].shape[0]  # noqa: N806
+    b = cfg.train.micro_batch or B
+    n = B // b  # micro-batches, accumulated into one optimiser step
     run.opt.zero_grad(set_to_none=True)
-    if ant.needs_gradients:
-        ant.backward(loss_fn, batch, t)
-    else:
-        ant.reduce(loss_fn(batch, t), t).backward()
+    run.outputs = []
+    for m in range(n):
+        part = batch if n == 1 else {key: v[m * b : (m + 1) * b] for key, v in batch.items()}
+        if t_range is None:
+            t = ant.sample_timesteps(b, run.device, generator=gen)
+        else:  # an interval specialist (NTG): only the tasks t1 <= t < t2, uniformly
+            t = torch.randint(t_range[0], t_range[1], (b,), device=run.device, generator=gen)
+        # noise of the whole (micro-)batch up front: it stays with its sample whatever the
+        # slicing
+        x = part["x"]
+        part = {**part, "noise": torch.randn(x.shape, dtype=x.dtype, device=run.device,
+                                             generator=gen)}  # fmt: skip
+        if run.dist is not None:  # this rank's slice of the global (micro-)batch
+            part, t = run.dist.shard(part, t, ant.sampler)
+        if ant.needs_gradients:
+            ant.backward(loss_fn, part, t, accumulate=m < n - 1)
+        else:  # the mean of the micro-batches' losses (the engine's cluster means are per
+            # micro-batch either way)
+            loss = ant.reduce(loss_fn(part, t), t)
+            (loss / n if n > 1 else loss).backward()
+        if not ant.needs_gradients or m == n - 1:
+            run.outputs.append(ant.last)
     if cfg.train.grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip, foreach=True)
     return ant.step(run.opt)
@@ -763,7 +782,8 @@ def _train(
                 dist.seed_model_rng(tc.seed, run.step)
             train_step(run, get_batch(run.data, *run.batches.next_batch()))
             if main:  # rank 0 alone logs
-                means.add(run.ant.last)
+                for step_out in run.outputs:
+                    means.add(step_out)
             logger.advance()
             if run.step % tc.log_every == 0 or run.step == tc.steps:
                 stats = run.ant.stats()  # waits for the step's queued work on a GPU: then time

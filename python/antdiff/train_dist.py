@@ -54,13 +54,15 @@ class DistContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def check_batch(self, batch_size: int) -> None:
-        if batch_size % self.world:
-            lo = batch_size // self.world * self.world or self.world
-            raise ValueError(
-                f"train.batch_size={batch_size} is the GLOBAL batch and must be divisible by the "
-                f"number of processes ({self.world}); use e.g. {lo} or {lo + self.world}"
-            )
+    def check_batch(self, batch_size: int, micro_batch: int = 0) -> None:
+        for key, size in (("batch_size", batch_size), ("micro_batch", micro_batch)):
+            if size % self.world:
+                lo = size // self.world * self.world or self.world
+                raise ValueError(
+                    f"train.{key}={size} is GLOBAL (every rank trains on its slice) and must be "
+                    f"divisible by the number of processes ({self.world}); use e.g. {lo} or "
+                    f"{lo + self.world}"
+                )
 
     def bounds(self, batch_size: int) -> tuple[int, int]:
         """[a, b): this rank's positions in the global batch of ``batch_size`` samples."""

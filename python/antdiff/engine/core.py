@@ -112,6 +112,29 @@ class _Recompute:
 
 
 @dataclass
+class _Window:
+    """The open gradient-accumulation window of ``ant.backward(..., accumulate=True)``: what its
+    micro-batches have added so far (their gradients sit in J's rows, or in ``.grad`` on an
+    off-step of ``update_every``)."""
+
+    on_step: bool  # a weight step (J's rows) or an off-step (one weighted backward each)
+    scaler: Any  # the enabled GradScaler every call must scale with (None: none)
+    buf: GradBuffer | None  # the buffer J's rows accumulate in
+    L_sum: torch.Tensor  # [k] sum of the micro-batches' global cluster means  # noqa: N815
+    M: torch.Tensor  # [k] micro-batches each cluster was present in
+    shown: torch.Tensor  # 0-d sum of the micro-batches' reported losses
+    finite: torch.Tensor  # 0-d bool: every micro-batch's losses were finite
+    calls: int  # micro-batches so far
+
+    def add(self, L, present, shown, finite) -> None:  # noqa: N803
+        self.L_sum = self.L_sum + torch.where(present, L, 0.0)
+        self.M = self.M + present.to(self.M.dtype)
+        self.shown = self.shown + shown
+        self.finite = self.finite & finite
+        self.calls += 1
+
+
+@dataclass
 class StepOutput:
     """What one engine step produced (all device tensors; reading them is a host sync). Read
     only: the telemetry folds these tensors into its running sums a few steps later."""
@@ -307,6 +330,7 @@ class ANT:
         # (L, present, finite) of steps whose loss method's observe waits for a verdict
         self._pending_observe: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._uses_step = False  # ant.step has been called: a reduce before it accumulates
+        self._window: _Window | None = None  # ant.backward(accumulate=True) since the last update
         self._check_buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         if model is not None:
             self.attach(model)
@@ -363,6 +387,8 @@ class ANT:
 
     def attach(self, model: nn.Module) -> ANT:
         """Use ``model``'s trainable parameters for the per-cluster gradients."""
+        if self._window is not None and model is not self._model:
+            raise RuntimeError(_window_open("ant.attach of another model"))
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"model must be a torch.nn.Module (the network loss_fn runs), got "
@@ -597,6 +623,8 @@ class ANT:
                 "ant.backward(loss_fn, batch, t) instead of ant.reduce to train (under "
                 "torch.no_grad, ant.reduce gives a validation loss)"
             )
+        if self._window is not None and torch.is_grad_enabled():
+            raise RuntimeError(_window_open("ant.reduce"))
         self._resolve_comm()
         # grad disabled (a validation loss): the total only; nothing is recorded, observed
         # or marked for ant.step (it entered the telemetry and DWA / FAMO's next observation)
@@ -670,13 +698,20 @@ class ANT:
         *,
         model: nn.Module | None = None,
         scaler: torch.amp.GradScaler | None = None,
+        accumulate: bool = False,
     ) -> StepOutput:
         """Compute the method's update and write it into the parameters' ``.grad``.
 
-        The ``.grad`` tensors are overwritten, not accumulated: call it once per optimiser step
-        (for gradient accumulation, use a larger batch: under ``mode="micro"`` the per-cluster
-        passes bound the activation memory to one cluster's sub-batch; one-pass holds the
-        whole batch's).
+        The ``.grad`` tensors are overwritten, not added to. Gradient accumulation: pass
+        ``accumulate=True`` to every call of an optimiser step but its last (under accelerate:
+        ``accumulate=not accelerator.sync_gradients``). Those calls only add their micro-batch's
+        per-cluster gradients (on an ``update_every`` off-step: its weighted gradient) and
+        return that micro-batch's losses with zero weights; the last call adds its own and forms
+        the update from the mean over the micro-batches: each cluster's gradient and loss the
+        mean of its micro-batch means (over the micro-batches it was in; an off-step's gradient
+        the mean over all of them). Micro-batches with the same cluster counts thus give the
+        update of their concatenation. Under DistributedDataParallel J is all-reduced once, at
+        the last call.
 
         With ``update_every`` > 1, a recompute of the weights that was not finite (e.g. a
         GradScaler overflow) leaves the weights as they were (none before the first) and the
@@ -694,7 +729,10 @@ class ANT:
                 tensors cost one sync to count the clusters.
             model: the model (if not attached); may be DDP-wrapped.
             scaler: a GradScaler for fp16; weights come from the unscaled Gram.
+            accumulate: keep this micro-batch's gradients for the next call (see above).
         """
+        if not isinstance(accumulate, bool):
+            raise TypeError(f"accumulate must be True or False, got {_describe(accumulate)}")
         if not callable(loss_fn):
             raise TypeError(
                 f"loss_fn must be a callable (sub_batch, sub_t) -> per-sample losses [b], got "
@@ -710,35 +748,49 @@ class ANT:
         self._check_t(t, n)
         self._note_per_rank_draw(t)
         check_batch(batch, t.shape[0], lists=not self.comm.active)
-        if self._uses_step and self._unstepped:  # a trainer that calls ant.step skipped it
+        acc = self._window
+        scaling = scaler if _scaling(scaler) else None
+        if acc is not None and scaling is not acc.scaler:
+            said = "no GradScaler" if acc.scaler is None else "a GradScaler"
+            got = "none" if scaling is None else "a GradScaler" if acc.scaler is None else "another"
+            raise ValueError(
+                f"ant.backward: the open accumulation window's micro-batches ran with {said}, "
+                f"this one with {got}; pass the same scaler= to every call of one optimiser step"
+            )
+        if acc is None and self._uses_step and self._unstepped:  # ant.step was skipped
             warnings.warn(
                 "ant.backward again without ant.step since the last one: its gradients are "
-                "replaced, not accumulated (each call rebuilds J and the update). To accumulate, "
-                "pass the larger batch to one ant.backward (with mode='micro' its per-cluster "
-                "passes bound the activation memory to one cluster's); to skip a step on "
-                "purpose, ignore this warning",
+                "replaced, not accumulated (each call rebuilds J and the update). To accumulate "
+                "micro-batches, pass accumulate=True to every ant.backward of an optimiser step "
+                "but its last; to skip a step on purpose, ignore this warning",
                 stacklevel=2,
             )
         self._flush_observe()
         batch, t, counts = self._sorted(batch, t)
         self._maybe_absent = bool((np.asarray(counts) == 0).any())
         grad = self.method.grad
-        redo = self._failed_update()
-        on_step = grad is not None and (
-            redo or self._w is None or self.step_count % grad.update_every == 0
-        )
-        # overwrite, not accumulate: the method's own parameters always, the model's where no
-        # gradient buffer row is zeroed for them (loss-space methods)
-        own = list(self.method.loss.parameters()) if self.method.loss is not None else []
-        model_params = unwrap(self._model).parameters()
-        for p in [*own, *(model_params if grad is None else ())]:
-            p.grad = None
+        if acc is None:
+            redo = self._failed_update()
+            on_step = grad is not None and (
+                redo or self._w is None or self.step_count % grad.update_every == 0
+            )
+            # overwrite, not accumulate: the method's own parameters always, the model's where
+            # no gradient buffer row is zeroed for them (loss-space methods)
+            own = list(self.method.loss.parameters()) if self.method.loss is not None else []
+            model_params = unwrap(self._model).parameters()
+            for p in [*own, *(model_params if grad is None else ())]:
+                p.grad = None
+        else:  # a later micro-batch of the window: its kind of step, added to what is there
+            on_step = acc.on_step
         if on_step:
-            out = self._gradient_step(loss_fn, batch, t, counts, scaler)
+            out = self._gradient_step(loss_fn, batch, t, counts, scaler, acc, accumulate)
         else:
-            out = self._weighted_step(loss_fn, batch, t, scaler)
+            out = self._weighted_step(loss_fn, batch, t, scaler, acc, accumulate)
+        if accumulate:
+            return out
+        self._window = None
         self.step_count += 1
-        self._backward_scaler = scaler if _scaling(scaler) else None  # ant.step must match it
+        self._backward_scaler = scaling  # ant.step must match it
         return out
 
     def shard(self, batch: Any, t: torch.Tensor) -> tuple[Any, torch.Tensor]:
@@ -820,40 +872,79 @@ class ANT:
         order = torch.argsort(cid, stable=True)
         return take_batch(batch, order), t.index_select(0, order), counts
 
-    def _weighted_step(self, loss_fn, batch, t, scaler) -> StepOutput:
-        """One forward/backward of sum_i w_i T_i(L) with the cached weights (or w = 1)."""
-        per = _check_per_sample(loss_fn(batch, t), t.shape[0])
-        sums, counts = self._cluster_sums(per, t)
-        L_eff, L_global, present, N = self._globalise(sums, counts)  # noqa: N806
-        if self.method.is_vanilla:  # the plain batch mean, exactly as ant.reduce
-            total, shown = self._batch_mean(per, L_global, N)
+    def _weighted_step(self, loss_fn, batch, t, scaler, acc=None, accumulate=False) -> StepOutput:
+        """One forward/backward of sum_i w_i T_i(L) with the cached weights (or w = 1); in an
+        accumulation window added to the earlier micro-batches' gradients (under DDP without
+        its all-reduce but at the last call), which the last call divides by their number."""
+        buf = self._grad_buffer() if self.method.grad is not None else None
+        if acc is not None and buf is not acc.buf:
+            raise RuntimeError(WINDOW_BUFFER_CHANGED)
+        no_sync = getattr(self._model, "no_sync", None) if accumulate else None
+        with no_sync() if no_sync is not None else contextlib.nullcontext():
+            per = _check_per_sample(loss_fn(batch, t), t.shape[0])
+            sums, counts = self._cluster_sums(per, t)
+            L_eff, L_global, present, N = self._globalise(sums, counts)  # noqa: N806
+            loss_m = self.method.loss
+            if self.method.is_vanilla:  # the plain batch mean, exactly as ant.reduce
+                total, shown = self._batch_mean(per, L_global, N)
+                weights = _count_shares(N)
+            else:
+                w = (
+                    torch.ones(self.k, device=per.device)
+                    if self._w is None
+                    else self._off_weights(per.device)
+                )
+                if loss_m is None:
+                    terms_model, terms_state = L_eff, L_global
+                else:
+                    terms_model = loss_m.transform(L_eff, present)
+                    terms_state = loss_m.transform(L_global, present)
+                # model gradient: sum_i w_i c_i dL_i; the method's own parameters get the
+                # unweighted one
+                total = (w * terms_model).sum() + ((1.0 - w) * terms_state).sum()
+                # report what an on-step reports: the mean of the cluster losses without a loss
+                # method
+                shown = total.detach() if loss_m is not None else _present_mean(L_global, present)
+            # gradient methods: row 0 of J, zeroed, takes the gradient (no new P-sized tensor,
+            # and .grad is overwritten also before the first recompute after a resume)
+            if buf is not None:
+                buf.point_grads_at(0, zero=acc is None)
             self._probe(total)
             self._scaled(total, scaler).backward()
+        if accumulate or acc is not None:
+            L_global = torch.where(present, L_global, 0.0)  # noqa: N806
+            ok = torch.isfinite(L_global).all() & torch.isfinite(total.detach())
+            if acc is None:
+                acc = _Window(False, scaler if _scaling(scaler) else None, buf,
+                              torch.zeros_like(L_global), torch.zeros_like(L_global),
+                              torch.zeros_like(shown), ok, 0)  # fmt: skip
+            acc.add(L_global, present, shown, ok)
+            if accumulate:
+                self._window = acc
+                return StepOutput(shown, L_global, torch.zeros_like(L_global), present, ok)
+            # the mean over the micro-batches: of the gradients (one factor for all: each
+            # cluster's share of the summed gradient is not separable), losses and reports
+            n = acc.calls
+            own = [] if loss_m is None else [p.grad for p in loss_m.parameters()]
+            # a gradient method's model gradients are views of J's row 0
+            model = [buf.J[0]] if buf is not None else [
+                p.grad for p in unwrap(self._model).parameters()]  # fmt: skip
+            grads = [g for g in (*model, *own) if g is not None]
+            if grads:
+                torch._foreach_div_(grads, float(n))
+            present = acc.M > 0
+            L_global = acc.L_sum / acc.M.clamp(min=1)  # noqa: N806
+            shown = acc.shown / n
+        if self.method.is_vanilla:
             return self._record(
-                shown, L_global, _count_shares(N), present, None, grads_checked=False
-            )
-        w = (
-            torch.ones(self.k, device=per.device)
-            if self._w is None
-            else self._off_weights(per.device)
-        )
-        loss_m = self.method.loss
-        if loss_m is None:
-            terms_model, terms_state = L_eff, L_global
-        else:
-            terms_model = loss_m.transform(L_eff, present)
-            terms_state = loss_m.transform(L_global, present)
-        # model gradient: sum_i w_i c_i dL_i; the method's own parameters get the unweighted one
-        total = (w * terms_model).sum() + ((1.0 - w) * terms_state).sum()
-        # gradient methods: row 0 of J, zeroed, takes the gradient (no new P-sized tensor, and
-        # .grad is overwritten also before the first recompute after a resume)
-        buf = self._grad_buffer() if self.method.grad is not None else None
-        if buf is not None:
-            buf.point_grads_at(0)
-        self._probe(total)
-        self._scaled(total, scaler).backward()
+                shown, L_global, weights, present, None,
+                None if acc is None else acc.finite & torch.isfinite(L_global).all(),
+                grads_checked=False,
+            )  # fmt: skip
         c = torch.ones_like(L_global) if loss_m is None else loss_m.slopes(L_global, present)
         finite = torch.isfinite(L_global).all() & torch.isfinite(total)
+        if acc is not None:
+            finite = finite & acc.finite
         own = [] if loss_m is None else [p.grad for p in loss_m.parameters() if p.grad is not None]
         for g in own:
             finite = finite & torch.isfinite(g).all()
@@ -864,8 +955,6 @@ class ANT:
             if not _scaling(scaler):
                 for g in own:  # the method's own parameters stay as they were
                     g.masked_fill_(~finite, 0.0)
-        # report what an on-step reports: the mean of the cluster losses without a loss method
-        shown = total.detach() if loss_m is not None else _present_mean(L_global, present)
         return self._record(
             # an absent cluster adds nothing this step: weight 0, as the on-steps report it
             shown, L_global, torch.where(present, w * c, 0.0), present, None, finite,
@@ -938,14 +1027,37 @@ class ANT:
         mean = (w * seen).sum() / seen.sum().clamp(min=1)
         return torch.where(seen, w, mean)
 
-    def _gradient_step(self, loss_fn, batch, t, counts: np.ndarray, scaler) -> StepOutput:
+    def _gradient_step(
+        self, loss_fn, batch, t, counts: np.ndarray, scaler, acc=None, accumulate=False
+    ) -> StepOutput:
         buf = self._grad_buffer()
         self._check_device(buf.J.device)
-        sums, N = self._fill_J(buf, loss_fn, batch, t, counts, scaler)  # noqa: N806
-        self.comm.sum_(buf.base)  # all-reduce needs a contiguous tensor; padding stays 0
-        J = buf.J  # noqa: N806
+        if acc is not None and buf is not acc.buf:
+            raise RuntimeError(WINDOW_BUFFER_CHANGED)
+        # a later micro-batch of an accumulation window adds to J's rows
+        sums, N = self._fill_J(buf, loss_fn, batch, t, counts, scaler, keep=acc is not None)  # noqa: N806
         L_global = self.comm.sum_(sums) / N.clamp(min=1)  # noqa: N806
         present = N > 0
+        mean_of = None  # [k] 1 / micro-batches per cluster: J's rows are sums of their means
+        if accumulate or acc is not None:
+            L_global = torch.where(present, L_global, 0.0)  # noqa: N806
+            ok = torch.isfinite(L_global).all()
+            if acc is None:
+                acc = _Window(True, scaler if _scaling(scaler) else None, buf,
+                              torch.zeros_like(L_global), torch.zeros_like(L_global),
+                              torch.zeros_like(L_global[0]), ok, 0)  # fmt: skip
+            acc.add(L_global, present, _present_mean(L_global, present), ok)
+            if accumulate:  # J is all-reduced once, at the window's last call
+                self._window = acc
+                return StepOutput(
+                    _present_mean(L_global, present), L_global, torch.zeros_like(L_global),
+                    present, ok,
+                )  # fmt: skip
+            present = acc.M > 0
+            mean_of = 1.0 / acc.M.clamp(min=1)
+            L_global = acc.L_sum * mean_of  # noqa: N806
+        self.comm.sum_(buf.base)  # all-reduce needs a contiguous tensor; padding stays 0
+        J = buf.J  # noqa: N806
         from ant_kernels import combine, gram
 
         # the Gram, the weights and the combine in their own precision, also when the caller's
@@ -956,12 +1068,16 @@ class ANT:
             if _scaling(scaler):
                 inv = 1.0 / scaler._scale.to(G.device).float().reshape(())  # device tensor: no sync
                 G = G * inv * inv  # noqa: N806
+            # (a window's L_global carries a non-finite micro-batch loss)
             finite = finite & torch.isfinite(L_global).all()
             c, finite = self._loss_stage(L_global, present, scaler, finite)
-            Gc = G * (c[:, None] * c[None, :])  # noqa: N806
+            # the rows' scale: the mean of a window's micro-batch rows (reported as weights of
+            # the mean cluster gradients, like a step on one batch)
+            cj = c if mean_of is None else c * mean_of
+            Gc = G * (cj[:, None] * cj[None, :])  # noqa: N806
             grad = self.method.grad
             if grad.needs == "grads":
-                J.mul_(c[:, None].to(J.dtype))
+                J.mul_(cj[:, None].to(J.dtype))
                 grad.combine_grads(J, present, finite, out=J[0])
                 w_eff = c
             else:
@@ -986,7 +1102,8 @@ class ANT:
                 self._w_present = torch.where(use, present, seen)
                 self.telemetry.count_unsolved(finite & ~solved)
                 w_eff = torch.where(use, w, fallback) * c
-                combine(w_eff.to(torch.float32), J, out=J[0])
+                w_J = w_eff if mean_of is None else w_eff * mean_of  # noqa: N806
+                combine(w_J.to(torch.float32), J, out=J[0])
             # without a scaler a non-finite update is zeroed; with one it is made NaN, so that
             # scaler.step skips it and backs off (a NaN loss can leave finite gradients)
         _void_unless(finite, J[0], scaler)
@@ -1001,8 +1118,9 @@ class ANT:
             self._recompute.out = out
         return out
 
-    def _fill_J(self, buf: GradBuffer, loss_fn, batch, t, counts, scaler):  # noqa: N802
-        """Rows of J: gradients of the raw cluster losses local_sum_i / N_i."""
+    def _fill_J(self, buf: GradBuffer, loss_fn, batch, t, counts, scaler, keep=False):  # noqa: N802
+        """Rows of J: gradients of the raw cluster losses local_sum_i / N_i (``keep``: added to
+        the rows' contents, a later micro-batch of an accumulation window)."""
         dev = buf.J.device
         N = to_device(torch.as_tensor(counts, dtype=torch.float32), dev)  # noqa: N806
         if self.comm.active:
@@ -1018,7 +1136,7 @@ class ANT:
             # is unscaled by must exist all the same (scale() creates it on first use)
             scaler.scale(torch.zeros((), device=dev))
         if self.mode in ("auto", "onepass"):
-            got = self._fill_J_onepass(buf, loss_fn, batch, t, counts, N, scaler, no_sync)
+            got = self._fill_J_onepass(buf, loss_fn, batch, t, counts, N, scaler, no_sync, keep)
             if got is not None:
                 return got, N
         if self.mode == "retain_graph":
@@ -1037,9 +1155,10 @@ class ANT:
         inputs = _tensors((batch, t))  # what loss_fn gets may require grad: not a parameter
         for i in range(self.k):
             if counts[i] == 0:
-                buf.J[i].zero_()
+                if not keep:
+                    buf.J[i].zero_()
                 continue
-            buf.point_grads_at(i)
+            buf.point_grads_at(i, zero=not keep)
             # DDP must not all-reduce these: J is reduced once, after all clusters
             with no_sync() if no_sync is not None else contextlib.nullcontext():
                 a, b = int(bounds[i]), int(bounds[i + 1])
@@ -1063,7 +1182,7 @@ class ANT:
             sums[i] = s_i.detach()
         return sums, N
 
-    def _fill_J_onepass(self, buf, loss_fn, batch, t, counts, N, scaler, no_sync):  # noqa: N802, N803
+    def _fill_J_onepass(self, buf, loss_fn, batch, t, counts, N, scaler, no_sync, keep):  # noqa: N802, N803
         """Cluster sums after one forward + backward wrote J (None: micro serves the model)."""
         if self.mode == "onepass" and self._onepass is None:  # mode set after attach
             self._onepass = OnePass(self._model)
@@ -1083,7 +1202,7 @@ class ANT:
                     self.clusters.cluster_of(t), counts, N, scaler if _scaling(scaler) else None,
                     probe=None if self._leaves_checked else (
                         lambda loss, *own: self._check_leaves(loss, *own, *inputs)),
-                    seeds=inputs,
+                    seeds=inputs, keep=keep,
                 )  # fmt: skip
         except NotServable as e:  # seen only in the forward, e.g. a layer off the batch dim
             loss = getattr(e, "loss", None)
@@ -1091,8 +1210,16 @@ class ANT:
                 raise ValueError(MODEL_NOT_RUN) from e  # a user error: one-pass stays
             if self.mode == "onepass":
                 raise
-            warnings.warn(f"{e}; mode='auto' uses 'micro' from now on", stacklevel=4)
             self._onepass = None
+            if keep:  # J's rows may hold part of this micro-batch: the window cannot go on
+                self._window = None
+                raise RuntimeError(
+                    f"{e}: mode='auto' uses 'micro' from now on, but this accumulation window's "
+                    "earlier micro-batches went through one-pass and this one's gradients are "
+                    "incomplete, so the window is dropped: start the optimiser step again from "
+                    "its first micro-batch (or build ANT with mode='micro')"
+                ) from e
+            warnings.warn(f"{e}; mode='auto' uses 'micro' from now on", stacklevel=4)
             return None
 
     def _loss_stage(self, L_global, present, scaler, finite):  # noqa: N803
@@ -1211,24 +1338,26 @@ class ANT:
         An optimiser that says it is accumulating (accelerate's, inside
         ``accelerator.accumulate`` on a micro-step that does not sync:
         ``optimizer.gradient_state.sync_gradients`` False) makes this a no-op after
-        ``ant.reduce``, whose micro-batches then count as one step at the syncing call; after
-        ``ant.backward`` (a gradient method, or a loss method trained through it) it is refused,
-        as each ``ant.backward`` replaces the gradients.
+        ``ant.reduce`` and after ``ant.backward(..., accumulate=True)``, whose micro-batches
+        then count as one step at the syncing call; after an ``ant.backward`` without
+        ``accumulate=True`` it is refused, as the next ``ant.backward`` would replace its
+        update. While an accumulation window is open (outside such a micro-step) it raises.
         """
         syncing = getattr(getattr(optimizer, "gradient_state", None), "sync_gradients", True)
+        if self._window is not None:
+            if syncing is False:  # accelerate's micro-step: the window's last call comes later
+                self._uses_step = True
+                return True
+            raise RuntimeError(_window_open("ant.step"))
         if syncing is False:
             # (_backward_scaler is False after ant.reduce, None or the scaler after ant.backward)
             if self.needs_gradients or self._backward_scaler is not False:
                 raise ValueError(
                     f"ant.step on an accumulating micro-step (the optimiser's gradient_state "
                     f"says sync_gradients=False, e.g. inside accelerator.accumulate) after "
-                    f"ant.backward (method {self.method_name!r}): each ant.backward replaces "
-                    "the gradients, so the earlier micro-batches' would be dropped. Pass the "
-                    "whole batch to one ant.backward (with mode='micro' its per-cluster passes "
-                    "bound the activation memory to one cluster's) with "
-                    "gradient_accumulation_steps=1"
-                    + ("" if self.needs_gradients else
-                       ", or accumulate with ant.reduce(...).backward()")
+                    f"ant.backward (method {self.method_name!r}) without accumulate=True: it "
+                    "formed an update, which the next ant.backward would replace. Pass "
+                    "accumulate=not accelerator.sync_gradients to ant.backward"
                 )
             self._uses_step = True  # (the micro-batches wait for the verdict of that step)
             return True  # the syncing micro-step steps for all of them
@@ -1430,6 +1559,8 @@ class ANT:
         return out
 
     def state_dict(self) -> dict[str, Any]:
+        if self._window is not None:  # its gradients are not state: they would be lost
+            raise RuntimeError(_window_open("ant.state_dict"))
         self._flush_observe()
         loss_m, grad = self.method.loss, self.method.grad
         rec, redo = self._recompute, False
@@ -1439,6 +1570,9 @@ class ANT:
             redo = rec.verdict is False
         return {
             "redo_weights": redo,
+            # the trainer calls ant.step: its ant.reduce micro-batches wait for the step's
+            # verdict and are one observation (a resumed engine must not observe them singly)
+            "uses_step": self._uses_step,
             "clusters": self.clusters.to_dict(),
             "method": self.method_name,
             "step": self.step_count,
@@ -1481,11 +1615,13 @@ class ANT:
                 f"checkpoint sampled timesteps with mode {mode!r}, this engine uses "
                 f"{self.sampler.mode!r}; construct ANT(..., sampling={mode!r})"
             )
+        window, self._window = self._window, None  # dropped by a load, kept by a failed one
         backup = copy.deepcopy(self.state_dict())  # a load that fails half-way is undone
         try:
             self._assign_state(state)
         except BaseException as exc:
             self._assign_state(backup)
+            self._window = window
             if isinstance(exc, (KeyError, TypeError, AttributeError)):  # a part's own lookup
                 raise ValueError(
                     f"the ANT state is damaged or not of this engine ({type(exc).__name__}: "
@@ -1497,6 +1633,8 @@ class ANT:
         self._pending_observe, self._grads_unchecked = [], False  # steps before the load
         self._unstepped, self._records = False, 0
         self._recompute = None
+        self._window = None  # micro-batches before the load
+        self._uses_step = bool(state.get("uses_step", False))
         self.step_count = check_int("the state's step", state["step"], minimum=0)
         self._w = state["w"]
         self._w_present = state.get("w_present")
@@ -1543,6 +1681,21 @@ REDUCE_LOSS_WITHOUT_GRAD = (
     "own parameters, e.g. UW's, would move). Pass the losses with their graph; under "
     "torch.no_grad (evaluation) reduce accepts them"
 )
+
+
+WINDOW_BUFFER_CHANGED = (
+    "ant.backward: the model's trainable parameters changed (frozen, unfrozen, added or "
+    "converted) inside an accumulation window, whose earlier micro-batches' gradients were "
+    "kept for the old ones: change them between optimiser steps"
+)
+
+
+def _window_open(what: str) -> str:
+    return (
+        f"{what} while an accumulation window is open (the last ant.backward had "
+        "accumulate=True): its micro-batches' gradients wait for the update. Finish the window "
+        "with ant.backward(..., accumulate=False) on its last micro-batch first"
+    )
 
 
 REDUCE_MODEL_NOT_RUN = (

@@ -517,8 +517,10 @@ class OnePass:
         scaler: torch.amp.GradScaler | None = None,
         probe: Callable[..., None] | None = None,
         seeds: Sequence[torch.Tensor] = (),
+        keep: bool = False,
     ) -> torch.Tensor:
-        """Write J [k, P] into ``buf.J``; return the local cluster loss sums [k].
+        """Write J [k, P] into ``buf.J`` (``keep``: add to its rows); return the local cluster
+        loss sums [k].
 
         Args:
             buf: the engine's gradient buffer (built while the parameters require grad).
@@ -582,7 +584,7 @@ class OnePass:
                 total = scaler.scale(total)
             slots = [s for pair in self._slots for s in pair if s is not None]
             for s in slots:
-                s.fresh = True  # the first write in this step sets all k rows
+                s.fresh = not keep  # the first write in this step sets all k rows
             if not total.requires_grad and self._st.B > 0:
                 raise ValueError(LOSS_WITHOUT_GRAD)
             if self._st.ran == 0 and self._st.B > 0:

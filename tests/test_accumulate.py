@@ -1,0 +1,249 @@
+"""Gradient accumulation through ant.backward(..., accumulate=True): a window of micro-batches
+gives the update of their concatenation (same cluster counts), or the mean of each cluster's
+micro-batch gradients (different counts), and refuses what would lose its gradients."""
+
+from __future__ import annotations
+
+import copy
+import types
+import warnings
+
+import pytest
+import torch
+from test_engine import T, TinyNet, explicit_J, flat_grad, per_sample_loss
+
+from antdiff import ANT
+from antdiff.schedules import linear_schedule
+
+METHODS = ["pcgrad", "nash", "uw+pcgrad", "graddrop", "imtl", "uw", "vanilla"]
+
+
+def _pair(method, mode, **kw):
+    """Two identical (model, engine, optimiser) triples."""
+    out = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = TinyNet()
+        ant = ANT(linear_schedule(T), k=4, method=method, model=model, seed=0, mode=mode, **kw)
+        params = list(model.parameters())
+        if ant.method.loss is not None:
+            params += list(ant.method.loss.parameters())
+        out.append((model, ant, torch.optim.SGD(params, lr=0.05)))
+    return out
+
+
+def _snapshot(model, ant):
+    own = [] if ant.method.loss is None else list(ant.method.loss.parameters())
+    return [p.detach().clone() for p in [*model.parameters(), *own]]
+
+
+@pytest.mark.filterwarnings("ignore:ant.backward sorts the batch")  # the big batch's t
+@pytest.mark.parametrize("mode", ["onepass", "micro", "retain_graph"])
+@pytest.mark.parametrize("method", METHODS)
+def test_a_window_equals_one_batch_of_its_micro_batches(method, mode):
+    kw = {"update_every": 2} if method == "nash" else {}
+    (m1, big, o1), (m2, acc, o2) = _pair(method, mode, **kw)
+    g = torch.Generator().manual_seed(1)
+    for step in range(4):  # Nash: on-, off-, on-, off-step
+        t = big.sample_timesteps(8)
+        acc.sample_timesteps(8)  # the same draws on both engines' samplers
+        parts = [torch.randn(8, 1, 6, 6, generator=g) for _ in range(3)]
+        o1.zero_grad(set_to_none=False)
+        one = big.backward(per_sample_loss(m1), torch.cat(parts), t.repeat(3))
+        for i, x in enumerate(parts):
+            last = i == len(parts) - 1
+            out = acc.backward(per_sample_loss(m2), x, t, accumulate=not last)
+            if not last:
+                assert acc._window is not None and acc.step_count == step
+                assert torch.all(out.weights == 0)  # no update formed yet
+        torch.testing.assert_close(flat_grad(m2), flat_grad(m1), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(out.weights, one.weights, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(out.cluster_losses, one.cluster_losses, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(out.loss, one.loss, rtol=1e-5, atol=1e-7)
+        assert bool(out.finite) and acc._window is None and acc.step_count == step + 1
+        assert big.step(o1) and acc.step(o2)
+    for a, b in zip(_snapshot(m1, big), _snapshot(m2, acc)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert acc.stats()["steps"] == big.stats()["steps"] == 4
+
+
+@pytest.mark.parametrize("mode", ["onepass", "micro", "retain_graph"])
+def test_micro_batches_with_other_counts_give_each_clusters_mean_gradient(mode):
+    """J_i = the mean of cluster i's micro-batch gradients, over the micro-batches it was in."""
+    (model, ant, _), _ = _pair("pcgrad", mode)
+    lo, hi = ant.clusters.bounds[0], ant.clusters.bounds[-1]
+    edges = list(ant.clusters.bounds)
+    # micro-batch 1: clusters 0, 1, 2 with 1, 2, 3 samples; micro-batch 2: clusters 0 and 3
+    t1 = torch.tensor([edges[0], edges[1], edges[1] + 1, edges[2], edges[2] + 1, edges[2] + 2])
+    t2 = torch.tensor([lo, lo + 1, lo + 2, hi - 1])
+    torch.manual_seed(3)
+    x1, x2 = torch.randn(6, 1, 6, 6), torch.randn(4, 1, 6, 6)
+    J1, per1 = explicit_J(model, x1, t1, ant.clusters, ant.k)
+    J2, per2 = explicit_J(model, x2, t2, ant.clusters, ant.k)
+    c1, c2 = (torch.bincount(ant.clusters.cluster_of(t), minlength=4) for t in (t1, t2))
+    assert c1.tolist() == [1, 2, 3, 0] and c2.tolist() == [3, 0, 0, 1]
+    M = (c1 > 0).double() + (c2 > 0).double()  # noqa: N806
+    J = (J1 + J2) / M[:, None]  # noqa: N806  (an absent cluster's row is 0)
+    L1, L2 = (torch.zeros(4, dtype=torch.float64).index_add(0, ant.clusters.cluster_of(t), p)  # noqa: N806
+              for t, p in ((t1, per1.double()), (t2, per2.double())))  # fmt: skip
+    L = (L1 / c1.clamp(min=1) + L2 / c2.clamp(min=1)) / M  # noqa: N806
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # timesteps not from the sampler: counted on the host
+        ant.backward(per_sample_loss(model), x1, t1, accumulate=True)
+        out = ant.backward(per_sample_loss(model), x2, t2)
+    torch.testing.assert_close(out.cluster_losses.double(), L, rtol=1e-5, atol=1e-7)
+    # the update is the PCGrad weights times the mean rows, and those weights are PCGrad's on
+    # the mean rows' Gram (the same orders: a fresh method with the engine's seed)
+    torch.testing.assert_close(flat_grad(model).double(), out.weights.double() @ J,
+                               rtol=1e-5, atol=1e-7)
+    fresh = ANT(linear_schedule(T), k=4, method="pcgrad", seed=0).method.grad
+    w = fresh.weights(J @ J.T, M > 0).double()
+    torch.testing.assert_close(out.weights.double(), w, rtol=1e-4, atol=1e-7)
+
+
+def test_nash_off_steps_in_a_window_use_the_cached_weights():
+    (model, ant, _), _ = _pair("nash", "micro", update_every=2)
+    lf = per_sample_loss(model)
+    x = torch.randn(8, 1, 6, 6)
+    t = ant.sample_timesteps(8)
+    w = ant.backward(lf, x, t).weights  # the on-step: weights computed
+    ant.step(torch.optim.SGD(model.parameters(), lr=0.0))
+    t2 = ant.sample_timesteps(8)
+    x1, x2 = torch.randn(8, 1, 6, 6), torch.randn(8, 1, 6, 6)
+    calls = []
+    counting = lambda xb, tb: calls.append(len(tb)) or lf(xb, tb)  # noqa: E731
+    J1, _ = explicit_J(model, x1, t2, ant.clusters, ant.k)
+    J2, _ = explicit_J(model, x2, t2, ant.clusters, ant.k)
+    ant.backward(counting, x1, t2, accumulate=True)
+    out = ant.backward(counting, x2, t2)
+    assert calls == [8, 8]  # an off-step: one forward per micro-batch
+    torch.testing.assert_close(out.weights, w)
+    torch.testing.assert_close(flat_grad(model).double(), w.double() @ ((J1 + J2) / 2),
+                               rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["pcgrad", "uw+nash", "uw"])
+def test_a_nonfinite_micro_batch_skips_the_whole_window_and_keeps_the_state(method):
+    (model, ant, opt), _ = _pair(method, "micro")
+    x = torch.randn(8, 1, 6, 6)
+    t = ant.sample_timesteps(8)
+    ant.backward(per_sample_loss(model), x, t)
+    ant.step(opt)
+    state = {k: v for k, v in ant.state_dict().items() if k != "telemetry"}
+    before = _snapshot(model, ant)
+    bad = x.clone()
+    bad[0] = float("nan")
+    ant.backward(per_sample_loss(model), bad, t, accumulate=True)
+    out = ant.backward(per_sample_loss(model), x, t)
+    assert not bool(out.finite)
+    with pytest.warns(UserWarning, match="non-finite"):
+        assert ant.step(opt) is False
+    for a, b in zip(before, _snapshot(model, ant)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    after = {k: v for k, v in ant.state_dict().items() if k != "telemetry"}
+    assert after["step"] == state["step"] + 1
+    for key in ("w", "loss_method", "grad_method", "sampler"):
+        assert repr(after[key]) == repr(state[key]), key
+
+
+def test_an_open_window_refuses_what_would_lose_its_gradients():
+    (model, ant, opt), _ = _pair("pcgrad", "micro")
+    lf = per_sample_loss(model)
+    x = torch.randn(8, 1, 6, 6)
+    t = ant.sample_timesteps(8)
+    with pytest.raises(TypeError, match="accumulate must be True or False"):
+        ant.backward(lf, x, t, accumulate=1)
+    ant.backward(lf, x, t, accumulate=True)
+    for call in (lambda: ant.step(opt), ant.state_dict,
+                 lambda: ant.attach(TinyNet())):  # fmt: skip
+        with pytest.raises(RuntimeError, match="accumulation window is open"):
+            call()
+    with pytest.raises(ValueError, match="GradScaler"):
+        ant.backward(lf, x, t, scaler=torch.amp.GradScaler("cpu"))
+    # an accelerate optimiser on a micro-step that does not sync: a no-op, the window goes on
+    opt.gradient_state = types.SimpleNamespace(sync_gradients=False)
+    before = _snapshot(model, ant)
+    assert ant.step(opt) is True
+    for a, b in zip(before, _snapshot(model, ant)):
+        assert torch.equal(a, b)
+    ant.backward(lf, x, t)
+    opt.gradient_state.sync_gradients = True
+    assert ant.step(opt) is True
+    assert ant.state_dict()["step"] == 1
+    # a load drops a window; a failed load keeps it
+    ant.backward(lf, x, t, accumulate=True)
+    state = ANT(linear_schedule(T), k=4, method="pcgrad", seed=0).state_dict()
+    with pytest.raises(ValueError):
+        ant.load_state_dict({**state, "method": "nash"})
+    assert ant._window is not None
+    ant.load_state_dict(state)
+    assert ant._window is None
+
+
+def test_a_loss_space_window_refuses_reduce():
+    (model, ant, _), _ = _pair("uw", "micro")
+    x = torch.randn(8, 1, 6, 6)
+    t = ant.sample_timesteps(8)
+    ant.backward(per_sample_loss(model), x, t, accumulate=True)
+    with pytest.raises(RuntimeError, match="ant.reduce while an accumulation window"):
+        ant.reduce(per_sample_loss(model)(x, t), t)
+    with torch.no_grad():  # a validation loss is fine
+        ant.reduce(per_sample_loss(model)(x, t), t)
+
+
+@pytest.mark.filterwarnings("ignore:ant.backward sorts the batch")
+@pytest.mark.parametrize("mode", ["onepass", "micro"])
+def test_equal_sampling_windows_equal_their_concatenation(mode):
+    """sampling="equal" at a micro-batch size that k divides: every draw holds the same counts,
+    so a window of fresh draws gives the update of the concatenated batch."""
+    (m1, big, _), (m2, acc, _) = _pair("uw+pcgrad", mode, sampling="equal")
+    g = torch.Generator().manual_seed(4)
+    ts = [acc.sample_timesteps(8) for _ in range(3)]
+    xs = [torch.randn(8, 1, 6, 6, generator=g) for _ in ts]
+    counts = {tuple(torch.bincount(acc.clusters.cluster_of(t), minlength=4).tolist()) for t in ts}
+    assert counts == {(2, 2, 2, 2)}
+    assert len({tuple(t.tolist()) for t in ts}) == 3  # other timesteps, same counts
+    one = big.backward(per_sample_loss(m1), torch.cat(xs), torch.cat(ts))
+    for i, (x, t) in enumerate(zip(xs, ts)):
+        out = acc.backward(per_sample_loss(m2), x, t, accumulate=i < 2)
+    torch.testing.assert_close(flat_grad(m2), flat_grad(m1), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out.weights, one.weights, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out.cluster_losses, one.cluster_losses, rtol=1e-5, atol=1e-7)
+
+
+def test_a_resumed_engine_keeps_observing_accumulated_reduces_as_one_step():
+    """ant.reduce micro-batches wait for ant.step's verdict once the trainer has called
+    ant.step; a resumed engine observed its first step's micro-batches one by one (DWA counted
+    two steps) until its own first ant.step: the state now says the trainer steps."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    ant = ANT(linear_schedule(T), k=4, method="dwa", model=model, seed=0)
+    g = torch.Generator().manual_seed(5)
+    batches = [[torch.randn(8, 1, 6, 6, generator=g) for _ in range(2)] for _ in range(3)]
+
+    def step(engine, xs):
+        for x in xs:
+            t = engine.sample_timesteps(8)
+            (engine.reduce(per_sample_loss(model)(x, t), t) / 2).backward()
+        engine.step(opt)
+        opt.zero_grad()
+
+    step(ant, batches[0])
+    state = ant.state_dict()
+    resumed = ANT(linear_schedule(T), k=4, method="dwa", model=model, seed=0)
+    resumed.load_state_dict(state)
+    saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    torch.manual_seed(7)  # (the timesteps follow torch's seed)
+    for xs in batches[1:]:
+        step(ant, xs)
+    unbroken = ant.method.loss.state_dict()
+    model.load_state_dict(saved[0])
+    opt.load_state_dict(saved[1])
+    torch.manual_seed(7)
+    for xs in batches[1:]:
+        step(resumed, xs)
+    # one observation per optimiser step, but for the first: before any ant.step the engine
+    # cannot know that one follows, and observes each micro-batch
+    assert int(unbroken["seen"]) == 2 + 1 + 1
+    assert repr(resumed.method.loss.state_dict()) == repr(unbroken)
