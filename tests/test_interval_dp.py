@@ -126,7 +126,8 @@ def test_cpp_matches_numpy(kind: str, limited: bool, algorithm: str) -> None:
         b_cpp, c_cpp = solve_intervals(kind, k, **data, backend="cpp", **args)
         b_np, c_np = solve_intervals(kind, k, **data, backend="numpy", **args)
         assert b_cpp.tolist() == b_np.tolist(), f"T={T} k={k} int={integer}"
-        assert c_cpp == pytest.approx(c_np, rel=1e-9, abs=1e-12)
+        # the same operations in the same order (interval_dp.h; -ffp-contract=off): bit-equal
+        assert c_cpp == c_np, f"T={T} k={k} int={integer}"
         assert c_cpp == pytest.approx(interval_cost(kind, b_cpp, **data), rel=1e-9, abs=1e-9)
         sizes = np.diff(b_cpp)
         assert b_cpp[0] == 0 and b_cpp[-1] == T and sizes.min() >= (lo or 1)
@@ -430,3 +431,47 @@ def test_an_infeasible_min_size_is_named_not_the_default_max_size():
         validate_sizes(1000, 5, 500, 400)
     with pytest.raises(ValueError, match=r"max_size=150 is infeasible .* >= ceil\(T / k\)"):
         validate_sizes(1000, 5, 180, 150)
+
+
+@pytest.mark.parametrize(
+    ("cost", "data"),
+    [("l2", {"values": np.array([0.0, 3e149, -3e149, 1.0])}),
+     ("l1", {"values": np.array([-1e299, 0.0, 1.0, 1e299])}),
+     ("affinity", {"matrix": np.full((4, 4), 1e299)}),
+     ("matrix", {"matrix": np.full((4, 4), 3e299)})],
+    ids=["l2", "l1", "affinity", "matrix"],
+)  # fmt: skip
+def test_both_backends_refuse_costs_that_overflow(cost, data):
+    """Just past each bound (n^2 max^2 for l2, 4 n max for l1, 2 n^2 max for affinity, 2 k max
+    for matrix, against 1e300): the C++ checks its own input (Python does not for it)."""
+    for backend in ("numpy", "cpp"):
+        with pytest.raises(ValueError, match="costs overflow float64"):
+            solve_intervals(cost, 2, backend=backend, algorithm="quadratic", **data)
+
+
+@pytest.mark.parametrize("algorithm", ["quadratic", "dc"])
+def test_a_max_size_past_T_is_T(algorithm):
+    for hi in (None, 5, 6, 2**40, 2**62):  # 2**62 overflowed the layer ranges
+        b, total = _C.solve_intervals("l1", np.arange(5.0), 2, None, hi, algorithm)
+        assert b.tolist() == [0, 2, 5] and total == 3.0
+
+
+def test_l2_costs_round_as_the_numpy_twin_and_stay_non_negative():
+    # the mean -0.8 is as near to -1.1 as to -0.5: the first nearest value centres the sums
+    (_, c_cpp), (_, c_np) = (solve_intervals("l2", 1, values=np.array([-1.1, -0.5, 0.1, -1.7]),
+                                             backend=b) for b in ("cpp", "numpy"))  # fmt: skip
+    assert c_cpp == c_np == 1.7999999999999998
+    # one value per interval: every cost is 0; prefix sums round, the clamp keeps them >= 0
+    v = np.array([0.013664634705496859, -0.0066519467348661356, 0.0035151007009301973,
+                  0.009034701816518087, 0.0009401229776087456, -0.007434992493538084])
+    for backend in ("cpp", "numpy"):
+        assert solve_intervals("l2", 6, values=v, backend=backend)[1] >= 0.0
+
+
+def test_auto_uses_divide_and_conquer_only_where_the_cost_allows_it():
+    """Unsorted l2 values break the quadrangle inequality: past AUTO_DC_MIN_T, "auto" must
+    still solve exactly (quadratic), not take divide and conquer."""
+    v = np.random.default_rng(0).normal(size=_C.AUTO_DC_MIN_T + 1)
+    auto = _C.solve_intervals("l2", v, 4, None, None, "auto")
+    exact = _C.solve_intervals("l2", v, 4, None, None, "quadratic")
+    assert auto[0].tolist() == exact[0].tolist() and auto[1] == exact[1]

@@ -201,8 +201,7 @@ def test_cuda_matches_reference_without_host_sync(force_triton):
     assert torch.equal(got.cpu(), ref)
 
 
-@pytest.mark.interpret
-def test_triton_purity_tie_drops_both_signs(kernel_device, force_triton):
+def _tie_inputs():
     """Columns whose purity equals their draw U exactly (g = (U, -(1 - U)): purity = U, every
     operation exact in float32): both strict comparisons are false, so with leak 0 the column
     is 0; a >= or <= would keep one sign. Random J never ties (U has 24 bits)."""
@@ -213,6 +212,23 @@ def test_triton_purity_tie_drops_both_signs(kernel_device, force_triton):
     present, div = torch.ones(2, dtype=torch.bool), torch.tensor(1.0)
     ref = graddrop_ref(J, present, seed, step, 0.0, div)
     assert torch.equal(ref, torch.zeros(P))  # the definition
+    return J, present, seed, step, div, ref
+
+
+def test_cpp_purity_tie_drops_both_signs(monkeypatch):
+    from antdiff.mtl import native
+
+    assert native._C is not None, "antdiff._C is not built: run `make build`"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("ANT_KERNELS_BACKEND", "auto")
+    J, present, seed, step, div, ref = _tie_inputs()  # noqa: N806
+    assert torch.equal(native.graddrop(J, present, seed, step, 0.0, div), ref)
+
+
+@pytest.mark.interpret
+def test_triton_purity_tie_drops_both_signs(kernel_device, force_triton):
+    """The tie of _tie_inputs on the Triton kernel."""
+    J, present, seed, step, div, ref = _tie_inputs()  # noqa: N806
     got = graddrop(J.to(kernel_device), present.to(kernel_device), seed, step.to(kernel_device),
                    0.0, div.to(kernel_device))  # fmt: skip
     assert torch.equal(got.cpu(), ref)

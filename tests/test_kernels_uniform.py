@@ -86,7 +86,8 @@ def test_cpp_equals_reference(n, monkeypatch):
                         raising=False)  # fmt: skip
     for seed, step in PAIRS:
         assert torch.equal(native.uniform(seed, _step(step), n), uniform_ref(seed, _step(step), n))
-        for offset in (1, 6, 2**33 + 3):
+        # past 2**34 the block index needs the counter's second word
+        for offset in (1, 6, 2**33 + 3, 2**34 + 1, 2**40 + 6):
             got = native.uniform(seed, _step(step), n, offset=offset)
             assert torch.equal(got, uniform_ref(seed, _step(step), n, offset=offset))
     assert called, "the C++ path did not serve a CPU counter"

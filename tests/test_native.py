@@ -135,6 +135,72 @@ def test_bad_input(no_interpreter):
     with pytest.raises(ValueError, match="null buffer address"):
         native._C._philox_uniform_at(1, 0, 0, 4, 0)
     assert not hasattr(native._C, "pcgrad_weights")
+    # the private entry points check what the Python wrappers would have checked
+    with pytest.raises(ValueError, match="iters must be >= 0"):
+        native._C._nash_weights_at(G.data_ptr(), 3, -1, True, G.data_ptr())
+    step, out = torch.tensor([3]), torch.zeros(8)
+    J, keep, div = torch.randn(2, 8), torch.ones(2), torch.tensor([2.0])  # noqa: N806
+    with pytest.raises(ValueError, match="offset"):
+        native._C._philox_uniform_at(1, step.data_ptr(), -1, 4, out.data_ptr())
+    for k, stride in ((2, 7), (0, 8)):  # overlapping rows, no row
+        with pytest.raises(ValueError):
+            native._C._graddrop_at(
+                J.data_ptr(), k, 8, stride, keep.data_ptr(), 1, step.data_ptr(), 0.0,
+                div.data_ptr(), out.data_ptr(),
+            )  # fmt: skip
+    for counter, key in (([0] * 5, [0, 0]), ([0] * 4, [0] * 3), ([0] * 3, [0, 0])):
+        with pytest.raises(ValueError):
+            native._C.philox4x32(counter, key)
+
+
+def test_pcgrad_skips_what_the_orders_leave_out(no_interpreter):
+    """Order entries outside [0, k) are skipped (no projection); a cluster with a zero norm is
+    never projected on, even where its Gram row is not exactly 0 (a float32 underflow); a
+    non-finite Gram gives NaN weights, which the engine reads as no solution."""
+    g = torch.Generator().manual_seed(0)
+    J = torch.randn(3, 6, generator=g, dtype=torch.float64)  # noqa: N806
+    G = J @ J.T  # noqa: N806
+
+    def at(orders):
+        w = torch.empty(3, dtype=torch.float64)
+        o = torch.tensor(orders, dtype=torch.int64)
+        native._C._pcgrad_weights_at(G.data_ptr(), o.data_ptr(), 3, w.data_ptr())
+        return w
+
+    assert at([[-1] * 3] * 3).tolist() == [1.0, 1.0, 1.0]
+    orders = [[1, 2, -1], [-1, 0, 2], [5, 1, 0]]  # -1 and 5: skipped
+    want = torch.zeros(6, dtype=torch.float64)
+    for i, row in enumerate(orders):  # PCGrad in parameter space, the valid entries only
+        gi = J[i].clone()
+        for j in (j for j in row if 0 <= j < 3):
+            d = gi @ J[j]
+            gi = gi - d / (J[j] @ J[j]) * J[j] if d < 0 else gi
+        want += gi
+    torch.testing.assert_close(at(orders) @ J, want, rtol=1e-12, atol=1e-12)
+    G = _gram(3, 0)  # noqa: N806
+    under = torch.tensor([[1.0, -1e-20], [-1e-20, 0.0]], dtype=torch.float64)
+    o = torch.tensor([[1, 0], [0, 1]])
+    assert native.pcgrad_weights(under, o).tolist() == [1.0, 1.0]
+    assert pcgrad_weights_ref(under, o).tolist() == [1.0, 1.0]
+    for bad in (float("nan"), float("inf")):
+        Gb = G.clone()  # noqa: N806
+        Gb[0, 2] = Gb[2, 0] = bad
+        assert native.pcgrad_weights(Gb, _orders(3, 1)).isnan().all()
+
+
+@pytest.mark.parametrize("absent", [False, True])
+def test_nash_iterates_equal_the_reference_at_every_step(no_interpreter, absent):
+    """Not only converged: the damped Newton iterates (step rule, an absent cluster's row, the
+    solved test) after each of the first steps."""
+    g = torch.Generator().manual_seed(0)
+    J = torch.randn(5, 40, generator=g, dtype=torch.float64)  # noqa: N806
+    J = J * torch.tensor([0.1, 1, 3, 10, 0.5], dtype=torch.float64)[:, None]  # noqa: N806
+    if absent:
+        J[1] = 0.0
+    G = J @ J.T  # noqa: N806
+    for iters in range(1, 9):
+        torch.testing.assert_close(native.nash_weights(G, iters=iters), nash_weights_ref(G, iters),
+                                   rtol=1e-9, atol=1e-12, equal_nan=True)  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ["pcgrad", "nash"])
@@ -268,9 +334,24 @@ def test_uw_forward_refuses_bad_input():
         native.uw_backward(g, coef, cid.int())  # read as int64, it crashed the process
     with pytest.raises(ValueError, match=r"cluster id 7 outside \[0, 4\)"):
         native.uw_backward(g, coef, torch.where(cid == 1, 7, cid))
+    neg = torch.where(cid == 1, -1, cid)  # read coef[-1] / wrote before the sums
+    with pytest.raises(ValueError, match=r"cluster id -1 outside \[0, 4\)"):
+        native.uw_backward(g, coef, neg)
+    with pytest.raises(ValueError, match=r"cluster id -1 outside \[0, 4\)"):
+        native.uw_forward(per, s, neg, inv, present)
     with pytest.raises(ValueError, match="g 0-d"):
         native.uw_backward(g.reshape(1), coef, cid)
     torch.testing.assert_close(native.uw_backward(g, coef, cid), 0.5 * coef[cid])
     uw = make_method("uw", 4).loss
     with pytest.raises(ValueError, match="inv must be"):
         uw.fused_total(per, cid[:-1], inv, present)
+
+
+def test_uw_forward_sums_in_double():
+    """2**22 losses of one cluster: a float32 running sum drifts (3e-5 relative), the double
+    one keeps the float64 mean to float32 rounding."""
+    B = 1 << 22  # noqa: N806
+    per = torch.rand(B, generator=torch.Generator().manual_seed(0)) * 3
+    L = native.uw_forward(per, torch.zeros(1), torch.zeros(B, dtype=torch.int64),  # noqa: N806
+                          torch.tensor([1.0 / B]), torch.ones(1))[1]  # fmt: skip
+    assert float(L[0]) == pytest.approx(float(per.double().mean()), rel=1e-6)
