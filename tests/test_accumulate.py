@@ -247,3 +247,25 @@ def test_a_resumed_engine_keeps_observing_accumulated_reduces_as_one_step():
     # cannot know that one follows, and observes each micro-batch
     assert int(unbroken["seen"]) == 2 + 1 + 1
     assert repr(resumed.method.loss.state_dict()) == repr(unbroken)
+
+
+@pytest.mark.filterwarnings("ignore:ant.backward sorts the batch")
+@pytest.mark.parametrize("method", ["pcgrad", "uw+nash"])
+def test_a_window_under_a_grad_scaler_equals_one_batch(method):
+    """Every micro-batch scaled by the same scale; the last call unscales the Gram and the
+    update once (Nash: an on- and an off-step)."""
+    kw = {"update_every": 2} if "nash" in method else {}
+    (m1, big, o1), (m2, acc, o2) = _pair(method, "micro", **kw)
+    s1, s2 = (torch.amp.GradScaler("cpu", init_scale=2.0**10) for _ in range(2))
+    g = torch.Generator().manual_seed(6)
+    for _ in range(2):
+        t = big.sample_timesteps(8)
+        acc.sample_timesteps(8)
+        parts = [torch.randn(8, 1, 6, 6, generator=g) for _ in range(2)]
+        big.backward(per_sample_loss(m1), torch.cat(parts), t.repeat(2), scaler=s1)
+        acc.backward(per_sample_loss(m2), parts[0], t, scaler=s2, accumulate=True)
+        acc.backward(per_sample_loss(m2), parts[1], t, scaler=s2)
+        assert big.step(o1, scaler=s1) and acc.step(o2, scaler=s2)  # (it updates the scale)
+    assert s1.get_scale() == s2.get_scale()
+    for a, b in zip(_snapshot(m1, big), _snapshot(m2, acc)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
