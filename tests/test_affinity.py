@@ -90,6 +90,27 @@ def test_matches_float64_reference(setup):
     assert model.training and all(p.grad is g for p, g in zip(model.parameters(), before))
 
 
+class ScaledNet(TinyNet):
+    """TinyNet with a learnable scalar (a 0-d parameter) on its output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.gain * super().forward(x, t)
+
+
+def test_a_scalar_parameter_is_a_column_of_the_gradients(setup):
+    """A 0-d parameter's gradient view (it raised a TypeError) is one column of J."""
+    _, diffusion, data = setup
+    torch.manual_seed(2)
+    model = ScaledNet()
+    res = task_affinity(model, diffusion, data, bins=5, n_samples=7, batch_size=4, seed=3)
+    ref = reference_affinity(model, diffusion.schedule, data, res.bin_edges, 7, 3)
+    np.testing.assert_allclose(res.affinity, ref, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("weighting", ["p2", "min_snr"])
 def test_training_weights_do_not_change_the_tasks(setup, weighting):
     """A task is the unweighted L_t: the weighted training loss reweighted the timesteps inside

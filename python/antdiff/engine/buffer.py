@@ -50,7 +50,7 @@ def param_view(rows: torch.Tensor, offset: int, p: torch.Tensor) -> torch.Tensor
     n = p.numel()
     seg = rows[..., offset : offset + n]
     if p.is_contiguous() or not dense_layout(p):
-        return seg.view(*rows.shape[:-1], *p.shape)
+        return seg.view((*rows.shape[:-1], *p.shape))  # (a tuple: () for a 0-d one)
     return seg.as_strided((*rows.shape[:-1], *p.shape), (*rows.stride()[:-1], *p.stride()))
 
 
