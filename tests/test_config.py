@@ -266,3 +266,10 @@ def test_settings_the_run_would_ignore_are_refused(overrides, match):
 
     with pytest.raises(ValueError, match=match):
         load_config("digits_adm", overrides)
+
+
+def test_the_method_is_kept_in_the_registrys_spelling():
+    """Names ignore case and spaces around "+"; the config keeps the registry's spelling, which
+    the trainer and the CLI compare with ("vanilla": a 'Vanilla' run took the ANT paths)."""
+    for given, kept in (("Vanilla", "vanilla"), ("UW + PCGrad", "uw+pcgrad"), ("NASH", "nash")):
+        assert load_config("digits_adm", ["--ant.method", given]).ant.method == kept

@@ -248,6 +248,9 @@ def test_cli_full_model_trains_vanilla_unless_told(tmp_path, monkeypatch):
     assert cli_main([*paper, "--ant.method", "uw"]) == 0 and seen[-1].ant.sampling == "equal"
     assert cli_main([*paper, "--ant.method", "vanilla"]) == 0  # vanilla named: the same
     assert seen[-1].ant.sampling == "proportional"
+    for spelled in ("Vanilla", " VANILLA"):  # method names ignore case: the same again
+        assert cli_main([*paper, "--ant.method", spelled]) == 0
+        assert seen[-1].ant.sampling == "proportional" and seen[-1].ant.method == "vanilla"
 
 
 def test_a_fresh_vanilla_run_with_equal_sampling_warns(tmp_path):

@@ -234,6 +234,9 @@ class AntConfig:
             method = make_method(self.method, self.k, **self.method_kwargs)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"ant.method / ant.method_kwargs: {exc}") from None
+        # the registry's own spelling ("UW + PCGrad" -> "uw+pcgrad"): what the trainer and the
+        # CLI compare against ("vanilla") and what config.yaml records
+        self.method = method.name
         if self.update_every is not None and method.grad is None:
             raise ValueError(
                 f"ant.update_every applies to gradient methods; {self.method!r} has none "

@@ -81,11 +81,11 @@ def run(args: argparse.Namespace) -> int:
         if "ant.method" not in given:
             # the paper's NTG compares vanilla models; the specialists are vanilla too
             overrides = [*overrides, "--ant.method", "vanilla"]
-        if given.get("ant.method", "vanilla") == "vanilla" and "ant.sampling" not in given:
+        cfg = load_config(args.config, overrides)
+        if cfg.ant.method == "vanilla" and "ant.sampling" not in given:  # (any spelling)
             # uniform t, as plain training draws it (the paper presets stratify "equal" for
             # ANT's methods: with vanilla a reweighted objective)
-            overrides = [*overrides, "--ant.sampling", "proportional"]
-        cfg = load_config(args.config, overrides)
+            cfg = load_config(args.config, [*overrides, "--ant.sampling", "proportional"])
     else:  # the full run's config, without building its model twice
         cfg = config_from_saved(load_checkpoint(args.full)[0]["config"])
     iv = args.intervals
