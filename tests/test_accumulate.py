@@ -269,3 +269,79 @@ def test_a_window_under_a_grad_scaler_equals_one_batch(method):
     assert s1.get_scale() == s2.get_scale()
     for a, b in zip(_snapshot(m1, big), _snapshot(m2, acc)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_failed_micro_batch_drops_the_window():
+    """A loss_fn that raises part-way (an out-of-memory the trainer catches) has added some
+    clusters' rows to J: the window is dropped, and the next one starts clean."""
+    (model, ant, opt), (m2, ref, _) = _pair("pcgrad", "micro")
+    lf = per_sample_loss(model)
+    x1, x2, x3 = (torch.randn(8, 1, 6, 6) for _ in range(3))
+    t = ant.sample_timesteps(8)
+    ref.sample_timesteps(8)
+    calls = []
+
+    def flaky(xb, tb):
+        calls.append(1)
+        if len(calls) == 4 + 3:  # the second micro-batch's third cluster pass
+            raise RuntimeError("out of memory (simulated)")
+        return lf(xb, tb)
+
+    ant.backward(flaky, x1, t, accumulate=True)
+    with pytest.raises(RuntimeError, match="out of memory") as info:
+        ant.backward(flaky, x2, t, accumulate=True)
+    assert ant._window is None
+    if hasattr(info.value, "__notes__"):
+        assert "accumulation window was dropped" in info.value.__notes__[0]
+    # the step again from its first micro-batch: the window of x1 and x3 alone
+    ant.backward(lf, x1, t, accumulate=True)
+    ant.backward(lf, x3, t)
+    ref.backward(per_sample_loss(m2), x1, t, accumulate=True)
+    ref.backward(per_sample_loss(m2), x3, t)
+    torch.testing.assert_close(flat_grad(model), flat_grad(m2), rtol=1e-6, atol=1e-8)
+
+
+def test_changed_parameters_drop_the_window_and_attach_waits():
+    (model, ant, opt), _ = _pair("pcgrad", "micro")
+    lf = per_sample_loss(model)
+    x = torch.randn(8, 1, 6, 6)
+    t = ant.sample_timesteps(8)
+    ant.backward(lf, x, t, accumulate=True)
+    with pytest.raises(RuntimeError, match="ant.attach while an accumulation window is open"):
+        ant.attach(model)  # (it rebuilds the buffer J accumulates in)
+    model.out.bias.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="parameters changed"):
+        ant.backward(lf, x, t)
+    assert ant._window is None  # not stuck: the next step trains
+    ant.backward(lf, x, t, accumulate=True)
+    ant.backward(lf, x, t)
+    assert ant.step(opt)
+
+
+@pytest.mark.parametrize("method", ["uw", "vanilla"])
+def test_a_loss_space_window_refuses_trainable_tensors_outside_the_model(method):
+    (model, ant, _), _ = _pair(method, "micro")
+    gain = torch.ones((), requires_grad=True)  # not a parameter of the model
+
+    def lf(xb, tb):
+        return per_sample_loss(model)(xb, tb) * gain
+
+    x = torch.randn(8, 1, 6, 6)
+    t = ant.sample_timesteps(8)
+    ant.backward(lf, x, t)  # one batch: an ordinary backward gives it its gradient
+    with pytest.raises(ValueError, match="outside the attached model"):
+        ant.backward(lf, x, t, accumulate=True)
+    assert ant._window is None
+
+
+def test_vanilla_window_weights_are_the_mean_cluster_shares():
+    (model, ant, _), _ = _pair("vanilla", "micro")
+    lf = per_sample_loss(model)
+    edges = list(ant.clusters.bounds)
+    t1 = torch.tensor([edges[0]] * 6 + [edges[1], edges[2]])  # shares 6/8, 1/8, 1/8, 0
+    t2 = torch.tensor([edges[3]] * 4 + [edges[0]] * 4)  # shares 1/2, 0, 0, 1/2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ant.backward(lf, torch.randn(8, 1, 6, 6), t1, accumulate=True)
+        out = ant.backward(lf, torch.randn(8, 1, 6, 6), t2)
+    torch.testing.assert_close(out.weights, torch.tensor([10 / 16, 1 / 16, 1 / 16, 4 / 16]))

@@ -3,10 +3,12 @@ and the paper presets (real model configs, reduced inputs) for two steps."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import io
 import json
+import math
 import os
 import shutil
 import time
@@ -16,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 import antdiff.checkpoint as ck
 from antdiff.cli import main as cli_main
@@ -298,6 +301,61 @@ def test_loss_space_micro_batches_average_their_gradients(tmp_path, monkeypatch)
             w += g
     for w, p in zip(want, run.model.parameters()):
         torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("micro", ["0", "5"])
+def test_a_step_skipped_for_its_gradients_logs_nothing(micro, tmp_path, monkeypatch):
+    """Finite losses, a NaN gradient: ant.step skips the step, and none of its (micro-)batches
+    enters the logged means (the outputs carry ant.step's verdict)."""
+    from antdiff.train import _LogMeans, engine_step
+
+    cfg = _cfg("digits_adm", tmp_path, "--ant.method", "uw", "--train.micro_batch", micro)
+    run = build_run(cfg)
+    real, p0 = run.diffusion.training_losses, next(run.model.parameters())
+
+    def poisoned(model, x0, t, noise=None, model_kwargs=None):
+        out = real(model, x0, t, noise, model_kwargs)
+        z = (p0 - p0.detach()).sum()  # d/dp sqrt(0) = inf: times 0 gives NaN
+        return {**out, "loss": out["loss"] + 0.0 * torch.sqrt(z)}
+
+    monkeypatch.setattr(run.diffusion, "training_losses", poisoned)
+    idx = run.batches.next_indices()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine_step(run, {"x": run.data.x[idx]})  # (the fused AdamW skips on the device)
+    assert not bool(run.ant.last.finite)
+    assert len(run.outputs) == (1 if micro == "0" else 2)
+    assert not any(bool(o.finite) for o in run.outputs)
+    means = _LogMeans()
+    for o in run.outputs:
+        means.add(o)
+    assert math.isnan(means.take(run.ant.k)[0])
+
+
+def test_loss_space_micro_batches_all_reduce_once_per_step(tmp_path, monkeypatch):
+    """Under DDP the micro-batches but the last run inside no_sync (one all-reduce a step)."""
+    cfg = _cfg("digits_adm", tmp_path, "--ant.method", "uw", "--train.micro_batch", "2",
+               "--train.batch_size", "10", "--ant.sampling", "uniform")  # fmt: skip
+    run = build_run(cfg)
+    entered = []
+
+    class Wrapped(nn.Module):  # what DDP offers the trainer: no_sync()
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *a, **kw):
+            return self.inner(*a, **kw)
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            entered.append(1)
+            yield
+
+    run.forward = Wrapped(run.forward)
+    idx = run.batches.next_indices()
+    train_step(run, {"x": run.data.x[idx]})
+    assert len(entered) == 4  # 5 micro-batches: 4 without DDP's all-reduce
 
 
 def test_micro_batch_settings_are_checked():

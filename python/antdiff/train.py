@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import errno
 import logging
 import math
@@ -302,14 +303,22 @@ def engine_step(run: Run, batch: dict[str, torch.Tensor]) -> bool:
         if ant.needs_gradients:
             ant.backward(loss_fn, part, t, accumulate=m < n - 1)
         else:  # the mean of the micro-batches' losses (the engine's cluster means are per
-            # micro-batch either way)
-            loss = ant.reduce(loss_fn(part, t), t)
-            (loss / n if n > 1 else loss).backward()
+            # micro-batch either way); DDP all-reduces at the last one only
+            no_sync = getattr(run.forward, "no_sync", None) if m < n - 1 else None
+            with no_sync() if no_sync is not None else contextlib.nullcontext():
+                loss = ant.reduce(loss_fn(part, t), t)
+                (loss / n if n > 1 else loss).backward()
         if not ant.needs_gradients or m == n - 1:
             run.outputs.append(ant.last)
     if cfg.train.grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip, foreach=True)
-    return ant.step(run.opt)
+    stepped = ant.step(run.opt)
+    # ant.step's verdict on the gradients (a loss-space step can overflow in its backward):
+    # a skipped step's micro-batches log nothing
+    verdict = ant.last.finite
+    run.outputs = [dataclasses.replace(o, finite=o.finite & verdict) for o in run.outputs[:-1]]
+    run.outputs.append(ant.last)
+    return stepped
 
 
 def train_step(run: Run, batch: dict[str, torch.Tensor]) -> None:

@@ -123,10 +123,13 @@ class _Window:
     L_sum: torch.Tensor  # [k] sum of the micro-batches' global cluster means  # noqa: N815
     M: torch.Tensor  # [k] micro-batches each cluster was present in
     shown: torch.Tensor  # 0-d sum of the micro-batches' reported losses
+    shares: torch.Tensor | None  # [k] sum of vanilla's cluster shares (None: another method)
     finite: torch.Tensor  # 0-d bool: every micro-batch's losses were finite
     calls: int  # micro-batches so far
 
-    def add(self, L, present, shown, finite) -> None:  # noqa: N803
+    def add(self, L, present, shown, finite, shares=None) -> None:  # noqa: N803
+        if shares is not None:
+            self.shares = shares if self.shares is None else self.shares + shares
         self.L_sum = self.L_sum + torch.where(present, L, 0.0)
         self.M = self.M + present.to(self.M.dtype)
         self.shown = self.shown + shown
@@ -331,6 +334,7 @@ class ANT:
         self._pending_observe: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._uses_step = False  # ant.step has been called: a reduce before it accumulates
         self._window: _Window | None = None  # ant.backward(accumulate=True) since the last update
+        self._window_leaves_checked = False  # see _check_window_leaves
         self._check_buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         if model is not None:
             self.attach(model)
@@ -387,8 +391,8 @@ class ANT:
 
     def attach(self, model: nn.Module) -> ANT:
         """Use ``model``'s trainable parameters for the per-cluster gradients."""
-        if self._window is not None and model is not self._model:
-            raise RuntimeError(_window_open("ant.attach of another model"))
+        if self._window is not None:  # (re-attaching rebuilds the buffer J accumulates in)
+            raise RuntimeError(_window_open("ant.attach"))
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"model must be a torch.nn.Module (the network loss_fn runs), got "
@@ -782,10 +786,22 @@ class ANT:
                 p.grad = None
         else:  # a later micro-batch of the window: its kind of step, added to what is there
             on_step = acc.on_step
-        if on_step:
-            out = self._gradient_step(loss_fn, batch, t, counts, scaler, acc, accumulate)
-        else:
-            out = self._weighted_step(loss_fn, batch, t, scaler, acc, accumulate)
+        try:
+            if on_step:
+                out = self._gradient_step(loss_fn, batch, t, counts, scaler, acc, accumulate)
+            else:
+                out = self._weighted_step(loss_fn, batch, t, scaler, acc, accumulate)
+        except BaseException as e:
+            if acc is not None:  # J / .grad may hold part of this micro-batch: not resumable
+                self._window = None
+                note = ("antdiff: the accumulation window was dropped (this micro-batch's "
+                        "gradients are incomplete); start the optimiser step again from its "
+                        "first micro-batch")  # fmt: skip
+                if hasattr(e, "add_note"):
+                    e.add_note(note)
+                else:  # Python 3.10
+                    warnings.warn(note, stacklevel=2)
+            raise
         if accumulate:
             return out
         self._window = None
@@ -910,6 +926,8 @@ class ANT:
             if buf is not None:
                 buf.point_grads_at(0, zero=acc is None)
             self._probe(total)
+            if (accumulate or acc is not None) and not self._window_leaves_checked:
+                self._check_window_leaves(total, batch, t)
             self._scaled(total, scaler).backward()
         if accumulate or acc is not None:
             L_global = torch.where(present, L_global, 0.0)  # noqa: N806
@@ -917,8 +935,9 @@ class ANT:
             if acc is None:
                 acc = _Window(False, scaler if _scaling(scaler) else None, buf,
                               torch.zeros_like(L_global), torch.zeros_like(L_global),
-                              torch.zeros_like(shown), ok, 0)  # fmt: skip
-            acc.add(L_global, present, shown, ok)
+                              torch.zeros_like(shown), None, ok, 0)  # fmt: skip
+            acc.add(L_global, present, shown, ok,
+                    weights if self.method.is_vanilla else None)  # fmt: skip
             if accumulate:
                 self._window = acc
                 return StepOutput(shown, L_global, torch.zeros_like(L_global), present, ok)
@@ -935,6 +954,8 @@ class ANT:
             present = acc.M > 0
             L_global = acc.L_sum / acc.M.clamp(min=1)  # noqa: N806
             shown = acc.shown / n
+            if acc.shares is not None:  # vanilla: each cluster's mean share of the samples
+                weights = acc.shares / n
         if self.method.is_vanilla:
             return self._record(
                 shown, L_global, weights, present, None,
@@ -968,6 +989,25 @@ class ANT:
             if _reaches_model(loss, self._model) is False:  # the update would be zero, silently
                 raise ValueError(MODEL_NOT_RUN)
             self._probed = True
+
+    def _check_window_leaves(self, loss: torch.Tensor, batch: Any, t: torch.Tensor) -> None:
+        """An accumulation window divides the gradients it knows (the model's and the method's
+        own) by its number of micro-batches: a trainable tensor outside them would keep the
+        sum. Refused, once (one walk of the graph on the host)."""
+        loss_m = self.method.loss
+        own = {id(p) for p in [*self._model.parameters(), *_tensors((batch, t)),
+                               *(loss_m.parameters() if loss_m is not None else ())]}  # fmt: skip
+        other = _other_leaves(loss, own)
+        if other:
+            raise ValueError(
+                "ant.backward(accumulate=True): loss_fn's losses depend on trainable tensors "
+                "outside the attached model (" + ", ".join(other[:5])
+                + (f" and {len(other) - 5} more" if len(other) > 5 else "")
+                + "), whose gradients the window could not average over its micro-batches. "
+                "Make them parameters of the model, or accumulate with "
+                "ant.reduce(...) / n and .backward()"
+            )
+        self._window_leaves_checked = True
 
     def _check_leaves(self, loss: torch.Tensor, *also: torch.Tensor) -> None:
         """The first J step's loss: refuse trainable tensors outside the attached model. J holds
@@ -1045,7 +1085,7 @@ class ANT:
             if acc is None:
                 acc = _Window(True, scaler if _scaling(scaler) else None, buf,
                               torch.zeros_like(L_global), torch.zeros_like(L_global),
-                              torch.zeros_like(L_global[0]), ok, 0)  # fmt: skip
+                              torch.zeros_like(L_global[0]), None, ok, 0)  # fmt: skip
             acc.add(L_global, present, _present_mean(L_global, present), ok)
             if accumulate:  # J is all-reduced once, at the window's last call
                 self._window = acc
