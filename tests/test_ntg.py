@@ -324,3 +324,189 @@ def test_ntg_samples_with_the_runs_ddpm_variance(tmp_path, monkeypatch):
                   n_samples=66, batch=66)  # fmt: skip
     assert seen and set(seen) == {"large"}
     assert res["variance"] == "large" and res["sampler"] == "ddpm"
+
+
+def test_sample_images_seeds_batch_j_with_seed_plus_j_and_numbers_classes_globally(
+    monkeypatch,
+):
+    """Batch j draws its noise from a generator seeded seed + j (two models sampled alike see
+    the same noise, batch by batch), and the class labels run over the global sample index
+    (0, 1, 2, 0, 1, 2), not restarting in each batch."""
+    import antdiff.sampling
+
+    labels = []
+
+    def fake(model, diffusion, shape, *, generator, y=None, **kw):
+        labels.append(y.clone())
+        return torch.randn(shape, generator=generator)
+
+    monkeypatch.setattr(antdiff.sampling, "sample", fake)
+    x = sample_images(torch.nn.Linear(1, 1), None, 6, (1, 2, 2), seed=5, batch=4, num_classes=3)
+    first = torch.randn((4, 1, 2, 2), generator=torch.Generator().manual_seed(5))
+    second = torch.randn((2, 1, 2, 2), generator=torch.Generator().manual_seed(6))
+    want = torch.cat([first, second])
+    assert torch.equal(x, want)
+    assert torch.cat(labels).tolist() == [0, 1, 2, 0, 1, 2]
+
+
+class _Zero(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t, **kw):
+        return x * self.w
+
+
+class _StubFeatures:
+    name, dim = "stub", 2
+
+    def __call__(self, x):
+        return torch.zeros(len(x), 2).numpy()
+
+
+def test_ntg_rows_count_the_sampler_steps_inside_each_half_open_interval(monkeypatch):
+    """With the FIDs given (full 5, full under the other noise seed 3, then 4 and 7 for the
+    intervals): seed_gap = |3 - 5| = 2, NTG = 4 - 5 = -1 and 7 - 5 = +2. The 4 DDIM steps are
+    t = 0, 333, 666, 999: [0, 333) holds one of them (333 belongs to the next interval),
+    [333, 1000) three."""
+    import antdiff.analysis.ntg as ntg
+    from antdiff.diffusion import GaussianDiffusion
+    from antdiff.schedules import linear_schedule
+
+    fids = iter([5.0, 3.0, 4.0, 7.0])
+    monkeypatch.setattr(ntg, "_quality", lambda real, images, extractor, rank_def: {
+        "fid": next(fids), "precision": 0.0, "recall": 0.0})  # fmt: skip
+    spec = _Zero()
+    res = negative_transfer_gap(
+        _Zero(), {(0, 333): spec, (333, 1000): spec}, GaussianDiffusion(linear_schedule(1000)),
+        torch.zeros(3, 1, 2, 2), _StubFeatures(), n_samples=2, shape=(1, 2, 2), steps=4, batch=2,
+    )  # fmt: skip
+    assert res["seed_gap"] == 2.0
+    assert [(r["label"], r["steps_inside"], r["ntg"]) for r in res["intervals"]] == [
+        ("[0, 333)", 1, -1.0), ("[333, 1000)", 3, 2.0)]  # fmt: skip
+
+
+def test_plot_marks_negative_transfer_red_and_shows_the_noise_band(tmp_path, monkeypatch):
+    """Bars with NTG < 0 (negative transfer) are red, the others blue; the y range holds the
+    whole noise band [-seed_gap, seed_gap], even where every bar is smaller."""
+    from matplotlib.axes import Axes
+
+    from antdiff.analysis.ntg import plot_ntg
+
+    got = {}
+    bar, set_ylim = Axes.bar, Axes.set_ylim
+
+    def spy_bar(self, x, height, *a, color=None, **kw):
+        got["colors"] = list(color)
+        return bar(self, x, height, *a, color=color, **kw)
+
+    def spy_ylim(self, *a, **kw):
+        if len(a) == 2:
+            got["ylim"] = a
+        return set_ylim(self, *a, **kw)
+
+    monkeypatch.setattr(Axes, "bar", spy_bar)
+    monkeypatch.setattr(Axes, "set_ylim", spy_ylim)
+    res = {"intervals": [{"ntg": -1.0, "label": "[0, 500)"}, {"ntg": 0.5, "label": "[500, 1000)"}],
+           "seed_gap": 3.0, "features": "stub"}  # fmt: skip
+    plot_ntg(res, tmp_path / "n.png")
+    assert got["colors"] == ["tab:red", "tab:blue"]
+    lo, hi = got["ylim"]
+    assert lo <= -3.0 and hi >= 3.0
+
+
+@pytest.mark.parametrize("t1, t2", [(5, 5), (7, 3), (-1, 5)])
+def test_router_refuses_an_empty_or_negative_interval(t1, t2):
+    m = torch.nn.Linear(1, 1)
+    with pytest.raises(ValueError, match="need 0 <= t1 < t2"):
+        IntervalRouter(m, m, t1, t2)
+
+
+@pytest.fixture
+def stubbed_ntg(monkeypatch):
+    """run_ntg with its models built but not trained, and negative_transfer_gap replaced by a
+    recorder: ``trained`` lists (what, ant.method) of each model, ``seen`` the sampling
+    arguments run_ntg passed."""
+    import antdiff.analysis.ntg as ntg
+    from antdiff.train import build_run
+
+    trained, seen = [], {}
+
+    def fake_trained(cfg, what, flag):
+        trained.append((what, cfg.ant.method))
+        return build_run(cfg)
+
+    def fake_gap(full, specialists, diffusion, real, extractor, **kw):
+        seen.update(kw)
+        return {"intervals": [], "full": {}, "seed_gap": None}
+
+    monkeypatch.setattr(ntg, "_trained", fake_trained)
+    monkeypatch.setattr(ntg, "negative_transfer_gap", fake_gap)
+    monkeypatch.setattr(ntg, "write_ntg", lambda result, out: None)
+    return ntg, trained, seen
+
+
+def _small(tmp_path, preset="digits_adm", *extra):
+    return load_config(
+        preset,
+        ["--train.steps", "2", "--train.progress", "false", "--sample.steps", "4",
+         "--train.out_dir", str(tmp_path / "unused"), *extra],
+    )  # fmt: skip
+
+
+def test_run_ntg_refuses_a_bad_interval_before_training(tmp_path, stubbed_ntg):
+    ntg, trained, _ = stubbed_ntg
+    with pytest.raises(ValueError, match=r"\[0, 2000\) is empty or outside"):
+        ntg.run_ntg(_small(tmp_path), [(0, 2000)], specialist_steps=1, out_dir=tmp_path / "a",
+                    n_samples=66, extractor=_StubFeatures())  # fmt: skip
+    assert trained == []
+
+
+def test_run_ntg_specialists_are_vanilla_and_a_non_vanilla_full_model_is_warned(
+    tmp_path, stubbed_ntg, caplog
+):
+    """The paper's specialists train the plain loss whatever the full model's method; a full
+    model that is not vanilla is trained as asked, with a warning (digits_adm's method is UW)."""
+    ntg, trained, _ = stubbed_ntg
+    with caplog.at_level("WARNING", logger="antdiff.analysis.ntg"):
+        ntg.run_ntg(_small(tmp_path), [(0, 500)], specialist_steps=1, out_dir=tmp_path / "b",
+                    n_samples=66, extractor=_StubFeatures())  # fmt: skip
+    assert trained == [("full model", "uw"), ("specialist", "vanilla")]
+    assert "method 'uw'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="antdiff.analysis.ntg"):
+        ntg.run_ntg(_small(tmp_path, "digits_adm", "--ant.method", "vanilla"), [(0, 500)],
+                    specialist_steps=1, out_dir=tmp_path / "c", n_samples=66,
+                    extractor=_StubFeatures())  # fmt: skip
+    assert caplog.text == ""
+
+
+def test_run_ntg_samples_with_the_runs_classes_guidance_and_clipping(tmp_path, stubbed_ntg):
+    """A class-conditional run is sampled with its 10 digit classes and its own
+    sample.cfg_scale, clipped to [-1, 1]; a latent-diffusion run is decoded and not clipped
+    in latent space."""
+    ntg, _, seen = stubbed_ntg
+    dit = _small(tmp_path, "digits_dit", "--ant.method", "vanilla", "--sample.cfg_scale", "3.5")
+    ntg.run_ntg(dit, [(0, 500)], specialist_steps=1, out_dir=tmp_path / "d", n_samples=66,
+                extractor=_StubFeatures())  # fmt: skip
+    assert (seen["num_classes"], seen["cfg_scale"], seen["clip_denoised"]) == (10, 3.5, True)
+    assert seen["decode"] is None
+    ldm = _small(tmp_path, "digits_ldm", "--ant.method", "vanilla",
+                 "--data.autoencoder_steps", "2")  # fmt: skip
+    ntg.run_ntg(ldm, [(0, 500)], specialist_steps=1, out_dir=tmp_path / "e", n_samples=66,
+                extractor=_StubFeatures())  # fmt: skip
+    assert seen["clip_denoised"] is False and seen["decode"] is not None
+    assert seen["num_classes"] is None
+
+
+def test_run_ntg_records_the_full_run_it_was_given(tmp_path, stubbed_ntg, monkeypatch):
+    ntg, trained, _ = stubbed_ntg
+    from antdiff.train import build_run
+
+    van = _small(tmp_path, "digits_adm", "--ant.method", "vanilla")
+    monkeypatch.setattr(ntg, "load_run", lambda path: build_run(van))
+    res = ntg.run_ntg(None, [(0, 500)], specialist_steps=1, out_dir=tmp_path / "f",
+                      full=tmp_path / "myrun", n_samples=66, extractor=_StubFeatures())  # fmt: skip
+    assert res["full_model"]["run"] == str(tmp_path / "myrun")
+    assert trained == [("specialist", "vanilla")]  # the full model is loaded, not trained

@@ -251,3 +251,197 @@ def test_report_mentions_the_affinity_only_for_a_gradient_study(tmp_path: Path) 
         md = (root / "rep" / "R.md").read_text()
         assert ("Gradient clustering" in md) is expect
         assert ("R/affinity_*.png" in md) is expect and "study_digits" not in md
+
+
+def test_a_run_trains_and_samples_with_its_jobs_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every setting of a job reaches the trainer's config and the evaluation: the seed fixes
+    both the training and the sampling noise, and the sampler / steps / EMA are the study's
+    (not the digits_adm preset's: ema 0.999, seed 0, ddim-50)."""
+    from types import SimpleNamespace
+
+    import antdiff.evaluate
+    import antdiff.train
+
+    seen = {}
+
+    def fake_train(cfg, resume=None):
+        seen["cfg"], seen["resume"] = cfg, resume
+        clusters = SimpleNamespace(bounds=[0, 1000])
+        return {"run": SimpleNamespace(ant=SimpleNamespace(clusters=clusters)),
+                "checkpoint": "ckpt.pt", "loss": 0.5, "seconds": 1.0, "sec_per_step": 0.1,
+                "stats": {}}  # fmt: skip
+
+    def fake_evaluate(ckpt, num, **kw):
+        seen["eval"] = {"ckpt": ckpt, "num": num, **kw}
+        return {"fid": 1.0, "precision": 0.5, "recall": 0.5}
+
+    monkeypatch.setattr(antdiff.train, "train", fake_train)
+    monkeypatch.setattr(antdiff.evaluate, "evaluate_checkpoint", fake_evaluate)
+    job = {"out": str(tmp_path), "name": "uw-snr", "method": "uw", "clustering": "snr",
+           "seed": 2, "steps": 7, "batch": 8, "lr": 5e-4, "ema": 0.9, "threads": 1, "num": 70,
+           "sampler": "ddpm", "sample_steps": 9,
+           "affinity": str(tmp_path / "affinity_T.npy")}  # fmt: skip
+    study._run_one(job)
+    t, ev = seen["cfg"].train, seen["eval"]
+    assert (t.seed, t.ema_decay, t.batch_size, t.lr, t.steps) == (2, 0.9, 8, 5e-4, 7)
+    assert (seen["cfg"].ant.method, seen["cfg"].ant.clustering) == ("uw", "snr")
+    assert seen["resume"] is None  # nothing in the run folder yet: a fresh run
+    assert (ev["ckpt"], ev["num"], ev["seed"]) == ("ckpt.pt", 70, 2)
+    assert (ev["sampler"], ev["steps"]) == ("ddpm", 9)
+    res = json.loads(study.result_path(tmp_path, "uw-snr", 2).read_text())
+    assert res["config"] == "uw-snr" and res["train_steps"] == 7 and res["train_batch"] == 8
+
+
+def test_logged_timing_weights_each_row_by_the_steps_it_covers(tmp_path: Path) -> None:
+    """A run finished by an earlier process reports the loss of its last logged step and the
+    time of all its steps: each metrics.csv row's s/step covers the steps since the row
+    before it."""
+    (tmp_path / "metrics.csv").write_text(
+        "step,loss,sec_per_step\n2,0.9,0.5\n4,0.7,0.25\n5,0.6,1.0\n"
+    )
+    got = study._logged(tmp_path)
+    # 2 steps at 0.5 s, 2 at 0.25 s, 1 at 1.0 s: 2.5 s over 5 steps
+    assert got["loss"] == 0.6
+    assert got["seconds"] == pytest.approx(2.5, abs=1e-12)
+    assert got["sec_per_step"] == pytest.approx(0.5, abs=1e-12)
+
+
+def test_make_affinity_asks_for_the_bins_and_expands_them_to_timesteps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``antdiff affinity`` gets the study's --bins and --affinity-samples, and the trainer's
+    [T, T] table gives every timestep its bin's row and column (unequal bins, T = 10)."""
+    import antdiff.cli
+    from antdiff.analysis.affinity import AffinityResult
+
+    A = np.array([[1.0, 0.5, 0.1], [0.5, 1.0, 0.3], [0.1, 0.3, 1.0]])  # noqa: N806
+    edges = np.array([0, 1, 4, 10])  # bins {0}, {1, 2, 3}, {4, ..., 9}
+    argvs = []
+
+    def fake_cli(argv):
+        argvs.append(list(argv))
+        AffinityResult(A, edges, 8, 1, {}).save(argv[argv.index("--out") + 1])
+        return 0
+
+    monkeypatch.setattr(antdiff.cli, "main", fake_cli)
+    path = study.make_affinity(tmp_path, tmp_path / "runs" / "vanilla_s0", 3, 8, 1)
+    (argv,) = argvs
+    assert argv[argv.index("--bins") + 1] == "3"
+    assert argv[argv.index("--n-samples") + 1] == "8"
+    full = np.load(path)
+    bin_of = [0, 1, 1, 1, 2, 2, 2, 2, 2, 2]
+    want = np.array([[A[bin_of[t], bin_of[s]] for s in range(10)] for t in range(10)])
+    assert full.dtype == np.float32
+    np.testing.assert_array_equal(full, want.astype(np.float32))
+
+
+def test_report_table_signs_the_delta_counts_wins_and_copies_the_affinity(tmp_path: Path) -> None:
+    """Each row of the report: ΔFID with its sign, 'better' = seeds that beat vanilla, no
+    clusters for vanilla (it has none to speak of); the affinity files go beside it."""
+    configs = [
+        {"name": "vanilla", "method": "vanilla", "clustering": "snr"},
+        {"name": "uw-snr", "method": "uw", "clustering": "snr"},
+        {"name": "pcgrad-gradient", "method": "pcgrad", "clustering": "gradient"},
+    ]
+    fids = {"vanilla": [3.0, 5.0, 10.0], "uw-snr": [2.0, 6.0, 7.0],
+            "pcgrad-gradient": [4.0, 6.0, 12.0]}  # fmt: skip
+    for name, values in fids.items():
+        for s, f in enumerate(values):
+            res = {"seed": s, "fid": f, "precision": 0.5, "recall": 0.25, "sec_per_step": 1.0,
+                   "cluster_bounds": [0, 153, 1000]}  # fmt: skip
+            path = study.result_path(tmp_path, name, s)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(res))
+    files = ("affinity.npz", "affinity_timestep.png", "affinity_logsnr.png")
+    for name in files:
+        (tmp_path / name).write_bytes(name.encode())
+    meta = {"command": "x", "steps": 2, "batch": 8, "lr": 1e-3, "ema": 0.99, "seeds": 3,
+            "num": 70, "sampler": "ddim", "sample_steps": 3, "bins": 4, "affinity_samples": 8,
+            "machine": "m", "jobs": 1, "wall_seconds": 60.0, "git_sha": "abc"}  # fmt: skip
+    summary = {**study.summarize(tmp_path, configs, [0, 1, 2]), "meta": meta}
+    study.write_report(summary, tmp_path / "rep" / "R", tmp_path)
+    cells = {}
+    for line in (tmp_path / "rep" / "R.md").read_text().splitlines():
+        if line.startswith("| ") and not line.startswith("| config"):
+            row = [c.strip() for c in line.split("|")[1:-1]]
+            cells[row[0]] = row
+    # columns: config, method, clustering, FID, ΔFID, better, P, R, s/step, clusters
+    # uw - vanilla = [-1, +1, -3]: -1.00 ± 2.00, 2 of 3 seeds better
+    assert cells["uw-snr"][4:6] == ["-1.00 ± 2.00", "2/3"]
+    # pcgrad - vanilla = [+1, +1, +2]: mean 4/3, std sqrt(1/3) = 0.577, no seed better
+    assert cells["pcgrad-gradient"][4:6] == ["+1.33 ± 0.58", "0/3"]
+    assert cells["vanilla"][2] == "-" and cells["vanilla"][4:6] == ["-", "-"]
+    assert cells["vanilla"][9] == "-" and cells["uw-snr"][9] == "[0, 153, 1000]"
+    for name in files:
+        assert (tmp_path / "rep" / "R" / name).read_bytes() == name.encode()
+
+
+def test_parse_refuses_no_seeds_and_checks_bins_and_sampling_up_front(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """No seed means nothing to train; --bins may be anything in [1, T] (T bins: the
+    per-timestep affinity); a sampling setting the config rejects fails before any run."""
+
+    def refused(*flags: str) -> bool:
+        try:
+            study._parse(["--out", str(tmp_path / "o"), *flags])
+        except SystemExit:
+            return True
+        return False
+
+    assert refused("--seeds", "0")
+    assert "--seeds, --steps, --num and --jobs must be >= 1" in capsys.readouterr().err
+    assert not refused("--bins", "1000", "--clusterings", "gradient")
+    assert refused("--bins", "1001", "--clusterings", "gradient")
+    assert "--bins must be in [1, T=1000], got 1001" in capsys.readouterr().err
+    assert refused("--sample-steps", "0")
+    assert "sample.steps must be finite and > 0, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flag, then, now", [("--bins", "4", "8"), ("--affinity-samples", "16", "32")]
+)
+def test_rerun_with_another_affinity_setting_is_refused(
+    tmp_path: Path, flag: str, then: str, now: str
+) -> None:
+    """The affinity settings shape the gradient runs' clusters: a rerun must repeat them."""
+    out = tmp_path / "s"
+    study._check_settings(out, study._parse(["--out", str(out), flag, then]))
+    (out / "results").mkdir()
+    (out / "results" / "vanilla_s0.json").write_text("{}")
+    with pytest.raises(SystemExit, match=rf"{flag} {now} \(made with {then}\)"):
+        study._check_settings(out, study._parse(["--out", str(out), flag, now]))
+
+
+def test_a_study_stopped_before_the_affinity_makes_it_on_the_rerun(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped after the vanilla seed-0 result but before its affinity: the rerun makes the
+    affinity from that run first, then trains only the gradient configs."""
+    out, ran, made = tmp_path / "s", [], []
+
+    def fake_run_one(job):
+        ran.append(job["name"])
+        res = {"seed": job["seed"], "fid": 1.0, "precision": 0.5, "recall": 0.5,
+               "sec_per_step": 0.1, "cluster_bounds": [0, 1000]}  # fmt: skip
+        path = study.result_path(Path(job["out"]), job["name"], job["seed"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res))
+        return res
+
+    def fake_make_affinity(where, vdir, bins, n_samples, threads):
+        made.append((vdir, bins, n_samples))
+        np.save(where / "affinity_T.npy", np.eye(3))
+        return where / "affinity_T.npy"
+
+    monkeypatch.setattr(study, "run_one", fake_run_one)
+    monkeypatch.setattr(study, "make_affinity", fake_make_affinity)
+    fake_run_one({"out": str(out), "name": "vanilla", "seed": 0})  # the earlier process's
+    ran.clear()
+    argv = ["--out", str(out), "--seeds", "1", "--steps", "2", "--num", "70", "--methods", "uw",
+            "--clusterings", "gradient", "--bins", "4", "--affinity-samples", "8",
+            "--jobs", "1"]  # fmt: skip
+    assert study.main(argv) == 0
+    assert ran == ["uw-gradient"] and made == [(out / "runs" / "vanilla_s0", 4, 8)]
