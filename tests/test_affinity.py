@@ -489,3 +489,88 @@ def test_logsnr_edges_sit_half_a_step_before_each_bin_edge():
     ls = np.asarray(sched.log_snr, dtype=np.float64)
     got = logsnr_edges(np.array([0, 50, 100]), sched)
     np.testing.assert_allclose(got, [ls[0], (ls[49] + ls[50]) / 2, ls[99]], rtol=1e-12)
+
+
+class GatedNet(nn.Module):
+    """eps = w * x for t >= 20 and 0 below: the loss of a bin inside [0, 20) does not depend on
+    w, so that bin's gradient is exactly zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return x * self.w * (t >= 20).to(x.dtype).view(-1, 1, 1, 1)
+
+
+def test_a_bin_with_zero_gradient_is_an_error():
+    """A zero bin gradient has no direction: its cosines are undefined (0 / 0), so the pass
+    names the bins instead of returning NaN or made-up entries."""
+    diffusion = GaussianDiffusion(linear_schedule(T_SMALL))
+    data = torch.rand(5, 1, 2, 2) * 2 - 1
+    # 4 bins of 10 timesteps: bins 0 and 1 lie below t = 20
+    with pytest.raises(ValueError, match=r"bin\(s\) \[0, 1\] is zero or non-finite"):
+        task_affinity(GatedNet(), diffusion, data, bins=4, n_samples=3)
+
+
+def test_checkpoints_of_different_diffusions_are_not_averaged(tmp_path):
+    """Two checkpoints of the same architecture and weights, one trained with T = 100 and one
+    with T = 40, learned different tasks: their affinities are not averaged."""
+    a, b = tmp_path / "t100.pt", tmp_path / "t40.pt"
+    _tiny_adm_checkpoint(a, 0, T=100)
+    _tiny_adm_checkpoint(b, 0, T=40)
+    diffusion = GaussianDiffusion(linear_schedule(100))
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    with pytest.raises(ValueError, match=r"different models \(their config differ\)"):
+        task_affinity([a, b], diffusion, x, bins=2, n_samples=2)
+
+
+def test_a_module_elsewhere_than_device_is_refused(setup):
+    """A module given as such is not moved: one on the CPU with device='cuda' (or any other
+    device than its own) is an error naming it, whether CUDA is present or not."""
+    model, diffusion, data = setup
+    with pytest.raises(ValueError, match=r"models\[0\] \(TinyNet\) is on cpu.*move it first"):
+        task_affinity(model, diffusion, data, bins=2, n_samples=2, device="cuda")
+    assert task_affinity(model, diffusion, data, bins=2, n_samples=2, device="cpu").nb == 2
+
+
+def test_affinity_figures_put_t0_top_left_and_name_bins_and_checkpoints(tmp_path, monkeypatch):
+    """Both heat maps show t = 0 (the least noise, the highest log-SNR) at the top left, and
+    their titles give the bins, checkpoints and samples per bin."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from antdiff.analysis import plot_affinity_figures
+    from antdiff.analysis.plots import logsnr_edges
+    from antdiff.schedules import as_schedule
+
+    figs = []
+    close = plt.close
+
+    def keep(fig=None):
+        figs.append(fig)
+        return close(fig)
+
+    monkeypatch.setattr(plt, "close", keep)
+    edges = np.array([0, 10, 40, 100])
+    sched = linear_schedule(100)
+    res = AffinityResult(np.eye(3), edges, 4, 2, {})
+    paths = plot_affinity_figures(res, sched, tmp_path / "aff")
+    assert [p.name for p in paths] == ["aff_timestep.png", "aff_logsnr.png"]
+    assert len(figs) == 2
+    ls = np.asarray(as_schedule(sched).log_snr, dtype=np.float64)
+    # the corner cells' outer coordinates: t = 0 and t = T on the timestep axis; on the log-SNR
+    # axis the first and last timestep's log-SNR (log-SNR falls as t grows)
+    for fig, (first, last) in zip(figs, [(0.0, 100.0), (ls[0], ls[-1])]):
+        ax = fig.axes[0]
+        (x0, y0), (x1, y1) = ax.transData.transform([[first, first], [last, last]])
+        assert x0 < x1 and y0 > y1  # display y grows upwards: t = 0 left and on top
+        title = ax.get_title()
+        assert "3 bins" in title and "2 checkpoint(s)" in title and "4 samples/bin" in title
+    assert figs[0].axes[0].get_title().startswith("task affinity vs timestep")
+    assert figs[1].axes[0].get_title().startswith("task affinity vs log-SNR")
+    # bin edges for another T than the schedule's do not describe its timesteps
+    with pytest.raises(ValueError, match="end at 50 but the schedule has T=100"):
+        logsnr_edges(np.array([0, 25, 50]), sched)
