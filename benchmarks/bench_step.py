@@ -99,8 +99,10 @@ SCENARIOS = (
     "ours-uw+pcgrad", "ours-pcgrad-onepass", "ours-nash-onepass", "ours-uw+pcgrad-onepass",
     "ours-graddrop-onepass", "libmtl-pcgrad", "libmtl-uw", "libmtl-imtl", "libmtl-mgda",
     "torchjd-pcgrad", "torchjd-nash", "torchjd-nash25",
+    # the batch in two accumulated micro-batches, against vanilla accumulating alike
+    "ours-uw-x2", "ours-pcgrad-onepass-x2", "ours-nash-onepass-x2",
 )  # fmt: skip
-LOSS_SPACE = ("vanilla", "ours-uw", "libmtl-uw")  # cheap, ratio near 1: more rounds
+LOSS_SPACE = ("vanilla", "ours-uw", "libmtl-uw", "ours-uw-x2")  # ratio near 1: more rounds
 QUICK_MEMORY = ("vanilla", "ours-pcgrad", "libmtl-pcgrad", "torchjd-pcgrad")
 CYCLE = 25  # weight refresh period of the "*nash25" scenarios
 
@@ -133,7 +135,13 @@ class Setup:
 
 
 def make_step(scenario: str, s: Setup) -> Callable[[], None]:
-    """A closure running one full training step of ``scenario`` on ``s``."""
+    """A closure running one full training step of ``scenario`` on ``s``; "-x2": the batch in
+    two accumulated micro-batches of B / 2 (vanilla: loss / 2 twice; ours: ant.backward with
+    accumulate=True, or two ant.reduce(...) / 2)."""
+    n = 2 if scenario.endswith("-x2") else 1
+    scenario = scenario.removesuffix("-x2")
+    b = s.B // n
+    parts = [tuple(v[i * b : (i + 1) * b] for v in s.batch) for i in range(n)]
     lib, _, method = scenario.partition("-")
     fused = s.device.type == "cuda"  # there ant.step then skips non-finite steps on the device
     if lib in ("libmtl", "torchjd"):  # the same AdamW as vanilla and ours, fused on a GPU
@@ -145,8 +153,10 @@ def make_step(scenario: str, s: Setup) -> Callable[[], None]:
 
         def vanilla() -> None:
             opt.zero_grad(set_to_none=True)
-            t = torch.randint(0, s.clusters.T, (s.B,), device=s.device)
-            s.loss_fn(s.batch, t).mean().backward()
+            for part in parts:
+                t = torch.randint(0, s.clusters.T, (b,), device=s.device)
+                loss = s.loss_fn(part, t).mean()
+                (loss / n if n > 1 else loss).backward()
             opt.step()
 
         return vanilla
@@ -160,11 +170,13 @@ def make_step(scenario: str, s: Setup) -> Callable[[], None]:
 
     def ours() -> None:
         opt.zero_grad(set_to_none=True)
-        t = ant.sample_timesteps(s.B, s.device)
-        if ant.needs_gradients:
-            ant.backward(s.loss_fn, s.batch, t)
-        else:
-            ant.reduce(s.loss_fn(s.batch, t), t).backward()
+        for i, part in enumerate(parts):
+            t = ant.sample_timesteps(b, s.device)
+            if ant.needs_gradients:
+                ant.backward(s.loss_fn, part, t, accumulate=i < n - 1)
+            else:
+                loss = ant.reduce(s.loss_fn(part, t), t)
+                (loss / n if n > 1 else loss).backward()
         ant.step(opt)
 
     return ours
@@ -280,7 +292,9 @@ def test_step(bench: Any, quick: bool, device: str, model_name: str, scenario: s
         assert peers.peer_version(lib), f"{lib} missing: install the bench extra"
     torch.set_num_threads(THREADS)
     s, v = Setup(model_name, device), Setup(model_name, device)
-    step, vstep = make_step(scenario, s), make_step("vanilla", v)
+    # the accumulating scenarios ("-x2") against vanilla accumulating alike
+    vanilla = "vanilla-x2" if scenario.endswith("-x2") else "vanilla"
+    step, vstep = make_step(scenario, s), make_step(vanilla, v)
     # the same hooks on both models: their cost (tens of us a pass) must not tilt the ratio
     counter, vcounter = PassCounter(s.model), PassCounter(v.model)
     cycle = scenario.endswith("25")
