@@ -175,15 +175,8 @@ STEP_CASES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("family", "method", "mode"), STEP_CASES)
-def test_engine_step_has_no_host_sync(family, method, mode):
-    step = _step(family, method, mode, B=20)
-    step()  # the first step may build buffers and audit the model
-    with NoHostCopy(), NoHostSync():
-        for _ in range(4):  # covers Nash's off-steps (update_every=3)
-            step()
-
-
+# two micro-batches a step: ant.backward(accumulate=True) for gradient methods, two
+# ant.reduce for loss-space ones
 WINDOW_CASES = [
     ("unet", "pcgrad", "onepass"),
     ("unet", "pcgrad", "micro"),
@@ -191,32 +184,18 @@ WINDOW_CASES = [
     ("dit", "graddrop", "onepass"),
     ("unet", "uw", "auto"),
 ]  # fmt: skip
+CASES = [pytest.param(*c, 1, id="-".join(c)) for c in STEP_CASES] + [
+    pytest.param(*c, 2, id="-".join((*c, "x2"))) for c in WINDOW_CASES
+]
 
 
-@pytest.mark.parametrize(("family", "method", "mode"), WINDOW_CASES)
-def test_accumulated_micro_batches_have_no_host_sync(family, method, mode):
-    """Two micro-batches a step (ant.backward(accumulate=True) for gradient methods)."""
-    step = _step(family, method, mode, B=20, micro_batches=2)
-    step()
+@pytest.mark.parametrize(("family", "method", "mode", "micro"), CASES)
+def test_engine_step_has_no_host_sync(family, method, mode, micro):
+    step = _step(family, method, mode, B=20, micro_batches=micro)
+    step()  # the first step may build buffers and audit the model
     with NoHostCopy(), NoHostSync():
-        for _ in range(4):  # Nash's off-steps too
+        for _ in range(4):  # covers Nash's off-steps (update_every=3)
             step()
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
-@pytest.mark.parametrize(("family", "method", "mode"), WINDOW_CASES)
-def test_cuda_accumulated_micro_batches_have_no_host_sync(family, method, mode):
-    step = _step(family, method, mode, B=20, device="cuda", micro_batches=2)
-    step()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(4):
-            step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
 
 
 @pytest.mark.parametrize("method", ["uw+pcgrad", "nash"])
@@ -257,10 +236,10 @@ def test_skipping_nonfinite_steps_reads_one_flag_per_step(method):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
-@pytest.mark.parametrize(("family", "method", "mode"), STEP_CASES)
-def test_cuda_engine_step_has_no_host_sync(family, method, mode, amp):
+@pytest.mark.parametrize(("family", "method", "mode", "micro"), CASES)
+def test_cuda_engine_step_has_no_host_sync(family, method, mode, micro, amp):
     """The same steps on a GPU under torch's own detector: any synchronising call raises."""
-    step = _step(family, method, mode, B=20, device="cuda", amp=amp)
+    step = _step(family, method, mode, B=20, device="cuda", amp=amp, micro_batches=micro)
     step()  # the first step builds buffers and audits the model
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
