@@ -272,8 +272,8 @@ def test_a_window_under_a_grad_scaler_equals_one_batch(method):
 
 
 def test_a_failed_micro_batch_drops_the_window():
-    """A loss_fn that raises part-way (an out-of-memory the trainer catches) has added some
-    clusters' rows to J: the window is dropped, and the next one starts clean."""
+    """A loss_fn that raises part-way (e.g. an out-of-memory error the training loop catches)
+    has added some clusters' rows to J: the window is dropped, and the next one starts clean."""
     (model, ant, opt), (m2, ref, _) = _pair("pcgrad", "micro")
     lf = per_sample_loss(model)
     x1, x2, x3 = (torch.randn(8, 1, 6, 6) for _ in range(3))
@@ -332,6 +332,20 @@ def test_a_loss_space_window_refuses_trainable_tensors_outside_the_model(method)
     with pytest.raises(ValueError, match="outside the attached model"):
         ant.backward(lf, x, t, accumulate=True)
     assert ant._window is None
+
+
+def test_another_model_is_checked_for_outside_tensors_again():
+    (model, ant, opt), _ = _pair("uw", "micro")
+    x = torch.randn(8, 1, 6, 6)
+    t = ant.sample_timesteps(8)
+    ant.backward(per_sample_loss(model), x, t, accumulate=True)  # checked: nothing outside
+    ant.backward(per_sample_loss(model), x, t)
+    ant.step(opt)
+    other = TinyNet()
+    gain = torch.ones((), requires_grad=True)
+    ant.attach(other)
+    with pytest.raises(ValueError, match="outside the attached model"):
+        ant.backward(lambda xb, tb: per_sample_loss(other)(xb, tb) * gain, x, t, accumulate=True)
 
 
 def test_vanilla_window_weights_are_the_mean_cluster_shares():

@@ -24,6 +24,7 @@ import antdiff.checkpoint as ck
 from antdiff.cli import main as cli_main
 from antdiff.config import load_config
 from antdiff.data import get_batch
+from antdiff.diffusion import GaussianDiffusion
 from antdiff.train import build_run, checkpoint_state, restore, train, train_step
 
 METHODS = (
@@ -356,6 +357,12 @@ def test_loss_space_micro_batches_all_reduce_once_per_step(tmp_path, monkeypatch
     idx = run.batches.next_indices()
     train_step(run, {"x": run.data.x[idx]})
     assert len(entered) == 4  # 5 micro-batches: 4 without DDP's all-reduce
+
+
+def test_a_batch_that_micro_batch_does_not_divide_is_refused(tmp_path):
+    run = build_run(_cfg("digits_adm", tmp_path, "--train.micro_batch", "5"))
+    with pytest.raises(ValueError, match="train.micro_batch=5 does not divide this batch of 7"):
+        train_step(run, {"x": run.data.x[:7]})
 
 
 def test_micro_batch_settings_are_checked():
@@ -847,6 +854,34 @@ def test_a_diverged_run_stops_and_says_what_to_change(tmp_path, monkeypatch, cap
     assert summary["loss"] is None
 
 
+@pytest.mark.parametrize("micro", ["0", "5"])
+def test_every_other_step_skipped_is_not_divergence(micro, tmp_path, monkeypatch):
+    """A loss-space method records each ant.reduce micro-batch, and a skipped step counts each
+    of them as non-finite: with two micro-batches a step, one skipped step in two looked like
+    all of them skipped, and the run was stopped as diverged."""
+    import antdiff.train as tr
+
+    monkeypatch.setattr(tr, "DIVERGED_STEPS", 4)
+    cfg = _cfg("digits_adm", tmp_path, "--ant.method", "uw", "--train.micro_batch", micro,
+               "--train.log_every", "2", steps=8)  # fmt: skip
+    real, calls = GaussianDiffusion.training_losses, []
+
+    def every_other(self, model, x0, t, noise=None, model_kwargs=None):
+        out = real(self, model, x0, t, noise, model_kwargs)
+        calls.append(1)
+        per_step = 1 if micro == "0" else 2
+        if (len(calls) - 1) // per_step % 2 == 1:  # the odd optimiser steps: NaN gradients
+            p0 = next(model.parameters())
+            out = {**out, "loss": out["loss"] + 0.0 * torch.sqrt((p0 - p0.detach()).sum())}
+        return out
+
+    monkeypatch.setattr(GaussianDiffusion, "training_losses", every_other)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = train(cfg)
+    assert s["step"] == 8 and s["stats"]["nonfinite_steps"] == (4 if micro == "0" else 8)
+
+
 def test_the_divergence_guard_counts_the_first_interval(monkeypatch):
     """A run non-finite from its first step was stopped two log intervals late: the first
     interval only recorded the count."""
@@ -855,8 +890,9 @@ def test_the_divergence_guard_counts_the_first_interval(monkeypatch):
     import antdiff.train as tr
 
     monkeypatch.setattr(tr, "DIVERGED_STEPS", 4)
-    cfg = SimpleNamespace(train=SimpleNamespace(lr=1e6, grad_clip=None))
-    ant = SimpleNamespace(telemetry=SimpleNamespace(nonfinite=lambda: 0))
+    cfg = SimpleNamespace(train=SimpleNamespace(lr=1e6, grad_clip=None, batch_size=10,
+                                                micro_batch=0))  # fmt: skip
+    ant = SimpleNamespace(telemetry=SimpleNamespace(nonfinite=lambda: 0), needs_gradients=False)
     run = SimpleNamespace(ant=ant, cfg=cfg, step=4, dist=None)
     watch = tr._SkipWatch(run)
     watch.check({"nonfinite_steps": 2}, 2, None)

@@ -285,6 +285,11 @@ def engine_step(run: Run, batch: dict[str, torch.Tensor]) -> bool:
     B = batch["x"].shape[0]  # noqa: N806
     b = cfg.train.micro_batch or B
     n = B // b  # micro-batches, accumulated into one optimiser step
+    if n * b != B:
+        raise ValueError(
+            f"train.micro_batch={b} does not divide this batch of {B} samples: pass batches of "
+            f"train.batch_size={cfg.train.batch_size} (a multiple of micro_batch)"
+        )
     run.opt.zero_grad(set_to_none=True)
     run.outputs = []
     for m in range(n):
@@ -620,10 +625,15 @@ class _SkipWatch:
         # that diverged at its first steps was stopped two intervals late)
         self.run, self.row = run, 0
         self.before = run.ant.telemetry.nonfinite()  # no fold: a resume stays bit-exact
+        # the engine's records per optimiser step: a loss-space method records each
+        # ant.reduce micro-batch (and counts each of a skipped step's as non-finite)
+        tc = run.cfg.train
+        self.records = 1 if run.ant.needs_gradients or not tc.micro_batch else (
+            tc.batch_size // tc.micro_batch)  # fmt: skip
 
     def check(self, stats: dict[str, Any], steps: int, ckpt: Path | None) -> None:
         now = stats.get("nonfinite_steps", 0)
-        self.row = self.row + steps if now - self.before >= steps else 0
+        self.row = self.row + steps if now - self.before >= steps * self.records else 0
         self.before = now
         if self.row >= DIVERGED_STEPS:
             tc = self.run.cfg.train

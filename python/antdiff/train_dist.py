@@ -55,14 +55,22 @@ class DistContext:
         return self.rank == 0
 
     def check_batch(self, batch_size: int, micro_batch: int = 0) -> None:
-        for key, size in (("batch_size", batch_size), ("micro_batch", micro_batch)):
-            if size % self.world:
-                lo = size // self.world * self.world or self.world
-                raise ValueError(
-                    f"train.{key}={size} is GLOBAL (every rank trains on its slice) and must be "
-                    f"divisible by the number of processes ({self.world}); use e.g. {lo} or "
-                    f"{lo + self.world}"
-                )
+        w = self.world
+        if batch_size % w:
+            lo = batch_size // w * w or w
+            raise ValueError(
+                f"train.batch_size={batch_size} is GLOBAL (every rank trains on its slice) and "
+                f"must be divisible by the number of processes ({w}); use e.g. {lo} or {lo + w}"
+            )
+        if micro_batch % w:
+            # the nearest sizes that both divide the batch and divide among the processes
+            fits = sorted((m for m in range(w, batch_size + 1, w) if batch_size % m == 0),
+                          key=lambda m: abs(m - micro_batch))[:2]  # fmt: skip
+            raise ValueError(
+                f"train.micro_batch={micro_batch} is GLOBAL (every rank trains on its slice) and "
+                f"must be divisible by the number of processes ({w}); use e.g. "
+                + " or ".join(map(str, sorted(fits)))
+            )
 
     def bounds(self, batch_size: int) -> tuple[int, int]:
         """[a, b): this rank's positions in the global batch of ``batch_size`` samples."""

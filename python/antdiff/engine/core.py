@@ -435,6 +435,7 @@ class ANT:
         self._onepass = None
         self._probed = False
         self._leaves_checked = False
+        self._window_leaves_checked = False
         # the method's state (UW's log-variances, DWA's history, ...) follows the model
         device = next((q.device for q in model.parameters()), None)
         if device is not None:
@@ -712,10 +713,10 @@ class ANT:
         per-cluster gradients (on an ``update_every`` off-step: its weighted gradient) and
         return that micro-batch's losses with zero weights; the last call adds its own and forms
         the update from the mean over the micro-batches: each cluster's gradient and loss the
-        mean of its micro-batch means (over the micro-batches it was in; an off-step's gradient
-        the mean over all of them). Micro-batches with the same cluster counts thus give the
-        update of their concatenation. Under DistributedDataParallel J is all-reduced once, at
-        the last call.
+        mean of its micro-batch means (over the micro-batches it was in; the gradient of an
+        off-step or of a loss-space method: the mean over all of them). Micro-batches with the
+        same cluster counts thus give the update of their concatenation. Under
+        DistributedDataParallel J is all-reduced once, at the last call.
 
         With ``update_every`` > 1, a recompute of the weights that was not finite (e.g. a
         GradScaler overflow) leaves the weights as they were (none before the first) and the
@@ -755,8 +756,7 @@ class ANT:
         acc = self._window
         scaling = scaler if _scaling(scaler) else None
         if acc is not None and scaling is not acc.scaler:
-            said = "no GradScaler" if acc.scaler is None else "a GradScaler"
-            got = "none" if scaling is None else "a GradScaler" if acc.scaler is None else "another"
+            said, got = _scalers_named(acc.scaler, scaling)
             raise ValueError(
                 f"ant.backward: the open accumulation window's micro-batches ran with {said}, "
                 f"this one with {got}; pass the same scaler= to every call of one optimiser step"
@@ -792,7 +792,9 @@ class ANT:
             else:
                 out = self._weighted_step(loss_fn, batch, t, scaler, acc, accumulate)
         except BaseException as e:
-            if acc is not None:  # J / .grad may hold part of this micro-batch: not resumable
+            # J / .grad may hold part of this micro-batch: not resumable (one-pass's fallback
+            # inside a window has dropped it and said so)
+            if acc is not None and self._window is not None:
                 self._window = None
                 note = ("antdiff: the accumulation window was dropped (this micro-batch's "
                         "gradients are incomplete); start the optimiser step again from its "
@@ -1086,13 +1088,11 @@ class ANT:
                 acc = _Window(True, scaler if _scaling(scaler) else None, buf,
                               torch.zeros_like(L_global), torch.zeros_like(L_global),
                               torch.zeros_like(L_global[0]), None, ok, 0)  # fmt: skip
-            acc.add(L_global, present, _present_mean(L_global, present), ok)
+            shown = _present_mean(L_global, present)
+            acc.add(L_global, present, shown, ok)
             if accumulate:  # J is all-reduced once, at the window's last call
                 self._window = acc
-                return StepOutput(
-                    _present_mean(L_global, present), L_global, torch.zeros_like(L_global),
-                    present, ok,
-                )  # fmt: skip
+                return StepOutput(shown, L_global, torch.zeros_like(L_global), present, ok)
             present = acc.M > 0
             mean_of = 1.0 / acc.M.clamp(min=1)
             L_global = acc.L_sum * mean_of  # noqa: N806
@@ -1411,8 +1411,7 @@ class ANT:
             )
         bw = self._backward_scaler
         if bw is not False and bw is not (scaler if _scaling(scaler) else None):
-            said = "no GradScaler" if bw is None else "a GradScaler"
-            got = "none" if not _scaling(scaler) else "a GradScaler" if bw is None else "another"
+            said, got = _scalers_named(bw, scaler if _scaling(scaler) else None)
             raise ValueError(
                 f"ant.backward ran with {said} but ant.step got {got}: pass the same scaler= to "
                 "both, or to neither (the update would be applied still scaled, or divided by a "
@@ -1815,6 +1814,14 @@ def _count_shares(N: torch.Tensor) -> torch.Tensor:  # noqa: N803
 def _present_mean(L: torch.Tensor, present: torch.Tensor) -> torch.Tensor:  # noqa: N803
     """0-d mean of the present clusters' losses ``L`` [k] (0 when none is present)."""
     return torch.where(present, L, 0.0).sum() / present.sum().clamp(min=1)
+
+
+def _scalers_named(used: Any, given: Any) -> tuple[str, str]:
+    """How a scaler mismatch names the enabled GradScaler ``used`` before (None: none) and the
+    one ``given`` now (None: none)."""
+    said = "no GradScaler" if used is None else "a GradScaler"
+    got = "none" if given is None else "a GradScaler" if used is None else "another"
+    return said, got
 
 
 def _scaling(scaler: Any) -> bool:
