@@ -68,9 +68,12 @@ def test_a_window_equals_one_batch_of_its_micro_batches(method, mode):
 
 
 @pytest.mark.parametrize("mode", ["onepass", "micro", "retain_graph"])
-def test_micro_batches_with_other_counts_give_each_clusters_mean_gradient(mode):
-    """J_i = the mean of cluster i's micro-batch gradients, over the micro-batches it was in."""
-    (model, ant, _), _ = _pair("pcgrad", mode)
+@pytest.mark.parametrize("method", ["pcgrad", "imtl", "nash"])
+def test_micro_batches_with_other_counts_give_each_clusters_mean_gradient(method, mode):
+    """J_i = the mean of cluster i's micro-batch gradients, over the micro-batches it was in
+    (the Gram, the weights and the update all see those means; IMTL-G's and Nash-MTL's weights
+    depend on every entry of the Gram)."""
+    (model, ant, _), _ = _pair(method, mode)
     lo, hi = ant.clusters.bounds[0], ant.clusters.bounds[-1]
     edges = list(ant.clusters.bounds)
     # micro-batch 1: clusters 0, 1, 2 with 1, 2, 3 samples; micro-batch 2: clusters 0 and 3
@@ -92,11 +95,11 @@ def test_micro_batches_with_other_counts_give_each_clusters_mean_gradient(mode):
         ant.backward(per_sample_loss(model), x1, t1, accumulate=True)
         out = ant.backward(per_sample_loss(model), x2, t2)
     torch.testing.assert_close(out.cluster_losses.double(), L, rtol=1e-5, atol=1e-7)
-    # the update is the PCGrad weights times the mean rows, and those weights are PCGrad's on
-    # the mean rows' Gram (the same orders: a fresh method with the engine's seed)
+    # the update is the weights times the mean rows, and those weights are the method's on the
+    # mean rows' Gram (PCGrad: the same orders, a fresh method with the engine's seed)
     torch.testing.assert_close(flat_grad(model).double(), out.weights.double() @ J,
                                rtol=1e-5, atol=1e-7)
-    fresh = ANT(linear_schedule(T), k=4, method="pcgrad", seed=0).method.grad
+    fresh = ANT(linear_schedule(T), k=4, method=method, seed=0).method.grad
     w = fresh.weights(J @ J.T, M > 0).double()
     torch.testing.assert_close(out.weights.double(), w, rtol=1e-4, atol=1e-7)
 
