@@ -362,3 +362,64 @@ def test_vanilla_window_weights_are_the_mean_cluster_shares():
         ant.backward(lf, torch.randn(8, 1, 6, 6), t1, accumulate=True)
         out = ant.backward(lf, torch.randn(8, 1, 6, 6), t2)
     torch.testing.assert_close(out.weights, torch.tensor([10 / 16, 1 / 16, 1 / 16, 4 / 16]))
+
+
+@pytest.mark.parametrize("method", ["uw", "dwa"])
+def test_a_loss_space_window_with_other_counts_reports_each_clusters_mean(method):
+    """The window's clusters: every one present in some micro-batch, its loss the mean of its
+    micro-batch means over the micro-batches it was in."""
+    (model, ant, _), _ = _pair(method, "micro")
+    e = list(ant.clusters.bounds)
+    t1 = torch.tensor([e[0], e[1], e[1] + 1, e[2], e[2] + 1, e[2] + 2])  # clusters 0, 1, 2
+    t2 = torch.tensor([e[0], e[0] + 1, e[0] + 2, e[-1] - 1])  # clusters 0, 3
+    torch.manual_seed(3)
+    x1, x2 = torch.randn(6, 1, 6, 6), torch.randn(4, 1, 6, 6)
+    L, M = torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)  # noqa: N806
+    with torch.no_grad():
+        for x, t in ((x1, t1), (x2, t2)):
+            c = ant.clusters.cluster_of(t)
+            n = torch.bincount(c, minlength=4).double()
+            per = per_sample_loss(model)(x, t).double()
+            L += torch.zeros(4, dtype=torch.float64).index_add(0, c, per) / n.clamp(min=1)
+            M += (n > 0).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # timesteps not from the sampler
+        ant.backward(per_sample_loss(model), x1, t1, accumulate=True)
+        out = ant.backward(per_sample_loss(model), x2, t2)
+    assert out.present.tolist() == [True] * 4 and bool((out.weights > 0).all())
+    torch.testing.assert_close(out.cluster_losses.double(), L / M, rtol=1e-5, atol=1e-7)
+
+
+def test_window_scalers_and_inputs_that_require_grad():
+    (model, ant, _), _ = _pair("uw", "micro")
+    x = torch.randn(8, 1, 6, 6)
+    t = ant.sample_timesteps(8)
+    one, two = torch.amp.GradScaler("cpu"), torch.amp.GradScaler("cpu")
+    ant.backward(per_sample_loss(model), x, t, scaler=one, accumulate=True)
+    with pytest.raises(ValueError, match="ran with a GradScaler, this one with another"):
+        ant.backward(per_sample_loss(model), x, t, scaler=two)
+    ant.backward(per_sample_loss(model), x, t, scaler=one)  # refused before it ran: it goes on
+    off = torch.amp.GradScaler("cpu", enabled=False)  # a disabled scaler is no scaler
+    ant.backward(per_sample_loss(model), x, t, scaler=off, accumulate=True)
+    ant.backward(per_sample_loss(model), x, t, scaler=None)
+    # a batch tensor that requires grad is loss_fn's input, not a tensor outside the model
+    xg = x.clone().requires_grad_()
+    ant.backward(per_sample_loss(model), xg, t, accumulate=True)
+    ant.backward(per_sample_loss(model), xg, t)
+
+
+def test_a_load_that_fails_keeps_the_window_and_the_state_keeps_uses_step():
+    (model, ant, opt), _ = _pair("pcgrad", "micro")
+    x = torch.randn(8, 1, 6, 6)
+    t = ant.sample_timesteps(8)
+    ant.backward(per_sample_loss(model), x, t)
+    ant.step(opt)
+    assert ant.state_dict()["uses_step"] is True
+    state = ANT(linear_schedule(T), k=4, method="pcgrad", seed=0).state_dict()
+    assert state["uses_step"] is False
+    ant.backward(per_sample_loss(model), x, t, accumulate=True)
+    with pytest.raises(ValueError):  # damaged weights: the load fails inside, after the checks
+        ant.load_state_dict({**state, "w": "not a tensor"})
+    assert ant._window is not None and ant._uses_step is True
+    ant.load_state_dict(state)  # a good load drops the window and takes the state's uses_step
+    assert ant._window is None and ant._uses_step is False

@@ -368,6 +368,8 @@ def test_a_batch_that_micro_batch_does_not_divide_is_refused(tmp_path):
 def test_micro_batch_settings_are_checked():
     with pytest.raises(ValueError, match="micro_batch=4 does not divide train.batch_size=10"):
         load_config("digits_adm", ["--train.batch_size", "10", "--train.micro_batch", "4"])
+    with pytest.raises(ValueError, match="train.micro_batch must be"):
+        load_config("digits_adm", ["--train.batch_size", "10", "--train.micro_batch", "-5"])
     with pytest.raises(ValueError, match="micro_batch=2 is smaller than ant.k=5"):
         load_config("digits_adm", ["--train.batch_size", "10", "--train.micro_batch", "2"])
     cfg = load_config("digits_adm", ["--train.batch_size", "10", "--train.micro_batch", "2",
