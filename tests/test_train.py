@@ -262,13 +262,19 @@ def test_micro_batches_are_accumulated_into_one_step(method, tmp_path, monkeypat
     calls, real = [], run.ant.backward
 
     def spy(loss_fn, batch, t, **kw):
-        calls.append((batch["x"].shape[0], kw.get("accumulate"), t.clone()))
+        calls.append((batch["x"].shape[0], kw.get("accumulate"), t.clone(), batch["x"].clone()))
         return real(loss_fn, batch, t, **kw)
 
     monkeypatch.setattr(run.ant, "backward", spy)
     for step in range(2):  # Nash: an on- and an off-step
         idx = run.batches.next_indices()
         train_step(run, {"x": run.data.x[idx]})
+        # micro-batch m holds the batch's samples 5 m .. 5 m + 4 (the engine sorts each by
+        # cluster: compared as sets of rows)
+        for m, call in enumerate(calls[-2:]):
+            want = run.data.x[idx][5 * m : 5 * m + 5].flatten(1)
+            got = call[3].flatten(1)
+            assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, want.tolist()))
         assert run.ant.step_count == step + 1 and len(run.outputs) == 1
         assert run.outputs[0] is run.ant.last and bool(run.outputs[0].weights.sum() > 0)
     # two micro-batches of 5 a step, each with timesteps of its own
