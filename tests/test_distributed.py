@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import warnings
 
@@ -150,6 +151,10 @@ def _worker(rank: int, init_file: str, result_file: str) -> None:
         results["per_rank"] = _per_rank_draws(rank, early_draws)
         if rank == 0:
             torch.save(results, result_file)
+        # the DDP models (one holds a Python comm hook) go while the group is alive, and the
+        # ranks leave together: a rank that tore gloo down alone aborted now and then
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
