@@ -104,6 +104,32 @@ def test_micro_batches_with_other_counts_give_each_clusters_mean_gradient(method
     torch.testing.assert_close(out.weights.double(), w, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("mode", ["onepass", "micro"])
+def test_graddrop_on_micro_batches_with_other_counts_sees_each_clusters_mean_gradient(mode):
+    """GradDrop's purity and update depend on every row's scale: each cluster's row is scaled by
+    1 / the micro-batches it was in (M_i), not 1 / the number of micro-batches."""
+    (model, ant, _), _ = _pair("graddrop", mode)
+    e = list(ant.clusters.bounds)
+    t1 = torch.tensor([e[0], e[1], e[1] + 1, e[2], e[2] + 1, e[2] + 2])  # clusters 0, 1, 2
+    t2 = torch.tensor([e[0], e[0] + 1, e[0] + 2, e[-1] - 1])  # clusters 0, 3
+    torch.manual_seed(3)
+    x1, x2 = torch.randn(6, 1, 6, 6), torch.randn(4, 1, 6, 6)
+    J1, _ = explicit_J(model, x1, t1, ant.clusters, ant.k)
+    J2, _ = explicit_J(model, x2, t2, ant.clusters, ant.k)
+    c1, c2 = (torch.bincount(ant.clusters.cluster_of(t), minlength=4) for t in (t1, t2))
+    M = (c1 > 0).double() + (c2 > 0).double()  # noqa: N806
+    assert M.tolist() == [2, 1, 1, 1]
+    J = (J1 + J2) / M[:, None]  # noqa: N806
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # timesteps not from the sampler
+        ant.backward(per_sample_loss(model), x1, t1, accumulate=True)
+        ant.backward(per_sample_loss(model), x2, t2)
+    # a fresh GradDrop with the engine's seed draws the same U
+    fresh = ANT(linear_schedule(T), k=4, method="graddrop", seed=0).method.grad
+    want = fresh.combine_grads(J.float(), M > 0)
+    torch.testing.assert_close(flat_grad(model), want, rtol=1e-5, atol=1e-7)
+
+
 def test_nash_off_steps_in_a_window_use_the_cached_weights():
     (model, ant, _), _ = _pair("nash", "micro", update_every=2)
     lf = per_sample_loss(model)
@@ -123,6 +149,40 @@ def test_nash_off_steps_in_a_window_use_the_cached_weights():
     torch.testing.assert_close(out.weights, w)
     torch.testing.assert_close(flat_grad(model).double(), w.double() @ ((J1 + J2) / 2),
                                rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.filterwarnings("ignore:ant.backward sorts the batch")
+def test_a_window_on_the_redo_of_a_nonfinite_recompute_equals_one_batch():
+    """update_every=2: a weight recompute that was not finite is redone at the next step (an
+    off-step by the step count); a window opened there stays an on-step to its last call."""
+    (m1, big, o1), (m2, acc, o2) = _pair("nash", "micro", update_every=2)
+    g = torch.Generator().manual_seed(1)
+    calls = []
+    counting = lambda xb, tb: calls.append(len(tb)) or per_sample_loss(m2)(xb, tb)  # noqa: E731
+    for step in range(4):  # on-, off-, on- (not finite), and the redo on-step
+        t = big.sample_timesteps(8)
+        acc.sample_timesteps(8)
+        parts = [torch.randn(8, 1, 6, 6, generator=g) for _ in range(2)]
+        if step == 2:
+            parts[0][0] = float("nan")
+        one = big.backward(per_sample_loss(m1), torch.cat(parts), t.repeat(2))
+        calls.clear()
+        acc.backward(counting, parts[0], t, accumulate=True)
+        out = acc.backward(counting, parts[1], t)
+        # an on-step: one forward per present cluster and micro-batch; an off-step: one each
+        assert (len(calls) == 2) == (step == 1) and acc._window is None
+        if step == 2:
+            assert not bool(one.finite) and not bool(out.finite)
+            with pytest.warns(UserWarning, match="non-finite"):
+                assert not big.step(o1)
+            with pytest.warns(UserWarning, match="non-finite"):
+                assert not acc.step(o2)
+            continue
+        torch.testing.assert_close(flat_grad(m2), flat_grad(m1), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(out.weights, one.weights, rtol=1e-5, atol=1e-7)
+        assert bool(out.finite) and big.step(o1) and acc.step(o2)
+    for a, b in zip(_snapshot(m1, big), _snapshot(m2, acc)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["pcgrad", "uw+nash", "uw"])
@@ -304,6 +364,42 @@ def test_a_failed_micro_batch_drops_the_window():
     torch.testing.assert_close(flat_grad(model), flat_grad(m2), rtol=1e-6, atol=1e-8)
 
 
+def test_auto_leaving_onepass_inside_a_window_drops_it():
+    """mode='auto': a micro-batch one-pass cannot serve (a layer under non-reentrant activation
+    checkpointing, seen only in its backward, after other layers wrote part of its rows) after
+    the window's first went through one-pass: refused and the window dropped, not topped up by
+    micro; the next window runs in micro."""
+    from torch.utils.checkpoint import checkpoint
+
+    (model, ant, _), _ = _pair("pcgrad", "auto")
+    _, (m2, ref, _) = _pair("pcgrad", "micro")
+
+    def checkpointed(m):
+        def block(xb, tb):
+            return torch.nn.functional.silu(m.norm(m.inp(xb) + m.emb(tb)[:, :, None, None]))
+
+        def fn(xb, tb):
+            h = checkpoint(block, xb, tb, use_reentrant=False)
+            target = torch.sin(xb * (1 + tb[:, None, None, None] / T))
+            return ((m.out(h) - target) ** 2).mean(dim=(1, 2, 3))
+
+        return fn
+
+    x1, x2 = torch.randn(8, 1, 6, 6), torch.randn(8, 1, 6, 6)
+    t = ant.sample_timesteps(8)
+    ref.sample_timesteps(8)
+    ant.backward(per_sample_loss(model), x1, t, accumulate=True)
+    assert ant._onepass is not None  # the first micro-batch went through one-pass
+    with pytest.raises(RuntimeError, match="window's earlier micro-batches went through one-pass"):
+        ant.backward(checkpointed(model), x2, t)
+    assert ant._window is None and ant._onepass is None
+    ant.backward(checkpointed(model), x1, t, accumulate=True)
+    ant.backward(checkpointed(model), x2, t)
+    ref.backward(checkpointed(m2), x1, t, accumulate=True)
+    ref.backward(checkpointed(m2), x2, t)
+    torch.testing.assert_close(flat_grad(model), flat_grad(m2), rtol=1e-6, atol=1e-8)
+
+
 def test_changed_parameters_drop_the_window_and_attach_waits():
     (model, ant, opt), _ = _pair("pcgrad", "micro")
     lf = per_sample_loss(model)
@@ -319,6 +415,26 @@ def test_changed_parameters_drop_the_window_and_attach_waits():
     ant.backward(lf, x, t, accumulate=True)
     ant.backward(lf, x, t)
     assert ant.step(opt)
+
+
+def test_changed_parameters_drop_an_off_step_window():
+    """update_every=2: an off-step window (a weighted backward per micro-batch, into J's row 0)
+    refuses parameters changed inside it too, and the next window trains."""
+    (model, ant, opt), _ = _pair("nash", "micro", update_every=2)
+    lf = per_sample_loss(model)
+    x = torch.randn(8, 1, 6, 6)
+    ant.backward(lf, x, ant.sample_timesteps(8))  # the on-step
+    assert ant.step(opt)
+    t = ant.sample_timesteps(8)
+    ant.backward(lf, x, t, accumulate=True)
+    assert ant._window is not None and not ant._window.on_step
+    model.out.bias.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="parameters changed"):
+        ant.backward(lf, x, t)
+    assert ant._window is None
+    ant.backward(lf, x, t, accumulate=True)
+    ant.backward(lf, x, t)
+    assert ant.step(opt) and ant.state_dict()["step"] == 2
 
 
 @pytest.mark.parametrize("method", ["uw", "vanilla"])

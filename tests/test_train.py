@@ -25,7 +25,8 @@ from antdiff.cli import main as cli_main
 from antdiff.config import load_config
 from antdiff.data import get_batch
 from antdiff.diffusion import GaussianDiffusion
-from antdiff.train import build_run, checkpoint_state, restore, train, train_step
+from antdiff.train import build_run, checkpoint_state, engine_step, restore, train, train_step
+from antdiff.train_dist import DistContext
 
 METHODS = (
     "vanilla",
@@ -314,7 +315,7 @@ def test_loss_space_micro_batches_average_their_gradients(tmp_path, monkeypatch)
 def test_a_step_skipped_for_its_gradients_logs_nothing(micro, tmp_path, monkeypatch):
     """Finite losses, a NaN gradient: ant.step skips the step, and none of its (micro-)batches
     enters the logged means (the outputs carry ant.step's verdict)."""
-    from antdiff.train import _LogMeans, engine_step
+    from antdiff.train import _LogMeans
 
     cfg = _cfg("digits_adm", tmp_path, "--ant.method", "uw", "--train.micro_batch", micro)
     run = build_run(cfg)
@@ -363,6 +364,41 @@ def test_loss_space_micro_batches_all_reduce_once_per_step(tmp_path, monkeypatch
     idx = run.batches.next_indices()
     train_step(run, {"x": run.data.x[idx]})
     assert len(entered) == 4  # 5 micro-batches: 4 without DDP's all-reduce
+
+
+def test_trainer_micro_batches_draw_their_own_timesteps_in_t_range(tmp_path, monkeypatch):
+    """train.t_range (an interval specialist) with train.micro_batch: micro-batch m draws its
+    own b timesteps in [t1, t2) from the step's generator, then its noise (not B timesteps of
+    which it keeps b)."""
+    cfg = _cfg("digits_adm", tmp_path, "--ant.method", "vanilla", "--train.micro_batch", "5",
+                     "--train.t_range", "[10,50]")  # fmt: skip
+    run = build_run(cfg)
+    seen, real = [], run.diffusion.training_losses
+
+    def record(model, x0, t, noise=None, model_kwargs=None):
+        seen.append((t.clone(), noise.clone()))
+        return real(model, x0, t, noise, model_kwargs)
+
+    monkeypatch.setattr(run.diffusion, "training_losses", record)
+    g = torch.Generator(run.gen.device)
+    g.set_state(run.gen.get_state())  # a copy of the step's generator: the draws it should make
+    idx = run.batches.next_indices()
+    x = run.data.x[idx]
+    want = []
+    for _ in range(2):
+        t = torch.randint(10, 50, (5,), device=run.device, generator=g)
+        want.append((t, torch.randn(x[:5].shape, dtype=x.dtype, device=run.device, generator=g)))
+    engine_step(run, {"x": x})
+    assert [t.tolist() for t, _ in seen] == [t.tolist() for t, _ in want]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(seen, want))  # the noise
+
+
+def test_build_run_checks_micro_batch_against_the_processes(tmp_path):
+    """Under torchrun train.micro_batch is global too: build_run refuses one that the processes
+    do not divide before it builds anything (rank 0 of 4, no process group needed)."""
+    cfg = _cfg("digits_adm", tmp_path, "--train.batch_size", "24", "--train.micro_batch", "6")
+    with pytest.raises(ValueError, match=r"train.micro_batch=6 is GLOBAL.*\(4\)"):
+        build_run(cfg, dist=DistContext(0, 4, 0, torch.device("cpu"), owns_group=False))
 
 
 def test_a_batch_that_micro_batch_does_not_divide_is_refused(tmp_path):
@@ -1172,8 +1208,6 @@ def test_ema_buffers_keep_their_value_when_the_step_was_not_taken():
 def test_grad_clip_and_lr_reach_the_optimiser(tmp_path, monkeypatch):
     """train.grad_clip bounds the norm of the gradient the optimiser steps with (only its
     warnings were tested), and a fresh run's AdamW has train.lr (only resumed runs' was)."""
-    from antdiff.train import engine_step
-
     run = build_run(_cfg("digits_adm", tmp_path, "--ant.method", "uw", "--train.grad_clip",
                          "1e-4", "--train.lr", "0.0123"))  # fmt: skip
     assert run.opt.param_groups[0]["lr"] == 0.0123
