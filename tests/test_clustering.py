@@ -212,3 +212,63 @@ def test_the_default_size_limits_are_t_over_2k_and_2t_over_k():
     assert default_limits(1000, 5) == (100, 400)
     raw = cluster_timesteps(linear_schedule(1000), 5, "snr", snr="raw")
     assert max(raw.sizes) == 400 and min(raw.sizes) >= 100
+
+
+def _affinity_file(tmp_path, sched, T=None):
+    """An affinity .npz as ``antdiff affinity`` writes it, recording ``sched``'s name and T."""
+    from antdiff.analysis import AffinityResult
+
+    edges = np.linspace(0, sched.T, 11).astype(np.int64)
+    rng = np.random.default_rng(0)
+    a = rng.uniform(-1, 1, (10, 10))
+    a = (a + a.T) / 2
+    np.fill_diagonal(a, 1.0)
+    meta = {"T": sched.T if T is None else T, "schedule": sched.name}
+    return AffinityResult(a, edges, 8, 1, meta).save(tmp_path / "aff.npz"), a, edges
+
+
+def test_an_affinity_file_is_checked_against_the_schedule_it_clusters(tmp_path):
+    import warnings
+
+    from antdiff.clustering import load_affinity
+
+    lin = linear_schedule(1000)
+    path, a, edges = _affinity_file(tmp_path, lin)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # measured on this schedule: silent
+        got, got_edges = load_affinity(path, schedule=lin)
+    np.testing.assert_array_equal(got, a)
+    np.testing.assert_array_equal(got_edges, edges)
+    with pytest.warns(UserWarning, match=r"measured on the linear\(T=1000\) schedule.*cosine"):
+        load_affinity(path, schedule=cosine_schedule(1000))
+    with pytest.raises(ValueError, match=r"measured with T=1000 timesteps.*T=500"):
+        load_affinity(path, schedule=linear_schedule(500))
+    load_affinity(path)  # without a schedule: no check
+
+
+def test_cluster_timesteps_reads_an_affinity_file(tmp_path):
+    lin = linear_schedule(1000)
+    path, a, edges = _affinity_file(tmp_path, lin)
+    want = cluster_timesteps(lin, 4, "gradient", affinity=a, bin_edges=edges)
+    for p in (path, str(path)):
+        assert cluster_timesteps(lin, 4, "gradient", affinity=p).bounds == want.bounds
+    with pytest.raises(ValueError, match="holds its own bin edges"):
+        cluster_timesteps(lin, 4, "gradient", affinity=path, bin_edges=edges)
+    with pytest.raises(ValueError, match=r"T=1000.*T=500"):  # checked against the schedule
+        cluster_timesteps(linear_schedule(500), 4, "gradient", affinity=path)
+
+
+def test_clusters_load_reads_what_cluster_json_writes(tmp_path):
+    c = cluster_timesteps(cosine_schedule(200), 4)
+    path = tmp_path / "c.json"
+    path.write_text(c.to_json())
+    back = Clusters.load(path)
+    assert back.bounds == c.bounds and back.objective == c.objective and back.cost == c.cost
+    assert Clusters.load(str(path)).bounds == c.bounds
+    with pytest.raises(ValueError, match=r"takes JSON text.*Clusters.load\(path\)"):
+        Clusters.from_json(str(path))
+    with pytest.raises(FileNotFoundError, match="antdiff cluster --json"):
+        Clusters.load(tmp_path / "none.json")
+    (tmp_path / "bad.json").write_text("[1, 2")
+    with pytest.raises(ValueError, match="not a clusters JSON file"):
+        Clusters.load(tmp_path / "bad.json")

@@ -2569,3 +2569,44 @@ def test_load_state_dict_names_another_method():
     b = ANT(linear_schedule(100), k=4, method="mgda", seed=0)
     with pytest.raises(ValueError, match="trained with method 'pcgrad'"):
         b.load_state_dict(a.state_dict())
+
+
+def test_ant_takes_a_clusters_file_and_shows_mode_unused_for_loss_methods(tmp_path):
+    want = ANT(linear_schedule(T), k=4, clustering="timestep").clusters
+    path = tmp_path / "c.json"
+    path.write_text(want.to_json())
+    for p in (path, str(path)):
+        assert ANT(linear_schedule(T), clustering=p).clusters.bounds == want.bounds
+    with pytest.raises(ValueError, match="k=3 but clustering is a Clusters object with k=4"):
+        ANT(linear_schedule(T), k=3, clustering=path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ANT(linear_schedule(T), clustering=str(tmp_path / "none.json"))
+    # the mode is the gradient methods' choice; a loss-space method says it does not use it
+    assert "(unused: a loss-space method)" in repr(ANT(linear_schedule(T), k=4, method="uw"))
+    assert "unused" not in repr(ANT(linear_schedule(T), k=4, method="pcgrad"))
+
+
+@pytest.mark.parametrize("holds", [False, True])
+def test_uw_parameters_outside_the_optimiser_are_warned_of(holds):
+    """A loop that steps with optimizer.step() (not ant.step, which refuses it) and an
+    optimiser without ant.param_groups(): UW's log-variances never move and their gradient
+    piles up. The second reduce (the model's gradient cleared, UW's not) warns."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    ant = ANT(linear_schedule(T), k=4, method="uw", model=model, seed=0)
+    groups = [{"params": model.parameters()}, *(ant.param_groups() if holds else [])]
+    opt = torch.optim.SGD(groups, lr=0.01)
+    x = torch.randn(8, 1, 6, 6)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            opt.zero_grad()
+            t = ant.sample_timesteps(8)
+            ant.reduce(per_sample_loss(model)(x, t), t).backward()
+            opt.step()
+    said = [w for w in seen if "own parameters" in str(w.message)]
+    assert len(said) == (0 if holds else 1)  # once
+    if not holds:
+        assert "ant.param_groups()" in str(said[0].message)
+    s = ant.param_groups()[0]["params"][0]
+    assert bool((s != 0).any()) == holds

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -99,3 +101,17 @@ def test_scaled_linear_rescales_its_endpoints_for_other_T():
         s = 1000.0 / T
         np.testing.assert_allclose(b[[0, -1]], [0.0015 * s, 0.0195 * s], rtol=1e-9)
         np.testing.assert_allclose(np.diff(np.sqrt(b), 2), 0.0, atol=1e-12)
+
+
+def test_an_array_that_never_reaches_noise_is_warned_of():
+    """The per-step alphas (a diffusers scheduler's ``.alphas``) pass every check of an
+    alphas_cumprod (decreasing, inside (0, 1)) but end near 1: warned, with the fix."""
+    betas = np.linspace(1e-4, 0.02, 1000)
+    with pytest.warns(UserWarning, match=r"ends at 0.98.*scheduler.alphas_cumprod"):
+        as_schedule(1.0 - betas)
+    with pytest.warns(UserWarning, match="ends at"):
+        as_schedule(torch.tensor(1.0 - betas))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the real arrays: no warning
+        as_schedule(np.cumprod(1.0 - betas))
+        as_schedule(cosine_schedule(1000).alphas_cumprod)

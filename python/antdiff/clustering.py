@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,11 +158,34 @@ class Clusters:
         return out
 
     def to_json(self, indent: int | None = 2) -> str:
+        """The clusters as JSON text (what ``antdiff cluster --json FILE`` writes)."""
         return json.dumps(self.to_dict(), indent=indent)
 
     @classmethod
     def from_json(cls, s: str) -> Clusters:
+        """Clusters from JSON text; :meth:`load` reads a file."""
+        if not isinstance(s, str) or (not s.lstrip().startswith("{") and s.endswith(".json")):
+            raise ValueError(
+                f"Clusters.from_json takes JSON text, got {str(s)[:80]!r}: for a file use "
+                "Clusters.load(path)"
+            )
         return cls.from_dict(json.loads(s))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Clusters:
+        """Clusters from a JSON file (``antdiff cluster --json FILE``, or :meth:`to_json`)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"clusters file {path} does not exist (write one with antdiff cluster --json "
+                f"{path.name})"
+            )
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"{path} is not a clusters JSON file (antdiff cluster --json writes one): {e}"
+            ) from e
 
     @classmethod
     def uniform(cls, T: int, k: int) -> Clusters:  # noqa: N803
@@ -198,7 +223,8 @@ def cluster_timesteps(
         k: number of clusters, 1 <= k <= T.
         objective: "timestep", "snr" or "gradient".
         snr: "log" (default) or "raw" for the "snr" objective.
-        affinity: for "gradient": [T, T] task affinity, or [nb, nb] per bin with ``bin_edges``.
+        affinity: for "gradient": [T, T] task affinity, or [nb, nb] per bin with ``bin_edges``,
+            or the path of a file that :func:`load_affinity` reads (its bin edges with it).
         bin_edges: [nb + 1] increasing ints from 0 to T when ``affinity`` is binned.
         min_size, max_size: cluster size limits in timesteps; "default" = [T/(2k), 2T/k]
             (rounded outwards), None = no limit.
@@ -216,6 +242,12 @@ def cluster_timesteps(
             f"affinity / bin_edges apply to objective='gradient' only (got objective="
             f"{objective!r}, which would ignore them)"
         )
+    if isinstance(affinity, (str, os.PathLike)):
+        if bin_edges is not None:
+            raise ValueError(
+                "affinity is a file, which holds its own bin edges: leave bin_edges out"
+            )
+        affinity, bin_edges = load_affinity(affinity, schedule=sched)
     meta: dict[str, Any] = {"schedule": sched.name, "min_size": lo, "max_size": hi}
     if objective == "timestep":
         # the L2 cost of n consecutive timesteps, n (n^2 - 1) / 12, is convex in n: the
@@ -328,11 +360,16 @@ def _binned_cost_matrix(A, edges, lo, hi):  # noqa: N803
     return C
 
 
-def load_affinity(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+def load_affinity(
+    path: str | Path, schedule: Schedule | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Affinity matrix and its bin edges (None when per timestep) from a file.
 
     Accepts the .npz that ``antdiff affinity`` writes ('affinity' + 'bin_edges'), a .npy (with an
-    optional sibling '<stem>_edges.npy'), or a .pt tensor.
+    optional sibling '<stem>_edges.npy'), or a .pt tensor. With ``schedule`` (the one the
+    clusters are for), a .npz that records where it was measured is checked against it: another
+    number of timesteps is an error, another schedule a warning (its timesteps mean other noise
+    levels).
     """
     path = Path(path)
     if not path.is_file():
@@ -342,6 +379,9 @@ def load_affinity(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
             if "affinity" not in z:
                 raise ValueError(f"{path} has no 'affinity' array (keys: {sorted(z.files)})")
             a, edges = z["affinity"], (z["bin_edges"] if "bin_edges" in z else None)
+            meta = json.loads(str(z["meta"])) if "meta" in z else {}
+        if schedule is not None:
+            check_affinity_source(path, meta, schedule)
     elif path.suffix == ".pt":
         import torch
 
@@ -362,6 +402,25 @@ def load_affinity(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
             f"got shape {list(a.shape)}"
         )
     return a, edges
+
+
+def check_affinity_source(path: str | Path, meta: dict[str, Any], schedule: Schedule) -> None:
+    """Compare an affinity file's recorded schedule (``meta``) with ``schedule``."""
+    T = meta.get("T")  # noqa: N806
+    if isinstance(T, int) and T != schedule.T:
+        raise ValueError(
+            f"{path} was measured with T={T} timesteps, the schedule here has T={schedule.T}: "
+            f"use the T it was measured with, or measure one for T={schedule.T} "
+            "(antdiff affinity)"
+        )
+    said = meta.get("schedule")
+    if isinstance(said, str) and "custom" not in (said, schedule.name) and said != schedule.name:
+        warnings.warn(
+            f"{path} was measured on the {said} schedule, the clusters here are for "
+            f"{schedule.name}: the same timestep is another noise level there. Measure the "
+            "affinity on this schedule (antdiff affinity) unless that is what you want",
+            stacklevel=3,
+        )
 
 
 def plot_clusters(clusters: Clusters, schedule: Schedule | Any, path: str | Path) -> Path:

@@ -9,6 +9,7 @@ DiT's ``gaussian_diffusion``) plug in unchanged.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,7 +154,16 @@ def as_schedule(x: Any) -> Schedule:
         return make_schedule(x)
     if hasattr(x, "detach"):  # torch tensor, without importing torch here
         x = x.detach().cpu().double().numpy()
-    return Schedule(np.asarray(x, dtype=np.float64))
+    sched = Schedule(np.asarray(x, dtype=np.float64))
+    if sched.alphas_cumprod[-1] > 0.5:  # every real schedule ends near pure noise
+        warnings.warn(
+            f"alphas_cumprod ends at {sched.alphas_cumprod[-1]:.3g}: its noisiest timestep keeps "
+            "most of the signal. If this array is the per-step alphas (a diffusers scheduler's "
+            "`.alphas`), pass `scheduler.alphas_cumprod` instead; the clusters and timestep "
+            "weights are computed from alphas_cumprod",
+            stacklevel=3,
+        )
+    return sched
 
 
 def _check_T(T: int) -> None:  # noqa: N802, N803

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -203,7 +204,8 @@ class ANT:
         schedule: a Schedule, "linear"/"cosine", or an alphas_cumprod array [T].
         k: number of timestep clusters (default 5; with a Clusters object: its k, which a given
             ``k`` must equal).
-        clustering: "snr", "timestep" or "gradient" (needs ``affinity``), or a Clusters object.
+        clustering: "snr", "timestep" or "gradient" (needs ``affinity``), a Clusters object,
+            or the path of a clusters JSON file (``antdiff cluster --json FILE``).
         method: an MTL method name ("vanilla", "uw", "pcgrad", "nash", "uw+pcgrad", ...).
         sampling: "proportional" (default; uniform marginal over t), "equal" or "uniform".
         mode: "onepass" (one forward/backward for all of J, per-cluster weight gradients from
@@ -220,6 +222,12 @@ class ANT:
         seed: seeds the sampler's host RNG and the methods' random streams. Keep it equal on all
             ranks.
         distributed: "auto" (use torch.distributed when initialised), True or False.
+        process_group: the torch.distributed group to reduce over (default: the world).
+        affinity: for ``clustering="gradient"``: the task affinity [T, T], a binned [nb, nb]
+            one with ``bin_edges``, or the path of a file from ``antdiff affinity``.
+        bin_edges: [nb + 1] bin edges of a binned ``affinity`` array.
+        min_size, max_size: cluster size limits in timesteps ("default": [T/(2k), 2T/k];
+            None: no limit).
         method_kwargs: hyper-parameters passed to the method(s).
     """
 
@@ -244,6 +252,10 @@ class ANT:
         method_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.schedule = as_schedule(schedule)
+        if isinstance(clustering, os.PathLike) or (
+            isinstance(clustering, str) and clustering.endswith(".json")
+        ):  # fmt: skip
+            clustering = Clusters.load(clustering)
         if isinstance(clustering, Clusters):
             if clustering.T != self.schedule.T:
                 raise ValueError(
@@ -319,6 +331,8 @@ class ANT:
         self._leaves_checked = False  # whether a J step's loss was checked for other leaves
         self._maybe_absent = True  # whether a cluster may be empty in the last step (host view)
         self._warned_sync = False
+        self._zeroed_probe: torch.Tensor | None = None  # see attach and reduce
+        self._warned_unstepped_params = False
         self.last: StepOutput | None = None
         self._unstepped = False  # a reduce/backward since the last ant.step
         self._records = 0  # steps recorded since then (micro-batches of one optimiser step)
@@ -342,10 +356,13 @@ class ANT:
     # -- setup -----------------------------------------------------------------------------------
     @property
     def T(self) -> int:  # noqa: N802
+        """Number of timesteps of the schedule."""
         return self.clusters.T
 
     @property
     def needs_gradients(self) -> bool:
+        """Whether the method acts on per-cluster gradients (train with ``ant.backward``) rather
+        than on losses (``ant.reduce``)."""
         return self.method.grad is not None
 
     def _check_distributed(self, model: nn.Module) -> None:
@@ -436,6 +453,8 @@ class ANT:
         self._probed = False
         self._leaves_checked = False
         self._window_leaves_checked = False
+        # a trainable parameter whose .grad an optimiser's zero_grad clears (see reduce)
+        self._zeroed_probe = next((q for q in model.parameters() if q.requires_grad), None)
         # the method's state (UW's log-variances, DWA's history, ...) follows the model
         device = next((q.device for q in model.parameters()), None)
         if device is not None:
@@ -516,7 +535,16 @@ class ANT:
         device: Any = None,
         generator: torch.Generator | None = None,  # noqa: N803
     ) -> torch.Tensor:
-        """[B] int64 timesteps sorted by cluster (per-cluster counts known on the host)."""
+        """[B] int64 timesteps sorted by cluster (per-cluster counts known on the host).
+
+        Args:
+            B: batch size; at least k unless ``sampling="uniform"`` (stratified sampling puts
+                at least one sample in every cluster).
+            device: where the timesteps go (default: the CPU).
+            generator: a torch.Generator on ``device`` for the draw within each cluster (default:
+                the engine's own stream, seeded by ``seed``; the counts per cluster always come
+                from the engine's host stream).
+        """
         if isinstance(B, bool) or not isinstance(B, (int, np.integer)) or B < 1:
             raise ValueError(f"B must be a positive integer batch size, got {B!r}")
         if self.sampler.mode != "uniform" and B < self.k:
@@ -670,6 +698,8 @@ class ANT:
             if _reaches_model(per, self._model) is False:  # the update would be zero, silently
                 raise ValueError(REDUCE_MODEL_NOT_RUN)
             self._probed = True
+        if not evaluating and not self._warned_unstepped_params:
+            self._check_own_params_zeroed()
         if self.method.loss is None:  # vanilla: the plain batch mean
             sums, counts = self._cluster_sums(per.detach(), t)
             _, L_global, present, N = self._globalise(sums, counts)  # noqa: N806
@@ -693,6 +723,26 @@ class ANT:
             c = self.method.loss.slopes(L_global, present)
             record(total.detach(), L_global, c, present, None, grads_checked=False)
         return total
+
+    def _check_own_params_zeroed(self) -> None:
+        """The model's gradient was cleared (zero_grad) since the last loss but the method's own
+        parameters' was not: the optimiser that steps the model does not hold them (a loop that
+        calls optimizer.step() itself; ant.step refuses such an optimiser), so UW would stay a
+        fixed weighting while its gradient piles up. Host attributes only."""
+        probe = self._zeroed_probe
+        if probe is None or probe.grad is not None or self.method.loss is None:
+            return
+        own = [q for g in self.method.loss.param_groups() for q in g["params"]]
+        if any(q.grad is not None for q in own):
+            self._warned_unstepped_params = True
+            warnings.warn(
+                f"{self.method_name}'s own parameters (e.g. UW's log-variances) keep their "
+                "gradient from an earlier step while the model's was cleared: the optimiser "
+                "does not hold them, so they never move. Build it with "
+                "model.parameters() and ant.param_groups() (torch.optim.AdamW([{'params': "
+                "model.parameters()}, *ant.param_groups()])); ant.step(optimizer) checks this",
+                stacklevel=3,
+            )
 
     # -- gradient methods ------------------------------------------------------------------------
     def backward(
@@ -1598,6 +1648,9 @@ class ANT:
         return out
 
     def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue bit for bit: the clusters, the method's
+        state (UW's log-variances, Nash's last weights, ...), the sampler's streams, the step
+        count and the telemetry. Tensors stay where they are; save it with ``torch.save``."""
         if self._window is not None:  # its gradients are not state: they would be lost
             raise RuntimeError(_window_open("ant.state_dict"))
         self._flush_observe()
@@ -1624,6 +1677,8 @@ class ANT:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a ``state_dict()``: the engine must be built with the same clusters and
+        method (checked). An open accumulation window is dropped."""
         missing = [key for key in ("clusters", "method", "step", "w", "sampler", "telemetry")
                    if not isinstance(state, dict) or key not in state]  # fmt: skip
         if missing:
@@ -1703,6 +1758,8 @@ class ANT:
         self._unsolved_reported = self.telemetry.unsolved(fold=False)
 
     def _auto_choice(self) -> str:
+        if not self.needs_gradients:  # ant.reduce: one forward of the whole batch, no J
+            return " (unused: a loss-space method)"
         if self.mode != "auto":
             return ""
         return " (onepass)" if self._onepass is not None else " (micro)"
