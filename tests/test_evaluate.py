@@ -289,6 +289,8 @@ def test_eval_k_is_checked_before_sampling(tmp_path: Path) -> None:
         (dict(k=0), r"k \(--k\) must be an integer >= 1, got 0"),
         (dict(k=-1), "must be an integer >= 1, got -1"),
         (dict(k=2.5), "must be an integer >= 1, got 2.5"),
+        (dict(k=True), "must be an integer >= 1, got True"),  # a bool is not a count
+        (dict(k=100), "--k 100 neighbours need at least 101 samples; got --num 100"),
         (dict(ref="few.npy"), "--ref .*few.npy: 3 samples of 64-dim features"),
         (dict(ref="many.npy", k=80), "--k 80 neighbours need at least 81 samples; got --ref"),
         (dict(ref="nhwc.npy"), r"--ref .*nhwc.npy: images must be \[N, C, H, W\] .* C in"),
@@ -463,6 +465,8 @@ def test_train_device_is_checked_like_the_cli_device(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match=r"train.device cuda:5: this machine has 1 CUDA device"):
         resolve_device("cuda:5")
+    with pytest.raises(ValueError, match=r"train.device cuda:1: this machine has 1 CUDA device"):
+        resolve_device("cuda:1")  # devices are numbered from 0
     with pytest.raises(ValueError, match="train.device 'tpu' is not a device antdiff runs on"):
         resolve_device("tpu")
     assert resolve_device("cpu") == torch.device("cpu")
@@ -611,3 +615,78 @@ def test_sample_cli_flags_reach_generate_and_the_grid(run_dir, tmp_path, monkeyp
     png = mpimg.imread(out / "samples.png")
     side = (2 * 9 + 1) * 4  # a 2 x 2 grid of 8 px images with 1 px borders, times 4
     assert png.shape[:2] == (side, side)
+
+
+# ---------------------------------------------------------------- gaps found by mutation testing
+
+
+def test_eval_samples_with_the_weights_eta_and_spacing_it_records(run_dir: Path, tmp_path: Path):
+    """evaluate_checkpoint's ema / eta / spacing reach the sampling, not only the record: its
+    metrics equal score() of generate() with the same settings (raw weights, DDIM eta 1,
+    leading timesteps), drawn here."""
+    from antdiff.evaluate import evaluate_checkpoint, score
+
+    kw = dict(steps=2, seed=3, batch_size=70, eta=1.0, spacing="leading")
+    res = evaluate_checkpoint(run_dir, 70, ema=False, progress=False, cache_dir=tmp_path, **kw)
+    assert (res["weights"], res["eta"], res["spacing"]) == ("raw", 1.0, "leading")
+    x, _ = generate(load_for_sampling(run_dir, ema=False), 70, progress=False, **kw)
+    want = score(x, DigitsFeatures(), "digits", cache_dir=tmp_path)
+    for key in ("fid", "precision", "recall"):
+        assert res[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
+
+
+def _fake_loaded(class_conditional: bool, sample_cfg=None):
+    from types import SimpleNamespace
+
+    from antdiff.config import SampleConfig
+
+    return SimpleNamespace(
+        model=torch.nn.Linear(1, 1),
+        diffusion=None,
+        data=SimpleNamespace(num_classes=4 if class_conditional else None, shape=(1, 2, 2),
+                             codec=None),  # fmt: skip
+        cfg=SimpleNamespace(data=SimpleNamespace(class_conditional=class_conditional),
+                            sample=sample_cfg or SampleConfig()),  # fmt: skip
+        latent=False,
+        path="fake",
+    )
+
+
+def test_run_settings_take_the_run_s_own_only_where_unset():
+    """run_settings fills only the unset (None / "run") settings from the run's sample config;
+    a given cfg_scale (and sampler, steps, cfg_channels) wins."""
+    from antdiff.config import SampleConfig
+    from antdiff.evaluate import run_settings
+
+    sc = SampleConfig(sampler="ddpm", steps=7, cfg_scale=3.0, cfg_channels=1)
+    loaded = _fake_loaded(True, sc)
+    assert run_settings(loaded) == ("ddpm", 7, 3.0, 1)
+    assert run_settings(loaded, "ddim", 4, 1.5, None) == ("ddim", 4, 1.5, None)
+    assert run_settings(loaded, cfg_scale=1.0) == ("ddpm", 7, 1.0, 1)
+
+
+def test_guidance_on_an_unconditional_model_is_refused_before_sampling(monkeypatch):
+    import antdiff.sampling
+
+    monkeypatch.setattr(antdiff.sampling, "sample", lambda *a, **k: pytest.fail("sampled"))
+    with pytest.raises(ValueError, match="cfg_scale=2.0 needs a class-conditional model"):
+        generate(_fake_loaded(False), 3, cfg_scale=2.0, progress=False)
+
+
+def test_image_files_big_endian_and_labels(tmp_path: Path):
+    """A big-endian .npy reference reads as its values (torch maps native byte order only);
+    a .pt dict's labels 'y' come back with the images, and labels of the wrong shape are
+    refused."""
+    from antdiff.evaluate import load_image_file, reference_images
+
+    x = np.random.default_rng(0).uniform(-1, 1, (5, 1, 4, 4))
+    np.save(tmp_path / "big.npy", x.astype(">f4"))
+    _, got = reference_images(tmp_path / "big.npy")
+    np.testing.assert_array_equal(got.numpy(), x.astype(np.float32))
+    imgs, y = torch.from_numpy(x).float(), torch.arange(5)
+    torch.save({"x": imgs, "y": y}, tmp_path / "xy.pt")
+    gx, gy = load_image_file(tmp_path / "xy.pt", "--data")
+    assert torch.equal(gx, imgs) and torch.equal(gy, y)
+    torch.save({"x": imgs, "y": y[:4]}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"labels 'y' must be a tensor \[N\] = \[5\]"):
+        load_image_file(tmp_path / "bad.pt", "--data")

@@ -42,6 +42,35 @@ def test_blocks_from_build_freed_in_the_run_are_subtracted():
     assert peak_allocated(build) == 0  # 4 MB freed before the 3 MB block exists
 
 
+def test_peak_is_the_largest_over_the_repeated_calls():
+    """Each of the ``repeat`` calls is measured: a second call that allocates more (state
+    built lazily on the first) sets the peak."""
+
+    def build():
+        calls = []
+
+        def run():
+            calls.append(1)
+            x = torch.empty(len(calls) * MB, dtype=torch.uint8)
+            del x
+
+        return run
+
+    assert peak_allocated(build, repeat=1) == MB
+    assert peak_allocated(build, repeat=3) == 3 * MB
+
+
+def test_available_host_bytes_reads_kib(monkeypatch):
+    """/proc/meminfo counts in KiB (its "kB")."""
+    from pathlib import Path
+
+    from antdiff.utils import available_host_bytes
+
+    text = "MemTotal:       4096 kB\nMemFree:         100 kB\nMemAvailable:    2048 kB\n"
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: text)
+    assert available_host_bytes() == 2048 * 1024
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="repeat"):
         peak_allocated(lambda: lambda: None, repeat=0)

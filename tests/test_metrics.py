@@ -244,6 +244,7 @@ def test_precision_recall_self_is_one_and_far_apart_is_zero() -> None:
     "kwargs,msg",
     [
         ({"k": 0}, "k must be a positive int"),
+        ({"k": True}, "k must be a positive int"),  # a bool is not a neighbour count
         ({"block": 0}, "block must be a positive int"),
         ({"k": 10}, "k=10 neighbours need at least 11 rows"),
         ({"dtype": torch.float16}, "dtype must be"),
@@ -538,3 +539,175 @@ def test_a_sample_on_a_balls_boundary_is_inside_the_manifold():
     real = torch.tensor([[0.0], [1.0], [2.0], [3.0]], dtype=torch.float64)
     fake = torch.tensor([[4.0], [4.0]], dtype=torch.float64)  # 1 from 3: its radius
     assert precision_recall(real, fake, k=1, device="cpu")["precision"] == 1.0
+
+
+# ---------------------------------------------------------------- gaps found by mutation testing
+
+
+def test_fid_from_features_checks_both_sets_and_two_samples() -> None:
+    """Each set is checked for a full-rank covariance (the second one was computed silently
+    rank-deficient), and even allow_rank_deficient needs 2 samples for a covariance."""
+    f, g = gaussian_features(16, 16, 11), gaussian_features(40, 16, 12)
+    with pytest.raises(ValueError, match=r"f2: 16 samples .* at least 17 samples"):
+        fid_from_features(g, f)
+    mu, sigma = feature_stats(g)
+    with pytest.raises(ValueError, match="set 1: a covariance needs at least 2 samples; got 1"):
+        fid_from_stats(mu, sigma, mu, sigma, n1=1, n2=40, allow_rank_deficient=True)
+
+
+def test_precision_recall_float64_features_keep_their_precision() -> None:
+    """float64 input is centred in float64 (its own precision) before the distances: cast to
+    float32 first, features at 1e8 collapsed onto a grid of 8 and scored 1.0 / 1.0."""
+    rng = np.random.default_rng(2)
+    real, fake = rng.standard_normal((60, 4)), rng.standard_normal((60, 4)) * 0.8 + 0.5
+    want = pr_brute_force(real, fake, 3)  # distances do not change under a shift
+    assert 0 < want[0] < 1 and 0 < want[1] < 1
+    out = precision_recall(real + 1e8, fake + 1e8, k=3, dtype=torch.float64)
+    assert (out["precision"], out["recall"]) == want
+
+
+class PixelExtractor(FeatureExtractor):
+    """The pixels themselves as features (what the network is handed, after the checks)."""
+
+    def __init__(self, dim: int = 16, name: str = "pixels") -> None:
+        self.name, self.dim, self.calls = name, dim, 0
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x.reshape(x.shape[0], -1)
+
+
+def test_extractor_clamps_slightly_out_of_range_floats_and_checks_its_dim() -> None:
+    """Unclamped samples a little outside [-1, 1] reach the network clamped; a network that
+    returns another width than ``dim`` is an error, not features of the wrong size."""
+    x = torch.linspace(-1.3, 1.3, 3 * 16).reshape(3, 1, 4, 4)
+    got = PixelExtractor()(x)
+    np.testing.assert_array_equal(got, x.clamp(-1, 1).reshape(3, 16).double().numpy())
+    with pytest.raises(RuntimeError, match="returned 16-dim features, not 5"):
+        PixelExtractor(dim=5)(x)
+
+
+def test_few_images_whose_darkest_value_is_zero_do_not_warn() -> None:
+    """The [0, 1] warning needs >= 4096 values: a handful of samples may have 0 as their
+    darkest value by chance; a large set of [0, 1] floats still warns."""
+    x = torch.rand(4, 1, 8, 8)
+    x[0, 0, 0, 0] = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PixelExtractor(dim=64)(x)
+    big = torch.rand(64, 1, 8, 8)
+    big[0, 0, 0, 0] = 0.0
+    with pytest.warns(UserWarning, match="floats in \\[0, 1\\]"):
+        PixelExtractor(dim=64)(big)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_inception_float_input_is_not_quantised_and_has_its_own_name(tmp_path: Path) -> None:
+    """quantize=False hands the network unrounded [0, 255] floats, and its name (the cache key
+    of reference statistics) differs from the 8-bit one's."""
+    path = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.script(FakeInception()).save(str(path))
+    x = torch.linspace(-1, 1, 2 * 17 * 13).reshape(2, 1, 17, 13)
+    q = InceptionTorchScript(path, device="cpu")
+    f = InceptionTorchScript(path, device="cpu", quantize=False)
+    assert (q(x)[:, 2] == 0).all() and (f(x)[:, 2] > 0.1).all()  # fractional pixel values
+    assert f.name != q.name
+
+
+def test_digits_images_range_and_split() -> None:
+    """sklearn's 0..16 pixel levels map onto [-1, 1] (17 evenly spaced values, both ends
+    reached); the seeded 80/20 split is 1438 / 359 disjoint rows that together are the set."""
+    x, y = digits_images("all")
+    levels = torch.unique(x)
+    torch.testing.assert_close(levels, torch.linspace(-1, 1, 17), rtol=0, atol=1e-7)
+    (xtr, ytr), (xte, yte) = digits_images("train"), digits_images("test")
+    assert (len(xtr), len(xte)) == (1438, 359) and len(ytr) == 1438 and len(yte) == 359
+
+    def rows(a: torch.Tensor, b: torch.Tensor) -> list[tuple]:
+        return sorted(tuple(r) for r in torch.cat([a.reshape(len(a), -1), b[:, None]], 1).tolist())
+
+    assert rows(torch.cat([xtr, xte]), torch.cat([ytr, yte])) == rows(x, y)
+    assert not torch.equal(digits_images("train", seed=1)[0], xtr)
+
+
+def test_digits_features_average_rgb_and_area_resize(digits_extractor: DigitsFeatures) -> None:
+    """RGB images are averaged to grey (not read from one channel), and other sizes are
+    area-resized to 8 x 8 (each output pixel the mean of its block)."""
+    g = torch.Generator().manual_seed(0)
+    rgb = torch.rand(6, 3, 8, 8, generator=g) * 2 - 1
+    grey = rgb.mean(1, keepdim=True)
+    np.testing.assert_allclose(digits_extractor(rgb), digits_extractor(grey), rtol=1e-6, atol=1e-6)
+    assert np.abs(digits_extractor(rgb) - digits_extractor(rgb[:, :1])).max() > 1e-2
+    big = torch.rand(6, 1, 16, 16, generator=g) * 2 - 1
+    pooled = big.reshape(6, 1, 8, 2, 8, 2).mean((3, 5))
+    np.testing.assert_allclose(digits_extractor(big), digits_extractor(pooled), rtol=1e-6,
+                               atol=1e-6)  # fmt: skip
+
+
+def test_training_the_digits_classifier_restores_the_thread_count() -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        train_digits_classifier(seed=1, epochs=1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_data_hash_covers_the_shape() -> None:
+    """The same bytes as images of another shape give other features: another cache key."""
+    x = torch.rand(70, 1, 8, 8)
+    assert refstats_mod.data_hash(x) != refstats_mod.data_hash(x.reshape(70, 1, 4, 16))
+
+
+class ScaledExtractor(CountingExtractor):
+    def __init__(self, name: str, scale: float) -> None:
+        super().__init__(name)
+        self.scale = scale
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super()._forward(x) * self.scale
+
+
+def test_reference_stats_refresh_and_long_names(tmp_path: Path) -> None:
+    """refresh=True recomputes a cached file; two networks whose names agree in the file key's
+    first 80 characters never get each other's statistics (the stored name is checked)."""
+    images = torch.rand(30, 1, 6, 6) * 2 - 1
+    ext = CountingExtractor()
+    reference_stats(images, ext, tmp_path, label="toy")
+    ext.calls = 0
+    reference_stats(images, ext, tmp_path, label="toy", refresh=True)
+    assert ext.calls > 0
+    a, b = ScaledExtractor("n" * 90 + " a", 1.0), ScaledExtractor("n" * 90 + " b", 3.0)
+    first = reference_stats(images, a, tmp_path / "long", label="toy")
+    second = reference_stats(images, b, tmp_path / "long", label="toy")
+    assert b.calls > 0 and second.extractor == b.name
+    np.testing.assert_allclose(second.mu, b(images).mean(0), rtol=1e-12)
+    assert not np.allclose(second.mu, first.mu)
+
+
+def test_score_uses_k_caches_reference_features_and_takes_uint8(tmp_path: Path) -> None:
+    """score(): precision / recall with the given k (brute force on the features), the
+    reference features read from the cache on a second call (the network runs on the samples
+    only), and a uint8 reference file scored as the float images it stands for."""
+    from antdiff.evaluate import score
+
+    rng = np.random.default_rng(0)
+    u8 = rng.integers(0, 256, (40, 1, 4, 4), dtype=np.uint8)
+    np.save(tmp_path / "ref_u8.npy", u8)
+    floats = torch.from_numpy(u8).float() / 127.5 - 1.0
+    np.save(tmp_path / "ref_f.npy", floats.numpy())
+    g = torch.Generator().manual_seed(1)
+    fake = (torch.rand(30, 1, 4, 4, generator=g) * 1.2 - 0.2).clamp(-1, 1)
+    ext = PixelExtractor()
+    out = score(fake, ext, tmp_path / "ref_f.npy", k=5, cache_dir=tmp_path / "c")
+    real_f, fake_f = floats.reshape(40, 16).double().numpy(), fake.reshape(30, 16).double().numpy()
+    want_p, want_r = pr_brute_force(real_f, fake_f, 5)
+    assert out["k"] == 5 and (want_p, want_r) != pr_brute_force(real_f, fake_f, 3)
+    assert out["precision"] == pytest.approx(want_p) and out["recall"] == pytest.approx(want_r)
+    ext.calls = 0
+    again = score(fake, ext, tmp_path / "ref_f.npy", k=5, cache_dir=tmp_path / "c")
+    assert ext.calls == 1 and again == out  # one batch: the samples
+    u = score(fake, PixelExtractor(), tmp_path / "ref_u8.npy", k=5, cache_dir=tmp_path / "u")
+    assert {k: v for k, v in u.items() if k != "reference"} == {
+        k: v for k, v in out.items() if k != "reference"}  # fmt: skip

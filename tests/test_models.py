@@ -471,6 +471,9 @@ def test_wrong_inputs_get_errors_naming_the_argument(name):
         ("dit-tiny", dict(frequency_embedding_size=1), "timestep embedding needs dim >= 2"),
         ("dit-tiny", dict(mlp_ratio=0.0), "mlp_ratio must give an MLP at least 1 wide"),
         ("dit-tiny", dict(mlp_ratio=-1.0), "mlp_ratio must give an MLP at least 1 wide"),
+        # every label dropped in training: no conditional model to guide with
+        ("dit-tiny", dict(class_dropout_prob=1.0), r"class_dropout_prob must be in \[0, 1\)"),
+        ("adm-tiny", dict(class_dropout_prob=1.0), r"class_dropout_prob must be in \[0, 1\)"),
     ],
 )
 def test_model_sizes_are_checked_by_name(name, overrides, match):
@@ -571,3 +574,114 @@ def test_dit_pos_embed_row_half_first():
             want = torch.cat([torch.sin(r * w), torch.cos(r * w), torch.sin(c * w),
                               torch.cos(c * w)])  # fmt: skip
             torch.testing.assert_close(pe[r * grid + c], want, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- gaps found by mutation testing
+
+
+@pytest.mark.parametrize("scale_shift", [True, False])
+def test_adm_resblock_conditioning_formula(scale_shift):
+    """A ResBlock with a non-zero last conv: skip(x) + out(drop(silu(cond(h)))), h =
+    in_conv(silu(in_norm(x))), cond = out_norm(h) * (1 + scale) + shift with (scale, shift)
+    the two halves of emb(silu(emb)) in that order, or out_norm(h + e) without scale-shift.
+    The zero-initialised conv of a fresh block hides all of it."""
+    from antdiff.models.adm import ResBlock
+
+    torch.manual_seed(0)
+    blk = ResBlock(16, 24, 32, 0.0, scale_shift).eval()
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    x, emb = torch.randn(2, 16, 4, 4), torch.randn(2, 24)
+    silu = nn.functional.silu
+    with torch.no_grad():
+        h = blk.in_conv(silu(blk.in_norm(x)))
+        e = blk.emb(silu(emb))[:, :, None, None]
+        if scale_shift:
+            scale, shift = e[:, :32], e[:, 32:]
+            h = blk.out_norm(h) * (1 + scale) + shift
+        else:
+            h = blk.out_norm(h + e)
+        want = blk.skip(x) + blk.out_conv(silu(h))
+        torch.testing.assert_close(blk(x, emb), want, rtol=1e-5, atol=1e-5)
+
+
+def test_norm_groups_are_gcd_with_32():
+    """_norm's documented groups: 32 where ch is a multiple of 32, else gcd(32, ch); a width
+    like 48 (16 groups) builds and runs."""
+    from antdiff.models.adm import _norm
+
+    for ch, groups in ((32, 32), (64, 32), (224, 32), (48, 16), (8, 8), (33, 1)):
+        assert _norm(ch).num_groups == groups, ch
+    model = create_model("adm-tiny", model_channels=48)
+    assert model(torch.randn(1, 1, 8, 8), torch.tensor([3])).shape == (1, 1, 8, 8)
+
+
+def test_paper_sizes_attention_heads():
+    """Heads as published: num_head_channels wins over num_heads (LDM-FFHQ: 32 channels a head,
+    ADM-light: 64), and DiT-S / B / L / XL have 6 / 12 / 16 / 16 heads (DiT paper, Table 1).
+    Parameter counts do not see the head count."""
+    from antdiff.models.adm import AttentionBlock
+
+    assert AttentionBlock(64, num_heads=1, num_head_channels=32).heads == 2
+    for name, per_head in (("ldm-ffhq", 32), ("adm-light", 64)):
+        with torch.device("meta"):
+            model = create_model(name)
+        blocks = [m for m in model.modules() if isinstance(m, AttentionBlock)]
+        assert blocks and all(b.heads == b.norm.num_channels // per_head for b in blocks), name
+    for name, heads in (("DiT-S/2", 6), ("DiT-B/2", 12), ("DiT-L/2", 16), ("DiT-XL/2", 16)):
+        with torch.device("meta"):
+            model = create_model(name)
+        assert {b.heads for b in model.blocks} == {heads}, name
+
+
+def test_dit_attention_and_final_layer_formulas():
+    """DiT's multi-head attention proj(concat_h softmax(q_h k_h^T / sqrt(d)) v_h) with the
+    heads side by side in the channels, and the final adaLN (shift first, then scale)."""
+    torch.manual_seed(0)
+    model = create_model("dit-tiny").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    blk, (b, n, d), heads = model.blocks[0], (2, 16, 64), model.blocks[0].heads
+    x = torch.randn(b, n, d)
+    with torch.no_grad():
+        q, k, v = blk.qkv(x).reshape(b, n, 3, d).unbind(2)
+        split = lambda z: z.reshape(b, n, heads, d // heads).transpose(1, 2)  # noqa: E731
+        w = torch.softmax(split(q) @ split(k).transpose(-1, -2) / math.sqrt(d // heads), -1)
+        want = blk.proj((w @ split(v)).transpose(1, 2).reshape(b, n, d))
+        torch.testing.assert_close(blk._attn(x), want, rtol=1e-5, atol=1e-5)
+        img, t, y = torch.randn(b, 1, 8, 8), torch.tensor([5, 600]), torch.tensor([2, 10])
+        h = model.patch(img).flatten(2).transpose(1, 2) + model.pos_embed
+        c = model.t_embed(timestep_embedding(t, model.freq_dim)) + model.y_embed(y)
+        for block in model.blocks:
+            h = block(h, c)
+        shift, scale = model.final_ada(c)[:, :d], model.final_ada(c)[:, d:]
+        out = model.final(model.final_norm(h) * (1 + scale[:, None]) + shift[:, None])
+        torch.testing.assert_close(model(img, t, y), model.unpatchify(out), rtol=1e-5, atol=1e-5)
+
+
+def test_dit_refuses_another_input_size_by_name():
+    model = create_model("dit-tiny")
+    with pytest.raises(ValueError, match=r"x must be \[B, C, 8, 8\], got \(1, 1, 16, 16\)"):
+        model(torch.randn(1, 1, 16, 16), torch.tensor([1]), torch.tensor([0]))
+
+
+def test_latent_sizes_check_both_sides_and_big_endian_and_bool_labels(tmp_path):
+    """H and W must both divide by the downsampling (8 x 7 decoded to 8 x 8); a big-endian .npy
+    of latents reads as its values; bool labels are refused like float ones."""
+    ae = TinyAutoencoder(hidden=4)
+    for shape in ((1, 8, 7), (1, 7, 8)):
+        with pytest.raises(ValueError, match="must be divisible by 2"):
+            ae.latent_shape(shape)
+    with pytest.raises(ValueError, match="must be divisible by 2"):
+        ae.encode(torch.zeros(1, 1, 8, 7))
+    z = np.random.default_rng(0).normal(size=(3, 4, 2, 2))
+    np.save(tmp_path / "big.npy", z.astype(">f4"))
+    np.testing.assert_array_equal(
+        PrecomputedLatents(tmp_path / "big.npy").latents.numpy(), z.astype(np.float32)
+    )
+    zt = torch.from_numpy(z).float()
+    torch.save({"latents": zt, "labels": torch.tensor([True, False, True])}, tmp_path / "b.pt")
+    with pytest.raises(ValueError, match="labels in .* must be an integer tensor of shape"):
+        PrecomputedLatents(tmp_path / "b.pt")
