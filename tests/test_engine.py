@@ -2610,3 +2610,45 @@ def test_uw_parameters_outside_the_optimiser_are_warned_of(holds):
         assert "ant.param_groups()" in str(said[0].message)
     s = ant.param_groups()[0]["params"][0]
     assert bool((s != 0).any()) == holds
+
+
+def test_grad_buffer_rows_are_padded_and_detached_grads_are_copies():
+    """J's rows start on 16-element boundaries (the kernels' aligned loads) with zero padding;
+    detach_grads gives each parameter its own copy of row 0, which later writes to J leave."""
+    from antdiff.engine.buffer import ROW_ALIGN, GradBuffer
+
+    model = nn.Sequential(nn.Linear(3, 5), nn.Linear(5, 2))  # P = 20 + 10 = 30: unaligned
+    model[1].bias.requires_grad_(False)
+    buf = GradBuffer(model.parameters(), 3)
+    assert buf.J.shape == (3, 30) and buf.base.shape[1] % ROW_ALIGN == 0
+    assert buf.base.shape[1] >= 30 and buf.J.data_ptr() == buf.base.data_ptr()
+    assert buf.J.stride(0) % ROW_ALIGN == 0
+    buf.J.fill_(2.0)
+    assert bool((buf.base[:, 30:] == 0).all())  # the padding stays zero
+    buf.detach_grads()
+    before = [p.grad.clone() for p in buf.params]
+    buf.J.fill_(7.0)
+    for p, b in zip(buf.params, before):
+        torch.testing.assert_close(p.grad, b)
+        assert torch.equal(b, torch.full_like(b, 2.0))
+
+
+def test_dense_layout_ignores_the_stride_of_a_size_one_dimension():
+    """A size-1 dimension's stride says nothing about the layout (a channels_last depthwise
+    weight [C, 1, kh, kw] has such strides): the tensor is still dense."""
+    from antdiff.engine.buffer import dense_layout
+
+    base = torch.empty(12)
+    assert dense_layout(base.as_strided((4, 1, 3), (1, 5, 4)))
+    assert not dense_layout(base.as_strided((4, 1, 2), (1, 5, 5)))  # a gap after each row
+
+
+def test_map_batch_keeps_lists_lists_and_distributed_flag_is_checked():
+    from antdiff.engine.batch import map_batch
+
+    a, b = torch.arange(4), torch.arange(4.0)
+    out = map_batch({"l": [a, b], "t": (a, 3)}, lambda x: x[:2])
+    assert isinstance(out["l"], list) and isinstance(out["t"], tuple)
+    assert out["t"][1] == 3 and torch.equal(out["l"][1], b[:2])
+    with pytest.raises(ValueError, match="distributed must be 'auto', True or False"):
+        ANT(linear_schedule(T), k=4, distributed="yes")
