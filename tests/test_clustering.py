@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from antdiff.clustering import Clusters, cluster_timesteps, default_limits, plot_clusters
 from antdiff.interval_dp import interval_cost
-from antdiff.schedules import cosine_schedule, linear_schedule
+from antdiff.schedules import Schedule, cosine_schedule, linear_schedule
 
 
 def test_timestep_objective_is_uniform_split():
@@ -228,8 +229,6 @@ def _affinity_file(tmp_path, sched, T=None):
 
 
 def test_an_affinity_file_is_checked_against_the_schedule_it_clusters(tmp_path):
-    import warnings
-
     from antdiff.clustering import load_affinity
 
     lin = linear_schedule(1000)
@@ -241,9 +240,19 @@ def test_an_affinity_file_is_checked_against_the_schedule_it_clusters(tmp_path):
     np.testing.assert_array_equal(got_edges, edges)
     with pytest.warns(UserWarning, match=r"measured on the linear\(T=1000\) schedule.*cosine"):
         load_affinity(path, schedule=cosine_schedule(1000))
+    # compared as arrays: the same schedule under another name is silent, another one as an
+    # unnamed array (float32, as a diffusers scheduler holds it) is not
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_affinity(path, schedule=Schedule(lin.alphas_cumprod.astype(np.float32), "my.npy"))
+    with pytest.warns(UserWarning, match="measured on the linear") as said:
+        cluster_timesteps(cosine_schedule(1000).alphas_cumprod, 4, "gradient", affinity=path)
+    assert said[0].filename == __file__  # the caller's line, not the library's
     with pytest.raises(ValueError, match=r"measured with T=1000 timesteps.*T=500"):
         load_affinity(path, schedule=linear_schedule(500))
     load_affinity(path)  # without a schedule: no check
+    np.savez(tmp_path / "other.npz", affinity=a, bin_edges=edges, meta=np.array("not json"))
+    load_affinity(tmp_path / "other.npz", schedule=lin)  # nothing readable recorded: no check
 
 
 def test_cluster_timesteps_reads_an_affinity_file(tmp_path):
@@ -265,6 +274,9 @@ def test_clusters_load_reads_what_cluster_json_writes(tmp_path):
     back = Clusters.load(path)
     assert back.bounds == c.bounds and back.objective == c.objective and back.cost == c.cost
     assert Clusters.load(str(path)).bounds == c.bounds
+    assert Clusters.from_json(path.read_bytes()).bounds == c.bounds  # text or bytes
+    with pytest.raises(FileNotFoundError, match="is a folder"):
+        Clusters.load(tmp_path)
     with pytest.raises(ValueError, match=r"takes JSON text.*Clusters.load\(path\)"):
         Clusters.from_json(str(path))
     with pytest.raises(FileNotFoundError, match="antdiff cluster --json"):

@@ -2607,9 +2607,47 @@ def test_uw_parameters_outside_the_optimiser_are_warned_of(holds):
     said = [w for w in seen if "own parameters" in str(w.message)]
     assert len(said) == (0 if holds else 1)  # once
     if not holds:
-        assert "ant.param_groups()" in str(said[0].message)
+        assert "ant.param_groups()" in str(said[0].message) and said[0].filename == __file__
     s = ant.param_groups()[0]["params"][0]
     assert bool((s != 0).any()) == holds
+
+
+class _UnusedFirst(nn.Module):
+    """A model whose first parameter the loss never reaches (an unused embedding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(3))
+        self.net = TinyNet()
+
+    def forward(self, x, t):
+        return self.net(x, t)
+
+
+@pytest.mark.parametrize("loop", ["accumulate", "ant_step"])
+def test_uw_parameters_in_the_optimiser_are_not_warned_of(loop):
+    """No warning where the optimiser holds UW's parameters: accumulation over two reduces with
+    a first parameter the loss never reaches (its .grad stays None), and a loop that uses
+    ant.step (which checks the optimiser itself) while the model's gradient alone is cleared."""
+    torch.manual_seed(0)
+    model = _UnusedFirst()
+    ant = ANT(linear_schedule(T), k=4, method="uw", model=model, seed=0)
+    opt = torch.optim.SGD([{"params": model.parameters()}, *ant.param_groups()], lr=0.01)
+    x = torch.randn(8, 1, 6, 6)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*own parameters")
+        for _ in range(3):
+            if loop == "accumulate":
+                opt.zero_grad()
+                for _ in range(2):
+                    t = ant.sample_timesteps(8)
+                    (ant.reduce(per_sample_loss(model)(x, t), t) / 2).backward()
+                ant.step(opt)
+            else:
+                model.zero_grad()  # UW's gradient kept: ant.step still checked the optimiser
+                t = ant.sample_timesteps(8)
+                ant.reduce(per_sample_loss(model)(x, t), t).backward()
+                ant.step(opt)
 
 
 def test_grad_buffer_rows_are_padded_and_detached_grads_are_copies():

@@ -107,11 +107,13 @@ def test_an_array_that_never_reaches_noise_is_warned_of():
     """The per-step alphas (a diffusers scheduler's ``.alphas``) pass every check of an
     alphas_cumprod (decreasing, inside (0, 1)) but end near 1: warned, with the fix."""
     betas = np.linspace(1e-4, 0.02, 1000)
-    with pytest.warns(UserWarning, match=r"ends at 0.98.*scheduler.alphas_cumprod"):
+    with pytest.warns(UserWarning, match=r"ends at 0.98.*scheduler.alphas_cumprod") as said:
         as_schedule(1.0 - betas)
+    assert said[0].filename == __file__  # the caller's line
     with pytest.warns(UserWarning, match="ends at"):
         as_schedule(torch.tensor(1.0 - betas))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the real arrays: no warning
         as_schedule(np.cumprod(1.0 - betas))
         as_schedule(cosine_schedule(1000).alphas_cumprod)
+        Schedule(1.0 - betas)  # a Schedule is taken as it is

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from .interval_dp import solve_intervals, validate_sizes
-from .schedules import Schedule, as_schedule
-from .utils import atomic_write, load_npy
+from .schedules import Schedule, as_schedule, make_schedule
+from .utils import atomic_write, load_npy, user_stacklevel
 
 __all__ = ["Clusters", "cluster_timesteps", "default_limits", "load_affinity", "plot_clusters"]
 
@@ -164,7 +164,7 @@ class Clusters:
     @classmethod
     def from_json(cls, s: str) -> Clusters:
         """Clusters from JSON text; :meth:`load` reads a file."""
-        if not isinstance(s, str) or (not s.lstrip().startswith("{") and s.endswith(".json")):
+        if isinstance(s, os.PathLike) or (isinstance(s, str) and s.lower().endswith(".json")):
             raise ValueError(
                 f"Clusters.from_json takes JSON text, got {str(s)[:80]!r}: for a file use "
                 "Clusters.load(path)"
@@ -177,8 +177,8 @@ class Clusters:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(
-                f"clusters file {path} does not exist (write one with antdiff cluster --json "
-                f"{path.name})"
+                f"clusters file {path} " + ("is a folder" if path.is_dir() else "does not exist")
+                + f" (write one with antdiff cluster --json {path.name})"
             )
         try:
             return cls.from_dict(json.loads(path.read_text()))
@@ -379,9 +379,13 @@ def load_affinity(
             if "affinity" not in z:
                 raise ValueError(f"{path} has no 'affinity' array (keys: {sorted(z.files)})")
             a, edges = z["affinity"], (z["bin_edges"] if "bin_edges" in z else None)
-            meta = json.loads(str(z["meta"])) if "meta" in z else {}
+            meta = str(z["meta"]) if "meta" in z else "{}"
         if schedule is not None:
-            check_affinity_source(path, meta, schedule)
+            try:
+                meta = json.loads(meta)
+            except json.JSONDecodeError:  # a file made elsewhere: nothing recorded to check
+                meta = {}
+            check_affinity_source(path, meta if isinstance(meta, dict) else {}, schedule)
     elif path.suffix == ".pt":
         import torch
 
@@ -413,13 +417,18 @@ def check_affinity_source(path: str | Path, meta: dict[str, Any], schedule: Sche
             f"use the T it was measured with, or measure one for T={schedule.T} "
             "(antdiff affinity)"
         )
-    said = meta.get("schedule")
-    if isinstance(said, str) and "custom" not in (said, schedule.name) and said != schedule.name:
+    said = meta.get("schedule")  # a named schedule's label, e.g. "cosine(T=1000)"
+    base = said.split("(")[0] if isinstance(said, str) else None
+    try:
+        measured = make_schedule(base, schedule.T).alphas_cumprod
+    except (ValueError, TypeError):
+        return  # a custom schedule (or no record): nothing to rebuild and compare
+    if not np.allclose(measured, schedule.alphas_cumprod, rtol=1e-3, atol=1e-6):  # float32 copies
         warnings.warn(
-            f"{path} was measured on the {said} schedule, the clusters here are for "
-            f"{schedule.name}: the same timestep is another noise level there. Measure the "
+            f"{path} was measured on the {said} schedule, and the clusters here are for another "
+            f"({schedule.name}): the same timestep is another noise level there. Measure the "
             "affinity on this schedule (antdiff affinity) unless that is what you want",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
 
 

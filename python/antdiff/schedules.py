@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from .utils import user_stacklevel
+
 __all__ = [
     "Schedule",
     "as_schedule",
@@ -159,9 +161,11 @@ def as_schedule(x: Any) -> Schedule:
         warnings.warn(
             f"alphas_cumprod ends at {sched.alphas_cumprod[-1]:.3g}: its noisiest timestep keeps "
             "most of the signal. If this array is the per-step alphas (a diffusers scheduler's "
-            "`.alphas`), pass `scheduler.alphas_cumprod` instead; the clusters and timestep "
-            "weights are computed from alphas_cumprod",
-            stacklevel=3,
+            "`.alphas`), pass `scheduler.alphas_cumprod` instead: the clusters and timestep "
+            "weights are computed from alphas_cumprod. A schedule meant to stop short of noise "
+            "(a low-noise slice) is used as it is, without this check, when passed as "
+            "antdiff.Schedule(array)",
+            stacklevel=user_stacklevel(),
         )
     return sched
 

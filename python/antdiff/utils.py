@@ -4,12 +4,28 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_CLI = os.path.join(_PACKAGE, "cli")
+
+
+def user_stacklevel() -> int:
+    """``stacklevel`` for a ``warnings.warn`` in the calling function that names the first frame
+    outside antdiff's library code (the user's line; a CLI command's own line)."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None:
+        name = os.path.abspath(frame.f_code.co_filename)
+        if not name.startswith(_PACKAGE + os.sep) or name.startswith(_CLI + os.sep):
+            break
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _read_umask() -> int:

@@ -253,7 +253,7 @@ class ANT:
     ) -> None:
         self.schedule = as_schedule(schedule)
         if isinstance(clustering, os.PathLike) or (
-            isinstance(clustering, str) and clustering.endswith(".json")
+            isinstance(clustering, str) and clustering.lower().endswith(".json")
         ):  # fmt: skip
             clustering = Clusters.load(clustering)
         if isinstance(clustering, Clusters):
@@ -332,7 +332,6 @@ class ANT:
         self._maybe_absent = True  # whether a cluster may be empty in the last step (host view)
         self._warned_sync = False
         self._zeroed_probe: torch.Tensor | None = None  # see attach and reduce
-        self._warned_unstepped_params = False
         self.last: StepOutput | None = None
         self._unstepped = False  # a reduce/backward since the last ant.step
         self._records = 0  # steps recorded since then (micro-batches of one optimiser step)
@@ -453,8 +452,7 @@ class ANT:
         self._probed = False
         self._leaves_checked = False
         self._window_leaves_checked = False
-        # a trainable parameter whose .grad an optimiser's zero_grad clears (see reduce)
-        self._zeroed_probe = next((q for q in model.parameters() if q.requires_grad), None)
+        self._zeroed_probe = None  # a parameter the losses reach: the first reduce's walk
         # the method's state (UW's log-variances, DWA's history, ...) follows the model
         device = next((q.device for q in model.parameters()), None)
         if device is not None:
@@ -695,11 +693,13 @@ class ANT:
         if not evaluating:
             self._maybe_absent = host is None or bool((host == 0).any())
         if self._model is not None and not self._probed and per.grad_fn is not None:
-            if _reaches_model(per, self._model) is False:  # the update would be zero, silently
+            reached: list[torch.Tensor] = []
+            if _reaches_model(per, self._model, reached) is False:  # a zero update, silently
                 raise ValueError(REDUCE_MODEL_NOT_RUN)
             self._probed = True
-        if not evaluating and not self._warned_unstepped_params:
-            self._check_own_params_zeroed()
+            self._zeroed_probe = reached[0] if reached else None
+        elif not evaluating and self._zeroed_probe is not None:
+            self._check_own_params_zeroed(self._zeroed_probe)
         if self.method.loss is None:  # vanilla: the plain batch mean
             sums, counts = self._cluster_sums(per.detach(), t)
             _, L_global, present, N = self._globalise(sums, counts)  # noqa: N806
@@ -724,23 +724,28 @@ class ANT:
             record(total.detach(), L_global, c, present, None, grads_checked=False)
         return total
 
-    def _check_own_params_zeroed(self) -> None:
-        """The model's gradient was cleared (zero_grad) since the last loss but the method's own
-        parameters' was not: the optimiser that steps the model does not hold them (a loop that
-        calls optimizer.step() itself; ant.step refuses such an optimiser), so UW would stay a
-        fixed weighting while its gradient piles up. Host attributes only."""
-        probe = self._zeroed_probe
-        if probe is None or probe.grad is not None or self.method.loss is None:
+    def _check_own_params_zeroed(self, probe: torch.Tensor) -> None:
+        """A model parameter that the losses reach has had its gradient cleared (zero_grad) since
+        the last loss, but the method's own parameters (UW's log-variances) still hold theirs:
+        the optimiser that steps the model likely does not hold them (a loop that calls
+        optimizer.step() itself; ant.step refuses such an optimiser), so UW would stay a fixed
+        weighting while its gradient piles up. Host attributes only; off once ant.step has
+        checked an optimiser, or once warned."""
+        if probe.grad is not None or not probe.requires_grad:
+            return
+        if self._optimizer_checked is not None or self.method.loss is None:
+            self._zeroed_probe = None  # ant.step checks the optimiser itself; no parameters
             return
         own = [q for g in self.method.loss.param_groups() for q in g["params"]]
         if any(q.grad is not None for q in own):
-            self._warned_unstepped_params = True
+            self._zeroed_probe = None
             warnings.warn(
-                f"{self.method_name}'s own parameters (e.g. UW's log-variances) keep their "
-                "gradient from an earlier step while the model's was cleared: the optimiser "
-                "does not hold them, so they never move. Build it with "
-                "model.parameters() and ant.param_groups() (torch.optim.AdamW([{'params': "
-                "model.parameters()}, *ant.param_groups()])); ant.step(optimizer) checks this",
+                f"method {self.method_name!r}: its own parameters (UW's log-variances) still "
+                "hold the gradient of an earlier step while the model's was cleared: the "
+                "optimiser that steps the model likely does not hold them, and then they never "
+                "move. Build it with model.parameters() and ant.param_groups() "
+                "(torch.optim.AdamW([{'params': model.parameters()}, *ant.param_groups()])) and "
+                "zero both; ant.step(optimizer) checks this",
                 stacklevel=3,
             )
 
@@ -1650,7 +1655,8 @@ class ANT:
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue bit for bit: the clusters, the method's
         state (UW's log-variances, Nash's last weights, ...), the sampler's streams, the step
-        count and the telemetry. Tensors stay where they are; save it with ``torch.save``."""
+        count and the telemetry, as copies (the weights and telemetry on the CPU, the method's
+        tensors on their device); save it with ``torch.save``."""
         if self._window is not None:  # its gradients are not state: they would be lost
             raise RuntimeError(_window_open("ant.state_dict"))
         self._flush_observe()
@@ -1820,10 +1826,13 @@ def _restore_absent(optimizer: torch.optim.Optimizer, hold) -> None:
                 state[name].copy_(torch.where(idle, v, state[name]))
 
 
-def _reaches_model(loss: torch.Tensor, model: nn.Module) -> bool | None:
+def _reaches_model(
+    loss: torch.Tensor, model: nn.Module, found: list[torch.Tensor] | None = None
+) -> bool | None:
     """Whether ``loss``'s autograd graph reaches one of ``model``'s trainable parameters: a walk
     of the graph on the host (no device work). None where the graph cannot tell: a reentrant
-    checkpoint runs its layers, and reads their parameters, only during the backward."""
+    checkpoint runs its layers, and reads their parameters, only during the backward. The
+    parameter reached goes into ``found``."""
     params = {id(p) for p in model.parameters() if p.requires_grad}
     if not params:
         return None
@@ -1831,6 +1840,8 @@ def _reaches_model(loss: torch.Tensor, model: nn.Module) -> bool | None:
     for node in _graph_nodes(loss):
         var = getattr(node, "variable", None)  # AccumulateGrad: a leaf tensor
         if var is not None and id(var) in params:
+            if found is not None:
+                found.append(var)
             return True
         opaque = opaque or type(node).__name__ == "CheckpointFunctionBackward"
     return None if opaque or loss.grad_fn is None else False
