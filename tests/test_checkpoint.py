@@ -364,3 +364,21 @@ def test_a_full_disk_names_itself_and_the_last_complete_checkpoint(tmp_path, mon
     monkeypatch.setattr(ck.torch, "save", lambda obj, f: (_ for _ in ()).throw(RuntimeError("x")))
     with pytest.raises(RuntimeError, match="^x$"):
         save_checkpoint(tmp_path, 30, _state(30), keep=3)
+
+
+def test_the_latest_pointer_stands_for_the_newest_complete_checkpoint(tmp_path):
+    """<run>/checkpoints/latest, the text file naming the newest checkpoint, was "not a torch
+    checkpoint"; given as a checkpoint it loads what it names (the run folder's newest complete
+    one: the previous one when the file it names is missing)."""
+    for s in (1, 2):
+        save_checkpoint(tmp_path, s, _state(s), keep=5)
+    latest = tmp_path / "checkpoints" / "latest"
+    state, path = load_checkpoint(latest)
+    assert state["step"] == 2 and path == tmp_path / "checkpoints" / "ckpt_00000002.pt"
+    path.unlink()  # a save killed before its file landed: the pointer names a missing file
+    state, path = load_checkpoint(latest)
+    assert state["step"] == 1 and path.name == "ckpt_00000001.pt"
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "latest").write_text("hello\n")  # a "latest" outside a run
+    with pytest.raises(FileNotFoundError, match="pointer to its newest one .* no checkpoints"):
+        load_checkpoint(tmp_path / "notes" / "latest")

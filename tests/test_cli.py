@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -128,8 +129,12 @@ def test_cluster_cli_affinity_rules_and_missing_extension(tmp_path, capsys, monk
     np.savez(tmp_path / "cos.npz", affinity=A[::5, ::5], bin_edges=np.arange(0, T + 1, 5),
              meta=np.array(json.dumps({"schedule": f"cosine(T={T})"})))  # fmt: skip
     for extra, want in (([], "cosine"), (["--schedule", "linear"], "linear")):
-        assert main([*grad, str(tmp_path / "cos.npz"), "--json", str(tmp_path / "c.json"),
-                     *extra]) == 0  # fmt: skip
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            assert main([*grad, str(tmp_path / "cos.npz"), "--json", str(tmp_path / "c.json"),
+                         *extra]) == 0  # fmt: skip
+        said = [str(w.message) for w in seen if "was measured on the cosine" in str(w.message)]
+        assert len(said) == (want == "linear")  # another schedule than the file's: warned
         assert json.loads((tmp_path / "c.json").read_text())["meta"]["schedule"] == f"{want}(T={T})"
     capsys.readouterr()
     monkeypatch.setattr(interval_dp, "_load_cpp", lambda: None)
@@ -218,3 +223,118 @@ def test_sigterm_stops_train_with_a_message_and_the_handler_is_restored(monkeypa
     assert "interrupted: its last complete checkpoint is kept; continue with the same command " \
            "and --resume" in capsys.readouterr().err  # fmt: skip
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def _help(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--help"])
+    assert e.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse's line wrapping undone
+
+
+def test_every_command_help_shows_its_defaults(capsys):
+    """--help showed no default for most options (cluster --k 5, affinity --n-samples 512,
+    sample --batch-size 500, ...); now every option with a default shows it, and none shows
+    "default: None" (no default) or a flag's False."""
+    from antdiff.cli import COMMANDS
+
+    want = {
+        "cluster": ["number of clusters (default: 5)", "(default: snr)", "(default: auto)"],
+        "affinity": ["data points per bin (default: 512)", "forward/backward (default: 128)",
+                     "(default: affinity.npz", "(default: 0)"],
+        "sample": ["samples per sampling batch (default: 500)", "(default: linspace)",
+                   "(default: 0.0)", "(default: npy)", "(default: 100)"],
+        "eval": ["neighbours for precision / recall (default: 3)", "(default: digits)"],
+        "ntg": ["samples per FID (default: 1000)", "(default: runs/ntg)", "(default: 5)"],
+        "demo": ["(default: 0)"],
+    }  # fmt: skip
+    for name in COMMANDS:
+        text = _help(capsys, name)
+        for phrase in want.get(name, []):
+            assert phrase in text, (name, phrase)
+        for bad in ("default: None", "default: False", "default: True"):
+            assert bad not in text, (name, bad)
+
+
+def test_version_flag(capsys):
+    import antdiff
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"antdiff {antdiff.__version__}"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A one-step digits_adm run with its checkpoint (and checkpoints/latest pointer)."""
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    assert main(["train", "--config", "digits_adm", "--train.steps", "1", "--train.batch_size",
+                 "10", "--train.progress", "false", "--sample.n", "2", "--sample.steps", "2",
+                 "--train.threads", "1", "--train.out_dir", str(run)]) == 0  # fmt: skip
+    return run
+
+
+def test_sample_settings_are_refused_before_any_work(tiny_run, tmp_path, capsys, monkeypatch):
+    """--steps above T and --eta outside [0, 1] were refused only once the progress bar had
+    started (inside the sampling); now before it, and --eta before the checkpoint loads."""
+    import antdiff.evaluate as ev
+
+    loads = []
+    real_load = ev.load_for_sampling
+
+    def load(*a, **k):
+        loads.append(1)
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(ev, "load_for_sampling", load)
+    def draw(*a, **k):
+        raise AssertionError("the sampling (and its progress bar) started before the check")
+
+    monkeypatch.setattr(ev, "generate", draw)
+    base = ["sample", "--ckpt", str(tiny_run), "--num", "2", "--out", str(tmp_path / "s")]
+    capsys.readouterr()
+    for extra, message, loaded in (
+        (["--steps", "2000"], "steps must be an integer in [1, T=1000], got 2000", 1),
+        (["--eta", "2"], "eta must be in [0, 1] (0: DDIM, 1: DDPM-like), got 2.0", 0),
+        (["--sampler", "ddpm", "--eta", "0.5"], "eta=0.5 applies to sampler='ddim' only", 0),
+        (["--steps", "0"], "steps must be an integer >= 1, got 0", 0),
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0", 0),
+    ):  # fmt: skip
+        loads.clear()
+        assert main([*base, *extra]) == 2, extra
+        assert message in capsys.readouterr().err, extra
+        assert len(loads) == loaded, extra
+    assert not (tmp_path / "s").exists()
+    err_eval = ["eval", "--ckpt", str(tiny_run), "--num", "2", "--eta", "-1", "--json",
+                str(tmp_path / "e.json")]  # fmt: skip
+    assert main(err_eval) == 2 and "eta must be in [0, 1]" in capsys.readouterr().err
+    assert not loads
+
+
+def test_sample_follows_the_latest_pointer(tiny_run, tmp_path, capsys):
+    """--ckpt <run>/checkpoints/latest (the pointer file) said "not a torch checkpoint"; it now
+    stands for the checkpoint it names, which sample.json records."""
+    latest = tiny_run / "checkpoints" / "latest"
+    named = tiny_run / "checkpoints" / latest.read_text().strip()
+    out = tmp_path / "s"
+    assert main(["sample", "--ckpt", str(latest), "--num", "2", "--steps", "2", "--no-progress",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert json.loads((out / "sample.json").read_text())["ckpt"] == str(named)
+    capsys.readouterr()
+
+
+def test_the_spacing_warning_names_the_callers_line():
+    """The "leading" spacing warning was attributed to torch/utils/_contextlib.py (sample's
+    no_grad decorator took the frame stacklevel=2 pointed at); it names the caller's line."""
+    import torch
+
+    from antdiff.diffusion import GaussianDiffusion
+    from antdiff.sampling import sample
+    from antdiff.schedules import make_schedule
+
+    diffusion = GaussianDiffusion(make_schedule("linear", 1000))
+    with pytest.warns(UserWarning, match="spacing='leading' with steps=334") as rec:
+        sample(lambda x, t: torch.zeros_like(x), diffusion, (1, 1, 2, 2), steps=334,
+               spacing="leading")  # fmt: skip
+    assert [w.filename for w in rec] == [__file__]

@@ -106,6 +106,27 @@ def test_affinity_cli_unlabelled_data_feeds_the_null_class(tmp_path, affinity_sp
     assert affinity_spy["model_kwargs"]["y"].tolist() == [10, 10, 10, 10]
 
 
+def test_affinity_cli_keeps_an_existing_default_output(tmp_path, capsys, monkeypatch):
+    """Without --out, an affinity.npz an earlier pass wrote was silently replaced; now it is
+    an error naming the file and the fixes (--force, or --out), and nothing is computed."""
+    ck = tmp_path / "c.pt"
+    _checkpoint(ck)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "affinity.npz").write_bytes(b"an earlier pass")
+    args = [str(ck), "--bins", "2", "--n-samples", "2"]
+    capsys.readouterr()
+    assert _affinity(*args) == 2
+    err = capsys.readouterr().err
+    assert "'affinity.npz' already exists" in err and "--force" in err and "--out" in err
+    assert (tmp_path / "affinity.npz").read_bytes() == b"an earlier pass"
+    assert _affinity(*args, "--force") == 0
+    with np.load(tmp_path / "affinity.npz") as z:
+        assert z["affinity"].shape == (2, 2)
+    assert _affinity(*args, "--out", "affinity.npz") == 0  # a file named with --out: replaced
+    (tmp_path / "affinity.npz").unlink()
+    assert _affinity(*args) == 0 and (tmp_path / "affinity.npz").is_file()  # free: written
+
+
 # -- antdiff ntg ------------------------------------------------------------------------------
 
 

@@ -436,3 +436,26 @@ def test_precomputed_latents_decode_undoes_shift_and_scale(tmp_path):
     idx = torch.tensor([4, 1])
     torch.testing.assert_close(lat.encode(idx), (raw[idx] - 0.5) * 3.0)
     torch.testing.assert_close(lat.decode(lat.encode(idx)), (raw[idx] - 0.25) * 2.0)
+
+
+def test_label_and_size_errors_name_the_option_that_fixes_them(tmp_path):
+    """Data without labels under data.class_conditional offered only to add labels; images
+    that are not square failed only once the model was built (after a tiny autoencoder had
+    trained on them): both now name the option that fixes them."""
+    z = torch.randn(5, 4, 2, 2)
+    torch.save(z, tmp_path / "z.pt")
+    with pytest.raises(ValueError, match=r"'.*z.pt' holds none: save a .pt dict .*, or train "
+                       r"without labels: --data.class_conditional false$"):  # fmt: skip
+        load_dataset(DataConfig(source="latents", path=str(tmp_path / "z.pt"), channels=4,
+                                class_conditional=True))  # fmt: skip
+    _png(tmp_path / "flat" / "a.png", np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError, match="per class .*--data.class_conditional false"):
+        load_dataset(DataConfig(source="folder", path=str(tmp_path / "flat"),
+                                class_conditional=True))  # fmt: skip
+    _png(tmp_path / "wide" / "a.png", np.zeros((8, 12, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"square inputs, the data are 8x12 \(height x width\): "
+                       r"set --data.image_size S to resize and centre-crop .*image_size 8\)"):
+        load_dataset(DataConfig(source="folder", path=str(tmp_path / "wide"), channels=3,
+                                autoencoder="tiny", autoencoder_steps=1))  # fmt: skip
+    ds = load_dataset(DataConfig(source="folder", path=str(tmp_path / "wide"), channels=3))
+    assert ds.x.shape == (1, 3, 8, 12)  # without an autoencoder the trainer's model refuses it

@@ -1232,3 +1232,77 @@ def test_the_last_step_is_logged_and_saved_off_the_cadence(tmp_path):
         assert [int(r["step"]) for r in csv.DictReader(f)] == [2, 3]
     assert [p.name for p in ck.list_checkpoints(tmp_path)][-1] == "ckpt_00000003.pt"
     assert out["step"] == 3
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_do(tmp_path, caplog, capsys):
+    """A --resume of a run already at train.steps printed "checkpoint": null without a word;
+    it now says so (and how to extend it), names the run's checkpoint and keeps its grid."""
+    extra = ["--ant.method", "uw", "--train.ckpt_every", "2"]
+    train(_cfg("digits_adm", tmp_path, *extra, steps=2))
+    grid = tmp_path / "samples" / "step_00000002.png"
+    grid.write_bytes(b"the run's own grid")
+    with caplog.at_level("WARNING", logger="antdiff.train"):
+        s = train(_cfg("digits_adm", tmp_path, *extra, steps=2), resume=True)
+    assert "already at train.steps=2" in caplog.text
+    assert "nothing to train; raise --train.steps to extend it" in caplog.text
+    assert s["step"] == 2 and s["loss"] is None
+    assert s["checkpoint"] == str(tmp_path / "checkpoints" / "ckpt_00000002.pt")
+    assert s["samples"] == str(grid) and grid.read_bytes() == b"the run's own grid"
+    capsys.readouterr()
+    cmd = ["train", "--config", str(tmp_path / "config.yaml"), "--resume"]
+    assert cli_main(cmd) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("{") :])["checkpoint"].endswith("ckpt_00000002.pt")
+
+
+def test_data_errors_name_the_option_that_fixes_them(tmp_path):
+    """Non-square images said only "the models need square inputs, the data are 20x24"; a
+    class-conditional preset on unlabelled latents offered only to save labels."""
+    (tmp_path / "imgs").mkdir()
+    for i in range(2):  # 24 wide, 20 high
+        Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    folder = ["--data.source", "folder", "--data.path", str(tmp_path / "imgs"),
+              "--data.channels", "3"]  # fmt: skip
+    with pytest.raises(ValueError, match=r"square inputs, the data are 20x24 \(height x width\): "
+                       r"set --data.image_size S .*\(e\.g\. --data.image_size 20\)"):  # fmt: skip
+        train(_cfg("digits_adm", tmp_path / "r1", *folder))
+    torch.save(torch.randn(12, 4, 8, 8), tmp_path / "z.pt")
+    latents = ["--data.source", "latents", "--data.path", str(tmp_path / "z.pt"),
+               "--data.channels", "4"]  # fmt: skip
+    with pytest.raises(ValueError, match=r"holds none: save a .pt dict .*, or train without "
+                       r"labels: --data.class_conditional false --sample.cfg_scale 1 \(the config "
+                       r"guides its preview grids at 2.0"):  # fmt: skip
+        train(_cfg("digits_dit", tmp_path / "r2", *latents))
+    assert not (tmp_path / "r1" / "config.yaml").exists()
+    s = train(_cfg("digits_dit", tmp_path / "r3", *latents, "--data.class_conditional", "false",
+                   "--sample.cfg_scale", "1", steps=1))  # fmt: skip
+    assert s["step"] == 1
+
+
+def test_cli_warns_that_ckpt_every_zero_keeps_no_weights(tmp_path, caplog, monkeypatch):
+    """--train.ckpt_every 0 wrote no checkpoint at all, not even at the end, without a word
+    (sample_every 0 means "only at the end", and users read ckpt_every 0 the same way); it
+    still writes none (tests and the demo rely on it), and the command says so at the start."""
+    import antdiff.train as tr
+
+    base = ["train", "--config", "digits_adm", "--train.steps", "1", "--train.batch_size", "10",
+            "--train.progress", "false", "--sample.n", "2", "--sample.steps", "2"]  # fmt: skip
+    real, said = tr.train, []
+
+    def spy(*a, **k):  # what had been said when the training started
+        said.append(caplog.text)
+        return real(*a, **k)
+
+    monkeypatch.setattr(tr, "train", spy)
+    with caplog.at_level("WARNING", logger="antdiff.train"):
+        assert cli_main([*base, "--train.ckpt_every", "0", "--train.out_dir",
+                         str(tmp_path / "a")]) == 0  # fmt: skip
+    assert "train.ckpt_every=0: no checkpoint will be written, not even at the end, so the " \
+           "trained weights are lost" in said[0]  # fmt: skip
+    assert "set --train.ckpt_every N" in said[0]
+    assert ck.list_checkpoints(tmp_path / "a") == []
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="antdiff.train"):
+        assert cli_main([*base, "--train.ckpt_every", "1", "--train.out_dir",
+                         str(tmp_path / "b")]) == 0  # fmt: skip
+    assert "ckpt_every=0" not in caplog.text

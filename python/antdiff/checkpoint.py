@@ -155,6 +155,13 @@ def is_torch_file(path: str | Path) -> bool:
     return head == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
+def is_latest_pointer(path: str | Path) -> bool:
+    """Whether ``path`` is a run's "latest" pointer (``<run>/checkpoints/latest``, a text file
+    naming its newest checkpoint), which stands for the newest complete checkpoint there."""
+    p = Path(path)
+    return p.name == "latest" and p.is_file() and not is_torch_file(p)
+
+
 def _load_file(path: Path, map_location: Any) -> dict[str, Any]:
     if not is_torch_file(path):
         raise _Corrupted("not a torch.save file")
@@ -215,6 +222,15 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> tuple[dict[s
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"checkpoint path {str(p)!r} does not exist")
+    if is_latest_pointer(p):  # the file it names, or the previous complete one if that one is
+        # missing or damaged: what its folder gives (the path returned names the file)
+        if not list_checkpoints(p.parent):
+            raise FileNotFoundError(
+                f"{str(p)!r} is not a checkpoint but a run's pointer to its newest one (a text "
+                "file), and no checkpoints (ckpt_*.pt) lie beside it: give a checkpoint file or "
+                "a run folder"
+            )
+        p = p.parent
     if p.is_dir():
         files = _candidates(p)
         if not files:
@@ -356,6 +372,13 @@ def resume_state(cfg: Any, resume: str | Path | bool, allow_change: bool) -> dic
     ``resume``: True or "" for the newest complete checkpoint in cfg.train.out_dir, else a
     checkpoint file or directory.
     """
+    return resume_checkpoint(cfg, resume, allow_change)[0]
+
+
+def resume_checkpoint(
+    cfg: Any, resume: str | Path | bool, allow_change: bool
+) -> tuple[dict[str, Any], Path]:
+    """:func:`resume_state`'s state and the file it came from."""
     where = cfg.train.out_dir if resume in (True, "", None) else resume
     try:
         state, path = load_checkpoint(where)
@@ -412,7 +435,7 @@ def resume_state(cfg: Any, resume: str | Path | bool, allow_change: bool) -> dic
         log.warning("resuming with a changed config (--allow-config-change): %s", "; ".join(
             f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in bad))  # fmt: skip
     log.info("resuming from %s (step %d)", path, state["step"])
-    return state
+    return state, path
 
 
 # what the saved state fixes: the model's weights (its size, its inputs and labels) and the

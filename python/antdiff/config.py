@@ -267,7 +267,9 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50
     sample_every: int = 0  # 0: only at the end
-    ckpt_every: int = 1000  # 0: never write checkpoints (not even the final one)
+    # every N steps and at the last step; 0: never, not even at the last step (unlike
+    # sample_every's 0), so the trained weights are not kept: `antdiff train` warns
+    ckpt_every: int = 1000
     keep_ckpts: int = 2  # the last N checkpoints stay (a corrupted last one falls back)
     out_dir: str = "runs/default"
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -120,6 +120,11 @@ def _raise(exc: OSError) -> None:
     raise exc
 
 
+class MissingLabels(ValueError):
+    """data.class_conditional on data without labels; the message names both fixes (the
+    trainer adds --sample.cfg_scale 1 where the config guides its previews)."""
+
+
 def _list_images(root: Path, class_conditional: bool) -> tuple[list[Path], list[int], list[str]]:
     if not root.exists():
         raise FileNotFoundError(f"data.path {str(root)!r} does not exist")
@@ -138,9 +143,10 @@ def _list_images(root: Path, class_conditional: bool) -> tuple[list[Path], list[
     classes = sorted({p.relative_to(root).parts[0] for p in files if p.parent != root})
     loose = [p for p in files if p.parent == root]
     if loose or not classes:
-        raise ValueError(
+        raise MissingLabels(
             f"data.class_conditional needs one sub-directory per class under {str(root)!r}; "
-            f"found images directly in it (e.g. {loose[0].name if loose else '-'})"
+            f"found images directly in it (e.g. {loose[0].name if loose else '-'}): move each "
+            "class into its own folder, or train without labels: --data.class_conditional false"
         )
     folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     empty = [d for d in folders if d not in classes]
@@ -271,9 +277,10 @@ def load_latent_file(cfg: DataConfig) -> Dataset:
             f"{cfg.channels}; set --data.channels {a}"
         )
     if cfg.class_conditional and lat.labels is None:
-        raise ValueError(
+        raise MissingLabels(
             f"data.class_conditional needs labels, but {cfg.path!r} holds none: save a .pt "
-            'dict {"latents": [N, C, H, W], "labels": [N]}'
+            'dict {"latents": [N, C, H, W], "labels": [N]}, or train without labels: '
+            "--data.class_conditional false"
         )
     y = lat.labels.long() if cfg.class_conditional else None
     if len(lat.latents) == 0:
@@ -314,8 +321,21 @@ def load_dataset(cfg: DataConfig, seed: int = 0, num_workers: int = 0, codec_sta
     else:
         _check_labels(ds)
     if cfg.autoencoder == "tiny":
+        check_square(cfg, *ds.x.shape[-2:])  # before the autoencoder trains
         ds = _encode_tiny(ds, cfg, seed, codec_state)
     return ds
+
+
+def check_square(cfg: DataConfig, h: int, w: int) -> None:
+    """The models take square inputs: data of h x w with h != w is an error naming the fix."""
+    if h == w:
+        return
+    fix = {
+        "folder": ": set --data.image_size S to resize and centre-crop each image to S x S "
+        f"(e.g. --data.image_size {min(h, w)})",
+        "latents": ": latents keep the size they were saved at; save square ones",
+    }.get(cfg.source, "")
+    raise ValueError(f"the models need square inputs, the data are {h}x{w} (height x width){fix}")
 
 
 def stand_in_dataset(cfg: DataConfig, meta: dict[str, Any], codec_state=None) -> Dataset:

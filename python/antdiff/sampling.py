@@ -34,7 +34,7 @@ from antdiff.diffusion import FIXED_VARIANCES as _VARIANCES
 from antdiff.diffusion import GaussianDiffusion
 from antdiff.schedules import Schedule
 
-__all__ = ["guided_output", "respace", "sample", "space_timesteps"]
+__all__ = ["check_settings", "guided_output", "respace", "sample", "space_timesteps"]
 
 _SPACINGS = ("linspace", "trailing", "leading")
 _SAMPLERS = ("ddim", "ddpm")
@@ -65,6 +65,33 @@ def space_timesteps(T: int, steps: int, spacing: str = "linspace") -> np.ndarray
     if np.any(np.diff(out) <= 0) or out[0] < 0 or out[-1] > T - 1:
         raise AssertionError(f"internal error: bad spacing {out}")
     return out
+
+
+def check_settings(
+    T: int | None = None,  # noqa: N803
+    *,
+    sampler: str | None = None,
+    steps: int | None = None,
+    eta: float = 0.0,
+    spacing: str = "linspace",
+) -> None:
+    """The checks :func:`sample` makes of these settings, with the same errors, for a caller
+    that validates before any work starts (``antdiff sample`` before loading and before its
+    progress bar). None (sampler, steps, T) leaves what depends on it unchecked."""
+    if sampler is not None and sampler not in _SAMPLERS:
+        raise ValueError(f"sampler={sampler!r} is not valid; use one of {_SAMPLERS}")
+    if not 0.0 <= eta <= 1.0:  # NaN too; above 1 the DDIM direction term would be clamped off
+        raise ValueError(f"eta must be in [0, 1] (0: DDIM, 1: DDPM-like), got {eta}")
+    if sampler == "ddpm" and eta != 0:
+        raise ValueError(f"eta={eta} applies to sampler='ddim' only; DDPM's variance is fixed")
+    if spacing not in _SPACINGS:
+        raise ValueError(f"spacing={spacing!r} is not valid; use one of {_SPACINGS}")
+    if steps is None:
+        return
+    if T is not None:
+        space_timesteps(T, steps, spacing)  # steps in [1, T]
+    elif isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
 
 
 def respace(
@@ -187,7 +214,6 @@ def check_guidance_trained(model: Any, cfg_scale: float | None = None) -> None:
         )
 
 
-@torch.no_grad()
 def sample(
     model: Callable[..., torch.Tensor],
     diffusion: GaussianDiffusion,
@@ -233,10 +259,7 @@ def sample(
     """
     if sampler not in _SAMPLERS:
         raise ValueError(f"sampler={sampler!r} is not valid; use one of {_SAMPLERS}")
-    if not 0.0 <= eta <= 1.0:  # NaN too; above 1 the DDIM direction term would be clamped off
-        raise ValueError(f"eta must be in [0, 1] (0: DDIM, 1: DDPM-like), got {eta}")
-    if sampler == "ddpm" and eta != 0:
-        raise ValueError(f"eta={eta} applies to sampler='ddim' only; DDPM's variance is fixed")
+    check_settings(sampler=sampler, eta=eta)
     if variance is not None:
         if variance not in _VARIANCES:
             raise ValueError(f"variance={variance!r} is not valid; use one of {_VARIANCES}")
@@ -302,22 +325,25 @@ def sample(
     was_training = isinstance(model, torch.nn.Module) and model.training
     if was_training:
         model.eval()  # label dropout / dropout must be off while sampling
+    # no_grad here, not as a decorator: its wrapper frame would be the one the warnings above
+    # name (torch/utils/_contextlib.py) instead of the caller's line
     try:
-        x = torch.randn(shape, generator=generator, device=device)
-        order = range(resp.T - 1, -1, -1)
-        if progress:
-            from tqdm.auto import tqdm
+        with torch.no_grad():
+            x = torch.randn(shape, generator=generator, device=device)
+            order = range(resp.T - 1, -1, -1)
+            if progress:
+                from tqdm.auto import tqdm
 
-            order = tqdm(order, desc=f"{sampler}-{steps}")
-        for k in order:
-            i = torch.full((b,), k, dtype=torch.long, device=device)
-            p = resp.p_mean_variance(forward(x, i), x, i, clip_denoised=clip_denoised)
-            noise = torch.randn(shape, generator=generator, device=device)
-            x = (
-                _ddpm_step(p, x, i, noise)
-                if sampler == "ddpm"
-                else _ddim_step(resp, p, x, i, noise, eta)
-            )
+                order = tqdm(order, desc=f"{sampler}-{steps}")
+            for k in order:
+                i = torch.full((b,), k, dtype=torch.long, device=device)
+                p = resp.p_mean_variance(forward(x, i), x, i, clip_denoised=clip_denoised)
+                noise = torch.randn(shape, generator=generator, device=device)
+                x = (
+                    _ddpm_step(p, x, i, noise)
+                    if sampler == "ddpm"
+                    else _ddim_step(resp, p, x, i, noise, eta)
+                )
     finally:
         if was_training:
             model.train()

@@ -43,12 +43,12 @@ from .checkpoint import (
     list_checkpoints,
     load_model_state,
     restore_rng,
-    resume_state,
+    resume_checkpoint,
     save_checkpoint,
 )
 from .clustering import load_affinity
 from .config import Config, dump_config
-from .data import BatchIterator, Dataset, get_batch, load_dataset
+from .data import BatchIterator, Dataset, MissingLabels, check_square, get_batch, load_dataset
 from .diffusion import GaussianDiffusion
 from .engine import ANT
 from .logging_utils import RunLogger, write_samples
@@ -139,8 +139,7 @@ def model_kwargs(cfg: Config, data: Dataset) -> dict[str, Any]:
     from .models import model_config
 
     c, h, w = data.shape
-    if h != w:
-        raise ValueError(f"the models need square inputs, the data are {h}x{w}")
+    check_square(cfg.data, h, w)
     base = model_config(cfg.model.name)
     derived = {
         ("input_size" if "input_size" in base else "image_size"): h,
@@ -183,7 +182,15 @@ def build_run(cfg: Config, codec_state: dict | None = None, dist: DistContext | 
     if tc.threads:  # process-wide: torch has no per-call setting
         torch.set_num_threads(tc.threads)
     seed_everything(tc.seed)
-    data = load_dataset(cfg.data, tc.seed, tc.num_workers, codec_state).to(device)
+    try:
+        data = load_dataset(cfg.data, tc.seed, tc.num_workers, codec_state).to(device)
+    except MissingLabels as exc:
+        if cfg.sample.cfg_scale == 1.0:
+            raise
+        raise MissingLabels(  # its previews guide: unconditional, they could not
+            f"{exc} --sample.cfg_scale 1 (the config guides its preview grids at "
+            f"{cfg.sample.cfg_scale}, which needs labels)"
+        ) from None
     guided = cfg.sample.cfg_channels
     if guided is not None and guided > data.shape[0]:  # the previews would fail after training
         raise ValueError(
@@ -205,7 +212,7 @@ def build_run(cfg: Config, codec_state: dict | None = None, dist: DistContext | 
     )
     affinity = bin_edges = None
     if ac.clustering == "gradient":
-        affinity, bin_edges = load_affinity(ac.affinity)
+        affinity, bin_edges = load_affinity(ac.affinity, schedule=diffusion.schedule)
     # the one-pass mode's per-step hooks would make torch.compile retrace: compile uses micro
     mode = "micro" if tc.compile and ac.mode == "auto" else ac.mode
     wrapped = model if dist is None else dist.wrap(model)
@@ -733,11 +740,18 @@ def _train(
                 "branching: the run continues in train.out_dir=%s; %s is left as it was "
                 "(--train.out_dir %s continues it in place)", out, src_dir, src_dir,
             )
-    state = None if fresh else resume_state(cfg, resume, allow_config_change)
+    state, resumed = (None, None) if fresh else resume_checkpoint(cfg, resume, allow_config_change)
     if state is not None and int(state["step"]) > cfg.train.steps:
         raise ValueError(  # it would train nothing and write the lower count to config.yaml
             f"train.steps={cfg.train.steps} is below the checkpoint's step {state['step']}: "
             f"raise --train.steps above {state['step']} to continue the run"
+        )
+    if state is not None and int(state["step"]) == cfg.train.steps and (
+        dist is None or dist.is_main
+    ):
+        log.warning(
+            "the run is already at train.steps=%d (checkpoint %s): nothing to train; raise "
+            "--train.steps to extend it", cfg.train.steps, resumed,
         )
     if fresh and cfg.ant.method == "vanilla" and cfg.ant.sampling == "equal" and (
         cfg.train.t_range is None  # a t_range draws t uniformly in it, not by cluster
@@ -844,7 +858,12 @@ def _train(
     finally:
         logger.close(commit=done)  # a run stopped before it saved leaves the logs as they were
     seconds = time.perf_counter() - t0
-    samples = write_samples(run, out / "samples" / f"step_{run.step:08d}.png") if main else None
+    idle = run.step == s0 and resumed is not None  # a finished run resumed: nothing trained
+    samples = None
+    if main:  # an idle call keeps the grid the run drew at this step, and names its checkpoint
+        final = out / "samples" / f"step_{run.step:08d}.png"
+        samples = final if idle and final.is_file() else write_samples(run, final)
+        ckpt = resumed if idle and ckpt is None else ckpt
     last = run.ant.last
     if not main or logged[0] is None:  # no row logged here: the last step's own values
         logged = (None, None) if last is None else (cluster_mean_loss(last), float(last.loss))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import signal
 import sys
 import threading
@@ -22,15 +23,45 @@ COMMANDS = {
 }
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Each option's help ends with its default, "(default: 5)", as argparse's
+    ArgumentDefaultsHelpFormatter writes it, except where there is nothing to show (no default:
+    None; a flag's False / True) or the help already says it ("default: the run's own")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if (
+            not action.option_strings
+            or d is None
+            or d is argparse.SUPPRESS
+            or isinstance(d, bool)
+            or "%(default)" in text
+            or re.search(r"\bdefault[:\s)]", text)
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
     parser = argparse.ArgumentParser(
         prog="antdiff",
         description="ANT for diffusion training: clustering, training, evaluation, analyses.",
     )
+    parser.add_argument("--version", action="version", version=f"antdiff {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(
+            name, help=help_text, description=help_text, formatter_class=DefaultsHelpFormatter
+        )
         importlib.import_module(module).add_arguments(p)
+        for action in p._actions:  # an option without help still shows its default
+            d = action.default
+            if action.help is None and action.option_strings and d is not None \
+                    and not isinstance(d, bool):  # fmt: skip
+                action.help = "(default: %(default)s)"
     return parser
 
 

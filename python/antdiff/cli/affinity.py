@@ -6,8 +6,10 @@
 
 Writes ``--out`` (.npz with affinity, bin_edges, n_samples, checkpoints; or .npy plus
 ``<stem>_edges.npy``) and, unless ``--no-plot``, ``<stem>_timestep.png`` and
-``<stem>_logsnr.png``. The diffusion (schedule, T, prediction, ...) comes from the first
-checkpoint's config when it has one, else from ``--schedule`` / ``--T``.
+``<stem>_logsnr.png``. Without ``--out`` it writes ``affinity.npz`` and refuses to replace one
+that exists (an earlier pass, minutes to hours of work) unless ``--force``; a file named with
+``--out`` is written as named, replacing it. The diffusion (schedule, T, prediction, ...)
+comes from the first checkpoint's config when it has one, else from ``--schedule`` / ``--T``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ _DIFFUSION_KEYS = (
 )
 
 
+DEFAULT_OUT = Path("affinity.npz")  # --out when none is given: never silently replaced
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "checkpoints", nargs="+", type=Path, help="checkpoint files (or run dirs) of ONE model"
@@ -48,16 +53,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--image-size", type=int, default=None, help="resize digits to this size")
     p.add_argument(
-        "--bins", type=int, default=None, help="number of near-equal timestep bins (min(50, T))"
-    )
+        "--bins", type=int, default=None,
+        help="number of near-equal timestep bins (default: min(50, T))",
+    )  # fmt: skip
     p.add_argument(
         "--bin-edges", type=Path, default=None, help=".npy of [nb + 1] edges (overrides --bins)"
     )
     p.add_argument("--n-samples", type=int, default=512, help="data points per bin")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--block-rows", type=int, default=None, help="rows of J in memory (>= 2)")
-    p.add_argument("--max-bytes", type=int, default=None, help="memory budget for J in bytes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=128, help="samples per forward/backward")
+    p.add_argument(
+        "--block-rows", type=int, default=None,
+        help="rows of J in memory (>= 2; default: as many as --max-bytes allows)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-bytes", type=int, default=None,
+        help="memory budget for J in bytes (default: half the free device memory; on the "
+        "CPU, of the available RAM)",
+    )  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="fixes the data points, t and noise")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if any)")
     p.add_argument(
         "--schedule",
@@ -67,7 +80,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--T", type=int, default=None, help="timesteps (checkpoints without one; else must match)"
     )
-    p.add_argument("--out", type=Path, default=Path("affinity.npz"), help=".npz or .npy")
+    p.add_argument(
+        "--out", type=Path, default=None,
+        help=f".npz or .npy (default: {DEFAULT_OUT}, which is never replaced: an existing one is "
+        "an error unless --force; a file named with --out is replaced)",
+    )  # fmt: skip
+    p.add_argument(
+        "--force", action="store_true", help=f"replace an existing {DEFAULT_OUT} (no --out)"
+    )
     p.add_argument("--no-plot", action="store_true", help="skip the two PNG heat maps")
 
 
@@ -84,11 +104,17 @@ class CheckpointLoader:
         self.data: dict[str, Any] = {}
 
     def __call__(self, path: Any, device: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
-        from ..checkpoint import FORMAT, is_torch_file, load_checkpoint, model_from_state
+        from ..checkpoint import (
+            FORMAT,
+            is_latest_pointer,
+            is_torch_file,
+            load_checkpoint,
+            model_from_state,
+        )
         from ..config import config_from_saved
 
         p = Path(path)
-        if p.is_file():
+        if p.is_file() and not is_latest_pointer(p):  # "latest": its folder's newest, below
             if not is_torch_file(p):
                 raise ValueError(f"{str(p)!r} is not a torch checkpoint (give checkpoint files "
                                  "or run folders of one model)")  # fmt: skip
@@ -190,8 +216,23 @@ def _labels(model: Any, y: torch.Tensor | None, n: int) -> dict[str, torch.Tenso
     return {"y": torch.full((n,), num_classes, dtype=torch.long)}  # unconditional branch
 
 
+def _output(args: argparse.Namespace) -> Path:
+    """--out, or the default affinity.npz when it is free (or --force): an earlier pass's file
+    is not replaced by a run that never named it."""
+    if args.out is not None:
+        return args.out
+    if DEFAULT_OUT.exists() and not args.force:
+        raise ValueError(
+            f"{str(DEFAULT_OUT)!r} already exists (an earlier affinity pass?) and the default "
+            "--out is never replaced: name another file with --out FILE.npz, or pass --force "
+            f"(or --out {DEFAULT_OUT}) to replace it"
+        )
+    return DEFAULT_OUT
+
+
 def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.out = _output(args)
     if args.out.suffix not in (".npz", ".npy"):  # before the pass, not after it
         raise ValueError(f"--out must end in .npz or .npy, got {str(args.out)!r}")
     check_output(args.out, "--out", folder=False)

@@ -37,19 +37,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="number of timesteps of a named schedule (default: the affinity's, else 1000)",
     )  # fmt: skip
     p.add_argument("--k", type=int, default=5, help="number of clusters")
-    p.add_argument("--objective", default="snr", choices=["timestep", "snr", "gradient"])
+    p.add_argument(
+        "--objective", default="snr", choices=["timestep", "snr", "gradient"],
+        help="what each cluster keeps close: timestep (t), snr (the SNR, --snr) or gradient "
+        "(the task affinity, --affinity)",
+    )  # fmt: skip
     p.add_argument("--snr", default="log", choices=["log", "raw"], help="SNR scale for 'snr'")
     p.add_argument(
         "--min-size",
         type=_limit,
         default="default",
-        help="smallest cluster (timesteps); 'default' = T/(2k), 'none' = no limit",
+        help="smallest cluster in timesteps, 'default' (T/(2k)) or 'none' (no limit); "
+        "default: T/(2k)",
     )
     p.add_argument(
         "--max-size",
         type=_limit,
         default="default",
-        help="largest cluster (timesteps); 'default' = 2T/k, 'none' = no limit",
+        help="largest cluster in timesteps, 'default' (2T/k) or 'none' (no limit); default: 2T/k",
     )
     p.add_argument(
         "--affinity",
@@ -58,7 +63,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="task-affinity .npy ([T,T], or [nb,nb] with a sibling *_edges.npy or an "
         ".npz holding 'affinity' and 'bin_edges') for --objective gradient",
     )
-    p.add_argument("--backend", default="auto", choices=["auto", "cpp", "numpy"])
+    p.add_argument(
+        "--backend", default="auto", choices=["auto", "cpp", "numpy"],
+        help="the DP's implementation (auto: the C++ extension if built, else numpy)",
+    )  # fmt: skip
     p.add_argument("--json", type=Path, default=None, help="write the clusters as JSON here")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG of log-SNR with the bounds")
 
@@ -106,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
             f"--T {args.T}: {args.schedule} holds {len(sched.alphas_cumprod)} timesteps (a file "
             "has its own length); drop --T"
         )
+    if affinity is not None:  # again, now checked against the schedule it clusters
+        affinity, edges = load_affinity(args.affinity, schedule=sched)
     clusters = cluster_timesteps(
         sched,
         args.k,

@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .sample import add_common, pick_device
+from .sample import add_common, check_settings, pick_device
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,8 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluate import evaluate_checkpoint
     from ..utils import atomic_write_text, check_output
 
-    if args.num < 1:
-        raise ValueError(f"--num must be >= 1, got {args.num}")
+    check_settings(args)  # --eta, --steps, ...: before the feature network and the checkpoint
     check_output(args.json, "--json", folder=False)  # before the sampling, not after it
     if args.cache_dir is not None and args.cache_dir.exists() and not args.cache_dir.is_dir():
         # only "a file": a read-only cache that already holds the statistics is fine

@@ -49,10 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--specialist-steps", type=int, default=None, help="default: the full model's steps"
     )
-    p.add_argument("--n-samples", type=int, default=1000, help="samples per FID (default 1000)")
+    p.add_argument("--n-samples", type=int, default=1000, help="samples per FID")
     p.add_argument("--seed", type=int, default=0, help="noise seed shared by all samplings")
     p.add_argument("--batch", type=int, default=500, help="sampling batch size")
-    p.add_argument("--out", default="runs/ntg", help="output directory (default runs/ntg)")
+    p.add_argument("--out", default="runs/ntg", help="output directory")
     p.epilog = "Full-model config overrides: --section.key VALUE, e.g. --train.steps 2000"
     p.allow_abbrev = False
     _collect_overrides(p)

@@ -14,7 +14,7 @@ import json
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="a run directory written by antdiff train")
-    p.add_argument("--out", default=None, help="output directory (default RUN/plots)")
+    p.add_argument("--out", default=None, help="output directory (default: RUN/plots)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -104,6 +105,20 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if any)")
 
 
+def check_settings(args: argparse.Namespace, loaded: Any = None) -> None:
+    """--steps, --eta, --sampler and --spacing checked before any work starts (they failed once
+    the progress bar had started): what needs no checkpoint before it loads, the rest (steps <=
+    the run's T, eta with the run's own sampler) once it has loaded (``loaded``)."""
+    from ..sampling import check_settings as check
+
+    if args.num < 1:
+        raise ValueError(f"--num must be >= 1, got {args.num}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    T = None if loaded is None else loaded.diffusion.T  # noqa: N806
+    check(T, sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing)
+
+
 def pick_device(name: str | None) -> str:
     if name is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -123,8 +138,7 @@ def run(args: argparse.Namespace) -> int:
     from ..logging_utils import image_grid, save_png
     from ..utils import atomic_write, atomic_write_text, check_output
 
-    if args.num < 1:
-        raise ValueError(f"--num must be >= 1, got {args.num}")
+    check_settings(args)  # before the checkpoint loads
     if args.grid < 1:
         raise ValueError(f"--grid must be >= 1 (images in samples.png), got {args.grid}")
     check_output(args.out, "--out", folder=True)  # before the sampling, not after it
@@ -132,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
     args.sampler, args.steps, args.cfg_scale, args.cfg_channels = run_settings(
         loaded, args.sampler, args.steps, args.cfg_scale, args.cfg_channels
     )
+    check_settings(args, loaded)  # the run's own settings and T: before the progress bar
     x, y = generate(
         loaded,
         args.num,

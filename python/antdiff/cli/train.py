@@ -42,10 +42,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "channels / classes / autoencoder, diffusion.T and learn_sigma, whose state would not "
         "fit, and train.seed, which the data order and RNG streams continue)",
     )
-    p.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
+    p.add_argument(
+        "--print-config", action="store_true",
+        help="print the resolved config (every key, after the preset and overrides) and exit",
+    )  # fmt: skip
     p.epilog = (
         "Any config key can be overridden as --section.key VALUE (VALUE parsed as YAML), e.g. "
-        "--ant.method nash --train.batch_size 32 --model.overrides.dropout 0.1"
+        "--ant.method nash --train.batch_size 32 --model.overrides.dropout 0.1. Every key and "
+        "its value: --print-config; what each means: the comments in antdiff/config.py "
+        "(python/antdiff/config.py in the repository)"
     )
     p.allow_abbrev = False
     _collect_overrides(p)
@@ -101,6 +106,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     quiet = os.environ.get("RANK", "0") != "0"  # under torchrun rank 0 alone reports
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    if cfg.train.ckpt_every == 0 and not quiet:  # read as "at the end only", as sample_every's 0
+        logging.getLogger("antdiff.train").warning(
+            "train.ckpt_every=0: no checkpoint will be written, not even at the end, so the "
+            "trained weights are lost when the run ends (and it cannot be resumed); set "
+            "--train.ckpt_every N to save every N steps and at the last one"
+        )
     summary = train(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
     run_ = summary.pop("run", None)
     if run_ is not None and run_.dist is not None and not run_.dist.is_main:
