@@ -138,6 +138,7 @@ def test_unknown_preset_lists_presets():
         (["--train.steps", "ten"], "train.steps must be int, got 'ten'"),
         (["--model.name", "adm-tinny"], "did you mean 'adm-tiny'"),
         (["--ant.clustering", "gradient"], "needs ant.affinity"),
+        (["--ant.clustering", "snrr"], r"or a clusters .json file \(antdiff cluster --json"),
         (["--diffusion.prediction", "noise"], "diffusion.prediction must be one of"),
         (["--train.device", "tpu"], "train.device must be"),
         (["--sample.steps", "2000"], "exceeds diffusion.T"),

@@ -401,6 +401,20 @@ def test_build_run_checks_micro_batch_against_the_processes(tmp_path):
         build_run(cfg, dist=DistContext(0, 4, 0, torch.device("cpu"), owns_group=False))
 
 
+def test_a_clusters_file_sets_the_runs_clusters(tmp_path):
+    """ant.clustering may name the JSON that `antdiff cluster --json` writes: the run trains on
+    those bounds; one of another k or T is refused with the settings that fit it."""
+    from antdiff.clustering import Clusters
+
+    want = Clusters((0, 100, 250, 600, 1000), "custom")
+    path = tmp_path / "c.json"
+    path.write_text(want.to_json())
+    run = build_run(_cfg("digits_adm", tmp_path, "--ant.k", "4", "--ant.clustering", str(path)))
+    assert run.ant.clusters.bounds == want.bounds
+    with pytest.raises(ValueError, match=r"holds k=4 clusters.*--ant.k 4"):
+        build_run(_cfg("digits_adm", tmp_path / "b", "--ant.clustering", str(path)))
+
+
 def test_a_batch_that_micro_batch_does_not_divide_is_refused(tmp_path):
     run = build_run(_cfg("digits_adm", tmp_path, "--train.micro_batch", "5"))
     with pytest.raises(ValueError, match="train.micro_batch=5 does not divide this batch of 7"):

@@ -195,7 +195,8 @@ class AntConfig:
     """ANT: k timestep clusters and the MTL method on them ("vanilla" = plain training)."""
 
     k: int = 5
-    clustering: str = "snr"  # snr | timestep | gradient (needs affinity)
+    # snr | timestep | gradient (needs affinity) | a clusters file (`antdiff cluster --json`)
+    clustering: str = "snr"
     affinity: str | None = None  # .npy/.pt [T, T] task-affinity matrix for "gradient"
     method: str = "uw"
     sampling: str = "proportional"  # proportional | equal | uniform
@@ -211,7 +212,12 @@ class AntConfig:
         from .mtl import make_method
 
         _positive("ant", "k", self.k)
-        _choice("ant", "clustering", self.clustering, CLUSTERINGS)
+        if not (isinstance(self.clustering, str) and self.clustering.lower().endswith(".json")):
+            if self.clustering not in CLUSTERINGS:
+                raise ValueError(
+                    f"ant.clustering must be one of {list(CLUSTERINGS)} or a clusters .json file "
+                    f"(antdiff cluster --json FILE), got {self.clustering!r}"
+                )
         if self.affinity and self.clustering != "gradient":
             raise ValueError(
                 f"ant.affinity={self.affinity!r} is read only by ant.clustering='gradient' (this "

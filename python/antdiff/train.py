@@ -211,6 +211,16 @@ def build_run(cfg: Config, codec_state: dict | None = None, dist: DistContext | 
         dc.min_snr_gamma,
     )
     affinity = bin_edges = None
+    if ac.clustering.lower().endswith(".json"):  # bounds from `antdiff cluster --json`
+        from .clustering import Clusters
+
+        fixed = Clusters.load(ac.clustering)
+        if fixed.k != ac.k or fixed.T != diffusion.T:
+            raise ValueError(
+                f"ant.clustering={ac.clustering} holds k={fixed.k} clusters of T={fixed.T} "
+                f"timesteps, the run has ant.k={ac.k} and diffusion.T={diffusion.T}: set "
+                f"--ant.k {fixed.k} --diffusion.T {fixed.T}, or cluster again for this run"
+            )
     if ac.clustering == "gradient":
         affinity, bin_edges = load_affinity(ac.affinity, schedule=diffusion.schedule)
     # the one-pass mode's per-step hooks would make torch.compile retrace: compile uses micro
