@@ -274,3 +274,30 @@ def test_the_method_is_kept_in_the_registrys_spelling():
     the trainer and the CLI compare with ("vanilla": a 'Vanilla' run took the ANT paths)."""
     for given, kept in (("Vanilla", "vanilla"), ("UW + PCGrad", "uw+pcgrad"), ("NASH", "nash")):
         assert load_config("digits_adm", ["--ant.method", given]).ant.method == kept
+
+
+def test_a_yaml_file_builds_on_a_base(tmp_path):
+    """``base:`` names a preset or another YAML file (relative to this one); this file's keys
+    are laid over it section by section, and the config takes this file's name."""
+    preset = load_config("digits_dit")
+    (tmp_path / "mine.yaml").write_text(
+        "base: digits_dit\ntrain:\n  steps: 7\nant:\n  method: pcgrad\n"
+    )
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "more.yaml").write_text("base: ../mine.yaml\ntrain:\n  lr: 0.5\n")
+    c = load_config(tmp_path / "sub" / "more.yaml", ["--train.batch_size", "12"])
+    assert (c.name, c.train.steps, c.ant.method, c.train.lr, c.train.batch_size) == (
+        "more", 7, "pcgrad", 0.5, 12
+    )
+    # everything else is the preset's (a section's other keys too)
+    assert c.model == preset.model and c.train.log_every == preset.train.log_every
+    assert c.ant.k == preset.ant.k and c.data == preset.data
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ValueError, match="bases form a cycle"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "bad.yaml").write_text("base: 3\n")
+    with pytest.raises(ValueError, match="base must name a preset or a YAML file"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "typo.yaml").write_text("base: digits_ditt\n")
+    with pytest.raises(ValueError, match="Did you mean 'digits_dit'"):
+        load_config(tmp_path / "typo.yaml")

@@ -548,7 +548,38 @@ def load_yaml(text: str, where: str) -> Any:
         raise ValueError(f"{where} is not valid YAML: {' '.join(str(e).split())}") from None
 
 
-def _read_yaml(name_or_path: str | Path) -> tuple[dict[str, Any], str]:
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``top``'s keys on it, section by section (a copy)."""
+    out = dict(base)
+    for key, value in top.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merge(out[key], value) if both else value
+    return out
+
+
+def _read_yaml(
+    name_or_path: str | Path, _bases: tuple[str, ...] = ()
+) -> tuple[dict[str, Any], str]:
+    """A preset's or YAML file's mapping; a ``base:`` key (a preset name or another YAML file,
+    relative to this one) is read first and this file's keys are laid over it."""
+    d, name = _read_one_yaml(name_or_path)
+    if "base" not in d:
+        return d, name
+    base = d.pop("base")
+    if not isinstance(base, str) or not base:
+        raise ValueError(
+            f"config {str(name_or_path)!r}: base must name a preset or a YAML file, got {base!r}"
+        )
+    here = Path(name_or_path)
+    if Path(base).suffix in (".yaml", ".yml") and not Path(base).is_absolute() and here.is_file():
+        base = str(here.parent / base)
+    if base in _bases or len(_bases) > 8:
+        raise ValueError(f"config {str(name_or_path)!r}: its bases form a cycle ({base!r})")
+    under, _ = _read_yaml(base, (*_bases, str(name_or_path)))
+    return _merge(under, d), name  # (d's name: its own, or the file's stem)
+
+
+def _read_one_yaml(name_or_path: str | Path) -> tuple[dict[str, Any], str]:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.is_file():
         if not p.is_file():
