@@ -293,7 +293,9 @@ def test_eval_k_is_checked_before_sampling(tmp_path: Path) -> None:
         (dict(k=100), "--k 100 neighbours need at least 101 samples; got --num 100"),
         (dict(ref="few.npy"), "--ref .*few.npy: 3 samples of 64-dim features"),
         (dict(ref="many.npy", k=80), "--k 80 neighbours need at least 81 samples; got --ref"),
-        (dict(ref="nhwc.npy"), r"--ref .*nhwc.npy: images must be \[N, C, H, W\] .* C in"),
+        # the file's own shape (not that of the rows checked), and the transpose that fixes it
+        (dict(ref="nhwc.npy"), r"--ref .*nhwc.npy holds an array of shape \(70, 8, 8, 1\): "
+         r"images must be \[N, C, H, W\] .* C in .*channels-last.*\(0, 3, 1, 2\)"),
         (dict(ref="pixels.npy"), "--ref .*pixels.npy: .*far outside|--ref .*pixels.npy: .*-1, 1"),
         (dict(ref="unit.npy"), r"--ref .*unit.npy: .*look like floats in \[0, 1\].*2 \* x - 1"),
     ],
@@ -313,6 +315,21 @@ def test_eval_bad_k_and_small_reference_fail_before_sampling(tmp_path: Path, kw,
         kw = {**kw, "ref": tmp_path / kw["ref"]}
     with pytest.raises(ValueError, match=match):
         evaluate_checkpoint(tmp_path / "no_such_run", 100, **kw)
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [(dict(steps=2000), r"steps must be an integer in \[1, T=\d+\], got 2000"),
+     (dict(sampler="ddpm", eta=0.5), "eta=0.5 applies to sampler='ddim' only")],
+)  # fmt: skip
+def test_eval_checks_the_run_s_settings_before_sampling(run_dir: Path, monkeypatch, kw, match):
+    """Settings that need the run (its T, its sampler) are refused once it is loaded, before
+    the sampling and its progress bar start."""
+    import antdiff.evaluate as ev
+
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: pytest.fail("sampled first"))
+    with pytest.raises(ValueError, match=match):
+        ev.evaluate_checkpoint(run_dir, 100, progress=False, **kw)
 
 
 def test_eval_refuses_a_reference_of_another_size_before_sampling(

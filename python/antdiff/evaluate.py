@@ -427,11 +427,23 @@ def evaluate_checkpoint(
     for name, n in ((f"--num {num}", num), (f"--ref {ref}", len(real))):
         if k >= n:  # precision / recall
             raise ValueError(f"--k {k} neighbours need at least {k + 1} samples; got {name}")
-    try:  # the format the feature network takes, checked now rather than after the sampling
-        check_images(real[:2], extractor.channels)
+    # the format the feature network takes, checked now rather than after the sampling
+    how = ("Reference images are [N, C, H, W] floats in [-1, 1], as the samples are, or uint8 "
+           "pixels")  # fmt: skip
+    shape, chans = tuple(real.shape), extractor.channels
+    if len(shape) != 4 or shape[0] == 0 or shape[1] not in chans:
+        last = len(shape) == 4 and shape[3] in chans and shape[1] not in chans
+        raise ValueError(
+            f"--ref {ref} holds an array of shape {shape}: images must be [N, C, H, W] with "
+            f"N >= 1 and C in {chans}."
+            + (" It looks channels-last ([N, H, W, C]): transpose it to [N, C, H, W] "
+               "(np.transpose(x, (0, 3, 1, 2)))." if last else "")  # fmt: skip
+            + f" {how}"
+        )
+    try:
+        check_images(real[:2], chans)
     except ValueError as e:
-        raise ValueError(f"--ref {ref}: {e} (reference images are [N, C, H, W] floats in "
-                         "[-1, 1], as the samples are, or uint8 pixels)") from e  # fmt: skip
+        raise ValueError(f"--ref {ref}: {e}. {how}") from e
     check_reference_range(real, f"--ref {ref}")
     ref_shape = tuple(real.shape[1:])
     del real
@@ -471,6 +483,10 @@ def evaluate_checkpoint(
     sampler, steps, cfg_scale, cfg_channels = run_settings(
         loaded, sampler, steps, cfg_scale, cfg_channels
     )
+    from .sampling import check_settings
+
+    # steps <= the run's T, eta with its sampler: refused here, not after the progress bar starts
+    check_settings(loaded.diffusion.T, sampler=sampler, steps=steps, eta=eta, spacing=spacing)
     generate(
         loaded,
         num,
