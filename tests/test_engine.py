@@ -2690,3 +2690,62 @@ def test_map_batch_keeps_lists_lists_and_distributed_flag_is_checked():
     assert out["t"][1] == 3 and torch.equal(out["l"][1], b[:2])
     with pytest.raises(ValueError, match="distributed must be 'auto', True or False"):
         ANT(linear_schedule(T), k=4, distributed="yes")
+
+
+@pytest.mark.parametrize("mode", ["proportional", "equal"])
+def test_systematic_counts_are_the_floor_or_ceiling_of_the_quota_at_every_start(mode):
+    """Every cluster gets floor(quota) or ceil(quota) samples, and exactly its quota when that
+    is whole, for every start in [0, 1), the ends of the pieces (0 and the breaks) included."""
+    r = np.random.default_rng(3)
+    for _ in range(200):
+        k = int(r.integers(1, 9))
+        sizes = r.integers(1, 40, k)
+        if k > 1 and r.random() < 0.5:  # half of T: a whole quota B / 2 for even B
+            sizes[0] = sizes[1:].sum()
+        B = int(r.integers(1, 60))  # noqa: N806
+        T_ = int(sizes.sum())  # noqa: N806
+        quota = [Fraction(B, k)] * k if mode == "equal" else [Fraction(B * int(s), T_)
+                                                               for s in sizes]  # fmt: skip
+        table = _Allocations(B, sizes, mode)
+        for u in [0.0, *table.breaks, *r.random(5)]:
+            counts = _systematic(B, sizes, mode, u)
+            assert sum(counts) == B
+            for c, q in zip(counts, quota):
+                assert math.floor(q) <= c <= math.ceil(q), (B, sizes.tolist(), u, counts)
+
+
+def test_uniform_per_rank_draws_are_independent_across_ranks():
+    """"uniform" with ranks: each rank's counts come from its own generator (seeded by the
+    shared stream and the rank), so two ranks of one step do not draw the same counts every
+    time, while a rank drawn twice from the same state does."""
+    clusters = Clusters((0, 10, 40, 50, 100))
+    r0, r1, again = (TimestepSampler(clusters, mode="uniform", seed=4) for _ in range(3))
+    equal = 0
+    for _ in range(20):
+        c0, c1 = r0.sample(16, rank=(0, 2))[1], r1.sample(16, rank=(1, 2))[1]
+        assert np.array_equal(c0, again.sample(16, rank=(0, 2))[1])
+        equal += np.array_equal(c0, c1)
+    assert equal < 5  # P(two independent multinomial(16) draws agree) is well below 1/4
+
+
+def test_local_slice_counts_are_the_clusters_of_the_slice():
+    """The counts remembered for a rank's slice are those of its timesteps' clusters, for
+    slices that start and end inside clusters."""
+    clusters = Clusters((0, 10, 40, 50, 100))
+    s = TimestepSampler(clusters, mode="proportional", seed=1)
+    bounds = np.asarray(clusters.bounds)
+    for start, stop in [(0, 5), (3, 11), (5, 16), (2, 3), (0, 16)]:
+        t, _ = s.sample(16)
+        local = s.local_slice(t, start, stop)
+        cid = np.searchsorted(bounds, local.numpy(), side="right") - 1
+        want = np.bincount(cid, minlength=len(bounds) - 1)
+        assert s.counts_for(local).tolist() == want.tolist(), (start, stop)
+
+
+def test_the_sampler_refuses_a_batch_size_below_one():
+    """TimestepSampler.sample itself (not only the engine) refuses B < 1 and non-integers."""
+    s = TimestepSampler(Clusters((0, 10, 40, 50, 100)), mode="proportional", seed=0)
+    for B in (0, -3, True, 2.0):  # noqa: N806
+        with pytest.raises(ValueError, match="batch size B must be a positive integer"):
+            s.sample(B)
+    assert s.sample(1)[0].shape == (1,)

@@ -352,6 +352,23 @@ def test_imtl_of_a_float32_gram_never_points_uphill(k):
         assert (w @ J64).norm() < 2.5 * (w64 @ J64).norm(), (seed, w, w64)
 
 
+def test_imtl_of_a_float32_gram_stays_near_the_float64_weights():
+    """Nearly parallel gradients: the ridge is at least the float32 Gram's own rounding (2 k eps
+    of float32), so its weights stay near those of the float64 Gram of the same gradients; a
+    ridge at float64's rounding solved the float32 Gram as exact and gave weights of its noise
+    (off by 0.7-1.2 here, against at most 0.25)."""
+    k, present = 3, _present(3)
+    for noise in (1e-4, 1e-5):
+        for seed in range(40):
+            g = torch.Generator().manual_seed(seed)
+            J = torch.randn(1, 4096, generator=g) * torch.linspace(0.5, 2, k)[:, None]
+            J = J + noise * torch.randn(k, 4096, generator=g)
+            w32 = IMTLG(k).weights(J @ J.T, present).double()
+            J64 = J.double()
+            w64 = IMTLG(k).weights(J64 @ J64.T, present).double()
+            assert (w32 - w64).abs().max() < 0.4, (noise, seed, w32, w64)
+
+
 def test_imtl_of_a_float64_gram_keeps_its_own_solution():
     """Float64 Grams of well-spread gradients (row scales 1e-3..1e3): the projections on the
     unit gradients are equal, also where their common value is negative (IMTL-G's solution
@@ -400,6 +417,23 @@ def test_gram_methods_take_a_finite_gram_near_the_float64_maximum():
     G = torch.tensor([[1e308, 0.0], [0.0, 1.0]], dtype=torch.float64)
     for cls in (MeanGram, PCGrad):  # orthogonal: no conflict, both the plain mean
         torch.testing.assert_close(cls(2).weights(G, _present(2)), torch.full((2,), 0.5))
+
+
+def test_gram_methods_use_the_symmetric_part_of_the_gram():
+    """A Gram computed in float32 need not be exactly symmetric: every method reads G and G^T
+    alike (its symmetric part), so transposing it changes no weight."""
+    J = _J(4, 30, seed=12, parallel=0.3)
+    G = J @ J.T
+    skew = 1e-3 * torch.tensor([[0.0, 1, -2, 3], [-1, 0, 4, -1], [2, -4, 0, 2], [-3, 1, -2, 0]],
+                               dtype=torch.float64)  # fmt: skip
+    A = G + skew * G.diagonal().mean()  # noqa: N806
+    present = _present(4, (2,))
+    for cls in GRAM_CLASSES:
+        w, wt = cls(4).weights(A, present), cls(4).weights(A.T, present)
+        assert torch.isfinite(w).all(), cls.name
+        assert torch.equal(w, wt), (cls.name, w, wt)
+        torch.testing.assert_close(w, cls(4).weights(0.5 * (A + A.T), present), rtol=1e-6,
+                                   atol=1e-7, msg=cls.name)  # fmt: skip
 
 
 @pytest.mark.parametrize("scale", [1e200, 1e-200])
@@ -584,6 +618,42 @@ def test_graddrop_leak_one_is_mean():
     torch.testing.assert_close(out, J.mean(0))
 
 
+@pytest.mark.parametrize("bad", [dict(leak=-0.1), dict(leak=1.5), dict(leak=float("nan")),
+                                 dict(leak=True), dict(seed=2**64), dict(seed=-1)])  # fmt: skip
+def test_graddrop_hyperparameters_are_checked_when_it_is_built(bad):
+    """A leak outside [0, 1] or a seed outside [0, 2**64) is refused by the constructor (not
+    at the first step; a seed of 2**64 would alias seed 0)."""
+    what = "leak must be a number in" if "leak" in bad else "seed must be an int in"
+    with pytest.raises(ValueError, match=re.escape(what)):
+        GradDrop(3, **bad)
+    with pytest.raises(ValueError, match=re.escape(what)):
+        make_method("graddrop", 3, **bad)
+
+
+def test_graddrop_state_saved_right_after_a_load_keeps_the_step():
+    """A GradDrop loaded from a state and saved again before its next step (a checkpoint right
+    after a resume) keeps the saved step count, and draws on as the original does."""
+    J, present = _J(3, 40, seed=8), _present(3)
+    a = GradDrop(3, seed=2)
+    for _ in range(4):
+        a.combine_grads(J, present)
+    b = GradDrop(3, seed=9)
+    b.load_state_dict(_roundtrip(a.state_dict()))
+    again = GradDrop(3)
+    again.load_state_dict(_roundtrip(b.state_dict()))  # b never stepped in between
+    assert again.stream.seed == 2 and int(again.state_dict()["stream"]["steps"]) == 4
+    torch.testing.assert_close(again.combine_grads(J, present), a.combine_grads(J, present))
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "graddrop"])
+def test_terms_without_a_loss_method_are_zero_for_absent_clusters(name):
+    """Alone, a gradient method's terms are the raw cluster losses, exactly 0 where a cluster
+    is absent whatever L holds there (a NaN included)."""
+    L = torch.tensor([1.5, float("nan"), 2.0, 7.0])  # noqa: N806
+    present = torch.tensor([True, False, True, False])
+    assert make_method(name, 4).terms(L, present).tolist() == [1.5, 0.0, 2.0, 0.0]
+
+
 # ---------------------------------------------------------------- masks, NaN, state
 @pytest.mark.parametrize("cls", GRAM_CLASSES, ids=lambda c: c.name)
 @pytest.mark.parametrize("absent", [(), (0,), (1, 3), (0, 1, 2, 3), (0, 1, 2, 3, 4)])
@@ -719,6 +789,19 @@ def test_make_method_parses_compositions():
     assert set(GRAD_METHODS) <= set(available_methods(compositions=False))
 
 
+def test_available_methods_lists_each_method_once_and_no_equal_weight_composition():
+    """"ls+<grad>" and "mean+<grad>" are accepted but not listed (they are <grad> alone, see
+    below); every other loss method composes with every gradient method, each name once."""
+    names = available_methods()
+    assert len(names) == len(set(names))
+    assert not [n for n in names if n.split("+")[0] in ("ls", "mean") and "+" in n]
+    composed = {n for n in names if "+" in n}
+    assert composed == {f"{a}+{b}" for a in ("uw", "rlw", "dwa", "famo") for b in GRAD_METHODS}
+    assert make_method("ls+pcgrad", 3).name == "ls+pcgrad"  # accepted all the same
+    singles = ["vanilla", "ls", "mean", "uw", "rlw", "dwa", "famo", *GRAD_METHODS]
+    assert available_methods(compositions=False) == singles
+
+
 @pytest.mark.parametrize("grad", [g for g in GRAD_METHODS if g != "graddrop"])
 def test_ls_plus_grad_is_the_gradient_method_alone(grad):
     """Why available_methods() leaves "ls+<grad>" out: its update (weights from the Gram of the
@@ -785,6 +868,12 @@ def test_make_method_rejects_bad_arguments():
         make_method("imtl", 3).weights(torch.eye(3), torch.ones(3))
     with pytest.raises(ValueError, match="vanilla"):
         make_method("vanilla", 3).terms(torch.ones(3), _present(3))
+    with pytest.raises(ValueError, match="vanilla takes no hyperparameters"):
+        make_method("vanilla", 3, lr=0.1)
+    with pytest.raises(ValueError, match="present is on meta"):  # not the Gram's device
+        make_method("imtl", 3).weights(torch.eye(3), _present(3).to("meta"))
+    with pytest.raises(ValueError, match="present is on meta"):
+        make_method("graddrop", 3).combine_grads(torch.ones(3, 4), _present(3).to("meta"))
 
 
 # ---------------------------------------------------------------- no host sync

@@ -215,3 +215,96 @@ def test_report_reads_weights_from_the_weight_columns(tmp_path):
     np.testing.assert_array_equal(logs["steps"], [1, 2])
     np.testing.assert_array_equal(logs["cluster_loss"], [[1.5, 2.5], [1.0, 3.0]])
     np.testing.assert_array_equal(logs["weight"], [[0.25, 0.125], [0.5, 0.0625]])
+
+
+def _logged_run(path, records):
+    """A run directory written by RunLogger: one row per ``(step, stats)`` of ``records``."""
+    from antdiff.logging_utils import RunLogger
+
+    log = RunLogger(path, k=2, start=0, total=len(records), progress=False)
+    for step, stats in records:
+        log.log(step, 1.0, {"loss": [1.0, 2.0], "weight": [0.5, 0.5], **stats}, lr=0.1, sec=1.0)
+    log.close()
+    return path
+
+
+def test_a_row_cut_off_before_its_last_value_is_skipped(tmp_path):
+    """A run killed mid-write can leave a row that has every column but an empty last one
+    (cut right after its last comma): it is skipped like a shorter one."""
+    run = _logged_run(tmp_path, [(1, {}), (2, {})])
+    with open(run / "metrics.csv", newline="") as f:
+        row = list(csv.reader(f))[-1]
+    with open(run / "metrics.csv", "a") as f:
+        f.write(",".join(["3", *row[1:-1]]) + ",")  # the objective not written yet
+    assert load_run_logs(run)["steps"].tolist() == [1.0, 2.0]
+
+
+def test_method_bounds_and_matrices_come_from_the_latest_telemetry(tmp_path, monkeypatch):
+    """load_run_logs takes the method and bounds of the last telemetry record (earlier ones
+    may lack them); plot_run draws the conflict and cosine matrices of the last record that
+    has them, with the clusters' intervals as labels."""
+    import antdiff.analysis.report as report
+
+    first = {"conflict_rate": [[0.0, 1.0], [1.0, 0.0]], "cosine_mean": [[1.0, -0.5], [-0.5, 1.0]]}
+    last = {"conflict_rate": [[0.0, 0.25], [0.25, 0.0]], "cosine_mean": [[1.0, 0.5], [0.5, 1.0]]}
+    ids = {"method": "pcgrad", "bounds": [0, 10, 100]}
+    run = _logged_run(tmp_path / "run", [(1, first), (2, {**last, **ids}), (3, ids)])
+    logs = load_run_logs(run)
+    assert logs["method"] == "pcgrad" and logs["bounds"] == [0, 10, 100]
+    drawn = {}
+
+    def plot_matrix(M, labels, path, **kw):  # noqa: N803
+        drawn[path.name] = (np.asarray(M).tolist(), labels)
+        return path
+
+    monkeypatch.setattr(report, "plot_matrix", plot_matrix)
+    res = plot_run(run, tmp_path / "figs")
+    assert res["method"] == "pcgrad" and res["last_step"] == 3
+    labels = ["I1 [0, 10)", "I2 [10, 100)"]
+    assert drawn["conflict.png"] == (last["conflict_rate"], labels)
+    assert drawn["cosine.png"] == (last["cosine_mean"], labels)
+    assert report._labels(2, [0, 10]) == ["I1", "I2"]  # bounds of another k: plain names
+
+
+def test_non_finite_values_in_tuples_are_written_as_null():
+    from antdiff.logging_utils import _finite_or_none
+
+    assert _finite_or_none({"t": (float("nan"), 2.0), "l": [(1.0, float("-inf"))]}) == {
+        "t": [None, 2.0], "l": [[1.0, None]]}  # fmt: skip
+
+
+def test_grids_of_other_channel_counts():
+    """Four or more channels show the first three, each rescaled over the whole batch to its
+    own range (as latent=True); two channels show as (c0, c1, c0)."""
+    from antdiff.logging_utils import image_grid
+
+    x = torch.zeros(2, 4, 1, 1)
+    x[:, 0, 0, 0] = torch.tensor([-3.0, 5.0])  # channel 0 spans [-3, 5] over the batch
+    x[:, 1, 0, 0] = torch.tensor([0.0, 2.0])
+    x[:, 2, 0, 0] = torch.tensor([1.0, 1.5])
+    x[:, 3] = 100.0  # not shown
+    img = image_grid(x, nrow=2)
+    np.testing.assert_array_equal(image_grid(x, nrow=2, latent=True), img)
+    assert img[1, 1].tolist() == [0, 0, 0] and img[1, 3].tolist() == [255, 255, 255]
+    two = torch.tensor([-1.0, 1.0]).view(1, 2, 1, 1)
+    assert image_grid(two)[1, 1].tolist() == [0, 255, 0]
+
+
+def _csv_rows(path):
+    with open(path / "metrics.csv", newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_a_fresh_run_into_a_used_directory_starts_its_logs_over(tmp_path):
+    """start=0 (not a resume): the logs hold this run's rows from its first step on, also
+    before it saves anything (an earlier run's rows are not kept, even as pending)."""
+    from antdiff.logging_utils import RunLogger
+
+    _logged_run(tmp_path, [(1, {}), (2, {}), (3, {})])
+    log = RunLogger(tmp_path, k=2, start=0, total=3, progress=False)
+    log.log(1, 0.125, {"loss": [1.0, 2.0], "weight": [0.5, 0.5]}, lr=0.1, sec=1.0)
+    rows = _csv_rows(tmp_path)  # flushed after each row
+    assert [r[:2] for r in rows[1:]] == [["1", "0.125"]]
+    assert [json.loads(ln)["step"] for ln in open(tmp_path / "telemetry.jsonl")] == [1]
+    log.close(commit=False)
+    assert [r[:2] for r in _csv_rows(tmp_path)[1:]] == [["1", "0.125"]]

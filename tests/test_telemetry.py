@@ -252,3 +252,97 @@ def test_orthogonal_clusters_are_not_a_conflict():
                    torch.tensor(True), G)  # fmt: skip
     s = tel.snapshot()
     assert s["conflict_rate"] == [[0.0, 0.0], [0.0, 0.0]] and s["cosine_mean"][0][1] == 0.0
+
+
+def _fresh(n: int, seed: int):
+    """n finite steps with every cluster present and no Gram (loss-space micro-batches)."""
+    gen = torch.Generator().manual_seed(seed)
+    ones = torch.ones(K, dtype=torch.bool)
+    return [(torch.rand(K, generator=gen) + 1, ones, torch.tensor(True), None) for _ in range(n)]
+
+
+def _check_losses(snap, steps):
+    """``_check`` for steps without a Gram: counts and loss means only."""
+    exp = _expected(steps)
+    assert snap["steps"] == len(steps)
+    assert snap["nonfinite_steps"] == exp["nonfinite_steps"]
+    np.testing.assert_allclose(snap["loss_mean"], exp["loss_mean"], rtol=1e-6)
+
+
+def _flagged(steps, bad):
+    """``steps`` with the steps at indices ``bad`` marked non-finite (for ``_check_losses``)."""
+    return [(L, p, torch.tensor(False) if i in bad else f, G)
+            for i, (L, p, f, G) in enumerate(steps)]  # fmt: skip
+
+
+@pytest.mark.parametrize("fold_at", [(), (1,), (1, 2)])
+def test_a_nonfinite_verdict_reaches_every_micro_batch_of_the_step(fold_at):
+    """count_nonfinite(after, n) flags all n micro-batches of the optimiser step, the earlier
+    ones too, whether they are still kept, folded by one stats() call or by several between
+    them (the steps before them stay finite)."""
+    steps = _fresh(8, seed=5)
+    tel = Telemetry(K)
+    for i, (L, present, finite, G) in enumerate(steps):  # noqa: N806
+        tel.update(L, torch.ones(K), present, finite, G)
+        if i - 5 in fold_at:  # micro-batches 5, 6, 7 form the last optimiser step
+            tel.snapshot()
+    tel.count_nonfinite(torch.tensor(False), n=3)
+    assert tel.nonfinite() == 3
+    _check_losses(tel.snapshot(), _flagged(steps, {5, 6, 7}))
+
+
+def test_a_finite_verdict_keeps_an_earlier_micro_batch_nonfinite():
+    """Each micro-batch's flag becomes its own and the verdict: a finite verdict does not make
+    a micro-batch that was non-finite on its own count as finite."""
+    steps = _fresh(3, seed=6)
+    steps[1] = (steps[1][0], steps[1][1], torch.tensor(False), None)
+    tel = Telemetry(K)
+    for L, present, finite, G in steps:  # noqa: N806
+        tel.update(L, torch.ones(K), present, finite, G)
+    tel.count_nonfinite(torch.tensor(True), n=3)
+    _check_losses(tel.snapshot(), steps)
+
+
+def test_a_verdict_does_not_reach_past_the_last_optimiser_step():
+    """close() ends an optimiser step: the next verdict cannot flag its micro-batches, even
+    with an n larger than the micro-batches recorded since (folded or not)."""
+    steps = _fresh(4, seed=7)
+    tel = Telemetry(K)
+    for L, present, finite, G in steps[:3]:  # noqa: N806
+        tel.update(L, torch.ones(K), present, finite, G)
+    tel.snapshot()
+    tel.close()
+    tel.update(steps[3][0], torch.ones(K), *steps[3][1:])
+    tel.count_nonfinite(torch.tensor(False), n=3)
+    _check_losses(tel.snapshot(), _flagged(steps, {3}))
+
+
+def test_a_verdict_after_a_resume_reaches_micro_batches_folded_before_the_save():
+    """The folded micro-batches of an unfinished optimiser step are saved with the state: a
+    verdict after the resume still takes them out of the running sums."""
+    steps = _fresh(4, seed=8)
+    tel = Telemetry(K)
+    for L, present, finite, G in steps[:3]:  # noqa: N806
+        tel.update(L, torch.ones(K), present, finite, G)
+    tel.snapshot()  # micro-batches 1 and 2 of the step (2, 3) are folded
+    resumed = Telemetry(K)
+    resumed.load_state_dict(tel.state_dict())
+    resumed.update(steps[3][0], torch.ones(K), *steps[3][1:])
+    resumed.count_nonfinite(torch.tensor(False), n=2)
+    _check_losses(resumed.snapshot(), _flagged(steps, {2, 3}))
+
+
+def test_counts_read_without_folding_include_the_kept_steps():
+    """nonfinite() and unsolved(fold=False) count the steps not folded yet as well as the
+    folded ones, and reading them folds nothing."""
+    steps = _steps(FOLD + 10, seed=9)  # one fold, then 9 kept steps
+    flags = [torch.tensor(i % 4 == 1) for i in range(len(steps))]
+    tel = Telemetry(K)
+    for (L, present, finite, G), flag in zip(steps, flags):  # noqa: N806
+        tel.update(L, torch.ones(K), present, finite, G)
+        tel.count_unsolved(flag)
+    assert len(tel._pending) == 10
+    assert tel.nonfinite() == sum(not bool(f) for _, _, f, _ in steps)
+    assert tel.unsolved(fold=False) == sum(bool(f) for f in flags)
+    assert len(tel._pending) == 10  # nothing folded
+    assert tel.unsolved() == sum(bool(f) for f in flags)
