@@ -697,7 +697,8 @@ class ANT:
             if _reaches_model(per, self._model, reached) is False:  # a zero update, silently
                 raise ValueError(REDUCE_MODEL_NOT_RUN)
             self._probed = True
-            self._zeroed_probe = reached[0] if reached else None
+            # (only a method with parameters of its own, UW, has something to check)
+            self._zeroed_probe = reached[0] if reached and self.param_groups() else None
         elif not evaluating and self._zeroed_probe is not None:
             self._check_own_params_zeroed(self._zeroed_probe)
         if self.method.loss is None:  # vanilla: the plain batch mean
@@ -733,8 +734,8 @@ class ANT:
         checked an optimiser, or once warned."""
         if probe.grad is not None or not probe.requires_grad:
             return
-        if self._optimizer_checked is not None or self.method.loss is None:
-            self._zeroed_probe = None  # ant.step checks the optimiser itself; no parameters
+        if self._optimizer_checked is not None:
+            self._zeroed_probe = None  # ant.step checks the optimiser itself
             return
         own = [q for g in self.method.loss.param_groups() for q in g["params"]]
         if any(q.grad is not None for q in own):
