@@ -379,13 +379,9 @@ def load_affinity(
             if "affinity" not in z:
                 raise ValueError(f"{path} has no 'affinity' array (keys: {sorted(z.files)})")
             a, edges = z["affinity"], (z["bin_edges"] if "bin_edges" in z else None)
-            meta = str(z["meta"]) if "meta" in z else "{}"
+            meta = _read_meta(z)
         if schedule is not None:
-            try:
-                meta = json.loads(meta)
-            except json.JSONDecodeError:  # a file made elsewhere: nothing recorded to check
-                meta = {}
-            check_affinity_source(path, meta if isinstance(meta, dict) else {}, schedule)
+            check_affinity_source(path, meta, schedule)
     elif path.suffix == ".pt":
         import torch
 
@@ -406,6 +402,25 @@ def load_affinity(
             f"got shape {list(a.shape)}"
         )
     return a, edges
+
+
+def _read_meta(z: Any) -> dict[str, Any]:
+    """The provenance an ``antdiff affinity`` .npz records ({} where there is none or it is not
+    JSON: a file made elsewhere)."""
+    try:
+        meta = json.loads(str(z["meta"])) if "meta" in z else {}
+    except json.JSONDecodeError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def affinity_meta(path: str | Path) -> dict[str, Any]:
+    """What an affinity file records of where it was measured (schedule, T, ...); {} for a .npy,
+    a .pt or a file without a record."""
+    if Path(path).suffix != ".npz":
+        return {}
+    with load_npy(path, "an affinity [T, T] and its bin_edges") as z:
+        return _read_meta(z)
 
 
 def check_affinity_source(path: str | Path, meta: dict[str, Any], schedule: Schedule) -> None:

@@ -211,10 +211,11 @@ def build_run(cfg: Config, codec_state: dict | None = None, dist: DistContext | 
         dc.min_snr_gamma,
     )
     affinity = bin_edges = None
+    clustering: Any = ac.clustering
     if ac.clustering.lower().endswith(".json"):  # bounds from `antdiff cluster --json`
         from .clustering import Clusters
 
-        fixed = Clusters.load(ac.clustering)
+        clustering = fixed = Clusters.load(ac.clustering)
         if fixed.k != ac.k or fixed.T != diffusion.T:
             raise ValueError(
                 f"ant.clustering={ac.clustering} holds k={fixed.k} clusters of T={fixed.T} "
@@ -229,7 +230,7 @@ def build_run(cfg: Config, codec_state: dict | None = None, dist: DistContext | 
     ant = ANT(
         diffusion.schedule,
         ac.k,
-        ac.clustering,
+        clustering,
         ac.method,
         sampling=ac.sampling,
         mode=mode,

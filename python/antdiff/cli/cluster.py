@@ -6,7 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
-from ..clustering import cluster_timesteps, load_affinity, plot_clusters
+from ..clustering import (
+    affinity_meta,
+    check_affinity_source,
+    cluster_timesteps,
+    load_affinity,
+    plot_clusters,
+)
 from ..config import SCHEDULES
 from ..schedules import Schedule, make_schedule
 from ..utils import atomic_write_text, check_output, load_npy
@@ -80,13 +86,9 @@ def load_schedule(name: str, T: int) -> Schedule:  # noqa: N803
     return make_schedule(name, T)
 
 
-def _affinity_schedule(path: Path) -> str:
+def _affinity_schedule(meta: dict) -> str:
     """The named schedule an ``antdiff affinity`` .npz records in its meta ("cosine(T=1000)"
     -> "cosine"); "linear" for files without one (a .npy, a .pt, a custom schedule)."""
-    if Path(path).suffix != ".npz":
-        return "linear"
-    with load_npy(path, "an affinity [T, T] and its bin_edges") as z:
-        meta = json.loads(str(z["meta"])) if "meta" in z else {}
     name = str(meta.get("schedule", "")).split("(")[0]
     return name if name in SCHEDULES else "linear"
 
@@ -100,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         if args.affinity is None:
             raise ValueError("--objective gradient needs --affinity FILE (from `antdiff affinity`)")
         affinity, edges = load_affinity(args.affinity)
+        meta = affinity_meta(args.affinity)
     elif args.affinity is not None:
         raise ValueError(f"--affinity applies to --objective gradient, not {args.objective!r}: "
                          "add --objective gradient")  # fmt: skip
@@ -107,15 +110,15 @@ def run(args: argparse.Namespace) -> int:
     if T is None:  # the affinity's timesteps: its last bin edge, or the side of a [T, T] one
         T = 1000 if affinity is None else int(edges[-1]) if edges is not None else len(affinity)  # noqa: N806
     if args.schedule is None:
-        args.schedule = _affinity_schedule(args.affinity) if affinity is not None else "linear"
+        args.schedule = _affinity_schedule(meta) if affinity is not None else "linear"
     sched = load_schedule(args.schedule, T)  # a .npy file has its own length
     if args.T is not None and len(sched.alphas_cumprod) != args.T:
         raise ValueError(
             f"--T {args.T}: {args.schedule} holds {len(sched.alphas_cumprod)} timesteps (a file "
             "has its own length); drop --T"
         )
-    if affinity is not None:  # again, now checked against the schedule it clusters
-        affinity, edges = load_affinity(args.affinity, schedule=sched)
+    if affinity is not None:  # measured on another T or schedule than this one's?
+        check_affinity_source(args.affinity, meta, sched)
     clusters = cluster_timesteps(
         sched,
         args.k,
