@@ -8,15 +8,20 @@
 # and logs.tgz (all logs and raw pytest-benchmark JSON). Every stage has its own time limit, so
 # the script ends (and reports) even when one hangs.
 #
-#   bash scripts/gpu_check.sh [all | STAGE...]   STAGE: nash tests tilings kernels step
+#   bash scripts/gpu_check.sh [all | STAGE...]   STAGE: nash tests tilings step kernels
 #   (tests: everything but the gram tilings, about 8 min on an H100, so give the device call
 #   timeout_s 600; ANT_GPU_TEST_LIMIT (s, default 540) caps each test stage, whose first
 #   files are the ones most often changed; tilings: the 144 compiled gram configurations,
 #   about 3 min; nash: the Nash-MTL kernel's solve time, under a minute; all: every stage,
-#   more than one 10-minute device call). Named stages run in the order listed above, whatever order they are given in.
+#   more than one 10-minute device call). Named stages run in the order nash tests tilings step kernels, whatever order they are given in.
 #   ANT_GIT_SHA=$(git describe --always --dirty --abbrev=40) names the commit (and an uncommitted
 #   change) when the tree travels without .git.
 #   ANT_GPU_TESTS_K replaces a test stage's pytest -k selection.
+#   ANT_GPU_DEADLINE (s since the script started) caps every stage's limit so that the whole
+#   script ends by then (a stage with under 20 s left is skipped): give it timeout_s - 15.
+#   ANT_GPU_KERNELS_K replaces the kernels stage's -k selection (default "cuda"; e.g.
+#   "cuda and P1e+08 and not tiling"); ANT_GPU_STEP_PARTS picks the step stage's parts
+#   (default "small tiny").
 #   No network is needed: peers (LibMTL, torchjd) are not used; pytest-xdist is used if present.
 set -uo pipefail
 STAGES=" ${*:-all} "
@@ -30,6 +35,15 @@ status=0
 run() {  # run <seconds> <log> <command...>: time-limited, output to $W/<log>
     local limit=$1 log=$2; shift 2
     local t0=$SECONDS
+    if [ -n "${ANT_GPU_DEADLINE:-}" ]; then
+        local left=$((ANT_GPU_DEADLINE - SECONDS - 10))
+        if [ $left -lt 20 ]; then
+            echo "[$log] skipped: ${left} s left before ANT_GPU_DEADLINE" | tee -a "$W/stages.txt"
+            status=1
+            return 124
+        fi
+        [ $left -lt "$limit" ] && limit=$left
+    fi
     timeout -k 10 "$limit" "$@" >"$W/$log" 2>&1
     local rc=$?
     echo "[$log] rc=$rc in $((SECONDS - t0)) s" | tee -a "$W/stages.txt"
@@ -92,6 +106,9 @@ if has tests || has tilings; then
             tests/test_train.py::test_deterministic_cuda_reruns_are_bit_identical \
             tests/test_telemetry.py::test_updates_and_folds_have_no_host_sync_on_cuda \
             tests/test_onepass.py::test_registry_models_equal_micro \
+            tests/test_data.py::test_pixels_scale_to_the_same_bits_on_the_gpu \
+            tests/test_metrics.py::test_precision_recall_cuda_matches_cpu \
+            tests/test_metrics.py::test_fid_helper_cuda_matches_cpu \
             tests/test_kernels_aot.py tests/test_kernels_uniform.py tests/test_kernels_graddrop.py \
             tests/test_kernels_combine.py tests/test_kernels_gram.py
         grep -E "FAILED|ERROR" "$W/$part.log" >>"$W/failures.txt"
@@ -101,19 +118,11 @@ if has tests || has tilings; then
     done
 fi
 
-if has kernels; then
-    run 300 bench_kernels.log $PY -m pytest -q -p no:cacheprovider benchmarks/bench_kernels.py \
-        -k cuda --benchmark-json="$W/kernels_raw.json"
-    [ -f "$W/kernels_raw.json" ] && $PY benchmarks/bench_kernels.py "$W/kernels_raw.json" \
-        "$W/kernels_gpu" && cat "$W/kernels_gpu.md"
-    keep
-fi
-
 if has step; then
     # peers (LibMTL, torchjd) are not installed there: our scenarios against vanilla only;
     # the GPU-sized models first, then the CPU suite's tiny ones (launch-bound on a GPU)
     export ANT_BENCH_ROUNDS=${ANT_BENCH_ROUNDS:-15}
-    for part in small tiny; do
+    for part in ${ANT_GPU_STEP_PARTS:-small tiny}; do
         if [ $part = small ]; then limit=180 sel="cuda and (adm-small or dit-s2)"; else
             limit=240 sel="cuda and not adm-small and not dit-s2 and not libmtl and not torchjd"
         fi
@@ -124,5 +133,13 @@ if has step; then
         keep
     done
 fi
+if has kernels; then
+    run 300 bench_kernels.log $PY -m pytest -q -p no:cacheprovider benchmarks/bench_kernels.py \
+        -k "${ANT_GPU_KERNELS_K:-cuda}" --benchmark-json="$W/kernels_raw.json"
+    [ -f "$W/kernels_raw.json" ] && $PY benchmarks/bench_kernels.py "$W/kernels_raw.json" \
+        "$W/kernels_gpu" && cat "$W/kernels_gpu.md"
+    keep
+fi
+
 cat "$W/stages.txt"
 exit $status
