@@ -15,6 +15,7 @@ from torch import nn
 
 from antdiff import ANT
 from antdiff.diffusion import GaussianDiffusion
+from antdiff.engine import onepass
 from antdiff.engine.onepass import unsupported_parameters
 from antdiff.models import create_model
 from antdiff.schedules import linear_schedule
@@ -176,9 +177,17 @@ NO_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, NO_GPU])
 
 
+@pytest.mark.parametrize("calls", ["default", "per-cluster", "one-call"])
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("name", ["adm-tiny", "dit-tiny", "ldm-tiny"])
-def test_registry_models_equal_micro(name, device, monkeypatch):
+def test_registry_models_equal_micro(name, device, calls, monkeypatch):
+    """onepass == micro with each layer's k rows formed as the device's policy picks, by k
+    per-cluster calls, or by one call over the cluster-padded batch (grouped convolutions,
+    batched products) wherever it applies."""
+    if calls != "default":
+        limit = None if calls == "per-cluster" else 10**9
+        for policy in (onepass.GROUPED_CONV, onepass.BATCHED_PRODUCTS):
+            monkeypatch.setitem(policy, device, limit)
     if device == "cuda":  # full fp32 products on both sides (TF32 would differ between paths)
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)

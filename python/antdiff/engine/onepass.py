@@ -36,6 +36,24 @@ _KINDS = {nn.Linear: "linear", nn.Conv1d: "conv", nn.Conv2d: "conv", nn.GroupNor
           nn.LayerNorm: "norm", nn.Embedding: "embedding"}  # fmt: skip
 
 
+# When the k per-cluster weight gradients of a layer are formed in ONE call over the
+# cluster-padded batch instead of k calls: at most this many samples' output positions (rows of
+# the product) per live cluster, by device type; None = never. A per-cluster call's fixed cost
+# dominates when a cluster has little work: on the CPU for the 3x3 convolutions of the 8x8
+# ADM-tiny (oneDNN's grouped kernel loses with more positions); on a GPU, whose small models are
+# bound by the host launching kernels, for convolutions and products alike (the padding's
+# gathers are one launch each). Module-level so that a benchmark can compare the two ways.
+GROUPED_CONV: dict[str, int | None] = {"cpu": 512, "cuda": None}
+BATCHED_PRODUCTS: dict[str, int | None] = {"cpu": None, "cuda": None}
+
+
+def _one_call(policy: dict[str, int | None], st: _Step, rows_per_sample: int) -> bool:
+    """Whether ``policy`` forms this layer's k rows in one call (see GROUPED_CONV)."""
+    limit = policy.get(st.cid.device.type)
+    live = st.live
+    return limit is not None and live > 1 and st.B * rows_per_sample <= limit * live
+
+
 class NotServable(ValueError):
     """The model cannot be served by mode "onepass" (raised at attach time or in the forward)."""
 
@@ -109,6 +127,22 @@ class _Slot:
         (``n`` columns of ``left`` / rows of ``right`` per sample), written straight into J."""
         bounds, fresh = st.bounds, self.fresh
         same = left.dtype == self.cols.dtype
+        if _one_call(BATCHED_PRODUCTS, st, n):
+            # one batched product over the cluster-padded batch, cluster-major: [k, out, m n]
+            # @ [k, m n, in] (m = the largest cluster; a padding slot's left columns are zero)
+            m, src, keep = st.blocks_major()
+            out, k = left.shape[0], st.k
+            lp = left.reshape(out, st.B, n).index_select(1, src)
+            lp = lp.mul_(keep.to(lp.dtype).view(1, -1, 1)).view(out, k, m * n).transpose(0, 1)
+            rp = right.reshape(st.B, n, -1).index_select(0, src).view(k, m * n, -1)
+            mats = self.cols.view(k, out, -1)
+            if same:
+                mats.baddbmm_(lp, rp, beta=0 if fresh else 1)
+            else:
+                v = torch.bmm(lp, rp)
+                mats.copy_(v) if fresh else mats.add_(v)
+            self.fresh = False
+            return
         for i, mat in enumerate(self.mats):
             a, b = bounds[i] * n, bounds[i + 1] * n
             if a == b:
@@ -158,7 +192,9 @@ class _Step:
         self.anchor = torch.zeros((), device=cid.device, requires_grad=True)
         self.ran = 0  # calls of the model's served layers in this step's forward
         self.k = k
+        self.live = sum(a < b for a, b in itertools.pairwise(self.bounds))
         self._blocks: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self._major: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     def blocks(self) -> tuple[int, torch.Tensor, torch.Tensor]:
         """(n, src, keep): the cluster-padded layout [n, k] of the batch (n = the largest
@@ -174,6 +210,15 @@ class _Step:
             keep = [float(j < counts[i]) for i, j in slots]
             self._blocks = n, torch.tensor(src, device=dev), torch.tensor(keep, device=dev)
         return self._blocks
+
+    def blocks_major(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """:meth:`blocks` with the slots cluster-major: slot i * n + j is sample j of cluster
+        i, so a gather by ``src`` viewed as [k, n, ...] is one cluster per leading index."""
+        if self._major is None:
+            n, src, keep = self.blocks()
+            self._major = (n, src.view(n, self.k).t().reshape(-1),
+                           keep.view(n, self.k).t().reshape(-1))  # fmt: skip
+        return self._major
 
 
 def _linear(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor, node) -> None:
@@ -240,16 +285,15 @@ def _conv(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor, node
         weight, stride, dilation = m.weight.detach().to(g.dtype), list(m.stride), list(m.dilation)
         zeros, mask = [0] * d, [False, True, False]
 
-        live = sum(a < b for a, b in itertools.pairwise(st.bounds))
-        if g.device.type == "cpu" and live > 1 and st.B * L <= 512 * live:
+        if _one_call(GROUPED_CONV, st, L):
             # One grouped call for all k clusters: each cluster's samples padded to the largest
             # cluster's count, the clusters side by side as k groups of channels.
             # On the CPU a per-cluster call has a fixed cost that dominates when a cluster has
             # few output positions (8x8 ADM-tiny, B = 32: 13 ms a step in place of 17 for the
             # 20 3x3 layers); with more (32x32 inputs, B = 128) oneDNN's grouped kernel is the
-            # slower one, so the k calls stay. GPUs keep the calls until this is measured there.
-            # A padding slot reads a real sample's input and output gradient (one gather each,
-            # no zero fill) and zeroes the gradient, so it adds nothing to the weight gradient.
+            # slower one, so the k calls stay (GROUPED_CONV). A padding slot reads a real
+            # sample's input and output gradient (one gather each, no zero fill) and zeroes the
+            # gradient, so it adds nothing to the weight gradient.
             n, src, keep = st.blocks()
             gp = g.index_select(0, src).mul_(keep.to(g.dtype).view(-1, *[1] * (g.dim() - 1)))
             xp = x.index_select(0, src)

@@ -1,0 +1,162 @@
+"""One call or k calls: how the one-pass step forms each layer's k per-cluster rows, A/B.
+
+    python benchmarks/ab_onepass_calls.py [MODEL ...] [--scenario S] [--rounds R] [--out F.md]
+
+For each bench_step MODEL (default adm-small and dit-s2; on a GPU when there is one), times the
+one-pass SCENARIO (default ours-pcgrad-onepass) under each policy of
+``antdiff.engine.onepass`` (GROUPED_CONV for convolutions, BATCHED_PRODUCTS for the matrix
+products of linear layers and patch convolutions), each step paired with a vanilla step run
+back to back with it (order alternating, policies interleaved round by round), and reports the
+median ratio, the step's peak memory above vanilla's, and the largest difference of the
+combined gradient from the per-cluster policy's (float32 without TF32, same batch and t).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "python")]  # noqa: E501
+
+from antdiff import ANT  # noqa: E402
+from antdiff.engine import onepass  # noqa: E402
+from benchmarks.bench_step import THREADS, K, Setup, make_step  # noqa: E402
+
+BIG = 10**9
+# name: (GROUPED_CONV limit, BATCHED_PRODUCTS limit) for the device; see onepass.GROUPED_CONV
+POLICIES = {
+    "per-cluster": (None, None),
+    "grouped-conv": (BIG, None),
+    "one-call": (BIG, BIG),
+    "one-call-2048": (2048, 2048),
+}
+
+
+def set_policy(device: str, name: str) -> None:
+    onepass.GROUPED_CONV[device], onepass.BATCHED_PRODUCTS[device] = POLICIES[name]
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(step, device: str) -> float:
+    t0 = time.perf_counter()
+    step()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _peak(step, device: str) -> int | None:
+    if device != "cuda":
+        return None
+    _sync(device)
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    _sync(device)
+    return torch.cuda.max_memory_allocated() - base
+
+
+def gradient_gaps(model_name: str, device: str) -> dict[str, float]:
+    """max |grad - grad_per_cluster| / max |grad_per_cluster| of one PCGrad ant.backward."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        s = Setup(model_name, device)
+        ant = ANT("linear", k=K, clustering=s.clusters, method="pcgrad", mode="onepass")
+        ant.attach(s.model).to(device)
+        t = ant.sample_timesteps(s.B, device, generator=torch.Generator().manual_seed(3))
+        grads = {}
+        for name in POLICIES:
+            set_policy(device, name)
+            s.model.zero_grad(set_to_none=True)
+            ant.backward(s.loss_fn, s.batch, t)
+            grads[name] = torch.cat([p.grad.flatten() for p in s.model.parameters()]).double()
+        ref = grads["per-cluster"]
+        scale = ref.abs().max()
+        return {n: float((g - ref).abs().max() / scale) for n, g in grads.items()}
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def run(model_name: str, scenario: str, rounds: int, device: str) -> list[dict]:
+    v, s = Setup(model_name, device), Setup(model_name, device)
+    vstep, step = make_step("vanilla", v), make_step(scenario, s)
+    for name in POLICIES:  # warm-up: kernels, the allocator's cache, cuDNN's choices
+        set_policy(device, name)
+        for _ in range(2):
+            step()
+            vstep()
+    ratios: dict[str, list[float]] = {n: [] for n in POLICIES}
+    times: dict[str, list[float]] = {n: [] for n in POLICIES}
+    for r in range(rounds):
+        for name in POLICIES:
+            set_policy(device, name)
+            if r % 2:
+                a, b = _timed(step, device), _timed(vstep, device)
+            else:
+                b, a = _timed(vstep, device), _timed(step, device)
+            ratios[name].append(a / b)
+            times[name].append(a)
+    vpeak = _peak(vstep, device)
+    gaps = gradient_gaps(model_name, device)
+    rows = []
+    for name in POLICIES:
+        set_policy(device, name)
+        peak = _peak(step, device)
+        rows.append(dict(
+            model=model_name, B=s.B, P=s.P, policy=name, ratio=statistics.median(ratios[name]),
+            step_ms=1e3 * statistics.median(times[name]),
+            extra_mib=None if peak is None else (peak - vpeak) / 2**20, gap=gaps[name],
+        ))  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("models", nargs="*", default=["adm-small", "dit-s2"])
+    ap.add_argument("--scenario", default="ours-pcgrad-onepass")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--out", default=None, help="also write the table to this markdown file")
+    a = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(THREADS)
+    saved = dict(onepass.GROUPED_CONV), dict(onepass.BATCHED_PRODUCTS)
+    where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    lines = [
+        f"# One-pass rows: one call or k calls per layer ({where}, torch {torch.__version__})",
+        "",
+        f"{a.scenario}, k = {K}; ratio = median over {a.rounds} rounds of the step's time over "
+        "a vanilla step run back to back with it; extra = the step's peak memory above "
+        "vanilla's; gap = max |grad - per-cluster grad| / max |per-cluster grad| (fp32, no TF32).",
+        "",
+        "| model | B | P | policy | step ms | ratio | extra MiB | gap |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    try:
+        for model_name in a.models:
+            for r in run(model_name, a.scenario, a.rounds, device):
+                extra = "-" if r["extra_mib"] is None else f"{r['extra_mib']:.1f}"
+                lines.append(
+                    f"| {r['model']} | {r['B']} | {r['P']} | {r['policy']} | {r['step_ms']:.1f} "
+                    f"| {r['ratio']:.2f}x | {extra} | {r['gap']:.1e} |"
+                )
+                print(lines[-1], flush=True)
+    finally:
+        onepass.GROUPED_CONV.update(saved[0])
+        onepass.BATCHED_PRODUCTS.update(saved[1])
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
