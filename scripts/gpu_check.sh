@@ -8,12 +8,13 @@
 # and logs.tgz (all logs and raw pytest-benchmark JSON). Every stage has its own time limit, so
 # the script ends (and reports) even when one hangs.
 #
-#   bash scripts/gpu_check.sh [all | STAGE...]   STAGE: nash tests tilings step kernels
+#   bash scripts/gpu_check.sh [all | STAGE...]   STAGE: nash tests tilings step ab kernels
 #   (tests: everything but the gram tilings, about 8 min on an H100, so give the device call
 #   timeout_s 600; ANT_GPU_TEST_LIMIT (s, default 540) caps each test stage, whose first
 #   files are the ones most often changed; tilings: the 144 compiled gram configurations,
-#   about 3 min; nash: the Nash-MTL kernel's solve time, under a minute; all: every stage,
-#   more than one 10-minute device call). Named stages run in the order nash tests tilings step kernels, whatever order they are given in.
+#   about 3 min; nash: the Nash-MTL kernel's solve time, under a minute; ab: one call per layer
+#   against k calls in the one-pass step (benchmarks/ab_onepass_calls.py); all: every stage,
+#   more than one 10-minute device call). Named stages run in the order nash tests tilings step ab kernels, whatever order they are given in.
 #   ANT_GIT_SHA=$(git describe --always --dirty --abbrev=40) names the commit (and an uncommitted
 #   change) when the tree travels without .git.
 #   ANT_GPU_TESTS_K replaces a test stage's pytest -k selection.
@@ -52,7 +53,7 @@ run() {  # run <seconds> <log> <command...>: time-limited, output to $W/<log>
 }
 keep() {  # copy the summaries and a tarball of everything to $DEST
     for f in kernels_gpu.md kernels_gpu.json nash_gpu.md nash_gpu.json step_gpu_small.md step_gpu_small.json \
-        step_gpu_tiny.md step_gpu_tiny.json failures.txt; do
+        step_gpu_tiny.md step_gpu_tiny.json ab_onepass_gpu.md failures.txt; do
         [ -f "$W/$f" ] && cp "$W/$f" "$DEST/"
     done
     tar czf "$DEST/logs.tgz" -C "$W" . 2>/dev/null
@@ -137,6 +138,14 @@ if has step; then
         keep
     done
 fi
+if has ab; then
+    # one call per layer over the cluster-padded batch against k calls (onepass.GROUPED_CONV /
+    # BATCHED_PRODUCTS), paired against vanilla, on the GPU-sized models
+    run 150 ab_onepass.log $PY benchmarks/ab_onepass_calls.py adm-small dit-s2 --rounds 15 \
+        --out "$W/ab_onepass_gpu.md" && cat "$W/ab_onepass_gpu.md"
+    keep
+fi
+
 if has kernels; then
     run 300 bench_kernels.log $PY -m pytest -q -p no:cacheprovider benchmarks/bench_kernels.py \
         -k "${ANT_GPU_KERNELS_K:-cuda}" --benchmark-json="$W/kernels_raw.json"

@@ -800,3 +800,23 @@ def test_float64_rows_keep_float64_precision_in_every_mode():
         assert layout == torch.contiguous_format or not model.c.weight.is_contiguous()
         for J in rows.values():  # noqa: N806
             close(J, want, rtol=1e-10, atol=1e-13)
+
+
+def test_ab_onepass_calls_compares_every_policy(tmp_path):
+    """benchmarks/ab_onepass_calls.py (the GPU A/B of one call against k calls per layer) runs
+    on this machine: a row per policy, each policy's gradient within float32 rounding of the
+    per-cluster one."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "ab.md"
+    subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "ab_onepass_calls.py"), "unet", "--rounds",
+         "1", "--out", str(out)], check=True, cwd=tmp_path, capture_output=True,
+    )  # fmt: skip
+    rows = [r.split("|") for r in out.read_text().splitlines() if r.startswith("| unet")]
+    assert [r[4].strip() for r in rows] == ["per-cluster", "grouped-conv", "one-call",
+                                            "one-call-2048"]
+    assert all(float(r[8]) < 1e-5 for r in rows)
