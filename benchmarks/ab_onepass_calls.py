@@ -72,7 +72,7 @@ def gradient_gaps(model_name: str, device: str) -> dict[str, float]:
         s = Setup(model_name, device)
         ant = ANT("linear", k=K, clustering=s.clusters, method="pcgrad", mode="onepass")
         ant.attach(s.model).to(device)
-        t = ant.sample_timesteps(s.B, device, generator=torch.Generator().manual_seed(3))
+        t = ant.sample_timesteps(s.B, device, generator=torch.Generator(device).manual_seed(3))
         grads = {}
         for name in POLICIES:
             set_policy(device, name)
