@@ -291,6 +291,78 @@ def test_grouped_conv_weight_gradients_of_a_conv_called_twice(size, empty):
     close(J, reference_J(model, loss_fn, b2, t2, ant.clusters, 4), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("empty", [False, True])
+def test_batched_products_of_layers_called_twice(empty, monkeypatch):
+    """One batched product per layer over the cluster-padded batch (BATCHED_PRODUCTS, forced on
+    here; also the grouped convolutions): uneven counts, a one-sample cluster, empty clusters,
+    a linear layer over tokens (several rows per sample) and over [B, C], a 1x1 Conv1d and a
+    patch convolution, each run twice so that the second call's rows add to the first's."""
+    monkeypatch.setitem(onepass.BATCHED_PRODUCTS, "cpu", 10**9)
+    monkeypatch.setitem(onepass.GROUPED_CONV, "cpu", 10**9)
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.patch = nn.Conv2d(2, 12, 2, stride=2)
+            self.tok = nn.Linear(12, 12)
+            self.mix = nn.Conv1d(12, 12, 1)  # 12 * 12 > 4 tokens * 24: products, not per sample
+            self.head = nn.Linear(12, 12)
+
+        def forward(self, x, t):
+            h = self.patch(x).flatten(2)  # [B, 12, 4 tokens]
+            h = self.mix(torch.tanh(self.mix(h)))
+            h = self.tok(torch.tanh(self.tok(h.transpose(1, 2))))  # [B, tokens, 4]
+            v = h.mean(1)
+            return self.head(torch.tanh(self.head(v))).sum(1) * (1 + t / T)
+
+    torch.manual_seed(0)
+    model = Twice().double()
+    ant = ANT(linear_schedule(T), k=4, method="pcgrad", model=model, sampling="uniform")
+    x = torch.randn(9, 2, 4, 4, dtype=torch.float64)
+    ts = [3, 4, 5, 6, 7, 8, 9, 10, 95] if empty else [3, 4, 5, 6, 40, 41, 60, 61, 95]
+    b2, t2, counts = ant._sorted(x, torch.tensor(ts))
+    assert sorted(counts) != [counts[0]] * 4 and 1 in counts and (0 in counts) == empty
+
+    def loss_fn(b, tt):
+        return model(b, tt) ** 2
+
+    calls = []
+    real = onepass._Step.blocks_major
+    monkeypatch.setattr(onepass._Step, "blocks_major", lambda st: calls.append(1) or real(st))
+    J = fill(ant, loss_fn, b2, t2, "onepass", counts=counts)  # noqa: N806
+    assert len(calls) == 7  # every product layer call: patch, mix x2, tok x2, head x2
+    close(J, reference_J(model, loss_fn, b2, t2, ant.clusters, 4), rtol=1e-10, atol=1e-12)
+
+
+def test_batched_products_under_bf16_autocast_equal_the_per_cluster_products(monkeypatch):
+    """Half-precision activations (bf16 autocast) take the batched product in their dtype and
+    store it in J's float32 rows, as the per-cluster products do: the two agree to bf16
+    rounding of the sums, and the rows of a fresh step are set, not added."""
+    torch.manual_seed(0)
+    model = create_model("dit-tiny")
+    model.class_dropout_prob = 0.0
+    diffusion = GaussianDiffusion(linear_schedule(1000))
+    ant = ANT(linear_schedule(1000), k=5, method="pcgrad", model=model)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(11, model.in_channels, 8, 8, generator=g)
+    batch = {"x": x, "noise": torch.randn(x.shape, generator=g), "y": torch.randint(0, 10, (11,))}
+
+    def loss_fn(b, tb):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = diffusion.training_losses(model, b["x"], tb, noise=b["noise"],
+                                            model_kwargs={"y": b["y"]})["loss"]  # fmt: skip
+        return out.float()
+
+    t = ant.sample_timesteps(11)
+    Js = {}  # noqa: N806
+    for limit in (None, 10**9):
+        monkeypatch.setitem(onepass.BATCHED_PRODUCTS, "cpu", limit)
+        fill(ant, loss_fn, batch, t, "onepass")  # a step before: its rows must be replaced
+        Js[limit] = fill(ant, loss_fn, batch, t, "onepass")
+    assert Js[None].dtype == torch.float32 and Js[None].abs().sum(1).min() > 0
+    close(Js[10**9], Js[None], rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("frozen", [None, "weight", "bias"])
 def test_group_norm_rows_from_the_forward_statistics_and_without_them(frozen, monkeypatch):
     """GroupNorm's rows: from the statistics the forward kept (its backward node's mean and
