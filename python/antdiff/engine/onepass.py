@@ -47,6 +47,24 @@ GROUPED_CONV: dict[str, int | None] = {"cpu": 512, "cuda": None}
 BATCHED_PRODUCTS: dict[str, int | None] = {"cpu": None, "cuda": None}
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call when it is one already (the handlers run per layer call
+    on every step, where each dispatcher call is host time)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+_ONES: dict[tuple, torch.Tensor] = {}
+
+
+def _ones(n: int, like: torch.Tensor) -> torch.Tensor:
+    """A cached ones vector [n] of ``like``'s dtype and device (read-only use)."""
+    key = (n, like.dtype, like.device)
+    v = _ONES.get(key)
+    if v is None:
+        v = _ONES[key] = like.new_ones(n)
+    return v
+
+
 def _one_call(policy: dict[str, int | None], st: _Step, rows_per_sample: int) -> bool:
     """Whether ``policy`` forms this layer's k rows in one call (see GROUPED_CONV)."""
     limit = policy.get(st.cid.device.type)
@@ -110,13 +128,12 @@ class _Slot:
         if self.target is not None:
             self.target.copy_(self.cols.view(self.target.shape))
 
-    def put_rows(self, st: _Step, value_of: Callable[[int, int], torch.Tensor]) -> None:
-        """Row i := (or +=) value_of(a, b) for the live clusters (batch rows a:b)."""
-        bounds, fresh = st.bounds, self.fresh
-        for i, row in enumerate(self.rows):
-            a, b = bounds[i], bounds[i + 1]
-            if a < b:
-                v = value_of(a, b)
+    def put_rows(self, st: _Step, value_of: Callable[[int], torch.Tensor]) -> None:
+        """Row i := (or +=) value_of(i) for the live clusters i."""
+        fresh = self.fresh
+        for i, (row, n) in enumerate(zip(self.rows, st.counts)):
+            if n:
+                v = value_of(i)
                 row.copy_(v) if fresh else row.add_(v)
             elif fresh:
                 row.zero_()
@@ -125,7 +142,7 @@ class _Slot:
     def put_products(self, st: _Step, left: torch.Tensor, right: torch.Tensor, n: int) -> None:
         """Row i := (or +=) left[:, a n : b n] @ right[a n : b n] for cluster i's batch rows a:b
         (``n`` columns of ``left`` / rows of ``right`` per sample), written straight into J."""
-        bounds, fresh = st.bounds, self.fresh
+        fresh = self.fresh
         same = left.dtype == self.cols.dtype
         if _one_call(BATCHED_PRODUCTS, st, n):
             # one batched product over the cluster-padded batch, cluster-major: [k, out, m n]
@@ -133,7 +150,7 @@ class _Slot:
             m, src, keep = st.blocks_major()
             out, k = left.shape[0], st.k
             lp = left.reshape(out, st.B, n).index_select(1, src)
-            lp = lp.mul_(keep.to(lp.dtype).view(1, -1, 1)).view(out, k, m * n).transpose(0, 1)
+            lp = lp.mul_(_as(keep, lp.dtype).view(1, -1, 1)).view(out, k, m * n).transpose(0, 1)
             rp = right.reshape(st.B, n, -1).index_select(0, src).view(k, m * n, -1)
             mats = self.cols.view(k, out, -1)
             if same:
@@ -143,15 +160,17 @@ class _Slot:
                 mats.copy_(v) if fresh else mats.add_(v)
             self.fresh = False
             return
-        for i, mat in enumerate(self.mats):
-            a, b = bounds[i] * n, bounds[i + 1] * n
-            if a == b:
+        # one split per operand (a call each) in place of two slices per cluster
+        sizes = [c * n for c in st.counts]
+        lefts, rights = left.split(sizes, 1), right.split(sizes, 0)
+        for mat, c, lf, rt in zip(self.mats, st.counts, lefts, rights):
+            if not c:
                 if fresh:
                     mat.zero_()
             elif same:  # beta=0 ignores the row's old contents
-                mat.addmm_(left[:, a:b], right[a:b], beta=0 if fresh else 1)
+                mat.addmm_(lf, rt, beta=0 if fresh else 1)
             else:  # half-precision activations: the product in their dtype, then stored
-                v = left[:, a:b] @ right[a:b]
+                v = lf @ rt
                 mat.copy_(v) if fresh else mat.add_(v)
         self.fresh = False
 
@@ -163,7 +182,7 @@ class _Slot:
 
     def put_seg(self, st: _Step, per_sample: torch.Tensor) -> None:
         """All rows := (or +=) the per-cluster sums of ``per_sample`` [B, n], one product."""
-        s = per_sample.to(st.M.dtype)
+        s = _as(per_sample, st.M.dtype)
         self.cols.addmm_(st.M, s, beta=0) if self.fresh else self.cols.addmm_(st.M, s)
         self.fresh = False
 
@@ -185,7 +204,8 @@ class _Step:
     """Host bounds and device one-hot of the clusters for the step in progress."""
 
     def __init__(self, cid: torch.Tensor, counts, k: int, dtype: torch.dtype) -> None:
-        self.bounds = [0, *itertools.accumulate(int(c) for c in counts)]
+        self.counts = [int(c) for c in counts]
+        self.bounds = [0, *itertools.accumulate(self.counts)]
         self.B = self.bounds[-1]
         self.M = (cid[None, :] == torch.arange(k, device=cid.device)[:, None]).to(dtype)  # [k, B]
         self.cid = cid
@@ -226,7 +246,7 @@ def _linear(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor, no
     g2 = g.reshape(-1, g.shape[-1])  # [B * tokens, out]
     n = g2.shape[0] // st.B
     if w is not None:
-        w.put_products(st, g2.t(), x.to(g.dtype).reshape(-1, x.shape[-1]), n)
+        w.put_products(st, g2.t(), _as(x, g.dtype).reshape(-1, x.shape[-1]), n)
     if b is not None:
         b.put_seg(st, g2.view(st.B, n, -1).sum(1) if n > 1 else g2)
 
@@ -266,23 +286,25 @@ def _conv(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor, node
         # the cluster one-hot; its [B, Cout, Cin] temporary is no larger than the transposed
         # copies of g and x that the per-cluster products below need (half-precision
         # gradients add its float32 copy for the product)
-        x3, g3 = x.to(g.dtype).reshape(st.B, cin, L), g.reshape(st.B, cout, L)
+        x3, g3 = _as(x, g.dtype).reshape(st.B, cin, L), g.reshape(st.B, cout, L)
         w.put_seg(st, torch.bmm(g3, x3.transpose(1, 2)).view(st.B, -1))
     elif patches:
         # 1x1 (attention qkv, skips) and patch embeddings: one matmul per cluster on the
         # non-overlapping patches beats convolution_backward's per-call cost
         gt = g.reshape(st.B, g.shape[1], -1).transpose(0, 1).flatten(1)  # [Cout, B*L]
-        xp = _patch_rows(x.to(g.dtype), m.kernel_size, g.shape[2:])  # [B*L, Cin*prod(kernel)]
+        xp = _patch_rows(_as(x, g.dtype), m.kernel_size, g.shape[2:])  # [B*L, Cin*prod(kernel)]
         w.put_products(st, gt, xp, gt.shape[1] // st.B)
     elif w is not None:
-        x = x.to(g.dtype)
+        x = _as(x, g.dtype)
         d = len(m.kernel_size)
         if isinstance(m.padding, str):
             same = [dl * (k_ - 1) // 2 for k_, dl in zip(m.kernel_size, m.dilation)]
             pad = [0] * d if m.padding == "valid" else same
         else:
             pad = list(m.padding)
-        weight, stride, dilation = m.weight.detach().to(g.dtype), list(m.stride), list(m.dilation)
+        # no graph is recorded in the backward's hooks: the weight goes in as it is (only its
+        # shape is read, the input gradient not being asked for)
+        weight, stride, dilation = _as(m.weight, g.dtype), list(m.stride), list(m.dilation)
         zeros, mask = [0] * d, [False, True, False]
 
         if _one_call(GROUPED_CONV, st, L):
@@ -295,7 +317,7 @@ def _conv(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor, node
             # sample's input and output gradient (one gather each, no zero fill) and zeroes the
             # gradient, so it adds nothing to the weight gradient.
             n, src, keep = st.blocks()
-            gp = g.index_select(0, src).mul_(keep.to(g.dtype).view(-1, *[1] * (g.dim() - 1)))
+            gp = g.index_select(0, src).mul_(_as(keep, g.dtype).view(-1, *[1] * (g.dim() - 1)))
             xp = x.index_select(0, src)
             xp, gp = (v.view(n, st.k * v.shape[1], *v.shape[2:]) for v in (xp, gp))
             wk = weight.new_empty(st.k * weight.shape[0], *weight.shape[1:])  # shape only: no dX
@@ -311,9 +333,11 @@ def _conv(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor, node
                 return
         else:
 
-            def value_of(a: int, c: int) -> torch.Tensor:
+            gs, xs = g.split(st.counts), x.split(st.counts)
+
+            def value_of(i: int) -> torch.Tensor:
                 return torch.ops.aten.convolution_backward(
-                    g[a:c], x[a:c], weight, None, stride, pad, dilation, False, zeros, m.groups,
+                    gs[i], xs[i], weight, None, stride, pad, dilation, False, zeros, m.groups,
                     mask,
                 )[1]  # fmt: skip
 
@@ -324,8 +348,9 @@ def _conv(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor, node
 
 def _norm(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor, node) -> None:
     w, b = slots
-    dt = torch.promote_types(g.dtype, torch.float32)  # half precision: normalise in fp32
-    g, x = g.to(dt), x.to(dt)
+    # half precision: normalise in fp32 (float64 stays)
+    dt = g.dtype if g.dtype in (torch.float32, torch.float64) else torch.float32
+    g, x = _as(g, dt), _as(x, dt)
     if isinstance(m, nn.GroupNorm) and type(node).__name__ == "NativeGroupNormBackward0":
         # With the forward's own statistics, the B samples' groups are the B * G groups of one
         # [1, B C, HW] GroupNorm, whose weight and bias gradients are then per sample: one
@@ -333,12 +358,12 @@ def _norm(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor, node
         n, c = st.B, m.num_channels
         hw = x.numel() // (n * c)
         stats = (node._saved_result1, node._saved_result2)  # mean, 1 / std: [B, G]
-        mean, rstd = (v.to(dt).reshape(1, n * m.num_groups) for v in stats)
+        mean, rstd = (_as(v, dt).reshape(1, n * m.num_groups) for v in stats)
         dw, db = torch.ops.aten.native_group_norm_backward(
             # contiguous: the kernel reads them densely (an expanded gradient, e.g. from a
             # sum over positions, would reshape to a stride-0 view)
             g.reshape(1, n * c, hw).contiguous(), x.reshape(1, n * c, hw).contiguous(), mean, rstd,
-            x.new_ones(n * c),  # only its shape is read: no input gradient is asked for
+            _ones(n * c, x),  # only its shape is read: no input gradient is asked for
             1, n * c, hw, n * m.num_groups, [False, w is not None, b is not None],
         )[1:]  # fmt: skip
         if w is not None:
