@@ -8,7 +8,10 @@ one-pass SCENARIO (default ours-pcgrad-onepass) under each policy of
 products of linear layers and patch convolutions), each step paired with a vanilla step run
 back to back with it (order alternating, policies interleaved round by round), and reports the
 median ratio, the step's peak memory above vanilla's, and the largest difference of the
-combined gradient from the per-cluster policy's (float32 without TF32, same batch and t).
+combined gradient from the per-cluster policy's, relative to its largest entry (float32
+without TF32, same batch and t, on a copy of the model with perturbed weights: at
+initialisation ADM's zero output convolution and DiT's adaLN-zero leave every other layer's
+gradient at zero, which would check one layer).
 """
 
 from __future__ import annotations
@@ -65,11 +68,18 @@ def _peak(step, device: str) -> int | None:
 
 
 def gradient_gaps(model_name: str, device: str) -> dict[str, float]:
-    """max |grad - grad_per_cluster| / max |grad_per_cluster| of one PCGrad ant.backward."""
+    """max |grad - grad_per_cluster| / max |grad_per_cluster| of one PCGrad ant.backward, on
+    the model with perturbed weights (every layer's gradient non-zero) and no label dropout."""
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         s = Setup(model_name, device)
+        gen = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for p in s.model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=gen).to(p.device))
+        if hasattr(s.model, "class_dropout_prob"):
+            s.model.class_dropout_prob = 0.0
         ant = ANT("linear", k=K, clustering=s.clusters, method="pcgrad", mode="onepass")
         ant.attach(s.model).to(device)
         t = ant.sample_timesteps(s.B, device, generator=torch.Generator(device).manual_seed(3))
@@ -81,6 +91,9 @@ def gradient_gaps(model_name: str, device: str) -> dict[str, float]:
             grads[name] = torch.cat([p.grad.flatten() for p in s.model.parameters()]).double()
         ref = grads["per-cluster"]
         scale = ref.abs().max()
+        zero = [n for n, p in s.model.named_parameters() if p.grad is None or not p.grad.any()]
+        if zero:
+            raise RuntimeError(f"gradient check: no gradient reached {zero[:3]}")
         return {n: float((g - ref).abs().max() / scale) for n, g in grads.items()}
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32

@@ -256,7 +256,7 @@ def test_engine_step_equals_micro(method):
 
 @pytest.mark.parametrize("size", [4, 16])
 @pytest.mark.parametrize("empty", [False, True])
-def test_grouped_conv_weight_gradients_of_a_conv_called_twice(size, empty):
+def test_grouped_conv_weight_gradients_of_a_conv_called_twice(size, empty, monkeypatch):
     """On the CPU the conv weight gradients of all clusters come from one grouped call over
     cluster-padded inputs when the clusters have few output positions (4x4: 9 * 16 <= 512 per
     live cluster), else from one call per cluster (16x16); uneven counts, a one-sample cluster,
@@ -278,7 +278,7 @@ def test_grouped_conv_weight_gradients_of_a_conv_called_twice(size, empty):
     model = Twice().double()
     ant = ANT(linear_schedule(T), k=4, method="pcgrad", model=model, sampling="uniform")
     x = torch.randn(9, 3, size, size, dtype=torch.float64)
-    ts = [3, 4, 5, 6, 7, 8, 9, 10, 95] if empty else [3, 4, 5, 6, 40, 41, 60, 61, 95]
+    ts = [3, 4, 5, 6, 60, 80, 85, 90, 95] if empty else [3, 4, 5, 6, 40, 41, 60, 61, 95]
     t = torch.tensor(ts)
     b2, t2, counts = ant._sorted(x, t)
     assert sorted(counts) != [counts[0]] * 4 and 1 in counts  # padding is exercised
@@ -287,7 +287,35 @@ def test_grouped_conv_weight_gradients_of_a_conv_called_twice(size, empty):
     def loss_fn(b, tt):
         return model(b, tt) ** 2
 
+    grouped = []
+    real = onepass._Step.blocks
+    monkeypatch.setattr(onepass._Step, "blocks", lambda st: grouped.append(1) or real(st))
     J = fill(ant, loss_fn, b2, t2, "onepass", counts=counts)  # noqa: N806
+    assert len(grouped) == (3 if size == 4 else 0)  # c twice and g: grouped at 4x4 only
+    close(J, reference_J(model, loss_fn, b2, t2, ant.clusters, 4), rtol=1e-10, atol=1e-12)
+
+
+def test_one_call_is_refused_where_padding_would_more_than_double_the_batch(monkeypatch):
+    """A uniform draw can put most of the batch in one cluster: padding every cluster to it
+    would multiply the work (counts [7, 0, 1, 1]: 28 slots for 9 samples), so the k calls stay,
+    whatever the policy; the rows are right either way."""
+    monkeypatch.setitem(onepass.GROUPED_CONV, "cpu", 10**9)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(48, 1)).double()  # fmt: skip
+    ant = ANT(linear_schedule(T), k=4, method="pcgrad", model=model, sampling="uniform")
+    x = torch.randn(9, 3, 4, 4, dtype=torch.float64)
+    b2, t2, counts = ant._sorted(x, torch.tensor([1, 2, 3, 4, 5, 6, 7, 60, 95]))
+    assert list(counts) == [7, 0, 1, 1]
+    grouped = []
+    real = onepass._Step.blocks
+    monkeypatch.setattr(onepass._Step, "blocks", lambda st: grouped.append(1) or real(st))
+
+    def loss_fn(b, tt):
+        return model(b).squeeze(1) ** 2 * (1 + tt / T)
+
+    J = fill(ant, loss_fn, b2, t2, "onepass", counts=counts)  # noqa: N806
+    assert grouped == []
     close(J, reference_J(model, loss_fn, b2, t2, ant.clusters, 4), rtol=1e-10, atol=1e-12)
 
 
@@ -319,7 +347,7 @@ def test_batched_products_of_layers_called_twice(empty, monkeypatch):
     model = Twice().double()
     ant = ANT(linear_schedule(T), k=4, method="pcgrad", model=model, sampling="uniform")
     x = torch.randn(9, 2, 4, 4, dtype=torch.float64)
-    ts = [3, 4, 5, 6, 7, 8, 9, 10, 95] if empty else [3, 4, 5, 6, 40, 41, 60, 61, 95]
+    ts = [3, 4, 5, 6, 60, 80, 85, 90, 95] if empty else [3, 4, 5, 6, 40, 41, 60, 61, 95]
     b2, t2, counts = ant._sorted(x, torch.tensor(ts))
     assert sorted(counts) != [counts[0]] * 4 and 1 in counts and (0 in counts) == empty
 
@@ -339,7 +367,7 @@ def test_batched_products_under_bf16_autocast_equal_the_per_cluster_products(mon
     store it in J's float32 rows, as the per-cluster products do: the two agree to bf16
     rounding of the sums, and the rows of a fresh step are set, not added."""
     torch.manual_seed(0)
-    model = create_model("dit-tiny")
+    model = _randomise(create_model("dit-tiny"))  # at init adaLN-zero leaves one layer's rows
     model.class_dropout_prob = 0.0
     diffusion = GaussianDiffusion(linear_schedule(1000))
     ant = ANT(linear_schedule(1000), k=5, method="pcgrad", model=model)
@@ -359,7 +387,8 @@ def test_batched_products_under_bf16_autocast_equal_the_per_cluster_products(mon
         monkeypatch.setitem(onepass.BATCHED_PRODUCTS, "cpu", limit)
         fill(ant, loss_fn, batch, t, "onepass")  # a step before: its rows must be replaced
         Js[limit] = fill(ant, loss_fn, batch, t, "onepass")
-    assert Js[None].dtype == torch.float32 and Js[None].abs().sum(1).min() > 0
+    nonzero = (Js[None].abs().sum(0) > 0).float().mean()
+    assert Js[None].dtype == torch.float32 and nonzero > 0.9  # every layer's rows, not one's
     close(Js[10**9], Js[None], rtol=2e-2, atol=2e-2)
 
 

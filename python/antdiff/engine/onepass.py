@@ -40,9 +40,11 @@ _KINDS = {nn.Linear: "linear", nn.Conv1d: "conv", nn.Conv2d: "conv", nn.GroupNor
 # cluster-padded batch instead of k calls: at most this many samples' output positions (rows of
 # the product) per live cluster, by device type; None = never. A per-cluster call's fixed cost
 # dominates when a cluster has little work: on the CPU for the 3x3 convolutions of the 8x8
-# ADM-tiny (oneDNN's grouped kernel loses with more positions); on a GPU, whose small models are
-# bound by the host launching kernels, for convolutions and products alike (the padding's
-# gathers are one launch each). Module-level so that a benchmark can compare the two ways.
+# ADM-tiny (oneDNN's grouped kernel loses with more positions), while batched products lost
+# there (their padded copies cost more than the k calls). A GPU's small models are bound by the
+# host launching kernels, which one call per layer could cut; GPUs keep the k calls until that
+# is measured there (benchmarks/ab_onepass_calls.py). Module-level so that a benchmark can
+# compare the two ways.
 GROUPED_CONV: dict[str, int | None] = {"cpu": 512, "cuda": None}
 BATCHED_PRODUCTS: dict[str, int | None] = {"cpu": None, "cuda": None}
 
@@ -53,23 +55,16 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-_ONES: dict[tuple, torch.Tensor] = {}
-
-
-def _ones(n: int, like: torch.Tensor) -> torch.Tensor:
-    """A cached ones vector [n] of ``like``'s dtype and device (read-only use)."""
-    key = (n, like.dtype, like.device)
-    v = _ONES.get(key)
-    if v is None:
-        v = _ONES[key] = like.new_ones(n)
-    return v
-
-
 def _one_call(policy: dict[str, int | None], st: _Step, rows_per_sample: int) -> bool:
-    """Whether ``policy`` forms this layer's k rows in one call (see GROUPED_CONV)."""
+    """Whether ``policy`` forms this layer's k rows in one call (see GROUPED_CONV): never where
+    the padding would more than double the batch (k times the largest cluster > 2 B, e.g. one
+    cluster holding most of a uniform draw)."""
     limit = policy.get(st.cid.device.type)
     live = st.live
-    return limit is not None and live > 1 and st.B * rows_per_sample <= limit * live
+    return (
+        limit is not None and live > 1 and st.B * rows_per_sample <= limit * live
+        and st.k * max(st.counts) <= 2 * st.B
+    )  # fmt: skip
 
 
 class NotServable(ValueError):
@@ -203,7 +198,9 @@ LOSS_WITHOUT_GRAD = (
 class _Step:
     """Host bounds and device one-hot of the clusters for the step in progress."""
 
-    def __init__(self, cid: torch.Tensor, counts, k: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self, cid: torch.Tensor, counts, k: int, dtype: torch.dtype, ones: dict | None = None
+    ) -> None:
         self.counts = [int(c) for c in counts]
         self.bounds = [0, *itertools.accumulate(self.counts)]
         self.B = self.bounds[-1]
@@ -215,6 +212,18 @@ class _Step:
         self.live = sum(a < b for a, b in itertools.pairwise(self.bounds))
         self._blocks: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self._major: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self._ones = {} if ones is None else ones
+
+    def ones(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        """A ones vector [n] of ``like``'s dtype and device, kept across steps in the dict the
+        step was given (the plan's: one per distinct size, cleared past 64)."""
+        key = (n, like.dtype, like.device)
+        v = self._ones.get(key)
+        if v is None:
+            if len(self._ones) >= 64:
+                self._ones.clear()
+            v = self._ones[key] = like.new_ones(n)
+        return v
 
     def blocks(self) -> tuple[int, torch.Tensor, torch.Tensor]:
         """(n, src, keep): the cluster-padded layout [n, k] of the batch (n = the largest
@@ -302,8 +311,8 @@ def _conv(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor, node
             pad = [0] * d if m.padding == "valid" else same
         else:
             pad = list(m.padding)
-        # no graph is recorded in the backward's hooks: the weight goes in as it is (only its
-        # shape is read, the input gradient not being asked for)
+        # no graph is recorded in the backward's hooks: the weight goes in as it is (its values
+        # are not read, the input gradient not being asked for)
         weight, stride, dilation = _as(m.weight, g.dtype), list(m.stride), list(m.dilation)
         zeros, mask = [0] * d, [False, True, False]
 
@@ -363,7 +372,7 @@ def _norm(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor, node
             # contiguous: the kernel reads them densely (an expanded gradient, e.g. from a
             # sum over positions, would reshape to a stride-0 view)
             g.reshape(1, n * c, hw).contiguous(), x.reshape(1, n * c, hw).contiguous(), mean, rstd,
-            _ones(n * c, x),  # only its shape is read: no input gradient is asked for
+            st.ones(n * c, x),  # its values are not read: no input gradient is asked for
             1, n * c, hw, n * m.num_groups, [False, w is not None, b is not None],
         )[1:]  # fmt: skip
         if w is not None:
@@ -562,6 +571,7 @@ class OnePass:
         self._audited = False  # the first forward checks that no weight is used elsewhere
         self._audit: _SharedWeightAudit | None = None  # during that forward
         self._inner = inner  # its parameters and buffers are the audit's first constants
+        self._ones: dict = {}  # GroupNorm's gamma stand-ins, by size, dtype and device
 
     def _bind(self, buf: GradBuffer) -> None:
         """Slots of every layer's (weight, bias) in ``buf.J`` (None: frozen or absent)."""
@@ -604,7 +614,7 @@ class OnePass:
         if self._buf is not buf:
             self._bind(buf)
         k = buf.J.shape[0]
-        self._st = _Step(cid, counts, k, buf.J.dtype)
+        self._st = _Step(cid, counts, k, buf.J.dtype, self._ones)
         off = [p for p in buf.params if p.requires_grad]
         for p in off:
             if p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None):
