@@ -146,9 +146,13 @@ def test_toy_float32_and_scaled_equal_micro():
           fill(ant, toy_loss(model), batch, t, "micro", scaler))  # fmt: skip
 
 
-def test_toy_bf16_autocast_equals_micro():
+@pytest.mark.parametrize("calls", ["default", "per-cluster"])
+def test_toy_bf16_autocast_equals_micro(calls, monkeypatch):
     """Under bf16 autocast the hooks get bf16 activations and gradients (products formed in
-    bf16, stored in the fp32 rows), as autograd forms bf16 weight gradients in micro mode."""
+    bf16, stored in the fp32 rows), as autograd forms bf16 weight gradients in micro mode; the
+    per-cluster convolution calls take a bf16 stand-in for the fp32 weight."""
+    if calls == "per-cluster":
+        monkeypatch.setitem(onepass.GROUPED_CONV, "cpu", None)
     torch.manual_seed(0)
     model = Toy()
     ant = ANT(linear_schedule(T), k=4, method="pcgrad", model=model)

@@ -311,9 +311,13 @@ def _conv(st: _Step, m: nn.Module, slots, x: torch.Tensor, g: torch.Tensor, node
             pad = [0] * d if m.padding == "valid" else same
         else:
             pad = list(m.padding)
-        # no graph is recorded in the backward's hooks: the weight goes in as it is (its values
-        # are not read, the input gradient not being asked for)
-        weight, stride, dilation = _as(m.weight, g.dtype), list(m.stride), list(m.dilation)
+        # the weight's values are not read (no input gradient is asked for), only its shape,
+        # dtype and layout: the weight itself (no graph is recorded in the backward's hooks),
+        # or under autocast an uninitialised tensor like it in the gradient's dtype, not a cast
+        weight = m.weight
+        if weight.dtype != g.dtype:
+            weight = torch.empty_like(weight, dtype=g.dtype, requires_grad=False)
+        stride, dilation = list(m.stride), list(m.dilation)
         zeros, mask = [0] * d, [False, True, False]
 
         if _one_call(GROUPED_CONV, st, L):
