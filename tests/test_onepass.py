@@ -258,6 +258,15 @@ def test_engine_step_equals_micro(method):
     torch.testing.assert_close(grads["onepass"][1], grads["micro"][1], rtol=1e-4, atol=1e-6)
 
 
+def _spy(monkeypatch, name: str) -> list:
+    """Calls of the one-call layouts (``_Step.blocks``: the grouped convolution;
+    ``_Step.blocks_major``: the batched products), one entry per layer call that used them."""
+    calls: list = []
+    real = getattr(onepass._Step, name)
+    monkeypatch.setattr(onepass._Step, name, lambda st: calls.append(1) or real(st))
+    return calls
+
+
 @pytest.mark.parametrize("size", [4, 16])
 @pytest.mark.parametrize("empty", [False, True])
 def test_grouped_conv_weight_gradients_of_a_conv_called_twice(size, empty, monkeypatch):
@@ -291,9 +300,7 @@ def test_grouped_conv_weight_gradients_of_a_conv_called_twice(size, empty, monke
     def loss_fn(b, tt):
         return model(b, tt) ** 2
 
-    grouped = []
-    real = onepass._Step.blocks
-    monkeypatch.setattr(onepass._Step, "blocks", lambda st: grouped.append(1) or real(st))
+    grouped = _spy(monkeypatch, "blocks")
     J = fill(ant, loss_fn, b2, t2, "onepass", counts=counts)  # noqa: N806
     assert len(grouped) == (3 if size == 4 else 0)  # c twice and g: grouped at 4x4 only
     close(J, reference_J(model, loss_fn, b2, t2, ant.clusters, 4), rtol=1e-10, atol=1e-12)
@@ -311,9 +318,7 @@ def test_one_call_is_refused_where_padding_would_more_than_double_the_batch(monk
     x = torch.randn(9, 3, 4, 4, dtype=torch.float64)
     b2, t2, counts = ant._sorted(x, torch.tensor([1, 2, 3, 4, 5, 6, 7, 60, 95]))
     assert list(counts) == [7, 0, 1, 1]
-    grouped = []
-    real = onepass._Step.blocks
-    monkeypatch.setattr(onepass._Step, "blocks", lambda st: grouped.append(1) or real(st))
+    grouped = _spy(monkeypatch, "blocks")
 
     def loss_fn(b, tt):
         return model(b).squeeze(1) ** 2 * (1 + tt / T)
@@ -358,9 +363,7 @@ def test_batched_products_of_layers_called_twice(empty, monkeypatch):
     def loss_fn(b, tt):
         return model(b, tt) ** 2
 
-    calls = []
-    real = onepass._Step.blocks_major
-    monkeypatch.setattr(onepass._Step, "blocks_major", lambda st: calls.append(1) or real(st))
+    calls = _spy(monkeypatch, "blocks_major")
     J = fill(ant, loss_fn, b2, t2, "onepass", counts=counts)  # noqa: N806
     assert len(calls) == 7  # every product layer call: patch, mix x2, tok x2, head x2
     close(J, reference_J(model, loss_fn, b2, t2, ant.clusters, 4), rtol=1e-10, atol=1e-12)
