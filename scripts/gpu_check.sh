@@ -22,7 +22,7 @@
 #   script ends by then (a stage with under 20 s left is skipped): give it timeout_s - 15.
 #   ANT_GPU_KERNELS_K replaces the kernels stage's -k selection (default "cuda"; e.g.
 #   "cuda and P1e+08 and not tiling"); ANT_GPU_STEP_PARTS picks the step stage's parts
-#   (default "small tiny").
+#   (default "small tiny"; "paper": the paper's ADM-light at 256x256, B = 16, about 3 min).
 #   No network is needed: peers (LibMTL, torchjd) are not used; pytest-xdist is used if present.
 set -uo pipefail
 STAGES=" ${*:-all} "
@@ -53,7 +53,8 @@ run() {  # run <seconds> <log> <command...>: time-limited, output to $W/<log>
 }
 keep() {  # copy the summaries and a tarball of everything to $DEST
     for f in kernels_gpu.md kernels_gpu.json nash_gpu.md nash_gpu.json step_gpu_small.md step_gpu_small.json \
-        step_gpu_tiny.md step_gpu_tiny.json ab_onepass_gpu.md failures.txt; do
+        step_gpu_tiny.md step_gpu_tiny.json step_gpu_paper.md step_gpu_paper.json ab_onepass_gpu.md \
+        failures.txt; do
         [ -f "$W/$f" ] && cp "$W/$f" "$DEST/"
     done
     tar czf "$DEST/logs.tgz" -C "$W" . 2>/dev/null
@@ -128,8 +129,10 @@ if has step; then
     # the GPU-sized models first, then the CPU suite's tiny ones (launch-bound on a GPU)
     export ANT_BENCH_ROUNDS=${ANT_BENCH_ROUNDS:-15}
     for part in ${ANT_GPU_STEP_PARTS:-small tiny}; do
-        if [ $part = small ]; then limit=180 sel="cuda and (adm-small or dit-s2)"; else
-            limit=240 sel="cuda and not adm-small and not dit-s2 and not libmtl and not torchjd"
+        if [ $part = small ]; then limit=180 sel="cuda and (adm-small or dit-s2)"
+        elif [ $part = paper ]; then limit=240 sel="cuda and adm-light"  # the paper's ADM-light
+        else
+            limit=240 sel="cuda and not adm-small and not dit-s2 and not adm-light and not libmtl and not torchjd"
         fi
         run $limit "bench_step_$part.log" $PY -m pytest -q -p no:cacheprovider \
             benchmarks/bench_step.py -k "$sel" --benchmark-json="$W/step_raw_$part.json"
