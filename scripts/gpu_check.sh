@@ -131,8 +131,12 @@ if has step; then
     for part in ${ANT_GPU_STEP_PARTS:-small tiny}; do
         if [ $part = small ]; then limit=180 sel="cuda and (adm-small or dit-s2)"
         elif [ $part = paper ]; then limit=240 sel="cuda and adm-light"  # the paper's ADM-light
-        else
+        elif [ $part = tiny ]; then
             limit=240 sel="cuda and not adm-small and not dit-s2 and not adm-light and not libmtl and not torchjd"
+        else
+            echo "ANT_GPU_STEP_PARTS: unknown part '$part' (small, tiny or paper)" | tee -a "$W/stages.txt"
+            status=1
+            continue
         fi
         run $limit "bench_step_$part.log" $PY -m pytest -q -p no:cacheprovider \
             benchmarks/bench_step.py -k "$sel" --benchmark-json="$W/step_raw_$part.json"
