@@ -364,3 +364,225 @@ def test_default_null_class_is_num_classes():
     assert model.seen
     for labels in model.seen:
         assert labels.tolist() == [0, 3, 9, 10, 10, 10]
+
+
+def test_space_timesteps_refuses_steps_that_are_not_a_count():
+    for bad in (0, -1, 50.0, 2.5, "50", True, np.bool_(True)):
+        with pytest.raises(ValueError, match=r"steps must be an integer in \[1, T=1000\]"):
+            space_timesteps(1000, bad)
+    from antdiff.sampling import check_settings
+
+    with pytest.raises(ValueError, match="steps must be an integer"):  # with T as without it
+        check_settings(1000, sampler="ddim", steps=True)
+
+
+def test_check_settings_makes_samples_checks_up_front():
+    """check_settings raises what sample() would, before any work: sampler, eta, spacing,
+    steps against T (with T) or steps >= 1 (without)."""
+    from antdiff.sampling import check_settings
+
+    check_settings(1000, sampler="ddim", steps=1000, eta=1.0, spacing="trailing")
+    check_settings(sampler="ddpm", steps=7)
+    check_settings()
+    with pytest.raises(ValueError, match=r"sampler='euler' is not valid; use one of"):
+        check_settings(sampler="euler")
+    with pytest.raises(ValueError, match=r"spacing='uniform' is not valid; use one of"):
+        check_settings(spacing="uniform")
+    with pytest.raises(ValueError, match=r"steps must be an integer in \[1, T=50\], got 51"):
+        check_settings(50, sampler="ddim", steps=51)
+    for bad in (0, -2, True, 2.0):
+        with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+            check_settings(sampler="ddim", steps=bad)
+    with pytest.raises(ValueError, match="sampler='ddim' only"):
+        check_settings(sampler="ddpm", eta=0.5)
+
+
+def test_respace_refuses_repeated_or_out_of_range_timesteps():
+    """A repeated step (a zero beta), t = T (past the end) and t = -1 (wrapping to T - 1)."""
+    diff = GaussianDiffusion(linear_schedule(50))
+    with pytest.raises(ValueError, match="non-empty increasing 1-D array"):
+        respace(diff, np.array([0, 5, 5, 9]))
+    for bad in ([0, 50], [-1, 3]):
+        with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 49\]"):
+            respace(diff, np.array(bad))
+
+
+def _reference_chain(model, ab, ts, shape, seed, sampler, eta=0.0, clip=True):
+    """DDPM ancestral / DDIM(eta) sampling in float64 from the published formulas, for an eps
+    model on the respaced chain a_k = ab[ts[k]], drawing the generator's normals in sample()'s
+    order (x_T, then one draw per step)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g).double()
+    a = ab[ts]
+    a_prev = np.concatenate([[1.0], a[:-1]])
+    for k in range(len(ts) - 1, -1, -1):
+        out = model(x.float(), torch.full((shape[0],), int(ts[k]))).double()
+        x0 = (x - np.sqrt(1 - a[k]) * out) / np.sqrt(a[k])
+        if clip:
+            x0 = x0.clamp(-1, 1)
+        eps = (x - np.sqrt(a[k]) * x0) / np.sqrt(1 - a[k])
+        noise = torch.randn(shape, generator=g).double()
+        beta = 1 - a[k] / a_prev[k]
+        post_var = beta * (1 - a_prev[k]) / (1 - a[k])  # beta_tilde
+        if sampler == "ddim":  # Song et al. (12), sigma from (16)
+            sigma = eta * np.sqrt(post_var)
+            x = np.sqrt(a_prev[k]) * x0 + np.sqrt(1 - a_prev[k] - sigma**2) * eps + sigma * noise
+        else:  # Ho et al. (7): the q(x_{t-1} | x_t, x0) mean, beta_tilde variance
+            mean = (np.sqrt(a_prev[k]) * beta / (1 - a[k])) * x0 + (
+                np.sqrt(1 - beta) * (1 - a_prev[k]) / (1 - a[k])
+            ) * x
+            x = mean + (np.sqrt(post_var) * noise if k > 0 else 0.0)
+    return x
+
+
+class GaussOracle(nn.Module):
+    """Exact eps denoiser for data x0 ~ N(0, s^2): E[eps | x_t] = sqrt(1 - a) x_t / (a s^2 + 1 - a),
+    at the ORIGINAL timestep's float64 alphas_cumprod. Keeps an unclipped chain bounded."""
+
+    def __init__(self, ab: np.ndarray, s: float = 0.5) -> None:
+        super().__init__()
+        self.ab, self.s = torch.tensor(ab), s
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = self.ab[t.cpu()].reshape(-1, 1, 1, 1)
+        return ((1 - a).sqrt() * x.double() / (a * self.s**2 + 1 - a)).float()
+
+
+@pytest.mark.parametrize(
+    "sampler,eta,clip",
+    [
+        ("ddim", 0.5, True),
+        ("ddim", 0.3, False),
+        ("ddim", 0.0, True),
+        ("ddpm", 0.0, True),
+        ("ddpm", 0.0, False),
+    ],
+)
+def test_chain_matches_a_float64_reference(sampler, eta, clip):
+    """The whole chain against the formulas re-implemented in float64, for an eta strictly
+    between 0 and 1 too (eta = 0 and 1 alone cannot tell eta from eta^2 in sigma)."""
+    diff = GaussianDiffusion("cosine")
+    ab = np.array(diff.schedule.alphas_cumprod)
+    model = Wavy() if clip else GaussOracle(ab)  # Wavy's x0 leaves [-1, 1] (clipped) early on
+    shape, ts = (2, 2, 3, 3), space_timesteps(1000, 12, "trailing")
+    x = sample(model, diff, shape, sampler=sampler, steps=12, eta=eta, spacing="trailing",
+               clip_denoised=clip, generator=torch.Generator().manual_seed(11))  # fmt: skip
+    ref = _reference_chain(model, ab, ts, shape, 11, sampler, eta, clip)
+    assert float(ref.abs().max()) < 3  # a bounded chain: the tolerance below means something
+    torch.testing.assert_close(x.double(), ref, atol=2e-5, rtol=0)
+
+
+def test_clip_denoised_false_leaves_x0_unclamped():
+    """Latents live outside [-1, 1]: with clip_denoised=False the oracle's point 1.5 / -2 comes
+    back; with clipping the chain ends at the clamped point."""
+    schedule = linear_schedule(1000)
+    diff = GaussianDiffusion(schedule)
+    c = torch.tensor([1.5, -2.0, 0.3], dtype=torch.float64).reshape(1, 3, 1, 1)
+    oracle = PointOracle(c, np.array(schedule.alphas_cumprod), "eps", False)
+    for sampler in ("ddim", "ddpm"):
+        kw = dict(sampler=sampler, steps=25, generator=torch.Generator().manual_seed(0))
+        x = sample(oracle, diff, (2, 3, 2, 2), clip_denoised=False, **kw)
+        torch.testing.assert_close(x, c.float().expand(2, 3, 2, 2), atol=2e-4, rtol=0)
+        kw["generator"] = torch.Generator().manual_seed(0)
+        x = sample(oracle, diff, (2, 3, 2, 2), clip_denoised=True, **kw)
+        torch.testing.assert_close(x, c.clamp(-1, 1).float().expand(2, 3, 2, 2), atol=2e-4,
+                                   rtol=0)  # fmt: skip
+
+
+def test_generator_on_another_device_is_refused():
+    with pytest.raises(ValueError, match="generator is on cpu but sampling runs on meta"):
+        sample(Wavy(), GaussianDiffusion("linear"), (1, 1, 2, 2), steps=2,
+               generator=torch.Generator(), device="meta")  # fmt: skip
+
+
+def test_spacings_that_end_at_T_minus_1_never_warn_and_the_warning_names_the_fix():
+    """The warning looks at the chain's first step (ts[-1]) only: linspace / trailing with few
+    steps (a much less noisy second step) start from pure noise and stay silent."""
+    diff = GaussianDiffusion("linear")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for steps in (2, 3, 7):
+            for spacing in ("linspace", "trailing"):
+                sample(Wavy(), diff, (1, 1, 2, 2), steps=steps, spacing=spacing)
+    with pytest.warns(UserWarning, match="use spacing='linspace' or 'trailing', or steps that "
+                      "divide T"):  # fmt: skip
+        sample(Wavy(), diff, (1, 1, 2, 2), steps=334, spacing="leading")
+
+
+def test_labels_reach_the_model_as_int64_and_an_explicit_null_class_is_used():
+    model = _LabelSpy()
+    diff = GaussianDiffusion("cosine")
+    sample(model, diff, (3, 1, 4, 4), steps=2, y=torch.tensor([0, 3, 9], dtype=torch.int32))
+    assert model.seen and all(s.dtype == torch.int64 for s in model.seen)
+    model.seen.clear()
+    sample(model, diff, (3, 1, 4, 4), steps=2, y=torch.tensor([0, 3, 9]), cfg_scale=2.0,
+           null_class=7)  # fmt: skip
+    assert model.seen
+    for labels in model.seen:
+        assert labels.tolist() == [0, 3, 9, 7, 7, 7]
+
+
+def test_guidance_extrapolates_in_float32_for_a_low_precision_model():
+    """A bf16 model's cond / uncond outputs are upcast before u + s (c - u)."""
+
+    def model(x, t, y):
+        return (x + y.reshape(-1, 1, 1, 1).to(x.dtype) / 3.0).to(torch.bfloat16)
+
+    x, t, y = torch.randn(2, 1, 4, 4), torch.tensor([3, 700]), torch.tensor([1, 2])
+    g = guided_output(model, x, t, y, 4.5, 10, channels=1)
+    cond = model(x, t, y).float()
+    uncond = model(x, t, torch.full_like(y, 10)).float()
+    assert g.dtype == torch.float32
+    torch.testing.assert_close(g, uncond + 4.5 * (cond - uncond), rtol=0, atol=0)
+
+
+class _DtypeSpy(nn.Module):
+    """Records the dtype of x and whether it runs in training mode; a float32 parameter comes
+    before the bf16 input layer, so only the input layer tells the model's input dtype."""
+
+    def __init__(self, out_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.input_layer = nn.Linear(2, 2).to(torch.bfloat16)
+        self.out_dtype, self.seen = out_dtype, []
+
+    def forward(self, x, t):  # noqa: ANN001, ANN201
+        self.seen.append((x.dtype, self.training))
+        xf = x.float()
+        mean = 0.5 * torch.tanh(xf)
+        var = torch.full_like(xf, 0.3)  # the learned-variance half
+        return torch.cat([mean, var], 1).to(torch.bfloat16).to(self.out_dtype)  # same values
+
+
+def test_model_input_dtype_eval_mode_and_a_float32_chain():
+    """x goes in the input layer's dtype (bf16), the model runs in eval mode and is back in
+    training after; a bf16 output is upcast before any arithmetic of the chain (the learned
+    variance's (v + 1) / 2 included), so it samples the same as the same values in float32."""
+    diff = GaussianDiffusion("linear", learn_sigma=True)
+    draws = []
+    for out_dtype in (torch.bfloat16, torch.float32):
+        model = _DtypeSpy(out_dtype).train()
+        x = sample(model, diff, (2, 1, 2, 2), sampler="ddpm", steps=5, clip_denoised=False,
+                   generator=torch.Generator().manual_seed(4))  # fmt: skip
+        assert model.seen and all(s == (torch.bfloat16, False) for s in model.seen)
+        assert model.training and x.dtype == torch.float32
+        draws.append(x)
+    assert torch.equal(*draws)
+
+
+def test_variance_name_and_guidance_check_at_scale_one():
+    from types import SimpleNamespace
+
+    from antdiff.sampling import check_guidance_trained, variance_name
+
+    small = GaussianDiffusion("linear")
+    assert variance_name(small, "ddpm") == "small"
+    assert variance_name(small, "ddpm", "large") == "large"
+    assert variance_name(GaussianDiffusion("linear", fixed_variance="large"), "ddpm") == "large"
+    assert variance_name(GaussianDiffusion("linear", learn_sigma=True), "ddpm") == "learned"
+    assert variance_name(small, "ddim") is None
+    assert variance_name(GaussianDiffusion("linear", learn_sigma=True), "ddim") is None
+    untrained = SimpleNamespace(class_dropout_prob=0)
+    check_guidance_trained(untrained, 1.0)  # no guidance: the null class is never used
+    with pytest.raises(ValueError, match="class_dropout_prob=0"):
+        check_guidance_trained(untrained, 2.0)

@@ -42,7 +42,7 @@ _SAMPLERS = ("ddim", "ddpm")
 
 def space_timesteps(T: int, steps: int, spacing: str = "linspace") -> np.ndarray:  # noqa: N803
     """Choose `steps` of the T timesteps. Returns [steps] int64, strictly increasing."""
-    if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
         raise ValueError(f"steps must be an integer in [1, T={T}], got {steps!r}")
     if spacing not in _SPACINGS:
         raise ValueError(f"spacing={spacing!r} is not valid; use one of {_SPACINGS}")

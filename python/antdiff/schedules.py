@@ -171,5 +171,5 @@ def as_schedule(x: Any) -> Schedule:
 
 
 def _check_T(T: int) -> None:  # noqa: N802, N803
-    if not isinstance(T, (int, np.integer)) or T < 1:
+    if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 1:
         raise ValueError(f"T must be a positive integer, got {T!r}")
