@@ -382,3 +382,310 @@ def test_the_latest_pointer_stands_for_the_newest_complete_checkpoint(tmp_path):
     (tmp_path / "notes" / "latest").write_text("hello\n")  # a "latest" outside a run
     with pytest.raises(FileNotFoundError, match="pointer to its newest one .* no checkpoints"):
         load_checkpoint(tmp_path / "notes" / "latest")
+
+
+def test_a_full_disk_names_the_newest_complete_checkpoint_and_the_fix(tmp_path, monkeypatch):
+    """With several complete checkpoints the message names the newest (the one a --resume
+    takes), says what to do, and keeps torch's error as its cause."""
+    import errno
+
+    for s in (10, 20):
+        save_checkpoint(tmp_path, s, _state(s), keep=3)
+
+    def full(obj, f):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as e:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos") from e
+
+    monkeypatch.setattr(ck.torch, "save", full)
+    with pytest.raises(OSError, match=r"ckpt_00000030.pt \(No space left on device\); the last "
+                       r"complete checkpoint is ckpt_00000020.pt: free the space \(or fix the "
+                       r"folder\) and continue with --resume$") as e:  # fmt: skip
+        save_checkpoint(tmp_path, 30, _state(30), keep=3)
+    assert isinstance(e.value.__cause__, RuntimeError)
+    assert "unexpected pos" in str(e.value.__cause__)
+
+
+def test_a_write_error_raised_from_an_os_error_outside_a_handler_names_itself(
+    tmp_path, monkeypatch
+):
+    """``raise RuntimeError(...) from oserror`` outside an ``except`` block sets __cause__ only
+    (no __context__): the OSError is still found."""
+    import errno
+
+    save_checkpoint(tmp_path, 1, _state(1))
+    cause = OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    def quota(obj, f):
+        raise RuntimeError("writer failed") from cause
+
+    monkeypatch.setattr(ck.torch, "save", quota)
+    said = (r"could not write checkpoint .*ckpt_00000002.pt \(Disk quota exceeded\); the last "
+            r"complete checkpoint is ckpt_00000001.pt")  # fmt: skip
+    with pytest.raises(OSError, match=said) as e:
+        save_checkpoint(tmp_path, 2, _state(2))
+    assert e.value.errno == errno.EDQUOT
+
+
+def test_an_exception_chain_with_a_cycle_is_reraised_not_looped_on(tmp_path, monkeypatch):
+    """Exceptions raised from each other (a retried write) form a cycle of __cause__ links:
+    the search for an OSError behind the error must stop, and the error is re-raised as is."""
+    import signal
+
+    a, b = RuntimeError("first"), RuntimeError("second")
+    a.__cause__, b.__cause__ = b, a
+
+    def fails(obj, f):
+        raise a
+
+    def too_slow(signum, frame):
+        raise TimeoutError("the exception chain was walked forever")
+
+    monkeypatch.setattr(ck.torch, "save", fails)
+    old = signal.signal(signal.SIGALRM, too_slow)
+    signal.setitimer(signal.ITIMER_REAL, 2.0)
+    try:
+        with pytest.raises(RuntimeError, match="^first$"):
+            save_checkpoint(tmp_path, 1, _state(1))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_pruning_keeps_every_checkpoint_while_fewer_than_keep(tmp_path):
+    """Fewer older checkpoints than keep - 1: nothing is pruned (a negative count of files to
+    remove must not slice from the end of the list)."""
+    for s in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, s, _state(s), keep=5)
+        assert [p.name for p in list_checkpoints(tmp_path)] == [
+            f"ckpt_{i:08d}.pt" for i in range(1, s + 1)
+        ]
+
+
+def test_save_checkpoint_keeps_two_by_default(tmp_path):
+    for s in (1, 2, 3):
+        save_checkpoint(tmp_path, s, _state(s))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_00000002.pt", "ckpt_00000003.pt"]
+
+
+def test_checkpoints_are_ordered_by_step_number_past_eight_digits(tmp_path):
+    d = tmp_path / "checkpoints"
+    d.mkdir()
+    for name in ("ckpt_100000000.pt", "ckpt_99999999.pt", "ckpt_00000005.pt"):
+        (d / name).write_bytes(b"")
+    assert [p.name for p in list_checkpoints(tmp_path)] == [
+        "ckpt_00000005.pt", "ckpt_99999999.pt", "ckpt_100000000.pt"]  # fmt: skip
+
+
+def test_the_checksum_tells_apart_what_a_damaged_checkpoint_could_change():
+    """Same bytes under another shape or dtype, a renamed key, an entry moved into a nested
+    dict or list, and a change in the middle of a big tensor inside a tuple (whose repr elides
+    it) all change the checksum."""
+    x = torch.arange(12, dtype=torch.float32)
+    base = ck.content_crc({"w": x})
+    assert ck.content_crc({"w": x.reshape(3, 4)}) != base
+    assert ck.content_crc({"w": x.view(torch.int32)}) != base
+    assert ck.content_crc({"v": x}) != base
+    assert ck.content_crc({"a": {}, "b": 1}) != ck.content_crc({"a": {"b": 1}})
+    assert ck.content_crc([[], 1]) != ck.content_crc([[1]])
+    big = torch.zeros(4000)
+    changed = big.clone()
+    changed[2000] = 7.0
+    assert ck.content_crc({"t": (big,)}) != ck.content_crc({"t": (changed,)})
+
+
+def test_the_checksum_of_a_negative_view_scalar(tmp_path):
+    """A 0-d negative view (the imaginary part of a conjugated complex scalar) is contiguous
+    already: its values must still be resolved before its bytes are read."""
+    z = torch.tensor(1.5 - 2.0j, dtype=torch.complex64)
+    neg = z.conj().imag
+    assert ck.content_crc(neg) == ck.content_crc(neg.resolve_neg())
+    save_checkpoint(tmp_path, 1, {**_state(1), "neg": neg})
+    assert load_checkpoint(tmp_path)[0]["neg"].item() == 2.0
+
+
+def test_a_checkpoint_in_the_legacy_pickle_format_loads(tmp_path):
+    """torch.save's format before its zip container (a pickle) is still a torch file."""
+    state = _state(7)
+    path = tmp_path / "legacy.pt"
+    torch.save({**state, "crc32": ck.content_crc(state)}, path,
+               _use_new_zipfile_serialization=False)  # fmt: skip
+    loaded, got = load_checkpoint(path)
+    assert got == path and loaded["step"] == 7 and torch.equal(loaded["w"], state["w"])
+
+
+@pytest.mark.parametrize("cut", [18, 120, 201, -40])
+def test_a_legacy_checkpoint_cut_short_falls_back_to_the_previous_one(tmp_path, cut):
+    """A file in torch's older pickle format cut short raised struct.error (not caught) or read
+    as Python objects ("not written by antdiff train", which stopped the fallback): it is
+    damage, and the previous checkpoint loads, as for the zip format."""
+    run = tmp_path / "run"
+    save_checkpoint(run, 1, _state(1), keep=5)
+    state = _state(2)
+    path = run / "checkpoints" / "ckpt_00000002.pt"
+    torch.save({**state, "crc32": ck.content_crc(state)}, path,
+               _use_new_zipfile_serialization=False)  # fmt: skip
+    (run / "checkpoints" / "latest").write_text(path.name + "\n")
+    path.write_bytes(path.read_bytes()[:cut])
+    with pytest.warns(UserWarning, match="ckpt_00000002.pt.*corrupted"):
+        loaded, got = load_checkpoint(run)
+    assert got.name == "ckpt_00000001.pt" and loaded["step"] == 1
+
+
+def test_a_checkpoint_file_named_latest_is_loaded_not_taken_for_the_pointer(tmp_path):
+    src = save_checkpoint(tmp_path / "run", 3, _state(3))
+    (tmp_path / "copy").mkdir()
+    copy = tmp_path / "copy" / "latest"
+    copy.write_bytes(src.read_bytes())
+    state, path = load_checkpoint(copy)
+    assert state["step"] == 3 and path == copy
+
+
+def test_a_text_file_named_like_a_checkpoint_is_named_as_not_a_torch_file(tmp_path):
+    save_checkpoint(tmp_path, 1, _state(1), keep=5)
+    (tmp_path / "checkpoints" / "ckpt_00000002.pt").write_text("a: 1\n")
+    (tmp_path / "checkpoints" / "latest").write_text("ckpt_00000002.pt\n")
+    with pytest.warns(UserWarning, match=r"ckpt_00000002.pt' is corrupted \(not a torch.save "
+                      r"file\); falling back"):  # fmt: skip
+        assert load_checkpoint(tmp_path)[0]["step"] == 1
+
+
+def test_a_checkpoint_holding_python_objects_says_it_is_not_antdiff_s(tmp_path):
+    from fractions import Fraction
+
+    torch.save({**_state(1), "lr": Fraction(1, 3)}, tmp_path / "pickled.pt")
+    with pytest.raises(ValueError, match="holds Python objects that weights-only loading "
+                       "refuses; it was not written by antdiff train"):  # fmt: skip
+        load_checkpoint(tmp_path / "pickled.pt")
+
+
+def test_a_reader_that_runs_out_of_input_counts_as_corruption(tmp_path, monkeypatch):
+    """EOFError from torch.load (a cut-short pickle) is damage: the previous one loads."""
+    save_checkpoint(tmp_path, 1, _state(1))
+    save_checkpoint(tmp_path, 2, _state(2))
+    real = torch.load
+
+    def cut_short(f, *args, **kwargs):
+        if str(f).endswith("ckpt_00000002.pt"):
+            raise EOFError("Ran out of input")
+        return real(f, *args, **kwargs)
+
+    monkeypatch.setattr(ck.torch, "load", cut_short)
+    with pytest.warns(UserWarning, match=r"ckpt_00000002.pt' is corrupted \(Ran out of input\)"):
+        state, path = load_checkpoint(tmp_path)
+    assert state["step"] == 1 and path.name == "ckpt_00000001.pt"
+
+
+def test_a_torch_file_that_is_not_a_dict_is_not_an_antdiff_checkpoint(tmp_path):
+    for name, obj in (("tensor.pt", torch.zeros(2)), ("list.pt", [1, 2])):
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(ValueError, match="is not an antdiff training checkpoint"):
+            load_checkpoint(tmp_path / name)
+
+
+def test_the_fallback_takes_the_newest_complete_checkpoint(tmp_path):
+    """Newest first: without the pointer the highest step loads, and when the newest is damaged
+    the one just before it (not the oldest)."""
+    for s in (1, 2, 3):
+        save_checkpoint(tmp_path, s, _state(s), keep=5)
+    (tmp_path / "checkpoints" / "latest").unlink()
+    assert load_checkpoint(tmp_path)[0]["step"] == 3
+    last = list_checkpoints(tmp_path)[-1]
+    last.write_bytes(last.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="ckpt_00000003.pt.*corrupted"):
+        assert load_checkpoint(tmp_path)[0]["step"] == 2
+
+
+def test_a_higher_step_than_the_missing_pointed_one_is_the_last_resort(tmp_path):
+    """The pointer names a file that never landed: the lower steps go first, the higher ones
+    (an abandoned branch's) stay candidates after them."""
+    d = tmp_path / "checkpoints"
+    d.mkdir()
+    for s in (2, 4):
+        torch.save(_state(s), d / f"ckpt_{s:08d}.pt")
+    (d / "ckpt_00000002.pt").write_bytes(b"PK\x03\x04 cut short")
+    (d / "latest").write_text("ckpt_00000003.pt\n")
+    with pytest.warns(UserWarning, match="ckpt_00000002.pt.*corrupted"):
+        state, path = load_checkpoint(tmp_path)
+    assert state["step"] == 4 and path.name == "ckpt_00000004.pt"
+
+
+def test_a_run_whose_every_checkpoint_is_corrupted_lists_them(tmp_path):
+    for s in (1, 2):
+        save_checkpoint(tmp_path, s, _state(s), keep=5)
+    for p in list_checkpoints(tmp_path):
+        p.write_bytes(p.read_bytes()[:100])
+    every = r"every checkpoint in .* is corrupted: \[.*ckpt_00000002.pt.*ckpt_00000001.pt.*\]"
+    with pytest.warns(UserWarning, match="corrupted"), pytest.raises(ValueError, match=every):
+        load_checkpoint(tmp_path)
+
+
+def test_an_empty_checkpoint_file_is_corrupted_and_names_the_previous_one(tmp_path):
+    """A file left empty (a copy onto a full disk) is a damaged checkpoint, not some other file."""
+    save_checkpoint(tmp_path, 1, _state(1))
+    last = save_checkpoint(tmp_path, 2, _state(2))
+    last.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"ckpt_00000002.pt' is corrupted .*use "
+                       r".*ckpt_00000001.pt' instead"):  # fmt: skip
+        load_checkpoint(last)
+
+
+def test_the_hint_names_a_checkpoint_that_loads(tmp_path):
+    """Loading a damaged file directly: the checkpoint suggested instead is one that loads,
+    past a damaged one and a torch file that is no antdiff checkpoint."""
+    for s in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, s, _state(s), keep=5)
+    files = list_checkpoints(tmp_path)
+    for p in (files[3], files[2]):
+        p.write_bytes(p.read_bytes()[:100])
+    torch.save({"hello": torch.zeros(1)}, files[1])  # ckpt 2: some other program's file
+    with pytest.raises(ValueError, match=r"ckpt_00000004.pt' is corrupted .*use "
+                       r".*ckpt_00000001.pt' instead"):  # fmt: skip
+        load_checkpoint(files[3])
+
+
+def test_rng_round_trip_keeps_the_cached_gaussians():
+    """Python's random.gauss and numpy's legacy standard_normal hold the second value of a pair
+    for the next call: the restored state gives that same value."""
+    random.gauss(0.0, 1.0), np.random.standard_normal()  # each now holds a cached value
+    state = capture_rng()
+    want = (random.gauss(0.0, 1.0), np.random.standard_normal())
+    random.gauss(0.0, 1.0), np.random.standard_normal(5)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    restore_rng(torch.load(buf, weights_only=True))
+    assert (random.gauss(0.0, 1.0), np.random.standard_normal()) == want
+
+
+def test_model_mismatch_names_unexpected_keys_of_the_checkpoint():
+    a = torch.nn.Linear(3, 2)
+    ckpt = {"config": {"model": {"name": "adm-tiny", "overrides": {}}}}
+    sd = {**a.state_dict(), "extra.weight": torch.zeros(1)}
+    with pytest.raises(ValueError, match=r"unexpected keys \['extra.weight'\]"):
+        load_model_state(torch.nn.Linear(3, 2), sd, ckpt)
+
+
+def _resume_cfg(out_dir, *extra):
+    from antdiff.config import load_config
+
+    return load_config("digits_adm", ["--train.out_dir", str(out_dir), *extra])
+
+
+def test_resume_with_nothing_in_out_dir_says_how_to_go_on(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"--resume: .*\(train.out_dir\): nothing to "
+                       r"resume there; drop --resume to start a fresh run, or pass --resume "
+                       r"PATH of a checkpoint"):  # fmt: skip
+        ck.resume_checkpoint(_resume_cfg(tmp_path / "run"), True, allow_change=False)
+
+
+def test_resume_with_an_allowed_config_change_logs_it(tmp_path, caplog):
+    cfg = _resume_cfg(tmp_path, "--data.random_flip", "false")  # as a run saves it: resolved
+    saved = save_checkpoint(tmp_path, 2, {"format": FORMAT, "step": 2, "config": cfg.to_dict()})
+    with caplog.at_level("WARNING", logger="antdiff.train"):
+        state, path = ck.resume_checkpoint(_resume_cfg(tmp_path, "--train.lr", "0.5"), True,
+                                           allow_change=True)  # fmt: skip
+    assert state["step"] == 2 and path == saved
+    said = "resuming with a changed config (--allow-config-change): train.lr: 0.0002 -> 0.5"
+    assert said in caplog.text

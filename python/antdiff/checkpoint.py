@@ -18,6 +18,7 @@ import logging
 import pickle
 import random
 import re
+import struct
 import warnings
 import zipfile
 import zlib
@@ -165,17 +166,20 @@ def is_latest_pointer(path: str | Path) -> bool:
 def _load_file(path: Path, map_location: Any) -> dict[str, Any]:
     if not is_torch_file(path):
         raise _Corrupted("not a torch.save file")
+    # torch's older pickle format (antdiff writes the zip one): a file of it cut short can read
+    # as any opcode, an "unsupported global" too, so there every load error means damage
+    legacy = not zipfile.is_zipfile(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Unsupported global" in str(exc):
+        if "Unsupported global" in str(exc) and not legacy:
             raise ValueError(
                 f"{str(path)!r} holds Python objects that weights-only loading refuses; it was "
                 "not written by antdiff train"
             ) from exc
         raise _Corrupted(str(exc).splitlines()[0]) from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, IndexError,
-            KeyError) as exc:  # fmt: skip
+            KeyError, struct.error) as exc:  # fmt: skip
         raise _Corrupted(str(exc)) from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r} is not an antdiff training checkpoint ({FORMAT})")
