@@ -338,6 +338,16 @@ def test_a_real_write_error_inside_torch_save_names_itself(tmp_path):
     assert load_checkpoint(tmp_path)[0]["step"] == 10
 
 
+def _disk_full(obj, f):
+    """torch.save on a full disk: torch's own error, with ENOSPC only in the chained cause."""
+    import errno
+
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError as e:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos") from e
+
+
 def test_a_full_disk_names_itself_and_the_last_complete_checkpoint(tmp_path, monkeypatch):
     """A write that ran out of space surfaced as torch's 'enforce fail at
     inline_container.cc ... unexpected pos' with ENOSPC only in the chained exception."""
@@ -346,13 +356,7 @@ def test_a_full_disk_names_itself_and_the_last_complete_checkpoint(tmp_path, mon
     save_checkpoint(tmp_path, 10, _state(10), keep=3)
     real = torch.save
 
-    def full(obj, f):
-        try:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        except OSError as e:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos") from e
-
-    monkeypatch.setattr(ck.torch, "save", full)
+    monkeypatch.setattr(ck.torch, "save", _disk_full)
     with pytest.raises(OSError, match=r"could not write checkpoint .*ckpt_00000020.pt \(No space "
                        r"left on device\); the last complete checkpoint is ckpt_00000010.pt") as e:
         save_checkpoint(tmp_path, 20, _state(20), keep=3)
@@ -387,18 +391,11 @@ def test_the_latest_pointer_stands_for_the_newest_complete_checkpoint(tmp_path):
 def test_a_full_disk_names_the_newest_complete_checkpoint_and_the_fix(tmp_path, monkeypatch):
     """With several complete checkpoints the message names the newest (the one a --resume
     takes), says what to do, and keeps torch's error as its cause."""
-    import errno
 
     for s in (10, 20):
         save_checkpoint(tmp_path, s, _state(s), keep=3)
 
-    def full(obj, f):
-        try:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        except OSError as e:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos") from e
-
-    monkeypatch.setattr(ck.torch, "save", full)
+    monkeypatch.setattr(ck.torch, "save", _disk_full)
     with pytest.raises(OSError, match=r"ckpt_00000030.pt \(No space left on device\); the last "
                        r"complete checkpoint is ckpt_00000020.pt: free the space \(or fix the "
                        r"folder\) and continue with --resume$") as e:  # fmt: skip
