@@ -301,3 +301,242 @@ def test_a_yaml_file_builds_on_a_base(tmp_path):
     (tmp_path / "typo.yaml").write_text("base: digits_ditt\n")
     with pytest.raises(ValueError, match="Did you mean 'digits_dit'"):
         load_config(tmp_path / "typo.yaml")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [  # each bound and check, at the value just past it (one validation each)
+        (["--data.source", "latents"], r"data.path is required for data.source='latents'"),
+        (["--data.image_size", "0"], r"data.image_size must be finite and > 0, got 0"),
+        (["--data.channels", "2"], r"data.channels must be one of \[1, 3\], got 2"),
+        (["--data.autoencoder", "tiny", "--data.random_flip", "true"],
+         "the tiny autoencoder encodes each image once, unflipped; set --data.random_flip false"),
+        (["--data.source", "latents", "--data.path", "z.pt", "--data.autoencoder", "tiny"],
+         "data.autoencoder encodes images; data.source='latents' has none"),
+        (["--data.autoencoder_steps", "0"], r"data.autoencoder_steps must be finite and > 0"),
+        (["--diffusion.T", "0"], r"diffusion.T must be finite and > 0, got 0"),
+        (["--diffusion.loss_weighting", "snr"], r"diffusion.loss_weighting must be one of"),
+        (["--ant.method", "nash", "--ant.update_every", "0"],
+         r"ant.update_every must be finite and > 0, got 0"),
+        (["--ant.min_size", "big"], r"ant.min_size must be an int, null or 'default', got 'big'"),
+        (["--ant.max_size", "auto"], r"ant.max_size must be an int, null or 'default'"),
+        (["--ant.method", "graddrop", "--ant.update_every", "2"], "keeps no weights to reuse"),
+        (["--train.keep_ckpts", "0"], r"train.keep_ckpts must be finite and > 0, got 0"),
+        (["--train.threads", "-1"], r"train.threads must be finite and >= 0, got -1"),
+        (["--train.micro_batch", "-8"], r"train.micro_batch must be finite and >= 0"),
+        (["--train.micro_batch", "24"], r"micro_batch=24 does not divide train.batch_size=64"),
+        (["--train.micro_batch", "4"], r"train.micro_batch=4 is smaller than ant.k=5"),
+        (["--train.betas", "[0.9, 1.0]"], r"train.betas must be two numbers in \[0, 1\)"),
+        (["--train.betas", "[0.9, 0.99, 0.5]"], r"train.betas must be two numbers in \[0, 1\)"),
+        (["--train.betas", "[-0.1, 0.9]"], r"train.betas must be two numbers in \[0, 1\)"),
+        (["--train.ema_decay", "-0.5"], r"train.ema_decay must be in \[0, 1\), got -0.5"),
+        (["--train.device", "cudax"], "train.device must be auto, cpu, cuda or cuda:N"),
+        (["--train.seed", str(2**63)], r"train.seed must be below 2\*\*63"),
+        (["--train.seed", "-1"], r"train.seed must be finite and >= 0, got -1"),
+        (["--train.t_range", "[5, 5]"], r"train.t_range must be \[t1, t2\] with 0 <= t1 < t2"),
+        (["--train.t_range", "[0, 1001]"], r"t_range=\[0, 1001\] must satisfy .*diffusion.T=1000"),
+        (["--train.batch_size", "4"], "batch_size=4 is smaller than ant.k=5"),
+        (["--diffusion.learn_sigma", "true", "--sample.variance", "large"],
+         "applies to a fixed variance.*leave sample.variance unset"),
+        (["--sample.steps", "1001"], "sample.steps=1001 exceeds diffusion.T=1000"),
+        (["--sample.variance", "huge"],
+         r"sample.variance must be one of \[None, 'small', 'large'\], got 'huge'"),
+        (["--sample.cfg_channels", "0"], r"sample.cfg_channels must be finite and > 0, got 0"),
+        (["--sample.n", "0"], r"sample.n must be finite and > 0, got 0"),
+        (["--train.steps", "true"], "train.steps must be int, got True"),
+        (["--train.lr", "true"], "train.lr must be float, got True"),
+        (["--train.out_dir", ""], "train.out_dir must name a folder"),
+        (["--train", "3"], r"override --train names a section; use --train.<key>"),
+        (["--name.x", "3"], r"config key 'name' has no sub-keys \(got 'name.x'\)"),
+        (["--train.lr.x", "3"], r"train.lr is not a mapping; cannot set 'train.lr.x'"),
+    ],
+)  # fmt: skip
+def test_each_bound_is_refused_just_past_it(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        load_config("digits_adm", overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "value"),
+    [  # each bound's edge that is still valid
+        (["--train.batch_size", "5"], "train.batch_size", 5),
+        (["--train.batch_size", "60", "--train.micro_batch", "5"], "train.micro_batch", 5),
+        (["--train.ema_decay", "0"], "train.ema_decay", 0.0),
+        (["--train.betas", "[0, 0.5]"], "train.betas", [0.0, 0.5]),
+        (["--train.seed", str(2**63 - 1)], "train.seed", 2**63 - 1),
+        (["--train.device", "cuda:1"], "train.device", "cuda:1"),
+        (["--train.t_range", "[0, 1000]"], "train.t_range", [0, 1000]),
+        (["--train.t_range", "[999, 1000]"], "train.t_range", [999, 1000]),
+        (["--sample.steps", "1000"], "sample.steps", 1000),
+        (["--ant.clustering", "my_clusters.JSON"], "ant.clustering", "my_clusters.JSON"),
+        (["--ant.method", "graddrop", "--ant.update_every", "1"], "ant.update_every", 1),
+        (["--ant.method", "nash", "--ant.update_every", "4"], "ant.update_every", 4),
+        (["--diffusion.loss_weighting", "min_snr"], "diffusion.loss_weighting", "min_snr"),
+        (["--ant.min_size", "3", "--ant.max_size", "null"], "ant.min_size", 3),
+        (["--data.autoencoder", "tiny", "--data.random_flip", "false"], "data.flips", False),
+    ],
+)  # fmt: skip
+def test_each_bound_keeps_its_valid_edge(overrides, key, value):
+    section, name = key.split(".")
+    got = getattr(getattr(load_config("digits_adm", overrides), section), name)
+    assert got == value and type(got) is type(value)
+
+
+def test_flips_default_by_source_and_the_explicit_setting_wins():
+    from antdiff.config import DataConfig
+
+    assert DataConfig().flips is False  # digits are not mirror-symmetric
+    assert DataConfig(source="folder", path="imgs").flips is True
+    assert DataConfig(source="folder", path="imgs", autoencoder="tiny").flips is False
+    assert DataConfig(source="latents", path="z.pt").flips is False
+    assert DataConfig(source="folder", path="imgs", random_flip=False).flips is False
+    assert DataConfig(random_flip=True).flips is True
+
+
+def test_latent_shift_refuses_a_bool():
+    from antdiff.config import DataConfig
+
+    with pytest.raises(ValueError, match="data.latent_shift must be a finite number, got True"):
+        DataConfig(source="latents", path="z.pt", latent_shift=True)
+    assert DataConfig(source="latents", path="z.pt", latent_shift=-0.5).latent_shift == -0.5
+
+
+def test_ddpm_variance_follows_the_sampler_asked_for():
+    from antdiff.config import SampleConfig
+
+    ddim = SampleConfig(sampler="ddim", variance="large")
+    assert ddim.ddpm_variance() is None and ddim.ddpm_variance("ddpm") == "large"
+    ddpm = SampleConfig(sampler="ddpm", variance="large")
+    assert ddpm.ddpm_variance() == "large" and ddpm.ddpm_variance("ddim") is None
+
+
+def test_the_config_copies_the_mappings_it_is_given():
+    overrides, kwargs = {"dropout": 0.1}, {"lr": 0.1}
+    cfg = config_from_dict({"model": {"overrides": overrides}, "ant": {"method_kwargs": kwargs}})
+    overrides["dropout"], kwargs["lr"] = 0.5, 0.9
+    assert cfg.model.overrides == {"dropout": 0.1} and cfg.ant.method_kwargs == {"lr": 0.1}
+
+
+def test_an_empty_yaml_section_keeps_its_defaults_and_takes_overrides(tmp_path):
+    """``ant:`` with nothing under it reads as null: the section keeps its defaults, and an
+    override into it fills it."""
+    path = tmp_path / "c.yaml"
+    path.write_text("ant:\ntrain:\n  steps: 3\n")
+    cfg = load_config(path)
+    assert cfg.ant == Config().ant and cfg.train.steps == 3
+    assert load_config(path, ["--ant.k", "3"]).ant.k == 3
+
+
+def test_bases_that_never_repeat_a_spelling_still_stop(tmp_path):
+    """``base: ../d/a.yaml`` inside d/ names the file itself under a longer path each time:
+    files are compared by where they are, so it is the cycle error, not a RecursionError."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.yaml").write_text("base: ../d/a.yaml\n")
+    with pytest.raises(ValueError, match="bases form a cycle"):
+        load_config(tmp_path / "d" / "a.yaml")
+
+
+def test_a_long_chain_of_bases_is_not_called_a_cycle(tmp_path):
+    """Ten files, each on the next and the last on a preset, load (the depth check used to
+    report them as a cycle); past 16 the message says how deep they go, not a cycle."""
+    for i in range(1, 11):
+        nxt = f"c{i + 1}.yaml" if i < 10 else "digits_adm"
+        (tmp_path / f"c{i}.yaml").write_text(f"base: {nxt}\ntrain:\n  seed: {i}\n")
+    assert load_config(tmp_path / "c1.yaml").train.seed == 1
+    for i in range(1, 19):
+        (tmp_path / f"e{i}.yaml").write_text(f"base: e{i + 1}.yaml\n" if i < 18 else "{}\n")
+    with pytest.raises(ValueError, match=r"bases go more than 16 deep .*merge some of them"):
+        load_config(tmp_path / "e1.yaml")
+
+
+@pytest.mark.parametrize("section", ["train: false\n", "ant: []\n", "train: 0\n"])
+def test_a_section_that_is_not_a_mapping_is_refused_even_when_falsy(tmp_path, section):
+    """false, [] or 0 in place of a section were taken as an empty one (its defaults kept)."""
+    (tmp_path / "f.yaml").write_text(section)
+    with pytest.raises(ValueError, match=r"config section (train|ant) must be a mapping"):
+        load_config(tmp_path / "f.yaml")
+
+
+def test_empty_sections_and_mappings_in_yaml_keep_their_defaults(tmp_path):
+    """``train:`` and ``method_kwargs:`` with nothing under them are empty, not errors
+    (method_kwargs failed with "must be dict, got None" unless an override filled it)."""
+    (tmp_path / "f.yaml").write_text("train:\nant:\n  method_kwargs:\n")
+    cfg = load_config(tmp_path / "f.yaml")
+    assert cfg.ant.method_kwargs == {} and cfg.train.steps == Config().train.steps
+
+
+def test_parse_overrides_once_refuses_a_repeated_key():
+    assert parse_overrides(["--a.b", "1", "--a.b", "2"]) == [("a.b", 1), ("a.b", 2)]
+    with pytest.raises(ValueError, match=r"--a.b is given twice \('1', then '2'\); give it once"):
+        parse_overrides(["--a.b", "1", "--a.b=2"], once=True)
+    assert parse_overrides(["--a.b", "", "--c.d", "  "]) == [("a.b", ""), ("c.d", "  ")]
+
+
+def test_upgrade_saved_config_drops_unread_settings_with_a_warning():
+    from antdiff.config import config_from_saved, upgrade_saved_config
+
+    old = {"data": {"source": "digits", "latent_scale": 2.0},
+           "ant": {"clustering": "snr", "affinity": "a.npy"}}  # fmt: skip
+    with pytest.warns(UserWarning, match=r"data.latent_scale=2.0, ant.affinity='a.npy'"):
+        new = upgrade_saved_config(old)
+    assert new["data"] == {"source": "digits", "latent_scale": 1.0, "random_flip": False}
+    assert new["ant"] == {"clustering": "snr", "affinity": None}
+    assert old["data"]["latent_scale"] == 2.0  # a copy
+    cfg = config_from_saved({"data": {"source": "folder", "path": "imgs"}})
+    assert cfg.data.random_flip is False and cfg.data.flips is False  # it never flipped
+    current = {"data": {"random_flip": True}}
+    assert upgrade_saved_config(current) is current
+
+
+def test_more_settings_the_run_cannot_use_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="keep the size they were saved at: drop it"):
+        load_config("digits_adm", ["--data.source", "latents", "--data.path", "z.pt",
+                                   "--data.image_size", "32"])  # fmt: skip
+    with pytest.raises(ValueError, match=r"data.num_classes must be finite and > 0, got 0"):
+        load_config("digits_adm", ["--data.class_conditional", "true", "--data.num_classes", "0"])
+    from antdiff.config import ModelConfig
+
+    with pytest.raises(ValueError, match=r"model.overrides must be a mapping, got \[1\]"):
+        ModelConfig(overrides=[1])
+    (tmp_path / "empty_base.yaml").write_text("base: ''\n")
+    with pytest.raises(ValueError, match="base must name a preset or a YAML file, got ''"):
+        load_config(tmp_path / "empty_base.yaml")
+    (tmp_path / "list.yaml").write_text("- train\n- ant\n")
+    with pytest.raises(ValueError, match=r"config '.*list.yaml' must hold a YAML mapping"):
+        load_config(tmp_path / "list.yaml")
+    with pytest.raises(ValueError, match="expected a --section.key override, got '--'"):
+        parse_overrides(["--", "1"])
+
+
+def test_a_yml_file_is_a_file_not_a_preset(tmp_path):
+    (tmp_path / "mine.yml").write_text("base: digits_adm\ntrain:\n  steps: 3\n")
+    cfg = load_config(tmp_path / "mine.yml")
+    assert (cfg.name, cfg.train.steps) == ("mine", 3)
+    with pytest.raises(FileNotFoundError, match="config file '.*gone.yml' does not exist"):
+        load_config(tmp_path / "gone.yml")
+
+
+def test_config_diff_tells_a_null_from_a_missing_key():
+    from antdiff.config import config_diff
+
+    assert config_diff({"a": {"b": None}}, {"a": {}}) == ["a.b"]
+    assert config_diff({"a": {"b": None}}, {"a": {"b": None}}) == []
+
+
+@pytest.mark.parametrize(
+    ("data", "dropped", "key"),
+    [
+        ({"source": "latents", "path": "z.pt", "image_size": 32}, "data.image_size=32",
+         "image_size"),
+        ({"source": "digits", "path": "/x"}, "data.path='/x'", "path"),
+        ({"source": "digits", "num_classes": 10}, "data.num_classes=10", "num_classes"),
+    ],
+)  # fmt: skip
+def test_upgrade_saved_config_drops_each_unread_data_key(data, dropped, key):
+    from antdiff.config import config_from_saved, upgrade_saved_config
+
+    with pytest.warns(UserWarning, match=f"sets {dropped}, which the run did not read"):
+        new = upgrade_saved_config({"data": data})
+    assert new["data"][key] is None and data[key] is not None
+    with pytest.warns(UserWarning, match=dropped):
+        assert getattr(config_from_saved({"data": data}).data, key) is None

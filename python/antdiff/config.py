@@ -439,6 +439,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict and isinstance(value, dict):
         return dict(value)
+    if origin is dict and value is None:  # an empty mapping in YAML ("method_kwargs:")
+        return {}
     if tp is Any:
         return value
     raise ValueError(f"{where} must be {getattr(tp, '__name__', tp)}, got {value!r}")
@@ -456,7 +458,8 @@ def _build(cls: type, d: Any, where: str) -> Any:
         tp = hints[key]
         sub = f"{where}.{key}" if where else key
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value or {}, sub)
+            # an empty section (YAML's "train:") keeps the defaults; false or [] is refused
+            kwargs[key] = _build(tp, {} if value is None else value, sub)
         else:
             kwargs[key] = _coerce(value, tp, sub)
     return cls(**kwargs)
@@ -573,10 +576,22 @@ def _read_yaml(
     here = Path(name_or_path)
     if Path(base).suffix in (".yaml", ".yml") and not Path(base).is_absolute() and here.is_file():
         base = str(here.parent / base)
-    if base in _bases or len(_bases) > 8:
+    seen = (*_bases, _base_key(name_or_path))
+    if _base_key(base) in seen:  # a file compared by where it is, however it is spelt
         raise ValueError(f"config {str(name_or_path)!r}: its bases form a cycle ({base!r})")
-    under, _ = _read_yaml(base, (*_bases, str(name_or_path)))
+    if len(seen) > 16:
+        raise ValueError(
+            f"config {str(name_or_path)!r}: its bases go more than 16 deep (at {base!r}); "
+            "merge some of them"
+        )
+    under, _ = _read_yaml(base, seen)
     return _merge(under, d), name  # (d's name: its own, or the file's stem)
+
+
+def _base_key(name_or_path: str | Path) -> str:
+    """What a ``base:`` chain compares: a file's resolved path, a preset's name."""
+    p = Path(name_or_path)
+    return str(p.resolve()) if p.suffix in (".yaml", ".yml") or p.is_file() else str(p)
 
 
 def _read_one_yaml(name_or_path: str | Path) -> tuple[dict[str, Any], str]:
