@@ -28,7 +28,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 from antdiff import ANT  # noqa: E402
 from antdiff.engine import onepass  # noqa: E402
-from benchmarks.bench_step import THREADS, K, Setup, make_step  # noqa: E402
+from benchmarks.bench_step import THREADS, K, Setup, _sync, make_step  # noqa: E402
 
 BIG = 10**9
 # name: (GROUPED_CONV limit, BATCHED_PRODUCTS limit) for the device; see onepass.GROUPED_CONV
@@ -44,26 +44,21 @@ def set_policy(device: str, name: str) -> None:
     onepass.GROUPED_CONV[device], onepass.BATCHED_PRODUCTS[device] = POLICIES[name]
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def _timed(step, device: str) -> float:
     t0 = time.perf_counter()
     step()
-    _sync(device)
+    _sync(torch.device(device))
     return time.perf_counter() - t0
 
 
 def _peak(step, device: str) -> int | None:
     if device != "cuda":
         return None
-    _sync(device)
+    _sync(torch.device(device))
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     step()
-    _sync(device)
+    _sync(torch.device(device))
     return torch.cuda.max_memory_allocated() - base
 
 

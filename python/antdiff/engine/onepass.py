@@ -209,7 +209,7 @@ class _Step:
         self.anchor = torch.zeros((), device=cid.device, requires_grad=True)
         self.ran = 0  # calls of the model's served layers in this step's forward
         self.k = k
-        self.live = sum(a < b for a, b in itertools.pairwise(self.bounds))
+        self.live = sum(c > 0 for c in self.counts)
         self._blocks: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self._major: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self._ones = {} if ones is None else ones
@@ -231,7 +231,7 @@ class _Step:
         slot reads, for a padding slot its cluster's first sample (sample 0 for an empty
         cluster), and ``keep`` [n k] is 1 for a real slot and 0 for padding. Built once a step."""
         if self._blocks is None:
-            counts = [b - a for a, b in itertools.pairwise(self.bounds)]
+            counts = self.counts
             n, dev = max(counts), self.cid.device
             slots = [(i, j) for j in range(n) for i in range(self.k)]
             src = [self.bounds[i] + j if j < counts[i] else self.bounds[i] * (counts[i] > 0)
