@@ -28,11 +28,14 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 from antdiff import ANT  # noqa: E402
 from antdiff.engine import onepass  # noqa: E402
-from benchmarks.bench_step import THREADS, K, Setup, _sync, make_step  # noqa: E402
+from benchmarks.bench_step import THREADS, K, Setup, _sync, count_syncs, make_step  # noqa: E402
 
 BIG = 10**9
-# name: (GROUPED_CONV limit, BATCHED_PRODUCTS limit) for the device; see onepass.GROUPED_CONV
-POLICIES = {
+# name: (GROUPED_CONV limit, BATCHED_PRODUCTS limit) for the device, or None: the engine's own
+# limits (as shipped, read at import); see onepass.GROUPED_CONV
+DEFAULTS = dict(onepass.GROUPED_CONV), dict(onepass.BATCHED_PRODUCTS)
+POLICIES: dict[str, tuple[int | None, int | None] | None] = {
+    "default": None,
     "per-cluster": (None, None),
     "grouped-conv": (BIG, None),
     "one-call": (BIG, BIG),
@@ -41,7 +44,8 @@ POLICIES = {
 
 
 def set_policy(device: str, name: str) -> None:
-    onepass.GROUPED_CONV[device], onepass.BATCHED_PRODUCTS[device] = POLICIES[name]
+    limits = POLICIES[name] or (DEFAULTS[0].get(device), DEFAULTS[1].get(device))
+    onepass.GROUPED_CONV[device], onepass.BATCHED_PRODUCTS[device] = limits
 
 
 def _timed(step, device: str) -> float:
@@ -119,10 +123,12 @@ def run(model_name: str, scenario: str, rounds: int, device: str) -> list[dict]:
     for name in POLICIES:
         set_policy(device, name)
         peak = _peak(step, device)
+        syncs = count_syncs(step, torch.device(device)) if device == "cuda" else None
         rows.append(dict(
             model=model_name, B=s.B, P=s.P, policy=name, ratio=statistics.median(ratios[name]),
             step_ms=1e3 * statistics.median(times[name]),
             extra_mib=None if peak is None else (peak - vpeak) / 2**20, gap=gaps[name],
+            host_syncs=syncs,
         ))  # fmt: skip
     return rows
 
@@ -143,18 +149,22 @@ def main() -> None:
         "",
         f"{a.scenario}, k = {K}; ratio = median over {a.rounds} rounds of the step's time over "
         "a vanilla step run back to back with it; extra = the step's peak memory above "
-        "vanilla's; gap = max |grad - per-cluster grad| / max |per-cluster grad| (fp32, no TF32).",
+        "vanilla's; gap = max |grad - per-cluster grad| / max |per-cluster grad| (fp32, no TF32); "
+        "host syncs: synchronising calls in one step under torch.cuda.set_sync_debug_mode('warn') "
+        "(CUDA only). default: the engine's own limits, "
+        f"GROUPED_CONV {DEFAULTS[0].get(device)}, BATCHED_PRODUCTS {DEFAULTS[1].get(device)}.",
         "",
-        "| model | B | P | policy | step ms | ratio | extra MiB | gap |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | B | P | policy | step ms | ratio | extra MiB | gap | host syncs |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     try:
         for model_name in a.models:
             for r in run(model_name, a.scenario, a.rounds, device):
                 extra = "-" if r["extra_mib"] is None else f"{r['extra_mib']:.1f}"
+                syncs = "-" if r["host_syncs"] is None else r["host_syncs"]
                 lines.append(
                     f"| {r['model']} | {r['B']} | {r['P']} | {r['policy']} | {r['step_ms']:.1f} "
-                    f"| {r['ratio']:.2f}x | {extra} | {r['gap']:.1e} |"
+                    f"| {r['ratio']:.2f}x | {extra} | {r['gap']:.1e} | {syncs} |"
                 )
                 print(lines[-1], flush=True)
     finally:

@@ -102,6 +102,30 @@ def test_detector_catches_value_reads():
         torch.where(x > 0, x, 0.0).sum()
 
 
+def test_step_code_copies_host_values_to_the_device_without_waiting():
+    """A tensor built from host values straight on a CUDA device (``torch.tensor(v,
+    device=d)``, ``torch.tensor(v).to(d)``) is a blocking copy that waits on the stream, a host
+    sync the CPU detectors above cannot see. The engine and the methods copy host values through
+    pinned memory (``antdiff.engine.timesteps.to_device``); this reads their source for the
+    blocking forms. (The one-pass step's padded layout was built the blocking way, two syncs a
+    step on an H200.)"""
+    import re
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parents[1] / "python" / "antdiff"
+    call = re.compile(r"torch\.(?:as_)?tensor\(((?:[^()]|\([^()]*\))*)\)(\.to\()?", re.S)
+    hits = [
+        f"{f.relative_to(pkg)}: {m.group(0)[:80]}"
+        for d in ("engine", "mtl")
+        for f in sorted((pkg / d).glob("*.py"))
+        for m in call.finditer(f.read_text())
+        if "device" in m.group(1) or m.group(2)
+    ]
+    assert not hits, hits
+    assert call.search("torch.tensor([src, keep], device=dev)").group(1)  # the pattern bites
+    assert call.search("torch.tensor(x, dtype=torch.int64).to(dev)").group(2)
+
+
 def _step(
     family: str, method: str, mode: str, B: int, skip_nonfinite: bool = False,
     sampling: str = "proportional", device: str = "cpu", amp: bool = False, fused: bool = False,

@@ -944,6 +944,7 @@ def test_ab_onepass_calls_compares_every_policy(tmp_path):
          "1", "--out", str(out)], check=True, cwd=tmp_path, capture_output=True,
     )  # fmt: skip
     rows = [r.split("|") for r in out.read_text().splitlines() if r.startswith("| unet")]
-    assert [r[4].strip() for r in rows] == ["per-cluster", "grouped-conv", "one-call",
-                                            "one-call-2048"]
+    assert [r[4].strip() for r in rows] == ["default", "per-cluster", "grouped-conv",
+                                            "one-call", "one-call-2048"]
     assert all(float(r[8]) < 1e-5 for r in rows)
+    assert all(r[9].strip() == "-" for r in rows)  # host syncs: counted on CUDA only

@@ -30,6 +30,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .buffer import GradBuffer, dense_layout, param_view, unwrap
+from .timesteps import to_device
 
 # exact types only: a subclass may use its parameters in its own way
 _KINDS = {nn.Linear: "linear", nn.Conv1d: "conv", nn.Conv2d: "conv", nn.GroupNorm: "norm",
@@ -42,10 +43,14 @@ _KINDS = {nn.Linear: "linear", nn.Conv1d: "conv", nn.Conv2d: "conv", nn.GroupNor
 # dominates when a cluster has little work: on the CPU for the 3x3 convolutions of the 8x8
 # ADM-tiny (oneDNN's grouped kernel loses with more positions), while batched products lost
 # there (their padded copies cost more than the k calls). A GPU's small models are bound by the
-# host launching kernels, which one call per layer could cut; GPUs keep the k calls until that
-# is measured there (benchmarks/ab_onepass_calls.py). Module-level so that a benchmark can
-# compare the two ways.
-GROUPED_CONV: dict[str, int | None] = {"cpu": 512, "cuda": None}
+# host launching kernels: on an H200, grouped convolutions took adm-small's PCGrad step from
+# 2.08x to 1.77x vanilla and left DiT-S/2 (patch products, no 3x3 layers) at 1.03x, while
+# batched products lost on DiT-S/2 (1.29x; benchmarks/results/ab_onepass_h200.md). The CUDA
+# limit covers every layer of adm-small (26214 rows a cluster at 32x32, B = 128) and keeps the
+# k calls for the paper ADM's 128x128 and 256x256 layers, whose calls are long and which run at
+# the step's memory peak, where the padded copies of x and g would add to it. Module-level so
+# that a benchmark can compare the ways (benchmarks/ab_onepass_calls.py).
+GROUPED_CONV: dict[str, int | None] = {"cpu": 512, "cuda": 32768}
 BATCHED_PRODUCTS: dict[str, int | None] = {"cpu": None, "cuda": None}
 
 
@@ -236,8 +241,11 @@ class _Step:
             slots = [(i, j) for j in range(n) for i in range(self.k)]
             src = [self.bounds[i] + j if j < counts[i] else self.bounds[i] * (counts[i] > 0)
                    for i, j in slots]  # fmt: skip
-            keep = [float(j < counts[i]) for i, j in slots]
-            self._blocks = n, torch.tensor(src, device=dev), torch.tensor(keep, device=dev)
+            keep = [int(j < counts[i]) for i, j in slots]
+            # one copy through pinned memory: a plain host-to-device copy would wait on the
+            # stream (two host syncs a step on CUDA, as bench_step counted at df5b400)
+            both = to_device(torch.tensor([src, keep], dtype=torch.int64), dev)
+            self._blocks = n, both[0], both[1].float()
         return self._blocks
 
     def blocks_major(self) -> tuple[int, torch.Tensor, torch.Tensor]:
