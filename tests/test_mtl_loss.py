@@ -380,3 +380,223 @@ def test_nonfinite_method_hyperparameters_are_refused(method, kwargs, match):
 
     with pytest.raises(ValueError, match=match):
         make_method(method, 4, **kwargs)
+
+
+# ------------------------------------------------- fused UW total, DWA and FAMO edges
+def test_uw_starts_at_zero_log_variances():
+    """METHOD.md: s_i init 0, so a fresh UW's total is sum_i 0.5 L_i / k over present clusters."""
+    k = 4
+    present = _present(k, (1,))
+    L = _losses(k, 5, present)
+    m = UW(k).double()
+    assert torch.equal(m.s.detach(), torch.zeros(k, dtype=torch.float64))
+    want = sum(0.5 * float(L[i]) / k for i in range(k) if present[i])
+    assert abs(float(m(L, present).detach()) - want) < 1e-12
+
+
+def _uw_fused_reference(per, s, cid, k, present):
+    """float64 UW total on the cluster means and its gradients w.r.t. per and s."""
+    per, s = per.detach().double(), s.detach().double()
+    N = torch.zeros(k, dtype=torch.float64).index_add(0, cid, torch.ones_like(per))
+    L = torch.zeros(k, dtype=torch.float64).index_add(0, cid, per) / N.clamp(min=1)
+    c = torch.where(present, 0.5 * torch.exp(-s) / k, 0.0)
+    total = torch.where(present, 0.5 * (torch.exp(-s) * L / k + s), 0.0).sum()
+    d_per = (c / N.clamp(min=1))[cid]
+    d_s = torch.where(present, 0.5 * (1 - torch.exp(-s) * L / k), 0.0)
+    return total, L, c, d_per, d_s
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["cpp", "torch"])
+def test_uw_fused_total_equals_the_formula(dtype):
+    """fused_total (C++ for CPU float32, torch operators otherwise): total, cluster means and
+    slopes of UW on the cluster means, and the gradients (times an upstream factor) w.r.t. the
+    per-sample losses and s, with an empty cluster, against a float64 re-implementation."""
+    k, B = 4, 13
+    gen = torch.Generator().manual_seed(7)
+    cid = torch.tensor([0, 1, 3, 0, 1, 1, 3, 0, 3, 3, 1, 0, 1])  # cluster 2 empty
+    per = (torch.rand(B, generator=gen, dtype=torch.float64) * 2 + 0.1).to(dtype)
+    per.requires_grad_(True)
+    m = UW(k).to(dtype)
+    with torch.no_grad():
+        m.s.copy_(torch.tensor([0.4, -0.9, 1.3, 0.2]))
+    counts = torch.bincount(cid, minlength=k).float()
+    inv = torch.where(counts > 0, 1 / counts.clamp(min=1), 0.0)
+    present = (counts > 0).float()
+    total, L, c = m.fused_total(per, cid, inv, present)
+    (3.0 * total).backward()
+    want, L_ref, c_ref, d_per, d_s = _uw_fused_reference(per, m.s, cid, k, present.bool())
+    tol = {"rtol": 2e-6, "atol": 1e-6}
+    torch.testing.assert_close(total.double(), want, **tol)
+    torch.testing.assert_close(L.double(), L_ref, **tol)
+    torch.testing.assert_close(c.double(), c_ref, **tol)
+    assert per.grad.dtype == dtype and m.s.grad.dtype == dtype
+    torch.testing.assert_close(per.grad.double(), 3.0 * d_per, **tol)
+    torch.testing.assert_close(m.s.grad.double(), 3.0 * d_s, **tol)
+    with pytest.raises(ValueError, match="present must be float32"):
+        m.fused_total(per, cid, inv, present.double())
+    with pytest.raises(ValueError, match="inv must be"):
+        m.fused_total(per, cid, inv[:-1], present)
+
+
+def test_uw_grads_follow_the_parameter_dtype():
+    """float64 losses on a float32 UW: d total / d s has s's dtype, as autograd gives it."""
+    k = 3
+    present = _present(k, (0,))
+    L = _losses(k, 9, present)
+    m = UW(k)
+    _, (ds,) = m.grads(L, present)
+    (ref,) = torch.autograd.grad(m(L, present), m.s)
+    assert ds.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(ds, ref)
+
+
+def test_dwa_defaults_are_temperature_two_on_single_steps():
+    """Liu et al. 2019: w = softmax(r / T) with T = 2; by default r compares single steps."""
+    k = 3
+    m = DWA(k)
+    present = _present(k)
+    L1, L2 = _losses(k, 60, present), _losses(k, 61, present)
+    m.observe(L1, present)
+    m.observe(L2, present)
+    r = [float(L2[i] / L1[i]) for i in range(k)]
+    e = [torch.tensor(v / 2.0, dtype=torch.float64).exp() for v in r]
+    ref = torch.stack(e) / sum(e)
+    torch.testing.assert_close(_dloss(m, L2, present), ref, rtol=1e-12, atol=0)
+
+
+def test_dwa_step_with_no_cluster_is_not_counted():
+    """The engine observes a skipped step with nothing present: DWA must go on as if it had not
+    happened (mid-window too), not close a window early."""
+    k, window = 3, 2
+    a, b = DWA(k, window=window), DWA(k, window=window)
+    none = torch.zeros(k, dtype=torch.bool)
+    for step in range(7):
+        p = _present(k, (step % k,) if step % 3 == 2 else ())
+        L = _losses(k, 70 + step, p)
+        a.observe(L, p)
+        b.observe(L, p)
+        b.observe(torch.zeros(k, dtype=torch.float64), none)
+        torch.testing.assert_close(b.transform(L, p), a.transform(L, p), rtol=0, atol=0)
+    assert (a.count >= 2).all()
+
+
+def test_dwa_zero_average_gives_finite_weights():
+    """A cluster whose previous average is exactly 0 has no defined ratio: the weights stay
+    finite and sum to 1."""
+    k = 3
+    m = DWA(k)
+    present = _present(k)
+    L0 = torch.tensor([0.0, 0.7, 0.4], dtype=torch.float64)
+    L1 = torch.tensor([0.5, 0.6, 0.4], dtype=torch.float64)
+    L2 = torch.tensor([0.0, 0.6, 0.5], dtype=torch.float64)
+    m.observe(L0, present)
+    m.observe(L1, present)
+    w = _dloss(m, L1, present)
+    assert torch.isfinite(w).all() and abs(float(w.sum()) - 1) < 1e-12
+    m.observe(L2, present)  # now last = 0 and prev = 0.5: ratio 0, well defined
+    w = _dloss(m, L2, present)
+    e = torch.tensor([0.0, 0.6 / 0.6, 0.5 / 0.4], dtype=torch.float64).div(2).exp()
+    torch.testing.assert_close(w, e / e.sum(), rtol=1e-12, atol=0)
+
+
+def test_famo_with_absent_clusters_matches_per_cluster_adam():
+    """FAMO's defaults (lr 0.025, decay 0.01, eps 1e-8) with min_loss and clusters that come and
+    go: each step, the clusters with both a previous and a current loss take one Adam step
+    (each its own step count) on the gradient of softmax(xi over them) . delta, delta_i the
+    decrease of log(L_i - min_loss + eps) since cluster i was last seen; the others keep their
+    logits and Adam state. Reference: one torch.optim.Adam per logit, in float64."""
+    k, min_loss, eps = 4, 0.03, 1e-8
+    m = FAMO(k, min_loss=min_loss)
+    xi = [torch.zeros((), dtype=torch.float64, requires_grad=True) for _ in range(k)]
+    opts = [torch.optim.Adam([x], lr=0.025, weight_decay=0.01) for x in xi]
+    last: list[float | None] = [None] * k
+    masks = [(3,), (3,), (1, 3), (), (2,), (0, 2), (), (1,), (), (0, 1, 2, 3), (3,), ()]
+    for step, absent in enumerate(masks):
+        present = _present(k, absent)
+        L = _losses(k, 80 + step, present)
+        # transform: effective weights z_i / D_i normalised, z the softmax over present
+        idx = [i for i in range(k) if present[i]]
+        w_ref = torch.zeros(k, dtype=torch.float64)
+        if idx:
+            z = torch.softmax(torch.stack([xi[i].detach() for i in idx]), 0)
+            q = z / torch.stack([L[i] - min_loss + eps for i in idx])
+            w_ref[idx] = q / q.sum()
+        torch.testing.assert_close(_dloss(m, L, present), w_ref, rtol=1e-10, atol=1e-14)
+        m.observe(L, present)
+        both = [i for i in idx if last[i] is not None]
+        if both:
+            delta = torch.tensor([last[i] - torch.log(L[i] - min_loss + eps).item() for i in both],
+                                 dtype=torch.float64)  # fmt: skip
+            z = torch.softmax(torch.stack([xi[i] for i in both]), 0)
+            grads = torch.autograd.grad((z * delta).sum(), [xi[i] for i in both])
+            for i, g in zip(both, grads):
+                xi[i].grad = g
+                opts[i].step()
+                xi[i].grad = None
+        for i in idx:
+            last[i] = torch.log(L[i] - min_loss + eps).item()
+        ref = torch.stack([x.detach() for x in xi])
+        torch.testing.assert_close(m.xi, ref, rtol=1e-12, atol=1e-14)
+    assert (m.xi.abs() > 1e-4).all()
+
+
+def test_famo_nonfinite_cause_flags_losses_whose_log_is_not_finite():
+    """The clusters named are the present ones with a finite loss whose log(L - min_loss + eps)
+    is not finite (at or below min_loss - eps); an absent or NaN cluster is not named."""
+    eps, min_loss = 2.0**-20, 0.25
+    m = FAMO(6, min_loss=min_loss, eps=eps)
+    L = torch.tensor([0.25 - eps, 0.1, 0.3, float("nan"), -1.0, 0.25], dtype=torch.float64)
+    present = _present(6, (4,))
+    mask, msg = m.nonfinite_cause(L, present)
+    ref = present & torch.isfinite(L) & ~torch.isfinite(torch.log(L - min_loss + eps))
+    assert ref.tolist() == [True, True, False, False, False, False]
+    assert torch.equal(mask, ref)
+    assert "min_loss=0.25" in msg
+
+
+def test_famo_cluster_weights_are_the_softmax_over_present():
+    k = 4
+    m = FAMO(k)
+    m.xi.copy_(torch.tensor([0.3, -1.2, 2.0, 0.5], dtype=torch.float64))
+    present = _present(k, (2,))
+    e = torch.exp(m.xi) * present
+    torch.testing.assert_close(m.cluster_weights(present), e / e.sum(), rtol=1e-12, atol=0)
+
+
+def test_hyperparameter_bounds():
+    """FAMO's decay may be 0 (plain Adam); DWA's window is an int, not a bool."""
+    assert FAMO(3, gamma=0.0).gamma == 0.0 and FAMO(3, gamma=0).gamma == 0.0
+    with pytest.raises(ValueError, match="window must be an int >= 1"):
+        DWA(3, window=True)
+
+
+@pytest.mark.parametrize("cls", LOSS_CLASSES, ids=lambda c: c.name)
+def test_nan_in_an_absent_slot_reaches_nothing(cls):
+    """As for UW above: an absent cluster's entry of L (NaN here) gives a term of exactly 0, no
+    gradient, and leaves the state finite."""
+    k = 4
+    present = _present(k, (2,))
+    m = cls(k).double()
+    for step in range(3):
+        L = torch.where(present, _losses(k, 90 + step, present), torch.nan).requires_grad_(True)
+        terms = m.transform(L, present)
+        assert torch.isfinite(terms).all() and terms[2] == 0
+        (g,) = torch.autograd.grad(terms.sum(), L)
+        assert torch.isfinite(g).all() and g[2] == 0
+        m.observe(L.detach(), present)
+        assert all(torch.isfinite(b.double()).all() for b in m.buffers())
+
+
+def test_dwa_state_without_its_keys_leaves_the_window_alone():
+    """Only a state from before the window (it has "last") gets an empty window filled in: a
+    non-strict load of a state without DWA's keys reports them missing and changes nothing."""
+    k = 3
+    m = DWA(k, window=2)
+    p = _present(k)
+    for step in range(3):  # mid-window: acc, n, seen hold the open window
+        m.observe(_losses(k, 100 + step, p), p)
+    before = {key: v.clone() for key, v in m.state_dict().items()}
+    res = m.load_state_dict({}, strict=False)
+    assert set(res.missing_keys) == set(before)
+    for key, v in m.state_dict().items():
+        assert torch.equal(v, before[key]), key
