@@ -459,3 +459,234 @@ def test_label_and_size_errors_name_the_option_that_fixes_them(tmp_path):
                                 autoencoder="tiny", autoencoder_steps=1))  # fmt: skip
     ds = load_dataset(DataConfig(source="folder", path=str(tmp_path / "wide"), channels=3))
     assert ds.x.shape == (1, 3, 8, 12)  # without an autoencoder the trainer's model refuses it
+
+
+# ------------------------------------------------------------ images, resizing, labels, iterators
+def test_pixel_lookup_scales_every_chunk_of_a_large_tensor():
+    """as_float looks the pixels up 2**24 at a time: the values past the first chunk are
+    scaled too (p / 127.5 - 1, recomputed here in float64)."""
+    from antdiff.data import as_float
+
+    u = torch.randint(0, 256, ((1 << 24) + 4099,), dtype=torch.uint8,
+                      generator=torch.Generator().manual_seed(0))  # fmt: skip
+    got = as_float(u)
+    assert got.dtype == torch.float32 and got.shape == u.shape
+    tail = slice((1 << 24) - 3, None)  # the chunk boundary and everything after it
+    want = u[tail].double() / 127.5 - 1.0
+    torch.testing.assert_close(got[tail].double(), want, rtol=0, atol=1e-7)
+
+
+def _bilinear_half_pixel(a: np.ndarray, out: int) -> np.ndarray:
+    """Bilinear resize of the last two axes to out x out with pixel centres at i + 0.5
+    (align_corners=False, the usual image convention), in float64."""
+    n = a.shape[-1]
+    src = np.maximum((np.arange(out) + 0.5) * n / out - 0.5, 0.0)
+    i0 = np.floor(src).astype(int)
+    i1 = np.minimum(i0 + 1, n - 1)
+    w = src - i0
+    m = np.zeros((out, n))
+    m[np.arange(out), i0] += 1 - w
+    m[np.arange(out), i1] += w
+    return m @ a @ m.T
+
+
+def test_digits_resize_is_bilinear_with_half_pixel_centres():
+    from sklearn.datasets import load_digits
+
+    raw = load_digits().images[:20].astype(np.float64) / 8.0 - 1.0
+    ds = load_dataset(DataConfig(source="digits", image_size=12))
+    want = np.stack([_bilinear_half_pixel(im, 12) for im in raw])
+    np.testing.assert_allclose(ds.x[:20, 0].double().numpy(), want, rtol=0, atol=1e-5)
+
+
+def test_image_suffixes_are_matched_whatever_their_case(tmp_path):
+    """Cameras and Windows tools write IMG_0001.JPG / .PNG: those are images too."""
+    _png(tmp_path / "a.PNG", np.zeros((4, 4), np.uint8))
+    _png(tmp_path / "b.Png", np.full((4, 4), 255, np.uint8))
+    ds = load_dataset(DataConfig(source="folder", path=str(tmp_path), channels=1))
+    assert ds.x.shape == (2, 1, 4, 4)
+    assert ds.x[:, 0, 0, 0].tolist() == [0, 255]  # sorted by name: a.PNG, b.Png
+
+
+def test_a_link_to_its_own_folder_is_named_as_the_loop(tmp_path):
+    """The error names the link itself (a/self), the one to remove, not a path inside it."""
+    _png(tmp_path / "a" / "0.png", np.zeros((4, 4), np.uint8))
+    (tmp_path / "a" / "self").symlink_to(tmp_path / "a", target_is_directory=True)
+    with pytest.raises(ValueError, match=r"symlink loop: '[^']*/a/self' is the folder"):
+        load_dataset(DataConfig(source="folder", path=str(tmp_path), channels=1))
+
+
+def test_class_labels_ignore_loose_non_image_files_and_come_from_the_top_folder(tmp_path):
+    """Only sub-directories are classes (a README beside them is not an empty class), and an
+    image nested deeper in a class folder takes that class folder's label."""
+    _png(tmp_path / "cat" / "0.png", np.zeros((4, 4), np.uint8))
+    _png(tmp_path / "cat" / "indoor" / "1.png", np.zeros((4, 4), np.uint8))
+    _png(tmp_path / "dog" / "outdoor" / "2.png", np.zeros((4, 4), np.uint8))
+    (tmp_path / "README.txt").write_text("cats and dogs")
+    ds = load_dataset(DataConfig(source="folder", path=str(tmp_path), channels=1,
+                                 class_conditional=True))  # fmt: skip
+    assert ds.y.tolist() == [0, 0, 1] and ds.class_names == ("cat", "dog")
+
+
+def test_centre_crop_of_an_odd_margin_starts_at_its_floor(tmp_path):
+    """(w - size) // 2 as ADM's center_crop_arr: a 7-wide strip cropped to 4 keeps columns
+    1..4 (margin 3: one column dropped on the left, two on the right)."""
+    a = (np.arange(7, dtype=np.uint8) * 30)[None].repeat(4, axis=0)  # column j holds 30 j
+    _png(tmp_path / "a.png", a)
+    ds = load_dataset(DataConfig(source="folder", path=str(tmp_path), channels=1, image_size=4))
+    assert ds.x[0, 0].tolist() == [[30, 60, 90, 120]] * 4
+
+
+def _bicubic_1d(n_in: int, n_out: int) -> np.ndarray:
+    """The [n_out, n_in] matrix of a Keys bicubic resize (a = -0.5, pixel centres at i + 0.5,
+    weights normalised to 1 near the border) for upscaling, as Pillow's BICUBIC defines it."""
+
+    def keys(x):
+        x = abs(x)
+        if x < 1:
+            return (1.5 * x - 2.5) * x * x + 1
+        return ((-0.5 * x + 2.5) * x - 4) * x + 2 if x < 2 else 0.0
+
+    m = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        c = (i + 0.5) * n_in / n_out
+        lo, hi = max(int(c - 2 + 0.5), 0), min(int(c + 2 + 0.5), n_in)
+        w = np.array([keys(j - c + 0.5) for j in range(lo, hi)])
+        m[i, lo:hi] = w / w.sum()
+    return m
+
+
+def test_upscaling_is_bicubic_to_a_rounded_short_side_then_centre_crop(tmp_path):
+    """A 3 x 5 image to image_size 4: scale 4 / 3 gives 4 x round(6.67) = 4 x 7 (bicubic:
+    rows, then columns, each pass rounded to 8 bits), then the centre columns 1..4."""
+    a = np.random.default_rng(1).integers(0, 256, (3, 5), dtype=np.uint8)
+    _png(tmp_path / "a.png", a)
+    ds = load_dataset(DataConfig(source="folder", path=str(tmp_path), channels=1, image_size=4))
+    rows = np.clip(np.floor(a @ _bicubic_1d(5, 7).T + 0.5), 0, 255)  # horizontal pass first
+    full = np.clip(np.floor(_bicubic_1d(3, 4) @ rows + 0.5), 0, 255)
+    got = ds.x[0, 0].numpy().astype(np.int64)
+    assert np.abs(got - full[:, 1:5]).max() <= 1  # Pillow's fixed-point weights: +-1
+
+
+def test_colour_with_equal_red_and_green_is_still_colour(tmp_path):
+    px = np.zeros((4, 4, 3), np.uint8)
+    px[..., 2] = 200  # red = green = 0, blue 200: a blue image, not grey
+    _png(tmp_path / "blue.png", px)
+    with pytest.raises(ValueError, match="blue.png' is in colour but data.channels=1"):
+        load_dataset(DataConfig(source="folder", path=str(tmp_path), channels=1))
+
+
+def test_half_transparent_and_palette_transparent_pixels_are_refused(tmp_path):
+    """Any alpha below 255 hides part of a colour; a palette PNG marks its transparent entry
+    in im.info["transparency"] (no alpha band) and is refused alike."""
+    px = np.full((4, 4, 4), 255, dtype=np.uint8)
+    px[1, 2, 3] = 128
+    (tmp_path / "half").mkdir()
+    Image.fromarray(px, "RGBA").save(tmp_path / "half" / "h.png")
+    with pytest.raises(ValueError, match="h.png.*transparent pixels"):
+        load_dataset(DataConfig(source="folder", path=str(tmp_path / "half"), channels=3))
+    pal = Image.new("P", (4, 4), 0)
+    pal.putpalette([0, 255, 0] + [255, 255, 255] * 255)  # entry 0 green (hidden), 1 white
+    pal.putpixel((0, 0), 1)
+    (tmp_path / "pal").mkdir()
+    pal.save(tmp_path / "pal" / "p.png", transparency=0)
+    with pytest.raises(ValueError, match="p.png.*transparent pixels"):
+        load_dataset(DataConfig(source="folder", path=str(tmp_path / "pal"), channels=3))
+
+
+@pytest.mark.parametrize("orientation", [5, 7, 8])
+def test_size_check_turns_every_rotated_exif_orientation(tmp_path, orientation):
+    """Orientations 5..8 all swap width and height when shown (6 was tested): an 8 x 4
+    stored photo of each beside an upright 4 x 8 one is one size."""
+    im = Image.fromarray(np.zeros((4, 8, 3), np.uint8))
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    im.save(tmp_path / "p.jpg", exif=exif)
+    Image.fromarray(np.zeros((8, 4, 3), np.uint8)).save(tmp_path / "q.jpg")
+    ds = load_dataset(DataConfig(source="folder", path=str(tmp_path), channels=3))
+    assert ds.x.shape == (2, 3, 8, 4)
+
+
+def test_num_classes_set_above_the_class_folders_is_kept(tmp_path):
+    """data.num_classes larger than the folders (classes to add later) is the model's size."""
+    for cls in ("cat", "dog"):
+        _png(tmp_path / cls / "0.png", np.zeros((4, 4), np.uint8))
+    ds = load_dataset(DataConfig(source="folder", path=str(tmp_path), channels=1,
+                                 class_conditional=True, num_classes=5))  # fmt: skip
+    assert ds.num_classes == 5 and ds.y.tolist() == [0, 1]
+    digits = load_dataset(DataConfig(source="digits", class_conditional=True, num_classes=12))
+    assert digits.num_classes == 12
+
+
+def test_label_equal_to_num_classes_is_refused_and_unconditional_data_has_no_classes():
+    """Labels must lie in 0 .. num_classes - 1: digit 9 has no row when num_classes is 9."""
+    with pytest.raises(ValueError, match="data.num_classes=9 but the labels run from 0 to 9"):
+        load_dataset(DataConfig(source="digits", class_conditional=True, num_classes=9))
+    assert load_dataset(DataConfig(source="digits")).num_classes is None
+
+
+def test_wide_channels_last_latents_are_named(tmp_path):
+    """[N, h, w, c] with c = data.channels is channels-last also for c > 16."""
+    np.save(tmp_path / "z.npy", torch.randn(3, 4, 4, 32).numpy())
+    with pytest.raises(ValueError, match=r"channels-last.*permute\(0, 3, 1, 2\)"):
+        load_dataset(DataConfig(source="latents", path=str(tmp_path / "z.npy"), channels=32))
+
+
+def test_latent_labels_of_any_integer_dtype_become_int64(tmp_path):
+    z, y = torch.randn(4, 2, 2, 2), torch.tensor([1, 0, 2, 1], dtype=torch.int32)
+    torch.save({"latents": z, "labels": y}, tmp_path / "z.pt")
+    ds = load_dataset(DataConfig(source="latents", path=str(tmp_path / "z.pt"), channels=2,
+                                 class_conditional=True))  # fmt: skip
+    assert ds.y.dtype == torch.int64 and ds.y.tolist() == [1, 0, 2, 1] and ds.num_classes == 3
+
+
+def test_batch_iterator_refuses_an_empty_dataset_and_a_zero_batch():
+    with pytest.raises(ValueError, match="the dataset is empty"):
+        BatchIterator(0, 4)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        BatchIterator(5, 0)
+
+
+def test_iterator_epochs_of_nearby_seeds_are_all_different():
+    """Each (seed, epoch) has its own order: seed s + 1 does not replay seed s one epoch late
+    (a seed + epoch generator seed did)."""
+    orders = set()
+    for seed in range(4):
+        it = BatchIterator(20, 20, seed=seed)
+        for _ in range(4):
+            orders.add(tuple(it.next_indices().tolist()))
+    assert len(orders) == 16
+
+
+def test_iterator_takes_a_seed_beyond_64_bits_after_mixing():
+    it = BatchIterator(10, 10, seed=2**62)
+    assert sorted(it.next_indices().tolist()) == list(range(10))
+
+
+def test_batch_iterator_refuses_a_position_at_the_end():
+    """Position n is not a place in an epoch of n: a saved state never holds it."""
+    it = BatchIterator(11, 4, seed=0)
+    with pytest.raises(ValueError, match="data iterator state is broken"):
+        it.load_state_dict({**it.state_dict(), "pos": 11})
+
+
+def test_dataset_to_keeps_every_field():
+    from antdiff.data import Dataset
+
+    ds = Dataset(torch.zeros(2, 1, 2, 2), torch.tensor([0, 1]), 2, None, ("a", "b"))
+    moved = ds.to("cpu")
+    assert moved.class_names == ("a", "b") and moved.num_classes == 2
+    assert torch.equal(moved.y, ds.y) and torch.equal(moved.x, ds.x)
+
+
+def test_tiny_autoencoder_encodes_every_row_of_a_one_image_folder(tmp_path):
+    """Encoding runs 512 rows at a time: a set of 1 (or 513) rows ends in a short chunk, which
+    is encoded too; each latent is the codec's encoding of that image alone."""
+    _png(tmp_path / "a.png", np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8))
+    ds = load_dataset(DataConfig(source="folder", path=str(tmp_path), autoencoder="tiny",
+                                 autoencoder_steps=1))  # fmt: skip
+    assert ds.x.shape == (1, 4, 4, 4)
+    img = torch.from_numpy(np.array(Image.open(tmp_path / "a.png"))).double() / 127.5 - 1.0
+    with torch.no_grad():
+        want = ds.codec.encode(img.float()[None, None])
+    torch.testing.assert_close(ds.x, want)

@@ -9,6 +9,7 @@ import json
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -41,11 +42,18 @@ def _cfg(tmp_path, *extra, steps=3):
 
 
 @pytest.mark.parametrize(
-    "bad", [[(-1, 10)], [(10, 10)], [(50, 30)], [(900, 1001)], [], [(0, 1, 2)], [(0.5, 10)]]
-)
+    "bad",
+    [[(-1, 10)], [(10, 10)], [(50, 30)], [(900, 1001)], [], [(0, 1, 2)], [(0.5, 10)],
+     [(0, float("inf"))], [(0, float("nan"))], [("0", 10)]],
+)  # fmt: skip
 def test_bad_intervals_raise(bad):
     with pytest.raises(ValueError, match="intervals"):
         check_intervals(bad, 1000)
+
+
+def test_intervals_of_numpy_numbers_become_ints():
+    got = check_intervals([(np.int64(3), 10.0), (np.float32(10), np.int32(20))], 1000)
+    assert got == [(3, 10), (10, 20)] and all(type(v) is int for iv in got for v in iv)
 
 
 def test_uniform_intervals_tile_0_T():
@@ -510,3 +518,201 @@ def test_run_ntg_records_the_full_run_it_was_given(tmp_path, stubbed_ntg, monkey
                       full=tmp_path / "myrun", n_samples=66, extractor=_StubFeatures())  # fmt: skip
     assert res["full_model"]["run"] == str(tmp_path / "myrun")
     assert trained == [("specialist", "vanilla")]  # the full model is loaded, not trained
+
+
+# ---------------------------------------- intervals, routing, quality, specialists
+def test_interval_bounds_are_integers_not_bools_and_may_end_at_T():
+    """True == 1 in Python, but a bool is no timestep; the last interval may end at T."""
+    with pytest.raises(ValueError, match="pair of integers"):
+        check_intervals([(True, 5)], 1000)
+    assert check_intervals([(999, 1000), (0, 1)], 1000) == [(999, 1000), (0, 1)]
+
+
+def test_uniform_intervals_take_k_from_1_to_T():
+    assert uniform_intervals(4, 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]  # one task each
+    assert uniform_intervals(7, 1) == [(0, 7)]
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="k must be"):
+            uniform_intervals(10, bad)
+
+
+def test_router_keeps_the_full_models_classes_for_guidance():
+    """Guided sampling takes the null class from model.num_classes: through the router it is
+    the full model's, and routing to an identical specialist changes no sample."""
+    from antdiff.diffusion import GaussianDiffusion
+    from antdiff.schedules import linear_schedule
+
+    class Classes(_Affine):
+        num_classes = 3
+
+    full, spec = Classes(0.5), Classes(0.5)
+    router = IntervalRouter(full, spec, 0, 500)
+    diffusion = GaussianDiffusion(linear_schedule(1000))
+    kw = dict(seed=3, steps=4, batch=4, num_classes=3, cfg_scale=2.0)
+    got = sample_images(router, diffusion, 6, (1, 2, 2), **kw)
+    assert router.num_classes == 3
+    assert torch.equal(got, sample_images(full, diffusion, 6, (1, 2, 2), **kw))
+
+
+def test_an_interval_ending_on_a_sampler_step_does_not_hold_it():
+    """[334, 666) is half-open: of the 4 DDIM steps 0, 333, 666, 999 it holds none."""
+    from antdiff.diffusion import GaussianDiffusion
+    from antdiff.schedules import linear_schedule
+
+    with pytest.raises(ValueError, match=r"no step of the 4-step ddim sampler falls in \[334"):
+        negative_transfer_gap(
+            _Zero(), {(334, 666): _Zero()}, GaussianDiffusion(linear_schedule(1000)),
+            torch.zeros(3, 1, 2, 2), _StubFeatures(), n_samples=2, shape=(1, 2, 2), steps=4,
+        )  # fmt: skip
+
+
+def test_plot_colours_a_zero_gap_blue(tmp_path, monkeypatch):
+    """NTG = 0 is no negative transfer (that is NTG < 0): its bar is blue."""
+    from matplotlib.axes import Axes
+
+    from antdiff.analysis.ntg import plot_ntg
+
+    got, bar = {}, Axes.bar
+
+    def spy_bar(self, x, height, *a, color=None, **kw):
+        got["colors"] = list(color)
+        return bar(self, x, height, *a, color=color, **kw)
+
+    monkeypatch.setattr(Axes, "bar", spy_bar)
+    res = {"intervals": [{"ntg": 0.0, "label": "[0, 500)"}, {"ntg": -0.5, "label": "[500, 1000)"}],
+           "seed_gap": None, "features": "stub"}  # fmt: skip
+    plot_ntg(res, tmp_path / "n.png")
+    assert got["colors"] == ["tab:blue", "tab:red"]
+
+
+class _Flat:
+    """Features = the flattened pixels (in float64)."""
+
+    name, dim = "flat", 8
+
+    def __call__(self, x):
+        return torch.as_tensor(x).reshape(len(x), -1).double().numpy()
+
+
+def _knn_precision_recall(real, fake, k):
+    """Improved precision / recall (Kynkaanniemi et al. 2019) from the definition: a ball
+    around each point reaching its k-th nearest other point of the same set."""
+    from scipy.spatial.distance import cdist
+
+    r_real = np.sort(cdist(real, real), axis=1)[:, k]  # column 0 is the point itself
+    r_fake = np.sort(cdist(fake, fake), axis=1)[:, k]
+    d = cdist(fake, real)
+    return (d <= r_real[None]).any(1).mean(), (d.T <= r_fake[None]).any(1).mean()
+
+
+def test_ntg_quality_is_fid_and_k3_precision_recall_of_the_samples(monkeypatch):
+    """The full model's row: FID (Frechet distance of the feature Gaussians, scipy's sqrtm)
+    and precision / recall with k = 3 of the samples' features against the real ones; too few
+    samples for a full-rank covariance are refused unless allow_rank_deficient."""
+    import scipy.linalg
+
+    import antdiff.sampling
+    from antdiff.diffusion import GaussianDiffusion
+    from antdiff.schedules import linear_schedule
+
+    drawn = []
+
+    def fake(model, diffusion, shape, *, generator, **kw):
+        drawn.append(torch.randn(shape, generator=generator, dtype=torch.float64) * 0.8 + 0.3)
+        return drawn[-1]
+
+    monkeypatch.setattr(antdiff.sampling, "sample", fake)
+    real = torch.randn(40, 1, 2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    diffusion = GaussianDiffusion(linear_schedule(1000))
+    kw = dict(shape=(1, 2, 4), steps=4, seed_gap=False)
+    res = negative_transfer_gap(_Zero(), {(0, 500): _Zero()}, diffusion, real, _Flat(),
+                                n_samples=30, batch=30, **kw)  # fmt: skip
+    r, f = real.reshape(40, -1).numpy(), drawn[0].reshape(30, -1).numpy()
+    mu1, mu2 = r.mean(0), f.mean(0)
+    s1, s2 = np.cov(r, rowvar=False), np.cov(f, rowvar=False)
+    fid = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+    precision, recall = _knn_precision_recall(r, f, 3)
+    assert res["full"]["fid"] == pytest.approx(fid, rel=1e-6)
+    assert res["full"]["precision"] == pytest.approx(precision, abs=1e-12)
+    assert res["full"]["recall"] == pytest.approx(recall, abs=1e-12)
+    assert res["n_real"] == 40 and res["n_samples"] == 30
+    with pytest.raises(ValueError, match="rank-deficient"):  # 6 samples of 8-dim features
+        negative_transfer_gap(_Zero(), {(0, 500): _Zero()}, diffusion, real, _Flat(),
+                              n_samples=6, batch=6, **kw)  # fmt: skip
+    ok = negative_transfer_gap(_Zero(), {(0, 500): _Zero()}, diffusion, real, _Flat(),
+                               n_samples=6, batch=6, allow_rank_deficient=True, **kw)  # fmt: skip
+    assert math.isfinite(ok["full"]["fid"])
+
+
+def test_run_ntg_samples_with_the_runs_guided_channels(tmp_path, stubbed_ntg):
+    ntg, _, seen = stubbed_ntg
+    dit = _small(tmp_path, "digits_dit", "--ant.method", "vanilla", "--sample.cfg_scale", "2",
+                 "--sample.cfg_channels", "1")  # fmt: skip
+    ntg.run_ntg(dit, [(0, 500)], specialist_steps=1, out_dir=tmp_path / "g", n_samples=66,
+                extractor=_StubFeatures())  # fmt: skip
+    assert seen["cfg_channels"] == 1
+
+
+def test_ntg_samples_every_model_with_the_guided_channels(monkeypatch):
+    """cfg_channels reaches every model sampled: the full model, its other noise seed and
+    each routed interval."""
+    import antdiff.analysis.ntg as ntg
+    import antdiff.sampling
+    from antdiff.diffusion import GaussianDiffusion
+    from antdiff.schedules import linear_schedule
+
+    got = []
+
+    def fake(model, diffusion, shape, **kw):
+        got.append(kw.get("cfg_channels"))
+        return torch.zeros(shape)
+
+    monkeypatch.setattr(antdiff.sampling, "sample", fake)
+    monkeypatch.setattr(ntg, "_quality", lambda *a: {"fid": 1.0, "precision": 0.0, "recall": 0.0})
+    negative_transfer_gap(
+        _Zero(), {(0, 500): _Zero()}, GaussianDiffusion(linear_schedule(1000)),
+        torch.zeros(3, 1, 2, 2), _StubFeatures(), n_samples=2, shape=(1, 2, 2), steps=4,
+        cfg_channels=1,
+    )  # fmt: skip
+    assert got == [1, 1, 1]
+
+
+def test_run_ntg_scores_digits_with_domain_features_and_folders_with_inception(
+    tmp_path, stubbed_ntg, monkeypatch
+):
+    """The default extractor: DigitsFeatures for digits, the Inception network (stubbed here:
+    no download) for any other images."""
+    import antdiff.metrics
+
+    ntg, _, _ = stubbed_ntg
+
+    class Inception:
+        name, dim = "inception-stub", 2
+
+    used = []
+    monkeypatch.setattr(antdiff.metrics, "InceptionTorchScript", Inception)
+    monkeypatch.setattr(ntg, "negative_transfer_gap", lambda *a, **kw: used.append(a[4]) or {
+        "intervals": [], "full": {}, "seed_gap": None})  # fmt: skip
+    for i in range(4):
+        Image.fromarray(np.full((8, 8), 50 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    folder = _small(tmp_path, "digits_adm", "--ant.method", "vanilla", "--data.source",
+                    "folder", "--data.path", str(tmp_path))  # fmt: skip
+    ntg.run_ntg(folder, [(0, 500)], specialist_steps=1, out_dir=tmp_path / "h", n_samples=66)
+    digits = _small(tmp_path, "digits_adm", "--ant.method", "vanilla")
+    ntg.run_ntg(digits, [(0, 500)], specialist_steps=1, out_dir=tmp_path / "i", n_samples=66)
+    assert isinstance(used[0], Inception) and isinstance(used[1], DigitsFeatures)
+
+
+def test_specialists_drop_the_full_models_method_settings(tmp_path):
+    """A specialist trains the plain loss: the full model's method_kwargs (UW's lr) and
+    update_every (Nash's) are not carried over (vanilla refuses both)."""
+    from antdiff.analysis.ntg import specialist_config
+
+    for extra in (["--ant.method", "uw", "--ant.method_kwargs", "{lr: 0.01}"],
+                  ["--ant.method", "nash", "--ant.update_every", "2"]):  # fmt: skip
+        cfg = _cfg(tmp_path, *extra)
+        spec = specialist_config(cfg, 200, 400, 7, tmp_path / "s")
+        assert (spec.ant.method, spec.ant.method_kwargs, spec.ant.update_every) == (
+            "vanilla", {}, None)  # fmt: skip
+        assert list(spec.train.t_range) == [200, 400] and spec.train.steps == 7
+        assert spec.train.out_dir == str(tmp_path / "s")

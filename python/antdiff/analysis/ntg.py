@@ -53,9 +53,14 @@ DEFINITION = (
 
 def check_intervals(intervals: Any, T: int) -> list[tuple[int, int]]:  # noqa: N803
     """Validate ``[(t1, t2), ...]`` (0-based, half-open) against [0, T); return int pairs."""
+
+    def whole(v: Any) -> bool:  # an int, or an integral finite float (numpy's included)
+        number = isinstance(v, (int, float, np.integer, np.floating))
+        return number and not isinstance(v, bool) and math.isfinite(v) and int(v) == v
+
     out = []
     for iv in intervals:
-        if len(iv) != 2 or any(isinstance(v, bool) or int(v) != v for v in iv):
+        if len(iv) != 2 or not all(whole(v) for v in iv):
             raise ValueError(f"intervals: each must be a pair of integers (t1, t2), got {iv!r}")
         t1, t2 = int(iv[0]), int(iv[1])
         if not 0 <= t1 < t2 <= T:
@@ -452,7 +457,9 @@ def run_ntg(
         variance=fc.sample.ddpm_variance(),
     )  # fmt: skip
     result["full_model"] = {
-        "run": str(full or out / "full"), "steps": full_run.step, "method": fc.ant.method
+        "run": str(full or out / "full"),
+        "steps": full_run.step,
+        "method": fc.ant.method,
     }
     result["specialist_steps"] = specialist_steps
     result["cfg_scale"] = fc.sample.cfg_scale
