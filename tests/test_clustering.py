@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import warnings
 
 import numpy as np
@@ -284,3 +286,171 @@ def test_clusters_load_reads_what_cluster_json_writes(tmp_path):
     (tmp_path / "bad.json").write_text("[1, 2")
     with pytest.raises(ValueError, match="not a clusters JSON file"):
         Clusters.load(tmp_path / "bad.json")
+
+
+# -- bounds, types, limits, binned gradient costs, affinity files ------------------------------
+
+
+def test_clusters_bounds_are_plain_ints_and_need_two_entries():
+    """Bounds are stored as plain ints (an np.int64 kept as given broke to_json), a bool is
+    not a timestep index, and one entry is no cluster at all."""
+    c = Clusters((0, 2.0, np.int64(5)))
+    assert [type(b) for b in c.bounds] == [int, int, int]
+    assert json.loads(c.to_json())["bounds"] == [0, 2, 5]
+    with pytest.raises(ValueError, match="bounds must be integers"):
+        Clusters((0, True, 3))
+    with pytest.raises(ValueError, match="at least 2 entries"):
+        Clusters((0,))
+
+
+def test_cluster_of_range_and_return_types():
+    """An int gives an int; a negative int or array raises (numpy path); a torch tensor is not
+    range-checked but maps t < 0 to cluster 0 and t >= T to cluster k - 1 (the docstring)."""
+    c = Clusters((0, 3, 7, 10))
+    got = c.cluster_of(6)
+    assert type(got) is int and got == 1
+    for bad in (-1, np.array([0, -1])):
+        with pytest.raises(ValueError, match=r"\[0, 10\)"):
+            c.cluster_of(bad)
+    out = c.cluster_of(torch.tensor([-5, -1, 0, 9, 10, 11, 1000]))
+    assert out.tolist() == [0, 0, 0, 2, 2, 2, 2]
+
+
+def test_from_dict_checks_T_and_refuses_a_bool_cost_and_a_path_for_json(tmp_path):
+    for d, match in (
+        ({"bounds": [0, 5], "T": 10}, "T=10 does not match its bounds"),
+        ({"bounds": [0, 5], "cost": True}, "cost must be a finite number"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            Clusters.from_dict(d)
+    path = tmp_path / "c"  # a path object, whatever its name, is not JSON text
+    path.write_text(Clusters((0, 5)).to_json())
+    with pytest.raises(ValueError, match="takes JSON text"):
+        Clusters.from_json(path)
+
+
+def test_default_limits_are_t_over_2k_and_2t_over_k_rounded_outwards():
+    """floor(T / 2k) (at least 1) and ceil(2T / k), in exact rational arithmetic, and always
+    feasible: k > T / 2 made the lower limit 0, which cluster_timesteps then refused."""
+    from fractions import Fraction
+
+    from antdiff.interval_dp import validate_sizes
+
+    for T in (1, 2, 7, 10, 97, 1000, 1003):  # noqa: N806
+        for k in range(1, min(T, 13) + 1):
+            want = (max(1, math.floor(Fraction(T, 2 * k))), math.ceil(Fraction(2 * T, k)))
+            assert default_limits(T, k) == want, (T, k)
+            validate_sizes(T, k, *want)  # feasible
+    c = cluster_timesteps(cosine_schedule(10), 6)  # T / 2k < 1: min_size 1
+    assert c.k == 6 and c.meta["min_size"] == 1
+
+
+def test_backend_and_binned_flag_reach_the_result():
+    """backend= is handed to the DP (a bad one is refused, not ignored), and meta['binned']
+    says whether the affinity was per bin."""
+    lin = linear_schedule(100)
+    eye, edges = np.eye(100), np.arange(0, 101, 10)
+    for objective, extra in (("snr", {}), ("gradient", {"affinity": eye}),
+                             ("gradient", {"affinity": np.eye(10), "bin_edges": edges})):
+        with pytest.raises(ValueError, match="backend must be one of"):
+            cluster_timesteps(lin, 4, objective, backend="gpu", **extra)
+    assert cluster_timesteps(lin, 4, "gradient", affinity=eye).meta["binned"] is False
+    assert cluster_timesteps(lin, 4, "gradient", affinity=np.eye(10),
+                             bin_edges=edges).meta["binned"] is True  # fmt: skip
+
+
+def test_bool_k_and_size_limits_are_value_errors():
+    for kwargs, match in ((dict(k=True), "k must be an integer"),
+                          (dict(k=5, min_size=True), "min_size must be a positive integer"),
+                          (dict(k=5, max_size=False), "max_size must be a positive integer")):
+        with pytest.raises(ValueError, match=match):
+            cluster_timesteps(linear_schedule(1000), **kwargs)
+
+
+def test_bin_edges_must_run_from_0_to_T_without_repeats_and_k_fit_the_bins():
+    lin = linear_schedule(100)
+    free = {"min_size": None, "max_size": None}
+    for edges in ([10, 50, 100], [0, 50, 90], [0, 50, 50, 100]):
+        n = len(edges) - 1
+        with pytest.raises(ValueError, match="bin_edges must be strictly increasing ints from 0"):
+            cluster_timesteps(lin, 2, "gradient", affinity=np.ones((n, n)), bin_edges=edges, **free)
+    with pytest.raises(ValueError, match="k=3 exceeds the number of bins"):
+        cluster_timesteps(lin, 3, "gradient", affinity=np.eye(2), bin_edges=[0, 50, 100], **free)
+    # the only split on these edges breaks one limit only: the lower, then the upper
+    for edges, limits in (([0, 10, 100], (20, 90)), ([0, 90, 100], (5, 80))):
+        with pytest.raises(ValueError, match="no split on these bin edges satisfies"):
+            cluster_timesteps(lin, 2, "gradient", affinity=np.eye(2), bin_edges=edges,
+                              min_size=limits[0], max_size=limits[1])  # fmt: skip
+
+
+def _binned_brute_force(A, edges, k, lo, hi):  # noqa: N803
+    """Best split on the bin edges of the per-timestep expansion of A, by the module docstring:
+    cost of [l, r) = -sum_t A[bin(c), bin(t)], c = l + (r - l - 1) // 2; ties to the split
+    whose points, read from the last backwards, are smallest."""
+    T = int(edges[-1])  # noqa: N806
+    bin_of = np.repeat(np.arange(len(edges) - 1), np.diff(edges))
+    best = None
+    for splits in itertools.combinations([int(e) for e in edges[1:-1]], k - 1):
+        b = (0, *splits, T)
+        sizes = np.diff(b)
+        if (lo is not None and sizes.min() < lo) or (hi is not None and sizes.max() > hi):
+            continue
+        total = 0.0
+        for l, r in zip(b[:-1], b[1:]):
+            c = l + (r - l - 1) // 2
+            total -= sum(float(A[bin_of[c], bin_of[t]]) for t in range(l, r))
+        if best is None or (total, splits[::-1]) < best[:2]:
+            best = (total, splits[::-1], b)
+    return best
+
+
+def test_binned_gradient_matches_brute_force_on_uneven_bins():
+    """The binned cost (each bin weighted by its width, the middle timestep's bin as c, the
+    size limits exact at both ends) against the expanded matrix, brute force."""
+    from antdiff.interval_dp import validate_sizes
+
+    rng = np.random.default_rng(0)
+    cases = [(np.eye(10), np.arange(0, 101, 10), 2, 40, 60)]  # all tie: the limits decide
+    for _ in range(12):
+        widths = rng.integers(1, 6, size=6)
+        edges = np.r_[0, np.cumsum(widths)]
+        A = rng.integers(-3, 4, size=(6, 6)).astype(float)  # noqa: N806  (exact sums)
+        lo, hi = sorted(int(w) for w in rng.choice(widths, 2))  # sizes that bins can meet
+        cases += [(A, edges, k, *limits) for k in (1, 2, 3)
+                  for limits in ((None, None), (lo, 2 * hi))]  # fmt: skip
+    for A, edges, k, lo, hi in cases:  # noqa: N806
+        T = int(edges[-1])  # noqa: N806
+        try:
+            validate_sizes(T, k, lo, hi)
+        except ValueError:
+            continue  # limits no split of [0, T) meets: tested elsewhere
+        want = _binned_brute_force(A, edges, k, lo, hi)
+        kw = dict(affinity=A, bin_edges=edges, min_size=lo, max_size=hi)
+        if want is None:
+            with pytest.raises(ValueError, match="no split on these bin edges"):
+                cluster_timesteps(cosine_schedule(T), k, "gradient", **kw)
+            continue
+        c = cluster_timesteps(cosine_schedule(T), k, "gradient", **kw)
+        assert c.bounds == want[2], (edges.tolist(), k, lo, hi)
+        assert c.cost == pytest.approx(want[0], abs=1e-9)
+
+
+def test_load_affinity_refuses_a_non_square_matrix_and_reads_sibling_edges(tmp_path):
+    from antdiff.clustering import load_affinity
+
+    np.save(tmp_path / "rect.npy", np.ones((3, 4)))
+    with pytest.raises(ValueError, match="must be a square matrix"):
+        load_affinity(tmp_path / "rect.npy")
+    a, edges = np.eye(4), np.array([0, 10, 20, 30, 40])
+    np.save(tmp_path / "a.npy", a)
+    assert load_affinity(tmp_path / "a.npy")[1] is None
+    np.save(tmp_path / "a_edges.npy", edges)
+    got, got_edges = load_affinity(tmp_path / "a.npy")
+    np.testing.assert_array_equal(got, a)
+    np.testing.assert_array_equal(got_edges, edges)
+
+
+def test_plot_refuses_clusters_of_another_T(tmp_path):
+    with pytest.raises(ValueError, match="schedule has T=1000 but the clusters cover T=500"):
+        plot_clusters(Clusters.uniform(500, 5), linear_schedule(1000), tmp_path / "c.png")
+    assert not list(tmp_path.iterdir())

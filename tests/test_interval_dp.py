@@ -477,3 +477,116 @@ def test_auto_uses_divide_and_conquer_only_where_the_cost_allows_it():
     auto = _C.solve_intervals("l2", v, 4, None, None, "auto")
     exact = _C.solve_intervals("l2", v, 4, None, None, "quadratic")
     assert auto[0].tolist() == exact[0].tolist() and auto[1] == exact[1]
+
+
+# -- argument checks, backends, exact integer data, precision edges ----------------------------
+
+
+def test_naive_backend_needs_no_extension(monkeypatch: pytest.MonkeyPatch) -> None:
+    """backend='naive' is pure Python: it runs (and gives the brute-force split) without the
+    extension even under ANT_REQUIRE_CPP=1, like backend='numpy'."""
+    state = {"tried": True, "module": None, "error": ImportError("no _C"), "warned": True}
+    for key, value in state.items():
+        monkeypatch.setitem(interval_dp._cpp, key, value)
+    monkeypatch.setenv("ANT_REQUIRE_CPP", "1")
+    v = np.array([0.0, 1.0, 1.0, 4.0, 5.0, 9.0])
+    expected = _brute_force("l1", v, 3, None, None)
+    bounds, total = solve_intervals("l1", 3, values=v, backend="naive")
+    assert bounds.tolist() == list(expected[2]) and total == expected[0]
+
+
+def test_bool_k_and_sizes_are_type_errors() -> None:
+    for kwargs, name in ((dict(k=True), "k"), (dict(k=2, min_size=True), "min_size"),
+                         (dict(k=2, max_size=False), "max_size")):
+        with pytest.raises(TypeError, match=f"{name} must be an int; got (True|False)"):
+            solve_intervals("l1", values=V5, **kwargs)
+
+
+def test_a_missing_matrix_is_named() -> None:
+    for cost in ("affinity", "matrix"):
+        with pytest.raises(ValueError, match=r"needs matrix=\[T, T\]; got matrix=None"):
+            solve_intervals(cost, 2)
+
+
+def test_auto_through_solve_intervals_keeps_unsorted_l2_exact() -> None:
+    """The Python entry point resolves algorithm='auto' itself: past AUTO_DC_MIN_T, unsorted
+    l2 values (no quadrangle inequality) must still get the quadratic DP's optimum."""
+    assert interval_dp.AUTO_DC_MIN_T == _C.AUTO_DC_MIN_T
+    v = np.random.default_rng(0).normal(size=interval_dp.AUTO_DC_MIN_T + 1)
+    auto = solve_intervals("l2", 4, values=v, backend="cpp")
+    exact = solve_intervals("l2", 4, values=v, backend="cpp", algorithm="quadratic")
+    assert auto[0].tolist() == exact[0].tolist() and auto[1] == exact[1]
+
+
+@pytest.mark.parametrize("backend", ["cpp", "numpy"])
+def test_resolved_values_far_apart_are_not_refused(backend) -> None:
+    """The precision check refuses only what float64 cannot resolve. Integer l2 values (exact
+    prefix sums: no sqrt(T) growth, per _check_precision's docstring) 5e6 apart, and l1 values
+    with one far outlier (the sums are centred on the middle element, so the outlier counts
+    once) solve, to the split the directly summed naive DP finds."""
+    integer_groups = np.r_[np.arange(50.0), 5e6 + np.arange(50.0)]
+    outlier = np.r_[-1e12, 0.1 + 0.5 * np.arange(100.0)]
+    for cost, v in (("l2", integer_groups), ("l1", outlier)):
+        bounds, total = solve_intervals(cost, 2, values=v, backend=backend)
+        b_ref, t_ref = solve_intervals(cost, 2, values=v, backend="naive")
+        assert bounds.tolist() == b_ref.tolist(), cost
+        assert total == pytest.approx(t_ref, rel=interval_dp.PRECISION), cost
+
+
+def test_interval_cost_refuses_non_integer_or_repeated_bounds_and_nan_matrices() -> None:
+    for bounds in ([0, 2.5, 5], np.array([0.0, 2.0, 5.0]), [0, 2, 2, 5]):
+        with pytest.raises(ValueError, match="bounds"):
+            interval_cost("l1", bounds, values=V5)
+    m = np.ones((3, 3))
+    m[1, 1] = np.nan
+    for cost in ("affinity", "matrix"):
+        with pytest.raises(ValueError, match=r"NaN or inf at \[1, 1\]"):
+            interval_cost(cost, [0, 1, 3], matrix=m)
+    m = np.triu(np.ones((3, 3))) + np.tril(np.full((3, 3), np.nan), -1)  # unread by 'matrix'
+    assert interval_cost("matrix", [0, 1, 3], matrix=m) == 2.0
+
+
+def test_build_hint_needs_the_sources_not_just_a_setup_py(tmp_path, monkeypatch) -> None:
+    """A folder with a setup.py but no csrc/ (another project's) is not antdiff's checkout."""
+    (tmp_path / "setup.py").write_text("")
+    pkg = tmp_path / "python" / "antdiff"
+    pkg.mkdir(parents=True)
+    monkeypatch.setattr(interval_dp, "__file__", str(pkg / "interval_dp.py"))
+    assert "pip install --force-reinstall" in interval_dp._build_hint()
+    (tmp_path / "csrc").mkdir()
+    assert f"make build` or `python setup.py build_ext --inplace` in {tmp_path}" in (
+        interval_dp._build_hint()
+    )
+
+
+def test_table_memory_is_16_bytes_per_entry(monkeypatch) -> None:
+    """(k + 1) (T + 1) entries of 16 bytes (the docstring): one byte short is refused."""
+    T, k = 10, 2  # noqa: N806
+    need = 16 * (k + 1) * (T + 1)
+    monkeypatch.setattr(interval_dp, "available_host_bytes", lambda: need - 1)
+    with pytest.raises(ValueError, match="fewer clusters"):
+        solve_intervals("l1", k, values=np.arange(float(T)), backend="numpy")
+    monkeypatch.setattr(interval_dp, "available_host_bytes", lambda: need)
+    assert solve_intervals("l1", k, values=np.arange(float(T)), backend="numpy")[0][-1] == T
+
+
+def test_both_backends_refuse_a_cost_bound_of_exactly_1e300() -> None:
+    """The refusal is 'not below 1e300' in the C++ (interval_dp.cpp); numpy's check must agree
+    at equality: 2 k max = 2 * 2 * 2.5e299 is 1e300 exactly in float64."""
+    m = np.full((4, 4), 2.5e299)
+    assert 2.0 * 2 * 2.5e299 == 1e300
+    for backend in ("cpp", "numpy"):
+        with pytest.raises(ValueError, match="costs overflow float64"):
+            solve_intervals("matrix", 2, matrix=m, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "numpy"])
+def test_exact_integer_l1_values_are_not_refused(backend) -> None:
+    """Integer l1 values whose prefix sums stay below 2^53 have exact interval costs (the
+    l1 formula only adds, subtracts and multiplies integers), so the DP's split is optimal;
+    the module docstring says every method returns the same split on exact data. Two groups
+    1e12 apart were refused as 'float64 cannot resolve' though the naive DP agrees."""
+    v = np.r_[np.arange(4.0), 1e12 + np.arange(4.0)]
+    expected = _brute_force("l1", v, 2, None, None)
+    bounds, total = solve_intervals("l1", 2, values=v, backend=backend)
+    assert bounds.tolist() == list(expected[2]) and total == expected[0]

@@ -318,15 +318,20 @@ def _check_precision(cost: str, data: np.ndarray, bounds: np.ndarray, total: flo
     (of x for l1, of x^2 for l2). Their rounding error grows with the largest prefix S (the
     sum of |x| or of x^2) and the steps summed: about eps S per cost in the final formula,
     plus eps S sqrt(T) accumulated along the sums (nothing on integer data, whose sums are
-    exact below 2^53). Values far apart at the scale of the clusters' own spread (two groups
-    1e8 apart, each of unit spread) make it exceed the costs being compared: the split is then
-    not the optimal one, and the total not its cost. This estimates the error over the k
-    clusters and refuses a split whose cost it does not leave resolved to 1e-4."""
+    exact below 2^53; l1 on such data has exact costs and is never refused). Values far apart
+    at the scale of the clusters' own spread (two groups 1e8 apart, each of unit spread) make
+    it exceed the costs being compared: the split is then not the optimal one, and the total
+    not its cost. This estimates the error over the k clusters and refuses a split whose cost
+    it does not leave resolved to 1e-4."""
     T = data.shape[0]
     x = data - (data[int(np.argmin(np.abs(data - data.sum() / T)))] if cost == "l2"
                 else data[(T - 1) // 2])  # fmt: skip
     scale = float((x * x).sum()) if cost == "l2" else float(np.abs(x).sum())
     exact = scale < 2.0**53 and bool(np.all(data == np.round(data)))
+    if exact and cost == "l1" and 8.0 * scale < 2.0**53:
+        # integers throughout: the l1 formula adds, subtracts and multiplies them (its terms
+        # stay within 4 scale, the DP's sums within 8), so every cost and total is exact
+        return
     err = len(bounds) * np.finfo(np.float64).eps * scale * (1.0 if exact else math.sqrt(T))
     if err <= PRECISION * total:  # then the total is the split's cost, resolved
         return
