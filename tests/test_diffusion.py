@@ -295,3 +295,128 @@ def test_vb_at_t0_is_the_decoder_nll_in_bits():
     ll = _ref_loglik(x0.double(), p["mean"].double(), 0.5 * p["log_variance"].double())
     want = -ll.reshape(3, -1).mean(1) / math.log(2.0) * (T / 1000)
     torch.testing.assert_close(vb.double(), want, rtol=1e-4, atol=1e-6)
+
+
+# --- training targets, hybrid weighting, posterior/fixed variance tables, argument checks ---
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_training_mse_against_each_prediction_target(prediction):
+    """The mse regresses eps, x0 or v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho 2022)."""
+    g = torch.Generator().manual_seed(4)
+    diff = GaussianDiffusion(linear_schedule(1000), prediction=prediction)
+    ab = _ref_alphas_cumprod()
+    t = torch.tensor([0, 9, 333, 999])
+    x0 = torch.randn(4, 2, 3, 3, generator=g, dtype=torch.float64)
+    noise = torch.randn(4, 2, 3, 3, generator=g, dtype=torch.float64)
+    pred = torch.randn(4, 2, 3, 3, generator=g, dtype=torch.float64)
+    out = diff.training_losses(ConstModel(pred), x0, t, noise)
+    a = ab[t.numpy()][:, None, None, None]
+    x0n, en = x0.numpy(), noise.numpy()
+    target = {"eps": en, "x0": x0n, "v": np.sqrt(a) * en - np.sqrt(1 - a) * x0n}[prediction]
+    want = ((target - pred.numpy()) ** 2).reshape(4, -1).mean(axis=1)
+    np.testing.assert_allclose(out["mse"].detach().numpy(), want, rtol=1e-10)
+
+
+def test_hybrid_loss_weights_the_mse_term_only():
+    """With a per-sample weighting and learned sigma: loss = w(t) * mse + vb (Min-SNR / P2 code)."""
+    torch.manual_seed(5)
+    T = 200  # noqa: N806
+    sched = linear_schedule(T)
+    ab = _ref_alphas_cumprod(T)
+    t = torch.tensor([1, 20, 120, 199])
+    x0 = torch.rand(4, 1, 3, 3) * 2 - 1
+    noise = torch.randn_like(x0)
+    model = ConstModel(torch.randn(4, 2, 3, 3) * 0.5)
+    weighted = GaussianDiffusion(sched, learn_sigma=True, loss_weighting="min_snr")
+    plain = GaussianDiffusion(sched, learn_sigma=True)
+    out = weighted.training_losses(model, x0, t, noise)
+    ref = plain.training_losses(model, x0, t, noise)
+    snr = ab[t.numpy()] / (1 - ab[t.numpy()])
+    w = np.minimum(snr, 5.0) / snr
+    assert (w < 0.9).any() and (ref["vb"] > 1e-4).all()
+    want = w * ref["mse"].detach().numpy() + ref["vb"].detach().numpy()
+    np.testing.assert_allclose(out["loss"].detach().numpy(), want, rtol=1e-5)
+
+
+def test_posterior_log_variance_is_clipped_at_t0():
+    s = linear_schedule(1000)
+    b, ab = s.betas, s.alphas_cumprod
+    ab_prev = np.concatenate([[1.0], ab[:-1]])
+    bt = b * (1 - ab_prev) / (1 - ab)
+    t = torch.tensor([0, 1, 40, 999])
+    x = torch.zeros(4, 1, 2, 2, dtype=torch.float64)
+    _, var, log_var = GaussianDiffusion(s).posterior_mean_variance(x, x, t)
+    want = np.log(np.array([bt[1], bt[1], bt[40], bt[999]]))
+    np.testing.assert_allclose(log_var.reshape(-1).numpy(), want, rtol=1e-12)
+    np.testing.assert_allclose(var.reshape(-1).numpy(), bt[t.numpy()], rtol=1e-12)
+
+
+def test_fixed_variance_tables_small_and_large():
+    """The "small" table is beta_tilde_t, "large" beta_t with beta_tilde_1 at t = 0 (iDDPM)."""
+    s = linear_schedule(1000)
+    b, ab = s.betas, s.alphas_cumprod
+    ab_prev = np.concatenate([[1.0], ab[:-1]])
+    bt = b * (1 - ab_prev) / (1 - ab)
+    t = torch.tensor([0, 1, 500, 999])
+    tn = t.numpy()
+    small = GaussianDiffusion(s, fixed_variance="small").table("fixed_var", t).numpy()
+    large = GaussianDiffusion(s, fixed_variance="large").table("fixed_var", t).numpy()
+    np.testing.assert_allclose(small, bt[tn], rtol=1e-12)
+    np.testing.assert_allclose(large, np.concatenate([[bt[1]], b[tn[1:]]]), rtol=1e-12)
+
+
+def test_constructor_rejects_bad_constants():
+    for gamma in (0.0, -1.0):
+        with pytest.raises(ValueError, match="min_snr_gamma"):
+            GaussianDiffusion("linear", loss_weighting="min_snr", min_snr_gamma=gamma)
+    with pytest.raises(ValueError, match="p2_k"):
+        GaussianDiffusion("linear", loss_weighting="p2", p2_k=-0.5)
+    GaussianDiffusion("linear", loss_weighting="p2", p2_k=0.0)  # k = 0 is allowed
+    with pytest.raises(ValueError, match="fixed_variance"):
+        GaussianDiffusion("linear", fixed_variance="learned")
+
+
+def test_q_sample_rejects_float_and_2d_timesteps():
+    """and integer dtypes that cannot index (uint8, int16: a bare RuntimeError from the gather
+    before); int32 indexes as int64 does."""
+    diff = GaussianDiffusion("linear")
+    x = torch.randn(2, 1, 2, 2)
+    t = torch.tensor([1, 2])
+    bads = (torch.tensor([1.0, 2.0]), torch.tensor([[1, 2]]), torch.tensor(3), t.to(torch.uint8),
+            t.to(torch.int16))  # fmt: skip
+    for bad in bads:
+        with pytest.raises(ValueError, match="1-D integer tensor.*int64 or int32"):
+            diff.q_sample(x, bad, x)
+    assert torch.equal(diff.q_sample(x, t.int(), x), diff.q_sample(x, t, x))
+
+
+def test_model_output_with_another_spatial_shape_raises():
+    """A [B, C, 1, 1] output would broadcast against the [B, C, H, W] target."""
+    diff = GaussianDiffusion("linear")
+    x0 = torch.zeros(2, 1, 3, 3)
+    with pytest.raises(ValueError, match="model output mean part has shape"):
+        diff.training_losses(ConstModel(torch.zeros(2, 1, 1, 1)), x0, torch.tensor([1, 2]))
+
+
+def test_training_losses_passes_model_kwargs():
+    class Labelled(nn.Module):
+        def forward(self, x, t, y):
+            return torch.zeros_like(x) + y.to(x.dtype).view(-1, 1, 1, 1)
+
+    diff = GaussianDiffusion("linear")
+    x0 = torch.randn(3, 1, 2, 2, dtype=torch.float64)
+    noise = torch.randn_like(x0)
+    y = torch.tensor([0, 1, 2])
+    out = diff.training_losses(Labelled(), x0, torch.tensor([5, 6, 7]), noise, {"y": y})
+    want = ((noise - y.double().view(-1, 1, 1, 1)) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(out["mse"], want, rtol=1e-12, atol=1e-12)
+
+
+def test_default_noise_is_a_standard_normal_draw():
+    """noise=None: eps ~ N(0, I), so a zero eps prediction has E[mse] = 1 (4096 values/sample)."""
+    torch.manual_seed(6)
+    diff = GaussianDiffusion("linear")
+    x0 = torch.zeros(3, 1, 64, 64)
+    mse = diff.training_losses(ConstModel(torch.zeros_like(x0)), x0, torch.tensor([0, 500, 999]))
+    assert ((mse["mse"] - 1.0).abs() < 0.15).all()  # sd of the mean ~ 0.022

@@ -179,11 +179,12 @@ class GaussianDiffusion:
     # ---------------------------------------------------------------- forward process
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Draw x_t ~ q(x_t | x0). x0, noise: [B, ...]; t: [B] int64 -> [B, ...]."""
-        if (not isinstance(t, torch.Tensor) or t.dim() != 1 or t.is_floating_point()
-                or t.dtype == torch.bool):  # fmt: skip
+        if (not isinstance(t, torch.Tensor) or t.dim() != 1
+                or t.dtype not in (torch.int64, torch.int32)):  # fmt: skip
             raise ValueError(
-                f"t must be a 1-D integer tensor [B], got "
+                f"t must be a 1-D integer tensor [B] of int64 or int32, got "
                 f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
+                " (convert it with t.long())"
             )
         try:  # no read of t's values (a host sync on a GPU): the gather checks its bounds
             a = self._gather("sqrt_ab", t, x0)
