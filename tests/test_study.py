@@ -445,3 +445,365 @@ def test_a_study_stopped_before_the_affinity_makes_it_on_the_rerun(
             "--jobs", "1"]  # fmt: skip
     assert study.main(argv) == 0
     assert ran == ["uw-gradient"] and made == [(out / "runs" / "vanilla_s0", 4, 8)]
+
+
+# -- a run's threads, folder, evaluation batch and recorded clusters ---------------------------
+
+
+def test_run_one_trains_with_the_jobs_threads_and_gives_the_process_its_own_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A job runs with its ``threads`` torch threads (1 per parallel run); the process's own
+    count comes back afterwards (a one-job study runs its jobs in the study's process)."""
+    import torch
+
+    seen = []
+    monkeypatch.setattr(study, "_run_one", lambda job: seen.append(torch.get_num_threads()) or {})
+    torch.set_num_threads(2)
+    study.run_one({"threads": 1})
+    assert seen == [1] and torch.get_num_threads() == 2
+    torch.set_num_threads(1)
+    study.run_one({"threads": 2})
+    assert seen == [1, 2] and torch.get_num_threads() == 1
+
+
+def test_a_run_has_a_folder_per_seed_samples_in_one_batch_and_records_its_clusters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """runs/<config>_s<seed> (two seeds of a config never share a folder), all --num samples
+    drawn as one batch, and the result keeps the run's cluster bounds and weights."""
+    from types import SimpleNamespace
+
+    import antdiff.evaluate
+    import antdiff.train
+
+    seen = {}
+
+    def fake_train(cfg, resume=None):  # noqa: ARG001
+        seen["out_dir"] = cfg.train.out_dir
+        clusters = SimpleNamespace(bounds=[0, 400, 1000])
+        return {"run": SimpleNamespace(ant=SimpleNamespace(clusters=clusters)),
+                "checkpoint": "ckpt.pt", "loss": 0.5, "seconds": 1.0, "sec_per_step": 0.1,
+                "stats": {"weight": [0.25, 0.75]}}  # fmt: skip
+
+    def fake_evaluate(ckpt, num, **kw):
+        seen["eval"] = {"ckpt": ckpt, "num": num, **kw}
+        return {"fid": 1.0, "precision": 0.5, "recall": 0.5}
+
+    monkeypatch.setattr(antdiff.train, "train", fake_train)
+    monkeypatch.setattr(antdiff.evaluate, "evaluate_checkpoint", fake_evaluate)
+    job = {"out": str(tmp_path), "name": "uw-snr", "method": "uw", "clustering": "snr",
+           "seed": 2, "steps": 7, "batch": 8, "lr": 5e-4, "ema": 0.9, "threads": 1, "num": 70,
+           "sampler": "ddim", "sample_steps": 9,
+           "affinity": str(tmp_path / "affinity_T.npy")}  # fmt: skip
+    study._run_one(job)
+    assert Path(seen["out_dir"]) == tmp_path / "runs" / "uw-snr_s2"
+    assert seen["eval"]["batch_size"] == 70
+    res = json.loads(study.result_path(tmp_path, "uw-snr", 2).read_text())
+    assert res["cluster_bounds"] == [0, 400, 1000] and res["cluster_weights"] == [0.25, 0.75]
+
+
+# -- the affinity: a failed pass and a crash while writing the table --------------------------
+
+
+def test_make_affinity_raises_on_a_failed_pass_and_leaves_no_table_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """affinity_T.npy existing means "done" on a resume: a failed ``antdiff affinity`` raises,
+    and a crash while the table is written leaves no (partial) table."""
+    import antdiff.cli
+    from antdiff.analysis.affinity import AffinityResult
+
+    monkeypatch.setattr(antdiff.cli, "main", lambda argv: 1)
+    with pytest.raises(RuntimeError, match="antdiff affinity failed"):
+        study.make_affinity(tmp_path, tmp_path / "runs" / "vanilla_s0", 2, 8, 1)
+    assert not (tmp_path / "affinity_T.npy").exists()
+
+    def cut_short(file, arr):  # noqa: ARG001 (a full disk: part of the file, then an error)
+        if isinstance(file, (str, Path)):
+            Path(file).write_bytes(b"\x93NUMPY")
+        else:
+            file.write(b"\x93NUMPY")
+        raise OSError("no space left on device")
+
+    def fake_cli(argv):
+        edges = np.array([0, 5, 10])
+        AffinityResult(np.eye(2), edges, 8, 1, {}).save(argv[argv.index("--out") + 1])
+        monkeypatch.setattr(np, "save", cut_short)
+        return 0
+
+    monkeypatch.setattr(antdiff.cli, "main", fake_cli)
+    with pytest.raises(OSError, match="no space"):
+        study.make_affinity(tmp_path, tmp_path / "runs" / "vanilla_s0", 2, 8, 1)
+    assert not (tmp_path / "affinity_T.npy").exists()
+
+
+# -- the summary with missing results: pairing by seed, ties ----------------------------------
+
+
+def test_summary_pairs_with_vanilla_by_seed_when_some_results_are_missing(tmp_path: Path) -> None:
+    """Vanilla lacks seed 0: uw-snr's ΔFID uses seeds 1 and 2 only (not the first two
+    vanilla results), its seeds and counts are those found, and a tie with vanilla is not
+    'better'."""
+    configs = [
+        {"name": "vanilla", "method": "vanilla", "clustering": "snr"},
+        {"name": "uw-snr", "method": "uw", "clustering": "snr"},
+    ]
+    fids = {"vanilla": {1: 5.0, 2: 10.0}, "uw-snr": {0: 2.0, 1: 5.0, 2: 7.0}}
+    for name, by_seed in fids.items():
+        for s, f in by_seed.items():
+            res = {"seed": s, "fid": f, "precision": 0.5, "recall": 0.5, "sec_per_step": 1.0,
+                   "cluster_bounds": [0, 1000], "features": "digits"}  # fmt: skip
+            path = study.result_path(tmp_path, name, s)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(res))
+    summary = study.summarize(tmp_path, configs, [0, 1, 2])
+    van, uw = summary["rows"]
+    assert (van["seeds"], van["n_seeds"]) == ([1, 2], 2)
+    assert (uw["seeds"], uw["n_seeds"]) == ([0, 1, 2], 3)
+    assert van["fid"]["mean"] == pytest.approx(7.5)
+    # seed 1: 5 - 5 = 0 (a tie), seed 2: 7 - 10 = -3; seed 0 has no vanilla to pair with
+    d = [0.0, -3.0]
+    mean = sum(d) / 2
+    std = (sum((x - mean) ** 2 for x in d) / (2 - 1)) ** 0.5
+    assert uw["dfid"]["values"] == pytest.approx(d)
+    assert uw["dfid"]["mean"] == pytest.approx(mean) and uw["dfid"]["std"] == pytest.approx(std)
+    assert uw["dfid"]["better"] == 1
+    summary["meta"] = {"command": "x", "steps": 2, "batch": 8, "lr": 1e-3, "ema": 0.99,
+                       "seeds": 3, "num": 70, "sampler": "ddim", "sample_steps": 3, "bins": 4,
+                       "affinity_samples": 8, "machine": "m", "jobs": 1, "wall_seconds": 60.0,
+                       "git_sha": "abc"}  # fmt: skip
+    study.write_report(summary, tmp_path / "R", tmp_path)
+    row = next(r for r in (tmp_path / "R.md").read_text().splitlines() if r.startswith("| uw-snr"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[4:6] == [f"{mean:+.2f} ± {std:.2f}", "1/2"]  # 1 of the 2 paired seeds
+
+
+# -- main: wall time, the results' code, parallel runs, argument and settings checks ----------
+
+
+class _ThreadPool(ThreadPoolExecutor):
+    """The study's process pool, as threads (so that a monkeypatched run_one reaches them)."""
+
+    def __init__(self, n, mp_context=None, initializer=None, initargs=()):  # noqa: ARG002
+        super().__init__(n)
+
+
+def test_report_counts_wall_time_from_the_first_start_and_names_the_results_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rerun that finds every result: the wall time runs from the study's first start (its
+    started.txt), in minutes, and the report names the commits the results were made at."""
+    out, report = tmp_path / "s", tmp_path / "R"
+    for name, sha in (("vanilla", "bbb"), ("uw-snr", "aaa")):
+        res = {"seed": 0, "fid": 4.0, "precision": 0.5, "recall": 0.5, "sec_per_step": 1.0,
+               "cluster_bounds": [0, 1000], "features": "digits", "git_sha": sha}  # fmt: skip
+        path = study.result_path(out, name, 0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res))
+    (out / "started.txt").write_text(f"{time.time() - 120:.1f}\n")  # 2 minutes ago
+    monkeypatch.setattr(study, "run_one", lambda job: pytest.fail(f"ran {job['name']}"))
+    argv = ["--out", str(out), "--seeds", "1", "--steps", "2", "--num", "70", "--methods", "uw",
+            "--clusterings", "snr", "--jobs", "1", "--report", str(report)]  # fmt: skip
+    assert study.main(argv) == 0
+    meta = json.loads((out / "summary.json").read_text())["meta"]
+    assert 120 <= meta["wall_seconds"] < 150
+    assert meta["results_made_at"] == ["aaa", "bbb"]
+    md = report.with_suffix(".md").read_text()
+    assert "Wall time: 2.0 min" in md and "(results made at aaa, bbb)" in md
+
+
+def test_a_rerun_with_the_affinity_made_does_not_make_it_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Vanilla seed 0 and its affinity table both done: the gradient runs start at once, on
+    that table (remaking it costs an affinity pass)."""
+    out, ran, made = tmp_path / "s", [], []
+    path = study.result_path(out, "vanilla", 0)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"seed": 0, "fid": 1.0, "precision": 0.5, "recall": 0.5,
+                                "sec_per_step": 0.1, "cluster_bounds": [0, 1000]}))  # fmt: skip
+    np.save(out / "affinity_T.npy", np.eye(3))
+
+    def fake_run_one(job):
+        ran.append(job["name"])
+        res = {"seed": job["seed"], "fid": 1.0, "precision": 0.5, "recall": 0.5,
+               "sec_per_step": 0.1, "cluster_bounds": [0, 1000]}  # fmt: skip
+        study.result_path(out, job["name"], job["seed"]).write_text(json.dumps(res))
+        return res
+
+    monkeypatch.setattr(study, "run_one", fake_run_one)
+    monkeypatch.setattr(study, "make_affinity", lambda *a: made.append(a))
+    argv = ["--out", str(out), "--seeds", "1", "--steps", "2", "--num", "70", "--methods", "uw",
+            "--clusterings", "gradient", "--bins", "4", "--affinity-samples", "8",
+            "--jobs", "1"]  # fmt: skip
+    assert study.main(argv) == 0
+    assert ran == ["uw-gradient"] and made == []
+
+
+def _job(out: Path, name: str, seed: int) -> dict:
+    return {"out": str(out), "name": name, "seed": seed,
+            "clustering": name.split("-")[-1] if "-" in name else "snr"}  # fmt: skip
+
+
+def test_schedule_runs_vanilla_seed0_first_then_the_seed0_runs_whatever_the_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The vanilla seed-0 run goes first (the gradient runs wait for its affinity), then every
+    seed-0 run before any later seed, whatever order the jobs come in."""
+    out, ran, made = tmp_path / "s", [], []
+    monkeypatch.setattr(
+        study,
+        "run_one",
+        lambda job: (
+            ran.append((job["name"], job["seed"]))
+            or {"fid": 1.0, "precision": 0.5, "recall": 0.5, "sec_per_step": 0.1}
+        ),
+    )
+    monkeypatch.setattr(study, "make_affinity", lambda *a: made.append(list(ran)))
+    args = study._parse(["--out", str(out), "--jobs", "1", "--methods", "uw"])
+    todo = [_job(out, n, s) for n in ("uw-gradient", "uw-snr", "vanilla") for s in (1, 0)]
+    study._schedule(out, todo, args, time.perf_counter())
+    assert ran[0] == ("vanilla", 0)
+    assert len(made) == 1 and made[0][0] == ("vanilla", 0)  # once, after vanilla seed 0 ran
+    ready = [r for r in ran if r[0] != "uw-gradient"]
+    assert [s for _, s in ready] == [0, 0, 1, 1]
+    assert sorted(ran[4:]) == [("uw-gradient", 0), ("uw-gradient", 1)]
+
+
+def test_gradient_runs_without_a_vanilla_seed0_run_are_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No vanilla seed-0 run to make the affinity: the held gradient runs are an error, not
+    silently left out of the study."""
+    out = tmp_path / "s"
+    monkeypatch.setattr(study, "run_one", lambda job: pytest.fail(f"ran {job['name']}"))
+    args = study._parse(["--out", str(out), "--jobs", "1", "--methods", "uw"])
+    with pytest.raises(RuntimeError, match="vanilla seed-0 run, which did not run"):
+        study._schedule(out, [_job(out, "uw-gradient", 0)], args, time.perf_counter())
+
+
+def test_parallel_runs_take_one_thread_each_and_the_affinity_waits_for_vanilla_seed0(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With 2 runs at a time, vanilla seed 1 may end before seed 0: the affinity is still made
+    from the seed-0 run (its checkpoint), once that has ended; every run has 1 torch thread."""
+    import threading
+
+    out, jobs, made = tmp_path / "s", [], []
+    seed1_ended = threading.Event()
+
+    def fake_run_one(job):
+        jobs.append(job)
+        if (job["name"], job["seed"]) == ("vanilla", 0):
+            seed1_ended.wait(10)
+            time.sleep(0.3)  # the study has seen vanilla seed 1 end by now
+        res = {"seed": job["seed"], "fid": 1.0, "precision": 0.5, "recall": 0.5,
+               "sec_per_step": 0.1, "cluster_bounds": [0, 1000]}  # fmt: skip
+        path = study.result_path(out, job["name"], job["seed"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res))
+        if (job["name"], job["seed"]) == ("vanilla", 1):
+            seed1_ended.set()
+        return res
+
+    def fake_make_affinity(where, vdir, bins, n_samples, threads):  # noqa: ARG001
+        made.append(study.result_path(where, "vanilla", 0).is_file())
+        np.save(where / "affinity_T.npy", np.eye(3))
+        return where / "affinity_T.npy"
+
+    monkeypatch.setattr(study, "run_one", fake_run_one)
+    monkeypatch.setattr(study, "make_affinity", fake_make_affinity)
+    monkeypatch.setattr(study, "ProcessPoolExecutor", _ThreadPool)
+    argv = ["--out", str(out), "--seeds", "2", "--steps", "2", "--num", "70", "--methods", "uw",
+            "--clusterings", "snr,gradient", "--bins", "4", "--affinity-samples", "8",
+            "--jobs", "2"]  # fmt: skip
+    assert study.main(argv) == 0
+    assert made == [True]  # once, after vanilla seed 0 had its result
+    assert len(jobs) == 6 and {j["threads"] for j in jobs} == {1}
+
+
+def test_parse_refuses_no_parallel_jobs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--jobs 0 would fail at the pool, after the lock and settings were taken."""
+    with pytest.raises(SystemExit):
+        study._parse(["--out", str(tmp_path / "o"), "--jobs", "0"])
+    assert "--seeds, --steps, --num and --jobs must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flag, then, now",
+    [("--batch", "32", "16"), ("--ema", "0.99", "0.9"), ("--num", "1000", "500"),
+     ("--sampler", "ddim", "ddpm"), ("--sample-steps", "50", "20")],
+)  # fmt: skip
+def test_rerun_with_another_training_or_sampling_setting_is_refused(
+    tmp_path: Path, flag: str, then: str, now: str
+) -> None:
+    """Every setting a result is made with (training and sampling) must repeat on a rerun."""
+    import re
+
+    out = tmp_path / "s"
+    study._check_settings(out, study._parse(["--out", str(out), flag, then]))
+    (out / "results").mkdir()
+    (out / "results" / "vanilla_s0.json").write_text("{}")
+    with pytest.raises(SystemExit, match=re.escape(f"{flag} {now} (made with {then})")):
+        study._check_settings(out, study._parse(["--out", str(out), flag, now]))
+
+
+def test_a_result_is_there_only_once_written_in_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A result file means "done" on a resume: an I/O error while it is written (here its
+    fsync) leaves no result file, so the rerun makes the run's result again."""
+    import os
+    from types import SimpleNamespace
+
+    import antdiff.evaluate
+    import antdiff.train
+
+    def fake_train(cfg, resume=None):  # noqa: ARG001
+        clusters = SimpleNamespace(bounds=[0, 1000])
+        return {"run": SimpleNamespace(ant=SimpleNamespace(clusters=clusters)),
+                "checkpoint": "ckpt.pt", "loss": 0.5, "seconds": 1.0, "sec_per_step": 0.1,
+                "stats": {}}  # fmt: skip
+
+    def failing_fsync(fd):  # noqa: ARG001
+        raise OSError("input/output error")
+
+    monkeypatch.setattr(antdiff.train, "train", fake_train)
+    monkeypatch.setattr(
+        antdiff.evaluate,
+        "evaluate_checkpoint",
+        lambda *a, **k: {"fid": 1.0, "precision": 0.5, "recall": 0.5},
+    )
+    job = {"out": str(tmp_path), "name": "uw-snr", "method": "uw", "clustering": "snr",
+           "seed": 0, "steps": 7, "batch": 8, "lr": 5e-4, "ema": 0.9, "threads": 1, "num": 70,
+           "sampler": "ddim", "sample_steps": 9,
+           "affinity": str(tmp_path / "affinity_T.npy")}  # fmt: skip
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="input/output"):
+        study._run_one(job)
+    assert not study.result_path(tmp_path, "uw-snr", 0).exists()
+
+
+# -- the lock after a failed study: released for a retry in the same process ------------------
+
+
+def test_a_failed_study_releases_its_lock_for_a_retry_in_the_same_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """main() that raised kept --out/.lock held for as long as its traceback lived (a REPL's
+    sys.last_value, a test's excinfo): a retry in the same process was refused as "another
+    study is running" under its own pid."""
+
+    def run_one(job):
+        raise RuntimeError(f"run {job['name']} failed")
+
+    monkeypatch.setattr(study, "run_one", run_one)
+    argv = ["--out", str(tmp_path / "s"), "--seeds", "1", "--steps", "2", "--num", "70",
+            "--methods", "uw", "--clusterings", "snr", "--jobs", "1"]  # fmt: skip
+    with pytest.raises(RuntimeError, match="run vanilla failed") as first:
+        study.main(argv)
+    # the first failure still kept: the retry runs (and fails the same way), not refused
+    with pytest.raises(RuntimeError, match="run vanilla failed"):
+        study.main(argv)
+    assert "vanilla" in str(first.value)

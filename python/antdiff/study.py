@@ -339,13 +339,14 @@ def _die_with_parent(parent: int, every: float = 1.0) -> None:
 
 
 def _lock(out: Path):  # noqa: ANN202
-    """Hold ``out``/.lock for this process's lifetime, or exit naming the study holding it: two
-    studies on one --out trained the same run folders side by side."""
+    """Hold ``out``/.lock until the returned file is closed (main closes it as it ends; a killed
+    process's lock goes with it), or exit naming the study holding it: two studies on one --out
+    trained the same run folders side by side."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
         return None
-    f = open(out / ".lock", "a+")  # noqa: SIM115 (held open until the process ends)
+    f = open(out / ".lock", "a+")  # noqa: SIM115 (held open until main ends)
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -415,7 +416,16 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     t0, out = time.perf_counter(), args.out
     out.mkdir(parents=True, exist_ok=True)
-    lock = _lock(out)  # noqa: F841 (released when the process ends)
+    lock = _lock(out)
+    try:
+        return _study(args, argv, t0, out)
+    finally:  # released however main ends: a kept traceback (a REPL's, a test's) held it open
+        if lock is not None:
+            lock.close()
+
+
+def _study(args: argparse.Namespace, argv: list[str] | None, t0: float, out: Path) -> int:
+    """main's work, with ``out`` locked."""
     if not (out / "started.txt").is_file():  # wall time counts from the first invocation
         atomic_write_text(out / "started.txt", f"{time.time():.1f}\n")
     _check_settings(out, args)
