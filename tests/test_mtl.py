@@ -944,3 +944,188 @@ def test_imtl_falls_back_to_the_parallel_limit_where_no_ridge_helps():
     w = IMTLG(2).weights(G, _present(2))
     torch.testing.assert_close(w.double(), torch.tensor([2 / 3, 1 / 3], dtype=torch.float64),
                                rtol=1e-6, atol=1e-7)  # fmt: skip
+
+
+# ------------------------------------------- CAGrad, mean, subsets, PCGrad / Nash state, scale
+def _cagrad_k2_reference(g1, g2, g0, c: float, div: float) -> torch.Tensor:
+    """CAGrad's update for two active gradients, in float64: the dual min over t in [0, 1] of
+    g_t . g0 + c |g0| |g_t| (g_t = t g1 + (1 - t) g2, convex in t) by ternary search, then
+    d = g0 + c |g0| / |g_t| g_t, divided by ``div``."""
+
+    def f(t: float) -> float:
+        gt = t * g1 + (1 - t) * g2
+        return float(gt @ g0 + c * g0.norm() * gt.norm())
+
+    lo, hi = 0.0, 1.0
+    for _ in range(200):
+        a, b = lo + (hi - lo) / 3, hi - (hi - lo) / 3
+        lo, hi = (lo, b) if f(a) <= f(b) else (a, hi)
+    gt = 0.5 * (lo + hi) * g1 + (1 - 0.5 * (lo + hi)) * g2
+    d = g0 + c * g0.norm() / gt.norm() * gt if c > 0 else g0
+    return d / div
+
+
+def _conflicting_pair() -> torch.Tensor:
+    J = torch.tensor([[1.0, 0.3, -0.2, 0.5], [-0.6, 1.2, 0.4, -0.1]], dtype=torch.float64)
+    assert J[0] @ J[1] < 0
+    return J
+
+
+@pytest.mark.parametrize(
+    "kwargs,c,div",
+    [({}, 0.4, 1 + 0.4**2), (dict(rescale=0), 0.4, 1.0), (dict(c=0.7, rescale=2), 0.7, 1.7),
+     (dict(c=0.0), 0.0, 1.0)],
+)  # fmt: skip
+def test_cagrad_defaults_and_rescales_against_a_two_cluster_reference(kwargs, c, div):
+    """The defaults (c = 0.4, the update divided by 1 + c^2), rescale 2 (by 1 + c) and c = 0
+    (the mean gradient) against an independent solve of the k = 2 dual."""
+    J = _conflicting_pair()
+    got = CAGrad(2, **kwargs).weights(J @ J.T, _present(2)).double() @ J
+    want = _cagrad_k2_reference(J[0], J[1], J.mean(0), c, div)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_cagrad_refuses_an_unknown_rescale_when_it_is_built():
+    for bad in (3, -1, "1"):
+        with pytest.raises(ValueError, match="rescale must be 0, 1 or 2"):
+            CAGrad(3, rescale=bad)
+
+
+@pytest.mark.parametrize("zero_gradient", [True, False])
+def test_mean_and_cagrad_reference_the_mean_over_present_clusters(zero_gradient):
+    """A present cluster with an exactly zero gradient still counts in the mean gradient g0
+    (sum over present / k_present, as documented); an absent one does not, and its row of G
+    plays no part in CAGrad's dual."""
+    J = torch.cat([_conflicting_pair(), torch.tensor([[0.9, -0.4, 1.1, 0.3]], dtype=torch.float64)])
+    if zero_gradient:
+        J[2] = 0.0
+        present, kp = _present(3), 3
+    else:
+        present, kp = _present(3, (2,)), 2
+    G = J @ J.T
+    mean = MeanGram(3).weights(G, present).double()
+    torch.testing.assert_close(mean, torch.tensor([1 / kp, 1 / kp, 0.0], dtype=torch.float64))
+    g0 = (J[0] + J[1]) / kp
+    got = CAGrad(3).weights(G, present).double()
+    assert got[2] == 0
+    want = _cagrad_k2_reference(J[0], J[1], g0, 0.4, 1 + 0.4**2)
+    torch.testing.assert_close(got @ J, want, rtol=1e-5, atol=1e-6)
+
+
+def test_subset_methods_take_k_12_and_refuse_13():
+    """MGDA and CAGrad solve every support exactly up to k = 12 (MAX_SUBSET_K) and refuse k = 13
+    when built."""
+    k = 12
+    J = _J(k, 40, seed=31)
+    G = J @ J.T
+    w = MGDA(k).weights(G, _present(k)).double().numpy()
+    _check_simplex_kkt(w, 2 * G.numpy() @ w, tol=1e-5, sum_tol=1e-6)
+    w = CAGrad(k).weights(G, _present(k))
+    assert torch.isfinite(w).all() and (w > 0).any()
+    for cls in (MGDA, CAGrad):
+        with pytest.raises(ValueError, match="k <= 12"):
+            cls(13)
+
+
+def test_pcgrad_seed_sets_the_orders():
+    """The order stream is a function of the seed: one seed repeats it, another differs."""
+    G = torch.eye(5, dtype=torch.float64)
+    a, b, c = PCGrad(5, seed=1), PCGrad(5, seed=1), PCGrad(5, seed=2)
+    sa, sb, sc = (_orders_seq(m, G, [True] * 3) for m in (a, b, c))
+    assert all(torch.equal(x, y) for x, y in zip(sa, sb))
+    assert not all(torch.equal(x, y) for x, y in zip(sa, sc))
+
+
+def test_pcgrad_state_loads_into_a_used_method_and_saves_right_after_a_load():
+    """A load replaces the step counter of a PCGrad that has already stepped, and a state
+    saved right after a load (no step in between) keeps the loaded counter."""
+    G = torch.eye(4, dtype=torch.float64)
+    a = PCGrad(4, seed=3)
+    _orders_seq(a, G, [True] * 5)
+    used = PCGrad(4, seed=3)
+    _orders_seq(used, G, [True] * 9)
+    used.load_state_dict(_roundtrip(a.state_dict()))
+    again = PCGrad(4, seed=3)
+    again.load_state_dict(_roundtrip(a.state_dict()))
+    resaved = PCGrad(4, seed=0)
+    resaved.load_state_dict(_roundtrip(again.state_dict()))  # ``again`` never stepped
+    assert int(resaved.state_dict()["steps"]) == 5
+    want = _orders_seq(a, G, [True] * 3)
+    for m in (used, resaved):
+        assert all(torch.equal(x, y) for x, y in zip(_orders_seq(m, G, [True] * 3), want))
+
+
+def test_nash_default_iterations_solve_nearly_cancelling_gradients():
+    """g_2 = -g_1 + 1e-2 noise: the damped Newton solve needs about 20 iterations; the default
+    (40) reaches alpha * (G alpha) = 1 with alpha > 0."""
+    g = torch.Generator().manual_seed(1)
+    J = torch.randn(5, 20, generator=g, dtype=torch.float64)
+    J[1] = -J[0] + 1e-2 * torch.randn(20, generator=g, dtype=torch.float64)
+    G = J @ J.T
+    m = NashMTL(5)
+    assert torch.isfinite(m.weights(G, _present(5))).all()
+    alpha = m.last_alpha
+    assert (alpha > 0).all()
+    torch.testing.assert_close(alpha * (G @ alpha), torch.ones(5, dtype=torch.float64),
+                               rtol=1e-8, atol=0)  # fmt: skip
+
+
+def test_nash_state_load_keeps_alpha_and_checks_reduction_and_k():
+    """A current state loads without a warning and restores alpha before any step; one saved
+    with the other reduction is marked stale (with a warning); an alpha of another k is
+    refused at load."""
+    J = _J(3, 10, seed=5, parallel=1.0)
+    a = NashMTL(3)
+    a.weights(J @ J.T, _present(3))
+    b = NashMTL(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        b.load_state_dict(_roundtrip(a.state_dict()))
+    assert not b.stale_weights and torch.equal(b.last_alpha, a.last_alpha)
+    summed = NashMTL(3, reduction="sum")
+    summed.weights(J @ J.T, _present(3))
+    c = NashMTL(3)
+    with pytest.warns(UserWarning, match="Nash-MTL state from an earlier antdiff"):
+        c.load_state_dict(_roundtrip(summed.state_dict()))
+    assert c.stale_weights
+    bad = {**a.state_dict(), "last_alpha": torch.ones(5, dtype=torch.float64)}
+    with pytest.raises(ValueError, match=r"'last_alpha' has shape \(5,\), but this method has k=3"):
+        NashMTL(3).load_state_dict(bad)
+
+
+def _mgda_k2(J: torch.Tensor) -> torch.Tensor:
+    g1, g2 = J[0], J[1]
+    gam = min(max(float(((g2 - g1) @ g2) / ((g1 - g2) @ (g1 - g2))), 0.0), 1.0)
+    return torch.tensor([gam, 1 - gam], dtype=torch.float64)
+
+
+def test_mgda_and_cagrad_of_a_subnormal_gram():
+    """Both are invariant to G's scale: a float64 Gram with subnormal entries (|G| ~ 1e-310)
+    gives the weights of G itself (solved without the normalisation, 1 / sqrt(diag G)
+    overflowed and MGDA's weights were NaN)."""
+    J = _conflicting_pair()
+    G = J @ J.T
+    e = math.floor(math.log2(1e-310 / G.abs().max().item()))
+    tiny = torch.ldexp(G, torch.tensor(e))
+    assert 0 < tiny.abs().max() < torch.finfo(torch.float64).tiny
+    torch.testing.assert_close(MGDA(2).weights(tiny, _present(2)).double(), _mgda_k2(J),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    got = CAGrad(2).weights(tiny, _present(2)).double() @ J
+    torch.testing.assert_close(got, _cagrad_k2_reference(J[0], J[1], J.mean(0), 0.4, 1.16),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+# The mean active diagonal was computed as diag.sum() / n, whose sum overflowed to inf for a
+# finite Gram near the float64 maximum: G / inf = 0, and MGDA returned [1, 0], CAGrad the mean.
+def test_mgda_and_cagrad_of_a_gram_near_the_float64_maximum():
+    """Both are invariant to G's scale, up to the top of the float64 range (entries ~1.7e308,
+    whose diagonal sum is beyond it), like Nash-MTL and the mean."""
+    J = _conflicting_pair()
+    G = J @ J.T
+    big = G * (1.7e308 / G.abs().max().item())
+    assert torch.isfinite(big).all() and not torch.isfinite(big.diagonal().sum())
+    torch.testing.assert_close(MGDA(2).weights(big, _present(2)).double(), _mgda_k2(J),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    got = CAGrad(2).weights(big, _present(2)).double() @ J
+    torch.testing.assert_close(got, _cagrad_k2_reference(J[0], J[1], J.mean(0), 0.4, 1.16),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip

@@ -55,7 +55,8 @@ _FEAS_TOL = 1e-9
 
 def _normalised(G: Tensor, active: Tensor) -> Tensor:
     """G divided by its mean active diagonal (all these methods are invariant to that scale)."""
-    scale = G.diagonal().sum() / active.sum().clamp(min=1)
+    # divided before the sum: a sum of finite entries near the dtype's maximum would be inf
+    scale = (G.diagonal() / active.sum().clamp(min=1)).sum()
     return G / scale.clamp(min=torch.finfo(G.dtype).tiny)
 
 
