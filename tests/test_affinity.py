@@ -574,3 +574,242 @@ def test_affinity_figures_put_t0_top_left_and_name_bins_and_checkpoints(tmp_path
     # bin edges for another T than the schedule's do not describe its timesteps
     with pytest.raises(ValueError, match="end at 50 but the schedule has T=100"):
         logsnr_edges(np.array([0, 25, 50]), sched)
+
+
+# --- A linear model with labels: affinity and gradient norms in closed form -------------------
+
+
+class LinearEps(nn.Module):
+    """eps(x_t, t, y) = W x_t + c + E[y] on 2x2 single-channel images: the gradient of the
+    eps-MSE is closed-form, so the reference below needs no autograd."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.W = nn.Parameter(0.5 * torch.randn(4, 4))
+        self.c = nn.Parameter(0.5 * torch.randn(4))
+        self.E = nn.Parameter(0.5 * torch.randn(classes, 4))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (x.flatten(1) @ self.W.T + self.c + self.E[y]).view_as(x)
+
+
+def linear_bin_gradients(model, data, y, edges, n, seed) -> np.ndarray:
+    """J [nb, P] in float64, P = (W, c, E) flattened: g_b = grad of (1/n) sum_s mean_d r_sd^2,
+    r_s = W x_s + c + E[y_s] - eps_s, x_s = sqrt(ab_t) x0_s + sqrt(1 - ab_t) eps_s, with the
+    linear schedule's ab recomputed here (betas rescaled by 1000 / T)."""
+    W, c, E = (p.detach().double().numpy() for p in (model.W, model.c, model.E))  # noqa: N806
+    betas = np.linspace(1e-4 * 1000 / T_SMALL, 0.02 * 1000 / T_SMALL, T_SMALL)
+    ab = np.cumprod(1.0 - betas)
+    tasks = AffinityTasks(edges, data.shape[0], n, data.shape[1:], seed)
+    idx = tasks.index.numpy()
+    x0, ys = data.double().numpy().reshape(len(data), -1)[idx], y.numpy()[idx]
+    rows = []
+    for b in range(len(edges) - 1):
+        t, eps = tasks.draw(b)
+        t, eps = t.numpy(), eps.double().numpy().reshape(n, -1)
+        x = np.sqrt(ab[t])[:, None] * x0 + np.sqrt(1 - ab[t])[:, None] * eps
+        r = x @ W.T + c + E[ys] - eps  # [n, 4]
+        k = 2.0 / (n * r.shape[1])
+        gE = np.zeros_like(E)  # noqa: N806
+        np.add.at(gE, ys, k * r)
+        rows.append(np.concatenate([(k * r.T @ x).ravel(), k * r.sum(0), gE.ravel()]))
+    return np.stack(rows)
+
+
+def test_linear_model_with_labels_matches_the_closed_form():
+    """Labels follow their data points through the seeded selection (n > N reuses them) and
+    the batches; grad_norms are |g_b| of the bin's MEAN loss; the meta records the seed."""
+    torch.manual_seed(4)
+    model = LinearEps()
+    diffusion = GaussianDiffusion(linear_schedule(T_SMALL))
+    data = torch.rand(7, 1, 2, 2) * 2 - 1
+    y = torch.tensor([0, 2, 1, 1, 0, 2, 2])
+    edges = np.array([0, 5, 18, 40])
+    res = task_affinity(
+        model, diffusion, data, bin_edges=edges, n_samples=10, batch_size=3, seed=9,
+        model_kwargs={"y": y},
+    )  # fmt: skip
+    J = linear_bin_gradients(model, data, y, edges, 10, 9)  # noqa: N806
+    norms = np.linalg.norm(J, axis=1)
+    np.testing.assert_allclose(res.affinity, (J @ J.T) / np.outer(norms, norms), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(res.meta["grad_norms"], [norms], rtol=1e-4, atol=0)
+    assert (
+        res.meta["seed"] == 9
+        and res.meta["T"] == T_SMALL
+        and res.meta["checkpoints"] == ["models[0] (LinearEps)"]
+    )
+
+
+# --- The pass leaves the model as it found it: eval mode, existing gradients, errors ----------
+
+
+def test_an_eval_model_with_gradients_keeps_them(setup):
+    model, diffusion, data = setup
+    model.eval()
+    before = [torch.full_like(p, 0.25 * i) for i, p in enumerate(model.parameters())]
+    for p, g in zip(model.parameters(), before):
+        p.grad = g
+    task_affinity(model, diffusion, data, bins=3, n_samples=4, batch_size=4)
+    assert not model.training and not any(m.training for m in model.modules())
+    for i, (p, g) in enumerate(zip(model.parameters(), before)):
+        assert p.grad is g and torch.equal(g, torch.full_like(p, 0.25 * i))
+
+
+class FailsLateNet(TinyNet):
+    """TinyNet whose forward raises for t >= 30 (the last of 4 bins of T = 40)."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if int(t.max()) >= 30:
+            raise RuntimeError("late bin")
+        return super().forward(x, t)
+
+
+def test_a_pass_that_raises_still_restores_mode_and_gradients(setup):
+    _, diffusion, data = setup
+    model = FailsLateNet().train()
+    with pytest.raises(RuntimeError, match="late bin"):
+        task_affinity(model, diffusion, data, bins=4, n_samples=3, batch_size=3)
+    assert model.training and all(p.grad is None for p in model.parameters())
+
+
+def test_submodule_modes_are_restored(setup):
+    """A train-mode model with a submodule its owner keeps in eval (a frozen teacher, an EMA
+    copy): the pass gives each module back its own mode, not the top-level one (a restore by
+    model.train(was_training) put them all in training)."""
+    model, diffusion, data = setup
+    model.train()
+    model.drop.eval()
+    task_affinity(model, diffusion, data, bins=2, n_samples=3, batch_size=3)
+    assert model.training and model.inp.training and not model.drop.training
+
+
+# --- Bad gradients and bad inputs ---------------------------------------------------------------
+
+
+def test_a_non_finite_gradient_is_an_error(setup):
+    model, diffusion, data = setup
+    with torch.no_grad():
+        model.out.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"bin\(s\) \[0, 1\] is zero or non-finite"):
+        task_affinity(model, diffusion, data, bins=2, n_samples=3)
+
+
+def test_bad_model_kwargs_empty_data_and_boolean_bins(setup):
+    model, diffusion, data = setup
+    with pytest.raises(ValueError, match=r"model_kwargs\['y'\] must be a tensor with N=13 rows"):
+        task_affinity(model, diffusion, data, bins=2, n_samples=2, model_kwargs={"y": data[:5]})
+    with pytest.raises(ValueError, match=r"with N >= 1, got a tensor of shape \[0, 1, 2, 2\]"):
+        task_affinity(model, diffusion, data[:0], bins=2, n_samples=2)
+    with pytest.raises(ValueError, match="bins must be an integer in \\[1, T=40\\], got True"):
+        task_affinity(model, diffusion, data, bins=True, n_samples=2)
+
+
+# --- The fixed tasks and the default bins -------------------------------------------------------
+
+
+def test_each_bin_has_its_own_noise_and_the_seed_picks_the_data_points():
+    edges = np.array([0, 10, 20, 30])
+    a = AffinityTasks(edges, 50, 8, (1, 2, 2), seed=5)
+    eps = [a.draw(b)[1] for b in range(3)]
+    assert not torch.equal(eps[0], eps[1]) and not torch.equal(eps[1], eps[2])
+    # bin b's draws depend on (seed, b) only, not on the other bins' edges
+    other = AffinityTasks(np.array([0, 10, 20, 40]), 50, 8, (1, 2, 2), seed=5)
+    assert torch.equal(other.draw(1)[0], a.draw(1)[0]) and torch.equal(other.draw(1)[1], eps[1])
+    assert not torch.equal(AffinityTasks(edges, 50, 8, (1, 2, 2), seed=6).index, a.index)
+
+
+def test_default_bins_are_min_50_T():
+    np.testing.assert_array_equal(make_bin_edges(100), np.arange(51) * 2)
+    np.testing.assert_array_equal(make_bin_edges(40), np.arange(41))
+
+
+# --- Rows of J from block_rows and the memory budget ------------------------------------------
+
+
+def test_rows_of_j_from_block_rows_and_the_budget(setup, monkeypatch):
+    """block_rows above nb allocates nb rows; a budget under two rows still gets two (a single
+    row cannot hold a block and a streamed bin); max_bytes=None is half the free memory; the
+    budget counts trainable parameters only."""
+    import antdiff.analysis.affinity as aff
+
+    model, diffusion, data = setup
+    kw = dict(bins=4, n_samples=5, batch_size=5, seed=1)
+    one = task_affinity(model, diffusion, data, **kw)
+    assert task_affinity(model, diffusion, data, block_rows=10, **kw).meta["block_rows"] == 4
+    real_fill, calls = aff._fill_row, []
+
+    def bounded_fill(*args):  # a pass that made no progress would loop forever
+        calls.append(args[3])
+        assert len(calls) <= 4 * 5 // 2, "more bin gradients than a 2-row pass needs"
+        return real_fill(*args)
+
+    monkeypatch.setattr(aff, "_fill_row", bounded_fill)
+    tiny = task_affinity(model, diffusion, data, max_bytes=1, **kw)
+    assert tiny.meta["block_rows"] == 2 and tiny.meta["bin_passes"] == [4 + 3 + 2]
+    np.testing.assert_allclose(tiny.affinity, one.affinity, atol=1e-6, rtol=0)
+    monkeypatch.setattr(aff, "_fill_row", real_fill)
+    P = sum(p.numel() for p in model.parameters())  # noqa: N806
+    monkeypatch.setattr(aff, "_free_bytes", lambda device: 2 * (3 * P * 4 + 3))
+    assert task_affinity(model, diffusion, data, **kw).meta["block_rows"] == 3
+    model.emb.requires_grad_(False)  # frozen: not a column of J, not in the budget
+    P = sum(p.numel() for p in model.parameters() if p.requires_grad)  # noqa: N806
+    part = task_affinity(model, diffusion, data, max_bytes=3 * P * 4 + 3, **kw)
+    assert part.meta["block_rows"] == 3
+
+
+# --- Saved files: every field back, written atomically ----------------------------------------
+
+
+def test_load_gives_back_every_field(tmp_path):
+    meta = {"checkpoints": ["a.pt", "b.pt"], "seed": 4, "grad_norms": [[1.0, 2.0]]}
+    res = AffinityResult(np.array([[1.0, 0.5], [0.5, 1.0]]), np.array([0, 3, 10]), 7, 2, meta)
+    back = AffinityResult.load(res.save(tmp_path / "r.npz"))
+    assert (back.n_samples, back.n_checkpoints, back.meta) == (7, 2, meta)
+    assert back.bin_edges.dtype == np.int64 and back.affinity.dtype == np.float64
+
+
+@pytest.mark.parametrize("name, writer", [("r.npz", "savez"), ("r.npy", "save")])
+def test_a_failed_save_keeps_the_previous_file(tmp_path, monkeypatch, name, writer):
+    old = AffinityResult(np.eye(2), np.array([0, 3, 10]), 7, 1, {})
+    path = old.save(tmp_path / name)
+    before = path.read_bytes()
+
+    real = getattr(np, writer)
+
+    def broken(f, *args, **kwargs):  # the affinity's write fills the disk halfway
+        if writer == "save" and args[0].ndim != 2:  # the .npy's bin edges go through
+            return real(f, *args, **kwargs)
+        if isinstance(f, (str, type(path))):
+            f = open(f, "wb")  # noqa: SIM115
+        f.write(b"PK\x03\x04 partial")
+        f.close()
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(np, writer, broken)
+    new = AffinityResult(np.full((2, 2), 0.5), np.array([0, 3, 10]), 7, 1, {})
+    with pytest.raises(OSError, match="no space left"):
+        new.save(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [name, "r_edges.npy"] if name.endswith(".npy") else [name]
+    )
+
+
+# --- A module and checkpoint paths in one call ------------------------------------------------
+
+
+def test_a_module_and_its_checkpoint_path_average_together(tmp_path):
+    """A module has no config to compare: it goes with checkpoints of its architecture."""
+    from antdiff.analysis import load_affinity_checkpoint
+
+    path = tmp_path / "a.pt"
+    _tiny_adm_checkpoint(path, 0)
+    module = load_affinity_checkpoint(path)[0]
+    diffusion = GaussianDiffusion(linear_schedule(100))
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    kw = dict(bins=2, n_samples=2, batch_size=2)
+    both = task_affinity([module, path], diffusion, x, **kw)
+    assert both.n_checkpoints == 2
+    np.testing.assert_allclose(
+        both.affinity, task_affinity(module, diffusion, x, **kw).affinity, atol=1e-12, rtol=0
+    )

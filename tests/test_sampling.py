@@ -586,3 +586,36 @@ def test_variance_name_and_guidance_check_at_scale_one():
     check_guidance_trained(untrained, 1.0)  # no guidance: the null class is never used
     with pytest.raises(ValueError, match="class_dropout_prob=0"):
         check_guidance_trained(untrained, 2.0)
+
+
+class _FrozenPart(nn.Module):
+    """A training model with a part its owner keeps in eval (a pretrained, frozen BatchNorm):
+    records every module's mode at each forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 1)
+        self.frozen = nn.BatchNorm2d(1).eval()
+        self.seen: list[tuple[bool, ...]] = []
+
+    def forward(self, x, t):
+        self.seen.append(tuple(m.training for m in self.modules()))
+        return self.frozen(self.conv(x))
+
+
+@pytest.mark.parametrize("top", [True, False], ids=["training", "eval"])
+def test_sampling_runs_every_module_in_eval_and_gives_each_its_own_mode_back(top):
+    """Sampling runs every module in eval mode, and afterwards each is back in its own mode:
+    a frozen part stays in eval (model.train() after sampling put it in training, and the
+    engine's next step then refused its BatchNorm), the rest as it was."""
+    model = _FrozenPart().train(top)
+    model.frozen.eval()
+    before = [m.training for m in model.modules()]
+    sample(model, GaussianDiffusion(linear_schedule(40)), (2, 1, 2, 2), steps=3,
+           generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert model.seen and all(not any(modes) for modes in model.seen)
+    assert [m.training for m in model.modules()] == before
+    with pytest.raises(RuntimeError, match="stop"):  # also when sampling fails
+        model.conv.register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("stop")))
+        sample(model, GaussianDiffusion(linear_schedule(40)), (2, 1, 2, 2), steps=3)
+    assert [m.training for m in model.modules()] == before

@@ -33,6 +33,7 @@ import torch
 from antdiff.diffusion import FIXED_VARIANCES as _VARIANCES
 from antdiff.diffusion import GaussianDiffusion
 from antdiff.schedules import Schedule
+from antdiff.utils import eval_mode
 
 __all__ = ["check_settings", "guided_output", "respace", "sample", "space_timesteps"]
 
@@ -322,31 +323,25 @@ def sample(
             return guided_output(model, x, t, y, cfg_scale, null, c, cfg_channels)
         return (model(x, t) if y is None else model(x, t, y=y)).float()
 
-    was_training = isinstance(model, torch.nn.Module) and model.training
-    if was_training:
-        model.eval()  # label dropout / dropout must be off while sampling
-    # no_grad here, not as a decorator: its wrapper frame would be the one the warnings above
-    # name (torch/utils/_contextlib.py) instead of the caller's line
-    try:
-        with torch.no_grad():
-            x = torch.randn(shape, generator=generator, device=device)
-            order = range(resp.T - 1, -1, -1)
-            if progress:
-                from tqdm.auto import tqdm
+    # label dropout / dropout off while sampling, each submodule's mode back afterwards. no_grad
+    # here, not as a decorator: its wrapper frame would be the one the warnings above name
+    # (torch/utils/_contextlib.py) instead of the caller's line
+    with eval_mode(model), torch.no_grad():
+        x = torch.randn(shape, generator=generator, device=device)
+        order = range(resp.T - 1, -1, -1)
+        if progress:
+            from tqdm.auto import tqdm
 
-                order = tqdm(order, desc=f"{sampler}-{steps}")
-            for k in order:
-                i = torch.full((b,), k, dtype=torch.long, device=device)
-                p = resp.p_mean_variance(forward(x, i), x, i, clip_denoised=clip_denoised)
-                noise = torch.randn(shape, generator=generator, device=device)
-                x = (
-                    _ddpm_step(p, x, i, noise)
-                    if sampler == "ddpm"
-                    else _ddim_step(resp, p, x, i, noise, eta)
-                )
-    finally:
-        if was_training:
-            model.train()
+            order = tqdm(order, desc=f"{sampler}-{steps}")
+        for k in order:
+            i = torch.full((b,), k, dtype=torch.long, device=device)
+            p = resp.p_mean_variance(forward(x, i), x, i, clip_denoised=clip_denoised)
+            noise = torch.randn(shape, generator=generator, device=device)
+            x = (
+                _ddpm_step(p, x, i, noise)
+                if sampler == "ddpm"
+                else _ddim_step(resp, p, x, i, noise, eta)
+            )
     return x
 
 

@@ -1,12 +1,13 @@
-"""Small shared helpers: atomic file writes, seeding."""
+"""Small shared helpers: atomic file writes, seeding, evaluation mode."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -180,3 +181,23 @@ def load_npy(path: str | Path, what: str, **kwargs: Any) -> Any:
             f"{str(path)!r} is not a numeric numpy file ({what}, written by np.save / "
             f"np.savez): {first}"
         ) from exc
+
+
+@contextlib.contextmanager
+def eval_mode(*models: Any) -> Iterator[None]:
+    """The models in eval mode for the block; afterwards every submodule is back in its own mode.
+    (``model.train(was)`` would put them all in the top module's: a frozen part kept in eval, a
+    BatchNorm or a teacher, would come back training.) Arguments that are not modules (a plain
+    function) are left alone."""
+    import torch
+
+    modes = [(m, m.training) for model in models if isinstance(model, torch.nn.Module)
+             for m in model.modules()]  # fmt: skip
+    for model in models:
+        if isinstance(model, torch.nn.Module):
+            model.eval()
+    try:
+        yield
+    finally:
+        for m, was in modes:
+            m.training = was

@@ -19,9 +19,10 @@ is about nb * (1 + (q - 1) / 2) bin gradients (q = 2: 1.5x), reported as ``meta[
 Spilling J to host memory or disk would avoid the recomputation at the price of moving nb * P
 numbers through slower memory; it is not implemented.
 
-The model runs in ``eval()`` mode during the pass (restored afterwards), so dropout and label
-dropout are off and the gradients are deterministic; GroupNorm/LayerNorm models compute the
-same in either mode. The parameters' ``.grad`` are restored afterwards too.
+The model runs in ``eval()`` mode during the pass (each submodule's own mode restored
+afterwards), so dropout and label dropout are off and the gradients are deterministic;
+GroupNorm/LayerNorm models compute the same in either mode. The parameters' ``.grad`` are
+restored afterwards too.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from torch import nn
 
 from ..data import as_float
 from ..engine.buffer import GradBuffer
-from ..utils import atomic_write, available_host_bytes
+from ..utils import atomic_write, available_host_bytes, eval_mode
 
 __all__ = [
     "AffinityResult",
@@ -225,9 +226,10 @@ def task_affinity(
         # the rows used, as float32 (uint8 pixels are converted here, not the whole set)
         x0 = as_float(data.index_select(0, tasks.index.to(data.device))).to(dev)
         kw = {k: v.index_select(0, tasks.index.to(v.device)).to(dev) for k, v in kwargs.items()}
-        G, rows_used, n_pass = _model_gram(  # noqa: N806
-            model, diffusion, x0, kw, tasks, batch_size, block_rows, max_bytes
-        )
+        with eval_mode(model):  # each submodule's own mode back afterwards
+            G, rows_used, n_pass = _model_gram(  # noqa: N806
+                model, diffusion, x0, kw, tasks, batch_size, block_rows, max_bytes
+            )
         A, d = _cosine(G, label)  # noqa: N806
         mats.append(A)
         norms.append(d.tolist())
@@ -283,8 +285,6 @@ def _model_gram(model, diffusion, x0, kw, tasks, batch_size, block_rows, max_byt
             "affinity compares gradients; call model.requires_grad_(True)"
         )
     saved = [p.grad for p in params]
-    was_training = model.training
-    model.eval()
     nb = tasks.bin_edges.size - 1
     try:
         buf = GradBuffer(params, _rows(nb, params, block_rows, max_bytes))
@@ -310,7 +310,6 @@ def _model_gram(model, diffusion, x0, kw, tasks, batch_size, block_rows, max_byt
     finally:
         for p, g in zip(params, saved):
             p.grad = g
-        model.train(was_training)
 
 
 def _fill_row(buf, r, b, model, diffusion, x0, kw, tasks, batch_size) -> None:
