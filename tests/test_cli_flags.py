@@ -296,3 +296,331 @@ def test_plot_cli_out(tmp_path, capsys, plot_spy):
     capsys.readouterr()
     assert cli_main(["plot", "--run", run, "--out", str(tmp_path / "f.txt")]) == 2
     assert "--out" in capsys.readouterr().err and len(plot_spy) == 2
+
+
+# -- antdiff affinity: outputs, defaults, data and trainer checkpoints --------------------------
+
+
+def test_affinity_cli_out_under_a_file_is_refused_before_the_pass(tmp_path, capsys, affinity_spy):
+    """An --out that cannot be written (its folder is a file) is a message before any work."""
+    ck, a_file = tmp_path / "c.pt", tmp_path / "f.txt"
+    _checkpoint(ck)
+    a_file.write_text("x")
+    capsys.readouterr()
+    assert _affinity(str(ck), "--bins", "2", "--n-samples", "2",
+                     "--out", str(a_file / "a.npz")) == 2  # fmt: skip
+    assert "is a file, not a folder" in capsys.readouterr().err and not affinity_spy
+
+
+def test_affinity_cli_checkpoint_without_diffusion_defaults_to_linear_1000(tmp_path, capsys):
+    """Without a diffusion in the checkpoint nor --schedule / --T: linear over T = 1000."""
+    ck, out = tmp_path / "nodiff.pt", tmp_path / "d.npz"
+    _checkpoint(ck, diffusion=False)
+    capsys.readouterr()
+    assert _affinity(str(ck), "--bins", "2", "--n-samples", "2", "--out", str(out)) == 0
+    with np.load(out) as z:
+        meta = json.loads(str(z["meta"]))
+        assert z["bin_edges"].tolist() == [0, 500, 1000]
+    assert meta["T"] == 1000 and meta["schedule"].startswith("linear")
+    assert "--T 1000 --schedule linear --k 2" in capsys.readouterr().out
+
+
+def test_affinity_cli_takes_the_checkpoint_s_prediction(tmp_path):
+    """The checkpoint's diffusion settings (here v-prediction) are those the pass uses."""
+    ck = tmp_path / "v.pt"
+    _checkpoint(ck)
+    blob = torch.load(ck, weights_only=True)
+    blob["config"]["diffusion"]["prediction"] = "v"
+    torch.save(blob, ck)
+    out = tmp_path / "v.npz"
+    assert _affinity(str(ck), "--bins", "2", "--n-samples", "2", "--out", str(out)) == 0
+    with np.load(out) as z:
+        assert json.loads(str(z["meta"]))["prediction"] == "v"
+
+
+@pytest.fixture
+def affinity_data(monkeypatch):
+    """Records the x0 ``antdiff affinity`` hands task_affinity (which still runs)."""
+    import antdiff.cli.affinity as cli_affinity
+
+    seen: dict = {}
+    real = cli_affinity.task_affinity
+
+    def spy(ckpts, diffusion, x, **kw):
+        seen["x"] = x
+        return real(ckpts, diffusion, x, **kw)
+
+    monkeypatch.setattr(cli_affinity, "task_affinity", spy)
+    return seen
+
+
+def test_affinity_cli_data_digits_by_name(tmp_path, affinity_data):
+    """--data digits is sklearn's 1797 digits in [-1, 1]."""
+    ck = tmp_path / "c.pt"
+    _checkpoint(ck)
+    assert _affinity(str(ck), "--data", "digits", "--bins", "2", "--n-samples", "2",
+                     "--out", str(tmp_path / "d.npz")) == 0  # fmt: skip
+    x = affinity_data["x"]
+    assert tuple(x.shape) == (1797, 1, 8, 8) and x.min() >= -1 and x.max() <= 1
+
+
+def test_affinity_cli_missing_data_file_is_named(tmp_path, capsys):
+    ck = tmp_path / "c.pt"
+    _checkpoint(ck)
+    capsys.readouterr()
+    assert _affinity(str(ck), "--data", str(tmp_path / "gone.npy"), "--bins", "2",
+                     "--out", str(tmp_path / "d.npz")) == 2  # fmt: skip
+    assert f"--data {tmp_path / 'gone.npy'} does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bins, hint", [(4, " --k 4\n"), (5, "\n")])
+def test_affinity_cli_hint_names_k_only_below_five_bins(tmp_path, capsys, bins, hint):
+    """cluster's default k = 5 needs 5 bins: the suggested command adds --k below that only."""
+    ck, out = tmp_path / "c.pt", tmp_path / "h.npz"
+    _checkpoint(ck)
+    capsys.readouterr()
+    assert _affinity(str(ck), "--bins", str(bins), "--n-samples", "2", "--out", str(out)) == 0
+    assert f"--affinity {out} --T 100 --schedule linear{hint}" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def trainer_run(tmp_path_factory):
+    """A trainer run (small digits_adm, T = 100) with one checkpoint whose raw weights differ
+    from its EMA ones; returns (run dir, checkpoint file)."""
+    from antdiff.checkpoint import save_checkpoint
+    from antdiff.config import load_config
+    from antdiff.train import build_run, checkpoint_state
+
+    small = ["--model.overrides.model_channels", "8", "--model.overrides.num_head_channels", "8"]
+    run = build_run(load_config("digits_adm", [*small, "--diffusion.T", "100"]))
+    with torch.no_grad():
+        for p in run.model.parameters():  # the raw weights move, the EMA ones stay
+            p.add_(0.05 * torch.randn_like(p))
+    folder = tmp_path_factory.mktemp("trainer") / "run"
+    return folder, save_checkpoint(folder, 1, checkpoint_state(run), keep=1)
+
+
+def test_affinity_cli_trainer_checkpoint_gives_its_raw_weights(trainer_run):
+    from antdiff.checkpoint import load_checkpoint
+    from antdiff.cli.affinity import CheckpointLoader
+
+    _, ck = trainer_run
+    state, _ = load_checkpoint(ck, "cpu")
+    model, _ = CheckpointLoader()(ck, "cpu")
+    got = model.state_dict()
+    assert any(not torch.equal(state["model"][k], state["ema"][k]) for k in state["model"])
+    for name, p in state["model"].items():
+        torch.testing.assert_close(got[name], p, rtol=0, atol=0)
+
+
+def test_affinity_cli_latest_pointer_is_its_checkpoint(trainer_run, tmp_path):
+    """<run>/checkpoints/latest stands for the checkpoint it names: the same affinity."""
+    run, ck = trainer_run
+    latest = run / "checkpoints" / "latest"
+    got = {}
+    for name, path in (("latest", latest), ("file", ck)):
+        out = tmp_path / f"{name}.npz"
+        assert _affinity(str(path), "--bins", "2", "--n-samples", "2", "--out", str(out)) == 0
+        with np.load(out) as z:
+            got[name] = z["affinity"]
+    np.testing.assert_array_equal(got["latest"], got["file"])
+
+
+def test_affinity_cli_data_file_wins_over_the_trainer_checkpoint_s_data(
+    trainer_run, tmp_path, affinity_data
+):
+    _, ck = trainer_run
+    x = (np.random.rand(4, 1, 8, 8) * 2 - 1).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    assert _affinity(str(ck), "--data", str(tmp_path / "x.npy"), "--bins", "2", "--n-samples",
+                     "2", "--out", str(tmp_path / "a.npz")) == 0  # fmt: skip
+    torch.testing.assert_close(affinity_data["x"], torch.from_numpy(x))
+
+
+def test_affinity_cli_loads_a_trainer_run_s_data_once(trainer_run, tmp_path, monkeypatch):
+    """Checkpoints of one run share their data set: it is loaded once, not per checkpoint."""
+    import antdiff.data
+
+    calls = []
+    real = antdiff.data.load_dataset
+
+    def counted(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(antdiff.data, "load_dataset", counted)
+    run, ck = trainer_run
+    assert _affinity(str(ck), str(run), "--bins", "2", "--n-samples", "2",
+                     "--out", str(tmp_path / "a.npz")) == 0  # fmt: skip
+    assert len(calls) == 1
+
+
+# -- antdiff affinity: --device and --T checked before the pass ---------------------------------
+
+
+def test_affinity_cli_device_is_checked_like_sample_s(tmp_path, capsys, monkeypatch):
+    """--device tpu, or cuda without CUDA, is a message naming --device (as for sample and
+    eval), not torch's RuntimeError from deep in the checkpoint loading."""
+    ck = tmp_path / "c.pt"
+    _checkpoint(ck)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    base = ["affinity", str(ck), "--bins", "2", "--n-samples", "2", "--no-plot",
+            "--out", str(tmp_path / "a.npz")]  # fmt: skip
+    capsys.readouterr()
+    for device, message in (("tpu", "--device 'tpu' is not a device antdiff runs on"),
+                            ("cuda", "--device cuda: CUDA is not available here")):  # fmt: skip
+        assert cli_main([*base, "--device", device]) == 2, device
+        assert message in capsys.readouterr().err, device
+
+
+def test_affinity_cli_T_zero_is_refused_not_read_as_unset(tmp_path, capsys, affinity_spy):
+    """--T 0 for a checkpoint without a diffusion is an error (T must be positive), not the
+    default T = 1000 (a 0 was taken for "not given")."""
+    ck = tmp_path / "nodiff.pt"
+    _checkpoint(ck, diffusion=False)
+    capsys.readouterr()
+    assert _affinity(str(ck), "--T", "0", "--bins", "2", "--n-samples", "2",
+                     "--out", str(tmp_path / "z.npz")) == 2  # fmt: skip
+    assert "got 0" in capsys.readouterr().err and not affinity_spy
+
+
+# -- antdiff sample ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cond_run(tmp_path_factory):
+    """A one-step class-conditional digits_adm run (10 classes, 8 x 8 images)."""
+    run = tmp_path_factory.mktemp("cond") / "run"
+    assert cli_main(["train", "--config", "digits_adm", "--data.class_conditional", "true",
+                     "--train.steps", "1", "--train.batch_size", "10", "--train.progress",
+                     "false", "--sample.n", "2", "--sample.steps", "2", "--train.threads", "1",
+                     "--train.out_dir", str(run)]) == 0  # fmt: skip
+    return run
+
+
+def _sample(run, out, *extra) -> int:
+    return cli_main(["sample", "--ckpt", str(run), "--steps", "2", "--out", str(out), *extra])
+
+
+def test_sample_cli_labels_are_written_listed_and_replaced(cond_run, tmp_path, capsys):
+    """A class-conditional run's labels (sample i has class i % 10) go to labels.npy, listed
+    in sample.json, or into the .pt; a rerun in the other format removes the earlier run's
+    samples and labels, and names just those."""
+    out = tmp_path / "s"
+    assert _sample(cond_run, out, "--num", "12", "--no-progress") == 0
+    assert np.load(out / "labels.npy").tolist() == [i % 10 for i in range(12)]
+    meta = json.loads((out / "sample.json").read_text())
+    assert meta["files"] == ["samples.png", "samples.npy", "labels.npy"]
+    capsys.readouterr()
+    assert _sample(cond_run, out, "--num", "3", "--no-progress", "--format", "pt") == 0
+    blob = torch.load(out / "samples.pt", weights_only=True)
+    assert blob["x"].shape == (3, 1, 8, 8) and blob["y"].tolist() == [0, 1, 2]
+    assert sorted(f.name for f in out.iterdir()) == ["sample.json", "samples.png", "samples.pt"]
+    text = capsys.readouterr().out
+    assert f"removed the earlier run's labels.npy, samples.npy from {out}\n" in text
+
+
+def test_sample_cli_records_the_weights_and_batch_size(cond_run, tmp_path):
+    """sample.json names the weights drawn from and the batch size ((seed, batch size) fix the
+    samples): EMA and 500 by default, --no-ema and --batch-size as given."""
+    for extra, want in (([], ("ema", 500)), (["--no-ema", "--batch-size", "2"], ("raw", 2))):
+        out = tmp_path / want[0]
+        assert _sample(cond_run, out, "--num", "3", "--no-progress", *extra) == 0
+        meta = json.loads((out / "sample.json").read_text())
+        assert (meta["weights"], meta["batch_size"]) == want
+
+
+def test_sample_cli_one_sample_in_batches_of_one(cond_run, tmp_path):
+    """--num and --batch-size take any value >= 1, 1 included."""
+    out = tmp_path / "one"
+    assert _sample(cond_run, out, "--num", "1", "--batch-size", "1", "--no-progress") == 0
+    assert np.load(out / "samples.npy").shape == (1, 1, 8, 8)
+
+
+def test_sample_cli_no_progress_hides_the_bar(cond_run, tmp_path, capsys):
+    """The tqdm bar (named after the sampler and steps, "ddim-2") is shown unless
+    --no-progress."""
+    capsys.readouterr()
+    for extra, shown in (([], True), (["--no-progress"], False)):
+        assert _sample(cond_run, tmp_path / str(shown), "--num", "2", *extra) == 0
+        assert ("ddim-2" in capsys.readouterr().err) == shown, extra
+
+
+def test_sample_cli_grid_holds_the_first_n_samples(cond_run, tmp_path):
+    """--grid 5 of 6 samples: the first five, in rows of ceil(sqrt(5)) = 3 (two rows) of 8 px
+    images with 1 px borders, upscaled 4x."""
+    from matplotlib import image as mpimg
+
+    from antdiff.logging_utils import image_grid
+
+    out = tmp_path / "g"
+    assert _sample(cond_run, out, "--num", "6", "--grid", "5", "--no-progress") == 0
+    png = mpimg.imread(out / "samples.png")
+    assert png.shape[:2] == ((2 * 9 + 1) * 4, (3 * 9 + 1) * 4)
+    x = torch.from_numpy(np.load(out / "samples.npy"))
+    want = image_grid(x[:5]).repeat(4, axis=0).repeat(4, axis=1)
+    np.testing.assert_array_equal(np.round(png[..., :3] * 255).astype(np.uint8), want)
+
+
+def test_sample_cli_out_is_created_with_its_parents(cond_run, tmp_path):
+    out = tmp_path / "a" / "b" / "c"
+    assert _sample(cond_run, out, "--num", "2", "--no-progress") == 0
+    assert (out / "samples.npy").is_file() and (out / "sample.json").is_file()
+
+
+def test_sample_cli_unreadable_or_foreign_sample_json(cond_run, tmp_path):
+    """An --out whose sample.json is not JSON is no error (nothing there counts as a run's);
+    of what a sample.json lists, only the names a sample run writes are removed, never
+    another file."""
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "sample.json").write_text("{not json")
+    assert _sample(cond_run, out, "--num", "2", "--no-progress") == 0
+    assert json.loads((out / "sample.json").read_text())["num"] == 2
+    meta = json.loads((out / "sample.json").read_text())
+    meta["files"] = [*meta["files"], "notes.txt"]
+    (out / "sample.json").write_text(json.dumps(meta))
+    (out / "notes.txt").write_text("mine")
+    assert _sample(cond_run, out, "--num", "2", "--no-progress", "--format", "pt") == 0
+    assert (out / "notes.txt").read_text() == "mine" and not (out / "samples.npy").exists()
+
+
+def test_sample_cli_json_is_written_atomically(cond_run, tmp_path, monkeypatch):
+    """A run stopped while sample.json is being written leaves no sample.json at all (never a
+    truncated one) and no temp file."""
+    from pathlib import Path
+
+    import antdiff.utils as utils
+
+    real = utils.atomic_write
+
+    def stop_in_the_record(path, write, mode="wb"):
+        if Path(path).name != "sample.json":
+            return real(path, write, mode)
+
+        def half(f):
+            f.write("{")
+            raise KeyboardInterrupt
+
+        return real(path, half, mode)
+
+    monkeypatch.setattr(utils, "atomic_write", stop_in_the_record)
+    out = tmp_path / "s"
+    assert _sample(cond_run, out, "--num", "2", "--no-progress") == 130
+    assert not (out / "sample.json").exists() and not list(out.glob(".*.tmp"))
+
+
+def test_sample_cli_decoded_latent_run_writes_pixels(tmp_path):
+    """A latent run with its codec (digits_ldm) is decoded: sample.json says "space": "pixel"
+    and has no latent_scale / latent_shift; the images are 8 x 8 in [-1, 1]."""
+    run = tmp_path / "ldm"
+    assert cli_main(["train", "--config", "digits_ldm", "--train.steps", "1",
+                     "--train.batch_size", "8", "--data.autoencoder_steps", "2",
+                     "--train.progress", "false", "--sample.n", "2", "--sample.steps", "1",
+                     "--train.threads", "1", "--train.out_dir", str(run)]) == 0  # fmt: skip
+    out = tmp_path / "s"
+    assert _sample(run, out, "--num", "2", "--no-progress") == 0
+    meta = json.loads((out / "sample.json").read_text())
+    assert meta["space"] == "pixel" and "latent_scale" not in meta
+    x = np.load(out / "samples.npy")
+    assert x.shape == (2, 1, 8, 8) and np.abs(x).max() <= 1

@@ -25,7 +25,7 @@ import torch
 from ..analysis import load_affinity_checkpoint, plot_affinity_figures, task_affinity
 from ..diffusion import GaussianDiffusion
 from ..schedules import make_schedule
-from ..utils import check_output, load_npy
+from ..utils import check_device, check_output, load_npy
 
 _DIFFUSION_KEYS = (
     "prediction",
@@ -157,7 +157,7 @@ def _diffusion(cfg: dict[str, Any], args: argparse.Namespace) -> GaussianDiffusi
                 f"the affinity uses; drop {flag}"
             )
     name = _schedule_name(cfg, args)
-    T = args.T or dcfg.get("T", 1000)  # noqa: N806
+    T = args.T if args.T is not None else dcfg.get("T", 1000)  # noqa: N806 (--T 0: an error)
     kwargs = {k: dcfg[k] for k in _DIFFUSION_KEYS if k in dcfg}
     return GaussianDiffusion(make_schedule(name, T), **kwargs)
 
@@ -231,6 +231,8 @@ def _output(args: argparse.Namespace) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.device is not None:  # an unknown or absent device: its message, before any work
+        check_device(args.device, "--device")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.out = _output(args)
     if args.out.suffix not in (".npz", ".npy"):  # before the pass, not after it
