@@ -72,6 +72,10 @@ class RunLogger:
             rows = [*self._kept_rows(branch["start"])[0],
                     *([str(v) for v in r] for r in branch["rows"])]  # fmt: skip
             lines = [*self._kept_lines(branch["start"])[0], *branch["lines"]]
+            # the branch stays this run's until it commits: a kill before then carries its
+            # rows on with this run's (a third process rebuilds from both)
+            self._start = branch["start"]
+            self._branch = ([[str(v) for v in r] for r in branch["rows"]], list(branch["lines"]))
         self._kept = (rows, lines)
         # Rows past ``start`` belong to a run continued further from an earlier checkpoint (or
         # logged past its checkpoint before a crash): its newer checkpoints outrank this one
@@ -208,7 +212,10 @@ class RunLogger:
 
 
 def _finite_or_none(value: Any) -> Any:
-    """``value`` with every non-finite float (also inside lists and dicts) replaced by None."""
+    """``value`` with every non-finite float (also inside lists and dicts, numpy / torch values
+    as their lists) replaced by None."""
+    if hasattr(value, "tolist") and not isinstance(value, (list, tuple, dict, str)):
+        value = value.tolist()  # numpy / torch: plain numbers first (json refuses their NaN)
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
