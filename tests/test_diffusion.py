@@ -339,11 +339,15 @@ def test_hybrid_loss_weights_the_mse_term_only():
     np.testing.assert_allclose(out["loss"].detach().numpy(), want, rtol=1e-5)
 
 
+def _beta_tilde(s) -> np.ndarray:
+    """The posterior variance beta_t (1 - abar_{t-1}) / (1 - abar_t) (DDPM), float64."""
+    ab = s.alphas_cumprod
+    return s.betas * (1 - np.concatenate([[1.0], ab[:-1]])) / (1 - ab)
+
+
 def test_posterior_log_variance_is_clipped_at_t0():
     s = linear_schedule(1000)
-    b, ab = s.betas, s.alphas_cumprod
-    ab_prev = np.concatenate([[1.0], ab[:-1]])
-    bt = b * (1 - ab_prev) / (1 - ab)
+    bt = _beta_tilde(s)
     t = torch.tensor([0, 1, 40, 999])
     x = torch.zeros(4, 1, 2, 2, dtype=torch.float64)
     _, var, log_var = GaussianDiffusion(s).posterior_mean_variance(x, x, t)
@@ -355,9 +359,7 @@ def test_posterior_log_variance_is_clipped_at_t0():
 def test_fixed_variance_tables_small_and_large():
     """The "small" table is beta_tilde_t, "large" beta_t with beta_tilde_1 at t = 0 (iDDPM)."""
     s = linear_schedule(1000)
-    b, ab = s.betas, s.alphas_cumprod
-    ab_prev = np.concatenate([[1.0], ab[:-1]])
-    bt = b * (1 - ab_prev) / (1 - ab)
+    b, bt = s.betas, _beta_tilde(s)
     t = torch.tensor([0, 1, 500, 999])
     tn = t.numpy()
     small = GaussianDiffusion(s, fixed_variance="small").table("fixed_var", t).numpy()

@@ -253,25 +253,23 @@ def test_report_mentions_the_affinity_only_for_a_gradient_study(tmp_path: Path) 
         assert ("R/affinity_*.png" in md) is expect and "study_digits" not in md
 
 
-def test_a_run_trains_and_samples_with_its_jobs_settings(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Every setting of a job reaches the trainer's config and the evaluation: the seed fixes
-    both the training and the sampling noise, and the sampler / steps / EMA are the study's
-    (not the digits_adm preset's: ema 0.999, seed 0, ddim-50)."""
+def _stub_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, sampler: str, bounds: list[int],
+              stats: dict) -> tuple[dict, dict]:
+    """Training and evaluation stubbed: (seen, job). seen gets the trainer's cfg, resume and
+    out_dir and the evaluation's arguments; the run reports ``bounds`` and ``stats``."""
     from types import SimpleNamespace
 
     import antdiff.evaluate
     import antdiff.train
 
-    seen = {}
+    seen: dict = {}
 
     def fake_train(cfg, resume=None):
-        seen["cfg"], seen["resume"] = cfg, resume
-        clusters = SimpleNamespace(bounds=[0, 1000])
+        seen["cfg"], seen["resume"], seen["out_dir"] = cfg, resume, cfg.train.out_dir
+        clusters = SimpleNamespace(bounds=bounds)
         return {"run": SimpleNamespace(ant=SimpleNamespace(clusters=clusters)),
                 "checkpoint": "ckpt.pt", "loss": 0.5, "seconds": 1.0, "sec_per_step": 0.1,
-                "stats": {}}  # fmt: skip
+                "stats": stats}  # fmt: skip
 
     def fake_evaluate(ckpt, num, **kw):
         seen["eval"] = {"ckpt": ckpt, "num": num, **kw}
@@ -281,8 +279,18 @@ def test_a_run_trains_and_samples_with_its_jobs_settings(
     monkeypatch.setattr(antdiff.evaluate, "evaluate_checkpoint", fake_evaluate)
     job = {"out": str(tmp_path), "name": "uw-snr", "method": "uw", "clustering": "snr",
            "seed": 2, "steps": 7, "batch": 8, "lr": 5e-4, "ema": 0.9, "threads": 1, "num": 70,
-           "sampler": "ddpm", "sample_steps": 9,
+           "sampler": sampler, "sample_steps": 9,
            "affinity": str(tmp_path / "affinity_T.npy")}  # fmt: skip
+    return seen, job
+
+
+def test_a_run_trains_and_samples_with_its_jobs_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every setting of a job reaches the trainer's config and the evaluation: the seed fixes
+    both the training and the sampling noise, and the sampler / steps / EMA are the study's
+    (not the digits_adm preset's: ema 0.999, seed 0, ddim-50)."""
+    seen, job = _stub_run(monkeypatch, tmp_path, "ddpm", [0, 1000], {})
     study._run_one(job)
     t, ev = seen["cfg"].train, seen["eval"]
     assert (t.seed, t.ema_decay, t.batch_size, t.lr, t.steps) == (2, 0.9, 8, 5e-4, 7)
@@ -472,30 +480,7 @@ def test_a_run_has_a_folder_per_seed_samples_in_one_batch_and_records_its_cluste
 ) -> None:
     """runs/<config>_s<seed> (two seeds of a config never share a folder), all --num samples
     drawn as one batch, and the result keeps the run's cluster bounds and weights."""
-    from types import SimpleNamespace
-
-    import antdiff.evaluate
-    import antdiff.train
-
-    seen = {}
-
-    def fake_train(cfg, resume=None):  # noqa: ARG001
-        seen["out_dir"] = cfg.train.out_dir
-        clusters = SimpleNamespace(bounds=[0, 400, 1000])
-        return {"run": SimpleNamespace(ant=SimpleNamespace(clusters=clusters)),
-                "checkpoint": "ckpt.pt", "loss": 0.5, "seconds": 1.0, "sec_per_step": 0.1,
-                "stats": {"weight": [0.25, 0.75]}}  # fmt: skip
-
-    def fake_evaluate(ckpt, num, **kw):
-        seen["eval"] = {"ckpt": ckpt, "num": num, **kw}
-        return {"fid": 1.0, "precision": 0.5, "recall": 0.5}
-
-    monkeypatch.setattr(antdiff.train, "train", fake_train)
-    monkeypatch.setattr(antdiff.evaluate, "evaluate_checkpoint", fake_evaluate)
-    job = {"out": str(tmp_path), "name": "uw-snr", "method": "uw", "clustering": "snr",
-           "seed": 2, "steps": 7, "batch": 8, "lr": 5e-4, "ema": 0.9, "threads": 1, "num": 70,
-           "sampler": "ddim", "sample_steps": 9,
-           "affinity": str(tmp_path / "affinity_T.npy")}  # fmt: skip
+    seen, job = _stub_run(monkeypatch, tmp_path, "ddim", [0, 400, 1000], {"weight": [0.25, 0.75]})
     study._run_one(job)
     assert Path(seen["out_dir"]) == tmp_path / "runs" / "uw-snr_s2"
     assert seen["eval"]["batch_size"] == 70
