@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -409,17 +410,21 @@ def test_parse_refuses_no_seeds_and_checks_bins_and_sampling_up_front(
 
 
 @pytest.mark.parametrize(
-    "flag, then, now", [("--bins", "4", "8"), ("--affinity-samples", "16", "32")]
-)
-def test_rerun_with_another_affinity_setting_is_refused(
+    "flag, then, now",
+    [("--bins", "4", "8"), ("--affinity-samples", "16", "32"), ("--batch", "32", "16"),
+     ("--ema", "0.99", "0.9"), ("--num", "1000", "500"), ("--sampler", "ddim", "ddpm"),
+     ("--sample-steps", "50", "20")],
+)  # fmt: skip
+def test_rerun_with_another_setting_is_refused(
     tmp_path: Path, flag: str, then: str, now: str
 ) -> None:
-    """The affinity settings shape the gradient runs' clusters: a rerun must repeat them."""
+    """Every setting a result is made with must repeat on a rerun: the affinity's (they shape
+    the gradient runs' clusters), training's and sampling's."""
     out = tmp_path / "s"
     study._check_settings(out, study._parse(["--out", str(out), flag, then]))
     (out / "results").mkdir()
     (out / "results" / "vanilla_s0.json").write_text("{}")
-    with pytest.raises(SystemExit, match=rf"{flag} {now} \(made with {then}\)"):
+    with pytest.raises(SystemExit, match=re.escape(f"{flag} {now} (made with {then})")):
         study._check_settings(out, study._parse(["--out", str(out), flag, now]))
 
 
@@ -713,25 +718,6 @@ def test_parse_refuses_no_parallel_jobs(tmp_path: Path, capsys: pytest.CaptureFi
     with pytest.raises(SystemExit):
         study._parse(["--out", str(tmp_path / "o"), "--jobs", "0"])
     assert "--seeds, --steps, --num and --jobs must be >= 1" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize(
-    "flag, then, now",
-    [("--batch", "32", "16"), ("--ema", "0.99", "0.9"), ("--num", "1000", "500"),
-     ("--sampler", "ddim", "ddpm"), ("--sample-steps", "50", "20")],
-)  # fmt: skip
-def test_rerun_with_another_training_or_sampling_setting_is_refused(
-    tmp_path: Path, flag: str, then: str, now: str
-) -> None:
-    """Every setting a result is made with (training and sampling) must repeat on a rerun."""
-    import re
-
-    out = tmp_path / "s"
-    study._check_settings(out, study._parse(["--out", str(out), flag, then]))
-    (out / "results").mkdir()
-    (out / "results" / "vanilla_s0.json").write_text("{}")
-    with pytest.raises(SystemExit, match=re.escape(f"{flag} {now} (made with {then})")):
-        study._check_settings(out, study._parse(["--out", str(out), flag, now]))
 
 
 def test_a_result_is_there_only_once_written_in_full(
