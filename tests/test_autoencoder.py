@@ -1,5 +1,5 @@
-"""Mutation-testing gaps in antdiff.models.autoencoder: documented behaviour the other tests
-left unchecked (training checks and mode, DiffusersVAE sampling / loading / shape checks)."""
+"""antdiff.models.autoencoder beyond the model tests: the trained autoencoder's checks and mode,
+DiffusersVAE sampling, loading and shape checks, precomputed latents' labels and file reads."""
 
 from __future__ import annotations
 
