@@ -624,3 +624,298 @@ def test_sample_cli_decoded_latent_run_writes_pixels(tmp_path):
     assert meta["space"] == "pixel" and "latent_scale" not in meta
     x = np.load(out / "samples.npy")
     assert x.shape == (2, 1, 8, 8) and np.abs(x).max() <= 1
+
+
+# -- antdiff cluster: T, backend, outputs -----------------------------------------------------
+
+
+def test_cluster_cli_T_zero_is_refused_as_not_positive(capsys):
+    """--T 0 is a T that is not positive, not "no --T" (1000) with advice to drop --T."""
+    capsys.readouterr()
+    assert cli_main(["cluster", "--T", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "T must be a positive integer, got 0" in err and "drop --T" not in err
+
+
+def test_cluster_cli_backend_reaches_the_dp(monkeypatch):
+    import antdiff.cli.cluster as cluster_cli
+
+    seen = []
+    real = cluster_cli.cluster_timesteps
+
+    def spy(*a, **kw):
+        seen.append(kw["backend"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(cluster_cli, "cluster_timesteps", spy)
+    for backend in ("numpy", "cpp", "auto"):
+        assert cli_main(["cluster", "--T", "100", "--k", "2", "--backend", backend]) == 0
+    assert seen == ["numpy", "cpp", "auto"]
+
+
+def test_cluster_cli_json_is_written_atomically(tmp_path, monkeypatch):
+    """A run stopped while --json is being written keeps the earlier file whole."""
+    from pathlib import Path
+
+    import antdiff.utils as utils
+
+    real = utils.atomic_write
+
+    def stop_in_the_json(path, write, mode="wb"):
+        if Path(path).name != "c.json":
+            return real(path, write, mode)
+
+        def half(f):
+            f.write("{")
+            raise KeyboardInterrupt
+
+        return real(path, half, mode)
+
+    js = tmp_path / "c.json"
+    js.write_text('{"earlier": true}')
+    monkeypatch.setattr(utils, "atomic_write", stop_in_the_json)
+    assert cli_main(["cluster", "--T", "100", "--k", "2", "--json", str(js)]) == 130
+    assert js.read_text() == '{"earlier": true}' and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_cluster_cli_prints_the_bounds_json_only_without_outputs(tmp_path, capsys, monkeypatch):
+    """The one-line {"bounds", "cost"} JSON goes to stdout when neither --json nor --plot is
+    given; with either, the file is the output and "wrote ..." is said instead."""
+    import antdiff.cli.cluster as cluster_cli
+
+    monkeypatch.setattr(cluster_cli, "plot_clusters", lambda c, s, path: path.write_bytes(b"x"))
+    base = ["cluster", "--T", "100", "--k", "2"]
+    capsys.readouterr()
+    for extra in ([], ["--plot", str(tmp_path / "c.png")], ["--json", str(tmp_path / "c.json")]):
+        assert cli_main([*base, *extra]) == 0
+        out = capsys.readouterr().out
+        assert ('{"bounds": [0, ' in out) == (not extra), extra
+        assert ("wrote " in out) == bool(extra), extra
+
+
+# -- antdiff ntg: the full model's source, --out, abbreviations -------------------------------
+
+
+def test_ntg_cli_config_and_full_together_are_refused(tmp_path, capsys, ntg_spy):
+    argv = ["ntg", "--config", "digits_adm", "--full", str(tmp_path / "run"),
+            "--out", str(tmp_path / "o")]  # fmt: skip
+    capsys.readouterr()
+    assert cli_main(argv) == 2
+    assert "--config and --full: give one" in capsys.readouterr().err and not ntg_spy
+
+
+def test_ntg_cli_out_that_is_a_file_is_refused_before_any_training(tmp_path, capsys, ntg_spy):
+    (tmp_path / "f.txt").write_text("x")
+    argv = ["ntg", "--config", "digits_adm", "--out", str(tmp_path / "f.txt")]
+    capsys.readouterr()
+    assert cli_main(argv) == 2
+    assert "--out" in capsys.readouterr().err and not ntg_spy
+
+
+def test_ntg_cli_full_run_is_handed_to_run_ntg_with_its_config(tmp_path, ntg_spy, monkeypatch):
+    """--full RUN: run_ntg gets that run (not a fresh full model) and the run's saved config,
+    whose train.steps the specialists default to."""
+    import yaml
+
+    import antdiff.checkpoint
+    from antdiff.config import dump_config, load_config
+
+    saved = yaml.safe_load(dump_config(load_config("digits_adm", ["--train.steps", "9"])))
+    monkeypatch.setattr(antdiff.checkpoint, "load_checkpoint",
+                        lambda path, *a, **k: ({"config": saved}, path))  # fmt: skip
+    run = str(tmp_path / "run")
+    assert cli_main(["ntg", "--full", run, "--out", str(tmp_path / "o")]) == 0
+    cfg, _, kw = ntg_spy[-1]
+    assert kw["full"] == run and cfg.train.steps == 9 and kw["specialist_steps"] == 9
+
+
+def test_ntg_cli_options_are_not_abbreviated(tmp_path, capsys, ntg_spy):
+    """--specialist 4 is not --specialist-steps 4 (an abbreviation would also swallow config
+    keys): it is an unknown key."""
+    capsys.readouterr()
+    assert cli_main([*_ntg_base(tmp_path), "--specialist", "4"]) == 2
+    assert "unknown config key 'specialist'" in capsys.readouterr().err and not ntg_spy
+
+
+def test_ntg_cli_a_key_given_twice_is_refused(tmp_path, capsys, ntg_spy):
+    """As for train: a config key given twice is an error, not "the last one wins"."""
+    capsys.readouterr()
+    assert cli_main([*_ntg_base(tmp_path), "--train.steps", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "--train.steps is given twice ('7', then '8'); give it once" in err and not ntg_spy
+
+
+def test_ntg_cli_prints_a_summary_naming_the_out_folder(tmp_path, capsys, ntg_spy):
+    capsys.readouterr()
+    assert cli_main(_ntg_base(tmp_path)) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("{") :])
+    assert summary == {"full": {}, "seed_gap": 0.0, "ntg": {}, "features": "x",
+                       "out": str(tmp_path / "o")}  # fmt: skip
+
+
+# -- antdiff eval -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def eval_spy(monkeypatch):
+    """Replaces evaluate_checkpoint: records its (ckpt, num, kwargs), returns fixed metrics."""
+    import antdiff.evaluate as ev
+
+    calls: list = []
+
+    def spy(ckpt, num, **kw):
+        calls.append((ckpt, num, kw))
+        return {"fid": 1.5, "precision": 0.25, "recall": 0.75, "num": num, "features": "digits"}
+
+    monkeypatch.setattr(ev, "evaluate_checkpoint", spy)
+    return calls
+
+
+def test_eval_cli_forwards_every_flag(tmp_path, eval_spy):
+    inc, ref, cache, js = (tmp_path / n for n in ("inc.pt", "ref.npy", "cache", "r.json"))
+    assert cli_main(["eval", "--ckpt", str(tmp_path / "run"), "--num", "7", "--sampler", "ddim",
+                     "--steps", "3", "--spacing", "leading", "--eta", "0.5", "--cfg-scale", "2",
+                     "--cfg-channels", "3", "--variance", "large", "--no-ema", "--seed", "4",
+                     "--batch-size", "5", "--no-progress", "--device", "cpu",
+                     "--features", "inception", "--inception", str(inc), "--ref", str(ref),
+                     "--k", "4", "--cache-dir", str(cache), "--json", str(js)]) == 0  # fmt: skip
+    ckpt, num, kw = eval_spy[-1]
+    assert (str(ckpt), num) == (str(tmp_path / "run"), 7)
+    assert kw == dict(sampler="ddim", steps=3, cfg_scale=2.0, seed=4, ema=False,
+                      features="inception", inception=inc, ref=str(ref), k=4, batch_size=5,
+                      progress=False, cache_dir=cache, device="cpu", spacing="leading", eta=0.5,
+                      cfg_channels=3, variance="large")  # fmt: skip
+    assert json.loads(js.read_text())["fid"] == 1.5
+
+
+def test_eval_cli_defaults(tmp_path, eval_spy):
+    """EMA weights, digits features and reference, k = 3, seed 0, batches of 500, progress bar,
+    no cache folder, the run's own sampler / steps / guidance / variance."""
+    assert cli_main(["eval", "--ckpt", str(tmp_path / "run"), "--num", "7", "--device", "cpu",
+                     "--json", str(tmp_path / "r.json")]) == 0  # fmt: skip
+    kw = eval_spy[-1][2]
+    assert kw == dict(sampler=None, steps=None, cfg_scale=None, seed=0, ema=True,
+                      features="digits", inception=None, ref="digits", k=3, batch_size=500,
+                      progress=True, cache_dir=None, device="cpu", spacing="linspace", eta=0.0,
+                      cfg_channels="run", variance="run")  # fmt: skip
+
+
+def test_eval_cli_json_is_written_atomically(tmp_path, eval_spy, monkeypatch):
+    """A run stopped while --json is being written keeps the earlier results whole."""
+    import antdiff.utils as utils
+
+    real = utils.atomic_write
+
+    def half_then_stop(path, write, mode="wb"):
+        def half(f):
+            f.write("{")
+            raise KeyboardInterrupt
+
+        return real(path, half, mode)
+
+    js = tmp_path / "r.json"
+    js.write_text('{"earlier": true}')
+    monkeypatch.setattr(utils, "atomic_write", half_then_stop)
+    assert cli_main(["eval", "--ckpt", str(tmp_path / "run"), "--num", "7", "--device", "cpu",
+                     "--json", str(js)]) == 130  # fmt: skip
+    assert js.read_text() == '{"earlier": true}' and not list(tmp_path.glob(".*.tmp"))
+
+
+# -- antdiff train: the printed summary, ranks, option typos ----------------------------------
+
+
+@pytest.fixture
+def train_stub(monkeypatch):
+    """Replaces antdiff.train.train: records its config and options, returns ``summary``."""
+    import antdiff.train as tr
+
+    calls: list = []
+    summary: dict = {}
+
+    def stub(cfg, resume=None, allow_config_change=False):
+        calls.append((cfg, resume, allow_config_change))
+        return dict(summary)
+
+    monkeypatch.setattr(tr, "train", stub)
+    return calls, summary
+
+
+def test_train_cli_summary_is_strict_json_with_null_for_non_finite(capsys, train_stub):
+    """A NaN loss and an infinite cluster weight (numpy or torch values) print as null."""
+    from types import SimpleNamespace
+
+    _, summary = train_stub
+    summary.update(step=3, loss=float("nan"), run=SimpleNamespace(dist=None),
+                   stats={"weight": torch.tensor([0.5, float("inf")])})  # fmt: skip
+    capsys.readouterr()
+    assert cli_main(["train", "--config", "digits_adm"]) == 0
+    out = capsys.readouterr().out
+
+    def refuse(name):
+        raise AssertionError(f"non-strict JSON: {name}")
+
+    got = json.loads(out[out.index("{") :], parse_constant=refuse)
+    assert got == {"step": 3, "loss": None, "cluster_weights": [0.5, None]}
+
+
+def test_train_cli_only_the_main_process_prints_the_summary(capsys, train_stub):
+    """Under torchrun the summary is printed by rank 0 (dist.is_main) alone."""
+    from types import SimpleNamespace
+
+    _, summary = train_stub
+    for is_main in (False, True):
+        summary.update(step=1, run=SimpleNamespace(dist=SimpleNamespace(is_main=is_main)))
+        capsys.readouterr()
+        assert cli_main(["train", "--config", "digits_adm"]) == 0
+        assert ('"step": 1' in capsys.readouterr().out) == is_main, is_main
+
+
+def test_train_cli_other_ranks_do_not_warn(caplog, monkeypatch, train_stub):
+    """The ckpt_every=0 warning is said once, by rank 0 (RANK unset or "0"), not by rank 1."""
+    import logging
+
+    argv = ["train", "--config", "digits_adm", "--train.ckpt_every", "0"]
+    for rank, warned in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="antdiff.train"):
+            assert cli_main(argv) == 0
+        assert ("train.ckpt_every=0" in caplog.text) == warned, rank
+
+
+def test_train_cli_a_shortened_option_gets_a_suggestion(capsys, train_stub):
+    calls, _ = train_stub
+    capsys.readouterr()
+    assert cli_main(["train", "--config", "digits_adm", "--conf", "x"]) == 2
+    assert "unknown option --conf (did you mean --config?)" in capsys.readouterr().err
+    assert not calls
+
+
+# -- antdiff: exit codes and help --------------------------------------------------------------
+
+
+def test_cli_without_a_command_prints_help_and_exits_2(capsys):
+    assert cli_main([]) == 2
+    assert "COMMAND" in capsys.readouterr().out
+
+
+def test_cli_a_missing_extra_is_a_message(capsys, monkeypatch):
+    """An ImportError (an optional package not installed) is a one-line error, exit 2."""
+    import antdiff.cli.cluster as cluster_cli
+
+    def needs_an_extra(args):
+        raise ImportError("pip install 'antdiff[extra]'")
+
+    monkeypatch.setattr(cluster_cli, "run", needs_an_extra)
+    capsys.readouterr()
+    assert cli_main(["cluster"]) == 2
+    assert capsys.readouterr().err == "antdiff cluster: error: pip install 'antdiff[extra]'\n"
+
+
+def test_cli_help_that_names_its_default_gets_no_second_one(capsys):
+    """--min-size's help says "default: T/(2k)": no "(default: default)" is appended."""
+    with pytest.raises(SystemExit):
+        cli_main(["cluster", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: T/(2k)" in text and "(default: default)" not in text
