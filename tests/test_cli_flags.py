@@ -585,17 +585,17 @@ def test_sample_cli_unreadable_or_foreign_sample_json(cond_run, tmp_path):
     assert (out / "notes.txt").read_text() == "mine" and not (out / "samples.npy").exists()
 
 
-def test_sample_cli_json_is_written_atomically(cond_run, tmp_path, monkeypatch):
-    """A run stopped while sample.json is being written leaves no sample.json at all (never a
-    truncated one) and no temp file."""
+def _stop_while_writing(monkeypatch, name: str | None = None) -> None:
+    """utils.atomic_write interrupted (KeyboardInterrupt) after writing "{" into ``name`` (any
+    file when None), as a kill in the middle of the write."""
     from pathlib import Path
 
     import antdiff.utils as utils
 
     real = utils.atomic_write
 
-    def stop_in_the_record(path, write, mode="wb"):
-        if Path(path).name != "sample.json":
+    def stop(path, write, mode="wb"):
+        if name is not None and Path(path).name != name:
             return real(path, write, mode)
 
         def half(f):
@@ -604,7 +604,13 @@ def test_sample_cli_json_is_written_atomically(cond_run, tmp_path, monkeypatch):
 
         return real(path, half, mode)
 
-    monkeypatch.setattr(utils, "atomic_write", stop_in_the_record)
+    monkeypatch.setattr(utils, "atomic_write", stop)
+
+
+def test_sample_cli_json_is_written_atomically(cond_run, tmp_path, monkeypatch):
+    """A run stopped while sample.json is being written leaves no sample.json at all (never a
+    truncated one) and no temp file."""
+    _stop_while_writing(monkeypatch, "sample.json")
     out = tmp_path / "s"
     assert _sample(cond_run, out, "--num", "2", "--no-progress") == 130
     assert not (out / "sample.json").exists() and not list(out.glob(".*.tmp"))
@@ -655,25 +661,9 @@ def test_cluster_cli_backend_reaches_the_dp(monkeypatch):
 
 def test_cluster_cli_json_is_written_atomically(tmp_path, monkeypatch):
     """A run stopped while --json is being written keeps the earlier file whole."""
-    from pathlib import Path
-
-    import antdiff.utils as utils
-
-    real = utils.atomic_write
-
-    def stop_in_the_json(path, write, mode="wb"):
-        if Path(path).name != "c.json":
-            return real(path, write, mode)
-
-        def half(f):
-            f.write("{")
-            raise KeyboardInterrupt
-
-        return real(path, half, mode)
-
     js = tmp_path / "c.json"
     js.write_text('{"earlier": true}')
-    monkeypatch.setattr(utils, "atomic_write", stop_in_the_json)
+    _stop_while_writing(monkeypatch, "c.json")
     assert cli_main(["cluster", "--T", "100", "--k", "2", "--json", str(js)]) == 130
     assert js.read_text() == '{"earlier": true}' and not list(tmp_path.glob(".*.tmp"))
 
@@ -803,20 +793,9 @@ def test_eval_cli_defaults(tmp_path, eval_spy):
 
 def test_eval_cli_json_is_written_atomically(tmp_path, eval_spy, monkeypatch):
     """A run stopped while --json is being written keeps the earlier results whole."""
-    import antdiff.utils as utils
-
-    real = utils.atomic_write
-
-    def half_then_stop(path, write, mode="wb"):
-        def half(f):
-            f.write("{")
-            raise KeyboardInterrupt
-
-        return real(path, half, mode)
-
     js = tmp_path / "r.json"
     js.write_text('{"earlier": true}')
-    monkeypatch.setattr(utils, "atomic_write", half_then_stop)
+    _stop_while_writing(monkeypatch)
     assert cli_main(["eval", "--ckpt", str(tmp_path / "run"), "--num", "7", "--device", "cpu",
                      "--json", str(js)]) == 130  # fmt: skip
     assert js.read_text() == '{"earlier": true}' and not list(tmp_path.glob(".*.tmp"))
