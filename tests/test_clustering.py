@@ -257,6 +257,29 @@ def test_an_affinity_file_is_checked_against_the_schedule_it_clusters(tmp_path):
     load_affinity(tmp_path / "other.npz", schedule=lin)  # nothing readable recorded: no check
 
 
+def test_a_clusters_file_is_checked_against_the_engines_schedule(tmp_path):
+    from antdiff import ANT
+
+    lin, cos = linear_schedule(1000), cosine_schedule(1000)
+    path = tmp_path / "c.json"
+    path.write_text(cluster_timesteps(lin, 5, "snr").to_json())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # found on this schedule (also as a float32 array): silent
+        ANT(lin, clustering=str(path), method="uw")
+        ANT(Schedule(lin.alphas_cumprod.astype(np.float32), "custom"), clustering=path)
+    with pytest.warns(UserWarning, match=r"c\.json were found on the linear\(T=1000\) sch.*cosine"
+                      ) as said:  # fmt: skip
+        ANT(cos, clustering=path, method="uw")
+    assert said[0].filename == __file__  # the caller's line
+    with pytest.warns(UserWarning, match=r"clusters given were found on the linear"):
+        ANT(cos, clustering=Clusters.load(path), method="uw")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # the uniform split holds on any schedule; clusters of a custom array have no record
+        ANT(cos, clustering=cluster_timesteps(lin, 5, "timestep"), method="uw")
+        ANT(cos, clustering=cluster_timesteps(lin.alphas_cumprod, 5, "snr"), method="uw")
+
+
 def test_cluster_timesteps_reads_an_affinity_file(tmp_path):
     lin = linear_schedule(1000)
     path, a, edges = _affinity_file(tmp_path, lin)

@@ -433,18 +433,41 @@ def check_affinity_source(path: str | Path, meta: dict[str, Any], schedule: Sche
             "(antdiff affinity)"
         )
     said = meta.get("schedule")  # a named schedule's label, e.g. "cosine(T=1000)"
-    base = said.split("(")[0] if isinstance(said, str) else None
-    try:
-        measured = make_schedule(base, schedule.T).alphas_cumprod
-    except (ValueError, TypeError):
-        return  # a custom schedule (or no record): nothing to rebuild and compare
-    if not np.allclose(measured, schedule.alphas_cumprod, rtol=1e-3, atol=1e-6):  # float32 copies
+    if _other_schedule(said, schedule):
         warnings.warn(
             f"{path} was measured on the {said} schedule, and the clusters here are for another "
             f"({schedule.name}): the same timestep is another noise level there. Measure the "
             "affinity on this schedule (antdiff affinity) unless that is what you want",
             stacklevel=user_stacklevel(),
         )
+
+
+def check_clusters_source(clusters: Clusters, schedule: Schedule, where: str = "clusters") -> None:
+    """Warn when ``clusters`` were found on a named schedule (``meta["schedule"]``) other than
+    ``schedule``: their SNR or gradient bounds then group other noise levels. The uniform split
+    ("timestep") does not depend on the schedule; a custom one (an array) has no record."""
+    said = clusters.meta.get("schedule")
+    if clusters.objective not in ("timestep", "uniform") and _other_schedule(said, schedule):
+        warnings.warn(
+            f"{where} were found on the {said} schedule ({clusters.objective} objective), and "
+            f"this schedule is another ({schedule.name}): the same timestep is another noise "
+            "level there, so the clusters do not group the noise levels they were found for. "
+            "Cluster on this schedule (antdiff cluster --schedule ...) unless that is what you "
+            "want",
+            stacklevel=user_stacklevel(),
+        )
+
+
+def _other_schedule(said: Any, schedule: Schedule) -> bool:
+    """Whether the named schedule ``said`` (a label such as "cosine(T=1000)"), rebuilt with
+    ``schedule``'s T, differs from ``schedule``; False for a custom one or no record."""
+    base = said.split("(")[0] if isinstance(said, str) else None
+    try:
+        recorded = make_schedule(base, schedule.T).alphas_cumprod
+    except (ValueError, TypeError):
+        return False  # a custom schedule (or no record): nothing to rebuild and compare
+    # float32 copies of a schedule (a diffusers scheduler's) read as the same one
+    return not np.allclose(recorded, schedule.alphas_cumprod, rtol=1e-3, atol=1e-6)
 
 
 def plot_clusters(clusters: Clusters, schedule: Schedule | Any, path: str | Path) -> Path:

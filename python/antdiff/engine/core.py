@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .. import mtl
-from ..clustering import Clusters, cluster_timesteps
+from ..clustering import Clusters, check_clusters_source, cluster_timesteps
 from ..mtl.base import check_int
 from ..schedules import as_schedule
 from .batch import batch_size, check_batch, slice_batch, take_batch
@@ -252,15 +252,18 @@ class ANT:
         method_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.schedule = as_schedule(schedule)
+        where = "the clusters given"
         if isinstance(clustering, os.PathLike) or (
             isinstance(clustering, str) and clustering.lower().endswith(".json")
         ):  # fmt: skip
+            where = f"the clusters in {clustering}"
             clustering = Clusters.load(clustering)
         if isinstance(clustering, Clusters):
             if clustering.T != self.schedule.T:
                 raise ValueError(
                     f"clusters cover T={clustering.T}, schedule has T={self.schedule.T}"
                 )
+            check_clusters_source(clustering, self.schedule, where)
             if k is not None and k != clustering.k:
                 raise ValueError(
                     f"k={k!r} but clustering is a Clusters object with k={clustering.k}: pass "
