@@ -190,6 +190,24 @@ def test_info_reports_extension_and_env(capsys):
     assert "antdiff._C" in capsys.readouterr().out
 
 
+def test_info_lists_every_setting_the_project_reads():
+    """Every ANT_* variable that the package, kernels, benchmarks or scripts read is listed by
+    `antdiff info` and in the README's table of settings."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = [f for d in ("python", "ant_kernels", "benchmarks", "scripts")
+             for f in (root / d).rglob("*") if f.suffix in (".py", ".sh", ".cpp")]  # fmt: skip
+    read = {m for f in files for m in re.findall(r"\bANT_[A-Z0-9_]+\b", f.read_text())}
+    assert {"ANT_REQUIRE_CPP", "ANT_GPU_STEP_PARTS"} <= read  # the scan sees the code
+    assert read - set(info.ENV_VARS) == set(), "add them to antdiff.info.ENV_VARS"
+    table = {m for line in (root / "README.md").read_text().splitlines()
+             if line.startswith("| `") for m in re.findall(r"`(ANT_[A-Z0-9_]+|TRITON_INTERPRET)`",
+                                                             line)}  # fmt: skip
+    assert set(info.ENV_VARS) == table
+
+
 def test_sample_takes_the_runs_own_guidance_unless_told(tmp_path, capsys):
     """`antdiff sample` of a digits_dit run (its preview grids guided at 2.0) sampled at 1.0
     unless --cfg-scale was given; it now takes the run's sample.cfg_scale."""

@@ -22,6 +22,10 @@ ENV_VARS = {
     "ANT_GPU_WORK": "scripts/gpu_check.sh: its work folder (/tmp/ant_gpu)",
     "ANT_GPU_TESTS_K": "scripts/gpu_check.sh: a pytest -k selection replacing the test stage's",
     "ANT_GPU_TEST_LIMIT": "scripts/gpu_check.sh: each test stage's time limit in s (540)",
+    "ANT_GPU_DEADLINE": "scripts/gpu_check.sh: s after its start by which every stage must end "
+    "(unset: none)",
+    "ANT_GPU_KERNELS_K": "scripts/gpu_check.sh: the kernels stage's pytest -k selection (cuda)",
+    "ANT_GPU_STEP_PARTS": "scripts/gpu_check.sh: the step stage's parts (small tiny; paper)",
     "ANT_DIST_TIMEOUT": "torchrun training: minutes a collective (a checkpoint's barrier) waits "
     "(30)",
 }
