@@ -2692,6 +2692,30 @@ def test_map_batch_keeps_lists_lists_and_distributed_flag_is_checked():
         ANT(linear_schedule(T), k=4, distributed="yes")
 
 
+@pytest.mark.parametrize("mode", ["onepass", "micro"])
+def test_a_namedtuple_batch_reaches_loss_fn_as_that_namedtuple(mode):
+    """The sorted and cut batch keeps its namedtuple type (a plain tuple lost the field names
+    that loss_fn reads), and gives the gradient of the same batch passed as a tuple."""
+    from collections import namedtuple
+
+    Batch = namedtuple("Batch", "x scale")
+    model, ant, x = _tiny_setup(mode=mode)
+    t = torch.randint(0, T, (10,), generator=torch.Generator().manual_seed(1))  # unsorted
+    scale = torch.linspace(0.5, 2.0, 10)
+    seen = []
+
+    def by_name(b, tb):
+        seen.append(type(b))
+        return per_sample_loss(model)(b.x, tb) * b.scale
+
+    ant.backward(by_name, Batch(x, scale), t)
+    got = flat_grad(model).clone()
+    assert seen and all(c is Batch for c in seen)
+    model.zero_grad(set_to_none=True)
+    ant.backward(lambda b, tb: per_sample_loss(model)(b[0], tb) * b[1], (x, scale), t)
+    torch.testing.assert_close(got, flat_grad(model), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("mode", ["proportional", "equal"])
 def test_systematic_counts_are_the_floor_or_ceiling_of_the_quota_at_every_start(mode):
     """Every cluster gets floor(quota) or ceil(quota) samples, and exactly its quota when that

@@ -28,6 +28,8 @@ def map_batch(batch: Any, fn) -> Any:
         return {k: map_batch(v, fn) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
         out = [map_batch(v, fn) for v in batch]
+        if hasattr(batch, "_fields"):  # a namedtuple: loss_fn reads its fields by name
+            return type(batch)(*out)
         return type(batch)(out) if isinstance(batch, list) else tuple(out)
     return batch
 
