@@ -543,8 +543,9 @@ class ANT:
                 at least one sample in every cluster).
             device: where the timesteps go (default: the CPU).
             generator: a torch.Generator on ``device`` for the draw within each cluster (default:
-                the engine's own stream, seeded by ``seed``; the counts per cluster always come
-                from the engine's host stream).
+                torch's default generator of ``device``, so ``torch.manual_seed`` fixes it; the
+                counts per cluster always come from the engine's host stream, seeded by
+                ``seed``).
         """
         if isinstance(B, bool) or not isinstance(B, (int, np.integer)) or B < 1:
             raise ValueError(f"B must be a positive integer batch size, got {B!r}")
@@ -838,10 +839,14 @@ class ANT:
                 redo or self._w is None or self.step_count % grad.update_every == 0
             )
             # overwrite, not accumulate: the method's own parameters always, the model's where
-            # no gradient buffer row is zeroed for them (loss-space methods)
+            # no gradient buffer row is zeroed for them (loss-space methods; under a gradient
+            # method its frozen ones, whose last gradient the optimiser would apply again at
+            # every step after a requires_grad_(False) mid-run)
             own = list(self.method.loss.parameters()) if self.method.loss is not None else []
             model_params = unwrap(self._model).parameters()
-            for p in [*own, *(model_params if grad is None else ())]:
+            if grad is not None:
+                model_params = (q for q in model_params if not q.requires_grad)
+            for p in [*own, *model_params]:
                 p.grad = None
         else:  # a later micro-batch of the window: its kind of step, added to what is there
             on_step = acc.on_step
