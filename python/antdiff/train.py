@@ -842,7 +842,7 @@ def _train(
                     (now - t_last) / (run.step - s_last),
                     objective=objective,
                 )
-                skipped.check(stats, run.step - s_last, ckpt)
+                skipped.check(stats, run.step - s_last, resumed if ckpt is None else ckpt)
                 t_last, s_last = now, run.step
             grid = main and tc.sample_every and run.step % tc.sample_every == 0 \
                 and run.step < tc.steps
