@@ -1152,7 +1152,11 @@ class ANT:
                 acc = _Window(True, scaler if _scaling(scaler) else None, buf,
                               torch.zeros_like(L_global), torch.zeros_like(L_global),
                               torch.zeros_like(L_global[0]), None, ok, 0)  # fmt: skip
-            shown = _present_mean(L_global, present)
+            # what a step on this micro-batch alone reports: the loss method's total, else the
+            # mean of the present clusters
+            loss_m = self.method.loss
+            shown = (loss_m.transform(L_global, present).sum().detach() if loss_m is not None
+                     else _present_mean(L_global, present))  # fmt: skip
             acc.add(L_global, present, shown, ok)
             if accumulate:  # J is all-reduced once, at the window's last call
                 self._window = acc
@@ -1174,7 +1178,7 @@ class ANT:
                 G = G * inv * inv  # noqa: N806
             # (a window's L_global carries a non-finite micro-batch loss)
             finite = finite & torch.isfinite(L_global).all()
-            c, finite = self._loss_stage(L_global, present, scaler, finite)
+            c, finite, total = self._loss_stage(L_global, present, scaler, finite)
             # the rows' scale: the mean of a window's micro-batch rows (reported as weights of
             # the mean cluster gradients, like a step on one batch)
             cj = c if mean_of is None else c * mean_of
@@ -1212,12 +1216,7 @@ class ANT:
             # scaler.step skips it and backs off (a NaN loss can leave finite gradients)
         _void_unless(finite, J[0], scaler)
         buf.point_grads_at(0, zero=False)
-        total = (
-            self.method.loss.transform(L_global, present).sum()
-            if self.method.loss is not None
-            else _present_mean(L_global, present)
-        )
-        out = self._record(total.detach(), L_global, w_eff, present, Gc, finite)
+        out = self._record(total, L_global, w_eff, present, Gc, finite)
         if self._recompute is not None and self._recompute.out is None:
             self._recompute.out = out
         return out
@@ -1327,15 +1326,19 @@ class ANT:
             return None
 
     def _loss_stage(self, L_global, present, scaler, finite):  # noqa: N803
-        """c = dT/dL [k] and the step's finite flag, which now also covers c and the loss
-        method's own parameter gradients (e.g. UW's s; written where the step is finite)."""
+        """c = dT/dL [k], the step's finite flag, which now also covers c, the loss method's
+        terms and its own parameter gradients (e.g. UW's s; written where the step is finite),
+        and the reported total (the loss method's, else the mean of the present clusters)."""
         loss_m = self.method.loss
         if loss_m is None:
-            return torch.ones_like(L_global), finite
+            return torch.ones_like(L_global), finite, _present_mean(L_global, present)
         params = [p for p in loss_m.parameters() if p.requires_grad]
         c, grads = loss_m.grads(L_global, present)
-        # a slope that is inf/NaN (exp(-s) overflowing) would carry into every update
-        finite = finite & torch.isfinite(c).all()
+        # a slope that is inf/NaN (exp(-s) overflowing) would carry into every update, and a
+        # term that is not (FAMO's log of a loss below its min_loss) with finite slopes would
+        # reach the method's next observation
+        total = loss_m.transform(L_global, present).sum().detach()
+        finite = finite & torch.isfinite(c).all() & torch.isfinite(total)
         for g in grads:
             if g is not None:
                 finite = finite & torch.isfinite(g).all()
@@ -1346,7 +1349,7 @@ class ANT:
             g = torch.where(finite, g, 0.0)  # a non-finite step leaves the method untouched
             g = g * scale.to(g.device) if scale is not None else g  # the scaler's own GPU
             p.grad = g if p.grad is None else p.grad + g
-        return c, finite
+        return c, finite, total
 
     def _grad_buffer(self) -> GradBuffer:
         model = self._model
@@ -1685,8 +1688,10 @@ class ANT:
             "step": self.step_count,
             "w": None if self._w is None else self._w.detach().cpu(),
             "w_present": None if self._w_present is None else self._w_present.cpu(),
-            "loss_method": None if loss_m is None else loss_m.state_dict(),
-            "grad_method": None if grad is None else grad.state_dict(),
+            # copies: a state kept in memory (a rollback point) must not follow later training
+            # (the methods update their tensors in place)
+            "loss_method": None if loss_m is None else copy.deepcopy(loss_m.state_dict()),
+            "grad_method": None if grad is None else copy.deepcopy(grad.state_dict()),
             "sampler": self.sampler.state_dict(),
             "telemetry": self.telemetry.state_dict(),
         }
@@ -1726,11 +1731,15 @@ class ANT:
             )
         window, self._window = self._window, None  # dropped by a load, kept by a failed one
         backup = copy.deepcopy(self.state_dict())  # a load that fails half-way is undone
+        # (and the step in progress, which _assign_state resets, kept: a backward before the
+        # failed load still goes to the next ant.step)
+        step = (self._grads_unchecked, self._unstepped, self._records, self._recompute)
         try:
             self._assign_state(state)
         except BaseException as exc:
             self._assign_state(backup)
             self._window = window
+            self._grads_unchecked, self._unstepped, self._records, self._recompute = step
             if isinstance(exc, (KeyError, TypeError, AttributeError)):  # a part's own lookup
                 raise ValueError(
                     f"the ANT state is damaged or not of this engine ({type(exc).__name__}: "
