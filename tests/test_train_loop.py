@@ -25,11 +25,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_train import _cfg
 from torch import nn
 
 import antdiff.checkpoint as ck
 import antdiff.train as tr
-from antdiff.config import load_config
 from antdiff.diffusion import GaussianDiffusion
 from antdiff.train import (
     EMA,
@@ -48,14 +48,15 @@ from antdiff.train import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _cfg(preset, tmp_path, *extra, steps=2):
-    return load_config(
-        preset,
-        ["--train.steps", str(steps), "--train.batch_size", "10", "--train.log_every", "1",
-         "--train.ckpt_every", "0", "--train.progress", "false", "--sample.steps", "2",
-         "--sample.n", "4", "--data.autoencoder_steps", "3", "--train.out_dir", str(tmp_path),
-         *extra],
-    )  # fmt: skip
+def _nan_losses(monkeypatch):
+    """Every step's per-sample losses NaN (the diffusion loss times NaN)."""
+    real = GaussianDiffusion.training_losses
+
+    def nan_loss(self, model, x0, t, noise=None, model_kwargs=None):
+        out = real(self, model, x0, t, noise, model_kwargs)
+        return {**out, "loss": out["loss"] * float("nan")}
+
+    monkeypatch.setattr(GaussianDiffusion, "training_losses", nan_loss)
 
 
 def _rows(path):
@@ -470,13 +471,7 @@ def test_a_short_last_interval_counts_its_own_steps(tmp_path, monkeypatch):
     """Every step non-finite, log_every = 2 over 5 steps, DIVERGED_STEPS = 5: the last row
     covers one step, and with it the skipped steps reach 5 at step 5."""
     monkeypatch.setattr(tr, "DIVERGED_STEPS", 5)
-    real = GaussianDiffusion.training_losses
-
-    def nan_loss(self, model, x0, t, noise=None, model_kwargs=None):
-        out = real(self, model, x0, t, noise, model_kwargs)
-        return {**out, "loss": out["loss"] * float("nan")}
-
-    monkeypatch.setattr(GaussianDiffusion, "training_losses", nan_loss)
+    _nan_losses(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(tr.TrainingDiverged, match=r"the last 5 steps \(to step 5\)"):
@@ -537,13 +532,7 @@ def test_a_resumed_run_that_diverges_before_saving_names_the_checkpoint_it_resum
     extra = ["--ant.method", "uw", "--train.ckpt_every", "4"]
     train(_cfg("digits_adm", tmp_path, *extra, steps=2))  # the step-2 checkpoint: the last one
     monkeypatch.setattr(tr, "DIVERGED_STEPS", 2)
-    real = GaussianDiffusion.training_losses
-
-    def nan_loss(self, model, x0, t, noise=None, model_kwargs=None):
-        out = real(self, model, x0, t, noise, model_kwargs)
-        return {**out, "loss": out["loss"] * float("nan")}
-
-    monkeypatch.setattr(GaussianDiffusion, "training_losses", nan_loss)
+    _nan_losses(monkeypatch)
     ckpt = tmp_path / "checkpoints" / "ckpt_00000002.pt"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
