@@ -15,7 +15,10 @@ class Comm:
     """Sum-reductions over a process group, or the identity in a single process."""
 
     def __init__(self, enabled: bool | str = "auto", group: object = None) -> None:
-        if enabled not in ("auto", True, False):
+        # by identity: 0 / 1 equal False / True, but would act as "auto" below
+        if enabled is not True and enabled is not False and not (
+            isinstance(enabled, str) and enabled == "auto"
+        ):  # fmt: skip
             raise ValueError(f"distributed must be 'auto', True or False, got {enabled!r}")
         self.enabled, self.group = enabled, group
         self.active, self.world = False, 1
