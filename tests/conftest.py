@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -43,6 +45,19 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path: Path) -> Iterator[Any]:
+    """torch.distributed initialised as a gloo group of one rank (this process) for the test."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0,
+                            world_size=1)  # fmt: skip
+    try:
+        yield dist
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.fixture

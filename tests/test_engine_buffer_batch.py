@@ -299,18 +299,6 @@ def test_slice_and_take_cut_every_batch_tensor_alike():
 
 
 # -- Comm -----------------------------------------------------------------------------------------
-@pytest.fixture
-def one_rank(tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0,
-                            world_size=1)  # fmt: skip
-    try:
-        yield dist
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("bad", ["yes", None, "true"])
 def test_comm_refuses_other_settings(bad):
     with pytest.raises(ValueError, match="distributed must be 'auto', True or False"):
@@ -348,7 +336,7 @@ def test_comm_built_before_the_group_turns_on_unless_switched_off(tmp_path):
         dist.destroy_process_group()
 
 
-def test_comm_stays_on_once_resolved(one_rank):
+def test_comm_stays_on_once_resolved(one_rank_group):
     c = Comm("auto")
     c.active, c.world = True, 3  # already decided: resolve leaves it
     c.resolve()
@@ -367,7 +355,7 @@ def test_comm_reads_the_world_size_of_its_group(monkeypatch):
 
 
 @pytest.mark.parametrize("like", [0, 1, 0.0])
-def test_comm_refuses_numbers_that_equal_a_bool(like, one_rank):
+def test_comm_refuses_numbers_that_equal_a_bool(like, one_rank_group):
     """0 == False, but Comm(0) turned the reduction on under a process group (it is not
     ``False``), and Comm(1) without a group did not raise as True does: refused by name."""
     with pytest.raises(ValueError, match="distributed must be 'auto', True or False"):

@@ -49,18 +49,6 @@ class BareParam(nn.Module):
         return self.lin(x).squeeze(1) * self.scale
 
 
-@pytest.fixture
-def one_rank_group(tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0,
-                            world_size=1)  # fmt: skip
-    try:
-        yield dist
-    finally:
-        dist.destroy_process_group()
-
-
 # -- construction ---------------------------------------------------------------------------------
 def test_clusters_of_another_T_than_the_schedule_are_refused():
     clusters = Clusters((0, 10, 25, 50))  # T = 50
