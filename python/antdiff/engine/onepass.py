@@ -676,6 +676,9 @@ class OnePass:
             slots = [s for pair in self._slots for s in pair if s is not None]
             for s in slots:
                 s.fresh = not keep  # the first write in this step sets all k rows
+                if keep and s.target is not None:  # kept rows add to what J holds now (a slot
+                    # of a channels_last weight writes its own buffer, copied into J at flush)
+                    s.cols.view(s.target.shape).copy_(s.target)
             if not total.requires_grad and self._st.B > 0:
                 raise ValueError(LOSS_WITHOUT_GRAD)
             if self._st.ran == 0 and self._st.B > 0:
