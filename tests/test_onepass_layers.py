@@ -15,6 +15,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
+from test_onepass import reference_J
 from torch import nn
 
 from antdiff import ANT
@@ -40,23 +41,6 @@ def _fill(ant, loss_fn, batch, t, counts, mode, keep=False):
     buf = ant._grad_buffer()
     ant._fill_J(buf, loss_fn, batch, t, counts, None, keep=keep)
     return buf.J.clone()
-
-
-def _reference(model, loss_fn, batch, t, ant):
-    """[k, P]: autograd.grad of each cluster's mean loss, one call per cluster."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    per = loss_fn(batch, t)
-    cid = ant.clusters.cluster_of(t)
-    rows = []
-    for i in range(ant.k):
-        m = cid == i
-        if not bool(m.any()):
-            rows.append(torch.zeros(sum(p.numel() for p in params), dtype=per.dtype))
-            continue
-        g = torch.autograd.grad(per[m].mean(), params, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(z if z is not None else torch.zeros_like(p)).reshape(-1)
-                               for z, p in zip(g, params)]))  # fmt: skip
-    return torch.stack(rows)
 
 
 class Head(nn.Module):
@@ -88,7 +72,7 @@ def _check(model, x, monkeypatch, calls, ts=TS):
         return model(b, tt) ** 2
 
     J = _fill(ant, loss_fn, b2, t2, counts, "onepass")  # noqa: N806
-    ref = _reference(model, loss_fn, b2, t2, ant)
+    ref = reference_J(model, loss_fn, b2, t2, ant.clusters, ant.k)
     assert ref.abs().sum(1).max() > 0
     torch.testing.assert_close(J, ref, rtol=1e-9, atol=1e-11)
 
@@ -285,14 +269,19 @@ def test_rows_of_a_layer_the_loss_skips_are_zero_after_a_step_that_used_it(monke
     assert J[:, 5:].abs().max() == 0 and J[:, :5].abs().max() > 0
 
 
-def test_a_post_accumulate_grad_hook_is_refused():
-    model = Head(nn.Linear(4, 2), 2)
-    model.layer.weight.register_post_accumulate_grad_hook(lambda p: None)
+def _refused(model, match):
+    """A one-pass fill of ``model`` on [9, 4] inputs raises NotServable matching ``match``."""
     ant = ANT(linear_schedule(T), k=4, method="pcgrad", model=model, sampling="uniform",
               mode="onepass")  # fmt: skip
     b2, t2, counts = ant._sorted(torch.randn(9, 4), torch.tensor(TS))
-    with pytest.raises(onepass.NotServable, match="gradient hook"):
+    with pytest.raises(onepass.NotServable, match=match):
         _fill(ant, lambda b, tt: model(b, tt) ** 2, b2, t2, counts, "onepass")
+
+
+def test_a_post_accumulate_grad_hook_is_refused():
+    model = Head(nn.Linear(4, 2), 2)
+    model.layer.weight.register_post_accumulate_grad_hook(lambda p: None)
+    _refused(model, "gradient hook")
 
 
 def test_a_weight_used_while_another_layer_runs_is_refused():
@@ -300,11 +289,7 @@ def test_a_weight_used_while_another_layer_runs_is_refused():
     that layer) is a use outside its own layer: its gradient would be missed."""
     model = Head(nn.Linear(4, 4), 4, nn.Linear(4, 4))
     model.layer.register_forward_hook(lambda m, a, o: o + F.linear(a[0], model.pre.weight))
-    ant = ANT(linear_schedule(T), k=4, method="pcgrad", model=model, sampling="uniform",
-              mode="onepass")  # fmt: skip
-    b2, t2, counts = ant._sorted(torch.randn(9, 4), torch.tensor(TS))
-    with pytest.raises(onepass.NotServable, match="'pre.weight' is used outside its layer"):
-        _fill(ant, lambda b, tt: model(b, tt) ** 2, b2, t2, counts, "onepass")
+    _refused(model, "'pre.weight' is used outside its layer")
 
 
 def test_layers_the_formulas_do_not_cover_are_not_served():
