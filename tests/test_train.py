@@ -951,11 +951,13 @@ def test_the_divergence_guard_counts_the_first_interval(monkeypatch):
     cfg = SimpleNamespace(train=SimpleNamespace(lr=1e6, grad_clip=None, batch_size=10,
                                                 micro_batch=0))  # fmt: skip
     ant = SimpleNamespace(telemetry=SimpleNamespace(nonfinite=lambda: 0), needs_gradients=False)
-    run = SimpleNamespace(ant=ant, cfg=cfg, step=4, dist=None)
+    run = SimpleNamespace(ant=ant, cfg=cfg, step=0, dist=None)
     watch = tr._SkipWatch(run)
-    watch.check({"nonfinite_steps": 2}, 2, None)
+    run.step = 2
+    watch.check({"nonfinite_steps": 2}, None)
+    run.step = 4
     with pytest.raises(tr.TrainingDiverged, match="the last 4 steps"):
-        watch.check({"nonfinite_steps": 4}, 2, None)
+        watch.check({"nonfinite_steps": 4}, None)
 
 
 def test_logged_rows_are_interval_means(tmp_path):

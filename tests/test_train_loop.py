@@ -424,8 +424,10 @@ def test_a_resumed_runs_earlier_skipped_steps_do_not_count_again(monkeypatch):
     cfg = SimpleNamespace(train=SimpleNamespace(lr=1e-3, grad_clip=1.0, batch_size=10,
                                                 micro_batch=0))  # fmt: skip
     ant = SimpleNamespace(telemetry=SimpleNamespace(nonfinite=lambda: 7), needs_gradients=False)
-    watch = _SkipWatch(SimpleNamespace(ant=ant, cfg=cfg, step=12, dist=None))
-    watch.check({"nonfinite_steps": 7}, 2, None)  # two good steps after the resume
+    run = SimpleNamespace(ant=ant, cfg=cfg, step=12, dist=None)
+    watch = _SkipWatch(run)
+    run.step = 14
+    watch.check({"nonfinite_steps": 7}, None)  # two good steps after the resume
     assert watch.row == 0
 
 
@@ -436,13 +438,12 @@ def test_an_interval_with_a_taken_step_ends_the_run_of_skipped_ones(monkeypatch)
     cfg = SimpleNamespace(train=SimpleNamespace(lr=1e-3, grad_clip=1.0, batch_size=10,
                                                 micro_batch=0))  # fmt: skip
     ant = SimpleNamespace(telemetry=SimpleNamespace(nonfinite=lambda: 0), needs_gradients=True)
-    watch = _SkipWatch(SimpleNamespace(ant=ant, cfg=cfg, step=6, dist=None))
-    watch.check({"nonfinite_steps": 2}, 2, None)
-    assert watch.row == 2
-    watch.check({"nonfinite_steps": 3}, 2, None)  # one of the two steps taken
-    assert watch.row == 0
-    watch.check({"nonfinite_steps": 5}, 2, None)
-    assert watch.row == 2
+    run = SimpleNamespace(ant=ant, cfg=cfg, step=0, dist=None)
+    watch = _SkipWatch(run)
+    for now, row in ((2, 2), (3, 0), (5, 2)):  # the second interval: one of its 2 steps taken
+        run.step += 2
+        watch.check({"nonfinite_steps": now}, None)
+        assert watch.row == row
 
 
 def test_divergence_after_a_checkpoint_names_it_and_the_step(tmp_path, monkeypatch):
@@ -540,3 +541,41 @@ def test_a_resumed_run_that_diverges_before_saving_names_the_checkpoint_it_resum
             train(_cfg("digits_adm", tmp_path, *extra, steps=8), resume=True)
     assert "no checkpoint was written yet" not in str(e.value)
     assert str(ckpt) in str(e.value)
+
+
+def test_a_resumed_diverging_run_stops_where_an_unbroken_one_does(tmp_path, monkeypatch):
+    """Every step non-finite, DIVERGED_STEPS = 4: an unbroken run stops at step 4. Stopped at
+    step 2 and resumed, the run counted its skipped steps from 0 again and went on to step 6;
+    the guard's count is now in the checkpoint."""
+    monkeypatch.setattr(tr, "DIVERGED_STEPS", 4)
+    _nan_losses(monkeypatch)
+    extra = ["--ant.method", "uw", "--train.ckpt_every", "2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(tr.TrainingDiverged, match=r"the last 4 steps \(to step 4\)"):
+            train(_cfg("digits_adm", tmp_path / "a", *extra, steps=8))
+        train(_cfg("digits_adm", tmp_path / "b", *extra, steps=2))  # 2 skipped: not yet 4
+        with pytest.raises(tr.TrainingDiverged, match=r"the last 4 steps \(to step 4\)"):
+            train(_cfg("digits_adm", tmp_path / "b", *extra, steps=8), resume=True)
+
+
+def test_the_divergence_guard_state_round_trips_between_log_points(monkeypatch):
+    """Saved after a check at step 2 and restored at step 3 (a checkpoint between log points),
+    the guard judges steps 3-4 against the count of step 2, as the unbroken run does."""
+    monkeypatch.setattr(tr, "DIVERGED_STEPS", 4)
+    cfg = SimpleNamespace(train=SimpleNamespace(lr=1e-3, grad_clip=1.0, batch_size=10,
+                                                micro_batch=0))  # fmt: skip
+    count = {"n": 0}
+    ant = SimpleNamespace(telemetry=SimpleNamespace(nonfinite=lambda: count["n"]),
+                          needs_gradients=True)  # fmt: skip
+    run = SimpleNamespace(ant=ant, cfg=cfg, step=0, dist=None)
+    watch = _SkipWatch(run)
+    run.step = 2
+    watch.check({"nonfinite_steps": 2}, None)
+    saved = watch.state_dict()
+    assert saved == {"row": 2, "at": 2, "before": 2}
+    run.step, count["n"] = 3, 3  # the checkpoint's step and telemetry
+    again = _SkipWatch(run, saved)
+    run.step = 4
+    with pytest.raises(tr.TrainingDiverged, match=r"the last 4 steps \(to step 4\)"):
+        again.check({"nonfinite_steps": 4}, None)

@@ -636,23 +636,29 @@ class _SkipWatch:
     """Stops a run whose steps have all been skipped as non-finite for ``DIVERGED_STEPS`` in a
     row (a diverged run went on to its last step, writing useless checkpoints). Read at the
     log points, from the telemetry's count (no extra host read in the loop; one at the
-    start)."""
+    start). Its state goes into checkpoints: a resumed diverging run stops where an unbroken
+    one does (it started counting again, and wrote up to DIVERGED_STEPS more steps)."""
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: Run, state: dict[str, int] | None = None) -> None:
         # the count at the start (0, or a resumed run's): the first interval counts too (a run
         # that diverged at its first steps was stopped two intervals late)
-        self.run, self.row = run, 0
+        self.run, self.row, self.at = run, 0, run.step  # at: the step of the last check
         self.before = run.ant.telemetry.nonfinite()  # no fold: a resume stays bit-exact
+        if state is not None:  # a checkpoint's: the last check's, before the checkpoint
+            self.row, self.at, self.before = (int(state[key]) for key in ("row", "at", "before"))
         # the engine's records per optimiser step: a loss-space method records each
         # ant.reduce micro-batch (and counts each of a skipped step's as non-finite)
         tc = run.cfg.train
         self.records = 1 if run.ant.needs_gradients or not tc.micro_batch else (
             tc.batch_size // tc.micro_batch)  # fmt: skip
 
-    def check(self, stats: dict[str, Any], steps: int, ckpt: Path | None) -> None:
-        now = stats.get("nonfinite_steps", 0)
+    def state_dict(self) -> dict[str, int]:
+        return {"row": self.row, "at": self.at, "before": self.before}
+
+    def check(self, stats: dict[str, Any], ckpt: Path | None) -> None:
+        now, steps = stats.get("nonfinite_steps", 0), self.run.step - self.at
         self.row = self.row + steps if now - self.before >= steps * self.records else 0
-        self.before = now
+        self.before, self.at = now, self.run.step
         if self.row >= DIVERGED_STEPS:
             tc = self.run.cfg.train
             earlier = "may already hold the diverged weights: resume from an earlier one " \
@@ -796,12 +802,13 @@ def _train(
     if failed is not None:
         raise failed
     run = build_run(cfg, None if state is None else state.get("codec"), dist)
-    branch, means = None, _LogMeans()
+    branch, means, watched = None, _LogMeans(), None
     logged = (None, None)  # the last row's interval means of (loss, objective)
     if state is not None:
         restore(run, state, allow_config_change)
         branch = state.get("log_branch")  # saved before its logs were committed
         means.load_state_dict(state.get("log_means"), run.device)  # a log interval under way
+        watched = state.get("skip_watch")  # None in a checkpoint written before it was saved
         del state
     tc = cfg.train
     if main:
@@ -818,7 +825,7 @@ def _train(
         time.perf_counter(),
         run.step,
     )
-    skipped = _SkipWatch(run)
+    skipped = _SkipWatch(run, watched)
     done, paused = False, 0.0
     try:
         while run.step < tc.steps:
@@ -842,7 +849,7 @@ def _train(
                     (now - t_last) / (run.step - s_last),
                     objective=objective,
                 )
-                skipped.check(stats, run.step - s_last, resumed if ckpt is None else ckpt)
+                skipped.check(stats, resumed if ckpt is None else ckpt)
                 t_last, s_last = now, run.step
             grid = main and tc.sample_every and run.step % tc.sample_every == 0 \
                 and run.step < tc.steps
@@ -858,6 +865,7 @@ def _train(
                     if (pending := logger.branch_state()) is not None:  # rows not committed
                         state["log_branch"] = pending
                     state["log_means"] = means.state_dict()
+                    state["skip_watch"] = skipped.state_dict()
                     ckpt = save_checkpoint(out, run.step, state, tc.keep_ckpts)
                     del state
                     logger.commit()  # its rows now replace those of a continuation it supersedes
