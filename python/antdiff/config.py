@@ -52,7 +52,11 @@ def _choice(section: str, key: str, value: Any, valid: tuple) -> None:
 
 def _positive(section: str, key: str, value: Any, zero_ok: bool = False) -> None:
     # NaN compares False with everything, so it is refused by name, like inf
-    if value is None or not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+    try:
+        finite = value is not None and math.isfinite(value)
+    except OverflowError:  # an int past float's range (a 400-digit seed): finite, checked below
+        finite = True
+    if not finite or value < 0 or (value == 0 and not zero_ok):
         bound = ">= 0" if zero_ok else "> 0"
         raise ValueError(f"{section}.{key} must be finite and {bound}, got {value!r}")
 
@@ -236,6 +240,11 @@ class AntConfig:
             v = getattr(self, key)
             if isinstance(v, str) and v != "default":
                 raise ValueError(f"ant.{key} must be an int, null or 'default', got {v!r}")
+            if isinstance(v, int) and v < 1:  # refused at the start, not once the run is built
+                raise ValueError(f"ant.{key} must be a positive number of timesteps, got {v}")
+        lo, hi = self.min_size, self.max_size
+        if isinstance(lo, int) and isinstance(hi, int) and lo > hi:
+            raise ValueError(f"ant.min_size={lo} exceeds ant.max_size={hi}: no cluster fits both")
         try:
             method = make_method(self.method, self.k, **self.method_kwargs)
         except (ValueError, TypeError) as exc:
@@ -309,7 +318,7 @@ class TrainConfig:
         if self.seed >= 2**63:
             raise ValueError(f"train.seed must be below 2**63 (torch seeds), got {self.seed}")
         if not str(self.out_dir).strip():  # "" trained into the working directory
-            raise ValueError("train.out_dir must name a folder for the run, got ''")
+            raise ValueError(f"train.out_dir must name a folder for the run, got {self.out_dir!r}")
         tr = self.t_range
         if tr is not None and (len(tr) != 2 or not 0 <= tr[0] < tr[1]):
             raise ValueError(f"train.t_range must be [t1, t2] with 0 <= t1 < t2, got {tr!r}")
@@ -426,7 +435,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float and not isinstance(value, bool):
         try:
             return float(value)  # "1e-4" arrives as a string from YAML 1.1
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an int past 1.8e308
             pass
     if tp is str and isinstance(value, str):
         return value
@@ -660,7 +669,11 @@ def apply_overrides(d: dict[str, Any], overrides: list[tuple[str, Any]]) -> dict
         fields = [f.name for f in dataclasses.fields(section_cls)]
         if parts[1] not in fields:
             raise _unknown_key(parts[0], parts[1], fields)
-        section = d.setdefault(parts[0], {}) or {}
+        section = d.get(parts[0])
+        if section is None:  # absent, or empty in the YAML ("train:")
+            section = {}
+        elif not isinstance(section, dict):  # refused as _build refuses it without an override
+            raise ValueError(f"config section {parts[0]} must be a mapping, got {section!r}")
         d[parts[0]] = section
         if len(parts) == 2:
             section[parts[1]] = value
