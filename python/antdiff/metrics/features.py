@@ -84,8 +84,8 @@ def check_images(images: Any, channels: tuple[int, ...]) -> torch.Tensor:
     # and a model's all-bright samples (a degenerate model) have none near 0
     if abs(lo) <= 0.05 and x.numel() >= 4096:  # too many values for a chance darkest 0
         warnings.warn(
-            f"images [{tuple(x.shape)}] have their darkest value at {lo:.3f}: floats in [0, 1]? "
-            "They are read as [-1, 1] (all bright), which inflates FID; pass 2 * x - 1 (or "
+            f"images of shape {list(x.shape)} have their darkest value at {lo:.3f}: floats in "
+            "[0, 1]? They are read as [-1, 1] (all bright), which inflates FID; pass 2 * x - 1 (or "
             "uint8 pixels). Ignore this for samples of a model that never draws dark pixels.",
             stacklevel=2,
         )

@@ -127,7 +127,7 @@ def precision_recall(
     return {
         "precision": float(precision.double().mean()),
         "recall": float(recall.double().mean()),
-        "k": k,
+        "k": int(k),  # a numpy integer k: json cannot write it
         "n_real": int(real.shape[0]),
         "n_fake": int(fake.shape[0]),
         "features": features,
