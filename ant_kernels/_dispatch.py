@@ -44,11 +44,20 @@ DTYPES = {
 _jit_interpreted: set[bool] = set()
 
 
+def _interpret_env() -> bool:
+    """``TRITON_INTERPRET`` as Triton reads it (1, true, on or yes, in any case): "true" ran
+    Triton's interpreter while the dispatch refused CPU tensors as not interpreted."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
 def jit(fn: Callable) -> Callable:
     """``triton.jit`` that records the interpreter mode; identity when triton is missing."""
     if triton is None:
         return fn
-    _jit_interpreted.add(os.environ.get("TRITON_INTERPRET", "0") == "1")
+    _jit_interpreted.add(_interpret_env())
     return triton.jit(fn)
 
 
@@ -62,7 +71,7 @@ def backend() -> str:
 
 def interpreting() -> bool:
     """True when Triton kernels run under the CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _interpret_env()
 
 
 def interpreted(t: torch.Tensor) -> bool:

@@ -18,7 +18,6 @@ import importlib
 import itertools
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -159,7 +158,9 @@ def _usage(cubin: bytes, tool: Path) -> dict[str, int]:
 
 def build_all(arch: int = 90) -> list[dict[str, Any]]:
     """Compile every kernel configuration for sm_<arch>; their ptxas resource usage."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    from ._dispatch import interpreting
+
+    if interpreting():
         raise RuntimeError("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
     import triton
     from triton.backends.compiler import GPUTarget

@@ -113,7 +113,8 @@ def combine(w: torch.Tensor, J: torch.Tensor, out: torch.Tensor | None = None) -
         J: [k, P] float32/bf16/fp16, any strides.
         out: [P] any float dtype, any non-zero stride (an expanded tensor is refused); may be one
             of J's rows. None: a new float32
-            tensor (float64 for a float64 J, which always takes the reference path).
+            tensor (float64 for a float64 J, which the reference serves; with
+            ANT_KERNELS_BACKEND=triton it is refused).
 
     Returns:
         ``out``, holding w @ J accumulated in float32. No host sync.

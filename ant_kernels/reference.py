@@ -467,6 +467,8 @@ def graddrop_ref(
         divisor = torch.ones((), device=J.device)
     check_graddrop(J, present, leak, divisor, out, step)
     check_uniform(seed, step, 0)
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk must be a positive int (columns per pass) or None, got {chunk!r}")
     k, P = J.shape
     acc = torch.float64 if J.dtype == torch.float64 else torch.float32
     out = torch.empty(P, dtype=J.dtype, device=J.device) if out is None else out
