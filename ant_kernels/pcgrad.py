@@ -97,7 +97,7 @@ def pcgrad_weights(G: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
 
     Args:
         G: [k, k] Gram matrix of the cluster gradients, float32 or float64.
-        orders: [k, k] int64; row i is the order in which g_i is projected against the
+        orders: [k, k] int64 or int32; row i is the order in which g_i is projected against the
             clusters (a permutation of range(k), i included). Not validated, as that needs a
             host sync; the kernel skips an entry outside range(k) rather than read out of
             bounds, the reference raises an indexing error.

@@ -191,14 +191,15 @@ class TimestepSampler:
         def build() -> tuple[torch.Tensor, ...]:
             # per sample: the first timestep and the length of its cluster's interval, its cluster
             lo, size = np.repeat(self._lo, counts), np.repeat(self._size, counts)
-            return _placement(lo, size, np.repeat(np.arange(len(counts)), counts), device=r.device)
+            cid = np.repeat(np.arange(len(counts)), counts)
+            return _placement(lo, size, cid, device=draw.device)
 
         # a normal tensor also under torch.inference_mode: an inference tensor has no in-place
         # change counter, so a change after the draw (t.zero_()) would keep its stale counts
         with torch.inference_mode(False):
-            r = torch.randint(0, _DRAW_HIGH, (int(B),), device=device, generator=generator)
-            parts = self._cached((counts.tobytes(), r.device, "place"), build)
-            t = _place_on(r, parts)
+            draw = torch.randint(0, _DRAW_HIGH, (int(B),), device=device, generator=generator)
+            parts = self._cached((counts.tobytes(), draw.device, "place"), build)
+            t = _place_on(draw, parts)
         self.remember(t, counts, parts[2])
         return t, counts
 
