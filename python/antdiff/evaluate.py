@@ -245,10 +245,12 @@ def check_reference_range(real: torch.Tensor, name: str, rows: int = 256) -> Non
     if real.dtype == torch.uint8 or not real.is_floating_point():
         return
     head = torch.as_tensor(real[:rows])
+    if not bool(torch.isfinite(head).all()):  # NaN passed the comparison below
+        raise ValueError(f"{name}: its first {len(head)} images hold NaN or inf values")
     low = float(head.min())
     if low >= -0.05:
         raise ValueError(
-            f"{name}: its first {len(head)} images have no value below {low:.3f}, so they look "
+            f"{name}: the lowest value of its first {len(head)} images is {low:.3f}, so they look "
             "like floats in [0, 1]; reference floats must be in [-1, 1] like the samples: save "
             "2 * x - 1 (or uint8 pixels)"
         )
@@ -455,13 +457,17 @@ def evaluate_checkpoint(
             "--format pt`, decode them with the autoencoder that made the latents, and score "
             "them with antdiff.evaluate.score (or train with data.autoencoder=tiny)"
         )
-    if loaded.data.codec is None and loaded.data.shape[0] not in extractor.channels:
+    made = tuple(loaded.data.shape)
+    if loaded.data.codec is not None:  # a latent run scores decoded images: of what shape
+        z = torch.zeros(1, *made, device=loaded.data.x.device)
+        with torch.no_grad():
+            made = tuple(loaded.data.codec.decode(z).shape[1:])
+    if made[0] not in extractor.channels:
         raise ValueError(
-            f"{ckpt} makes {loaded.data.shape[0]}-channel images; {extractor.name} takes "
+            f"{ckpt} makes {made[0]}-channel images; {extractor.name} takes "
             f"{extractor.channels} channels"
         )
-    made = tuple(loaded.data.shape)
-    if loaded.data.codec is None and ref_shape != made:
+    if ref_shape != made:
         size, digits = loaded.cfg.data.image_size, loaded.cfg.data.source == "digits"
         hint = (f", e.g. antdiff.data.load_digits_tensor({size})[0] for digits resized as in "
                 "training" if size and digits else "")  # fmt: skip
