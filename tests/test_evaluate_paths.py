@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -593,3 +594,21 @@ def test_eval_refuses_a_reference_of_another_size_for_a_latent_run(tmp_path, mon
     with pytest.raises(ValueError, match=r"holds images of shape \[1, 16, 16\]"):
         ev.evaluate_checkpoint(tmp_path / "run", 100, ref=tmp_path / "digits16.pt",
                                progress=False)  # fmt: skip
+
+
+def test_score_refuses_fake_images_of_another_size_than_the_references(tmp_path):
+    """score() compared 16x16 samples with 8x8 references without a word (the network resizes
+    both); evaluate_checkpoint refuses that, and so does score now, before any feature."""
+    ref = 2 * np.random.default_rng(0).random((40, 1, 8, 8), dtype=np.float32) - 1
+    np.save(tmp_path / "ref.npy", ref)
+    with pytest.raises(ValueError, match=r"fake images of shape \[1, 16, 16\] against references "
+                       r"of shape \[1, 8, 8\]"):  # fmt: skip
+        ev.score(torch.zeros(40, 1, 16, 16), DigitsFeatures(), tmp_path / "ref.npy",
+                 cache_dir=tmp_path)  # fmt: skip
+
+
+def test_a_path_named_like_a_data_set_says_to_pass_the_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="for the known data set pass its name as a str"):
+        ev.reference_images(Path("digits"))
+    assert ev.reference_images("digits")[0] == "digits"

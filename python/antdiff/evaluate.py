@@ -268,6 +268,10 @@ def reference_images(ref: str | Path) -> tuple[str, torch.Tensor]:
     if isinstance(ref, str) and ref in DATASETS:
         return ref, DATASETS[ref]()
     p = Path(ref)
+    if not p.is_file() and str(ref) in DATASETS:  # a Path("digits-test") meant the data set
+        raise FileNotFoundError(
+            f"--ref {str(ref)!r}: no such file; for the known data set pass its name as a str"
+        )
     if not p.is_file():
         raise FileNotFoundError(
             f"--ref {str(ref)!r} is neither a known data set {sorted(DATASETS)} nor a file"
@@ -360,6 +364,12 @@ def score(
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "reference_stats"
     label, real = reference_images(ref)
     check_reference_range(real, f"ref {ref}")
+    if fake is not None and tuple(fake.shape[1:]) != tuple(real.shape[1:]):
+        raise ValueError(
+            f"fake images of shape {list(fake.shape[1:])} against references of shape "
+            f"{list(real.shape[1:])} (ref {ref}): features of different sizes do not compare; "
+            "score samples of the references' size"
+        )
     stats = reference_stats(real, extractor, root, label=label)
     if fake_features is None:  # one pass of the network for FID and precision / recall
         fake_features = extractor(fake)
