@@ -428,8 +428,7 @@ def test_eval_hands_generate_and_the_record_every_setting(run_dir, tmp_path, mon
     assert {key: res[key] for key in record} == record
     # its cfg_channels (None: all), cfg_scale, steps are those of the run where unset
     seen2, _ = _spy_eval(monkeypatch)
-    res = ev.evaluate_checkpoint(run_dir, 70, batch_size=70, progress=False, cache_dir=tmp_path,
-                                 variance="small")  # fmt: skip
+    res = ev.evaluate_checkpoint(run_dir, 70, batch_size=70, progress=False, cache_dir=tmp_path)
     kw = seen2["generate"][2]
     run_own = ("ddim", 5, 1.0, None)  # the run's sample.* (its sample.steps is 5)
     assert (kw["sampler"], kw["steps"], kw["cfg_scale"], kw["cfg_channels"]) == run_own
@@ -612,3 +611,25 @@ def test_a_path_named_like_a_data_set_says_to_pass_the_name(tmp_path, monkeypatc
     with pytest.raises(FileNotFoundError, match="for the known data set pass its name as a str"):
         ev.reference_images(Path("digits"))
     assert ev.reference_images("digits")[0] == "digits"
+
+
+@pytest.mark.parametrize(
+    ("sampler", "variance", "match"),
+    [
+        ("ddim", "large", r"variance='large' applies to sampler='ddpm', not 'ddim'"),
+        ("ddpm", "wide", r"variance='wide' is not valid"),
+    ],
+)
+def test_eval_refuses_a_variance_its_sampler_cannot_take_before_sampling(
+    run_dir, tmp_path, monkeypatch, sampler, variance, match  # noqa: F811
+):
+    """Refused inside sample(), once the progress bar had started; now with the other
+    settings, before any image is drawn."""
+
+    def sampled(*a, **k):
+        raise AssertionError("sampled before the variance was checked")
+
+    monkeypatch.setattr(ev, "generate", sampled)
+    with pytest.raises(ValueError, match=match):
+        ev.evaluate_checkpoint(run_dir, 70, sampler=sampler, steps=3, variance=variance,
+                               progress=False, cache_dir=tmp_path)  # fmt: skip

@@ -499,10 +499,12 @@ def evaluate_checkpoint(
     sampler, steps, cfg_scale, cfg_channels = run_settings(
         loaded, sampler, steps, cfg_scale, cfg_channels
     )
-    from .sampling import check_settings
+    from .sampling import check_settings, check_variance
 
-    # steps <= the run's T, eta with its sampler: refused here, not after the progress bar starts
+    # steps <= the run's T, eta and variance with its sampler: refused here, not after the
+    # progress bar starts
     check_settings(loaded.diffusion.T, sampler=sampler, steps=steps, eta=eta, spacing=spacing)
+    check_variance(loaded.diffusion, sampler, ddpm_variance(loaded, sampler, variance))
     generate(
         loaded,
         num,

@@ -125,6 +125,25 @@ def respace(
     return new, ts
 
 
+def check_variance(diffusion: GaussianDiffusion, sampler: str, variance: str | None) -> None:
+    """The checks :func:`sample` makes of ``variance``, for a caller that validates before any
+    work starts."""
+    if variance is None:
+        return
+    if variance not in _VARIANCES:
+        raise ValueError(f"variance={variance!r} is not valid; use one of {_VARIANCES}")
+    if sampler != "ddpm":
+        raise ValueError(
+            f"variance={variance!r} applies to sampler='ddpm', not {sampler!r} (whose noise "
+            "eta sets): sample with ddpm, or leave variance unset"
+        )
+    if diffusion.learn_sigma:
+        raise ValueError(
+            f"variance={variance!r} applies to models with a fixed variance; this one learns "
+            "its variance (learn_sigma), which DDPM uses: leave variance unset"
+        )
+
+
 def variance_name(
     diffusion: GaussianDiffusion, sampler: str, variance: str | None = None
 ) -> str | None:
@@ -261,19 +280,7 @@ def sample(
     if sampler not in _SAMPLERS:
         raise ValueError(f"sampler={sampler!r} is not valid; use one of {_SAMPLERS}")
     check_settings(sampler=sampler, eta=eta)
-    if variance is not None:
-        if variance not in _VARIANCES:
-            raise ValueError(f"variance={variance!r} is not valid; use one of {_VARIANCES}")
-        if sampler != "ddpm":
-            raise ValueError(
-                f"variance={variance!r} applies to sampler='ddpm', not {sampler!r} (whose noise "
-                "eta sets): sample with ddpm, or leave variance unset"
-            )
-        if diffusion.learn_sigma:
-            raise ValueError(
-                f"variance={variance!r} applies to models with a fixed variance; this one learns "
-                "its variance (learn_sigma), which DDPM uses: leave variance unset"
-            )
+    check_variance(diffusion, sampler, variance)
     if not math.isfinite(cfg_scale):  # NaN / inf: every sample non-finite
         raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale}")
     if cfg_scale != 1.0 and y is None:
