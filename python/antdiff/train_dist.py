@@ -180,9 +180,16 @@ def _timeout() -> datetime.timedelta:
         minutes = float(raw)
     except ValueError:
         minutes = float("nan")
-    if not minutes > 0 or minutes == float("inf"):
-        raise ValueError(f"ANT_DIST_TIMEOUT must be a positive number of minutes, got {raw!r}")
-    return datetime.timedelta(minutes=minutes)
+    try:  # inf and values past timedelta's range (1e20) raise OverflowError
+        wait = datetime.timedelta(minutes=minutes) if minutes > 0 else None
+    except OverflowError:
+        wait = None
+    if wait is None or wait < datetime.timedelta(seconds=1):  # 1e-9 rounded to no wait at all
+        raise ValueError(
+            f"ANT_DIST_TIMEOUT must be a positive number of minutes (from 1 second to about "
+            f"1e12 minutes), got {raw!r}"
+        )
+    return wait
 
 
 class QuietLogger:

@@ -49,7 +49,8 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # the name cut: mkstemp adds 14 characters, and a 255-character name is valid (NAME_MAX)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:100]}.", suffix=".tmp", dir=path.parent)
     try:  # mkstemp makes 0600; a plain open() would honour the umask
         os.fchmod(fd, 0o666 & ~_UMASK)
     except (AttributeError, OSError):  # no fchmod (Windows) or a mount that refuses chmod
