@@ -170,6 +170,8 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         b, c, hh, ww = x.shape
         qkv = self.qkv(self.norm(x).reshape(b, c, hh * ww))  # [B, 3C, N]
+        # channels as [q | k | v], each split into heads (not q, k, v per head): weights saved
+        # with the per-head layout need their qkv rows permuted to load here
         q, k, v = (
             qkv.reshape(b, 3, self.heads, c // self.heads, hh * ww).transpose(-1, -2).unbind(1)
         )
