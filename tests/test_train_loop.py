@@ -417,14 +417,21 @@ def test_the_models_initial_weights_do_not_depend_on_loading_the_data(tmp_path, 
 # ---------------------------------------------------------------- divergence guard
 
 
+def _watched_run(step: int, nonfinite, needs_gradients: bool = True) -> SimpleNamespace:
+    """What _SkipWatch reads of a run: the config's train section, the telemetry's non-finite
+    count (``nonfinite()``) and the step."""
+    cfg = SimpleNamespace(train=SimpleNamespace(lr=1e-3, grad_clip=1.0, batch_size=10,
+                                                micro_batch=0))  # fmt: skip
+    ant = SimpleNamespace(telemetry=SimpleNamespace(nonfinite=nonfinite),
+                          needs_gradients=needs_gradients)  # fmt: skip
+    return SimpleNamespace(ant=ant, cfg=cfg, step=step, dist=None)
+
+
 def test_a_resumed_runs_earlier_skipped_steps_do_not_count_again(monkeypatch):
     """The guard starts from the count a resumed run's telemetry holds: skipped steps of the
     run before the checkpoint are not this run's first interval."""
     monkeypatch.setattr(tr, "DIVERGED_STEPS", 2)
-    cfg = SimpleNamespace(train=SimpleNamespace(lr=1e-3, grad_clip=1.0, batch_size=10,
-                                                micro_batch=0))  # fmt: skip
-    ant = SimpleNamespace(telemetry=SimpleNamespace(nonfinite=lambda: 7), needs_gradients=False)
-    run = SimpleNamespace(ant=ant, cfg=cfg, step=12, dist=None)
+    run = _watched_run(12, lambda: 7, needs_gradients=False)
     watch = _SkipWatch(run)
     run.step = 14
     watch.check({"nonfinite_steps": 7}, None)  # two good steps after the resume
@@ -435,10 +442,7 @@ def test_an_interval_with_a_taken_step_ends_the_run_of_skipped_ones(monkeypatch)
     """Two skipped intervals of 2 steps with a good interval between them are no run of 4
     skipped steps."""
     monkeypatch.setattr(tr, "DIVERGED_STEPS", 4)
-    cfg = SimpleNamespace(train=SimpleNamespace(lr=1e-3, grad_clip=1.0, batch_size=10,
-                                                micro_batch=0))  # fmt: skip
-    ant = SimpleNamespace(telemetry=SimpleNamespace(nonfinite=lambda: 0), needs_gradients=True)
-    run = SimpleNamespace(ant=ant, cfg=cfg, step=0, dist=None)
+    run = _watched_run(0, lambda: 0)
     watch = _SkipWatch(run)
     for now, row in ((2, 2), (3, 0), (5, 2)):  # the second interval: one of its 2 steps taken
         run.step += 2
@@ -563,12 +567,8 @@ def test_the_divergence_guard_state_round_trips_between_log_points(monkeypatch):
     """Saved after a check at step 2 and restored at step 3 (a checkpoint between log points),
     the guard judges steps 3-4 against the count of step 2, as the unbroken run does."""
     monkeypatch.setattr(tr, "DIVERGED_STEPS", 4)
-    cfg = SimpleNamespace(train=SimpleNamespace(lr=1e-3, grad_clip=1.0, batch_size=10,
-                                                micro_batch=0))  # fmt: skip
     count = {"n": 0}
-    ant = SimpleNamespace(telemetry=SimpleNamespace(nonfinite=lambda: count["n"]),
-                          needs_gradients=True)  # fmt: skip
-    run = SimpleNamespace(ant=ant, cfg=cfg, step=0, dist=None)
+    run = _watched_run(0, lambda: count["n"])
     watch = _SkipWatch(run)
     run.step = 2
     watch.check({"nonfinite_steps": 2}, None)
