@@ -64,11 +64,74 @@ def test_available_host_bytes_reads_kib(monkeypatch):
     """/proc/meminfo counts in KiB (its "kB")."""
     from pathlib import Path
 
+    from antdiff import utils
     from antdiff.utils import available_host_bytes
 
     text = "MemTotal:       4096 kB\nMemFree:         100 kB\nMemAvailable:    2048 kB\n"
+    monkeypatch.setattr(utils, "cgroup_free_bytes", lambda: None)
     monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: text)
     assert available_host_bytes() == 2048 * 1024
+
+
+def _cgroup_files(d, **files):
+    d.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (d / name.replace("_", ".", 1)).write_text(text)
+
+
+def test_cgroup_v2_limit_of_the_process_and_its_parents(tmp_path):
+    """A container's memory.max caps what the host reports: the limit less the usage that is not
+    reclaimable file cache, the least over the cgroup and its parents."""
+    from antdiff.utils import cgroup_free_bytes
+
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/pod/job\n")
+    root = tmp_path / "fs"
+    _cgroup_files(root, memory_max="max\n")
+    _cgroup_files(root / "pod", memory_max="10000\n", memory_current="3000\n",
+                  memory_stat="anon 2000\ninactive_file 1000\n")  # fmt: skip
+    _cgroup_files(root / "pod" / "job", memory_max="max\n", memory_current="2500\n")
+    assert cgroup_free_bytes(root, proc) == 10000 - (3000 - 1000)
+    _cgroup_files(root / "pod" / "job", memory_max="4000\n", memory_current="2500\n",
+                  memory_stat="inactive_file 500\n")  # fmt: skip
+    assert cgroup_free_bytes(root, proc) == 4000 - (2500 - 500)
+    _cgroup_files(root / "pod", memory_max="max\n")
+    _cgroup_files(root / "pod" / "job", memory_max="max\n")
+    assert cgroup_free_bytes(root, proc) is None
+
+
+def test_cgroup_v1_memory_controller(tmp_path):
+    """cgroup v1: the memory controller's line, its own mount, "no limit" written as a huge
+    number; a namespaced path that is not under the mount reads the mount's root."""
+    from antdiff.utils import cgroup_free_bytes
+
+    proc = tmp_path / "cgroup"
+    proc.write_text("5:cpu,cpuacct:/x\n4:memory:/docker/abc\n0::/\n")
+    root = tmp_path / "fs"
+    mem = root / "memory"
+    _cgroup_files(mem, memory_limit_in_bytes="9223372036854771712\n",
+                  memory_usage_in_bytes="50\n")  # fmt: skip
+    _cgroup_files(mem / "docker" / "abc", memory_limit_in_bytes="8192\n",
+                  memory_usage_in_bytes="6000\n",
+                  memory_stat="inactive_file 9\ntotal_inactive_file 1000\n")  # fmt: skip
+    assert cgroup_free_bytes(root, proc) == 8192 - (6000 - 1000)
+    proc.write_text("4:memory:/elsewhere/zzz\n")  # not under this mount: the mount's own
+    _cgroup_files(mem, memory_limit_in_bytes="700\n", memory_usage_in_bytes="800\n")
+    assert cgroup_free_bytes(root, proc) == 0  # over its limit: nothing to give
+    assert cgroup_free_bytes(root, tmp_path / "missing") is None
+
+
+def test_available_host_bytes_is_capped_by_the_cgroup(monkeypatch):
+    from pathlib import Path
+
+    from antdiff import utils
+
+    text = "MemAvailable:    2048 kB\n"
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: text)
+    monkeypatch.setattr(utils, "cgroup_free_bytes", lambda: 1000)
+    assert utils.available_host_bytes() == 1000
+    monkeypatch.setattr(utils, "cgroup_free_bytes", lambda: 1 << 40)
+    assert utils.available_host_bytes() == 2048 * 1024
 
 
 def test_bad_arguments():

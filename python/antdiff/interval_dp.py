@@ -350,8 +350,8 @@ def _check_precision(cost: str, data: np.ndarray, bounds: np.ndarray, total: flo
 
 def _check_table_memory(T: int, k: int) -> None:
     """The DP keeps a cost and a split table of (k + 1) x (T + 1) entries (16 bytes each):
-    refused up front when it exceeds the memory available (the kernel's OOM killer would end
-    the process instead of an error)."""
+    refused up front when it exceeds the memory available, a container's cgroup limit included
+    (the kernel's OOM killer would end the process instead of an error)."""
     need = 16 * (k + 1) * (T + 1)
     have = available_host_bytes()
     if need > have:

@@ -155,15 +155,83 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
+_NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a page-rounded 2**63 - 1
+
+
 def available_host_bytes() -> int:
-    """Memory the host can give without swapping: MemAvailable (Linux), else free pages."""
+    """Memory the host can give without swapping: MemAvailable (Linux), else free pages, and no
+    more than the process's memory cgroup still allows (a container's limit; /proc/meminfo
+    shows the whole host's memory)."""
+    have = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                have = int(line.split()[1]) * 1024
+                break
     except (OSError, ValueError, IndexError):
         pass
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    if have is None:
+        have = int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    limit = cgroup_free_bytes()
+    return have if limit is None else min(have, limit)
+
+
+def cgroup_free_bytes(root: Path | None = None, proc: Path | None = None) -> int | None:
+    """What the process's memory cgroup can still give: its limit less what it uses apart from
+    reclaimable file cache, the least over the cgroup and its parents, cgroup v2 or v1. None
+    where no limit is set or nothing can be read. ``root`` is the cgroup mount and ``proc`` the
+    process's cgroup file (tests point them at a made tree)."""
+    root = CGROUP_ROOT if root is None else root
+    proc = PROC_CGROUP if proc is None else proc
+    try:
+        lines = proc.read_text().splitlines()
+    except OSError:
+        return None
+    least = None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[1] == "":  # v2: one unified hierarchy
+            base, names = root, ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in parts[1].split(","):  # v1: the memory controller's own mount
+            base = root / "memory"
+            names = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        d = base / parts[2].strip().lstrip("/")
+        if not d.is_dir():  # a path of the host's namespace, the container's cgroup mounted
+            d = base
+        while True:
+            free = _cgroup_level_free(d, *names)
+            if free is not None:
+                least = free if least is None else min(least, free)
+            if d == base or base not in d.parents:
+                break
+            d = d.parent
+    return least
+
+
+def _cgroup_level_free(d: Path, limit_file: str, usage_file: str, inactive_key: str) -> int | None:
+    try:
+        text = (d / limit_file).read_text().strip()
+        if text == "max" or int(text) >= _NO_LIMIT:
+            return None
+        limit, usage = int(text), int((d / usage_file).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    inactive = 0
+    try:
+        for row in (d / "memory.stat").read_text().splitlines():
+            key, _, value = row.partition(" ")
+            if key == inactive_key:
+                inactive = int(value)
+                break
+    except (OSError, ValueError):
+        pass
+    return max(0, limit - max(0, usage - inactive))
 
 
 def load_npy(path: str | Path, what: str, **kwargs: Any) -> Any:
