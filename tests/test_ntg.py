@@ -334,27 +334,26 @@ def test_ntg_samples_with_the_runs_ddpm_variance(tmp_path, monkeypatch):
     assert res["variance"] == "large" and res["sampler"] == "ddpm"
 
 
-def test_sample_images_seeds_batch_j_with_seed_plus_j_and_numbers_classes_globally(
-    monkeypatch,
-):
-    """Batch j draws its noise from a generator seeded seed + j (two models sampled alike see
-    the same noise, batch by batch), and the class labels run over the global sample index
-    (0, 1, 2, 0, 1, 2), not restarting in each batch."""
+def test_sample_images_seeds_each_image_and_numbers_classes_globally(monkeypatch):
+    """Image i draws its noise from its own generator, seeded from (seed, i): two models
+    sampled alike see the same noise, in any batches; the class labels run over the global
+    sample index (0, 1, 2, 0, 1, 2), not restarting in each batch."""
     import antdiff.sampling
 
     labels = []
 
     def fake(model, diffusion, shape, *, generator, y=None, **kw):
         labels.append(y.clone())
-        return torch.randn(shape, generator=generator)
+        assert len(generator) == shape[0]
+        return torch.stack([torch.randn(shape[1:], generator=g) for g in generator])
 
     monkeypatch.setattr(antdiff.sampling, "sample", fake)
     x = sample_images(torch.nn.Linear(1, 1), None, 6, (1, 2, 2), seed=5, batch=4, num_classes=3)
-    first = torch.randn((4, 1, 2, 2), generator=torch.Generator().manual_seed(5))
-    second = torch.randn((2, 1, 2, 2), generator=torch.Generator().manual_seed(6))
-    want = torch.cat([first, second])
-    assert torch.equal(x, want)
+    gens = antdiff.sampling.image_generators(5, 0, 6)
+    assert torch.equal(x, torch.stack([torch.randn((1, 2, 2), generator=g) for g in gens]))
     assert torch.cat(labels).tolist() == [0, 1, 2, 0, 1, 2]
+    assert torch.equal(sample_images(torch.nn.Linear(1, 1), None, 6, (1, 2, 2), seed=5, batch=5,
+                                     num_classes=3), x)  # fmt: skip
 
 
 class _Zero(torch.nn.Module):
@@ -618,7 +617,8 @@ def test_ntg_quality_is_fid_and_k3_precision_recall_of_the_samples(monkeypatch):
     drawn = []
 
     def fake(model, diffusion, shape, *, generator, **kw):
-        drawn.append(torch.randn(shape, generator=generator, dtype=torch.float64) * 0.8 + 0.3)
+        noise = [torch.randn(shape[1:], generator=g, dtype=torch.float64) for g in generator]
+        drawn.append(torch.stack(noise) * 0.8 + 0.3)
         return drawn[-1]
 
     monkeypatch.setattr(antdiff.sampling, "sample", fake)

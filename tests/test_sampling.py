@@ -619,3 +619,54 @@ def test_sampling_runs_every_module_in_eval_and_gives_each_its_own_mode_back(top
         model.conv.register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("stop")))
         sample(model, GaussianDiffusion(linear_schedule(40)), (2, 1, 2, 2), steps=3)
     assert [m.training for m in model.modules()] == before
+
+
+def test_image_generators_draw_each_image_alike_in_any_batch():
+    """Per-image generators: image i's noise is seeded from (seed, i), so the images of a
+    draw in batches of 2 + 3 equal those of one batch of 5 (DDPM: fresh noise every step;
+    DDIM eta = 0.5 too), and each image's chain follows the float64 reference drawn from its
+    own generator's normals."""
+    from antdiff.sampling import image_generators
+
+    diff = GaussianDiffusion("cosine")
+    ab = np.array(diff.schedule.alphas_cumprod)
+    for sampler, eta in (("ddpm", 0.0), ("ddim", 0.5), ("ddim", 0.0)):
+        kw = dict(sampler=sampler, eta=eta, steps=6, spacing="trailing")
+        whole = sample(Wavy(), diff, (5, 1, 3, 3), generator=image_generators(7, 0, 5), **kw)
+        parts = [sample(Wavy(), diff, (n, 1, 3, 3), generator=image_generators(7, lo, n), **kw)
+                 for lo, n in ((0, 2), (2, 3))]  # fmt: skip
+        torch.testing.assert_close(torch.cat(parts), whole, atol=1e-6, rtol=0)
+        assert not torch.allclose(whole[0], whole[1])  # images draw different noise
+    ts = space_timesteps(1000, 6, "trailing")
+    for i, gen_seed in enumerate(g.initial_seed() for g in image_generators(7, 0, 5)):
+        ref = _reference_chain(Wavy(), ab, ts, (1, 1, 3, 3), gen_seed, "ddpm")
+        x = sample(Wavy(), diff, (1, 1, 3, 3), sampler="ddpm", steps=6, spacing="trailing",
+                   generator=image_generators(7, i, 1))  # fmt: skip
+        torch.testing.assert_close(x.double(), ref, atol=2e-5, rtol=0)
+
+
+def test_image_generators_seeds_are_unrelated_and_checked():
+    from antdiff.sampling import image_generators
+
+    a = [g.initial_seed() for g in image_generators(0, 0, 4)]
+    b = [g.initial_seed() for g in image_generators(1, 0, 4)]
+    assert len(set(a + b)) == 8  # no image shares a stream with another seed's or index's
+    assert [g.initial_seed() for g in image_generators(0, 2, 2)] == a[2:]
+    assert [g.initial_seed() for g in image_generators(-1, 0, 1)] != a[:1]  # negative seeds ok
+    with pytest.raises(ValueError, match="seed must be an int"):
+        image_generators(1.5, 0, 1)
+    with pytest.raises(ValueError, match="image indices must be >= 0"):
+        image_generators(0, -1, 1)
+
+
+def test_a_list_of_generators_needs_one_per_image():
+    from antdiff.sampling import image_generators
+
+    diff = GaussianDiffusion("linear")
+    with pytest.raises(ValueError, match="one generator per image, 3, got 2"):
+        sample(Wavy(), diff, (3, 1, 2, 2), steps=2, generator=image_generators(0, 0, 2))
+    with pytest.raises(ValueError, match="torch.Generator or a list of them, got 5"):
+        sample(Wavy(), diff, (2, 1, 2, 2), steps=2, generator=[torch.Generator(), 5])
+    with pytest.raises(ValueError, match="generator is on cpu but sampling runs on meta"):
+        sample(Wavy(), diff, (1, 1, 2, 2), steps=2, generator=image_generators(0, 0, 1),
+               device="meta")  # fmt: skip

@@ -145,7 +145,9 @@ def generate(
     "run" (default) the run's own ``sample.cfg_channels``. ``variance``: DDPM's reverse variance
     for a fixed-variance model ("small" / "large"; "run", the default: the run's own
     ``sample.variance``).
-    One generator seeded with ``seed`` drives all batches, so (seed, batch_size) fix the output.
+    Image i's noise comes from its own generator, seeded from (seed, i)
+    (:func:`antdiff.sampling.image_generators`): ``seed`` fixes the images whatever the
+    ``batch_size`` (up to the float rounding of batched operators).
     Class-conditional models get balanced labels ``i % num_classes``. Latents are sampled
     unclipped and decoded through the run's codec; a run on precomputed latents without one
     returns the latents themselves, unclipped (decode them with the autoencoder that made them).
@@ -154,13 +156,12 @@ def generate(
         (images [num, C, H, W] float32 in [-1, 1] (raw latents: their own range) on the CPU,
         labels [num] int64 or None).
     """
-    from .sampling import sample
+    from .sampling import image_generators, sample
 
     _check_int("num", num, 1)
     _check_int("batch_size", batch_size, 1)
     _check_int("steps", steps, 1)
     device = next(loaded.model.parameters()).device
-    gen = torch.Generator(device).manual_seed(int(seed))
     classes = loaded.data.num_classes if loaded.cfg.data.class_conditional else None
     labels = torch.arange(num) % classes if classes else None
     if cfg_scale != 1.0 and labels is None:
@@ -188,7 +189,7 @@ def generate(
                 cfg_channels=loaded.cfg.sample.cfg_channels if cfg_channels == "run"
                 else cfg_channels,
                 variance=ddpm_variance(loaded, sampler, variance),
-                generator=gen,
+                generator=image_generators(seed, start, n, device),
                 clip_denoised=not loaded.latent,
             )
             if loaded.data.codec is not None:

@@ -35,7 +35,9 @@ from antdiff.diffusion import GaussianDiffusion
 from antdiff.schedules import Schedule
 from antdiff.utils import eval_mode
 
-__all__ = ["check_settings", "guided_output", "respace", "sample", "space_timesteps"]
+__all__ = [
+    "check_settings", "guided_output", "image_generators", "respace", "sample", "space_timesteps",
+]
 
 _SPACINGS = ("linspace", "trailing", "leading")
 _SAMPLERS = ("ddim", "ddpm")
@@ -244,7 +246,7 @@ def sample(
     eta: float = 0.0,
     y: torch.Tensor | None = None,
     cfg_scale: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
     clip_denoised: bool = True,
@@ -265,7 +267,10 @@ def sample(
         eta: DDIM stochasticity (0 = deterministic DDIM, 1 = DDPM-like variance).
         y: [B] int64 class labels for class-conditional models, or None.
         cfg_scale: classifier-free guidance scale; 1 means plain conditional sampling.
-        generator: makes the run deterministic; must live on `device`.
+        generator: makes the run deterministic; must live on `device`. One generator draws
+            the batch's noise as a whole (the images then depend on the batch they are in);
+            a list of B generators (:func:`image_generators`) draws each image's noise from
+            its own, so an image is the same in any batch.
         device: defaults to the model's parameters' device.
         clip_denoised: clamp predicted x0 to [-1, 1] (turn off for latents). DDIM then takes
             its noise direction from the clamped x0, as ADM does (diffusers' DDIMScheduler
@@ -286,8 +291,19 @@ def sample(
     if cfg_scale != 1.0 and y is None:
         raise ValueError(f"cfg_scale={cfg_scale} needs class labels y=[B] (got y=None)")
     device = torch.device(device) if device is not None else _default_device(model)
-    if generator is not None and generator.device.type != device.type:
-        raise ValueError(f"generator is on {generator.device} but sampling runs on {device}")
+    b, c = shape[0], shape[1]
+    per_image = isinstance(generator, (list, tuple))
+    gens = list(generator) if per_image else [generator]
+    if per_image and len(gens) != b:
+        raise ValueError(
+            f"generator: a list needs one generator per image, {b}, got {len(gens)} (use "
+            "image_generators(seed, start, B, device))"
+        )
+    for g in gens:
+        if g is not None and not isinstance(g, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator or a list of them, got {g!r}")
+        if g is not None and g.device.type != device.type:
+            raise ValueError(f"generator is on {g.device} but sampling runs on {device}")
     ts = space_timesteps(diffusion.T, steps, spacing)
     signal = np.sqrt(diffusion.schedule.alphas_cumprod[[ts[-1], diffusion.T - 1]])
     # "leading" where T % steps is large (stride T // steps); a divisor is DDIM's own spacing
@@ -301,7 +317,6 @@ def sample(
         )
     resp, tmap = respace(diffusion, ts, variance)
     tmap_t = torch.as_tensor(tmap, device=device)
-    b, c = shape[0], shape[1]
     if cfg_channels is not None and not (
         isinstance(cfg_channels, int) and not isinstance(cfg_channels, bool)
         and 1 <= cfg_channels <= c
@@ -333,8 +348,16 @@ def sample(
     # label dropout / dropout off while sampling, each submodule's mode back afterwards. no_grad
     # here, not as a decorator: its wrapper frame would be the one the warnings above name
     # (torch/utils/_contextlib.py) instead of the caller's line
+    def randn() -> torch.Tensor:
+        if not per_image:
+            return torch.randn(shape, generator=generator, device=device)
+        return torch.stack([torch.randn(shape[1:], generator=g, device=device) for g in gens])
+
+    # deterministic DDIM uses no noise after the start: one generator still draws it (its
+    # stream, and so later batches, stay as they were), per-image generators skip it
+    stochastic = sampler == "ddpm" or eta > 0 or not per_image
     with eval_mode(model), torch.no_grad():
-        x = torch.randn(shape, generator=generator, device=device)
+        x = randn()
         order = range(resp.T - 1, -1, -1)
         if progress:
             from tqdm.auto import tqdm
@@ -343,13 +366,32 @@ def sample(
         for k in order:
             i = torch.full((b,), k, dtype=torch.long, device=device)
             p = resp.p_mean_variance(forward(x, i), x, i, clip_denoised=clip_denoised)
-            noise = torch.randn(shape, generator=generator, device=device)
+            noise = randn() if stochastic else None
             x = (
                 _ddpm_step(p, x, i, noise)
                 if sampler == "ddpm"
                 else _ddim_step(resp, p, x, i, noise, eta)
             )
     return x
+
+
+def image_generators(
+    seed: int, start: int, n: int, device: torch.device | str = "cpu"
+) -> list[torch.Generator]:
+    """One generator per image for images ``start`` .. ``start + n - 1`` of a draw seeded
+    ``seed``, each seeded from (seed, image index) through numpy's SeedSequence: an image's
+    noise is then the same whatever batch draws it (any batch size, order or process), and
+    nearby seeds or indices give unrelated streams. Pass the list as ``sample(generator=...)``.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    if start < 0 or n < 0:
+        raise ValueError(f"image indices must be >= 0, got start={start}, n={n}")
+    seeds = [
+        int(np.random.SeedSequence([int(seed) % 2**64, i]).generate_state(1, np.uint64)[0])
+        for i in range(start, start + n)
+    ]
+    return [torch.Generator(device).manual_seed(s) for s in seeds]
 
 
 def _ddpm_step(
@@ -364,7 +406,7 @@ def _ddim_step(
     p: dict[str, torch.Tensor],
     x: torch.Tensor,
     i: torch.Tensor,
-    noise: torch.Tensor,
+    noise: torch.Tensor | None,
     eta: float,
 ) -> torch.Tensor:
     ab_prev = resp._gather("ab_prev", i, x)
@@ -375,4 +417,4 @@ def _ddim_step(
     mean = (
         ab_prev.sqrt() * p["pred_x0"] + torch.sqrt((1.0 - ab_prev - sigma**2).clamp(min=0.0)) * eps
     )
-    return mean + sigma * noise
+    return mean if noise is None else mean + sigma * noise

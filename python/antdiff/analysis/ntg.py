@@ -10,10 +10,10 @@ specialist and every other step to the full model. With a metric P where lower i
 
 NTG < 0 means the specialist denoises its interval better than the jointly trained model: the
 interval suffers negative transfer from the other tasks. Both runs share their Gaussian noise
-(one generator seed per batch), so the difference comes from the models, not from the draws;
-``seed_gap`` (the full model's FID change under another noise seed) shows the size of a gap the
-sampling noise alone produces. Intervals are 0-based and half-open: the paper's [1, 200] is
-[0, 200) here.
+(one generator per image, seeded from the seed and the image's index), so the difference comes
+from the models, not from the draws; ``seed_gap`` (the full model's FID change under another
+noise seed) shows the size of a gap the sampling noise alone produces. Intervals are 0-based and
+half-open: the paper's [1, 200] is [0, 200) here.
 """
 
 from __future__ import annotations
@@ -148,21 +148,20 @@ def sample_images(
     cfg_channels: int | None = None,
     variance: str | None = None,
 ) -> torch.Tensor:
-    """``n`` samples [n, *shape]; batch j draws its noise from a generator seeded seed + j,
-    so two models sampled with the same arguments see identical noise. ``variance``: DDPM's
-    fixed reverse variance (see :func:`antdiff.sampling.sample`)."""
-    from ..sampling import sample
+    """``n`` samples [n, *shape]; image i draws its noise from its own generator, seeded from
+    (seed, i), so two models sampled with the same seed see identical noise (any ``batch``).
+    ``variance``: DDPM's fixed reverse variance (see :func:`antdiff.sampling.sample`)."""
+    from ..sampling import image_generators, sample
 
     device = next(model.parameters()).device
     out = []
-    for j, lo in enumerate(range(0, n, batch)):
+    for lo in range(0, n, batch):
         b = min(batch, n - lo)
-        gen = torch.Generator(device).manual_seed(seed + j)
         y = None if num_classes is None else (torch.arange(lo, lo + b, device=device) % num_classes)
         x = sample(
             model, diffusion, (b, *shape), sampler=sampler, steps=steps, y=y,
-            cfg_scale=cfg_scale, generator=gen, clip_denoised=clip_denoised,
-            cfg_channels=cfg_channels, variance=variance,
+            cfg_scale=cfg_scale, generator=image_generators(seed, lo, b, device),
+            clip_denoised=clip_denoised, cfg_channels=cfg_channels, variance=variance,
         )  # fmt: skip
         out.append(x.cpu())
     return torch.cat(out)

@@ -98,8 +98,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
         help="EMA weights (default) or the raw ones (--no-ema)",
     )
     p.add_argument("--seed", type=int, default=0,
-                   help="noise seed: one stream for all batches, so (seed, batch size) fix the "
-                   "samples (another --batch-size gives other samples)")
+                   help="noise seed: image i draws from its own stream, seeded from (seed, i), "
+                   "so the samples are the same for any --batch-size")
     p.add_argument("--batch-size", type=int, default=500, help="samples per sampling batch")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if any)")
