@@ -521,8 +521,8 @@ def test_sample_cli_labels_are_written_listed_and_replaced(cond_run, tmp_path, c
 
 
 def test_sample_cli_records_the_weights_and_batch_size(cond_run, tmp_path):
-    """sample.json names the weights drawn from and the batch size ((seed, batch size) fix the
-    samples): EMA and 500 by default, --no-ema and --batch-size as given."""
+    """sample.json names the weights drawn from and the batch size (which changes the samples
+    only by float rounding): EMA and 500 by default, --no-ema and --batch-size as given."""
     for extra, want in (([], ("ema", 500)), (["--no-ema", "--batch-size", "2"], ("raw", 2))):
         out = tmp_path / want[0]
         assert _sample(cond_run, out, "--num", "3", "--no-progress", *extra) == 0
