@@ -1145,6 +1145,25 @@ def test_a_second_run_into_a_busy_out_dir_is_refused(tmp_path):
                  resume=True)["step"] == 4  # fmt: skip
 
 
+def test_a_busy_out_dir_is_named_before_its_checkpoints_are_read(tmp_path):
+    """A run that has not written its first checkpoint holds its folder: a --resume there got
+    "no checkpoints ... drop --resume", and a fresh run into a busy folder with checkpoints got
+    "pass --resume"; the lock refused both pieces of advice. Both now hear that the folder is
+    in use, and a folder whose lock nobody holds resumes as before."""
+    from antdiff.train import OutDirInUse, out_dir_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with out_dir_lock(run):
+        with pytest.raises(OutDirInUse, match=rf"pid {os.getpid()}, holding .train.lock"):
+            train(_cfg("digits_adm", run), resume=True)
+    with pytest.raises(FileNotFoundError, match="no checkpoints"):  # released: the folder's
+        train(_cfg("digits_adm", run), resume=True)  # own trouble
+    train(_cfg("digits_adm", run, "--train.ckpt_every", "2"))
+    with out_dir_lock(run), pytest.raises(OutDirInUse, match="in use by another antdiff train"):
+        train(_cfg("digits_adm", run, "--train.ckpt_every", "2"))
+
+
 def test_a_mount_without_flock_trains_unlocked(tmp_path, monkeypatch):
     """Lustre without -o flock (ENOSYS), NFSv3 without lockd (ENOLCK): flock's error stopped
     every run there from starting. It trains, with a warning that it holds no lock."""

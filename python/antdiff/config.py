@@ -201,7 +201,8 @@ class AntConfig:
     k: int = 5
     # snr | timestep | gradient (needs affinity) | a clusters file (`antdiff cluster --json`)
     clustering: str = "snr"
-    affinity: str | None = None  # .npy/.pt [T, T] task-affinity matrix for "gradient"
+    affinity: str | None = None  # "gradient"'s task affinity: `antdiff affinity`'s .npz (bins
+    # and their edges) or a .npy/.pt [T, T] matrix
     method: str = "uw"
     sampling: str = "proportional"  # proportional | equal | uniform
     mode: str = (

@@ -542,14 +542,7 @@ def out_dir_lock(out: Path):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            # a holder that could not write its pid leaves an earlier run's there: this one
-            # cannot write either, so it reads no pid rather than maybe a stale one
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() if writable else ""
-            raise OutDirInUse(
-                f"train.out_dir={str(out)!r} is in use by another antdiff train (pid "
-                f"{holder or 'unknown'}, holding {path.name}): wait for it to end or stop it, "
-                "then --resume; or choose another --train.out_dir"
-            ) from None
+            raise _in_use(out, fd, writable) from None
         except OSError as exc:
             if exc.errno not in _NO_FLOCK:
                 raise
@@ -569,6 +562,41 @@ def out_dir_lock(out: Path):
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _in_use(out: Path, fd: int, writable: bool) -> OutDirInUse:
+    # a holder that could not write its pid leaves an earlier run's there: this one cannot
+    # write either, so it reads no pid rather than maybe a stale one
+    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() if writable else ""
+    return OutDirInUse(
+        f"train.out_dir={str(out)!r} is in use by another antdiff train (pid "
+        f"{holder or 'unknown'}, holding {LOCK_NAME}): wait for it to end or stop it, then "
+        "--resume; or choose another --train.out_dir"
+    )
+
+
+def refuse_if_in_use(out: Path) -> None:
+    """Raise OutDirInUse when another process holds ``out``'s lock, before the checks that read
+    the folder: a run that has not written its first checkpoint yet would otherwise get advice
+    about the folder's checkpoints ("drop --resume") that the lock then refuses. Takes no lock
+    (``out_dir_lock`` does, once the run is checked)."""
+    path = out / LOCK_NAME
+    try:
+        import fcntl
+
+        fd = os.open(path, os.O_RDONLY)
+    except (ImportError, OSError):  # no flock here, or no lock file: nobody holds it
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _in_use(out, fd, os.access(path, os.W_OK)) from None
+        except OSError:  # a file system without flock: nothing to learn
+            return
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 _NO_FLOCK = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL}
@@ -708,6 +736,8 @@ def _train(
             "set that, or drop train.t_range"
         )
     fresh = resume is None or resume is False
+    if dist is None or dist.is_main:
+        refuse_if_in_use(out)
     if fresh and cfg.data.random_flip is None:  # written so into config.yaml and checkpoints
         cfg.data.random_flip = cfg.data.flips  # (a resume takes the checkpoint's: resume_state)
     if fresh and list_checkpoints(out):
