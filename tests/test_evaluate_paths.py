@@ -561,6 +561,16 @@ def test_info_collect_fields(monkeypatch):
     assert d["cuda"] == f"{torch.version.cuda}, devices: GPU0, GPU1"
 
 
+def test_info_flags_an_invalid_kernels_backend(monkeypatch):
+    """A bad ANT_KERNELS_BACKEND fails the first kernel call of a run: info says so."""
+    monkeypatch.setenv("ANT_KERNELS_BACKEND", "tritonn")
+    assert info.collect()["ANT_KERNELS_BACKEND"] == (
+        "tritonn  (NOT valid: use one of auto, triton, torch)")  # fmt: skip
+    for ok in ("Torch", "auto", ""):
+        monkeypatch.setenv("ANT_KERNELS_BACKEND", ok)
+        assert info.collect()["ANT_KERNELS_BACKEND"] == ok
+
+
 def test_info_main_prints_an_aligned_table(capsys):
     d = info.collect()
     info.main()

@@ -71,6 +71,13 @@ def collect() -> dict[str, str]:
         pass
     for k in ENV_VARS:
         info[k] = os.environ.get(k, "(unset)")
+    if "ANT_KERNELS_BACKEND" in os.environ:  # a bad value fails the first kernel call: say so
+        from ant_kernels._dispatch import BACKENDS, backend
+
+        try:
+            backend()
+        except ValueError:
+            info["ANT_KERNELS_BACKEND"] += f"  (NOT valid: use one of {', '.join(BACKENDS)})"
     return info
 
 
