@@ -47,6 +47,11 @@ def load_run_logs(run_dir: str | Path) -> dict[str, Any]:
         "loss" the means over each row's interval}.
     """
     d = Path(run_dir)
+    if d.exists() and not d.is_dir():
+        raise NotADirectoryError(
+            f"run directory {str(d)!r} is a file: give the run's folder (the train.out_dir "
+            "holding metrics.csv)"
+        )
     if not d.is_dir():
         raise FileNotFoundError(f"run directory {str(d)!r} does not exist")
     path = d / "metrics.csv"
@@ -146,7 +151,7 @@ def plot_cluster_curves(
     v = np.asarray(values, dtype=np.float64)
     if logy:
         v = np.where(v > 0, v, np.nan)  # no log of 0 (an absent cluster logs NaN already)
-    window = max(1, len(steps) // 20)
+    window = max(1, len(steps) // 20) | 1  # odd, as _moving_average averages (the title's)
     fig, ax = plt.subplots(figsize=(6.4, 3.9), dpi=120)
     colors = plt.get_cmap("viridis")(np.linspace(0.0, 0.9, v.shape[1]))
     for i, label in enumerate(labels):
