@@ -403,7 +403,9 @@ def test_build_run_checks_micro_batch_against_the_processes(tmp_path):
 
 def test_a_clusters_file_sets_the_runs_clusters(tmp_path):
     """ant.clustering may name the JSON that `antdiff cluster --json` writes: the run trains on
-    those bounds; one of another k or T is refused with the settings that fit it."""
+    those bounds, with the file's k and T in place of the preset's; a k or T given as well
+    must agree with the file (refused with the settings that fit it), and a clusters file
+    named in a YAML config takes that config's k and T as they are."""
     from antdiff.clustering import Clusters
 
     want = Clusters((0, 100, 250, 600, 1000), "custom")
@@ -411,8 +413,24 @@ def test_a_clusters_file_sets_the_runs_clusters(tmp_path):
     path.write_text(want.to_json())
     run = build_run(_cfg("digits_adm", tmp_path, "--ant.k", "4", "--ant.clustering", str(path)))
     assert run.ant.clusters.bounds == want.bounds
+    cfg = _cfg("digits_adm", tmp_path / "a", "--ant.clustering", str(path))
+    assert (cfg.ant.k, cfg.diffusion.T) == (4, 1000)
+    short = tmp_path / "c500.json"
+    short.write_text(Clusters((0, 50, 125, 300, 500), "custom").to_json())
+    cfg = _cfg("digits_adm", tmp_path / "a", "--ant.clustering", str(short))
+    assert (cfg.ant.k, cfg.diffusion.T) == (4, 500)
+    assert build_run(cfg).ant.clusters.bounds == (0, 50, 125, 300, 500)
     with pytest.raises(ValueError, match=r"holds k=4 clusters.*--ant.k 4"):
-        build_run(_cfg("digits_adm", tmp_path / "b", "--ant.clustering", str(path)))
+        build_run(_cfg("digits_adm", tmp_path / "b", "--ant.k", "5", "--ant.clustering",
+                       str(path)))  # fmt: skip
+    with pytest.raises(ValueError, match=r"holds k=4 clusters of T=500.*--diffusion.T 500"):
+        build_run(_cfg("digits_adm", tmp_path / "b", "--diffusion.T", "1000",
+                       "--ant.clustering", str(short)))  # fmt: skip
+    yaml_cfg = tmp_path / "mine.yaml"
+    yaml_cfg.write_text(f"base: digits_adm\nant:\n  clustering: {path}\n")
+    assert load_config(str(yaml_cfg)).ant.k == 5  # the config's own k: the run refuses it
+    with pytest.raises(FileNotFoundError, match="does not exist"):  # named with the config
+        _cfg("digits_adm", tmp_path, "--ant.clustering", str(tmp_path / "none.json"))
 
 
 def test_a_batch_that_micro_batch_does_not_divide_is_refused(tmp_path):

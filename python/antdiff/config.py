@@ -694,9 +694,31 @@ def apply_overrides(d: dict[str, Any], overrides: list[tuple[str, Any]]) -> dict
 
 
 def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Preset name or YAML path, plus ``--section.key value`` overrides -> validated Config."""
+    """Preset name or YAML path, plus ``--section.key value`` overrides -> validated Config.
+
+    A clusters file given as an override (``--ant.clustering c.json``, from ``antdiff cluster
+    --json``) brings its own k and T: they replace the preset's ``ant.k`` and ``diffusion.T``
+    unless those are overridden too (then the run checks that they agree with the file)."""
     d, _ = _read_yaml(name_or_path)
-    return config_from_dict(apply_overrides(d, parse_overrides(list(overrides or []))))
+    pairs = parse_overrides(list(overrides or []))
+    d = apply_overrides(d, pairs)
+    _adopt_clusters_file(d, {key for key, _ in pairs})
+    return config_from_dict(d)
+
+
+def _adopt_clusters_file(d: dict[str, Any], overridden: set[str]) -> None:
+    ant = d.get("ant")
+    path = ant.get("clustering") if isinstance(ant, dict) else None
+    if "ant.clustering" not in overridden or not isinstance(path, str):
+        return
+    if not path.lower().endswith(".json"):
+        return
+    from .clustering import Clusters
+
+    fixed = Clusters.load(path)  # a missing or malformed file is named now, not at the start
+    for section, key, value in (("ant", "k", fixed.k), ("diffusion", "T", fixed.T)):
+        if f"{section}.{key}" not in overridden and isinstance(d.get(section, {}), dict):
+            d.setdefault(section, {})[key] = value
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
