@@ -77,10 +77,14 @@ def plot_curves(ant_csv: Path, vanilla_csv: Path, k: int, path: Path) -> Path:
     axes[1].set_title("ANT: cluster losses")
     axes[2].set_title("vanilla: cluster losses")
     axes[0].set_yscale("log")
-    top = max(np.nanpercentile(r[f"loss_c{i + 1}"], 98) for r in (a, v) for i in range(k))
+    # the top from the finite losses only: a cluster no logged step drew is all NaN (and
+    # max() over a NaN depends on the order), a diverged step inf
+    finite = [c[np.isfinite(c)] for r in (a, v) for c in (r[f"loss_c{i + 1}"] for i in range(k))]
+    top = max((float(np.percentile(c, 98)) for c in finite if c.size), default=None)
     for ax in axes[1:]:
         ax.set_yscale("log")
-        ax.set_ylim(top=top * 1.5)
+        if top is not None and top > 0:
+            ax.set_ylim(top=top * 1.5)
     for ax in axes:
         ax.set_xlabel("step")
         ax.legend(fontsize=7, ncol=2)
@@ -154,11 +158,14 @@ def run_demo(
 
     out = Path(out)
     k = load_config(PRESET).ant.k
-    for flag, value, least in (("--steps", steps, 1), ("--batch-size", batch_size, k)):
+    for flag, value, least in (("--steps", steps, 1), ("--batch-size", batch_size, k),
+                               ("--seed", seed, 0)):  # fmt: skip
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or value < least):  # fmt: skip
             why = f" (the ANT run stratifies each batch over its {k} clusters)" if least > 1 else ""
             raise ValueError(f"{flag} must be an integer >= {least}{why}, got {value!r}")
+    if seed >= 2**63:
+        raise ValueError(f"--seed must be below 2**63 (torch seeds), got {seed}")
     extra = ["--train.seed", str(seed), "--train.progress", str(progress).lower()]
     if steps is not None:
         extra += ["--train.steps", str(steps)]
@@ -172,6 +179,12 @@ def run_demo(
         jobs[name] = (load_config(PRESET, over), over)
     for name in jobs:  # both checked before either is touched
         run_dir = out / "runs" / name
+        for d in (out, run_dir.parent, run_dir):
+            if d.exists() and not d.is_dir():
+                raise ValueError(
+                    f"{str(d)!r} is a file where the demo writes a folder: give the demo "
+                    "another --out"
+                )
         if not _demo_owned(run_dir) and run_dir.exists() and any(run_dir.iterdir()):
             raise ValueError(
                 f"{str(run_dir)!r} holds files the demo did not write (a training run?): give "
@@ -243,7 +256,9 @@ def _remove_old_report(out: Path) -> None:
         return
     for name in [*names, "README.md", "summary.json"]:
         if isinstance(name, str) and "/" not in name:
-            (out / name).unlink(missing_ok=True)
+            path = out / name
+            if path.is_file() or path.is_symlink():  # never a folder ("runs", "..")
+                path.unlink()
 
 
 def _train_child(overrides: list[str]) -> dict:
