@@ -736,7 +736,7 @@ def _train(
             "set that, or drop train.t_range"
         )
     fresh = resume is None or resume is False
-    if dist is None or dist.is_main:
+    if dist is None:  # (under several processes every rank learns of a busy folder at the lock)
         refuse_if_in_use(out)
     if fresh and cfg.data.random_flip is None:  # written so into config.yaml and checkpoints
         cfg.data.random_flip = cfg.data.flips  # (a resume takes the checkpoint's: resume_state)
