@@ -528,6 +528,7 @@ def test_sample_cli_records_the_weights_and_batch_size(cond_run, tmp_path):
         assert _sample(cond_run, out, "--num", "3", "--no-progress", *extra) == 0
         meta = json.loads((out / "sample.json").read_text())
         assert (meta["weights"], meta["batch_size"]) == want
+        assert meta["noise"] == "per-image"  # how the seed made the noise
 
 
 def test_sample_cli_one_sample_in_batches_of_one(cond_run, tmp_path):

@@ -196,6 +196,8 @@ def test_a_bad_seed_names_the_demo_flag(tmp_path: Path, capsys, fake_pool) -> No
     assert "--seed" in err and "train." not in err
     with pytest.raises(ValueError, match=r"--seed must be below 2\*\*63"):
         demo.run_demo(tmp_path, seed=2**63, progress=False)
+    with pytest.raises(ValueError, match=r"--seed must be an integer >= 0, got None"):
+        demo.run_demo(tmp_path, seed=None, progress=False)
     assert not fake_pool.submitted
 
 

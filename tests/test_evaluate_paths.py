@@ -571,6 +571,23 @@ def test_info_flags_an_invalid_kernels_backend(monkeypatch):
         assert info.collect()["ANT_KERNELS_BACKEND"] == ok
 
 
+def test_info_survives_a_kernels_package_that_fails_to_import(monkeypatch):
+    """`antdiff info` is the diagnostic for a broken install: a Triton that raises on import
+    (not only ImportError) leaves the backend's value unflagged, not a traceback."""
+    import builtins
+
+    real = builtins.__import__
+
+    def broken(name, *a, **k):
+        if name.startswith("ant_kernels"):
+            raise RuntimeError("triton: bad driver")
+        return real(name, *a, **k)
+
+    monkeypatch.setenv("ANT_KERNELS_BACKEND", "tritonn")
+    monkeypatch.setattr(builtins, "__import__", broken)
+    assert info.collect()["ANT_KERNELS_BACKEND"] == "tritonn"
+
+
 def test_info_main_prints_an_aligned_table(capsys):
     d = info.collect()
     info.main()

@@ -81,7 +81,8 @@ def _cgroup_files(d, **files):
 
 def test_cgroup_v2_limit_of_the_process_and_its_parents(tmp_path):
     """A container's memory.max caps what the host reports: the limit less the usage that is not
-    reclaimable file cache, the least over the cgroup and its parents."""
+    reclaimable file cache (page cache, less shared memory), the least over the cgroup and its
+    parents."""
     from antdiff.utils import cgroup_free_bytes
 
     proc = tmp_path / "cgroup"
@@ -89,11 +90,11 @@ def test_cgroup_v2_limit_of_the_process_and_its_parents(tmp_path):
     root = tmp_path / "fs"
     _cgroup_files(root, memory_max="max\n")
     _cgroup_files(root / "pod", memory_max="10000\n", memory_current="3000\n",
-                  memory_stat="anon 2000\ninactive_file 1000\n")  # fmt: skip
+                  memory_stat="anon 1800\nfile 1500\nshmem 300\n")  # fmt: skip
     _cgroup_files(root / "pod" / "job", memory_max="max\n", memory_current="2500\n")
-    assert cgroup_free_bytes(root, proc) == 10000 - (3000 - 1000)
+    assert cgroup_free_bytes(root, proc) == 10000 - (3000 - (1500 - 300))
     _cgroup_files(root / "pod" / "job", memory_max="4000\n", memory_current="2500\n",
-                  memory_stat="inactive_file 500\n")  # fmt: skip
+                  memory_stat="active_file 400\nfile 500\n")  # fmt: skip
     assert cgroup_free_bytes(root, proc) == 4000 - (2500 - 500)
     _cgroup_files(root / "pod", memory_max="max\n")
     _cgroup_files(root / "pod" / "job", memory_max="max\n")
@@ -113,8 +114,8 @@ def test_cgroup_v1_memory_controller(tmp_path):
                   memory_usage_in_bytes="50\n")  # fmt: skip
     _cgroup_files(mem / "docker" / "abc", memory_limit_in_bytes="8192\n",
                   memory_usage_in_bytes="6000\n",
-                  memory_stat="inactive_file 9\ntotal_inactive_file 1000\n")  # fmt: skip
-    assert cgroup_free_bytes(root, proc) == 8192 - (6000 - 1000)
+                  memory_stat="cache 9\ntotal_cache 1200\ntotal_shmem 200\n")  # fmt: skip
+    assert cgroup_free_bytes(root, proc) == 8192 - (6000 - (1200 - 200))
     proc.write_text("4:memory:/elsewhere/zzz\n")  # not under this mount: the mount's own
     _cgroup_files(mem, memory_limit_in_bytes="700\n", memory_usage_in_bytes="800\n")
     assert cgroup_free_bytes(root, proc) == 0  # over its limit: nothing to give

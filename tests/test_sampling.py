@@ -653,10 +653,26 @@ def test_image_generators_seeds_are_unrelated_and_checked():
     assert len(set(a + b)) == 8  # no image shares a stream with another seed's or index's
     assert [g.initial_seed() for g in image_generators(0, 2, 2)] == a[2:]
     assert [g.initial_seed() for g in image_generators(-1, 0, 1)] != a[:1]  # negative seeds ok
+    # a seed past 32 bits is no other seed at another index (SeedSequence's words of
+    # [seed, i] would be: seed 2**32 at image 0 read as seed 0 at image 1)
+    wide = [g.initial_seed() for g in image_generators(2**32, 0, 2)]
+    assert not set(wide) & set(a) and wide[0] != a[1]
+    assert image_generators(5 + 7 * 2**32, 0, 1)[0].initial_seed() != (
+        image_generators(5, 7, 1)[0].initial_seed())  # fmt: skip
+    assert image_generators(np.int64(3), 0, 1)[0].initial_seed() == (
+        image_generators(3, 0, 1)[0].initial_seed())  # fmt: skip
+    assert image_generators(2**64 - 1, 0, 1)[0].initial_seed() == (
+        image_generators(-1, 0, 1)[0].initial_seed())  # modulo 2**64, as torch
     with pytest.raises(ValueError, match="seed must be an int"):
         image_generators(1.5, 0, 1)
+    for bad in (2**64, -(2**63) - 1):  # torch refuses them: no silent wrap to another seed
+        with pytest.raises(ValueError, match=r"seed must lie in \[-2\*\*63, 2\*\*64\)"):
+            image_generators(bad, 0, 1)
     with pytest.raises(ValueError, match="image indices must be >= 0"):
         image_generators(0, -1, 1)
+    x = sample(Wavy(), GaussianDiffusion("linear"), (0, 1, 2, 2), steps=2, sampler="ddpm",
+               generator=image_generators(0, 0, 0))  # fmt: skip
+    assert x.shape == (0, 1, 2, 2)  # no images: an empty batch, as one generator gives
 
 
 def test_a_list_of_generators_needs_one_per_image():

@@ -145,6 +145,24 @@ def test_rerun_with_other_settings_is_refused(tmp_path: Path) -> None:
         study._check_settings(out, other)
 
 
+def test_a_study_made_before_per_image_noise_is_not_resumed(tmp_path: Path) -> None:
+    """Results of an earlier antdiff drew each run's samples from one stream; a resume would
+    pair their FIDs with per-image ones. settings.json records the noise, and its absence in
+    an older study's is named."""
+    out = tmp_path / "study"
+    args = study._parse(["--out", str(out), "--steps", "2"])
+    study._check_settings(out, args)
+    assert json.loads((out / "settings.json").read_text())["noise"] == "per-image"
+    old = json.loads((out / "settings.json").read_text())
+    del old["noise"]
+    (out / "settings.json").write_text(json.dumps(old))
+    (out / "results").mkdir()
+    (out / "results" / "vanilla_s0.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"sampling noise per-image \(made with one stream per "
+                       r"run: an earlier antdiff\)\. Repeat"):  # fmt: skip
+        study._check_settings(out, args)
+
+
 def test_a_second_study_on_the_same_out_is_refused(tmp_path: Path) -> None:
     """Two studies on one --out trained the same run folders side by side."""
     import fcntl

@@ -429,6 +429,10 @@ def test_a_clusters_file_sets_the_runs_clusters(tmp_path):
     yaml_cfg = tmp_path / "mine.yaml"
     yaml_cfg.write_text(f"base: digits_adm\nant:\n  clustering: {path}\n")
     assert load_config(str(yaml_cfg)).ant.k == 5  # the config's own k: the run refuses it
+    empty = tmp_path / "empty.yaml"  # an empty section reads as None: T is still the file's
+    empty.write_text("base: digits_adm\ndiffusion:\n")
+    cfg = load_config(str(empty), ["--ant.clustering", str(short)])
+    assert (cfg.ant.k, cfg.diffusion.T) == (4, 500)
     with pytest.raises(FileNotFoundError, match="does not exist"):  # named with the config
         _cfg("digits_adm", tmp_path, "--ant.clustering", str(tmp_path / "none.json"))
 
@@ -1180,6 +1184,32 @@ def test_a_busy_out_dir_is_named_before_its_checkpoints_are_read(tmp_path):
     train(_cfg("digits_adm", run, "--train.ckpt_every", "2"))
     with out_dir_lock(run), pytest.raises(OutDirInUse, match="in use by another antdiff train"):
         train(_cfg("digits_adm", run, "--train.ckpt_every", "2"))
+
+
+def test_a_start_probing_the_lock_does_not_refuse_the_run_that_takes_it(tmp_path):
+    """refuse_if_in_use holds a shared lock for an instant; a run taking the folder in that
+    instant was refused as "in use" (by the pid of the folder's previous run). It tries again
+    for a moment; a folder held for longer is still refused."""
+    import fcntl
+    import threading
+
+    from antdiff.train import LOCK_NAME, OutDirInUse, out_dir_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_NAME).write_text("4242\n")
+    fd = os.open(run / LOCK_NAME, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # a probe in its instant
+    threading.Timer(0.05, lambda: os.close(fd)).start()  # (closing releases it)
+    with out_dir_lock(run):
+        assert (run / LOCK_NAME).read_text() == f"{os.getpid()}\n"
+    fd = os.open(run / LOCK_NAME, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    try:
+        with pytest.raises(OutDirInUse), out_dir_lock(run):
+            pass
+    finally:
+        os.close(fd)
 
 
 def test_a_mount_without_flock_trains_unlocked(tmp_path, monkeypatch):

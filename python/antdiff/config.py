@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import types
 import typing
@@ -717,8 +718,17 @@ def _adopt_clusters_file(d: dict[str, Any], overridden: set[str]) -> None:
 
     fixed = Clusters.load(path)  # a missing or malformed file is named now, not at the start
     for section, key, value in (("ant", "k", fixed.k), ("diffusion", "T", fixed.T)):
-        if f"{section}.{key}" not in overridden and isinstance(d.get(section, {}), dict):
-            d.setdefault(section, {})[key] = value
+        if f"{section}.{key}" in overridden:  # given too: the run checks it against the file
+            continue
+        if d.get(section) is None:  # an empty section in a YAML (``diffusion:``)
+            d[section] = {}
+        if isinstance(d[section], dict):
+            was = d[section].get(key)
+            d[section][key] = value
+            if was is not None and was != value:
+                logging.getLogger("antdiff.config").info(
+                    "%s.%s=%s from %s (the config's %s)", section, key, value, path, was
+                )
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

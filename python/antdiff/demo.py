@@ -160,8 +160,9 @@ def run_demo(
     k = load_config(PRESET).ant.k
     for flag, value, least in (("--steps", steps, 1), ("--batch-size", batch_size, k),
                                ("--seed", seed, 0)):  # fmt: skip
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or value < least):  # fmt: skip
+        if (value is not None or flag == "--seed") and (
+            isinstance(value, bool) or not isinstance(value, int) or value < least
+        ):
             why = f" (the ANT run stratifies each batch over its {k} clusters)" if least > 1 else ""
             raise ValueError(f"{flag} must be an integer >= {least}{why}, got {value!r}")
     if seed >= 2**63:
@@ -258,7 +259,7 @@ def _remove_old_report(out: Path) -> None:
         if isinstance(name, str) and "/" not in name:
             path = out / name
             if path.is_file() or path.is_symlink():  # never a folder ("runs", "..")
-                path.unlink()
+                path.unlink(missing_ok=True)
 
 
 def _train_child(overrides: list[str]) -> dict:

@@ -32,6 +32,9 @@ __all__ = [
 ]
 
 FEATURES = ("digits", "inception", "fid-helper")
+# how sampled images draw their noise, recorded with results (a study or comparison should not
+# pair FIDs drawn otherwise): image i from its own stream, seeded from (seed, i)
+NOISE = "per-image"
 
 
 @dataclass
@@ -156,8 +159,9 @@ def generate(
         (images [num, C, H, W] float32 in [-1, 1] (raw latents: their own range) on the CPU,
         labels [num] int64 or None).
     """
-    from .sampling import image_generators, sample
+    from .sampling import check_seed, image_generators, sample
 
+    check_seed(seed)
     _check_int("num", num, 1)
     _check_int("batch_size", batch_size, 1)
     _check_int("steps", steps, 1)
@@ -537,6 +541,7 @@ def evaluate_checkpoint(
         "eta": eta,
         "num": num,
         "seed": seed,
+        "noise": NOISE,
         "cfg_scale": cfg_scale,
         "cfg_channels": cfg_channels,
         "variance": variance_used(loaded, sampler, variance),

@@ -72,12 +72,15 @@ def collect() -> dict[str, str]:
     for k in ENV_VARS:
         info[k] = os.environ.get(k, "(unset)")
     if "ANT_KERNELS_BACKEND" in os.environ:  # a bad value fails the first kernel call: say so
-        from ant_kernels._dispatch import BACKENDS, backend
-
         try:
-            backend()
-        except ValueError:
-            info["ANT_KERNELS_BACKEND"] += f"  (NOT valid: use one of {', '.join(BACKENDS)})"
+            from ant_kernels._dispatch import BACKENDS, backend
+        except Exception:  # noqa: BLE001 -- a diagnostic must not fail (a broken Triton)
+            pass
+        else:
+            try:
+                backend()
+            except ValueError:
+                info["ANT_KERNELS_BACKEND"] += f"  (NOT valid: use one of {', '.join(BACKENDS)})"
     return info
 
 

@@ -36,7 +36,8 @@ from antdiff.schedules import Schedule
 from antdiff.utils import eval_mode
 
 __all__ = [
-    "check_settings", "guided_output", "image_generators", "respace", "sample", "space_timesteps",
+    "check_seed", "check_settings", "guided_output", "image_generators", "respace", "sample",
+    "space_timesteps",
 ]
 
 _SPACINGS = ("linspace", "trailing", "leading")
@@ -351,6 +352,8 @@ def sample(
     def randn() -> torch.Tensor:
         if not per_image:
             return torch.randn(shape, generator=generator, device=device)
+        if not gens:  # no images: stack takes no empty list
+            return torch.empty(shape, device=device)
         return torch.stack([torch.randn(shape[1:], generator=g, device=device) for g in gens])
 
     # deterministic DDIM uses no noise after the start: one generator still draws it (its
@@ -379,19 +382,29 @@ def image_generators(
     seed: int, start: int, n: int, device: torch.device | str = "cpu"
 ) -> list[torch.Generator]:
     """One generator per image for images ``start`` .. ``start + n - 1`` of a draw seeded
-    ``seed``, each seeded from (seed, image index) through numpy's SeedSequence: an image's
-    noise is then the same whatever batch draws it (any batch size, order or process), and
-    nearby seeds or indices give unrelated streams. Pass the list as ``sample(generator=...)``.
+    ``seed``, each seeded from (seed, image index) through numpy's SeedSequence (the index as
+    its spawn key, so no (seed, index) pair shares another's stream): an image's noise is then
+    the same whatever batch draws it (any batch size, order or process), and nearby seeds or
+    indices give unrelated streams. Pass the list as ``sample(generator=...)``. ``seed`` is an
+    int in [-2**63, 2**64), as torch's seeds (a negative one counts modulo 2**64).
     """
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    check_seed(seed)
     if start < 0 or n < 0:
         raise ValueError(f"image indices must be >= 0, got start={start}, n={n}")
+    root = int(seed) % 2**64
     seeds = [
-        int(np.random.SeedSequence([int(seed) % 2**64, i]).generate_state(1, np.uint64)[0])
+        int(np.random.SeedSequence(root, spawn_key=(i,)).generate_state(1, np.uint64)[0])
         for i in range(start, start + n)
     ]
     return [torch.Generator(device).manual_seed(s) for s in seeds]
+
+
+def check_seed(seed: Any) -> None:
+    """A sampling seed: an int (numpy's too) in [-2**63, 2**64), the range torch seeds take."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    if not -(2**63) <= int(seed) < 2**64:
+        raise ValueError(f"seed must lie in [-2**63, 2**64), as torch's seeds, got {seed}")
 
 
 def _ddpm_step(

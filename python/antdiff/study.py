@@ -392,7 +392,11 @@ SETTINGS = ("steps", "batch", "lr", "ema", "num", "sampler", "sample_steps", "bi
 def _check_settings(out: Path, args: argparse.Namespace) -> None:
     """Record the settings every result of ``out`` is made with; a rerun must repeat them (it
     reuses the results already there)."""
+    from .evaluate import NOISE
+
     now = {k: getattr(args, k) for k in SETTINGS}
+    now["noise"] = NOISE  # how samples draw their noise: not a flag; results made before it
+    # was recorded drew one stream per run and are not paired with per-image ones
     path = out / "settings.json"
     if not path.is_file():
         atomic_write_text(path, json.dumps(now, indent=2) + "\n")
@@ -404,8 +408,11 @@ def _check_settings(out: Path, args: argparse.Namespace) -> None:
         atomic_write_text(path, json.dumps(now, indent=2) + "\n")
         return
     if diff:
-        said = ", ".join(f"--{k.replace('_', '-')} {v} (made with {was})"
-                         for k, (was, v) in diff.items())  # fmt: skip
+        said = ", ".join(
+            f"sampling noise {v} (made with {was or 'one stream per run'}: an earlier antdiff)"
+            if k == "noise" else f"--{k.replace('_', '-')} {v} (made with {was})"
+            for k, (was, v) in diff.items()
+        )  # fmt: skip
         raise SystemExit(
             f"study: {out} holds results or runs made with other settings: {said}. Repeat "
             "those settings to resume it, or pass another --out"

@@ -540,7 +540,7 @@ def out_dir_lock(out: Path):
     fd, writable = _open_lock(path)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock_soon(fcntl, fd)
         except BlockingIOError:
             raise _in_use(out, fd, writable) from None
         except OSError as exc:
@@ -562,6 +562,19 @@ def out_dir_lock(out: Path):
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _flock_soon(fcntl: Any, fd: int, tries: int = 10, wait: float = 0.02) -> None:
+    """An exclusive flock, tried a few times over 0.2 s before BlockingIOError: another start's
+    brief probe (``refuse_if_in_use``) holds it for microseconds, a run for its whole life."""
+    for i in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if i == tries - 1:
+                raise
+            time.sleep(wait)
 
 
 def _in_use(out: Path, fd: int, writable: bool) -> OutDirInUse:

@@ -180,7 +180,8 @@ def available_host_bytes() -> int:
 
 def cgroup_free_bytes(root: Path | None = None, proc: Path | None = None) -> int | None:
     """What the process's memory cgroup can still give: its limit less what it uses apart from
-    reclaimable file cache, the least over the cgroup and its parents, cgroup v2 or v1. None
+    file cache the kernel can reclaim (page cache, not shared memory: what MemAvailable also
+    counts as available), the least over the cgroup and its parents, cgroup v2 or v1. None
     where no limit is set or nothing can be read. ``root`` is the cgroup mount and ``proc`` the
     process's cgroup file (tests point them at a made tree)."""
     root = CGROUP_ROOT if root is None else root
@@ -195,10 +196,11 @@ def cgroup_free_bytes(root: Path | None = None, proc: Path | None = None) -> int
         if len(parts) != 3:
             continue
         if parts[1] == "":  # v2: one unified hierarchy
-            base, names = root, ("memory.max", "memory.current", "inactive_file")
+            base, names = root, ("memory.max", "memory.current", "file", "shmem")
         elif "memory" in parts[1].split(","):  # v1: the memory controller's own mount
             base = root / "memory"
-            names = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+            names = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_cache",
+                     "total_shmem")  # fmt: skip
         else:
             continue
         d = base / parts[2].strip().lstrip("/")
@@ -214,7 +216,9 @@ def cgroup_free_bytes(root: Path | None = None, proc: Path | None = None) -> int
     return least
 
 
-def _cgroup_level_free(d: Path, limit_file: str, usage_file: str, inactive_key: str) -> int | None:
+def _cgroup_level_free(
+    d: Path, limit_file: str, usage_file: str, cache_key: str, shmem_key: str
+) -> int | None:
     try:
         text = (d / limit_file).read_text().strip()
         if text == "max" or int(text) >= _NO_LIMIT:
@@ -222,16 +226,16 @@ def _cgroup_level_free(d: Path, limit_file: str, usage_file: str, inactive_key: 
         limit, usage = int(text), int((d / usage_file).read_text().strip())
     except (OSError, ValueError):
         return None
-    inactive = 0
+    stat = {}
     try:
         for row in (d / "memory.stat").read_text().splitlines():
             key, _, value = row.partition(" ")
-            if key == inactive_key:
-                inactive = int(value)
-                break
+            if key in (cache_key, shmem_key):
+                stat[key] = int(value)
     except (OSError, ValueError):
         pass
-    return max(0, limit - max(0, usage - inactive))
+    cache = max(0, stat.get(cache_key, 0) - stat.get(shmem_key, 0))
+    return max(0, limit - max(0, usage - cache))
 
 
 def load_npy(path: str | Path, what: str, **kwargs: Any) -> Any:

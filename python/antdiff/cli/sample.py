@@ -134,7 +134,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluate import generate, load_for_sampling, run_settings, variance_used
+    from ..evaluate import NOISE, generate, load_for_sampling, run_settings, variance_used
     from ..logging_utils import image_grid, save_png
     from ..utils import atomic_write, atomic_write_text, check_output
 
@@ -194,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
         "eta": args.eta,
         "num": args.num,
         "seed": args.seed,
+        "noise": NOISE,
         "cfg_scale": args.cfg_scale,
         "cfg_channels": args.cfg_channels,
         "variance": variance_used(loaded, args.sampler, args.variance),
