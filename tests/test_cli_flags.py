@@ -531,6 +531,18 @@ def test_sample_cli_records_the_weights_and_batch_size(cond_run, tmp_path):
         assert meta["noise"] == "per-image"  # how the seed made the noise
 
 
+def test_sample_and_eval_name_a_seed_torch_cannot_take_before_loading(tmp_path, capsys):
+    """A seed past torch's range is named as the flag before the checkpoint or the feature
+    network loads (a missing checkpoint would be the error otherwise)."""
+    from antdiff.cli import main
+
+    for cmd in (["sample", "--out", str(tmp_path / "s")], ["eval", "--json", str(tmp_path / "e")]):
+        assert main([*cmd, "--ckpt", str(tmp_path / "none"), "--num", "3",
+                     "--seed", str(2**64)]) == 2  # fmt: skip
+        err = capsys.readouterr().err
+        assert "--seed must lie in [-2**63, 2**64)" in err, err
+
+
 def test_sample_cli_one_sample_in_batches_of_one(cond_run, tmp_path):
     """--num and --batch-size take any value >= 1, 1 included."""
     out = tmp_path / "one"

@@ -431,7 +431,9 @@ def evaluate_checkpoint(
         device: where the model, the codec and the feature network run.
     """
     from .metrics.fid import check_enough_samples
+    from .sampling import check_seed
 
+    check_seed(seed)
     _check_int("num", num, 1)
     _check_int("k", k, 1)
     extractor = make_extractor(features, inception, device)

@@ -109,8 +109,13 @@ def check_settings(args: argparse.Namespace, loaded: Any = None) -> None:
     """--steps, --eta, --sampler and --spacing checked before any work starts (they failed once
     the progress bar had started): what needs no checkpoint before it loads, the rest (steps <=
     the run's T, eta with the run's own sampler) once it has loaded (``loaded``)."""
+    from ..sampling import check_seed
     from ..sampling import check_settings as check
 
+    try:
+        check_seed(args.seed)
+    except ValueError as exc:  # "seed must ...": the flag's name
+        raise ValueError(f"--{exc}") from None
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
     if args.batch_size < 1:
