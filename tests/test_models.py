@@ -483,6 +483,15 @@ def test_model_sizes_are_checked_by_name(name, overrides, match):
         model(torch.randn(2, 1, 8, 8), torch.tensor([1, 2]))  # the embedding checks its width
 
 
+def test_unet_built_directly_refuses_a_channel_mult_that_is_no_list():
+    """UNetModel(channel_mult=2) raised "object of type 'int' has no len()"."""
+    from antdiff.models.adm import UNetModel
+
+    for bad in (2, 2.0, None):
+        with pytest.raises(ValueError, match=rf"channel_mult must list .*got {bad!r}"):
+            UNetModel(image_size=8, in_channels=1, model_channels=32, channel_mult=bad)
+
+
 def test_adm_size_must_divide_by_its_downsamplings():
     model = create_model("adm-tiny")
     model(torch.randn(1, 1, 16, 16), torch.tensor([5]))  # fully convolutional: any multiple

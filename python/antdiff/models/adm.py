@@ -248,6 +248,7 @@ class UNetModel(nn.Module):
         super().__init__()
         if (
             isinstance(channel_mult, (str, bytes))
+            or not isinstance(channel_mult, Sequence)
             or not len(channel_mult)
             or not all(isinstance(m, int) and not isinstance(m, bool) and m > 0
                        for m in channel_mult)
