@@ -204,8 +204,9 @@ def test_model_overrides_of_the_wrong_kind_are_refused_before_any_data_loads():
     assert model_config("adm-tiny", **cfg.model.overrides)["dropout"] == 0.1
     from antdiff.models import create_model
 
-    with pytest.raises(ValueError, match="do not fit 'adm-tiny'"):  # one value, not a list
-        create_model("adm-tiny", channel_mult=5)
+    with pytest.raises(ValueError, match=r"channel_mult must list one positive width multiplier "
+                       r"per level, e.g. \[1, 2, 2\], got 5 \(--model.overrides.channel_mult\)"):
+        create_model("adm-tiny", channel_mult=5)  # one value, not a list
 
 
 def test_a_nested_override_into_an_empty_yaml_mapping(tmp_path):
