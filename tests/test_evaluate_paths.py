@@ -588,6 +588,19 @@ def test_info_survives_a_kernels_package_that_fails_to_import(monkeypatch):
     assert info.collect()["ANT_KERNELS_BACKEND"] == "tritonn"
 
 
+def test_info_shows_the_memory_a_run_can_use(monkeypatch):
+    """The memory the interval DP and affinity check against, and the container's limit when
+    one caps it (/proc/meminfo shows a container the host's memory)."""
+    from antdiff import utils
+
+    monkeypatch.setattr(utils, "available_host_bytes", lambda: 3 * 2**30)
+    monkeypatch.setattr(utils, "cgroup_free_bytes", lambda: None)
+    assert info.collect()["host memory"] == "3.0 GiB available"
+    monkeypatch.setattr(utils, "cgroup_free_bytes", lambda: 2**29)
+    assert info.collect()["host memory"] == (
+        "3.0 GiB available (the memory cgroup's limit leaves 0.5 GiB)")  # fmt: skip
+
+
 def test_info_main_prints_an_aligned_table(capsys):
     d = info.collect()
     info.main()

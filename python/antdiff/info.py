@@ -69,6 +69,12 @@ def collect() -> dict[str, str]:
             )
     except ImportError:
         pass
+    from antdiff.utils import available_host_bytes, cgroup_free_bytes
+
+    limit = cgroup_free_bytes()
+    info["host memory"] = f"{available_host_bytes() / 2**30:.1f} GiB available" + (
+        "" if limit is None else f" (the memory cgroup's limit leaves {limit / 2**30:.1f} GiB)"
+    )
     for k in ENV_VARS:
         info[k] = os.environ.get(k, "(unset)")
     if "ANT_KERNELS_BACKEND" in os.environ:  # a bad value fails the first kernel call: say so
