@@ -58,7 +58,6 @@ class Telemetry:
         self.t["loss"] = L
         self.t["weight"] = w.detach() if w.requires_grad else w
         self.t["present"] = present
-        self.t["finite"] = finite
         self._pending.append([L, present, finite, G])
 
     def count_nonfinite(self, after: torch.Tensor, n: int = 1) -> None:
@@ -84,7 +83,6 @@ class Telemetry:
             self._acc("loss_count", -out.float().sum(0))
             for g, f in zip(gone, now.unbind()):
                 g[2] = f
-        self.t["finite"] = after
 
     def close(self) -> None:
         """An optimiser step ended: its steps' flags are final."""
