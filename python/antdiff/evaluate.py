@@ -31,7 +31,7 @@ __all__ = [
     "score",
 ]
 
-FEATURES = ("digits", "inception", "fid-helper")
+FEATURES = ("digits", "inception", "inception-clean", "fid-helper")
 # how sampled images draw their noise, recorded with results (a study or comparison should not
 # pair FIDs drawn otherwise): image i from its own stream, seeded from (seed, i)
 NOISE = "per-image"
@@ -221,9 +221,12 @@ def generate(
 
 
 def make_extractor(features: str, inception: str | Path | None = None, device: Any = "cpu"):
-    """The feature network named ``features`` ("digits", "inception", "fid-helper").
+    """The feature network named ``features`` ("digits", "inception", "inception-clean",
+    "fid-helper").
 
-    ``inception``: path of inception-2015-12-05.pt ("inception") or default_1.pt ("fid-helper");
+    ``inception``: path of inception-2015-12-05.pt ("inception": its own TF1 bilinear resize, as
+    StyleGAN and clean-fid's "legacy_tensorflow" mode; "inception-clean": clean-fid's default
+    "clean" mode, PIL bicubic resize) or default_1.pt ("fid-helper");
     a missing file raises the metrics module's FileNotFoundError, which says where to get it.
     """
     from .metrics import DigitsFeatures, FidHelperInception, InceptionTorchScript
@@ -232,12 +235,14 @@ def make_extractor(features: str, inception: str | Path | None = None, device: A
         if inception is not None:  # a given path is used or refused, never dropped silently
             raise ValueError(
                 f"an Inception file ({str(inception)!r}) was given with features='digits', "
-                "which uses its own network: drop --inception, or pick --features inception or "
-                "fid-helper"
+                "which uses its own network: drop --inception, or pick --features inception, "
+                "inception-clean or fid-helper"
             )
         return DigitsFeatures(device=device)
     if features == "inception":
         return InceptionTorchScript(inception, device=device)
+    if features == "inception-clean":
+        return InceptionTorchScript(inception, device=device, mode="clean")
     if features == "fid-helper":
         return FidHelperInception(inception, device=device)
     raise ValueError(f"features must be one of {list(FEATURES)}, got {features!r}")
@@ -423,7 +428,8 @@ def evaluate_checkpoint(
             sample.cfg_scale: a paper preset's evaluation protocol); cfg_channels: "run" takes
             its sample.cfg_channels (the mean channels guidance acts on; None: all);
             variance: DDPM's "small" / "large" reverse variance, "run" the run's own.
-        features: "digits", "inception" or "fid-helper" (see :func:`make_extractor`).
+        features: "digits", "inception", "inception-clean" or "fid-helper" (see
+            :func:`make_extractor`).
         ref: "digits" or a .npy / .pt file of reference images [N, C, H, W]: floats in [-1, 1]
             or uint8 pixels (channels first).
         k: neighbours for precision / recall.

