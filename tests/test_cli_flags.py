@@ -169,6 +169,45 @@ def test_ntg_cli_forwards_its_flags(tmp_path, ntg_spy):
     assert ntg_spy[-1][1] == [(0, 333), (333, 666), (666, 1000)]
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_ntg_cli_feature_network_flags(tmp_path, capsys, ntg_spy):
+    """--features / --inception build the named network before anything trains (a missing file
+    or an unknown name is a message, and run_ntg is never called); without them run_ntg picks
+    its default (extractor None)."""
+    from antdiff.metrics import InceptionTorchScript
+
+    class Layered(torch.nn.Module):  # the interface of inception-2015-12-05.pt, 2048 features
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                              torch.nn.Linear(3, 2048))  # fmt: skip
+
+        def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            return self.layers(img)
+
+    net = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.script(Layered()).save(str(net))
+    assert cli_main(_ntg_base(tmp_path)) == 0 and ntg_spy[-1][2]["extractor"] is None
+    assert cli_main([*_ntg_base(tmp_path), "--features", "inception-clean",
+                     "--inception", str(net)]) == 0  # fmt: skip
+    ext = ntg_spy[-1][2]["extractor"]
+    assert isinstance(ext, InceptionTorchScript) and ext.mode == "clean" and ext.path == net
+    # --inception alone: the data's default network (inception for non-digits data) from it
+    assert cli_main([*_ntg_base(tmp_path), "--data.source", "folder", "--data.path",
+                     str(tmp_path), "--inception", str(net)]) == 0  # fmt: skip
+    ext = ntg_spy[-1][2]["extractor"]
+    assert isinstance(ext, InceptionTorchScript) and ext.mode == "legacy_tensorflow"
+    calls = len(ntg_spy)
+    for extra, message in [
+        (["--features", "inception", "--inception", str(tmp_path / "none.pt")], "not found"),
+        (["--features", "bicubic"], "features must be one of"),
+        (["--inception", str(net)], "features='digits', which uses its own network"),
+    ]:
+        assert cli_main([*_ntg_base(tmp_path), *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert len(ntg_spy) == calls
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

@@ -7,8 +7,9 @@ Trains the full model (unless --full names a trained run; from --config it train
 in the paper's NTG, unless --ant.method names another method; a vanilla one draws t uniformly,
 --ant.sampling proportional, unless --ant.sampling says otherwise) and one vanilla specialist per
 interval (0-based, half-open [t1, t2)), samples both ways with the same noise and writes
-``ntg.json`` and ``ntg.png`` to --out. Digits runs use domain features (DigitsFeatures), which
-are not comparable to published FIDs.
+``ntg.json`` and ``ntg.png`` to --out. By default digits runs use domain features
+(DigitsFeatures), which are not comparable to published FIDs, and other data the Inception
+network; ``--features`` / ``--inception`` pick the network as ``antdiff eval``'s do.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from pathlib import Path
 
 from ..config import available_presets, load_config, parse_overrides
 from ..utils import check_output
@@ -53,6 +55,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="noise seed shared by all samplings")
     p.add_argument("--batch", type=int, default=500, help="sampling batch size")
     p.add_argument("--out", default="runs/ntg", help="output directory")
+    from ..evaluate import FEATURES
+
+    p.add_argument(
+        "--features",
+        default=None,
+        help=f"feature network, one of {', '.join(FEATURES)} (default: digits for digits data, "
+        "else inception)",
+    )
+    p.add_argument("--inception", type=Path, default=None, help="feature network file")
     p.epilog = "Full-model config overrides: --section.key VALUE, e.g. --train.steps 2000"
     p.allow_abbrev = False
     _collect_overrides(p)
@@ -93,9 +104,16 @@ def run(args: argparse.Namespace) -> int:
     steps = args.specialist_steps if args.specialist_steps is not None else cfg.train.steps
     if steps < 1:
         raise ValueError(f"--specialist-steps must be >= 1, got {steps}")
+    extractor = None
+    if args.features is not None or args.inception is not None:
+        from ..evaluate import make_extractor
+
+        # built now: a missing network file is reported before any model trains
+        default = "digits" if cfg.data.source == "digits" else "inception"
+        extractor = make_extractor(args.features or default, args.inception, device=None)
     result = run_ntg(
         cfg, intervals, specialist_steps=steps, out_dir=args.out, full=args.full,
-        n_samples=args.n_samples, seed=args.seed, batch=args.batch,
+        n_samples=args.n_samples, seed=args.seed, batch=args.batch, extractor=extractor,
     )  # fmt: skip
     print(json.dumps({"full": result["full"], "seed_gap": result["seed_gap"],
                       "ntg": {r["label"]: r["ntg"] for r in result["intervals"]},
