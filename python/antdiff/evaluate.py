@@ -31,6 +31,7 @@ __all__ = [
     "score",
 ]
 
+IS_SPLITS = 10  # the Inception Score's parts, as reported in the literature
 FEATURES = ("digits", "inception", "inception-clean", "fid-helper")
 # how sampled images draw their noise, recorded with results (a study or comparison should not
 # pair FIDs drawn otherwise): image i from its own stream, seeded from (seed, i)
@@ -362,7 +363,9 @@ def score(
     cache_dir: str | Path | None = None,
     fake_features: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """FID (against cached reference statistics) and precision / recall (k-NN, ``k``).
+    """FID (against cached reference statistics) and precision / recall (k-NN, ``k``), and,
+    for the Inception network's features, the samples' Inception Score (``inception_score``
+    and ``inception_score_std`` over ``inception_score_splits`` = 10 parts) from the same pass.
 
     Args:
         fake: images [N, C, H, W] in [-1, 1] (None with ``fake_features``).
@@ -390,6 +393,11 @@ def score(
         device=extractor.device,
     )
     out.update(precision=pr["precision"], recall=pr["recall"], k=k, reference=label)
+    if getattr(extractor, "has_classifier", False) and len(fake_f) >= IS_SPLITS:
+        from .metrics import inception_score
+
+        mean, std = inception_score(extractor.class_probabilities(fake_f), IS_SPLITS)
+        out.update(inception_score=mean, inception_score_std=std, inception_score_splits=IS_SPLITS)
     return out
 
 

@@ -64,8 +64,9 @@ def run(args: argparse.Namespace) -> int:
         variance=args.variance,
     )
     atomic_write_text(args.json, json.dumps(res, indent=2) + "\n")
+    is_ = f"  IS {res['inception_score']:.3f}" if "inception_score" in res else ""
     print(
-        f"FID {res['fid']:.4f}  precision {res['precision']:.4f}  recall {res['recall']:.4f}  "
-        f"({res['num']} samples, {res['features']}); wrote {args.json}"
+        f"FID {res['fid']:.4f}  precision {res['precision']:.4f}  recall {res['recall']:.4f}"
+        f"{is_}  ({res['num']} samples, {res['features']}); wrote {args.json}"
     )
     return 0

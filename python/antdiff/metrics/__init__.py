@@ -1,4 +1,5 @@
-"""Sample-quality metrics: FID, improved precision/recall, feature extractors, cached statistics.
+"""Sample-quality metrics: FID, improved precision/recall, Inception Score, feature extractors,
+cached statistics.
 
 Every result built from images records which network produced the features (key "features"),
 because FIDs from different networks (or preprocessing) are not comparable.
@@ -21,6 +22,7 @@ from antdiff.metrics.features import (
     train_digits_classifier,
 )
 from antdiff.metrics.fid import as_features, feature_stats, fid_from_features, fid_from_stats
+from antdiff.metrics.inception_score import inception_score
 from antdiff.metrics.prdc import precision_recall
 from antdiff.metrics.reference_stats import ReferenceStats, reference_stats
 
@@ -40,6 +42,7 @@ __all__ = [
     "fid_vs_reference",
     "find_fid_helper_model",
     "find_inception",
+    "inception_score",
     "precision_recall",
     "reference_stats",
     "train_digits_classifier",

@@ -288,6 +288,27 @@ class InceptionTorchScript(FeatureExtractor):
         self.name += f", file {file_digest(self.path)}"
         self.dim = 2048
 
+    @property
+    def has_classifier(self) -> bool:
+        """Whether the file holds the 1008-way ``output`` layer that the class probabilities of
+        the Inception Score need (NVIDIA's inception-2015-12-05.pt does)."""
+        out = getattr(self.net, "output", None)
+        w = getattr(out, "weight", None)
+        return isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] == self.dim
+
+    def class_probabilities(self, features: Any) -> np.ndarray:
+        """Softmax over the ``output`` layer's logits of pool3 ``features`` [N, 2048], without
+        its bias (the original Inception Score's probabilities; the module's own
+        ``no_output_bias=True`` path), in float64: ``[N, 1008]``."""
+        if not self.has_classifier:
+            raise ValueError(
+                f"{self.path} has no 2048-input `output` layer: the Inception Score needs "
+                f"NVIDIA's {INCEPTION_FILENAME} ({INCEPTION_URL})"
+            )
+        w = self.net.output.weight.detach().to("cpu", torch.float64)
+        f = torch.as_tensor(np.asarray(features, dtype=np.float64))
+        return torch.softmax(f @ w.T, dim=1).numpy()
+
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         p = to_pixels(x, self.quantize)
         if self.mode == "clean":  # each channel resized once, then grey repeated
