@@ -821,13 +821,14 @@ def test_eval_cli_forwards_every_flag(tmp_path, eval_spy):
                      "--cfg-channels", "3", "--variance", "large", "--no-ema", "--seed", "4",
                      "--batch-size", "5", "--no-progress", "--device", "cpu",
                      "--features", "inception", "--inception", str(inc), "--ref", str(ref),
-                     "--k", "4", "--cache-dir", str(cache), "--json", str(js)]) == 0  # fmt: skip
+                     "--k", "4", "--cache-dir", str(cache), "--json", str(js),
+                     "--vae", str(tmp_path / "vae")]) == 0  # fmt: skip
     ckpt, num, kw = eval_spy[-1]
     assert (str(ckpt), num) == (str(tmp_path / "run"), 7)
     assert kw == dict(sampler="ddim", steps=3, cfg_scale=2.0, seed=4, ema=False,
                       features="inception", inception=inc, ref=str(ref), k=4, batch_size=5,
                       progress=False, cache_dir=cache, device="cpu", spacing="leading", eta=0.5,
-                      cfg_channels=3, variance="large")  # fmt: skip
+                      cfg_channels=3, variance="large", vae=tmp_path / "vae")  # fmt: skip
     assert json.loads(js.read_text())["fid"] == 1.5
 
 
@@ -840,7 +841,7 @@ def test_eval_cli_defaults(tmp_path, eval_spy):
     assert kw == dict(sampler=None, steps=None, cfg_scale=None, seed=0, ema=True,
                       features="digits", inception=None, ref="digits", k=3, batch_size=500,
                       progress=True, cache_dir=None, device="cpu", spacing="linspace", eta=0.0,
-                      cfg_channels="run", variance="run")  # fmt: skip
+                      cfg_channels="run", variance="run", vae=None)  # fmt: skip
 
 
 def test_eval_cli_json_is_written_atomically(tmp_path, eval_spy, monkeypatch):

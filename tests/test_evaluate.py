@@ -406,7 +406,7 @@ def test_eval_of_a_latent_run_without_a_decoder_fails_before_sampling(
 
     _latent_run(tmp_path, torch.randn(24, 4, 4, 4))
     monkeypatch.setattr(ev, "generate", lambda *a, **k: pytest.fail("sampled first"))
-    with pytest.raises(ValueError, match="no decoder for them: eval scores images"):
+    with pytest.raises(ValueError, match="and eval scores images: pass --vae DIR"):
         evaluate_checkpoint(tmp_path / "run", 100)
 
 

@@ -56,7 +56,10 @@ class Loaded:
 
 
 def load_for_sampling(
-    ckpt: str | Path, ema: bool = True, device: str | torch.device = "cpu"
+    ckpt: str | Path,
+    ema: bool = True,
+    device: str | torch.device = "cpu",
+    vae: str | Path | None = None,
 ) -> Loaded:
     """Model, diffusion, config and dataset of a trainer checkpoint file or run directory.
 
@@ -64,6 +67,9 @@ def load_for_sampling(
         ckpt: a ``ckpt_*.pt`` file, or a run / checkpoints directory (its newest complete one).
         ema: load the EMA weights (default) instead of the raw ones.
         device: where the model (and the codec) go.
+        vae: for a run on a latent file, the local diffusers VAE folder that made the latents
+            (AutoencoderKL or VQModel): the samples are then decoded to images through it,
+            from the run's latents as :class:`~antdiff.models.StoredLatentDecoder` maps them.
     """
     from .checkpoint import load_checkpoint, model_from_state
     from .diffusion import GaussianDiffusion
@@ -78,7 +84,32 @@ def load_for_sampling(
     model = model.to(device).eval().requires_grad_(False)
     if data.codec is not None:
         data = data.to(device)
+    if vae is not None:
+        data = _with_vae(cfg, data, vae, path, device)
     return Loaded(model, diffusion, cfg, data, int(state["step"]), path, ema)
+
+
+def _with_vae(cfg: Any, data: Any, vae: str | Path, path: Path, device: Any) -> Any:
+    """``data`` with a codec that decodes the run's latents through the VAE at ``vae``."""
+    from dataclasses import replace
+
+    from .models import DiffusersVAE, StoredLatentDecoder
+
+    if cfg.data.source != "latents":
+        what = ("its own tiny autoencoder decodes its samples" if data.codec is not None
+                else "its samples are images")  # fmt: skip
+        raise ValueError(
+            f"--vae {vae}: {path} trained on data.source {cfg.data.source!r}, not on a latent "
+            f"file: {what}. Drop --vae"
+        )
+    codec = DiffusersVAE.from_local(vae, device=device)
+    if codec.latent_channels != data.shape[0]:
+        raise ValueError(
+            f"--vae {vae} makes {codec.latent_channels}-channel latents, but {path} diffuses "
+            f"latents of shape {list(data.shape)}: pass the VAE that encoded its latent file"
+        )
+    dc = cfg.data
+    return replace(data, codec=StoredLatentDecoder(codec, dc.latent_scale, dc.latent_shift))
 
 
 def _check_int(name: str, value: Any, low: int) -> None:
@@ -422,6 +453,7 @@ def evaluate_checkpoint(
     eta: float = 0.0,
     cfg_channels: int | None | str = "run",
     variance: str | None = "run",
+    vae: str | Path | None = None,
 ) -> dict[str, Any]:
     """Sample ``num`` images from ``ckpt`` and score them; a JSON-able dict of results + settings.
 
@@ -443,6 +475,8 @@ def evaluate_checkpoint(
         k: neighbours for precision / recall.
         cache_dir: reference statistics / features cache (default ~/.cache/antdiff/...).
         device: where the model, the codec and the feature network run.
+        vae: for a run on a latent file, the local diffusers VAE folder that decodes its
+            samples (see :func:`load_for_sampling`).
     """
     from .metrics.fid import check_enough_samples
     from .sampling import check_seed
@@ -480,13 +514,11 @@ def evaluate_checkpoint(
     check_reference_range(real, f"--ref {ref}")
     ref_shape = tuple(real.shape[1:])
     del real
-    loaded = load_for_sampling(ckpt, ema=ema, device=device)
+    loaded = load_for_sampling(ckpt, ema=ema, device=device, vae=vae)
     if loaded.latent and loaded.data.codec is None:
         raise ValueError(
-            f"{ckpt} diffuses precomputed latents {list(loaded.data.shape)}, and antdiff holds no "
-            "decoder for them: eval scores images. Draw the samples with `antdiff sample "
-            "--format pt`, decode them with the autoencoder that made the latents, and score "
-            "them with antdiff.evaluate.score (or train with data.autoencoder=tiny)"
+            f"{ckpt} diffuses precomputed latents {list(loaded.data.shape)}, and eval scores "
+            "images: pass --vae DIR (vae=), the local diffusers VAE folder that encoded them"
         )
     made = tuple(loaded.data.shape)
     if loaded.data.codec is not None:  # a latent run scores decoded images: of what shape
@@ -562,6 +594,7 @@ def evaluate_checkpoint(
         "cfg_channels": cfg_channels,
         "variance": variance_used(loaded, sampler, variance),
         "batch_size": batch_size,
+        **({"vae": str(vae)} if vae is not None else {}),
         "model": cfg.model.name,
         "method": cfg.ant.method,
         "clustering": cfg.ant.clustering,

@@ -14,6 +14,7 @@ COMMANDS = {
     "cluster": ("antdiff.cli.cluster", "cluster the T timesteps into k intervals (exact DP)"),
     "affinity": ("antdiff.cli.affinity", "task affinity of timestep bins from checkpoints"),
     "train": ("antdiff.cli.train", "train a diffusion model with ANT (presets, --a.b overrides)"),
+    "encode": ("antdiff.cli.encode", "an image folder -> latents of a local diffusers VAE (.pt)"),
     "sample": ("antdiff.cli.sample", "draw samples from a checkpoint (EMA) -> PNG grid + .npy"),
     "eval": ("antdiff.cli.eval", "FID / precision / recall of a checkpoint's samples -> JSON"),
     "ntg": ("antdiff.cli.ntg", "negative transfer gap per timestep interval -> JSON + PNG"),

@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         cache_dir=args.cache_dir,
         device=pick_device(args.device),
+        vae=args.vae,
         spacing=args.spacing,
         eta=args.eta,
         cfg_channels=args.cfg_channels,

@@ -8,10 +8,11 @@ own range; a .pt also holds the labels),
 ``<out>/labels.npy`` for class-conditional models and ``<out>/sample.json`` (the settings). Every
 file is written atomically; samples and labels an earlier run left in ``<out>`` (as its
 sample.json lists them) that this run does not rewrite are removed, and named. Latent runs are
-decoded through the run's codec; a run on precomputed latents (no codec in antdiff) writes the
-sampled latents unclipped, and sample.json says "space": "latent" with the run's latent_scale
-and latent_shift (decode x / latent_scale + latent_shift with the autoencoder that made the
-latents; samples.png shows their first channels rescaled).
+decoded through the run's codec; a run on a latent file is decoded through ``--vae DIR`` (the
+local diffusers VAE folder that encoded the file), and without it writes the sampled latents
+unclipped, and sample.json says "space": "latent" with the run's latent_scale and latent_shift
+(decode x / latent_scale + latent_shift with the autoencoder that made the latents; samples.png
+shows their first channels rescaled).
 """
 
 from __future__ import annotations
@@ -103,6 +104,9 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=500, help="samples per sampling batch")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if any)")
+    p.add_argument("--vae", type=Path, default=None,
+                   help="a run on a latent file: the local diffusers VAE folder (AutoencoderKL "
+                   "or VQModel) that encoded it, to decode the samples to images")
 
 
 def check_settings(args: argparse.Namespace, loaded: Any = None) -> None:
@@ -147,7 +151,9 @@ def run(args: argparse.Namespace) -> int:
     if args.grid < 1:
         raise ValueError(f"--grid must be >= 1 (images in samples.png), got {args.grid}")
     check_output(args.out, "--out", folder=True)  # before the sampling, not after it
-    loaded = load_for_sampling(args.ckpt, ema=args.ema, device=pick_device(args.device))
+    loaded = load_for_sampling(
+        args.ckpt, ema=args.ema, device=pick_device(args.device), vae=args.vae
+    )
     args.sampler, args.steps, args.cfg_scale, args.cfg_channels = run_settings(
         loaded, args.sampler, args.steps, args.cfg_scale, args.cfg_channels
     )
@@ -206,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "shape": list(x.shape),
         "space": "latent" if raw else "pixel",
+        **({"vae": str(args.vae)} if args.vae is not None else {}),
         # the file's latents are (z - shift) * scale: decode(x / scale + shift)
         **({"latent_scale": loaded.cfg.data.latent_scale,
             "latent_shift": loaded.cfg.data.latent_shift} if raw else {}),  # fmt: skip

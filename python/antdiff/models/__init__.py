@@ -19,6 +19,7 @@ from antdiff.models.autoencoder import (
     DiffusersVAE,
     LatentCodec,
     PrecomputedLatents,
+    StoredLatentDecoder,
     TinyAutoencoder,
     train_autoencoder,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "DiffusersVAE",
     "LatentCodec",
     "PrecomputedLatents",
+    "StoredLatentDecoder",
     "TinyAutoencoder",
     "UNetModel",
     "available_models",

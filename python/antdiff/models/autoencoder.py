@@ -21,6 +21,7 @@ __all__ = [
     "DiffusersVAE",
     "LatentCodec",
     "PrecomputedLatents",
+    "StoredLatentDecoder",
     "TinyAutoencoder",
     "train_autoencoder",
 ]
@@ -175,9 +176,10 @@ def _local_dir(path: str | Path) -> Path:
 
 
 class DiffusersVAE(LatentCodec):
-    """A diffusers AutoencoderKL loaded from a local directory (never from the hub).
+    """A diffusers AutoencoderKL (or VQModel) loaded from a local directory (never from the hub).
 
-    encode draws z ~ q(z|x) (or takes its mode with sample=False) and returns
+    encode draws z ~ q(z|x) (or takes its mode with sample=False; a VQModel's encoder output
+    before quantisation, which LDM diffuses: its decode quantises) and returns
     (z - shift_factor) * scale_factor: the config's scaling_factor (e.g. 0.18215 for SD's VAE)
     and shift_factor (SD3 / FLUX VAEs; 0 where the config has none) unless given. Inputs are
     cast to the VAE's dtype, and latents and images come back in float32.
@@ -214,8 +216,28 @@ class DiffusersVAE(LatentCodec):
             raise ImportError(
                 "DiffusersVAE needs the `diffusers` package: pip install diffusers"
             ) from e
+        import json
+
+        try:
+            raw_cfg = json.loads((p / "config.json").read_text())
+            kind = raw_cfg.get("_class_name", "AutoencoderKL")
+        except (ValueError, AttributeError) as e:
+            raise ValueError(f"{str(p / 'config.json')!r} is not a diffusers config: {e}") from e
+        if kind == "VQModel":
+            # LDM diffuses a VQ model's latents unscaled; diffusers fills in SD's 0.18215 for a
+            # config that names no scaling_factor (as LDM's converted VQ models do)
+            if scale_factor is None and "scaling_factor" not in raw_cfg:
+                scale_factor = 1.0
+            from diffusers import VQModel as Kind
+        elif kind == "AutoencoderKL":
+            Kind = AutoencoderKL  # noqa: N806
+        else:
+            raise ValueError(
+                f"{str(p)!r} holds a diffusers {kind!r}; antdiff decodes with an AutoencoderKL "
+                "or a VQModel"
+            )
         kwargs = {} if dtype is None else {"torch_dtype": dtype}
-        vae = AutoencoderKL.from_pretrained(str(p), local_files_only=True, **kwargs)
+        vae = Kind.from_pretrained(str(p), local_files_only=True, **kwargs)
         vae = vae.to(device=device).eval().requires_grad_(False)
         return cls(vae, scale_factor, shift_factor)
 
@@ -223,8 +245,12 @@ class DiffusersVAE(LatentCodec):
     def encode(
         self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        dist = self.vae.encode(x.to(self.vae.dtype)).latent_dist
-        z = dist.sample(generator=generator) if sample else dist.mode()
+        enc = self.vae.encode(x.to(self.vae.dtype))
+        if hasattr(enc, "latent_dist"):
+            dist = enc.latent_dist
+            z = dist.sample(generator=generator) if sample else dist.mode()
+        else:  # VQModel: the encoder's output before quantisation
+            z = enc.latents
         return (z.float() - self.shift_factor) * self.scale_factor
 
     @torch.no_grad()
@@ -348,11 +374,40 @@ class PrecomputedLatents(LatentCodec):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         if self.decoder is None:
             raise ValueError("PrecomputedLatents has no decoder: pass decoder=<a LatentCodec>")
+        return StoredLatentDecoder(self.decoder, self.scale_factor, self.shift_factor).decode(z)
+
+    def latent_shape(self, image_shape: tuple[int, ...] | None = None) -> tuple[int, ...]:
+        """The stored per-sample shape (c, h, w); image_shape is accepted and ignored."""
+        return tuple(self.latents.shape[1:])
+
+
+class StoredLatentDecoder(LatentCodec):
+    """Decodes the diffusion-space latents of a latent file, (stored - shift_factor) *
+    scale_factor, through ``decoder`` (e.g. a :class:`DiffusersVAE`).
+
+    The stored latents are ``decoder``'s raw latents when (scale_factor, shift_factor) !=
+    (1, 0) (the file was read with data.latent_scale / latent_shift), and its normalised latents
+    otherwise (a file that ``antdiff encode`` wrote, read with the defaults). ``z`` is moved to
+    the decoder's device; images come back there.
+    """
+
+    def __init__(
+        self, decoder: LatentCodec, scale_factor: float = 1.0, shift_factor: float = 0.0
+    ) -> None:
+        self.decoder = decoder
+        self.scale_factor, self.shift_factor = float(scale_factor), float(shift_factor)
+
+    def to(self, device: Any) -> StoredLatentDecoder:  # the decoder stays where it was loaded
+        return self
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        vae = getattr(self.decoder, "vae", None)
+        if isinstance(vae, nn.Module):
+            z = z.to(next(vae.parameters()).device)
         if self.scale_factor != 1.0 or self.shift_factor != 0.0:  # raw, then the decoder's
             raw = z / self.scale_factor + self.shift_factor
             z = (raw - self.decoder.shift_factor) * self.decoder.scale_factor
         return self.decoder.decode(z)
 
-    def latent_shape(self, image_shape: tuple[int, ...] | None = None) -> tuple[int, ...]:
-        """The stored per-sample shape (c, h, w); image_shape is accepted and ignored."""
-        return tuple(self.latents.shape[1:])
+    def latent_shape(self, image_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return self.decoder.latent_shape(image_shape)
