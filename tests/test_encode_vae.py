@@ -207,6 +207,10 @@ def test_bad_input_is_named(tmp_path, capsys, encoded) -> None:
     enc = ["encode", "--vae", str(vae_dir), "--device", "cpu", "--no-progress"]
     assert "--images" in err([*enc, "--images", str(tmp_path / "none"), "--out",
                               str(tmp_path / "z.pt")])  # fmt: skip
+    (tmp_path / "empty").mkdir()
+    assert "no images (.png" in (e := err([*enc, "--images", str(tmp_path / "empty"), "--out",
+                                            str(tmp_path / "z.pt")]))  # fmt: skip
+    assert "found under --images" in e
     assert "the latent file is a .pt" in err([*enc, "--images", str(imgs), "--out",
                                              str(tmp_path / "z.npy")])  # fmt: skip
     assert "pass --channels 3" in err([*enc, "--images", str(imgs), "--out",

@@ -63,6 +63,8 @@ def _images(args: argparse.Namespace) -> tuple[list[Path], list[int], list[str]]
             f"images lie directly in it ({e}); move each class into its own folder, or drop "
             "--class-conditional"
         ) from None
+    except ValueError as e:  # the trainer's words for the folder: data.path here is --images
+        raise ValueError(str(e).replace("data.path", "--images")) from None
 
 
 def _encode(codec, x: torch.Tensor, first: int, seed: int, sample: bool) -> torch.Tensor:
