@@ -335,6 +335,9 @@ class ANT:
         self._maybe_absent = True  # whether a cluster may be empty in the last step (host view)
         self._warned_sync = False
         self._zeroed_probe: torch.Tensor | None = None  # see attach and reduce
+        # (a model parameter, its _version, UW's first log-variance, its _version) after the
+        # last ant.backward; False once warned: see _check_own_params_stepped
+        self._own_versions: tuple | None | bool = None
         self.last: StepOutput | None = None
         self._unstepped = False  # a reduce/backward since the last ant.step
         self._records = 0  # steps recorded since then (micro-batches of one optimiser step)
@@ -602,7 +605,9 @@ class ANT:
     def _cluster_sums(self, per_sample: torch.Tensor, t: torch.Tensor):
         cid = self.clusters.cluster_of(t)
         k, dev = self.k, per_sample.device
-        sums = torch.zeros(k, device=dev, dtype=torch.float32).index_add(0, cid, per_sample.float())
+        # a float64 loss keeps its precision in the total (its reported means are float32)
+        acc = torch.float64 if per_sample.dtype == torch.float64 else torch.float32
+        sums = torch.zeros(k, device=dev, dtype=acc).index_add(0, cid, per_sample.to(acc))
         host = self.sampler.counts_for(t)  # t from sample_timesteps: its counts are on the host
         if host is not None:
             return sums, to_device(torch.from_numpy(host.astype(np.float32)), dev)
@@ -711,7 +716,11 @@ class ANT:
             total, shown = self._batch_mean(per, L_global, N)
             record(shown, L_global, _count_shares(N), present, None, grads_checked=False)
             return total
-        if self.method.loss.fused_total is not None and not self.comm.active:
+        if (
+            self.method.loss.fused_total is not None
+            and not self.comm.active
+            and per.dtype != torch.float64  # its sums are float32
+        ):
             cid = self.sampler.cid_for(t)
             if cid is None:
                 cid = self.clusters.cluster_of(t)
@@ -843,6 +852,7 @@ class ANT:
             # method its frozen ones, whose last gradient the optimiser would apply again at
             # every step after a requires_grad_(False) mid-run)
             own = list(self.method.loss.parameters()) if self.method.loss is not None else []
+            self._check_own_params_stepped()
             model_params = unwrap(self._model).parameters()
             if grad is not None:
                 model_params = (q for q in model_params if not q.requires_grad)
@@ -873,7 +883,35 @@ class ANT:
         self._window = None
         self.step_count += 1
         self._backward_scaler = scaling  # ant.step must match it
+        if self._own_versions is not False and self._optimizer_checked is None:
+            own = [q for g in self.param_groups() for q in g["params"]]
+            probe = next((q for q in unwrap(self._model).parameters() if q.grad is not None), None)
+            if own and probe is not None:
+                self._own_versions = (probe, probe._version, own[0], own[0]._version)
         return out
+
+    def _check_own_params_stepped(self) -> None:
+        """ant.backward's counterpart of :meth:`_check_own_params_zeroed`: since the last
+        ant.backward an optimiser stepped a model parameter (its in-place version counter moved)
+        but not the method's own parameters (UW's log-variances), which then never move. Version
+        counters only, no device read; warns once; off once ant.step has checked an optimiser."""
+        seen, self._own_versions = self._own_versions, None
+        if seen is False:
+            self._own_versions = False
+            return
+        if seen is None or self._optimizer_checked is not None:
+            return
+        probe, v_probe, own, v_own = seen
+        if probe._version != v_probe and own._version == v_own:
+            self._own_versions = False
+            warnings.warn(
+                f"method {self.method_name!r}: the optimiser stepped the model since the last "
+                "ant.backward but not the method's own parameters (UW's log-variances), which "
+                "then never move. Build it with model.parameters() and ant.param_groups() "
+                "(torch.optim.AdamW([{'params': model.parameters()}, *ant.param_groups()])); "
+                "ant.step(optimizer) checks this",
+                stacklevel=3,
+            )
 
     def shard(self, batch: Any, t: torch.Tensor) -> tuple[Any, torch.Tensor]:
         """This rank's contiguous slice of a global batch (and of its timesteps t [B]).
@@ -1375,6 +1413,8 @@ class ANT:
     ) -> StepOutput:
         """Telemetry and StepOutput of a step; ``grads_checked``: ``finite`` covers the
         gradients too (gradient methods), else ``step`` checks them and ``observe`` waits."""
+        if L_global.dtype == torch.float64:  # a float64 loss's cluster means: reported in float32
+            L_global, w = L_global.float(), w.float()  # noqa: N806
         if finite is None:  # 0 * x is 0 for finite x and NaN for inf/NaN (one op per input)
             finite = (L_global * 0).sum() + total * 0 == 0
         self.telemetry.update(L_global, w, present, finite, G)

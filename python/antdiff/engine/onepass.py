@@ -86,6 +86,15 @@ def _served(m: nn.Module) -> bool:
     return True
 
 
+def _unserved_setting(m: nn.Module) -> str:
+    """Why a layer of a served type is not served: its setting, for messages."""
+    if isinstance(m, nn.Embedding):
+        return "sparse=True" if m.sparse else "scale_grad_by_freq=True"
+    if m.padding_mode != "zeros":
+        return f"padding_mode={m.padding_mode!r}"
+    return "padding='same' with an even dilated kernel (padded asymmetrically)"
+
+
 def unsupported_parameters(model: nn.Module) -> list[str]:
     """Names of the trainable parameters that mode "onepass" cannot give per-cluster rows."""
     owned: set[int] = set()
@@ -565,10 +574,18 @@ class OnePass:
         bad = unsupported_parameters(inner)
         if bad:
             more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+            settings = [
+                f"{name} ({_unserved_setting(m)})"
+                for name, m in inner.named_modules()
+                if type(m) in _KINDS and not _served(m)
+                and any(p.requires_grad for p in m.parameters(recurse=False))
+            ]  # fmt: skip
+            why = (f"; of those, layers in a setting it does not cover: {', '.join(settings[:5])}"
+                   if settings else "")  # fmt: skip
             raise NotServable(
                 "mode='onepass' needs every trainable parameter to belong to an nn.Linear, "
                 "Conv1d, Conv2d, GroupNorm, LayerNorm or Embedding; these do not: "
-                f"{', '.join(bad[:5])}{more}. Use mode='micro' (or 'auto')."
+                f"{', '.join(bad[:5])}{more}{why}. Use mode='micro' (or 'auto')."
             )
         self.layers = [
             (name, m, _GRADS[_KINDS[type(m)]])
