@@ -1421,12 +1421,15 @@ def test_update_every_refused_where_no_weights_are_kept():
 
 def test_k_must_match_a_clusters_object():
     clusters = Clusters((0, 10, 40, 50, 60, 100))
-    with pytest.raises(ValueError, match=r"k=3 but clustering is a Clusters object with k=5"):
+    with pytest.raises(ValueError, match=r"k=3 but the clusters given have k=5: pass k=5"):
         ANT(linear_schedule(T), k=3, clustering=clusters, method="uw")
     assert ANT(linear_schedule(T), k=5, clustering=clusters, method="uw").k == 5
     assert ANT(linear_schedule(T), clustering=clusters, method="uw").k == 5
     assert ANT(linear_schedule(T), clustering=Clusters((0, 30, 100)), method="uw").k == 2
     assert ANT(linear_schedule(T), method="uw").k == 5
+    # an objective's name in any case, as method names
+    assert ANT(linear_schedule(T), clustering="SNR").clusters.bounds == ANT(
+        linear_schedule(T), clustering="snr").clusters.bounds  # fmt: skip
 
 
 @pytest.mark.parametrize("entry", ["reduce", "backward"])
@@ -2577,7 +2580,7 @@ def test_ant_takes_a_clusters_file_and_shows_mode_unused_for_loss_methods(tmp_pa
     path.write_text(want.to_json())
     for p in (path, str(path)):
         assert ANT(linear_schedule(T), clustering=p).clusters.bounds == want.bounds
-    with pytest.raises(ValueError, match="k=3 but clustering is a Clusters object with k=4"):
+    with pytest.raises(ValueError, match=f"k=3 but the clusters in {path} have k=4"):
         ANT(linear_schedule(T), k=3, clustering=path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ANT(linear_schedule(T), clustering=str(tmp_path / "none.json"))

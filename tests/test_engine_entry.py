@@ -52,7 +52,7 @@ class BareParam(nn.Module):
 # -- construction ---------------------------------------------------------------------------------
 def test_clusters_of_another_T_than_the_schedule_are_refused():
     clusters = Clusters((0, 10, 25, 50))  # T = 50
-    with pytest.raises(ValueError, match=r"clusters cover T=50, schedule has T=100"):
+    with pytest.raises(ValueError, match=r"the clusters given cover T=50, the schedule has T=100"):
         ANT(linear_schedule(T), clustering=clusters, method="uw")
 
 

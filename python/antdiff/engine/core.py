@@ -258,16 +258,18 @@ class ANT:
         ):  # fmt: skip
             where = f"the clusters in {clustering}"
             clustering = Clusters.load(clustering)
+        elif isinstance(clustering, str):  # an objective's name: any case, as method names
+            clustering = clustering.lower()
         if isinstance(clustering, Clusters):
             if clustering.T != self.schedule.T:
                 raise ValueError(
-                    f"clusters cover T={clustering.T}, schedule has T={self.schedule.T}"
+                    f"{where} cover T={clustering.T}, the schedule has T={self.schedule.T}"
                 )
             check_clusters_source(clustering, self.schedule, where)
             if k is not None and k != clustering.k:
                 raise ValueError(
-                    f"k={k!r} but clustering is a Clusters object with k={clustering.k}: pass "
-                    f"k={clustering.k} or leave k out"
+                    f"k={k!r} but {where} have k={clustering.k}: pass k={clustering.k} or leave "
+                    "k out"
                 )
             self.clusters = clustering
         else:
