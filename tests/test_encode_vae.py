@@ -211,6 +211,8 @@ def test_bad_input_is_named(tmp_path, capsys, encoded) -> None:
     assert "no images (.png" in (e := err([*enc, "--images", str(tmp_path / "empty"), "--out",
                                             str(tmp_path / "z.pt")]))  # fmt: skip
     assert "found under --images" in e
+    assert "--seed must" in err([*enc, "--images", str(imgs), "--out", str(tmp_path / "z.pt"),
+                                 "--seed", str(2**64)])  # fmt: skip
     assert "the latent file is a .pt" in err([*enc, "--images", str(imgs), "--out",
                                              str(tmp_path / "z.npy")])  # fmt: skip
     assert "pass --channels 3" in err([*enc, "--images", str(imgs), "--out",

@@ -79,14 +79,10 @@ def _encode(codec, x: torch.Tensor, first: int, seed: int, sample: bool) -> torc
 def run(args: argparse.Namespace) -> int:
     from ..data import _read_image, as_float
     from ..models import DiffusersVAE
-    from ..sampling import check_seed
     from ..utils import atomic_write, check_output
-    from .sample import pick_device
+    from .sample import check_seed_flag, pick_device
 
-    try:
-        check_seed(args.seed)
-    except ValueError as exc:  # "seed must ...": the flag's name
-        raise ValueError(f"--{exc}") from None
+    check_seed_flag(args.seed)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.image_size is not None and args.image_size < 1:

@@ -109,17 +109,23 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    "or VQModel) that encoded it, to decode the samples to images")
 
 
+def check_seed_flag(seed: Any) -> None:
+    """``--seed`` in torch's range, refused by the flag's name."""
+    from ..sampling import check_seed
+
+    try:
+        check_seed(seed)
+    except ValueError as exc:  # "seed must ...": the flag's name
+        raise ValueError(f"--{exc}") from None
+
+
 def check_settings(args: argparse.Namespace, loaded: Any = None) -> None:
     """--steps, --eta, --sampler and --spacing checked before any work starts (they failed once
     the progress bar had started): what needs no checkpoint before it loads, the rest (steps <=
     the run's T, eta with the run's own sampler) once it has loaded (``loaded``)."""
-    from ..sampling import check_seed
     from ..sampling import check_settings as check
 
-    try:
-        check_seed(args.seed)
-    except ValueError as exc:  # "seed must ...": the flag's name
-        raise ValueError(f"--{exc}") from None
+    check_seed_flag(args.seed)
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
     if args.batch_size < 1:
