@@ -71,6 +71,7 @@ class GradBuffer:
             )
         self.k = k
         self.numels = [p.numel() for p in self.params]
+        self.strides = [p.stride() for p in self.params]  # the layout the row views follow
         self.P = sum(self.numels)
         row = -(-self.P // ROW_ALIGN) * ROW_ALIGN
         self.base = torch.zeros(k, row, dtype=dtypes.pop(), device=devices.pop())
@@ -92,12 +93,13 @@ class GradBuffer:
             p.grad = v
 
     def matches(self, params: Iterable[torch.nn.Parameter]) -> bool:
-        """The same trainable parameters, still of J's dtype and device (``model.double()`` or
-        ``.to()`` after attach converts them in place)."""
+        """The same trainable parameters, still of J's dtype and device and in the same memory
+        layout (``model.double()``, ``.to()`` or ``.to(memory_format=...)`` after attach
+        converts them in place)."""
         ps = [p for p in params if p.requires_grad]
         return len(ps) == len(self.params) and all(
-            a is b and a.dtype == self.J.dtype and a.device == self.J.device
-            for a, b in zip(ps, self.params)
+            a is b and a.dtype == self.J.dtype and a.device == self.J.device and a.stride() == st
+            for a, b, st in zip(ps, self.params, self.strides)
         )
 
     def detach_grads(self) -> None:

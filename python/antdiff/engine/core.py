@@ -127,6 +127,7 @@ class _Window:
     shares: torch.Tensor | None  # [k] sum of vanilla's cluster shares (None: another method)
     finite: torch.Tensor  # 0-d bool: every micro-batch's losses were finite
     calls: int  # micro-batches so far
+    owed: Any = None  # the redo its first call took (_Recompute): owed again if it is dropped
 
     def add(self, L, present, shown, finite, shares=None) -> None:  # noqa: N803
         if shares is not None:
@@ -844,8 +845,12 @@ class ANT:
         batch, t, counts = self._sorted(batch, t)
         self._maybe_absent = bool((np.asarray(counts) == 0).any())
         grad = self.method.grad
+        owed = None
         if acc is None:
+            owed = self._recompute  # a redo this call takes is owed again if it fails
             redo = self._failed_update()
+            # this call replaces what the calls since ant.step formed: step's verdict is its own
+            self._records = 0
             on_step = grad is not None and (
                 redo or self._w is None or self.step_count % grad.update_every == 0
             )
@@ -868,6 +873,10 @@ class ANT:
             else:
                 out = self._weighted_step(loss_fn, batch, t, scaler, acc, accumulate)
         except BaseException as e:
+            if acc is None and redo:  # the retry of this step still owes the redo
+                self._recompute = owed
+            elif acc is not None and acc.owed is not None:  # so does that of a dropped window
+                self._recompute = acc.owed
             # J / .grad may hold part of this micro-batch: not resumable (one-pass's fallback
             # inside a window has dropped it and said so)
             if acc is not None and self._window is not None:
@@ -881,6 +890,8 @@ class ANT:
                     warnings.warn(note, stacklevel=2)
             raise
         if accumulate:
+            if acc is None and redo and self._window is not None:
+                self._window.owed = owed
             return out
         self._window = None
         self.step_count += 1

@@ -1,0 +1,149 @@
+"""Engine review findings: a replaced non-finite ant.backward no longer voids the step that
+replaced it, a redo owed after a non-finite weight recompute survives a call that raises, and a
+memory-format conversion after attach gives gradients in the new layout."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from antdiff import ANT
+from antdiff.schedules import linear_schedule
+
+T = 100
+
+
+class TinyNet(nn.Module):
+    def __init__(self, ch: int = 8) -> None:
+        super().__init__()
+        self.inp = nn.Conv2d(1, ch, 3, padding=1)
+        self.emb = nn.Embedding(T, ch)
+        self.norm = nn.GroupNorm(2, ch)
+        self.out = nn.Conv2d(ch, 1, 3, padding=1)
+
+    def forward(self, x, t):
+        h = self.inp(x) + self.emb(t)[:, :, None, None]
+        return self.out(torch.nn.functional.silu(self.norm(h)))
+
+
+def per_sample_loss(model):
+    def fn(x, t):
+        target = torch.sin(x * (1 + t[:, None, None, None] / T))
+        return ((model(x, t) - target) ** 2).mean(dim=(1, 2, 3))
+
+    return fn
+
+
+def setup(method, k=4, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = TinyNet()
+    ant = ANT(linear_schedule(T), k=k, method=method, model=model, seed=seed, **kw)
+    return model, ant
+
+
+@pytest.mark.parametrize("method", ["uw", "famo", "vanilla"])
+def test_a_replaced_nonfinite_backward_does_not_void_the_step_that_replaced_it(method):
+    """README: without accumulate, a second ant.backward before ant.step REPLACES the first's
+    gradients. For a loss-space method (or vanilla) trained through ant.backward, ant.step
+    checks the gradients itself and AND-s the flags of every record since the last step, so
+    the discarded call's NaN skips the finite update that replaced it."""
+    model, ant = setup(method)
+    opt = torch.optim.AdamW([{"params": list(model.parameters())}, *ant.param_groups()], lr=1e-2)
+    fn = per_sample_loss(model)
+    x = torch.randn(8, 1, 6, 6)
+    opt.zero_grad(set_to_none=True)
+    ant.backward(fn, x, ant.sample_timesteps(8))
+    assert ant.step(opt)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "replaced, not accumulated", and the skip warning
+        ant.backward(lambda a, b: fn(a, b) * float("nan"), x, ant.sample_timesteps(8))
+        out = ant.backward(fn, x, ant.sample_timesteps(8))  # replaces the NaN call
+        assert bool(out.finite)
+        assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+        stepped = ant.step(opt)
+    assert stepped is True
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+class _Recorder:
+    """Counts the weight recomputes (``ANT._gradient_step`` calls) by step_count."""
+
+    def __init__(self, ant: ANT) -> None:
+        self.at: list[int] = []
+        inner = ant._gradient_step
+
+        def wrapped(*a, **k):
+            self.at.append(ant.step_count)
+            return inner(*a, **k)
+
+        ant._gradient_step = wrapped
+
+
+@pytest.mark.parametrize("window", [False, True])
+def test_a_redo_owed_after_a_nonfinite_recompute_survives_a_call_that_raises(window):
+    """update_every > 1: after a skipped (non-finite) recompute, ant.backward redoes it at the
+    next call. README: a call that raises (e.g. an OOM the loop catches) drops the window and
+    the step starts again; the retried step must still redo the recompute, as a run without
+    the failed call does (here: on-steps at step_count 0, 4 and 5)."""
+    model, ant = setup("pcgrad", update_every=4, mode="micro")
+    rec = _Recorder(ant)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    fn = per_sample_loss(model)
+    x = torch.randn(8, 1, 6, 6)
+
+    def boom(a, b):
+        raise RuntimeError("out of memory (simulated)")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(4):
+            ant.backward(fn, x, ant.sample_timesteps(8))
+            ant.step(opt)
+        ant.backward(lambda a, b: fn(a, b) * float("nan"), x, ant.sample_timesteps(8))
+        assert ant.step(opt) is False  # the recompute at step_count 4 was not finite
+        with pytest.raises(RuntimeError, match="out of memory"):
+            if window:  # the window's first micro-batch passes, its second one fails
+                ant.backward(fn, x, ant.sample_timesteps(8), accumulate=True)
+            ant.backward(boom, x, ant.sample_timesteps(8))
+        assert ant._window is None
+        before = len(rec.at)
+        ant.backward(fn, x, ant.sample_timesteps(8))  # the step again
+        ant.step(opt)
+    assert ant.step_count == 6
+    assert rec.at[before:] == [5], rec.at  # the retried step recomputed the weights
+
+
+@pytest.mark.parametrize("mode", ["micro", "onepass"])
+def test_a_memory_format_conversion_after_attach_gives_gradients_in_the_new_layout(mode):
+    """README: parameters converted after attach are picked up at the next step. A
+    channels_last conversion keeps the Parameter objects, dtype and device, so the buffer was
+    kept with row views in the old layout (autograd warns "grad and param do not obey the
+    gradient layout contract"); torch's fused AdamW then moved the weights by up to 2 lr
+    wrongly."""
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = TinyNet()
+        ant = ANT(linear_schedule(T), k=4, method="pcgrad", model=model, seed=0, mode=mode)
+        x = torch.randn(8, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+        ant.backward(per_sample_loss(model), x, ant.sample_timesteps(8))  # the buffer is built
+        model.zero_grad(set_to_none=True)
+        model.to(memory_format=torch.channels_last)  # same Parameter objects, new layout
+        assert not model.out.weight.is_contiguous()
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01, fused=fused)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # autograd's layout-contract warning
+            ant.backward(per_sample_loss(model), x, ant.sample_timesteps(8))
+        if fused:
+            for n, p in model.named_parameters():
+                real = [d for d in range(p.dim()) if p.shape[d] > 1]  # size-1 strides are free
+                assert [p.grad.stride(d) for d in real] == [p.stride(d) for d in real], n
+        assert ant.step(opt) is True
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
