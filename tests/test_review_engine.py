@@ -147,3 +147,31 @@ def test_a_memory_format_conversion_after_attach_gives_gradients_in_the_new_layo
         results.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("bad", ["scaler", "timesteps"])
+def test_a_call_refused_inside_a_window_drops_it_so_a_restart_counts_once(bad):
+    """README: a call that raises drops the window and the step starts again from its first
+    micro-batch. A call refused by its checks (another scaler, timesteps out of range) raised
+    before that and left the window open, so a restart added its first micro-batches twice."""
+    def run(fail: bool):
+        model, ant = setup("pcgrad", mode="micro")
+        fn = per_sample_loss(model)
+        g = torch.Generator().manual_seed(3)
+        xs = [torch.randn(8, 1, 6, 6, generator=g) for _ in range(2)]
+        ts = [ant.sample_timesteps(8) for _ in range(2)]
+        if fail:
+            ant.backward(fn, xs[0], ts[0], accumulate=True)
+            with pytest.raises(ValueError) as info:
+                if bad == "scaler":
+                    ant.backward(fn, xs[1], ts[1], scaler=torch.amp.GradScaler("cpu"))
+                else:
+                    ant.backward(fn, xs[1], ts[1] + T)
+            assert "start the optimiser step again" in "".join(getattr(info.value, "__notes__", []))
+            assert ant._window is None
+        ant.backward(fn, xs[0], ts[0], accumulate=True)  # the step from its first micro-batch
+        ant.backward(fn, xs[1], ts[1])
+        return [p.grad.clone() for p in model.parameters()]
+
+    for a, b in zip(run(False), run(True)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

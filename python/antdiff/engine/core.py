@@ -808,42 +808,13 @@ class ANT:
             scaler: a GradScaler for fp16; weights come from the unscaled Gram.
             accumulate: keep this micro-batch's gradients for the next call (see above).
         """
-        if not isinstance(accumulate, bool):
-            raise TypeError(f"accumulate must be True or False, got {_describe(accumulate)}")
-        if not callable(loss_fn):
-            raise TypeError(
-                f"loss_fn must be a callable (sub_batch, sub_t) -> per-sample losses [b], got "
-                f"{type(loss_fn).__name__}"
+        try:
+            batch, t, counts, acc, scaling = self._backward_checks(
+                loss_fn, batch, t, model, scaler, accumulate
             )
-        if model is not None and model is not self._model:
-            self.attach(model)
-        if self._model is None:
-            raise ValueError("no model: call ant.attach(model) or pass model= to ant.backward")
-        self._resolve_comm()
-        self._check_batchnorm()  # put in training mode since attach
-        n = batch_size(batch)
-        self._check_t(t, n)
-        self._note_per_rank_draw(t)
-        check_batch(batch, t.shape[0], lists=not self.comm.active)
-        acc = self._window
-        scaling = scaler if _scaling(scaler) else None
-        if acc is not None and scaling is not acc.scaler:
-            said, got = _scalers_named(acc.scaler, scaling)
-            raise ValueError(
-                f"ant.backward: the open accumulation window's micro-batches ran with {said}, "
-                f"this one with {got}; pass the same scaler= to every call of one optimiser step"
-            )
-        if acc is None and self._uses_step and self._unstepped:  # ant.step was skipped
-            warnings.warn(
-                "ant.backward again without ant.step since the last one: its gradients are "
-                "replaced, not accumulated (each call rebuilds J and the update). To accumulate "
-                "micro-batches, pass accumulate=True to every ant.backward of an optimiser step "
-                "but its last; to skip a step on purpose, ignore this warning",
-                stacklevel=2,
-            )
-        self._flush_observe()
-        batch, t, counts = self._sorted(batch, t)
-        self._maybe_absent = bool((np.asarray(counts) == 0).any())
+        except BaseException as e:  # a call that raises drops the open window, whatever raised
+            self._drop_window(e)
+            raise
         grad = self.method.grad
         owed = None
         if acc is None:
@@ -875,19 +846,10 @@ class ANT:
         except BaseException as e:
             if acc is None and redo:  # the retry of this step still owes the redo
                 self._recompute = owed
-            elif acc is not None and acc.owed is not None:  # so does that of a dropped window
-                self._recompute = acc.owed
             # J / .grad may hold part of this micro-batch: not resumable (one-pass's fallback
             # inside a window has dropped it and said so)
-            if acc is not None and self._window is not None:
-                self._window = None
-                note = ("antdiff: the accumulation window was dropped (this micro-batch's "
-                        "gradients are incomplete); start the optimiser step again from its "
-                        "first micro-batch")  # fmt: skip
-                if hasattr(e, "add_note"):
-                    e.add_note(note)
-                else:  # Python 3.10
-                    warnings.warn(note, stacklevel=2)
+            if acc is not None:
+                self._drop_window(e)
             raise
         if accumulate:
             if acc is None and redo and self._window is not None:
@@ -902,6 +864,65 @@ class ANT:
             if own and probe is not None:
                 self._own_versions = (probe, probe._version, own[0], own[0]._version)
         return out
+
+    def _drop_window(self, e: BaseException) -> None:
+        """Drop the open accumulation window after ``e`` (J / .grad may hold part of a
+        micro-batch, or the step is to start again): its owed redo goes back, and ``e`` gets a
+        note saying to start the optimiser step again from its first micro-batch."""
+        win = self._window
+        if win is None:
+            return
+        if win.owed is not None:  # the redo its first call took is owed to the retried step
+            self._recompute = win.owed
+        self._window = None
+        note = ("antdiff: the accumulation window was dropped (this micro-batch's gradients "
+                "are incomplete, or it was refused); start the optimiser step again from its "
+                "first micro-batch")  # fmt: skip
+        if hasattr(e, "add_note"):
+            e.add_note(note)
+        else:  # Python 3.10
+            warnings.warn(note, stacklevel=3)
+
+    def _backward_checks(self, loss_fn, batch, t, model, scaler, accumulate):
+        """ant.backward's checks and preparation: (batch, t, counts) sorted by cluster, the open
+        window (or None) and the enabled scaler (or None)."""
+        if not isinstance(accumulate, bool):
+            raise TypeError(f"accumulate must be True or False, got {_describe(accumulate)}")
+        if not callable(loss_fn):
+            raise TypeError(
+                f"loss_fn must be a callable (sub_batch, sub_t) -> per-sample losses [b], got "
+                f"{type(loss_fn).__name__}"
+            )
+        if model is not None and model is not self._model:
+            self.attach(model)
+        if self._model is None:
+            raise ValueError("no model: call ant.attach(model) or pass model= to ant.backward")
+        self._resolve_comm()
+        self._check_batchnorm()  # put in training mode since attach
+        n = batch_size(batch)
+        self._check_t(t, n)
+        self._note_per_rank_draw(t)
+        check_batch(batch, t.shape[0], lists=not self.comm.active)
+        acc = self._window
+        scaling = scaler if _scaling(scaler) else None
+        if acc is not None and scaling is not acc.scaler:
+            said, got = _scalers_named(acc.scaler, scaling)
+            raise ValueError(
+                f"ant.backward: the open accumulation window's micro-batches ran with {said}, "
+                f"this one with {got}; pass the same scaler= to every call of one optimiser step"
+            )
+        if acc is None and self._uses_step and self._unstepped:  # ant.step was skipped
+            warnings.warn(
+                "ant.backward again without ant.step since the last one: its gradients are "
+                "replaced, not accumulated (each call rebuilds J and the update). To accumulate "
+                "micro-batches, pass accumulate=True to every ant.backward of an optimiser step "
+                "but its last; to skip a step on purpose, ignore this warning",
+                stacklevel=3,
+            )
+        self._flush_observe()
+        batch, t, counts = self._sorted(batch, t)
+        self._maybe_absent = bool((np.asarray(counts) == 0).any())
+        return batch, t, counts, acc, scaling
 
     def _check_own_params_stepped(self) -> None:
         """ant.backward's counterpart of :meth:`_check_own_params_zeroed`: since the last
@@ -984,7 +1005,7 @@ class ANT:
             warnings.warn(
                 "timesteps not drawn by ant.sample_timesteps: counting clusters costs one host "
                 "sync per step",
-                stacklevel=3,
+                stacklevel=4,
             )
             self._warned_sync = True
         cid = self.clusters.cluster_of(t)
@@ -999,7 +1020,7 @@ class ANT:
                 "ant.sample_timesteps): every per-sample tensor loss_fn uses must come through "
                 "batch; one it takes from its closure (noise, text embeddings) keeps the old "
                 "order and would be paired with other samples' timesteps",
-                stacklevel=3,
+                stacklevel=4,
             )
             self._warned_reorder = True
         order = torch.argsort(cid, stable=True)
