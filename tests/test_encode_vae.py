@@ -246,3 +246,58 @@ def test_bad_input_is_named(tmp_path, capsys, encoded) -> None:
     smp = ["sample", "--ckpt", str(lat_run), "--num", "2", "--out", str(tmp_path / "s"),
            "--device", "cpu", "--vae", str(tmp_path / "vae2")]  # fmt: skip
     assert "makes 2-channel latents" in err(smp)
+
+
+def test_encode_defaults_replacing_and_the_files_own_scale(tmp_path, capsys) -> None:
+    """--channels defaults to the VAE's input channels (grey images for a 1-channel VAE); an
+    existing --out is replaced only with --force; a file encode wrote, read with a
+    data.latent_scale other than 1, is warned of (its latents would be scaled twice)."""
+    from antdiff.models import PrecomputedLatents
+
+    vae = _kl_vae(tmp_path / "vae", in_channels=1)
+    _folder(tmp_path / "imgs", n=2)
+    out = tmp_path / "z.pt"
+    argv = ["encode", "--vae", str(vae), "--images", str(tmp_path / "imgs"), "--out", str(out),
+            "--device", "cpu", "--no-progress"]  # fmt: skip
+    assert main(argv) == 2  # RGB images for a grey VAE: read as grey, so refused
+    assert "is in colour but --channels 1" in capsys.readouterr().err
+    from PIL import Image
+
+    for p in (tmp_path / "imgs").rglob("*.png"):
+        Image.open(p).convert("L").save(p)
+    assert main(argv) == 0 and torch.load(out, weights_only=True)["latents"].shape[1] == 4
+    assert main(argv) == 2 and "exists; pass --force" in capsys.readouterr().err
+    assert main([*argv, "--force"]) == 0
+    with pytest.warns(UserWarning, match="antdiff encode normalised already"):
+        PrecomputedLatents(out, scale_factor=0.5)
+
+
+def test_the_decode_runs_in_chunks_equal_to_one_call(tmp_path) -> None:
+    """StoredLatentDecoder decodes `chunk` latents at a time (a VAE decoder's full-resolution
+    activations): the images equal one call's."""
+    from antdiff.models import DiffusersVAE, StoredLatentDecoder
+
+    codec = DiffusersVAE.from_local(_kl_vae(tmp_path / "vae", scaling_factor=0.5))
+    z = torch.randn(5, 4, 8, 8)
+    calls = []
+    inner = codec.decode
+    codec.decode = lambda part: calls.append(len(part)) or inner(part)
+    whole = StoredLatentDecoder(codec, chunk=16).decode(z)
+    chunked = StoredLatentDecoder(codec, chunk=2).decode(z)
+    assert calls == [5, 2, 2, 1]
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_a_resaved_vq_model_with_diffusers_default_scale_is_warned_of(tmp_path) -> None:
+    """diffusers writes scaling_factor 0.18215 into a re-saved VQModel whose own config had
+    none; LDM's VQ latents are unscaled, so the load says how to set it."""
+    from diffusers import VQModel
+
+    from antdiff.models import DiffusersVAE
+
+    VQModel(in_channels=3, out_channels=3, latent_channels=3, block_out_channels=(8,),
+            down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+            layers_per_block=1, norm_num_groups=4, num_vq_embeddings=8,
+            vq_embed_dim=3).save_pretrained(tmp_path / "vq")  # fmt: skip
+    with pytest.warns(UserWarning, match='set "scaling_factor": 1.0'):
+        assert DiffusersVAE.from_local(tmp_path / "vq").scale_factor == pytest.approx(0.18215)

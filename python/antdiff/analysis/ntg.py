@@ -413,8 +413,8 @@ def run_ntg(
             f"the full model diffuses precomputed latents ({base.data.path}), and antdiff holds "
             "no decoder for them, so its samples cannot be scored as images: NTG compares FIDs. "
             "Run it on image data (data.source digits or folder, with data.autoencoder tiny for "
-            "latent diffusion), or sample each model with `antdiff sample --format pt`, decode "
-            "with your autoencoder and score with antdiff.evaluate.score"
+            "latent diffusion), or sample each model with `antdiff sample --vae DIR` (the VAE "
+            "that encoded the latents) and score the images with antdiff.evaluate.score"
         )
     if base.ant.method != "vanilla":
         log.warning("the full model trains / trained with method %r; the paper's NTG compares "

@@ -34,8 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=None,
                    help="prepare each image as a centre S x S square, as data.image_size "
                    "(default: the images' own size, which must then be one size)")
-    p.add_argument("--channels", type=int, default=3, choices=(1, 3),
-                   help="read the images as grey (1) or RGB (3): the VAE's input channels")
+    p.add_argument("--channels", type=int, default=None, choices=(1, 3),
+                   help="read the images as grey (1) or RGB (3) (default: the VAE's input "
+                   "channels)")
     p.add_argument("--class-conditional", action="store_true",
                    help="label each image by its sub-folder (one per class)")
     p.add_argument("--flip", action="store_true",
@@ -46,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per encoder call")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if any)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
 
 
 def _images(args: argparse.Namespace) -> tuple[list[Path], list[int], list[str]]:
@@ -76,8 +78,35 @@ def _encode(codec, x: torch.Tensor, first: int, seed: int, sample: bool) -> torc
     return codec.encode(x, sample=sample, generator=gens).cpu()
 
 
+def _read(p: Path, channels: int, size: int | None) -> np.ndarray:
+    """One image as the trainer reads a folder's, its errors in encode's flags."""
+    from ..data import _read_image
+
+    try:
+        return _read_image(p, channels, size)
+    except ValueError as e:  # the trainer's words for the setting: --channels here
+        msg = str(e).replace("--data.channels", "--channels")
+        raise ValueError(msg.replace("data.channels=", "--channels ")) from None
+
+
+def _check_size(shape: tuple[int, ...], p: Path, f: int) -> None:
+    """Latents the trainer takes: square (the models' inputs), of a size the VAE divides."""
+    h, w = shape[1:]
+    if h != w:
+        raise ValueError(
+            f"{str(p)!r} is {h}x{w}: the models take square inputs and latents keep the size "
+            "they were encoded at; pass --image-size S to prepare every image as an S x S square"
+        )
+    if h % f:
+        raise ValueError(
+            f"images of {h}x{w} pixels: the VAE downsamples by {f}, so their size must be a "
+            f"multiple of {f} (else the latents decode to another size); pass --image-size S "
+            f"with S a multiple of {f}"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..data import _read_image, as_float
+    from ..data import as_float
     from ..models import DiffusersVAE
     from ..utils import atomic_write, check_output
     from .sample import check_seed_flag, pick_device
@@ -90,14 +119,17 @@ def run(args: argparse.Namespace) -> int:
     if args.out.suffix != ".pt":
         raise ValueError(f"--out {str(args.out)!r}: the latent file is a .pt (torch.save)")
     check_output(args.out, "--out", folder=False)
+    if args.out.exists() and not args.force:  # hours of encoding: never replaced unasked
+        raise ValueError(f"--out {str(args.out)!r} exists; pass --force to replace it")
     files, labels, classes = _images(args)
     device = pick_device(args.device)
     codec = DiffusersVAE.from_local(args.vae, device=device)
-    want = int(getattr(codec.vae.config, "in_channels", args.channels))
-    if want != args.channels:
+    want = int(getattr(codec.vae.config, "in_channels", 3))
+    channels = want if args.channels is None else args.channels
+    if want != channels:
         raise ValueError(
-            f"--vae {args.vae} encodes {want}-channel images, but --channels is {args.channels}: "
-            f"pass --channels {want}"
+            f"--vae {args.vae} encodes {want}-channel images, but --channels is {channels}: "
+            f"pass --channels {want} (or leave it out)"
         )
     bar = None
     if not args.no_progress:
@@ -105,16 +137,16 @@ def run(args: argparse.Namespace) -> int:
 
         bar = tqdm(total=len(files), desc="encode", unit="img", dynamic_ncols=True)
     n_all, shape = len(files), None
-    parts: list[torch.Tensor] = []
-    mirrored: list[torch.Tensor] = []
+    latents = torch.empty(0)  # [n_all (x 2 with --flip), c, h, w], allocated at the first batch
     sample = args.mode == "sample"
     try:
         for start in range(0, n_all, args.batch_size):
             batch = files[start : start + args.batch_size]
-            arrays = [_read_image(p, args.channels, args.image_size) for p in batch]
+            arrays = [_read(p, channels, args.image_size) for p in batch]
             for p, a in zip(batch, arrays):
                 if shape is None:
                     shape, first = a.shape, p
+                    _check_size(shape, p, codec.downsample)
                 elif a.shape != shape:
                     raise ValueError(
                         f"images of different sizes under --images: {str(first)!r} is "
@@ -122,15 +154,18 @@ def run(args: argparse.Namespace) -> int:
                         "--image-size S to prepare every image as an S x S square"
                     )
             x = as_float(torch.from_numpy(np.stack(arrays))).to(device)
-            parts.append(_encode(codec, x, start, args.seed, sample))
+            z = _encode(codec, x, start, args.seed, sample)
+            if not latents.numel():  # the whole file once: no list of parts to concatenate
+                latents = torch.empty((2 if args.flip else 1) * n_all, *z.shape[1:])
+            latents[start : start + len(z)] = z
             if args.flip:  # the mirror images draw as images n_all .. 2 n_all - 1
-                mirrored.append(_encode(codec, x.flip(-1), n_all + start, args.seed, sample))
+                zf = _encode(codec, x.flip(-1), n_all + start, args.seed, sample)
+                latents[n_all + start : n_all + start + len(zf)] = zf
             if bar is not None:
                 bar.update(len(batch))
     finally:
         if bar is not None:
             bar.close()
-    latents = torch.cat(parts + mirrored)
     if not bool(torch.isfinite(latents).all()):
         raise ValueError(f"--vae {args.vae} gave NaN/inf latents: check the VAE's weights")
     blob: dict = {

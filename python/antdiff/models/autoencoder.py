@@ -9,6 +9,7 @@ scale diffusion expects; shift_factor is 0 for SD-style VAEs, nonzero for SD3 / 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -196,7 +197,8 @@ class DiffusersVAE(LatentCodec):
         if shift_factor is None:
             shift_factor = getattr(cfg, "shift_factor", None)
         self.shift_factor = float(shift_factor or 0.0)
-        self.latent_channels = int(cfg.latent_channels)
+        # a VQModel's latents are its quant_conv's output: vq_embed_dim channels (None: the same)
+        self.latent_channels = int(getattr(cfg, "vq_embed_dim", None) or cfg.latent_channels)
         self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
 
     @classmethod
@@ -228,6 +230,14 @@ class DiffusersVAE(LatentCodec):
             # config that names no scaling_factor (as LDM's converted VQ models do)
             if scale_factor is None and "scaling_factor" not in raw_cfg:
                 scale_factor = 1.0
+            elif scale_factor is None and raw_cfg["scaling_factor"] == 0.18215:
+                warnings.warn(
+                    f"{str(p)!r}: a VQModel whose config.json says scaling_factor 0.18215, "
+                    "diffusers' default (SD's VAE's), which save_pretrained writes for a model "
+                    "whose own config named none; LDM diffuses its VQ models' latents unscaled: "
+                    'if this is one of them, set "scaling_factor": 1.0 in that file',
+                    stacklevel=3,
+                )
             from diffusers import VQModel as Kind
         elif kind == "AutoencoderKL":
             Kind = AutoencoderKL  # noqa: N806
@@ -322,6 +332,15 @@ class PrecomputedLatents(LatentCodec):
                         f"{str(p)!r} holds a dict without a 'latents' key: keys {sorted(obj)}"
                     )
                 z, self.labels = obj["latents"], obj.get("labels")
+                written = obj.get("scaling_factor")  # `antdiff encode`'s: normalised latents
+                if written is not None and (scale_factor != 1.0 or shift_factor != 0.0):
+                    warnings.warn(
+                        f"{str(p)!r} holds latents that antdiff encode normalised already "
+                        f"(scaling_factor {written}), and data.latent_scale {scale_factor} / "
+                        f"latent_shift {shift_factor} map them again: leave both at their "
+                        "defaults (1, 0) for such a file",
+                        stacklevel=2,
+                    )
             else:
                 z = obj
         if not isinstance(z, torch.Tensor) or z.ndim != 4:
@@ -388,14 +407,21 @@ class StoredLatentDecoder(LatentCodec):
     The stored latents are ``decoder``'s raw latents when (scale_factor, shift_factor) !=
     (1, 0) (the file was read with data.latent_scale / latent_shift), and its normalised latents
     otherwise (a file that ``antdiff encode`` wrote, read with the defaults). ``z`` is moved to
-    the decoder's device; images come back there.
+    the decoder's device and decoded ``chunk`` latents at a time (a VAE decoder's activations at
+    full resolution are large: 500 SD-VAE decodes at 256 px at once would take tens of GB);
+    images come back there.
     """
 
     def __init__(
-        self, decoder: LatentCodec, scale_factor: float = 1.0, shift_factor: float = 0.0
+        self,
+        decoder: LatentCodec,
+        scale_factor: float = 1.0,
+        shift_factor: float = 0.0,
+        chunk: int = 16,
     ) -> None:
         self.decoder = decoder
         self.scale_factor, self.shift_factor = float(scale_factor), float(shift_factor)
+        self.chunk = int(chunk)
 
     def to(self, device: Any) -> StoredLatentDecoder:  # the decoder stays where it was loaded
         return self
@@ -407,7 +433,9 @@ class StoredLatentDecoder(LatentCodec):
         if self.scale_factor != 1.0 or self.shift_factor != 0.0:  # raw, then the decoder's
             raw = z / self.scale_factor + self.shift_factor
             z = (raw - self.decoder.shift_factor) * self.decoder.scale_factor
-        return self.decoder.decode(z)
+        if len(z) <= self.chunk:
+            return self.decoder.decode(z)
+        return torch.cat([self.decoder.decode(part) for part in z.split(self.chunk)])
 
     def latent_shape(self, image_shape: tuple[int, ...]) -> tuple[int, ...]:
         return self.decoder.latent_shape(image_shape)
