@@ -175,3 +175,34 @@ def test_a_call_refused_inside_a_window_drops_it_so_a_restart_counts_once(bad):
 
     for a, b in zip(run(False), run(True)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("b, sampling", [(16, "proportional"), (3, "uniform")])
+def test_graddrop_alone_reports_the_scale_its_update_gives_each_cluster(b, sampling):
+    """GradDrop with a "mean" reduction divides its combined gradient by the present clusters:
+    its reported weights were c = 1 for every cluster (absent ones too), k times what a Gram
+    method reports for the same scale. With leak 1 nothing is dropped, and the update is then
+    exactly sum_i w_i J_i with the reported w (0 for an absent cluster)."""
+    model, ant = setup("graddrop", k=4, mode="micro", sampling=sampling,
+                       method_kwargs={"leak": 1.0})  # fmt: skip
+    fn = per_sample_loss(model)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(b, 1, 6, 6, generator=g)
+    t = torch.tensor([5, 7, 60]) if b == 3 else ant.sample_timesteps(b)
+    out = ant.backward(fn, x, t)
+    update = torch.cat([p.grad.flatten() for p in model.parameters()])
+    cid = ant.clusters.cluster_of(t)
+    rows = []
+    for i in range(4):
+        model.zero_grad(set_to_none=True)
+        m = cid == i
+        if m.any():
+            fn(x[m], t[m]).mean().backward()
+            rows.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        else:
+            rows.append(torch.zeros_like(update))
+    kp = int(out.present.sum())
+    want = torch.where(out.present, torch.full((4,), 1.0 / kp), torch.zeros(4))
+    torch.testing.assert_close(out.weights, want)
+    torch.testing.assert_close(update, (out.weights[:, None] * torch.stack(rows)).sum(0),
+                               rtol=1e-5, atol=1e-7)  # fmt: skip

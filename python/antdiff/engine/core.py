@@ -34,7 +34,7 @@ from torch import nn
 
 from .. import mtl
 from ..clustering import Clusters, check_clusters_source, cluster_timesteps
-from ..mtl.base import check_int
+from ..mtl.base import check_int, n_present
 from ..schedules import as_schedule
 from .batch import batch_size, check_batch, slice_batch, take_batch
 from .buffer import GradBuffer, unwrap
@@ -1259,7 +1259,10 @@ class ANT:
             if grad.needs == "grads":
                 J.mul_(cj[:, None].to(J.dtype))
                 grad.combine_grads(J, present, finite, out=J[0])
-                w_eff = c
+                # the scale of each raw cluster gradient before the masks, as the weights of a
+                # Gram method report it: c, over the present clusters with a "mean" reduction
+                kp = n_present(present, c.dtype) if grad.reduction == "mean" else 1.0
+                w_eff = torch.where(present, c / kp, 0.0)
             else:
                 w = grad.weights(torch.where(finite, Gc, torch.zeros_like(Gc)), present, finite)
                 if grad.update_every > 1:  # off-steps reuse these weights: redo them if not finite
