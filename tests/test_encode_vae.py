@@ -301,3 +301,23 @@ def test_a_resaved_vq_model_with_diffusers_default_scale_is_warned_of(tmp_path) 
             vq_embed_dim=3).save_pretrained(tmp_path / "vq")  # fmt: skip
     with pytest.warns(UserWarning, match='set "scaling_factor": 1.0'):
         assert DiffusersVAE.from_local(tmp_path / "vq").scale_factor == pytest.approx(0.18215)
+
+
+def test_a_null_scaling_factor_is_one_and_other_files_factors_are_not_warned_of(tmp_path):
+    """A config whose scaling_factor is null reads as 1 (as a missing shift_factor reads as 0),
+    not a bare TypeError; a latent file of another tool that stores its VAE's factor beside raw
+    latents, read with that factor, gets no "normalised already" warning (only encode's files,
+    marked "normalised", do)."""
+    import warnings
+
+    from antdiff.models import DiffusersVAE, PrecomputedLatents
+
+    vae = _kl_vae(tmp_path / "vae")
+    cfg = json.loads((vae / "config.json").read_text())
+    cfg["scaling_factor"] = None
+    (vae / "config.json").write_text(json.dumps(cfg))
+    assert DiffusersVAE.from_local(vae).scale_factor == 1.0
+    torch.save({"latents": torch.randn(3, 4, 8, 8), "scaling_factor": 0.18215}, tmp_path / "r.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PrecomputedLatents(tmp_path / "r.pt", scale_factor=0.18215)

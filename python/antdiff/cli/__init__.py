@@ -16,7 +16,7 @@ COMMANDS = {
     "train": ("antdiff.cli.train", "train a diffusion model with ANT (presets, --a.b overrides)"),
     "encode": ("antdiff.cli.encode", "an image folder -> latents of a local diffusers VAE (.pt)"),
     "sample": ("antdiff.cli.sample", "draw samples from a checkpoint (EMA) -> PNG grid + .npy"),
-    "eval": ("antdiff.cli.eval", "FID / precision / recall of a checkpoint's samples -> JSON"),
+    "eval": ("antdiff.cli.eval", "FID / precision / recall / IS of a checkpoint's samples"),
     "ntg": ("antdiff.cli.ntg", "negative transfer gap per timestep interval -> JSON + PNG"),
     "plot": ("antdiff.cli.plot", "figures of a run's logs: cluster losses, weights, conflicts"),
     "demo": ("antdiff.demo", "ANT vs vanilla on digits in a few CPU minutes -> demo_out/"),

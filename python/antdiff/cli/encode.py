@@ -13,8 +13,8 @@ read with data.latent_scale 1 and that ``antdiff sample / eval --vae`` decode ba
 stores the mirror images' latents after the originals' (the trainer does not flip latents as it
 reads them). ``--class-conditional`` labels each image by its sub-folder (sorted names), as
 training on the folder does. The .pt file holds ``{"latents": float32 [N, c, h, w], "labels":
-int64 [N] (class-conditional), "class_names", "scaling_factor", "shift_factor", "vae", "flip",
-"mode"}`` and is written atomically.
+int64 [N] (class-conditional), "class_names", "normalised": True, "scaling_factor",
+"shift_factor", "vae", "flip", "mode"}`` and is written atomically.
 """
 
 from __future__ import annotations
@@ -170,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--vae {args.vae} gave NaN/inf latents: check the VAE's weights")
     blob: dict = {
         "latents": latents,
+        "normalised": True,  # (z - shift_factor) * scaling_factor: read with latent_scale 1
         "scaling_factor": codec.scale_factor,
         "shift_factor": codec.shift_factor,
         "vae": str(args.vae),

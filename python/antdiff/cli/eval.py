@@ -1,4 +1,5 @@
-"""``antdiff eval``: sample from a checkpoint and score FID / precision / recall (k = 3).
+"""``antdiff eval``: sample from a checkpoint and score FID / precision / recall (k = 3), and
+with the Inception network the Inception Score.
 
     antdiff eval --ckpt runs/digits_adm --num 2000 --sampler ddim --steps 50 \
         --features digits --ref digits --json eval.json

@@ -808,9 +808,11 @@ class ANT:
             scaler: a GradScaler for fp16; weights come from the unscaled Gram.
             accumulate: keep this micro-batch's gradients for the next call (see above).
         """
+        if model is not None and model is not self._model:
+            self.attach(model)  # refused while a window is open, which then goes on
         try:
             batch, t, counts, acc, scaling = self._backward_checks(
-                loss_fn, batch, t, model, scaler, accumulate
+                loss_fn, batch, t, scaler, accumulate
             )
         except BaseException as e:  # a call that raises drops the open window, whatever raised
             self._drop_window(e)
@@ -818,6 +820,7 @@ class ANT:
         grad = self.method.grad
         owed = None
         if acc is None:
+            self._check_own_params_stepped()  # (may raise under -W error: before the redo)
             owed = self._recompute  # a redo this call takes is owed again if it fails
             redo = self._failed_update()
             # this call replaces what the calls since ant.step formed: step's verdict is its own
@@ -830,7 +833,6 @@ class ANT:
             # method its frozen ones, whose last gradient the optimiser would apply again at
             # every step after a requires_grad_(False) mid-run)
             own = list(self.method.loss.parameters()) if self.method.loss is not None else []
-            self._check_own_params_stepped()
             model_params = unwrap(self._model).parameters()
             if grad is not None:
                 model_params = (q for q in model_params if not q.requires_grad)
@@ -859,22 +861,29 @@ class ANT:
         self.step_count += 1
         self._backward_scaler = scaling  # ant.step must match it
         if self._own_versions is not False and self._optimizer_checked is None:
-            own = [q for g in self.param_groups() for q in g["params"]]
+            own = [q for g in self.param_groups() for q in g["params"] if q.requires_grad]
             probe = next((q for q in unwrap(self._model).parameters() if q.grad is not None), None)
             if own and probe is not None:
                 self._own_versions = (probe, probe._version, own[0], own[0]._version)
         return out
 
+    def _release_window(self) -> bool:
+        """Close the open accumulation window (False: none was open), giving back the weight
+        redo its first call took: the retried step owes it."""
+        win = self._window
+        if win is None:
+            return False
+        if win.owed is not None:
+            self._recompute = win.owed
+        self._window = None
+        return True
+
     def _drop_window(self, e: BaseException) -> None:
         """Drop the open accumulation window after ``e`` (J / .grad may hold part of a
         micro-batch, or the step is to start again): its owed redo goes back, and ``e`` gets a
         note saying to start the optimiser step again from its first micro-batch."""
-        win = self._window
-        if win is None:
+        if not self._release_window():
             return
-        if win.owed is not None:  # the redo its first call took is owed to the retried step
-            self._recompute = win.owed
-        self._window = None
         note = ("antdiff: the accumulation window was dropped (this micro-batch's gradients "
                 "are incomplete, or it was refused); start the optimiser step again from its "
                 "first micro-batch")  # fmt: skip
@@ -883,7 +892,7 @@ class ANT:
         else:  # Python 3.10
             warnings.warn(note, stacklevel=3)
 
-    def _backward_checks(self, loss_fn, batch, t, model, scaler, accumulate):
+    def _backward_checks(self, loss_fn, batch, t, scaler, accumulate):
         """ant.backward's checks and preparation: (batch, t, counts) sorted by cluster, the open
         window (or None) and the enabled scaler (or None)."""
         if not isinstance(accumulate, bool):
@@ -893,8 +902,6 @@ class ANT:
                 f"loss_fn must be a callable (sub_batch, sub_t) -> per-sample losses [b], got "
                 f"{type(loss_fn).__name__}"
             )
-        if model is not None and model is not self._model:
-            self.attach(model)
         if self._model is None:
             raise ValueError("no model: call ant.attach(model) or pass model= to ant.backward")
         self._resolve_comm()
@@ -1390,7 +1397,7 @@ class ANT:
                 raise
             self._onepass = None
             if keep:  # J's rows may hold part of this micro-batch: the window cannot go on
-                self._window = None
+                self._release_window()  # (its message says so: no note)
                 raise RuntimeError(
                     f"{e}: mode='auto' uses 'micro' from now on, but this accumulation window's "
                     "earlier micro-batches went through one-pass and this one's gradients are "

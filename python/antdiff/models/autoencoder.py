@@ -191,9 +191,9 @@ class DiffusersVAE(LatentCodec):
     ) -> None:
         self.vae = vae
         cfg = vae.config
-        self.scale_factor = float(
-            scale_factor if scale_factor is not None else getattr(cfg, "scaling_factor", 1.0)
-        )
+        if scale_factor is None:  # a config's null means none, as a missing shift_factor
+            scale_factor = getattr(cfg, "scaling_factor", None)
+        self.scale_factor = float(1.0 if scale_factor is None else scale_factor)
         if shift_factor is None:
             shift_factor = getattr(cfg, "shift_factor", None)
         self.shift_factor = float(shift_factor or 0.0)
@@ -332,8 +332,8 @@ class PrecomputedLatents(LatentCodec):
                         f"{str(p)!r} holds a dict without a 'latents' key: keys {sorted(obj)}"
                     )
                 z, self.labels = obj["latents"], obj.get("labels")
-                written = obj.get("scaling_factor")  # `antdiff encode`'s: normalised latents
-                if written is not None and (scale_factor != 1.0 or shift_factor != 0.0):
+                written = obj.get("scaling_factor")
+                if obj.get("normalised") is True and (scale_factor != 1.0 or shift_factor != 0.0):
                     warnings.warn(
                         f"{str(p)!r} holds latents that antdiff encode normalised already "
                         f"(scaling_factor {written}), and data.latent_scale {scale_factor} / "
