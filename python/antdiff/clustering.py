@@ -297,6 +297,8 @@ def _resolve_limits(T: int, k: int, lo: Any, hi: Any) -> tuple[int | None, int |
 
 
 def _gradient_clusters(affinity, bin_edges, T, k, lo, hi, backend):  # noqa: N803
+    if np.iscomplexobj(affinity):  # the float64 cast below would drop the imaginary part
+        raise ValueError("affinity must be a real matrix; got a complex array")
     A = np.asarray(affinity, dtype=np.float64)  # noqa: N806
     if bin_edges is None:
         if A.shape != (T, T):

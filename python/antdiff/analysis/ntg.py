@@ -51,6 +51,21 @@ DEFINITION = (
 )
 
 
+def check_visited(intervals: list[tuple[int, int]], T: int, steps: int, sampler: str) -> Any:  # noqa: N803
+    """The sampler's timesteps; a ValueError when one of ``intervals`` holds none of them (its
+    specialist would never run)."""
+    from ..sampling import space_timesteps
+
+    ts = space_timesteps(T, steps)
+    for t1, t2 in intervals:
+        if not ((ts >= t1) & (ts < t2)).any():
+            raise ValueError(
+                f"intervals: no step of the {steps}-step {sampler} sampler falls in "
+                f"{interval_label(t1, t2)}, so the specialist would never run; use more steps"
+            )
+    return ts
+
+
 def check_intervals(intervals: Any, T: int) -> list[tuple[int, int]]:  # noqa: N803
     """Validate ``[(t1, t2), ...]`` (0-based, half-open) against [0, T); return int pairs."""
 
@@ -217,16 +232,10 @@ def negative_transfer_gap(
         "intervals": [{"t_range", "label", "steps_inside", "fid", "precision", "recall",
         "ntg"}, ...], plus the sampling settings}.
     """
-    from ..sampling import space_timesteps, variance_name
+    from ..sampling import variance_name
 
     intervals = check_intervals(list(specialists), diffusion.T)
-    ts = space_timesteps(diffusion.T, steps)
-    for t1, t2 in intervals:
-        if not ((ts >= t1) & (ts < t2)).any():
-            raise ValueError(
-                f"intervals: no step of the {steps}-step {sampler} sampler falls in "
-                f"{interval_label(t1, t2)}, so the specialist would never run; use more steps"
-            )
+    ts = check_visited(intervals, diffusion.T, steps, sampler)
     kw = dict(
         shape=shape, sampler=sampler, steps=steps, batch=batch, num_classes=num_classes,
         cfg_scale=cfg_scale, clip_denoised=clip_denoised, cfg_channels=cfg_channels,
@@ -408,6 +417,7 @@ def run_ntg(
     full_run = None if full is None else load_run(full)
     base = cfg if full_run is None else full_run.cfg
     intervals = check_intervals(intervals, base.diffusion.T)  # fail before any training
+    check_visited(intervals, base.diffusion.T, base.sample.steps, base.sample.sampler)
     if base.data.source == "latents":  # no decoder: FID would read raw latents as images
         raise ValueError(
             f"the full model diffuses precomputed latents ({base.data.path}), and antdiff holds "

@@ -14,7 +14,7 @@ from ..clustering import (
     plot_clusters,
 )
 from ..config import SCHEDULES
-from ..schedules import Schedule, make_schedule
+from ..schedules import Schedule, as_schedule, make_schedule
 from ..utils import atomic_write_text, check_output, load_npy
 
 
@@ -82,7 +82,9 @@ def load_schedule(name: str, T: int) -> Schedule:  # noqa: N803
     if path.suffix == ".npy":
         if not path.is_file():
             raise FileNotFoundError(f"schedule file {path} does not exist")
-        return Schedule(load_npy(path, "alphas_cumprod [T]"), name=path.stem)
+        # as_schedule: the API's check of an array (per-step alphas passed as alphas_cumprod)
+        sched = as_schedule(load_npy(path, "alphas_cumprod [T]"))
+        return Schedule(sched.alphas_cumprod, name=path.stem)
     return make_schedule(name, T)
 
 
