@@ -79,7 +79,12 @@ def test_affinity_cli_bin_edges_file_wins_over_bins(tmp_path, capsys):
     with np.load(out) as z:
         assert z["bin_edges"].tolist() == [0, 10, 30, 100] and z["affinity"].shape == (3, 3)
     text = capsys.readouterr().out
-    assert f"--affinity {out} --T 100 --schedule linear --k 3\n" in text
+    # bins of 10, 20 and 70 steps: no 3 clusters meet the default limits [16, 66], so the
+    # suggestion lifts them, and it runs
+    hint = "--k 3 --min-size none --max-size none\n"
+    assert f"--affinity {out} --T 100 --schedule linear {hint}" in text
+    suggested = text.split("next: antdiff ")[1].split()
+    assert cli_main(suggested) == 0
 
 
 def test_affinity_cli_T_and_schedule_serve_a_checkpoint_without_diffusion(tmp_path, capsys):
@@ -92,7 +97,8 @@ def test_affinity_cli_T_and_schedule_serve_a_checkpoint_without_diffusion(tmp_pa
         meta = json.loads(str(z["meta"]))
         assert z["bin_edges"].tolist() == [0, 25, 50]  # 2 equal bins of T = 50
     assert meta["T"] == 50 and meta["schedule"].startswith("cosine")
-    assert "--T 50 --schedule cosine --k 2" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "--T 50 --schedule cosine --k 2\n" in text  # equal bins meet the default limits
 
 
 def test_affinity_cli_unlabelled_data_feeds_the_null_class(tmp_path, affinity_spy):

@@ -211,7 +211,11 @@ def test_mistyped_methods_and_clusterings_fail_at_parse_time(tmp_path: Path, cap
                              ("--lr", "-1", "train.lr must be finite and > 0"),
                              # these failed after the vanilla run had trained
                              ("--bins", "0", "--bins must be in [1, T=1000], got 0"),
-                             ("--affinity-samples", "0", "must be >= 1")):  # fmt: skip
+                             ("--affinity-samples", "0", "must be >= 1"),
+                             # two runs of one config would train in one folder
+                             ("--methods", "uw,pcgrad,uw", "--methods: ['uw'] given twice"),
+                             ("--clusterings", "snr,snr",
+                              "--clusterings: ['snr'] given twice")):  # fmt: skip
         with pytest.raises(SystemExit):
             study._parse(["--out", str(tmp_path), flag, value])
         assert msg in capsys.readouterr().err

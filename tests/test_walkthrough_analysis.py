@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import types
 
+import numpy as np
 import pytest
 
 
@@ -50,3 +51,23 @@ def test_cluster_cli_warns_on_per_step_alphas_file(tmp_path, capsys):
     np.save(path, 1.0 - betas)  # the per-step alphas, not alphas_cumprod
     with pytest.warns(UserWarning, match="per-step alphas"):
         assert main(["cluster", "--schedule", str(path), "--k", "5"]) == 0
+
+
+def test_ntg_refuses_an_interval_given_twice():
+    """`--intervals 0:200,0:200` was merged into one specialist silently."""
+    from antdiff.analysis.ntg import check_intervals
+
+    with pytest.raises(ValueError, match=r"\[0, 200\) is given twice"):
+        check_intervals([(0, 200), (200, 400), (0, 200)], 1000)
+
+
+def test_cluster_cli_names_missing_bin_edges_of_a_binned_affinity(tmp_path, capsys):
+    """A binned [nb, nb] .npy without its *_edges.npy was read as per timestep with T = nb and
+    failed with "T=6 is too small for the linear schedule"; the message names the edges."""
+    from antdiff.cli import main
+
+    np.save(tmp_path / "aff.npy", np.eye(6))
+    assert main(["cluster", "--objective", "gradient", "--affinity", str(tmp_path / "aff.npy"),
+                 "--k", "2"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "has no bin edges (no aff_edges.npy beside it)" in err and "--T" in err

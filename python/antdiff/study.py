@@ -8,7 +8,9 @@ Every (config, seed) trains ``adm-tiny`` with the same steps, batch, lr and seed
 digits set. Each result lands in ``<out>/results/<config>_s<seed>.json``; a rerun skips the
 configs whose JSON exists, so an interrupted study resumes. The "gradient" clustering needs a
 task-affinity matrix: it is computed first from the vanilla seed-0 checkpoint (``antdiff
-affinity``, ``--bins`` bins), and that run counts as the vanilla seed-0 result.
+affinity``, ``--bins`` bins), and that run counts as the vanilla seed-0 result. The runs cluster
+per timestep on the matrix's [T, T] expansion (every timestep takes its bin's row), so a bound
+may fall inside a bin; ``antdiff cluster --affinity affinity.npz`` clusters on the bin edges.
 """
 
 from __future__ import annotations
@@ -222,7 +224,9 @@ def write_report(summary: dict[str, Any], prefix: Path, out: Path) -> None:
         "EMA weights, sampling seed = training seed; precision / recall with k = 3.",
         *([f"- Gradient clustering: affinity of {meta['bins']} bins "
            f"({meta['affinity_samples']} samples per bin) from the vanilla seed-0 checkpoint "
-           f"({prefix.name}/affinity_*.png, affinity.npz)."]
+           f"({prefix.name}/affinity_*.png, affinity.npz), clustered per timestep on its [T, T] "
+           "expansion (bounds may fall inside a bin; `antdiff cluster --affinity` on the .npz "
+           "clusters on the bin edges)."]
           if any(r["clustering"] == "gradient" and r["method"] != "vanilla" for r in rows)
           else []),  # fmt: skip
         f"- Machine: {meta['machine']}, shared with other jobs; {meta['jobs']} runs in parallel, "
@@ -279,6 +283,10 @@ def _check_runs(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     unknown = [c for c in clusterings if c not in CLUSTERINGS]
     if unknown:
         p.error(f"--clusterings: unknown {unknown}; choose among {list(CLUSTERINGS)}")
+    for flag, names in (("--methods", args.methods.split(",")), ("--clusterings", clusterings)):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # two runs of one config would train in the same folder
+            p.error(f"{flag}: {twice} given twice; name each once")
     for m, c in product(["vanilla", *args.methods.split(",")], clusterings):
         overrides = [
             *("--ant.method", m, "--ant.clustering", "snr" if c == "gradient" else c),

@@ -83,6 +83,8 @@ def check_intervals(intervals: Any, T: int) -> list[tuple[int, int]]:  # noqa: N
                 f"intervals: [{t1}, {t2}) is empty or outside [0, T={T}); valid intervals are "
                 f"half-open [t1, t2) with 0 <= t1 < t2 <= {T}"
             )
+        if (t1, t2) in out:  # a second specialist of the same interval would share its folder
+            raise ValueError(f"intervals: [{t1}, {t2}) is given twice; name each interval once")
         out.append((t1, t2))
     if not out:
         raise ValueError("intervals: need at least one (t1, t2) pair")

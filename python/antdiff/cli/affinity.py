@@ -271,9 +271,23 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_plot:
         for p in plot_affinity_figures(result, diffusion.schedule, args.out.with_suffix("")):
             print(f"wrote {p}")
-    few = f" --k {result.nb}" if result.nb < 5 else ""  # cluster's default k = 5 needs 5 bins
+    k = min(5, result.nb)  # cluster's default k = 5 needs 5 bins
+    few = f" --k {k}" if k < 5 else ""
     print(
         f"next: antdiff cluster --objective gradient --affinity {out} --T {diffusion.T} "
-        f"--schedule {_schedule_name(cfg, args)}{few}"
+        f"--schedule {_schedule_name(cfg, args)}{few}{_limits_hint(result, diffusion, k)}"
     )
     return 0
+
+
+def _limits_hint(result: Any, diffusion: Any, k: int) -> str:
+    """" --min-size none --max-size none" where no split on the bin edges meets the default
+    size limits [T / 2k, 2T / k] (uneven bins), else "": the suggested command then runs."""
+    from ..clustering import cluster_timesteps
+
+    try:
+        cluster_timesteps(diffusion.schedule, k, "gradient", affinity=result.affinity,
+                          bin_edges=result.bin_edges)  # fmt: skip
+    except ValueError:
+        return " --min-size none --max-size none"
+    return ""

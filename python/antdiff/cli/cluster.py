@@ -66,8 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--affinity",
         type=Path,
         default=None,
-        help="task-affinity .npy ([T,T], or [nb,nb] with a sibling *_edges.npy or an "
-        ".npz holding 'affinity' and 'bin_edges') for --objective gradient",
+        help="task-affinity file for --objective gradient: the .npz of antdiff affinity "
+        "('affinity' and 'bin_edges'), a .npy ([T,T], or [nb,nb] with a sibling *_edges.npy) "
+        "or a .pt tensor [T,T]",
     )
     p.add_argument(
         "--backend", default="auto", choices=["auto", "cpp", "numpy"],
@@ -113,7 +114,18 @@ def run(args: argparse.Namespace) -> int:
         T = 1000 if affinity is None else int(edges[-1]) if edges is not None else len(affinity)  # noqa: N806
     if args.schedule is None:
         args.schedule = _affinity_schedule(meta) if affinity is not None else "linear"
-    sched = load_schedule(args.schedule, T)  # a .npy file has its own length
+    try:
+        sched = load_schedule(args.schedule, T)  # a .npy file has its own length
+    except ValueError as e:
+        if affinity is None or edges is not None or args.T is not None:
+            raise
+        n = len(affinity)  # a binned matrix without its edges reads as per timestep: T = nb
+        raise ValueError(
+            f"{e}. The affinity {args.affinity} ([{n}, {n}]) has no bin edges (no "
+            f"{Path(args.affinity).stem}_edges.npy beside it), so it was read as per timestep "
+            "with T = its side: put its edges beside it, pass the .npz that antdiff affinity "
+            "wrote, or give --T"
+        ) from e
     if args.T is not None and len(sched.alphas_cumprod) != args.T:
         raise ValueError(
             f"--T {args.T}: {args.schedule} holds {len(sched.alphas_cumprod)} timesteps (a file "
