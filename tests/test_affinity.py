@@ -813,3 +813,14 @@ def test_a_module_and_its_checkpoint_path_average_together(tmp_path):
     np.testing.assert_allclose(
         both.affinity, task_affinity(module, diffusion, x, **kw).affinity, atol=1e-12, rtol=0
     )
+
+
+def test_bin_edges_as_whole_number_floats_are_taken_and_fractions_refused():
+    """np.linspace's edges are floats: whole numbers are taken as the timestep indices they
+    are (as clustering takes them); a fraction, NaN or a 2-D array is refused by name."""
+    np.testing.assert_array_equal(make_bin_edges(100, bin_edges=np.linspace(0, 100, 5)),
+                                  [0, 25, 50, 75, 100])  # fmt: skip
+    assert make_bin_edges(100, bin_edges=np.linspace(0, 100, 5)).dtype == np.int64
+    for bad in (np.array([0, 12.5, 100]), np.array([0, np.nan, 100]), np.zeros((2, 2))):
+        with pytest.raises(ValueError, match="bin_edges must be a 1-D integer array"):
+            make_bin_edges(100, bin_edges=bad)

@@ -112,7 +112,12 @@ def make_bin_edges(T: int, bins: int | None = None, bin_edges: Any = None) -> np
     (default min(50, T))."""
     if bin_edges is not None:
         edges = np.asarray(bin_edges)
-        if edges.ndim != 1 or edges.size < 2 or not np.issubdtype(edges.dtype, np.integer):
+        # whole-number floats (np.linspace's edges) are timestep indices too, as clustering takes
+        whole = np.issubdtype(edges.dtype, np.integer) or (
+            np.issubdtype(edges.dtype, np.floating) and bool(np.all(np.isfinite(edges)))
+            and bool(np.all(edges == np.round(edges)))
+        )  # fmt: skip
+        if edges.ndim != 1 or edges.size < 2 or not whole:
             raise ValueError(
                 f"bin_edges must be a 1-D integer array of at least 2 edges, got {edges!r}"
             )
