@@ -1329,6 +1329,7 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_do(tmp_path, caplog, c
     assert "already at train.steps=2" in caplog.text
     assert "nothing to train; raise --train.steps to extend it" in caplog.text
     assert s["step"] == 2 and s["loss"] is None
+    assert s["sec_per_step"] is None  # no step ran: not the call's elapsed seconds
     assert s["checkpoint"] == str(tmp_path / "checkpoints" / "ckpt_00000002.pt")
     assert s["samples"] == str(grid) and grid.read_bytes() == b"the run's own grid"
     capsys.readouterr()

@@ -371,15 +371,16 @@ class Config:
         if self.ant.sampling != "uniform" and self.train.batch_size < self.ant.k:
             raise ValueError(
                 f"train.batch_size={self.train.batch_size} is smaller than ant.k={self.ant.k}: "
-                "stratified sampling needs one sample per cluster; raise the batch size, lower "
-                "k, or set ant.sampling=uniform"
+                "stratified sampling (equal or proportional) draws batches of at least k samples "
+                "(proportional ones may still leave a short cluster out); raise the batch size, "
+                "lower k, or set ant.sampling=uniform"
             )
         mb = self.train.micro_batch
         if self.ant.sampling != "uniform" and 0 < mb < self.ant.k:
             raise ValueError(
                 f"train.micro_batch={mb} is smaller than ant.k={self.ant.k}: each micro-batch "
-                "draws its own stratified timesteps, one per cluster at least; raise "
-                "micro_batch, lower k, or set ant.sampling=uniform"
+                "draws its own stratified timesteps, at least k of them; raise micro_batch, "
+                "lower k, or set ant.sampling=uniform"
             )
         t_range = self.train.t_range
         if t_range is not None and not 0 <= t_range[0] < t_range[1] <= self.diffusion.T:

@@ -177,7 +177,7 @@ def build_run(cfg: Config, codec_state: dict | None = None, dist: DistContext | 
             "unclipped without this warning)", ac.method,
         )
     if dist is not None:
-        dist.check_batch(tc.batch_size, tc.micro_batch)
+        dist.check_batch(tc.batch_size, tc.micro_batch, 1 if ac.sampling == "uniform" else ac.k)
     device = resolve_device(tc.device) if dist is None else dist.device
     if tc.threads:  # process-wide: torch has no per-call setting
         torch.set_num_threads(tc.threads)
@@ -374,6 +374,23 @@ class _LogMeans:
     def add(self, out: Any) -> None:
         if out is not None:
             self.steps.append((out.loss, out.cluster_losses, out.present, out.finite))
+
+    def add_step(self, outs: list) -> None:
+        """One optimiser step's outputs (a loss-space method's micro-batches) as ONE
+        observation: each cluster's loss the mean over the micro-batches it was in (what a
+        gradient method's accumulated update reports), the objective their mean. Device ops
+        only."""
+        outs = [o for o in outs if o is not None]
+        if len(outs) <= 1:
+            for o in outs:
+                self.add(o)
+            return
+        L = torch.stack([o.cluster_losses for o in outs])  # noqa: N806
+        P = torch.stack([o.present for o in outs])  # noqa: N806
+        cl = torch.where(P, L, 0.0).sum(0) / P.sum(0).clamp(min=1)
+        loss = torch.stack([o.loss.reshape(()) for o in outs]).mean()
+        finite = torch.stack([o.finite.reshape(()) for o in outs]).all()
+        self.steps.append((loss, cl, P.any(0), finite))
 
     def take(self, k: int) -> tuple[float, float, list[float]]:
         """(loss, objective, per-cluster losses) over the interval, NaN where nothing was
@@ -876,8 +893,7 @@ def _train(
                 dist.seed_model_rng(tc.seed, run.step)
             train_step(run, get_batch(run.data, *run.batches.next_batch()))
             if main:  # rank 0 alone logs
-                for step_out in run.outputs:
-                    means.add(step_out)
+                means.add_step(run.outputs)
             logger.advance()
             if run.step % tc.log_every == 0 or run.step == tc.steps:
                 stats = run.ant.stats()  # waits for the step's queued work on a GPU: then time
@@ -938,6 +954,7 @@ def _train(
         "checkpoint": None if ckpt is None else str(ckpt),
         "samples": None if samples is None else str(samples),
         "seconds": seconds,  # sample grids and checkpoints included
-        "sec_per_step": (seconds - paused) / max(1, run.step - s0),  # training steps only
+        # training steps only (None when this call trained none: a resume of a finished run)
+        "sec_per_step": (seconds - paused) / (run.step - s0) if run.step > s0 else None,
         "run": run,
     }

@@ -54,7 +54,9 @@ class DistContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def check_batch(self, batch_size: int, micro_batch: int = 0) -> None:
+    def check_batch(self, batch_size: int, micro_batch: int = 0, least: int = 1) -> None:
+        """Sizes that divide among the processes; a suggested micro-batch is at least ``least``
+        (ant.k under stratified sampling, which the config then requires)."""
         w = self.world
         if batch_size % w:
             lo = batch_size // w * w or w
@@ -64,7 +66,8 @@ class DistContext:
             )
         if micro_batch % w:
             # the nearest sizes that both divide the batch and divide among the processes
-            fits = sorted((m for m in range(w, batch_size + 1, w) if batch_size % m == 0),
+            fits = sorted((m for m in range(w, batch_size + 1, w)
+                           if batch_size % m == 0 and m >= least),
                           key=lambda m: abs(m - micro_batch))[:2]  # fmt: skip
             raise ValueError(
                 f"train.micro_batch={micro_batch} is GLOBAL (every rank trains on its slice) and "
