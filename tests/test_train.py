@@ -17,6 +17,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from torch import nn
 
@@ -1056,8 +1057,12 @@ def test_a_continuation_stopped_before_its_first_save_leaves_the_logs_of_the_new
     with pytest.raises(KeyboardInterrupt):
         train(cfg(8), resume=str(ckpt4))
     assert steps("metrics.csv") == [1, 2, 3, 4, 5, 6] and jsonl_steps() == [1, 2, 3, 4, 5, 6]
+    # and the config beside the newer checkpoints is theirs, not the continuation's
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["train"]["steps"] == 6
     monkeypatch.setattr(tr, "train_step", real)
     assert train(cfg(8), resume=True)["step"] == 8  # the newest checkpoint: 6
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["steps"] == 8
     assert steps("metrics.csv") == [1, 2, 3, 4, 5, 6, 7, 8]
     assert jsonl_steps() == [1, 2, 3, 4, 5, 6, 7, 8]
     # a continuation that saves supersedes the later rows, with its own

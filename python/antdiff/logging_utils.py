@@ -110,6 +110,12 @@ class RunLogger:
                      mode="w")  # fmt: skip
         atomic_write(self.jsonl, lambda f: f.writelines(lines), mode="w")
 
+    @property
+    def pending(self) -> bool:
+        """Whether this run's rows wait for its first save (a continuation from an earlier
+        checkpoint of a run that logged past it)."""
+        return self._pending
+
     def commit(self) -> None:
         """This run has saved a checkpoint (or finished): its rows replace those past its start
         step. Called by the trainer after each save (a no-op once done)."""

@@ -871,13 +871,16 @@ def _train(
         watched = state.get("skip_watch")  # None in a checkpoint written before it was saved
         del state
     tc = cfg.train
-    if main:
-        atomic_write_text(out / "config.yaml", dump_config(cfg))
     logger = (
         RunLogger(out, run.ant.k, run.step, tc.steps, tc.progress, branch)
         if main
         else QuietLogger()
     )
+    # a continuation from an earlier checkpoint writes its config with its logs, at its first
+    # save (or its end): killed before, the folder keeps the config of the newer checkpoints
+    config_later = main and logger.pending
+    if main and not config_later:
+        atomic_write_text(out / "config.yaml", dump_config(cfg))
     ckpt, t_last, s_last, t0, s0 = (
         None,
         time.perf_counter(),
@@ -928,6 +931,9 @@ def _train(
                     ckpt = save_checkpoint(out, run.step, state, tc.keep_ckpts)
                     del state
                     logger.commit()  # its rows now replace those of a continuation it supersedes
+                    if config_later:
+                        atomic_write_text(out / "config.yaml", dump_config(cfg))
+                        config_later = False
                 if dist is not None:  # the checkpoint is complete before any rank goes on
                     dist.barrier()
             pause = time.perf_counter() - p0
@@ -935,6 +941,8 @@ def _train(
         done = True
     finally:
         logger.close(commit=done)  # a run stopped before it saved leaves the logs as they were
+    if config_later and done:  # finished without a save (ckpt_every 0): its logs commit too
+        atomic_write_text(out / "config.yaml", dump_config(cfg))
     seconds = time.perf_counter() - t0
     idle = run.step == s0 and resumed is not None  # a finished run resumed: nothing trained
     samples = None
