@@ -530,3 +530,26 @@ def test_an_optimizer_whose_parameters_got_no_gradient_steps_quietly():
         warnings.simplefilter("error")
         assert ant.step(opt) is True
     assert all(p.grad is None for p in unused.parameters())
+
+
+def test_skipped_step_warnings_thin_out_after_the_tenth():
+    """A diverging run skipped every step and printed a warning for each (100 lines before the
+    trainer stopped it): now the first 10, then the 16th, 32nd, ...; each names its step, and
+    stats() still counts every skip."""
+    model, ant = setup("uw")
+    opt = torch.optim.SGD([{"params": list(model.parameters())}, *ant.param_groups()], lr=0.1)
+    x = torch.randn(8, 1, 6, 6)
+    loss = per_sample_loss(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(33):
+            opt.zero_grad(set_to_none=True)
+            t = ant.sample_timesteps(8)
+            ant.reduce(loss(x, t) * float("nan"), t).backward()
+            assert ant.step(opt) is False
+    said = [str(w.message) for w in caught if "optimiser step was skipped" in str(w.message)]
+    assert len(said) == 12  # 1..10, 16, 32
+    assert said[0].startswith("step 1:") and "stats()['nonfinite_steps']" in said[-1]
+    assert "skipped step 32 of this process" in said[-1]
+    assert all(w.filename == __file__ for w in caught)  # the caller's line
+    assert ant.stats()["nonfinite_steps"] == 33

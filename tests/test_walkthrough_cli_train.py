@@ -28,6 +28,15 @@ def test_dist_micro_batch_hint_names_valid_sizes():
     assert hint
     for m in hint:  # every suggested size must be one the config accepts
         load_config("digits_adm", [*args, "--train.micro_batch", str(m)])
+    # so must the batch sizes suggested for a batch the processes do not divide (5 on 2
+    # ranks suggested 4, below k = 5)
+    cfg = load_config("digits_adm", ["--train.batch_size", "5", "--train.device", "cpu"])
+    with pytest.raises(ValueError, match="batch_size=5 is GLOBAL") as exc:
+        build_run(cfg, dist=ctx)
+    hint = [int(v) for v in re.findall(r"\d+", str(exc.value).split("use e.g.")[1])]
+    assert hint == [6, 8]
+    for b in hint:
+        load_config("digits_adm", ["--train.batch_size", str(b), "--train.device", "cpu"])
 
 
 def _row(out_dir, step):

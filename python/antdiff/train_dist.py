@@ -60,6 +60,8 @@ class DistContext:
         w = self.world
         if batch_size % w:
             lo = batch_size // w * w or w
+            if lo < least:  # the smallest multiple of the processes that the config takes
+                lo = -(-least // w) * w
             raise ValueError(
                 f"train.batch_size={batch_size} is GLOBAL (every rank trains on its slice) and "
                 f"must be divisible by the number of processes ({w}); use e.g. {lo} or {lo + w}"

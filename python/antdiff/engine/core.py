@@ -337,6 +337,7 @@ class ANT:
         self._leaves_checked = False  # whether a J step's loss was checked for other leaves
         self._maybe_absent = True  # whether a cluster may be empty in the last step (host view)
         self._warned_sync = False
+        self._skips_said = 0  # skipped steps warned of so far (see _warn_skip)
         self._zeroed_probe: torch.Tensor | None = None  # see attach and reduce
         # (a model parameter, its _version, UW's first log-variance, its _version) after the
         # last ant.backward; False once warned: see _check_own_params_stepped
@@ -1618,11 +1619,11 @@ class ANT:
         if skip_nonfinite and rec is not None and rec.out is self.last:
             rec.verdict = ok  # the read above: backward redoes a non-finite recompute
         if not ok:
-            _warn_unique(
+            self._warn_skip(
                 f"step {self.telemetry.steps}: non-finite cluster losses or gradients; the "
                 f"optimiser step was skipped and the method state left unchanged"
                 f"{self._skip_detail(self.last.cluster_losses, self.last.present)}",
-                stacklevel=2,
+                stacklevel=3,
             )
             optimizer.zero_grad(set_to_none=True)
             if _scaling(scaler):
@@ -1690,17 +1691,29 @@ class ANT:
                 held.append((p, p.detach().clone(), kept))
         return (self.last.present, held) if held else None
 
+    def _warn_skip(self, message: str, stacklevel: int) -> None:
+        """A skipped step's warning: each of the first 10, then the 16th, 32nd, 64th, ... (a
+        diverging run skipped every step and printed a warning for each); stats() counts them
+        all (``nonfinite_steps``)."""
+        self._skips_said += 1
+        n = self._skips_said
+        if n <= 10 or n & (n - 1) == 0:
+            more = (f" [skipped step {n} of this process; from the 10th on only the 16th, 32nd, "
+                    "64th, ... are reported here, stats()['nonfinite_steps'] counts each]"
+                    if n >= 10 else "")  # fmt: skip
+            _warn_unique(message + more, stacklevel)
+
     def _report_skipped(self, wait: bool = False) -> None:
         """Warn for the device-side skips whose flags have reached the host (all: ``wait``)."""
         pending = []
         for flag in self._pending_flags:
             if wait or flag.ready():
                 if flag.read(wait):
-                    _warn_unique(
+                    self._warn_skip(
                         f"step {flag.step}: non-finite cluster losses or gradients; the "
                         "optimiser skipped the step on the device and the method state was left "
                         f"unchanged{self._skip_detail(*flag.extra)}",
-                        stacklevel=3,
+                        stacklevel=4,
                     )
             else:
                 pending.append(flag)
