@@ -8,40 +8,10 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
+from test_engine import T, TinyNet, per_sample_loss, setup
 
 from antdiff import ANT
 from antdiff.schedules import linear_schedule
-
-T = 100
-
-
-class TinyNet(nn.Module):
-    def __init__(self, ch: int = 8) -> None:
-        super().__init__()
-        self.inp = nn.Conv2d(1, ch, 3, padding=1)
-        self.emb = nn.Embedding(T, ch)
-        self.norm = nn.GroupNorm(2, ch)
-        self.out = nn.Conv2d(ch, 1, 3, padding=1)
-
-    def forward(self, x, t):
-        h = self.inp(x) + self.emb(t)[:, :, None, None]
-        return self.out(torch.nn.functional.silu(self.norm(h)))
-
-
-def per_sample_loss(model):
-    def fn(x, t):
-        target = torch.sin(x * (1 + t[:, None, None, None] / T))
-        return ((model(x, t) - target) ** 2).mean(dim=(1, 2, 3))
-
-    return fn
-
-
-def setup(method, k=4, seed=0, **kw):
-    torch.manual_seed(seed)
-    model = TinyNet()
-    ant = ANT(linear_schedule(T), k=k, method=method, model=model, seed=seed, **kw)
-    return model, ant
 
 
 @pytest.mark.parametrize("method", ["uw", "famo", "vanilla"])

@@ -7,10 +7,11 @@ import warnings
 
 import pytest
 import torch
+from test_engine import T, TinyNet, per_sample_loss, setup
+from test_review_engine import _Recorder
 
 from antdiff import ANT
 from antdiff.schedules import linear_schedule
-from tests.test_review_engine import T, TinyNet, _Recorder, per_sample_loss, setup
 
 
 def test_frozen_uw_log_variances_are_not_reported_as_never_stepped():
