@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import logging
 import math
+import re
 import types
 import typing
 import warnings
@@ -28,6 +29,7 @@ SCHEDULES = ("linear", "scaled_linear", "cosine")
 PREDICTIONS = ("eps", "x0", "v")
 WEIGHTINGS = (None, "p2", "min_snr")
 CLUSTERINGS = ("snr", "timestep", "gradient")
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # YAML 1.1 reads 1e-3 as text
 SAMPLINGS = ("proportional", "equal", "uniform")
 SAMPLERS = ("ddim", "ddpm")
 VARIANCES = (None, "small", "large")  # DDPM's fixed reverse variance (None: "small")
@@ -247,6 +249,11 @@ class AntConfig:
         lo, hi = self.min_size, self.max_size
         if isinstance(lo, int) and isinstance(hi, int) and lo > hi:
             raise ValueError(f"ant.min_size={lo} exceeds ant.max_size={hi}: no cluster fits both")
+        # YAML 1.1 reads 1e-3 as text: numbers as the typed float keys take them
+        self.method_kwargs = {
+            k: float(v) if isinstance(v, str) and _SCIENTIFIC.fullmatch(v.strip()) else v
+            for k, v in self.method_kwargs.items()
+        }
         try:
             method = make_method(self.method, self.k, **self.method_kwargs)
         except (ValueError, TypeError) as exc:
@@ -597,6 +604,8 @@ def _read_yaml(
             "merge some of them"
         )
     under, _ = _read_yaml(base, seen)
+    # an empty section ("train:" with nothing under it) keeps the base's, as it keeps defaults
+    d = {k: v for k, v in d.items() if v is not None or k == "name"}
     return _merge(under, d), name  # (d's name: its own, or the file's stem)
 
 

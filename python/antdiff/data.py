@@ -148,6 +148,12 @@ def _list_images(root: Path, class_conditional: bool) -> tuple[list[Path], list[
             f"found images directly in it (e.g. {loose[0].name if loose else '-'}): move each "
             "class into its own folder, or train without labels: --data.class_conditional false"
         )
+    broken = sorted(d.name for d in root.iterdir() if d.is_symlink() and not d.exists())
+    if broken:  # a class folder behind one would be dropped, shifting the labels after it
+        raise ValueError(
+            f"links to nothing under {str(root)!r}: {broken}; every sub-folder is a class "
+            "(labelled in sorted name order): restore their targets or remove the links"
+        )
     folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     empty = [d for d in folders if d not in classes]
     if empty:  # dropping it would shift the labels of the classes after it
@@ -186,7 +192,16 @@ def _read_image(path: Path, channels: int, size: int | None) -> np.ndarray:
                     f"image {str(path)!r} has mode {im.mode!r} (16-bit or float pixels), which "
                     "would be clipped to 8 bits; convert the folder to 8-bit PNG/JPEG first"
                 )
+            # a TIFF's size at open is already the oriented one (Pillow turns it as it loads)
+            shown, tiff = im.size, im.format == "TIFF"
+            turned = im.getexif().get(0x0112) in (5, 6, 7, 8)
             im = ImageOps.exif_transpose(im)  # as viewers show it (phone photos)
+            if tiff and turned and im.size != shown:  # Pillow 13 loads grey ones unturned
+                raise ValueError(
+                    f"image {str(path)!r} is a TIFF whose EXIF orientation turns it, and Pillow "
+                    f"reads it {im.size[0]}x{im.size[1]} instead of {shown[0]}x{shown[1]} (grey "
+                    "TIFFs): save the folder's TIFFs upright (or as PNG) first"
+                )
             if channels == 1 and im.mode not in ("L", "LA", "1"):
                 rgb = np.asarray(im.convert("RGB"))
                 if (rgb[..., 0] != rgb[..., 1]).any() or (rgb[..., 1] != rgb[..., 2]).any():
@@ -206,7 +221,7 @@ def _read_image(path: Path, channels: int, size: int | None) -> np.ndarray:
             if size is not None:
                 im = _centre_square(im, size)
             a = np.asarray(im, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError) as exc:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise ValueError(f"cannot read image {str(path)!r}: {exc}") from exc
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
@@ -230,9 +245,10 @@ def load_image_folder(cfg: DataConfig, num_workers: int = 0) -> Dataset:
                 with Image.open(p) as im:
                     w, h = im.size
                     # the size as read: _read_image turns EXIF-rotated photos upright
-                    turned = im.getexif().get(0x0112) in (5, 6, 7, 8)
+                    # (Pillow opens a TIFF upright already: its size is the turned one)
+                    turned = im.format != "TIFF" and im.getexif().get(0x0112) in (5, 6, 7, 8)
                     sizes.setdefault((h, w) if turned else (w, h), p)
-            except OSError as exc:
+            except (OSError, Image.DecompressionBombError) as exc:
                 raise ValueError(f"cannot read image {str(p)!r}: {exc}") from exc
             if len(sizes) > 1:
                 (s1, f1), (s2, f2) = list(sizes.items())[:2]
