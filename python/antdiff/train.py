@@ -766,8 +766,20 @@ def _train(
             "set that, or drop train.t_range"
         )
     fresh = resume is None or resume is False
-    if dist is None:  # (under several processes every rank learns of a busy folder at the lock)
-        refuse_if_in_use(out)
+    # rank 0 alone probes (a rank probing after rank 0 took the lock would find it held) and
+    # tells the others, before the checks whose advice ("pass --resume") the lock would refuse
+    busy = None
+    if dist is None or dist.is_main:
+        try:
+            refuse_if_in_use(out)
+        except OutDirInUse as exc:
+            busy = str(exc)
+    if dist is not None:
+        said = [busy]
+        torch.distributed.broadcast_object_list(said, src=0, device=dist.device)
+        busy = said[0]
+    if busy is not None:
+        raise OutDirInUse(busy)
     if fresh and cfg.data.random_flip is None:  # written so into config.yaml and checkpoints
         cfg.data.random_flip = cfg.data.flips  # (a resume takes the checkpoint's: resume_state)
     if fresh and list_checkpoints(out):

@@ -1338,6 +1338,12 @@ class ANT:
                 raise ValueError(LOSS_WITHOUT_GRAD)
             all_per = per
         live = [i for i in range(self.k) if counts[i] > 0]
+        if not live and no_sync is not None and self.comm.active and self.mode != "retain_graph":
+            # DDP rebuilds its buckets at the first forward after its first synced backward (an
+            # off-step of update_every) with a collective every rank must join: a rank without
+            # samples runs one forward of its empty slice, as the others run theirs
+            with no_sync():
+                loss_fn(batch, t)
         inputs = _tensors((batch, t))  # what loss_fn gets may require grad: not a parameter
         for i in range(self.k):
             if counts[i] == 0:
