@@ -8,7 +8,6 @@ import datetime
 import os
 import warnings
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
