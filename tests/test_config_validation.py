@@ -70,9 +70,21 @@ def test_more_bounds_are_refused_by_name(overrides, match):
 
 
 def test_micro_batches_below_k_are_allowed_with_uniform_sampling():
-    """Only stratified sampling needs one sample per cluster in each micro-batch."""
+    """Only stratified sampling draws at least k timesteps in each micro-batch."""
     cfg = load_config("digits_adm", ["--ant.sampling", "uniform", "--train.micro_batch", "2"])
     assert (cfg.train.micro_batch, cfg.ant.k) == (2, 5)
+
+
+def test_a_t_range_takes_batches_and_micro_batches_below_k():
+    """A train.t_range (an NTG specialist, vanilla) draws t uniformly in it, not by cluster:
+    a batch or micro-batch below k was refused as if it were stratified."""
+    base = ["--ant.method", "vanilla", "--train.t_range", "[0, 200]"]
+    cfg = load_config("digits_adm", [*base, "--train.batch_size", "4", "--train.micro_batch", "2"])
+    assert (cfg.train.batch_size, cfg.train.micro_batch, cfg.ant.k) == (4, 2, 5)
+    assert load_config("digits_adm", [*base, "--train.batch_size", "3"]).train.batch_size == 3
+    with pytest.raises(ValueError, match="train.micro_batch=2 is smaller than ant.k=5"):
+        load_config("digits_adm", ["--ant.method", "vanilla", "--train.batch_size", "10",
+                                   "--train.micro_batch", "2"])  # fmt: skip
 
 
 def test_sections_built_directly_refuse_none_and_non_numbers_with_a_value_error():

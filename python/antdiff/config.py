@@ -375,7 +375,9 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def __post_init__(self) -> None:
-        if self.ant.sampling != "uniform" and self.train.batch_size < self.ant.k:
+        # a t_range draws t uniformly in it, not by cluster: no stratified batch to fill
+        stratified = self.ant.sampling != "uniform" and self.train.t_range is None
+        if stratified and self.train.batch_size < self.ant.k:
             raise ValueError(
                 f"train.batch_size={self.train.batch_size} is smaller than ant.k={self.ant.k}: "
                 "stratified sampling (equal or proportional) draws batches of at least k samples "
@@ -383,7 +385,7 @@ class Config:
                 "lower k, or set ant.sampling=uniform"
             )
         mb = self.train.micro_batch
-        if self.ant.sampling != "uniform" and 0 < mb < self.ant.k:
+        if stratified and 0 < mb < self.ant.k:
             raise ValueError(
                 f"train.micro_batch={mb} is smaller than ant.k={self.ant.k}: each micro-batch "
                 "draws its own stratified timesteps, at least k of them; raise micro_batch, "
