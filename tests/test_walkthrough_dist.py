@@ -78,27 +78,10 @@ def test_micro_mode_empty_rank_after_an_off_step_does_not_hang(tmp_path):
     assert got == ["ok", "ok"], got
 
 
-def _busy_worker(rank: int, out: str, port: int, said: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
-    from antdiff.config import load_config
-    from antdiff.train import train
-
-    cfg = load_config("digits_adm", ["--train.steps", "1", "--train.batch_size", "8",
-                                     "--train.device", "cpu", "--train.progress", "false",
-                                     "--train.out_dir", out])  # fmt: skip
-    try:
-        train(cfg)
-        msg = "trained"
-    except Exception as exc:  # noqa: BLE001 -- what each rank was told
-        msg = f"{type(exc).__name__}: {exc}"
-    with open(f"{said}.{rank}", "w") as f:
-        f.write(msg)
-
-
 def test_a_busy_out_dir_with_checkpoints_says_in_use_on_every_rank(tmp_path):
     import socket
+
+    from test_train_dist import _busy_worker
 
     from antdiff.train import out_dir_lock
 
